@@ -1,0 +1,250 @@
+//! The Capsule Protocol (RFC 9297 section 3): a sequence of
+//! `Type (i), Length (i), Value (..)` records carried in the request stream's
+//! DATA frames once a tunnel is established.
+//!
+//! [`CapsuleDecoder`] is a bounded streaming decoder: it never holds more than
+//! one capsule of at most `max_capsule_len` value bytes, and it skips unknown
+//! capsule types without buffering them (RFC 9297 section 3.2: "Receivers
+//! MUST silently drop unknown capsule types").
+
+use crate::varint;
+
+/// The DATAGRAM capsule type (RFC 9297 section 3.5).
+pub const DATAGRAM: u64 = 0x00;
+
+/// Why the capsule stream is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CapsuleError {
+    /// A known capsule announced a value longer than this endpoint accepts.
+    #[error("capsule of type {capsule_type:#x} is {len} bytes, over the limit of {limit}")]
+    TooLarge {
+        /// The capsule type.
+        capsule_type: u64,
+        /// The announced length.
+        len: u64,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The stream ended in the middle of a capsule. RFC 9297 section 3.3:
+    /// the message is malformed.
+    #[error("stream ended inside a capsule")]
+    Truncated,
+}
+
+/// One decoded capsule that this endpoint understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capsule {
+    /// A DATAGRAM capsule: an HTTP Datagram payload (context ID first).
+    Datagram(Vec<u8>),
+}
+
+#[derive(Debug)]
+enum State {
+    /// Collecting the type and length varints in `header`.
+    Header,
+    /// Collecting `remaining` value bytes of a kept capsule.
+    Value { remaining: usize },
+    /// Discarding `remaining` bytes of an unknown capsule.
+    Skip { remaining: u64 },
+}
+
+/// A streaming, bounded capsule decoder.
+#[derive(Debug)]
+pub struct CapsuleDecoder {
+    state: State,
+    header: [u8; 16],
+    header_len: usize,
+    value: Vec<u8>,
+    max_capsule_len: usize,
+    skipped_capsules: u64,
+}
+
+impl CapsuleDecoder {
+    /// A decoder that accepts known capsules of up to `max_capsule_len`
+    /// value bytes.
+    pub fn new(max_capsule_len: usize) -> Self {
+        Self {
+            state: State::Header,
+            header: [0; 16],
+            header_len: 0,
+            value: Vec::new(),
+            max_capsule_len,
+            skipped_capsules: 0,
+        }
+    }
+
+    /// Number of unknown capsules skipped so far.
+    pub fn skipped_capsules(&self) -> u64 {
+        self.skipped_capsules
+    }
+
+    /// Whether the decoder sits between capsules, so that the stream may end
+    /// here without truncating one.
+    pub fn at_boundary(&self) -> bool {
+        matches!(self.state, State::Header) && self.header_len == 0
+    }
+
+    /// Reports the end of the stream: an error if it cut a capsule short.
+    pub fn finish(&self) -> Result<(), CapsuleError> {
+        if self.at_boundary() { Ok(()) } else { Err(CapsuleError::Truncated) }
+    }
+
+    /// Feeds `input` and calls `on_capsule` for every complete known
+    /// capsule. Bytes are consumed entirely unless an error is returned,
+    /// after which the decoder must not be used again.
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        mut on_capsule: impl FnMut(Capsule),
+    ) -> Result<(), CapsuleError> {
+        while !input.is_empty() {
+            match &mut self.state {
+                State::Header => {
+                    let take = (self.header.len() - self.header_len).min(input.len());
+                    self.header[self.header_len..self.header_len + take]
+                        .copy_from_slice(&input[..take]);
+                    let avail = self.header_len + take;
+                    let parsed = varint::decode(&self.header[..avail]).and_then(|(t, tl)| {
+                        varint::decode(&self.header[tl..avail]).map(|(l, ll)| (t, l, tl + ll))
+                    });
+                    match parsed {
+                        Err(varint::VarintError::Incomplete) => {
+                            self.header_len = avail;
+                            input = &input[take..];
+                        }
+                        Ok((capsule_type, len, used)) => {
+                            // Bytes of `input` that belonged to the header.
+                            let consumed = used - self.header_len;
+                            input = &input[consumed..];
+                            self.header_len = 0;
+                            if capsule_type == DATAGRAM {
+                                if len > self.max_capsule_len as u64 {
+                                    return Err(CapsuleError::TooLarge {
+                                        capsule_type,
+                                        len,
+                                        limit: self.max_capsule_len,
+                                    });
+                                }
+                                self.value.clear();
+                                self.state = State::Value { remaining: len as usize };
+                            } else {
+                                self.skipped_capsules += 1;
+                                self.state = State::Skip { remaining: len };
+                            }
+                            self.emit_if_complete(&mut on_capsule);
+                        }
+                    }
+                }
+                State::Value { remaining, .. } => {
+                    let take = (*remaining).min(input.len());
+                    self.value.extend_from_slice(&input[..take]);
+                    *remaining -= take;
+                    input = &input[take..];
+                    self.emit_if_complete(&mut on_capsule);
+                }
+                State::Skip { remaining } => {
+                    let take = (*remaining).min(input.len() as u64);
+                    *remaining -= take;
+                    input = &input[take as usize..];
+                    if *remaining == 0 {
+                        self.state = State::Header;
+                    }
+                }
+            }
+        }
+        if let State::Skip { remaining: 0 } = self.state {
+            self.state = State::Header;
+        }
+        Ok(())
+    }
+
+    fn emit_if_complete(&mut self, on_capsule: &mut impl FnMut(Capsule)) {
+        match self.state {
+            State::Value { remaining: 0 } => {
+                let value = std::mem::take(&mut self.value);
+                self.state = State::Header;
+                on_capsule(Capsule::Datagram(value));
+            }
+            State::Skip { remaining: 0 } => self.state = State::Header,
+            _ => {}
+        }
+    }
+}
+
+/// Appends a capsule of `capsule_type` with `value` to `out`.
+pub fn encode(capsule_type: u64, value: &[u8], out: &mut Vec<u8>) {
+    varint::push(capsule_type, out);
+    varint::push(value.len() as u64, out);
+    out.extend_from_slice(value);
+}
+
+/// Appends a DATAGRAM capsule carrying a connect-udp payload with
+/// `context_id` to `out`, without building the HTTP Datagram separately.
+pub fn encode_datagram(context_id: u64, payload: &[u8], out: &mut Vec<u8>) {
+    let len = varint::encoded_len(context_id) + payload.len();
+    varint::push(DATAGRAM, out);
+    varint::push(len as u64, out);
+    varint::push(context_id, out);
+    out.extend_from_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(bytes: &[u8], chunk: usize) -> Result<Vec<Capsule>, CapsuleError> {
+        let mut d = CapsuleDecoder::new(2048);
+        let mut got = Vec::new();
+        for piece in bytes.chunks(chunk.max(1)) {
+            d.feed(piece, |c| got.push(c))?;
+        }
+        d.finish()?;
+        Ok(got)
+    }
+
+    #[test]
+    fn datagram_capsules_survive_any_split() {
+        let mut bytes = Vec::new();
+        encode_datagram(0, b"first", &mut bytes);
+        encode(0x1234_5678, &[9; 300], &mut bytes); // unknown: skipped
+        encode_datagram(0, &[7; 1500], &mut bytes);
+        encode_datagram(0, b"", &mut bytes);
+        for chunk in [1, 2, 3, 7, 64, 10_000] {
+            let got = decode_all(&bytes, chunk).unwrap();
+            assert_eq!(got.len(), 3, "chunk {chunk}");
+            assert_eq!(got[0], Capsule::Datagram([&[0u8][..], b"first"].concat()));
+            assert_eq!(got[1], Capsule::Datagram([&[0u8][..], &[7; 1500]].concat()));
+            assert_eq!(got[2], Capsule::Datagram(vec![0]));
+        }
+    }
+
+    #[test]
+    fn unknown_capsules_are_skipped_without_buffering() {
+        let mut d = CapsuleDecoder::new(16);
+        let mut header = Vec::new();
+        varint::push(0x29, &mut header);
+        varint::push(1 << 40, &mut header); // huge but unknown: fine to skip
+        d.feed(&header, |_| panic!("nothing to emit")).unwrap();
+        d.feed(&[0; 4096], |_| panic!("nothing to emit")).unwrap();
+        assert_eq!(d.skipped_capsules(), 1);
+        assert!(!d.at_boundary());
+    }
+
+    #[test]
+    fn oversize_datagram_capsule_is_refused() {
+        let mut bytes = Vec::new();
+        encode_datagram(0, &[0; 100], &mut bytes);
+        let mut d = CapsuleDecoder::new(50);
+        assert!(matches!(d.feed(&bytes, |_| {}), Err(CapsuleError::TooLarge { len: 101, .. })));
+    }
+
+    #[test]
+    fn truncation_is_detected() {
+        let mut bytes = Vec::new();
+        encode_datagram(0, b"abc", &mut bytes);
+        for cut in 1..bytes.len() {
+            assert_eq!(decode_all(&bytes[..cut], 1), Err(CapsuleError::Truncated), "cut {cut}");
+        }
+        assert!(decode_all(&[], 1).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,451 @@
+//! Fixed-size, versioned records exchanged over the shared-memory rings.
+//!
+//! Layout (little endian): `version u8, kind u8, payload_len u16, reserved
+//! u32`, then `payload_len` bytes of payload. Decoders check every length
+//! and value; nothing read from the ring is trusted.
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::RECORD_SIZE;
+use crate::proxy_status::ProxyError;
+
+/// Record format version this build speaks.
+pub const VERSION: u8 = 1;
+const HEADER_LEN: usize = 8;
+/// Largest payload a record can carry.
+pub const MAX_PAYLOAD: usize = RECORD_SIZE - HEADER_LEN;
+
+/// Longest `:authority` carried in an ask.
+pub const MAX_AUTHORITY: usize = 255;
+/// Longest target host carried in an ask.
+pub const MAX_TARGET_HOST: usize = 255;
+/// Longest `:path` carried in an ask (longer requests get 414).
+pub const MAX_PATH: usize = 1536;
+/// Longest credentials carried in an ask (longer requests get 431).
+pub const MAX_AUTHORIZATION: usize = 1920;
+/// Longest deny details carried in an answer.
+pub const MAX_DETAILS: usize = 512;
+
+const KIND_AUTH_ASK: u8 = 1;
+const KIND_AUTH_ANSWER: u8 = 2;
+const KIND_FLOW_CLOSED: u8 = 3;
+
+/// A worker asks control whether to open a connect-udp tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthAsk {
+    /// Worker-chosen ID echoed in the answer.
+    pub ask_id: u64,
+    /// The client's UDP address as the relay sees it.
+    pub client: SocketAddr,
+    /// `:authority`.
+    pub authority: String,
+    /// `:path`.
+    pub path: String,
+    /// Target host as in the request (IP literal or name).
+    pub target_host: String,
+    /// Target port.
+    pub target_port: u16,
+    /// `proxy-authorization` (or `authorization`) value, if any.
+    pub authorization: Option<String>,
+}
+
+/// Control's verdict on an ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Open the tunnel.
+    Allow {
+        /// Control's ID for the flow (reported back in [`FlowClosed`]).
+        flow_id: u64,
+        /// The resolved, policy-checked target address.
+        target: SocketAddr,
+        /// Idle timeout for the flow, in milliseconds.
+        idle_timeout_ms: u32,
+    },
+    /// Refuse with an HTTP status and a Proxy-Status error.
+    Deny {
+        /// HTTP status code (400..=599).
+        status: u16,
+        /// Proxy-Status error type.
+        proxy_error: Option<ProxyError>,
+        /// Details for the Proxy-Status field.
+        details: String,
+    },
+}
+
+/// Control answers an ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthAnswer {
+    /// The ask this answers.
+    pub ask_id: u64,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+/// A worker reports that a flow control allowed has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowClosed {
+    /// Control's flow ID from the allow.
+    pub flow_id: u64,
+    /// Datagrams forwarded client -> target.
+    pub packets_up: u64,
+    /// Bytes forwarded client -> target (UDP payload).
+    pub bytes_up: u64,
+    /// Datagrams forwarded target -> client.
+    pub packets_down: u64,
+    /// Bytes forwarded target -> client.
+    pub bytes_down: u64,
+}
+
+/// Any record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// Worker -> control.
+    AuthAsk(AuthAsk),
+    /// Control -> worker.
+    AuthAnswer(AuthAnswer),
+    /// Worker -> control.
+    FlowClosed(FlowClosed),
+}
+
+/// Why a record could not be encoded or decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The record's version is not [`VERSION`].
+    #[error("unsupported record version {0}")]
+    Version(u8),
+    /// The record kind is unknown.
+    #[error("unknown record kind {0}")]
+    Kind(u8),
+    /// The payload length exceeds the slot.
+    #[error("payload length {0} exceeds the record size")]
+    PayloadLength(usize),
+    /// The payload ends before a field does.
+    #[error("record truncated")]
+    Truncated,
+    /// The payload has bytes after the last field.
+    #[error("trailing bytes in record")]
+    Trailing,
+    /// A string field is too long for its limit.
+    #[error("field {0} too long")]
+    FieldTooLong(&'static str),
+    /// A string field is not UTF-8.
+    #[error("field {0} is not UTF-8")]
+    NotUtf8(&'static str),
+    /// A field holds a value outside its range.
+    #[error("field {0} has an invalid value")]
+    BadValue(&'static str),
+}
+
+struct Writer<'a> {
+    buf: &'a mut [u8; RECORD_SIZE],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) -> Result<(), RecordError> {
+        let end = self.pos + b.len();
+        if end > RECORD_SIZE {
+            return Err(RecordError::PayloadLength(end - HEADER_LEN));
+        }
+        self.buf[self.pos..end].copy_from_slice(b);
+        self.pos = end;
+        Ok(())
+    }
+    fn u8(&mut self, v: u8) -> Result<(), RecordError> {
+        self.bytes(&[v])
+    }
+    fn u16(&mut self, v: u16) -> Result<(), RecordError> {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u32(&mut self, v: u32) -> Result<(), RecordError> {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn u64(&mut self, v: u64) -> Result<(), RecordError> {
+        self.bytes(&v.to_le_bytes())
+    }
+    fn str(&mut self, s: &str, limit: usize, name: &'static str) -> Result<(), RecordError> {
+        if s.len() > limit {
+            return Err(RecordError::FieldTooLong(name));
+        }
+        self.u16(s.len() as u16)?;
+        self.bytes(s.as_bytes())
+    }
+    fn addr(&mut self, a: SocketAddr) -> Result<(), RecordError> {
+        let (family, ip) = match a.ip() {
+            IpAddr::V4(v4) => (4u8, v4.to_ipv6_mapped().octets()),
+            IpAddr::V6(v6) => (6u8, v6.octets()),
+        };
+        self.u8(family)?;
+        self.bytes(&ip)?;
+        self.u16(a.port())
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
+        if self.buf.len() < n {
+            return Err(RecordError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn str(&mut self, limit: usize, name: &'static str) -> Result<String, RecordError> {
+        let len = usize::from(self.u16()?);
+        if len > limit {
+            return Err(RecordError::FieldTooLong(name));
+        }
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| RecordError::NotUtf8(name))
+    }
+    fn addr(&mut self, name: &'static str) -> Result<SocketAddr, RecordError> {
+        let family = self.u8()?;
+        let ip: [u8; 16] = self.take(16)?.try_into().expect("16 bytes");
+        let port = self.u16()?;
+        let v6 = Ipv6Addr::from(ip);
+        let ip = match family {
+            4 => IpAddr::V4(v6.to_ipv4_mapped().ok_or(RecordError::BadValue(name))?),
+            6 => IpAddr::V6(v6),
+            _ => return Err(RecordError::BadValue(name)),
+        };
+        Ok(SocketAddr::new(ip, port))
+    }
+    fn end(&self) -> Result<(), RecordError> {
+        if self.buf.is_empty() { Ok(()) } else { Err(RecordError::Trailing) }
+    }
+}
+
+impl Record {
+    /// Encodes the record into a slot-sized buffer.
+    pub fn encode(&self, buf: &mut [u8; RECORD_SIZE]) -> Result<(), RecordError> {
+        let mut w = Writer { buf, pos: HEADER_LEN };
+        let kind = match self {
+            Record::AuthAsk(a) => {
+                w.u64(a.ask_id)?;
+                w.addr(a.client)?;
+                w.u16(a.target_port)?;
+                w.str(&a.authority, MAX_AUTHORITY, "authority")?;
+                w.str(&a.path, MAX_PATH, "path")?;
+                w.str(&a.target_host, MAX_TARGET_HOST, "target_host")?;
+                w.u8(u8::from(a.authorization.is_some()))?;
+                w.str(a.authorization.as_deref().unwrap_or(""), MAX_AUTHORIZATION, "authorization")?;
+                KIND_AUTH_ASK
+            }
+            Record::AuthAnswer(a) => {
+                w.u64(a.ask_id)?;
+                match &a.verdict {
+                    Verdict::Allow { flow_id, target, idle_timeout_ms } => {
+                        w.u8(1)?;
+                        w.u64(*flow_id)?;
+                        w.addr(*target)?;
+                        w.u32(*idle_timeout_ms)?;
+                    }
+                    Verdict::Deny { status, proxy_error, details } => {
+                        if !(400..=599).contains(status) {
+                            return Err(RecordError::BadValue("status"));
+                        }
+                        w.u8(2)?;
+                        w.u16(*status)?;
+                        w.u8(proxy_error.map_or(0, |e| e as u8))?;
+                        w.str(details, MAX_DETAILS, "details")?;
+                    }
+                }
+                KIND_AUTH_ANSWER
+            }
+            Record::FlowClosed(f) => {
+                for v in [f.flow_id, f.packets_up, f.bytes_up, f.packets_down, f.bytes_down] {
+                    w.u64(v)?;
+                }
+                KIND_FLOW_CLOSED
+            }
+        };
+        let payload_len = w.pos - HEADER_LEN;
+        buf[0] = VERSION;
+        buf[1] = kind;
+        buf[2..4].copy_from_slice(&(payload_len as u16).to_le_bytes());
+        buf[4..8].fill(0);
+        Ok(())
+    }
+
+    /// Decodes and validates a record copied out of a ring slot.
+    pub fn decode(buf: &[u8]) -> Result<Record, RecordError> {
+        if buf.len() < HEADER_LEN {
+            return Err(RecordError::Truncated);
+        }
+        if buf[0] != VERSION {
+            return Err(RecordError::Version(buf[0]));
+        }
+        let payload_len = usize::from(u16::from_le_bytes([buf[2], buf[3]]));
+        if payload_len > MAX_PAYLOAD {
+            return Err(RecordError::PayloadLength(payload_len));
+        }
+        let payload = buf.get(HEADER_LEN..HEADER_LEN + payload_len).ok_or(RecordError::Truncated)?;
+        let mut r = Reader { buf: payload };
+        let record = match buf[1] {
+            KIND_AUTH_ASK => {
+                let ask_id = r.u64()?;
+                let client = r.addr("client")?;
+                let target_port = r.u16()?;
+                let authority = r.str(MAX_AUTHORITY, "authority")?;
+                let path = r.str(MAX_PATH, "path")?;
+                let target_host = r.str(MAX_TARGET_HOST, "target_host")?;
+                let has_auth = r.u8()?;
+                let auth = r.str(MAX_AUTHORIZATION, "authorization")?;
+                let authorization = match has_auth {
+                    0 if auth.is_empty() => None,
+                    1 => Some(auth),
+                    _ => return Err(RecordError::BadValue("authorization")),
+                };
+                Record::AuthAsk(AuthAsk { ask_id, client, authority, path, target_host, target_port, authorization })
+            }
+            KIND_AUTH_ANSWER => {
+                let ask_id = r.u64()?;
+                let verdict = match r.u8()? {
+                    1 => Verdict::Allow { flow_id: r.u64()?, target: r.addr("target")?, idle_timeout_ms: r.u32()? },
+                    2 => {
+                        let status = r.u16()?;
+                        if !(400..=599).contains(&status) {
+                            return Err(RecordError::BadValue("status"));
+                        }
+                        let proxy_error = match r.u8()? {
+                            0 => None,
+                            code => Some(ProxyError::from_u8(code).ok_or(RecordError::BadValue("proxy_error"))?),
+                        };
+                        Verdict::Deny { status, proxy_error, details: r.str(MAX_DETAILS, "details")? }
+                    }
+                    _ => return Err(RecordError::BadValue("verdict")),
+                };
+                Record::AuthAnswer(AuthAnswer { ask_id, verdict })
+            }
+            KIND_FLOW_CLOSED => Record::FlowClosed(FlowClosed {
+                flow_id: r.u64()?,
+                packets_up: r.u64()?,
+                bytes_up: r.u64()?,
+                packets_down: r.u64()?,
+                bytes_down: r.u64()?,
+            }),
+            other => return Err(RecordError::Kind(other)),
+        };
+        r.end()?;
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Record> {
+        vec![
+            Record::AuthAsk(AuthAsk {
+                ask_id: 7,
+                client: "[2001:db8::1]:5555".parse().unwrap(),
+                authority: "relay:443".into(),
+                path: "/.well-known/masque/udp/a/1/".into(),
+                target_host: "example.com".into(),
+                target_port: 53,
+                authorization: Some("Bearer t".into()),
+            }),
+            Record::AuthAsk(AuthAsk {
+                ask_id: u64::MAX,
+                client: "192.0.2.1:1".parse().unwrap(),
+                authority: "a".repeat(MAX_AUTHORITY),
+                path: "/".repeat(MAX_PATH),
+                target_host: "h".repeat(MAX_TARGET_HOST),
+                target_port: 65535,
+                authorization: Some("x".repeat(MAX_AUTHORIZATION)),
+            }),
+            Record::AuthAnswer(AuthAnswer {
+                ask_id: 7,
+                verdict: Verdict::Allow { flow_id: 9, target: "127.0.0.1:9".parse().unwrap(), idle_timeout_ms: 30_000 },
+            }),
+            Record::AuthAnswer(AuthAnswer {
+                ask_id: 8,
+                verdict: Verdict::Deny {
+                    status: 403,
+                    proxy_error: Some(ProxyError::DestinationIpProhibited),
+                    details: "loopback".into(),
+                },
+            }),
+            Record::FlowClosed(FlowClosed { flow_id: 1, packets_up: 2, bytes_up: 3, packets_down: 4, bytes_down: 5 }),
+        ]
+    }
+
+    #[test]
+    fn round_trips() {
+        for rec in samples() {
+            let mut buf = [0u8; RECORD_SIZE];
+            rec.encode(&mut buf).unwrap();
+            assert_eq!(Record::decode(&buf).unwrap(), rec);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_an_error_not_a_panic() {
+        for rec in samples() {
+            let mut buf = [0u8; RECORD_SIZE];
+            rec.encode(&mut buf).unwrap();
+            let len = 8 + usize::from(u16::from_le_bytes([buf[2], buf[3]]));
+            for cut in 0..len.min(64) {
+                let mut b = buf;
+                b[2..4].copy_from_slice(&(cut as u16).to_le_bytes());
+                if cut + 8 < len {
+                    assert!(Record::decode(&b).is_err());
+                }
+            }
+            for i in 0..len.min(200) {
+                let mut b = buf;
+                b[i] ^= 0xff;
+                let _ = Record::decode(&b);
+            }
+        }
+    }
+
+    #[test]
+    fn header_checks() {
+        let mut buf = [0u8; RECORD_SIZE];
+        samples()[4].encode(&mut buf).unwrap();
+        let mut b = buf;
+        b[0] = 2;
+        assert_eq!(Record::decode(&b), Err(RecordError::Version(2)));
+        let mut b = buf;
+        b[1] = 99;
+        assert_eq!(Record::decode(&b), Err(RecordError::Kind(99)));
+        let mut b = buf;
+        b[2..4].copy_from_slice(&5000u16.to_le_bytes());
+        assert_eq!(Record::decode(&b), Err(RecordError::PayloadLength(5000)));
+        let mut b = buf;
+        b[2..4].copy_from_slice(&41u16.to_le_bytes());
+        assert_eq!(Record::decode(&b), Err(RecordError::Trailing));
+    }
+
+    #[test]
+    fn encode_refuses_oversize_fields_and_bad_status() {
+        let mut buf = [0u8; RECORD_SIZE];
+        let Record::AuthAsk(mut ask) = samples()[0].clone() else { unreachable!() };
+        ask.path = "/".repeat(MAX_PATH + 1);
+        assert_eq!(Record::AuthAsk(ask).encode(&mut buf), Err(RecordError::FieldTooLong("path")));
+        let deny = Record::AuthAnswer(AuthAnswer {
+            ask_id: 1,
+            verdict: Verdict::Deny { status: 200, proxy_error: None, details: String::new() },
+        });
+        assert_eq!(deny.encode(&mut buf), Err(RecordError::BadValue("status")));
+    }
+}

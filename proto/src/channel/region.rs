@@ -1,0 +1,388 @@
+//! The shared-memory region: layout, creation (control), attachment
+//! (dataplane) and per-worker counters.
+//!
+//! ```text
+//! offset 0      region header (4 KiB): magic, version, workers, slots, record size
+//! then, per worker w:
+//!               counters (4 KiB: COUNTER_SLOTS x u64, written by worker w only)
+//!               asks ring    (worker w -> control)
+//!               answers ring (control -> worker w)
+//! ring:         head u32 @0, tail u32 @64, slots from 128
+//! ```
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::ring::{Consumer, Producer, Ring};
+use super::{RECORD_SIZE, RING_SLOTS};
+
+/// Identifies a relay channel region.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"MASQSHM1");
+/// Layout version; bumped on any incompatible change.
+pub const REGION_VERSION: u32 = 1;
+/// Counter slots per worker.
+pub const COUNTER_SLOTS: usize = 64;
+/// Most workers a region can describe.
+pub const MAX_WORKERS: u32 = 256;
+
+const HEADER_BYTES: usize = 4096;
+const COUNTERS_BYTES: usize = 4096;
+pub(super) const RING_HEADER: usize = 128;
+const RING_BYTES: usize = RING_HEADER + RING_SLOTS as usize * RECORD_SIZE;
+const WORKER_BYTES: usize = COUNTERS_BYTES + 2 * RING_BYTES;
+
+/// Total bytes of a region for `workers` workers.
+pub const fn region_len(workers: u32) -> usize {
+    HEADER_BYTES + workers as usize * WORKER_BYTES
+}
+
+/// Why a region could not be created or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The region's header does not describe a region this build can use.
+    #[error("incompatible region: {0}")]
+    Incompatible(&'static str),
+    /// The worker count is out of range.
+    #[error("worker count {0} out of range 1..={MAX_WORKERS}")]
+    Workers(u32),
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> RegionError {
+    move |source| RegionError::Io { op, source }
+}
+
+/// An `mmap`ed shared region, unmapped when the last handle drops.
+#[derive(Debug)]
+pub(super) struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all concurrent access to it
+// goes through atomics (ring indices, counters) or through slots whose
+// ownership the SPSC protocol hands over with acquire/release ordering.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only exposes raw pointers.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn map(fd: &File, len: usize) -> Result<Self, RegionError> {
+        // SAFETY: mapping a file descriptor we own with a length we checked;
+        // the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(RegionError::Io { op: "mmap", source: io::Error::last_os_error() });
+        }
+        Ok(Self { ptr: ptr.cast(), len })
+    }
+
+    /// A pointer `offset` bytes into the mapping.
+    pub(super) fn at(&self, offset: usize) -> *mut u8 {
+        assert!(offset < self.len, "offset inside the mapping");
+        // SAFETY: offset is within the mapping (asserted above).
+        unsafe { self.ptr.add(offset) }
+    }
+
+    /// The `AtomicU32` at `offset` (4-byte aligned, inside the mapping).
+    pub(super) fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
+        assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        // SAFETY: aligned, in bounds, and the memory lives as long as `self`;
+        // the peer process only ever accesses it atomically as well.
+        unsafe { &*self.at(offset).cast::<AtomicU32>() }
+    }
+
+    fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
+        assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        // SAFETY: as for `atomic_u32`.
+        unsafe { &*self.at(offset).cast::<AtomicU64>() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len come from a successful mmap and are unmapped once.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// A mapped channel region.
+#[derive(Debug, Clone)]
+pub struct Region {
+    map: Arc<Mapping>,
+    workers: u32,
+}
+
+/// One worker's view: its counters, the ring it produces asks into and the
+/// ring it consumes answers from (or the reverse on the control side).
+#[derive(Debug)]
+pub struct WorkerChannel<P, C> {
+    /// The worker's counters.
+    pub counters: Counters,
+    /// The ring this side writes.
+    pub tx: P,
+    /// The ring this side reads.
+    pub rx: C,
+}
+
+impl Region {
+    /// Creates a region in a new memfd (control side). Returns the region
+    /// and the memfd to pass to the dataplane.
+    pub fn create(workers: u32) -> Result<(Self, OwnedFd), RegionError> {
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(RegionError::Workers(workers));
+        }
+        let name = c"masque-relay-channel";
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result
+        // is checked before use.
+        let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(RegionError::Io { op: "memfd_create", source: io::Error::last_os_error() });
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let file = File::from(fd.try_clone().map_err(io_err("dup"))?);
+        let len = region_len(workers);
+        file.set_len(len as u64).map_err(io_err("ftruncate"))?;
+        let map = Mapping::map(&file, len)?;
+        // Fresh memfd pages are zero: indices and counters start at 0.
+        map.atomic_u32(8).store(REGION_VERSION, Ordering::Relaxed);
+        map.atomic_u32(12).store(workers, Ordering::Relaxed);
+        map.atomic_u32(16).store(RING_SLOTS, Ordering::Relaxed);
+        map.atomic_u32(20).store(RECORD_SIZE as u32, Ordering::Relaxed);
+        map.atomic_u64(0).store(MAGIC, Ordering::Release);
+        Ok((Self { map: Arc::new(map), workers }, fd))
+    }
+
+    /// Maps a region received from control and checks its header.
+    pub fn attach(fd: OwnedFd) -> Result<Self, RegionError> {
+        let file = File::from(fd);
+        let size = file.metadata().map_err(io_err("fstat"))?.len() as usize;
+        if size < HEADER_BYTES {
+            return Err(RegionError::Incompatible("region smaller than its header"));
+        }
+        let header = Mapping::map(&file, HEADER_BYTES)?;
+        if header.atomic_u64(0).load(Ordering::Acquire) != MAGIC {
+            return Err(RegionError::Incompatible("bad magic"));
+        }
+        if header.atomic_u32(8).load(Ordering::Relaxed) != REGION_VERSION {
+            return Err(RegionError::Incompatible("layout version mismatch"));
+        }
+        if header.atomic_u32(16).load(Ordering::Relaxed) != RING_SLOTS
+            || header.atomic_u32(20).load(Ordering::Relaxed) != RECORD_SIZE as u32
+        {
+            return Err(RegionError::Incompatible("ring geometry mismatch"));
+        }
+        let workers = header.atomic_u32(12).load(Ordering::Relaxed);
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(RegionError::Workers(workers));
+        }
+        let len = region_len(workers);
+        if size != len {
+            return Err(RegionError::Incompatible("region size does not match its worker count"));
+        }
+        drop(header);
+        Ok(Self { map: Arc::new(Mapping::map(&file, len)?), workers })
+    }
+
+    /// Number of workers the region serves.
+    pub fn workers(&self) -> u32 {
+        self.workers
+    }
+
+    fn worker_base(&self, worker: u32) -> usize {
+        assert!(worker < self.workers, "worker index in range");
+        HEADER_BYTES + worker as usize * WORKER_BYTES
+    }
+
+    fn ring(&self, offset: usize) -> Ring {
+        Ring::new(self.map.clone(), offset)
+    }
+
+    /// The counters of `worker`.
+    pub fn counters(&self, worker: u32) -> Counters {
+        Counters { map: self.map.clone(), base: self.worker_base(worker) }
+    }
+
+    /// The dataplane side of `worker`'s channel: produce asks, consume
+    /// answers. Only one thread may hold it at a time.
+    pub fn dataplane_side(&self, worker: u32) -> WorkerChannel<Producer, Consumer> {
+        let base = self.worker_base(worker);
+        WorkerChannel {
+            counters: self.counters(worker),
+            tx: Producer::attach(self.ring(base + COUNTERS_BYTES)),
+            rx: Consumer::attach(self.ring(base + COUNTERS_BYTES + RING_BYTES)),
+        }
+    }
+
+    /// The control side of `worker`'s channel: consume asks, produce
+    /// answers. Only one thread may hold it at a time.
+    pub fn control_side(&self, worker: u32) -> WorkerChannel<Producer, Consumer> {
+        let base = self.worker_base(worker);
+        WorkerChannel {
+            counters: self.counters(worker),
+            tx: Producer::attach(self.ring(base + COUNTERS_BYTES + RING_BYTES)),
+            rx: Consumer::attach(self.ring(base + COUNTERS_BYTES)),
+        }
+    }
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident = $idx:literal, $metric:literal; )*) => {
+        /// Per-worker counters kept in the shared region.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u8)]
+        pub enum Counter {
+            $( $(#[$doc])* $name = $idx, )*
+        }
+
+        impl Counter {
+            /// Every counter, in slot order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$name),*];
+
+            /// The metric name (snake case) used by control and relayctl.
+            pub fn name(self) -> &'static str {
+                match self { $(Counter::$name => $metric,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// QUIC connections accepted.
+    ConnectionsAccepted = 0, "connections_accepted";
+    /// QUIC connections closed.
+    ConnectionsClosed = 1, "connections_closed";
+    /// QUIC handshakes completed.
+    HandshakesCompleted = 2, "handshakes_completed";
+    /// Request header sections received.
+    RequestsReceived = 3, "requests_received";
+    /// Requests reset as malformed (H3_MESSAGE_ERROR).
+    RequestsMalformed = 4, "requests_malformed";
+    /// Tunnels opened (2xx sent).
+    TunnelsOpened = 5, "tunnels_opened";
+    /// Requests answered with a 4xx/5xx status.
+    TunnelsRefused = 6, "tunnels_refused";
+    /// Tunnels closed.
+    TunnelsClosed = 7, "tunnels_closed";
+    /// UDP payloads forwarded client -> target.
+    DatagramsUp = 8, "datagrams_up";
+    /// UDP payload bytes forwarded client -> target.
+    BytesUp = 9, "bytes_up";
+    /// UDP payloads forwarded target -> client.
+    DatagramsDown = 10, "datagrams_down";
+    /// UDP payload bytes forwarded target -> client.
+    BytesDown = 11, "bytes_down";
+    /// Datagrams dropped: unknown context ID.
+    DropUnknownContext = 12, "drop_unknown_context";
+    /// Datagrams dropped: no open tunnel on that stream.
+    DropNoTunnel = 13, "drop_no_tunnel";
+    /// Datagrams dropped: too large for the client's QUIC path.
+    DropTooLarge = 14, "drop_too_large";
+    /// Datagrams dropped: a bounded queue was full.
+    DropQueueFull = 15, "drop_queue_full";
+    /// Datagrams dropped: the target socket refused the send.
+    DropTargetSend = 16, "drop_target_send";
+    /// Datagrams dropped: malformed HTTP datagram.
+    DropMalformed = 17, "drop_malformed";
+    /// Authorization asks sent to control.
+    AsksSent = 18, "asks_sent";
+    /// Authorization asks that timed out or could not be sent.
+    AsksFailed = 19, "asks_failed";
+    /// Invalid records read from the channel.
+    ChannelErrors = 20, "channel_errors";
+    /// UDP packets received on the QUIC socket.
+    QuicPacketsIn = 21, "quic_packets_in";
+    /// UDP packets sent on the QUIC socket.
+    QuicPacketsOut = 22, "quic_packets_out";
+    /// Tunnels currently open (gauge).
+    TunnelsActive = 23, "tunnels_active";
+    /// QUIC connections currently open (gauge).
+    ConnectionsActive = 24, "connections_active";
+}
+
+/// A worker's counters. Each counter has a single writer (its worker), so
+/// increments are a relaxed load and store, not a locked read-modify-write.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    map: Arc<Mapping>,
+    base: usize,
+}
+
+impl Counters {
+    fn slot(&self, c: Counter) -> &AtomicU64 {
+        self.map.atomic_u64(self.base + 8 * c as usize)
+    }
+
+    /// Adds `n` to `c` (writer side only).
+    #[inline]
+    pub fn add(&self, c: Counter, n: u64) {
+        let slot = self.slot(c);
+        slot.store(slot.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Subtracts `n` from a gauge (writer side only).
+    #[inline]
+    pub fn sub(&self, c: Counter, n: u64) {
+        let slot = self.slot(c);
+        slot.store(slot.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+    }
+
+    /// Reads `c`.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.slot(c).load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_attach_and_share_counters() {
+        let (region, fd) = Region::create(2).unwrap();
+        let other = Region::attach(fd).unwrap();
+        assert_eq!(other.workers(), 2);
+        region.counters(1).add(Counter::BytesUp, 42);
+        assert_eq!(other.counters(1).get(Counter::BytesUp), 42);
+        assert_eq!(other.counters(0).get(Counter::BytesUp), 0);
+    }
+
+    #[test]
+    fn attach_refuses_foreign_memory() {
+        let (region, fd) = Region::create(1).unwrap();
+        region.map.atomic_u64(0).store(1, Ordering::Relaxed);
+        assert!(matches!(Region::attach(fd), Err(RegionError::Incompatible("bad magic"))));
+        assert!(matches!(Region::create(0), Err(RegionError::Workers(0))));
+    }
+
+    #[test]
+    fn counter_slots_fit() {
+        assert!(Counter::ALL.len() <= COUNTER_SLOTS);
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! Sans-IO protocol core of the MASQUE relay.
+//!
+//! Everything here is pure: no sockets, no clocks, no threads. The dataplane
+//! and the bench clients drive these types and move the bytes.
+//!
+//! - [`varint`], [`datagram`], [`capsule`]: HTTP Datagrams and the Capsule
+//!   Protocol (RFC 9297) and the connect-udp payload format (RFC 9298).
+//! - [`template`], [`target`], [`request`]: request validation (RFC 9114,
+//!   RFC 9220) and connect-udp request classification (RFC 9298).
+//! - [`proxy_status`]: Proxy-Status (RFC 9209).
+//! - [`channel`]: the shared-memory channel between dataplane and control:
+//!   record codecs and the SPSC ring.
+#![deny(unsafe_code)]
+
+pub mod capsule;
+pub mod channel;
+pub mod datagram;
+pub mod proxy_status;
+pub mod request;
+pub mod target;
+pub mod template;
+pub mod varint;

@@ -1,0 +1,117 @@
+//! The Proxy-Status response field (RFC 9209).
+#![forbid(unsafe_code)]
+
+/// Proxy error types from RFC 9209 section 2.3 that this relay reports.
+///
+/// The `u8` values travel in shared-memory records; they never change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ProxyError {
+    /// Section 2.3.1: DNS resolution of the target timed out.
+    DnsTimeout = 1,
+    /// Section 2.3.2: DNS resolution failed (e.g. NXDOMAIN).
+    DnsError = 2,
+    /// Section 2.3.3: the target could not be determined.
+    DestinationNotFound = 3,
+    /// Section 2.3.4: the target is considered unavailable.
+    DestinationUnavailable = 4,
+    /// Section 2.3.5: the target's address is prohibited by policy.
+    DestinationIpProhibited = 5,
+    /// Section 2.3.6: the target's address cannot be routed.
+    DestinationIpUnroutable = 6,
+    /// Section 2.3.7: the target refused the connection.
+    ConnectionRefused = 7,
+    /// Section 2.3.11: the request was denied by the proxy (auth, quota).
+    HttpRequestDenied = 11,
+    /// Section 2.3.12: the request was invalid.
+    HttpRequestError = 12,
+    /// Section 2.3.23: the proxy's configuration prevents the request.
+    ProxyConfigurationError = 23,
+    /// Section 2.3.24: the proxy hit an internal error (e.g. control plane
+    /// unavailable).
+    ProxyInternalError = 24,
+}
+
+impl ProxyError {
+    /// The token used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyError::DnsTimeout => "dns_timeout",
+            ProxyError::DnsError => "dns_error",
+            ProxyError::DestinationNotFound => "destination_not_found",
+            ProxyError::DestinationUnavailable => "destination_unavailable",
+            ProxyError::DestinationIpProhibited => "destination_ip_prohibited",
+            ProxyError::DestinationIpUnroutable => "destination_ip_unroutable",
+            ProxyError::ConnectionRefused => "connection_refused",
+            ProxyError::HttpRequestDenied => "http_request_denied",
+            ProxyError::HttpRequestError => "http_request_error",
+            ProxyError::ProxyConfigurationError => "proxy_configuration_error",
+            ProxyError::ProxyInternalError => "proxy_internal_error",
+        }
+    }
+
+    /// Decodes the record value; `None` for unknown codes.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => ProxyError::DnsTimeout,
+            2 => ProxyError::DnsError,
+            3 => ProxyError::DestinationNotFound,
+            4 => ProxyError::DestinationUnavailable,
+            5 => ProxyError::DestinationIpProhibited,
+            6 => ProxyError::DestinationIpUnroutable,
+            7 => ProxyError::ConnectionRefused,
+            11 => ProxyError::HttpRequestDenied,
+            12 => ProxyError::HttpRequestError,
+            23 => ProxyError::ProxyConfigurationError,
+            24 => ProxyError::ProxyInternalError,
+            _ => return None,
+        })
+    }
+}
+
+/// Formats a Proxy-Status field value: `proxy; error=token; details="..."`.
+///
+/// `details` is made a valid sf-string: only printable ASCII survives,
+/// quotes and backslashes are escaped (RFC 8941 section 3.3.3).
+pub fn format(proxy_name: &str, error: ProxyError, details: Option<&str>) -> String {
+    let mut out = format!("{proxy_name}; error={}", error.as_str());
+    if let Some(details) = details {
+        out.push_str("; details=\"");
+        for c in details.chars().filter(|c| (' '..='~').contains(c)) {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_tokens_and_escapes_details() {
+        assert_eq!(
+            format("relay", ProxyError::DestinationIpProhibited, None),
+            "relay; error=destination_ip_prohibited"
+        );
+        assert_eq!(
+            format("relay", ProxyError::DnsError, Some("no \"such\" host\\\n")),
+            "relay; error=dns_error; details=\"no \\\"such\\\" host\\\\\""
+        );
+    }
+
+    #[test]
+    fn codes_round_trip() {
+        for v in 0..=255u8 {
+            if let Some(e) = ProxyError::from_u8(v) {
+                assert_eq!(e as u8, v);
+            }
+        }
+        assert_eq!(ProxyError::from_u8(24), Some(ProxyError::ProxyInternalError));
+        assert_eq!(ProxyError::from_u8(0), None);
+    }
+}

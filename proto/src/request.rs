@@ -1,0 +1,407 @@
+//! Validation of HTTP/3 request header sections and classification of
+//! connect-udp requests.
+//!
+//! Two layers, matching the two kinds of refusal:
+//! 1. [`parse_request`] enforces the message rules of RFC 9114 sections
+//!    4.1.2, 4.2 and 4.3 and RFC 9220 section 3. A violation makes the request
+//!    *malformed*: a stream error of type H3_MESSAGE_ERROR, no response.
+//! 2. [`classify_connect_udp`] applies RFC 9298 to a well-formed request and
+//!    picks the HTTP status for anything the relay will not serve.
+#![forbid(unsafe_code)]
+
+use crate::proxy_status::ProxyError;
+use crate::target::{self, TargetHost};
+use crate::template::{MatchError, UriTemplate};
+
+/// Longest header value kept from a request (authority, credentials).
+pub const MAX_FIELD_VALUE_LEN: usize = 4096;
+
+/// Connection-specific fields that RFC 9114 section 4.2 forbids.
+const CONNECTION_SPECIFIC: [&[u8]; 5] =
+    [b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"];
+
+/// Why a request is malformed (RFC 9114 section 4.1.2): the stream is reset
+/// with H3_MESSAGE_ERROR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    /// A field name is empty, has an uppercase letter or a character outside
+    /// `tchar` (RFC 9114 section 4.2).
+    #[error("invalid field name")]
+    InvalidFieldName,
+    /// A field value holds NUL, CR or LF, or starts or ends with whitespace
+    /// (RFC 9114 section 4.2, RFC 9110 section 5.5).
+    #[error("invalid field value")]
+    InvalidFieldValue,
+    /// A connection-specific field is present (RFC 9114 section 4.2).
+    #[error("connection-specific header field")]
+    ConnectionSpecificField,
+    /// `te` holds something other than "trailers" (RFC 9114 section 4.2).
+    #[error("te field other than trailers")]
+    BadTe,
+    /// A pseudo-header this relay does not know, or a response
+    /// pseudo-header in a request (RFC 9114 section 4.3).
+    #[error("unknown or response pseudo-header")]
+    UnknownPseudoHeader,
+    /// A pseudo-header follows a regular field (RFC 9114 section 4.3).
+    #[error("pseudo-header after a regular field")]
+    PseudoHeaderAfterField,
+    /// A pseudo-header appears twice (RFC 9114 section 4.3.1).
+    #[error("duplicate pseudo-header")]
+    DuplicatePseudoHeader,
+    /// A required pseudo-header is missing or empty (RFC 9114 sections 4.3.1
+    /// and 4.4, RFC 9220 section 3).
+    #[error("missing or empty required pseudo-header")]
+    MissingPseudoHeader,
+    /// Plain CONNECT carries `:scheme` or `:path` (RFC 9114 section 4.4).
+    #[error("CONNECT must not carry :scheme or :path")]
+    ConnectWithSchemeOrPath,
+    /// `:protocol` on a non-CONNECT request, or without our
+    /// SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 9220 section 3, RFC 8441
+    /// section 4).
+    #[error(":protocol not allowed here")]
+    UnexpectedProtocol,
+    /// `:authority` holds userinfo, or `host` disagrees with it (RFC 9114
+    /// section 4.3.1).
+    #[error("invalid :authority or host")]
+    BadAuthority,
+}
+
+/// A well-formed request's control data and the fields the relay uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// `:method`.
+    pub method: String,
+    /// `:scheme`, absent for plain CONNECT.
+    pub scheme: Option<String>,
+    /// `:authority`.
+    pub authority: Option<String>,
+    /// `:path`, absent for plain CONNECT.
+    pub path: Option<String>,
+    /// `:protocol` of an extended CONNECT.
+    pub protocol: Option<String>,
+    /// `proxy-authorization`, or `authorization` when the former is absent.
+    pub authorization: Option<String>,
+    /// Value of `capsule-protocol`, if present.
+    pub capsule_protocol: Option<String>,
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn valid_value(v: &[u8]) -> bool {
+    !v.iter().any(|b| matches!(b, 0 | b'\r' | b'\n'))
+        && !v.first().is_some_and(|b| matches!(b, b' ' | b'\t'))
+        && !v.last().is_some_and(|b| matches!(b, b' ' | b'\t'))
+}
+
+fn to_string(v: &[u8]) -> Result<String, Malformed> {
+    if v.len() > MAX_FIELD_VALUE_LEN {
+        return Err(Malformed::InvalidFieldValue);
+    }
+    String::from_utf8(v.to_vec()).map_err(|_| Malformed::InvalidFieldValue)
+}
+
+/// Validates a request header section.
+///
+/// `extended_connect_enabled` is whether this server sent
+/// SETTINGS_ENABLE_CONNECT_PROTOCOL=1: RFC 9220 section 3 makes `:protocol`
+/// malformed otherwise.
+pub fn parse_request<'a>(
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    extended_connect_enabled: bool,
+) -> Result<Request, Malformed> {
+    let mut method: Option<String> = None;
+    let mut req = Request::default();
+    let mut seen_regular = false;
+    let mut host: Option<String> = None;
+    let mut authorization: Option<String> = None;
+    for (name, value) in fields {
+        if !valid_value(value) {
+            return Err(Malformed::InvalidFieldValue);
+        }
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            if seen_regular {
+                return Err(Malformed::PseudoHeaderAfterField);
+            }
+            let slot = match pseudo {
+                b"method" => &mut method,
+                b"scheme" => &mut req.scheme,
+                b"authority" => &mut req.authority,
+                b"path" => &mut req.path,
+                b"protocol" => &mut req.protocol,
+                _ => return Err(Malformed::UnknownPseudoHeader),
+            };
+            if slot.replace(to_string(value)?).is_some() {
+                return Err(Malformed::DuplicatePseudoHeader);
+            }
+            continue;
+        }
+        seen_regular = true;
+        if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+            return Err(Malformed::InvalidFieldName);
+        }
+        if CONNECTION_SPECIFIC.contains(&name) {
+            return Err(Malformed::ConnectionSpecificField);
+        }
+        match name {
+            b"te" if value != b"trailers" => return Err(Malformed::BadTe),
+            b"host" => host = Some(to_string(value)?),
+            b"proxy-authorization" => req.authorization = Some(to_string(value)?),
+            b"authorization" => authorization = Some(to_string(value)?),
+            b"capsule-protocol" => req.capsule_protocol = Some(to_string(value)?),
+            _ => {}
+        }
+    }
+    if req.authorization.is_none() {
+        req.authorization = authorization;
+    }
+    let non_empty = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+    req.method = method.filter(|m| !m.is_empty()).ok_or(Malformed::MissingPseudoHeader)?;
+    let is_connect = req.method == "CONNECT";
+    if req.protocol.is_some() && (!is_connect || !extended_connect_enabled) {
+        return Err(Malformed::UnexpectedProtocol);
+    }
+    if is_connect && req.protocol.is_none() {
+        // RFC 9114 section 4.4: plain CONNECT has only :method and :authority.
+        if req.scheme.is_some() || req.path.is_some() {
+            return Err(Malformed::ConnectWithSchemeOrPath);
+        }
+        if !non_empty(&req.authority) {
+            return Err(Malformed::MissingPseudoHeader);
+        }
+    } else {
+        // RFC 9114 section 4.3.1 (all requests but CONNECT) and RFC 9220
+        // section 3 / RFC 8441 section 4 (extended CONNECT): :scheme and
+        // :path are required and non-empty.
+        if !non_empty(&req.scheme) || !non_empty(&req.path) {
+            return Err(Malformed::MissingPseudoHeader);
+        }
+        // Extended CONNECT also needs :authority; other methods may use
+        // host instead.
+        if req.protocol.is_some() && !non_empty(&req.authority) {
+            return Err(Malformed::MissingPseudoHeader);
+        }
+    }
+    if let Some(authority) = &req.authority {
+        // RFC 9114 section 4.3.1: no userinfo; host must agree.
+        if authority.contains('@') || host.as_ref().is_some_and(|h| h != authority) {
+            return Err(Malformed::BadAuthority);
+        }
+    }
+    Ok(req)
+}
+
+/// A connect-udp request the relay can authorize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectUdp {
+    /// `:authority` of the request (the relay's name as the client knows it).
+    pub authority: String,
+    /// `:path` of the request.
+    pub path: String,
+    /// The decoded target host.
+    pub target_host: TargetHost,
+    /// The target port.
+    pub target_port: u16,
+    /// Credentials from `proxy-authorization` (or `authorization`).
+    pub authorization: Option<String>,
+}
+
+/// A well-formed request the relay will not serve, with its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status code.
+    pub status: u16,
+    /// Proxy-Status error, for refusals that concern the proxying.
+    pub proxy_error: Option<ProxyError>,
+    /// Short human-readable reason (Proxy-Status details, logs).
+    pub reason: &'static str,
+}
+
+impl Refusal {
+    const fn new(status: u16, proxy_error: Option<ProxyError>, reason: &'static str) -> Self {
+        Self { status, proxy_error, reason }
+    }
+}
+
+/// Whether a `capsule-protocol` value is the sf-boolean true (`?1`),
+/// parameters allowed and ignored (RFC 9297 section 3.4).
+pub fn capsule_protocol_is_true(value: &str) -> bool {
+    let item = value.split(';').next().unwrap_or("").trim();
+    item == "?1"
+}
+
+/// Decides what to do with a well-formed request: a connect-udp tunnel to
+/// authorize, or a refusal with its status.
+///
+/// - not CONNECT: 405 (this server only proxies);
+/// - plain CONNECT (TCP): 501 until the TCP front exists;
+/// - extended CONNECT with another `:protocol`: 501;
+/// - `:scheme` other than https: 400 (RFC 9298 section 3 builds the URI
+///   from an https template);
+/// - `:path` not matching the template: 404;
+/// - invalid `target_host`/`target_port`: 400 (RFC 9298 section 2).
+pub fn classify_connect_udp(req: &Request, template: &UriTemplate) -> Result<ConnectUdp, Refusal> {
+    if req.method != "CONNECT" {
+        return Err(Refusal::new(405, None, "only CONNECT is served"));
+    }
+    let Some(protocol) = req.protocol.as_deref() else {
+        return Err(Refusal::new(501, None, "TCP CONNECT is not served"));
+    };
+    if protocol != "connect-udp" {
+        return Err(Refusal::new(501, None, "unsupported :protocol"));
+    }
+    if req.scheme.as_deref() != Some("https") {
+        return Err(Refusal::new(400, Some(ProxyError::HttpRequestError), ":scheme must be https"));
+    }
+    let path = req.path.clone().unwrap_or_default();
+    let matched = template.match_path(&path).map_err(|e| match e {
+        MatchError::NoMatch => Refusal::new(404, None, "path does not match the URI template"),
+        MatchError::BadEncoding => {
+            Refusal::new(400, Some(ProxyError::HttpRequestError), "bad percent-encoding")
+        }
+    })?;
+    let bad_target = |e: target::TargetError| {
+        Refusal::new(
+            400,
+            Some(ProxyError::HttpRequestError),
+            match e {
+                target::TargetError::EmptyHost => "empty target_host",
+                target::TargetError::ZoneId => "IPv6 zone IDs are not supported",
+                target::TargetError::InvalidHost => "invalid target_host",
+                target::TargetError::InvalidPort => "invalid target_port",
+            },
+        )
+    };
+    let target_host = TargetHost::parse(&matched.target_host).map_err(bad_target)?;
+    let target_port = target::parse_port(&matched.target_port).map_err(bad_target)?;
+    Ok(ConnectUdp {
+        authority: req.authority.clone().unwrap_or_default(),
+        path,
+        target_host,
+        target_port,
+        authorization: req.authorization.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(fields: &[(&str, &str)]) -> Result<Request, Malformed> {
+        parse_request(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())), true)
+    }
+
+    const GOOD: &[(&str, &str)] = &[
+        (":method", "CONNECT"),
+        (":protocol", "connect-udp"),
+        (":scheme", "https"),
+        (":authority", "relay.example:443"),
+        (":path", "/.well-known/masque/udp/192.0.2.6/443/"),
+        ("capsule-protocol", "?1"),
+        ("proxy-authorization", "Bearer abc"),
+    ];
+
+    fn with(replace: &str, value: Option<&str>) -> Vec<(&'static str, String)> {
+        GOOD.iter()
+            .filter_map(|(n, v)| {
+                if *n == replace { value.map(|v| (*n, v.to_string())) } else { Some((*n, v.to_string())) }
+            })
+            .collect()
+    }
+
+    fn parse_owned(fields: &[(&str, String)]) -> Result<Request, Malformed> {
+        parse_request(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())), true)
+    }
+
+    fn template() -> UriTemplate {
+        UriTemplate::parse("/.well-known/masque/udp/{target_host}/{target_port}/").unwrap()
+    }
+
+    #[test]
+    fn good_connect_udp() {
+        let req = parse(GOOD).unwrap();
+        assert!(capsule_protocol_is_true(req.capsule_protocol.as_deref().unwrap()));
+        let c = classify_connect_udp(&req, &template()).unwrap();
+        assert_eq!(c.target_port, 443);
+        assert_eq!(c.target_host, TargetHost::Ip("192.0.2.6".parse().unwrap()));
+        assert_eq!(c.authorization.as_deref(), Some("Bearer abc"));
+    }
+
+    #[test]
+    fn missing_pseudo_headers_are_malformed() {
+        for name in [":method", ":scheme", ":authority", ":path"] {
+            assert_eq!(parse_owned(&with(name, None)), Err(Malformed::MissingPseudoHeader), "{name}");
+            assert!(parse_owned(&with(name, Some(""))).is_err(), "empty {name}");
+        }
+    }
+
+    #[test]
+    fn field_rules() {
+        let mut f = with("x", None);
+        f.push(("X-Upper", "1".into()));
+        assert_eq!(parse_owned(&f), Err(Malformed::InvalidFieldName));
+        let mut f = with("x", None);
+        f.push((":foo", "1".into()));
+        assert_eq!(parse_owned(&f), Err(Malformed::PseudoHeaderAfterField));
+        let mut f = vec![(":foo", "1".to_string())];
+        f.extend(with("x", None));
+        assert_eq!(parse_owned(&f), Err(Malformed::UnknownPseudoHeader));
+        let mut f = vec![(":status", "200".to_string())];
+        f.extend(with("x", None));
+        assert_eq!(parse_owned(&f), Err(Malformed::UnknownPseudoHeader));
+        let mut f = vec![(":path", "/".to_string())];
+        f.extend(with("x", None));
+        assert_eq!(parse_owned(&f), Err(Malformed::DuplicatePseudoHeader));
+        for (n, v) in [("connection", "close"), ("upgrade", "x"), ("transfer-encoding", "chunked")] {
+            let mut f = with("x", None);
+            f.push((n, v.into()));
+            assert_eq!(parse_owned(&f), Err(Malformed::ConnectionSpecificField), "{n}");
+        }
+        let mut f = with("x", None);
+        f.push(("te", "gzip".into()));
+        assert_eq!(parse_owned(&f), Err(Malformed::BadTe));
+        let mut f = with("x", None);
+        f.push(("x-a", "a\r\nb".into()));
+        assert_eq!(parse_owned(&f), Err(Malformed::InvalidFieldValue));
+        let mut f = with("x", None);
+        f.push(("host", "other".into()));
+        assert_eq!(parse_owned(&f), Err(Malformed::BadAuthority));
+        assert_eq!(parse_owned(&with(":authority", Some("u@relay"))), Err(Malformed::BadAuthority));
+    }
+
+    #[test]
+    fn protocol_rules() {
+        let fields: Vec<_> = GOOD.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())).collect();
+        assert_eq!(parse_request(fields, false), Err(Malformed::UnexpectedProtocol));
+        assert_eq!(parse_owned(&with(":method", Some("GET"))), Err(Malformed::UnexpectedProtocol));
+        // Plain CONNECT: only :method and :authority.
+        assert_eq!(
+            parse(&[(":method", "CONNECT"), (":authority", "a:1"), (":path", "/")]),
+            Err(Malformed::ConnectWithSchemeOrPath)
+        );
+        let plain = parse(&[(":method", "CONNECT"), (":authority", "a:1")]).unwrap();
+        assert_eq!(classify_connect_udp(&plain, &template()).unwrap_err().status, 501);
+    }
+
+    #[test]
+    fn refusal_statuses() {
+        let status = |f: Vec<(&str, String)>| classify_connect_udp(&parse_owned(&f).unwrap(), &template()).unwrap_err().status;
+        assert_eq!(status(with(":protocol", Some("connect-ip"))), 501);
+        assert_eq!(status(with(":scheme", Some("http"))), 400);
+        assert_eq!(status(with(":path", Some("/nope"))), 404);
+        assert_eq!(status(with(":path", Some("/.well-known/masque/udp/192.0.2.6/0/"))), 400);
+        assert_eq!(status(with(":path", Some("/.well-known/masque/udp/192.0.2.6/70000/"))), 400);
+        assert_eq!(status(with(":path", Some("/.well-known/masque/udp/fe80%3A%3A1%25eth0/53/"))), 400);
+        let get = parse(&[(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/")]).unwrap();
+        assert_eq!(classify_connect_udp(&get, &template()).unwrap_err().status, 405);
+    }
+
+    #[test]
+    fn capsule_protocol_values() {
+        assert!(capsule_protocol_is_true("?1"));
+        assert!(capsule_protocol_is_true("?1;a=b"));
+        assert!(!capsule_protocol_is_true("?0"));
+        assert!(!capsule_protocol_is_true("1"));
+    }
+}

@@ -1,0 +1,306 @@
+//! The connect-udp URI template (RFC 9298 section 2, RFC 6570).
+//!
+//! Operators configure a template such as
+//! `/.well-known/masque/udp/{target_host}/{target_port}/` (or a full
+//! `https://authority/...` URI, whose authority is ignored here). Requests are
+//! matched against it; variables are expanded by clients with RFC 6570
+//! simple string expansion (`{var}`) or form-style query expansion
+//! (`{?target_host,target_port}`), so a variable's value never contains a
+//! raw reserved character and matching is unambiguous.
+#![forbid(unsafe_code)]
+
+/// The two variables a connect-udp template must carry.
+pub const VARIABLES: [&str; 2] = ["target_host", "target_port"];
+
+/// Longest request path the matcher looks at; longer paths are refused
+/// before any work is done.
+pub const MAX_PATH_LEN: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Literal(String),
+    Var(usize),
+    Query(Vec<usize>),
+}
+
+/// A parsed, validated connect-udp URI template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UriTemplate {
+    source: String,
+    parts: Vec<Part>,
+}
+
+/// Why a configured template is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    /// The template (after removing any scheme and authority) does not start
+    /// with '/'.
+    #[error("the template's path must start with '/'")]
+    NotAbsolutePath,
+    /// An expression is not closed.
+    #[error("unclosed '{{' in the template")]
+    Unclosed,
+    /// An expression uses an operator or variable this relay does not know.
+    #[error("unsupported expression {{{0}}}: use {{target_host}}, {{target_port}} or {{?target_host,target_port}}")]
+    Unsupported(String),
+    /// A variable is missing or appears twice.
+    #[error("the template must contain target_host and target_port exactly once each")]
+    Variables,
+    /// A query expression is not the last part of the template.
+    #[error("a {{?...}} expression must end the template")]
+    QueryNotLast,
+    /// Two variables follow each other with no literal between them.
+    #[error("two variables must be separated by a literal character")]
+    Adjacent,
+    /// A template literal holds a character that is not allowed in a path.
+    #[error("the template contains a character not allowed in a URI path: {0:?}")]
+    BadLiteral(char),
+}
+
+/// Values extracted from a matching path, percent-decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateMatch {
+    /// Decoded `target_host`.
+    pub target_host: String,
+    /// Decoded `target_port`.
+    pub target_port: String,
+}
+
+/// Why a path did not yield target values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MatchError {
+    /// The path does not have the template's shape (answered with 404).
+    #[error("path does not match the URI template")]
+    NoMatch,
+    /// The path matches but a value is not valid percent-encoded UTF-8
+    /// (answered with 400).
+    #[error("bad percent-encoding in a template variable")]
+    BadEncoding,
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:@/%?".contains(c)
+}
+
+impl UriTemplate {
+    /// Parses and validates a template.
+    pub fn parse(template: &str) -> Result<Self, TemplateError> {
+        let path = match template.strip_prefix("https://") {
+            Some(rest) => rest.find('/').map(|i| &rest[i..]).ok_or(TemplateError::NotAbsolutePath)?,
+            None => template,
+        };
+        if !path.starts_with('/') {
+            return Err(TemplateError::NotAbsolutePath);
+        }
+        let mut parts = Vec::new();
+        let mut seen = [0u8; 2];
+        let mut rest = path;
+        while !rest.is_empty() {
+            if let Some(body) = rest.strip_prefix('{') {
+                let end = body.find('}').ok_or(TemplateError::Unclosed)?;
+                let expr = &body[..end];
+                rest = &body[end + 1..];
+                let var_index = |name: &str| {
+                    VARIABLES.iter().position(|v| *v == name).ok_or_else(|| TemplateError::Unsupported(expr.to_string()))
+                };
+                if let Some(list) = expr.strip_prefix('?') {
+                    let vars = list.split(',').map(var_index).collect::<Result<Vec<_>, _>>()?;
+                    for v in &vars {
+                        seen[*v] += 1;
+                    }
+                    parts.push(Part::Query(vars));
+                } else {
+                    let v = var_index(expr)?;
+                    seen[v] += 1;
+                    if matches!(parts.last(), Some(Part::Var(_))) {
+                        return Err(TemplateError::Adjacent);
+                    }
+                    parts.push(Part::Var(v));
+                }
+            } else {
+                let end = rest.find('{').unwrap_or(rest.len());
+                let literal = &rest[..end];
+                if let Some(bad) = literal.chars().find(|c| !is_path_char(*c)) {
+                    return Err(TemplateError::BadLiteral(bad));
+                }
+                parts.push(Part::Literal(literal.to_string()));
+                rest = &rest[end..];
+            }
+        }
+        if seen != [1, 1] {
+            return Err(TemplateError::Variables);
+        }
+        if let Some(pos) = parts.iter().position(|p| matches!(p, Part::Query(_))) {
+            if pos != parts.len() - 1 {
+                return Err(TemplateError::QueryNotLast);
+            }
+        }
+        Ok(Self { source: template.to_string(), parts })
+    }
+
+    /// The template as configured.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+
+    /// Expands the template for `host` and `port` (client side), encoding
+    /// every byte that is not unreserved, as RFC 6570 simple expansion does.
+    pub fn expand(&self, host: &str, port: u16) -> String {
+        let port = port.to_string();
+        let values = [host, port.as_str()];
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::Var(v) => percent_encode(values[*v], &mut out),
+                Part::Query(vars) => {
+                    for (i, v) in vars.iter().enumerate() {
+                        out.push(if i == 0 { '?' } else { '&' });
+                        out.push_str(VARIABLES[*v]);
+                        out.push('=');
+                        percent_encode(values[*v], &mut out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Matches a request's `:path` and extracts the decoded variables.
+    pub fn match_path(&self, path: &str) -> Result<TemplateMatch, MatchError> {
+        if path.len() > MAX_PATH_LEN {
+            return Err(MatchError::NoMatch);
+        }
+        let mut raw: [Option<&str>; 2] = [None, None];
+        let mut rest = path;
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => rest = rest.strip_prefix(l.as_str()).ok_or(MatchError::NoMatch)?,
+                Part::Var(v) => {
+                    let end = rest
+                        .bytes()
+                        .position(|b| !(is_unreserved(b) || b == b'%'))
+                        .unwrap_or(rest.len());
+                    raw[*v] = Some(&rest[..end]);
+                    rest = &rest[end..];
+                }
+                Part::Query(vars) => {
+                    let query = match rest.strip_prefix('?') {
+                        Some(q) => q,
+                        None if rest.is_empty() => "",
+                        None => return Err(MatchError::NoMatch),
+                    };
+                    rest = "";
+                    for pair in query.split('&').filter(|p| !p.is_empty()) {
+                        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                        if let Some(v) = vars.iter().find(|v| VARIABLES[**v] == name) {
+                            if raw[*v].replace(value).is_some() {
+                                // A variable given twice is ambiguous.
+                                return Err(MatchError::NoMatch);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !rest.is_empty() {
+            return Err(MatchError::NoMatch);
+        }
+        let [Some(host), Some(port)] = raw else {
+            return Err(MatchError::NoMatch);
+        };
+        Ok(TemplateMatch { target_host: percent_decode(host)?, target_port: percent_decode(port)? })
+    }
+}
+
+fn percent_encode(value: &str, out: &mut String) {
+    for b in value.bytes() {
+        if is_unreserved(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+/// Decodes `%XX` escapes; the result must be UTF-8.
+pub fn percent_decode(value: &str) -> Result<String, MatchError> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(MatchError::BadEncoding)?;
+            let hex = std::str::from_utf8(hex).map_err(|_| MatchError::BadEncoding)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(MatchError::BadEncoding);
+            }
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| MatchError::BadEncoding)?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| MatchError::BadEncoding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULT: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
+
+    #[test]
+    fn default_template_matches_rfc_examples() {
+        let t = UriTemplate::parse(DEFAULT).unwrap();
+        let m = t.match_path("/.well-known/masque/udp/192.0.2.6/443/").unwrap();
+        assert_eq!((m.target_host.as_str(), m.target_port.as_str()), ("192.0.2.6", "443"));
+        // RFC 9298 section 2: IPv6 literals have their colons percent-encoded.
+        let m = t.match_path("/.well-known/masque/udp/2001%3Adb8%3A%3A42/443/").unwrap();
+        assert_eq!(m.target_host, "2001:db8::42");
+        assert_eq!(t.expand("2001:db8::42", 443), "/.well-known/masque/udp/2001%3Adb8%3A%3A42/443/");
+    }
+
+    #[test]
+    fn query_form_in_any_order() {
+        let t = UriTemplate::parse("https://proxy.example.org/masque{?target_host,target_port}").unwrap();
+        assert_eq!(t.expand("example.com", 53), "/masque?target_host=example.com&target_port=53");
+        let m = t.match_path("/masque?target_port=53&target_host=example.com").unwrap();
+        assert_eq!((m.target_host.as_str(), m.target_port.as_str()), ("example.com", "53"));
+        assert_eq!(t.match_path("/masque?target_host=a&target_host=b&target_port=1"), Err(MatchError::NoMatch));
+        assert_eq!(t.match_path("/masque?target_host=a"), Err(MatchError::NoMatch));
+    }
+
+    #[test]
+    fn non_matching_paths() {
+        let t = UriTemplate::parse(DEFAULT).unwrap();
+        for p in [
+            "/",
+            "/.well-known/masque/udp/a/1",
+            "/.well-known/masque/udp/a/1/x",
+            "/.well-known/masque/udp/a/b/1/",
+            "/.well-known/masque/ip/a/1/",
+            "/.well-known/masque/udp/a/1/?x=1",
+        ] {
+            assert_eq!(t.match_path(p), Err(MatchError::NoMatch), "{p}");
+        }
+        assert_eq!(t.match_path("/.well-known/masque/udp/%zz/1/"), Err(MatchError::BadEncoding));
+        assert_eq!(t.match_path("/.well-known/masque/udp/%ff/1/"), Err(MatchError::BadEncoding));
+    }
+
+    #[test]
+    fn template_validation() {
+        assert_eq!(UriTemplate::parse("masque/{target_host}/{target_port}"), Err(TemplateError::NotAbsolutePath));
+        assert_eq!(UriTemplate::parse("/{target_host}/{target_port"), Err(TemplateError::Unclosed));
+        assert_eq!(UriTemplate::parse("/{target_host}/"), Err(TemplateError::Variables));
+        assert_eq!(UriTemplate::parse("/{target_host}{target_port}"), Err(TemplateError::Adjacent));
+        assert!(matches!(UriTemplate::parse("/{+target_host}/{target_port}"), Err(TemplateError::Unsupported(_))));
+        assert_eq!(UriTemplate::parse("/x{?target_host}/{target_port}"), Err(TemplateError::QueryNotLast));
+        assert_eq!(UriTemplate::parse("/a b/{target_host}/{target_port}"), Err(TemplateError::BadLiteral(' ')));
+    }
+}
