@@ -1,1 +1,145 @@
-fn main() {}
+//! `relay-control`: the MASQUE relay's control process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Parser;
+use relay_control::acl::TargetAcl;
+use relay_control::auth::BearerTokens;
+use relay_control::config::Config;
+use relay_control::policy::Policy;
+use relay_control::server::{self, Server, ServerSettings, Shared};
+use relay_control::{admin, state};
+use relay_proto::channel::bootstrap::{Bootstrap, PROTOCOL_VERSION};
+use tracing::{error, info};
+
+/// The MASQUE relay's control process: credentials, policy, DNS, and the
+/// shared-memory channel the dataplane attaches to.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// TOML configuration file; without it the embedded default (a demo
+    /// relay on 127.0.0.1:4433) is used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides relay.state_dir.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Prints the embedded default configuration and exits.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing an async-signal-safe handler that only stores
+        // to an atomic.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(dir) = args.state_dir {
+        config.relay.state_dir = dir;
+    }
+    let state_dir = config.relay.state_dir.clone();
+    state::ensure_dir(&state_dir)?;
+    let (cert, key) = match (&config.tls.cert, &config.tls.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone()),
+        _ => {
+            let creds = state::self_signed(&state_dir, &config.tls.self_signed_names)?;
+            if creds.generated {
+                info!(cert = %creds.cert.display(), "generated a self-signed certificate");
+            }
+            (creds.cert, creds.key)
+        }
+    };
+    let tokens = if config.auth.tokens.is_empty() {
+        let (token, generated) = state::demo_token(&state_dir)?;
+        let path = state_dir.join("token");
+        if generated {
+            info!(path = %path.display(), "generated an auth token");
+        }
+        println!("auth token (from {}): {token}", path.display());
+        vec![token]
+    } else {
+        config.auth.tokens.clone()
+    };
+    let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let d = &config.dataplane;
+    let bootstrap = Bootstrap {
+        version: PROTOCOL_VERSION,
+        workers: d.workers,
+        listen: config.listen.quic,
+        cert_chain: abs(&cert).display().to_string(),
+        private_key: abs(&key).display().to_string(),
+        uri_template: d.uri_template.0.as_str().to_string(),
+        proxy_name: config.relay.name.clone(),
+        auth_realm: config.auth.realm.clone(),
+        ask_timeout_ms: d.ask_timeout_ms,
+        quic_idle_timeout_ms: u64::from(d.quic_idle_timeout_secs) * 1000,
+        max_connections_per_worker: d.max_connections_per_worker,
+        max_tunnels_per_connection: d.max_tunnels_per_connection,
+        pending_datagrams_per_tunnel: 64,
+        max_capsule_len: 65_535,
+    };
+    let acl = TargetAcl::new(config.targets.allow.clone(), config.targets.deny.clone(), config.targets.ports.clone());
+    let policy = Policy::new(BearerTokens::new(tokens), acl, d.flow_idle_timeout_secs.saturating_mul(1000));
+    let shared = Arc::new(Mutex::new(Shared::default()));
+    let admin_listener = server::bind_private_socket(&config.admin_socket())?;
+    admin::spawn(admin_listener, shared.clone())?;
+    let settings = ServerSettings {
+        channel_socket: config.channel_socket(),
+        bootstrap,
+        resolver_threads: config.resolver.threads,
+        resolver_max_pending: config.resolver.max_pending,
+        resolver_timeout: Duration::from_millis(u64::from(config.resolver.timeout_ms)),
+    };
+    let mut server = Server::new(settings, policy, shared)?;
+    install_signal_handlers();
+    info!(
+        channel = %config.channel_socket().display(),
+        admin = %config.admin_socket().display(),
+        quic = %config.listen.quic,
+        "control ready; waiting for the dataplane"
+    );
+    server.run(|| STOP.load(Ordering::Relaxed))?;
+    info!("control stopping");
+    let _ = std::fs::remove_file(config.channel_socket());
+    let _ = std::fs::remove_file(config.admin_socket());
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", relay_control::config::DEFAULT_CONFIG);
+        return ExitCode::SUCCESS;
+    }
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("relay-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -12,6 +12,7 @@
 //! - [`ring`]: the SPSC ring over shared memory (unsafe, small).
 //! - [`region`]: the region layout, memfd creation and mapping, counters.
 
+pub mod bootstrap;
 pub mod doorbell;
 pub mod fdpass;
 pub mod record;

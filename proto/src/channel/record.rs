@@ -5,7 +5,7 @@
 //! and value; nothing read from the ring is trusted.
 #![forbid(unsafe_code)]
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use super::RECORD_SIZE;
 use crate::proxy_status::ProxyError;

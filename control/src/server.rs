@@ -1,0 +1,449 @@
+//! The control process's event loop: dataplane attachment, the asks rings,
+//! resolver results and timeouts.
+//!
+//! One thread, one `mio::Poll`. Every wait is bounded: asks are answered
+//! from memory or handed to the resolver pool, whose results come back
+//! through a waker. Answers that do not fit a full ring wait in a bounded
+//! per-worker backlog.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use relay_proto::channel::bootstrap::{self, Bootstrap, Hello};
+use relay_proto::channel::doorbell::Doorbell;
+use relay_proto::channel::record::{AuthAnswer, AuthAsk, Record, Verdict};
+use relay_proto::channel::region::{Region, WorkerChannel};
+use relay_proto::channel::ring::{Consumer, Producer, RingError};
+use relay_proto::channel::RECORD_SIZE;
+use relay_proto::proxy_status::ProxyError;
+use tracing::{debug, error, info, warn};
+
+use crate::policy::{Decision, Policy, ResolveFailure};
+use crate::resolver::{Resolved, Resolver};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const DATAPLANE: Token = Token(2);
+const ASK_BELL_BASE: usize = 16;
+
+/// Answers kept per worker while its ring is full.
+const MAX_BACKLOG: usize = 4096;
+/// Most live flows control tracks.
+pub const MAX_FLOWS: usize = 1_000_000;
+/// How long an attaching dataplane has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings the server needs beyond the policy.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Socket the dataplane attaches to.
+    pub channel_socket: PathBuf,
+    /// What the dataplane is told at attach time (workers, listen, TLS…).
+    pub bootstrap: Bootstrap,
+    /// Resolver threads.
+    pub resolver_threads: u32,
+    /// Resolver queue bound.
+    pub resolver_max_pending: u32,
+    /// Resolution timeout.
+    pub resolver_timeout: Duration,
+}
+
+/// A live flow as control knows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlowInfo {
+    /// Control's flow ID.
+    pub flow_id: u64,
+    /// Worker serving it.
+    pub worker: u32,
+    /// Client address.
+    pub client: SocketAddr,
+    /// Target address.
+    pub target: SocketAddr,
+    /// Seconds since the Unix epoch when it was allowed.
+    pub started_unix: u64,
+}
+
+/// State shared with the admin socket thread.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// The attached dataplane's PID.
+    pub dataplane_pid: Option<u32>,
+    /// The current region, for counters.
+    pub region: Option<Region>,
+    /// Live flows.
+    pub flows: HashMap<u64, FlowInfo>,
+    /// Asks answered, by outcome.
+    pub asks_allowed: u64,
+    /// Asks denied.
+    pub asks_denied: u64,
+    /// Invalid records received.
+    pub channel_errors: u64,
+}
+
+struct WorkerEnd {
+    chan: WorkerChannel<Producer, Consumer>,
+    ask_bell: Doorbell,
+    answer_bell: Doorbell,
+    backlog: VecDeque<Box<[u8; RECORD_SIZE]>>,
+}
+
+struct Attached {
+    stream: UnixStream,
+    workers: Vec<WorkerEnd>,
+}
+
+struct PendingResolution {
+    worker: u32,
+    ask: AuthAsk,
+    deadline: Instant,
+}
+
+/// The control server.
+pub struct Server {
+    settings: ServerSettings,
+    policy: Policy,
+    shared: Arc<Mutex<Shared>>,
+    poll: Poll,
+    listener: UnixListener,
+    attached: Option<Attached>,
+    resolver: Resolver,
+    resolved: Receiver<Resolved>,
+    pending: HashMap<u64, PendingResolution>,
+    next_job: u64,
+    record: Box<[u8; RECORD_SIZE]>,
+}
+
+/// Binds a Unix socket at `path` with mode 0600, replacing a stale one.
+pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+impl Server {
+    /// Binds the channel socket and starts the resolver pool.
+    pub fn new(settings: ServerSettings, policy: Policy, shared: Arc<Mutex<Shared>>) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let listener = bind_private_socket(&settings.channel_socket)?;
+        listener.set_nonblocking(true)?;
+        poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (resolver, resolved) =
+            Resolver::start(settings.resolver_threads, settings.resolver_max_pending, move || {
+                let _ = waker.wake();
+            })?;
+        Ok(Self {
+            settings,
+            policy,
+            shared,
+            poll,
+            listener,
+            attached: None,
+            resolver,
+            resolved,
+            pending: HashMap::new(),
+            next_job: 1,
+            record: Box::new([0; RECORD_SIZE]),
+        })
+    }
+
+    /// Runs until `stop` returns true (checked at least every second).
+    pub fn run(&mut self, stop: impl Fn() -> bool) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        while !stop() {
+            let timeout = self
+                .pending
+                .values()
+                .map(|p| p.deadline.saturating_duration_since(Instant::now()))
+                .min()
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_dataplanes(),
+                    DATAPLANE => self.check_dataplane_alive(),
+                    WAKER => {}
+                    Token(t) if t >= ASK_BELL_BASE => {
+                        if let Some(a) = &self.attached {
+                            if let Some(w) = a.workers.get(t - ASK_BELL_BASE) {
+                                w.ask_bell.drain();
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            // Always sweep: cheap, and robust against missed wake-ups.
+            self.drain_asks();
+            self.drain_resolved();
+            self.expire_resolutions();
+            self.flush_backlogs();
+        }
+        Ok(())
+    }
+
+    fn accept_dataplanes(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.attached.is_some() {
+                        warn!("a second dataplane tried to attach; refused (one dataplane per control)");
+                        continue;
+                    }
+                    if let Err(e) = self.attach(stream) {
+                        warn!("dataplane attach failed: {e}");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    error!("accept on channel socket: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn attach(&mut self, stream: UnixStream) -> Result<(), Box<dyn std::error::Error>> {
+        stream.set_nonblocking(false)?;
+        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
+        let (hello, _fds): (Hello, Vec<OwnedFd>) = bootstrap::recv(&stream)?;
+        bootstrap::check_version(hello.version)?;
+        let workers = self.settings.bootstrap.workers;
+        let (region, memfd) = Region::create(workers)?;
+        let mut ends = Vec::new();
+        let mut fds: Vec<OwnedFd> = vec![memfd];
+        for w in 0..workers {
+            let ask_bell = Doorbell::new()?;
+            let answer_bell = Doorbell::new()?;
+            fds.push(ask_bell.try_clone_fd()?);
+            fds.push(answer_bell.try_clone_fd()?);
+            ends.push(WorkerEnd { chan: region.control_side(w), ask_bell, answer_bell, backlog: VecDeque::new() });
+        }
+        let fd_refs: Vec<&dyn AsRawFd> = fds.iter().map(|f| f as &dyn AsRawFd).collect();
+        bootstrap::send(&stream, &self.settings.bootstrap, &fd_refs)?;
+        stream.set_nonblocking(true)?;
+        let registry = self.poll.registry();
+        registry.register(&mut SourceFd(&stream.as_raw_fd()), DATAPLANE, Interest::READABLE)?;
+        for (i, w) in ends.iter().enumerate() {
+            registry.register(&mut SourceFd(&w.ask_bell.as_raw_fd()), Token(ASK_BELL_BASE + i), Interest::READABLE)?;
+        }
+        {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.dataplane_pid = Some(hello.pid);
+            shared.region = Some(region);
+            shared.flows.clear();
+        }
+        info!(pid = hello.pid, workers, "dataplane attached");
+        self.attached = Some(Attached { stream, workers: ends });
+        Ok(())
+    }
+
+    fn check_dataplane_alive(&mut self) {
+        let Some(a) = &self.attached else { return };
+        let mut buf = [0u8; 64];
+        loop {
+            match (&a.stream).read(&mut buf) {
+                Ok(0) => return self.detach("dataplane closed the channel"),
+                Ok(_) => continue, // nothing is expected after attach; ignore
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.detach(&format!("channel socket error: {e}")),
+            }
+        }
+    }
+
+    fn detach(&mut self, why: &str) {
+        let Some(a) = self.attached.take() else { return };
+        let registry = self.poll.registry();
+        let _ = registry.deregister(&mut SourceFd(&a.stream.as_raw_fd()));
+        for w in &a.workers {
+            let _ = registry.deregister(&mut SourceFd(&w.ask_bell.as_raw_fd()));
+        }
+        self.pending.clear();
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let released = shared.flows.len();
+        shared.flows.clear();
+        shared.dataplane_pid = None;
+        shared.region = None;
+        warn!(released_flows = released, "dataplane detached: {why}; waiting for it to return");
+    }
+
+    fn drain_asks(&mut self) {
+        let Some(a) = &mut self.attached else { return };
+        let mut asks = Vec::new();
+        let mut corrupt = None;
+        for (w, end) in a.workers.iter_mut().enumerate() {
+            // Bounded per sweep so one worker cannot starve the others.
+            for _ in 0..1024 {
+                match end.chan.rx.pop(&mut self.record) {
+                    Ok(true) => match Record::decode(&self.record[..]) {
+                        Ok(r) => asks.push((w as u32, r)),
+                        Err(e) => {
+                            warn!(worker = w, "invalid record from dataplane: {e}");
+                            self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
+                        }
+                    },
+                    Ok(false) => break,
+                    Err(RingError::Corrupt) | Err(RingError::Full) => {
+                        corrupt = Some(w);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(w) = corrupt {
+            return self.detach(&format!("worker {w} asks ring is corrupt"));
+        }
+        for (worker, record) in asks {
+            match record {
+                Record::AuthAsk(ask) => self.on_ask(worker, ask),
+                Record::FlowClosed(closed) => {
+                    let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    if shared.flows.remove(&closed.flow_id).is_some() {
+                        debug!(flow = closed.flow_id, up = closed.bytes_up, down = closed.bytes_down, "flow closed");
+                    }
+                }
+                Record::AuthAnswer(_) => {
+                    warn!(worker, "dataplane sent an answer record; ignored");
+                    self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
+                }
+            }
+        }
+    }
+
+    fn on_ask(&mut self, worker: u32, ask: AuthAsk) {
+        match self.policy.decide(&ask) {
+            Decision::Answer(verdict) => self.answer(worker, &ask, verdict),
+            Decision::Resolve { name, .. } => {
+                let id = self.next_job;
+                self.next_job += 1;
+                match self.resolver.submit(id, name) {
+                    Ok(()) => {
+                        let deadline = Instant::now() + self.settings.resolver_timeout;
+                        self.pending.insert(id, PendingResolution { worker, ask, deadline });
+                    }
+                    Err(failure) => {
+                        let verdict = self.policy.after_resolution(ask.target_port, Err(failure));
+                        self.answer(worker, &ask, verdict);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_resolved(&mut self) {
+        while let Ok(done) = self.resolved.try_recv() {
+            // A missing entry timed out already and was answered.
+            if let Some(p) = self.pending.remove(&done.id) {
+                let verdict = self.policy.after_resolution(p.ask.target_port, done.result);
+                self.answer(p.worker, &p.ask, verdict);
+            }
+        }
+    }
+
+    fn expire_resolutions(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                let verdict = self.policy.after_resolution(p.ask.target_port, Err(ResolveFailure::Timeout));
+                self.answer(p.worker, &p.ask, verdict);
+            }
+        }
+    }
+
+    fn answer(&mut self, worker: u32, ask: &AuthAsk, mut verdict: Verdict) {
+        {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            if let Verdict::Allow { flow_id, target, .. } = &verdict {
+                if shared.flows.len() >= MAX_FLOWS {
+                    verdict = Verdict::Deny {
+                        status: 503,
+                        proxy_error: Some(ProxyError::ProxyInternalError),
+                        details: "flow table full".into(),
+                    };
+                    shared.asks_denied += 1;
+                } else {
+                    let started_unix =
+                        SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                    shared.flows.insert(
+                        *flow_id,
+                        FlowInfo { flow_id: *flow_id, worker, client: ask.client, target: *target, started_unix },
+                    );
+                    shared.asks_allowed += 1;
+                }
+            } else {
+                shared.asks_denied += 1;
+            }
+        }
+        if let Verdict::Deny { status, details, .. } = &verdict {
+            debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");
+        }
+        let record = Record::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict });
+        let mut buf = Box::new([0u8; RECORD_SIZE]);
+        if let Err(e) = record.encode(&mut buf) {
+            error!("cannot encode answer: {e}");
+            return;
+        }
+        let Some(a) = &mut self.attached else { return };
+        let Some(end) = a.workers.get_mut(worker as usize) else { return };
+        if end.backlog.len() >= MAX_BACKLOG {
+            warn!(worker, "answer backlog full; the dataplane will time the ask out");
+            return;
+        }
+        end.backlog.push_back(buf);
+        self.flush_backlogs();
+    }
+
+    fn flush_backlogs(&mut self) {
+        let Some(a) = &mut self.attached else { return };
+        let mut corrupt = None;
+        for (w, end) in a.workers.iter_mut().enumerate() {
+            let mut pushed = false;
+            while let Some(front) = end.backlog.front() {
+                match end.chan.tx.push(front) {
+                    Ok(()) => {
+                        end.backlog.pop_front();
+                        pushed = true;
+                    }
+                    Err(RingError::Full) => break,
+                    Err(RingError::Corrupt) => {
+                        corrupt = Some(w);
+                        break;
+                    }
+                }
+            }
+            if pushed {
+                if let Err(e) = end.answer_bell.ring() {
+                    warn!(worker = w, "ringing the answer doorbell: {e}");
+                }
+            }
+        }
+        if let Some(w) = corrupt {
+            self.detach(&format!("worker {w} answers ring is corrupt"));
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The attach handshake over control's Unix socket.
+//!
+//! 1. The dataplane connects and sends a [`Hello`].
+//! 2. Control answers with a [`Bootstrap`] carrying the dataplane's settings,
+//!    with the region memfd and, per worker, the asks doorbell and the
+//!    answers doorbell attached (SCM_RIGHTS), in that order.
+//!
+//! Frames are `u32 length (LE)` then JSON, at most [`MAX_FRAME`] bytes. The
+//! socket then stays open: either side sees the other's exit as end of
+//! stream.
+#![forbid(unsafe_code)]
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use serde::{Deserialize, Serialize};
+
+use super::fdpass;
+
+/// Protocol version of the attach handshake.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: usize = 64 * 1024;
+
+/// Sent by the dataplane when it attaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the dataplane.
+    pub version: u32,
+    /// The dataplane's process ID (for logs and status).
+    pub pid: u32,
+}
+
+/// Settings control gives the dataplane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// [`PROTOCOL_VERSION`] of control.
+    pub version: u32,
+    /// Number of workers (and of ring pairs in the region).
+    pub workers: u32,
+    /// UDP address the QUIC listener binds.
+    pub listen: SocketAddr,
+    /// PEM certificate chain path.
+    pub cert_chain: String,
+    /// PEM private key path (to be replaced by keyless signing).
+    pub private_key: String,
+    /// The connect-udp URI template.
+    pub uri_template: String,
+    /// Name used in Proxy-Status fields.
+    pub proxy_name: String,
+    /// Realm of Proxy-Authenticate challenges.
+    pub auth_realm: String,
+    /// How long a CONNECT may wait for control's answer.
+    pub ask_timeout_ms: u32,
+    /// QUIC idle timeout.
+    pub quic_idle_timeout_ms: u64,
+    /// Most QUIC connections per worker.
+    pub max_connections_per_worker: u32,
+    /// Most concurrent tunnels (and pending requests) per connection.
+    pub max_tunnels_per_connection: u32,
+    /// Datagrams buffered per tunnel while waiting for the client's SETTINGS
+    /// or for control's answer.
+    pub pending_datagrams_per_tunnel: u32,
+    /// Largest capsule value accepted on a tunnel stream.
+    pub max_capsule_len: u32,
+}
+
+/// Why the handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// Socket I/O failed.
+    #[error("channel socket: {0}")]
+    Io(#[from] io::Error),
+    /// The peer closed the socket.
+    #[error("peer closed the channel socket")]
+    Closed,
+    /// A frame is too large or not valid JSON of the expected shape.
+    #[error("invalid handshake frame: {0}")]
+    Invalid(String),
+    /// The peer speaks another protocol version.
+    #[error("protocol version mismatch: ours {ours}, theirs {theirs}")]
+    Version {
+        /// Our version.
+        ours: u32,
+        /// The peer's version.
+        theirs: u32,
+    },
+}
+
+fn frame<T: Serialize>(value: &T) -> Result<Vec<u8>, BootstrapError> {
+    let json = serde_json::to_vec(value).map_err(|e| BootstrapError::Invalid(e.to_string()))?;
+    if json.len() > MAX_FRAME {
+        return Err(BootstrapError::Invalid("frame too large".into()));
+    }
+    let mut out = (json.len() as u32).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+/// Sends a frame with optional descriptors.
+pub fn send<T: Serialize>(sock: &UnixStream, value: &T, fds: &[&dyn AsRawFd]) -> Result<(), BootstrapError> {
+    let bytes = frame(value)?;
+    let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    if raw.is_empty() {
+        (&*sock).write_all(&bytes)?;
+    } else {
+        fdpass::send_with_fds(sock, &bytes, &raw)?;
+    }
+    Ok(())
+}
+
+/// Receives one frame and the descriptors attached to it.
+pub fn recv<T: for<'de> Deserialize<'de>>(sock: &UnixStream) -> Result<(T, Vec<OwnedFd>), BootstrapError> {
+    let mut head = [0u8; 4 + 512];
+    let (n, fds) = fdpass::recv_with_fds(sock, &mut head[..4])?;
+    if n == 0 {
+        return Err(BootstrapError::Closed);
+    }
+    let mut got = n;
+    while got < 4 {
+        let m = (&*sock).read(&mut head[got..4])?;
+        if m == 0 {
+            return Err(BootstrapError::Closed);
+        }
+        got += m;
+    }
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(BootstrapError::Invalid(format!("frame of {len} bytes")));
+    }
+    let mut body = vec![0u8; len];
+    (&*sock).read_exact(&mut body).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => BootstrapError::Closed,
+        _ => BootstrapError::Io(e),
+    })?;
+    let value = serde_json::from_slice(&body).map_err(|e| BootstrapError::Invalid(e.to_string()))?;
+    Ok((value, fds))
+}
+
+/// Checks a peer's protocol version.
+pub fn check_version(theirs: u32) -> Result<(), BootstrapError> {
+    if theirs == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(BootstrapError::Version { ours: PROTOCOL_VERSION, theirs })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::doorbell::Doorbell;
+
+    #[test]
+    fn hello_and_bootstrap_with_fds() {
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a, &Hello { version: PROTOCOL_VERSION, pid: 7 }, &[]).unwrap();
+        let (hello, fds): (Hello, _) = recv(&b).unwrap();
+        assert_eq!(hello.pid, 7);
+        assert!(fds.is_empty());
+        let bell = Doorbell::new().unwrap();
+        send(&b, &Hello { version: 9, pid: 1 }, &[&bell]).unwrap();
+        let (hello, fds): (Hello, _) = recv(&a).unwrap();
+        assert_eq!(fds.len(), 1);
+        assert!(check_version(hello.version).is_err());
+        drop(b);
+        assert!(matches!(recv::<Hello>(&a), Err(BootstrapError::Closed)));
+    }
+
+    #[test]
+    fn refuses_garbage_and_huge_frames() {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&a).write_all(&3u32.to_le_bytes()).unwrap();
+        (&a).write_all(b"{x}").unwrap();
+        assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
+        (&a).write_all(&u32::MAX.to_le_bytes()).unwrap();
+        assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
+    }
+}
