@@ -1,1 +1,100 @@
-fn main() {}
+//! `relay-dataplane`: the MASQUE relay's forwarding process.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use clap::Parser;
+use relay_dataplane::attach::attach;
+use relay_dataplane::link::ControlLink;
+use relay_dataplane::worker::{Worker, WorkerSettings};
+use relay_proto::template::UriTemplate;
+use tracing::{error, info, warn};
+
+/// The MASQUE relay's dataplane: attaches to relay-control, then serves
+/// QUIC + HTTP/3 and forwards connect-udp tunnels.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Control's channel socket.
+    #[arg(long, default_value = "state/channel.sock")]
+    control_socket: PathBuf,
+    /// How long to wait for control's socket to appear, in seconds.
+    #[arg(long, default_value_t = 30)]
+    attach_timeout: u64,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let att = attach(&args.control_socket, Duration::from_secs(args.attach_timeout))?;
+    let template = UriTemplate::parse(&att.bootstrap.uri_template)?;
+    info!(workers = att.bootstrap.workers, listen = %att.bootstrap.listen, "attached to control");
+    let control_alive = Arc::new(AtomicBool::new(true));
+    let mut handles = Vec::new();
+    let mut wake_fds = Vec::new();
+    for (i, (ask_bell, answer_bell)) in att.doorbells.into_iter().enumerate() {
+        let i = i as u32;
+        wake_fds.push(relay_proto::channel::doorbell::Doorbell::from_fd(answer_bell.try_clone_fd()?));
+        let link = ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
+        let settings = WorkerSettings { index: i, bootstrap: att.bootstrap.clone(), template: template.clone() };
+        // Bind in this thread so a bad address fails start-up, not a worker.
+        let mut worker = Worker::new(settings, link)?;
+        handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+            if let Err(e) = worker.run(&STOP) {
+                error!(worker = i, "worker failed: {e}");
+            }
+        })?);
+    }
+    // Watch control: its socket reaching end of stream means it exited.
+    let stream = att.stream;
+    let alive = control_alive.clone();
+    std::thread::Builder::new().name("control-watch".into()).spawn(move || {
+        let mut buf = [0u8; 64];
+        loop {
+            match (&stream).read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        alive.store(false, Ordering::Release);
+        warn!("control went away: new requests get 503 until it is back; open tunnels keep forwarding");
+        for bell in &wake_fds {
+            let _ = bell.ring();
+        }
+    })?;
+    println!("relay-dataplane: serving QUIC on {}", att.bootstrap.listen);
+    for h in handles {
+        let _ = h.join();
+    }
+    info!("dataplane stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing an async-signal-safe handler that only stores
+        // to an atomic.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-dataplane: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,6 +1,9 @@
 //! QUIC variable-length integers (RFC 9000 section 16), used by HTTP/3
 //! datagrams and capsules.
 
+/// Most bytes a varint takes.
+pub const MAX_LEN: usize = 8;
+
 /// Largest value a varint can carry (2^62 - 1).
 pub const MAX: u64 = (1 << 62) - 1;
 

@@ -1,0 +1,499 @@
+//! A connect-udp client on quiche, used by the tests, the benchmarks and
+//! operators (`relay-bench udp-send`, `relay-bench tunnel-echo`).
+//!
+//! Single-threaded and poll-driven: [`Client::drive`] moves packets and
+//! records what arrived per stream (response headers, resets, datagrams
+//! from QUIC DATAGRAM frames or DATAGRAM capsules).
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use mio::{Events, Interest, Poll, Token};
+use quiche::h3::NameValue;
+use relay_proto::capsule::{self, Capsule, CapsuleDecoder};
+use relay_proto::datagram;
+use relay_proto::template::UriTemplate;
+
+/// The default connect-udp URI template.
+pub const DEFAULT_TEMPLATE: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
+
+/// How to reach and talk to the relay.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Relay UDP address.
+    pub relay: SocketAddr,
+    /// TLS server name and `:authority` host.
+    pub server_name: String,
+    /// CA (or self-signed certificate) to verify the relay with; `None`
+    /// disables verification.
+    pub ca: Option<PathBuf>,
+    /// Advertise SETTINGS_H3_DATAGRAM (and QUIC DATAGRAM support). When
+    /// false the relay must fall back to DATAGRAM capsules.
+    pub h3_datagrams: bool,
+    /// The relay's URI template.
+    pub template: String,
+    /// Bearer token for `proxy-authorization`.
+    pub token: Option<String>,
+}
+
+impl ClientConfig {
+    /// A config for a relay on `relay` with the default template.
+    pub fn new(relay: SocketAddr) -> Self {
+        Self {
+            relay,
+            server_name: "localhost".into(),
+            ca: None,
+            h3_datagrams: true,
+            template: DEFAULT_TEMPLATE.into(),
+            token: None,
+        }
+    }
+}
+
+/// What the relay answered on a request stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Response headers (`:status` first as sent).
+    Response(Vec<(String, String)>),
+    /// The relay reset the stream with this HTTP/3 error code.
+    Reset(u64),
+}
+
+impl Answer {
+    /// The `:status` of a response.
+    pub fn status(&self) -> Option<u16> {
+        self.header(":status").and_then(|s| s.parse().ok())
+    }
+
+    /// A response header value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        match self {
+            Answer::Response(h) => h.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str()),
+            Answer::Reset(_) => None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct StreamState {
+    answer: Option<Answer>,
+    finished: bool,
+    decoder: Option<CapsuleDecoder>,
+    datagrams: VecDeque<Vec<u8>>,
+    capsule_datagrams: u64,
+}
+
+/// A QUIC + HTTP/3 connection to the relay.
+pub struct Client {
+    config: ClientConfig,
+    template: UriTemplate,
+    poll: Poll,
+    socket: mio::net::UdpSocket,
+    local: SocketAddr,
+    quic: quiche::Connection,
+    h3: Option<quiche::h3::Connection>,
+    h3_config: quiche::h3::Config,
+    streams: HashMap<u64, StreamState>,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    dgram: Vec<u8>,
+    /// Datagrams received for streams this client does not know.
+    pub unknown_stream_datagrams: u64,
+}
+
+const SOCKET: Token = Token(0);
+
+fn random_cid() -> quiche::ConnectionId<'static> {
+    let mut id = vec![0u8; quiche::MAX_CONN_ID_LEN];
+    let nanos = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
+    let mut x = nanos ^ (std::ptr::addr_of!(id) as u64);
+    for b in id.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = io::Read::read_exact(&mut f, &mut id);
+    }
+    quiche::ConnectionId::from_vec(id)
+}
+
+impl Client {
+    /// Connects and completes the handshake within `timeout`.
+    pub fn connect(config: ClientConfig, timeout: Duration) -> Result<Self> {
+        let template = UriTemplate::parse(&config.template).map_err(|e| anyhow!("template: {e}"))?;
+        let mut qc = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+        qc.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
+        match &config.ca {
+            Some(ca) => {
+                qc.load_verify_locations_from_file(&ca.display().to_string())
+                    .with_context(|| format!("loading CA {}", ca.display()))?;
+                qc.verify_peer(true);
+            }
+            None => qc.verify_peer(false),
+        }
+        qc.set_max_idle_timeout(30_000);
+        qc.set_max_recv_udp_payload_size(65_527);
+        qc.set_max_send_udp_payload_size(1350);
+        qc.set_initial_max_data(32 << 20);
+        qc.set_initial_max_stream_data_bidi_local(1 << 20);
+        qc.set_initial_max_stream_data_bidi_remote(1 << 20);
+        qc.set_initial_max_stream_data_uni(1 << 20);
+        qc.set_initial_max_streams_bidi(100);
+        qc.set_initial_max_streams_uni(100);
+        if config.h3_datagrams {
+            qc.enable_dgram(true, 4096, 4096);
+        }
+        let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let std_sock = std::net::UdpSocket::bind(bind)?;
+        std_sock.set_nonblocking(true)?;
+        let sock2 = socket2::SockRef::from(&std_sock);
+        let _ = sock2.set_recv_buffer_size(4 << 20);
+        let _ = sock2.set_send_buffer_size(4 << 20);
+        let mut socket = mio::net::UdpSocket::from_std(std_sock);
+        let local = socket.local_addr()?;
+        let poll = Poll::new()?;
+        poll.registry().register(&mut socket, SOCKET, Interest::READABLE)?;
+        let scid = random_cid();
+        let quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, &mut qc)?;
+        let h3_config = quiche::h3::Config::new()?;
+        let mut client = Self {
+            config,
+            template,
+            poll,
+            socket,
+            local,
+            quic,
+            h3: None,
+            h3_config,
+            streams: HashMap::new(),
+            buf: vec![0; 65_536],
+            out: vec![0; 1350],
+            dgram: Vec::with_capacity(2048),
+            unknown_stream_datagrams: 0,
+        };
+        let deadline = Instant::now() + timeout;
+        client.flush()?;
+        while client.h3.is_none() {
+            if client.quic.is_closed() {
+                bail!("handshake with {} failed: {:?}", client.config.relay, client.quic.peer_error());
+            }
+            if Instant::now() >= deadline {
+                bail!("handshake with {} timed out (is the relay running?)", client.config.relay);
+            }
+            client.drive(Duration::from_millis(20))?;
+        }
+        Ok(client)
+    }
+
+    /// This client's UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The relay's SETTINGS enabled extended CONNECT.
+    pub fn extended_connect_enabled(&self) -> bool {
+        self.h3.as_ref().is_some_and(|h| h.extended_connect_enabled_by_peer())
+    }
+
+    /// The relay's SETTINGS enabled HTTP/3 datagrams.
+    pub fn h3_datagrams_enabled(&self) -> bool {
+        self.h3.as_ref().is_some_and(|h| h.dgram_enabled_by_peer(&self.quic))
+    }
+
+    /// Waits up to `timeout` for the relay's SETTINGS.
+    pub fn wait_settings(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.h3.as_ref().is_some_and(|h| h.peer_settings_raw().is_some()) {
+            if Instant::now() >= deadline {
+                bail!("no SETTINGS from the relay within {timeout:?}");
+            }
+            self.drive(Duration::from_millis(10))?;
+        }
+        Ok(())
+    }
+
+    /// The standard connect-udp request headers for `host:port`.
+    pub fn connect_udp_headers(&self, host: &str, port: u16) -> Vec<(String, String)> {
+        let authority = format!("{}:{}", self.config.server_name, self.config.relay.port());
+        let mut h = vec![
+            (":method".to_string(), "CONNECT".to_string()),
+            (":protocol".into(), "connect-udp".into()),
+            (":scheme".into(), "https".into()),
+            (":authority".into(), authority),
+            (":path".into(), self.template.expand(host, port)),
+            ("capsule-protocol".into(), "?1".into()),
+        ];
+        if let Some(t) = &self.config.token {
+            h.push(("proxy-authorization".into(), format!("Bearer {t}")));
+        }
+        h
+    }
+
+    /// Sends a request with arbitrary headers (for conformance tests) and
+    /// returns its stream ID.
+    pub fn send_raw_request(&mut self, headers: &[(String, String)], fin: bool) -> Result<u64> {
+        let list: Vec<quiche::h3::Header> =
+            headers.iter().map(|(n, v)| quiche::h3::Header::new(n.as_bytes(), v.as_bytes())).collect();
+        let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
+        let id = h3.send_request(&mut self.quic, &list, fin).map_err(|e| anyhow!("send_request: {e}"))?;
+        self.streams.insert(id, StreamState::default());
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Opens a connect-udp request to `host:port` (after the relay's
+    /// SETTINGS, as RFC 9220 requires) and returns its stream ID.
+    pub fn request_udp(&mut self, host: &str, port: u16) -> Result<u64> {
+        self.wait_settings(Duration::from_secs(5))?;
+        if !self.extended_connect_enabled() {
+            bail!("the relay did not enable extended CONNECT");
+        }
+        let headers = self.connect_udp_headers(host, port);
+        self.send_raw_request(&headers, false)
+    }
+
+    /// Waits for the answer on `stream_id`.
+    pub fn wait_answer(&mut self, stream_id: u64, timeout: Duration) -> Result<Answer> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(a) = self.streams.get(&stream_id).and_then(|s| s.answer.clone()) {
+                return Ok(a);
+            }
+            if self.quic.is_closed() {
+                bail!("connection closed: {:?}", self.quic.peer_error());
+            }
+            if Instant::now() >= deadline {
+                bail!("no answer on stream {stream_id} within {timeout:?}");
+            }
+            self.drive(Duration::from_millis(10))?;
+        }
+    }
+
+    /// Opens a tunnel and requires a 2xx.
+    pub fn open_udp(&mut self, host: &str, port: u16, timeout: Duration) -> Result<u64> {
+        let id = self.request_udp(host, port)?;
+        match self.wait_answer(id, timeout)? {
+            a @ Answer::Response(_) if a.status().is_some_and(|s| (200..300).contains(&s)) => Ok(id),
+            other => bail!("tunnel to {host}:{port} refused: {other:?}"),
+        }
+    }
+
+    /// Sends a UDP payload as an HTTP/3 datagram. `Ok(false)` when the
+    /// QUIC datagram queue is full (try again after driving).
+    pub fn send_datagram(&mut self, stream_id: u64, payload: &[u8]) -> Result<bool> {
+        self.send_context_datagram(stream_id, datagram::UDP_PAYLOAD_CONTEXT, payload)
+    }
+
+    /// Sends a datagram with any context ID.
+    pub fn send_context_datagram(&mut self, stream_id: u64, context_id: u64, payload: &[u8]) -> Result<bool> {
+        datagram::encode_into(stream_id, context_id, payload, &mut self.dgram);
+        match self.quic.dgram_send(&self.dgram) {
+            Ok(()) => Ok(true),
+            Err(quiche::Error::Done) => Ok(false),
+            Err(e) => Err(anyhow!("dgram_send: {e}")),
+        }
+    }
+
+    /// Largest UDP payload an HTTP/3 datagram on `stream_id` can carry now.
+    pub fn max_datagram_payload(&self, stream_id: u64) -> Option<usize> {
+        self.quic.dgram_max_writable_len().map(|m| m.saturating_sub(datagram::header_len(stream_id, 0)))
+    }
+
+    /// Sends a UDP payload in a DATAGRAM capsule on the request stream.
+    pub fn send_capsule(&mut self, stream_id: u64, payload: &[u8]) -> Result<()> {
+        let mut bytes = Vec::new();
+        capsule::encode_datagram(datagram::UDP_PAYLOAD_CONTEXT, payload, &mut bytes);
+        self.send_stream_bytes(stream_id, &bytes, false)
+    }
+
+    /// Writes raw bytes on the request stream (DATA frames).
+    pub fn send_stream_bytes(&mut self, stream_id: u64, bytes: &[u8], fin: bool) -> Result<()> {
+        let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
+        let mut off = 0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while off < bytes.len() || (fin && off == bytes.len()) {
+            match h3.send_body(&mut self.quic, stream_id, &bytes[off..], fin) {
+                Ok(n) => {
+                    off += n;
+                    if fin && off == bytes.len() {
+                        break;
+                    }
+                }
+                Err(quiche::h3::Error::Done) | Err(quiche::h3::Error::StreamBlocked) => {}
+                Err(e) => bail!("send_body: {e}"),
+            }
+            if Instant::now() > deadline {
+                bail!("stream {stream_id} blocked for 5 s");
+            }
+            self.drive(Duration::from_millis(1))?;
+            return self.send_stream_bytes_rest(stream_id, &bytes[off..], fin, deadline);
+        }
+        self.flush()
+    }
+
+    fn send_stream_bytes_rest(&mut self, stream_id: u64, bytes: &[u8], fin: bool, deadline: Instant) -> Result<()> {
+        let mut off = 0;
+        loop {
+            if off == bytes.len() && !fin {
+                return self.flush();
+            }
+            let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
+            match h3.send_body(&mut self.quic, stream_id, &bytes[off..], fin) {
+                Ok(n) => {
+                    off += n;
+                    if off == bytes.len() {
+                        return self.flush();
+                    }
+                }
+                Err(quiche::h3::Error::Done) | Err(quiche::h3::Error::StreamBlocked) => {}
+                Err(e) => bail!("send_body: {e}"),
+            }
+            if Instant::now() > deadline {
+                bail!("stream {stream_id} blocked for 5 s");
+            }
+            self.drive(Duration::from_millis(1))?;
+        }
+    }
+
+    /// Ends the request stream (closes the tunnel).
+    pub fn finish_stream(&mut self, stream_id: u64) -> Result<()> {
+        self.send_stream_bytes(stream_id, &[], true)
+    }
+
+    /// Takes the UDP payloads received on `stream_id` so far.
+    pub fn take_datagrams(&mut self, stream_id: u64) -> VecDeque<Vec<u8>> {
+        self.streams.get_mut(&stream_id).map(|s| std::mem::take(&mut s.datagrams)).unwrap_or_default()
+    }
+
+    /// How many payloads on `stream_id` arrived in capsules.
+    pub fn capsule_datagrams(&self, stream_id: u64) -> u64 {
+        self.streams.get(&stream_id).map_or(0, |s| s.capsule_datagrams)
+    }
+
+    /// Whether the relay ended `stream_id`.
+    pub fn stream_finished(&self, stream_id: u64) -> bool {
+        self.streams.get(&stream_id).is_some_and(|s| s.finished)
+    }
+
+    /// Whether the connection is closed, and the relay's error if any.
+    pub fn closed(&self) -> Option<Option<(bool, u64)>> {
+        if self.quic.is_closed() {
+            Some(self.quic.peer_error().map(|e| (e.is_app, e.error_code)))
+        } else {
+            None
+        }
+    }
+
+    /// One turn: wait up to `timeout` for packets, process them, send.
+    pub fn drive(&mut self, timeout: Duration) -> Result<()> {
+        let mut events = Events::with_capacity(8);
+        let wait = self.quic.timeout().map_or(timeout, |t| t.min(timeout));
+        match self.poll.poll(&mut events, Some(wait)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+        loop {
+            let (len, from) = match self.socket.recv_from(&mut self.buf) {
+                Ok(v) => v,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.into()),
+            };
+            let info = quiche::RecvInfo { from, to: self.local };
+            if let Err(e) = self.quic.recv(&mut self.buf[..len], info) {
+                if e != quiche::Error::Done {
+                    tracing::debug!("client recv: {e}");
+                }
+            }
+        }
+        if self.quic.timeout() == Some(Duration::ZERO) {
+            self.quic.on_timeout();
+        }
+        if self.h3.is_none() && self.quic.is_established() {
+            self.h3 = Some(quiche::h3::Connection::with_transport(&mut self.quic, &self.h3_config)?);
+        }
+        self.process_events();
+        self.flush()
+    }
+
+    fn process_events(&mut self) {
+        let Some(h3) = self.h3.as_mut() else { return };
+        loop {
+            match h3.poll(&mut self.quic) {
+                Ok((id, quiche::h3::Event::Headers { list, .. })) => {
+                    let headers = list
+                        .iter()
+                        .map(|h| {
+                            (String::from_utf8_lossy(h.name()).into_owned(), String::from_utf8_lossy(h.value()).into_owned())
+                        })
+                        .collect();
+                    let s = self.streams.entry(id).or_default();
+                    if s.answer.is_none() {
+                        s.answer = Some(Answer::Response(headers));
+                    }
+                }
+                Ok((id, quiche::h3::Event::Data)) => {
+                    let s = self.streams.entry(id).or_default();
+                    let decoder = s.decoder.get_or_insert_with(|| CapsuleDecoder::new(65_535));
+                    while let Ok(n) = h3.recv_body(&mut self.quic, id, &mut self.buf) {
+                        let mut got = Vec::new();
+                        if decoder.feed(&self.buf[..n], |c| got.push(c)).is_err() {
+                            break;
+                        }
+                        for Capsule::Datagram(v) in got {
+                            if let Ok((0, used)) = relay_proto::varint::decode(&v) {
+                                s.datagrams.push_back(v[used..].to_vec());
+                                s.capsule_datagrams += 1;
+                            }
+                        }
+                    }
+                }
+                Ok((id, quiche::h3::Event::Finished)) => self.streams.entry(id).or_default().finished = true,
+                Ok((id, quiche::h3::Event::Reset(code))) => {
+                    let s = self.streams.entry(id).or_default();
+                    if s.answer.is_none() {
+                        s.answer = Some(Answer::Reset(code));
+                    }
+                    s.finished = true;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        while let Ok(n) = self.quic.dgram_recv(&mut self.buf) {
+            let Ok(d) = datagram::decode(&self.buf[..n]) else { continue };
+            match self.streams.get_mut(&d.stream_id) {
+                Some(s) if d.context_id == 0 => s.datagrams.push_back(d.payload.to_vec()),
+                _ => self.unknown_stream_datagrams += 1,
+            }
+        }
+    }
+
+    /// Sends everything quiche has queued.
+    pub fn flush(&mut self) -> Result<()> {
+        loop {
+            let (n, info) = match self.quic.send(&mut self.out) {
+                Ok(v) => v,
+                Err(quiche::Error::Done) => return Ok(()),
+                Err(e) => bail!("QUIC send: {e}"),
+            };
+            match self.socket.send_to(&self.out[..n], info.to) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Closes the connection gracefully.
+    pub fn close(mut self) {
+        let _ = self.quic.close(true, 0x100, b"done");
+        let _ = self.flush();
+    }
+}

@@ -1,0 +1,141 @@
+//! A worker's end of the shared-memory channel to control.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use relay_proto::channel::RECORD_SIZE;
+use relay_proto::channel::doorbell::Doorbell;
+use relay_proto::channel::record::{AuthAnswer, AuthAsk, FlowClosed, Record, RecordError};
+use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
+use relay_proto::channel::ring::{Consumer, Producer, RingError};
+
+/// Why an ask could not be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    /// Control has gone away.
+    #[error("control plane unavailable")]
+    ControlDown,
+    /// The ring is full: control is not keeping up.
+    #[error("control plane overloaded")]
+    Full,
+    /// A field does not fit the record (caller answers 414/431/400).
+    #[error("request too large for the channel: {0}")]
+    TooLarge(RecordError),
+}
+
+/// The worker's channel end.
+pub struct ControlLink {
+    chan: WorkerChannel<Producer, Consumer>,
+    ask_bell: Doorbell,
+    answer_bell: Doorbell,
+    control_alive: Arc<AtomicBool>,
+    record: Box<[u8; RECORD_SIZE]>,
+    next_ask_id: u64,
+    broken: bool,
+}
+
+impl ControlLink {
+    /// Wraps the worker's channel, its doorbells and the liveness flag the
+    /// main thread clears when control's socket closes.
+    pub fn new(
+        chan: WorkerChannel<Producer, Consumer>,
+        ask_bell: Doorbell,
+        answer_bell: Doorbell,
+        control_alive: Arc<AtomicBool>,
+    ) -> Self {
+        Self { chan, ask_bell, answer_bell, control_alive, record: Box::new([0; RECORD_SIZE]), next_ask_id: 1, broken: false }
+    }
+
+    /// The worker's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.chan.counters
+    }
+
+    /// The doorbell control rings after answering (registered in the
+    /// worker's poll).
+    pub fn answer_bell(&self) -> &Doorbell {
+        &self.answer_bell
+    }
+
+    /// Whether control can answer.
+    pub fn is_up(&self) -> bool {
+        !self.broken && self.control_alive.load(Ordering::Acquire)
+    }
+
+    /// Sends an authorization ask; returns its ID.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ask(
+        &mut self,
+        client: SocketAddr,
+        authority: &str,
+        path: &str,
+        target_host: &str,
+        target_port: u16,
+        authorization: Option<&str>,
+    ) -> Result<u64, AskError> {
+        if !self.is_up() {
+            return Err(AskError::ControlDown);
+        }
+        let ask_id = self.next_ask_id;
+        let record = Record::AuthAsk(AuthAsk {
+            ask_id,
+            client,
+            authority: authority.to_string(),
+            path: path.to_string(),
+            target_host: target_host.to_string(),
+            target_port,
+            authorization: authorization.map(str::to_string),
+        });
+        record.encode(&mut self.record).map_err(AskError::TooLarge)?;
+        self.push()?;
+        self.next_ask_id += 1;
+        self.chan.counters.add(Counter::AsksSent, 1);
+        Ok(ask_id)
+    }
+
+    /// Reports a closed flow (best effort: control resyncs on reattach).
+    pub fn flow_closed(&mut self, closed: FlowClosed) {
+        if Record::FlowClosed(closed).encode(&mut self.record).is_ok() {
+            let _ = self.push();
+        }
+    }
+
+    fn push(&mut self) -> Result<(), AskError> {
+        match self.chan.tx.push(&self.record) {
+            Ok(()) => {
+                let _ = self.ask_bell.ring();
+                Ok(())
+            }
+            Err(RingError::Full) => Err(AskError::Full),
+            Err(RingError::Corrupt) => {
+                self.broken = true;
+                self.chan.counters.add(Counter::ChannelErrors, 1);
+                Err(AskError::ControlDown)
+            }
+        }
+    }
+
+    /// Reads every pending answer. Invalid records are counted and skipped.
+    pub fn poll_answers(&mut self, mut on_answer: impl FnMut(AuthAnswer)) {
+        self.answer_bell.drain();
+        if self.broken {
+            return;
+        }
+        // Bounded per turn; the rest waits for the next turn.
+        for _ in 0..4096 {
+            match self.chan.rx.pop(&mut self.record) {
+                Ok(true) => match Record::decode(&self.record[..]) {
+                    Ok(Record::AuthAnswer(a)) => on_answer(a),
+                    Ok(_) | Err(_) => self.chan.counters.add(Counter::ChannelErrors, 1),
+                },
+                Ok(false) => return,
+                Err(_) => {
+                    self.broken = true;
+                    self.chan.counters.add(Counter::ChannelErrors, 1);
+                    return;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! quiche configuration for the relay's QUIC + HTTP/3 endpoint.
+
+use relay_proto::channel::bootstrap::Bootstrap;
+
+/// Largest UDP payload the relay sends (fits a 1500-byte MTU path).
+pub const MAX_SEND_UDP_PAYLOAD: usize = 1350;
+/// Largest UDP payload the relay receives.
+pub const MAX_RECV_UDP_PAYLOAD: usize = 65_527;
+/// QUIC DATAGRAM frames queued per connection each way.
+pub const DGRAM_QUEUE: usize = 4096;
+
+/// Builds the transport configuration: ALPN h3, DATAGRAM support (which
+/// advertises max_datagram_frame_size, RFC 9221, as RFC 9297 section 2.1.1
+/// requires for SETTINGS_H3_DATAGRAM), and flow control sized for tunnels.
+pub fn transport_config(b: &Bootstrap) -> Result<quiche::Config, quiche::Error> {
+    let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
+    c.load_cert_chain_from_pem_file(&b.cert_chain)?;
+    c.load_priv_key_from_pem_file(&b.private_key)?;
+    c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
+    c.set_max_idle_timeout(b.quic_idle_timeout_ms);
+    c.set_max_recv_udp_payload_size(MAX_RECV_UDP_PAYLOAD);
+    c.set_max_send_udp_payload_size(MAX_SEND_UDP_PAYLOAD);
+    c.set_initial_max_data(32 << 20);
+    c.set_initial_max_stream_data_bidi_local(1 << 20);
+    c.set_initial_max_stream_data_bidi_remote(1 << 20);
+    c.set_initial_max_stream_data_uni(1 << 20);
+    // Tunnels plus headroom for refused requests the client has not yet
+    // seen closed; quiche credits streams back as they complete.
+    c.set_initial_max_streams_bidi(u64::from(b.max_tunnels_per_connection) + 16);
+    c.set_initial_max_streams_uni(16);
+    c.set_disable_active_migration(true);
+    c.enable_dgram(true, DGRAM_QUEUE, DGRAM_QUEUE);
+    Ok(c)
+}
+
+/// Builds the HTTP/3 configuration: SETTINGS_ENABLE_CONNECT_PROTOCOL=1
+/// (RFC 9220) and a bounded field section size. quiche adds
+/// SETTINGS_H3_DATAGRAM=1 itself because DATAGRAM is enabled.
+pub fn h3_config() -> Result<quiche::h3::Config, quiche::h3::Error> {
+    let mut c = quiche::h3::Config::new()?;
+    c.enable_extended_connect(true);
+    c.set_max_field_section_size(16 * 1024);
+    c.set_qpack_max_table_capacity(0);
+    c.set_qpack_blocked_streams(0);
+    Ok(c)
+}

@@ -1,0 +1,834 @@
+//! A dataplane worker: one thread, one `mio::Poll`, one QUIC socket, and the
+//! connections, tunnels and target sockets it owns.
+//!
+//! This is the simple epoll driver of the vertical slice; the io_uring fast
+//! path replaces the I/O here, not the protocol logic, which lives in
+//! `relay_proto` (request validation, capsules, datagrams) and
+//! [`crate::tunnel`] (tunnel state).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use quiche::h3::NameValue;
+use relay_proto::channel::bootstrap::Bootstrap;
+use relay_proto::channel::record::{AuthAnswer, FlowClosed, RecordError, Verdict};
+use relay_proto::channel::region::Counter;
+use relay_proto::datagram;
+use relay_proto::proxy_status::ProxyError;
+use relay_proto::request;
+use relay_proto::template::UriTemplate;
+use tracing::{debug, info, warn};
+
+use crate::link::{AskError, ControlLink};
+use crate::quic;
+use crate::response::{self, Headers};
+use crate::socket;
+use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
+
+const QUIC_SOCKET: Token = Token(0);
+const ANSWER_BELL: Token = Token(1);
+const FIRST_TARGET_TOKEN: usize = 16;
+
+/// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).
+pub mod h3_code {
+    /// H3_NO_ERROR.
+    pub const NO_ERROR: u64 = 0x100;
+    /// H3_INTERNAL_ERROR.
+    pub const INTERNAL_ERROR: u64 = 0x102;
+    /// H3_REQUEST_CANCELLED.
+    pub const REQUEST_CANCELLED: u64 = 0x10c;
+    /// H3_MESSAGE_ERROR.
+    pub const MESSAGE_ERROR: u64 = 0x10e;
+    /// H3_DATAGRAM_ERROR.
+    pub const DATAGRAM_ERROR: u64 = 0x33;
+}
+
+/// Packets read from a socket per readiness event before yielding.
+const READ_BUDGET: usize = 1024;
+/// How often tunnels are checked for idleness and ask deadlines.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+
+struct TunnelEntry {
+    tunnel: Tunnel,
+    target: Option<(mio::net::UdpSocket, usize)>,
+    response_pending: Option<Headers>,
+}
+
+struct Conn {
+    quic: quiche::Connection,
+    h3: Option<quiche::h3::Connection>,
+    cids: Vec<quiche::ConnectionId<'static>>,
+    tunnels: HashMap<u64, TunnelEntry>,
+    settings_known: bool,
+    established_counted: bool,
+}
+
+/// Settings a worker runs with.
+pub struct WorkerSettings {
+    /// Worker index.
+    pub index: u32,
+    /// What control sent at attach.
+    pub bootstrap: Bootstrap,
+    /// The parsed URI template.
+    pub template: UriTemplate,
+}
+
+/// A worker.
+pub struct Worker {
+    settings: WorkerSettings,
+    poll: Poll,
+    socket: mio::net::UdpSocket,
+    local: SocketAddr,
+    quic_config: quiche::Config,
+    h3_config: quiche::h3::Config,
+    conns: HashMap<u64, Conn>,
+    by_cid: HashMap<quiche::ConnectionId<'static>, u64>,
+    next_conn: u64,
+    targets: HashMap<usize, (u64, u64)>,
+    next_target_token: usize,
+    backlogged_targets: Vec<usize>,
+    asks: HashMap<u64, (u64, u64)>,
+    link: ControlLink,
+    limits: Limits,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    dgram: Vec<u8>,
+    quic_backlogged: bool,
+    last_sweep: Instant,
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Socket or poll setup failed.
+    #[error("worker I/O: {0}")]
+    Io(#[from] io::Error),
+    /// TLS or QUIC configuration failed (e.g. unreadable certificate).
+    #[error("QUIC configuration: {0}")]
+    Quic(#[from] quiche::Error),
+    /// HTTP/3 configuration failed.
+    #[error("HTTP/3 configuration: {0}")]
+    H3(#[from] quiche::h3::Error),
+}
+
+fn random_cid() -> quiche::ConnectionId<'static> {
+    let mut id = [0u8; quiche::MAX_CONN_ID_LEN];
+    let mut filled = 0;
+    while filled < id.len() {
+        // SAFETY: getrandom writes at most the given length into our buffer.
+        let n = unsafe { libc::getrandom(id[filled..].as_mut_ptr().cast(), id.len() - filled, 0) };
+        if n > 0 {
+            filled += n as usize;
+        }
+    }
+    quiche::ConnectionId::from_vec(id.to_vec())
+}
+
+impl Worker {
+    /// Binds the worker's QUIC socket and prepares its configuration.
+    pub fn new(settings: WorkerSettings, link: ControlLink) -> Result<Self, WorkerError> {
+        let poll = Poll::new()?;
+        let mut socket = socket::quic_listener(settings.bootstrap.listen)?;
+        let local = socket.local_addr()?;
+        poll.registry().register(&mut socket, QUIC_SOCKET, Interest::READABLE)?;
+        poll.registry().register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(link.answer_bell())),
+            ANSWER_BELL,
+            Interest::READABLE,
+        )?;
+        let quic_config = quic::transport_config(&settings.bootstrap)?;
+        let h3_config = quic::h3_config()?;
+        let limits = Limits {
+            max_capsule_len: settings.bootstrap.max_capsule_len as usize,
+            max_queued_datagrams: settings.bootstrap.pending_datagrams_per_tunnel as usize,
+            stream_out_limit: 256 * 1024,
+        };
+        Ok(Self {
+            settings,
+            poll,
+            socket,
+            local,
+            quic_config,
+            h3_config,
+            conns: HashMap::new(),
+            by_cid: HashMap::new(),
+            next_conn: 1,
+            targets: HashMap::new(),
+            next_target_token: FIRST_TARGET_TOKEN,
+            backlogged_targets: Vec::new(),
+            asks: HashMap::new(),
+            link,
+            limits,
+            buf: vec![0; 65_536],
+            out: vec![0; quic::MAX_SEND_UDP_PAYLOAD],
+            dgram: Vec::with_capacity(2048),
+            quic_backlogged: false,
+            last_sweep: Instant::now(),
+        })
+    }
+
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn count(&self, c: Counter, n: u64) {
+        self.link.counters().add(c, n);
+    }
+
+    /// Runs until `stop` is set, then closes every connection.
+    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        info!(worker = self.settings.index, addr = %self.local, "worker serving");
+        while !stop.load(Ordering::Relaxed) {
+            let timeout = self.next_timeout();
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let now = Instant::now();
+            let mut quic_ready = std::mem::take(&mut self.quic_backlogged);
+            let mut ready_targets = std::mem::take(&mut self.backlogged_targets);
+            for event in events.iter() {
+                match event.token() {
+                    QUIC_SOCKET => quic_ready = true,
+                    ANSWER_BELL => {}
+                    Token(t) => ready_targets.push(t),
+                }
+            }
+            if quic_ready {
+                self.read_quic(now);
+            }
+            for token in ready_targets {
+                self.read_target(token, now);
+            }
+            self.read_answers(now);
+            self.on_timeouts(now);
+            self.flush_all(now);
+        }
+        self.shutdown();
+        Ok(())
+    }
+
+    fn next_timeout(&self) -> Duration {
+        if self.quic_backlogged || !self.backlogged_targets.is_empty() {
+            return Duration::ZERO;
+        }
+        let quic = self.conns.values().filter_map(|c| c.quic.timeout()).min();
+        quic.unwrap_or(SWEEP_INTERVAL).min(SWEEP_INTERVAL)
+    }
+
+    fn read_quic(&mut self, now: Instant) {
+        for _ in 0..READ_BUDGET {
+            let (len, from) = match self.socket.recv_from(&mut self.buf) {
+                Ok(v) => v,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    warn!("QUIC socket receive: {e}");
+                    return;
+                }
+            };
+            self.count(Counter::QuicPacketsIn, 1);
+            self.on_quic_packet(len, from, now);
+        }
+        self.quic_backlogged = true;
+    }
+
+    fn on_quic_packet(&mut self, len: usize, from: SocketAddr, now: Instant) {
+        let hdr = match quiche::Header::from_slice(&mut self.buf[..len], quiche::MAX_CONN_ID_LEN) {
+            Ok(h) => h,
+            Err(_) => return,
+        };
+        let serial = match self.by_cid.get(&hdr.dcid) {
+            Some(s) => *s,
+            None => {
+                if hdr.ty != quiche::Type::Initial {
+                    return;
+                }
+                if !quiche::version_is_supported(hdr.version) {
+                    if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.out) {
+                        let _ = self.socket.send_to(&self.out[..n], from);
+                    }
+                    return;
+                }
+                if self.conns.len() >= self.settings.bootstrap.max_connections_per_worker as usize {
+                    return;
+                }
+                let scid = random_cid();
+                let odcid = hdr.dcid.clone().into_owned();
+                let quic = match quiche::accept(&scid, None, self.local, from, &mut self.quic_config) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        debug!("accept failed: {e}");
+                        return;
+                    }
+                };
+                let serial = self.next_conn;
+                self.next_conn += 1;
+                self.by_cid.insert(scid.clone(), serial);
+                self.by_cid.insert(odcid.clone(), serial);
+                self.conns.insert(
+                    serial,
+                    Conn {
+                        quic,
+                        h3: None,
+                        cids: vec![scid, odcid],
+                        tunnels: HashMap::new(),
+                        settings_known: false,
+                        established_counted: false,
+                    },
+                );
+                self.count(Counter::ConnectionsAccepted, 1);
+                self.count(Counter::ConnectionsActive, 1);
+                serial
+            }
+        };
+        let Some(mut conn) = self.conns.remove(&serial) else { return };
+        let info = quiche::RecvInfo { from, to: self.local };
+        match conn.quic.recv(&mut self.buf[..len], info) {
+            Ok(_) => self.process_conn(serial, &mut conn, now),
+            Err(e) => debug!("QUIC recv: {e}"),
+        }
+        self.conns.insert(serial, conn);
+    }
+
+    fn process_conn(&mut self, serial: u64, conn: &mut Conn, now: Instant) {
+        if conn.quic.is_established() && !conn.established_counted {
+            conn.established_counted = true;
+            self.count(Counter::HandshakesCompleted, 1);
+        }
+        if conn.h3.is_none() && (conn.quic.is_established() || conn.quic.is_in_early_data()) {
+            match quiche::h3::Connection::with_transport(&mut conn.quic, &self.h3_config) {
+                Ok(h3) => conn.h3 = Some(h3),
+                Err(e) => {
+                    warn!("HTTP/3 setup failed: {e}");
+                    let _ = conn.quic.close(true, h3_code::INTERNAL_ERROR, b"h3 setup");
+                    return;
+                }
+            }
+        }
+        if conn.h3.is_none() {
+            return;
+        }
+        loop {
+            let event = match conn.h3.as_mut().map(|h3| h3.poll(&mut conn.quic)) {
+                Some(Ok(ev)) => ev,
+                Some(Err(quiche::h3::Error::Done)) | None => break,
+                Some(Err(e)) => {
+                    debug!("HTTP/3 error: {e}");
+                    break;
+                }
+            };
+            match event {
+                (stream_id, quiche::h3::Event::Headers { list, more_frames }) => {
+                    self.on_request(serial, conn, stream_id, &list, more_frames, now)
+                }
+                (stream_id, quiche::h3::Event::Data) => self.on_stream_data(conn, stream_id, now),
+                (stream_id, quiche::h3::Event::Finished) => self.on_stream_finished(conn, stream_id),
+                (stream_id, quiche::h3::Event::Reset(_)) => {
+                    if let Some(entry) = conn.tunnels.remove(&stream_id) {
+                        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, h3_code::REQUEST_CANCELLED);
+                        self.close_tunnel(entry);
+                    }
+                }
+                (_, quiche::h3::Event::PriorityUpdate) | (_, quiche::h3::Event::GoAway) => {}
+            }
+        }
+        if !conn.settings_known && conn.h3.as_ref().is_some_and(|h| h.peer_settings_raw().is_some()) {
+            conn.settings_known = true;
+            let ids: Vec<u64> = conn.tunnels.keys().copied().collect();
+            for id in ids {
+                let waiting = conn.tunnels.get_mut(&id).map(|e| e.tunnel.take_waiting_down()).unwrap_or_default();
+                for payload in waiting {
+                    self.send_down(conn, id, &payload, now);
+                }
+            }
+        }
+        self.read_datagrams(conn, now);
+    }
+
+    fn read_datagrams(&mut self, conn: &mut Conn, now: Instant) {
+        loop {
+            let len = match conn.quic.dgram_recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let d = match datagram::decode(&self.buf[..len]) {
+                Ok(d) => d,
+                Err(e) if e.is_connection_error() => {
+                    // RFC 9297 section 2.1: H3_DATAGRAM_ERROR.
+                    self.count(Counter::DropMalformed, 1);
+                    let _ = conn.quic.close(true, h3_code::DATAGRAM_ERROR, b"malformed HTTP datagram");
+                    return;
+                }
+                Err(_) => {
+                    self.count(Counter::DropMalformed, 1);
+                    continue;
+                }
+            };
+            let Some(entry) = conn.tunnels.get_mut(&d.stream_id) else {
+                // RFC 9297 section 2.1: datagrams for streams that are not
+                // (or no longer) tunnels are dropped.
+                self.count(Counter::DropNoTunnel, 1);
+                continue;
+            };
+            let outcome = entry.tunnel.on_quic_datagram(d.context_id, d.payload, now);
+            if outcome == UpOutcome::AbortTooLarge {
+                let stream_id = d.stream_id;
+                self.count(Counter::DropTooLarge, 1);
+                self.abort_tunnel(conn, stream_id, h3_code::DATAGRAM_ERROR);
+                continue;
+            }
+            forward_up(&self.link, entry.target.as_ref().map(|(s, _)| s), outcome, d.payload);
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        serial: u64,
+        conn: &mut Conn,
+        stream_id: u64,
+        list: &[quiche::h3::Header],
+        more_frames: bool,
+        now: Instant,
+    ) {
+        if conn.tunnels.contains_key(&stream_id) {
+            return; // trailers on a tunnel stream: nothing to do
+        }
+        self.count(Counter::RequestsReceived, 1);
+        let req = match request::parse_request(list.iter().map(|h| (h.name(), h.value())), true) {
+            Ok(r) => r,
+            Err(why) => {
+                // RFC 9114 section 4.1.2: a malformed request is a stream
+                // error of type H3_MESSAGE_ERROR.
+                debug!(stream_id, "malformed request: {why}");
+                self.count(Counter::RequestsMalformed, 1);
+                let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::MESSAGE_ERROR);
+                let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, h3_code::MESSAGE_ERROR);
+                return;
+            }
+        };
+        let connect = match request::classify_connect_udp(&req, &self.settings.template) {
+            Ok(c) => c,
+            Err(refusal) => return self.refuse(conn, stream_id, refusal.status, refusal.proxy_error, refusal.reason),
+        };
+        if !more_frames {
+            return self.refuse(conn, stream_id, 400, Some(ProxyError::HttpRequestError), "request stream already ended");
+        }
+        if conn.tunnels.len() >= self.settings.bootstrap.max_tunnels_per_connection as usize {
+            return self.refuse(conn, stream_id, 429, Some(ProxyError::HttpRequestDenied), "too many tunnels on this connection");
+        }
+        let target_host = match &connect.target_host {
+            relay_proto::target::TargetHost::Ip(ip) => ip.to_string(),
+            relay_proto::target::TargetHost::Name(n) => n.clone(),
+        };
+        let asked = self.link.ask(
+            conn.quic.path_stats().next().map_or(self.local, |p| p.peer_addr),
+            &connect.authority,
+            &connect.path,
+            &target_host,
+            connect.target_port,
+            connect.authorization.as_deref(),
+        );
+        let ask_id = match asked {
+            Ok(id) => id,
+            Err(e) => {
+                let (status, proxy_error, reason) = match e {
+                    AskError::ControlDown => (503, Some(ProxyError::ProxyInternalError), "control plane unavailable"),
+                    AskError::Full => (503, Some(ProxyError::ProxyInternalError), "control plane overloaded"),
+                    AskError::TooLarge(RecordError::FieldTooLong("path")) => (414, None, "path too long"),
+                    AskError::TooLarge(RecordError::FieldTooLong("authorization")) => (431, None, "credentials too long"),
+                    AskError::TooLarge(_) => (400, Some(ProxyError::HttpRequestError), "request too large"),
+                };
+                if matches!(e, AskError::ControlDown | AskError::Full) {
+                    self.count(Counter::AsksFailed, 1);
+                }
+                return self.refuse(conn, stream_id, status, proxy_error, reason);
+            }
+        };
+        let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
+        let tunnel = Tunnel::pending(stream_id, ask_id, now, timeout, self.limits);
+        conn.tunnels.insert(stream_id, TunnelEntry { tunnel, target: None, response_pending: None });
+        self.asks.insert(ask_id, (serial, stream_id));
+    }
+
+    /// Sends a complete refusal and stops reading the request.
+    fn refuse(&mut self, conn: &mut Conn, stream_id: u64, status: u16, proxy_error: Option<ProxyError>, reason: &str) {
+        debug!(stream_id, status, reason, "request refused");
+        self.count(Counter::TunnelsRefused, 1);
+        let headers = response::refusal(
+            status,
+            proxy_error,
+            reason,
+            &self.settings.bootstrap.proxy_name,
+            &self.settings.bootstrap.auth_realm,
+        );
+        let Some(h3) = conn.h3.as_mut() else { return };
+        if h3.send_response(&mut conn.quic, stream_id, &headers, true).is_err() {
+            let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, h3_code::INTERNAL_ERROR);
+        }
+        // RFC 9114 section 4.1: a server that does not need the rest of the
+        // request aborts reading with H3_NO_ERROR.
+        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
+    }
+
+    fn on_stream_data(&mut self, conn: &mut Conn, stream_id: u64, now: Instant) {
+        let Some(h3) = conn.h3.as_mut() else { return };
+        loop {
+            let n = match h3.recv_body(&mut conn.quic, stream_id, &mut self.buf) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let Some(entry) = conn.tunnels.get_mut(&stream_id) else {
+                continue; // body of a refused request: discarded
+            };
+            let target = entry.target.as_ref().map(|(s, _)| s);
+            let link = &self.link;
+            let mut too_large = false;
+            let result = entry.tunnel.on_stream_bytes(&self.buf[..n], now, |outcome, payload| {
+                too_large |= outcome == UpOutcome::AbortTooLarge;
+                forward_up(link, target, outcome, payload);
+            });
+            if too_large {
+                self.abort_tunnel(conn, stream_id, h3_code::DATAGRAM_ERROR);
+                return;
+            }
+            if let Err(e) = result {
+                // RFC 9297 section 3.3: a malformed capsule makes the
+                // message malformed.
+                debug!(stream_id, "capsule error: {e}");
+                self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
+                return;
+            }
+        }
+    }
+
+    fn on_stream_finished(&mut self, conn: &mut Conn, stream_id: u64) {
+        let Some(entry) = conn.tunnels.get(&stream_id) else { return };
+        if entry.tunnel.on_stream_end().is_err() {
+            return self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
+        }
+        let Some(entry) = conn.tunnels.remove(&stream_id) else { return };
+        // RFC 9298 section 3: closing the stream closes the tunnel; end ours.
+        if matches!(entry.tunnel.phase, Phase::Open { .. }) && entry.response_pending.is_none() {
+            if let Some(h3) = conn.h3.as_mut() {
+                let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
+            }
+        } else {
+            let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, h3_code::REQUEST_CANCELLED);
+        }
+        self.close_tunnel(entry);
+    }
+
+    fn abort_tunnel(&mut self, conn: &mut Conn, stream_id: u64, code: u64) {
+        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, code);
+        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, code);
+        if let Some(entry) = conn.tunnels.remove(&stream_id) {
+            self.close_tunnel(entry);
+        }
+    }
+
+    fn close_tunnel(&mut self, entry: TunnelEntry) {
+        match entry.tunnel.phase {
+            Phase::Pending { ask_id, .. } => {
+                self.asks.remove(&ask_id);
+            }
+            Phase::Open { flow_id, .. } => {
+                if let Some((mut sock, token)) = entry.target {
+                    let _ = self.poll.registry().deregister(&mut sock);
+                    self.targets.remove(&token);
+                }
+                let t = entry.tunnel.totals;
+                self.link.flow_closed(FlowClosed {
+                    flow_id,
+                    packets_up: t.packets_up,
+                    bytes_up: t.bytes_up,
+                    packets_down: t.packets_down,
+                    bytes_down: t.bytes_down,
+                });
+                self.count(Counter::TunnelsClosed, 1);
+                self.link.counters().sub(Counter::TunnelsActive, 1);
+            }
+        }
+    }
+
+    fn read_answers(&mut self, now: Instant) {
+        let mut answers = Vec::new();
+        self.link.poll_answers(|a| answers.push(a));
+        for a in answers {
+            self.on_answer(a, now);
+        }
+    }
+
+    fn on_answer(&mut self, answer: AuthAnswer, now: Instant) {
+        let Some((serial, stream_id)) = self.asks.remove(&answer.ask_id) else {
+            // The request is gone (timed out, reset, connection closed).
+            if let Verdict::Allow { flow_id, .. } = answer.verdict {
+                self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
+            }
+            return;
+        };
+        let Some(mut conn) = self.conns.remove(&serial) else { return };
+        self.apply_answer(&mut conn, stream_id, answer.verdict, now);
+        self.conns.insert(serial, conn);
+    }
+
+    fn apply_answer(&mut self, conn: &mut Conn, stream_id: u64, verdict: Verdict, now: Instant) {
+        if !conn.tunnels.contains_key(&stream_id) {
+            if let Verdict::Allow { flow_id, .. } = verdict {
+                self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
+            }
+            return;
+        }
+        match verdict {
+            Verdict::Deny { status, proxy_error, details } => {
+                conn.tunnels.remove(&stream_id);
+                self.refuse(conn, stream_id, status, proxy_error, &details);
+            }
+            Verdict::Allow { flow_id, target, idle_timeout_ms } => {
+                let mut sock = match socket::connected_target(target) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!("target socket: {e}");
+                        conn.tunnels.remove(&stream_id);
+                        self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
+                        let reason = "cannot open a socket to the target";
+                        return self.refuse(conn, stream_id, 502, Some(ProxyError::DestinationUnavailable), reason);
+                    }
+                };
+                let token = self.next_target_token;
+                self.next_target_token += 1;
+                if self.poll.registry().register(&mut sock, Token(token), Interest::READABLE).is_err() {
+                    conn.tunnels.remove(&stream_id);
+                    self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
+                    return self.refuse(conn, stream_id, 503, Some(ProxyError::ProxyInternalError), "socket registration failed");
+                }
+                let serial = *self.by_cid.get(&conn.cids[0]).expect("live connection is indexed");
+                self.targets.insert(token, (serial, stream_id));
+                let entry = conn.tunnels.get_mut(&stream_id).expect("checked above");
+                let early = entry.tunnel.open(flow_id, target, Duration::from_millis(u64::from(idle_timeout_ms)), now);
+                entry.target = Some((sock, token));
+                self.count(Counter::TunnelsOpened, 1);
+                self.count(Counter::TunnelsActive, 1);
+                let headers = response::tunnel_open();
+                let sent = conn.h3.as_mut().map(|h3| h3.send_response(&mut conn.quic, stream_id, &headers, false));
+                if !matches!(sent, Some(Ok(()))) {
+                    entry.response_pending = Some(headers);
+                }
+                let target = entry.target.as_ref().map(|(s, _)| s);
+                for payload in early {
+                    entry.tunnel.totals.packets_up += 1;
+                    entry.tunnel.totals.bytes_up += payload.len() as u64;
+                    forward_up(&self.link, target, UpOutcome::Forward, &payload);
+                }
+            }
+        }
+    }
+
+    fn read_target(&mut self, token: usize, now: Instant) {
+        let Some(&(serial, stream_id)) = self.targets.get(&token) else { return };
+        let Some(mut conn) = self.conns.remove(&serial) else { return };
+        let mut budget_left = true;
+        for i in 0..=READ_BUDGET {
+            if i == READ_BUDGET {
+                budget_left = false;
+                break;
+            }
+            let Some(entry) = conn.tunnels.get_mut(&stream_id) else { break };
+            let Some((sock, _)) = entry.target.as_ref() else { break };
+            let n = match sock.recv(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => continue, // e.g. ECONNREFUSED from an ICMP error: UDP semantics
+            };
+            let payload = self.buf[..n].to_vec();
+            self.send_down(&mut conn, stream_id, &payload, now);
+        }
+        if !budget_left {
+            self.backlogged_targets.push(token);
+        }
+        self.conns.insert(serial, conn);
+    }
+
+    /// Sends one target payload towards the client on the tunnel's path.
+    fn send_down(&mut self, conn: &mut Conn, stream_id: u64, payload: &[u8], now: Instant) {
+        let peer_dgrams = conn.h3.as_ref().is_some_and(|h| h.dgram_enabled_by_peer(&conn.quic));
+        let settings_known = conn.settings_known;
+        let Some(entry) = conn.tunnels.get_mut(&stream_id) else { return };
+        match entry.tunnel.down_path(settings_known, peer_dgrams) {
+            DownPath::Wait => {
+                if !entry.tunnel.queue_down(payload) {
+                    self.count(Counter::DropQueueFull, 1);
+                }
+            }
+            DownPath::QuicDatagram => {
+                datagram::encode_into(stream_id, datagram::UDP_PAYLOAD_CONTEXT, payload, &mut self.dgram);
+                if conn.quic.dgram_max_writable_len().is_none_or(|max| self.dgram.len() > max) {
+                    self.count(Counter::DropTooLarge, 1);
+                    return;
+                }
+                match conn.quic.dgram_send(&self.dgram) {
+                    Ok(()) => {
+                        entry.tunnel.on_down(payload.len(), now);
+                        self.count(Counter::DatagramsDown, 1);
+                        self.count(Counter::BytesDown, payload.len() as u64);
+                    }
+                    Err(_) => self.count(Counter::DropQueueFull, 1),
+                }
+            }
+            DownPath::Capsule => {
+                if entry.tunnel.push_capsule(payload) {
+                    entry.tunnel.on_down(payload.len(), now);
+                    self.count(Counter::DatagramsDown, 1);
+                    self.count(Counter::BytesDown, payload.len() as u64);
+                } else {
+                    self.count(Counter::DropQueueFull, 1);
+                }
+            }
+        }
+    }
+
+    fn on_timeouts(&mut self, now: Instant) {
+        for conn in self.conns.values_mut() {
+            if conn.quic.timeout_instant().is_some_and(|t| t <= now) {
+                conn.quic.on_timeout();
+            }
+        }
+        if now.saturating_duration_since(self.last_sweep) < SWEEP_INTERVAL {
+            return;
+        }
+        self.last_sweep = now;
+        let serials: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.tunnels.values().any(|e| e.tunnel.expired(now)))
+            .map(|(s, _)| *s)
+            .collect();
+        for serial in serials {
+            let Some(mut conn) = self.conns.remove(&serial) else { continue };
+            let expired: Vec<u64> =
+                conn.tunnels.iter().filter(|(_, e)| e.tunnel.expired(now)).map(|(id, _)| *id).collect();
+            for stream_id in expired {
+                let Some(entry) = conn.tunnels.remove(&stream_id) else { continue };
+                match entry.tunnel.phase {
+                    Phase::Pending { .. } => {
+                        self.count(Counter::AsksFailed, 1);
+                        self.close_tunnel(entry);
+                        self.refuse(&mut conn, stream_id, 503, Some(ProxyError::ProxyInternalError), "control plane did not answer in time");
+                    }
+                    Phase::Open { .. } => {
+                        // Idle: end the tunnel cleanly from our side.
+                        if let Some(h3) = conn.h3.as_mut() {
+                            let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
+                        }
+                        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
+                        self.close_tunnel(entry);
+                    }
+                }
+            }
+            self.conns.insert(serial, conn);
+        }
+    }
+
+    fn flush_all(&mut self, now: Instant) {
+        let serials: Vec<u64> = self.conns.keys().copied().collect();
+        for serial in serials {
+            let Some(mut conn) = self.conns.remove(&serial) else { continue };
+            self.flush_streams(&mut conn);
+            // Events may have become pending through our own sends.
+            self.process_conn(serial, &mut conn, now);
+            self.send_packets(&mut conn);
+            if conn.quic.is_closed() {
+                self.drop_conn(conn);
+            } else {
+                self.conns.insert(serial, conn);
+            }
+        }
+    }
+
+    fn flush_streams(&mut self, conn: &mut Conn) {
+        let Some(h3) = conn.h3.as_mut() else { return };
+        for (stream_id, entry) in conn.tunnels.iter_mut() {
+            if let Some(headers) = &entry.response_pending {
+                if h3.send_response(&mut conn.quic, *stream_id, headers, false).is_ok() {
+                    entry.response_pending = None;
+                } else {
+                    continue;
+                }
+            }
+            if !entry.tunnel.stream_out().is_empty() {
+                if let Ok(n) = h3.send_body(&mut conn.quic, *stream_id, entry.tunnel.stream_out(), false) {
+                    entry.tunnel.consume_stream_out(n);
+                }
+            }
+        }
+    }
+
+    fn send_packets(&mut self, conn: &mut Conn) {
+        loop {
+            let (n, info) = match conn.quic.send(&mut self.out) {
+                Ok(v) => v,
+                Err(quiche::Error::Done) => return,
+                Err(e) => {
+                    debug!("QUIC send: {e}");
+                    let _ = conn.quic.close(false, 0x1, b"internal error");
+                    return;
+                }
+            };
+            match self.socket.send_to(&self.out[..n], info.to) {
+                Ok(_) => self.count(Counter::QuicPacketsOut, 1),
+                // QUIC recovers lost packets; the kernel queue is full.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => debug!("QUIC socket send: {e}"),
+            }
+        }
+    }
+
+    fn drop_conn(&mut self, mut conn: Conn) {
+        for cid in &conn.cids {
+            self.by_cid.remove(cid);
+        }
+        for (_, entry) in conn.tunnels.drain() {
+            self.close_tunnel(entry);
+        }
+        self.count(Counter::ConnectionsClosed, 1);
+        self.link.counters().sub(Counter::ConnectionsActive, 1);
+    }
+
+    fn shutdown(&mut self) {
+        let serials: Vec<u64> = self.conns.keys().copied().collect();
+        for serial in serials {
+            if let Some(mut conn) = self.conns.remove(&serial) {
+                let _ = conn.quic.close(true, h3_code::NO_ERROR, b"relay shutting down");
+                self.send_packets(&mut conn);
+                self.drop_conn(conn);
+            }
+        }
+        info!(worker = self.settings.index, "worker stopped");
+    }
+}
+
+/// Forwards or accounts one client payload.
+fn forward_up(link: &ControlLink, target: Option<&mio::net::UdpSocket>, outcome: UpOutcome, payload: &[u8]) {
+    let counters = link.counters();
+    match outcome {
+        UpOutcome::Forward => match target.map(|s| s.send(payload)) {
+            Some(Ok(_)) => {
+                counters.add(Counter::DatagramsUp, 1);
+                counters.add(Counter::BytesUp, payload.len() as u64);
+            }
+            _ => counters.add(Counter::DropTargetSend, 1),
+        },
+        UpOutcome::Buffered => {}
+        UpOutcome::DroppedQueueFull => counters.add(Counter::DropQueueFull, 1),
+        UpOutcome::DroppedUnknownContext => counters.add(Counter::DropUnknownContext, 1),
+        UpOutcome::AbortTooLarge => counters.add(Counter::DropTooLarge, 1),
+    }
+}
