@@ -181,7 +181,12 @@ impl Client {
         client.flush()?;
         while client.h3.is_none() {
             if client.quic.is_closed() {
-                bail!("handshake with {} failed: {:?}", client.config.relay, client.quic.peer_error());
+                bail!(
+                    "handshake with {} failed: local {:?}, peer {:?}",
+                    client.config.relay,
+                    client.quic.local_error(),
+                    client.quic.peer_error()
+                );
             }
             if Instant::now() >= deadline {
                 bail!("handshake with {} timed out (is the relay running?)", client.config.relay);

@@ -1,1 +1,188 @@
-fn main() {}
+//! `relay-bench`: clients, UDP targets and load generation for the relay.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use relay_bench::client::{Client, ClientConfig, DEFAULT_TEMPLATE};
+use relay_bench::echo::EchoServer;
+use relay_bench::load::{EchoLoad, run_echo};
+
+/// Clients and load generation for the MASQUE relay.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(ClapArgs, Debug, Clone)]
+struct RelayArgs {
+    /// The relay's QUIC address.
+    #[arg(long, default_value = "127.0.0.1:4433")]
+    relay: SocketAddr,
+    /// TLS server name (and :authority host).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Certificate or CA to verify the relay with.
+    #[arg(long, conflicts_with = "insecure")]
+    ca: Option<PathBuf>,
+    /// Skip certificate verification.
+    #[arg(long)]
+    insecure: bool,
+    /// Bearer token.
+    #[arg(long, env = "RELAY_TOKEN")]
+    token: Option<String>,
+    /// The relay's connect-udp URI template.
+    #[arg(long, default_value = DEFAULT_TEMPLATE)]
+    template: String,
+    /// Do not advertise HTTP/3 datagrams: the relay answers with capsules.
+    #[arg(long)]
+    no_h3_datagrams: bool,
+}
+
+impl RelayArgs {
+    fn config(&self) -> Result<ClientConfig> {
+        if self.ca.is_none() && !self.insecure {
+            bail!("give --ca CERT (e.g. state/cert.pem) or --insecure");
+        }
+        Ok(ClientConfig {
+            relay: self.relay,
+            server_name: self.server_name.clone(),
+            ca: self.ca.clone(),
+            h3_datagrams: !self.no_h3_datagrams,
+            template: self.template.clone(),
+            token: self.token.clone(),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a UDP echo server.
+    EchoServer {
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1:7777")]
+        listen: SocketAddr,
+    },
+    /// Send one UDP message through the relay and print the replies.
+    UdpSend {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// Target host:port (host may be a name or an IP literal).
+        #[arg(long)]
+        target: String,
+        /// The message.
+        #[arg(long)]
+        message: String,
+        /// How long to wait for replies, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        wait_ms: u64,
+    },
+    /// Start a local echo target and send verified datagrams to it through
+    /// the relay; print loss and round-trip times.
+    TunnelEcho {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// Concurrent tunnels.
+        #[arg(long, default_value_t = 4)]
+        flows: u32,
+        /// Datagrams per tunnel.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Payload size.
+        #[arg(long, default_value_t = 1200)]
+        size: usize,
+        /// In-flight datagrams per tunnel.
+        #[arg(long, default_value_t = 32)]
+        window: u64,
+        /// Use DATAGRAM capsules instead of QUIC datagrams.
+        #[arg(long)]
+        capsules: bool,
+    },
+}
+
+fn split_target(target: &str) -> Result<(String, u16)> {
+    let (host, port) = target.rsplit_once(':').context("target must be host:port")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Ok((host.to_string(), port.parse().context("bad target port")?))
+}
+
+fn run(args: Args) -> Result<()> {
+    match args.command {
+        Command::EchoServer { listen } => {
+            let server = EchoServer::start(listen)?;
+            println!("echoing UDP on {}", server.addr());
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        Command::UdpSend { relay, target, message, wait_ms } => {
+            let (host, port) = split_target(&target)?;
+            let mut client = Client::connect(relay.config()?, Duration::from_secs(5))?;
+            let stream = client.open_udp(&host, port, Duration::from_secs(5))?;
+            client.send_datagram(stream, message.as_bytes())?;
+            client.flush()?;
+            let deadline = Instant::now() + Duration::from_millis(wait_ms);
+            let mut replies = 0;
+            while Instant::now() < deadline {
+                client.drive(Duration::from_millis(20))?;
+                for reply in client.take_datagrams(stream) {
+                    replies += 1;
+                    println!("reply: {}", String::from_utf8_lossy(&reply));
+                }
+            }
+            client.close();
+            if replies == 0 {
+                bail!("no reply from {target} within {wait_ms} ms");
+            }
+            Ok(())
+        }
+        Command::TunnelEcho { relay, flows, count, size, window, capsules } => {
+            let echo = EchoServer::start("127.0.0.1:0".parse()?)?;
+            let mut client = Client::connect(relay.config()?, Duration::from_secs(5))?;
+            let mut streams = Vec::new();
+            for _ in 0..flows {
+                streams.push(client.open_udp("127.0.0.1", echo.addr().port(), Duration::from_secs(5))?);
+            }
+            let load = EchoLoad { count, size, window, capsules, stall_timeout: Duration::from_secs(3) };
+            let r = run_echo(&mut client, &streams, &load)?;
+            client.close();
+            let secs = r.elapsed.as_secs_f64();
+            println!(
+                "tunnels {flows}, sent {}, received {}, lost {}, corrupt {}, duplicates {}",
+                r.sent, r.received, r.lost, r.corrupt, r.duplicates
+            );
+            println!(
+                "rtt us: p50 {} p90 {} p99 {} max {}; {:.0} datagrams/s echoed in {:.2} s",
+                r.rtt_us.value_at_quantile(0.5),
+                r.rtt_us.value_at_quantile(0.9),
+                r.rtt_us.value_at_quantile(0.99),
+                r.rtt_us.max(),
+                r.received as f64 / secs,
+                secs
+            );
+            if r.lost > 0 || r.corrupt > 0 {
+                bail!("{} lost and {} corrupt datagrams", r.lost, r.corrupt);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relay-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

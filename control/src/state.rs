@@ -94,8 +94,11 @@ pub fn self_signed(dir: &Path, names: &[String]) -> Result<Credentials, StateErr
     let not_after = Asn1Time::days_from_now(365)?;
     b.set_not_before(&not_before)?;
     b.set_not_after(&not_after)?;
-    let constraints = BasicConstraints::new().critical().build()?;
-    let key_usage = KeyUsage::new().critical().digital_signature().build()?;
+    // Clients pin this certificate as their trust anchor, so it is marked
+    // as a CA that can only sign itself (pathlen 0); a KeyUsage without
+    // keyCertSign would make verifiers reject it as its own issuer.
+    let constraints = BasicConstraints::new().critical().ca().pathlen(0).build()?;
+    let key_usage = KeyUsage::new().critical().digital_signature().key_cert_sign().build()?;
     let ext_key_usage = ExtendedKeyUsage::new().server_auth().build()?;
     b.append_extension(&constraints)?;
     b.append_extension(&key_usage)?;

@@ -1,0 +1,237 @@
+//! Starts a real relay — `relay-control` and `relay-dataplane` as separate
+//! processes — for end-to-end tests and benchmarks.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Where the relay binaries are: `$RELAY_BIN_DIR`, else the cargo target
+/// directory this test or tool runs from.
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("RELAY_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable has no directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+fn binary(name: &str) -> Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.exists() {
+        bail!("{} not found: build it first (cargo build --workspace --bins) or set RELAY_BIN_DIR", path.display());
+    }
+    Ok(path)
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Options for a test relay.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Workers.
+    pub workers: u32,
+    /// Bearer token accepted.
+    pub token: String,
+    /// CIDRs allowed as targets (tests allow loopback explicitly).
+    pub allow: Vec<String>,
+    /// Ask timeout in milliseconds.
+    pub ask_timeout_ms: u32,
+    /// Tunnel idle timeout in seconds.
+    pub flow_idle_timeout_secs: u32,
+    /// Extra TOML appended to the `[dataplane]` section.
+    pub dataplane_extra: String,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            token: "e2e-test-token".into(),
+            allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            ask_timeout_ms: 1500,
+            flow_idle_timeout_secs: 120,
+            dataplane_extra: String::new(),
+        }
+    }
+}
+
+/// A running relay; both processes are killed on drop.
+pub struct Relay {
+    /// The QUIC address.
+    pub addr: SocketAddr,
+    /// The state directory (certificate, sockets).
+    pub state_dir: PathBuf,
+    /// The config file.
+    pub config_path: PathBuf,
+    /// The token clients use.
+    pub token: String,
+    control: Option<Child>,
+    dataplane: Option<Child>,
+}
+
+impl Relay {
+    /// Writes a config under `dir` and starts both processes; returns once
+    /// the dataplane answers a QUIC handshake.
+    pub fn start(dir: &Path, opts: &RelayOptions) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let port = free_udp_port()?;
+        let state_dir = dir.join("state");
+        let allow: Vec<String> = opts.allow.iter().map(|a| format!("\"{a}\"")).collect();
+        let config = format!(
+            r#"[relay]
+name = "test-relay"
+state_dir = "{state}"
+
+[listen]
+quic = "127.0.0.1:{port}"
+
+[dataplane]
+workers = {workers}
+uri_template = "/.well-known/masque/udp/{{target_host}}/{{target_port}}/"
+flow_idle_timeout_secs = {idle}
+ask_timeout_ms = {ask}
+{extra}
+
+[tls]
+self_signed_names = ["localhost", "127.0.0.1"]
+
+[auth]
+realm = "test"
+tokens = ["{token}"]
+
+[targets]
+allow = [{allow}]
+
+[resolver]
+threads = 2
+timeout_ms = 1000
+max_pending = 64
+"#,
+            state = state_dir.display(),
+            workers = opts.workers,
+            idle = opts.flow_idle_timeout_secs,
+            ask = opts.ask_timeout_ms,
+            extra = opts.dataplane_extra,
+            token = opts.token,
+            allow = allow.join(", "),
+        );
+        let config_path = dir.join("relay.toml");
+        std::fs::write(&config_path, config)?;
+        let mut relay = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            state_dir,
+            config_path,
+            token: opts.token.clone(),
+            control: None,
+            dataplane: None,
+        };
+        relay.start_control()?;
+        relay.start_dataplane()?;
+        relay.wait_ready(Duration::from_secs(20))?;
+        Ok(relay)
+    }
+
+    /// The relay's self-signed certificate (to verify it).
+    pub fn cert(&self) -> PathBuf {
+        self.state_dir.join("cert.pem")
+    }
+
+    /// The admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join("admin.sock")
+    }
+
+    /// Starts (or restarts) relay-control and waits for its channel socket.
+    pub fn start_control(&mut self) -> Result<()> {
+        let sock = self.state_dir.join("channel.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(binary("relay-control")?)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting relay-control")?;
+        self.control = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            if Instant::now() > deadline {
+                bail!("relay-control did not create {}", sock.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts relay-dataplane against the control socket.
+    pub fn start_dataplane(&mut self) -> Result<()> {
+        let child = Command::new(binary("relay-dataplane")?)
+            .arg("--control-socket")
+            .arg(self.state_dir.join("channel.sock"))
+            .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting relay-dataplane")?;
+        self.dataplane = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut cfg = crate::client::ClientConfig::new(self.addr);
+            cfg.ca = Some(self.cert());
+            match crate::client::Client::connect(cfg, Duration::from_millis(500)) {
+                Ok(c) => {
+                    c.close();
+                    return Ok(());
+                }
+                Err(e) if Instant::now() > deadline => bail!("relay not ready: {e}"),
+                Err(_) => {}
+            }
+            if let Some(dp) = self.dataplane.as_mut() {
+                if let Some(status) = dp.try_wait()? {
+                    bail!("relay-dataplane exited early: {status}");
+                }
+            }
+        }
+    }
+
+    /// Kills relay-control with SIGKILL.
+    pub fn kill_control(&mut self) {
+        if let Some(mut c) = self.control.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The control process's PID.
+    pub fn control_pid(&self) -> Option<u32> {
+        self.control.as_ref().map(Child::id)
+    }
+
+    /// The dataplane process's PID.
+    pub fn dataplane_pid(&self) -> Option<u32> {
+        self.dataplane.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for child in [self.dataplane.take(), self.control.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
