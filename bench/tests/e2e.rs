@@ -1,0 +1,343 @@
+//! End-to-end tests: a real `relay-control` and `relay-dataplane` (separate
+//! processes, real shared memory), a real UDP echo target on loopback, and
+//! the bench crate's quiche client.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use relay_bench::client::{Answer, Client, ClientConfig};
+use relay_bench::echo::EchoServer;
+use relay_bench::load::{EchoLoad, run_echo};
+use relay_bench::processes::{Relay, RelayOptions};
+use serde_json::Value;
+
+const H3_MESSAGE_ERROR: u64 = 0x10e;
+const T: Duration = Duration::from_secs(5);
+
+fn test_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("relay-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn start(name: &str, opts: RelayOptions) -> Relay {
+    Relay::start(&test_dir(name), &opts).expect("relay starts")
+}
+
+fn client(relay: &Relay) -> Client {
+    client_with(relay, |_| {})
+}
+
+fn client_with(relay: &Relay, adjust: impl FnOnce(&mut ClientConfig)) -> Client {
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(relay.cert());
+    cfg.token = Some(relay.token.clone());
+    adjust(&mut cfg);
+    Client::connect(cfg, T).expect("client connects")
+}
+
+fn admin(socket: &Path, cmd: &str) -> Value {
+    let s = UnixStream::connect(socket).expect("admin socket");
+    (&s).write_all(format!("{{\"cmd\":\"{cmd}\"}}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+fn counter(relay: &Relay, name: &str) -> u64 {
+    let v = admin(&relay.admin_socket(), "status");
+    v["workers"].as_array().unwrap().iter().map(|w| w[name].as_u64().unwrap()).sum()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn header(list: &[(String, String)], name: &str) -> Option<String> {
+    list.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+}
+
+#[test]
+fn eight_tunnels_ten_thousand_datagrams_each_way_byte_for_byte() {
+    let relay = start("bulk", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let streams: Vec<u64> =
+        (0..8).map(|_| c.open_udp("127.0.0.1", echo.addr().port(), T).expect("tunnel opens")).collect();
+    let load = EchoLoad { count: 10_000, size: 1200, window: 24, capsules: false, stall_timeout: Duration::from_secs(5) };
+    let r = run_echo(&mut c, &streams, &load).unwrap();
+    assert_eq!(r.sent, 80_000);
+    assert_eq!(r.corrupt, 0, "payloads must come back byte for byte");
+    assert_eq!(r.duplicates, 0);
+    assert_eq!(r.lost, 0, "loopback loss must be 0");
+    assert_eq!(r.received, 80_000);
+    assert_eq!(echo.echoed(), 80_000, "the target saw every datagram");
+    assert!(counter(&relay, "datagrams_up") >= 80_000);
+    assert!(counter(&relay, "datagrams_down") >= 80_000);
+    assert_eq!(admin(&relay.admin_socket(), "status")["flows"], 8);
+    // Closing the request streams closes the tunnels (RFC 9298 section 3).
+    for s in &streams {
+        c.finish_stream(*s).unwrap();
+    }
+    wait_until("tunnels to close", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        admin(&relay.admin_socket(), "status")["flows"] == 0
+    });
+    assert!(streams.iter().all(|s| c.stream_finished(*s)), "the relay ends its side too");
+    assert_eq!(counter(&relay, "tunnels_active"), 0);
+}
+
+#[test]
+fn capsules_when_the_client_has_no_h3_datagrams() {
+    let relay = start("capsules", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client_with(&relay, |cfg| cfg.h3_datagrams = false);
+    c.wait_settings(T).unwrap();
+    let streams: Vec<u64> = (0..2).map(|_| c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap()).collect();
+    let load = EchoLoad { count: 500, size: 800, window: 16, capsules: true, stall_timeout: Duration::from_secs(5) };
+    let r = run_echo(&mut c, &streams, &load).unwrap();
+    assert_eq!((r.received, r.lost, r.corrupt), (1000, 0, 0));
+    for s in &streams {
+        assert_eq!(c.capsule_datagrams(*s), 500, "answers came back as DATAGRAM capsules");
+    }
+}
+
+#[test]
+fn capsule_only_client_gets_capsules_even_with_h3_datagrams_on() {
+    let relay = start("capsules-mirror", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    let load = EchoLoad { count: 200, size: 100, window: 8, capsules: true, stall_timeout: Duration::from_secs(5) };
+    let r = run_echo(&mut c, &[s], &load).unwrap();
+    assert_eq!((r.received, r.lost), (200, 0));
+    assert_eq!(c.capsule_datagrams(s), 200);
+}
+
+#[test]
+fn refusals_carry_exact_statuses_and_proxy_status() {
+    let relay = start("refusals", RelayOptions::default());
+    let mut c = client(&relay);
+    c.wait_settings(T).unwrap();
+    assert!(c.extended_connect_enabled(), "SETTINGS_ENABLE_CONNECT_PROTOCOL");
+    assert!(c.h3_datagrams_enabled(), "SETTINGS_H3_DATAGRAM and max_datagram_frame_size");
+
+    let mut ask = |c: &mut Client, edit: &dyn Fn(&mut Vec<(String, String)>)| -> Answer {
+        let mut h = c.connect_udp_headers("127.0.0.1", 9);
+        edit(&mut h);
+        let id = c.send_raw_request(&h, false).unwrap();
+        c.wait_answer(id, T).unwrap()
+    };
+    let set = |name: &'static str, value: &'static str| {
+        move |h: &mut Vec<(String, String)>| {
+            for (n, v) in h.iter_mut() {
+                if n == name {
+                    *v = value.to_string();
+                }
+            }
+        }
+    };
+    let status_and_error = |a: &Answer| {
+        let Answer::Response(h) = a else { panic!("expected a response, got {a:?}") };
+        let ps = header(h, "proxy-status");
+        (a.status().unwrap(), ps.and_then(|p| p.split("error=").nth(1).map(|e| e.split(';').next().unwrap().to_string())))
+    };
+
+    // Credentials: 407 with a challenge.
+    let a = ask(&mut c, &|h| h.retain(|(n, _)| n != "proxy-authorization"));
+    assert_eq!(status_and_error(&a), (407, Some("http_request_denied".into())));
+    assert_eq!(a.header("proxy-authenticate"), Some("Bearer realm=\"test\""));
+    let a = ask(&mut c, &set("proxy-authorization", "Bearer wrong"));
+    assert_eq!(status_and_error(&a).0, 407);
+    // `authorization` is accepted too.
+    let a = ask(&mut c, &|h| {
+        for (n, _) in h.iter_mut() {
+            if n == "proxy-authorization" {
+                *n = "authorization".into();
+            }
+        }
+    });
+    assert_eq!(a.status(), Some(200));
+
+    // Targets.
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/192.0.2.1/53/"));
+    assert_eq!(status_and_error(&a), (403, Some("destination_ip_prohibited".into())));
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/10.1.2.3/53/"));
+    assert_eq!(status_and_error(&a), (403, Some("destination_ip_prohibited".into())));
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/169.254.169.254/80/"));
+    assert_eq!(status_and_error(&a), (403, Some("destination_ip_prohibited".into())));
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/no-such-host.invalid/53/"));
+    assert_eq!(status_and_error(&a), (502, Some("dns_error".into())));
+    // A name that resolves to loopback is allowed here (loopback is allowed
+    // explicitly by the test config); IPv6 literal with encoded colons too.
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/localhost/9/"));
+    assert_eq!(a.status(), Some(200));
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/%3A%3A1/9/"));
+    assert_eq!(a.status(), Some(200));
+
+    // Request shape.
+    let a = ask(&mut c, &set(":path", "/not/the/template/"));
+    assert_eq!(a.status(), Some(404));
+    let a = ask(&mut c, &set(":protocol", "connect-ip"));
+    assert_eq!(a.status(), Some(501));
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/127.0.0.1/0/"));
+    assert_eq!(status_and_error(&a), (400, Some("http_request_error".into())));
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/127.0.0.1/65536/"));
+    assert_eq!(a.status(), Some(400));
+    let a = ask(&mut c, &set(":path", "/.well-known/masque/udp/fe80%3A%3A1%25eth0/53/"));
+    assert_eq!(a.status(), Some(400));
+    let a = ask(&mut c, &set(":scheme", "http"));
+    assert_eq!(a.status(), Some(400));
+    let a = ask(&mut c, &|h| {
+        h.retain(|(n, _)| n != ":protocol");
+        h.retain(|(n, _)| n != ":path" && n != ":scheme");
+    });
+    assert_eq!(a.status(), Some(501), "plain CONNECT (TCP) is not served yet");
+    let a = ask(&mut c, &|h| {
+        h.retain(|(n, _)| n != ":protocol");
+        for (n, v) in h.iter_mut() {
+            if n == ":method" {
+                *v = "GET".into();
+            }
+        }
+    });
+    assert_eq!(a.status(), Some(405));
+    assert_eq!(a.header("allow"), Some("CONNECT"));
+
+    // Malformed requests: H3_MESSAGE_ERROR stream errors, no response.
+    for name in [":authority", ":path", ":scheme", ":method"] {
+        let a = ask(&mut c, &|h| h.retain(|(n, _)| n != name));
+        assert_eq!(a, Answer::Reset(H3_MESSAGE_ERROR), "missing {name}");
+    }
+    let a = ask(&mut c, &|h| h.insert(0, (":foo".into(), "bar".into())));
+    assert_eq!(a, Answer::Reset(H3_MESSAGE_ERROR), "unknown pseudo-header");
+    // (Uppercase field names are covered by relay-proto's unit tests: the
+    // quiche QPACK encoder lowercases names, so this client cannot send them.)
+    let a = ask(&mut c, &|h| h.push((":path".into(), "/".into())));
+    assert_eq!(a, Answer::Reset(H3_MESSAGE_ERROR), "pseudo-header after regular field");
+    let a = ask(&mut c, &|h| h.push(("connection".into(), "keep-alive".into())));
+    assert_eq!(a, Answer::Reset(H3_MESSAGE_ERROR), "connection-specific field");
+
+    // The connection survives every refusal and still tunnels.
+    assert!(c.closed().is_none());
+    let refused = counter(&relay, "tunnels_refused");
+    let malformed = counter(&relay, "requests_malformed");
+    assert!(refused >= 13, "refusals counted: {refused}");
+    assert_eq!(malformed, 7);
+}
+
+#[test]
+fn unknown_context_ids_are_dropped_and_counted() {
+    let relay = start("contexts", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    for i in 0..5u64 {
+        assert!(c.send_context_datagram(s, 2 + 2 * i, b"not for the target").unwrap());
+    }
+    c.send_datagram(s, b"for the target").unwrap();
+    let deadline = Instant::now() + T;
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        c.drive(Duration::from_millis(10)).unwrap();
+        got.extend(c.take_datagrams(s));
+    }
+    assert_eq!(got, vec![b"for the target".to_vec()]);
+    assert_eq!(echo.echoed(), 1, "only the context-0 payload reached the target");
+    assert_eq!(counter(&relay, "drop_unknown_context"), 5);
+}
+
+#[test]
+fn idle_tunnels_are_closed_by_the_relay() {
+    let relay = start("idle", RelayOptions { flow_idle_timeout_secs: 1, ..Default::default() });
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    let opened = Instant::now();
+    wait_until("the idle tunnel to end", Duration::from_secs(5), || {
+        let _ = c.drive(Duration::from_millis(10));
+        c.stream_finished(s)
+    });
+    assert!(opened.elapsed() >= Duration::from_millis(900), "not before the idle timeout");
+    wait_until("control to forget the flow", T, || admin(&relay.admin_socket(), "status")["flows"] == 0);
+}
+
+#[test]
+fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
+    let mut relay = start("control-down", RelayOptions { ask_timeout_ms: 700, ..Default::default() });
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+
+    // Stalled control (SIGSTOP): the ask times out into 503 within the
+    // configured bound.
+    let pid = relay.control_pid().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let id = c.request_udp("127.0.0.1", echo.addr().port()).unwrap();
+    let a = c.wait_answer(id, T).unwrap();
+    let waited = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(a.status(), Some(503));
+    assert!(a.header("proxy-status").unwrap().contains("error=proxy_internal_error"));
+    assert!(waited >= Duration::from_millis(600) && waited < Duration::from_secs(3), "bounded wait: {waited:?}");
+
+    // Dead control (SIGKILL): new CONNECTs get 503 at once; the open
+    // tunnel keeps forwarding.
+    relay.kill_control();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let id = c.request_udp("127.0.0.1", echo.addr().port()).unwrap();
+    let a = c.wait_answer(id, T).unwrap();
+    assert_eq!(a.status(), Some(503));
+    assert!(a.header("proxy-status").unwrap().contains("control plane unavailable"));
+    assert!(started.elapsed() < Duration::from_millis(600), "fails fast when control is gone");
+    let load = EchoLoad { count: 300, size: 200, window: 16, capsules: false, stall_timeout: Duration::from_secs(5) };
+    let r = run_echo(&mut c, &[s], &load).unwrap();
+    assert_eq!((r.received, r.lost, r.corrupt), (300, 0, 0));
+}
+
+#[test]
+fn early_datagrams_are_buffered_until_the_tunnel_opens() {
+    let relay = start("early", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let id = c.request_udp("127.0.0.1", echo.addr().port()).unwrap();
+    // RFC 9298 section 5: clients MAY send before the response.
+    c.send_datagram(id, b"early bird").unwrap();
+    c.flush().unwrap();
+    assert_eq!(c.wait_answer(id, T).unwrap().status(), Some(200));
+    let deadline = Instant::now() + T;
+    let mut got = Vec::new();
+    while got.is_empty() && Instant::now() < deadline {
+        c.drive(Duration::from_millis(10)).unwrap();
+        got.extend(c.take_datagrams(id));
+    }
+    assert_eq!(got, vec![b"early bird".to_vec()]);
+}
+
+#[test]
+fn two_workers_share_the_port_and_both_serve() {
+    let relay = start("workers", RelayOptions { workers: 2, ..Default::default() });
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    // Several connections from different source ports spread over the
+    // SO_REUSEPORT group; every one must work whichever worker it lands on.
+    for _ in 0..6 {
+        let mut c = client(&relay);
+        let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+        let load = EchoLoad { count: 100, size: 300, window: 16, capsules: false, stall_timeout: Duration::from_secs(5) };
+        let r = run_echo(&mut c, &[s], &load).unwrap();
+        assert_eq!((r.received, r.lost), (100, 0));
+        c.close();
+    }
+    let v = admin(&relay.admin_socket(), "status");
+    assert_eq!(v["workers"].as_array().unwrap().len(), 2);
+}
