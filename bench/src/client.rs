@@ -214,7 +214,7 @@ impl Client {
     /// Waits up to `timeout` for the relay's SETTINGS.
     pub fn wait_settings(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        while !self.h3.as_ref().is_some_and(|h| h.peer_settings_raw().is_some()) {
+        while self.h3.as_ref().is_none_or(|h| h.peer_settings_raw().is_none()) {
             if Instant::now() >= deadline {
                 bail!("no SETTINGS from the relay within {timeout:?}");
             }
@@ -317,37 +317,12 @@ impl Client {
         self.send_stream_bytes(stream_id, &bytes, false)
     }
 
-    /// Writes raw bytes on the request stream (DATA frames).
+    /// Writes raw bytes on the request stream (DATA frames), driving the
+    /// connection while flow control blocks, for at most 5 seconds.
     pub fn send_stream_bytes(&mut self, stream_id: u64, bytes: &[u8], fin: bool) -> Result<()> {
-        let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
-        let mut off = 0;
         let deadline = Instant::now() + Duration::from_secs(5);
-        while off < bytes.len() || (fin && off == bytes.len()) {
-            match h3.send_body(&mut self.quic, stream_id, &bytes[off..], fin) {
-                Ok(n) => {
-                    off += n;
-                    if fin && off == bytes.len() {
-                        break;
-                    }
-                }
-                Err(quiche::h3::Error::Done) | Err(quiche::h3::Error::StreamBlocked) => {}
-                Err(e) => bail!("send_body: {e}"),
-            }
-            if Instant::now() > deadline {
-                bail!("stream {stream_id} blocked for 5 s");
-            }
-            self.drive(Duration::from_millis(1))?;
-            return self.send_stream_bytes_rest(stream_id, &bytes[off..], fin, deadline);
-        }
-        self.flush()
-    }
-
-    fn send_stream_bytes_rest(&mut self, stream_id: u64, bytes: &[u8], fin: bool, deadline: Instant) -> Result<()> {
         let mut off = 0;
         loop {
-            if off == bytes.len() && !fin {
-                return self.flush();
-            }
             let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
             match h3.send_body(&mut self.quic, stream_id, &bytes[off..], fin) {
                 Ok(n) => {
@@ -411,10 +386,10 @@ impl Client {
                 Err(e) => return Err(e.into()),
             };
             let info = quiche::RecvInfo { from, to: self.local };
-            if let Err(e) = self.quic.recv(&mut self.buf[..len], info) {
-                if e != quiche::Error::Done {
-                    tracing::debug!("client recv: {e}");
-                }
+            if let Err(e) = self.quic.recv(&mut self.buf[..len], info)
+                && e != quiche::Error::Done
+            {
+                tracing::debug!("client recv: {e}");
             }
         }
         if self.quic.timeout() == Some(Duration::ZERO) {
@@ -435,7 +410,10 @@ impl Client {
                     let headers = list
                         .iter()
                         .map(|h| {
-                            (String::from_utf8_lossy(h.name()).into_owned(), String::from_utf8_lossy(h.value()).into_owned())
+                            (
+                                String::from_utf8_lossy(h.name()).into_owned(),
+                                String::from_utf8_lossy(h.value()).into_owned(),
+                            )
                         })
                         .collect();
                     let s = self.streams.entry(id).or_default();

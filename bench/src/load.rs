@@ -84,7 +84,15 @@ pub fn run_echo(client: &mut Client, streams: &[u64], load: &EchoLoad) -> Result
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            (*s, FlowState { flow: i as u32, next_seq: 0, in_flight: HashMap::new(), done: vec![false; load.count as usize] })
+            (
+                *s,
+                FlowState {
+                    flow: i as u32,
+                    next_seq: 0,
+                    in_flight: HashMap::new(),
+                    done: vec![false; load.count as usize],
+                },
+            )
         })
         .collect();
     let mut report = EchoReport {
@@ -158,7 +166,8 @@ pub fn run_echo(client: &mut Client, streams: &[u64], load: &EchoLoad) -> Result
             bail!("connection closed during the run: {err:?}");
         }
     }
-    report.lost = report.sent.saturating_sub(report.received) + flows.values().map(|f| load.count - f.next_seq).sum::<u64>();
+    report.lost = report.sent.saturating_sub(report.received)
+        + flows.values().map(|f| load.count - f.next_seq).sum::<u64>();
     report.elapsed = start.elapsed();
     Ok(report)
 }

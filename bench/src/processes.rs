@@ -25,7 +25,10 @@ pub fn bin_dir() -> Result<PathBuf> {
 fn binary(name: &str) -> Result<PathBuf> {
     let path = bin_dir()?.join(name);
     if !path.exists() {
-        bail!("{} not found: build it first (cargo build --workspace --bins) or set RELAY_BIN_DIR", path.display());
+        bail!(
+            "{} not found: build it first (cargo build --workspace --bins) or set RELAY_BIN_DIR",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -199,10 +202,10 @@ max_pending = 64
                 Err(e) if Instant::now() > deadline => bail!("relay not ready: {e}"),
                 Err(_) => {}
             }
-            if let Some(dp) = self.dataplane.as_mut() {
-                if let Some(status) = dp.try_wait()? {
-                    bail!("relay-dataplane exited early: {status}");
-                }
+            if let Some(dp) = self.dataplane.as_mut()
+                && let Some(status) = dp.try_wait()?
+            {
+                bail!("relay-dataplane exited early: {status}");
             }
         }
     }

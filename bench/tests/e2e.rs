@@ -70,7 +70,13 @@ fn eight_tunnels_ten_thousand_datagrams_each_way_byte_for_byte() {
     let mut c = client(&relay);
     let streams: Vec<u64> =
         (0..8).map(|_| c.open_udp("127.0.0.1", echo.addr().port(), T).expect("tunnel opens")).collect();
-    let load = EchoLoad { count: 10_000, size: 1200, window: 24, capsules: false, stall_timeout: Duration::from_secs(5) };
+    let load = EchoLoad {
+        count: 10_000,
+        size: 1200,
+        window: 24,
+        capsules: false,
+        stall_timeout: Duration::from_secs(5),
+    };
     let r = run_echo(&mut c, &streams, &load).unwrap();
     assert_eq!(r.sent, 80_000);
     assert_eq!(r.corrupt, 0, "payloads must come back byte for byte");
@@ -85,11 +91,10 @@ fn eight_tunnels_ten_thousand_datagrams_each_way_byte_for_byte() {
     for s in &streams {
         c.finish_stream(*s).unwrap();
     }
-    wait_until("tunnels to close", T, || {
+    wait_until("tunnels to close and the relay to end its side too", T, || {
         let _ = c.drive(Duration::from_millis(10));
-        admin(&relay.admin_socket(), "status")["flows"] == 0
+        admin(&relay.admin_socket(), "status")["flows"] == 0 && streams.iter().all(|s| c.stream_finished(*s))
     });
-    assert!(streams.iter().all(|s| c.stream_finished(*s)), "the relay ends its side too");
     assert_eq!(counter(&relay, "tunnels_active"), 0);
 }
 
@@ -100,7 +105,8 @@ fn capsules_when_the_client_has_no_h3_datagrams() {
     let mut c = client_with(&relay, |cfg| cfg.h3_datagrams = false);
     c.wait_settings(T).unwrap();
     let streams: Vec<u64> = (0..2).map(|_| c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap()).collect();
-    let load = EchoLoad { count: 500, size: 800, window: 16, capsules: true, stall_timeout: Duration::from_secs(5) };
+    let load =
+        EchoLoad { count: 500, size: 800, window: 16, capsules: true, stall_timeout: Duration::from_secs(5) };
     let r = run_echo(&mut c, &streams, &load).unwrap();
     assert_eq!((r.received, r.lost, r.corrupt), (1000, 0, 0));
     for s in &streams {
@@ -114,7 +120,8 @@ fn capsule_only_client_gets_capsules_even_with_h3_datagrams_on() {
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut c = client(&relay);
     let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
-    let load = EchoLoad { count: 200, size: 100, window: 8, capsules: true, stall_timeout: Duration::from_secs(5) };
+    let load =
+        EchoLoad { count: 200, size: 100, window: 8, capsules: true, stall_timeout: Duration::from_secs(5) };
     let r = run_echo(&mut c, &[s], &load).unwrap();
     assert_eq!((r.received, r.lost), (200, 0));
     assert_eq!(c.capsule_datagrams(s), 200);
@@ -128,7 +135,8 @@ fn refusals_carry_exact_statuses_and_proxy_status() {
     assert!(c.extended_connect_enabled(), "SETTINGS_ENABLE_CONNECT_PROTOCOL");
     assert!(c.h3_datagrams_enabled(), "SETTINGS_H3_DATAGRAM and max_datagram_frame_size");
 
-    let mut ask = |c: &mut Client, edit: &dyn Fn(&mut Vec<(String, String)>)| -> Answer {
+    type Headers = Vec<(String, String)>;
+    let ask = |c: &mut Client, edit: &dyn Fn(&mut Headers)| -> Answer {
         let mut h = c.connect_udp_headers("127.0.0.1", 9);
         edit(&mut h);
         let id = c.send_raw_request(&h, false).unwrap();
@@ -146,7 +154,10 @@ fn refusals_carry_exact_statuses_and_proxy_status() {
     let status_and_error = |a: &Answer| {
         let Answer::Response(h) = a else { panic!("expected a response, got {a:?}") };
         let ps = header(h, "proxy-status");
-        (a.status().unwrap(), ps.and_then(|p| p.split("error=").nth(1).map(|e| e.split(';').next().unwrap().to_string())))
+        (
+            a.status().unwrap(),
+            ps.and_then(|p| p.split("error=").nth(1).map(|e| e.split(';').next().unwrap().to_string())),
+        )
     };
 
     // Credentials: 407 with a challenge.
@@ -288,7 +299,10 @@ fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(a.status(), Some(503));
     assert!(a.header("proxy-status").unwrap().contains("error=proxy_internal_error"));
-    assert!(waited >= Duration::from_millis(600) && waited < Duration::from_secs(3), "bounded wait: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_secs(3),
+        "bounded wait: {waited:?}"
+    );
 
     // Dead control (SIGKILL): new CONNECTs get 503 at once; the open
     // tunnel keeps forwarding.
@@ -300,7 +314,13 @@ fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
     assert_eq!(a.status(), Some(503));
     assert!(a.header("proxy-status").unwrap().contains("control plane unavailable"));
     assert!(started.elapsed() < Duration::from_millis(600), "fails fast when control is gone");
-    let load = EchoLoad { count: 300, size: 200, window: 16, capsules: false, stall_timeout: Duration::from_secs(5) };
+    let load = EchoLoad {
+        count: 300,
+        size: 200,
+        window: 16,
+        capsules: false,
+        stall_timeout: Duration::from_secs(5),
+    };
     let r = run_echo(&mut c, &[s], &load).unwrap();
     assert_eq!((r.received, r.lost, r.corrupt), (300, 0, 0));
 }
@@ -333,7 +353,13 @@ fn two_workers_share_the_port_and_both_serve() {
     for _ in 0..6 {
         let mut c = client(&relay);
         let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
-        let load = EchoLoad { count: 100, size: 300, window: 16, capsules: false, stall_timeout: Duration::from_secs(5) };
+        let load = EchoLoad {
+            count: 100,
+            size: 300,
+            window: 16,
+            capsules: false,
+            stall_timeout: Duration::from_secs(5),
+        };
         let r = run_echo(&mut c, &[s], &load).unwrap();
         assert_eq!((r.received, r.lost), (100, 0));
         c.close();

@@ -62,7 +62,9 @@ impl FromStr for Cidr {
         let addr = normalize(addr.parse::<IpAddr>().map_err(|_| err())?);
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = match len {
-            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => l.parse::<u8>().map_err(|_| err())?,
+            Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+                l.parse::<u8>().map_err(|_| err())?
+            }
             Some(_) => return Err(err()),
             None => max,
         };
@@ -224,9 +226,23 @@ mod tests {
     fn default_denies_special_ranges_v4_v6_and_mapped() {
         let acl = TargetAcl::new(vec![], vec![], vec![]);
         for denied in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0",
-            "224.0.0.1", "255.255.255.255", "::1", "::", "fe80::1", "fd00::1", "ff02::1", "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1", "64:ff9b::a00:1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
         ] {
             assert_eq!(acl.check(ip(denied), 53), Err(Denial::Address), "{denied}");
         }

@@ -104,7 +104,10 @@ mod tests {
 
     #[test]
     fn request_json_shapes() {
-        assert_eq!(serde_json::from_str::<AdminRequest>(r#"{"cmd":"status"}"#).unwrap(), AdminRequest::Status);
+        assert_eq!(
+            serde_json::from_str::<AdminRequest>(r#"{"cmd":"status"}"#).unwrap(),
+            AdminRequest::Status
+        );
         assert!(serde_json::from_str::<AdminRequest>(r#"{"cmd":"reboot"}"#).is_err());
         let v = respond(&AdminRequest::Status, &Shared::default());
         assert_eq!(v["dataplane_attached"], json!(false));

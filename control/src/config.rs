@@ -213,8 +213,8 @@ pub enum ConfigError {
 impl Config {
     /// Parses and validates configuration text.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })?;
+        let config: Config = toml::from_str(text)
+            .map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })?;
         let invalid = |message: String| ConfigError::Invalid { origin: origin.to_string(), message };
         let d = &config.dataplane;
         if d.workers == 0 || d.workers > relay_proto::channel::region::MAX_WORKERS {
@@ -234,7 +234,9 @@ impl Config {
         }
         let r = &config.resolver;
         if r.threads == 0 || r.threads > 64 || r.max_pending == 0 || r.timeout_ms == 0 {
-            return Err(invalid("resolver.threads must be 1..=64, max_pending and timeout_ms positive".into()));
+            return Err(invalid(
+                "resolver.threads must be 1..=64, max_pending and timeout_ms positive".into(),
+            ));
         }
         if config.auth.tokens.iter().any(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace())) {
             return Err(invalid("auth.tokens must be non-empty and without whitespace".into()));
@@ -279,7 +281,8 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_key() {
-        let text = DEFAULT_CONFIG.replace("allow = [\"127.0.0.0/8\", \"::1/128\"]", "allow = [\"127.0.0.0/99\"]");
+        let text =
+            DEFAULT_CONFIG.replace("allow = [\"127.0.0.0/8\", \"::1/128\"]", "allow = [\"127.0.0.0/99\"]");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         let line = DEFAULT_CONFIG.lines().position(|l| l.starts_with("allow =")).unwrap() + 1;
         assert!(err.contains(&format!("line {line}")), "{err}");

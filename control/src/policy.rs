@@ -180,7 +180,10 @@ mod tests {
         let v = p.after_resolution(53, Ok(vec!["10.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()]));
         assert!(matches!(v, Verdict::Allow { target, .. } if target.ip().to_string() == "127.0.0.2"));
         let v = p.after_resolution(53, Ok(vec!["10.0.0.1".parse().unwrap()]));
-        assert!(matches!(v, Verdict::Deny { status: 403, proxy_error: Some(ProxyError::DestinationIpProhibited), .. }));
+        assert!(matches!(
+            v,
+            Verdict::Deny { status: 403, proxy_error: Some(ProxyError::DestinationIpProhibited), .. }
+        ));
         let v = p.after_resolution(53, Err(ResolveFailure::NotFound("NXDOMAIN".into())));
         assert!(matches!(v, Verdict::Deny { status: 502, proxy_error: Some(ProxyError::DnsError), .. }));
         let v = p.after_resolution(53, Err(ResolveFailure::Timeout));

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use relay_proto::channel::RECORD_SIZE;
 use relay_proto::channel::bootstrap::{self, Bootstrap, Hello};
 use relay_proto::channel::doorbell::Doorbell;
 use relay_proto::channel::record::{AuthAnswer, AuthAsk, Record, Verdict};
 use relay_proto::channel::region::{Region, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
-use relay_proto::channel::RECORD_SIZE;
 use relay_proto::proxy_status::ProxyError;
 use tracing::{debug, error, info, warn};
 
@@ -187,10 +187,9 @@ impl Server {
                     DATAPLANE => self.check_dataplane_alive(),
                     WAKER => {}
                     Token(t) if t >= ASK_BELL_BASE => {
-                        if let Some(a) = &self.attached {
-                            if let Some(w) = a.workers.get(t - ASK_BELL_BASE) {
-                                w.ask_bell.drain();
-                            }
+                        if let Some(w) = self.attached.as_ref().and_then(|a| a.workers.get(t - ASK_BELL_BASE))
+                        {
+                            w.ask_bell.drain();
                         }
                     }
                     _ => {}
@@ -240,7 +239,12 @@ impl Server {
             let answer_bell = Doorbell::new()?;
             fds.push(ask_bell.try_clone_fd()?);
             fds.push(answer_bell.try_clone_fd()?);
-            ends.push(WorkerEnd { chan: region.control_side(w), ask_bell, answer_bell, backlog: VecDeque::new() });
+            ends.push(WorkerEnd {
+                chan: region.control_side(w),
+                ask_bell,
+                answer_bell,
+                backlog: VecDeque::new(),
+            });
         }
         let fd_refs: Vec<&dyn AsRawFd> = fds.iter().map(|f| f as &dyn AsRawFd).collect();
         bootstrap::send(&stream, &self.settings.bootstrap, &fd_refs)?;
@@ -248,7 +252,11 @@ impl Server {
         let registry = self.poll.registry();
         registry.register(&mut SourceFd(&stream.as_raw_fd()), DATAPLANE, Interest::READABLE)?;
         for (i, w) in ends.iter().enumerate() {
-            registry.register(&mut SourceFd(&w.ask_bell.as_raw_fd()), Token(ASK_BELL_BASE + i), Interest::READABLE)?;
+            registry.register(
+                &mut SourceFd(&w.ask_bell.as_raw_fd()),
+                Token(ASK_BELL_BASE + i),
+                Interest::READABLE,
+            )?;
         }
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
@@ -323,7 +331,12 @@ impl Server {
                 Record::FlowClosed(closed) => {
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if shared.flows.remove(&closed.flow_id).is_some() {
-                        debug!(flow = closed.flow_id, up = closed.bytes_up, down = closed.bytes_down, "flow closed");
+                        debug!(
+                            flow = closed.flow_id,
+                            up = closed.bytes_up,
+                            down = closed.bytes_down,
+                            "flow closed"
+                        );
                     }
                 }
                 Record::AuthAnswer(_) => {
@@ -366,7 +379,8 @@ impl Server {
 
     fn expire_resolutions(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
                 let verdict = self.policy.after_resolution(p.ask.target_port, Err(ResolveFailure::Timeout));
@@ -391,7 +405,13 @@ impl Server {
                         SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
                     shared.flows.insert(
                         *flow_id,
-                        FlowInfo { flow_id: *flow_id, worker, client: ask.client, target: *target, started_unix },
+                        FlowInfo {
+                            flow_id: *flow_id,
+                            worker,
+                            client: ask.client,
+                            target: *target,
+                            started_unix,
+                        },
                     );
                     shared.asks_allowed += 1;
                 }
@@ -436,10 +456,8 @@ impl Server {
                     }
                 }
             }
-            if pushed {
-                if let Err(e) = end.answer_bell.ring() {
-                    warn!(worker = w, "ringing the answer doorbell: {e}");
-                }
+            if pushed && let Err(e) = end.answer_bell.ring() {
+                warn!(worker = w, "ringing the answer doorbell: {e}");
             }
         }
         if let Some(w) = corrupt {

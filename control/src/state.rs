@@ -153,7 +153,8 @@ mod tests {
         assert_eq!(mode, 0o600);
         let pem = fs::read(&c.cert).unwrap();
         let x = X509::from_pem(&pem).unwrap();
-        let sans: Vec<_> = x.subject_alt_names().unwrap().iter().filter_map(|n| n.dnsname().map(str::to_string)).collect();
+        let sans: Vec<_> =
+            x.subject_alt_names().unwrap().iter().filter_map(|n| n.dnsname().map(str::to_string)).collect();
         assert_eq!(sans, ["localhost"]);
         assert!(!self_signed(&dir, &["localhost".into()]).unwrap().generated);
         let (t1, new1) = demo_token(&dir).unwrap();

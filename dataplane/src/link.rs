@@ -44,7 +44,15 @@ impl ControlLink {
         answer_bell: Doorbell,
         control_alive: Arc<AtomicBool>,
     ) -> Self {
-        Self { chan, ask_bell, answer_bell, control_alive, record: Box::new([0; RECORD_SIZE]), next_ask_id: 1, broken: false }
+        Self {
+            chan,
+            ask_bell,
+            answer_bell,
+            control_alive,
+            record: Box::new([0; RECORD_SIZE]),
+            next_ask_id: 1,
+            broken: false,
+        }
     }
 
     /// The worker's counters.

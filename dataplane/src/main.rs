@@ -43,8 +43,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     for (i, (ask_bell, answer_bell)) in att.doorbells.into_iter().enumerate() {
         let i = i as u32;
         wake_fds.push(relay_proto::channel::doorbell::Doorbell::from_fd(answer_bell.try_clone_fd()?));
-        let link = ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
-        let settings = WorkerSettings { index: i, bootstrap: att.bootstrap.clone(), template: template.clone() };
+        let link =
+            ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
+        let settings =
+            WorkerSettings { index: i, bootstrap: att.bootstrap.clone(), template: template.clone() };
         // Bind in this thread so a bad address fails start-up, not a worker.
         let mut worker = Worker::new(settings, link)?;
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
@@ -80,7 +82,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     for sig in [libc::SIGINT, libc::SIGTERM] {

@@ -32,7 +32,8 @@ pub fn refusal(
         out.push(h("proxy-status", &proxy_status::format(proxy_name, e, details)));
     }
     if status == 407 {
-        let realm: String = realm.chars().filter(|c| *c != '"' && *c != '\\' && (' '..='~').contains(c)).collect();
+        let realm: String =
+            realm.chars().filter(|c| *c != '"' && *c != '\\' && (' '..='~').contains(c)).collect();
         out.push(h("proxy-authenticate", &format!("Bearer realm=\"{realm}\"")));
     }
     if status == 405 {

@@ -33,7 +33,8 @@ pub fn quic_listener(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
 /// A target socket connected to `target`, on an ephemeral port.
 pub fn connected_target(target: SocketAddr) -> io::Result<mio::net::UdpSocket> {
     let s = new_udp(&target)?;
-    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
+    let any: SocketAddr =
+        if target.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
     s.bind(&any.into())?;
     forbid_fragmentation(&s, target.is_ipv4())?;
     s.connect(&target.into())?;
@@ -78,7 +79,9 @@ mod tests {
         let mut value: libc::c_int = -1;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt into a live int with its exact size.
-        let rc = unsafe { libc::getsockopt(s.as_raw_fd(), level, name, (&mut value as *mut libc::c_int).cast(), &mut len) };
+        let rc = unsafe {
+            libc::getsockopt(s.as_raw_fd(), level, name, (&mut value as *mut libc::c_int).cast(), &mut len)
+        };
         assert_eq!(rc, 0);
         value
     }

@@ -121,7 +121,13 @@ impl Tunnel {
 
     /// Control allowed the tunnel: it is open. Returns the payloads the
     /// client sent early, to forward now in order.
-    pub fn open(&mut self, flow_id: u64, target: SocketAddr, idle_timeout: Duration, now: Instant) -> Vec<Vec<u8>> {
+    pub fn open(
+        &mut self,
+        flow_id: u64,
+        target: SocketAddr,
+        idle_timeout: Duration,
+        now: Instant,
+    ) -> Vec<Vec<u8>> {
         self.phase = Phase::Open { flow_id, target };
         self.idle_timeout = idle_timeout;
         self.last_activity = now;

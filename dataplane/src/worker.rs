@@ -333,7 +333,11 @@ impl Worker {
                 (stream_id, quiche::h3::Event::Finished) => self.on_stream_finished(conn, stream_id),
                 (stream_id, quiche::h3::Event::Reset(_)) => {
                     if let Some(entry) = conn.tunnels.remove(&stream_id) {
-                        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, h3_code::REQUEST_CANCELLED);
+                        let _ = conn.quic.stream_shutdown(
+                            stream_id,
+                            quiche::Shutdown::Write,
+                            h3_code::REQUEST_CANCELLED,
+                        );
                         self.close_tunnel(entry);
                     }
                 }
@@ -344,7 +348,8 @@ impl Worker {
             conn.settings_known = true;
             let ids: Vec<u64> = conn.tunnels.keys().copied().collect();
             for id in ids {
-                let waiting = conn.tunnels.get_mut(&id).map(|e| e.tunnel.take_waiting_down()).unwrap_or_default();
+                let waiting =
+                    conn.tunnels.get_mut(&id).map(|e| e.tunnel.take_waiting_down()).unwrap_or_default();
                 for payload in waiting {
                     self.send_down(conn, id, &payload, now);
                 }
@@ -416,13 +421,27 @@ impl Worker {
         };
         let connect = match request::classify_connect_udp(&req, &self.settings.template) {
             Ok(c) => c,
-            Err(refusal) => return self.refuse(conn, stream_id, refusal.status, refusal.proxy_error, refusal.reason),
+            Err(refusal) => {
+                return self.refuse(conn, stream_id, refusal.status, refusal.proxy_error, refusal.reason);
+            }
         };
         if !more_frames {
-            return self.refuse(conn, stream_id, 400, Some(ProxyError::HttpRequestError), "request stream already ended");
+            return self.refuse(
+                conn,
+                stream_id,
+                400,
+                Some(ProxyError::HttpRequestError),
+                "request stream already ended",
+            );
         }
         if conn.tunnels.len() >= self.settings.bootstrap.max_tunnels_per_connection as usize {
-            return self.refuse(conn, stream_id, 429, Some(ProxyError::HttpRequestDenied), "too many tunnels on this connection");
+            return self.refuse(
+                conn,
+                stream_id,
+                429,
+                Some(ProxyError::HttpRequestDenied),
+                "too many tunnels on this connection",
+            );
         }
         let target_host = match &connect.target_host {
             relay_proto::target::TargetHost::Ip(ip) => ip.to_string(),
@@ -440,10 +459,14 @@ impl Worker {
             Ok(id) => id,
             Err(e) => {
                 let (status, proxy_error, reason) = match e {
-                    AskError::ControlDown => (503, Some(ProxyError::ProxyInternalError), "control plane unavailable"),
+                    AskError::ControlDown => {
+                        (503, Some(ProxyError::ProxyInternalError), "control plane unavailable")
+                    }
                     AskError::Full => (503, Some(ProxyError::ProxyInternalError), "control plane overloaded"),
                     AskError::TooLarge(RecordError::FieldTooLong("path")) => (414, None, "path too long"),
-                    AskError::TooLarge(RecordError::FieldTooLong("authorization")) => (431, None, "credentials too long"),
+                    AskError::TooLarge(RecordError::FieldTooLong("authorization")) => {
+                        (431, None, "credentials too long")
+                    }
                     AskError::TooLarge(_) => (400, Some(ProxyError::HttpRequestError), "request too large"),
                 };
                 if matches!(e, AskError::ControlDown | AskError::Full) {
@@ -459,7 +482,14 @@ impl Worker {
     }
 
     /// Sends a complete refusal and stops reading the request.
-    fn refuse(&mut self, conn: &mut Conn, stream_id: u64, status: u16, proxy_error: Option<ProxyError>, reason: &str) {
+    fn refuse(
+        &mut self,
+        conn: &mut Conn,
+        stream_id: u64,
+        status: u16,
+        proxy_error: Option<ProxyError>,
+        reason: &str,
+    ) {
         debug!(stream_id, status, reason, "request refused");
         self.count(Counter::TunnelsRefused, 1);
         let headers = response::refusal(
@@ -570,7 +600,13 @@ impl Worker {
         let Some((serial, stream_id)) = self.asks.remove(&answer.ask_id) else {
             // The request is gone (timed out, reset, connection closed).
             if let Verdict::Allow { flow_id, .. } = answer.verdict {
-                self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
+                self.link.flow_closed(FlowClosed {
+                    flow_id,
+                    packets_up: 0,
+                    bytes_up: 0,
+                    packets_down: 0,
+                    bytes_down: 0,
+                });
             }
             return;
         };
@@ -582,7 +618,13 @@ impl Worker {
     fn apply_answer(&mut self, conn: &mut Conn, stream_id: u64, verdict: Verdict, now: Instant) {
         if !conn.tunnels.contains_key(&stream_id) {
             if let Verdict::Allow { flow_id, .. } = verdict {
-                self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
+                self.link.flow_closed(FlowClosed {
+                    flow_id,
+                    packets_up: 0,
+                    bytes_up: 0,
+                    packets_down: 0,
+                    bytes_down: 0,
+                });
             }
             return;
         }
@@ -597,27 +639,57 @@ impl Worker {
                     Err(e) => {
                         debug!("target socket: {e}");
                         conn.tunnels.remove(&stream_id);
-                        self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
+                        self.link.flow_closed(FlowClosed {
+                            flow_id,
+                            packets_up: 0,
+                            bytes_up: 0,
+                            packets_down: 0,
+                            bytes_down: 0,
+                        });
                         let reason = "cannot open a socket to the target";
-                        return self.refuse(conn, stream_id, 502, Some(ProxyError::DestinationUnavailable), reason);
+                        return self.refuse(
+                            conn,
+                            stream_id,
+                            502,
+                            Some(ProxyError::DestinationUnavailable),
+                            reason,
+                        );
                     }
                 };
                 let token = self.next_target_token;
                 self.next_target_token += 1;
                 if self.poll.registry().register(&mut sock, Token(token), Interest::READABLE).is_err() {
                     conn.tunnels.remove(&stream_id);
-                    self.link.flow_closed(FlowClosed { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 });
-                    return self.refuse(conn, stream_id, 503, Some(ProxyError::ProxyInternalError), "socket registration failed");
+                    self.link.flow_closed(FlowClosed {
+                        flow_id,
+                        packets_up: 0,
+                        bytes_up: 0,
+                        packets_down: 0,
+                        bytes_down: 0,
+                    });
+                    return self.refuse(
+                        conn,
+                        stream_id,
+                        503,
+                        Some(ProxyError::ProxyInternalError),
+                        "socket registration failed",
+                    );
                 }
                 let serial = *self.by_cid.get(&conn.cids[0]).expect("live connection is indexed");
                 self.targets.insert(token, (serial, stream_id));
                 let entry = conn.tunnels.get_mut(&stream_id).expect("checked above");
-                let early = entry.tunnel.open(flow_id, target, Duration::from_millis(u64::from(idle_timeout_ms)), now);
+                let early = entry.tunnel.open(
+                    flow_id,
+                    target,
+                    Duration::from_millis(u64::from(idle_timeout_ms)),
+                    now,
+                );
                 entry.target = Some((sock, token));
                 self.count(Counter::TunnelsOpened, 1);
                 self.count(Counter::TunnelsActive, 1);
                 let headers = response::tunnel_open();
-                let sent = conn.h3.as_mut().map(|h3| h3.send_response(&mut conn.quic, stream_id, &headers, false));
+                let sent =
+                    conn.h3.as_mut().map(|h3| h3.send_response(&mut conn.quic, stream_id, &headers, false));
                 if !matches!(sent, Some(Ok(()))) {
                     entry.response_pending = Some(headers);
                 }
@@ -720,14 +792,21 @@ impl Worker {
                     Phase::Pending { .. } => {
                         self.count(Counter::AsksFailed, 1);
                         self.close_tunnel(entry);
-                        self.refuse(&mut conn, stream_id, 503, Some(ProxyError::ProxyInternalError), "control plane did not answer in time");
+                        self.refuse(
+                            &mut conn,
+                            stream_id,
+                            503,
+                            Some(ProxyError::ProxyInternalError),
+                            "control plane did not answer in time",
+                        );
                     }
                     Phase::Open { .. } => {
                         // Idle: end the tunnel cleanly from our side.
                         if let Some(h3) = conn.h3.as_mut() {
                             let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
                         }
-                        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
+                        let _ =
+                            conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
                         self.close_tunnel(entry);
                     }
                 }
@@ -762,10 +841,10 @@ impl Worker {
                     continue;
                 }
             }
-            if !entry.tunnel.stream_out().is_empty() {
-                if let Ok(n) = h3.send_body(&mut conn.quic, *stream_id, entry.tunnel.stream_out(), false) {
-                    entry.tunnel.consume_stream_out(n);
-                }
+            if !entry.tunnel.stream_out().is_empty()
+                && let Ok(n) = h3.send_body(&mut conn.quic, *stream_id, entry.tunnel.stream_out(), false)
+            {
+                entry.tunnel.consume_stream_out(n);
             }
         }
     }

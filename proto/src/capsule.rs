@@ -101,8 +101,7 @@ impl CapsuleDecoder {
             match &mut self.state {
                 State::Header => {
                     let take = (self.header.len() - self.header_len).min(input.len());
-                    self.header[self.header_len..self.header_len + take]
-                        .copy_from_slice(&input[..take]);
+                    self.header[self.header_len..self.header_len + take].copy_from_slice(&input[..take]);
                     let avail = self.header_len + take;
                     let parsed = varint::decode(&self.header[..avail]).and_then(|(t, tl)| {
                         varint::decode(&self.header[tl..avail]).map(|(l, ll)| (t, l, tl + ll))

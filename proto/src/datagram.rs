@@ -58,8 +58,7 @@ impl DatagramError {
 
 /// Parses a QUIC DATAGRAM frame payload as an HTTP/3 datagram.
 pub fn decode(frame: &[u8]) -> Result<H3Datagram<'_>, DatagramError> {
-    let (quarter, qlen) =
-        varint::decode(frame).map_err(|_| DatagramError::TruncatedQuarterStreamId)?;
+    let (quarter, qlen) = varint::decode(frame).map_err(|_| DatagramError::TruncatedQuarterStreamId)?;
     if quarter > MAX_QUARTER_STREAM_ID {
         return Err(DatagramError::QuarterStreamIdOutOfRange(quarter));
     }

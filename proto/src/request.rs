@@ -386,14 +386,17 @@ mod tests {
 
     #[test]
     fn refusal_statuses() {
-        let status = |f: Vec<(&str, String)>| classify_connect_udp(&parse_owned(&f).unwrap(), &template()).unwrap_err().status;
+        let status = |f: Vec<(&str, String)>| {
+            classify_connect_udp(&parse_owned(&f).unwrap(), &template()).unwrap_err().status
+        };
         assert_eq!(status(with(":protocol", Some("connect-ip"))), 501);
         assert_eq!(status(with(":scheme", Some("http"))), 400);
         assert_eq!(status(with(":path", Some("/nope"))), 404);
         assert_eq!(status(with(":path", Some("/.well-known/masque/udp/192.0.2.6/0/"))), 400);
         assert_eq!(status(with(":path", Some("/.well-known/masque/udp/192.0.2.6/70000/"))), 400);
         assert_eq!(status(with(":path", Some("/.well-known/masque/udp/fe80%3A%3A1%25eth0/53/"))), 400);
-        let get = parse(&[(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/")]).unwrap();
+        let get =
+            parse(&[(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/")]).unwrap();
         assert_eq!(classify_connect_udp(&get, &template()).unwrap_err().status, 405);
     }
 

@@ -56,10 +56,7 @@ impl TargetHost {
         if decoded.is_empty() {
             return Err(TargetError::EmptyHost);
         }
-        let unbracketed = decoded
-            .strip_prefix('[')
-            .and_then(|s| s.strip_suffix(']'))
-            .unwrap_or(decoded);
+        let unbracketed = decoded.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(decoded);
         if unbracketed.contains(':') {
             if unbracketed.contains('%') {
                 return Err(TargetError::ZoneId);
@@ -126,23 +123,31 @@ mod tests {
     #[test]
     fn literals_and_names() {
         assert_eq!(TargetHost::parse("192.0.2.6"), Ok(TargetHost::Ip("192.0.2.6".parse().unwrap())));
-        assert_eq!(
-            TargetHost::parse("2001:db8::42"),
-            Ok(TargetHost::Ip("2001:db8::42".parse().unwrap()))
-        );
-        assert_eq!(
-            TargetHost::parse("[2001:db8::42]"),
-            Ok(TargetHost::Ip("2001:db8::42".parse().unwrap()))
-        );
+        assert_eq!(TargetHost::parse("2001:db8::42"), Ok(TargetHost::Ip("2001:db8::42".parse().unwrap())));
+        assert_eq!(TargetHost::parse("[2001:db8::42]"), Ok(TargetHost::Ip("2001:db8::42".parse().unwrap())));
         assert_eq!(TargetHost::parse("Example.COM."), Ok(TargetHost::Name("example.com".into())));
-        assert_eq!(TargetHost::parse("_svc.example-1.org"), Ok(TargetHost::Name("_svc.example-1.org".into())));
+        assert_eq!(
+            TargetHost::parse("_svc.example-1.org"),
+            Ok(TargetHost::Name("_svc.example-1.org".into()))
+        );
     }
 
     #[test]
     fn refusals() {
         assert_eq!(TargetHost::parse(""), Err(TargetError::EmptyHost));
         assert_eq!(TargetHost::parse("fe80::1%eth0"), Err(TargetError::ZoneId));
-        for bad in ["127.1", "0x7f.1", "01.2.3.4", "a..b", "-a.com", "a-.com", "exa mple.com", "[1.2.3.4]", "a/b", "2001:db8::zz"] {
+        for bad in [
+            "127.1",
+            "0x7f.1",
+            "01.2.3.4",
+            "a..b",
+            "-a.com",
+            "a-.com",
+            "exa mple.com",
+            "[1.2.3.4]",
+            "a/b",
+            "2001:db8::zz",
+        ] {
             assert!(TargetHost::parse(bad).is_err(), "{bad}");
         }
         assert!(TargetHost::parse(&"a".repeat(64)).is_err());

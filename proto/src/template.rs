@@ -41,7 +41,9 @@ pub enum TemplateError {
     #[error("unclosed '{{' in the template")]
     Unclosed,
     /// An expression uses an operator or variable this relay does not know.
-    #[error("unsupported expression {{{0}}}: use {{target_host}}, {{target_port}} or {{?target_host,target_port}}")]
+    #[error(
+        "unsupported expression {{{0}}}: use {{target_host}}, {{target_port}} or {{?target_host,target_port}}"
+    )]
     Unsupported(String),
     /// A variable is missing or appears twice.
     #[error("the template must contain target_host and target_port exactly once each")]
@@ -105,7 +107,10 @@ impl UriTemplate {
                 let expr = &body[..end];
                 rest = &body[end + 1..];
                 let var_index = |name: &str| {
-                    VARIABLES.iter().position(|v| *v == name).ok_or_else(|| TemplateError::Unsupported(expr.to_string()))
+                    VARIABLES
+                        .iter()
+                        .position(|v| *v == name)
+                        .ok_or_else(|| TemplateError::Unsupported(expr.to_string()))
                 };
                 if let Some(list) = expr.strip_prefix('?') {
                     let vars = list.split(',').map(var_index).collect::<Result<Vec<_>, _>>()?;
@@ -134,10 +139,10 @@ impl UriTemplate {
         if seen != [1, 1] {
             return Err(TemplateError::Variables);
         }
-        if let Some(pos) = parts.iter().position(|p| matches!(p, Part::Query(_))) {
-            if pos != parts.len() - 1 {
-                return Err(TemplateError::QueryNotLast);
-            }
+        if let Some(pos) = parts.iter().position(|p| matches!(p, Part::Query(_)))
+            && pos != parts.len() - 1
+        {
+            return Err(TemplateError::QueryNotLast);
         }
         Ok(Self { source: template.to_string(), parts })
     }
@@ -181,10 +186,8 @@ impl UriTemplate {
             match part {
                 Part::Literal(l) => rest = rest.strip_prefix(l.as_str()).ok_or(MatchError::NoMatch)?,
                 Part::Var(v) => {
-                    let end = rest
-                        .bytes()
-                        .position(|b| !(is_unreserved(b) || b == b'%'))
-                        .unwrap_or(rest.len());
+                    let end =
+                        rest.bytes().position(|b| !(is_unreserved(b) || b == b'%')).unwrap_or(rest.len());
                     raw[*v] = Some(&rest[..end]);
                     rest = &rest[end..];
                 }
@@ -197,11 +200,11 @@ impl UriTemplate {
                     rest = "";
                     for pair in query.split('&').filter(|p| !p.is_empty()) {
                         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                        if let Some(v) = vars.iter().find(|v| VARIABLES[**v] == name) {
-                            if raw[*v].replace(value).is_some() {
-                                // A variable given twice is ambiguous.
-                                return Err(MatchError::NoMatch);
-                            }
+                        if let Some(v) = vars.iter().find(|v| VARIABLES[**v] == name)
+                            && raw[*v].replace(value).is_some()
+                        {
+                            // A variable given twice is ambiguous.
+                            return Err(MatchError::NoMatch);
                         }
                     }
                 }
@@ -272,7 +275,10 @@ mod tests {
         assert_eq!(t.expand("example.com", 53), "/masque?target_host=example.com&target_port=53");
         let m = t.match_path("/masque?target_port=53&target_host=example.com").unwrap();
         assert_eq!((m.target_host.as_str(), m.target_port.as_str()), ("example.com", "53"));
-        assert_eq!(t.match_path("/masque?target_host=a&target_host=b&target_port=1"), Err(MatchError::NoMatch));
+        assert_eq!(
+            t.match_path("/masque?target_host=a&target_host=b&target_port=1"),
+            Err(MatchError::NoMatch)
+        );
         assert_eq!(t.match_path("/masque?target_host=a"), Err(MatchError::NoMatch));
     }
 
@@ -295,12 +301,21 @@ mod tests {
 
     #[test]
     fn template_validation() {
-        assert_eq!(UriTemplate::parse("masque/{target_host}/{target_port}"), Err(TemplateError::NotAbsolutePath));
+        assert_eq!(
+            UriTemplate::parse("masque/{target_host}/{target_port}"),
+            Err(TemplateError::NotAbsolutePath)
+        );
         assert_eq!(UriTemplate::parse("/{target_host}/{target_port"), Err(TemplateError::Unclosed));
         assert_eq!(UriTemplate::parse("/{target_host}/"), Err(TemplateError::Variables));
         assert_eq!(UriTemplate::parse("/{target_host}{target_port}"), Err(TemplateError::Adjacent));
-        assert!(matches!(UriTemplate::parse("/{+target_host}/{target_port}"), Err(TemplateError::Unsupported(_))));
+        assert!(matches!(
+            UriTemplate::parse("/{+target_host}/{target_port}"),
+            Err(TemplateError::Unsupported(_))
+        ));
         assert_eq!(UriTemplate::parse("/x{?target_host}/{target_port}"), Err(TemplateError::QueryNotLast));
-        assert_eq!(UriTemplate::parse("/a b/{target_host}/{target_port}"), Err(TemplateError::BadLiteral(' ')));
+        assert_eq!(
+            UriTemplate::parse("/a b/{target_host}/{target_port}"),
+            Err(TemplateError::BadLiteral(' '))
+        );
     }
 }

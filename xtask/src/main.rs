@@ -1,1 +1,261 @@
-fn main() {}
+//! `cargo xtask`: the project's entry points.
+//!
+//! - `setup`: installs the system packages the build needs (BoringSSL for
+//!   quiche needs cmake and libclang); as root it runs apt-get, otherwise it
+//!   prints the exact command and fails.
+//! - `build`: setup, then builds every binary.
+//! - `run`: builds (release) and runs the relay — relay-control on its
+//!   embedded default config, then relay-dataplane — until Ctrl-C.
+//! - `test`: setup, formatting and lint checks, then every test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Debian packages the build needs, with a file that proves each present.
+const PACKAGES: &[(&str, &str)] = &[
+    ("cmake", "/usr/bin/cmake"),
+    ("libclang-dev", ""),
+    ("pkg-config", "/usr/bin/pkg-config"),
+    ("g++", "/usr/bin/g++"),
+    ("make", "/usr/bin/make"),
+    ("iproute2", "/usr/sbin/ip"),
+];
+
+fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run_checked(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn libclang_present() -> bool {
+    let out = Command::new("ldconfig").arg("-p").output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).contains("libclang")).unwrap_or(false)
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    let have_dpkg = Command::new("dpkg-query").arg("--version").output().is_ok();
+    PACKAGES
+        .iter()
+        .filter(|(pkg, proof)| {
+            if have_dpkg {
+                !dpkg_installed(pkg)
+            } else if pkg.contains("libclang") {
+                !libclang_present()
+            } else {
+                !Path::new(proof).exists()
+            }
+        })
+        .map(|(pkg, _)| *pkg)
+        .collect()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn setup() -> Result<()> {
+    let missing = missing_packages();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let cmd = format!("apt-get update && apt-get install -y --no-install-recommends {}", missing.join(" "));
+    if !is_root() {
+        bail!("missing system packages: {}\nrun as root:\n  sudo sh -c '{cmd}'", missing.join(", "));
+    }
+    eprintln!("xtask: installing {}", missing.join(", "));
+    run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let still = missing_packages();
+    if !still.is_empty() {
+        bail!("still missing after apt-get: {}", still.join(", "));
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    setup()?;
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run_checked(&mut c)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+fn terminate(child: &mut Child) {
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn run_relay(args: &[String]) -> Result<()> {
+    let debug = args.iter().any(|a| a == "--debug");
+    build(!debug)?;
+    let profile = if debug { "debug" } else { "release" };
+    let bin = root().join("target").join(profile);
+    let state = root().join("state");
+    let channel = state.join("channel.sock");
+    let _ = std::fs::remove_file(&channel);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: installing an async-signal-safe handler that only stores
+        // to an atomic.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+    let mut control = Command::new(bin.join("relay-control"))
+        .arg("--state-dir")
+        .arg(&state)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting relay-control")?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !channel.exists() {
+        if let Some(status) = control.try_wait()? {
+            bail!("relay-control exited: {status}");
+        }
+        if Instant::now() > deadline {
+            terminate(&mut control);
+            bail!("relay-control did not open {}", channel.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut dataplane = Command::new(bin.join("relay-dataplane"))
+        .arg("--control-socket")
+        .arg(&channel)
+        .current_dir(root())
+        .spawn()
+        .context("starting relay-dataplane")?;
+    let token = std::fs::read_to_string(state.join("token")).unwrap_or_default().trim().to_string();
+    println!();
+    println!(
+        "MASQUE relay running: QUIC on 127.0.0.1:4433 (connect-udp, template /.well-known/masque/udp/{{target_host}}/{{target_port}}/)"
+    );
+    println!("  state:    {}", state.display());
+    println!("  token:    {token}");
+    println!("  status:   cargo run -q -p relay-control --bin relayctl -- --socket state/admin.sock status");
+    println!("  try it (in another terminal, from {}):", root().display());
+    println!(
+        "    cargo run -q --release -p relay-bench -- tunnel-echo --ca state/cert.pem --token {token} --flows 4 --count 1000"
+    );
+    println!("  Ctrl-C stops the relay.");
+    println!();
+    let result = loop {
+        if STOP.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        if let Some(status) = dataplane.try_wait()? {
+            break if status.success() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("relay-dataplane exited: {status}"))
+            };
+        }
+        if let Some(status) = control.try_wait()? {
+            break if status.success() {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("relay-control exited: {status}"))
+            };
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    terminate(&mut dataplane);
+    terminate(&mut control);
+    result
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let no_lint = args.iter().any(|a| a == "--no-lint");
+    setup()?;
+    if !no_lint {
+        run_checked(cargo().args(["fmt", "--all", "--check"]))?;
+        run_checked(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // The end-to-end tests start the relay binaries as real processes.
+    run_checked(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    run_checked(cargo().args(["test", "--workspace", "--locked"]).env("RUST_BACKTRACE", "1"))
+}
+
+fn usage() -> &'static str {
+    "usage: cargo xtask <setup | build [--release] | run [--debug] | test [--no-lint]>"
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or(&[]);
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(),
+        Some("build") => build(rest.iter().any(|a| a == "--release")),
+        Some("run") => run_relay(rest),
+        Some("test") => test(rest),
+        _ => {
+            eprintln!("{}", usage());
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

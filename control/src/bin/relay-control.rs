@@ -95,7 +95,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         pending_datagrams_per_tunnel: 64,
         max_capsule_len: 65_535,
     };
-    let acl = TargetAcl::new(config.targets.allow.clone(), config.targets.deny.clone(), config.targets.ports.clone());
+    let acl = TargetAcl::new(
+        config.targets.allow.clone(),
+        config.targets.deny.clone(),
+        config.targets.ports.clone(),
+    );
     let policy = Policy::new(BearerTokens::new(tokens), acl, d.flow_idle_timeout_secs.saturating_mul(1000));
     let shared = Arc::new(Mutex::new(Shared::default()));
     let admin_listener = server::bind_private_socket(&config.admin_socket())?;

@@ -67,7 +67,8 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     }
     let mut out = String::new();
     let line = |cells: Vec<&str>, out: &mut String| {
-        let parts: Vec<String> = cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        let parts: Vec<String> =
+            cells.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         out.push_str(parts.join("  ").trim_end());
         out.push('\n');
     };
@@ -105,28 +106,36 @@ fn main() -> ExitCode {
     }
     match req {
         AdminRequest::Status => {
-            let rows: Vec<Vec<String>> = ["control_pid", "dataplane_attached", "dataplane_pid", "flows", "asks_allowed", "asks_denied", "channel_errors"]
-                .iter()
-                .map(|k| vec![k.to_string(), show(&v[*k])])
-                .collect();
+            let rows: Vec<Vec<String>> = [
+                "control_pid",
+                "dataplane_attached",
+                "dataplane_pid",
+                "flows",
+                "asks_allowed",
+                "asks_denied",
+                "channel_errors",
+            ]
+            .iter()
+            .map(|k| vec![k.to_string(), show(&v[*k])])
+            .collect();
             print!("{}", table(&["FIELD", "VALUE"], &rows));
-            if let Some(workers) = v["workers"].as_array() {
-                if let Some(first) = workers.first().and_then(Value::as_object) {
-                    let names: Vec<&String> = first.keys().filter(|k| *k != "worker").collect();
-                    let mut headers = vec!["COUNTER"];
-                    let labels: Vec<String> = workers.iter().map(|w| format!("W{}", show(&w["worker"]))).collect();
-                    headers.extend(labels.iter().map(String::as_str));
-                    let rows: Vec<Vec<String>> = names
-                        .iter()
-                        .map(|n| {
-                            let mut r = vec![n.to_string()];
-                            r.extend(workers.iter().map(|w| show(&w[n.as_str()])));
-                            r
-                        })
-                        .collect();
-                    println!();
-                    print!("{}", table(&headers, &rows));
-                }
+            let workers = v["workers"].as_array().cloned().unwrap_or_default();
+            if let Some(first) = workers.first().and_then(Value::as_object) {
+                let names: Vec<&String> = first.keys().filter(|k| *k != "worker").collect();
+                let mut headers = vec!["COUNTER"];
+                let labels: Vec<String> =
+                    workers.iter().map(|w| format!("W{}", show(&w["worker"]))).collect();
+                headers.extend(labels.iter().map(String::as_str));
+                let rows: Vec<Vec<String>> = names
+                    .iter()
+                    .map(|n| {
+                        let mut r = vec![n.to_string()];
+                        r.extend(workers.iter().map(|w| show(&w[n.as_str()])));
+                        r
+                    })
+                    .collect();
+                println!();
+                print!("{}", table(&headers, &rows));
             }
         }
         AdminRequest::Flows => {
@@ -134,7 +143,12 @@ fn main() -> ExitCode {
                 .as_array()
                 .map(|a| {
                     a.iter()
-                        .map(|f| ["flow_id", "worker", "client", "target", "started_unix"].iter().map(|k| show(&f[*k])).collect())
+                        .map(|f| {
+                            ["flow_id", "worker", "client", "target", "started_unix"]
+                                .iter()
+                                .map(|k| show(&f[*k]))
+                                .collect()
+                        })
                         .collect()
                 })
                 .unwrap_or_default();

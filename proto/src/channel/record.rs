@@ -313,12 +313,24 @@ impl Record {
                     1 => Some(auth),
                     _ => return Err(RecordError::BadValue("authorization")),
                 };
-                Record::AuthAsk(AuthAsk { ask_id, client, authority, path, target_host, target_port, authorization })
+                Record::AuthAsk(AuthAsk {
+                    ask_id,
+                    client,
+                    authority,
+                    path,
+                    target_host,
+                    target_port,
+                    authorization,
+                })
             }
             KIND_AUTH_ANSWER => {
                 let ask_id = r.u64()?;
                 let verdict = match r.u8()? {
-                    1 => Verdict::Allow { flow_id: r.u64()?, target: r.addr("target")?, idle_timeout_ms: r.u32()? },
+                    1 => Verdict::Allow {
+                        flow_id: r.u64()?,
+                        target: r.addr("target")?,
+                        idle_timeout_ms: r.u32()?,
+                    },
                     2 => {
                         let status = r.u16()?;
                         if !(400..=599).contains(&status) {
@@ -326,7 +338,9 @@ impl Record {
                         }
                         let proxy_error = match r.u8()? {
                             0 => None,
-                            code => Some(ProxyError::from_u8(code).ok_or(RecordError::BadValue("proxy_error"))?),
+                            code => {
+                                Some(ProxyError::from_u8(code).ok_or(RecordError::BadValue("proxy_error"))?)
+                            }
                         };
                         Verdict::Deny { status, proxy_error, details: r.str(MAX_DETAILS, "details")? }
                     }
@@ -374,7 +388,11 @@ mod tests {
             }),
             Record::AuthAnswer(AuthAnswer {
                 ask_id: 7,
-                verdict: Verdict::Allow { flow_id: 9, target: "127.0.0.1:9".parse().unwrap(), idle_timeout_ms: 30_000 },
+                verdict: Verdict::Allow {
+                    flow_id: 9,
+                    target: "127.0.0.1:9".parse().unwrap(),
+                    idle_timeout_ms: 30_000,
+                },
             }),
             Record::AuthAnswer(AuthAnswer {
                 ask_id: 8,
@@ -384,7 +402,13 @@ mod tests {
                     details: "loopback".into(),
                 },
             }),
-            Record::FlowClosed(FlowClosed { flow_id: 1, packets_up: 2, bytes_up: 3, packets_down: 4, bytes_down: 5 }),
+            Record::FlowClosed(FlowClosed {
+                flow_id: 1,
+                packets_up: 2,
+                bytes_up: 3,
+                packets_down: 4,
+                bytes_down: 5,
+            }),
         ]
     }
 

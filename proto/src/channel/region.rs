@@ -106,14 +106,14 @@ impl Mapping {
 
     /// The `AtomicU32` at `offset` (4-byte aligned, inside the mapping).
     pub(super) fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.len);
+        assert!(offset.is_multiple_of(4) && offset + 4 <= self.len);
         // SAFETY: aligned, in bounds, and the memory lives as long as `self`;
         // the peer process only ever accesses it atomically as well.
         unsafe { &*self.at(offset).cast::<AtomicU32>() }
     }
 
     fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.len);
+        assert!(offset.is_multiple_of(8) && offset + 8 <= self.len);
         // SAFETY: as for `atomic_u32`.
         unsafe { &*self.at(offset).cast::<AtomicU64>() }
     }
