@@ -231,7 +231,47 @@ fn test(args: &[String]) -> Result<()> {
     }
     // The end-to-end tests start the relay binaries as real processes.
     run_checked(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
-    run_checked(cargo().args(["test", "--workspace", "--locked"]).env("RUST_BACKTRACE", "1"))
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--locked"]).env("RUST_BACKTRACE", "1");
+    let (passed, failed) = run_counting_tests(&mut cmd)?;
+    // The closing line CI reads: the total over every test binary.
+    println!("summary: {passed} passed, {failed} failed");
+    if failed > 0 || passed == 0 {
+        bail!("{failed} tests failed, {passed} passed");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and totals its `test result:`
+/// lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: running {cmd:?}");
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let stdout = child.stdout.take().context("test output")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let number_before = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim().strip_suffix(word).map(|n| n.trim().rsplit(' ').next().unwrap_or(""))
+                    })
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += number_before(" passed");
+            failed += number_before(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        println!("summary: {passed} passed, {} failed", failed.max(1));
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok((passed, failed))
 }
 
 fn usage() -> &'static str {
