@@ -87,6 +87,12 @@ fn eight_tunnels_ten_thousand_datagrams_each_way_byte_for_byte() {
     assert!(counter(&relay, "datagrams_up") >= 80_000);
     assert!(counter(&relay, "datagrams_down") >= 80_000);
     assert_eq!(admin(&relay.admin_socket(), "status")["flows"], 8);
+    // Control saw each ask with the client's address and the resolved target.
+    let flows = admin(&relay.admin_socket(), "flows");
+    for f in flows["flows"].as_array().unwrap() {
+        assert_eq!(f["client"].as_str().unwrap(), c.local_addr().to_string().replace("0.0.0.0", "127.0.0.1"));
+        assert_eq!(f["target"].as_str().unwrap(), echo.addr().to_string());
+    }
     // Closing the request streams closes the tunnels (RFC 9298 section 3).
     for s in &streams {
         c.finish_stream(*s).unwrap();
