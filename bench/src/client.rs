@@ -17,6 +17,7 @@ use quiche::h3::NameValue;
 use relay_proto::capsule::{self, Capsule, CapsuleDecoder};
 use relay_proto::datagram;
 use relay_proto::template::UriTemplate;
+use relay_udp::SegmentBatcher;
 
 /// The default connect-udp URI template.
 pub const DEFAULT_TEMPLATE: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
@@ -101,8 +102,13 @@ pub struct Client {
     buf: Vec<u8>,
     out: Vec<u8>,
     dgram: Vec<u8>,
+    batcher: SegmentBatcher,
     /// Datagrams received for streams this client does not know.
     pub unknown_stream_datagrams: u64,
+    /// UDP packets received (after GRO splitting).
+    pub packets_in: u64,
+    /// Receive system calls that returned data.
+    pub recv_calls: u64,
 }
 
 const SOCKET: Token = Token(0);
@@ -155,6 +161,9 @@ impl Client {
         let sock2 = socket2::SockRef::from(&std_sock);
         let _ = sock2.set_recv_buffer_size(4 << 20);
         let _ = sock2.set_send_buffer_size(4 << 20);
+        // GRO is an optimisation: without kernel support packets simply
+        // arrive one per receive.
+        let _ = relay_udp::enable_gro(&std_sock);
         let mut socket = mio::net::UdpSocket::from_std(std_sock);
         let local = socket.local_addr()?;
         let poll = Poll::new()?;
@@ -175,7 +184,10 @@ impl Client {
             buf: vec![0; 65_536],
             out: vec![0; 1350],
             dgram: Vec::with_capacity(2048),
+            batcher: SegmentBatcher::new(1350),
             unknown_stream_datagrams: 0,
+            packets_in: 0,
+            recv_calls: 0,
         };
         let deadline = Instant::now() + timeout;
         client.flush()?;
@@ -379,17 +391,34 @@ impl Client {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
         }
-        loop {
-            let (len, from) = match self.socket.recv_from(&mut self.buf) {
-                Ok(v) => v,
+        self.pump().map(|_| ())
+    }
+
+    /// One turn without waiting: read what the socket has, run timers,
+    /// process events, send. Returns whether any packet arrived.
+    pub fn pump(&mut self) -> Result<bool> {
+        let mut got = false;
+        // Bounded so that a flood cannot starve sending.
+        for _ in 0..256 {
+            let r = match relay_udp::recv_segments(&self.socket, &mut self.buf) {
+                Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => continue,
                 Err(e) => return Err(e.into()),
             };
-            let info = quiche::RecvInfo { from, to: self.local };
-            if let Err(e) = self.quic.recv(&mut self.buf[..len], info)
-                && e != quiche::Error::Done
-            {
-                tracing::debug!("client recv: {e}");
+            got = true;
+            self.recv_calls += 1;
+            let info = quiche::RecvInfo { from: r.from, to: self.local };
+            let mut offset = 0;
+            while offset < r.len {
+                let end = (offset + r.segment_size.max(1)).min(r.len);
+                self.packets_in += 1;
+                if let Err(e) = self.quic.recv(&mut self.buf[offset..end], info)
+                    && e != quiche::Error::Done
+                {
+                    tracing::debug!("client recv: {e}");
+                }
+                offset = end;
             }
         }
         if self.quic.timeout() == Some(Duration::ZERO) {
@@ -399,7 +428,64 @@ impl Client {
             self.h3 = Some(quiche::h3::Connection::with_transport(&mut self.quic, &self.h3_config)?);
         }
         self.process_events();
-        self.flush()
+        self.flush()?;
+        Ok(got)
+    }
+
+    /// Opens tunnels to every target, keeping at most `window` requests in
+    /// flight; fails on the first refusal (with its answer) or after
+    /// `timeout`.
+    pub fn open_many(
+        &mut self,
+        targets: &[(String, u16)],
+        window: usize,
+        timeout: Duration,
+    ) -> Result<Vec<u64>> {
+        self.wait_settings(timeout)?;
+        let deadline = Instant::now() + timeout;
+        let mut opened = Vec::with_capacity(targets.len());
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        let mut next = 0;
+        while opened.len() < targets.len() {
+            while next < targets.len() && in_flight.len() < window.max(1) {
+                let (host, port) = &targets[next];
+                let headers = self.connect_udp_headers(host, *port);
+                let list: Vec<quiche::h3::Header> = headers
+                    .iter()
+                    .map(|(n, v)| quiche::h3::Header::new(n.as_bytes(), v.as_bytes()))
+                    .collect();
+                let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
+                match h3.send_request(&mut self.quic, &list, false) {
+                    Ok(id) => {
+                        self.streams.insert(id, StreamState::default());
+                        in_flight.push_back(id);
+                        next += 1;
+                    }
+                    // Stream limit or flow control: wait for credit.
+                    Err(quiche::h3::Error::StreamBlocked) | Err(quiche::h3::Error::TransportError(_)) => {
+                        break;
+                    }
+                    Err(e) => bail!("send_request: {e}"),
+                }
+            }
+            self.flush()?;
+            self.drive(Duration::from_millis(1))?;
+            while let Some(id) = in_flight.front().copied() {
+                let Some(answer) = self.streams.get(&id).and_then(|s| s.answer.clone()) else { break };
+                in_flight.pop_front();
+                match answer.status() {
+                    Some(s) if (200..300).contains(&s) => opened.push(id),
+                    _ => bail!("tunnel {} of {} refused: {answer:?}", opened.len() + 1, targets.len()),
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("opened {} of {} tunnels before the {timeout:?} deadline", opened.len(), targets.len());
+            }
+            if self.quic.is_closed() {
+                bail!("connection closed while opening tunnels: {:?}", self.quic.peer_error());
+            }
+        }
+        Ok(opened)
     }
 
     fn process_events(&mut self) {
@@ -458,20 +544,24 @@ impl Client {
         }
     }
 
-    /// Sends everything quiche has queued.
+    /// Sends everything quiche has queued, coalescing packets into GSO
+    /// batches.
     pub fn flush(&mut self) -> Result<()> {
         loop {
             let (n, info) = match self.quic.send(&mut self.out) {
                 Ok(v) => v,
-                Err(quiche::Error::Done) => return Ok(()),
+                Err(quiche::Error::Done) => break,
                 Err(e) => bail!("QUIC send: {e}"),
             };
-            match self.socket.send_to(&self.out[..n], info.to) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
+            self.batcher.push(&self.socket, info.to, &self.out[..n])?;
         }
+        self.batcher.flush(&self.socket)?;
+        Ok(())
+    }
+
+    /// (send system calls, UDP packets sent) so far.
+    pub fn send_stats(&self) -> (u64, u64) {
+        (self.batcher.syscalls, self.batcher.datagrams)
     }
 
     /// Closes the connection gracefully.

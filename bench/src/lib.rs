@@ -1,12 +1,20 @@
 //! Clients, UDP targets and load generation for the MASQUE relay.
 //!
 //! - [`client`]: a connect-udp client on quiche.
-//! - [`echo`]: a UDP echo target.
+//! - [`echo`], [`target`]: UDP echo, sink and source targets with GSO/GRO.
+//! - [`stats`]: rate math, histograms, /proc CPU and RSS accounting.
 //! - [`load`]: a bounded echo load with byte-for-byte checks.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
 
 pub mod client;
+pub mod direct;
 pub mod echo;
 pub mod load;
+pub mod loadgen;
 pub mod processes;
+pub mod report;
+pub mod stats;
+pub mod suite;
+pub mod svg;
+pub mod target;

@@ -10,6 +10,9 @@ use clap::{Args as ClapArgs, Parser, Subcommand};
 use relay_bench::client::{Client, ClientConfig, DEFAULT_TEMPLATE};
 use relay_bench::echo::EchoServer;
 use relay_bench::load::{EchoLoad, run_echo};
+use relay_bench::loadgen::{self, Direction, LoadSpec};
+use relay_bench::suite::{self, SuiteConfig};
+use relay_bench::target::{Target, TargetMode};
 
 /// Clients and load generation for the MASQUE relay.
 #[derive(Parser, Debug)]
@@ -60,8 +63,59 @@ impl RelayArgs {
     }
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DirectionArg {
+    Upload,
+    Download,
+    Echo,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the standard benchmark suite against freshly started relay
+    /// processes (release binaries next to this one) and write JSON,
+    /// markdown and SVG results.
+    Suite {
+        /// Results directory.
+        #[arg(long, default_value = "results/latest")]
+        out: PathBuf,
+        /// A seconds-long run of every stage (pipeline check, not numbers).
+        #[arg(long)]
+        smoke: bool,
+        /// Directory of relay-control and relay-dataplane.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Do not pin relay and load generator to different cores.
+        #[arg(long)]
+        no_pin: bool,
+    },
+    /// Generate one load through a running relay to a target this command
+    /// starts on loopback, and print what was delivered.
+    Load {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// Direction of the payload.
+        #[arg(long, value_enum, default_value = "upload")]
+        direction: DirectionArg,
+        /// QUIC connections.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// Tunnels per connection.
+        #[arg(long, default_value_t = 4)]
+        flows: usize,
+        /// UDP payload size.
+        #[arg(long, default_value_t = 1200)]
+        size: usize,
+        /// Offered datagrams/s over all tunnels (default: as fast as QUIC allows).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Warm-up in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Measurement window in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
     /// Run a UDP echo server.
     EchoServer {
         /// Address to bind.
@@ -113,6 +167,53 @@ fn split_target(target: &str) -> Result<(String, u16)> {
 
 fn run(args: Args) -> Result<()> {
     match args.command {
+        Command::Suite { out, smoke, bin_dir, no_pin } => {
+            let mut cfg =
+                if smoke { SuiteConfig::smoke(out.clone()) } else { SuiteConfig::standard(out.clone()) };
+            cfg.bin_dir = bin_dir;
+            cfg.pin &= !no_pin;
+            let report = suite::run(&cfg)?;
+            print!("{}", relay_bench::report::markdown(&report));
+            println!("\nresults written to {}", out.display());
+            Ok(())
+        }
+        Command::Load { relay, direction, connections, flows, size, rate, warmup, duration } => {
+            let direction = match direction {
+                DirectionArg::Upload => Direction::Upload,
+                DirectionArg::Download => Direction::Download,
+                DirectionArg::Echo => Direction::Echo,
+            };
+            let mode = match direction {
+                Direction::Upload => TargetMode::Sink,
+                Direction::Download => TargetMode::Source { size, rate_per_peer: None },
+                Direction::Echo => TargetMode::Echo,
+            };
+            let spec = LoadSpec {
+                connections,
+                flows_per_connection: flows,
+                size,
+                direction,
+                rate,
+                warmup: Duration::from_secs_f64(warmup),
+                duration: Duration::from_secs_f64(duration),
+            };
+            let target = Target::start("127.0.0.1:0".parse()?, mode)?;
+            let (mut clients, tunnels) = loadgen::connect(&relay.config()?, &spec, &target)?;
+            let r = loadgen::run(&mut clients, &tunnels, &target, &spec)?;
+            for c in clients {
+                c.close();
+            }
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            if let Some(offered) = rate
+                && !relay_bench::stats::reached(offered, r.send_rate.datagrams_per_sec, 0.05)
+            {
+                bail!(
+                    "the load generator reached only {:.0} of {offered:.0} datagrams/s",
+                    r.send_rate.datagrams_per_sec
+                );
+            }
+            Ok(())
+        }
         Command::EchoServer { listen } => {
             let server = EchoServer::start(listen)?;
             println!("echoing UDP on {}", server.addr());

@@ -22,8 +22,11 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn binary(name: &str) -> Result<PathBuf> {
-    let path = bin_dir()?.join(name);
+fn binary(dir: Option<&Path>, name: &str) -> Result<PathBuf> {
+    let path = match dir {
+        Some(d) => d.join(name),
+        None => bin_dir()?.join(name),
+    };
     if !path.exists() {
         bail!(
             "{} not found: build it first (cargo build --workspace --bins) or set RELAY_BIN_DIR",
@@ -53,6 +56,10 @@ pub struct RelayOptions {
     pub flow_idle_timeout_secs: u32,
     /// Extra TOML appended to the `[dataplane]` section.
     pub dataplane_extra: String,
+    /// Directory of the relay binaries (default: [`bin_dir`]).
+    pub bin_dir: Option<PathBuf>,
+    /// Where the relay processes' logs go (default: discarded).
+    pub log_dir: Option<PathBuf>,
 }
 
 impl Default for RelayOptions {
@@ -64,6 +71,8 @@ impl Default for RelayOptions {
             ask_timeout_ms: 1500,
             flow_idle_timeout_secs: 120,
             dataplane_extra: String::new(),
+            bin_dir: None,
+            log_dir: None,
         }
     }
 }
@@ -78,6 +87,8 @@ pub struct Relay {
     pub config_path: PathBuf,
     /// The token clients use.
     pub token: String,
+    bin_dir: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
     control: Option<Child>,
     dataplane: Option<Child>,
 }
@@ -135,6 +146,8 @@ max_pending = 64
             state_dir,
             config_path,
             token: opts.token.clone(),
+            bin_dir: opts.bin_dir.clone(),
+            log_dir: opts.log_dir.clone(),
             control: None,
             dataplane: None,
         };
@@ -158,11 +171,12 @@ max_pending = 64
     pub fn start_control(&mut self) -> Result<()> {
         let sock = self.state_dir.join("channel.sock");
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new(binary("relay-control")?)
+        let child = Command::new(binary(self.bin_dir.as_deref(), "relay-control")?)
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
+            .stderr(self.log("control")?)
             .spawn()
             .context("starting relay-control")?;
         self.control = Some(child);
@@ -178,15 +192,26 @@ max_pending = 64
 
     /// Starts relay-dataplane against the control socket.
     pub fn start_dataplane(&mut self) -> Result<()> {
-        let child = Command::new(binary("relay-dataplane")?)
+        let child = Command::new(binary(self.bin_dir.as_deref(), "relay-dataplane")?)
             .arg("--control-socket")
             .arg(self.state_dir.join("channel.sock"))
             .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
+            .stderr(self.log("dataplane")?)
             .spawn()
             .context("starting relay-dataplane")?;
         self.dataplane = Some(child);
         Ok(())
+    }
+
+    fn log(&self, name: &str) -> Result<Stdio> {
+        Ok(match &self.log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Stdio::from(std::fs::File::create(dir.join(format!("{name}.log")))?)
+            }
+            None => Stdio::inherit(),
+        })
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -127,7 +127,10 @@ pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// Parses `VmRSS:` from `/proc/<pid>/status` text.
 pub fn parse_status_rss_kib(status: &str) -> Option<u64> {
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Samples a live process.

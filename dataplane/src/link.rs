@@ -1,5 +1,6 @@
 //! A worker's end of the shared-memory channel to control.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,8 +25,13 @@ pub enum AskError {
     TooLarge(RecordError),
 }
 
+/// Asks kept in the worker while the ring is full, before requests are
+/// refused with 503.
+pub const MAX_QUEUED_ASKS: usize = 16_384;
+
 /// The worker's channel end.
 pub struct ControlLink {
+    queued: VecDeque<AuthAsk>,
     chan: WorkerChannel<Producer, Consumer>,
     ask_bell: Doorbell,
     answer_bell: Doorbell,
@@ -45,6 +51,7 @@ impl ControlLink {
         control_alive: Arc<AtomicBool>,
     ) -> Self {
         Self {
+            queued: VecDeque::new(),
             chan,
             ask_bell,
             answer_bell,
@@ -86,7 +93,7 @@ impl ControlLink {
             return Err(AskError::ControlDown);
         }
         let ask_id = self.next_ask_id;
-        let record = Record::AuthAsk(AuthAsk {
+        let ask = AuthAsk {
             ask_id,
             client,
             authority: authority.to_string(),
@@ -94,12 +101,45 @@ impl ControlLink {
             target_host: target_host.to_string(),
             target_port,
             authorization: authorization.map(str::to_string),
-        });
-        record.encode(&mut self.record).map_err(AskError::TooLarge)?;
-        self.push()?;
+        };
+        // Validate the size now, so an oversize request is refused at once.
+        Record::AuthAsk(ask.clone()).encode(&mut self.record).map_err(AskError::TooLarge)?;
+        self.flush_queued();
+        if self.queued.is_empty() {
+            match self.push() {
+                Ok(()) => {}
+                Err(AskError::Full) => self.queued.push_back(ask),
+                Err(e) => return Err(e),
+            }
+        } else if self.queued.len() < MAX_QUEUED_ASKS {
+            self.queued.push_back(ask);
+        } else {
+            return Err(AskError::Full);
+        }
         self.next_ask_id += 1;
         self.chan.counters.add(Counter::AsksSent, 1);
         Ok(ask_id)
+    }
+
+    /// Moves queued asks into the ring as it drains (called every turn).
+    pub fn flush_queued(&mut self) {
+        while let Some(ask) = self.queued.front() {
+            if Record::AuthAsk(ask.clone()).encode(&mut self.record).is_err() {
+                self.queued.pop_front();
+                continue;
+            }
+            match self.push() {
+                Ok(()) => {
+                    self.queued.pop_front();
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Forgets a queued ask whose request went away.
+    pub fn cancel(&mut self, ask_id: u64) {
+        self.queued.retain(|a| a.ask_id != ask_id);
     }
 
     /// Reports a closed flow (best effort: control resyncs on reattach).
@@ -127,6 +167,7 @@ impl ControlLink {
     /// Reads every pending answer. Invalid records are counted and skipped.
     pub fn poll_answers(&mut self, mut on_answer: impl FnMut(AuthAnswer)) {
         self.answer_bell.drain();
+        self.flush_queued();
         if self.broken {
             return;
         }

@@ -33,10 +33,35 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::Relaxed);
 }
 
+/// Raises the open-file limit: every tunnel holds a socket. With
+/// CAP_SYS_RESOURCE (root) up to the kernel's `fs.nr_open`, otherwise up to
+/// the hard limit. Returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        let want = libc::rlimit { rlim_cur: nr_open.max(lim.rlim_max), rlim_max: nr_open.max(lim.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return want.rlim_cur;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur
+    }
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let fd_limit = raise_fd_limit();
     let att = attach(&args.control_socket, Duration::from_secs(args.attach_timeout))?;
     let template = UriTemplate::parse(&att.bootstrap.uri_template)?;
-    info!(workers = att.bootstrap.workers, listen = %att.bootstrap.listen, "attached to control");
+    info!(workers = att.bootstrap.workers, listen = %att.bootstrap.listen, fd_limit, "attached to control");
     let control_alive = Arc::new(AtomicBool::new(true));
     let mut handles = Vec::new();
     let mut wake_fds = Vec::new();

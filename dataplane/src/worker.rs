@@ -568,6 +568,7 @@ impl Worker {
         match entry.tunnel.phase {
             Phase::Pending { ask_id, .. } => {
                 self.asks.remove(&ask_id);
+                self.link.cancel(ask_id);
             }
             Phase::Open { flow_id, .. } => {
                 if let Some((mut sock, token)) = entry.target {

@@ -7,6 +7,8 @@
 //! - `run`: builds (release) and runs the relay — relay-control on its
 //!   embedded default config, then relay-dataplane — until Ctrl-C.
 //! - `test`: setup, formatting and lint checks, then every test.
+//! - `bench`: the benchmark suite on release binaries (`--update-docs`
+//!   writes the results into docs/BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -274,8 +276,56 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
+/// Runs the benchmark suite on release binaries. With `--update-docs`, the
+/// markdown table and plots go into docs/BENCHMARKS.md and docs/bench/.
+fn bench(args: &[String]) -> Result<()> {
+    build(true)?;
+    let out = root().join("results").join("latest");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut cmd = Command::new(root().join("target/release/relay-bench"));
+    cmd.current_dir(root())
+        .arg("suite")
+        .arg("--out")
+        .arg(&out)
+        .arg("--bin-dir")
+        .arg(root().join("target/release"));
+    for a in args.iter().filter(|a| *a == "--smoke" || *a == "--no-pin") {
+        cmd.arg(a);
+    }
+    run_checked(&mut cmd)?;
+    if args.iter().any(|a| a == "--update-docs") {
+        update_docs(&out)?;
+    }
+    Ok(())
+}
+
+const BEGIN: &str = "<!-- bench:begin -->";
+const END: &str = "<!-- bench:end -->";
+
+fn update_docs(out: &Path) -> Result<()> {
+    let docs = root().join("docs");
+    let plots = docs.join("bench");
+    std::fs::create_dir_all(&plots)?;
+    for f in ["throughput.svg", "latency_cdf.svg", "setup.svg", "report.json"] {
+        std::fs::copy(out.join(f), plots.join(f)).with_context(|| format!("copying {f}"))?;
+    }
+    let table = std::fs::read_to_string(out.join("report.md"))?;
+    let path = docs.join("BENCHMARKS.md");
+    let doc = std::fs::read_to_string(&path)?;
+    let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) else {
+        bail!("{} lacks the {BEGIN} / {END} markers", path.display());
+    };
+    let body = format!(
+        "{BEGIN}\n{table}\n![throughput](bench/throughput.svg)\n![latency](bench/latency_cdf.svg)\n![setup](bench/setup.svg)\n"
+    );
+    let updated = format!("{}{body}{}", &doc[..b], &doc[e..]);
+    std::fs::write(&path, updated)?;
+    eprintln!("xtask: updated {} and {}", path.display(), plots.display());
+    Ok(())
+}
+
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup | build [--release] | run [--debug] | test [--no-lint]>"
+    "usage: cargo xtask <setup | build [--release] | run [--debug] | test [--no-lint] | bench [--smoke] [--no-pin] [--update-docs]>"
 }
 
 fn main() -> ExitCode {
@@ -286,6 +336,7 @@ fn main() -> ExitCode {
         Some("build") => build(rest.iter().any(|a| a == "--release")),
         Some("run") => run_relay(rest),
         Some("test") => test(rest),
+        Some("bench") => bench(rest),
         _ => {
             eprintln!("{}", usage());
             return ExitCode::from(2);

@@ -52,7 +52,13 @@ pub fn gso_supported(sock: &impl AsRawFd) -> bool {
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt into a live int with its exact size.
     let rc = unsafe {
-        libc::getsockopt(sock.as_raw_fd(), SOL_UDP, UDP_SEGMENT, (&mut value as *mut libc::c_int).cast(), &mut len)
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            SOL_UDP,
+            UDP_SEGMENT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
     };
     rc == 0
 }
@@ -366,6 +372,26 @@ mod tests {
         }
         assert_eq!(got[10], vec![99u8; 300]);
         assert!(coalesced > 0, "GRO coalesced nothing: segments did not really travel as a batch");
+    }
+
+    #[test]
+    fn batcher_splits_at_the_size_limit_and_counts_everything() {
+        let (a, b) = pair();
+        let mut batch = SegmentBatcher::new(1200);
+        let dest = b.local_addr().unwrap();
+        for _ in 0..100 {
+            batch.push(&a, dest, &[7u8; 1200]).unwrap();
+        }
+        batch.flush(&a).unwrap();
+        // 65535 / 1200 = 54 segments fit one send: 54 + 46.
+        assert_eq!(batch.datagrams + batch.dropped, 100);
+        assert_eq!(batch.syscalls, 2);
+        let mut rbuf = [0u8; 2048];
+        let mut got = 0;
+        while got < batch.datagrams {
+            b.recv_from(&mut rbuf).unwrap();
+            got += 1;
+        }
     }
 
     #[test]

@@ -1,0 +1,172 @@
+//! Writes a suite [`Report`] as JSON, a markdown table and SVG plots.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::suite::{Report, Throughput};
+use crate::svg::{Series, line_chart};
+
+fn ratio(relay: f64, direct: f64) -> String {
+    if direct > 0.0 { format!("{:.2}", relay / direct) } else { "-".into() }
+}
+
+fn pair(list: &[Throughput], size: usize) -> Option<(&Throughput, &Throughput)> {
+    let relay = list.iter().find(|t| t.path == "relay" && t.result.spec.size == size)?;
+    let direct = list.iter().find(|t| t.path == "direct" && t.result.spec.size == size)?;
+    Some((relay, direct))
+}
+
+fn throughput_rows(out: &mut String, name: &str, list: &[Throughput]) {
+    let mut sizes: Vec<usize> = list.iter().map(|t| t.result.spec.size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for size in sizes {
+        let Some((r, d)) = pair(list, size) else { continue };
+        let _ = writeln!(
+            out,
+            "| {name} | {size} | {:.0} | {:.3} | {:.2}% | {:.0} | {:.3} | {:.2}% | {} |",
+            r.result.delivered_rate.datagrams_per_sec,
+            r.result.delivered_rate.gbit_per_sec,
+            r.result.loss * 100.0,
+            d.result.delivered_rate.datagrams_per_sec,
+            d.result.delivered_rate.gbit_per_sec,
+            d.result.loss * 100.0,
+            ratio(r.result.delivered_rate.datagrams_per_sec, d.result.delivered_rate.datagrams_per_sec),
+        );
+    }
+}
+
+/// The markdown summary.
+pub fn markdown(r: &Report) -> String {
+    let mut out = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        out,
+        "Machine: {} ({} logical CPUs), Linux {}; relay and load generator {}.\n",
+        m.cpu_model,
+        m.cores,
+        m.kernel,
+        if m.pinned { "pinned to different cores" } else { "not pinned" }
+    );
+    let _ = writeln!(
+        out,
+        "Throughput ({} connection(s) x {} tunnels, {:.1} s windows after {:.1} s warm-up; as fast as QUIC \
+         congestion control allows on the relay path, as fast as the sockets take it on the direct path):\n",
+        r.config.connections,
+        r.config.flows_per_connection,
+        r.config.duration.as_secs_f64(),
+        r.config.warmup.as_secs_f64()
+    );
+    out += "| scenario | payload B | relay dgram/s | relay Gbit/s | relay loss | direct dgram/s | direct Gbit/s | direct loss | relay/direct |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    throughput_rows(&mut out, "upload", &r.upload);
+    throughput_rows(&mut out, "download", &r.download);
+    throughput_rows(&mut out, "echo", &r.echo);
+    out += "\nEcho round-trip times (microseconds) at fractions of the relay's max echo rate, same offered load on both paths:\n\n";
+    out += "| load | offered dgram/s | relay p50 | p90 | p99 | p99.9 | direct p50 | p90 | p99 | p99.9 |\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for l in &r.latency {
+        let _ = writeln!(
+            out,
+            "| {:.0}% | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            l.load_fraction * 100.0,
+            l.offered,
+            l.relay.p50_us,
+            l.relay.p90_us,
+            l.relay.p99_us,
+            l.relay.p999_us,
+            l.direct.p50_us,
+            l.direct.p90_us,
+            l.direct.p99_us,
+            l.direct.p999_us
+        );
+    }
+    out += "\nRelay CPU cost (dataplane + control, from /proc) at half the relay's max upload rate:\n\n";
+    out += "| payload B | offered dgram/s | forwarded | CPU us / datagram | CPU s / GB | QUIC packets in / datagram |\n";
+    out += "|---:|---:|---:|---:|---:|---:|\n";
+    for c in &r.cost {
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} | {} | {:.2} | {:.1} | {:.2} |",
+            c.size,
+            c.offered,
+            c.delivered,
+            c.cost.us_per_datagram,
+            c.cost.cpu_sec_per_gb,
+            c.quic_packets_per_datagram
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nSetup: {} tunnels at {:.0} tunnels/s (CONNECT, control authorization, 200); {} handshakes at {:.0} connections/s.\n",
+        r.rates.flows, r.rates.flows_per_sec, r.rates.connections, r.rates.connections_per_sec
+    );
+    out +=
+        "| idle tunnels | relay RSS before (MiB) | after (MiB) | bytes per tunnel |\n|---:|---:|---:|---:|\n";
+    for i in &r.idle {
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} | {:.1} | {:.0} |",
+            i.flows,
+            i.rss_before_kib as f64 / 1024.0,
+            i.rss_after_kib as f64 / 1024.0,
+            i.bytes_per_flow
+        );
+    }
+    out
+}
+
+/// Writes report.json, report.md, throughput.svg, latency_cdf.svg and
+/// setup.svg into `dir`.
+pub fn write_all(r: &Report, dir: &Path) -> Result<()> {
+    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(r)?)?;
+    std::fs::write(dir.join("report.md"), markdown(r))?;
+    let series = |path: &str| Series {
+        name: format!("{path} upload"),
+        points: r
+            .upload
+            .iter()
+            .filter(|t| t.path == path)
+            .map(|t| (t.result.spec.size as f64, t.result.delivered_rate.gbit_per_sec))
+            .collect(),
+    };
+    std::fs::write(
+        dir.join("throughput.svg"),
+        line_chart(
+            "Upload throughput vs payload size",
+            "UDP payload (bytes)",
+            "Gbit/s",
+            &[series("relay"), series("direct")],
+            true,
+        ),
+    )?;
+    let mut cdfs = Vec::new();
+    for l in &r.latency {
+        let pct = l.load_fraction * 100.0;
+        cdfs.push(Series {
+            name: format!("relay {pct:.0}%"),
+            points: l.relay_cdf.iter().map(|(us, q)| (*us as f64, *q)).collect(),
+        });
+        cdfs.push(Series {
+            name: format!("direct {pct:.0}%"),
+            points: l.direct_cdf.iter().map(|(us, q)| (*us as f64, *q)).collect(),
+        });
+    }
+    std::fs::write(
+        dir.join("latency_cdf.svg"),
+        line_chart("Echo RTT CDF", "RTT (us, log)", "fraction", &cdfs, true),
+    )?;
+    std::fs::write(
+        dir.join("setup.svg"),
+        line_chart(
+            "Tunnel setup",
+            "seconds",
+            "tunnels opened",
+            &[Series { name: "relay".into(), points: r.rates.setup_curve.clone() }],
+            false,
+        ),
+    )?;
+    Ok(())
+}

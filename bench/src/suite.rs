@@ -1,0 +1,505 @@
+//! The standard benchmark suite: every scenario through the relay and, where
+//! it applies, the same load on the direct path, in one run on one machine.
+//!
+//! Failures are loud: an unreachable relay, a refused tunnel, a paced run
+//! that loses datagrams or that the load generator cannot sustain all stop
+//! the suite with an error; nothing is reported as a zero or a partial
+//! result.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::client::{Client, ClientConfig};
+use crate::direct;
+use crate::loadgen::{self, Direction, LoadResult, LoadSpec};
+use crate::processes::{Relay, RelayOptions};
+use crate::stats::{self, Cost, Percentiles};
+use crate::target::{Target, TargetMode};
+
+/// How big a run to make.
+#[derive(Debug, Clone, Serialize)]
+pub struct SuiteConfig {
+    /// Relay binaries (release for real numbers).
+    #[serde(skip)]
+    pub bin_dir: Option<PathBuf>,
+    /// Where results go.
+    #[serde(skip)]
+    pub out_dir: PathBuf,
+    /// Payload sizes for the throughput sweep.
+    pub sizes: Vec<usize>,
+    /// Connections x tunnels for throughput runs.
+    pub connections: usize,
+    /// Tunnels per connection for throughput runs.
+    pub flows_per_connection: usize,
+    /// Warm-up per run.
+    pub warmup: Duration,
+    /// Measurement window per run.
+    pub duration: Duration,
+    /// Offered loads for the latency runs, as fractions of the measured max.
+    pub latency_loads: Vec<f64>,
+    /// Tunnels opened for the setup-rate run.
+    pub setup_flows: usize,
+    /// Connections for the handshake-rate run.
+    pub handshakes: usize,
+    /// Idle tunnel counts for the memory runs.
+    pub idle_flows: Vec<usize>,
+    /// Largest loss accepted in paced runs.
+    pub max_paced_loss: f64,
+    /// Pin the relay and the load generator to different cores.
+    pub pin: bool,
+}
+
+impl SuiteConfig {
+    /// The standard suite (a few minutes on a 2-core machine).
+    pub fn standard(out_dir: PathBuf) -> Self {
+        Self {
+            bin_dir: None,
+            out_dir,
+            sizes: vec![64, 256, 512, 1200],
+            connections: 1,
+            flows_per_connection: 4,
+            warmup: Duration::from_millis(500),
+            duration: Duration::from_secs(3),
+            latency_loads: vec![0.1, 0.5, 0.9],
+            setup_flows: 5000,
+            handshakes: 300,
+            idle_flows: vec![10_000, 100_000],
+            max_paced_loss: 0.01,
+            pin: true,
+        }
+    }
+
+    /// A seconds-long run that exercises every stage (CI smoke test).
+    pub fn smoke(out_dir: PathBuf) -> Self {
+        Self {
+            sizes: vec![64, 1200],
+            warmup: Duration::from_millis(100),
+            duration: Duration::from_millis(400),
+            latency_loads: vec![0.1, 0.5],
+            setup_flows: 200,
+            handshakes: 20,
+            idle_flows: vec![500],
+            pin: false,
+            ..Self::standard(out_dir)
+        }
+    }
+}
+
+/// Facts about the machine the numbers come from.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineFacts {
+    /// CPU model name.
+    pub cpu_model: String,
+    /// Logical CPUs.
+    pub cores: usize,
+    /// Kernel release.
+    pub kernel: String,
+    /// Whether relay and load generator were pinned to different cores.
+    pub pinned: bool,
+}
+
+/// One throughput measurement (relay or direct).
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// "relay" or "direct".
+    pub path: String,
+    /// Result.
+    pub result: LoadResult,
+}
+
+/// A latency run at one offered load.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyPoint {
+    /// Fraction of the relay's measured max echo rate.
+    pub load_fraction: f64,
+    /// Offered datagrams/s.
+    pub offered: f64,
+    /// Through the relay.
+    pub relay: Percentiles,
+    /// Direct.
+    pub direct: Percentiles,
+    /// CDF through the relay.
+    pub relay_cdf: Vec<(u64, f64)>,
+    /// CDF direct.
+    pub direct_cdf: Vec<(u64, f64)>,
+}
+
+/// CPU cost at a fixed offered load.
+#[derive(Debug, Clone, Serialize)]
+pub struct CostPoint {
+    /// Payload size.
+    pub size: usize,
+    /// Offered datagrams/s.
+    pub offered: f64,
+    /// Delivered datagrams over the run.
+    pub delivered: u64,
+    /// Relay (dataplane + control) CPU cost.
+    pub cost: Cost,
+    /// QUIC packets received by the relay per forwarded datagram.
+    pub quic_packets_per_datagram: f64,
+}
+
+/// Setup and handshake rates.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rates {
+    /// Tunnels opened.
+    pub flows: usize,
+    /// Tunnels per second (CONNECT + control authorization + 200).
+    pub flows_per_sec: f64,
+    /// Connections opened.
+    pub connections: usize,
+    /// Handshakes per second (QUIC + HTTP/3 SETTINGS).
+    pub connections_per_sec: f64,
+    /// Cumulative tunnels opened over time (seconds, count) for the plot.
+    pub setup_curve: Vec<(f64, f64)>,
+}
+
+/// Memory at a number of idle tunnels.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdlePoint {
+    /// Idle tunnels.
+    pub flows: usize,
+    /// Relay RSS (dataplane + control) before opening them, KiB.
+    pub rss_before_kib: u64,
+    /// After, KiB.
+    pub rss_after_kib: u64,
+    /// Bytes of relay RSS per tunnel.
+    pub bytes_per_flow: f64,
+}
+
+/// Everything one suite run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// When (Unix seconds).
+    pub timestamp_unix: u64,
+    /// The machine.
+    pub machine: MachineFacts,
+    /// The configuration.
+    pub config: SuiteConfig,
+    /// Upload throughput per size, relay and direct.
+    pub upload: Vec<Throughput>,
+    /// Download throughput (largest size), relay and direct.
+    pub download: Vec<Throughput>,
+    /// Echo throughput (largest size), relay and direct.
+    pub echo: Vec<Throughput>,
+    /// Latency at several loads.
+    pub latency: Vec<LatencyPoint>,
+    /// CPU cost at fixed loads.
+    pub cost: Vec<CostPoint>,
+    /// Setup and handshake rates.
+    pub rates: Rates,
+    /// Idle memory.
+    pub idle: Vec<IdlePoint>,
+}
+
+fn machine_facts(pinned: bool) -> MachineFacts {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    MachineFacts { cpu_model, cores, kernel, pinned }
+}
+
+/// Pins every thread of `pid` to `cpu`.
+pub fn pin_process(pid: u32, cpu: usize) -> Result<()> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
+    for t in tasks {
+        let tid: i32 = t?.file_name().to_string_lossy().parse()?;
+        // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it;
+        // sched_setaffinity reads it for the given size.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_ZERO(&mut set);
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                bail!("sched_setaffinity({tid}, {cpu}): {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn admin_status(socket: &Path) -> Result<Value> {
+    let s = UnixStream::connect(socket).with_context(|| format!("admin socket {}", socket.display()))?;
+    (&s).write_all(b"{\"cmd\":\"status\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+fn relay_counter(socket: &Path, name: &str) -> Result<u64> {
+    let v = admin_status(socket)?;
+    Ok(v["workers"].as_array().map_or(0, |w| w.iter().filter_map(|w| w[name].as_u64()).sum()))
+}
+
+struct Bench<'a> {
+    cfg: &'a SuiteConfig,
+    relay: Relay,
+    client_cfg: ClientConfig,
+}
+
+impl Bench<'_> {
+    fn relay_pids(&self) -> Vec<u32> {
+        [self.relay.dataplane_pid(), self.relay.control_pid()].into_iter().flatten().collect()
+    }
+
+    fn relay_sample(&self) -> Result<stats::ProcSample> {
+        let mut total = stats::ProcSample::default();
+        for pid in self.relay_pids() {
+            let s = stats::sample_process(pid)?;
+            total.cpu_ticks += s.cpu_ticks;
+            total.rss_kib += s.rss_kib;
+        }
+        Ok(total)
+    }
+
+    fn spec(&self, size: usize, direction: Direction, rate: Option<f64>) -> LoadSpec {
+        LoadSpec {
+            connections: self.cfg.connections,
+            flows_per_connection: self.cfg.flows_per_connection,
+            size,
+            direction,
+            rate,
+            warmup: self.cfg.warmup,
+            duration: self.cfg.duration,
+        }
+    }
+
+    fn through_relay(&self, mode: TargetMode, spec: &LoadSpec) -> Result<LoadResult> {
+        let target = Target::start("127.0.0.1:0".parse()?, mode)?;
+        let (mut clients, tunnels) = loadgen::connect(&self.client_cfg, spec, &target)?;
+        let r = loadgen::run(&mut clients, &tunnels, &target, spec);
+        for c in clients {
+            c.close();
+        }
+        r
+    }
+
+    fn direct(&self, mode: TargetMode, spec: &LoadSpec) -> Result<LoadResult> {
+        let target = Target::start("127.0.0.1:0".parse()?, mode)?;
+        direct::run(&target, spec)
+    }
+
+    fn check_paced(&self, what: &str, r: &LoadResult) -> Result<()> {
+        let offered = r.spec.rate.unwrap_or(0.0);
+        if !stats::reached(offered, r.send_rate.datagrams_per_sec, 0.05) {
+            bail!(
+                "{what}: the load generator reached only {:.0} of {offered:.0} datagrams/s offered",
+                r.send_rate.datagrams_per_sec
+            );
+        }
+        if r.loss > self.cfg.max_paced_loss {
+            bail!(
+                "{what}: {:.2}% of datagrams lost at a paced load ({} of {})",
+                r.loss * 100.0,
+                r.sent - r.delivered,
+                r.sent
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs the suite and writes `report.json`, `report.md` and the plots into
+/// `cfg.out_dir`.
+pub fn run(cfg: &SuiteConfig) -> Result<Report> {
+    std::fs::create_dir_all(&cfg.out_dir)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = cfg.pin && cores >= 2;
+    let max_flows = cfg.idle_flows.iter().copied().max().unwrap_or(0).max(cfg.setup_flows);
+    let per_conn = 25_000usize;
+    let opts = RelayOptions {
+        flow_idle_timeout_secs: 600,
+        ask_timeout_ms: 5000,
+        dataplane_extra: format!(
+            "max_tunnels_per_connection = {per_conn}\nmax_connections_per_worker = 100000"
+        ),
+        bin_dir: cfg.bin_dir.clone(),
+        log_dir: Some(cfg.out_dir.join("logs")),
+        ..RelayOptions::default()
+    };
+    let relay = Relay::start(&cfg.out_dir.join("relay"), &opts).context("starting the relay")?;
+    if pinned {
+        for pid in [relay.dataplane_pid(), relay.control_pid()].into_iter().flatten() {
+            pin_process(pid, 0)?;
+        }
+        pin_process(std::process::id(), 1)?;
+    }
+    let mut client_cfg = ClientConfig::new(relay.addr);
+    client_cfg.ca = Some(relay.cert());
+    client_cfg.token = Some(relay.token.clone());
+    let bench = Bench { cfg, relay, client_cfg };
+    let largest = *cfg.sizes.iter().max().context("no sizes")?;
+
+    // Throughput sweep: upload through the relay and direct.
+    let mut upload = Vec::new();
+    for &size in &cfg.sizes {
+        let spec = bench.spec(size, Direction::Upload, None);
+        eprintln!("bench: upload {size} B");
+        upload
+            .push(Throughput { path: "relay".into(), result: bench.through_relay(TargetMode::Sink, &spec)? });
+        upload.push(Throughput { path: "direct".into(), result: bench.direct(TargetMode::Sink, &spec)? });
+    }
+    eprintln!("bench: download {largest} B");
+    let spec = bench.spec(largest, Direction::Download, None);
+    let source = TargetMode::Source { size: largest, rate_per_peer: None };
+    let download = vec![
+        Throughput { path: "relay".into(), result: bench.through_relay(source, &spec)? },
+        Throughput { path: "direct".into(), result: bench.direct(source, &spec)? },
+    ];
+    eprintln!("bench: echo {largest} B");
+    let spec = bench.spec(largest, Direction::Echo, None);
+    let echo = vec![
+        Throughput { path: "relay".into(), result: bench.through_relay(TargetMode::Echo, &spec)? },
+        Throughput { path: "direct".into(), result: bench.direct(TargetMode::Echo, &spec)? },
+    ];
+    let max_echo = echo[0].result.delivered_rate.datagrams_per_sec;
+
+    // Latency at fractions of the relay's max echo rate, same offered load
+    // on both paths.
+    let mut latency = Vec::new();
+    for &f in &cfg.latency_loads {
+        let offered = (max_echo * f).max(100.0);
+        eprintln!("bench: latency at {:.0}% ({offered:.0}/s)", f * 100.0);
+        let spec = bench.spec(largest, Direction::Echo, Some(offered));
+        let r = bench.through_relay(TargetMode::Echo, &spec)?;
+        bench.check_paced("latency through the relay", &r)?;
+        let d = bench.direct(TargetMode::Echo, &spec)?;
+        bench.check_paced("latency direct", &d)?;
+        let (Some(rp), Some(dp)) = (r.rtt, d.rtt) else { bail!("latency run recorded no round trips") };
+        latency.push(LatencyPoint {
+            load_fraction: f,
+            offered,
+            relay: rp,
+            direct: dp,
+            relay_cdf: r.rtt_cdf.clone(),
+            direct_cdf: d.rtt_cdf.clone(),
+        });
+    }
+
+    // CPU cost at a fixed offered load: half the relay's measured upload max.
+    let mut cost = Vec::new();
+    for &size in &[cfg.sizes[0], largest] {
+        let max = upload
+            .iter()
+            .find(|t| t.path == "relay" && t.result.spec.size == size)
+            .map_or(1000.0, |t| t.result.delivered_rate.datagrams_per_sec);
+        let offered = (max * 0.5).max(100.0);
+        eprintln!("bench: cost at {offered:.0}/s, {size} B");
+        let spec = bench.spec(size, Direction::Upload, Some(offered));
+        let admin = bench.relay.admin_socket();
+        let before = bench.relay_sample()?;
+        let (pkts0, dg0) =
+            (relay_counter(&admin, "quic_packets_in")?, relay_counter(&admin, "datagrams_up")?);
+        let r = bench.through_relay(TargetMode::Sink, &spec)?;
+        let after = bench.relay_sample()?;
+        let (pkts1, dg1) =
+            (relay_counter(&admin, "quic_packets_in")?, relay_counter(&admin, "datagrams_up")?);
+        bench.check_paced("cost run", &r)?;
+        let c = stats::cost(
+            after.cpu_ticks - before.cpu_ticks,
+            stats::clock_ticks_per_sec(),
+            r.delivered,
+            r.delivered * size as u64,
+        )
+        .context("cost run forwarded nothing")?;
+        let forwarded = (dg1 - dg0).max(1);
+        cost.push(CostPoint {
+            size,
+            offered,
+            delivered: r.delivered,
+            cost: c,
+            quic_packets_per_datagram: (pkts1 - pkts0) as f64 / forwarded as f64,
+        });
+    }
+
+    // Setup rate: tunnels opened back to back (pipelined), including the
+    // control authorization round trip.
+    eprintln!("bench: setup rate ({} tunnels)", cfg.setup_flows);
+    let target = Target::start("127.0.0.1:0".parse()?, TargetMode::Sink)?;
+    let t = (target.addr().ip().to_string(), target.addr().port());
+    let mut c = Client::connect(bench.client_cfg.clone(), Duration::from_secs(5))?;
+    c.wait_settings(Duration::from_secs(5))?;
+    let mut curve = vec![(0.0, 0.0)];
+    let start = Instant::now();
+    let chunk = (cfg.setup_flows / 10).max(1);
+    let mut opened = 0;
+    while opened < cfg.setup_flows {
+        let n = chunk.min(cfg.setup_flows - opened);
+        opened += c.open_many(&vec![t.clone(); n], 256, Duration::from_secs(60))?.len();
+        curve.push((start.elapsed().as_secs_f64(), opened as f64));
+    }
+    let setup_secs = start.elapsed().as_secs_f64();
+    c.close();
+    eprintln!("bench: handshake rate ({} connections)", cfg.handshakes);
+    let start = Instant::now();
+    for _ in 0..cfg.handshakes {
+        let mut c = Client::connect(bench.client_cfg.clone(), Duration::from_secs(5))?;
+        c.wait_settings(Duration::from_secs(5))?;
+        c.close();
+    }
+    let hs_secs = start.elapsed().as_secs_f64();
+    let rates = Rates {
+        flows: cfg.setup_flows,
+        flows_per_sec: cfg.setup_flows as f64 / setup_secs,
+        connections: cfg.handshakes,
+        connections_per_sec: cfg.handshakes as f64 / hs_secs,
+        setup_curve: curve,
+    };
+
+    // Idle scale: relay RSS with N idle tunnels.
+    let mut idle = Vec::new();
+    for &n in &cfg.idle_flows {
+        eprintln!("bench: {n} idle tunnels");
+        std::thread::sleep(Duration::from_millis(300));
+        let before = bench.relay_sample()?.rss_kib;
+        let mut clients = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(per_conn);
+            let mut c = Client::connect(bench.client_cfg.clone(), Duration::from_secs(5))?;
+            c.open_many(&vec![t.clone(); k], 512, Duration::from_secs(120))?;
+            clients.push(c);
+            left -= k;
+        }
+        let after = bench.relay_sample()?.rss_kib;
+        idle.push(IdlePoint {
+            flows: n,
+            rss_before_kib: before,
+            rss_after_kib: after,
+            bytes_per_flow: (after.saturating_sub(before) * 1024) as f64 / n as f64,
+        });
+        for c in clients {
+            c.close();
+        }
+        let _ = max_flows;
+    }
+
+    let report = Report {
+        timestamp_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        machine: machine_facts(pinned),
+        config: cfg.clone(),
+        upload,
+        download,
+        echo,
+        latency,
+        cost,
+        rates,
+        idle,
+    };
+    crate::report::write_all(&report, &cfg.out_dir)?;
+    Ok(report)
+}

@@ -1,0 +1,46 @@
+//! The benchmark pipeline end to end, tiny and fast: every stage of the
+//! suite runs against real relay processes and writes its outputs. This
+//! checks the pipeline, not the speed; no number is asserted beyond "it
+//! measured something".
+
+use relay_bench::suite::{self, SuiteConfig};
+
+#[test]
+fn smoke_suite_produces_every_output() {
+    let dir = std::env::temp_dir().join(format!("relay-bench-smoke-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = suite::run(&SuiteConfig::smoke(dir.clone())).expect("the smoke suite runs");
+
+    for t in report.upload.iter().chain(&report.download).chain(&report.echo) {
+        assert!(t.result.delivered > 0, "{} {:?} delivered nothing", t.path, t.result.spec.direction);
+        assert!(t.result.delivered_rate.datagrams_per_sec > 0.0);
+        assert!(
+            t.result.delivered <= t.result.sent,
+            "{} {:?}: more delivered than sent",
+            t.path,
+            t.result.spec.direction
+        );
+    }
+    assert_eq!(report.upload.len(), 2 * report.config.sizes.len());
+    assert_eq!(report.latency.len(), report.config.latency_loads.len());
+    for l in &report.latency {
+        assert!(l.relay.count > 0 && l.direct.count > 0);
+        assert!(l.relay.p50_us <= l.relay.p99_us);
+    }
+    assert_eq!(report.cost.len(), 2);
+    assert!(report.cost.iter().all(|c| c.cost.us_per_datagram > 0.0));
+    assert!(report.rates.flows_per_sec > 0.0 && report.rates.connections_per_sec > 0.0);
+    assert_eq!(report.idle.len(), 1);
+    assert!(report.idle[0].rss_after_kib > 0);
+
+    for file in ["report.json", "report.md", "throughput.svg", "latency_cdf.svg", "setup.svg"] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(text.len() > 100, "{file} is nearly empty");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert!(json["machine"]["cores"].as_u64().unwrap() >= 1);
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("| upload | 64 |") && md.contains("tunnels/s"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
