@@ -157,7 +157,8 @@ fn run_relay(args: &[String]) -> Result<()> {
         .arg("--state-dir")
         .arg(&state)
         .current_dir(root())
-        .stdout(Stdio::piped())
+        // The token is printed below; control's stdout would repeat it.
+        .stdout(Stdio::null())
         .spawn()
         .context("starting relay-control")?;
     let deadline = Instant::now() + Duration::from_secs(15);
