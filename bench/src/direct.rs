@@ -26,7 +26,9 @@ pub fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
     }
     let mut flows = Vec::with_capacity(n);
     for _ in 0..n {
-        let sock = UdpSocket::bind("127.0.0.1:0")?;
+        let any: std::net::SocketAddr =
+            if target.addr().is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let sock = UdpSocket::bind(any)?;
         sock.set_nonblocking(true)?;
         let s2 = socket2::SockRef::from(&sock);
         let _ = s2.set_recv_buffer_size(8 << 20);

@@ -12,6 +12,7 @@ pub mod direct;
 pub mod echo;
 pub mod load;
 pub mod loadgen;
+pub mod netns;
 pub mod processes;
 pub mod report;
 pub mod stats;

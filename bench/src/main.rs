@@ -88,6 +88,9 @@ enum Command {
         /// Do not pin relay and load generator to different cores.
         #[arg(long)]
         no_pin: bool,
+        /// Run the targets in a network namespace behind a veth link (root).
+        #[arg(long)]
+        netns: bool,
     },
     /// Generate one load through a running relay to a target this command
     /// starts on loopback, and print what was delivered.
@@ -167,11 +170,12 @@ fn split_target(target: &str) -> Result<(String, u16)> {
 
 fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Suite { out, smoke, bin_dir, no_pin } => {
+        Command::Suite { out, smoke, bin_dir, no_pin, netns } => {
             let mut cfg =
                 if smoke { SuiteConfig::smoke(out.clone()) } else { SuiteConfig::standard(out.clone()) };
             cfg.bin_dir = bin_dir;
             cfg.pin &= !no_pin;
+            cfg.netns = netns;
             let report = suite::run(&cfg)?;
             print!("{}", relay_bench::report::markdown(&report));
             println!("\nresults written to {}", out.display());

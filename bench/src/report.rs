@@ -44,11 +44,12 @@ pub fn markdown(r: &Report) -> String {
     let m = &r.machine;
     let _ = writeln!(
         out,
-        "Machine: {} ({} logical CPUs), Linux {}; relay and load generator {}.\n",
+        "Machine: {} ({} logical CPUs), Linux {}; relay and load generator {}; targets on {}.\n",
         m.cpu_model,
         m.cores,
         m.kernel,
-        if m.pinned { "pinned to different cores" } else { "not pinned" }
+        if m.pinned { "pinned to different cores" } else { "not pinned" },
+        m.target_placement
     );
     let _ = writeln!(
         out,

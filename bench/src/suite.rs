@@ -18,6 +18,7 @@ use serde_json::Value;
 use crate::client::{Client, ClientConfig};
 use crate::direct;
 use crate::loadgen::{self, Direction, LoadResult, LoadSpec};
+use crate::netns::TargetNetns;
 use crate::processes::{Relay, RelayOptions};
 use crate::stats::{self, Cost, Percentiles};
 use crate::target::{Target, TargetMode};
@@ -53,6 +54,9 @@ pub struct SuiteConfig {
     pub max_paced_loss: f64,
     /// Pin the relay and the load generator to different cores.
     pub pin: bool,
+    /// Run the targets in a network namespace behind a veth link instead of
+    /// on loopback (needs root).
+    pub netns: bool,
 }
 
 impl SuiteConfig {
@@ -72,6 +76,7 @@ impl SuiteConfig {
             idle_flows: vec![10_000, 100_000],
             max_paced_loss: 0.01,
             pin: true,
+            netns: false,
         }
     }
 
@@ -102,6 +107,8 @@ pub struct MachineFacts {
     pub kernel: String,
     /// Whether relay and load generator were pinned to different cores.
     pub pinned: bool,
+    /// Where the targets ran: "loopback" or "network namespace (veth)".
+    pub target_placement: String,
 }
 
 /// One throughput measurement (relay or direct).
@@ -198,7 +205,7 @@ pub struct Report {
     pub idle: Vec<IdlePoint>,
 }
 
-fn machine_facts(pinned: bool) -> MachineFacts {
+fn machine_facts(pinned: bool, netns: bool) -> MachineFacts {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo
         .lines()
@@ -208,7 +215,8 @@ fn machine_facts(pinned: bool) -> MachineFacts {
         .unwrap_or_else(|| "unknown".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    MachineFacts { cpu_model, cores, kernel, pinned }
+    let target_placement = if netns { "network namespace (veth)" } else { "loopback" }.to_string();
+    MachineFacts { cpu_model, cores, kernel, pinned, target_placement }
 }
 
 /// Pins every thread of `pid` to `cpu`.
@@ -247,6 +255,7 @@ struct Bench<'a> {
     cfg: &'a SuiteConfig,
     relay: Relay,
     client_cfg: ClientConfig,
+    netns: Option<TargetNetns>,
 }
 
 impl Bench<'_> {
@@ -276,8 +285,15 @@ impl Bench<'_> {
         }
     }
 
+    fn target(&self, mode: TargetMode) -> Result<Target> {
+        Ok(match &self.netns {
+            None => Target::start("127.0.0.1:0".parse()?, mode)?,
+            Some(ns) => Target::start_in(Some(&ns.name), std::net::SocketAddr::new(ns.target_addr, 0), mode)?,
+        })
+    }
+
     fn through_relay(&self, mode: TargetMode, spec: &LoadSpec) -> Result<LoadResult> {
-        let target = Target::start("127.0.0.1:0".parse()?, mode)?;
+        let target = self.target(mode)?;
         let (mut clients, tunnels) = loadgen::connect(&self.client_cfg, spec, &target)?;
         let r = loadgen::run(&mut clients, &tunnels, &target, spec);
         for c in clients {
@@ -287,7 +303,7 @@ impl Bench<'_> {
     }
 
     fn direct(&self, mode: TargetMode, spec: &LoadSpec) -> Result<LoadResult> {
-        let target = Target::start("127.0.0.1:0".parse()?, mode)?;
+        let target = self.target(mode)?;
         direct::run(&target, spec)
     }
 
@@ -319,7 +335,17 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     let pinned = cfg.pin && cores >= 2;
     let max_flows = cfg.idle_flows.iter().copied().max().unwrap_or(0).max(cfg.setup_flows);
     let per_conn = 25_000usize;
+    let netns = if cfg.netns {
+        Some(TargetNetns::create("relaybench", 1).context("creating the target namespace")?)
+    } else {
+        None
+    };
+    let mut allow = RelayOptions::default().allow;
+    if let Some(ns) = &netns {
+        allow.push(format!("{}/30", ns.target_addr));
+    }
     let opts = RelayOptions {
+        allow,
         flow_idle_timeout_secs: 600,
         ask_timeout_ms: 5000,
         dataplane_extra: format!(
@@ -339,7 +365,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     let mut client_cfg = ClientConfig::new(relay.addr);
     client_cfg.ca = Some(relay.cert());
     client_cfg.token = Some(relay.token.clone());
-    let bench = Bench { cfg, relay, client_cfg };
+    let bench = Bench { cfg, relay, client_cfg, netns };
     let largest = *cfg.sizes.iter().max().context("no sizes")?;
 
     // Throughput sweep: upload through the relay and direct.
@@ -427,7 +453,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     // Setup rate: tunnels opened back to back (pipelined), including the
     // control authorization round trip.
     eprintln!("bench: setup rate ({} tunnels)", cfg.setup_flows);
-    let target = Target::start("127.0.0.1:0".parse()?, TargetMode::Sink)?;
+    let target = bench.target(TargetMode::Sink)?;
     let t = (target.addr().ip().to_string(), target.addr().port());
     let mut c = Client::connect(bench.client_cfg.clone(), Duration::from_secs(5))?;
     c.wait_settings(Duration::from_secs(5))?;
@@ -490,7 +516,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         timestamp_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        machine: machine_facts(pinned),
+        machine: machine_facts(pinned, cfg.netns),
         config: cfg.clone(),
         upload,
         download,

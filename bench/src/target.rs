@@ -91,7 +91,26 @@ fn socket(addr: SocketAddr) -> io::Result<UdpSocket> {
 impl Target {
     /// Binds `addr` and runs `mode` on a background thread.
     pub fn start(addr: SocketAddr, mode: TargetMode) -> io::Result<Self> {
-        let sock = socket(addr)?;
+        Self::start_in(None, addr, mode)
+    }
+
+    /// Like [`Target::start`], with the socket created inside network
+    /// namespace `netns` (see [`crate::netns`]).
+    pub fn start_in(netns: Option<&str>, addr: SocketAddr, mode: TargetMode) -> io::Result<Self> {
+        let sock = match netns {
+            None => socket(addr)?,
+            Some(ns) => {
+                // Create the socket on a helper thread that enters the
+                // namespace; the socket stays in it for its lifetime.
+                let ns = ns.to_string();
+                std::thread::spawn(move || {
+                    crate::netns::TargetNetns::enter(&ns)?;
+                    socket(addr)
+                })
+                .join()
+                .map_err(|_| io::Error::other("namespace thread panicked"))??
+            }
+        };
         let addr = sock.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));

@@ -44,3 +44,31 @@ fn smoke_suite_produces_every_output() {
     assert!(md.contains("| upload | 64 |") && md.contains("tunnels/s"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn smoke_suite_with_targets_in_a_network_namespace() {
+    if !is_root() {
+        // CI runs as root and must run this; a developer without root is
+        // told, not silently passed.
+        assert!(std::env::var_os("CI").is_none(), "CI must run the namespace smoke test as root");
+        eprintln!("SKIPPED: the namespace smoke test needs root (ip netns)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("relay-bench-smoke-ns-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = SuiteConfig::smoke(dir.clone());
+    cfg.netns = true;
+    cfg.sizes = vec![1200];
+    cfg.latency_loads = vec![0.5];
+    let report = suite::run(&cfg).expect("the namespace smoke suite runs");
+    assert_eq!(report.machine.target_placement, "network namespace (veth)");
+    for t in report.upload.iter().chain(&report.echo) {
+        assert!(t.result.delivered > 0, "{} delivered nothing through the veth link", t.path);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
