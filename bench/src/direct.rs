@@ -143,6 +143,12 @@ pub fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         rtt,
         rtt_cdf: if rtt.is_some() { stats::cdf(&hist, 50) } else { Vec::new() },
         window_secs: w_elapsed.as_secs_f64(),
+        client_packets_per_send: if batch.syscalls == 0 {
+            0.0
+        } else {
+            batch.datagrams as f64 / batch.syscalls as f64
+        },
+        client_packets_per_recv: 0.0,
         rtt_histogram: rtt.map(|_| hist),
     })
 }

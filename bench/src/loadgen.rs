@@ -69,6 +69,10 @@ pub struct LoadResult {
     pub rtt_cdf: Vec<(u64, f64)>,
     /// Length of the measurement window.
     pub window_secs: f64,
+    /// Load generator I/O: UDP packets per send system call (GSO), whole run.
+    pub client_packets_per_send: f64,
+    /// Load generator I/O: UDP packets per receive system call (GRO).
+    pub client_packets_per_recv: f64,
     #[serde(skip)]
     /// Raw RTT histogram (echo).
     pub rtt_histogram: Option<Histogram<u64>>,
@@ -139,6 +143,7 @@ pub fn run(
     }
     let mut flows: Vec<Flow> =
         tunnels.iter().map(|(c, s)| Flow { client: *c, stream: *s, sent: 0 }).collect();
+    let io0 = io_totals(clients);
     let per_flow_rate = spec.rate.map(|r| r / flows.len() as f64);
     let mut payload = vec![0u8; spec.size];
     let mut hist = stats::latency_histogram();
@@ -259,6 +264,8 @@ pub fn run(
     }
     let loss = if sent == 0 { 0.0 } else { sent.saturating_sub(delivered) as f64 / sent as f64 };
     let bytes = |n: u64| n * spec.size as u64;
+    let io1 = io_totals(clients);
+    let per = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
     let rtt = (spec.direction == Direction::Echo && !hist.is_empty()).then(|| stats::percentiles(&hist));
     Ok(LoadResult {
         spec: spec.clone(),
@@ -270,7 +277,18 @@ pub fn run(
         rtt,
         rtt_cdf: if rtt.is_some() { stats::cdf(&hist, 50) } else { Vec::new() },
         window_secs: w_elapsed.as_secs_f64(),
+        client_packets_per_send: per(io1.1 - io0.1, io1.0 - io0.0),
+        client_packets_per_recv: per(io1.3 - io0.3, io1.2 - io0.2),
         rtt_histogram: rtt.map(|_| hist),
+    })
+}
+
+/// (send calls, packets sent, receive calls, packets received) over all
+/// clients.
+fn io_totals(clients: &[Client]) -> (u64, u64, u64, u64) {
+    clients.iter().fold((0, 0, 0, 0), |acc, c| {
+        let (calls, pkts) = c.send_stats();
+        (acc.0 + calls, acc.1 + pkts, acc.2 + c.recv_calls, acc.3 + c.packets_in)
     })
 }
 

@@ -65,6 +65,17 @@ pub fn markdown(r: &Report) -> String {
     throughput_rows(&mut out, "upload", &r.upload);
     throughput_rows(&mut out, "download", &r.download);
     throughput_rows(&mut out, "echo", &r.echo);
+    out += "\nLoad generator I/O on the relay path (UDP packets per system call):\n\n";
+    out += "| scenario | payload B | packets per send (GSO) | packets per receive (GRO) |\n|---|---:|---:|---:|\n";
+    for (name, list) in [("upload", &r.upload), ("download", &r.download), ("echo", &r.echo)] {
+        for t in list.iter().filter(|t| t.path == "relay") {
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {:.1} | {:.1} |",
+                t.result.spec.size, t.result.client_packets_per_send, t.result.client_packets_per_recv
+            );
+        }
+    }
     out += "\nEcho round-trip times (microseconds) at fractions of the relay's max echo rate, same offered load on both paths:\n\n";
     out += "| load | offered dgram/s | relay p50 | p90 | p99 | p99.9 | direct p50 | p90 | p99 | p99.9 |\n";
     out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
