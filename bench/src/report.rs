@@ -118,6 +118,10 @@ pub fn markdown(r: &Report) -> String {
     out +=
         "| idle tunnels | relay RSS before (MiB) | after (MiB) | bytes per tunnel |\n|---:|---:|---:|---:|\n";
     for i in &r.idle {
+        if let Some(why) = &i.not_measured {
+            let _ = writeln!(out, "| {} | not measured: {why} | | |", i.flows);
+            continue;
+        }
         let _ = writeln!(
             out,
             "| {} | {:.1} | {:.1} | {:.0} |",

@@ -172,6 +172,10 @@ pub struct Rates {
 pub struct IdlePoint {
     /// Idle tunnels.
     pub flows: usize,
+    /// Why this count was not measured (the relay may not open that many
+    /// sockets on this host); the numbers below are then zero and must not
+    /// be read.
+    pub not_measured: Option<String>,
     /// Relay RSS (dataplane + control) before opening them, KiB.
     pub rss_before_kib: u64,
     /// After, KiB.
@@ -236,6 +240,13 @@ pub fn pin_process(pid: u32, cpu: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The soft "Max open files" limit of a process, from /proc.
+fn open_file_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 fn admin_status(socket: &Path) -> Result<Value> {
@@ -333,7 +344,6 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     std::fs::create_dir_all(&cfg.out_dir)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cfg.pin && cores >= 2;
-    let max_flows = cfg.idle_flows.iter().copied().max().unwrap_or(0).max(cfg.setup_flows);
     let per_conn = 25_000usize;
     let netns = if cfg.netns {
         Some(TargetNetns::create("relaybench", 1).context("creating the target namespace")?)
@@ -484,9 +494,36 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         setup_curve: curve,
     };
 
-    // Idle scale: relay RSS with N idle tunnels.
+    // Idle scale: relay RSS with N idle tunnels. Every tunnel holds a
+    // socket, so counts above the dataplane's open-file limit cannot be
+    // reached here; they are reported as not measured, and the largest
+    // reachable count is measured instead.
     let mut idle = Vec::new();
+    let fd_limit = bench.relay.dataplane_pid().and_then(open_file_limit).unwrap_or(u64::MAX) as usize;
+    let reachable = fd_limit.saturating_sub(2000) / 1000 * 1000;
+    let mut counts: Vec<usize> = Vec::new();
     for &n in &cfg.idle_flows {
+        if n > reachable {
+            idle.push(IdlePoint {
+                flows: n,
+                not_measured: Some(format!(
+                    "needs {n} sockets; the dataplane may open {fd_limit} (RLIMIT_NOFILE hard limit; raising it needs \
+                     CAP_SYS_RESOURCE or LimitNOFILE= in the unit, see deploy/)"
+                )),
+                rss_before_kib: 0,
+                rss_after_kib: 0,
+                bytes_per_flow: 0.0,
+            });
+            if !counts.contains(&reachable) && reachable > 0 {
+                counts.push(reachable);
+            }
+        } else {
+            counts.push(n);
+        }
+    }
+    counts.sort_unstable();
+    counts.dedup();
+    for n in counts {
         eprintln!("bench: {n} idle tunnels");
         std::thread::sleep(Duration::from_millis(300));
         let before = bench.relay_sample()?.rss_kib;
@@ -502,6 +539,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         let after = bench.relay_sample()?.rss_kib;
         idle.push(IdlePoint {
             flows: n,
+            not_measured: None,
             rss_before_kib: before,
             rss_after_kib: after,
             bytes_per_flow: (after.saturating_sub(before) * 1024) as f64 / n as f64,
@@ -509,8 +547,8 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         for c in clients {
             c.close();
         }
-        let _ = max_flows;
     }
+    idle.sort_by_key(|i| i.flows);
 
     let report = Report {
         timestamp_unix: std::time::SystemTime::now()
