@@ -27,6 +27,9 @@ pub fn quic_listener(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
         s.set_only_v6(false)?;
     }
     s.bind(&addr.into())?;
+    // GRO lets one receive carry many packets from a sender; without kernel
+    // support packets simply arrive one by one.
+    relay_udp::enable_gro(&s)?;
     Ok(mio::net::UdpSocket::from_std(s.into()))
 }
 

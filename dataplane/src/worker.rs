@@ -29,6 +29,7 @@ use crate::quic;
 use crate::response::{self, Headers};
 use crate::socket;
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
+use relay_udp::SegmentBatcher;
 
 const QUIC_SOCKET: Token = Token(0);
 const ANSWER_BELL: Token = Token(1);
@@ -96,8 +97,10 @@ pub struct Worker {
     link: ControlLink,
     limits: Limits,
     buf: Vec<u8>,
+    rx: Vec<u8>,
     out: Vec<u8>,
     dgram: Vec<u8>,
+    batcher: SegmentBatcher,
     quic_backlogged: bool,
     last_sweep: Instant,
 }
@@ -165,7 +168,9 @@ impl Worker {
             link,
             limits,
             buf: vec![0; 65_536],
+            rx: vec![0; relay_udp::MAX_GRO_BUFFER],
             out: vec![0; quic::MAX_SEND_UDP_PAYLOAD],
+            batcher: SegmentBatcher::new(quic::MAX_SEND_UDP_PAYLOAD),
             dgram: Vec::with_capacity(2048),
             quic_backlogged: false,
             last_sweep: Instant::now(),
@@ -224,24 +229,40 @@ impl Worker {
         quic.unwrap_or(SWEEP_INTERVAL).min(SWEEP_INTERVAL)
     }
 
+    /// Reads QUIC packets; with GRO one receive may carry many packets from
+    /// one sender, split by the kernel-reported stride.
     fn read_quic(&mut self, now: Instant) {
+        let mut rx = std::mem::take(&mut self.rx);
+        let mut exhausted = true;
         for _ in 0..READ_BUDGET {
-            let (len, from) = match self.socket.recv_from(&mut self.buf) {
-                Ok(v) => v,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            let r = match relay_udp::recv_segments(&self.socket, &mut rx) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    exhausted = false;
+                    break;
+                }
                 Err(e) => {
                     warn!("QUIC socket receive: {e}");
-                    return;
+                    exhausted = false;
+                    break;
                 }
             };
-            self.count(Counter::QuicPacketsIn, 1);
-            self.on_quic_packet(len, from, now);
+            self.count(Counter::QuicPacketsIn, r.segments() as u64);
+            self.count(Counter::QuicReceives, 1);
+            let stride = r.segment_size.max(1);
+            let mut offset = 0;
+            while offset < r.len {
+                let end = (offset + stride).min(r.len);
+                self.on_quic_packet(&mut rx[offset..end], r.from, now);
+                offset = end;
+            }
         }
-        self.quic_backlogged = true;
+        self.rx = rx;
+        self.quic_backlogged = exhausted;
     }
 
-    fn on_quic_packet(&mut self, len: usize, from: SocketAddr, now: Instant) {
-        let hdr = match quiche::Header::from_slice(&mut self.buf[..len], quiche::MAX_CONN_ID_LEN) {
+    fn on_quic_packet(&mut self, pkt: &mut [u8], from: SocketAddr, now: Instant) {
+        let hdr = match quiche::Header::from_slice(pkt, quiche::MAX_CONN_ID_LEN) {
             Ok(h) => h,
             Err(_) => return,
         };
@@ -291,7 +312,7 @@ impl Worker {
         };
         let Some(mut conn) = self.conns.remove(&serial) else { return };
         let info = quiche::RecvInfo { from, to: self.local };
-        match conn.quic.recv(&mut self.buf[..len], info) {
+        match conn.quic.recv(pkt, info) {
             Ok(_) => self.process_conn(serial, &mut conn, now),
             Err(e) => debug!("QUIC recv: {e}"),
         }
@@ -850,24 +871,31 @@ impl Worker {
         }
     }
 
+    /// Sends what quiche has for `conn`, coalescing consecutive packets to
+    /// the peer into GSO batches.
     fn send_packets(&mut self, conn: &mut Conn) {
+        let (calls0, sent0, dropped0) = (self.batcher.syscalls, self.batcher.datagrams, self.batcher.dropped);
         loop {
             let (n, info) = match conn.quic.send(&mut self.out) {
                 Ok(v) => v,
-                Err(quiche::Error::Done) => return,
+                Err(quiche::Error::Done) => break,
                 Err(e) => {
                     debug!("QUIC send: {e}");
                     let _ = conn.quic.close(false, 0x1, b"internal error");
-                    return;
+                    break;
                 }
             };
-            match self.socket.send_to(&self.out[..n], info.to) {
-                Ok(_) => self.count(Counter::QuicPacketsOut, 1),
-                // QUIC recovers lost packets; the kernel queue is full.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) => debug!("QUIC socket send: {e}"),
+            if let Err(e) = self.batcher.push(&self.socket, info.to, &self.out[..n]) {
+                debug!("QUIC socket send: {e}");
             }
         }
+        if let Err(e) = self.batcher.flush(&self.socket) {
+            debug!("QUIC socket send: {e}");
+        }
+        // Packets the kernel refused are lost; QUIC recovers them.
+        self.count(Counter::QuicPacketsOut, self.batcher.datagrams - sent0);
+        self.count(Counter::QuicSends, self.batcher.syscalls - calls0);
+        self.count(Counter::QuicSendDrops, self.batcher.dropped - dropped0);
     }
 
     fn drop_conn(&mut self, mut conn: Conn) {

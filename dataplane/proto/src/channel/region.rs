@@ -321,6 +321,12 @@ counters! {
     TunnelsActive = 23, "tunnels_active";
     /// QUIC connections currently open (gauge).
     ConnectionsActive = 24, "connections_active";
+    /// Receive system calls on the QUIC socket (GRO: packets / receives).
+    QuicReceives = 25, "quic_receives";
+    /// Send system calls on the QUIC socket (GSO: packets / sends).
+    QuicSends = 26, "quic_sends";
+    /// QUIC packets the kernel refused to send (full socket buffer).
+    QuicSendDrops = 27, "quic_send_drops";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so
