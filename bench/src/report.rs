@@ -77,22 +77,24 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     out += "\nEcho round-trip times (microseconds) at fractions of the relay's max echo rate, same offered load on both paths:\n\n";
-    out += "| load | offered dgram/s | relay p50 | p90 | p99 | p99.9 | direct p50 | p90 | p99 | p99.9 |\n";
-    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += "| load | offered dgram/s | relay p50 | p90 | p99 | p99.9 | loss | direct p50 | p90 | p99 | p99.9 | loss |\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for l in &r.latency {
         let _ = writeln!(
             out,
-            "| {:.0}% | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {:.0}% | {:.0} | {} | {} | {} | {} | {:.2}% | {} | {} | {} | {} | {:.2}% |",
             l.load_fraction * 100.0,
             l.offered,
             l.relay.p50_us,
             l.relay.p90_us,
             l.relay.p99_us,
             l.relay.p999_us,
+            l.relay_loss * 100.0,
             l.direct.p50_us,
             l.direct.p90_us,
             l.direct.p99_us,
-            l.direct.p999_us
+            l.direct.p999_us,
+            l.direct_loss * 100.0
         );
     }
     out += "\nRelay CPU cost (dataplane + control, from /proc) at half the relay's max upload rate:\n\n";
