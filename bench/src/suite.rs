@@ -458,12 +458,12 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         let spec = bench.spec(size, Direction::Upload, Some(offered));
         let admin = bench.relay.admin_socket();
         let before = bench.relay_sample()?;
-        let (pkts0, dg0) =
-            (relay_counter(&admin, "quic_packets_in")?, relay_counter(&admin, "datagrams_up")?);
+        let c0 = relay_counters(&admin)?;
         let r = bench.through_relay(TargetMode::Sink, &spec)?;
         let after = bench.relay_sample()?;
-        let (pkts1, dg1) =
-            (relay_counter(&admin, "quic_packets_in")?, relay_counter(&admin, "datagrams_up")?);
+        let c1 = relay_counters(&admin)?;
+        let delta = |name: &str| c1.get(name).copied().unwrap_or(0) - c0.get(name).copied().unwrap_or(0);
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         bench.check_paced("cost run", &r, cfg.max_paced_loss)?;
         let c = stats::cost(
             after.cpu_ticks - before.cpu_ticks,
