@@ -76,7 +76,13 @@ pub fn markdown(r: &Report) -> String {
             );
         }
     }
-    out += "\nEcho round-trip times (microseconds) at fractions of the relay's max echo rate, same offered load on both paths:\n\n";
+    let _ = writeln!(
+        out,
+        "\nEcho round-trip times (microseconds) at fractions of the relay's highest sustainable echo rate \
+         ({:.0} datagrams/s with at most {:.0}% loss), same offered load on both paths:\n",
+        r.sustainable_echo_rate,
+        r.config.max_paced_loss * 100.0
+    );
     out += "| load | offered dgram/s | relay p50 | p90 | p99 | p99.9 | loss | direct p50 | p90 | p99 | p99.9 | loss |\n";
     out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for l in &r.latency {
