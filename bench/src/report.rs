@@ -104,12 +104,12 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     out += "\nRelay CPU cost (dataplane + control, from /proc) at half the relay's max upload rate:\n\n";
-    out += "| payload B | offered dgram/s | forwarded | CPU us / datagram | CPU s / GB | QUIC packets in / datagram | relay packets / receive (GRO) | relay packets / send (GSO) |\n";
-    out += "|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += "| payload B | offered dgram/s | forwarded | CPU us / datagram | CPU s / GB | QUIC packets in / datagram | relay packets / receive (GRO) | relay packets / send (GSO) | target datagrams / send (GSO) |\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for c in &r.cost {
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} |",
+            "| {} | {:.0} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
             c.size,
             c.offered,
             c.delivered,
@@ -117,7 +117,8 @@ pub fn markdown(r: &Report) -> String {
             c.cost.cpu_sec_per_gb,
             c.quic_packets_per_datagram,
             c.relay_packets_per_receive,
-            c.relay_packets_per_send
+            c.relay_packets_per_send,
+            c.relay_target_datagrams_per_send
         );
     }
     let _ = writeln!(

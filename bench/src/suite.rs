@@ -163,6 +163,8 @@ pub struct CostPoint {
     pub relay_packets_per_receive: f64,
     /// QUIC packets per send system call on the relay (GSO).
     pub relay_packets_per_send: f64,
+    /// Datagrams per send system call towards targets (GSO).
+    pub relay_target_datagrams_per_send: f64,
 }
 
 /// Setup and handshake rates.
@@ -508,6 +510,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
             quic_packets_per_datagram: ratio(delta("quic_packets_in"), delta("datagrams_up")),
             relay_packets_per_receive: ratio(delta("quic_packets_in"), delta("quic_receives")),
             relay_packets_per_send: ratio(delta("quic_packets_out"), delta("quic_sends")),
+            relay_target_datagrams_per_send: ratio(delta("datagrams_up"), delta("target_sends")),
         });
     }
 

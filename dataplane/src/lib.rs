@@ -20,4 +20,5 @@ pub mod quic;
 pub mod response;
 pub mod socket;
 pub mod tunnel;
+pub mod upbatch;
 pub mod worker;

@@ -29,6 +29,7 @@ use crate::quic;
 use crate::response::{self, Headers};
 use crate::socket;
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
+use crate::upbatch::UpBatch;
 use relay_udp::SegmentBatcher;
 
 const QUIC_SOCKET: Token = Token(0);
@@ -58,7 +59,12 @@ struct TunnelEntry {
     tunnel: Tunnel,
     target: Option<(mio::net::UdpSocket, usize)>,
     response_pending: Option<Headers>,
+    /// Payloads for the target collected this turn (see [`UpBatch`]).
+    up: Option<UpBatch>,
 }
+
+/// Buffers kept for reuse by target batches.
+const UP_POOL: usize = 64;
 
 struct Conn {
     quic: quiche::Connection,
@@ -101,6 +107,9 @@ pub struct Worker {
     out: Vec<u8>,
     dgram: Vec<u8>,
     batcher: SegmentBatcher,
+    up_pool: Vec<Vec<u8>>,
+    dirty_up: Vec<(u64, u64)>,
+    dgram_in: Vec<u8>,
     quic_backlogged: bool,
     last_sweep: Instant,
 }
@@ -171,6 +180,9 @@ impl Worker {
             rx: vec![0; relay_udp::MAX_GRO_BUFFER],
             out: vec![0; quic::MAX_SEND_UDP_PAYLOAD],
             batcher: SegmentBatcher::new(quic::MAX_SEND_UDP_PAYLOAD),
+            up_pool: Vec::new(),
+            dirty_up: Vec::new(),
+            dgram_in: vec![0; 65_536],
             dgram: Vec::with_capacity(2048),
             quic_backlogged: false,
             last_sweep: Instant::now(),
@@ -214,8 +226,12 @@ impl Worker {
                 self.read_target(token, now);
             }
             self.read_answers(now);
+            self.flush_up();
             self.on_timeouts(now);
             self.flush_all(now);
+            // Processing during the flush may have queued more payloads; no
+            // batch outlives its turn.
+            self.flush_up();
         }
         self.shutdown();
         Ok(())
@@ -350,7 +366,7 @@ impl Worker {
                 (stream_id, quiche::h3::Event::Headers { list, more_frames }) => {
                     self.on_request(serial, conn, stream_id, &list, more_frames, now)
                 }
-                (stream_id, quiche::h3::Event::Data) => self.on_stream_data(conn, stream_id, now),
+                (stream_id, quiche::h3::Event::Data) => self.on_stream_data(serial, conn, stream_id, now),
                 (stream_id, quiche::h3::Event::Finished) => self.on_stream_finished(conn, stream_id),
                 (stream_id, quiche::h3::Event::Reset(_)) => {
                     if let Some(entry) = conn.tunnels.remove(&stream_id) {
@@ -376,29 +392,29 @@ impl Worker {
                 }
             }
         }
-        self.read_datagrams(conn, now);
+        self.read_datagrams(serial, conn, now);
     }
 
-    fn read_datagrams(&mut self, conn: &mut Conn, now: Instant) {
-        loop {
-            let len = match conn.quic.dgram_recv(&mut self.buf) {
-                Ok(n) => n,
-                Err(_) => return,
-            };
-            let d = match datagram::decode(&self.buf[..len]) {
+    fn read_datagrams(&mut self, serial: u64, conn: &mut Conn, now: Instant) {
+        // The buffer is taken out of `self` so payloads can be borrowed from
+        // it while the worker queues them.
+        let mut buf = std::mem::take(&mut self.dgram_in);
+        while let Ok(len) = conn.quic.dgram_recv(&mut buf) {
+            let d = match datagram::decode(&buf[..len]) {
                 Ok(d) => d,
                 Err(e) if e.is_connection_error() => {
                     // RFC 9297 section 2.1: H3_DATAGRAM_ERROR.
                     self.count(Counter::DropMalformed, 1);
                     let _ = conn.quic.close(true, h3_code::DATAGRAM_ERROR, b"malformed HTTP datagram");
-                    return;
+                    break;
                 }
                 Err(_) => {
                     self.count(Counter::DropMalformed, 1);
                     continue;
                 }
             };
-            let Some(entry) = conn.tunnels.get_mut(&d.stream_id) else {
+            let stream_id = d.stream_id;
+            let Some(entry) = conn.tunnels.get_mut(&stream_id) else {
                 // RFC 9297 section 2.1: datagrams for streams that are not
                 // (or no longer) tunnels are dropped.
                 self.count(Counter::DropNoTunnel, 1);
@@ -406,13 +422,13 @@ impl Worker {
             };
             let outcome = entry.tunnel.on_quic_datagram(d.context_id, d.payload, now);
             if outcome == UpOutcome::AbortTooLarge {
-                let stream_id = d.stream_id;
                 self.count(Counter::DropTooLarge, 1);
                 self.abort_tunnel(conn, stream_id, h3_code::DATAGRAM_ERROR);
                 continue;
             }
-            forward_up(&self.link, entry.target.as_ref().map(|(s, _)| s), outcome, d.payload);
+            self.forward_up(serial, stream_id, entry, outcome, d.payload);
         }
+        self.dgram_in = buf;
     }
 
     fn on_request(
@@ -498,7 +514,8 @@ impl Worker {
         };
         let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
         let tunnel = Tunnel::pending(stream_id, ask_id, now, timeout, self.limits);
-        conn.tunnels.insert(stream_id, TunnelEntry { tunnel, target: None, response_pending: None });
+        conn.tunnels
+            .insert(stream_id, TunnelEntry { tunnel, target: None, response_pending: None, up: None });
         self.asks.insert(ask_id, (serial, stream_id));
     }
 
@@ -529,7 +546,7 @@ impl Worker {
         let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
     }
 
-    fn on_stream_data(&mut self, conn: &mut Conn, stream_id: u64, now: Instant) {
+    fn on_stream_data(&mut self, serial: u64, conn: &mut Conn, stream_id: u64, now: Instant) {
         let Some(h3) = conn.h3.as_mut() else { return };
         loop {
             let n = match h3.recv_body(&mut conn.quic, stream_id, &mut self.buf) {
@@ -539,13 +556,15 @@ impl Worker {
             let Some(entry) = conn.tunnels.get_mut(&stream_id) else {
                 continue; // body of a refused request: discarded
             };
-            let target = entry.target.as_ref().map(|(s, _)| s);
-            let link = &self.link;
-            let mut too_large = false;
+            let mut payloads: Vec<(UpOutcome, Vec<u8>)> = Vec::new();
             let result = entry.tunnel.on_stream_bytes(&self.buf[..n], now, |outcome, payload| {
-                too_large |= outcome == UpOutcome::AbortTooLarge;
-                forward_up(link, target, outcome, payload);
+                payloads.push((outcome, payload.to_vec()));
             });
+            let mut too_large = false;
+            for (outcome, payload) in payloads {
+                too_large |= outcome == UpOutcome::AbortTooLarge;
+                self.forward_up(serial, stream_id, entry, outcome, &payload);
+            }
             if too_large {
                 self.abort_tunnel(conn, stream_id, h3_code::DATAGRAM_ERROR);
                 return;
@@ -592,6 +611,12 @@ impl Worker {
                 self.link.cancel(ask_id);
             }
             Phase::Open { flow_id, .. } => {
+                let mut entry = entry;
+                if let (Some(mut batch), Some((sock, _))) = (entry.up.take(), entry.target.as_ref()) {
+                    let sent = batch.send(sock);
+                    self.count_up_sent(sent);
+                    self.recycle(batch);
+                }
                 if let Some((mut sock, token)) = entry.target {
                     let _ = self.poll.registry().deregister(&mut sock);
                     self.targets.remove(&token);
@@ -715,11 +740,10 @@ impl Worker {
                 if !matches!(sent, Some(Ok(()))) {
                     entry.response_pending = Some(headers);
                 }
-                let target = entry.target.as_ref().map(|(s, _)| s);
                 for payload in early {
                     entry.tunnel.totals.packets_up += 1;
                     entry.tunnel.totals.bytes_up += payload.len() as u64;
-                    forward_up(&self.link, target, UpOutcome::Forward, &payload);
+                    self.forward_up(serial, stream_id, entry, UpOutcome::Forward, &payload);
                 }
             }
         }
@@ -898,6 +922,73 @@ impl Worker {
         self.count(Counter::QuicSendDrops, self.batcher.dropped - dropped0);
     }
 
+    /// Accounts one client payload and queues it for the target's batch of
+    /// this turn (sent by [`Worker::flush_up`]).
+    fn forward_up(
+        &mut self,
+        serial: u64,
+        stream_id: u64,
+        entry: &mut TunnelEntry,
+        outcome: UpOutcome,
+        payload: &[u8],
+    ) {
+        match outcome {
+            UpOutcome::Forward => {}
+            UpOutcome::Buffered => return,
+            UpOutcome::DroppedQueueFull => return self.count(Counter::DropQueueFull, 1),
+            UpOutcome::DroppedUnknownContext => return self.count(Counter::DropUnknownContext, 1),
+            UpOutcome::AbortTooLarge => return self.count(Counter::DropTooLarge, 1),
+        }
+        let Some((sock, _)) = entry.target.as_ref() else {
+            return self.count(Counter::DropTargetSend, 1);
+        };
+        if entry.up.as_ref().is_some_and(|b| !b.fits(payload.len())) {
+            // The batch cannot take it: send what is there first.
+            let sent = entry.up.as_mut().map(|b| b.send(sock)).unwrap_or_default();
+            self.count_up_sent(sent);
+        }
+        let batch = match entry.up.as_mut() {
+            Some(b) => b,
+            None => {
+                let buf = self.up_pool.pop().unwrap_or_else(|| Vec::with_capacity(relay_udp::MAX_GRO_BUFFER));
+                self.dirty_up.push((serial, stream_id));
+                entry.up.insert(UpBatch::new(buf))
+            }
+        };
+        batch.push(payload);
+    }
+
+    fn count_up_sent(&self, sent: crate::upbatch::Sent) {
+        self.count(Counter::DatagramsUp, sent.datagrams);
+        self.count(Counter::BytesUp, sent.bytes);
+        self.count(Counter::DropTargetSend, sent.dropped);
+        self.count(Counter::TargetSends, sent.syscalls);
+    }
+
+    fn recycle(&mut self, batch: UpBatch) {
+        if self.up_pool.len() < UP_POOL {
+            self.up_pool.push(batch.into_buffer());
+        }
+    }
+
+    /// Sends every target batch collected this turn.
+    fn flush_up(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty_up);
+        for (serial, stream_id) in &dirty {
+            let Some(conn) = self.conns.get_mut(serial) else { continue };
+            let Some(entry) = conn.tunnels.get_mut(stream_id) else { continue };
+            let (Some(mut batch), Some((sock, _))) = (entry.up.take(), entry.target.as_ref()) else {
+                continue;
+            };
+            let sent = batch.send(sock);
+            self.count_up_sent(sent);
+            self.recycle(batch);
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        self.dirty_up = dirty;
+    }
+
     fn drop_conn(&mut self, mut conn: Conn) {
         for cid in &conn.cids {
             self.by_cid.remove(cid);
@@ -919,23 +1010,5 @@ impl Worker {
             }
         }
         info!(worker = self.settings.index, "worker stopped");
-    }
-}
-
-/// Forwards or accounts one client payload.
-fn forward_up(link: &ControlLink, target: Option<&mio::net::UdpSocket>, outcome: UpOutcome, payload: &[u8]) {
-    let counters = link.counters();
-    match outcome {
-        UpOutcome::Forward => match target.map(|s| s.send(payload)) {
-            Some(Ok(_)) => {
-                counters.add(Counter::DatagramsUp, 1);
-                counters.add(Counter::BytesUp, payload.len() as u64);
-            }
-            _ => counters.add(Counter::DropTargetSend, 1),
-        },
-        UpOutcome::Buffered => {}
-        UpOutcome::DroppedQueueFull => counters.add(Counter::DropQueueFull, 1),
-        UpOutcome::DroppedUnknownContext => counters.add(Counter::DropUnknownContext, 1),
-        UpOutcome::AbortTooLarge => counters.add(Counter::DropTooLarge, 1),
     }
 }

@@ -327,6 +327,8 @@ counters! {
     QuicSends = 26, "quic_sends";
     /// QUIC packets the kernel refused to send (full socket buffer).
     QuicSendDrops = 27, "quic_send_drops";
+    /// Send system calls on target sockets (GSO: datagrams_up / target_sends).
+    TargetSends = 28, "target_sends";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so
