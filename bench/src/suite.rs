@@ -236,7 +236,9 @@ fn machine_facts(pinned: bool, netns: bool) -> MachineFacts {
         })
         .unwrap_or_else(|| "unknown".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Counted from /proc/cpuinfo: after pinning, available_parallelism
+    // reports only this process's core.
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count().max(1);
     let target_placement = if netns { "network namespace (veth)" } else { "loopback" }.to_string();
     MachineFacts { cpu_model, cores, kernel, pinned, target_placement }
 }
