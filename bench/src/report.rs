@@ -103,7 +103,11 @@ pub fn markdown(r: &Report) -> String {
             l.direct_loss * 100.0
         );
     }
-    out += "\nRelay CPU cost (dataplane + control, from /proc) at half the relay's max upload rate:\n\n";
+    let _ = writeln!(
+        out,
+        "\nRelay CPU cost (dataplane + control, from /proc) at {:.0}% of the relay's max upload rate:\n",
+        r.config.cost_fraction * 100.0
+    );
     out += "| payload B | offered dgram/s | forwarded | CPU us / datagram | CPU s / GB | QUIC packets in / datagram | relay packets / receive (GRO) | relay packets / send (GSO) | target datagrams / send (GSO) |\n";
     out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for c in &r.cost {
