@@ -9,6 +9,7 @@
 //! - `test`: setup, formatting and lint checks, then every test.
 //! - `bench`: the benchmark suite on release binaries (`--update-docs`
 //!   writes the results into docs/BENCHMARKS.md).
+//! - `fuzz`: every cargo-fuzz target of relay-proto for `--seconds N` each.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -325,8 +326,61 @@ fn update_docs(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Directory of the cargo-fuzz project.
+fn fuzz_dir() -> PathBuf {
+    root().join("dataplane/proto")
+}
+
+/// Runs every fuzz target for `--seconds N` (default 60) each, on the
+/// stable toolchain (no sanitizer), with the committed corpora.
+fn fuzz(args: &[String]) -> Result<()> {
+    let seconds: u64 = match args.iter().position(|a| a == "--seconds") {
+        Some(i) => args
+            .get(i + 1)
+            .context("--seconds needs a value")?
+            .parse()
+            .context("--seconds must be a number")?,
+        None => 60,
+    };
+    let only = args.iter().position(|a| a == "--target").and_then(|i| args.get(i + 1)).cloned();
+    let have_fuzz = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_fuzz {
+        run_checked(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let list = cargo().current_dir(fuzz_dir()).args(["fuzz", "list"]).output().context("cargo fuzz list")?;
+    if !list.status.success() {
+        bail!("cargo fuzz list failed: {}", String::from_utf8_lossy(&list.stderr));
+    }
+    let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .filter(|t| only.as_deref().is_none_or(|o| o == *t))
+        .map(str::to_string)
+        .collect();
+    if targets.is_empty() {
+        bail!("no fuzz targets found");
+    }
+    for t in &targets {
+        std::fs::create_dir_all(fuzz_dir().join("fuzz/corpus").join(t))?;
+        run_checked(
+            cargo()
+                .current_dir(fuzz_dir())
+                .args(["fuzz", "run", t, "--sanitizer", "none", "--"])
+                .arg(format!("-max_total_time={seconds}")),
+        )?;
+    }
+    println!("fuzz: {} targets ran {seconds} s each without a crash", targets.len());
+    Ok(())
+}
+
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup | build [--release] | run [--debug] | test [--no-lint] | bench [--smoke] [--no-pin] [--update-docs]>"
+    "usage: cargo xtask <setup | build [--release] | run [--debug] | test [--no-lint] | bench [--smoke] [--no-pin] [--update-docs] | fuzz [--seconds N] [--target NAME]>"
 }
 
 fn main() -> ExitCode {
@@ -338,6 +392,7 @@ fn main() -> ExitCode {
         Some("run") => run_relay(rest),
         Some("test") => test(rest),
         Some("bench") => bench(rest),
+        Some("fuzz") => fuzz(rest),
         _ => {
             eprintln!("{}", usage());
             return ExitCode::from(2);
