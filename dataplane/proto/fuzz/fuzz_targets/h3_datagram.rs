@@ -11,6 +11,9 @@ fuzz_target!(|data: &[u8]| {
         let mut out = Vec::new();
         datagram::encode_into(d.stream_id, d.context_id, d.payload, &mut out);
         let again = datagram::decode(&out).expect("re-encoded datagram decodes");
-        assert_eq!((again.stream_id, again.context_id, again.payload), (d.stream_id, d.context_id, d.payload));
+        assert_eq!(
+            (again.stream_id, again.context_id, again.payload),
+            (d.stream_id, d.context_id, d.payload)
+        );
     }
 });

@@ -9,7 +9,8 @@ use relay_proto::template::UriTemplate;
 fuzz_target!(|data: &[u8]| {
     let fields: Vec<&[u8]> = data.split(|b| *b == 0).collect();
     let pairs: Vec<(&[u8], &[u8])> = fields.chunks_exact(2).map(|p| (p[0], p[1])).collect();
-    let template = UriTemplate::parse("/.well-known/masque/udp/{target_host}/{target_port}/").expect("default template");
+    let template =
+        UriTemplate::parse("/.well-known/masque/udp/{target_host}/{target_port}/").expect("default template");
     for extended in [true, false] {
         if let Ok(req) = parse_request(pairs.iter().copied(), extended) {
             if let Ok(c) = classify_connect_udp(&req, &template) {

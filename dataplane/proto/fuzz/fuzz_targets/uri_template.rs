@@ -8,7 +8,8 @@ use relay_proto::template::UriTemplate;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let (template, path) = text.split_once('\n').unwrap_or(("/.well-known/masque/udp/{target_host}/{target_port}/", text));
+    let (template, path) =
+        text.split_once('\n').unwrap_or(("/.well-known/masque/udp/{target_host}/{target_port}/", text));
     let Ok(t) = UriTemplate::parse(template) else { return };
     if let Ok(m) = t.match_path(path) {
         let _ = TargetHost::parse(&m.target_host);
