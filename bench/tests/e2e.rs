@@ -373,3 +373,55 @@ fn two_workers_share_the_port_and_both_serve() {
     let v = admin(&relay.admin_socket(), "status");
     assert_eq!(v["workers"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn restarted_control_is_reattached_and_learns_the_live_flows() {
+    let mut relay = start("control-restart", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    let flows_before = admin(&relay.admin_socket(), "flows");
+    let flow_id = flows_before["flows"][0]["flow_id"].as_u64().unwrap();
+
+    relay.kill_control();
+    std::thread::sleep(Duration::from_millis(200));
+    let id = c.request_udp("127.0.0.1", echo.addr().port()).unwrap();
+    assert_eq!(c.wait_answer(id, T).unwrap().status(), Some(503));
+
+    relay.start_control().unwrap();
+    // The dataplane re-attaches by itself; new tunnels work again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s2 = loop {
+        let id = c.request_udp("127.0.0.1", echo.addr().port()).unwrap();
+        let a = c.wait_answer(id, T).unwrap();
+        if a.status() == Some(200) {
+            break id;
+        }
+        assert_eq!(a.status(), Some(503), "{a:?}");
+        assert!(Instant::now() < deadline, "the dataplane did not re-attach");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The new control learned the tunnel opened under the old one.
+    let flows = admin(&relay.admin_socket(), "flows");
+    let ids: Vec<u64> =
+        flows["flows"].as_array().unwrap().iter().map(|f| f["flow_id"].as_u64().unwrap()).collect();
+    assert!(ids.contains(&flow_id), "old flow {flow_id} missing from {ids:?}");
+    assert_eq!(ids.len(), 2);
+    // Both tunnels forward.
+    let load = EchoLoad {
+        count: 200,
+        size: 300,
+        window: 16,
+        capsules: false,
+        stall_timeout: Duration::from_secs(5),
+    };
+    let r = run_echo(&mut c, &[s, s2], &load).unwrap();
+    assert_eq!((r.received, r.lost, r.corrupt), (400, 0, 0));
+    // Closing the old tunnel is reported to the new control.
+    c.finish_stream(s).unwrap();
+    wait_until("the new control to drop the old flow", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        let flows = admin(&relay.admin_socket(), "flows");
+        !flows["flows"].as_array().unwrap().iter().any(|f| f["flow_id"].as_u64() == Some(flow_id))
+    });
+}

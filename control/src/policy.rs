@@ -64,7 +64,13 @@ fn deny(status: u16, proxy_error: ProxyError, details: &str) -> Verdict {
 impl Policy {
     /// A policy with these tokens, target ACL and flow idle timeout.
     pub fn new(tokens: BearerTokens, acl: TargetAcl, idle_timeout_ms: u32) -> Self {
-        Self { tokens, acl, idle_timeout_ms, next_flow_id: 1 }
+        // Flow IDs carry a per-start epoch in the top bits, so flows that a
+        // dataplane kept across a control restart never collide with new
+        // ones.
+        let mut epoch = [0u8; 3];
+        let _ = boring::rand::rand_bytes(&mut epoch);
+        let epoch = u64::from(u32::from_le_bytes([epoch[0], epoch[1], epoch[2], 0]));
+        Self { tokens, acl, idle_timeout_ms, next_flow_id: (epoch << 40) | 1 }
     }
 
     /// First step of a decision.
@@ -162,7 +168,8 @@ mod tests {
         assert_eq!(status(&p.decide(&ask("127.0.0.1", Some("Bearer x")))), 407);
         assert_eq!(status(&p.decide(&ask("10.0.0.1", Some("Bearer t")))), 403);
         match p.decide(&ask("127.0.0.1", Some("Bearer t"))) {
-            Decision::Answer(Verdict::Allow { flow_id: 1, target, idle_timeout_ms: 5000 }) => {
+            Decision::Answer(Verdict::Allow { flow_id, target, idle_timeout_ms: 5000 }) => {
+                assert_eq!(flow_id & ((1 << 40) - 1), 1, "first flow of this control start");
                 assert_eq!(target, "127.0.0.1:53".parse().unwrap())
             }
             other => panic!("{other:?}"),

@@ -339,6 +339,23 @@ impl Server {
                         );
                     }
                 }
+                Record::FlowOpen(open) => {
+                    // A dataplane that outlived a previous control reports its
+                    // live flows after attaching.
+                    let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    if shared.flows.len() < MAX_FLOWS {
+                        let started_unix = SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        shared.flows.entry(open.flow_id).or_insert(FlowInfo {
+                            flow_id: open.flow_id,
+                            worker,
+                            client: open.client,
+                            target: open.target,
+                            started_unix,
+                        });
+                    }
+                }
                 Record::AuthAnswer(_) => {
                     warn!(worker, "dataplane sent an answer record; ignored");
                     self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use relay_proto::channel::RECORD_SIZE;
 use relay_proto::channel::doorbell::Doorbell;
-use relay_proto::channel::record::{AuthAnswer, AuthAsk, FlowClosed, Record, RecordError};
+use relay_proto::channel::record::{AuthAnswer, AuthAsk, FlowClosed, FlowOpen, Record, RecordError};
 use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
 
@@ -31,7 +31,7 @@ pub const MAX_QUEUED_ASKS: usize = 16_384;
 
 /// The worker's channel end.
 pub struct ControlLink {
-    queued: VecDeque<AuthAsk>,
+    queued: VecDeque<Record>,
     chan: WorkerChannel<Producer, Consumer>,
     ask_bell: Doorbell,
     answer_bell: Doorbell,
@@ -108,11 +108,11 @@ impl ControlLink {
         if self.queued.is_empty() {
             match self.push() {
                 Ok(()) => {}
-                Err(AskError::Full) => self.queued.push_back(ask),
+                Err(AskError::Full) => self.queued.push_back(Record::AuthAsk(ask)),
                 Err(e) => return Err(e),
             }
         } else if self.queued.len() < MAX_QUEUED_ASKS {
-            self.queued.push_back(ask);
+            self.queued.push_back(Record::AuthAsk(ask));
         } else {
             return Err(AskError::Full);
         }
@@ -121,10 +121,10 @@ impl ControlLink {
         Ok(ask_id)
     }
 
-    /// Moves queued asks into the ring as it drains (called every turn).
+    /// Moves queued records into the ring as it drains (called every turn).
     pub fn flush_queued(&mut self) {
-        while let Some(ask) = self.queued.front() {
-            if Record::AuthAsk(ask.clone()).encode(&mut self.record).is_err() {
+        while let Some(record) = self.queued.front() {
+            if record.encode(&mut self.record).is_err() {
                 self.queued.pop_front();
                 continue;
             }
@@ -139,14 +139,41 @@ impl ControlLink {
 
     /// Forgets a queued ask whose request went away.
     pub fn cancel(&mut self, ask_id: u64) {
-        self.queued.retain(|a| a.ask_id != ask_id);
+        self.queued.retain(|r| !matches!(r, Record::AuthAsk(a) if a.ask_id == ask_id));
     }
 
-    /// Reports a closed flow (best effort: control resyncs on reattach).
-    pub fn flow_closed(&mut self, closed: FlowClosed) {
-        if Record::FlowClosed(closed).encode(&mut self.record).is_ok() {
-            let _ = self.push();
+    /// Reports a record to control in order with the asks (queued while the
+    /// ring is full; dropped only past the queue bound, as control resyncs
+    /// on its next attach).
+    fn report(&mut self, record: Record) {
+        self.flush_queued();
+        if self.queued.is_empty() && record.encode(&mut self.record).is_ok() && self.push().is_ok() {
+            return;
         }
+        if self.queued.len() < MAX_QUEUED_ASKS {
+            self.queued.push_back(record);
+        }
+    }
+
+    /// Reports a closed flow.
+    pub fn flow_closed(&mut self, closed: FlowClosed) {
+        self.report(Record::FlowClosed(closed));
+    }
+
+    /// Reports a live flow (after attaching to a new control).
+    pub fn flow_open(&mut self, open: FlowOpen) {
+        self.report(Record::FlowOpen(open));
+    }
+
+    /// The ID the next ask will get.
+    pub fn next_ask_id(&self) -> u64 {
+        self.next_ask_id
+    }
+
+    /// Continues ask IDs from a previous link, so answers meant for asks of
+    /// a dead control can never match new asks.
+    pub fn continue_ask_ids(&mut self, next: u64) {
+        self.next_ask_id = self.next_ask_id.max(next);
     }
 
     fn push(&mut self) -> Result<(), AskError> {

@@ -3,14 +3,15 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use clap::Parser;
 use relay_dataplane::attach::attach;
 use relay_dataplane::link::ControlLink;
 use relay_dataplane::worker::{Worker, WorkerSettings};
+use relay_proto::channel::doorbell::Doorbell;
 use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
 
@@ -57,6 +58,76 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
+/// Watches the control socket; when control goes away, fails new requests
+/// closed (503) and re-attaches as soon as a control is back, handing each
+/// worker its new channel.
+struct ControlWatch {
+    socket_path: PathBuf,
+    stream: std::os::unix::net::UnixStream,
+    alive: Arc<AtomicBool>,
+    wake_bells: Vec<Doorbell>,
+    relinks: Vec<mpsc::Sender<ControlLink>>,
+    workers: u32,
+}
+
+impl ControlWatch {
+    fn run(mut self) {
+        loop {
+            let mut buf = [0u8; 64];
+            loop {
+                match (&self.stream).read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+            self.alive.store(false, Ordering::Release);
+            warn!("control went away: new requests get 503 until it is back; open tunnels keep forwarding");
+            for bell in &self.wake_bells {
+                let _ = bell.ring();
+            }
+            loop {
+                if STOP.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                match attach(&self.socket_path, Duration::ZERO) {
+                    Ok(att) if att.bootstrap.workers == self.workers => {
+                        if self.adopt(att).is_ok() {
+                            break;
+                        }
+                    }
+                    Ok(att) => warn!(
+                        theirs = att.bootstrap.workers,
+                        ours = self.workers,
+                        "control offers a different worker count; restart the dataplane to apply it"
+                    ),
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, att: relay_dataplane::attach::Attachment) -> std::io::Result<()> {
+        let alive = Arc::new(AtomicBool::new(true));
+        let mut bells = Vec::new();
+        for (i, (ask_bell, answer_bell)) in att.doorbells.into_iter().enumerate() {
+            bells.push(Doorbell::from_fd(answer_bell.try_clone_fd()?));
+            let link =
+                ControlLink::new(att.region.dataplane_side(i as u32), ask_bell, answer_bell, alive.clone());
+            if self.relinks[i].send(link).is_err() {
+                return Err(std::io::Error::other("worker gone"));
+            }
+            // Wake the worker on the doorbell it still polls.
+            let _ = self.wake_bells[i].ring();
+        }
+        self.wake_bells = bells;
+        self.alive = alive;
+        self.stream = att.stream;
+        info!("re-attached to control");
+        Ok(())
+    }
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let fd_limit = raise_fd_limit();
     let att = attach(&args.control_socket, Duration::from_secs(args.attach_timeout))?;
@@ -64,39 +135,34 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     info!(workers = att.bootstrap.workers, listen = %att.bootstrap.listen, fd_limit, "attached to control");
     let control_alive = Arc::new(AtomicBool::new(true));
     let mut handles = Vec::new();
-    let mut wake_fds = Vec::new();
+    let mut wake_bells = Vec::new();
+    let mut relinks = Vec::new();
     for (i, (ask_bell, answer_bell)) in att.doorbells.into_iter().enumerate() {
         let i = i as u32;
-        wake_fds.push(relay_proto::channel::doorbell::Doorbell::from_fd(answer_bell.try_clone_fd()?));
+        wake_bells.push(Doorbell::from_fd(answer_bell.try_clone_fd()?));
         let link =
             ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
         let settings =
             WorkerSettings { index: i, bootstrap: att.bootstrap.clone(), template: template.clone() };
+        let (relink_tx, relink_rx) = mpsc::channel();
+        relinks.push(relink_tx);
         // Bind in this thread so a bad address fails start-up, not a worker.
-        let mut worker = Worker::new(settings, link)?;
+        let mut worker = Worker::new(settings, link, relink_rx)?;
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
             if let Err(e) = worker.run(&STOP) {
                 error!(worker = i, "worker failed: {e}");
             }
         })?);
     }
-    // Watch control: its socket reaching end of stream means it exited.
-    let stream = att.stream;
-    let alive = control_alive.clone();
-    std::thread::Builder::new().name("control-watch".into()).spawn(move || {
-        let mut buf = [0u8; 64];
-        loop {
-            match (&stream).read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => continue,
-            }
-        }
-        alive.store(false, Ordering::Release);
-        warn!("control went away: new requests get 503 until it is back; open tunnels keep forwarding");
-        for bell in &wake_fds {
-            let _ = bell.ring();
-        }
-    })?;
+    let watch = ControlWatch {
+        socket_path: args.control_socket.clone(),
+        stream: att.stream,
+        alive: control_alive,
+        wake_bells,
+        relinks,
+        workers: att.bootstrap.workers,
+    };
+    std::thread::Builder::new().name("control-watch".into()).spawn(move || watch.run())?;
     println!("relay-dataplane: serving QUIC on {}", att.bootstrap.listen);
     for h in handles {
         let _ = h.join();

@@ -68,6 +68,8 @@ const UP_POOL: usize = 64;
 
 struct Conn {
     quic: quiche::Connection,
+    /// The client's address when the connection was accepted.
+    peer: SocketAddr,
     h3: Option<quiche::h3::Connection>,
     cids: Vec<quiche::ConnectionId<'static>>,
     tunnels: HashMap<u64, TunnelEntry>,
@@ -101,6 +103,7 @@ pub struct Worker {
     backlogged_targets: Vec<usize>,
     asks: HashMap<u64, (u64, u64)>,
     link: ControlLink,
+    relink: std::sync::mpsc::Receiver<ControlLink>,
     limits: Limits,
     buf: Vec<u8>,
     rx: Vec<u8>,
@@ -143,7 +146,11 @@ fn random_cid() -> quiche::ConnectionId<'static> {
 
 impl Worker {
     /// Binds the worker's QUIC socket and prepares its configuration.
-    pub fn new(settings: WorkerSettings, link: ControlLink) -> Result<Self, WorkerError> {
+    pub fn new(
+        settings: WorkerSettings,
+        link: ControlLink,
+        relink: std::sync::mpsc::Receiver<ControlLink>,
+    ) -> Result<Self, WorkerError> {
         let poll = Poll::new()?;
         let mut socket = socket::quic_listener(settings.bootstrap.listen)?;
         let local = socket.local_addr()?;
@@ -175,6 +182,7 @@ impl Worker {
             backlogged_targets: Vec::new(),
             asks: HashMap::new(),
             link,
+            relink,
             limits,
             buf: vec![0; 65_536],
             rx: vec![0; relay_udp::MAX_GRO_BUFFER],
@@ -210,6 +218,7 @@ impl Worker {
                 Err(e) => return Err(e),
             }
             let now = Instant::now();
+            self.check_relink(now);
             let mut quic_ready = std::mem::take(&mut self.quic_backlogged);
             let mut ready_targets = std::mem::take(&mut self.backlogged_targets);
             for event in events.iter() {
@@ -319,6 +328,7 @@ impl Worker {
                         tunnels: HashMap::new(),
                         settings_known: false,
                         established_counted: false,
+                        peer: from,
                     },
                 );
                 self.count(Counter::ConnectionsAccepted, 1);
@@ -485,7 +495,7 @@ impl Worker {
             relay_proto::target::TargetHost::Name(n) => n.clone(),
         };
         let asked = self.link.ask(
-            conn.quic.path_stats().next().map_or(self.local, |p| p.peer_addr),
+            conn.peer,
             &connect.authority,
             &connect.path,
             &target_host,
@@ -633,6 +643,54 @@ impl Worker {
                 self.link.counters().sub(Counter::TunnelsActive, 1);
             }
         }
+    }
+
+    /// Switches to the channel of a control that attached after the
+    /// previous one went away: asks sent to the dead control are answered
+    /// with 503 now, and every open tunnel is reported so the new control
+    /// learns the live flows.
+    fn check_relink(&mut self, _now: Instant) {
+        let Ok(mut new) = self.relink.try_recv() else { return };
+        let registry = self.poll.registry();
+        let old_fd = std::os::fd::AsRawFd::as_raw_fd(self.link.answer_bell());
+        let _ = registry.deregister(&mut SourceFd(&old_fd));
+        let new_fd = std::os::fd::AsRawFd::as_raw_fd(new.answer_bell());
+        if let Err(e) = registry.register(&mut SourceFd(&new_fd), ANSWER_BELL, Interest::READABLE) {
+            warn!("registering the new answers doorbell: {e}");
+        }
+        new.continue_ask_ids(self.link.next_ask_id());
+        self.link = new;
+        let pending: Vec<(u64, (u64, u64))> = self.asks.drain().collect();
+        for (_, (serial, stream_id)) in pending {
+            let Some(mut conn) = self.conns.remove(&serial) else { continue };
+            if conn.tunnels.remove(&stream_id).is_some() {
+                self.count(Counter::AsksFailed, 1);
+                self.refuse(
+                    &mut conn,
+                    stream_id,
+                    503,
+                    Some(ProxyError::ProxyInternalError),
+                    "control plane restarted",
+                );
+            }
+            self.conns.insert(serial, conn);
+        }
+        let mut open = Vec::new();
+        for conn in self.conns.values() {
+            for entry in conn.tunnels.values() {
+                if let Phase::Open { flow_id, target } = entry.tunnel.phase {
+                    open.push(relay_proto::channel::record::FlowOpen { flow_id, client: conn.peer, target });
+                }
+            }
+        }
+        // The new region's counters start at zero: restore the gauges.
+        self.count(Counter::ConnectionsActive, self.conns.len() as u64);
+        self.count(Counter::TunnelsActive, open.len() as u64);
+        let flows = open.len();
+        for f in open {
+            self.link.flow_open(f);
+        }
+        info!(worker = self.settings.index, flows, "attached to a new control; live flows reported");
     }
 
     fn read_answers(&mut self, now: Instant) {

@@ -30,6 +30,7 @@ pub const MAX_DETAILS: usize = 512;
 const KIND_AUTH_ASK: u8 = 1;
 const KIND_AUTH_ANSWER: u8 = 2;
 const KIND_FLOW_CLOSED: u8 = 3;
+const KIND_FLOW_OPEN: u8 = 4;
 
 /// A worker asks control whether to open a connect-udp tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +98,18 @@ pub struct FlowClosed {
     pub bytes_down: u64,
 }
 
+/// A worker tells a (re-)attached control about a flow that is open, so a
+/// restarted control learns the live flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowOpen {
+    /// The flow ID the allowing control gave it.
+    pub flow_id: u64,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The target address.
+    pub target: SocketAddr,
+}
+
 /// Any record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -106,6 +119,8 @@ pub enum Record {
     AuthAnswer(AuthAnswer),
     /// Worker -> control.
     FlowClosed(FlowClosed),
+    /// Worker -> control, after attaching to a new control.
+    FlowOpen(FlowOpen),
 }
 
 /// Why a record could not be encoded or decoded.
@@ -275,6 +290,12 @@ impl Record {
                 }
                 KIND_FLOW_CLOSED
             }
+            Record::FlowOpen(f) => {
+                w.u64(f.flow_id)?;
+                w.addr(f.client)?;
+                w.addr(f.target)?;
+                KIND_FLOW_OPEN
+            }
         };
         let payload_len = w.pos - HEADER_LEN;
         buf[0] = VERSION;
@@ -355,6 +376,11 @@ impl Record {
                 packets_down: r.u64()?,
                 bytes_down: r.u64()?,
             }),
+            KIND_FLOW_OPEN => Record::FlowOpen(FlowOpen {
+                flow_id: r.u64()?,
+                client: r.addr("client")?,
+                target: r.addr("target")?,
+            }),
             other => return Err(RecordError::Kind(other)),
         };
         r.end()?;
@@ -408,6 +434,11 @@ mod tests {
                 bytes_up: 3,
                 packets_down: 4,
                 bytes_down: 5,
+            }),
+            Record::FlowOpen(FlowOpen {
+                flow_id: 1 << 40,
+                client: "192.0.2.1:5".parse().unwrap(),
+                target: "[2001:db8::2]:53".parse().unwrap(),
             }),
         ]
     }
