@@ -248,6 +248,32 @@ max_pending = 64
         self.control.as_ref().map(Child::id)
     }
 
+    /// Sends `signal` to the dataplane.
+    pub fn signal_dataplane(&self, signal: i32) {
+        if let Some(pid) = self.dataplane_pid() {
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the dataplane to exit and returns its
+    /// status, or `None` if it is still running.
+    pub fn wait_dataplane(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        let Some(dp) = self.dataplane.as_mut() else { return Ok(None) };
+        loop {
+            if let Some(status) = dp.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The dataplane process's PID.
     pub fn dataplane_pid(&self) -> Option<u32> {
         self.dataplane.as_ref().map(Child::id)

@@ -425,3 +425,70 @@ fn restarted_control_is_reattached_and_learns_the_live_flows() {
         !flows["flows"].as_array().unwrap().iter().any(|f| f["flow_id"].as_u64() == Some(flow_id))
     });
 }
+
+#[test]
+fn sigterm_drains_gracefully_and_exits_zero() {
+    let mut relay = start(
+        "drain",
+        RelayOptions { dataplane_extra: "drain_timeout_secs = 20".into(), ..Default::default() },
+    );
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+
+    relay.signal_dataplane(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    // The open tunnel keeps working during the drain.
+    let load =
+        EchoLoad { count: 100, size: 200, window: 8, capsules: false, stall_timeout: Duration::from_secs(5) };
+    let r = run_echo(&mut c, &[s], &load).unwrap();
+    assert_eq!((r.received, r.lost), (100, 0));
+    // The relay sent GOAWAY: quiche's client refuses to open new requests
+    // on this connection. (Requests that still arrive are reset with
+    // H3_REQUEST_REJECTED, RFC 9114 section 5.2.)
+    let err = c.request_udp("127.0.0.1", echo.addr().port()).unwrap_err().to_string();
+    assert!(err.contains("FrameUnexpected"), "expected the client to have seen GOAWAY: {err}");
+    // New connections are not accepted.
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(relay.cert());
+    assert!(Client::connect(cfg, Duration::from_millis(800)).is_err());
+    assert!(relay.wait_dataplane(Duration::from_millis(10)).unwrap().is_none(), "still draining");
+    // When the last tunnel ends, the dataplane exits 0 well before the deadline.
+    c.finish_stream(s).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        let _ = c.drive(Duration::from_millis(10));
+        if let Some(st) = relay.wait_dataplane(Duration::from_millis(10)).unwrap() {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the dataplane did not finish draining");
+    };
+    assert!(status.success(), "drain exit status {status:?}");
+}
+
+#[test]
+fn drain_deadline_closes_tunnels_that_do_not_end() {
+    let mut relay = start(
+        "drain-deadline",
+        RelayOptions { dataplane_extra: "drain_timeout_secs = 1".into(), ..Default::default() },
+    );
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let _s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    let started = Instant::now();
+    relay.signal_dataplane(libc::SIGTERM);
+    let status =
+        relay.wait_dataplane(Duration::from_secs(8)).unwrap().expect("the dataplane exits at the deadline");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the deadline: {:?}",
+        started.elapsed()
+    );
+    // The client is told: the connection closes with H3_NO_ERROR.
+    wait_until("the connection to close", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        c.closed().is_some()
+    });
+    assert_eq!(c.closed(), Some(Some((true, 0x100))));
+}

@@ -100,6 +100,10 @@ pub struct DataplaneSection {
     /// Most tunnels per QUIC connection.
     #[serde(default = "two_five_six")]
     pub max_tunnels_per_connection: u32,
+    /// On SIGTERM the dataplane sends GOAWAY, stops accepting, and lets open
+    /// tunnels finish for at most this long before closing and exiting 0.
+    #[serde(default = "thirty")]
+    pub drain_timeout_secs: u32,
 }
 
 fn one() -> u32 {

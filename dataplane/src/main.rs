@@ -29,9 +29,15 @@ struct Args {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static DRAIN: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+/// SIGTERM drains gracefully (a second SIGTERM stops at once); SIGINT stops.
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGTERM && !DRAIN.load(Ordering::Relaxed) {
+        DRAIN.store(true, Ordering::Relaxed);
+    } else {
+        STOP.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Raises the open-file limit: every tunnel holds a socket. With
@@ -149,7 +155,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // Bind in this thread so a bad address fails start-up, not a worker.
         let mut worker = Worker::new(settings, link, relink_rx)?;
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
-            if let Err(e) = worker.run(&STOP) {
+            if let Err(e) = worker.run(&STOP, &DRAIN) {
                 error!(worker = i, "worker failed: {e}");
             }
         })?);

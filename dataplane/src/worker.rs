@@ -42,6 +42,8 @@ pub mod h3_code {
     pub const NO_ERROR: u64 = 0x100;
     /// H3_INTERNAL_ERROR.
     pub const INTERNAL_ERROR: u64 = 0x102;
+    /// H3_REQUEST_REJECTED.
+    pub const REQUEST_REJECTED: u64 = 0x10b;
     /// H3_REQUEST_CANCELLED.
     pub const REQUEST_CANCELLED: u64 = 0x10c;
     /// H3_MESSAGE_ERROR.
@@ -70,6 +72,10 @@ struct Conn {
     quic: quiche::Connection,
     /// The client's address when the connection was accepted.
     peer: SocketAddr,
+    /// Lowest request stream ID not seen yet (for GOAWAY).
+    next_request_id: u64,
+    /// Whether GOAWAY went out on this connection.
+    goaway_sent: bool,
     h3: Option<quiche::h3::Connection>,
     cids: Vec<quiche::ConnectionId<'static>>,
     tunnels: HashMap<u64, TunnelEntry>,
@@ -115,6 +121,8 @@ pub struct Worker {
     dgram_in: Vec<u8>,
     quic_backlogged: bool,
     last_sweep: Instant,
+    /// When a graceful drain must end.
+    drain_deadline: Option<Instant>,
 }
 
 /// Why a worker could not start.
@@ -194,6 +202,7 @@ impl Worker {
             dgram: Vec::with_capacity(2048),
             quic_backlogged: false,
             last_sweep: Instant::now(),
+            drain_deadline: None,
         })
     }
 
@@ -206,8 +215,10 @@ impl Worker {
         self.link.counters().add(c, n);
     }
 
-    /// Runs until `stop` is set, then closes every connection.
-    pub fn run(&mut self, stop: &AtomicBool) -> io::Result<()> {
+    /// Runs until `stop` is set, or until a drain requested by `drain` has
+    /// let every tunnel finish (or its deadline passed); then closes every
+    /// connection.
+    pub fn run(&mut self, stop: &AtomicBool, drain: &AtomicBool) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         info!(worker = self.settings.index, addr = %self.local, "worker serving");
         while !stop.load(Ordering::Relaxed) {
@@ -219,6 +230,16 @@ impl Worker {
             }
             let now = Instant::now();
             self.check_relink(now);
+            if drain.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
+                self.start_drain(now);
+            }
+            if let Some(deadline) = self.drain_deadline {
+                let open: usize = self.conns.values().map(|c| c.tunnels.len()).sum();
+                if open == 0 || now >= deadline {
+                    info!(worker = self.settings.index, tunnels_left = open, "drain finished");
+                    break;
+                }
+            }
             let mut quic_ready = std::mem::take(&mut self.quic_backlogged);
             let mut ready_targets = std::mem::take(&mut self.backlogged_targets);
             for event in events.iter() {
@@ -303,7 +324,9 @@ impl Worker {
                     }
                     return;
                 }
-                if self.conns.len() >= self.settings.bootstrap.max_connections_per_worker as usize {
+                if self.conns.len() >= self.settings.bootstrap.max_connections_per_worker as usize
+                    || self.drain_deadline.is_some()
+                {
                     return;
                 }
                 let scid = random_cid();
@@ -329,6 +352,8 @@ impl Worker {
                         settings_known: false,
                         established_counted: false,
                         peer: from,
+                        next_request_id: 0,
+                        goaway_sent: false,
                     },
                 );
                 self.count(Counter::ConnectionsAccepted, 1);
@@ -362,6 +387,9 @@ impl Worker {
         }
         if conn.h3.is_none() {
             return;
+        }
+        if self.drain_deadline.is_some() {
+            send_goaway(conn);
         }
         loop {
             let event = match conn.h3.as_mut().map(|h3| h3.poll(&mut conn.quic)) {
@@ -452,6 +480,15 @@ impl Worker {
     ) {
         if conn.tunnels.contains_key(&stream_id) {
             return; // trailers on a tunnel stream: nothing to do
+        }
+        conn.next_request_id = conn.next_request_id.max(stream_id + 4);
+        if self.drain_deadline.is_some() {
+            // RFC 9114 section 5.2: after GOAWAY, requests are rejected with
+            // H3_REQUEST_REJECTED (the client may retry them elsewhere).
+            self.count(Counter::TunnelsRefused, 1);
+            let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::REQUEST_REJECTED);
+            let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, h3_code::REQUEST_REJECTED);
+            return;
         }
         self.count(Counter::RequestsReceived, 1);
         let req = match request::parse_request(list.iter().map(|h| (h.name(), h.value())), true) {
@@ -691,6 +728,18 @@ impl Worker {
             self.link.flow_open(f);
         }
         info!(worker = self.settings.index, flows, "attached to a new control; live flows reported");
+    }
+
+    /// Graceful drain: GOAWAY on every connection, no new connections or
+    /// requests; open tunnels run until they end or the deadline passes.
+    fn start_drain(&mut self, now: Instant) {
+        let timeout = Duration::from_millis(self.settings.bootstrap.drain_timeout_ms);
+        self.drain_deadline = Some(now + timeout);
+        for conn in self.conns.values_mut() {
+            send_goaway(conn);
+        }
+        let open: usize = self.conns.values().map(|c| c.tunnels.len()).sum();
+        info!(worker = self.settings.index, tunnels = open, ?timeout, "draining");
     }
 
     fn read_answers(&mut self, now: Instant) {
@@ -1068,5 +1117,18 @@ impl Worker {
             }
         }
         info!(worker = self.settings.index, "worker stopped");
+    }
+}
+
+/// Sends GOAWAY once on `conn`, naming the first request stream that will
+/// not be processed (RFC 9114 section 5.2).
+fn send_goaway(conn: &mut Conn) {
+    if conn.goaway_sent {
+        return;
+    }
+    if let Some(h3) = conn.h3.as_mut()
+        && h3.send_goaway(&mut conn.quic, conn.next_request_id).is_ok()
+    {
+        conn.goaway_sent = true;
     }
 }

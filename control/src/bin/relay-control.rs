@@ -94,6 +94,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         max_tunnels_per_connection: d.max_tunnels_per_connection,
         pending_datagrams_per_tunnel: 64,
         max_capsule_len: 65_535,
+        drain_timeout_ms: u64::from(d.drain_timeout_secs) * 1000,
     };
     let acl = TargetAcl::new(
         config.targets.allow.clone(),

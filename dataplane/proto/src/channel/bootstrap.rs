@@ -67,6 +67,8 @@ pub struct Bootstrap {
     pub pending_datagrams_per_tunnel: u32,
     /// Largest capsule value accepted on a tunnel stream.
     pub max_capsule_len: u32,
+    /// How long a graceful drain (SIGTERM) lets open tunnels finish.
+    pub drain_timeout_ms: u64,
 }
 
 /// Why the handshake failed.
