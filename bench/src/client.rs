@@ -109,6 +109,8 @@ pub struct Client {
     pub packets_in: u64,
     /// Receive system calls that returned data.
     pub recv_calls: u64,
+    /// Whether the relay sent GOAWAY.
+    pub goaway_received: bool,
 }
 
 const SOCKET: Token = Token(0);
@@ -201,6 +203,7 @@ impl Client {
             unknown_stream_datagrams: 0,
             packets_in: 0,
             recv_calls: 0,
+            goaway_received: false,
         };
         let deadline = Instant::now() + timeout;
         client.flush()?;
@@ -544,6 +547,7 @@ impl Client {
                     }
                     s.finished = true;
                 }
+                Ok((_, quiche::h3::Event::GoAway)) => self.goaway_received = true,
                 Ok(_) => {}
                 Err(_) => break,
             }

@@ -492,3 +492,54 @@ fn drain_deadline_closes_tunnels_that_do_not_end() {
     });
     assert_eq!(c.closed(), Some(Some((true, 0x100))));
 }
+
+#[test]
+fn relayctl_drain_drains_the_dataplane() {
+    let mut relay = start("relayctl-drain", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    // The real CLI, as an operator would run it.
+    let out = std::process::Command::new(relay_bench::processes::bin_dir().unwrap().join("relayctl"))
+        .args(["--json", "--socket"])
+        .arg(relay.admin_socket())
+        .arg("drain")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "relayctl drain: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["draining"], true);
+    assert_eq!(v["flows"], 1);
+    // GOAWAY arrives: the client may not open new requests.
+    wait_until("GOAWAY", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        c.goaway_received
+    });
+    assert!(c.request_udp("127.0.0.1", echo.addr().port()).is_err());
+    assert!(
+        relay.wait_dataplane(Duration::from_millis(10)).unwrap().is_none(),
+        "the open tunnel keeps it up"
+    );
+    c.finish_stream(s).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let _ = c.drive(Duration::from_millis(10));
+        if let Some(st) = relay.wait_dataplane(Duration::from_millis(10)).unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "no exit after the last tunnel ended");
+    };
+    assert!(status.success());
+    // With no dataplane attached, relayctl reports the error clearly.
+    wait_until("control to notice", T, || {
+        admin(&relay.admin_socket(), "status")["dataplane_attached"] == false
+    });
+    let out = std::process::Command::new(relay_bench::processes::bin_dir().unwrap().join("relayctl"))
+        .args(["--socket"])
+        .arg(relay.admin_socket())
+        .arg("drain")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no dataplane is attached"));
+}

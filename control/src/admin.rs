@@ -26,11 +26,20 @@ pub enum AdminRequest {
     Status,
     /// Live flows.
     Flows,
+    /// Drain the dataplane gracefully (GOAWAY, finish tunnels, exit).
+    Drain,
 }
 
 /// Builds the response to `req` from the shared state.
-pub fn respond(req: &AdminRequest, shared: &Shared) -> Value {
+pub fn respond(req: &AdminRequest, shared: &mut Shared) -> Value {
     match req {
+        AdminRequest::Drain => {
+            if shared.dataplane_pid.is_none() {
+                return json!({ "error": "no dataplane is attached" });
+            }
+            shared.drain_requested = true;
+            json!({ "draining": true, "dataplane_pid": shared.dataplane_pid, "flows": shared.flows.len() })
+        }
         AdminRequest::Status => {
             let workers: Vec<Value> = match &shared.region {
                 None => vec![],
@@ -71,7 +80,7 @@ fn serve_one(stream: UnixStream, shared: &Mutex<Shared>) -> std::io::Result<()> 
     let mut line = String::new();
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
     let response = match serde_json::from_str::<AdminRequest>(line.trim()) {
-        Ok(req) => respond(&req, &shared.lock().unwrap_or_else(|p| p.into_inner())),
+        Ok(req) => respond(&req, &mut shared.lock().unwrap_or_else(|p| p.into_inner())),
         Err(e) => json!({ "error": format!("bad request: {e}") }),
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -109,7 +118,8 @@ mod tests {
             AdminRequest::Status
         );
         assert!(serde_json::from_str::<AdminRequest>(r#"{"cmd":"reboot"}"#).is_err());
-        let v = respond(&AdminRequest::Status, &Shared::default());
+        let v = respond(&AdminRequest::Status, &mut Shared::default());
+        assert!(respond(&AdminRequest::Drain, &mut Shared::default())["error"].is_string());
         assert_eq!(v["dataplane_attached"], json!(false));
         assert_eq!(v["flows"], json!(0));
     }

@@ -88,6 +88,8 @@ pub struct Shared {
     pub asks_denied: u64,
     /// Invalid records received.
     pub channel_errors: u64,
+    /// Set by the admin socket: tell every worker to drain.
+    pub drain_requested: bool,
 }
 
 struct WorkerEnd {
@@ -196,6 +198,7 @@ impl Server {
                 }
             }
             // Always sweep: cheap, and robust against missed wake-ups.
+            self.forward_drain_request();
             self.drain_asks();
             self.drain_resolved();
             self.expire_resolutions();
@@ -267,6 +270,24 @@ impl Server {
         info!(pid = hello.pid, workers, "dataplane attached");
         self.attached = Some(Attached { stream, workers: ends });
         Ok(())
+    }
+
+    fn forward_drain_request(&mut self) {
+        let requested =
+            std::mem::take(&mut self.shared.lock().unwrap_or_else(|p| p.into_inner()).drain_requested);
+        if !requested {
+            return;
+        }
+        let Some(a) = &mut self.attached else { return };
+        let mut buf = Box::new([0u8; RECORD_SIZE]);
+        if Record::Drain.encode(&mut buf).is_err() {
+            return;
+        }
+        for end in a.workers.iter_mut() {
+            end.backlog.push_back(buf.clone());
+        }
+        info!("drain requested by the admin socket; told every worker");
+        self.flush_backlogs();
     }
 
     fn check_dataplane_alive(&mut self) {
@@ -356,7 +377,7 @@ impl Server {
                         });
                     }
                 }
-                Record::AuthAnswer(_) => {
+                Record::AuthAnswer(_) | Record::Drain => {
                     warn!(worker, "dataplane sent an answer record; ignored");
                     self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
                 }

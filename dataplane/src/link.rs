@@ -39,6 +39,7 @@ pub struct ControlLink {
     record: Box<[u8; RECORD_SIZE]>,
     next_ask_id: u64,
     broken: bool,
+    drain_requested: bool,
 }
 
 impl ControlLink {
@@ -59,6 +60,7 @@ impl ControlLink {
             record: Box::new([0; RECORD_SIZE]),
             next_ask_id: 1,
             broken: false,
+            drain_requested: false,
         }
     }
 
@@ -165,6 +167,11 @@ impl ControlLink {
         self.report(Record::FlowOpen(open));
     }
 
+    /// Whether control asked for a drain since the last call.
+    pub fn take_drain_request(&mut self) -> bool {
+        std::mem::take(&mut self.drain_requested)
+    }
+
     /// The ID the next ask will get.
     pub fn next_ask_id(&self) -> u64 {
         self.next_ask_id
@@ -203,6 +210,7 @@ impl ControlLink {
             match self.chan.rx.pop(&mut self.record) {
                 Ok(true) => match Record::decode(&self.record[..]) {
                     Ok(Record::AuthAnswer(a)) => on_answer(a),
+                    Ok(Record::Drain) => self.drain_requested = true,
                     Ok(_) | Err(_) => self.chan.counters.add(Counter::ChannelErrors, 1),
                 },
                 Ok(false) => return,

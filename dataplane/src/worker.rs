@@ -230,7 +230,8 @@ impl Worker {
             }
             let now = Instant::now();
             self.check_relink(now);
-            if drain.load(Ordering::Relaxed) && self.drain_deadline.is_none() {
+            let requested = self.link.take_drain_request();
+            if (requested || drain.load(Ordering::Relaxed)) && self.drain_deadline.is_none() {
                 self.start_drain(now);
             }
             if let Some(deadline) = self.drain_deadline {

@@ -30,6 +30,8 @@ enum Command {
     Status,
     /// Live flows.
     Flows,
+    /// Drain the dataplane: GOAWAY, no new tunnels, exit when tunnels end.
+    Drain,
 }
 
 fn ask(socket: &PathBuf, req: &AdminRequest) -> Result<Value, String> {
@@ -92,6 +94,7 @@ fn main() -> ExitCode {
     let req = match args.command {
         Command::Status => AdminRequest::Status,
         Command::Flows => AdminRequest::Flows,
+        Command::Drain => AdminRequest::Drain,
     };
     let v = match ask(&args.socket, &req) {
         Ok(v) => v,
@@ -137,6 +140,13 @@ fn main() -> ExitCode {
                 println!();
                 print!("{}", table(&headers, &rows));
             }
+        }
+        AdminRequest::Drain => {
+            println!(
+                "dataplane {} is draining; {} tunnels still open",
+                show(&v["dataplane_pid"]),
+                show(&v["flows"])
+            );
         }
         AdminRequest::Flows => {
             let rows: Vec<Vec<String>> = v["flows"]

@@ -31,6 +31,7 @@ const KIND_AUTH_ASK: u8 = 1;
 const KIND_AUTH_ANSWER: u8 = 2;
 const KIND_FLOW_CLOSED: u8 = 3;
 const KIND_FLOW_OPEN: u8 = 4;
+const KIND_DRAIN: u8 = 5;
 
 /// A worker asks control whether to open a connect-udp tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,6 +122,8 @@ pub enum Record {
     FlowClosed(FlowClosed),
     /// Worker -> control, after attaching to a new control.
     FlowOpen(FlowOpen),
+    /// Control -> worker: drain gracefully (as on SIGTERM).
+    Drain,
 }
 
 /// Why a record could not be encoded or decoded.
@@ -296,6 +299,7 @@ impl Record {
                 w.addr(f.target)?;
                 KIND_FLOW_OPEN
             }
+            Record::Drain => KIND_DRAIN,
         };
         let payload_len = w.pos - HEADER_LEN;
         buf[0] = VERSION;
@@ -381,6 +385,7 @@ impl Record {
                 client: r.addr("client")?,
                 target: r.addr("target")?,
             }),
+            KIND_DRAIN => Record::Drain,
             other => return Err(RecordError::Kind(other)),
         };
         r.end()?;
@@ -435,6 +440,7 @@ mod tests {
                 packets_down: 4,
                 bytes_down: 5,
             }),
+            Record::Drain,
             Record::FlowOpen(FlowOpen {
                 flow_id: 1 << 40,
                 client: "192.0.2.1:5".parse().unwrap(),
