@@ -64,6 +64,11 @@ pub enum Malformed {
     /// section 4.3.1).
     #[error("invalid :authority or host")]
     BadAuthority,
+    /// A request for a capsule-protocol tunnel carries `content-length` or
+    /// `content-type` (RFC 9297 section 3.2: "MUST treat the HTTP message
+    /// as malformed").
+    #[error("content-length or content-type on a capsule-protocol request")]
+    ContentWithCapsules,
 }
 
 /// A well-formed request's control data and the fields the relay uses.
@@ -116,6 +121,7 @@ pub fn parse_request<'a>(
     let mut seen_regular = false;
     let mut host: Option<String> = None;
     let mut authorization: Option<String> = None;
+    let mut has_content_fields = false;
     for (name, value) in fields {
         if !valid_value(value) {
             return Err(Malformed::InvalidFieldValue);
@@ -150,6 +156,7 @@ pub fn parse_request<'a>(
             b"proxy-authorization" => req.authorization = Some(to_string(value)?),
             b"authorization" => authorization = Some(to_string(value)?),
             b"capsule-protocol" => req.capsule_protocol = Some(to_string(value)?),
+            b"content-length" | b"content-type" => has_content_fields = true,
             _ => {}
         }
     }
@@ -182,6 +189,9 @@ pub fn parse_request<'a>(
         if req.protocol.is_some() && !non_empty(&req.authority) {
             return Err(Malformed::MissingPseudoHeader);
         }
+    }
+    if has_content_fields && matches!(req.protocol.as_deref(), Some("connect-udp" | "connect-ip")) {
+        return Err(Malformed::ContentWithCapsules);
     }
     if let Some(authority) = &req.authority {
         // RFC 9114 section 4.3.1: no userinfo; host must agree.
@@ -357,6 +367,11 @@ mod tests {
             let mut f = with("x", None);
             f.push((n, v.into()));
             assert_eq!(parse_owned(&f), Err(Malformed::ConnectionSpecificField), "{n}");
+        }
+        for n in ["content-length", "content-type"] {
+            let mut f = with("x", None);
+            f.push((n, "0".into()));
+            assert_eq!(parse_owned(&f), Err(Malformed::ContentWithCapsules), "{n}");
         }
         let mut f = with("x", None);
         f.push(("te", "gzip".into()));
