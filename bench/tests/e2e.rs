@@ -287,7 +287,7 @@ fn idle_tunnels_are_closed_by_the_relay() {
 
 #[test]
 fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
-    let mut relay = start("control-down", RelayOptions { ask_timeout_ms: 700, ..Default::default() });
+    let mut relay = start("control-down", RelayOptions { ask_timeout_ms: 2000, ..Default::default() });
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut c = client(&relay);
     let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
@@ -306,7 +306,7 @@ fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
     assert_eq!(a.status(), Some(503));
     assert!(a.header("proxy-status").unwrap().contains("error=proxy_internal_error"));
     assert!(
-        waited >= Duration::from_millis(600) && waited < Duration::from_secs(3),
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5),
         "bounded wait: {waited:?}"
     );
 
@@ -319,7 +319,7 @@ fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
     let a = c.wait_answer(id, T).unwrap();
     assert_eq!(a.status(), Some(503));
     assert!(a.header("proxy-status").unwrap().contains("control plane unavailable"));
-    assert!(started.elapsed() < Duration::from_millis(600), "fails fast when control is gone");
+    assert!(started.elapsed() < Duration::from_millis(1000), "fails fast when control is gone");
     let load = EchoLoad {
         count: 300,
         size: 200,
