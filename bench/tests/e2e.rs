@@ -543,3 +543,43 @@ fn relayctl_drain_drains_the_dataplane() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no dataplane is attached"));
 }
+
+#[test]
+fn relayctl_flows_kill_ends_one_tunnel() {
+    let relay = start("relayctl-kill", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let keep = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    let kill = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    let relayctl = |args: &[&str]| {
+        std::process::Command::new(relay_bench::processes::bin_dir().unwrap().join("relayctl"))
+            .arg("--socket")
+            .arg(relay.admin_socket())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = relayctl(&["--json", "flows"]);
+    assert!(out.status.success());
+    let flows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> =
+        flows["flows"].as_array().unwrap().iter().map(|f| f["flow_id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), 2);
+    // Flow IDs are allocated in order, so the second tunnel has the larger one.
+    let victim = *ids.iter().max().unwrap();
+    let out = relayctl(&["flows", "kill", &victim.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the killed tunnel to be reset", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        c.stream_finished(kill)
+    });
+    assert!(!c.stream_finished(keep), "only the named flow ends");
+    wait_until("control to forget it", T, || admin(&relay.admin_socket(), "status")["flows"] == 1);
+    let load =
+        EchoLoad { count: 50, size: 100, window: 8, capsules: false, stall_timeout: Duration::from_secs(5) };
+    let r = run_echo(&mut c, &[keep], &load).unwrap();
+    assert_eq!((r.received, r.lost), (50, 0));
+    let out = relayctl(&["flows", "kill", "999"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no live flow 999"));
+}

@@ -28,11 +28,23 @@ pub enum AdminRequest {
     Flows,
     /// Drain the dataplane gracefully (GOAWAY, finish tunnels, exit).
     Drain,
+    /// End one flow's tunnel now.
+    KillFlow {
+        /// The flow ID (from `flows`).
+        flow_id: u64,
+    },
 }
 
 /// Builds the response to `req` from the shared state.
 pub fn respond(req: &AdminRequest, shared: &mut Shared) -> Value {
     match req {
+        AdminRequest::KillFlow { flow_id } => {
+            let Some(worker) = shared.flows.get(flow_id).map(|f| f.worker) else {
+                return json!({ "error": format!("no live flow {flow_id}") });
+            };
+            shared.kill_requests.push((worker, *flow_id));
+            json!({ "killed": flow_id, "worker": worker })
+        }
         AdminRequest::Drain => {
             if shared.dataplane_pid.is_none() {
                 return json!({ "error": "no dataplane is attached" });

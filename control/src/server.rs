@@ -90,6 +90,8 @@ pub struct Shared {
     pub channel_errors: u64,
     /// Set by the admin socket: tell every worker to drain.
     pub drain_requested: bool,
+    /// Set by the admin socket: (worker, flow) to end.
+    pub kill_requests: Vec<(u32, u64)>,
 }
 
 struct WorkerEnd {
@@ -273,6 +275,18 @@ impl Server {
     }
 
     fn forward_drain_request(&mut self) {
+        let kills = std::mem::take(&mut self.shared.lock().unwrap_or_else(|p| p.into_inner()).kill_requests);
+        if let Some(a) = &mut self.attached {
+            for (worker, flow_id) in kills {
+                let mut buf = Box::new([0u8; RECORD_SIZE]);
+                if (Record::KillFlow { flow_id }).encode(&mut buf).is_ok()
+                    && let Some(end) = a.workers.get_mut(worker as usize)
+                {
+                    end.backlog.push_back(buf);
+                }
+            }
+            self.flush_backlogs();
+        }
         let requested =
             std::mem::take(&mut self.shared.lock().unwrap_or_else(|p| p.into_inner()).drain_requested);
         if !requested {
@@ -377,7 +391,7 @@ impl Server {
                         });
                     }
                 }
-                Record::AuthAnswer(_) | Record::Drain => {
+                Record::AuthAnswer(_) | Record::Drain | Record::KillFlow { .. } => {
                     warn!(worker, "dataplane sent an answer record; ignored");
                     self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
                 }

@@ -40,6 +40,7 @@ pub struct ControlLink {
     next_ask_id: u64,
     broken: bool,
     drain_requested: bool,
+    kill_requests: Vec<u64>,
 }
 
 impl ControlLink {
@@ -61,6 +62,7 @@ impl ControlLink {
             next_ask_id: 1,
             broken: false,
             drain_requested: false,
+            kill_requests: Vec::new(),
         }
     }
 
@@ -172,6 +174,11 @@ impl ControlLink {
         std::mem::take(&mut self.drain_requested)
     }
 
+    /// Flows control asked to end since the last call.
+    pub fn take_kill_requests(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.kill_requests)
+    }
+
     /// The ID the next ask will get.
     pub fn next_ask_id(&self) -> u64 {
         self.next_ask_id
@@ -211,6 +218,12 @@ impl ControlLink {
                 Ok(true) => match Record::decode(&self.record[..]) {
                     Ok(Record::AuthAnswer(a)) => on_answer(a),
                     Ok(Record::Drain) => self.drain_requested = true,
+                    Ok(Record::KillFlow { flow_id }) => {
+                        // Bounded: an operator kills flows one at a time.
+                        if self.kill_requests.len() < 4096 {
+                            self.kill_requests.push(flow_id);
+                        }
+                    }
                     Ok(_) | Err(_) => self.chan.counters.add(Counter::ChannelErrors, 1),
                 },
                 Ok(false) => return,

@@ -257,6 +257,7 @@ impl Worker {
                 self.read_target(token, now);
             }
             self.read_answers(now);
+            self.kill_requested_flows();
             self.flush_up();
             self.on_timeouts(now);
             self.flush_all(now);
@@ -741,6 +742,29 @@ impl Worker {
         }
         let open: usize = self.conns.values().map(|c| c.tunnels.len()).sum();
         info!(worker = self.settings.index, tunnels = open, ?timeout, "draining");
+    }
+
+    /// Ends the tunnels control was asked to kill: both directions reset
+    /// with H3_REQUEST_CANCELLED, the flow reported closed.
+    fn kill_requested_flows(&mut self) {
+        let kills = self.link.take_kill_requests();
+        if kills.is_empty() {
+            return;
+        }
+        let mut found = Vec::new();
+        for (serial, conn) in &self.conns {
+            for (stream_id, entry) in &conn.tunnels {
+                if entry.tunnel.flow_id().is_some_and(|f| kills.contains(&f)) {
+                    found.push((*serial, *stream_id));
+                }
+            }
+        }
+        for (serial, stream_id) in found {
+            let Some(mut conn) = self.conns.remove(&serial) else { continue };
+            info!(worker = self.settings.index, stream_id, "tunnel killed by the operator");
+            self.abort_tunnel(&mut conn, stream_id, h3_code::REQUEST_CANCELLED);
+            self.conns.insert(serial, conn);
+        }
     }
 
     fn read_answers(&mut self, now: Instant) {

@@ -28,10 +28,22 @@ struct Args {
 enum Command {
     /// Control and dataplane status, with per-worker counters.
     Status,
-    /// Live flows.
-    Flows,
+    /// Live flows (`flows kill ID` ends one).
+    Flows {
+        #[command(subcommand)]
+        action: Option<FlowsAction>,
+    },
     /// Drain the dataplane: GOAWAY, no new tunnels, exit when tunnels end.
     Drain,
+}
+
+#[derive(Subcommand, Debug)]
+enum FlowsAction {
+    /// End a flow's tunnel now (its stream is reset with H3_REQUEST_CANCELLED).
+    Kill {
+        /// The flow ID, as `relayctl flows` lists it.
+        flow_id: u64,
+    },
 }
 
 fn ask(socket: &PathBuf, req: &AdminRequest) -> Result<Value, String> {
@@ -93,7 +105,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let req = match args.command {
         Command::Status => AdminRequest::Status,
-        Command::Flows => AdminRequest::Flows,
+        Command::Flows { action: None } => AdminRequest::Flows,
+        Command::Flows { action: Some(FlowsAction::Kill { flow_id }) } => AdminRequest::KillFlow { flow_id },
         Command::Drain => AdminRequest::Drain,
     };
     let v = match ask(&args.socket, &req) {
@@ -140,6 +153,9 @@ fn main() -> ExitCode {
                 println!();
                 print!("{}", table(&headers, &rows));
             }
+        }
+        AdminRequest::KillFlow { flow_id } => {
+            println!("flow {flow_id} ended (worker {})", show(&v["worker"]))
         }
         AdminRequest::Drain => {
             println!(

@@ -32,6 +32,7 @@ const KIND_AUTH_ANSWER: u8 = 2;
 const KIND_FLOW_CLOSED: u8 = 3;
 const KIND_FLOW_OPEN: u8 = 4;
 const KIND_DRAIN: u8 = 5;
+const KIND_KILL_FLOW: u8 = 6;
 
 /// A worker asks control whether to open a connect-udp tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +125,11 @@ pub enum Record {
     FlowOpen(FlowOpen),
     /// Control -> worker: drain gracefully (as on SIGTERM).
     Drain,
+    /// Control -> worker: end this flow's tunnel now (operator request).
+    KillFlow {
+        /// The flow to end.
+        flow_id: u64,
+    },
 }
 
 /// Why a record could not be encoded or decoded.
@@ -300,6 +306,10 @@ impl Record {
                 KIND_FLOW_OPEN
             }
             Record::Drain => KIND_DRAIN,
+            Record::KillFlow { flow_id } => {
+                w.u64(*flow_id)?;
+                KIND_KILL_FLOW
+            }
         };
         let payload_len = w.pos - HEADER_LEN;
         buf[0] = VERSION;
@@ -386,6 +396,7 @@ impl Record {
                 target: r.addr("target")?,
             }),
             KIND_DRAIN => Record::Drain,
+            KIND_KILL_FLOW => Record::KillFlow { flow_id: r.u64()? },
             other => return Err(RecordError::Kind(other)),
         };
         r.end()?;
@@ -441,6 +452,7 @@ mod tests {
                 bytes_down: 5,
             }),
             Record::Drain,
+            Record::KillFlow { flow_id: 42 },
             Record::FlowOpen(FlowOpen {
                 flow_id: 1 << 40,
                 client: "192.0.2.1:5".parse().unwrap(),
