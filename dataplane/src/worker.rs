@@ -779,13 +779,7 @@ impl Worker {
         let Some((serial, stream_id)) = self.asks.remove(&answer.ask_id) else {
             // The request is gone (timed out, reset, connection closed).
             if let Verdict::Allow { flow_id, .. } = answer.verdict {
-                self.link.flow_closed(FlowClosed {
-                    flow_id,
-                    packets_up: 0,
-                    bytes_up: 0,
-                    packets_down: 0,
-                    bytes_down: 0,
-                });
+                self.link.flow_closed(FlowClosed::unused(flow_id));
             }
             return;
         };
@@ -797,13 +791,7 @@ impl Worker {
     fn apply_answer(&mut self, conn: &mut Conn, stream_id: u64, verdict: Verdict, now: Instant) {
         if !conn.tunnels.contains_key(&stream_id) {
             if let Verdict::Allow { flow_id, .. } = verdict {
-                self.link.flow_closed(FlowClosed {
-                    flow_id,
-                    packets_up: 0,
-                    bytes_up: 0,
-                    packets_down: 0,
-                    bytes_down: 0,
-                });
+                self.link.flow_closed(FlowClosed::unused(flow_id));
             }
             return;
         }
@@ -818,13 +806,7 @@ impl Worker {
                     Err(e) => {
                         debug!("target socket: {e}");
                         conn.tunnels.remove(&stream_id);
-                        self.link.flow_closed(FlowClosed {
-                            flow_id,
-                            packets_up: 0,
-                            bytes_up: 0,
-                            packets_down: 0,
-                            bytes_down: 0,
-                        });
+                        self.link.flow_closed(FlowClosed::unused(flow_id));
                         let reason = "cannot open a socket to the target";
                         return self.refuse(
                             conn,
@@ -839,13 +821,7 @@ impl Worker {
                 self.next_target_token += 1;
                 if self.poll.registry().register(&mut sock, Token(token), Interest::READABLE).is_err() {
                     conn.tunnels.remove(&stream_id);
-                    self.link.flow_closed(FlowClosed {
-                        flow_id,
-                        packets_up: 0,
-                        bytes_up: 0,
-                        packets_down: 0,
-                        bytes_down: 0,
-                    });
+                    self.link.flow_closed(FlowClosed::unused(flow_id));
                     return self.refuse(
                         conn,
                         stream_id,

@@ -100,6 +100,14 @@ pub struct FlowClosed {
     pub bytes_down: u64,
 }
 
+impl FlowClosed {
+    /// The report for a flow that was allowed but never carried traffic
+    /// (its request went away before the answer, or its socket failed).
+    pub fn unused(flow_id: u64) -> Self {
+        Self { flow_id, packets_up: 0, bytes_up: 0, packets_down: 0, bytes_down: 0 }
+    }
+}
+
 /// A worker tells a (re-)attached control about a flow that is open, so a
 /// restarted control learns the live flows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
