@@ -115,20 +115,11 @@ pub struct Client {
 
 const SOCKET: Token = Token(0);
 
-fn random_cid() -> quiche::ConnectionId<'static> {
+fn random_cid() -> Result<quiche::ConnectionId<'static>> {
     let mut id = vec![0u8; quiche::MAX_CONN_ID_LEN];
-    let nanos = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
-    let mut x = nanos ^ (std::ptr::addr_of!(id) as u64);
-    for b in id.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = io::Read::read_exact(&mut f, &mut id);
-    }
-    quiche::ConnectionId::from_vec(id)
+    let mut f = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
+    io::Read::read_exact(&mut f, &mut id).context("reading /dev/urandom")?;
+    Ok(quiche::ConnectionId::from_vec(id))
 }
 
 impl Client {
@@ -183,7 +174,7 @@ impl Client {
         let local = socket.local_addr()?;
         let poll = Poll::new()?;
         poll.registry().register(&mut socket, SOCKET, Interest::READABLE)?;
-        let scid = random_cid();
+        let scid = random_cid()?;
         let quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, qc)?;
         let h3_config = quiche::h3::Config::new()?;
         let mut client = Self {

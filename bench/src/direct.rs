@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use relay_udp::{MAX_GRO_BUFFER, SegmentBatcher};
 
-use crate::loadgen::{Direction, LoadResult, LoadSpec};
+use crate::loadgen::{Direction, LoadResult, LoadSpec, RunCounts};
 use crate::stats;
 use crate::target::Target;
 
@@ -128,27 +128,15 @@ pub fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         Direction::Echo => (flows.iter().map(|f| f.sent).sum::<u64>(), received),
         Direction::Download => (t_sent - t_sent0, received),
     };
-    if delivered == 0 {
-        bail!("direct path delivered nothing ({sent} sent)");
-    }
-    let bytes = |n: u64| n * spec.size as u64;
-    let rtt = (spec.direction == Direction::Echo && !hist.is_empty()).then(|| stats::percentiles(&hist));
-    Ok(LoadResult {
-        spec: spec.clone(),
+    let counts = RunCounts {
         sent,
         delivered,
-        loss: if sent == 0 { 0.0 } else { sent.saturating_sub(delivered) as f64 / sent as f64 },
-        delivered_rate: stats::rate(w_delivered, bytes(w_delivered), w_elapsed),
-        send_rate: stats::rate(w_sent, bytes(w_sent), w_elapsed),
-        rtt,
-        rtt_cdf: if rtt.is_some() { stats::cdf(&hist, 50) } else { Vec::new() },
-        window_secs: w_elapsed.as_secs_f64(),
-        client_packets_per_send: if batch.syscalls == 0 {
-            0.0
-        } else {
-            batch.datagrams as f64 / batch.syscalls as f64
-        },
-        client_packets_per_recv: 0.0,
-        rtt_histogram: rtt.map(|_| hist),
-    })
+        window_sent: w_sent,
+        window_delivered: w_delivered,
+        window: w_elapsed,
+        packets_per_send: stats::ratio(batch.datagrams, batch.syscalls),
+        // The direct path's receive batching is not measured.
+        packets_per_recv: 0.0,
+    };
+    LoadResult::from_counts(spec, counts, hist)
 }

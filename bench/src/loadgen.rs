@@ -78,6 +78,52 @@ pub struct LoadResult {
     pub rtt_histogram: Option<Histogram<u64>>,
 }
 
+/// The raw counts of a run, from which [`LoadResult::from_counts`] derives
+/// every rate and ratio (the relay path and the direct path share it).
+#[derive(Debug, Clone, Copy)]
+pub struct RunCounts {
+    /// Datagrams sent, whole run.
+    pub sent: u64,
+    /// Datagrams delivered, whole run (after draining).
+    pub delivered: u64,
+    /// Datagrams sent in the measurement window.
+    pub window_sent: u64,
+    /// Datagrams delivered in the measurement window.
+    pub window_delivered: u64,
+    /// Length of the measurement window.
+    pub window: Duration,
+    /// Sender's UDP packets per send system call.
+    pub packets_per_send: f64,
+    /// Receiver's UDP packets per receive system call.
+    pub packets_per_recv: f64,
+}
+
+impl LoadResult {
+    /// Builds the result of a run; a run that delivered nothing is an error,
+    /// never a zero-valued result.
+    pub fn from_counts(spec: &LoadSpec, c: RunCounts, hist: Histogram<u64>) -> Result<Self> {
+        if c.delivered == 0 {
+            bail!("nothing was delivered ({} datagrams sent): the path is broken", c.sent);
+        }
+        let bytes = |n: u64| n * spec.size as u64;
+        let rtt = (spec.direction == Direction::Echo && !hist.is_empty()).then(|| stats::percentiles(&hist));
+        Ok(LoadResult {
+            spec: spec.clone(),
+            sent: c.sent,
+            delivered: c.delivered,
+            loss: stats::ratio(c.sent.saturating_sub(c.delivered), c.sent),
+            delivered_rate: stats::rate(c.window_delivered, bytes(c.window_delivered), c.window),
+            send_rate: stats::rate(c.window_sent, bytes(c.window_sent), c.window),
+            rtt,
+            rtt_cdf: if rtt.is_some() { stats::cdf(&hist, 50) } else { Vec::new() },
+            window_secs: c.window.as_secs_f64(),
+            client_packets_per_send: c.packets_per_send,
+            client_packets_per_recv: c.packets_per_recv,
+            rtt_histogram: rtt.map(|_| hist),
+        })
+    }
+}
+
 const HEADER: usize = 20;
 
 fn write_header(buf: &mut [u8], flow: u32, seq: u64, t_ns: u64) {
@@ -259,28 +305,17 @@ pub fn run(
     let Some((w_sent, w_delivered, w_elapsed)) = window_result else {
         bail!("the measurement window never started");
     };
-    if delivered == 0 {
-        bail!("nothing was delivered ({sent} datagrams sent): the path is broken");
-    }
-    let loss = if sent == 0 { 0.0 } else { sent.saturating_sub(delivered) as f64 / sent as f64 };
-    let bytes = |n: u64| n * spec.size as u64;
     let io1 = io_totals(clients);
-    let per = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
-    let rtt = (spec.direction == Direction::Echo && !hist.is_empty()).then(|| stats::percentiles(&hist));
-    Ok(LoadResult {
-        spec: spec.clone(),
+    let counts = RunCounts {
         sent,
         delivered,
-        loss,
-        delivered_rate: stats::rate(w_delivered, bytes(w_delivered), w_elapsed),
-        send_rate: stats::rate(w_sent, bytes(w_sent), w_elapsed),
-        rtt,
-        rtt_cdf: if rtt.is_some() { stats::cdf(&hist, 50) } else { Vec::new() },
-        window_secs: w_elapsed.as_secs_f64(),
-        client_packets_per_send: per(io1.1 - io0.1, io1.0 - io0.0),
-        client_packets_per_recv: per(io1.3 - io0.3, io1.2 - io0.2),
-        rtt_histogram: rtt.map(|_| hist),
-    })
+        window_sent: w_sent,
+        window_delivered: w_delivered,
+        window: w_elapsed,
+        packets_per_send: stats::ratio(io1.1 - io0.1, io1.0 - io0.0),
+        packets_per_recv: stats::ratio(io1.3 - io0.3, io1.2 - io0.2),
+    };
+    LoadResult::from_counts(spec, counts, hist)
 }
 
 /// (send calls, packets sent, receive calls, packets received) over all

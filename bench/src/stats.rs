@@ -29,6 +29,11 @@ pub fn rate(datagrams: u64, payload_bytes: u64, elapsed: Duration) -> Rate {
     Rate { datagrams_per_sec: datagrams as f64 / secs, gbit_per_sec: payload_bytes as f64 * 8.0 / secs / GB }
 }
 
+/// `n / d`, or 0 when `d` is 0 (per-syscall and per-datagram ratios).
+pub fn ratio(n: u64, d: u64) -> f64 {
+    if d == 0 { 0.0 } else { n as f64 / d as f64 }
+}
+
 /// Microseconds between datagrams for an offered rate, or `None` for "as
 /// fast as possible".
 pub fn interval_for_rate(datagrams_per_sec: f64) -> Option<Duration> {
@@ -204,6 +209,8 @@ mod tests {
         assert_eq!(paced_budget(3.0, Duration::from_millis(999)), 2);
         assert!(reached(1000.0, 960.0, 0.05));
         assert!(!reached(1000.0, 940.0, 0.05));
+        assert_eq!(ratio(3, 2), 1.5);
+        assert_eq!(ratio(3, 0), 0.0);
     }
 
     #[test]

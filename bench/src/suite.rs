@@ -501,7 +501,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         let after = bench.relay_sample()?;
         let c1 = relay_counters(&admin)?;
         let delta = |name: &str| c1.get(name).copied().unwrap_or(0) - c0.get(name).copied().unwrap_or(0);
-        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let ratio = stats::ratio;
         bench.check_paced("cost run", &r, cfg.max_paced_loss)?;
         let c = stats::cost(
             after.cpu_ticks - before.cpu_ticks,

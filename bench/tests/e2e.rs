@@ -354,9 +354,11 @@ fn early_datagrams_are_buffered_until_the_tunnel_opens() {
 fn two_workers_share_the_port_and_both_serve() {
     let relay = start("workers", RelayOptions { workers: 2, ..Default::default() });
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
-    // Several connections from different source ports spread over the
-    // SO_REUSEPORT group; every one must work whichever worker it lands on.
-    for _ in 0..6 {
+    // Connections from different source ports spread over the SO_REUSEPORT
+    // group by 4-tuple hash; every one must work whichever worker it lands
+    // on. With 16 connections, all landing on one worker has probability
+    // 2 * 2^-16.
+    for _ in 0..16 {
         let mut c = client(&relay);
         let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
         let load = EchoLoad {
@@ -371,7 +373,12 @@ fn two_workers_share_the_port_and_both_serve() {
         c.close();
     }
     let v = admin(&relay.admin_socket(), "status");
-    assert_eq!(v["workers"].as_array().unwrap().len(), 2);
+    let workers = v["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    for w in workers {
+        assert!(w["connections_accepted"].as_u64().unwrap() > 0, "worker {} served nothing", w["worker"]);
+        assert!(w["tunnels_opened"].as_u64().unwrap() > 0, "worker {} opened no tunnel", w["worker"]);
+    }
 }
 
 #[test]

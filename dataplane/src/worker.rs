@@ -260,7 +260,7 @@ impl Worker {
             self.kill_requested_flows();
             self.flush_up();
             self.on_timeouts(now);
-            self.flush_all(now);
+            self.flush_all();
             // Processing during the flush may have queued more payloads; no
             // batch outlives its turn.
             self.flush_up();
@@ -860,23 +860,27 @@ impl Worker {
     fn read_target(&mut self, token: usize, now: Instant) {
         let Some(&(serial, stream_id)) = self.targets.get(&token) else { return };
         let Some(mut conn) = self.conns.remove(&serial) else { return };
-        let mut budget_left = true;
-        for i in 0..=READ_BUDGET {
-            if i == READ_BUDGET {
-                budget_left = false;
+        // The buffer is taken out of `self` so a payload can be borrowed
+        // from it while the worker sends it on (no per-datagram copy).
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut drained = false;
+        for _ in 0..READ_BUDGET {
+            let Some((sock, _)) = conn.tunnels.get(&stream_id).and_then(|e| e.target.as_ref()) else {
+                drained = true;
                 break;
-            }
-            let Some(entry) = conn.tunnels.get_mut(&stream_id) else { break };
-            let Some((sock, _)) = entry.target.as_ref() else { break };
-            let n = match sock.recv(&mut self.buf) {
+            };
+            let n = match sock.recv(&mut buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(_) => continue, // e.g. ECONNREFUSED from an ICMP error: UDP semantics
             };
-            let payload = self.buf[..n].to_vec();
-            self.send_down(&mut conn, stream_id, &payload, now);
+            self.send_down(&mut conn, stream_id, &buf[..n], now);
         }
-        if !budget_left {
+        self.buf = buf;
+        if !drained {
             self.backlogged_targets.push(token);
         }
         self.conns.insert(serial, conn);
@@ -969,13 +973,13 @@ impl Worker {
         }
     }
 
-    fn flush_all(&mut self, now: Instant) {
+    fn flush_all(&mut self) {
         let serials: Vec<u64> = self.conns.keys().copied().collect();
         for serial in serials {
             let Some(mut conn) = self.conns.remove(&serial) else { continue };
+            // HTTP/3 events only come from received packets, which
+            // `on_quic_packet` has processed already; here we only write.
             self.flush_streams(&mut conn);
-            // Events may have become pending through our own sends.
-            self.process_conn(serial, &mut conn, now);
             self.send_packets(&mut conn);
             if conn.quic.is_closed() {
                 self.drop_conn(conn);
