@@ -11,7 +11,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 
-use relay_udp::{GSO_ENABLED, MAX_GRO_BUFFER, MAX_SEGMENTS};
+use relay_udp::{GSO_ENABLED, MAX_GSO_BYTES, MAX_SEGMENTS};
 
 /// A batch of equal-size payloads (the last may be shorter).
 #[derive(Debug)]
@@ -48,7 +48,7 @@ impl UpBatch {
             || (!self.closed
                 && self.count < MAX_SEGMENTS
                 && len <= self.segment
-                && self.buf.len() + len <= MAX_GRO_BUFFER
+                && self.buf.len() + len <= MAX_GSO_BYTES
                 && GSO_ENABLED.load(std::sync::atomic::Ordering::Relaxed))
     }
 
@@ -164,7 +164,7 @@ mod tests {
                 b.push(&[0; 1000]);
             }
         }
-        assert!(b.len() <= MAX_SEGMENTS && b.len() * 1000 <= MAX_GRO_BUFFER);
+        assert!(b.len() <= MAX_SEGMENTS && b.len() * 1000 <= MAX_GSO_BYTES);
         assert!(!b.fits(1000));
     }
 }

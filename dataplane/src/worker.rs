@@ -1062,7 +1062,7 @@ impl Worker {
         let batch = match entry.up.as_mut() {
             Some(b) => b,
             None => {
-                let buf = self.up_pool.pop().unwrap_or_else(|| Vec::with_capacity(relay_udp::MAX_GRO_BUFFER));
+                let buf = self.up_pool.pop().unwrap_or_else(|| Vec::with_capacity(relay_udp::MAX_GSO_BYTES));
                 self.dirty_up.push((serial, stream_id));
                 entry.up.insert(UpBatch::new(buf))
             }

@@ -27,6 +27,10 @@ use socket2::SockAddr;
 pub const MAX_SEGMENTS: usize = 64;
 /// Largest buffer a GRO receive can fill.
 pub const MAX_GRO_BUFFER: usize = 65_535;
+/// Most payload bytes one GSO send may carry: the whole batch is one UDP
+/// datagram to the kernel, so it is bound by the IPv4 limit (65535 minus
+/// 20 bytes of IP and 8 of UDP header); more fails with EMSGSIZE.
+pub const MAX_GSO_BYTES: usize = 65_507;
 
 const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
@@ -256,7 +260,7 @@ impl SegmentBatcher {
             && !self.closed
             && self.segments < MAX_SEGMENTS
             && datagram.len() <= self.segment_size
-            && self.buf.len() + datagram.len() <= MAX_GRO_BUFFER
+            && self.buf.len() + datagram.len() <= MAX_GSO_BYTES
             && self.gso.load(Ordering::Relaxed);
         if !fits {
             self.flush(sock)?;
@@ -383,7 +387,7 @@ mod tests {
             batch.push(&a, dest, &[7u8; 1200]).unwrap();
         }
         batch.flush(&a).unwrap();
-        // 65535 / 1200 = 54 segments fit one send: 54 + 46.
+        // 65507 / 1200 = 54 segments fit one send: 54 + 46.
         assert_eq!(batch.datagrams + batch.dropped, 100);
         assert_eq!(batch.syscalls, 2);
         let mut rbuf = [0u8; 2048];
@@ -392,6 +396,23 @@ mod tests {
             b.recv_from(&mut rbuf).unwrap();
             got += 1;
         }
+    }
+
+    /// 48 full QUIC packets (64800 bytes) plus a short one that still fits
+    /// 65535 but not the 65507-byte UDP limit: the batcher must split it
+    /// rather than hand the kernel an oversize send (EMSGSIZE).
+    #[test]
+    fn batcher_respects_the_udp_size_limit() {
+        let (a, b) = pair();
+        let mut batch = SegmentBatcher::new(1350);
+        let dest = b.local_addr().unwrap();
+        for _ in 0..48 {
+            batch.push(&a, dest, &[1u8; 1350]).unwrap();
+        }
+        batch.push(&a, dest, &[2u8; 720]).unwrap();
+        batch.flush(&a).expect("no EMSGSIZE");
+        assert_eq!(batch.datagrams + batch.dropped, 49);
+        assert_eq!(batch.syscalls, 2);
     }
 
     #[test]
