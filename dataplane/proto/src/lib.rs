@@ -14,6 +14,7 @@
 
 pub mod capsule;
 pub mod channel;
+pub mod cid;
 pub mod datagram;
 pub mod proxy_status;
 pub mod request;

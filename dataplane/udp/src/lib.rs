@@ -15,6 +15,10 @@
 //! destination into GSO batches.
 #![allow(unsafe_code)]
 
+pub mod mmsg;
+pub mod steer;
+pub mod uring;
+
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -32,9 +36,9 @@ pub const MAX_GRO_BUFFER: usize = 65_535;
 /// 20 bytes of IP and 8 of UDP header); more fails with EMSGSIZE.
 pub const MAX_GSO_BYTES: usize = 65_507;
 
-const SOL_UDP: libc::c_int = 17;
-const UDP_SEGMENT: libc::c_int = 103;
-const UDP_GRO: libc::c_int = 104;
+pub(crate) const SOL_UDP: libc::c_int = 17;
+pub(crate) const UDP_SEGMENT: libc::c_int = 103;
+pub(crate) const UDP_GRO: libc::c_int = 104;
 
 fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
     // SAFETY: setsockopt with a pointer to a live int and its exact size.
