@@ -215,9 +215,26 @@ impl Client {
         Ok(client)
     }
 
-    /// This client's UDP address.
+    /// This client's UDP address (as quiche knows it: unchanged by
+    /// [`Client::rebind`]).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Simulates a NAT rebinding: the connection moves to a new UDP socket
+    /// (a new source port) while quiche keeps its idea of the local
+    /// address, exactly as when a NAT in front of the client changes the
+    /// mapping. Returns the address the relay now sees.
+    pub fn rebind(&mut self) -> Result<SocketAddr> {
+        let bind: SocketAddr = if self.config.relay.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let std_sock = std::net::UdpSocket::bind(bind)?;
+        std_sock.set_nonblocking(true)?;
+        let _ = relay_udp::enable_gro(&std_sock);
+        let mut socket = mio::net::UdpSocket::from_std(std_sock);
+        self.poll.registry().deregister(&mut self.socket)?;
+        self.poll.registry().register(&mut socket, SOCKET, Interest::READABLE)?;
+        self.socket = socket;
+        Ok(self.socket.local_addr()?)
     }
 
     /// The relay's SETTINGS enabled extended CONNECT.

@@ -91,6 +91,9 @@ enum Command {
         /// Run the targets in a network namespace behind a veth link (root).
         #[arg(long)]
         netns: bool,
+        /// The relay's I/O backend for the main runs: auto, io_uring or epoll.
+        #[arg(long, default_value = "auto")]
+        io: String,
     },
     /// Generate one load through a running relay to a target this command
     /// starts on loopback, and print what was delivered.
@@ -170,12 +173,13 @@ fn split_target(target: &str) -> Result<(String, u16)> {
 
 fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::Suite { out, smoke, bin_dir, no_pin, netns } => {
+        Command::Suite { out, smoke, bin_dir, no_pin, netns, io } => {
             let mut cfg =
                 if smoke { SuiteConfig::smoke(out.clone()) } else { SuiteConfig::standard(out.clone()) };
             cfg.bin_dir = bin_dir;
             cfg.pin &= !no_pin;
             cfg.netns = netns;
+            cfg.io = io;
             let report = suite::run(&cfg)?;
             print!("{}", relay_bench::report::markdown(&report));
             println!("\nresults written to {}", out.display());

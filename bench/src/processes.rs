@@ -54,6 +54,9 @@ pub struct RelayOptions {
     pub ask_timeout_ms: u32,
     /// Tunnel idle timeout in seconds.
     pub flow_idle_timeout_secs: u32,
+    /// I/O backend (`dataplane.io`): default from `RELAY_TEST_IO`, else
+    /// "auto". CI runs the end-to-end suite once per backend this way.
+    pub io: String,
     /// Extra TOML appended to the `[dataplane]` section.
     pub dataplane_extra: String,
     /// Directory of the relay binaries (default: [`bin_dir`]).
@@ -65,11 +68,12 @@ pub struct RelayOptions {
 impl Default for RelayOptions {
     fn default() -> Self {
         Self {
-            workers: 1,
+            workers: std::env::var("RELAY_TEST_WORKERS").ok().and_then(|w| w.parse().ok()).unwrap_or(2),
             token: "e2e-test-token".into(),
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             ask_timeout_ms: 1500,
             flow_idle_timeout_secs: 120,
+            io: std::env::var("RELAY_TEST_IO").unwrap_or_else(|_| "auto".into()),
             dataplane_extra: String::new(),
             bin_dir: None,
             log_dir: None,
@@ -111,6 +115,7 @@ quic = "127.0.0.1:{port}"
 
 [dataplane]
 workers = {workers}
+io = "{io}"
 uri_template = "/.well-known/masque/udp/{{target_host}}/{{target_port}}/"
 flow_idle_timeout_secs = {idle}
 ask_timeout_ms = {ask}
@@ -133,6 +138,7 @@ max_pending = 64
 "#,
             state = state_dir.display(),
             workers = opts.workers,
+            io = opts.io,
             idle = opts.flow_idle_timeout_secs,
             ask = opts.ask_timeout_ms,
             extra = opts.dataplane_extra,

@@ -63,6 +63,9 @@ pub struct SuiteConfig {
     /// Run the targets in a network namespace behind a veth link instead of
     /// on loopback (needs root).
     pub netns: bool,
+    /// The dataplane's I/O backend for the main runs ("auto", "io_uring",
+    /// "epoll").
+    pub io: String,
 }
 
 impl SuiteConfig {
@@ -85,6 +88,7 @@ impl SuiteConfig {
             max_latency_loss: 0.10,
             pin: true,
             netns: false,
+            io: "auto".into(),
         }
     }
 
@@ -389,6 +393,10 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     }
     let opts = RelayOptions {
         allow,
+        // One worker, pinned by the dataplane to the first CPU: the cost
+        // figures are per worker core.
+        workers: 1,
+        io: cfg.io.clone(),
         flow_idle_timeout_secs: 600,
         ask_timeout_ms: 5000,
         dataplane_extra: format!(

@@ -378,7 +378,87 @@ fn two_workers_share_the_port_and_both_serve() {
     for w in workers {
         assert!(w["connections_accepted"].as_u64().unwrap() > 0, "worker {} served nothing", w["worker"]);
         assert!(w["tunnels_opened"].as_u64().unwrap() > 0, "worker {} opened no tunnel", w["worker"]);
+        // The backend the suite asked for is the one serving (CI runs the
+        // suite once with RELAY_TEST_IO=io_uring and once with epoll).
+        let gauge = w["io_backend"].as_u64().unwrap();
+        match std::env::var("RELAY_TEST_IO").as_deref() {
+            Ok("io_uring") => assert_eq!(gauge, 1, "io_uring was asked for"),
+            Ok("epoll") => assert_eq!(gauge, 2, "epoll was asked for"),
+            _ => assert!(gauge == 1 || gauge == 2, "a backend is reported"),
+        }
     }
+}
+
+/// One echo round trip of `n` datagrams on `stream`, all of which must
+/// come back.
+fn echo_round(c: &mut relay_bench::client::Client, stream: u64, n: u64, what: &str) {
+    let load =
+        EchoLoad { count: n, size: 200, window: 8, capsules: false, stall_timeout: Duration::from_secs(5) };
+    let r = run_echo(c, &[stream], &load).unwrap();
+    assert_eq!((r.received, r.lost, r.corrupt), (n, 0, 0), "the tunnel keeps forwarding ({what})");
+}
+
+#[test]
+fn a_client_rebound_onto_another_workers_socket_is_handed_off_and_keeps_its_tunnel() {
+    // Without the steering program the kernel picks a worker's socket by
+    // 4-tuple hash, so after a NAT rebinding (new source port) the client's
+    // packets land on the other worker about half the time: that worker
+    // must hand them to the owner (named in the connection ID), not drop
+    // them.
+    let relay = start(
+        "rebind-handoff",
+        RelayOptions {
+            workers: 2,
+            dataplane_extra: "[dataplane.connection_ids]\nsteering = false".into(),
+            ..Default::default()
+        },
+    );
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    // Each rebinding lands on the other worker's socket with probability
+    // 1/2. A connection survives 15 rebindings (quiche keeps 16 paths), so
+    // try up to 10 per connection, on up to 3 connections: all 30 missing
+    // has probability 2^-30.
+    let mut handed_off = None;
+    'connections: for _ in 0..3 {
+        let mut c = client(&relay);
+        let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+        echo_round(&mut c, s, 20, "before rebinding");
+        for rebinds in 1..=10 {
+            let addr = c.rebind().unwrap();
+            echo_round(&mut c, s, 20, &format!("after rebinding {rebinds} to {addr}"));
+            if counter(&relay, "handoffs_in") > 0 {
+                handed_off = Some((c, s));
+                break 'connections;
+            }
+        }
+        c.close();
+    }
+    let (mut c, s) = handed_off.expect("a rebinding reached the other worker's socket");
+    // Keep going on the new path: the owner keeps serving through the
+    // other worker.
+    echo_round(&mut c, s, 200, "after the hand-off");
+    assert_eq!(counter(&relay, "drop_handoff_full"), 0);
+    assert_eq!(
+        counter(&relay, "tunnels_opened"),
+        counter(&relay, "tunnels_closed") + 1,
+        "the tunnel was never re-opened"
+    );
+}
+
+#[test]
+fn with_steering_a_rebound_client_reaches_its_worker_without_hand_offs() {
+    let relay = start("rebind-steer", RelayOptions { workers: 2, ..Default::default() });
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut c, s, 20, "before rebinding");
+    for i in 0..6 {
+        let addr = c.rebind().unwrap();
+        echo_round(&mut c, s, 20, &format!("after rebinding {i} to {addr}"));
+    }
+    // Every short-header packet went straight to its owner's socket.
+    assert_eq!(counter(&relay, "handoffs_out"), 0, "the reuseport program steers by connection ID");
+    assert_eq!(admin(&relay.admin_socket(), "status")["flows"], 1);
 }
 
 #[test]

@@ -80,9 +80,19 @@ impl<'de> Deserialize<'de> for TemplateValue {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneSection {
-    /// Worker threads.
-    #[serde(default = "one")]
-    pub workers: u32,
+    /// Worker threads: a number, or `"auto"` for one per CPU the relay may
+    /// run on (its affinity mask and cgroup quota).
+    #[serde(default)]
+    pub workers: Workers,
+    /// I/O backend of the workers.
+    #[serde(default)]
+    pub io: IoBackend,
+    /// Pin worker i to the i-th CPU of the relay's affinity mask.
+    #[serde(default = "yes")]
+    pub pin_workers: bool,
+    /// Connection IDs (QUIC-LB layout) and their steering.
+    #[serde(default)]
+    pub connection_ids: ConnectionIdSection,
     /// connect-udp URI template.
     pub uri_template: TemplateValue,
     /// A tunnel with no traffic either way for this long is closed.
@@ -106,8 +116,116 @@ pub struct DataplaneSection {
     pub drain_timeout_secs: u32,
 }
 
-fn one() -> u32 {
-    1
+fn yes() -> bool {
+    true
+}
+
+/// `dataplane.workers`: a count or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One per usable CPU.
+    #[default]
+    Auto,
+    /// Exactly this many.
+    Count(u32),
+}
+
+impl Workers {
+    /// The number of workers to run on this host.
+    pub fn resolve(self) -> u32 {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism()
+                .map_or(1, |n| n.get() as u32)
+                .min(relay_proto::channel::region::MAX_WORKERS),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(i64),
+            Word(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "auto" => Ok(Workers::Auto),
+            Raw::Count(n) if (1..=i64::from(relay_proto::channel::region::MAX_WORKERS)).contains(&n) => {
+                Ok(Workers::Count(n as u32))
+            }
+            _ => Err(serde::de::Error::custom(format!(
+                "dataplane.workers must be \"auto\" or 1..={}",
+                relay_proto::channel::region::MAX_WORKERS
+            ))),
+        }
+    }
+}
+
+/// `dataplane.io`: which I/O backend the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoBackend {
+    /// io_uring when the kernel allows it (multishot receives, provided
+    /// buffer rings), epoll otherwise.
+    #[default]
+    Auto,
+    /// io_uring only: the dataplane fails to start without it.
+    IoUring,
+    /// epoll (mio) with recvmmsg/sendmmsg.
+    Epoll,
+}
+
+impl IoBackend {
+    /// The name sent to the dataplane.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoBackend::Auto => "auto",
+            IoBackend::IoUring => "io_uring",
+            IoBackend::Epoll => "epoll",
+        }
+    }
+}
+
+/// `[dataplane.connection_ids]`: server connection IDs in the QUIC-LB
+/// plaintext layout (draft-ietf-quic-load-balancers): config rotation bits,
+/// the server ID (this host's prefix, then the worker), a random nonce.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionIdSection {
+    /// Config rotation codepoint, 0..=6 (7 means unroutable).
+    #[serde(default)]
+    pub config_id: u8,
+    /// This host's server ID prefix as hex (empty for a single host; a
+    /// QUIC-LB balancer maps prefix + worker byte to this host).
+    #[serde(default)]
+    pub server_id: String,
+    /// Random nonce bytes after the server ID.
+    #[serde(default = "fourteen")]
+    pub nonce_len: usize,
+    /// Attach a reuseport BPF program that steers packets to the worker
+    /// named in their connection ID (hand-offs between workers become rare).
+    #[serde(default = "yes")]
+    pub steering: bool,
+}
+
+impl Default for ConnectionIdSection {
+    fn default() -> Self {
+        Self { config_id: 0, server_id: String::new(), nonce_len: 14, steering: true }
+    }
+}
+
+fn fourteen() -> usize {
+    14
+}
+
+/// Parses a hex string (even length).
+pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 fn sixty() -> u32 {
     60
@@ -221,8 +339,18 @@ impl Config {
             .map_err(|source| ConfigError::Parse { origin: origin.to_string(), source })?;
         let invalid = |message: String| ConfigError::Invalid { origin: origin.to_string(), message };
         let d = &config.dataplane;
-        if d.workers == 0 || d.workers > relay_proto::channel::region::MAX_WORKERS {
-            return Err(invalid(format!("dataplane.workers must be 1..=256, not {}", d.workers)));
+        let Some(server_id) = parse_hex(&d.connection_ids.server_id) else {
+            return Err(invalid(format!(
+                "dataplane.connection_ids.server_id must be hex bytes, not {:?}",
+                d.connection_ids.server_id
+            )));
+        };
+        let c = &d.connection_ids;
+        if let Err(e) = relay_proto::cid::CidLayout::new(c.config_id, &server_id, c.nonce_len) {
+            return Err(invalid(format!("dataplane.connection_ids: {e}")));
+        }
+        if d.workers.resolve() > 256 {
+            return Err(invalid("dataplane.workers must be at most 256".into()));
         }
         if d.ask_timeout_ms == 0 || d.flow_idle_timeout_secs == 0 || d.quic_idle_timeout_secs == 0 {
             return Err(invalid("dataplane timeouts must be positive".into()));
@@ -279,7 +407,10 @@ mod tests {
     fn embedded_default_parses() {
         let c = Config::load(None).unwrap();
         assert_eq!(c.listen.quic, "127.0.0.1:4433".parse().unwrap());
-        assert_eq!(c.dataplane.workers, 1);
+        assert_eq!(c.dataplane.workers, Workers::Auto);
+        assert!(c.dataplane.workers.resolve() >= 1);
+        assert_eq!(c.dataplane.io, IoBackend::Auto);
+        assert!(c.dataplane.connection_ids.steering);
         assert_eq!(c.channel_socket(), PathBuf::from("state/channel.sock"));
     }
 
@@ -300,8 +431,31 @@ mod tests {
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("uri_template") || err.contains("target_port"), "{err}");
 
-        let text = DEFAULT_CONFIG.replace("workers = 1", "workers = 0");
+        let text = DEFAULT_CONFIG.replace("workers = \"auto\"", "workers = 0");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("dataplane.workers"), "{err}");
+        let text = DEFAULT_CONFIG.replace("workers = \"auto\"", "workers = \"many\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("dataplane.workers"), "{err}");
+        let text = DEFAULT_CONFIG.replace("workers = \"auto\"", "workers = 3");
+        assert_eq!(Config::parse(&text, "t.toml").unwrap().dataplane.workers, Workers::Count(3));
+
+        let text = DEFAULT_CONFIG.replace("io = \"auto\"", "io = \"kqueue\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("kqueue") && err.contains("line"), "{err}");
+        let text = DEFAULT_CONFIG.replace("io = \"auto\"", "io = \"epoll\"");
+        assert_eq!(Config::parse(&text, "t.toml").unwrap().dataplane.io, IoBackend::Epoll);
+
+        let text = DEFAULT_CONFIG.replace("server_id = \"\"", "server_id = \"0g\"");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("server_id"), "{err}");
+        let text = DEFAULT_CONFIG.replace("config_id = 0", "config_id = 7");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("connection_ids"), "{err}");
+        let text = DEFAULT_CONFIG.replace("server_id = \"\"", "server_id = \"0a0b\"");
+        assert_eq!(
+            parse_hex(&Config::parse(&text, "t.toml").unwrap().dataplane.connection_ids.server_id),
+            Some(vec![10, 11])
+        );
     }
 }

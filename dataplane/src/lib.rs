@@ -10,15 +10,23 @@
 //! gone new requests fail closed with 503 while open tunnels keep
 //! forwarding.
 //!
-//! Modules: [`tunnel`] and [`response`] are sans-IO; [`worker`] is the
-//! epoll (mio) driver; [`link`] is the worker's end of the channel;
-//! [`attach`] performs the handshake with control.
+//! Modules: [`tunnel`], [`response`], [`upbatch`], [`timers`] and
+//! [`slab`] are sans-IO; [`worker`] is a worker's protocol core, driven by
+//! one of the I/O backends in [`io`] (io_uring or epoll); [`handoff`]
+//! carries packets between workers; [`link`] is the worker's end of the
+//! channel; [`attach`] performs the handshake with control; [`cpu`] pins
+//! workers.
 
 pub mod attach;
+pub mod cpu;
+pub mod handoff;
+pub mod io;
 pub mod link;
 pub mod quic;
 pub mod response;
+pub mod slab;
 pub mod socket;
+pub mod timers;
 pub mod tunnel;
 pub mod upbatch;
 pub mod worker;

@@ -127,6 +127,9 @@ impl ControlLink {
 
     /// Moves queued records into the ring as it drains (called every turn).
     pub fn flush_queued(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
         while let Some(record) = self.queued.front() {
             if record.encode(&mut self.record).is_err() {
                 self.queued.pop_front();
@@ -205,12 +208,14 @@ impl ControlLink {
         }
     }
 
-    /// Reads every pending answer. Invalid records are counted and skipped.
-    pub fn poll_answers(&mut self, mut on_answer: impl FnMut(AuthAnswer)) {
+    /// Reads pending answers, at most 4096 per call. Invalid records are
+    /// counted and skipped. Returns whether more may be waiting (the caller
+    /// calls again next turn without waiting for the doorbell).
+    pub fn poll_answers(&mut self, mut on_answer: impl FnMut(AuthAnswer)) -> bool {
         self.answer_bell.drain();
         self.flush_queued();
         if self.broken {
-            return;
+            return false;
         }
         // Bounded per turn; the rest waits for the next turn.
         for _ in 0..4096 {
@@ -226,13 +231,14 @@ impl ControlLink {
                     }
                     Ok(_) | Err(_) => self.chan.counters.add(Counter::ChannelErrors, 1),
                 },
-                Ok(false) => return,
+                Ok(false) => return false,
                 Err(_) => {
                     self.broken = true;
                     self.chan.counters.add(Counter::ChannelErrors, 1);
-                    return;
+                    return false;
                 }
             }
         }
+        true
     }
 }

@@ -9,9 +9,15 @@ use std::time::Duration;
 
 use clap::Parser;
 use relay_dataplane::attach::attach;
+use relay_dataplane::handoff::Inbox;
+use relay_dataplane::io::BackendKind;
+use relay_dataplane::io::epoll::EpollBackend;
+use relay_dataplane::io::uring::{UringBackend, UringSettings};
 use relay_dataplane::link::ControlLink;
-use relay_dataplane::worker::{Worker, WorkerSettings};
-use relay_proto::channel::doorbell::Doorbell;
+use relay_dataplane::worker::{Flags, Worker, WorkerSettings};
+use relay_dataplane::{cpu, socket};
+use relay_proto::channel::bootstrap::Bootstrap;
+use relay_proto::cid::CidLayout;
 use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
 
@@ -71,7 +77,7 @@ struct ControlWatch {
     socket_path: PathBuf,
     stream: std::os::unix::net::UnixStream,
     alive: Arc<AtomicBool>,
-    wake_bells: Vec<Doorbell>,
+    inboxes: Arc<[Inbox]>,
     relinks: Vec<mpsc::Sender<ControlLink>>,
     workers: u32,
 }
@@ -88,8 +94,8 @@ impl ControlWatch {
             }
             self.alive.store(false, Ordering::Release);
             warn!("control went away: new requests get 503 until it is back; open tunnels keep forwarding");
-            for bell in &self.wake_bells {
-                let _ = bell.ring();
+            for inbox in self.inboxes.iter() {
+                let _ = inbox.bell.ring();
             }
             loop {
                 if STOP.load(Ordering::Relaxed) {
@@ -115,18 +121,15 @@ impl ControlWatch {
 
     fn adopt(&mut self, att: relay_dataplane::attach::Attachment) -> std::io::Result<()> {
         let alive = Arc::new(AtomicBool::new(true));
-        let mut bells = Vec::new();
         for (i, (ask_bell, answer_bell)) in att.doorbells.into_iter().enumerate() {
-            bells.push(Doorbell::from_fd(answer_bell.try_clone_fd()?));
             let link =
                 ControlLink::new(att.region.dataplane_side(i as u32), ask_bell, answer_bell, alive.clone());
             if self.relinks[i].send(link).is_err() {
                 return Err(std::io::Error::other("worker gone"));
             }
-            // Wake the worker on the doorbell it still polls.
-            let _ = self.wake_bells[i].ring();
+            // The worker picks the new link up when its own bell rings.
+            let _ = self.inboxes[i].bell.ring();
         }
-        self.wake_bells = bells;
         self.alive = alive;
         self.stream = att.stream;
         info!("re-attached to control");
@@ -134,47 +137,157 @@ impl ControlWatch {
     }
 }
 
+/// The backend the workers run, after probing the kernel.
+fn choose_backend(b: &Bootstrap) -> Result<BackendKind, String> {
+    let support = relay_udp::uring::probe();
+    match b.io_backend.as_str() {
+        "epoll" => Ok(BackendKind::Epoll),
+        "io_uring" if support.is_usable() => Ok(BackendKind::Uring),
+        "io_uring" => {
+            Err(format!("io_uring was asked for but is not usable: {}", support.missing().join(", ")))
+        }
+        _ if support.is_usable() => Ok(BackendKind::Uring),
+        _ => {
+            warn!(missing = %support.missing().join(", "), "io_uring is not usable here; using epoll");
+            Ok(BackendKind::Epoll)
+        }
+    }
+}
+
+/// One worker thread's I/O loop.
+enum Backend {
+    Uring(Box<UringBackend>),
+    Epoll(Box<EpollBackend>),
+}
+
+impl Backend {
+    /// Builds the backend on the worker's own thread (an io_uring is tied
+    /// to the thread that submits to it). With `auto`, a ring that cannot
+    /// be set up falls back to epoll.
+    fn build(
+        kind: BackendKind,
+        auto: bool,
+        sock: std::net::UdpSocket,
+    ) -> std::io::Result<(Self, BackendKind)> {
+        match kind {
+            BackendKind::Epoll => Ok((Backend::Epoll(Box::new(EpollBackend::new(sock)?)), kind)),
+            BackendKind::Uring => {
+                let fallback = sock.try_clone()?;
+                match UringBackend::new(sock, UringSettings::default()) {
+                    Ok(b) => Ok((Backend::Uring(Box::new(b)), kind)),
+                    Err(e) if auto => {
+                        warn!("io_uring setup failed ({e}); using epoll");
+                        Ok((Backend::Epoll(Box::new(EpollBackend::new(fallback)?)), BackendKind::Epoll))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, worker: &mut Worker) -> std::io::Result<()> {
+        match self {
+            Backend::Uring(b) => b.run(worker),
+            Backend::Epoll(b) => b.run(worker),
+        }
+    }
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let fd_limit = raise_fd_limit();
     let att = attach(&args.control_socket, Duration::from_secs(args.attach_timeout))?;
-    let template = UriTemplate::parse(&att.bootstrap.uri_template)?;
-    info!(workers = att.bootstrap.workers, listen = %att.bootstrap.listen, fd_limit, "attached to control");
+    let b = att.bootstrap.clone();
+    let template = UriTemplate::parse(&b.uri_template)?;
+    let cids = CidLayout::new(b.cid_config_id, &b.cid_server_id, b.cid_nonce_len)?;
+    let kind = choose_backend(&b)?;
+    let cpus = cpu::allowed_cpus();
+    info!(
+        workers = b.workers,
+        listen = %b.listen,
+        fd_limit,
+        backend = kind.name(),
+        gso = relay_udp::gso_enabled(),
+        pinned = b.pin_workers,
+        cpus = ?cpus,
+        "attached to control"
+    );
     let control_alive = Arc::new(AtomicBool::new(true));
+    let inboxes: Arc<[Inbox]> =
+        (0..b.workers).map(|_| Inbox::new()).collect::<std::io::Result<Vec<_>>>()?.into();
     let mut handles = Vec::new();
-    let mut wake_bells = Vec::new();
     let mut relinks = Vec::new();
     for (i, (ask_bell, answer_bell)) in att.doorbells.into_iter().enumerate() {
         let i = i as u32;
-        wake_bells.push(Doorbell::from_fd(answer_bell.try_clone_fd()?));
         let link =
             ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
-        let settings =
-            WorkerSettings { index: i, bootstrap: att.bootstrap.clone(), template: template.clone() };
+        let settings = WorkerSettings { index: i, bootstrap: b.clone(), template: template.clone(), cids };
         let (relink_tx, relink_rx) = mpsc::channel();
         relinks.push(relink_tx);
-        // Bind in this thread so a bad address fails start-up, not a worker.
-        let mut worker = Worker::new(settings, link, relink_rx)?;
+        // Bind in this thread, in worker order, so a bad address fails
+        // start-up and socket i is index i of the reuseport group.
+        let sock = socket::quic_listener(b.listen)?;
+        let local = sock.local_addr()?;
+        if i == 0 && b.cid_steering && b.workers > 1 {
+            steer(&sock, &cids, b.workers);
+        }
+        let flags = Flags { stop: &STOP, drain: &DRAIN };
+        let mut worker = Worker::new(settings, flags, local, link, relink_rx, inboxes.clone())?;
+        let cpu = (b.pin_workers && !cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]);
+        let auto = b.io_backend == "auto";
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
-            if let Err(e) = worker.run(&STOP, &DRAIN) {
+            if let Some(cpu) = cpu
+                && let Err(e) = cpu::pin_current_thread(cpu)
+            {
+                warn!(worker = i, cpu, "pinning failed: {e}");
+            }
+            let (mut backend, kind) = match Backend::build(kind, auto, sock) {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("worker {i}: {} backend: {e}", kind.name())));
+                    return;
+                }
+            };
+            worker.set_backend_gauge(kind.gauge());
+            let _ = ready_tx.send(Ok(()));
+            info!(worker = i, addr = %local, backend = kind.name(), ?cpu, "worker serving");
+            if let Err(e) = backend.run(&mut worker) {
                 error!(worker = i, "worker failed: {e}");
             }
         })?);
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(format!("worker {i} exited during start-up").into()),
+        }
     }
     let watch = ControlWatch {
         socket_path: args.control_socket.clone(),
         stream: att.stream,
         alive: control_alive,
-        wake_bells,
+        inboxes,
         relinks,
-        workers: att.bootstrap.workers,
+        workers: b.workers,
     };
     std::thread::Builder::new().name("control-watch".into()).spawn(move || watch.run())?;
-    println!("relay-dataplane: serving QUIC on {}", att.bootstrap.listen);
+    println!("relay-dataplane: serving QUIC on {} ({} workers, {})", b.listen, b.workers, kind.name());
     for h in handles {
         let _ = h.join();
     }
     info!("dataplane stopped");
     Ok(())
+}
+
+/// Attaches the reuseport program that sends short-header packets to the
+/// worker named in their connection ID. Without it (old kernel, no
+/// permission) packets still reach their worker through hand-offs.
+fn steer(sock: &std::net::UdpSocket, cids: &CidLayout, workers: u32) {
+    let workers = workers.min(255) as u8;
+    let program = relay_udp::steer::reuseport_cbpf_program(cids.worker_offset(), workers);
+    match relay_udp::steer::attach_reuseport_cbpf(sock, &program) {
+        Ok(()) => info!("reuseport steering by connection ID attached"),
+        Err(e) => warn!("reuseport steering unavailable ({e}); packets reach their worker by hand-off"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -183,6 +296,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_thread_names(true)
         .init();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: installing an async-signal-safe handler that only stores

@@ -8,6 +8,9 @@ pub const MAX_SEND_UDP_PAYLOAD: usize = 1350;
 pub const MAX_RECV_UDP_PAYLOAD: usize = 65_527;
 /// QUIC DATAGRAM frames queued per connection each way.
 pub const DGRAM_QUEUE: usize = 4096;
+/// Paths (client addresses) a connection may use over its life; also our
+/// active_connection_id_limit transport parameter.
+pub const MAX_PATHS: u64 = 16;
 
 /// Builds the transport configuration: ALPN h3, DATAGRAM support (which
 /// advertises max_datagram_frame_size, RFC 9221, as RFC 9297 section 2.1.1
@@ -29,6 +32,10 @@ pub fn transport_config(b: &Bootstrap) -> Result<quiche::Config, quiche::Error> 
     c.set_initial_max_streams_bidi(u64::from(b.max_tunnels_per_connection) + 16);
     c.set_initial_max_streams_uni(16);
     c.set_disable_active_migration(true);
+    // quiche keeps at most this many paths per connection and never frees
+    // a validated one it has left (the old path keeps the reused DCID), so
+    // this bounds how many NAT rebindings a connection survives: 15.
+    c.set_active_connection_id_limit(MAX_PATHS);
     c.enable_dgram(true, DGRAM_QUEUE, DGRAM_QUEUE);
     Ok(c)
 }

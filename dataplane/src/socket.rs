@@ -19,8 +19,9 @@ fn new_udp(family_of: &SocketAddr) -> io::Result<Socket> {
 }
 
 /// The QUIC listening socket of a worker (SO_REUSEPORT so every worker
-/// binds the same address).
-pub fn quic_listener(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
+/// binds the same address; the kernel adds the sockets to the reuseport
+/// group in bind order, which the steering program relies on).
+pub fn quic_listener(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let s = new_udp(&addr)?;
     s.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -30,18 +31,20 @@ pub fn quic_listener(addr: SocketAddr) -> io::Result<mio::net::UdpSocket> {
     // GRO lets one receive carry many packets from a sender; without kernel
     // support packets simply arrive one by one.
     relay_udp::enable_gro(&s)?;
-    Ok(mio::net::UdpSocket::from_std(s.into()))
+    Ok(s.into())
 }
 
-/// A target socket connected to `target`, on an ephemeral port.
-pub fn connected_target(target: SocketAddr) -> io::Result<mio::net::UdpSocket> {
+/// A target socket connected to `target`, on an ephemeral port, with GRO
+/// on (a busy target's replies arrive many per receive).
+pub fn connected_target(target: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let s = new_udp(&target)?;
     let any: SocketAddr =
         if target.is_ipv4() { "0.0.0.0:0".parse().expect("addr") } else { "[::]:0".parse().expect("addr") };
     s.bind(&any.into())?;
     forbid_fragmentation(&s, target.is_ipv4())?;
     s.connect(&target.into())?;
-    Ok(mio::net::UdpSocket::from_std(s.into()))
+    relay_udp::enable_gro(&s)?;
+    Ok(s.into())
 }
 
 /// RFC 9298 section 3.1: "UDP proxies MUST NOT introduce fragmentation at

@@ -1,6 +1,6 @@
 //! Payloads bound for one target, collected during one loop turn and sent
-//! with a single GSO `sendmsg` (UDP_SEGMENT) on the tunnel's connected
-//! socket.
+//! by the I/O backend as one GSO send (UDP_SEGMENT) on the tunnel's
+//! connected socket.
 //!
 //! Nothing waits for a batch to fill: every batch is sent at the end of the
 //! turn that filled it, so batching adds no queueing delay (RFC 9298
@@ -8,10 +8,7 @@
 //! batching"); it only shares the system call among datagrams that are
 //! already in hand.
 
-use std::io;
-use std::os::fd::AsRawFd;
-
-use relay_udp::{GSO_ENABLED, MAX_GSO_BYTES, MAX_SEGMENTS};
+use relay_udp::{MAX_GSO_BYTES, MAX_SEGMENTS};
 
 /// A batch of equal-size payloads (the last may be shorter).
 #[derive(Debug)]
@@ -22,19 +19,6 @@ pub struct UpBatch {
     closed: bool,
 }
 
-/// What a send did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Sent {
-    /// Datagrams the kernel took.
-    pub datagrams: u64,
-    /// Datagrams refused (full buffer, unreachable, too big): dropped.
-    pub dropped: u64,
-    /// System calls made.
-    pub syscalls: u64,
-    /// Payload bytes the kernel took.
-    pub bytes: u64,
-}
-
 impl UpBatch {
     /// An empty batch writing into `buf` (reused across turns).
     pub fn new(mut buf: Vec<u8>) -> Self {
@@ -42,20 +26,24 @@ impl UpBatch {
         Self { buf, segment: 0, count: 0, closed: false }
     }
 
-    /// Whether `len` bytes can join this batch.
-    pub fn fits(&self, len: usize) -> bool {
+    /// Whether `len` bytes can join this batch; `gso` says whether the
+    /// kernel segments batches (without it every payload is its own send).
+    pub fn fits(&self, len: usize, gso: bool) -> bool {
+        // Empty payloads travel alone: a GSO segment cannot be empty.
         self.count == 0
-            || (!self.closed
+            || (gso
+                && len > 0
+                && self.segment > 0
+                && !self.closed
                 && self.count < MAX_SEGMENTS
                 && len <= self.segment
-                && self.buf.len() + len <= MAX_GSO_BYTES
-                && GSO_ENABLED.load(std::sync::atomic::Ordering::Relaxed))
+                && self.buf.len() + len <= MAX_GSO_BYTES)
     }
 
     /// Adds a payload; the caller checked [`UpBatch::fits`].
     pub fn push(&mut self, payload: &[u8]) {
         if self.count == 0 {
-            self.segment = payload.len().max(1);
+            self.segment = payload.len();
         } else if payload.len() < self.segment {
             self.closed = true; // a short segment must be the last
         }
@@ -73,44 +61,10 @@ impl UpBatch {
         self.count == 0
     }
 
-    /// Sends everything on the connected `sock` and empties the batch.
-    pub fn send(&mut self, sock: &impl AsRawFd) -> Sent {
-        let mut sent = Sent::default();
-        if self.count == 0 {
-            return sent;
-        }
-        let single = self.count == 1 || self.segment == 0;
-        let seg = if single { self.buf.len() } else { self.segment };
-        sent.syscalls += 1;
-        match relay_udp::send_segments(sock, &self.buf, seg, None) {
-            Ok(_) => {
-                sent.datagrams = self.count as u64;
-                sent.bytes = self.buf.len() as u64;
-            }
-            Err(e) if !single && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL)) => {
-                // The device cannot segment: never try again, send singly.
-                GSO_ENABLED.store(false, std::sync::atomic::Ordering::Relaxed);
-                for chunk in self.buf.chunks(self.segment) {
-                    sent.syscalls += 1;
-                    match relay_udp::send_segments(sock, chunk, chunk.len(), None) {
-                        Ok(_) => {
-                            sent.datagrams += 1;
-                            sent.bytes += chunk.len() as u64;
-                        }
-                        Err(_) => sent.dropped += 1,
-                    }
-                }
-            }
-            // UDP semantics: a full buffer, an ICMP error from an earlier
-            // datagram or an oversize payload (DF set) drops the datagrams.
-            Err(e) if is_drop(&e) => sent.dropped = self.count as u64,
-            Err(_) => sent.dropped = self.count as u64,
-        }
-        self.buf.clear();
-        self.count = 0;
-        self.segment = 0;
-        self.closed = false;
-        sent
+    /// The payloads back to back, the segment size, and their number.
+    pub fn into_parts(self) -> (Vec<u8>, usize, usize) {
+        let segment = if self.count <= 1 { self.buf.len() } else { self.segment };
+        (self.buf, segment, self.count)
     }
 
     /// Gives the buffer back for reuse.
@@ -119,52 +73,45 @@ impl UpBatch {
     }
 }
 
-fn is_drop(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
-        || matches!(e.raw_os_error(), Some(libc::ENOBUFS) | Some(libc::ECONNREFUSED) | Some(libc::EMSGSIZE))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::UdpSocket;
 
     #[test]
-    fn a_turns_payloads_leave_in_one_send_and_arrive_separately() {
-        let target = UdpSocket::bind("127.0.0.1:0").unwrap();
-        target.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.connect(target.local_addr().unwrap()).unwrap();
+    fn a_turns_payloads_share_one_batch() {
         let mut b = UpBatch::new(Vec::new());
         for i in 0..10u8 {
-            assert!(b.fits(100));
+            assert!(b.fits(100, true));
             b.push(&[i; 100]);
         }
-        assert!(b.fits(40));
+        assert!(b.fits(40, true));
         b.push(&[99; 40]);
-        assert!(!b.fits(40), "nothing may follow a short segment");
-        let sent = b.send(&sock);
-        assert_eq!(sent, Sent { datagrams: 11, dropped: 0, syscalls: 1, bytes: 1040 });
-        assert!(b.is_empty());
-        let mut buf = [0u8; 200];
-        for i in 0..10u8 {
-            let n = target.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], &[i; 100][..]);
-        }
-        assert_eq!(target.recv(&mut buf).unwrap(), 40);
+        assert!(!b.fits(40, true), "nothing may follow a short segment");
+        assert_eq!(b.len(), 11);
+        let (buf, segment, count) = b.into_parts();
+        assert_eq!((buf.len(), segment, count), (1040, 100, 11));
+        assert_eq!(&buf[..100], &[0; 100][..]);
+        let mut single = UpBatch::new(Vec::new());
+        single.push(&[1; 7]);
+        assert!(!single.fits(7, false), "without GSO a batch holds one payload");
+        assert_eq!(single.into_parts().1, 7);
+        let mut empty = UpBatch::new(Vec::new());
+        empty.push(&[]);
+        assert!(!empty.fits(0, true) && !empty.fits(5, true), "an empty payload travels alone");
+        assert_eq!(empty.into_parts(), (Vec::new(), 0, 1));
     }
 
     #[test]
     fn limits() {
         let mut b = UpBatch::new(Vec::new());
         b.push(&[0; 1000]);
-        assert!(!b.fits(1001), "larger than the segment");
+        assert!(!b.fits(1001, true), "larger than the segment");
         for _ in 1..MAX_SEGMENTS.min(65) {
-            if b.fits(1000) {
+            if b.fits(1000, true) {
                 b.push(&[0; 1000]);
             }
         }
         assert!(b.len() <= MAX_SEGMENTS && b.len() * 1000 <= MAX_GSO_BYTES);
-        assert!(!b.fits(1000));
+        assert!(!b.fits(1000, true));
     }
 }

@@ -1,40 +1,47 @@
-//! A dataplane worker: one thread, one `mio::Poll`, one QUIC socket, and the
-//! connections, tunnels and target sockets it owns.
+//! A dataplane worker's protocol core: the QUIC connections, tunnels and
+//! target flows one worker owns.
 //!
-//! This is the simple epoll driver of the vertical slice; the io_uring fast
-//! path replaces the I/O here, not the protocol logic, which lives in
-//! `relay_proto` (request validation, capsules, datagrams) and
-//! [`crate::tunnel`] (tunnel state).
+//! The core never performs socket I/O after creating a socket: an I/O
+//! backend ([`crate::io::uring`] or [`crate::io::epoll`]) feeds it through
+//! [`Handler`] and performs the [`Output`] it queues (GSO batches of QUIC
+//! packets, GSO batches of payloads for targets, target sockets to watch or
+//! close). Protocol logic lives in `relay_proto` (request validation,
+//! capsules, datagrams) and [`crate::tunnel`] (tunnel state).
+//!
+//! Per turn: the backend reads the clock once ([`Handler::begin_turn`]),
+//! delivers packets, then [`Handler::end_turn`] fires due timers, sends the
+//! target batches of the turn and lets every connection touched this turn
+//! (and only those) write its packets.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
 use quiche::h3::NameValue;
 use relay_proto::channel::bootstrap::Bootstrap;
 use relay_proto::channel::record::{AuthAnswer, FlowClosed, RecordError, Verdict};
 use relay_proto::channel::region::Counter;
+use relay_proto::cid::{CidLayout, Decoded};
 use relay_proto::datagram;
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::request;
 use relay_proto::template::UriTemplate;
 use tracing::{debug, info, warn};
 
+use crate::handoff::{Handoff, Inbox};
+use crate::io::{Handler, Output, TargetKey, Turn, UpSend, Wake};
 use crate::link::{AskError, ControlLink};
 use crate::quic;
 use crate::response::{self, Headers};
+use crate::slab::{Key as ConnKey, Slab};
 use crate::socket;
+use crate::timers::{TimerTarget, Timers};
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
 use crate::upbatch::UpBatch;
-use relay_udp::SegmentBatcher;
-
-const QUIC_SOCKET: Token = Token(0);
-const ANSWER_BELL: Token = Token(1);
-const FIRST_TARGET_TOKEN: usize = 16;
 
 /// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).
 pub mod h3_code {
@@ -52,21 +59,19 @@ pub mod h3_code {
     pub const DATAGRAM_ERROR: u64 = 0x33;
 }
 
-/// Packets read from a socket per readiness event before yielding.
-const READ_BUDGET: usize = 1024;
-/// How often tunnels are checked for idleness and ask deadlines.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest a backend waits without a turn, so stop requests (signals)
+/// are seen promptly even when idle.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+/// Hand-offs taken from the inbox per turn.
+const HANDOFF_BUDGET: usize = 1024;
 
 struct TunnelEntry {
     tunnel: Tunnel,
-    target: Option<(mio::net::UdpSocket, usize)>,
+    target: Option<TargetKey>,
     response_pending: Option<Headers>,
     /// Payloads for the target collected this turn (see [`UpBatch`]).
     up: Option<UpBatch>,
 }
-
-/// Buffers kept for reuse by target batches.
-const UP_POOL: usize = 64;
 
 struct Conn {
     quic: quiche::Connection,
@@ -81,6 +86,10 @@ struct Conn {
     tunnels: HashMap<u64, TunnelEntry>,
     settings_known: bool,
     established_counted: bool,
+    /// On the dirty list of this turn.
+    dirty: bool,
+    /// The QUIC timeout armed in the timer heap.
+    timer: Option<Instant>,
 }
 
 /// Settings a worker runs with.
@@ -91,38 +100,53 @@ pub struct WorkerSettings {
     pub bootstrap: Bootstrap,
     /// The parsed URI template.
     pub template: UriTemplate,
+    /// The connection ID layout (QUIC-LB) shared by every worker.
+    pub cids: CidLayout,
 }
 
-/// A worker.
+/// Process-wide flags the worker obeys.
+pub struct Flags {
+    /// Stop at once.
+    pub stop: &'static AtomicBool,
+    /// Drain gracefully.
+    pub drain: &'static AtomicBool,
+}
+
+/// A worker's protocol core.
 pub struct Worker {
     settings: WorkerSettings,
-    poll: Poll,
-    socket: mio::net::UdpSocket,
+    flags: Flags,
     local: SocketAddr,
     quic_config: quiche::Config,
     h3_config: quiche::h3::Config,
-    conns: HashMap<u64, Conn>,
-    by_cid: HashMap<quiche::ConnectionId<'static>, u64>,
-    next_conn: u64,
-    targets: HashMap<usize, (u64, u64)>,
-    next_target_token: usize,
-    backlogged_targets: Vec<usize>,
-    asks: HashMap<u64, (u64, u64)>,
+    conns: Slab<Box<Conn>>,
+    by_cid: HashMap<quiche::ConnectionId<'static>, ConnKey>,
+    targets: HashMap<TargetKey, (ConnKey, u64)>,
+    next_target: TargetKey,
+    asks: HashMap<u64, (ConnKey, u64)>,
     link: ControlLink,
     relink: std::sync::mpsc::Receiver<ControlLink>,
+    inboxes: Arc<[Inbox]>,
+    /// Workers whose bell must ring at the end of this turn.
+    bells_due: Vec<usize>,
     limits: Limits,
     buf: Vec<u8>,
-    rx: Vec<u8>,
-    out: Vec<u8>,
     dgram: Vec<u8>,
-    batcher: SegmentBatcher,
-    up_pool: Vec<Vec<u8>>,
-    dirty_up: Vec<(u64, u64)>,
     dgram_in: Vec<u8>,
-    quic_backlogged: bool,
-    last_sweep: Instant,
+    out: Output,
+    dirty: Vec<ConnKey>,
+    dirty_up: Vec<(ConnKey, u64)>,
+    timers: Timers,
+    tunnels_open: usize,
+    now: Instant,
+    answers_due: bool,
+    handoffs_due: bool,
     /// When a graceful drain must end.
     drain_deadline: Option<Instant>,
+    stopped: bool,
+    backend_gauge: u64,
+    /// Incremented when control is replaced.
+    link_epoch: u64,
 }
 
 /// Why a worker could not start.
@@ -139,35 +163,28 @@ pub enum WorkerError {
     H3(#[from] quiche::h3::Error),
 }
 
-fn random_cid() -> quiche::ConnectionId<'static> {
-    let mut id = [0u8; quiche::MAX_CONN_ID_LEN];
+fn fill_random(out: &mut [u8]) {
     let mut filled = 0;
-    while filled < id.len() {
+    while filled < out.len() {
         // SAFETY: getrandom writes at most the given length into our buffer.
-        let n = unsafe { libc::getrandom(id[filled..].as_mut_ptr().cast(), id.len() - filled, 0) };
+        let n = unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), out.len() - filled, 0) };
         if n > 0 {
             filled += n as usize;
         }
     }
-    quiche::ConnectionId::from_vec(id.to_vec())
 }
 
 impl Worker {
-    /// Binds the worker's QUIC socket and prepares its configuration.
+    /// Prepares a worker serving QUIC on `local` (its socket is already
+    /// bound, and owned by the backend).
     pub fn new(
         settings: WorkerSettings,
+        flags: Flags,
+        local: SocketAddr,
         link: ControlLink,
         relink: std::sync::mpsc::Receiver<ControlLink>,
+        inboxes: Arc<[Inbox]>,
     ) -> Result<Self, WorkerError> {
-        let poll = Poll::new()?;
-        let mut socket = socket::quic_listener(settings.bootstrap.listen)?;
-        let local = socket.local_addr()?;
-        poll.registry().register(&mut socket, QUIC_SOCKET, Interest::READABLE)?;
-        poll.registry().register(
-            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(link.answer_bell())),
-            ANSWER_BELL,
-            Interest::READABLE,
-        )?;
         let quic_config = quic::transport_config(&settings.bootstrap)?;
         let h3_config = quic::h3_config()?;
         let limits = Limits {
@@ -177,202 +194,185 @@ impl Worker {
         };
         Ok(Self {
             settings,
-            poll,
-            socket,
+            flags,
             local,
             quic_config,
             h3_config,
-            conns: HashMap::new(),
+            conns: Slab::new(),
             by_cid: HashMap::new(),
-            next_conn: 1,
             targets: HashMap::new(),
-            next_target_token: FIRST_TARGET_TOKEN,
-            backlogged_targets: Vec::new(),
+            next_target: 1,
             asks: HashMap::new(),
             link,
             relink,
+            inboxes,
+            bells_due: Vec::new(),
             limits,
             buf: vec![0; 65_536],
-            rx: vec![0; relay_udp::MAX_GRO_BUFFER],
-            out: vec![0; quic::MAX_SEND_UDP_PAYLOAD],
-            batcher: SegmentBatcher::new(quic::MAX_SEND_UDP_PAYLOAD),
-            up_pool: Vec::new(),
-            dirty_up: Vec::new(),
-            dgram_in: vec![0; 65_536],
             dgram: Vec::with_capacity(2048),
-            quic_backlogged: false,
-            last_sweep: Instant::now(),
+            dgram_in: vec![0; 65_536],
+            out: Output::new(),
+            dirty: Vec::new(),
+            dirty_up: Vec::new(),
+            timers: Timers::new(),
+            tunnels_open: 0,
+            now: Instant::now(),
+            answers_due: true,
+            handoffs_due: true,
             drain_deadline: None,
+            stopped: false,
+            backend_gauge: 0,
+            link_epoch: 0,
         })
     }
 
-    /// The bound QUIC address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
+    /// The worker's index.
+    pub fn index(&self) -> u32 {
+        self.settings.index
     }
 
     fn count(&self, c: Counter, n: u64) {
         self.link.counters().add(c, n);
     }
 
-    /// Runs until `stop` is set, or until a drain requested by `drain` has
-    /// let every tunnel finish (or its deadline passed); then closes every
-    /// connection.
-    pub fn run(&mut self, stop: &AtomicBool, drain: &AtomicBool) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
-        info!(worker = self.settings.index, addr = %self.local, "worker serving");
-        while !stop.load(Ordering::Relaxed) {
-            let timeout = self.next_timeout();
-            match self.poll.poll(&mut events, Some(timeout)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            let now = Instant::now();
-            self.check_relink(now);
-            let requested = self.link.take_drain_request();
-            if (requested || drain.load(Ordering::Relaxed)) && self.drain_deadline.is_none() {
-                self.start_drain(now);
-            }
-            if let Some(deadline) = self.drain_deadline {
-                let open: usize = self.conns.values().map(|c| c.tunnels.len()).sum();
-                if open == 0 || now >= deadline {
-                    info!(worker = self.settings.index, tunnels_left = open, "drain finished");
-                    break;
-                }
-            }
-            let mut quic_ready = std::mem::take(&mut self.quic_backlogged);
-            let mut ready_targets = std::mem::take(&mut self.backlogged_targets);
-            for event in events.iter() {
-                match event.token() {
-                    QUIC_SOCKET => quic_ready = true,
-                    ANSWER_BELL => {}
-                    Token(t) => ready_targets.push(t),
-                }
-            }
-            if quic_ready {
-                self.read_quic(now);
-            }
-            for token in ready_targets {
-                self.read_target(token, now);
-            }
-            self.read_answers(now);
-            self.kill_requested_flows();
-            self.flush_up();
-            self.on_timeouts(now);
-            self.flush_all();
-            // Processing during the flush may have queued more payloads; no
-            // batch outlives its turn.
-            self.flush_up();
-        }
-        self.shutdown();
-        Ok(())
+    /// Records which backend serves this worker (a gauge in the counters,
+    /// restored when control is replaced).
+    pub fn set_backend_gauge(&mut self, value: u64) {
+        self.backend_gauge = value;
+        self.link.counters().set(Counter::IoBackend, value);
     }
 
-    fn next_timeout(&self) -> Duration {
-        if self.quic_backlogged || !self.backlogged_targets.is_empty() {
-            return Duration::ZERO;
-        }
-        let quic = self.conns.values().filter_map(|c| c.quic.timeout()).min();
-        quic.unwrap_or(SWEEP_INTERVAL).min(SWEEP_INTERVAL)
+    fn gso(&self) -> bool {
+        relay_udp::gso_enabled()
     }
 
-    /// Reads QUIC packets; with GRO one receive may carry many packets from
-    /// one sender, split by the kernel-reported stride.
-    fn read_quic(&mut self, now: Instant) {
-        let mut rx = std::mem::take(&mut self.rx);
-        let mut exhausted = true;
-        for _ in 0..READ_BUDGET {
-            let r = match relay_udp::recv_segments(&self.socket, &mut rx) {
-                Ok(r) => r,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    exhausted = false;
-                    break;
-                }
-                Err(e) => {
-                    warn!("QUIC socket receive: {e}");
-                    exhausted = false;
-                    break;
-                }
-            };
-            self.count(Counter::QuicPacketsIn, r.segments() as u64);
-            self.count(Counter::QuicReceives, 1);
-            let stride = r.segment_size.max(1);
-            let mut offset = 0;
-            while offset < r.len {
-                let end = (offset + stride).min(r.len);
-                self.on_quic_packet(&mut rx[offset..end], r.from, now);
-                offset = end;
-            }
-        }
-        self.rx = rx;
-        self.quic_backlogged = exhausted;
+    /// Takes a connection out of the slab to work on it.
+    fn take_conn(&mut self, key: ConnKey) -> Option<Box<Conn>> {
+        self.conns.take(key)
     }
 
-    fn on_quic_packet(&mut self, pkt: &mut [u8], from: SocketAddr, now: Instant) {
-        let hdr = match quiche::Header::from_slice(pkt, quiche::MAX_CONN_ID_LEN) {
+    /// Puts a connection back and puts it on this turn's dirty list: it may
+    /// have packets to send.
+    fn put_conn(&mut self, key: ConnKey, mut conn: Box<Conn>) {
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+        self.conns.put(key, conn);
+    }
+
+    fn on_quic_packet(&mut self, pkt: &mut [u8], from: SocketAddr) {
+        let hdr = match quiche::Header::from_slice(pkt, self.settings.cids.cid_len()) {
             Ok(h) => h,
-            Err(_) => return,
+            Err(_) => return self.count(Counter::DropNoConnection, 1),
         };
-        let serial = match self.by_cid.get(&hdr.dcid) {
-            Some(s) => *s,
+        let key = match self.by_cid.get(&hdr.dcid) {
+            Some(k) => *k,
             None => {
                 if hdr.ty != quiche::Type::Initial {
-                    return;
-                }
-                if !quiche::version_is_supported(hdr.version) {
-                    if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut self.out) {
-                        let _ = self.socket.send_to(&self.out[..n], from);
+                    // Not ours: maybe another worker's (the client's address
+                    // changed and the kernel picked our socket).
+                    if let Decoded::Worker(w) = self.settings.cids.decode(&hdr.dcid) {
+                        let w = usize::from(w);
+                        if w != self.settings.index as usize && w < self.inboxes.len() {
+                            return self.hand_off(w, pkt, from);
+                        }
                     }
-                    return;
+                    return self.count(Counter::DropNoConnection, 1);
                 }
-                if self.conns.len() >= self.settings.bootstrap.max_connections_per_worker as usize
-                    || self.drain_deadline.is_some()
-                {
-                    return;
+                match self.accept(&hdr, from) {
+                    Some(k) => k,
+                    None => return,
                 }
-                let scid = random_cid();
-                let odcid = hdr.dcid.clone().into_owned();
-                let quic = match quiche::accept(&scid, None, self.local, from, &mut self.quic_config) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        debug!("accept failed: {e}");
-                        return;
-                    }
-                };
-                let serial = self.next_conn;
-                self.next_conn += 1;
-                self.by_cid.insert(scid.clone(), serial);
-                self.by_cid.insert(odcid.clone(), serial);
-                self.conns.insert(
-                    serial,
-                    Conn {
-                        quic,
-                        h3: None,
-                        cids: vec![scid, odcid],
-                        tunnels: HashMap::new(),
-                        settings_known: false,
-                        established_counted: false,
-                        peer: from,
-                        next_request_id: 0,
-                        goaway_sent: false,
-                    },
-                );
-                self.count(Counter::ConnectionsAccepted, 1);
-                self.count(Counter::ConnectionsActive, 1);
-                serial
             }
         };
-        let Some(mut conn) = self.conns.remove(&serial) else { return };
+        let Some(mut conn) = self.take_conn(key) else { return };
         let info = quiche::RecvInfo { from, to: self.local };
         match conn.quic.recv(pkt, info) {
-            Ok(_) => self.process_conn(serial, &mut conn, now),
+            Ok(_) => self.process_conn(key, &mut conn),
             Err(e) => debug!("QUIC recv: {e}"),
         }
-        self.conns.insert(serial, conn);
+        self.put_conn(key, conn);
     }
 
-    fn process_conn(&mut self, serial: u64, conn: &mut Conn, now: Instant) {
+    fn accept(&mut self, hdr: &quiche::Header<'_>, from: SocketAddr) -> Option<ConnKey> {
+        if !quiche::version_is_supported(hdr.version) {
+            let space = self.out.quic_space();
+            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, space) {
+                let gso = self.gso();
+                self.out.quic_commit(n, from, gso);
+                self.out.finish_quic();
+            }
+            return None;
+        }
+        if self.conns.len() >= self.settings.bootstrap.max_connections_per_worker as usize
+            || self.drain_deadline.is_some()
+        {
+            return None;
+        }
+        let worker = self.settings.index as u8;
+        let scid = self.settings.cids.generate_with(worker, fill_random);
+        let scid = quiche::ConnectionId::from_vec(scid.as_bytes().to_vec());
+        let odcid = hdr.dcid.clone().into_owned();
+        let quic = match quiche::accept(&scid, None, self.local, from, &mut self.quic_config) {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("accept failed: {e}");
+                return None;
+            }
+        };
+        let key = self.conns.insert(Box::new(Conn {
+            quic,
+            h3: None,
+            cids: vec![scid.clone(), odcid.clone()],
+            tunnels: HashMap::new(),
+            settings_known: false,
+            established_counted: false,
+            peer: from,
+            next_request_id: 0,
+            goaway_sent: false,
+            dirty: false,
+            timer: None,
+        }));
+        self.by_cid.insert(scid, key);
+        self.by_cid.insert(odcid, key);
+        self.count(Counter::ConnectionsAccepted, 1);
+        self.count(Counter::ConnectionsActive, 1);
+        Some(key)
+    }
+
+    /// Copies a packet into the owning worker's inbox.
+    fn hand_off(&mut self, worker: usize, pkt: &[u8], from: SocketAddr) {
+        if self.inboxes[worker].push(Handoff { packet: pkt.to_vec(), from }) {
+            self.count(Counter::HandoffsOut, 1);
+            if !self.bells_due.contains(&worker) {
+                self.bells_due.push(worker);
+            }
+        } else {
+            self.count(Counter::DropHandoffFull, 1);
+        }
+    }
+
+    fn take_handoffs(&mut self) {
+        let me = self.settings.index as usize;
+        let mut taken = 0;
+        while taken < HANDOFF_BUDGET {
+            let Some(mut h) = self.inboxes[me].pop() else {
+                self.handoffs_due = false;
+                return;
+            };
+            taken += 1;
+            self.count(Counter::HandoffsIn, 1);
+            self.on_quic_packet(&mut h.packet, h.from);
+        }
+        self.handoffs_due = !self.inboxes[me].is_empty();
+    }
+
+    fn process_conn(&mut self, key: ConnKey, conn: &mut Conn) {
+        // Path events (a client's address changed) need no action: quiche
+        // validates and migrates by itself. Drain them so they cannot pile
+        // up.
+        while conn.quic.path_event_next().is_some() {}
         if conn.quic.is_established() && !conn.established_counted {
             conn.established_counted = true;
             self.count(Counter::HandshakesCompleted, 1);
@@ -404,9 +404,9 @@ impl Worker {
             };
             match event {
                 (stream_id, quiche::h3::Event::Headers { list, more_frames }) => {
-                    self.on_request(serial, conn, stream_id, &list, more_frames, now)
+                    self.on_request(key, conn, stream_id, &list, more_frames)
                 }
-                (stream_id, quiche::h3::Event::Data) => self.on_stream_data(serial, conn, stream_id, now),
+                (stream_id, quiche::h3::Event::Data) => self.on_stream_data(key, conn, stream_id),
                 (stream_id, quiche::h3::Event::Finished) => self.on_stream_finished(conn, stream_id),
                 (stream_id, quiche::h3::Event::Reset(_)) => {
                     if let Some(entry) = conn.tunnels.remove(&stream_id) {
@@ -428,17 +428,18 @@ impl Worker {
                 let waiting =
                     conn.tunnels.get_mut(&id).map(|e| e.tunnel.take_waiting_down()).unwrap_or_default();
                 for payload in waiting {
-                    self.send_down(conn, id, &payload, now);
+                    self.send_down(conn, id, &payload);
                 }
             }
         }
-        self.read_datagrams(serial, conn, now);
+        self.read_datagrams(key, conn);
     }
 
-    fn read_datagrams(&mut self, serial: u64, conn: &mut Conn, now: Instant) {
+    fn read_datagrams(&mut self, key: ConnKey, conn: &mut Conn) {
         // The buffer is taken out of `self` so payloads can be borrowed from
         // it while the worker queues them.
         let mut buf = std::mem::take(&mut self.dgram_in);
+        let now = self.now;
         while let Ok(len) = conn.quic.dgram_recv(&mut buf) {
             let d = match datagram::decode(&buf[..len]) {
                 Ok(d) => d,
@@ -466,19 +467,18 @@ impl Worker {
                 self.abort_tunnel(conn, stream_id, h3_code::DATAGRAM_ERROR);
                 continue;
             }
-            self.forward_up(serial, stream_id, entry, outcome, d.payload);
+            self.forward_up(key, stream_id, entry, outcome, d.payload);
         }
         self.dgram_in = buf;
     }
 
     fn on_request(
         &mut self,
-        serial: u64,
+        key: ConnKey,
         conn: &mut Conn,
         stream_id: u64,
         list: &[quiche::h3::Header],
         more_frames: bool,
-        now: Instant,
     ) {
         if conn.tunnels.contains_key(&stream_id) {
             return; // trailers on a tunnel stream: nothing to do
@@ -562,10 +562,11 @@ impl Worker {
             }
         };
         let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
-        let tunnel = Tunnel::pending(stream_id, ask_id, now, timeout, self.limits);
+        let tunnel = Tunnel::pending(stream_id, ask_id, self.now, timeout, self.limits);
+        self.timers.push(tunnel.deadline(), TimerTarget::Tunnel(key, stream_id));
         conn.tunnels
             .insert(stream_id, TunnelEntry { tunnel, target: None, response_pending: None, up: None });
-        self.asks.insert(ask_id, (serial, stream_id));
+        self.asks.insert(ask_id, (key, stream_id));
     }
 
     /// Sends a complete refusal and stops reading the request.
@@ -595,9 +596,10 @@ impl Worker {
         let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
     }
 
-    fn on_stream_data(&mut self, serial: u64, conn: &mut Conn, stream_id: u64, now: Instant) {
-        let Some(h3) = conn.h3.as_mut() else { return };
+    fn on_stream_data(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64) {
+        let now = self.now;
         loop {
+            let Some(h3) = conn.h3.as_mut() else { return };
             let n = match h3.recv_body(&mut conn.quic, stream_id, &mut self.buf) {
                 Ok(n) => n,
                 Err(_) => return,
@@ -612,7 +614,7 @@ impl Worker {
             let mut too_large = false;
             for (outcome, payload) in payloads {
                 too_large |= outcome == UpOutcome::AbortTooLarge;
-                self.forward_up(serial, stream_id, entry, outcome, &payload);
+                self.forward_up(key, stream_id, entry, outcome, &payload);
             }
             if too_large {
                 self.abort_tunnel(conn, stream_id, h3_code::DATAGRAM_ERROR);
@@ -653,22 +655,19 @@ impl Worker {
         }
     }
 
-    fn close_tunnel(&mut self, entry: TunnelEntry) {
+    fn close_tunnel(&mut self, mut entry: TunnelEntry) {
         match entry.tunnel.phase {
             Phase::Pending { ask_id, .. } => {
                 self.asks.remove(&ask_id);
                 self.link.cancel(ask_id);
             }
             Phase::Open { flow_id, .. } => {
-                let mut entry = entry;
-                if let (Some(mut batch), Some((sock, _))) = (entry.up.take(), entry.target.as_ref()) {
-                    let sent = batch.send(sock);
-                    self.count_up_sent(sent);
-                    self.recycle(batch);
+                if let (Some(batch), Some(key)) = (entry.up.take(), entry.target) {
+                    self.queue_up(key, batch);
                 }
-                if let Some((mut sock, token)) = entry.target {
-                    let _ = self.poll.registry().deregister(&mut sock);
-                    self.targets.remove(&token);
+                if let Some(key) = entry.target {
+                    self.targets.remove(&key);
+                    self.out.closes.push(key);
                 }
                 let t = entry.tunnel.totals;
                 self.link.flow_closed(FlowClosed {
@@ -678,117 +677,27 @@ impl Worker {
                     packets_down: t.packets_down,
                     bytes_down: t.bytes_down,
                 });
+                self.tunnels_open -= 1;
                 self.count(Counter::TunnelsClosed, 1);
                 self.link.counters().sub(Counter::TunnelsActive, 1);
             }
         }
     }
 
-    /// Switches to the channel of a control that attached after the
-    /// previous one went away: asks sent to the dead control are answered
-    /// with 503 now, and every open tunnel is reported so the new control
-    /// learns the live flows.
-    fn check_relink(&mut self, _now: Instant) {
-        let Ok(mut new) = self.relink.try_recv() else { return };
-        let registry = self.poll.registry();
-        let old_fd = std::os::fd::AsRawFd::as_raw_fd(self.link.answer_bell());
-        let _ = registry.deregister(&mut SourceFd(&old_fd));
-        let new_fd = std::os::fd::AsRawFd::as_raw_fd(new.answer_bell());
-        if let Err(e) = registry.register(&mut SourceFd(&new_fd), ANSWER_BELL, Interest::READABLE) {
-            warn!("registering the new answers doorbell: {e}");
-        }
-        new.continue_ask_ids(self.link.next_ask_id());
-        self.link = new;
-        let pending: Vec<(u64, (u64, u64))> = self.asks.drain().collect();
-        for (_, (serial, stream_id)) in pending {
-            let Some(mut conn) = self.conns.remove(&serial) else { continue };
-            if conn.tunnels.remove(&stream_id).is_some() {
-                self.count(Counter::AsksFailed, 1);
-                self.refuse(
-                    &mut conn,
-                    stream_id,
-                    503,
-                    Some(ProxyError::ProxyInternalError),
-                    "control plane restarted",
-                );
-            }
-            self.conns.insert(serial, conn);
-        }
-        let mut open = Vec::new();
-        for conn in self.conns.values() {
-            for entry in conn.tunnels.values() {
-                if let Phase::Open { flow_id, target } = entry.tunnel.phase {
-                    open.push(relay_proto::channel::record::FlowOpen { flow_id, client: conn.peer, target });
-                }
-            }
-        }
-        // The new region's counters start at zero: restore the gauges.
-        self.count(Counter::ConnectionsActive, self.conns.len() as u64);
-        self.count(Counter::TunnelsActive, open.len() as u64);
-        let flows = open.len();
-        for f in open {
-            self.link.flow_open(f);
-        }
-        info!(worker = self.settings.index, flows, "attached to a new control; live flows reported");
-    }
-
-    /// Graceful drain: GOAWAY on every connection, no new connections or
-    /// requests; open tunnels run until they end or the deadline passes.
-    fn start_drain(&mut self, now: Instant) {
-        let timeout = Duration::from_millis(self.settings.bootstrap.drain_timeout_ms);
-        self.drain_deadline = Some(now + timeout);
-        for conn in self.conns.values_mut() {
-            send_goaway(conn);
-        }
-        let open: usize = self.conns.values().map(|c| c.tunnels.len()).sum();
-        info!(worker = self.settings.index, tunnels = open, ?timeout, "draining");
-    }
-
-    /// Ends the tunnels control was asked to kill: both directions reset
-    /// with H3_REQUEST_CANCELLED, the flow reported closed.
-    fn kill_requested_flows(&mut self) {
-        let kills = self.link.take_kill_requests();
-        if kills.is_empty() {
-            return;
-        }
-        let mut found = Vec::new();
-        for (serial, conn) in &self.conns {
-            for (stream_id, entry) in &conn.tunnels {
-                if entry.tunnel.flow_id().is_some_and(|f| kills.contains(&f)) {
-                    found.push((*serial, *stream_id));
-                }
-            }
-        }
-        for (serial, stream_id) in found {
-            let Some(mut conn) = self.conns.remove(&serial) else { continue };
-            info!(worker = self.settings.index, stream_id, "tunnel killed by the operator");
-            self.abort_tunnel(&mut conn, stream_id, h3_code::REQUEST_CANCELLED);
-            self.conns.insert(serial, conn);
-        }
-    }
-
-    fn read_answers(&mut self, now: Instant) {
-        let mut answers = Vec::new();
-        self.link.poll_answers(|a| answers.push(a));
-        for a in answers {
-            self.on_answer(a, now);
-        }
-    }
-
-    fn on_answer(&mut self, answer: AuthAnswer, now: Instant) {
-        let Some((serial, stream_id)) = self.asks.remove(&answer.ask_id) else {
+    fn on_answer(&mut self, answer: AuthAnswer) {
+        let Some((key, stream_id)) = self.asks.remove(&answer.ask_id) else {
             // The request is gone (timed out, reset, connection closed).
             if let Verdict::Allow { flow_id, .. } = answer.verdict {
                 self.link.flow_closed(FlowClosed::unused(flow_id));
             }
             return;
         };
-        let Some(mut conn) = self.conns.remove(&serial) else { return };
-        self.apply_answer(&mut conn, stream_id, answer.verdict, now);
-        self.conns.insert(serial, conn);
+        let Some(mut conn) = self.take_conn(key) else { return };
+        self.apply_answer(key, &mut conn, stream_id, answer.verdict);
+        self.put_conn(key, conn);
     }
 
-    fn apply_answer(&mut self, conn: &mut Conn, stream_id: u64, verdict: Verdict, now: Instant) {
+    fn apply_answer(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64, verdict: Verdict) {
         if !conn.tunnels.contains_key(&stream_id) {
             if let Verdict::Allow { flow_id, .. } = verdict {
                 self.link.flow_closed(FlowClosed::unused(flow_id));
@@ -801,7 +710,7 @@ impl Worker {
                 self.refuse(conn, stream_id, status, proxy_error, &details);
             }
             Verdict::Allow { flow_id, target, idle_timeout_ms } => {
-                let mut sock = match socket::connected_target(target) {
+                let sock = match socket::connected_target(target) {
                     Ok(s) => s,
                     Err(e) => {
                         debug!("target socket: {e}");
@@ -817,21 +726,11 @@ impl Worker {
                         );
                     }
                 };
-                let token = self.next_target_token;
-                self.next_target_token += 1;
-                if self.poll.registry().register(&mut sock, Token(token), Interest::READABLE).is_err() {
-                    conn.tunnels.remove(&stream_id);
-                    self.link.flow_closed(FlowClosed::unused(flow_id));
-                    return self.refuse(
-                        conn,
-                        stream_id,
-                        503,
-                        Some(ProxyError::ProxyInternalError),
-                        "socket registration failed",
-                    );
-                }
-                let serial = *self.by_cid.get(&conn.cids[0]).expect("live connection is indexed");
-                self.targets.insert(token, (serial, stream_id));
+                let target_key = self.next_target;
+                self.next_target += 1;
+                self.out.opens.push((target_key, sock));
+                self.targets.insert(target_key, (key, stream_id));
+                let now = self.now;
                 let entry = conn.tunnels.get_mut(&stream_id).expect("checked above");
                 let early = entry.tunnel.open(
                     flow_id,
@@ -839,7 +738,8 @@ impl Worker {
                     Duration::from_millis(u64::from(idle_timeout_ms)),
                     now,
                 );
-                entry.target = Some((sock, token));
+                entry.target = Some(target_key);
+                self.tunnels_open += 1;
                 self.count(Counter::TunnelsOpened, 1);
                 self.count(Counter::TunnelsActive, 1);
                 let headers = response::tunnel_open();
@@ -851,43 +751,14 @@ impl Worker {
                 for payload in early {
                     entry.tunnel.totals.packets_up += 1;
                     entry.tunnel.totals.bytes_up += payload.len() as u64;
-                    self.forward_up(serial, stream_id, entry, UpOutcome::Forward, &payload);
+                    self.forward_up(key, stream_id, entry, UpOutcome::Forward, &payload);
                 }
             }
         }
     }
 
-    fn read_target(&mut self, token: usize, now: Instant) {
-        let Some(&(serial, stream_id)) = self.targets.get(&token) else { return };
-        let Some(mut conn) = self.conns.remove(&serial) else { return };
-        // The buffer is taken out of `self` so a payload can be borrowed
-        // from it while the worker sends it on (no per-datagram copy).
-        let mut buf = std::mem::take(&mut self.buf);
-        let mut drained = false;
-        for _ in 0..READ_BUDGET {
-            let Some((sock, _)) = conn.tunnels.get(&stream_id).and_then(|e| e.target.as_ref()) else {
-                drained = true;
-                break;
-            };
-            let n = match sock.recv(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                Err(_) => continue, // e.g. ECONNREFUSED from an ICMP error: UDP semantics
-            };
-            self.send_down(&mut conn, stream_id, &buf[..n], now);
-        }
-        self.buf = buf;
-        if !drained {
-            self.backlogged_targets.push(token);
-        }
-        self.conns.insert(serial, conn);
-    }
-
     /// Sends one target payload towards the client on the tunnel's path.
-    fn send_down(&mut self, conn: &mut Conn, stream_id: u64, payload: &[u8], now: Instant) {
+    fn send_down(&mut self, conn: &mut Conn, stream_id: u64, payload: &[u8]) {
         let peer_dgrams = conn.h3.as_ref().is_some_and(|h| h.dgram_enabled_by_peer(&conn.quic));
         let settings_known = conn.settings_known;
         let Some(entry) = conn.tunnels.get_mut(&stream_id) else { return };
@@ -905,7 +776,7 @@ impl Worker {
                 }
                 match conn.quic.dgram_send(&self.dgram) {
                     Ok(()) => {
-                        entry.tunnel.on_down(payload.len(), now);
+                        entry.tunnel.on_down(payload.len(), self.now);
                         self.count(Counter::DatagramsDown, 1);
                         self.count(Counter::BytesDown, payload.len() as u64);
                     }
@@ -914,7 +785,7 @@ impl Worker {
             }
             DownPath::Capsule => {
                 if entry.tunnel.push_capsule(payload) {
-                    entry.tunnel.on_down(payload.len(), now);
+                    entry.tunnel.on_down(payload.len(), self.now);
                     self.count(Counter::DatagramsDown, 1);
                     self.count(Counter::BytesDown, payload.len() as u64);
                 } else {
@@ -924,68 +795,106 @@ impl Worker {
         }
     }
 
-    fn on_timeouts(&mut self, now: Instant) {
-        for conn in self.conns.values_mut() {
-            if conn.quic.timeout_instant().is_some_and(|t| t <= now) {
-                conn.quic.on_timeout();
-            }
-        }
-        if now.saturating_duration_since(self.last_sweep) < SWEEP_INTERVAL {
-            return;
-        }
-        self.last_sweep = now;
-        let serials: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.tunnels.values().any(|e| e.tunnel.expired(now)))
-            .map(|(s, _)| *s)
-            .collect();
-        for serial in serials {
-            let Some(mut conn) = self.conns.remove(&serial) else { continue };
-            let expired: Vec<u64> =
-                conn.tunnels.iter().filter(|(_, e)| e.tunnel.expired(now)).map(|(id, _)| *id).collect();
-            for stream_id in expired {
-                let Some(entry) = conn.tunnels.remove(&stream_id) else { continue };
-                match entry.tunnel.phase {
-                    Phase::Pending { .. } => {
-                        self.count(Counter::AsksFailed, 1);
-                        self.close_tunnel(entry);
-                        self.refuse(
-                            &mut conn,
-                            stream_id,
-                            503,
-                            Some(ProxyError::ProxyInternalError),
-                            "control plane did not answer in time",
-                        );
+    /// Fires the timers due at `now`: QUIC timeouts, ask deadlines (503),
+    /// idle tunnels (closed from our side).
+    fn fire_timers(&mut self) {
+        let now = self.now;
+        while let Some((at, target)) = self.timers.pop_due(now) {
+            match target {
+                TimerTarget::Conn(key) => {
+                    let armed = self.conns.get(key).is_some_and(|c| c.timer == Some(at));
+                    if !armed {
+                        continue; // stale: the connection re-armed or closed
                     }
-                    Phase::Open { .. } => {
-                        // Idle: end the tunnel cleanly from our side.
-                        if let Some(h3) = conn.h3.as_mut() {
-                            let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
-                        }
-                        let _ =
-                            conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
-                        self.close_tunnel(entry);
-                    }
+                    let Some(mut conn) = self.take_conn(key) else { continue };
+                    conn.timer = None;
+                    conn.quic.on_timeout();
+                    self.put_conn(key, conn);
                 }
+                TimerTarget::Tunnel(key, stream_id) => self.check_tunnel_deadline(key, stream_id),
             }
-            self.conns.insert(serial, conn);
+        }
+        let live = self.conns.len() + self.tunnels_open + self.asks.len();
+        if self.timers.len() > 4 * live + 4096 {
+            self.compact_timers();
         }
     }
 
-    fn flush_all(&mut self) {
-        let serials: Vec<u64> = self.conns.keys().copied().collect();
-        for serial in serials {
-            let Some(mut conn) = self.conns.remove(&serial) else { continue };
-            // HTTP/3 events only come from received packets, which
-            // `on_quic_packet` has processed already; here we only write.
+    fn check_tunnel_deadline(&mut self, key: ConnKey, stream_id: u64) {
+        let now = self.now;
+        let Some(deadline) =
+            self.conns.get(key).and_then(|c| c.tunnels.get(&stream_id)).map(|e| e.tunnel.deadline())
+        else {
+            return; // the tunnel is gone
+        };
+        if deadline > now {
+            // Traffic moved the deadline: wait again.
+            return self.timers.push(deadline, TimerTarget::Tunnel(key, stream_id));
+        }
+        let Some(mut conn) = self.take_conn(key) else { return };
+        if let Some(entry) = conn.tunnels.remove(&stream_id) {
+            match entry.tunnel.phase {
+                Phase::Pending { .. } => {
+                    self.count(Counter::AsksFailed, 1);
+                    self.close_tunnel(entry);
+                    self.refuse(
+                        &mut conn,
+                        stream_id,
+                        503,
+                        Some(ProxyError::ProxyInternalError),
+                        "control plane did not answer in time",
+                    );
+                }
+                Phase::Open { .. } => {
+                    // Idle: end the tunnel cleanly from our side.
+                    if let Some(h3) = conn.h3.as_mut() {
+                        let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
+                    }
+                    let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
+                    self.close_tunnel(entry);
+                }
+            }
+        }
+        self.put_conn(key, conn);
+    }
+
+    /// Drops stale timer entries.
+    fn compact_timers(&mut self) {
+        let conns = &self.conns;
+        self.timers.retain(|at, target| match target {
+            TimerTarget::Conn(key) => conns.get(key).is_some_and(|c| c.timer == Some(at)),
+            TimerTarget::Tunnel(key, stream) => {
+                conns.get(key).is_some_and(|c| c.tunnels.contains_key(&stream))
+            }
+        });
+    }
+
+    /// Lets every connection touched this turn write what it has.
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for key in dirty.drain(..) {
+            let Some(mut conn) = self.conns.take(key) else { continue };
+            conn.dirty = false;
             self.flush_streams(&mut conn);
             self.send_packets(&mut conn);
             if conn.quic.is_closed() {
+                self.conns.release(key);
                 self.drop_conn(conn);
-            } else {
-                self.conns.insert(serial, conn);
+                continue;
             }
+            let timeout = conn.quic.timeout_instant();
+            if timeout != conn.timer {
+                conn.timer = timeout;
+                if let Some(at) = timeout {
+                    self.timers.push(at, TimerTarget::Conn(key));
+                }
+            }
+            self.conns.put(key, conn);
+        }
+        // Work done while flushing (closing tunnels) never re-dirties a
+        // connection, so the list is empty: keep its allocation.
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
         }
     }
 
@@ -1007,12 +916,12 @@ impl Worker {
         }
     }
 
-    /// Sends what quiche has for `conn`, coalescing consecutive packets to
-    /// the peer into GSO batches.
+    /// Writes what quiche has for `conn` into GSO batches.
     fn send_packets(&mut self, conn: &mut Conn) {
-        let (calls0, sent0, dropped0) = (self.batcher.syscalls, self.batcher.datagrams, self.batcher.dropped);
+        let gso = self.gso();
         loop {
-            let (n, info) = match conn.quic.send(&mut self.out) {
+            let space = self.out.quic_space();
+            let (n, info) = match conn.quic.send(space) {
                 Ok(v) => v,
                 Err(quiche::Error::Done) => break,
                 Err(e) => {
@@ -1021,24 +930,16 @@ impl Worker {
                     break;
                 }
             };
-            if let Err(e) = self.batcher.push(&self.socket, info.to, &self.out[..n]) {
-                debug!("QUIC socket send: {e}");
-            }
+            self.out.quic_commit(n, info.to, gso);
         }
-        if let Err(e) = self.batcher.flush(&self.socket) {
-            debug!("QUIC socket send: {e}");
-        }
-        // Packets the kernel refused are lost; QUIC recovers them.
-        self.count(Counter::QuicPacketsOut, self.batcher.datagrams - sent0);
-        self.count(Counter::QuicSends, self.batcher.syscalls - calls0);
-        self.count(Counter::QuicSendDrops, self.batcher.dropped - dropped0);
+        self.out.finish_quic();
     }
 
     /// Accounts one client payload and queues it for the target's batch of
-    /// this turn (sent by [`Worker::flush_up`]).
+    /// this turn (sent at the end of the turn).
     fn forward_up(
         &mut self,
-        serial: u64,
+        conn: ConnKey,
         stream_id: u64,
         entry: &mut TunnelEntry,
         outcome: UpOutcome,
@@ -1051,57 +952,48 @@ impl Worker {
             UpOutcome::DroppedUnknownContext => return self.count(Counter::DropUnknownContext, 1),
             UpOutcome::AbortTooLarge => return self.count(Counter::DropTooLarge, 1),
         }
-        let Some((sock, _)) = entry.target.as_ref() else {
-            return self.count(Counter::DropTargetSend, 1);
+        let Some(key) = entry.target else {
+            return self.out.stats.drop_target_send += 1;
         };
-        if entry.up.as_ref().is_some_and(|b| !b.fits(payload.len())) {
+        let gso = self.gso();
+        if entry.up.as_ref().is_some_and(|b| !b.fits(payload.len(), gso)) {
             // The batch cannot take it: send what is there first.
-            let sent = entry.up.as_mut().map(|b| b.send(sock)).unwrap_or_default();
-            self.count_up_sent(sent);
+            let full = entry.up.take().expect("checked");
+            self.queue_up(key, full);
         }
         let batch = match entry.up.as_mut() {
             Some(b) => b,
             None => {
-                let buf = self.up_pool.pop().unwrap_or_else(|| Vec::with_capacity(relay_udp::MAX_GSO_BYTES));
-                self.dirty_up.push((serial, stream_id));
+                let buf = self.out.buffer();
+                self.dirty_up.push((conn, stream_id));
                 entry.up.insert(UpBatch::new(buf))
             }
         };
         batch.push(payload);
     }
 
-    fn count_up_sent(&self, sent: crate::upbatch::Sent) {
-        self.count(Counter::DatagramsUp, sent.datagrams);
-        self.count(Counter::BytesUp, sent.bytes);
-        self.count(Counter::DropTargetSend, sent.dropped);
-        self.count(Counter::TargetSends, sent.syscalls);
-    }
-
-    fn recycle(&mut self, batch: UpBatch) {
-        if self.up_pool.len() < UP_POOL {
-            self.up_pool.push(batch.into_buffer());
+    fn queue_up(&mut self, key: TargetKey, batch: UpBatch) {
+        if batch.is_empty() {
+            return self.out.recycle(batch.into_buffer());
         }
+        let (buf, segment_size, segments) = batch.into_parts();
+        self.out.up.push(UpSend { key, buf, segment_size, segments });
     }
 
-    /// Sends every target batch collected this turn.
+    /// Queues every target batch collected this turn.
     fn flush_up(&mut self) {
-        let dirty = std::mem::take(&mut self.dirty_up);
-        for (serial, stream_id) in &dirty {
-            let Some(conn) = self.conns.get_mut(serial) else { continue };
-            let Some(entry) = conn.tunnels.get_mut(stream_id) else { continue };
-            let (Some(mut batch), Some((sock, _))) = (entry.up.take(), entry.target.as_ref()) else {
+        let mut dirty = std::mem::take(&mut self.dirty_up);
+        for (conn, stream_id) in dirty.drain(..) {
+            let Some(entry) = self.conns.get_mut(conn).and_then(|c| c.tunnels.get_mut(&stream_id)) else {
                 continue;
             };
-            let sent = batch.send(sock);
-            self.count_up_sent(sent);
-            self.recycle(batch);
+            let (Some(batch), Some(key)) = (entry.up.take(), entry.target) else { continue };
+            self.queue_up(key, batch);
         }
-        let mut dirty = dirty;
-        dirty.clear();
         self.dirty_up = dirty;
     }
 
-    fn drop_conn(&mut self, mut conn: Conn) {
+    fn drop_conn(&mut self, mut conn: Box<Conn>) {
         for cid in &conn.cids {
             self.by_cid.remove(cid);
         }
@@ -1112,16 +1004,203 @@ impl Worker {
         self.link.counters().sub(Counter::ConnectionsActive, 1);
     }
 
+    /// Closes every connection (the last turn).
     fn shutdown(&mut self) {
-        let serials: Vec<u64> = self.conns.keys().copied().collect();
-        for serial in serials {
-            if let Some(mut conn) = self.conns.remove(&serial) {
+        for key in self.conns.keys() {
+            if let Some(mut conn) = self.conns.take(key) {
                 let _ = conn.quic.close(true, h3_code::NO_ERROR, b"relay shutting down");
                 self.send_packets(&mut conn);
+                self.conns.release(key);
                 self.drop_conn(conn);
             }
         }
+        self.flush_up();
         info!(worker = self.settings.index, "worker stopped");
+    }
+
+    /// Switches to the channel of a control that attached after the
+    /// previous one went away: asks sent to the dead control are answered
+    /// with 503 now, and every open tunnel is reported so the new control
+    /// learns the live flows.
+    fn check_relink(&mut self) {
+        let Ok(mut new) = self.relink.try_recv() else { return };
+        new.continue_ask_ids(self.link.next_ask_id());
+        self.link = new;
+        self.link_epoch += 1;
+        self.answers_due = true;
+        let pending: Vec<(u64, (ConnKey, u64))> = self.asks.drain().collect();
+        for (_, (key, stream_id)) in pending {
+            let Some(mut conn) = self.take_conn(key) else { continue };
+            if conn.tunnels.remove(&stream_id).is_some() {
+                self.count(Counter::AsksFailed, 1);
+                self.refuse(
+                    &mut conn,
+                    stream_id,
+                    503,
+                    Some(ProxyError::ProxyInternalError),
+                    "control plane restarted",
+                );
+            }
+            self.put_conn(key, conn);
+        }
+        let mut open = Vec::new();
+        for (_, conn) in self.conns.iter() {
+            for entry in conn.tunnels.values() {
+                if let Phase::Open { flow_id, target } = entry.tunnel.phase {
+                    open.push(relay_proto::channel::record::FlowOpen { flow_id, client: conn.peer, target });
+                }
+            }
+        }
+        // The new region's counters start at zero: restore the gauges.
+        self.count(Counter::ConnectionsActive, self.conns.len() as u64);
+        self.count(Counter::TunnelsActive, open.len() as u64);
+        self.link.counters().set(Counter::IoBackend, self.backend_gauge);
+        let flows = open.len();
+        for f in open {
+            self.link.flow_open(f);
+        }
+        info!(worker = self.settings.index, flows, "attached to a new control; live flows reported");
+    }
+
+    /// Graceful drain: GOAWAY on every connection, no new connections or
+    /// requests; open tunnels run until they end or the deadline passes.
+    fn start_drain(&mut self) {
+        let timeout = Duration::from_millis(self.settings.bootstrap.drain_timeout_ms);
+        self.drain_deadline = Some(self.now + timeout);
+        for key in self.conns.keys() {
+            if let Some(mut conn) = self.take_conn(key) {
+                send_goaway(&mut conn);
+                self.put_conn(key, conn);
+            }
+        }
+        info!(worker = self.settings.index, tunnels = self.tunnels_open, ?timeout, "draining");
+    }
+
+    /// Ends the tunnels control was asked to kill: both directions reset
+    /// with H3_REQUEST_CANCELLED, the flow reported closed.
+    fn kill_requested_flows(&mut self) {
+        let kills = self.link.take_kill_requests();
+        if kills.is_empty() {
+            return;
+        }
+        let mut found = Vec::new();
+        for (key, conn) in self.conns.iter() {
+            for (stream_id, entry) in &conn.tunnels {
+                if entry.tunnel.flow_id().is_some_and(|f| kills.contains(&f)) {
+                    found.push((key, *stream_id));
+                }
+            }
+        }
+        for (key, stream_id) in found {
+            let Some(mut conn) = self.take_conn(key) else { continue };
+            info!(worker = self.settings.index, stream_id, "tunnel killed by the operator");
+            self.abort_tunnel(&mut conn, stream_id, h3_code::REQUEST_CANCELLED);
+            self.put_conn(key, conn);
+        }
+    }
+
+    fn read_answers(&mut self) {
+        let mut answers = Vec::new();
+        let more = self.link.poll_answers(|a| answers.push(a));
+        self.answers_due = more;
+        for a in answers {
+            self.on_answer(a);
+        }
+    }
+}
+
+impl Handler for Worker {
+    fn begin_turn(&mut self, now: Instant) {
+        self.now = now;
+        self.out.stats.turns += 1;
+    }
+
+    fn on_quic(&mut self, packets: &mut [u8], segment_size: usize, from: SocketAddr) {
+        let stride = segment_size.max(1);
+        for pkt in packets.chunks_mut(stride) {
+            self.on_quic_packet(pkt, from);
+        }
+    }
+
+    fn on_target(&mut self, key: TargetKey, payloads: &[u8], segment_size: usize) {
+        let Some(&(conn_key, stream_id)) = self.targets.get(&key) else { return };
+        let Some(mut conn) = self.take_conn(conn_key) else { return };
+        for payload in payloads.chunks(segment_size.max(1)) {
+            self.send_down(&mut conn, stream_id, payload);
+        }
+        self.put_conn(conn_key, conn);
+    }
+
+    fn on_wake(&mut self, wake: Wake) {
+        match wake {
+            Wake::Answers => self.answers_due = true,
+            Wake::Worker => {
+                self.inboxes[self.settings.index as usize].bell.drain();
+                self.check_relink();
+                self.handoffs_due = true;
+            }
+        }
+    }
+
+    fn end_turn(&mut self) -> Turn {
+        if self.stopped {
+            return Turn::Stop;
+        }
+        if self.handoffs_due {
+            self.take_handoffs();
+        }
+        if self.answers_due {
+            self.read_answers();
+        } else {
+            self.link.flush_queued();
+        }
+        self.kill_requested_flows();
+        let requested = self.link.take_drain_request();
+        if (requested || self.flags.drain.load(Ordering::Relaxed)) && self.drain_deadline.is_none() {
+            self.start_drain();
+        }
+        let stop = self.flags.stop.load(Ordering::Relaxed);
+        let drained = self.drain_deadline.is_some_and(|deadline| {
+            let done = self.tunnels_open == 0 || self.now >= deadline;
+            if done {
+                info!(worker = self.settings.index, tunnels_left = self.tunnels_open, "drain finished");
+            }
+            done
+        });
+        self.fire_timers();
+        self.flush_up();
+        self.flush_dirty();
+        self.flush_up();
+        for w in self.bells_due.drain(..) {
+            let _ = self.inboxes[w].bell.ring();
+        }
+        if stop || drained {
+            self.stopped = true;
+            self.shutdown();
+            self.out.stats.flush_into(self.link.counters());
+            return Turn::Stop;
+        }
+        self.out.stats.flush_into(self.link.counters());
+        let busy = self.handoffs_due || self.answers_due;
+        let deadline = if busy {
+            self.now
+        } else {
+            let cap = self.now + MAX_WAIT;
+            self.timers.next().map_or(cap, |t| t.min(cap))
+        };
+        Turn::Continue { deadline }
+    }
+
+    fn output(&mut self) -> &mut Output {
+        &mut self.out
+    }
+
+    fn answer_bell(&self) -> (RawFd, u64) {
+        (self.link.answer_bell().as_raw_fd(), self.link_epoch)
+    }
+
+    fn worker_bell(&self) -> RawFd {
+        self.inboxes[self.settings.index as usize].bell.as_raw_fd()
     }
 }
 

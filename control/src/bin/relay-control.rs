@@ -81,7 +81,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let d = &config.dataplane;
     let bootstrap = Bootstrap {
         version: PROTOCOL_VERSION,
-        workers: d.workers,
+        workers: d.workers.resolve(),
         listen: config.listen.quic,
         cert_chain: abs(&cert).display().to_string(),
         private_key: abs(&key).display().to_string(),
@@ -95,6 +95,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         pending_datagrams_per_tunnel: 64,
         max_capsule_len: 65_535,
         drain_timeout_ms: u64::from(d.drain_timeout_secs) * 1000,
+        io_backend: d.io.name().to_string(),
+        pin_workers: d.pin_workers,
+        cid_config_id: d.connection_ids.config_id,
+        cid_server_id: relay_control::config::parse_hex(&d.connection_ids.server_id).unwrap_or_default(),
+        cid_nonce_len: d.connection_ids.nonce_len,
+        cid_steering: d.connection_ids.steering,
     };
     let acl = TargetAcl::new(
         config.targets.allow.clone(),

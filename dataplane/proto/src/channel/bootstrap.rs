@@ -69,6 +69,32 @@ pub struct Bootstrap {
     pub max_capsule_len: u32,
     /// How long a graceful drain (SIGTERM) lets open tunnels finish.
     pub drain_timeout_ms: u64,
+    /// I/O backend: "auto", "io_uring" or "epoll".
+    #[serde(default = "auto")]
+    pub io_backend: String,
+    /// Pin worker i to the i-th CPU of the process's affinity mask.
+    #[serde(default)]
+    pub pin_workers: bool,
+    /// QUIC-LB config rotation codepoint of server connection IDs.
+    #[serde(default)]
+    pub cid_config_id: u8,
+    /// This host's server ID prefix in connection IDs.
+    #[serde(default)]
+    pub cid_server_id: Vec<u8>,
+    /// Nonce bytes in connection IDs.
+    #[serde(default = "fourteen")]
+    pub cid_nonce_len: usize,
+    /// Attach the reuseport program that steers packets by connection ID.
+    #[serde(default)]
+    pub cid_steering: bool,
+}
+
+fn auto() -> String {
+    "auto".into()
+}
+
+fn fourteen() -> usize {
+    14
 }
 
 /// Why the handshake failed.

@@ -329,6 +329,29 @@ counters! {
     QuicSendDrops = 27, "quic_send_drops";
     /// Send system calls on target sockets (GSO: datagrams_up / target_sends).
     TargetSends = 28, "target_sends";
+    /// Receive operations on target sockets (GRO: target_packets_in / target_receives).
+    TargetReceives = 29, "target_receives";
+    /// Datagrams received from targets.
+    TargetPacketsIn = 30, "target_packets_in";
+    /// System calls made by the worker's I/O loop (epoll_wait, recvmmsg,
+    /// sendmmsg, ... or io_uring_enter).
+    IoSyscalls = 31, "io_syscalls";
+    /// Receives that found no free buffer (io_uring buffer ring empty).
+    RecvNoBuffers = 32, "recv_no_buffers";
+    /// Datagrams dropped because they did not fit the receive buffer.
+    RecvTruncated = 33, "recv_truncated";
+    /// Turns of the worker's loop.
+    LoopTurns = 34, "loop_turns";
+    /// QUIC packets handed to the worker that owns their connection.
+    HandoffsOut = 35, "handoffs_out";
+    /// QUIC packets received from other workers.
+    HandoffsIn = 36, "handoffs_in";
+    /// Hand-offs dropped because the owner's queue was full.
+    DropHandoffFull = 37, "drop_handoff_full";
+    /// QUIC packets for no known connection (not an Initial), dropped.
+    DropNoConnection = 38, "drop_no_connection";
+    /// The worker's I/O backend (gauge: 1 = io_uring, 2 = epoll).
+    IoBackend = 39, "io_backend";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so
@@ -356,6 +379,12 @@ impl Counters {
     pub fn sub(&self, c: Counter, n: u64) {
         let slot = self.slot(c);
         slot.store(slot.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+    }
+
+    /// Sets a gauge (writer side only).
+    #[inline]
+    pub fn set(&self, c: Counter, n: u64) {
+        self.slot(c).store(n, Ordering::Relaxed);
     }
 
     /// Reads `c`.

@@ -224,6 +224,19 @@ impl BufRing {
         Some(unsafe { std::slice::from_raw_parts(self.buffers.ptr.as_ptr().add(offset), len) })
     }
 
+    /// The first `len` bytes of taken buffer `bid`, writable (QUIC packets
+    /// are decrypted in place). Same conditions as [`BufRing::buffer`].
+    pub fn buffer_mut(&mut self, bid: u16, len: usize) -> Option<&mut [u8]> {
+        if bid >= self.count || !self.is_taken(bid) || len > self.size as usize {
+            return None;
+        }
+        let offset = usize::from(bid) * self.size as usize;
+        // SAFETY: as in `buffer`: the range is inside the mapping and the
+        // kernel does not touch a taken buffer; `&mut self` makes this the
+        // only borrow until it ends.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.buffers.ptr.as_ptr().add(offset), len) })
+    }
+
     /// Returns taken buffer `bid` to the kernel. `false` (and nothing done)
     /// if the application does not hold it.
     pub fn recycle(&mut self, bid: u16) -> bool {

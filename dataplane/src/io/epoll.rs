@@ -1,0 +1,242 @@
+//! The epoll (mio) backend, for hosts where io_uring is not available or
+//! not allowed (seccomp profiles of many container runtimes return EPERM or
+//! ENOSYS for `io_uring_setup`).
+//!
+//! Receives are GRO `recvmmsg` calls ([`RECV_MESSAGES`] buffers of up to 64
+//! datagrams each); QUIC batches leave in GSO `sendmmsg` calls, target
+//! batches in one GSO `sendmsg` per target and turn.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use relay_udp::mmsg::{self, Batch, Message, RECV_MESSAGES, RecvBatch};
+use tracing::warn;
+
+use super::{Handler, IoStats, Output, RECV_BUDGET, TargetKey, Turn, Wake};
+
+const QUIC_SOCKET: Token = Token(0);
+const ANSWER_BELL: Token = Token(1);
+const WORKER_BELL: Token = Token(2);
+const FIRST_TARGET: usize = 16;
+
+fn target_token(key: TargetKey) -> Token {
+    Token(key as usize + FIRST_TARGET)
+}
+
+/// A worker's epoll loop.
+pub struct EpollBackend {
+    poll: Poll,
+    events: Events,
+    socket: mio::net::UdpSocket,
+    targets: HashMap<TargetKey, mio::net::UdpSocket>,
+    rx: RecvBatch,
+    answer_bell: Option<(RawFd, u64)>,
+    quic_backlog: bool,
+    target_backlog: Vec<TargetKey>,
+}
+
+impl EpollBackend {
+    /// Wraps the worker's bound QUIC socket.
+    pub fn new(socket: std::net::UdpSocket) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let poll = Poll::new()?;
+        let mut socket = mio::net::UdpSocket::from_std(socket);
+        poll.registry().register(&mut socket, QUIC_SOCKET, Interest::READABLE)?;
+        Ok(Self {
+            poll,
+            events: Events::with_capacity(1024),
+            socket,
+            targets: HashMap::new(),
+            rx: RecvBatch::new(),
+            answer_bell: None,
+            quic_backlog: false,
+            target_backlog: Vec::new(),
+        })
+    }
+
+    /// Runs the loop until the handler says stop.
+    pub fn run<H: Handler>(&mut self, h: &mut H) -> io::Result<()> {
+        self.poll.registry().register(&mut SourceFd(&h.worker_bell()), WORKER_BELL, Interest::READABLE)?;
+        self.watch_answer_bell(h);
+        let mut deadline = Instant::now();
+        let mut turn_start = deadline;
+        loop {
+            let backlog = self.quic_backlog || !self.target_backlog.is_empty();
+            let timeout =
+                if backlog { Duration::ZERO } else { deadline.saturating_duration_since(turn_start) };
+            let mut stats = IoStats { syscalls: 1, ..IoStats::default() };
+            match self.poll.poll(&mut self.events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.events.clear(),
+                Err(e) => return Err(e),
+            }
+            turn_start = Instant::now();
+            h.begin_turn(turn_start);
+            let mut quic_ready = std::mem::take(&mut self.quic_backlog);
+            let mut ready = std::mem::take(&mut self.target_backlog);
+            for event in self.events.iter() {
+                match event.token() {
+                    QUIC_SOCKET => quic_ready = true,
+                    ANSWER_BELL => h.on_wake(Wake::Answers),
+                    WORKER_BELL => h.on_wake(Wake::Worker),
+                    Token(t) => ready.push((t - FIRST_TARGET) as TargetKey),
+                }
+            }
+            if quic_ready {
+                self.quic_backlog = self.read_quic(h, &mut stats);
+            }
+            for key in ready {
+                if self.read_target(h, key, &mut stats) {
+                    self.target_backlog.push(key);
+                }
+            }
+            let turn = h.end_turn();
+            self.perform(h.output(), &mut stats);
+            h.output().stats += stats;
+            self.watch_answer_bell(h);
+            match turn {
+                Turn::Stop => return Ok(()),
+                Turn::Continue { deadline: d } => deadline = d,
+            }
+        }
+    }
+
+    /// Registers control's doorbell again when the link changed.
+    fn watch_answer_bell<H: Handler>(&mut self, h: &H) {
+        let current = h.answer_bell();
+        if self.answer_bell == Some(current) {
+            return;
+        }
+        if let Some((old, _)) = self.answer_bell.take() {
+            // The old eventfd may already be closed (then epoll dropped it).
+            let _ = self.poll.registry().deregister(&mut SourceFd(&old));
+        }
+        match self.poll.registry().register(&mut SourceFd(&current.0), ANSWER_BELL, Interest::READABLE) {
+            Ok(()) => self.answer_bell = Some(current),
+            Err(e) => warn!("registering control's doorbell: {e}"),
+        }
+    }
+
+    /// Reads the QUIC socket; returns whether its budget ran out first.
+    fn read_quic<H: Handler>(&mut self, h: &mut H, stats: &mut IoStats) -> bool {
+        for _ in 0..RECV_BUDGET {
+            stats.syscalls += 1;
+            let n = match self.rx.recv(&self.socket) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) => {
+                    warn!("QUIC socket receive: {e}");
+                    return false;
+                }
+            };
+            for i in 0..n {
+                match self.rx.message(i) {
+                    Some(Message::Data(r, buf)) => {
+                        stats.quic_receives += 1;
+                        stats.quic_packets_in += r.segments() as u64;
+                        h.on_quic(buf, r.segment_size, r.from);
+                    }
+                    Some(Message::Truncated) => stats.recv_truncated += 1,
+                    None => {}
+                }
+            }
+            if n < RECV_MESSAGES {
+                return false; // the socket is drained
+            }
+        }
+        true
+    }
+
+    /// Reads one target socket; returns whether its budget ran out first.
+    fn read_target<H: Handler>(&mut self, h: &mut H, key: TargetKey, stats: &mut IoStats) -> bool {
+        for _ in 0..RECV_BUDGET {
+            let Some(sock) = self.targets.get(&key) else { return false };
+            stats.syscalls += 1;
+            let n = match self.rx.recv(sock) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                // An ICMP error from an earlier send (ECONNREFUSED...):
+                // UDP semantics, read on.
+                Err(_) => continue,
+            };
+            for i in 0..n {
+                match self.rx.message(i) {
+                    Some(Message::Data(r, buf)) => {
+                        stats.target_receives += 1;
+                        stats.target_packets_in += r.segments() as u64;
+                        h.on_target(key, buf, r.segment_size);
+                    }
+                    Some(Message::Truncated) => stats.recv_truncated += 1,
+                    None => {}
+                }
+            }
+            if n < RECV_MESSAGES {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Performs the core's output: new targets, target batches, QUIC
+    /// batches, closed targets, in that order.
+    fn perform(&mut self, out: &mut Output, stats: &mut IoStats) {
+        for (key, sock) in out.opens.drain(..) {
+            if let Err(e) = sock.set_nonblocking(true) {
+                warn!("target socket: {e}");
+                continue;
+            }
+            let mut sock = mio::net::UdpSocket::from_std(sock);
+            if let Err(e) = self.poll.registry().register(&mut sock, target_token(key), Interest::READABLE) {
+                // Sends still work; replies cannot be read. Rare (ENOMEM).
+                warn!("registering a target socket: {e}");
+            }
+            self.targets.insert(key, sock);
+        }
+        for send in std::mem::take(&mut out.up) {
+            match self.targets.get(&send.key) {
+                Some(sock) => {
+                    let r = mmsg::send_connected(sock, &send.buf, send.segment_size, send.segments);
+                    stats.syscalls += r.syscalls;
+                    stats.target_sends += r.syscalls;
+                    stats.datagrams_up += r.sent;
+                    stats.bytes_up += sent_bytes(send.buf.len(), send.segment_size, send.segments, r.sent);
+                    stats.drop_target_send += r.dropped;
+                }
+                None => stats.drop_target_send += send.segments as u64,
+            }
+            out.recycle(send.buf);
+        }
+        out.finish_quic();
+        if !out.quic.is_empty() {
+            let batches: Vec<Batch<'_>> = out
+                .quic
+                .iter()
+                .map(|q| Batch { buf: &q.buf, to: q.to, segment_size: q.segment_size, segments: q.segments })
+                .collect();
+            let r = mmsg::send_batches(&self.socket, &batches);
+            drop(batches);
+            stats.syscalls += r.syscalls;
+            stats.quic_sends += r.syscalls;
+            stats.quic_packets_out += r.sent;
+            stats.quic_send_drops += r.dropped;
+            for q in std::mem::take(&mut out.quic) {
+                out.recycle(q.buf);
+            }
+        }
+        for key in out.closes.drain(..) {
+            if let Some(mut sock) = self.targets.remove(&key) {
+                let _ = self.poll.registry().deregister(&mut sock);
+            }
+            self.target_backlog.retain(|k| *k != key);
+        }
+    }
+}
+
+/// Payload bytes of the first `sent` datagrams of a batch.
+pub(crate) fn sent_bytes(len: usize, segment_size: usize, segments: usize, sent: u64) -> u64 {
+    if sent as usize >= segments { len as u64 } else { (sent as usize * segment_size).min(len) as u64 }
+}

@@ -1,0 +1,627 @@
+//! The io_uring backend (the default).
+//!
+//! One ring per worker. Every socket has a multishot `recvmsg` armed on it
+//! that completes once per (GRO-coalesced) datagram into a provided buffer
+//! ring: one ring of buffers for the QUIC socket, one shared by the target
+//! sockets. The doorbells are watched by multishot polls. Sends are
+//! `sendmsg` submissions from a bounded pool of slots, each a whole GSO
+//! batch. A turn is: one `io_uring_enter` that submits the previous turn's
+//! work and waits for completions (or the core's next timer), then every
+//! completion handed to the core, then the core's output queued as
+//! submissions. Under load that is one system call for many datagrams.
+//!
+//! Buffers go back to the kernel as soon as the core has processed their
+//! completion (the core copies what it keeps), so the rings only run dry
+//! when more completions pile up than there are buffers; then the receive
+//! ends with `-ENOBUFS` (counted) and is re-armed at the end of the turn.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use io_uring::types::Timespec;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use relay_udp::uring::{BufRing, MultishotRecv, SendOutcome, SendSlots, SlotId};
+use relay_udp::{GSO_ENABLED, MAX_GRO_BUFFER, mmsg};
+use tracing::{debug, warn};
+
+use super::{Handler, IoStats, Output, TargetKey, Turn, Wake};
+
+/// Sizes of a worker's ring and pools.
+#[derive(Debug, Clone, Copy)]
+pub struct UringSettings {
+    /// Submission queue entries (the completion queue is 8 times larger).
+    pub entries: u32,
+    /// Receive buffers for the QUIC socket (64 KiB each: a GRO super-packet).
+    pub quic_buffers: u16,
+    /// Receive buffers shared by the target sockets.
+    pub target_buffers: u16,
+    /// Send slots (GSO batches in flight).
+    pub send_slots: usize,
+}
+
+impl Default for UringSettings {
+    fn default() -> Self {
+        Self { entries: 1024, quic_buffers: 64, target_buffers: 128, send_slots: 512 }
+    }
+}
+
+const QUIC_BGID: u16 = 0;
+const TARGET_BGID: u16 = 1;
+
+/// What a completion is for: the top byte of its user data.
+const KIND_QUIC_RECV: u64 = 1;
+const KIND_TARGET_RECV: u64 = 2;
+const KIND_SEND: u64 = 3;
+const KIND_ANSWER_BELL: u64 = 4;
+const KIND_WORKER_BELL: u64 = 5;
+const KIND_CANCEL: u64 = 6;
+const KIND_TIMER: u64 = 7;
+const KIND_SHIFT: u32 = 56;
+const VALUE_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+fn user_data(kind: u64, value: u64) -> u64 {
+    (kind << KIND_SHIFT) | (value & VALUE_MASK)
+}
+
+/// Completions handled per turn at most (the rest wait for the next turn).
+const CQE_BUDGET: usize = 4 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+enum SendKind {
+    Quic,
+    Target(TargetKey),
+}
+
+/// A GSO batch to queue.
+struct Send {
+    buf: Vec<u8>,
+    fd: RawFd,
+    dest: Option<SocketAddr>,
+    segment_size: usize,
+    segments: usize,
+    kind: SendKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cqe {
+    user_data: u64,
+    result: i32,
+    flags: u32,
+}
+
+struct Target {
+    sock: UdpSocket,
+    /// Its multishot receive is armed.
+    armed: bool,
+}
+
+/// A worker's io_uring loop.
+pub struct UringBackend {
+    ring: IoUring,
+    socket: UdpSocket,
+    quic_recv: MultishotRecv,
+    target_recv: MultishotRecv,
+    quic_bufs: BufRing,
+    target_bufs: BufRing,
+    slots: SendSlots,
+    /// What each slot in flight sends.
+    slot_kind: Vec<SendKind>,
+    targets: HashMap<TargetKey, Target>,
+    /// Closed target sockets, dropped after the submission that cancels
+    /// their receive (so no queued entry names a reused descriptor).
+    closing: Vec<UdpSocket>,
+    quic_armed: bool,
+    /// Targets whose receive ended and must be re-armed.
+    rearm: Vec<TargetKey>,
+    worker_bell_armed: bool,
+    answer_bell: Option<(RawFd, u64)>,
+    answer_bell_armed: bool,
+    /// Completions taken while waiting for a send slot, handled next turn.
+    deferred: VecDeque<Cqe>,
+    cqes: Vec<Cqe>,
+    stats: IoStats,
+    /// The wait's timeout (read by the kernel when the entry is submitted).
+    timer_ts: Box<Timespec>,
+    timer_generation: u64,
+    /// The armed timeout request: its generation and when it fires.
+    timer: Option<(u64, Instant)>,
+}
+
+fn ring_with(entries: u32) -> io::Result<IoUring> {
+    // One thread submits and reaps (SINGLE_ISSUER), and completions are
+    // only run when it enters the kernel (DEFER_TASKRUN, 6.1): no
+    // interrupts of the worker by task work. Older kernels take the plain
+    // ring.
+    let tuned = IoUring::builder().setup_cqsize(entries * 8).build(entries);
+    match tuned {
+        Ok(r) => Ok(r),
+        Err(_) => IoUring::builder().setup_cqsize(entries * 8).build(entries),
+    }
+}
+
+impl UringBackend {
+    /// Creates the ring, its buffer rings and send slots for the worker's
+    /// bound QUIC socket. Must run on the worker's thread (the ring is
+    /// single-issuer).
+    pub fn new(socket: UdpSocket, s: UringSettings) -> io::Result<Self> {
+        socket.set_nonblocking(true)?;
+        let ring = ring_with(s.entries)?;
+        let quic_recv = MultishotRecv::unconnected();
+        let target_recv = MultishotRecv::connected();
+        let quic_size = quic_recv.buffer_size_for(MAX_GRO_BUFFER) as u32;
+        let target_size = target_recv.buffer_size_for(MAX_GRO_BUFFER) as u32;
+        let quic_bufs = BufRing::new(&ring.submitter(), QUIC_BGID, s.quic_buffers, quic_size)?;
+        let target_bufs = BufRing::new(&ring.submitter(), TARGET_BGID, s.target_buffers, target_size)?;
+        Ok(Self {
+            ring,
+            socket,
+            quic_recv,
+            target_recv,
+            quic_bufs,
+            target_bufs,
+            slots: SendSlots::new(s.send_slots),
+            slot_kind: vec![SendKind::Quic; s.send_slots],
+            targets: HashMap::new(),
+            closing: Vec::new(),
+            quic_armed: false,
+            rearm: Vec::new(),
+            worker_bell_armed: false,
+            answer_bell: None,
+            answer_bell_armed: false,
+            deferred: VecDeque::new(),
+            cqes: Vec::with_capacity(CQE_BUDGET),
+            stats: IoStats::default(),
+            timer_ts: Box::new(Timespec::new()),
+            timer_generation: 0,
+            timer: None,
+        })
+    }
+
+    /// Queues an entry, submitting first if the queue is full.
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry we build points at memory that outlives
+            // the request: the multishot templates and buffer rings live as
+            // long as the backend, the send slots until their completion,
+            // the polled eventfds until their poll is cancelled.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            self.stats.syscalls += 1;
+            if let Err(e) = self.ring.submit() {
+                warn!("io_uring submit: {e}");
+                if e.raw_os_error() != Some(libc::EBUSY) && e.kind() != io::ErrorKind::Interrupted {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs the loop until the handler says stop.
+    pub fn run<H: Handler>(&mut self, h: &mut H) -> io::Result<()> {
+        let mut deadline = Instant::now();
+        let mut turn_start = deadline;
+        loop {
+            self.arm(h);
+            let pending = !self.deferred.is_empty() || !self.ring.completion().is_empty();
+            self.enter(turn_start, if pending { turn_start } else { deadline })?;
+            self.drop_closed();
+            turn_start = Instant::now();
+            h.begin_turn(turn_start);
+            self.collect();
+            let cqes = std::mem::take(&mut self.cqes);
+            for cqe in &cqes {
+                self.complete(h, *cqe);
+            }
+            self.cqes = cqes;
+            self.cqes.clear();
+            let turn = h.end_turn();
+            self.perform(h.output());
+            h.output().stats += std::mem::take(&mut self.stats);
+            match turn {
+                Turn::Stop => {
+                    self.finish();
+                    return Ok(());
+                }
+                Turn::Continue { deadline: d } => deadline = d,
+            }
+        }
+    }
+
+    /// Submits what is queued and waits until a completion arrives or
+    /// `deadline` passes (`deadline <= now`: no waiting).
+    ///
+    /// The wait's end is a timeout request, not the `IORING_ENTER_EXT_ARG`
+    /// timespec: on the 6.18 kernels we run on, a thread waiting with the
+    /// latter sometimes never returned although its timer kept firing (seen
+    /// in the end-to-end tests). A timeout request is the older, plainer
+    /// mechanism; it is re-armed only when the deadline moves earlier, so
+    /// idle turns cost one system call and no extra completions.
+    fn enter(&mut self, now: Instant, deadline: Instant) -> io::Result<()> {
+        self.stats.syscalls += 1;
+        if deadline <= now {
+            return match self.ring.submit() {
+                Ok(_) => Ok(()),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        let rearm = match self.timer {
+            None => true,
+            // A timer that fires a little early only costs an idle turn.
+            Some((_, armed)) => deadline + Duration::from_millis(1) < armed,
+        };
+        if rearm {
+            if let Some((generation, _)) = self.timer.take() {
+                let remove = opcode::TimeoutRemove::new(user_data(KIND_TIMER, generation))
+                    .build()
+                    .user_data(user_data(KIND_CANCEL, 0));
+                self.push(remove);
+            }
+            self.timer_generation += 1;
+            let wait = deadline - now;
+            *self.timer_ts = Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
+            let timeout = opcode::Timeout::new(&*self.timer_ts)
+                .build()
+                .user_data(user_data(KIND_TIMER, self.timer_generation));
+            self.push(timeout);
+            self.timer = Some((self.timer_generation, deadline));
+        }
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves completions out of the queue: deferred ones first, then up to
+    /// the turn's budget.
+    fn collect(&mut self) {
+        while self.cqes.len() < CQE_BUDGET {
+            match self.deferred.pop_front() {
+                Some(c) => self.cqes.push(c),
+                None => break,
+            }
+        }
+        let room = CQE_BUDGET.saturating_sub(self.cqes.len());
+        let cq = self.ring.completion();
+        self.cqes.extend(cq.take(room).map(|c| Cqe {
+            user_data: c.user_data(),
+            result: c.result(),
+            flags: c.flags(),
+        }));
+    }
+
+    /// (Re-)arms the receives and polls that are not armed.
+    fn arm<H: Handler>(&mut self, h: &H) {
+        if !self.quic_armed {
+            let e = self.quic_recv.entry(self.socket.as_raw_fd(), QUIC_BGID, user_data(KIND_QUIC_RECV, 0));
+            self.push(e);
+            self.quic_armed = true;
+        }
+        for key in std::mem::take(&mut self.rearm) {
+            let Some(t) = self.targets.get(&key).filter(|t| !t.armed) else { continue };
+            let e = self.target_recv.entry(t.sock.as_raw_fd(), TARGET_BGID, user_data(KIND_TARGET_RECV, key));
+            self.push(e);
+            if let Some(t) = self.targets.get_mut(&key) {
+                t.armed = true;
+            }
+        }
+        if !self.worker_bell_armed {
+            let poll = opcode::PollAdd::new(types::Fd(h.worker_bell()), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(user_data(KIND_WORKER_BELL, 0));
+            self.push(poll);
+            self.worker_bell_armed = true;
+        }
+        let current = h.answer_bell();
+        if self.answer_bell != Some(current) {
+            if let Some((_, epoch)) = self.answer_bell.take()
+                && self.answer_bell_armed
+            {
+                let cancel = opcode::AsyncCancel::new(user_data(KIND_ANSWER_BELL, epoch))
+                    .build()
+                    .user_data(user_data(KIND_CANCEL, 0));
+                self.push(cancel);
+            }
+            self.answer_bell = Some(current);
+            self.answer_bell_armed = false;
+        }
+        if !self.answer_bell_armed
+            && let Some((fd, epoch)) = self.answer_bell
+        {
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(user_data(KIND_ANSWER_BELL, epoch));
+            self.push(poll);
+            self.answer_bell_armed = true;
+        }
+    }
+
+    fn complete<H: Handler>(&mut self, h: &mut H, c: Cqe) {
+        let value = c.user_data & VALUE_MASK;
+        match c.user_data >> KIND_SHIFT {
+            KIND_QUIC_RECV => self.quic_received(h, c),
+            KIND_TARGET_RECV => self.target_received(h, value, c),
+            KIND_SEND => self.sent(SlotId(value as u32), c.result),
+            KIND_WORKER_BELL => {
+                if !cqueue::more(c.flags) {
+                    self.worker_bell_armed = false;
+                }
+                if c.result >= 0 {
+                    h.on_wake(Wake::Worker);
+                }
+            }
+            KIND_ANSWER_BELL => {
+                let current = self.answer_bell.is_some_and(|(_, epoch)| epoch == value);
+                if current && !cqueue::more(c.flags) {
+                    self.answer_bell_armed = false;
+                }
+                if current && c.result >= 0 {
+                    h.on_wake(Wake::Answers);
+                }
+            }
+            KIND_TIMER if self.timer.is_some_and(|(generation, _)| generation == value) => self.timer = None,
+            _ => {} // cancellations
+        }
+    }
+
+    fn quic_received<H: Handler>(&mut self, h: &mut H, c: Cqe) {
+        if !cqueue::more(c.flags) {
+            self.quic_armed = false;
+        }
+        let Some(bid) = self.quic_bufs.take(c.flags) else {
+            if c.result == -libc::ENOBUFS {
+                self.stats.recv_no_buffers += 1;
+            } else if c.result < 0 {
+                debug!("QUIC receive: {}", io::Error::from_raw_os_error(-c.result));
+            }
+            return;
+        };
+        let len = c.result.max(0) as usize;
+        let header = self.quic_recv.header_len();
+        let parsed = self.quic_bufs.buffer(bid, len).map(|buf| {
+            self.quic_recv
+                .parse(buf)
+                .map(|m| (m.from, m.segment_size, m.payload.len(), m.truncated, m.segments()))
+        });
+        match parsed {
+            Some(Ok((Some(from), segment_size, payload_len, false, segments))) => {
+                self.stats.quic_receives += 1;
+                self.stats.quic_packets_in += segments as u64;
+                if let Some(buf) = self.quic_bufs.buffer_mut(bid, len) {
+                    h.on_quic(&mut buf[header..header + payload_len], segment_size, from);
+                }
+            }
+            Some(Ok((_, _, _, true, _))) => self.stats.recv_truncated += 1,
+            _ => debug!("unparsable QUIC receive completion"),
+        }
+        self.quic_bufs.recycle(bid);
+    }
+
+    fn target_received<H: Handler>(&mut self, h: &mut H, key: TargetKey, c: Cqe) {
+        if !cqueue::more(c.flags)
+            && let Some(t) = self.targets.get_mut(&key)
+        {
+            t.armed = false;
+            self.rearm.push(key);
+        }
+        let Some(bid) = self.target_bufs.take(c.flags) else {
+            if c.result == -libc::ENOBUFS {
+                self.stats.recv_no_buffers += 1;
+            }
+            // Other errors (ECONNREFUSED after an ICMP error, ECANCELED
+            // after a close): UDP semantics, nothing to deliver.
+            return;
+        };
+        let len = c.result.max(0) as usize;
+        if self.targets.contains_key(&key)
+            && let Some(Ok(m)) = self.target_bufs.buffer(bid, len).map(|b| self.target_recv.parse(b))
+        {
+            if m.truncated {
+                self.stats.recv_truncated += 1;
+            } else {
+                self.stats.target_receives += 1;
+                self.stats.target_packets_in += m.segments() as u64;
+                h.on_target(key, m.payload, m.segment_size);
+            }
+        }
+        self.target_bufs.recycle(bid);
+    }
+
+    /// A send completed: account it and free its slot.
+    fn sent(&mut self, id: SlotId, result: i32) {
+        let Some(prepared) = self.slots.prepared(id) else { return };
+        let kind = self.slot_kind.get(id.0 as usize).copied().unwrap_or(SendKind::Quic);
+        let segments = prepared.segments as u64;
+        let (sent, dropped, bytes) = match self.slots.outcome(id, result) {
+            SendOutcome::Sent(n) => (segments, 0, n as u64),
+            SendOutcome::GsoRefused => {
+                // quinn-udp's rule: the device cannot segment. Never again;
+                // resend this batch one datagram at a time.
+                GSO_ENABLED.store(false, Ordering::Relaxed);
+                warn!("the network device refused GSO; sending datagrams one by one from now on");
+                self.resend_singly(id, kind)
+            }
+            SendOutcome::Dropped(_) => (0, segments, 0),
+            SendOutcome::Failed(errno) => {
+                debug!("send failed: {}", io::Error::from_raw_os_error(errno));
+                (0, segments, 0)
+            }
+        };
+        match kind {
+            SendKind::Quic => {
+                self.stats.quic_sends += 1;
+                self.stats.quic_packets_out += sent;
+                self.stats.quic_send_drops += dropped;
+            }
+            SendKind::Target(_) => {
+                self.stats.target_sends += 1;
+                self.stats.datagrams_up += sent;
+                self.stats.bytes_up += bytes;
+                self.stats.drop_target_send += dropped;
+            }
+        }
+        self.slots.release(id);
+    }
+
+    /// Resends a refused GSO batch synchronously, one datagram per call
+    /// (a rare path: once per process at most).
+    fn resend_singly(&mut self, id: SlotId, kind: SendKind) -> (u64, u64, u64) {
+        let (Some(data), Some(p)) = (self.slots.data(id), self.slots.prepared(id)) else { return (0, 0, 0) };
+        let report = match kind {
+            SendKind::Quic => {
+                let to = p.dest.map(socket2::SockAddr::from);
+                mmsg::send_singly(&self.socket, data, p.segment_size, to.as_ref())
+            }
+            SendKind::Target(key) => match self.targets.get(&key) {
+                Some(t) => mmsg::send_singly(&t.sock, data, p.segment_size, None),
+                None => mmsg::SendReport { syscalls: 0, sent: 0, dropped: p.segments as u64 },
+            },
+        };
+        self.stats.syscalls += report.syscalls;
+        let bytes = (report.sent as usize * p.segment_size).min(data.len()) as u64;
+        (report.sent, report.dropped, bytes)
+    }
+
+    /// A free send slot, waiting for completions if all are in flight.
+    fn acquire_slot(&mut self) -> Option<SlotId> {
+        for _ in 0..64 {
+            if let Some(id) = self.slots.acquire() {
+                return Some(id);
+            }
+            // Wait for at least one completion; sends are freed at once,
+            // the rest are handled next turn.
+            self.stats.syscalls += 1;
+            let _ = self.ring.submit_and_wait(1);
+            let cq: Vec<Cqe> = self
+                .ring
+                .completion()
+                .map(|c| Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() })
+                .collect();
+            for c in cq {
+                if c.user_data >> KIND_SHIFT == KIND_SEND {
+                    self.sent(SlotId((c.user_data & VALUE_MASK) as u32), c.result);
+                } else {
+                    self.deferred.push_back(c);
+                }
+            }
+        }
+        None
+    }
+
+    /// Queues one batch (its buffer is swapped into a slot: no copy).
+    fn queue_send(&mut self, out: &mut Output, send: Send) -> bool {
+        let Some(id) = self.acquire_slot() else {
+            out.recycle(send.buf);
+            return false;
+        };
+        let mut buf = send.buf;
+        if let Some(slot_buf) = self.slots.buffer(id) {
+            std::mem::swap(slot_buf, &mut buf);
+        }
+        out.recycle(buf);
+        let segment = if send.segments > 1 { send.segment_size } else { 0 };
+        match self.slots.prepare(id, send.fd, send.dest, segment, user_data(KIND_SEND, u64::from(id.0))) {
+            Ok(entry) => {
+                self.slot_kind[id.0 as usize] = send.kind;
+                self.push(entry);
+                true
+            }
+            Err(e) => {
+                debug!("send not prepared: {e}");
+                self.slots.release(id);
+                false
+            }
+        }
+    }
+
+    /// Queues the core's output: new targets, target batches, QUIC
+    /// batches, closed targets, in that order.
+    fn perform(&mut self, out: &mut Output) {
+        for (key, sock) in out.opens.drain(..) {
+            if let Err(e) = sock.set_nonblocking(true) {
+                warn!("target socket: {e}");
+            }
+            self.targets.insert(key, Target { sock, armed: false });
+            self.rearm.push(key);
+        }
+        for send in std::mem::take(&mut out.up) {
+            let Some(fd) = self.targets.get(&send.key).map(|t| t.sock.as_raw_fd()) else {
+                self.stats.drop_target_send += send.segments as u64;
+                out.recycle(send.buf);
+                continue;
+            };
+            let segments = send.segments;
+            let kind = SendKind::Target(send.key);
+            let send =
+                Send { buf: send.buf, fd, dest: None, segment_size: send.segment_size, segments, kind };
+            if !self.queue_send(out, send) {
+                self.stats.drop_target_send += segments as u64;
+            }
+        }
+        out.finish_quic();
+        let fd = self.socket.as_raw_fd();
+        for q in std::mem::take(&mut out.quic) {
+            let segments = q.segments;
+            let send = Send {
+                buf: q.buf,
+                fd,
+                dest: Some(q.to),
+                segment_size: q.segment_size,
+                segments,
+                kind: SendKind::Quic,
+            };
+            if !self.queue_send(out, send) {
+                self.stats.quic_send_drops += segments as u64;
+            }
+        }
+        for key in out.closes.drain(..) {
+            let Some(t) = self.targets.remove(&key) else { continue };
+            if t.armed {
+                let cancel = opcode::AsyncCancel::new(user_data(KIND_TARGET_RECV, key))
+                    .build()
+                    .user_data(user_data(KIND_CANCEL, 0));
+                self.push(cancel);
+            }
+            self.closing.push(t.sock);
+        }
+    }
+
+    /// Closes the target sockets whose cancellation has been submitted.
+    fn drop_closed(&mut self) {
+        self.closing.clear();
+    }
+
+    /// The last turn: submit what is queued and give the final sends a
+    /// bounded time to complete.
+    fn finish(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let _ = self.ring.submit();
+        while self.slots.in_flight() > 0 && Instant::now() < deadline {
+            let now = Instant::now();
+            let _ = self.enter(now, now + Duration::from_millis(50));
+            let cq: Vec<Cqe> = self
+                .ring
+                .completion()
+                .map(|c| Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() })
+                .collect();
+            for c in cq {
+                if c.user_data >> KIND_SHIFT == KIND_SEND {
+                    self.sent(SlotId((c.user_data & VALUE_MASK) as u32), c.result);
+                }
+            }
+        }
+        self.closing.clear();
+    }
+}
