@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::suite::{Report, Throughput};
+use crate::suite::{CostPoint, Report, Throughput};
 use crate::svg::{Series, line_chart};
 
 fn ratio(relay: f64, direct: f64) -> String {
@@ -84,7 +84,7 @@ pub fn markdown(r: &Report) -> String {
         r.config.max_paced_loss * 100.0
     );
     out += "| load | offered dgram/s | relay p50 | p90 | p99 | p99.9 | loss | direct p50 | p90 | p99 | p99.9 | loss |\n";
-    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     for l in &r.latency {
         let _ = writeln!(
             out,
@@ -108,22 +108,38 @@ pub fn markdown(r: &Report) -> String {
         "\nRelay CPU cost (dataplane + control, from /proc) at {:.0}% of the relay's max upload rate:\n",
         r.config.cost_fraction * 100.0
     );
-    out += "| payload B | offered dgram/s | forwarded | CPU us / datagram | CPU s / GB | QUIC packets in / datagram | relay packets / receive (GRO) | relay packets / send (GSO) | target datagrams / send (GSO) |\n";
-    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += COST_HEADER;
     for c in &r.cost {
-        let _ = writeln!(
-            out,
-            "| {} | {:.0} | {} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
-            c.size,
-            c.offered,
-            c.delivered,
-            c.cost.us_per_datagram,
-            c.cost.cpu_sec_per_gb,
-            c.quic_packets_per_datagram,
-            c.relay_packets_per_receive,
-            c.relay_packets_per_send,
-            c.relay_target_datagrams_per_send
+        cost_row(&mut out, "", c);
+    }
+    if !r.backends.is_empty() {
+        out += "\nI/O backends, each on its own one-worker relay in this run: upload as fast as QUIC allows, then relay CPU and \
+                I/O per forwarded datagram at one common offered load (the same for both):\n\n";
+        out += "| backend | upload dgram/s | upload Gbit/s | loss | relay packets / receive (GRO) | target datagrams / send (GSO) | relay syscalls / datagram |\n|---|---:|---:|---:|---:|---:|---:|\n";
+        for b in &r.backends {
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {:.3} | {:.2}% | {:.2} | {:.2} | {:.3} |",
+                b.backend,
+                b.upload.delivered_rate.datagrams_per_sec,
+                b.upload.delivered_rate.gbit_per_sec,
+                b.upload.loss * 100.0,
+                b.upload_io.quic_packets_per_receive,
+                b.upload_io.target_datagrams_per_send,
+                b.upload_io.syscalls_per_datagram
+            );
+        }
+        out += "\n";
+        out += &COST_HEADER.replacen("| payload B |", "| backend | direction | payload B |", 1).replacen(
+            "|---:|",
+            "|---|---|---:|",
+            1,
         );
+        for b in &r.backends {
+            for c in [&b.upload_cost, &b.download_cost] {
+                cost_row(&mut out, &format!("{} | {} | ", b.backend, c.direction), c);
+            }
+        }
     }
     let _ = writeln!(
         out,
@@ -147,6 +163,27 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     out
+}
+
+const COST_HEADER: &str = "| payload B | offered dgram/s | forwarded | CPU us / datagram | of which user | CPU s / GB | QUIC packets in / datagram | relay packets / receive (GRO) | relay packets / send (GSO) | target datagrams / send (GSO) | target datagrams / receive (GRO) | relay syscalls / datagram |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+
+fn cost_row(out: &mut String, prefix: &str, c: &CostPoint) {
+    let _ = writeln!(
+        out,
+        "| {prefix}{} | {:.0} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} |",
+        c.size,
+        c.offered,
+        c.delivered,
+        c.cost.us_per_datagram,
+        c.user_us_per_datagram,
+        c.cost.cpu_sec_per_gb,
+        c.quic_packets_per_datagram,
+        c.relay_packets_per_receive,
+        c.relay_packets_per_send,
+        c.relay_target_datagrams_per_send,
+        c.relay_target_datagrams_per_receive,
+        c.relay_syscalls_per_datagram
+    );
 }
 
 /// Writes report.json, report.md, throughput.svg, latency_cdf.svg and

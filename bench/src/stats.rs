@@ -115,6 +115,9 @@ pub fn cdf(h: &Histogram<u64>, points: usize) -> Vec<(u64, f64)> {
 pub struct ProcSample {
     /// User + system CPU time in clock ticks.
     pub cpu_ticks: u64,
+    /// User CPU time alone (the relay's own code; system time includes the
+    /// kernel's UDP and loopback delivery work done on its behalf).
+    pub user_ticks: u64,
     /// Resident set size in KiB.
     pub rss_kib: u64,
 }
@@ -122,12 +125,17 @@ pub struct ProcSample {
 /// Parses `/proc/<pid>/stat` text: utime and stime are fields 14 and 15,
 /// counted after the parenthesised command name (which may hold spaces).
 pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    parse_stat_times(stat).map(|(user, system)| user + system)
+}
+
+/// (utime, stime) from `/proc/<pid>/stat` text, in clock ticks.
+pub fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
     let after = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after.split_whitespace().collect();
     // after ')' the first field is the state (field 3); utime is field 14.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// Parses `VmRSS:` from `/proc/<pid>/status` text.
@@ -143,8 +151,10 @@ pub fn sample_process(pid: u32) -> std::io::Result<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected /proc format");
+    let (user, system) = parse_stat_times(&stat).ok_or_else(bad)?;
     Ok(ProcSample {
-        cpu_ticks: parse_stat_cpu_ticks(&stat).ok_or_else(bad)?,
+        cpu_ticks: user + system,
+        user_ticks: user,
         rss_kib: parse_status_rss_kib(&status).ok_or_else(bad)?,
     })
 }
@@ -239,6 +249,7 @@ mod tests {
         let stat = "1234 (relay worker) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 12345 1000000 500 \\
                     18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
         assert_eq!(parse_stat_cpu_ticks(stat), Some(300));
+        assert_eq!(parse_stat_times(stat).map(|(u, s)| u + s), Some(300));
         assert_eq!(parse_stat_cpu_ticks("garbage"), None);
         let status = "Name:\trelay\nVmPeak:\t 9999 kB\nVmRSS:\t    5120 kB\n";
         assert_eq!(parse_status_rss_kib(status), Some(5120));

@@ -66,6 +66,8 @@ pub struct SuiteConfig {
     /// The dataplane's I/O backend for the main runs ("auto", "io_uring",
     /// "epoll").
     pub io: String,
+    /// Also measure each I/O backend on its own relay (io_uring vs epoll).
+    pub compare_backends: bool,
 }
 
 impl SuiteConfig {
@@ -89,6 +91,7 @@ impl SuiteConfig {
             pin: true,
             netns: false,
             io: "auto".into(),
+            compare_backends: true,
         }
     }
 
@@ -159,6 +162,8 @@ pub struct LatencyPoint {
 /// CPU cost at a fixed offered load.
 #[derive(Debug, Clone, Serialize)]
 pub struct CostPoint {
+    /// "upload" or "download".
+    pub direction: String,
     /// Payload size.
     pub size: usize,
     /// Offered datagrams/s.
@@ -167,7 +172,10 @@ pub struct CostPoint {
     pub delivered: u64,
     /// Relay (dataplane + control) CPU cost.
     pub cost: Cost,
-    /// QUIC packets received by the relay per forwarded datagram.
+    /// Of which user CPU (the relay's own code), microseconds per datagram.
+    pub user_us_per_datagram: f64,
+    /// QUIC packets received by the relay per forwarded datagram (either
+    /// direction: for downloads these are the client's acknowledgements).
     pub quic_packets_per_datagram: f64,
     /// QUIC packets per receive system call on the relay (GRO).
     pub relay_packets_per_receive: f64,
@@ -175,6 +183,56 @@ pub struct CostPoint {
     pub relay_packets_per_send: f64,
     /// Datagrams per send system call towards targets (GSO).
     pub relay_target_datagrams_per_send: f64,
+    /// Datagrams per receive from targets (GRO).
+    pub relay_target_datagrams_per_receive: f64,
+    /// System calls of the relay's I/O loops per forwarded datagram.
+    pub relay_syscalls_per_datagram: f64,
+}
+
+/// The relay's I/O ratios over a run, from its counters.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct IoRatios {
+    /// QUIC packets per receive on the relay (GRO).
+    pub quic_packets_per_receive: f64,
+    /// QUIC packets per send on the relay (GSO).
+    pub quic_packets_per_send: f64,
+    /// Datagrams per send towards targets (GSO).
+    pub target_datagrams_per_send: f64,
+    /// Datagrams per receive from targets (GRO).
+    pub target_datagrams_per_receive: f64,
+    /// I/O system calls per forwarded datagram.
+    pub syscalls_per_datagram: f64,
+}
+
+type Counters = std::collections::HashMap<String, u64>;
+
+fn io_ratios(c0: &Counters, c1: &Counters) -> IoRatios {
+    let delta =
+        |name: &str| c1.get(name).copied().unwrap_or(0).saturating_sub(c0.get(name).copied().unwrap_or(0));
+    let ratio = stats::ratio;
+    IoRatios {
+        quic_packets_per_receive: ratio(delta("quic_packets_in"), delta("quic_receives")),
+        quic_packets_per_send: ratio(delta("quic_packets_out"), delta("quic_sends")),
+        target_datagrams_per_send: ratio(delta("datagrams_up"), delta("target_sends")),
+        target_datagrams_per_receive: ratio(delta("target_packets_in"), delta("target_receives")),
+        syscalls_per_datagram: ratio(delta("io_syscalls"), delta("datagrams_up") + delta("datagrams_down")),
+    }
+}
+
+/// One I/O backend of the dataplane, measured in the same suite run as the
+/// other (one worker each, same machine, same loads).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendPoint {
+    /// "io_uring" or "epoll".
+    pub backend: String,
+    /// Upload of the largest payload as fast as QUIC allows.
+    pub upload: LoadResult,
+    /// The relay's I/O ratios during that run.
+    pub upload_io: IoRatios,
+    /// Cost at the common offered load, upload.
+    pub upload_cost: CostPoint,
+    /// Cost at the common offered load, download.
+    pub download_cost: CostPoint,
 }
 
 /// Setup and handshake rates.
@@ -235,6 +293,8 @@ pub struct Report {
     pub rates: Rates,
     /// Idle memory.
     pub idle: Vec<IdlePoint>,
+    /// The I/O backends compared (empty when not asked for).
+    pub backends: Vec<BackendPoint>,
 }
 
 fn machine_facts(pinned: bool, netns: bool) -> MachineFacts {
@@ -303,8 +363,52 @@ struct Bench<'a> {
     cfg: &'a SuiteConfig,
     relay: Relay,
     client_cfg: ClientConfig,
-    netns: Option<TargetNetns>,
+    netns: Option<&'a TargetNetns>,
 }
+
+/// Starts a relay with one worker on backend `io` and, when pinning, puts
+/// both relay processes on core 0 (the load generator runs on core 1).
+fn start_bench<'a>(
+    cfg: &'a SuiteConfig,
+    io: &str,
+    name: &str,
+    netns: Option<&'a TargetNetns>,
+    pinned: bool,
+) -> Result<Bench<'a>> {
+    let mut allow = RelayOptions::default().allow;
+    if let Some(ns) = netns {
+        allow.push(format!("{}/30", ns.target_addr));
+    }
+    let opts = RelayOptions {
+        allow,
+        // One worker, pinned by the dataplane to the first CPU: the cost
+        // figures are per worker core.
+        workers: 1,
+        io: io.to_string(),
+        flow_idle_timeout_secs: 600,
+        ask_timeout_ms: 5000,
+        dataplane_extra: format!(
+            "max_tunnels_per_connection = {PER_CONNECTION}\nmax_connections_per_worker = 100000"
+        ),
+        bin_dir: cfg.bin_dir.clone(),
+        log_dir: Some(cfg.out_dir.join(format!("logs-{name}"))),
+        ..RelayOptions::default()
+    };
+    let relay =
+        Relay::start(&cfg.out_dir.join(name), &opts).with_context(|| format!("starting the {name} relay"))?;
+    if pinned {
+        for pid in [relay.dataplane_pid(), relay.control_pid()].into_iter().flatten() {
+            pin_process(pid, 0)?;
+        }
+    }
+    let mut client_cfg = ClientConfig::new(relay.addr);
+    client_cfg.ca = Some(relay.cert());
+    client_cfg.token = Some(relay.token.clone());
+    Ok(Bench { cfg, relay, client_cfg, netns })
+}
+
+/// Most tunnels per connection the suite opens (setup and idle runs).
+const PER_CONNECTION: usize = 25_000;
 
 impl Bench<'_> {
     fn relay_pids(&self) -> Vec<u32> {
@@ -316,6 +420,7 @@ impl Bench<'_> {
         for pid in self.relay_pids() {
             let s = stats::sample_process(pid)?;
             total.cpu_ticks += s.cpu_ticks;
+            total.user_ticks += s.user_ticks;
             total.rss_kib += s.rss_kib;
         }
         Ok(total)
@@ -334,7 +439,7 @@ impl Bench<'_> {
     }
 
     fn target(&self, mode: TargetMode) -> Result<Target> {
-        Ok(match &self.netns {
+        Ok(match self.netns {
             None => Target::start("127.0.0.1:0".parse()?, mode)?,
             Some(ns) => Target::start_in(Some(&ns.name), std::net::SocketAddr::new(ns.target_addr, 0), mode)?,
         })
@@ -373,6 +478,62 @@ impl Bench<'_> {
         }
         Ok(())
     }
+
+    /// Relay CPU and I/O per forwarded datagram at `offered` datagrams/s
+    /// (upload into a sink, or download from paced sources).
+    fn cost_run(&self, size: usize, direction: Direction, offered: f64) -> Result<CostPoint> {
+        let spec = self.spec(size, direction, Some(offered));
+        let mode = match direction {
+            Direction::Download => {
+                let tunnels = (spec.connections * spec.flows_per_connection).max(1) as f64;
+                TargetMode::Source { size, rate_per_peer: Some(offered / tunnels) }
+            }
+            _ => TargetMode::Sink,
+        };
+        let admin = self.relay.admin_socket();
+        let before = self.relay_sample()?;
+        let c0 = relay_counters(&admin)?;
+        let r = self.through_relay(mode, &spec)?;
+        let after = self.relay_sample()?;
+        let c1 = relay_counters(&admin)?;
+        let delta = |name: &str| {
+            c1.get(name).copied().unwrap_or(0).saturating_sub(c0.get(name).copied().unwrap_or(0))
+        };
+        let io = io_ratios(&c0, &c1);
+        self.check_paced("cost run", &r, self.cfg.max_paced_loss)?;
+        let c = stats::cost(
+            after.cpu_ticks - before.cpu_ticks,
+            stats::clock_ticks_per_sec(),
+            r.delivered,
+            r.delivered * size as u64,
+        )
+        .context("cost run forwarded nothing")?;
+        let user_us_per_datagram = (after.user_ticks - before.user_ticks) as f64 * 1e6
+            / stats::clock_ticks_per_sec() as f64
+            / r.delivered as f64;
+        let name = match direction {
+            Direction::Upload => "upload",
+            Direction::Download => "download",
+            Direction::Echo => "echo",
+        };
+        Ok(CostPoint {
+            direction: name.into(),
+            size,
+            offered,
+            delivered: r.delivered,
+            cost: c,
+            user_us_per_datagram,
+            quic_packets_per_datagram: stats::ratio(
+                delta("quic_packets_in"),
+                delta("datagrams_up") + delta("datagrams_down"),
+            ),
+            relay_packets_per_receive: io.quic_packets_per_receive,
+            relay_packets_per_send: io.quic_packets_per_send,
+            relay_target_datagrams_per_send: io.target_datagrams_per_send,
+            relay_target_datagrams_per_receive: io.target_datagrams_per_receive,
+            relay_syscalls_per_datagram: io.syscalls_per_datagram,
+        })
+    }
 }
 
 /// Runs the suite and writes `report.json`, `report.md` and the plots into
@@ -381,42 +542,16 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     std::fs::create_dir_all(&cfg.out_dir)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cfg.pin && cores >= 2;
-    let per_conn = 25_000usize;
+    let per_conn = PER_CONNECTION;
     let netns = if cfg.netns {
         Some(TargetNetns::create("relaybench", 1).context("creating the target namespace")?)
     } else {
         None
     };
-    let mut allow = RelayOptions::default().allow;
-    if let Some(ns) = &netns {
-        allow.push(format!("{}/30", ns.target_addr));
-    }
-    let opts = RelayOptions {
-        allow,
-        // One worker, pinned by the dataplane to the first CPU: the cost
-        // figures are per worker core.
-        workers: 1,
-        io: cfg.io.clone(),
-        flow_idle_timeout_secs: 600,
-        ask_timeout_ms: 5000,
-        dataplane_extra: format!(
-            "max_tunnels_per_connection = {per_conn}\nmax_connections_per_worker = 100000"
-        ),
-        bin_dir: cfg.bin_dir.clone(),
-        log_dir: Some(cfg.out_dir.join("logs")),
-        ..RelayOptions::default()
-    };
-    let relay = Relay::start(&cfg.out_dir.join("relay"), &opts).context("starting the relay")?;
+    let bench = start_bench(cfg, &cfg.io, "relay", netns.as_ref(), pinned)?;
     if pinned {
-        for pid in [relay.dataplane_pid(), relay.control_pid()].into_iter().flatten() {
-            pin_process(pid, 0)?;
-        }
         pin_process(std::process::id(), 1)?;
     }
-    let mut client_cfg = ClientConfig::new(relay.addr);
-    client_cfg.ca = Some(relay.cert());
-    client_cfg.token = Some(relay.token.clone());
-    let bench = Bench { cfg, relay, client_cfg, netns };
     let largest = *cfg.sizes.iter().max().context("no sizes")?;
 
     // Throughput sweep: upload through the relay and direct.
@@ -493,41 +628,17 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     }
 
     // CPU cost at a fixed offered load: half the relay's measured upload max.
-    let mut cost = Vec::new();
-    for &size in &[cfg.sizes[0], largest] {
-        let max = upload
+    let max_upload = |size: usize| {
+        upload
             .iter()
             .find(|t| t.path == "relay" && t.result.spec.size == size)
-            .map_or(1000.0, |t| t.result.delivered_rate.datagrams_per_sec);
-        let offered = (max * cfg.cost_fraction).max(100.0);
+            .map_or(1000.0, |t| t.result.delivered_rate.datagrams_per_sec)
+    };
+    let mut cost = Vec::new();
+    for &size in &[cfg.sizes[0], largest] {
+        let offered = (max_upload(size) * cfg.cost_fraction).max(100.0);
         eprintln!("bench: cost at {offered:.0}/s, {size} B");
-        let spec = bench.spec(size, Direction::Upload, Some(offered));
-        let admin = bench.relay.admin_socket();
-        let before = bench.relay_sample()?;
-        let c0 = relay_counters(&admin)?;
-        let r = bench.through_relay(TargetMode::Sink, &spec)?;
-        let after = bench.relay_sample()?;
-        let c1 = relay_counters(&admin)?;
-        let delta = |name: &str| c1.get(name).copied().unwrap_or(0) - c0.get(name).copied().unwrap_or(0);
-        let ratio = stats::ratio;
-        bench.check_paced("cost run", &r, cfg.max_paced_loss)?;
-        let c = stats::cost(
-            after.cpu_ticks - before.cpu_ticks,
-            stats::clock_ticks_per_sec(),
-            r.delivered,
-            r.delivered * size as u64,
-        )
-        .context("cost run forwarded nothing")?;
-        cost.push(CostPoint {
-            size,
-            offered,
-            delivered: r.delivered,
-            cost: c,
-            quic_packets_per_datagram: ratio(delta("quic_packets_in"), delta("datagrams_up")),
-            relay_packets_per_receive: ratio(delta("quic_packets_in"), delta("quic_receives")),
-            relay_packets_per_send: ratio(delta("quic_packets_out"), delta("quic_sends")),
-            relay_target_datagrams_per_send: ratio(delta("datagrams_up"), delta("target_sends")),
-        });
+        cost.push(bench.cost_run(size, Direction::Upload, offered)?);
     }
 
     // Setup rate: tunnels opened back to back (pipelined), including the
@@ -622,6 +733,40 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         }
     }
     idle.sort_by_key(|i| i.flows);
+    drop(bench);
+
+    // The I/O backends side by side: each on a fresh one-worker relay, the
+    // same loads, the cost runs at one common offered load (a fraction of
+    // the slower backend's max upload) so CPU per datagram compares.
+    let mut backends = Vec::new();
+    if cfg.compare_backends {
+        let mut runs = Vec::new();
+        for io in ["io_uring", "epoll"] {
+            let b = start_bench(cfg, io, &format!("relay-{io}"), netns.as_ref(), pinned)?;
+            eprintln!("bench: {io} upload {largest} B");
+            let spec = b.spec(largest, Direction::Upload, None);
+            let admin = b.relay.admin_socket();
+            let c0 = relay_counters(&admin)?;
+            let r = b.through_relay(TargetMode::Sink, &spec)?;
+            let c1 = relay_counters(&admin)?;
+            runs.push((io, b, r, io_ratios(&c0, &c1)));
+        }
+        let slowest =
+            runs.iter().map(|(_, _, r, _)| r.delivered_rate.datagrams_per_sec).fold(f64::MAX, f64::min);
+        let offered = (slowest * cfg.cost_fraction).max(100.0);
+        for (io, b, r, upload_io) in runs {
+            eprintln!("bench: {io} cost at {offered:.0}/s, {largest} B, upload and download");
+            let upload_cost = b.cost_run(largest, Direction::Upload, offered)?;
+            let download_cost = b.cost_run(largest, Direction::Download, offered)?;
+            backends.push(BackendPoint {
+                backend: io.into(),
+                upload: r,
+                upload_io,
+                download_cost,
+                upload_cost,
+            });
+        }
+    }
 
     let report = Report {
         timestamp_unix: std::time::SystemTime::now()
@@ -637,6 +782,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         cost,
         rates,
         idle,
+        backends,
     };
     crate::report::write_all(&report, &cfg.out_dir)?;
     Ok(report)

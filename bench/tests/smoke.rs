@@ -36,6 +36,16 @@ fn smoke_suite_produces_every_output() {
     }
     assert_eq!(report.cost.len(), 2);
     assert!(report.cost.iter().all(|c| c.cost.us_per_datagram > 0.0));
+    assert!(report.cost.iter().all(|c| c.relay_syscalls_per_datagram > 0.0), "I/O system calls are counted");
+    // Both backends measured, each with its upload and download cost runs.
+    let backends: Vec<&str> = report.backends.iter().map(|b| b.backend.as_str()).collect();
+    assert_eq!(backends, vec!["io_uring", "epoll"]);
+    for b in &report.backends {
+        assert!(b.upload.delivered > 0, "{} forwarded nothing", b.backend);
+        assert_eq!(b.upload_cost.offered, b.download_cost.offered, "one common offered load");
+        assert!(b.download_cost.relay_target_datagrams_per_receive >= 1.0);
+        assert!(b.upload_cost.relay_target_datagrams_per_send >= 1.0);
+    }
     assert!(report.rates.flows_per_sec > 0.0 && report.rates.connections_per_sec > 0.0);
     assert_eq!(report.idle.len(), 1);
     assert!(report.idle[0].not_measured.is_none() && report.idle[0].rss_after_kib > 0);
@@ -70,6 +80,8 @@ fn smoke_suite_with_targets_in_a_network_namespace() {
     let dir = std::env::temp_dir().join(format!("relay-bench-smoke-ns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut cfg = SuiteConfig::smoke(dir.clone());
+    // The loopback smoke test covers the backend comparison.
+    cfg.compare_backends = false;
     cfg.netns = true;
     cfg.sizes = vec![1200];
     cfg.latency_loads = vec![0.2];

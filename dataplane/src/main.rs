@@ -140,6 +140,12 @@ impl ControlWatch {
 /// The backend the workers run, after probing the kernel.
 fn choose_backend(b: &Bootstrap) -> Result<BackendKind, String> {
     let support = relay_udp::uring::probe();
+    info!(
+        multishot_recvmsg = support.recvmsg_multishot,
+        buffer_rings = support.buf_ring,
+        sendmsg = support.sendmsg,
+        "{support}"
+    );
     match b.io_backend.as_str() {
         "epoll" => Ok(BackendKind::Epoll),
         "io_uring" if support.is_usable() => Ok(BackendKind::Uring),
@@ -206,7 +212,6 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         listen = %b.listen,
         fd_limit,
         backend = kind.name(),
-        gso = relay_udp::gso_enabled(),
         pinned = b.pin_workers,
         cpus = ?cpus,
         "attached to control"
@@ -227,6 +232,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // start-up and socket i is index i of the reuseport group.
         let sock = socket::quic_listener(b.listen)?;
         let local = sock.local_addr()?;
+        if i == 0 && !relay_udp::gso_supported(&sock) {
+            // Probe once: without UDP_SEGMENT every datagram is its own send.
+            relay_udp::GSO_ENABLED.store(false, Ordering::Relaxed);
+            warn!("the kernel lacks UDP_SEGMENT (GSO): sending one datagram per system call");
+        }
         if i == 0 && b.cid_steering && b.workers > 1 {
             steer(&sock, &cids, b.workers);
         }
@@ -270,6 +280,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         workers: b.workers,
     };
     std::thread::Builder::new().name("control-watch".into()).spawn(move || watch.run())?;
+    info!(gso = relay_udp::gso_enabled(), "UDP segmentation offload");
     println!("relay-dataplane: serving QUIC on {} ({} workers, {})", b.listen, b.workers, kind.name());
     for h in handles {
         let _ = h.join();

@@ -30,7 +30,9 @@ pub fn quic_listener(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     s.bind(&addr.into())?;
     // GRO lets one receive carry many packets from a sender; without kernel
     // support packets simply arrive one by one.
-    relay_udp::enable_gro(&s)?;
+    if !relay_udp::enable_gro(&s)? {
+        tracing::warn!("the kernel lacks UDP_GRO: one datagram per receive");
+    }
     Ok(s.into())
 }
 

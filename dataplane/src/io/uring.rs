@@ -136,7 +136,11 @@ fn ring_with(entries: u32) -> io::Result<IoUring> {
     // only run when it enters the kernel (DEFER_TASKRUN, 6.1): no
     // interrupts of the worker by task work. Older kernels take the plain
     // ring.
-    let tuned = IoUring::builder().setup_cqsize(entries * 8).build(entries);
+    let tuned = IoUring::builder()
+        .setup_cqsize(entries * 8)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries);
     match tuned {
         Ok(r) => Ok(r),
         Err(_) => IoUring::builder().setup_cqsize(entries * 8).build(entries),
@@ -307,14 +311,15 @@ impl UringBackend {
             self.push(e);
             self.quic_armed = true;
         }
-        for key in std::mem::take(&mut self.rearm) {
-            let Some(t) = self.targets.get(&key).filter(|t| !t.armed) else { continue };
+        let mut rearm = std::mem::take(&mut self.rearm);
+        for key in rearm.drain(..) {
+            let Some(t) = self.targets.get_mut(&key).filter(|t| !t.armed) else { continue };
+            t.armed = true;
             let e = self.target_recv.entry(t.sock.as_raw_fd(), TARGET_BGID, user_data(KIND_TARGET_RECV, key));
             self.push(e);
-            if let Some(t) = self.targets.get_mut(&key) {
-                t.armed = true;
-            }
         }
+        // Keep the allocation for the next turn.
+        self.rearm = rearm;
         if !self.worker_bell_armed {
             let poll = opcode::PollAdd::new(types::Fd(h.worker_bell()), libc::POLLIN as u32)
                 .multi(true)
