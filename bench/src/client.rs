@@ -199,7 +199,9 @@ impl Client {
         let deadline = Instant::now() + timeout;
         client.flush()?;
         while client.h3.is_none() {
-            if client.quic.is_closed() {
+            // Draining: the relay closed the connection (e.g. it could not
+            // complete the handshake); its reason is in peer_error.
+            if client.quic.is_closed() || client.quic.is_draining() {
                 bail!(
                     "handshake with {} failed: local {:?}, peer {:?}",
                     client.config.relay,
@@ -445,7 +447,7 @@ impl Client {
                 offset = end;
             }
         }
-        if self.quic.timeout() == Some(Duration::ZERO) {
+        if self.quic.timeout_instant().is_some_and(|t| t <= Instant::now()) {
             self.quic.on_timeout();
         }
         if self.h3.is_none() && self.quic.is_established() {

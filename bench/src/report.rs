@@ -143,8 +143,14 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\nSetup: {} tunnels at {:.0} tunnels/s (CONNECT, control authorization, 200); {} handshakes at {:.0} connections/s.\n",
-        r.rates.flows, r.rates.flows_per_sec, r.rates.connections, r.rates.connections_per_sec
+        "\nSetup: {} tunnels at {:.0} tunnels/s (CONNECT, control authorization, 200); {} handshakes at {:.0} connections/s (keyless: control signs each). CONNECT -> 200 one tunnel at a time ({} samples): p50 {} us, p99 {} us.\n",
+        r.rates.flows,
+        r.rates.flows_per_sec,
+        r.rates.connections,
+        r.rates.connections_per_sec,
+        r.rates.connect_latency.count,
+        r.rates.connect_latency.p50_us,
+        r.rates.connect_latency.p99_us
     );
     out +=
         "| idle tunnels | relay RSS before (MiB) | after (MiB) | bytes per tunnel |\n|---:|---:|---:|---:|\n";

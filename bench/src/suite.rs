@@ -48,6 +48,8 @@ pub struct SuiteConfig {
     pub setup_flows: usize,
     /// Connections for the handshake-rate run.
     pub handshakes: usize,
+    /// Tunnels opened one after another to time CONNECT -> 200.
+    pub connect_samples: usize,
     /// Idle tunnel counts for the memory runs.
     pub idle_flows: Vec<usize>,
     /// Largest loss accepted in the paced cost runs.
@@ -84,6 +86,7 @@ impl SuiteConfig {
             latency_loads: vec![0.1, 0.5, 0.9],
             setup_flows: 5000,
             handshakes: 300,
+            connect_samples: 1000,
             idle_flows: vec![10_000, 100_000],
             max_paced_loss: 0.01,
             cost_fraction: 0.5,
@@ -107,6 +110,7 @@ impl SuiteConfig {
             cost_fraction: 0.2,
             setup_flows: 200,
             handshakes: 20,
+            connect_samples: 20,
             idle_flows: vec![500],
             pin: false,
             ..Self::standard(out_dir)
@@ -246,6 +250,9 @@ pub struct Rates {
     pub connections: usize,
     /// Handshakes per second (QUIC + HTTP/3 SETTINGS).
     pub connections_per_sec: f64,
+    /// CONNECT -> 200 times of tunnels opened one at a time (the client's
+    /// view of control's authorization round trip plus HTTP/3), in us.
+    pub connect_latency: Percentiles,
     /// Cumulative tunnels opened over time (seconds, count) for the plot.
     pub setup_curve: Vec<(f64, f64)>,
 }
@@ -659,6 +666,18 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     }
     let setup_secs = start.elapsed().as_secs_f64();
     c.close();
+    eprintln!("bench: CONNECT latency ({} tunnels one at a time)", cfg.connect_samples);
+    let mut c = Client::connect(bench.client_cfg.clone(), Duration::from_secs(5))?;
+    c.wait_settings(Duration::from_secs(5))?;
+    let mut connect_hist = stats::latency_histogram();
+    for _ in 0..cfg.connect_samples {
+        let t0 = Instant::now();
+        let id = c.open_udp(&t.0, t.1, Duration::from_secs(10))?;
+        connect_hist.record(t0.elapsed().as_micros().max(1) as u64)?;
+        c.finish_stream(id)?;
+    }
+    c.close();
+    let connect_latency = stats::percentiles(&connect_hist);
     eprintln!("bench: handshake rate ({} connections)", cfg.handshakes);
     // One QUIC configuration for all: building it loads certificates, which
     // is client cost, not the relay's.
@@ -675,6 +694,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         flows_per_sec: cfg.setup_flows as f64 / setup_secs,
         connections: cfg.handshakes,
         connections_per_sec: cfg.handshakes as f64 / hs_secs,
+        connect_latency,
         setup_curve: curve,
     };
 

@@ -670,3 +670,70 @@ fn relayctl_flows_kill_ends_one_tunnel() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no live flow 999"));
 }
+
+/// Keyless TLS: every handshake's signature is made by control, which
+/// alone holds the private key.
+#[test]
+fn handshakes_are_signed_by_control() {
+    let relay = start("keyless", RelayOptions::default());
+    let before = counter(&relay, "signs_sent");
+    let mut c = client(&relay);
+    c.wait_settings(T).unwrap();
+    assert!(c.extended_connect_enabled());
+    assert_eq!(counter(&relay, "signs_sent"), before + 1, "one signature per handshake, asked of control");
+    assert_eq!(counter(&relay, "signs_failed"), 0);
+}
+
+/// Without control there is no private key: a new handshake fails at once
+/// with a TLS alert (not a hang), a stalled control fails it within the ask
+/// timeout, and open tunnels keep forwarding throughout.
+#[test]
+fn handshakes_fail_cleanly_without_control_while_tunnels_keep_forwarding() {
+    let mut relay = start("keyless-down", RelayOptions { ask_timeout_ms: 1500, ..Default::default() });
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+
+    let pid = relay.control_pid().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    let stalled = Client::connect(client_config(&relay), Duration::from_secs(8));
+    let waited = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let err = stalled.err().expect("no handshake without a signature").to_string();
+    assert!(err.contains("failed"), "the relay ended the handshake: {err}");
+    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "bounded: {waited:?}");
+
+    relay.kill_control();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let err =
+        Client::connect(client_config(&relay), Duration::from_secs(8)).err().expect("no key, no handshake");
+    assert!(err.to_string().contains("failed"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1), "fails fast when control is gone");
+    assert!(counter_from_dataplane_is_unavailable(&relay));
+    let load = EchoLoad {
+        count: 200,
+        size: 200,
+        window: 16,
+        capsules: false,
+        stall_timeout: Duration::from_secs(5),
+    };
+    let r = run_echo(&mut c, &[s], &load).unwrap();
+    assert_eq!((r.received, r.lost, r.corrupt), (200, 0, 0), "the open tunnel is unaffected");
+}
+
+fn client_config(relay: &Relay) -> ClientConfig {
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(relay.cert());
+    cfg.token = Some(relay.token.clone());
+    cfg
+}
+
+/// With control killed its admin socket is gone too (counters cannot be
+/// read): a sanity check that the test really runs without control.
+fn counter_from_dataplane_is_unavailable(relay: &Relay) -> bool {
+    UnixStream::connect(relay.admin_socket()).is_err()
+}

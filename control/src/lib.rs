@@ -17,4 +17,5 @@ pub mod config;
 pub mod policy;
 pub mod resolver;
 pub mod server;
+pub mod signer;
 pub mod state;

@@ -116,6 +116,7 @@ impl Policy {
                         flow_id,
                         target: SocketAddr::new(*ip, port),
                         idle_timeout_ms: self.idle_timeout_ms,
+                        byte_budget: 0,
                     };
                 }
                 Err(Denial::Port) => port_denied = true,
@@ -168,7 +169,7 @@ mod tests {
         assert_eq!(status(&p.decide(&ask("127.0.0.1", Some("Bearer x")))), 407);
         assert_eq!(status(&p.decide(&ask("10.0.0.1", Some("Bearer t")))), 403);
         match p.decide(&ask("127.0.0.1", Some("Bearer t"))) {
-            Decision::Answer(Verdict::Allow { flow_id, target, idle_timeout_ms: 5000 }) => {
+            Decision::Answer(Verdict::Allow { flow_id, target, idle_timeout_ms: 5000, .. }) => {
                 assert_eq!(flow_id & ((1 << 40) - 1), 1, "first flow of this control start");
                 assert_eq!(target, "127.0.0.1:53".parse().unwrap())
             }

@@ -22,7 +22,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use relay_proto::channel::RECORD_SIZE;
 use relay_proto::channel::bootstrap::{self, Bootstrap, Hello};
 use relay_proto::channel::doorbell::Doorbell;
-use relay_proto::channel::record::{AuthAnswer, AuthAsk, Record, Verdict};
+use relay_proto::channel::record::MAX_DETAILS;
+use relay_proto::channel::record::{AuthAnswer, AuthAsk, Record, SignAnswer, SignAsk, SignResult, Verdict};
 use relay_proto::channel::region::{Region, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
 use relay_proto::proxy_status::ProxyError;
@@ -30,6 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::policy::{Decision, Policy, ResolveFailure};
 use crate::resolver::{Resolved, Resolver};
+use crate::signer::KeyStore;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -92,6 +94,10 @@ pub struct Shared {
     pub drain_requested: bool,
     /// Set by the admin socket: (worker, flow) to end.
     pub kill_requests: Vec<(u32, u64)>,
+    /// Handshake signatures made for the dataplane (keyless TLS).
+    pub signatures: u64,
+    /// Signing asks that failed (unsupported scheme, no key).
+    pub signatures_failed: u64,
 }
 
 struct WorkerEnd {
@@ -116,6 +122,7 @@ struct PendingResolution {
 pub struct Server {
     settings: ServerSettings,
     policy: Policy,
+    keys: Arc<KeyStore>,
     shared: Arc<Mutex<Shared>>,
     poll: Poll,
     listener: UnixListener,
@@ -144,7 +151,12 @@ pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
 
 impl Server {
     /// Binds the channel socket and starts the resolver pool.
-    pub fn new(settings: ServerSettings, policy: Policy, shared: Arc<Mutex<Shared>>) -> io::Result<Self> {
+    pub fn new(
+        settings: ServerSettings,
+        policy: Policy,
+        keys: Arc<KeyStore>,
+        shared: Arc<Mutex<Shared>>,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let listener = bind_private_socket(&settings.channel_socket)?;
         listener.set_nonblocking(true)?;
@@ -157,6 +169,7 @@ impl Server {
         Ok(Self {
             settings,
             policy,
+            keys,
             shared,
             poll,
             listener,
@@ -363,6 +376,7 @@ impl Server {
         for (worker, record) in asks {
             match record {
                 Record::AuthAsk(ask) => self.on_ask(worker, ask),
+                Record::SignAsk(ask) => self.on_sign_ask(worker, ask),
                 Record::FlowClosed(closed) => {
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if shared.flows.remove(&closed.flow_id).is_some() {
@@ -391,7 +405,7 @@ impl Server {
                         });
                     }
                 }
-                Record::AuthAnswer(_) | Record::Drain | Record::KillFlow { .. } => {
+                Record::AuthAnswer(_) | Record::Drain | Record::KillFlow { .. } | Record::SignAnswer(_) => {
                     warn!(worker, "dataplane sent an answer record; ignored");
                     self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
                 }
@@ -474,10 +488,34 @@ impl Server {
         if let Verdict::Deny { status, details, .. } = &verdict {
             debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");
         }
-        let record = Record::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict });
+        self.send_to_worker(worker, &Record::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));
+    }
+
+    /// Keyless TLS: signs a handshake for a worker with the key only control
+    /// holds, and answers at once.
+    fn on_sign_ask(&mut self, worker: u32, ask: SignAsk) {
+        let result = match self.keys.sign(ask.algorithm, &ask.input) {
+            Ok(signature) => SignResult::Signature(signature),
+            Err(e) => {
+                warn!(worker, scheme = ask.algorithm, "cannot sign for the dataplane: {e}");
+                SignResult::Failed(e.to_string().chars().take(MAX_DETAILS).collect())
+            }
+        };
+        {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            match result {
+                SignResult::Signature(_) => shared.signatures += 1,
+                SignResult::Failed(_) => shared.signatures_failed += 1,
+            }
+        }
+        self.send_to_worker(worker, &Record::SignAnswer(SignAnswer { sign_id: ask.sign_id, result }));
+    }
+
+    /// Queues a record for a worker (in order, behind its backlog).
+    fn send_to_worker(&mut self, worker: u32, record: &Record) {
         let mut buf = Box::new([0u8; RECORD_SIZE]);
         if let Err(e) = record.encode(&mut buf) {
-            error!("cannot encode answer: {e}");
+            error!("cannot encode a record for worker {worker}: {e}");
             return;
         }
         let Some(a) = &mut self.attached else { return };

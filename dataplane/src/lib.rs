@@ -21,6 +21,7 @@ pub mod attach;
 pub mod cpu;
 pub mod handoff;
 pub mod io;
+pub mod keyless;
 pub mod link;
 pub mod quic;
 pub mod response;

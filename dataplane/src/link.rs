@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use relay_proto::channel::RECORD_SIZE;
 use relay_proto::channel::doorbell::Doorbell;
-use relay_proto::channel::record::{AuthAnswer, AuthAsk, FlowClosed, FlowOpen, Record, RecordError};
+use relay_proto::channel::record::{
+    AuthAnswer, AuthAsk, FlowClosed, FlowOpen, Record, RecordError, SignAnswer, SignAsk,
+};
 use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
 
@@ -23,6 +25,15 @@ pub enum AskError {
     /// A field does not fit the record (caller answers 414/431/400).
     #[error("request too large for the channel: {0}")]
     TooLarge(RecordError),
+}
+
+/// An answer from control.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// To an authorization ask.
+    Auth(AuthAnswer),
+    /// To a signing ask.
+    Sign(SignAnswer),
 }
 
 /// Asks kept in the worker while the ring is full, before requests are
@@ -162,6 +173,29 @@ impl ControlLink {
         }
     }
 
+    /// Asks control to sign a TLS handshake (keyless TLS), in order with the
+    /// authorization asks.
+    pub fn sign(&mut self, sign_id: u64, algorithm: u16, input: Vec<u8>) -> Result<(), AskError> {
+        if !self.is_up() {
+            return Err(AskError::ControlDown);
+        }
+        let record = Record::SignAsk(SignAsk { sign_id, algorithm, input });
+        record.encode(&mut self.record).map_err(AskError::TooLarge)?;
+        self.flush_queued();
+        if self.queued.is_empty() {
+            match self.push() {
+                Ok(()) => return Ok(()),
+                Err(AskError::Full) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.queued.len() >= MAX_QUEUED_ASKS {
+            return Err(AskError::Full);
+        }
+        self.queued.push_back(record);
+        Ok(())
+    }
+
     /// Reports a closed flow.
     pub fn flow_closed(&mut self, closed: FlowClosed) {
         self.report(Record::FlowClosed(closed));
@@ -211,7 +245,7 @@ impl ControlLink {
     /// Reads pending answers, at most 4096 per call. Invalid records are
     /// counted and skipped. Returns whether more may be waiting (the caller
     /// calls again next turn without waiting for the doorbell).
-    pub fn poll_answers(&mut self, mut on_answer: impl FnMut(AuthAnswer)) -> bool {
+    pub fn poll_answers(&mut self, mut on_answer: impl FnMut(Answer)) -> bool {
         self.answer_bell.drain();
         self.flush_queued();
         if self.broken {
@@ -221,7 +255,8 @@ impl ControlLink {
         for _ in 0..4096 {
             match self.chan.rx.pop(&mut self.record) {
                 Ok(true) => match Record::decode(&self.record[..]) {
-                    Ok(Record::AuthAnswer(a)) => on_answer(a),
+                    Ok(Record::AuthAnswer(a)) => on_answer(Answer::Auth(a)),
+                    Ok(Record::SignAnswer(a)) => on_answer(Answer::Sign(a)),
                     Ok(Record::Drain) => self.drain_requested = true,
                     Ok(Record::KillFlow { flow_id }) => {
                         // Bounded: an operator kills flows one at a time.

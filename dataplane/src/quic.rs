@@ -12,13 +12,26 @@ pub const DGRAM_QUEUE: usize = 4096;
 /// active_connection_id_limit transport parameter.
 pub const MAX_PATHS: u64 = 16;
 
-/// Builds the transport configuration: ALPN h3, DATAGRAM support (which
-/// advertises max_datagram_frame_size, RFC 9221, as RFC 9297 section 2.1.1
-/// requires for SETTINGS_H3_DATAGRAM), and flow control sized for tunnels.
-pub fn transport_config(b: &Bootstrap) -> Result<quiche::Config, quiche::Error> {
-    let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION)?;
-    c.load_cert_chain_from_pem_file(&b.cert_chain)?;
-    c.load_priv_key_from_pem_file(&b.private_key)?;
+/// Why the QUIC configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicConfigError {
+    /// The TLS context (certificate chain, keyless signing).
+    #[error(transparent)]
+    Tls(#[from] crate::keyless::TlsContextError),
+    /// quiche refused a setting.
+    #[error("QUIC configuration: {0}")]
+    Quiche(#[from] quiche::Error),
+}
+
+/// Builds the transport configuration: TLS with control's certificate chain
+/// and keyless signing (the private key stays in control), ALPN h3,
+/// DATAGRAM support (which advertises max_datagram_frame_size, RFC 9221, as
+/// RFC 9297 section 2.1.1 requires for SETTINGS_H3_DATAGRAM), and flow
+/// control sized for tunnels.
+pub fn transport_config(b: &Bootstrap) -> Result<quiche::Config, QuicConfigError> {
+    let key = b.private_key_pem.as_deref().map(str::as_bytes);
+    let tls = crate::keyless::ssl_context(b.cert_chain_pem.as_bytes(), key)?;
+    let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, tls)?;
     c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
     c.set_max_idle_timeout(b.quic_idle_timeout_ms);
     c.set_max_recv_udp_payload_size(MAX_RECV_UDP_PAYLOAD);

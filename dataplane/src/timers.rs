@@ -20,6 +20,8 @@ pub enum TimerTarget {
     Conn(u64),
     /// A tunnel's deadline (connection key, request stream ID).
     Tunnel(u64, u64),
+    /// A handshake signature's deadline (connection key, sign ID).
+    Sign(u64, u64),
 }
 
 /// The heap.

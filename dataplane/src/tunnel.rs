@@ -97,6 +97,7 @@ pub struct Tunnel {
     idle_timeout: Duration,
     client_used_capsules: bool,
     client_used_datagrams: bool,
+    byte_budget: u64,
 }
 
 impl Tunnel {
@@ -116,20 +117,24 @@ impl Tunnel {
             idle_timeout: ask_timeout,
             client_used_capsules: false,
             client_used_datagrams: false,
+            byte_budget: 0,
         }
     }
 
-    /// Control allowed the tunnel: it is open. Returns the payloads the
+    /// Control allowed the tunnel: it is open, and may carry `byte_budget`
+    /// payload bytes both ways (0: no limit). Returns the payloads the
     /// client sent early, to forward now in order.
     pub fn open(
         &mut self,
         flow_id: u64,
         target: SocketAddr,
         idle_timeout: Duration,
+        byte_budget: u64,
         now: Instant,
     ) -> Vec<Vec<u8>> {
         self.phase = Phase::Open { flow_id, target };
         self.idle_timeout = idle_timeout;
+        self.byte_budget = byte_budget;
         self.last_activity = now;
         self.early_up.drain(..).collect()
     }
@@ -265,6 +270,12 @@ impl Tunnel {
         self.stream_out.drain(..n.min(self.stream_out.len()));
     }
 
+    /// Whether the tunnel has carried at least its byte budget (never when
+    /// it has none).
+    pub fn over_budget(&self) -> bool {
+        self.byte_budget != 0 && self.totals.bytes_up + self.totals.bytes_down >= self.byte_budget
+    }
+
     /// Whether an open tunnel has idled out, or a pending one timed out.
     pub fn expired(&self, now: Instant) -> bool {
         match self.phase {
@@ -312,7 +323,7 @@ mod tests {
         assert_eq!(t.on_quic_datagram(0, b"b", now), UpOutcome::Buffered);
         assert_eq!(t.on_quic_datagram(0, b"c", now), UpOutcome::DroppedQueueFull);
         assert_eq!(t.on_quic_datagram(5, b"d", now), UpOutcome::DroppedUnknownContext);
-        let early = t.open(1, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), now);
+        let early = t.open(1, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), 0, now);
         assert_eq!(early, vec![b"a".to_vec(), b"b".to_vec()]);
         assert_eq!(t.on_quic_datagram(0, b"e", now), UpOutcome::Forward);
         assert_eq!(t.on_quic_datagram(0, &[0; MAX_UDP_PAYLOAD + 1], now), UpOutcome::AbortTooLarge);
@@ -324,7 +335,7 @@ mod tests {
     fn capsule_payloads_and_unknown_contexts() {
         let now = Instant::now();
         let mut t = tunnel(now);
-        t.open(1, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), now);
+        t.open(1, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), 0, now);
         let mut bytes = Vec::new();
         capsule::encode_datagram(0, b"hello", &mut bytes);
         capsule::encode_datagram(7, b"ctx7", &mut bytes);
@@ -381,11 +392,27 @@ mod tests {
         let mut t = tunnel(now);
         assert!(!t.expired(now + Duration::from_millis(1999)));
         assert!(t.expired(now + Duration::from_secs(2)));
-        t.open(1, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), now);
+        t.open(1, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), 0, now);
         let later = now + Duration::from_secs(20);
         t.on_down(10, later);
         assert!(!t.expired(later + Duration::from_secs(29)));
         assert!(t.expired(later + Duration::from_secs(30)));
         assert_eq!(t.deadline(), later + Duration::from_secs(30));
+    }
+
+    #[test]
+    fn byte_budget_counts_both_directions() {
+        let now = Instant::now();
+        let mut t = tunnel(now);
+        t.open(1, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), 1000, now);
+        assert!(!t.over_budget());
+        assert_eq!(t.on_quic_datagram(0, &[0; 600], now), UpOutcome::Forward);
+        assert!(!t.over_budget());
+        t.on_down(400, now);
+        assert!(t.over_budget(), "600 up + 400 down reaches 1000");
+        let mut unlimited = tunnel(now);
+        unlimited.open(2, "127.0.0.1:9".parse().unwrap(), Duration::from_secs(30), 0, now);
+        unlimited.on_down(1 << 40, now);
+        assert!(!unlimited.over_budget());
     }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use quiche::h3::NameValue;
 use relay_proto::channel::bootstrap::Bootstrap;
-use relay_proto::channel::record::{AuthAnswer, FlowClosed, RecordError, Verdict};
+use relay_proto::channel::record::{AuthAnswer, FlowClosed, RecordError, SignAnswer, SignResult, Verdict};
 use relay_proto::channel::region::Counter;
 use relay_proto::cid::{CidLayout, Decoded};
 use relay_proto::datagram;
@@ -34,7 +34,8 @@ use tracing::{debug, info, warn};
 
 use crate::handoff::{Handoff, Inbox};
 use crate::io::{Handler, Output, TargetKey, Turn, UpSend, Wake};
-use crate::link::{AskError, ControlLink};
+use crate::keyless;
+use crate::link::{Answer, AskError, ControlLink};
 use crate::quic;
 use crate::response::{self, Headers};
 use crate::slab::{Key as ConnKey, Slab};
@@ -90,6 +91,8 @@ struct Conn {
     dirty: bool,
     /// The QUIC timeout armed in the timer heap.
     timer: Option<Instant>,
+    /// The handshake signature asked of control, if one is outstanding.
+    signing: Option<u64>,
 }
 
 /// Settings a worker runs with.
@@ -124,6 +127,12 @@ pub struct Worker {
     targets: HashMap<TargetKey, (ConnKey, u64)>,
     next_target: TargetKey,
     asks: HashMap<u64, (ConnKey, u64)>,
+    /// Signing asks in flight: sign ID -> connection.
+    signs: HashMap<u64, ConnKey>,
+    /// Tunnels that used up their byte budget this turn.
+    over_budget: Vec<(ConnKey, u64)>,
+    /// `:protocol = connect-udp` is served.
+    connect_udp_enabled: bool,
     link: ControlLink,
     relink: std::sync::mpsc::Receiver<ControlLink>,
     inboxes: Arc<[Inbox]>,
@@ -155,9 +164,9 @@ pub enum WorkerError {
     /// Socket or poll setup failed.
     #[error("worker I/O: {0}")]
     Io(#[from] io::Error),
-    /// TLS or QUIC configuration failed (e.g. unreadable certificate).
-    #[error("QUIC configuration: {0}")]
-    Quic(#[from] quiche::Error),
+    /// TLS or QUIC configuration failed (e.g. an invalid certificate chain).
+    #[error(transparent)]
+    Quic(#[from] quic::QuicConfigError),
     /// HTTP/3 configuration failed.
     #[error("HTTP/3 configuration: {0}")]
     H3(#[from] quiche::h3::Error),
@@ -187,6 +196,7 @@ impl Worker {
     ) -> Result<Self, WorkerError> {
         let quic_config = quic::transport_config(&settings.bootstrap)?;
         let h3_config = quic::h3_config()?;
+        let connect_udp_enabled = settings.bootstrap.protocols.iter().any(|p| p == "connect-udp");
         let limits = Limits {
             max_capsule_len: settings.bootstrap.max_capsule_len as usize,
             max_queued_datagrams: settings.bootstrap.pending_datagrams_per_tunnel as usize,
@@ -203,6 +213,9 @@ impl Worker {
             targets: HashMap::new(),
             next_target: 1,
             asks: HashMap::new(),
+            signs: HashMap::new(),
+            over_budget: Vec::new(),
+            connect_udp_enabled,
             link,
             relink,
             inboxes,
@@ -292,6 +305,7 @@ impl Worker {
             Ok(_) => self.process_conn(key, &mut conn),
             Err(e) => debug!("QUIC recv: {e}"),
         }
+        self.ask_signatures(key, &mut conn);
         self.put_conn(key, conn);
     }
 
@@ -333,12 +347,97 @@ impl Worker {
             goaway_sent: false,
             dirty: false,
             timer: None,
+            signing: None,
         }));
         self.by_cid.insert(scid, key);
         self.by_cid.insert(odcid, key);
         self.count(Counter::ConnectionsAccepted, 1);
         self.count(Counter::ConnectionsActive, 1);
         Some(key)
+    }
+
+    /// Sends the signing asks the connection's handshake made (keyless
+    /// TLS). Returns whether one failed at once, so the handshake must be
+    /// driven again to fail cleanly.
+    fn ask_signatures(&mut self, key: ConnKey, conn: &mut Conn) -> bool {
+        let mut failed = false;
+        for req in keyless::take_requests() {
+            let id = req.sign_id;
+            if let Some(old) = conn.signing.replace(id) {
+                // A handshake signs once; a second ask replaces the first.
+                self.signs.remove(&old);
+                keyless::forget(old);
+            }
+            match self.link.sign(id, req.algorithm, req.input) {
+                Ok(()) => {
+                    self.signs.insert(id, key);
+                    let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
+                    self.timers.push(self.now + timeout, TimerTarget::Sign(key, id));
+                    self.count(Counter::SignsSent, 1);
+                }
+                Err(e) => {
+                    debug!("handshake signature not asked: {e}");
+                    conn.signing = None;
+                    keyless::deliver(id, None);
+                    self.count(Counter::SignsFailed, 1);
+                    failed = true;
+                }
+            }
+        }
+        failed
+    }
+
+    /// Control's signature arrived: the handshake resumes when its
+    /// connection sends (this turn).
+    fn on_sign_answer(&mut self, answer: SignAnswer) {
+        let Some(key) = self.signs.remove(&answer.sign_id) else {
+            return; // the connection is gone, or the ask timed out
+        };
+        let signature = match answer.result {
+            SignResult::Signature(sig) => Some(sig),
+            SignResult::Failed(why) => {
+                warn!("control could not sign a handshake: {why}");
+                self.count(Counter::SignsFailed, 1);
+                None
+            }
+        };
+        keyless::deliver(answer.sign_id, signature);
+        if let Some(mut conn) = self.take_conn(key) {
+            if conn.signing == Some(answer.sign_id) {
+                conn.signing = None;
+            }
+            self.put_conn(key, conn);
+        }
+    }
+
+    /// Fails a signing ask (no answer in time, or control replaced): the
+    /// handshake ends with an alert instead of hanging.
+    fn fail_sign(&mut self, sign_id: u64) {
+        let Some(key) = self.signs.remove(&sign_id) else { return };
+        keyless::deliver(sign_id, None);
+        self.count(Counter::SignsFailed, 1);
+        if let Some(mut conn) = self.take_conn(key) {
+            conn.signing = None;
+            self.put_conn(key, conn);
+        }
+    }
+
+    /// Ends the tunnels that used up their byte budget (a quota's
+    /// remainder): FIN on our side and stop reading, like an idle timeout.
+    fn end_over_budget(&mut self) {
+        for (key, stream_id) in std::mem::take(&mut self.over_budget) {
+            let Some(mut conn) = self.take_conn(key) else { continue };
+            if let Some(entry) = conn.tunnels.remove(&stream_id) {
+                debug!(stream_id, "tunnel used up its byte budget");
+                self.count(Counter::TunnelsOverBudget, 1);
+                if let Some(h3) = conn.h3.as_mut() {
+                    let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
+                }
+                let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
+                self.close_tunnel(entry);
+            }
+            self.put_conn(key, conn);
+        }
     }
 
     /// Copies a packet into the owning worker's inbox.
@@ -505,6 +604,10 @@ impl Worker {
                 return;
             }
         };
+        if req.protocol.as_deref() == Some("connect-udp") && !self.connect_udp_enabled {
+            // RFC 8441 section 4: an unsupported :protocol SHOULD get 501.
+            return self.refuse(conn, stream_id, 501, None, "connect-udp is not enabled on this relay");
+        }
         let connect = match request::classify_connect_udp(&req, &self.settings.template) {
             Ok(c) => c,
             Err(refusal) => {
@@ -709,7 +812,7 @@ impl Worker {
                 conn.tunnels.remove(&stream_id);
                 self.refuse(conn, stream_id, status, proxy_error, &details);
             }
-            Verdict::Allow { flow_id, target, idle_timeout_ms } => {
+            Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget } => {
                 let sock = match socket::connected_target(target) {
                     Ok(s) => s,
                     Err(e) => {
@@ -736,6 +839,7 @@ impl Worker {
                     flow_id,
                     target,
                     Duration::from_millis(u64::from(idle_timeout_ms)),
+                    byte_budget,
                     now,
                 );
                 entry.target = Some(target_key);
@@ -782,6 +886,10 @@ impl Worker {
                     }
                     Err(_) => self.count(Counter::DropQueueFull, 1),
                 }
+                if entry.tunnel.over_budget() {
+                    let key = self.conn_key_of(conn);
+                    self.note_over_budget(key, stream_id);
+                }
             }
             DownPath::Capsule => {
                 if entry.tunnel.push_capsule(payload) {
@@ -790,6 +898,10 @@ impl Worker {
                     self.count(Counter::BytesDown, payload.len() as u64);
                 } else {
                     self.count(Counter::DropQueueFull, 1);
+                }
+                if entry.tunnel.over_budget() {
+                    let key = self.conn_key_of(conn);
+                    self.note_over_budget(key, stream_id);
                 }
             }
         }
@@ -812,9 +924,15 @@ impl Worker {
                     self.put_conn(key, conn);
                 }
                 TimerTarget::Tunnel(key, stream_id) => self.check_tunnel_deadline(key, stream_id),
+                TimerTarget::Sign(_, sign_id) => {
+                    if self.signs.contains_key(&sign_id) {
+                        debug!(sign_id, "control did not sign in time");
+                        self.fail_sign(sign_id);
+                    }
+                }
             }
         }
-        let live = self.conns.len() + self.tunnels_open + self.asks.len();
+        let live = self.conns.len() + self.tunnels_open + self.asks.len() + self.signs.len();
         if self.timers.len() > 4 * live + 4096 {
             self.compact_timers();
         }
@@ -861,11 +979,13 @@ impl Worker {
     /// Drops stale timer entries.
     fn compact_timers(&mut self) {
         let conns = &self.conns;
+        let signs = &self.signs;
         self.timers.retain(|at, target| match target {
             TimerTarget::Conn(key) => conns.get(key).is_some_and(|c| c.timer == Some(at)),
             TimerTarget::Tunnel(key, stream) => {
                 conns.get(key).is_some_and(|c| c.tunnels.contains_key(&stream))
             }
+            TimerTarget::Sign(_, sign_id) => signs.contains_key(&sign_id),
         });
     }
 
@@ -875,8 +995,20 @@ impl Worker {
         for key in dirty.drain(..) {
             let Some(mut conn) = self.conns.take(key) else { continue };
             conn.dirty = false;
-            self.flush_streams(&mut conn);
-            self.send_packets(&mut conn);
+            // While control signs, nothing of the handshake leaves: were the
+            // ServerHello out, the client would drop its Initial keys and
+            // could not read a CONNECTION_CLOSE if signing then fails
+            // (quiche sends it in an Initial packet; RFC 9000 section
+            // 10.2.3). The whole flight goes out once the signature is in.
+            if conn.signing.is_none() {
+                self.flush_streams(&mut conn);
+                self.send_packets(&mut conn);
+                if self.ask_signatures(key, &mut conn) {
+                    // Signing failed at once (control gone): let the
+                    // handshake fail now, with its CONNECTION_CLOSE.
+                    self.send_packets(&mut conn);
+                }
+            }
             if conn.quic.is_closed() {
                 self.conns.release(key);
                 self.drop_conn(conn);
@@ -919,14 +1051,24 @@ impl Worker {
     /// Writes what quiche has for `conn` into GSO batches.
     fn send_packets(&mut self, conn: &mut Conn) {
         let gso = self.gso();
+        let mut failed = false;
         loop {
             let space = self.out.quic_space();
             let (n, info) = match conn.quic.send(space) {
                 Ok(v) => v,
                 Err(quiche::Error::Done) => break,
-                Err(e) => {
+                Err(e) if !failed => {
+                    // A failed handshake (e.g. no signature from control)
+                    // leaves quiche with its TLS alert to send; anything
+                    // else closes with INTERNAL_ERROR. Either way the
+                    // CONNECTION_CLOSE goes out now, not at the next timer.
                     debug!("QUIC send: {e}");
+                    failed = true;
                     let _ = conn.quic.close(false, 0x1, b"internal error");
+                    continue;
+                }
+                Err(e) => {
+                    debug!("QUIC send after close: {e}");
                     break;
                 }
             };
@@ -955,6 +1097,10 @@ impl Worker {
         let Some(key) = entry.target else {
             return self.out.stats.drop_target_send += 1;
         };
+        if entry.tunnel.over_budget() {
+            // This payload still goes out; the tunnel ends this turn.
+            self.note_over_budget(conn, stream_id);
+        }
         let gso = self.gso();
         if entry.up.as_ref().is_some_and(|b| !b.fits(payload.len(), gso)) {
             // The batch cannot take it: send what is there first.
@@ -970,6 +1116,17 @@ impl Worker {
             }
         };
         batch.push(payload);
+    }
+
+    fn note_over_budget(&mut self, conn: ConnKey, stream_id: u64) {
+        if !self.over_budget.contains(&(conn, stream_id)) {
+            self.over_budget.push((conn, stream_id));
+        }
+    }
+
+    /// The slab key of a connection taken out of the slab.
+    fn conn_key_of(&self, conn: &Conn) -> ConnKey {
+        self.by_cid.get(&conn.cids[0]).copied().unwrap_or(u64::MAX)
     }
 
     fn queue_up(&mut self, key: TargetKey, batch: UpBatch) {
@@ -996,6 +1153,10 @@ impl Worker {
     fn drop_conn(&mut self, mut conn: Box<Conn>) {
         for cid in &conn.cids {
             self.by_cid.remove(cid);
+        }
+        if let Some(sign_id) = conn.signing.take() {
+            self.signs.remove(&sign_id);
+            keyless::forget(sign_id);
         }
         for (_, entry) in conn.tunnels.drain() {
             self.close_tunnel(entry);
@@ -1028,6 +1189,11 @@ impl Worker {
         self.link = new;
         self.link_epoch += 1;
         self.answers_due = true;
+        // Signatures asked of the dead control will never come.
+        let signs: Vec<u64> = self.signs.keys().copied().collect();
+        for sign_id in signs {
+            self.fail_sign(sign_id);
+        }
         let pending: Vec<(u64, (ConnKey, u64))> = self.asks.drain().collect();
         for (_, (key, stream_id)) in pending {
             let Some(mut conn) = self.take_conn(key) else { continue };
@@ -1104,7 +1270,10 @@ impl Worker {
         let more = self.link.poll_answers(|a| answers.push(a));
         self.answers_due = more;
         for a in answers {
-            self.on_answer(a);
+            match a {
+                Answer::Auth(a) => self.on_answer(a),
+                Answer::Sign(a) => self.on_sign_answer(a),
+            }
         }
     }
 }
@@ -1168,6 +1337,7 @@ impl Handler for Worker {
             done
         });
         self.fire_timers();
+        self.end_over_budget();
         self.flush_up();
         self.flush_dirty();
         self.flush_up();

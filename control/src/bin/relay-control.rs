@@ -12,6 +12,7 @@ use relay_control::auth::BearerTokens;
 use relay_control::config::Config;
 use relay_control::policy::Policy;
 use relay_control::server::{self, Server, ServerSettings, Shared};
+use relay_control::signer::{KeyStore, Signer};
 use relay_control::{admin, state};
 use relay_proto::channel::bootstrap::{Bootstrap, PROTOCOL_VERSION};
 use tracing::{error, info};
@@ -77,14 +78,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         config.auth.tokens.clone()
     };
-    let abs = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    // Keyless TLS: the key is loaded here and only here; the dataplane gets
+    // the certificate chain and asks control for every handshake signature.
+    let keys = Arc::new(KeyStore::new(Signer::from_pem_file(&key)?));
+    let cert_chain_pem = std::fs::read_to_string(&cert)
+        .map_err(|e| format!("reading the certificate chain {}: {e}", cert.display()))?;
     let d = &config.dataplane;
     let bootstrap = Bootstrap {
         version: PROTOCOL_VERSION,
         workers: d.workers.resolve(),
         listen: config.listen.quic,
-        cert_chain: abs(&cert).display().to_string(),
-        private_key: abs(&key).display().to_string(),
+        cert_chain_pem,
+        // Keyless TLS: the key stays here.
+        private_key_pem: None,
         uri_template: d.uri_template.0.as_str().to_string(),
         proxy_name: config.relay.name.clone(),
         auth_realm: config.auth.realm.clone(),
@@ -101,6 +107,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         cid_server_id: relay_control::config::parse_hex(&d.connection_ids.server_id).unwrap_or_default(),
         cid_nonce_len: d.connection_ids.nonce_len,
         cid_steering: d.connection_ids.steering,
+        protocols: vec!["connect-udp".into()],
     };
     let acl = TargetAcl::new(
         config.targets.allow.clone(),
@@ -118,7 +125,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         resolver_max_pending: config.resolver.max_pending,
         resolver_timeout: Duration::from_millis(u64::from(config.resolver.timeout_ms)),
     };
-    let mut server = Server::new(settings, policy, shared)?;
+    let mut server = Server::new(settings, policy, keys, shared)?;
     install_signal_handlers();
     info!(
         channel = %config.channel_socket().display(),

@@ -19,7 +19,7 @@ use crate::quic::MAX_SEND_UDP_PAYLOAD;
 /// more packet before deciding it does not fit.
 pub const BUFFER_CAPACITY: usize = MAX_GSO_BYTES + MAX_SEND_UDP_PAYLOAD;
 /// Buffers kept for reuse.
-const POOL_LIMIT: usize = 512;
+const POOL_LIMIT: usize = 64;
 
 /// QUIC packets for one client: `segments` datagrams of `segment_size`
 /// bytes back to back (the last may be shorter).

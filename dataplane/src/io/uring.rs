@@ -45,7 +45,7 @@ pub struct UringSettings {
 
 impl Default for UringSettings {
     fn default() -> Self {
-        Self { entries: 1024, quic_buffers: 64, target_buffers: 128, send_slots: 512 }
+        Self { entries: 1024, quic_buffers: 64, target_buffers: 128, send_slots: 128 }
     }
 }
 

@@ -44,10 +44,13 @@ pub struct Bootstrap {
     pub workers: u32,
     /// UDP address the QUIC listener binds.
     pub listen: SocketAddr,
-    /// PEM certificate chain path.
-    pub cert_chain: String,
-    /// PEM private key path (to be replaced by keyless signing).
-    pub private_key: String,
+    /// The certificate chain, PEM. The private key never leaves control:
+    /// handshake signatures are asked for over the channel (keyless TLS).
+    pub cert_chain_pem: String,
+    /// The private key, PEM, only when the operator turned keyless TLS off
+    /// (`tls.keyless = false`): the dataplane then signs locally.
+    #[serde(default)]
+    pub private_key_pem: Option<String>,
     /// The connect-udp URI template.
     pub uri_template: String,
     /// Name used in Proxy-Status fields.
@@ -87,6 +90,14 @@ pub struct Bootstrap {
     /// Attach the reuseport program that steers packets by connection ID.
     #[serde(default)]
     pub cid_steering: bool,
+    /// Extended CONNECT protocols the relay serves (`:protocol` values);
+    /// others get 501. Today only "connect-udp" exists.
+    #[serde(default = "connect_udp_only")]
+    pub protocols: Vec<String>,
+}
+
+fn connect_udp_only() -> Vec<String> {
+    vec!["connect-udp".into()]
 }
 
 fn auto() -> String {

@@ -26,6 +26,11 @@ pub const MAX_PATH: usize = 1536;
 pub const MAX_AUTHORIZATION: usize = 1920;
 /// Longest deny details carried in an answer.
 pub const MAX_DETAILS: usize = 512;
+/// Longest input a signing ask carries (a TLS 1.3 CertificateVerify input
+/// is 64 + 34 + 1 + at most 64 bytes; ample room for other uses).
+pub const MAX_SIGN_INPUT: usize = 2048;
+/// Longest signature carried in an answer (RSA-8192 is 1024 bytes).
+pub const MAX_SIGNATURE: usize = 1024;
 
 const KIND_AUTH_ASK: u8 = 1;
 const KIND_AUTH_ANSWER: u8 = 2;
@@ -33,6 +38,8 @@ const KIND_FLOW_CLOSED: u8 = 3;
 const KIND_FLOW_OPEN: u8 = 4;
 const KIND_DRAIN: u8 = 5;
 const KIND_KILL_FLOW: u8 = 6;
+const KIND_SIGN_ASK: u8 = 7;
+const KIND_SIGN_ANSWER: u8 = 8;
 
 /// A worker asks control whether to open a connect-udp tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +71,9 @@ pub enum Verdict {
         target: SocketAddr,
         /// Idle timeout for the flow, in milliseconds.
         idle_timeout_ms: u32,
+        /// Payload bytes (both directions) the flow may carry before the
+        /// dataplane ends it; 0 means no limit (a byte quota's remainder).
+        byte_budget: u64,
     },
     /// Refuse with an HTTP status and a Proxy-Status error.
     Deny {
@@ -120,6 +130,37 @@ pub struct FlowOpen {
     pub target: SocketAddr,
 }
 
+/// A worker asks control to sign a TLS handshake (keyless TLS: the
+/// private key never leaves control).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignAsk {
+    /// Worker-chosen ID echoed in the answer.
+    pub sign_id: u64,
+    /// TLS SignatureScheme code point (RFC 8446 section 4.2.3), e.g.
+    /// 0x0403 ecdsa_secp256r1_sha256, 0x0804 rsa_pss_rsae_sha256.
+    pub algorithm: u16,
+    /// The message to sign (not a digest).
+    pub input: Vec<u8>,
+}
+
+/// The outcome of a signing ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignResult {
+    /// The signature.
+    Signature(Vec<u8>),
+    /// Control could not sign (unsupported algorithm, no key).
+    Failed(String),
+}
+
+/// Control answers a signing ask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignAnswer {
+    /// The ask this answers.
+    pub sign_id: u64,
+    /// The result.
+    pub result: SignResult,
+}
+
 /// Any record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -138,6 +179,10 @@ pub enum Record {
         /// The flow to end.
         flow_id: u64,
     },
+    /// Worker -> control: sign a handshake.
+    SignAsk(SignAsk),
+    /// Control -> worker: the signature.
+    SignAnswer(SignAnswer),
 }
 
 /// Why a record could not be encoded or decoded.
@@ -203,6 +248,13 @@ impl Writer<'_> {
         self.u16(s.len() as u16)?;
         self.bytes(s.as_bytes())
     }
+    fn blob(&mut self, b: &[u8], limit: usize, name: &'static str) -> Result<(), RecordError> {
+        if b.len() > limit {
+            return Err(RecordError::FieldTooLong(name));
+        }
+        self.u16(b.len() as u16)?;
+        self.bytes(b)
+    }
     fn addr(&mut self, a: SocketAddr) -> Result<(), RecordError> {
         let (family, ip) = match a.ip() {
             IpAddr::V4(v4) => (4u8, v4.to_ipv6_mapped().octets()),
@@ -247,6 +299,13 @@ impl<'a> Reader<'a> {
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| RecordError::NotUtf8(name))
     }
+    fn blob(&mut self, limit: usize, name: &'static str) -> Result<Vec<u8>, RecordError> {
+        let len = usize::from(self.u16()?);
+        if len > limit {
+            return Err(RecordError::FieldTooLong(name));
+        }
+        Ok(self.take(len)?.to_vec())
+    }
     fn addr(&mut self, name: &'static str) -> Result<SocketAddr, RecordError> {
         let family = self.u8()?;
         let ip: [u8; 16] = self.take(16)?.try_into().expect("16 bytes");
@@ -283,11 +342,12 @@ impl Record {
             Record::AuthAnswer(a) => {
                 w.u64(a.ask_id)?;
                 match &a.verdict {
-                    Verdict::Allow { flow_id, target, idle_timeout_ms } => {
+                    Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget } => {
                         w.u8(1)?;
                         w.u64(*flow_id)?;
                         w.addr(*target)?;
                         w.u32(*idle_timeout_ms)?;
+                        w.u64(*byte_budget)?;
                     }
                     Verdict::Deny { status, proxy_error, details } => {
                         if !(400..=599).contains(status) {
@@ -317,6 +377,29 @@ impl Record {
             Record::KillFlow { flow_id } => {
                 w.u64(*flow_id)?;
                 KIND_KILL_FLOW
+            }
+            Record::SignAsk(a) => {
+                w.u64(a.sign_id)?;
+                w.u16(a.algorithm)?;
+                w.blob(&a.input, MAX_SIGN_INPUT, "input")?;
+                KIND_SIGN_ASK
+            }
+            Record::SignAnswer(a) => {
+                w.u64(a.sign_id)?;
+                match &a.result {
+                    SignResult::Signature(sig) => {
+                        if sig.is_empty() {
+                            return Err(RecordError::BadValue("signature"));
+                        }
+                        w.u8(1)?;
+                        w.blob(sig, MAX_SIGNATURE, "signature")?;
+                    }
+                    SignResult::Failed(why) => {
+                        w.u8(2)?;
+                        w.str(why, MAX_DETAILS, "details")?;
+                    }
+                }
+                KIND_SIGN_ANSWER
             }
         };
         let payload_len = w.pos - HEADER_LEN;
@@ -373,6 +456,7 @@ impl Record {
                         flow_id: r.u64()?,
                         target: r.addr("target")?,
                         idle_timeout_ms: r.u32()?,
+                        byte_budget: r.u64()?,
                     },
                     2 => {
                         let status = r.u16()?;
@@ -405,6 +489,26 @@ impl Record {
             }),
             KIND_DRAIN => Record::Drain,
             KIND_KILL_FLOW => Record::KillFlow { flow_id: r.u64()? },
+            KIND_SIGN_ASK => Record::SignAsk(SignAsk {
+                sign_id: r.u64()?,
+                algorithm: r.u16()?,
+                input: r.blob(MAX_SIGN_INPUT, "input")?,
+            }),
+            KIND_SIGN_ANSWER => {
+                let sign_id = r.u64()?;
+                let result = match r.u8()? {
+                    1 => {
+                        let sig = r.blob(MAX_SIGNATURE, "signature")?;
+                        if sig.is_empty() {
+                            return Err(RecordError::BadValue("signature"));
+                        }
+                        SignResult::Signature(sig)
+                    }
+                    2 => SignResult::Failed(r.str(MAX_DETAILS, "details")?),
+                    _ => return Err(RecordError::BadValue("result")),
+                };
+                Record::SignAnswer(SignAnswer { sign_id, result })
+            }
             other => return Err(RecordError::Kind(other)),
         };
         r.end()?;
@@ -442,6 +546,7 @@ mod tests {
                     flow_id: 9,
                     target: "127.0.0.1:9".parse().unwrap(),
                     idle_timeout_ms: 30_000,
+                    byte_budget: 1 << 30,
                 },
             }),
             Record::AuthAnswer(AuthAnswer {
@@ -465,6 +570,16 @@ mod tests {
                 flow_id: 1 << 40,
                 client: "192.0.2.1:5".parse().unwrap(),
                 target: "[2001:db8::2]:53".parse().unwrap(),
+            }),
+            Record::SignAsk(SignAsk { sign_id: 3, algorithm: 0x0403, input: vec![0x20; 130] }),
+            Record::SignAsk(SignAsk { sign_id: u64::MAX, algorithm: 0x0804, input: vec![7; MAX_SIGN_INPUT] }),
+            Record::SignAnswer(SignAnswer {
+                sign_id: 3,
+                result: SignResult::Signature(vec![1; MAX_SIGNATURE]),
+            }),
+            Record::SignAnswer(SignAnswer {
+                sign_id: 4,
+                result: SignResult::Failed("unsupported algorithm".into()),
             }),
         ]
     }
@@ -528,5 +643,10 @@ mod tests {
             verdict: Verdict::Deny { status: 200, proxy_error: None, details: String::new() },
         });
         assert_eq!(deny.encode(&mut buf), Err(RecordError::BadValue("status")));
+        let big =
+            Record::SignAsk(SignAsk { sign_id: 1, algorithm: 0x0403, input: vec![0; MAX_SIGN_INPUT + 1] });
+        assert_eq!(big.encode(&mut buf), Err(RecordError::FieldTooLong("input")));
+        let empty = Record::SignAnswer(SignAnswer { sign_id: 1, result: SignResult::Signature(vec![]) });
+        assert_eq!(empty.encode(&mut buf), Err(RecordError::BadValue("signature")));
     }
 }

@@ -352,6 +352,12 @@ counters! {
     DropNoConnection = 38, "drop_no_connection";
     /// The worker's I/O backend (gauge: 1 = io_uring, 2 = epoll).
     IoBackend = 39, "io_backend";
+    /// Handshake signatures asked of control (keyless TLS).
+    SignsSent = 40, "signs_sent";
+    /// Handshake signatures that failed (refused, timed out, control gone).
+    SignsFailed = 41, "signs_failed";
+    /// Tunnels ended because they used up their byte budget (quota).
+    TunnelsOverBudget = 42, "tunnels_over_budget";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so
