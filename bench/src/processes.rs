@@ -59,6 +59,9 @@ pub struct RelayOptions {
     pub io: String,
     /// Extra TOML appended to the `[dataplane]` section.
     pub dataplane_extra: String,
+    /// Extra TOML appended at the end of the config (new sections such as
+    /// `[quotas.per_identity]` or `[[auth.hmac_keys]]`).
+    pub extra_config: String,
     /// Directory of the relay binaries (default: [`bin_dir`]).
     pub bin_dir: Option<PathBuf>,
     /// Where the relay processes' logs go (default: discarded).
@@ -75,6 +78,7 @@ impl Default for RelayOptions {
             flow_idle_timeout_secs: 120,
             io: std::env::var("RELAY_TEST_IO").unwrap_or_else(|_| "auto".into()),
             dataplane_extra: String::new(),
+            extra_config: String::new(),
             bin_dir: None,
             log_dir: None,
         }
@@ -135,6 +139,8 @@ allow = [{allow}]
 threads = 2
 timeout_ms = 1000
 max_pending = 64
+
+{extra_config}
 "#,
             state = state_dir.display(),
             workers = opts.workers,
@@ -144,6 +150,7 @@ max_pending = 64
             extra = opts.dataplane_extra,
             token = opts.token,
             allow = allow.join(", "),
+            extra_config = opts.extra_config,
         );
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, config)?;

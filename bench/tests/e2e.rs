@@ -737,3 +737,26 @@ fn client_config(relay: &Relay) -> ClientConfig {
 fn counter_from_dataplane_is_unavailable(relay: &Relay) -> bool {
     UnixStream::connect(relay.admin_socket()).is_err()
 }
+
+/// Address validation (RFC 9000 section 8.1.2): with the threshold at 0
+/// every new client is sent a Retry and must come back with the token; the
+/// connection then works as usual and keeps the connection ID the relay
+/// chose (so it still reaches its worker).
+#[test]
+fn clients_pass_address_validation_with_retry() {
+    let relay = start(
+        "retry",
+        RelayOptions { workers: 2, dataplane_extra: "retry_threshold = 0".into(), ..Default::default() },
+    );
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let retries_before = counter(&relay, "retries_sent");
+    for _ in 0..4 {
+        let mut c = client(&relay);
+        let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+        echo_round(&mut c, s, 20, "after a Retry");
+        c.close();
+    }
+    assert!(counter(&relay, "retries_sent") >= retries_before + 4, "every client was retried");
+    assert_eq!(counter(&relay, "retry_tokens_invalid"), 0);
+    assert_eq!(counter(&relay, "handoffs_out"), 0, "the Retry's connection ID names the accepting worker");
+}

@@ -112,6 +112,16 @@ impl FromStr for PortRange {
     }
 }
 
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
@@ -179,6 +189,21 @@ impl TargetAcl {
     pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, ports: Vec<PortRange>) -> Self {
         let default_deny = DEFAULT_DENY.iter().map(|s| s.parse().expect("built-in CIDR")).collect();
         Self { allow, deny, default_deny, ports }
+    }
+
+    /// Ranges allowed explicitly.
+    pub fn allow(&self) -> &[Cidr] {
+        &self.allow
+    }
+
+    /// Ranges denied explicitly.
+    pub fn deny(&self) -> &[Cidr] {
+        &self.deny
+    }
+
+    /// Allowed port ranges (empty: all).
+    pub fn ports(&self) -> &[PortRange] {
+        &self.ports
     }
 
     /// Checks one resolved target.

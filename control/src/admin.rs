@@ -1,19 +1,36 @@
 //! The admin socket: one JSON request line in, one JSON response line out.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"flows"}`. Errors come back as
-//! `{"error":"..."}`. The socket is created with mode 0600.
+//! Requests are `{"cmd":"status"}`, `{"cmd":"flows"}`, `{"cmd":"drain"}`,
+//! `{"cmd":"kill_flow","flow_id":N}`, the token commands (`token_mint`,
+//! `token_add`, `token_remove`, `token_revoke`, `token_unrevoke`,
+//! `token_list`) and the policy commands (`policy_show`, `policy_set`,
+//! `policy_reset`); see [`AdminRequest`]. Errors come back as
+//! `{"error":"..."}`.
+//!
+//! The socket is created with mode 0600, and every connection's peer
+//! credentials (SO_PEERCRED) are checked as well: only root and the user
+//! control runs as may talk to it, whatever the socket's mode or directory
+//! later become. Changes to tokens, revocations and quotas are persisted
+//! ([`crate::store`]) before they take effect, and apply to new CONNECTs;
+//! open tunnels are not touched.
 
-use std::io::{BufRead, BufReader, Write};
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
 
 use relay_proto::channel::region::Counter;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::auth::{SecretString, TokenSelector};
+use crate::policy::Policy;
+use crate::quota::QuotaConfig;
 use crate::server::Shared;
+use crate::store::{PolicyStore, RuntimeState};
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
@@ -33,21 +50,108 @@ pub enum AdminRequest {
         /// The flow ID (from `flows`).
         flow_id: u64,
     },
+    /// Mint an HMAC token (control signs; the caller never sees a key).
+    TokenMint {
+        /// The token's subject.
+        subject: String,
+        /// Lifetime in seconds.
+        ttl_secs: u64,
+        /// Key to sign with (default: the first configured key).
+        #[serde(default)]
+        key_id: Option<String>,
+    },
+    /// Accept a static token from now on (persisted as a digest).
+    TokenAdd {
+        /// The token.
+        token: SecretString,
+    },
+    /// Stop accepting a static token added at run time.
+    TokenRemove {
+        /// The token itself...
+        #[serde(default)]
+        token: Option<SecretString>,
+        /// ...or its fingerprint.
+        #[serde(default)]
+        fingerprint: Option<String>,
+    },
+    /// Revoke every HMAC token of a subject, or one exact token.
+    TokenRevoke {
+        /// A subject...
+        #[serde(default)]
+        subject: Option<String>,
+        /// ...or a token (static or HMAC).
+        #[serde(default)]
+        token: Option<SecretString>,
+    },
+    /// Lift a revocation.
+    TokenUnrevoke {
+        /// A subject...
+        #[serde(default)]
+        subject: Option<String>,
+        /// ...or a token...
+        #[serde(default)]
+        token: Option<SecretString>,
+        /// ...or a revoked token's fingerprint.
+        #[serde(default)]
+        fingerprint: Option<String>,
+    },
+    /// Static tokens (fingerprints only), HMAC key IDs, revocations.
+    TokenList,
+    /// The policy in force: ACL, quotas, protocols, token summary.
+    PolicyShow,
+    /// Set quota keys at run time (they win over the config file).
+    PolicySet {
+        /// `per_identity.max_flows` -> value, ...
+        set: BTreeMap<String, u64>,
+    },
+    /// Drop run-time quota overrides (all of them when `keys` is empty).
+    PolicyReset {
+        /// Keys to reset.
+        #[serde(default)]
+        keys: Vec<String>,
+    },
 }
 
-/// Builds the response to `req` from the shared state.
-pub fn respond(req: &AdminRequest, shared: &mut Shared) -> Value {
-    match req {
+/// Parses a duration such as `90`, `90s`, `15m`, `12h` or `7d` into
+/// seconds.
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 =
+        digits.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 15m, 1h, 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("invalid duration unit in {s:?}: use s, m, h or d")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("duration {s:?} is too long"))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn error(message: impl std::fmt::Display) -> Value {
+    json!({ "error": message.to_string() })
+}
+
+/// Builds the response to a status/flows/drain/kill request from the
+/// shared state; `None` for the token and policy requests.
+pub fn respond(req: &AdminRequest, shared: &mut Shared) -> Option<Value> {
+    Some(match req {
         AdminRequest::KillFlow { flow_id } => {
             let Some(worker) = shared.flows.get(flow_id).map(|f| f.worker) else {
-                return json!({ "error": format!("no live flow {flow_id}") });
+                return Some(error(format!("no live flow {flow_id}")));
             };
             shared.kill_requests.push((worker, *flow_id));
             json!({ "killed": flow_id, "worker": worker })
         }
         AdminRequest::Drain => {
             if shared.dataplane_pid.is_none() {
-                return json!({ "error": "no dataplane is attached" });
+                return Some(error("no dataplane is attached"));
             }
             shared.drain_requested = true;
             json!({ "draining": true, "dataplane_pid": shared.dataplane_pid, "flows": shared.flows.len() })
@@ -83,33 +187,330 @@ pub fn respond(req: &AdminRequest, shared: &mut Shared) -> Value {
             flows.sort_by_key(|f| f.flow_id);
             json!({ "flows": flows })
         }
+        _ => return None,
+    })
+}
+
+fn selector(token: &Option<SecretString>, fingerprint: &Option<String>) -> Result<TokenSelector, String> {
+    match (token, fingerprint) {
+        (Some(t), None) => Ok(TokenSelector::Token(t.clone())),
+        (None, Some(f)) => Ok(TokenSelector::Fingerprint(f.clone())),
+        _ => Err("give exactly one of token or fingerprint".into()),
     }
 }
 
-fn serve_one(stream: UnixStream, shared: &Mutex<Shared>) -> std::io::Result<()> {
+/// What the admin socket serves: the shared status, the policy and where
+/// the policy's run-time state is persisted.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    shared: Arc<Mutex<Shared>>,
+    policy: Arc<Mutex<Policy>>,
+    store: PolicyStore,
+}
+
+impl Admin {
+    /// An admin endpoint over these.
+    pub fn new(shared: Arc<Mutex<Shared>>, policy: Arc<Mutex<Policy>>, store: PolicyStore) -> Self {
+        Self { shared, policy, store }
+    }
+
+    fn policy(&self) -> MutexGuard<'_, Policy> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Persists a new run-time state computed from the policy, then
+    /// installs it. The state is computed under the policy lock; the file
+    /// is written without it (only this thread changes the state).
+    fn commit(&self, change: impl FnOnce(&Policy) -> Result<(RuntimeState, Value), String>) -> Value {
+        let (state, reply) = match change(&self.policy()) {
+            Ok(r) => r,
+            Err(e) => return error(e),
+        };
+        if let Err(e) = self.store.save(&state) {
+            warn!("admin: {e}");
+            return error(format!("{e}; nothing was changed"));
+        }
+        if let Err(e) = self.policy().install(state) {
+            return error(e);
+        }
+        reply
+    }
+
+    /// Handles one request at `now_unix`.
+    pub fn handle(&self, req: &AdminRequest, now_unix: u64) -> Value {
+        if let Some(v) = respond(req, &mut self.shared.lock().unwrap_or_else(|p| p.into_inner())) {
+            return v;
+        }
+        match req {
+            AdminRequest::TokenMint { subject, ttl_secs, key_id } => {
+                let p = self.policy();
+                if p.auth().state().revoked_subjects.contains_key(subject) {
+                    return error(format!(
+                        "subject {subject} is revoked; lift it with `relayctl token unrevoke --subject {subject}` first"
+                    ));
+                }
+                match p.auth().keys().mint(key_id.as_deref(), subject, now_unix, *ttl_secs) {
+                    Ok(m) => {
+                        info!(
+                            subject,
+                            key = m.claims.key_id,
+                            expires = m.claims.expires_unix,
+                            "admin: minted a token"
+                        );
+                        json!({
+                            "token": m.token,
+                            "subject": m.claims.subject,
+                            "key_id": m.claims.key_id,
+                            "expires_unix": m.claims.expires_unix,
+                        })
+                    }
+                    Err(e) => error(e),
+                }
+            }
+            AdminRequest::TokenAdd { token } => self.commit(|p| {
+                let (auth, digest) =
+                    p.auth().add_token(token.expose(), now_unix).map_err(|e| e.to_string())?;
+                info!(fingerprint = digest.fingerprint(), "admin: static token added");
+                Ok((RuntimeState { auth, ..p.runtime_state() }, json!({ "added": digest.fingerprint() })))
+            }),
+            AdminRequest::TokenRemove { token, fingerprint } => self.commit(|p| {
+                let sel = selector(token, fingerprint)?;
+                let (auth, digest) = p.auth().remove_token(&sel).map_err(|e| e.to_string())?;
+                info!(fingerprint = digest.fingerprint(), "admin: static token removed");
+                Ok((RuntimeState { auth, ..p.runtime_state() }, json!({ "removed": digest.fingerprint() })))
+            }),
+            AdminRequest::TokenRevoke { subject, token } => self.commit(|p| match (subject, token) {
+                (Some(s), None) => {
+                    let auth = p.auth().revoke_subject(s, now_unix).map_err(|e| e.to_string())?;
+                    info!(subject = s, "admin: subject revoked");
+                    Ok((RuntimeState { auth, ..p.runtime_state() }, json!({ "revoked_subject": s })))
+                }
+                (None, Some(t)) => {
+                    let (auth, digest) =
+                        p.auth().revoke_token(t.expose(), now_unix).map_err(|e| e.to_string())?;
+                    info!(fingerprint = digest.fingerprint(), "admin: token revoked");
+                    Ok((
+                        RuntimeState { auth, ..p.runtime_state() },
+                        json!({ "revoked_token": digest.fingerprint() }),
+                    ))
+                }
+                _ => Err("give exactly one of subject or token".into()),
+            }),
+            AdminRequest::TokenUnrevoke { subject, token, fingerprint } => self.commit(|p| {
+                if let Some(s) = subject {
+                    if token.is_some() || fingerprint.is_some() {
+                        return Err("give exactly one of subject, token or fingerprint".into());
+                    }
+                    let auth = p.auth().unrevoke_subject(s).map_err(|e| e.to_string())?;
+                    info!(subject = s, "admin: subject revocation lifted");
+                    return Ok((
+                        RuntimeState { auth, ..p.runtime_state() },
+                        json!({ "unrevoked_subject": s }),
+                    ));
+                }
+                let sel = selector(token, fingerprint)?;
+                let (auth, digest) = p.auth().unrevoke_token(&sel).map_err(|e| e.to_string())?;
+                info!(fingerprint = digest.fingerprint(), "admin: token revocation lifted");
+                Ok((
+                    RuntimeState { auth, ..p.runtime_state() },
+                    json!({ "unrevoked_token": digest.fingerprint() }),
+                ))
+            }),
+            AdminRequest::TokenList => self.token_list(),
+            AdminRequest::PolicyShow => self.policy_show(),
+            AdminRequest::PolicySet { set } => self.commit(|p| {
+                if set.is_empty() {
+                    return Err("nothing to set: give KEY=VALUE pairs".into());
+                }
+                let mut overrides = p.quota_overrides().clone();
+                overrides.extend(set.iter().map(|(k, v)| (k.clone(), *v)));
+                let effective = p.quotas_with(&overrides).map_err(|e| e.to_string())?;
+                info!(?set, "admin: quotas set");
+                Ok((
+                    RuntimeState { quota_overrides: overrides.clone(), ..p.runtime_state() },
+                    json!({ "quotas": effective, "quota_overrides": overrides }),
+                ))
+            }),
+            AdminRequest::PolicyReset { keys } => self.commit(|p| {
+                let mut overrides = p.quota_overrides().clone();
+                if keys.is_empty() {
+                    overrides.clear();
+                } else {
+                    for k in keys {
+                        if !QuotaConfig::KEYS.contains(&k.as_str()) {
+                            return Err(format!("unknown quota key {k:?}"));
+                        }
+                        overrides.remove(k);
+                    }
+                }
+                let effective = p.quotas_with(&overrides).map_err(|e| e.to_string())?;
+                info!(?keys, "admin: quota overrides reset");
+                Ok((
+                    RuntimeState { quota_overrides: overrides.clone(), ..p.runtime_state() },
+                    json!({ "quotas": effective, "quota_overrides": overrides }),
+                ))
+            }),
+            AdminRequest::Status
+            | AdminRequest::Flows
+            | AdminRequest::Drain
+            | AdminRequest::KillFlow { .. } => error("unreachable: answered from the shared state"),
+        }
+    }
+
+    fn token_list(&self) -> Value {
+        let p = self.policy();
+        let auth = p.auth();
+        let keys: Vec<Value> = auth
+            .keys()
+            .ids()
+            .map(|id| json!({ "key_id": id, "default": auth.keys().default_id() == Some(id) }))
+            .collect();
+        let subjects: Vec<Value> = auth
+            .state()
+            .revoked_subjects
+            .iter()
+            .map(|(s, r)| json!({ "subject": s, "revoked_unix": r.revoked_unix }))
+            .collect();
+        let tokens: Vec<Value> = auth
+            .state()
+            .revoked_tokens
+            .iter()
+            .map(|(d, r)| {
+                json!({
+                    "fingerprint": d.fingerprint(),
+                    "subject": r.subject,
+                    "expires_unix": r.expires_unix,
+                    "revoked_unix": r.revoked_unix,
+                })
+            })
+            .collect();
+        json!({
+            "static_tokens": auth.static_tokens(),
+            "hmac_keys": keys,
+            "revoked_subjects": subjects,
+            "revoked_tokens": tokens,
+        })
+    }
+
+    fn policy_show(&self) -> Value {
+        let p = self.policy();
+        let acl = p.acl();
+        let strings =
+            |v: &[_]| -> Vec<String> { v.iter().map(|c: &crate::acl::Cidr| c.to_string()).collect() };
+        let statics = p.auth().static_tokens();
+        json!({
+            "protocols": {
+                "connect_udp": p.protocols().connect_udp,
+                "connect_ip": p.protocols().connect_ip,
+                "bind": p.protocols().bind,
+            },
+            "acl": {
+                "allow": strings(acl.allow()),
+                "deny": strings(acl.deny()),
+                "ports": acl.ports().iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "default_deny": crate::acl::DEFAULT_DENY,
+            },
+            "quotas": p.quotas().config(),
+            "quotas_config_file": p.base_quotas(),
+            "quota_overrides": p.quota_overrides(),
+            "quota_tables": p.quotas().stats(),
+            "tokens": {
+                "static_config": statics.iter().filter(|t| t.source == "config").count(),
+                "static_runtime": statics.iter().filter(|t| t.source == "runtime").count(),
+                "hmac_keys": p.auth().keys().ids().collect::<Vec<_>>(),
+                "default_key": p.auth().keys().default_id(),
+                "revoked_subjects": p.auth().state().revoked_subjects.len(),
+                "revoked_tokens": p.auth().state().revoked_tokens.len(),
+            },
+            "refusals": p.refusals(),
+        })
+    }
+}
+
+/// A connecting process's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Process ID.
+    pub pid: i32,
+    /// Effective user ID.
+    pub uid: u32,
+}
+
+/// The peer credentials of a connected Unix socket (SO_PEERCRED: the
+/// credentials the peer had when it connected).
+pub fn peer_cred(stream: &UnixStream) -> io::Result<PeerCred> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the descriptor is a live socket owned by `stream`; `cred` and
+    // `len` are valid for writes and `len` holds `cred`'s size, which is
+    // what SO_PEERCRED writes at most.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast::<libc::c_void>(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(PeerCred { pid: cred.pid, uid: cred.uid })
+}
+
+/// This process's effective user ID.
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Whether a peer with `peer_uid` may use the admin socket of a control
+/// running as `own_uid`: root, or the same user.
+pub fn peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == own_uid
+}
+
+fn serve_one(stream: UnixStream, admin: &Admin) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let peer = peer_cred(&stream)?;
     let mut line = String::new();
+    // Read the request even from a refused peer, so that it gets the
+    // refusal rather than a broken pipe.
     BufReader::new((&stream).take(MAX_REQUEST)).read_line(&mut line)?;
-    let response = match serde_json::from_str::<AdminRequest>(line.trim()) {
-        Ok(req) => respond(&req, &mut shared.lock().unwrap_or_else(|p| p.into_inner())),
-        Err(e) => json!({ "error": format!("bad request: {e}") }),
+    let response = if !peer_allowed(peer.uid, own_uid()) {
+        warn!(
+            peer_pid = peer.pid,
+            peer_uid = peer.uid,
+            "admin socket: refused a peer that is neither root nor our user"
+        );
+        error(format!(
+            "permission denied: uid {} may not use the admin socket (only root and uid {}, which relay-control runs as)",
+            peer.uid,
+            own_uid()
+        ))
+    } else {
+        match serde_json::from_str::<AdminRequest>(line.trim()) {
+            Ok(req) => admin.handle(&req, unix_now()),
+            Err(e) => error(format!("bad request: {e}")),
+        }
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
     (&stream).write_all(&out)
 }
 
-use std::io::Read;
-
-/// Serves the admin socket on a background thread.
-pub fn spawn(listener: UnixListener, shared: Arc<Mutex<Shared>>) -> std::io::Result<()> {
+/// Serves the admin socket on a background thread, one connection at a
+/// time (so changes to the persisted state are serialized).
+pub fn spawn(listener: UnixListener, admin: Admin) -> io::Result<()> {
     std::thread::Builder::new().name("admin".into()).spawn(move || {
         for stream in listener.incoming() {
             match stream {
                 Ok(s) => {
-                    if let Err(e) = serve_one(s, &shared) {
-                        warn!("admin request failed: {e}");
+                    let started = Instant::now();
+                    if let Err(e) = serve_one(s, &admin) {
+                        warn!("admin request failed after {:?}: {e}", started.elapsed());
                     }
                 }
                 Err(e) => warn!("admin accept: {e}"),
@@ -122,6 +523,29 @@ pub fn spawn(listener: UnixListener, shared: Arc<Mutex<Shared>>) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::acl::TargetAcl;
+    use crate::auth::{AuthState, Authenticator};
+    use crate::token::{Secret, TokenKeys};
+
+    fn admin(dir: &std::path::Path) -> Admin {
+        let mut keys = TokenKeys::default();
+        keys.add("k1", Secret::new(vec![1; 32])).unwrap();
+        let policy = Policy::new(
+            Authenticator::new(["config-token"], keys, AuthState::default()),
+            TargetAcl::new(vec![], vec![], vec![]),
+            1000,
+        );
+        crate::state::ensure_dir(dir).unwrap();
+        Admin::new(
+            Arc::new(Mutex::new(Shared::default())),
+            Arc::new(Mutex::new(policy)),
+            PolicyStore::new(dir),
+        )
+    }
+
+    fn req(json: &str) -> AdminRequest {
+        serde_json::from_str(json).unwrap()
+    }
 
     #[test]
     fn request_json_shapes() {
@@ -130,9 +554,132 @@ mod tests {
             AdminRequest::Status
         );
         assert!(serde_json::from_str::<AdminRequest>(r#"{"cmd":"reboot"}"#).is_err());
-        let v = respond(&AdminRequest::Status, &mut Shared::default());
-        assert!(respond(&AdminRequest::Drain, &mut Shared::default())["error"].is_string());
+        assert!(
+            serde_json::from_str::<AdminRequest>(r#"{"cmd":"token_revoke","subject":"a","x":1}"#).is_err()
+        );
+        let v = respond(&AdminRequest::Status, &mut Shared::default()).unwrap();
+        assert!(respond(&AdminRequest::Drain, &mut Shared::default()).unwrap()["error"].is_string());
         assert_eq!(v["dataplane_attached"], json!(false));
         assert_eq!(v["flows"], json!(0));
+        let add = req(r#"{"cmd":"token_add","token":"hunter2hunter2"}"#);
+        assert!(!format!("{add:?}").contains("hunter2"), "Debug hides tokens");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("90"), Ok(90));
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert_eq!(parse_duration_secs("15m"), Ok(900));
+        assert_eq!(parse_duration_secs("1h"), Ok(3600));
+        assert_eq!(parse_duration_secs("7d"), Ok(604_800));
+        assert!(parse_duration_secs("1w").is_err());
+        assert!(parse_duration_secs("h").is_err());
+        assert!(parse_duration_secs("-1s").is_err());
+        assert!(parse_duration_secs("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn token_and_policy_commands_persist() {
+        let dir = std::env::temp_dir().join(format!("relay-admin-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = admin(&dir);
+        let now = 1_700_000_000;
+        let minted = a.handle(&req(r#"{"cmd":"token_mint","subject":"alice","ttl_secs":60}"#), now);
+        let token = minted["token"].as_str().unwrap().to_string();
+        assert_eq!(minted["expires_unix"], json!(now + 60));
+        assert_eq!(minted["key_id"], json!("k1"));
+        assert!(
+            a.handle(&req(r#"{"cmd":"token_mint","subject":"a b","ttl_secs":60}"#), now)["error"].is_string()
+        );
+        assert!(
+            a.handle(&req(r#"{"cmd":"token_mint","subject":"a","ttl_secs":60,"key_id":"k7"}"#), now)["error"]
+                .as_str()
+                .unwrap()
+                .contains("k7")
+        );
+
+        let v = a.handle(
+            &AdminRequest::TokenRevoke { subject: None, token: Some(SecretString::new(&token)) },
+            now,
+        );
+        assert!(v["revoked_token"].is_string(), "{v}");
+        let v = a.handle(&req(r#"{"cmd":"token_revoke","subject":"bob"}"#), now);
+        assert_eq!(v["revoked_subject"], json!("bob"));
+        let v = a.handle(&req(r#"{"cmd":"token_mint","subject":"bob","ttl_secs":60}"#), now);
+        assert!(v["error"].as_str().unwrap().contains("revoked"), "{v}");
+        let v = a.handle(&req(r#"{"cmd":"token_revoke"}"#), now);
+        assert!(v["error"].is_string());
+        let v = a.handle(&req(r#"{"cmd":"token_add","token":"runtime-token-1"}"#), now);
+        let fp = v["added"].as_str().unwrap().to_string();
+        let v = a.handle(&req(r#"{"cmd":"policy_set","set":{"per_identity.max_flows":2}}"#), now);
+        assert_eq!(v["quotas"]["per_identity"]["max_flows"], json!(2), "{v}");
+        let v = a.handle(&req(r#"{"cmd":"policy_set","set":{"per_identity.burst":2}}"#), now);
+        assert!(v["error"].as_str().unwrap().contains("per_identity.burst"), "{v}");
+        let v = a.handle(&req(r#"{"cmd":"policy_set","set":{"per_nobody.max_flows":2}}"#), now);
+        assert!(v["error"].as_str().unwrap().contains("per_nobody"), "{v}");
+
+        // The list shows fingerprints, never tokens.
+        let list = a.handle(&AdminRequest::TokenList, now);
+        let text = list.to_string();
+        assert!(
+            !text.contains(&token) && !text.contains("runtime-token-1") && !text.contains("config-token")
+        );
+        assert!(text.contains(&fp));
+        assert_eq!(list["revoked_subjects"][0]["subject"], json!("bob"));
+        assert_eq!(list["revoked_tokens"][0]["subject"], json!("alice"));
+        assert_eq!(list["static_tokens"].as_array().unwrap().len(), 2);
+        let show = a.handle(&AdminRequest::PolicyShow, now);
+        assert_eq!(show["quotas"]["per_identity"]["max_flows"], json!(2));
+        assert_eq!(show["quotas_config_file"]["per_identity"]["max_flows"], json!(0));
+        assert_eq!(show["tokens"]["revoked_subjects"], json!(1));
+        assert_eq!(show["protocols"]["connect_udp"], json!(true));
+        assert!(!show.to_string().contains("config-token"));
+
+        // All of it is on disk, and a fresh control gets it back.
+        let state = PolicyStore::new(&dir).load().unwrap();
+        assert_eq!(state.quota_overrides.get("per_identity.max_flows"), Some(&2));
+        assert_eq!(state.auth.revoked_subjects.len(), 1);
+        assert_eq!(state.auth.revoked_tokens.len(), 1);
+        assert_eq!(state.auth.static_tokens.len(), 1);
+        let b = admin(&dir);
+        b.policy().install(state).unwrap();
+        assert_eq!(b.handle(&AdminRequest::PolicyShow, now)["quotas"]["per_identity"]["max_flows"], json!(2));
+
+        // Reset and removal.
+        let v = a.handle(&req(r#"{"cmd":"policy_reset"}"#), now);
+        assert_eq!(v["quota_overrides"], json!({}));
+        let v = a.handle(&AdminRequest::TokenRemove { token: None, fingerprint: Some(fp.clone()) }, now);
+        assert_eq!(v["removed"], json!(fp));
+        let v = a.handle(&req(r#"{"cmd":"token_unrevoke","subject":"bob"}"#), now);
+        assert_eq!(v["unrevoked_subject"], json!("bob"));
+        let state = PolicyStore::new(&dir).load().unwrap();
+        assert!(state.quota_overrides.is_empty() && state.auth.static_tokens.is_empty());
+        assert!(state.auth.revoked_subjects.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_save_changes_nothing() {
+        let dir = std::env::temp_dir().join(format!("relay-admin-ro-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let a = admin(&dir);
+        // A directory where the file should be makes the rename fail.
+        std::fs::create_dir_all(dir.join(crate::store::FILE_NAME)).unwrap();
+        let v = a.handle(&req(r#"{"cmd":"token_revoke","subject":"carol"}"#), 1);
+        assert!(v["error"].as_str().unwrap().contains("nothing was changed"), "{v}");
+        assert!(a.policy().auth().state().revoked_subjects.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn peer_credentials() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let cred = peer_cred(&a).unwrap();
+        assert_eq!(cred.uid, own_uid());
+        assert_eq!(cred.pid, std::process::id() as i32);
+        assert!(peer_allowed(0, 1000));
+        assert!(peer_allowed(1000, 1000));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(peer_allowed(0, 0) && !peer_allowed(65534, 0));
     }
 }

@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 
 use relay_proto::template::UriTemplate;
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::acl::{Cidr, PortRange};
+use crate::auth::{SecretString, valid_static_token};
+use crate::quota::QuotaConfig;
+use crate::token::{KeyError, Secret, TokenKeys};
 
 /// The embedded default configuration (a demo relay on loopback).
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -36,6 +40,15 @@ pub struct Config {
     /// DNS resolution.
     #[serde(default)]
     pub resolver: ResolverSection,
+    /// Quotas per identity and per client address (absent: unlimited).
+    #[serde(default)]
+    pub quotas: QuotaConfig,
+    /// Which extended CONNECT protocols are served.
+    #[serde(default)]
+    pub protocols: ProtocolsSection,
+    /// Where the config came from (file name or "embedded default config").
+    #[serde(skip)]
+    pub origin: String,
 }
 
 /// `[relay]`.
@@ -114,6 +127,14 @@ pub struct DataplaneSection {
     /// tunnels finish for at most this long before closing and exiting 0.
     #[serde(default = "thirty")]
     pub drain_timeout_secs: u32,
+    /// Handshakes in progress per worker past which new clients must prove
+    /// their address with a Retry round trip (0: always).
+    #[serde(default = "retry_threshold")]
+    pub retry_threshold: u32,
+}
+
+fn retry_threshold() -> u32 {
+    1024
 }
 
 fn yes() -> bool {
@@ -220,6 +241,11 @@ fn fourteen() -> usize {
     14
 }
 
+/// The 1-based line of byte offset `pos` in `text`.
+pub fn line_of(text: &str, pos: usize) -> usize {
+    text.as_bytes()[..pos.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+}
+
 /// Parses a hex string (even length).
 pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
@@ -263,10 +289,94 @@ pub struct AuthSection {
     /// Realm in Proxy-Authenticate challenges.
     #[serde(default = "default_name")]
     pub realm: String,
-    /// Accepted bearer tokens. Empty: one is generated into
-    /// state_dir/token.
+    /// Accepted static bearer tokens. With neither tokens nor hmac_keys, a
+    /// token is generated into state_dir/token.
     #[serde(default)]
-    pub tokens: Vec<String>,
+    pub tokens: Vec<SecretString>,
+    /// Keys for HMAC-signed expiring tokens (`[[auth.hmac_keys]]`); the
+    /// first one mints unless `relayctl token mint --key-id` says otherwise.
+    #[serde(default)]
+    pub hmac_keys: Vec<HmacKeyConfig>,
+}
+
+/// One `[[auth.hmac_keys]]` entry: an ID and exactly one of `secret_file`
+/// (a file holding the secret as hex) or `secret_hex`. Secrets are at least
+/// 32 bytes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HmacKeyConfig {
+    /// Key ID, named in tokens (`A-Z a-z 0-9 - _`, at most 32).
+    pub id: Spanned<String>,
+    /// File with the secret as hex (whitespace around it ignored); must not
+    /// be readable by every user.
+    pub secret_file: Option<PathBuf>,
+    /// The secret as hex, inline.
+    pub secret_hex: Option<SecretString>,
+    /// The line of `id` in the config file (filled in by [`Config::parse`]).
+    #[serde(skip)]
+    pub line: usize,
+}
+
+/// `[protocols]`: which extended CONNECT protocols the relay serves. Only
+/// connect-udp exists today; `connect_ip` and `bind` are accepted so that
+/// configs can name them, but setting them true is an error until they
+/// are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, try_from = "RawProtocols")]
+pub struct ProtocolsSection {
+    /// connect-udp (RFC 9298).
+    pub connect_udp: bool,
+    /// connect-ip (RFC 9484): not implemented yet.
+    pub connect_ip: bool,
+    /// Bound UDP (connect-udp listen): not implemented yet.
+    pub bind: bool,
+}
+
+impl Default for ProtocolsSection {
+    fn default() -> Self {
+        Self { connect_udp: true, connect_ip: false, bind: false }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProtocols {
+    connect_udp: bool,
+    connect_ip: bool,
+    bind: bool,
+}
+
+impl Default for RawProtocols {
+    fn default() -> Self {
+        let d = ProtocolsSection::default();
+        Self { connect_udp: d.connect_udp, connect_ip: d.connect_ip, bind: d.bind }
+    }
+}
+
+impl TryFrom<RawProtocols> for ProtocolsSection {
+    type Error = String;
+
+    fn try_from(r: RawProtocols) -> Result<Self, String> {
+        if r.connect_ip {
+            return Err("protocols.connect_ip = true: connect-ip is not implemented yet".into());
+        }
+        if r.bind {
+            return Err("protocols.bind = true: bound UDP is not implemented yet".into());
+        }
+        Ok(Self { connect_udp: r.connect_udp, connect_ip: r.connect_ip, bind: r.bind })
+    }
+}
+
+impl ProtocolsSection {
+    /// The `:protocol` values served, as the dataplane's Bootstrap lists
+    /// them (empty: every extended CONNECT is refused).
+    pub fn names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.connect_udp {
+            out.push("connect-udp".to_string());
+        }
+        out
+    }
 }
 
 /// `[targets]`.
@@ -370,10 +480,81 @@ impl Config {
                 "resolver.threads must be 1..=64, max_pending and timeout_ms positive".into(),
             ));
         }
-        if config.auth.tokens.iter().any(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace())) {
-            return Err(invalid("auth.tokens must be non-empty and without whitespace".into()));
+        if let Some(i) = config.auth.tokens.iter().position(|t| !valid_static_token(t.expose())) {
+            return Err(invalid(format!(
+                "auth.tokens[{i}]: a static token must be 1..=512 printable ASCII characters without \
+                 whitespace and must not start like a versioned HMAC token (v1.)"
+            )));
+        }
+        let mut config = config;
+        config.origin = origin.to_string();
+        let mut seen = std::collections::HashMap::new();
+        for (i, key) in config.auth.hmac_keys.iter_mut().enumerate() {
+            key.line = line_of(text, key.id.span().start);
+            let name = format!("auth.hmac_keys[{i}] (id {:?}, line {})", key.id.get_ref(), key.line);
+            if let Some(first) = seen.insert(key.id.get_ref().clone(), key.line) {
+                return Err(invalid(format!("{name}: the id is already used on line {first}")));
+            }
+            match (&key.secret_file, &key.secret_hex) {
+                (Some(_), Some(_)) | (None, None) => {
+                    return Err(invalid(format!("{name}: give exactly one of secret_file or secret_hex")));
+                }
+                (None, Some(hex)) => {
+                    let secret = parse_hex(hex.expose())
+                        .ok_or_else(|| invalid(format!("{name}: secret_hex is not hex")))?;
+                    TokenKeys::default()
+                        .add(key.id.get_ref(), Secret::new(secret))
+                        .map_err(|e| invalid(format!("{name}: {e}")))?;
+                }
+                (Some(_), None) => {
+                    let mut keys = TokenKeys::default();
+                    // Checks the ID now; the file is read by hmac_keys().
+                    if let Err(e @ KeyError::BadId(_)) = keys.add(key.id.get_ref(), Secret::new(vec![0; 32]))
+                    {
+                        return Err(invalid(format!("{name}: {e}")));
+                    }
+                }
+            }
         }
         Ok(config)
+    }
+
+    /// Loads the HMAC keys, reading secret files. Errors name the entry,
+    /// its key ID and its line.
+    pub fn hmac_keys(&self) -> Result<TokenKeys, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid { origin: self.origin.clone(), message };
+        let mut keys = TokenKeys::default();
+        for (i, key) in self.auth.hmac_keys.iter().enumerate() {
+            let name = format!("auth.hmac_keys[{i}] (id {:?}, line {})", key.id.get_ref(), key.line);
+            let secret = match (&key.secret_file, &key.secret_hex) {
+                (_, Some(hex)) => parse_hex(hex.expose()),
+                (Some(path), None) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let meta = std::fs::metadata(path)
+                        .map_err(|e| invalid(format!("{name}: secret_file {}: {e}", path.display())))?;
+                    if meta.permissions().mode() & 0o004 != 0 {
+                        return Err(invalid(format!(
+                            "{name}: secret_file {} is readable by every user; chmod 600 it",
+                            path.display()
+                        )));
+                    }
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| invalid(format!("{name}: secret_file {}: {e}", path.display())))?;
+                    let secret = parse_hex(text.trim());
+                    if secret.is_none() {
+                        return Err(invalid(format!(
+                            "{name}: secret_file {} must hold the secret as hex (e.g. `openssl rand -hex 32`)",
+                            path.display()
+                        )));
+                    }
+                    secret
+                }
+                (None, None) => None,
+            };
+            let secret = secret.ok_or_else(|| invalid(format!("{name}: no valid secret")))?;
+            keys.add(key.id.get_ref(), Secret::new(secret)).map_err(|e| invalid(format!("{name}: {e}")))?;
+        }
+        Ok(keys)
     }
 
     /// Loads a file, or the embedded default when `path` is `None`.
@@ -457,5 +638,150 @@ mod tests {
             parse_hex(&Config::parse(&text, "t.toml").unwrap().dataplane.connection_ids.server_id),
             Some(vec![10, 11])
         );
+    }
+
+    fn with_auth(extra: &str) -> String {
+        DEFAULT_CONFIG.replace("tokens = []\n", &format!("tokens = []\n{extra}"))
+    }
+
+    #[test]
+    fn hmac_keys_are_validated_with_key_and_line() {
+        let hex64 = "ab".repeat(32);
+        let text = with_auth(&format!("[[auth.hmac_keys]]\nid = \"k1\"\nsecret_hex = \"{hex64}\"\n"));
+        let c = Config::parse(&text, "t.toml").unwrap();
+        let keys = c.hmac_keys().unwrap();
+        assert_eq!(keys.ids().collect::<Vec<_>>(), ["k1"]);
+        let id_line = text.lines().position(|l| l == "id = \"k1\"").unwrap() + 1;
+        assert_eq!(c.auth.hmac_keys[0].line, id_line);
+        assert!(!format!("{c:?}").contains(&hex64), "Debug hides secrets");
+
+        // Too short: names the entry, the id and the line.
+        let text =
+            with_auth(&format!("[[auth.hmac_keys]]\nid = \"short\"\nsecret_hex = \"{}\"\n", "ab".repeat(31)));
+        let line = text.lines().position(|l| l == "id = \"short\"").unwrap() + 1;
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("auth.hmac_keys[0]")
+                && err.contains("\"short\"")
+                && err.contains(&format!("line {line}")),
+            "{err}"
+        );
+        assert!(err.contains("31 bytes") && err.contains("at least 32"), "{err}");
+
+        for (entry, want) in [
+            ("id = \"k1\"\n".to_string(), "exactly one of secret_file or secret_hex"),
+            (format!("id = \"k1\"\nsecret_hex = \"{hex64}\"\nsecret_file = \"/x\"\n"), "exactly one"),
+            ("id = \"k1\"\nsecret_hex = \"zz\"\n".to_string(), "secret_hex is not hex"),
+            (format!("id = \"k.1\"\nsecret_hex = \"{hex64}\"\n"), "must be 1..=32 characters"),
+            ("id = \"k.1\"\nsecret_file = \"/x\"\n".to_string(), "must be 1..=32 characters"),
+            (format!("id = \"k1\"\nsecret = \"{hex64}\"\n"), "unknown field `secret`"),
+        ] {
+            let err = Config::parse(&with_auth(&format!("[[auth.hmac_keys]]\n{entry}")), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{entry}: {err}");
+        }
+        let dup = format!(
+            "[[auth.hmac_keys]]\nid = \"k1\"\nsecret_hex = \"{hex64}\"\n[[auth.hmac_keys]]\nid = \"k1\"\nsecret_hex = \"{hex64}\"\n"
+        );
+        let err = Config::parse(&with_auth(&dup), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("auth.hmac_keys[1]") && err.contains("already used on line"), "{err}");
+
+        // Secret files: hex, not readable by everyone, at least 32 bytes.
+        let dir = std::env::temp_dir().join(format!("relay-config-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("k2");
+        let load = |content: &str, mode: u32| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(&file, content).unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let text = with_auth(&format!(
+                "[[auth.hmac_keys]]\nid = \"k2\"\nsecret_file = \"{}\"\n",
+                file.display()
+            ));
+            Config::parse(&text, "t.toml")
+                .unwrap()
+                .hmac_keys()
+                .map(|k| k.ids().count())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(load(&format!("{hex64}\n"), 0o600), Ok(1));
+        let err = load(&format!("{hex64}\n"), 0o644).unwrap_err();
+        assert!(err.contains("auth.hmac_keys[0]") && err.contains("readable by every user"), "{err}");
+        let err = load("ab\n", 0o600).unwrap_err();
+        assert!(err.contains("\"k2\"") && err.contains("at least 32"), "{err}");
+        let err = load("not hex", 0o600).unwrap_err();
+        assert!(err.contains("as hex"), "{err}");
+        std::fs::remove_file(&file).unwrap();
+        let err = load_missing(&file);
+        assert!(err.contains("secret_file") && err.contains("No such file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn load_missing(file: &Path) -> String {
+        let text =
+            with_auth(&format!("[[auth.hmac_keys]]\nid = \"k2\"\nsecret_file = \"{}\"\n", file.display()));
+        Config::parse(&text, "t.toml").unwrap().hmac_keys().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn static_tokens_are_checked() {
+        let text = DEFAULT_CONFIG.replace("tokens = []", "tokens = [\"ok-token\", \"v1.k1.looks.signed\"]");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("auth.tokens[1]"), "{err}");
+        let text = DEFAULT_CONFIG.replace("tokens = []", "tokens = [\"has space\"]");
+        assert!(Config::parse(&text, "t.toml").unwrap_err().to_string().contains("auth.tokens[0]"));
+        let text = DEFAULT_CONFIG.replace("tokens = []", "tokens = [\"hunter2-token\"]");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"), "Debug hides tokens");
+    }
+
+    #[test]
+    fn quotas_and_protocols() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.quotas, QuotaConfig::default(), "the demo is unlimited");
+        assert_eq!(c.protocols.names(), ["connect-udp"]);
+        let line = |text: &str, key: &str| text.lines().position(|l| l.starts_with(key)).unwrap() + 1;
+
+        let text = DEFAULT_CONFIG.replacen("bytes_per_period = 0", "bytes_per_period = 1000", 1);
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("quotas.per_identity.period_secs") && err.contains("line"), "{err}");
+        let text = DEFAULT_CONFIG.replacen("burst = 0", "burst = 5", 2).replacen("burst = 5", "burst = 0", 1);
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("quotas.per_client.burst"), "{err}");
+        let text = DEFAULT_CONFIG.replacen("max_flows = 0", "max_flowz = 0", 1);
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(
+            err.contains("max_flowz") && err.contains(&format!("line {}", line(&text, "max_flowz"))),
+            "{err}"
+        );
+        let text = DEFAULT_CONFIG.replacen("max_flows = 0", "max_flows = -1", 1);
+        assert!(Config::parse(&text, "t.toml").is_err());
+        let text = DEFAULT_CONFIG.replacen("max_flows = 0", "max_flows = 4", 1);
+        assert_eq!(Config::parse(&text, "t.toml").unwrap().quotas.per_identity.max_flows, 4);
+
+        let text = DEFAULT_CONFIG.replace("connect_ip = false", "connect_ip = true");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("protocols.connect_ip") && err.contains("not implemented yet"), "{err}");
+        assert!(err.contains("line"), "{err}");
+        let text = DEFAULT_CONFIG.replace("bind = false", "bind = true");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("protocols.bind") && err.contains("not implemented yet"), "{err}");
+        let text = DEFAULT_CONFIG.replace("connect_udp = true", "connect_udp = false");
+        assert!(Config::parse(&text, "t.toml").unwrap().protocols.names().is_empty());
+        // Without the section: connect-udp only.
+        let cut = DEFAULT_CONFIG.find("[protocols]").unwrap();
+        assert_eq!(
+            Config::parse(&DEFAULT_CONFIG[..cut], "t.toml").unwrap().protocols.names(),
+            ["connect-udp"]
+        );
+    }
+
+    #[test]
+    fn the_production_config_parses() {
+        let text = include_str!("../../deploy/relay.toml");
+        let c = Config::parse(text, "deploy/relay.toml").unwrap();
+        assert!(c.quotas.per_identity.max_flows > 0 && c.quotas.per_client.max_flows > 0);
+        assert_eq!(c.auth.hmac_keys.len(), 1);
     }
 }

@@ -1,27 +1,39 @@
-//! Authorization decisions for connect-udp asks (sans-IO).
+//! Authorization decisions for connect-udp asks (sans-IO: the caller
+//! passes the time).
 //!
-//! [`Policy::decide`] answers immediately when it can (bad credentials, IP
-//! literal targets) and otherwise asks the caller to resolve a name, after
-//! which [`Policy::after_resolution`] finishes the decision. Denials carry
-//! the status and Proxy-Status error the dataplane sends:
+//! [`Policy::decide`] answers immediately when it can (bad credentials,
+//! quota, IP literal targets) and otherwise asks the caller to resolve a
+//! name, after which [`Policy::after_resolution`] finishes the decision.
+//! An allow is admitted by the quotas ([`crate::quota`]) at the moment it
+//! is made, and its byte budget is the identity's and client's remaining
+//! allowance; the caller reports flows ending with [`Policy::flow_closed`].
+//! Denials carry the status and Proxy-Status error the dataplane sends:
 //!
 //! | case | status | Proxy-Status |
 //! |---|---|---|
-//! | no credentials / wrong credentials | 407 | http_request_denied |
+//! | connect-udp disabled (`protocols.connect_udp = false`) | 501 | - |
+//! | no credentials / refused credentials | 407 | http_request_denied |
+//! | a quota is exhausted | 429 | http_request_denied, details `quota exceeded: <key>` |
 //! | target address or port denied | 403 | destination_ip_prohibited |
 //! | name does not resolve | 502 | dns_error |
 //! | resolution timed out | 504 | dns_timeout |
 //! | resolver overloaded | 503 | proxy_internal_error |
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use relay_proto::channel::record::{AuthAsk, Verdict};
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::target::TargetHost;
+use tracing::debug;
 
 use crate::acl::{Denial, TargetAcl};
-use crate::auth::{AuthResult, BearerTokens};
+use crate::auth::{AuthState, Authenticator, Identity};
+use crate::config::ProtocolsSection;
+use crate::quota::{Exceeded, QuotaConfig, QuotaError, Quotas};
+use crate::store::{self, RuntimeState};
 
 /// What to do with an ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,7 +46,18 @@ pub enum Decision {
         name: String,
         /// Target port.
         port: u16,
+        /// Who asked (for the quota admission after resolution).
+        requester: Requester,
     },
+}
+
+/// An authenticated requester.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    /// Who.
+    pub identity: Identity,
+    /// From where.
+    pub client: IpAddr,
 }
 
 /// Why resolution produced no addresses.
@@ -48,55 +71,190 @@ pub enum ResolveFailure {
     Busy,
 }
 
+/// Refusal counters by reason, for `policy show`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RefusalCounts {
+    /// 407s by [`crate::auth::Refusal::reason`].
+    pub auth: BTreeMap<&'static str, u64>,
+    /// 429s by the limit that refused.
+    pub quota: BTreeMap<String, u64>,
+}
+
 /// The authorization policy.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Policy {
-    tokens: BearerTokens,
+    auth: Authenticator,
     acl: TargetAcl,
+    quotas: Quotas,
+    base_quotas: QuotaConfig,
+    quota_overrides: BTreeMap<String, u64>,
+    protocols: ProtocolsSection,
     idle_timeout_ms: u32,
     next_flow_id: u64,
+    refusals: RefusalCounts,
 }
 
 fn deny(status: u16, proxy_error: ProxyError, details: &str) -> Verdict {
     Verdict::Deny { status, proxy_error: Some(proxy_error), details: details.to_string() }
 }
 
+fn quota_denial(which: Exceeded) -> Verdict {
+    deny(429, ProxyError::HttpRequestDenied, &format!("quota exceeded: {which}"))
+}
+
 impl Policy {
-    /// A policy with these tokens, target ACL and flow idle timeout.
-    pub fn new(tokens: BearerTokens, acl: TargetAcl, idle_timeout_ms: u32) -> Self {
+    /// A policy with this authenticator, target ACL and flow idle timeout;
+    /// no quotas, connect-udp enabled.
+    pub fn new(auth: Authenticator, acl: TargetAcl, idle_timeout_ms: u32) -> Self {
         // Flow IDs carry a per-start epoch in the top bits, so flows that a
         // dataplane kept across a control restart never collide with new
         // ones.
         let mut epoch = [0u8; 3];
         let _ = boring::rand::rand_bytes(&mut epoch);
         let epoch = u64::from(u32::from_le_bytes([epoch[0], epoch[1], epoch[2], 0]));
-        Self { tokens, acl, idle_timeout_ms, next_flow_id: (epoch << 40) | 1 }
+        Self {
+            auth,
+            acl,
+            quotas: Quotas::new(
+                QuotaConfig::default(),
+                crate::quota::MAX_TRACKED,
+                crate::quota::MAX_FLOWS_TRACKED,
+            ),
+            base_quotas: QuotaConfig::default(),
+            quota_overrides: BTreeMap::new(),
+            protocols: ProtocolsSection::default(),
+            idle_timeout_ms,
+            next_flow_id: (epoch << 40) | 1,
+            refusals: RefusalCounts::default(),
+        }
     }
 
-    /// First step of a decision.
-    pub fn decide(&mut self, ask: &AuthAsk) -> Decision {
-        match self.tokens.check(ask.authorization.as_deref()) {
-            AuthResult::Accepted => {}
-            AuthResult::Missing => {
-                return Decision::Answer(deny(407, ProxyError::HttpRequestDenied, "authentication required"));
-            }
-            AuthResult::Invalid => {
-                return Decision::Answer(deny(407, ProxyError::HttpRequestDenied, "invalid credentials"));
-            }
+    /// Sets the config file's quotas (run-time overrides still apply).
+    pub fn with_quotas(mut self, config: QuotaConfig) -> Self {
+        self.base_quotas = config;
+        let effective = config.with_overrides(&self.quota_overrides).unwrap_or(config);
+        self.quotas.set_config(effective);
+        self
+    }
+
+    /// Sets the protocols served.
+    pub fn with_protocols(mut self, protocols: ProtocolsSection) -> Self {
+        self.protocols = protocols;
+        self
+    }
+
+    /// The authenticator (keys, tokens, revocations).
+    pub fn auth(&self) -> &Authenticator {
+        &self.auth
+    }
+
+    /// The target ACL.
+    pub fn acl(&self) -> &TargetAcl {
+        &self.acl
+    }
+
+    /// The quota state.
+    pub fn quotas(&self) -> &Quotas {
+        &self.quotas
+    }
+
+    /// The config file's quotas (before run-time overrides).
+    pub fn base_quotas(&self) -> &QuotaConfig {
+        &self.base_quotas
+    }
+
+    /// Run-time quota overrides.
+    pub fn quota_overrides(&self) -> &BTreeMap<String, u64> {
+        &self.quota_overrides
+    }
+
+    /// The protocols served.
+    pub fn protocols(&self) -> ProtocolsSection {
+        self.protocols
+    }
+
+    /// Refusal counters.
+    pub fn refusals(&self) -> &RefusalCounts {
+        &self.refusals
+    }
+
+    /// The persisted run-time state as it is now.
+    pub fn runtime_state(&self) -> RuntimeState {
+        RuntimeState {
+            version: store::VERSION,
+            auth: self.auth.state().clone(),
+            quota_overrides: self.quota_overrides.clone(),
         }
+    }
+
+    /// The quotas `overrides` would give, validated (errors name the key).
+    pub fn quotas_with(&self, overrides: &BTreeMap<String, u64>) -> Result<QuotaConfig, QuotaError> {
+        self.base_quotas.with_overrides(overrides)
+    }
+
+    /// Installs a run-time state (loaded at start, or just persisted by an
+    /// admin request). Validates the quota overrides first.
+    pub fn install(&mut self, state: RuntimeState) -> Result<(), QuotaError> {
+        let effective = self.quotas_with(&state.quota_overrides)?;
+        self.quotas.set_config(effective);
+        self.quota_overrides = state.quota_overrides;
+        self.auth.set_state(state.auth);
+        Ok(())
+    }
+
+    /// Replaces only the authentication state.
+    pub fn install_auth(&mut self, state: AuthState) {
+        self.auth.set_state(state);
+    }
+
+    /// First step of a decision, at `now` (monotonic, for quotas) and
+    /// `now_unix` (wall clock, for token expiry). Also returns who asked
+    /// ([`Identity::Unknown`] when credentials were refused).
+    pub fn decide(&mut self, ask: &AuthAsk, now: Instant, now_unix: u64) -> (Decision, Identity) {
+        if !self.protocols.connect_udp {
+            let verdict =
+                Verdict::Deny { status: 501, proxy_error: None, details: "connect-udp is disabled".into() };
+            return (Decision::Answer(verdict), Identity::Unknown);
+        }
+        let identity = match self.auth.check(ask.authorization.as_deref(), now_unix) {
+            Ok(identity) => identity,
+            Err(refusal) => {
+                // The reason is for the operator; the client gets one answer.
+                debug!(ask = ask.ask_id, client = %ask.client, reason = refusal.reason(), "credentials refused");
+                *self.refusals.auth.entry(refusal.reason()).or_default() += 1;
+                let verdict = deny(407, ProxyError::HttpRequestDenied, refusal.client_details());
+                return (Decision::Answer(verdict), Identity::Unknown);
+            }
+        };
+        let requester = Requester { identity: identity.clone(), client: ask.client.ip() };
         // The dataplane validated the host already; re-validate anyway, as
         // nothing read from the channel is trusted.
-        match TargetHost::parse(&ask.target_host) {
-            Ok(TargetHost::Ip(ip)) => Decision::Answer(self.check_addresses(&[ip], ask.target_port)),
-            Ok(TargetHost::Name(name)) => Decision::Resolve { name, port: ask.target_port },
+        let decision = match TargetHost::parse(&ask.target_host) {
+            Ok(TargetHost::Ip(ip)) => {
+                Decision::Answer(self.check_addresses(&requester, &[ip], ask.target_port, now))
+            }
+            Ok(TargetHost::Name(name)) => {
+                // Refuse before spending a resolution on an exhausted quota.
+                match self.quotas.check(identity.quota_key().as_deref(), requester.client, now) {
+                    Ok(()) => Decision::Resolve { name, port: ask.target_port, requester },
+                    Err(which) => Decision::Answer(self.quota_refused(&requester, which)),
+                }
+            }
             Err(_) => Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target")),
-        }
+        };
+        (decision, identity)
     }
 
     /// Finishes a decision after resolution.
-    pub fn after_resolution(&mut self, port: u16, result: Result<Vec<IpAddr>, ResolveFailure>) -> Verdict {
+    pub fn after_resolution(
+        &mut self,
+        requester: &Requester,
+        port: u16,
+        result: Result<Vec<IpAddr>, ResolveFailure>,
+        now: Instant,
+    ) -> Verdict {
         match result {
-            Ok(addrs) if !addrs.is_empty() => self.check_addresses(&addrs, port),
+            Ok(addrs) if !addrs.is_empty() => self.check_addresses(requester, &addrs, port, now),
             Ok(_) => deny(502, ProxyError::DnsError, "no addresses"),
             Err(ResolveFailure::NotFound(why)) => deny(502, ProxyError::DnsError, &why),
             Err(ResolveFailure::Timeout) => deny(504, ProxyError::DnsTimeout, "resolution timed out"),
@@ -104,19 +262,35 @@ impl Policy {
         }
     }
 
-    /// Picks the first allowed address.
-    fn check_addresses(&mut self, addrs: &[IpAddr], port: u16) -> Verdict {
+    fn quota_refused(&mut self, requester: &Requester, which: Exceeded) -> Verdict {
+        debug!(identity = %requester.identity, client = %requester.client, limit = %which, "quota exceeded");
+        *self.refusals.quota.entry(which.to_string()).or_default() += 1;
+        quota_denial(which)
+    }
+
+    /// Picks the first allowed address and admits the flow.
+    fn check_addresses(
+        &mut self,
+        requester: &Requester,
+        addrs: &[IpAddr],
+        port: u16,
+        now: Instant,
+    ) -> Verdict {
         let mut port_denied = false;
         for ip in addrs {
             match self.acl.check(*ip, port) {
                 Ok(()) => {
                     let flow_id = self.next_flow_id;
                     self.next_flow_id += 1;
-                    return Verdict::Allow {
-                        flow_id,
-                        target: SocketAddr::new(*ip, port),
-                        idle_timeout_ms: self.idle_timeout_ms,
-                        byte_budget: 0,
+                    let key = requester.identity.quota_key();
+                    return match self.quotas.admit(flow_id, key.as_deref(), requester.client, now) {
+                        Ok(byte_budget) => Verdict::Allow {
+                            flow_id,
+                            target: SocketAddr::new(*ip, port),
+                            idle_timeout_ms: self.idle_timeout_ms,
+                            byte_budget,
+                        },
+                        Err(which) => self.quota_refused(requester, which),
                     };
                 }
                 Err(Denial::Port) => port_denied = true,
@@ -129,11 +303,36 @@ impl Policy {
             deny(403, ProxyError::DestinationIpProhibited, "target address not allowed")
         }
     }
+
+    /// A flow ended (the dataplane's `FlowClosed`, or an allow that was not
+    /// used): releases its quota and charges its bytes.
+    pub fn flow_closed(&mut self, flow_id: u64, bytes: u64, now: Instant) {
+        self.quotas.closed(flow_id, bytes, now);
+    }
+
+    /// A re-attached dataplane reported an open flow.
+    pub fn flow_reopened(&mut self, flow_id: u64, client: IpAddr, now: Instant) {
+        self.quotas.reopened(flow_id, client, now);
+    }
+
+    /// The dataplane went away with every flow.
+    pub fn release_all_flows(&mut self) {
+        self.quotas.release_all();
+    }
+
+    /// Periodic upkeep: evicts idle quota entries.
+    pub fn sweep(&mut self, now: Instant) -> usize {
+        self.quotas.sweep(now)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quota::QuotaLimits;
+    use crate::token::{Secret, TokenKeys};
+
+    const NOW_UNIX: u64 = 1_700_000_000;
 
     fn ask(host: &str, auth: Option<&str>) -> AuthAsk {
         AuthAsk {
@@ -148,8 +347,10 @@ mod tests {
     }
 
     fn policy() -> Policy {
+        let mut keys = TokenKeys::default();
+        keys.add("k1", Secret::new(vec![3; 32])).unwrap();
         Policy::new(
-            BearerTokens::new(["t".to_string()]),
+            Authenticator::new(["t"], keys, AuthState::default()),
             TargetAcl::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec![]),
             5000,
         )
@@ -162,41 +363,133 @@ mod tests {
         }
     }
 
+    fn decide(p: &mut Policy, a: &AuthAsk) -> Decision {
+        p.decide(a, Instant::now(), NOW_UNIX).0
+    }
+
     #[test]
     fn decisions() {
         let mut p = policy();
-        assert_eq!(status(&p.decide(&ask("127.0.0.1", None))), 407);
-        assert_eq!(status(&p.decide(&ask("127.0.0.1", Some("Bearer x")))), 407);
-        assert_eq!(status(&p.decide(&ask("10.0.0.1", Some("Bearer t")))), 403);
-        match p.decide(&ask("127.0.0.1", Some("Bearer t"))) {
-            Decision::Answer(Verdict::Allow { flow_id, target, idle_timeout_ms: 5000, .. }) => {
+        assert_eq!(status(&decide(&mut p, &ask("127.0.0.1", None))), 407);
+        assert_eq!(status(&decide(&mut p, &ask("127.0.0.1", Some("Bearer x")))), 407);
+        assert_eq!(status(&decide(&mut p, &ask("10.0.0.1", Some("Bearer t")))), 403);
+        match decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))) {
+            Decision::Answer(Verdict::Allow { flow_id, target, idle_timeout_ms: 5000, byte_budget: 0 }) => {
                 assert_eq!(flow_id & ((1 << 40) - 1), 1, "first flow of this control start");
                 assert_eq!(target, "127.0.0.1:53".parse().unwrap())
             }
             other => panic!("{other:?}"),
         }
+        let fp = crate::auth::TokenDigest::of("t").fingerprint();
         assert_eq!(
-            p.decide(&ask("example.com", Some("Bearer t"))),
-            Decision::Resolve { name: "example.com".into(), port: 53 }
+            decide(&mut p, &ask("example.com", Some("Bearer t"))),
+            Decision::Resolve {
+                name: "example.com".into(),
+                port: 53,
+                requester: Requester {
+                    identity: Identity::StaticToken(fp),
+                    client: "127.0.0.1".parse().unwrap()
+                }
+            }
         );
-        assert_eq!(status(&p.decide(&ask("bad host", Some("Bearer t")))), 400);
+        assert_eq!(status(&decide(&mut p, &ask("bad host", Some("Bearer t")))), 400);
+        assert_eq!(p.refusals().auth.get("missing"), Some(&1));
+        assert_eq!(p.refusals().auth.get("unknown_static_token"), Some(&1));
+    }
+
+    #[test]
+    fn hmac_tokens_name_the_identity() {
+        let mut p = policy();
+        let token = p.auth().keys().mint(None, "alice", NOW_UNIX, 60).unwrap().token;
+        let (d, id) = p.decide(&ask("127.0.0.1", Some(&format!("Bearer {token}"))), Instant::now(), NOW_UNIX);
+        assert!(matches!(d, Decision::Answer(Verdict::Allow { .. })));
+        assert_eq!(id, Identity::Subject("alice".into()));
+        // Expired: the same 407 as any bad credential, a distinct counter.
+        let (d, id) =
+            p.decide(&ask("127.0.0.1", Some(&format!("Bearer {token}"))), Instant::now(), NOW_UNIX + 60);
+        assert_eq!(
+            d,
+            Decision::Answer(Verdict::Deny {
+                status: 407,
+                proxy_error: Some(ProxyError::HttpRequestDenied),
+                details: "invalid credentials".into()
+            })
+        );
+        assert_eq!(id, Identity::Unknown);
+        assert_eq!(p.refusals().auth.get("expired"), Some(&1));
+    }
+
+    #[test]
+    fn quotas_refuse_with_429_and_release_on_close() {
+        let limits =
+            QuotaLimits { max_flows: 1, bytes_per_period: 1000, period_secs: 60, ..Default::default() };
+        let mut p = policy().with_quotas(QuotaConfig { per_identity: limits, ..Default::default() });
+        let now = Instant::now();
+        let a = ask("127.0.0.1", Some("Bearer t"));
+        let (d, _) = p.decide(&a, now, NOW_UNIX);
+        let Decision::Answer(Verdict::Allow { flow_id, byte_budget, .. }) = d else { panic!("{d:?}") };
+        assert_eq!(byte_budget, 1000);
+        let (d, _) = p.decide(&a, now, NOW_UNIX);
+        assert_eq!(
+            d,
+            Decision::Answer(Verdict::Deny {
+                status: 429,
+                proxy_error: Some(ProxyError::HttpRequestDenied),
+                details: "quota exceeded: per_identity.max_flows".into()
+            })
+        );
+        // Names are refused before resolution too.
+        assert_eq!(status(&p.decide(&ask("example.com", Some("Bearer t")), now, NOW_UNIX).0), 429);
+        p.flow_closed(flow_id, 400, now);
+        let (d, _) = p.decide(&a, now, NOW_UNIX);
+        let Decision::Answer(Verdict::Allow { flow_id, byte_budget: 600, .. }) = d else { panic!("{d:?}") };
+        p.flow_closed(flow_id, 600, now);
+        let (d, _) = p.decide(&a, now, NOW_UNIX);
+        assert!(
+            matches!(d, Decision::Answer(Verdict::Deny { status: 429, ref details, .. }) if details == "quota exceeded: per_identity.bytes_per_period")
+        );
+        assert_eq!(p.refusals().quota.get("per_identity.max_flows"), Some(&2));
+        // A run-time override wins over the file's value.
+        let mut state = p.runtime_state();
+        state.quota_overrides.insert("per_identity.bytes_per_period".into(), 0);
+        p.install(state).unwrap();
+        assert!(matches!(
+            p.decide(&a, now, NOW_UNIX).0,
+            Decision::Answer(Verdict::Allow { byte_budget: 0, .. })
+        ));
+        let mut bad = p.runtime_state();
+        bad.quota_overrides.insert("per_identity.burst".into(), 5);
+        assert!(p.install(bad).unwrap_err().to_string().contains("per_identity.burst"));
+    }
+
+    #[test]
+    fn disabled_connect_udp_is_refused() {
+        let mut p = policy().with_protocols(ProtocolsSection { connect_udp: false, ..Default::default() });
+        assert_eq!(status(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t")))), 501);
     }
 
     #[test]
     fn resolution_outcomes() {
         let mut p = policy();
-        let v = p.after_resolution(53, Ok(vec!["10.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()]));
+        let r = Requester { identity: Identity::Subject("a".into()), client: "127.0.0.1".parse().unwrap() };
+        let now = Instant::now();
+        let v = p.after_resolution(
+            &r,
+            53,
+            Ok(vec!["10.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()]),
+            now,
+        );
         assert!(matches!(v, Verdict::Allow { target, .. } if target.ip().to_string() == "127.0.0.2"));
-        let v = p.after_resolution(53, Ok(vec!["10.0.0.1".parse().unwrap()]));
+        let v = p.after_resolution(&r, 53, Ok(vec!["10.0.0.1".parse().unwrap()]), now);
         assert!(matches!(
             v,
             Verdict::Deny { status: 403, proxy_error: Some(ProxyError::DestinationIpProhibited), .. }
         ));
-        let v = p.after_resolution(53, Err(ResolveFailure::NotFound("NXDOMAIN".into())));
+        let v = p.after_resolution(&r, 53, Err(ResolveFailure::NotFound("NXDOMAIN".into())), now);
         assert!(matches!(v, Verdict::Deny { status: 502, proxy_error: Some(ProxyError::DnsError), .. }));
-        let v = p.after_resolution(53, Err(ResolveFailure::Timeout));
+        let v = p.after_resolution(&r, 53, Err(ResolveFailure::Timeout), now);
         assert!(matches!(v, Verdict::Deny { status: 504, proxy_error: Some(ProxyError::DnsTimeout), .. }));
-        let v = p.after_resolution(53, Err(ResolveFailure::Busy));
+        let v = p.after_resolution(&r, 53, Err(ResolveFailure::Busy), now);
         assert!(matches!(v, Verdict::Deny { status: 503, .. }));
     }
 }

@@ -29,7 +29,8 @@ use relay_proto::channel::ring::{Consumer, Producer, RingError};
 use relay_proto::proxy_status::ProxyError;
 use tracing::{debug, error, info, warn};
 
-use crate::policy::{Decision, Policy, ResolveFailure};
+use crate::auth::Identity;
+use crate::policy::{Decision, Policy, Requester, ResolveFailure};
 use crate::resolver::{Resolved, Resolver};
 use crate::signer::KeyStore;
 
@@ -44,6 +45,8 @@ const MAX_BACKLOG: usize = 4096;
 pub const MAX_FLOWS: usize = 1_000_000;
 /// How long an attaching dataplane has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often idle quota entries are evicted.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Settings the server needs beyond the policy.
 #[derive(Debug, Clone)]
@@ -73,6 +76,9 @@ pub struct FlowInfo {
     pub target: SocketAddr,
     /// Seconds since the Unix epoch when it was allowed.
     pub started_unix: u64,
+    /// Who opened it (`sub:<subject>`, `tok:<fingerprint>`, or `-` when
+    /// not known: flows a re-attached dataplane reported).
+    pub identity: String,
 }
 
 /// State shared with the admin socket thread.
@@ -115,13 +121,15 @@ struct Attached {
 struct PendingResolution {
     worker: u32,
     ask: AuthAsk,
+    requester: Requester,
     deadline: Instant,
 }
 
 /// The control server.
 pub struct Server {
     settings: ServerSettings,
-    policy: Policy,
+    policy: Arc<Mutex<Policy>>,
+    last_sweep: Instant,
     keys: Arc<KeyStore>,
     shared: Arc<Mutex<Shared>>,
     poll: Poll,
@@ -150,10 +158,12 @@ pub fn bind_private_socket(path: &Path) -> io::Result<UnixListener> {
 }
 
 impl Server {
-    /// Binds the channel socket and starts the resolver pool.
+    /// Binds the channel socket and starts the resolver pool. The policy
+    /// is shared with the admin socket, which changes tokens, revocations
+    /// and quotas at run time.
     pub fn new(
         settings: ServerSettings,
-        policy: Policy,
+        policy: Arc<Mutex<Policy>>,
         keys: Arc<KeyStore>,
         shared: Arc<Mutex<Shared>>,
     ) -> io::Result<Self> {
@@ -169,6 +179,7 @@ impl Server {
         Ok(Self {
             settings,
             policy,
+            last_sweep: Instant::now(),
             keys,
             shared,
             poll,
@@ -218,6 +229,10 @@ impl Server {
             self.drain_resolved();
             self.expire_resolutions();
             self.flush_backlogs();
+            if self.last_sweep.elapsed() >= SWEEP_INTERVAL {
+                self.last_sweep = Instant::now();
+                self.policy().sweep(self.last_sweep);
+            }
         }
         Ok(())
     }
@@ -339,6 +354,7 @@ impl Server {
             let _ = registry.deregister(&mut SourceFd(&w.ask_bell.as_raw_fd()));
         }
         self.pending.clear();
+        self.policy().release_all_flows();
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let released = shared.flows.len();
         shared.flows.clear();
@@ -378,6 +394,8 @@ impl Server {
                 Record::AuthAsk(ask) => self.on_ask(worker, ask),
                 Record::SignAsk(ask) => self.on_sign_ask(worker, ask),
                 Record::FlowClosed(closed) => {
+                    let bytes = closed.bytes_up.saturating_add(closed.bytes_down);
+                    self.policy().flow_closed(closed.flow_id, bytes, Instant::now());
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if shared.flows.remove(&closed.flow_id).is_some() {
                         debug!(
@@ -390,7 +408,9 @@ impl Server {
                 }
                 Record::FlowOpen(open) => {
                     // A dataplane that outlived a previous control reports its
-                    // live flows after attaching.
+                    // live flows after attaching. Their identity is not in the
+                    // report: they count against their client's quota only.
+                    self.policy().flow_reopened(open.flow_id, open.client.ip(), Instant::now());
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if shared.flows.len() < MAX_FLOWS {
                         let started_unix = SystemTime::now()
@@ -402,6 +422,7 @@ impl Server {
                             client: open.client,
                             target: open.target,
                             started_unix,
+                            identity: Identity::Unknown.to_string(),
                         });
                     }
                 }
@@ -413,20 +434,33 @@ impl Server {
         }
     }
 
+    /// The policy, shared with the admin socket (never held across a
+    /// lock of `shared`).
+    fn policy(&self) -> std::sync::MutexGuard<'_, Policy> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn on_ask(&mut self, worker: u32, ask: AuthAsk) {
-        match self.policy.decide(&ask) {
-            Decision::Answer(verdict) => self.answer(worker, &ask, verdict),
-            Decision::Resolve { name, .. } => {
+        let now_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let (decision, identity) = self.policy().decide(&ask, Instant::now(), now_unix);
+        match decision {
+            Decision::Answer(verdict) => self.answer(worker, &ask, &identity, verdict),
+            Decision::Resolve { name, requester, .. } => {
                 let id = self.next_job;
                 self.next_job += 1;
                 match self.resolver.submit(id, name) {
                     Ok(()) => {
                         let deadline = Instant::now() + self.settings.resolver_timeout;
-                        self.pending.insert(id, PendingResolution { worker, ask, deadline });
+                        self.pending.insert(id, PendingResolution { worker, ask, requester, deadline });
                     }
                     Err(failure) => {
-                        let verdict = self.policy.after_resolution(ask.target_port, Err(failure));
-                        self.answer(worker, &ask, verdict);
+                        let verdict = self.policy().after_resolution(
+                            &requester,
+                            ask.target_port,
+                            Err(failure),
+                            Instant::now(),
+                        );
+                        self.answer(worker, &ask, &requester.identity, verdict);
                     }
                 }
             }
@@ -437,8 +471,13 @@ impl Server {
         while let Ok(done) = self.resolved.try_recv() {
             // A missing entry timed out already and was answered.
             if let Some(p) = self.pending.remove(&done.id) {
-                let verdict = self.policy.after_resolution(p.ask.target_port, done.result);
-                self.answer(p.worker, &p.ask, verdict);
+                let verdict = self.policy().after_resolution(
+                    &p.requester,
+                    p.ask.target_port,
+                    done.result,
+                    Instant::now(),
+                );
+                self.answer(p.worker, &p.ask, &p.requester.identity, verdict);
             }
         }
     }
@@ -449,17 +488,24 @@ impl Server {
             self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
-                let verdict = self.policy.after_resolution(p.ask.target_port, Err(ResolveFailure::Timeout));
-                self.answer(p.worker, &p.ask, verdict);
+                let verdict = self.policy().after_resolution(
+                    &p.requester,
+                    p.ask.target_port,
+                    Err(ResolveFailure::Timeout),
+                    now,
+                );
+                self.answer(p.worker, &p.ask, &p.requester.identity, verdict);
             }
         }
     }
 
-    fn answer(&mut self, worker: u32, ask: &AuthAsk, mut verdict: Verdict) {
+    fn answer(&mut self, worker: u32, ask: &AuthAsk, identity: &Identity, mut verdict: Verdict) {
+        let mut unused_allow = None;
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             if let Verdict::Allow { flow_id, target, .. } = &verdict {
                 if shared.flows.len() >= MAX_FLOWS {
+                    unused_allow = Some(*flow_id);
                     verdict = Verdict::Deny {
                         status: 503,
                         proxy_error: Some(ProxyError::ProxyInternalError),
@@ -477,6 +523,7 @@ impl Server {
                             client: ask.client,
                             target: *target,
                             started_unix,
+                            identity: identity.to_string(),
                         },
                     );
                     shared.asks_allowed += 1;
@@ -484,6 +531,10 @@ impl Server {
             } else {
                 shared.asks_denied += 1;
             }
+        }
+        if let Some(flow_id) = unused_allow {
+            // The quota admitted it; give the admission back.
+            self.policy().flow_closed(flow_id, 0, Instant::now());
         }
         if let Verdict::Deny { status, details, .. } = &verdict {
             debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");

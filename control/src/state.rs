@@ -43,7 +43,9 @@ pub fn ensure_dir(dir: &Path) -> Result<(), StateError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err(dir))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), StateError> {
+/// Writes `data` to `path` atomically (temporary file, sync, rename) with
+/// mode 0600.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), StateError> {
     let tmp = path.with_extension("tmp");
     let mut f = OpenOptions::new()
         .write(true)

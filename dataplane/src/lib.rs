@@ -25,6 +25,7 @@ pub mod keyless;
 pub mod link;
 pub mod quic;
 pub mod response;
+pub mod retry;
 pub mod slab;
 pub mod socket;
 pub mod timers;

@@ -14,6 +14,7 @@ use relay_dataplane::io::BackendKind;
 use relay_dataplane::io::epoll::EpollBackend;
 use relay_dataplane::io::uring::{UringBackend, UringSettings};
 use relay_dataplane::link::ControlLink;
+use relay_dataplane::retry::RetryTokens;
 use relay_dataplane::worker::{Flags, Worker, WorkerSettings};
 use relay_dataplane::{cpu, socket};
 use relay_proto::channel::bootstrap::Bootstrap;
@@ -217,6 +218,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "attached to control"
     );
     let control_alive = Arc::new(AtomicBool::new(true));
+    let retry = Arc::new(RetryTokens::new()?);
     let inboxes: Arc<[Inbox]> =
         (0..b.workers).map(|_| Inbox::new()).collect::<std::io::Result<Vec<_>>>()?.into();
     let mut handles = Vec::new();
@@ -241,7 +243,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             steer(&sock, &cids, b.workers);
         }
         let flags = Flags { stop: &STOP, drain: &DRAIN };
-        let mut worker = Worker::new(settings, flags, local, link, relink_rx, inboxes.clone())?;
+        let mut worker =
+            Worker::new(settings, flags, local, link, relink_rx, inboxes.clone(), retry.clone())?;
         let cpu = (b.pin_workers && !cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]);
         let auto = b.io_backend == "auto";
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);

@@ -38,6 +38,7 @@ use crate::keyless;
 use crate::link::{Answer, AskError, ControlLink};
 use crate::quic;
 use crate::response::{self, Headers};
+use crate::retry::{RetryTokens, TokenError};
 use crate::slab::{Key as ConnKey, Slab};
 use crate::socket;
 use crate::timers::{TimerTarget, Timers};
@@ -133,6 +134,10 @@ pub struct Worker {
     over_budget: Vec<(ConnKey, u64)>,
     /// `:protocol = connect-udp` is served.
     connect_udp_enabled: bool,
+    /// Retry tokens (shared by the workers).
+    retry: Arc<RetryTokens>,
+    /// Connections accepted whose handshake has not completed.
+    handshaking: usize,
     link: ControlLink,
     relink: std::sync::mpsc::Receiver<ControlLink>,
     inboxes: Arc<[Inbox]>,
@@ -193,6 +198,7 @@ impl Worker {
         link: ControlLink,
         relink: std::sync::mpsc::Receiver<ControlLink>,
         inboxes: Arc<[Inbox]>,
+        retry: Arc<RetryTokens>,
     ) -> Result<Self, WorkerError> {
         let quic_config = quic::transport_config(&settings.bootstrap)?;
         let h3_config = quic::h3_config()?;
@@ -216,6 +222,8 @@ impl Worker {
             signs: HashMap::new(),
             over_budget: Vec::new(),
             connect_udp_enabled,
+            retry,
+            handshaking: 0,
             link,
             relink,
             inboxes,
@@ -325,10 +333,35 @@ impl Worker {
             return None;
         }
         let worker = self.settings.index as u8;
-        let scid = self.settings.cids.generate_with(worker, fill_random);
-        let scid = quiche::ConnectionId::from_vec(scid.as_bytes().to_vec());
-        let odcid = hdr.dcid.clone().into_owned();
-        let quic = match quiche::accept(&scid, None, self.local, from, &mut self.quic_config) {
+        let token = hdr.token.as_deref().unwrap_or(&[]);
+        // RFC 9000 section 8.1.2: with a valid Retry token the client has
+        // proven its address; the connection keeps the connection ID we
+        // chose in the Retry (it names this worker) and reports the
+        // original one in its transport parameters.
+        let (scid, retried_odcid) = match self.retry.validate(token, from) {
+            Ok(odcid) => (hdr.dcid.clone().into_owned(), Some(quiche::ConnectionId::from_vec(odcid))),
+            Err(TokenError::BadMac) => {
+                // Forged, or minted for another address: no state for it.
+                self.count(Counter::RetryTokensInvalid, 1);
+                return None;
+            }
+            // No token (or an expired or foreign one: treated as none,
+            // section 8.1.3): Retry when many handshakes are in progress.
+            Err(_) if self.handshaking >= self.settings.bootstrap.retry_threshold as usize => {
+                self.send_retry(hdr, from);
+                return None;
+            }
+            Err(_) => {
+                let scid = self.settings.cids.generate_with(worker, fill_random);
+                (quiche::ConnectionId::from_vec(scid.as_bytes().to_vec()), None)
+            }
+        };
+        let odcid = match &retried_odcid {
+            Some(original) => original.clone(),
+            None => hdr.dcid.clone().into_owned(),
+        };
+        let accepted = quiche::accept(&scid, retried_odcid.as_ref(), self.local, from, &mut self.quic_config);
+        let quic = match accepted {
             Ok(c) => c,
             Err(e) => {
                 debug!("accept failed: {e}");
@@ -351,9 +384,28 @@ impl Worker {
         }));
         self.by_cid.insert(scid, key);
         self.by_cid.insert(odcid, key);
+        self.handshaking += 1;
         self.count(Counter::ConnectionsAccepted, 1);
         self.count(Counter::ConnectionsActive, 1);
         Some(key)
+    }
+
+    /// Answers a token-less Initial with a Retry carrying a token and a
+    /// connection ID of this worker.
+    fn send_retry(&mut self, hdr: &quiche::Header<'_>, from: SocketAddr) {
+        let new_scid = self.settings.cids.generate_with(self.settings.index as u8, fill_random);
+        let new_scid = quiche::ConnectionId::from_ref(new_scid.as_bytes());
+        let token = self.retry.mint(from, &hdr.dcid);
+        let space = self.out.quic_space();
+        match quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, space) {
+            Ok(n) => {
+                let gso = self.gso();
+                self.out.quic_commit(n, from, gso);
+                self.out.finish_quic();
+                self.count(Counter::RetriesSent, 1);
+            }
+            Err(e) => debug!("cannot build a Retry: {e}"),
+        }
     }
 
     /// Sends the signing asks the connection's handshake made (keyless
@@ -474,6 +526,7 @@ impl Worker {
         while conn.quic.path_event_next().is_some() {}
         if conn.quic.is_established() && !conn.established_counted {
             conn.established_counted = true;
+            self.handshaking = self.handshaking.saturating_sub(1);
             self.count(Counter::HandshakesCompleted, 1);
         }
         if conn.h3.is_none() && (conn.quic.is_established() || conn.quic.is_in_early_data()) {
@@ -1157,6 +1210,9 @@ impl Worker {
         if let Some(sign_id) = conn.signing.take() {
             self.signs.remove(&sign_id);
             keyless::forget(sign_id);
+        }
+        if !conn.established_counted {
+            self.handshaking = self.handshaking.saturating_sub(1);
         }
         for (_, entry) in conn.tunnels.drain() {
             self.close_tunnel(entry);

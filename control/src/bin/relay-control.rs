@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use clap::Parser;
 use relay_control::acl::TargetAcl;
-use relay_control::auth::BearerTokens;
+use relay_control::admin::{self, Admin};
+use relay_control::auth::Authenticator;
 use relay_control::config::Config;
 use relay_control::policy::Policy;
 use relay_control::server::{self, Server, ServerSettings, Shared};
 use relay_control::signer::{KeyStore, Signer};
-use relay_control::{admin, state};
+use relay_control::state;
+use relay_control::store::PolicyStore;
 use relay_proto::channel::bootstrap::{Bootstrap, PROTOCOL_VERSION};
 use tracing::{error, info};
 
@@ -67,7 +69,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             (creds.cert, creds.key)
         }
     };
-    let tokens = if config.auth.tokens.is_empty() {
+    let hmac_keys = config.hmac_keys()?;
+    // The demo token only when no credentials at all are configured.
+    let tokens: Vec<String> = if config.auth.tokens.is_empty() && hmac_keys.is_empty() {
         let (token, generated) = state::demo_token(&state_dir)?;
         let path = state_dir.join("token");
         if generated {
@@ -76,7 +80,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("auth token (from {}): {token}", path.display());
         vec![token]
     } else {
-        config.auth.tokens.clone()
+        config.auth.tokens.iter().map(|t| t.expose().to_string()).collect()
     };
     // Keyless TLS: the key is loaded here and only here; the dataplane gets
     // the certificate chain and asks control for every handshake signature.
@@ -107,17 +111,38 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         cid_server_id: relay_control::config::parse_hex(&d.connection_ids.server_id).unwrap_or_default(),
         cid_nonce_len: d.connection_ids.nonce_len,
         cid_steering: d.connection_ids.steering,
-        protocols: vec!["connect-udp".into()],
+        protocols: config.protocols.names(),
+        retry_threshold: d.retry_threshold,
     };
     let acl = TargetAcl::new(
         config.targets.allow.clone(),
         config.targets.deny.clone(),
         config.targets.ports.clone(),
     );
-    let policy = Policy::new(BearerTokens::new(tokens), acl, d.flow_idle_timeout_secs.saturating_mul(1000));
+    // Run-time changes (tokens added, revocations, quota overrides) survive
+    // restarts; a run-time quota value wins over the config file's.
+    let store = PolicyStore::new(&state_dir);
+    let mut runtime = store.load()?;
+    let pruned = runtime.auth.prune(
+        std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    );
+    let auth = Authenticator::new(tokens.iter().map(String::as_str), hmac_keys, Default::default());
+    let mut policy = Policy::new(auth, acl, d.flow_idle_timeout_secs.saturating_mul(1000))
+        .with_quotas(config.quotas)
+        .with_protocols(config.protocols);
+    if !runtime.quota_overrides.is_empty() {
+        info!(overrides = ?runtime.quota_overrides, "quota values set with relayctl override the config file");
+    }
+    policy.install(runtime).map_err(|e| format!("{}: {e}", store.path().display()))?;
+    if pruned > 0 {
+        info!(pruned, "dropped revocations of tokens that have expired");
+    }
+    let policy = Arc::new(Mutex::new(policy));
     let shared = Arc::new(Mutex::new(Shared::default()));
     let admin_listener = server::bind_private_socket(&config.admin_socket())?;
-    admin::spawn(admin_listener, shared.clone())?;
+    admin::spawn(admin_listener, Admin::new(shared.clone(), policy.clone(), store))?;
     let settings = ServerSettings {
         channel_socket: config.channel_socket(),
         bootstrap,

@@ -1,4 +1,5 @@
-//! `relayctl`: inspect a running relay through control's admin socket.
+//! `relayctl`: inspect and steer a running relay through control's admin
+//! socket: status, flows, drain, tokens, revocations and quotas.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -6,8 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use relay_control::admin::AdminRequest;
+use clap::{ArgGroup, Parser, Subcommand};
+use relay_control::admin::{AdminRequest, parse_duration_secs};
+use relay_control::auth::SecretString;
 use serde_json::Value;
 
 /// Inspect a running MASQUE relay.
@@ -35,6 +37,149 @@ enum Command {
     },
     /// Drain the dataplane: GOAWAY, no new tunnels, exit when tunnels end.
     Drain,
+    /// Tokens: mint HMAC tokens, add or remove static ones, revoke.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// The authorization policy: show it, change quotas at run time.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenAction {
+    /// Mint an HMAC-signed token (control signs it; relayctl never sees a key).
+    Mint {
+        /// Who the token is for (A-Z a-z 0-9 - _ . ~, at most 64).
+        #[arg(long)]
+        subject: String,
+        /// Lifetime: 90s, 15m, 12h, 7d (at most 366d).
+        #[arg(long)]
+        ttl: String,
+        /// Key to sign with (default: the first in [[auth.hmac_keys]]).
+        #[arg(long)]
+        key_id: Option<String>,
+    },
+    /// Accept a static token from now on ("-" reads it from stdin, which
+    /// keeps it out of the process list).
+    Add {
+        /// The token, or "-".
+        token: SecretString,
+    },
+    /// Stop accepting a static token that was added at run time.
+    #[command(group(ArgGroup::new("which").required(true)))]
+    Remove {
+        /// The token ("-": read from stdin).
+        #[arg(long, group = "which")]
+        token: Option<SecretString>,
+        /// Its fingerprint, as `token list` shows it.
+        #[arg(long, group = "which")]
+        fingerprint: Option<String>,
+    },
+    /// Revoke every token of a subject, or one exact token. New CONNECTs
+    /// with it get 407; open tunnels are not touched.
+    #[command(group(ArgGroup::new("which").required(true)))]
+    Revoke {
+        /// A subject: all its HMAC tokens, present and future.
+        #[arg(long, group = "which")]
+        subject: Option<String>,
+        /// One token, static or HMAC ("-": read from stdin).
+        #[arg(long, group = "which")]
+        token: Option<SecretString>,
+    },
+    /// Lift a revocation.
+    #[command(group(ArgGroup::new("which").required(true)))]
+    Unrevoke {
+        /// A revoked subject.
+        #[arg(long, group = "which")]
+        subject: Option<String>,
+        /// A revoked token ("-": read from stdin).
+        #[arg(long, group = "which")]
+        token: Option<SecretString>,
+        /// A revoked token's fingerprint.
+        #[arg(long, group = "which")]
+        fingerprint: Option<String>,
+    },
+    /// Static tokens (as fingerprints), HMAC key IDs and revocations.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyAction {
+    /// Target ACL, quotas, protocols, token summary (no secrets).
+    Show,
+    /// Set quotas at run time: KEY=VALUE with keys as in the config's
+    /// quotas section, e.g. per_identity.max_flows=4
+    /// per_client.bytes_per_period=1000000000 (0 = unlimited). Persisted;
+    /// they win over the config file until `policy reset`.
+    Set {
+        /// KEY=VALUE pairs.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Drop run-time quota values (all, or the keys named), going back to
+    /// the config file's.
+    Reset {
+        /// Keys to reset (none: all).
+        keys: Vec<String>,
+    },
+}
+
+/// Reads a secret given as "-" from stdin.
+fn secret(s: SecretString) -> Result<SecretString, String> {
+    if s.expose() != "-" {
+        return Ok(s);
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| format!("reading the token from stdin: {e}"))?;
+    let t = line.trim();
+    if t.is_empty() {
+        return Err("no token on stdin".into());
+    }
+    Ok(SecretString::new(t))
+}
+
+fn request(command: Command) -> Result<AdminRequest, String> {
+    Ok(match command {
+        Command::Status => AdminRequest::Status,
+        Command::Flows { action: None } => AdminRequest::Flows,
+        Command::Flows { action: Some(FlowsAction::Kill { flow_id }) } => AdminRequest::KillFlow { flow_id },
+        Command::Drain => AdminRequest::Drain,
+        Command::Token { action } => match action {
+            TokenAction::Mint { subject, ttl, key_id } => {
+                AdminRequest::TokenMint { subject, ttl_secs: parse_duration_secs(&ttl)?, key_id }
+            }
+            TokenAction::Add { token } => AdminRequest::TokenAdd { token: secret(token)? },
+            TokenAction::Remove { token, fingerprint } => {
+                AdminRequest::TokenRemove { token: token.map(secret).transpose()?, fingerprint }
+            }
+            TokenAction::Revoke { subject, token } => {
+                AdminRequest::TokenRevoke { subject, token: token.map(secret).transpose()? }
+            }
+            TokenAction::Unrevoke { subject, token, fingerprint } => {
+                AdminRequest::TokenUnrevoke { subject, token: token.map(secret).transpose()?, fingerprint }
+            }
+            TokenAction::List => AdminRequest::TokenList,
+        },
+        Command::Policy { action } => match action {
+            PolicyAction::Show => AdminRequest::PolicyShow,
+            PolicyAction::Set { pairs } => {
+                let mut set = std::collections::BTreeMap::new();
+                for p in pairs {
+                    let (k, v) = p.split_once('=').ok_or_else(|| format!("{p:?}: expected KEY=VALUE"))?;
+                    let v: u64 = v.trim().parse().map_err(|_| {
+                        format!("{p:?}: the value must be a non-negative integer (0 = unlimited)")
+                    })?;
+                    set.insert(k.trim().to_string(), v);
+                }
+                AdminRequest::PolicySet { set }
+            }
+            PolicyAction::Reset { keys } => AdminRequest::PolicyReset { keys },
+        },
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -47,6 +192,12 @@ enum FlowsAction {
 }
 
 fn ask(socket: &PathBuf, req: &AdminRequest) -> Result<Value, String> {
+    if let Ok(meta) = std::fs::metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(format!("{} is not a socket (use --socket)", socket.display()));
+        }
+    }
     let stream = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             format!("no admin socket at {} (is relay-control running? use --socket)", socket.display())
@@ -62,11 +213,25 @@ fn ask(socket: &PathBuf, req: &AdminRequest) -> Result<Value, String> {
     stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
     let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(|e| format!("sending request: {e}"))?;
+    // A peer control refuses still gets its answer; read it even if the
+    // write failed.
+    let sent = (&stream).write_all(&line);
     let mut response = String::new();
-    BufReader::new(&stream).read_line(&mut response).map_err(|e| format!("reading response: {e}"))?;
+    if let Err(e) = BufReader::new(&stream).read_line(&mut response) {
+        return Err(match sent {
+            Err(w) => format!("sending request: {w}"),
+            Ok(()) => format!("reading response: {e}"),
+        });
+    }
+    if response.is_empty() {
+        return Err(match sent {
+            Err(w) => format!("sending request: {w}"),
+            Ok(()) => "control closed the connection without answering".into(),
+        });
+    }
     let v: Value = serde_json::from_str(&response).map_err(|e| format!("bad response: {e}"))?;
     if let Some(err) = v.get("error") {
+        let err = err.as_str().map_or_else(|| err.to_string(), str::to_string);
         return Err(format!("control refused the request: {err}"));
     }
     Ok(v)
@@ -101,13 +266,173 @@ fn show(v: &Value) -> String {
     }
 }
 
+fn unix_time(v: &Value) -> String {
+    match v.as_u64() {
+        Some(secs) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let (delta, word) = if secs > now { (secs - now, "in ") } else { (now - secs, "") };
+            let ago = if secs > now { "" } else { " ago" };
+            let human = match delta {
+                d if d < 120 => format!("{d}s"),
+                d if d < 7200 => format!("{}m", d / 60),
+                d if d < 172_800 => format!("{}h", d / 3600),
+                d => format!("{}d", d / 86_400),
+            };
+            format!("{secs} ({word}{human}{ago})")
+        }
+        None => "-".into(),
+    }
+}
+
+fn print_token_list(v: &Value) {
+    let rows: Vec<Vec<String>> = v["static_tokens"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    vec![
+                        show(&t["fingerprint"]),
+                        show(&t["source"]),
+                        unix_time(&t["added_unix"]),
+                        if t["revoked"] == Value::Bool(true) { "yes".into() } else { "no".into() },
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("static tokens");
+    print!("{}", table(&["FINGERPRINT", "SOURCE", "ADDED", "REVOKED"], &rows));
+    let keys: Vec<Vec<String>> = v["hmac_keys"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|k| {
+                    vec![
+                        show(&k["key_id"]),
+                        if k["default"] == Value::Bool(true) { "yes".into() } else { "".into() },
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("\nhmac keys");
+    print!("{}", table(&["KEY_ID", "MINTS"], &keys));
+    let subjects: Vec<Vec<String>> = v["revoked_subjects"]
+        .as_array()
+        .map(|a| a.iter().map(|s| vec![show(&s["subject"]), unix_time(&s["revoked_unix"])]).collect())
+        .unwrap_or_default();
+    println!("\nrevoked subjects");
+    print!("{}", table(&["SUBJECT", "REVOKED"], &subjects));
+    let tokens: Vec<Vec<String>> = v["revoked_tokens"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    vec![
+                        show(&t["fingerprint"]),
+                        show(&t["subject"]),
+                        unix_time(&t["expires_unix"]),
+                        unix_time(&t["revoked_unix"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("\nrevoked tokens");
+    print!("{}", table(&["FINGERPRINT", "SUBJECT", "EXPIRES", "REVOKED"], &tokens));
+}
+
+const QUOTA_FIELDS: [&str; 5] =
+    ["max_flows", "new_flows_per_sec", "burst", "bytes_per_period", "period_secs"];
+
+fn print_quotas(v: &Value) {
+    let overrides = &v["quota_overrides"];
+    let mut rows = Vec::new();
+    for scope in ["per_identity", "per_client"] {
+        for f in QUOTA_FIELDS {
+            let key = format!("{scope}.{f}");
+            let value = &v["quotas"][scope][f];
+            let shown = match (f, value.as_u64()) {
+                ("burst", Some(0)) => "= rate".to_string(),
+                ("period_secs", Some(0)) => "-".to_string(),
+                (_, Some(0)) => "unlimited".to_string(),
+                _ => show(value),
+            };
+            let source = if overrides.get(&key).is_some() { "relayctl" } else { "config" };
+            rows.push(vec![key, shown, source.to_string()]);
+        }
+    }
+    print!("{}", table(&["QUOTA", "VALUE", "SET BY"], &rows));
+}
+
+fn print_policy(v: &Value) {
+    let p = &v["protocols"];
+    let rows: Vec<Vec<String>> =
+        ["connect_udp", "connect_ip", "bind"].iter().map(|k| vec![k.to_string(), show(&p[*k])]).collect();
+    print!("{}", table(&["PROTOCOL", "ENABLED"], &rows));
+    println!();
+    let list = |x: &Value| {
+        let items: Vec<String> = x.as_array().map(|a| a.iter().map(show).collect()).unwrap_or_default();
+        if items.is_empty() { "-".to_string() } else { items.join(", ") }
+    };
+    let acl = &v["acl"];
+    let rows = vec![
+        vec!["allow".to_string(), list(&acl["allow"])],
+        vec!["deny".to_string(), list(&acl["deny"])],
+        vec![
+            "ports".to_string(),
+            if list(&acl["ports"]) == "-" { "all".into() } else { list(&acl["ports"]) },
+        ],
+        vec![
+            "default_deny".to_string(),
+            format!("{} special-purpose ranges", acl["default_deny"].as_array().map_or(0, Vec::len)),
+        ],
+    ];
+    print!("{}", table(&["ACL", "VALUE"], &rows));
+    println!();
+    print_quotas(v);
+    println!();
+    let t = &v["tokens"];
+    let q = &v["quota_tables"];
+    let rows: Vec<Vec<String>> = vec![
+        vec!["static tokens (config)".into(), show(&t["static_config"])],
+        vec!["static tokens (relayctl)".into(), show(&t["static_runtime"])],
+        vec!["hmac keys".into(), list(&t["hmac_keys"])],
+        vec!["minting key".into(), show(&t["default_key"])],
+        vec!["revoked subjects".into(), show(&t["revoked_subjects"])],
+        vec!["revoked tokens".into(), show(&t["revoked_tokens"])],
+        vec![
+            "identities tracked".into(),
+            format!("{} / {}", show(&q["identities_tracked"]), show(&q["max_tracked"])),
+        ],
+        vec![
+            "clients tracked".into(),
+            format!("{} / {}", show(&q["clients_tracked"]), show(&q["max_tracked"])),
+        ],
+    ];
+    print!("{}", table(&["AUTH", "VALUE"], &rows));
+    let mut refusals: Vec<Vec<String>> = Vec::new();
+    for kind in ["auth", "quota"] {
+        if let Some(m) = v["refusals"][kind].as_object() {
+            refusals.extend(m.iter().map(|(k, n)| vec![format!("{kind}: {k}"), show(n)]));
+        }
+    }
+    if !refusals.is_empty() {
+        println!();
+        print!("{}", table(&["REFUSED", "COUNT"], &refusals));
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let req = match args.command {
-        Command::Status => AdminRequest::Status,
-        Command::Flows { action: None } => AdminRequest::Flows,
-        Command::Flows { action: Some(FlowsAction::Kill { flow_id }) } => AdminRequest::KillFlow { flow_id },
-        Command::Drain => AdminRequest::Drain,
+    let req = match request(args.command) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("relayctl: {e}");
+            return ExitCode::from(2);
+        }
     };
     let v = match ask(&args.socket, &req) {
         Ok(v) => v,
@@ -170,7 +495,7 @@ fn main() -> ExitCode {
                 .map(|a| {
                     a.iter()
                         .map(|f| {
-                            ["flow_id", "worker", "client", "target", "started_unix"]
+                            ["flow_id", "worker", "client", "target", "identity", "started_unix"]
                                 .iter()
                                 .map(|k| show(&f[*k]))
                                 .collect()
@@ -178,8 +503,32 @@ fn main() -> ExitCode {
                         .collect()
                 })
                 .unwrap_or_default();
-            print!("{}", table(&["FLOW", "WORKER", "CLIENT", "TARGET", "STARTED"], &rows));
+            print!("{}", table(&["FLOW", "WORKER", "CLIENT", "TARGET", "IDENTITY", "STARTED"], &rows));
         }
+        AdminRequest::TokenMint { .. } => {
+            // The token alone on stdout (scripts: `T=$(relayctl token mint ...)`);
+            // what it says on stderr.
+            println!("{}", show(&v["token"]));
+            eprintln!(
+                "subject {}, key {}, expires {}",
+                show(&v["subject"]),
+                show(&v["key_id"]),
+                unix_time(&v["expires_unix"])
+            );
+        }
+        AdminRequest::TokenAdd { .. } => println!("static token {} added", show(&v["added"])),
+        AdminRequest::TokenRemove { .. } => println!("static token {} removed", show(&v["removed"])),
+        AdminRequest::TokenRevoke { .. } => match v.get("revoked_subject") {
+            Some(s) => println!("subject {} revoked: new CONNECTs with its tokens get 407", show(s)),
+            None => println!("token {} revoked: new CONNECTs with it get 407", show(&v["revoked_token"])),
+        },
+        AdminRequest::TokenUnrevoke { .. } => match v.get("unrevoked_subject") {
+            Some(s) => println!("subject {} is no longer revoked", show(s)),
+            None => println!("token {} is no longer revoked", show(&v["unrevoked_token"])),
+        },
+        AdminRequest::TokenList => print_token_list(&v),
+        AdminRequest::PolicyShow => print_policy(&v),
+        AdminRequest::PolicySet { .. } | AdminRequest::PolicyReset { .. } => print_quotas(&v),
     }
     ExitCode::SUCCESS
 }

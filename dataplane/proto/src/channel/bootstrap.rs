@@ -94,6 +94,14 @@ pub struct Bootstrap {
     /// others get 501. Today only "connect-udp" exists.
     #[serde(default = "connect_udp_only")]
     pub protocols: Vec<String>,
+    /// Handshakes in progress per worker past which clients must prove
+    /// their address with a Retry round trip (0: always).
+    #[serde(default = "retry_threshold")]
+    pub retry_threshold: u32,
+}
+
+fn retry_threshold() -> u32 {
+    1024
 }
 
 fn connect_udp_only() -> Vec<String> {

@@ -358,6 +358,10 @@ counters! {
     SignsFailed = 41, "signs_failed";
     /// Tunnels ended because they used up their byte budget (quota).
     TunnelsOverBudget = 42, "tunnels_over_budget";
+    /// Retry packets sent (address validation under handshake load).
+    RetriesSent = 43, "retries_sent";
+    /// Initials dropped for a forged or foreign Retry token.
+    RetryTokensInvalid = 44, "retry_tokens_invalid";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

@@ -1,0 +1,437 @@
+//! End-to-end tests of the control plane's policy: HMAC tokens minted with
+//! the real `relayctl`, revocation, expiry, quotas, run-time policy changes
+//! and the admin socket's access checks, against a real `relay-control`
+//! and `relay-dataplane`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant, SystemTime};
+
+use relay_bench::client::{Answer, Client, ClientConfig};
+use relay_bench::echo::EchoServer;
+use relay_bench::load::{EchoLoad, run_echo};
+use relay_bench::processes::{Relay, RelayOptions, bin_dir};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(5);
+const HMAC_SECRET_HEX: &str = "5e1f0c3a9b7d2e4f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7";
+
+fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("relay-ctl-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A relay with HMAC key `k1` (from a 0600 secret file) and `k2` (inline),
+/// plus `extra` config.
+fn start(name: &str, extra: &str) -> Relay {
+    let dir = test_dir(name);
+    let secret = dir.join("hmac-k1");
+    std::fs::write(&secret, format!("{HMAC_SECRET_HEX}\n")).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let extra_config = format!(
+        "[[auth.hmac_keys]]\nid = \"k1\"\nsecret_file = \"{}\"\n\n[[auth.hmac_keys]]\nid = \"k2\"\nsecret_hex = \"{}\"\n\n{extra}\n",
+        secret.display(),
+        "42".repeat(32),
+    );
+    Relay::start(&dir, &RelayOptions { extra_config, ..Default::default() }).expect("relay starts")
+}
+
+fn relayctl_as(socket: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new(bin_dir().unwrap().join("relayctl"));
+    cmd.arg("--socket").arg(socket).args(args);
+    adjust(&mut cmd);
+    cmd.output().expect("relayctl runs")
+}
+
+fn relayctl(relay: &Relay, args: &[&str]) -> Output {
+    relayctl_as(&relay.admin_socket(), args, |_| {})
+}
+
+/// Runs `relayctl --json ARGS`, requires success, parses the output.
+fn relayctl_json(relay: &Relay, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let out = relayctl(relay, &all);
+    assert!(
+        out.status.success(),
+        "relayctl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("relayctl --json prints JSON")
+}
+
+fn mint(relay: &Relay, subject: &str, ttl: &str) -> (String, u64) {
+    let v = relayctl_json(relay, &["token", "mint", "--subject", subject, "--ttl", ttl]);
+    (v["token"].as_str().unwrap().to_string(), v["expires_unix"].as_u64().unwrap())
+}
+
+fn client(relay: &Relay, token: &str) -> Client {
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(relay.cert());
+    cfg.token = Some(token.to_string());
+    let mut c = Client::connect(cfg, T).expect("client connects");
+    c.wait_settings(T).unwrap();
+    c
+}
+
+/// One CONNECT on `c` with `token` in Proxy-Authorization.
+fn connect_as(c: &mut Client, token: &str, port: u16) -> (u64, Answer) {
+    let mut h = c.connect_udp_headers("127.0.0.1", port);
+    h.retain(|(n, _)| n != "proxy-authorization");
+    h.push(("proxy-authorization".into(), format!("Bearer {token}")));
+    let id = c.send_raw_request(&h, false).unwrap();
+    (id, c.wait_answer(id, T).unwrap())
+}
+
+fn proxy_status(a: &Answer) -> String {
+    a.header("proxy-status").unwrap_or_default().to_string()
+}
+
+fn assert_407(a: &Answer, what: &str) {
+    assert_eq!(a.status(), Some(407), "{what}: {a:?}");
+    let ps = proxy_status(a);
+    assert!(ps.contains("error=http_request_denied"), "{what}: {ps}");
+    // Every bad credential looks the same to the client.
+    assert!(ps.contains("details=\"invalid credentials\""), "{what}: {ps}");
+    assert!(a.header("proxy-authenticate").is_some(), "{what}: a challenge");
+}
+
+fn assert_429(a: &Answer, which: &str) {
+    assert_eq!(a.status(), Some(429), "{which}: {a:?}");
+    let ps = proxy_status(a);
+    assert!(ps.contains("error=http_request_denied"), "{ps}");
+    assert!(ps.contains(&format!("details=\"quota exceeded: {which}\"")), "{ps}");
+}
+
+fn echo_round(c: &mut Client, stream: u64, n: u64, size: usize, what: &str) {
+    let load = EchoLoad { count: n, size, window: 8, capsules: false, stall_timeout: T };
+    let r = run_echo(c, &[stream], &load).unwrap();
+    assert_eq!((r.received, r.lost, r.corrupt), (n, 0, 0), "the tunnel forwards ({what})");
+}
+
+fn live_flows(relay: &Relay) -> u64 {
+    relayctl_json(relay, &["status"])["flows"].as_u64().unwrap()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs()
+}
+
+#[test]
+fn minted_token_opens_a_tunnel_and_revocation_refuses_new_connects_only() {
+    let mut relay = start("revoke", "");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = echo.addr().port();
+    let (alice, expires) = mint(&relay, "alice", "1h");
+    assert!(alice.starts_with("v1.k1.") && alice.contains(".alice."), "{alice}");
+    assert!((unix_now() + 3590..=unix_now() + 3600).contains(&expires));
+    // The human form prints the token alone on stdout.
+    let out = relayctl(&relay, &["token", "mint", "--subject", "bob", "--ttl", "10m", "--key-id", "k2"]);
+    assert!(out.status.success());
+    let bob = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(bob.starts_with("v1.k2.") && bob.contains(".bob."), "{bob}");
+
+    let mut c = client(&relay, &alice);
+    let alice_stream = c.open_udp("127.0.0.1", port, T).expect("an HMAC token opens a tunnel");
+    echo_round(&mut c, alice_stream, 20, 200, "alice before revocation");
+    let (bob_stream, a) = connect_as(&mut c, &bob, port);
+    assert_eq!(a.status(), Some(200), "a token of the second key");
+    let flows = relayctl_json(&relay, &["flows"]);
+    let identities: Vec<&str> =
+        flows["flows"].as_array().unwrap().iter().map(|f| f["identity"].as_str().unwrap()).collect();
+    assert!(identities.contains(&"sub:alice") && identities.contains(&"sub:bob"), "{identities:?}");
+
+    // Revoke alice's exact token: new CONNECTs with it get 407 ...
+    let v = relayctl_json(&relay, &["token", "revoke", "--token", &alice]);
+    assert!(v["revoked_token"].is_string(), "{v}");
+    let (_, a) = connect_as(&mut c, &alice, port);
+    assert_407(&a, "revoked token");
+    // ... while the tunnel it opened keeps forwarding.
+    echo_round(&mut c, alice_stream, 20, 200, "alice's open tunnel after revocation");
+    // Another token for alice still works (only that token was revoked).
+    // Minted with another lifetime: tokens for one subject, key and expiry
+    // are the same token.
+    let (alice2, _) = mint(&relay, "alice", "2h");
+    assert_ne!(alice2, alice);
+    assert_eq!(connect_as(&mut c, &alice2, port).1.status(), Some(200));
+
+    // Revoking the subject refuses every token of it, and minting for it.
+    relayctl_json(&relay, &["token", "revoke", "--subject", "bob"]);
+    assert_407(&connect_as(&mut c, &bob, port).1, "revoked subject");
+    echo_round(&mut c, bob_stream, 10, 100, "bob's open tunnel after revocation");
+    let out = relayctl(&relay, &["token", "mint", "--subject", "bob", "--ttl", "1h"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+
+    // Tampered and unknown-key tokens: the same 407.
+    let mut forged = alice2.clone().into_bytes();
+    let last = forged.len() - 2;
+    forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+    assert_407(&connect_as(&mut c, &String::from_utf8(forged).unwrap(), port).1, "tampered MAC");
+    assert_407(&connect_as(&mut c, &alice2.replacen("v1.k1.", "v1.k9.", 1), port).1, "unknown key");
+    assert_407(&connect_as(&mut c, "v1.garbage", port).1, "malformed");
+
+    // token list: fingerprints and revocations, never a token.
+    let list = relayctl_json(&relay, &["token", "list"]);
+    let text = list.to_string();
+    assert!(!text.contains(&alice) && !text.contains(&bob) && !text.contains(&relay.token));
+    assert_eq!(list["revoked_subjects"][0]["subject"], "bob");
+    assert_eq!(list["revoked_tokens"][0]["subject"], "alice");
+    assert_eq!(list["static_tokens"].as_array().unwrap().len(), 1);
+    assert_eq!(list["hmac_keys"].as_array().unwrap().len(), 2);
+    let human = relayctl(&relay, &["token", "list"]);
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("FINGERPRINT") && human.contains("bob") && !human.contains(&alice), "{human}");
+    let counts = relayctl_json(&relay, &["policy", "show"])["refusals"]["auth"].clone();
+    for reason in ["revoked_token", "revoked_subject", "bad_mac", "unknown_key", "malformed"] {
+        assert!(counts[reason].as_u64().unwrap_or(0) >= 1, "{reason} counted: {counts}");
+    }
+
+    // The revocations are on disk (0600) and survive a control restart.
+    let state = relay.state_dir.join("policy.json");
+    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(!std::fs::read_to_string(&state).unwrap().contains(&alice));
+    relay.kill_control();
+    relay.start_control().unwrap();
+    wait_until("the dataplane to re-attach", Duration::from_secs(10), || {
+        relayctl(&relay, &["--json", "status"]).status.success()
+            && relayctl_json(&relay, &["status"])["dataplane_attached"] == true
+    });
+    let mut c2 = client(&relay, &alice2);
+    assert_407(&connect_as(&mut c2, &alice, port).1, "revoked token after a control restart");
+    assert_407(&connect_as(&mut c2, &bob, port).1, "revoked subject after a control restart");
+    assert_eq!(connect_as(&mut c2, &alice2, port).1.status(), Some(200));
+    // Lifting the subject's revocation lets bob in again.
+    relayctl_json(&relay, &["token", "unrevoke", "--subject", "bob"]);
+    assert_eq!(connect_as(&mut c2, &bob, port).1.status(), Some(200));
+}
+
+#[test]
+fn expired_tokens_get_407() {
+    let relay = start("expiry", "");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = echo.addr().port();
+    let (token, expires) = mint(&relay, "shortlived", "2s");
+    let mut c = client(&relay, &token);
+    let s = c.open_udp("127.0.0.1", port, T).expect("valid before its expiry");
+    // Wait (bounded: at most ~3 s) until the relay's clock is past the expiry.
+    wait_until("the token to expire", Duration::from_secs(5), || unix_now() >= expires);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_407(&connect_as(&mut c, &token, port).1, "expired token");
+    echo_round(&mut c, s, 10, 100, "the tunnel opened before the expiry");
+    let reasons = relayctl_json(&relay, &["policy", "show"])["refusals"]["auth"].clone();
+    assert_eq!(reasons["expired"], 1, "{reasons}");
+    // Revoking an expired token is pointless and refused clearly.
+    let out = relayctl(&relay, &["token", "revoke", "--token", &token]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expired"));
+}
+
+#[test]
+fn quotas_refuse_with_429_and_closing_a_flow_frees_the_quota() {
+    let relay = start(
+        "quota",
+        "[quotas.per_identity]\nmax_flows = 2\nbytes_per_period = 20000\nperiod_secs = 3600\n",
+    );
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = echo.addr().port();
+    let (alice, _) = mint(&relay, "alice", "1h");
+    let mut c = client(&relay, &alice);
+    let s1 = c.open_udp("127.0.0.1", port, T).unwrap();
+    let s2 = c.open_udp("127.0.0.1", port, T).unwrap();
+    let (_, a) = connect_as(&mut c, &alice, port);
+    assert_429(&a, "per_identity.max_flows");
+    // Another identity from the same client has its own quota.
+    let (other, a) = connect_as(&mut c, &relay.token.clone(), port);
+    assert_eq!(a.status(), Some(200), "the static token is another identity");
+    // Releasing a flow frees the quota.
+    c.finish_stream(s1).unwrap();
+    wait_until("the relay to close the tunnel", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        live_flows(&relay) == 2
+    });
+    let (s3, a) = connect_as(&mut c, &alice, port);
+    assert_eq!(a.status(), Some(200), "a closed flow gives its slot back");
+
+    // Bytes: alice may move 20000 payload bytes (both directions) per
+    // hour. 5 x 1000 bytes echoed is 10000.
+    echo_round(&mut c, s2, 5, 1000, "within the byte allowance");
+    c.finish_stream(s2).unwrap();
+    wait_until("the relay to close the tunnel", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        live_flows(&relay) == 2
+    });
+    // s3 was allowed while nothing was charged yet, so its byte budget is
+    // the whole 20000: past it the dataplane ends the tunnel, and the
+    // totals of s2 and s3 use the allowance up.
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !c.stream_finished(s3) && Instant::now() < deadline && sent < 100 {
+        if c.send_datagram(s3, &[7u8; 1000]).unwrap() {
+            sent += 1;
+        }
+        c.drive(Duration::from_millis(5)).unwrap();
+    }
+    wait_until("the over-budget tunnel to be closed by the relay", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        live_flows(&relay) == 1
+    });
+    assert!(sent < 100, "the relay ended the tunnel at its byte budget");
+    let (_, a) = connect_as(&mut c, &alice, port);
+    assert_429(&a, "per_identity.bytes_per_period");
+    c.finish_stream(other).unwrap();
+    let show = relayctl_json(&relay, &["policy", "show"]);
+    assert_eq!(show["quotas"]["per_identity"]["max_flows"], 2);
+    assert!(show["refusals"]["quota"]["per_identity.max_flows"].as_u64().unwrap() >= 1, "{show}");
+}
+
+#[test]
+fn policy_set_changes_quotas_at_run_time_and_policy_show_reflects_it() {
+    let relay = start("policy-set", "");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = echo.addr().port();
+    let show = relayctl_json(&relay, &["policy", "show"]);
+    assert_eq!(show["quotas"]["per_client"]["max_flows"], 0, "unlimited by default");
+    assert_eq!(show["protocols"]["connect_udp"], true);
+    assert_eq!(show["acl"]["allow"][0], "127.0.0.0/8");
+    assert_eq!(show["tokens"]["hmac_keys"], serde_json::json!(["k1", "k2"]));
+    assert_eq!(show["tokens"]["default_key"], "k1");
+    assert!(!show.to_string().contains(&relay.token) && !show.to_string().contains(HMAC_SECRET_HEX));
+
+    let v = relayctl_json(
+        &relay,
+        &["policy", "set", "per_client.max_flows=1", "per_client.new_flows_per_sec=50"],
+    );
+    assert_eq!(v["quotas"]["per_client"]["max_flows"], 1);
+    let show = relayctl_json(&relay, &["policy", "show"]);
+    assert_eq!(show["quotas"]["per_client"]["max_flows"], 1);
+    assert_eq!(show["quotas"]["per_client"]["new_flows_per_sec"], 50);
+    assert_eq!(show["quotas_config_file"]["per_client"]["max_flows"], 0);
+    assert_eq!(show["quota_overrides"]["per_client.max_flows"], 1);
+    let human = String::from_utf8(relayctl(&relay, &["policy", "show"]).stdout).unwrap();
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("per_client.max_flows") && l.contains(" 1 ") && l.ends_with("relayctl")),
+        "{human}"
+    );
+    // Persisted for the next start.
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(relay.state_dir.join("policy.json")).unwrap()).unwrap();
+    assert_eq!(state["quota_overrides"]["per_client.max_flows"], 1);
+
+    // Enforced: one tunnel per client address.
+    let mut c = client(&relay, &relay.token.clone());
+    let _s = c.open_udp("127.0.0.1", port, T).unwrap();
+    let (_, a) = connect_as(&mut c, &relay.token.clone(), port);
+    assert_429(&a, "per_client.max_flows");
+
+    // Invalid values are refused with the key named; nothing changes.
+    for (pair, want) in [
+        ("per_identity.burst=5", "quotas.per_identity.burst: needs new_flows_per_sec"),
+        ("per_client.nope=1", "unknown quota key \"per_client.nope\""),
+        ("per_identity.bytes_per_period=100", "quotas.per_identity.period_secs"),
+    ] {
+        let out = relayctl(&relay, &["policy", "set", pair]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{pair}: {err}");
+    }
+    let out = relayctl(&relay, &["policy", "set", "per_client.max_flows=lots"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("non-negative integer"));
+    assert_eq!(relayctl_json(&relay, &["policy", "show"])["quotas"]["per_client"]["max_flows"], 1);
+
+    // Reset goes back to the file's values.
+    relayctl_json(&relay, &["policy", "reset", "per_client.max_flows"]);
+    let show = relayctl_json(&relay, &["policy", "show"]);
+    assert_eq!(show["quotas"]["per_client"]["max_flows"], 0);
+    assert_eq!(show["quotas"]["per_client"]["new_flows_per_sec"], 50, "the other override stays");
+    assert_eq!(connect_as(&mut c, &relay.token.clone(), port).1.status(), Some(200));
+}
+
+#[test]
+fn static_tokens_added_at_run_time_work_until_removed() {
+    let relay = start("static-runtime", "");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = echo.addr().port();
+    let mut c = client(&relay, &relay.token.clone());
+    let new_token = "added-at-runtime-0123456789";
+    assert_407(&connect_as(&mut c, new_token, port).1, "not yet added");
+    // From stdin, so it never appears in a process list.
+    let mut child = Command::new(bin_dir().unwrap().join("relayctl"))
+        .arg("--socket")
+        .arg(relay.admin_socket())
+        .args(["--json", "token", "add", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(format!("{new_token}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let fp = serde_json::from_slice::<Value>(&out.stdout).unwrap()["added"].as_str().unwrap().to_string();
+    assert_eq!(connect_as(&mut c, new_token, port).1.status(), Some(200));
+    let stored = std::fs::read_to_string(relay.state_dir.join("policy.json")).unwrap();
+    assert!(!stored.contains(new_token), "persisted as a digest only");
+    // The config's token cannot be removed at run time; the added one can.
+    let out = relayctl(&relay, &["token", "remove", "--token", &relay.token]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config file"));
+    relayctl_json(&relay, &["token", "remove", "--fingerprint", &fp]);
+    assert_407(&connect_as(&mut c, new_token, port).1, "removed");
+}
+
+#[test]
+fn disabled_connect_udp_is_refused_with_501() {
+    let relay = start("protocols", "[protocols]\nconnect_udp = false\n");
+    let mut c = client(&relay, &relay.token.clone());
+    let (_, a) = connect_as(&mut c, &relay.token.clone(), 9);
+    assert_eq!(a.status(), Some(501), "{a:?}");
+    assert_eq!(relayctl_json(&relay, &["policy", "show"])["protocols"]["connect_udp"], false);
+}
+
+#[test]
+fn relayctl_errors_are_clear_and_other_users_are_refused() {
+    let relay = start("admin-access", "");
+    let missing = relay.state_dir.join("nope.sock");
+    let out = relayctl_as(&missing, &["status"], |_| {});
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no admin socket at"), "{out:?}");
+
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the other-user checks need root to run relayctl as another user");
+        return;
+    }
+    let nobody = |cmd: &mut Command| {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(65534).gid(65534);
+    };
+    // The state directory (0700) keeps other users out at connect time...
+    let out = relayctl_as(&relay.admin_socket(), &["status"], nobody);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied on"), "{err}");
+    // ... and if the socket is opened up by mistake, the peer check still
+    // refuses them.
+    std::fs::set_permissions(&relay.state_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(relay.admin_socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = relayctl_as(&relay.admin_socket(), &["token", "mint", "--subject", "x", "--ttl", "1h"], nobody);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied: uid 65534 may not use the admin socket"), "{err}");
+    assert!(out.stdout.is_empty(), "no token was minted");
+    // Root still may.
+    assert!(relayctl(&relay, &["status"]).status.success());
+}
