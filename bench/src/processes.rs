@@ -62,6 +62,13 @@ pub struct RelayOptions {
     /// Extra TOML appended at the end of the config (new sections such as
     /// `[quotas.per_identity]` or `[[auth.hmac_keys]]`).
     pub extra_config: String,
+    /// Extra TOML appended to the `[relay]` section.
+    pub relay_extra: String,
+    /// Extra TOML appended to the `[tls]` section.
+    pub tls_extra: String,
+    /// Run the dataplane as this uid (and gid); needs root. The channel
+    /// socket then lives outside the (0700) state directory.
+    pub dataplane_uid: Option<u32>,
     /// Directory of the relay binaries (default: [`bin_dir`]).
     pub bin_dir: Option<PathBuf>,
     /// Where the relay processes' logs go (default: discarded).
@@ -79,6 +86,9 @@ impl Default for RelayOptions {
             io: std::env::var("RELAY_TEST_IO").unwrap_or_else(|_| "auto".into()),
             dataplane_extra: String::new(),
             extra_config: String::new(),
+            relay_extra: String::new(),
+            tls_extra: String::new(),
+            dataplane_uid: None,
             bin_dir: None,
             log_dir: None,
         }
@@ -97,6 +107,8 @@ pub struct Relay {
     pub token: String,
     bin_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
+    dataplane_uid: Option<u32>,
+    channel_socket: PathBuf,
     control: Option<Child>,
     dataplane: Option<Child>,
 }
@@ -108,14 +120,22 @@ impl Relay {
         std::fs::create_dir_all(dir)?;
         let port = free_udp_port()?;
         let state_dir = dir.join("state");
+        let channel_socket = if opts.dataplane_uid.is_some() {
+            dir.join("channel.sock")
+        } else {
+            state_dir.join("channel.sock")
+        };
         let allow: Vec<String> = opts.allow.iter().map(|a| format!("\"{a}\"")).collect();
         let config = format!(
             r#"[relay]
 name = "test-relay"
 state_dir = "{state}"
+channel_socket = "{channel}"
+{relay_extra}
 
 [listen]
 quic = "127.0.0.1:{port}"
+metrics = "127.0.0.1:0"
 
 [dataplane]
 workers = {workers}
@@ -127,6 +147,7 @@ ask_timeout_ms = {ask}
 
 [tls]
 self_signed_names = ["localhost", "127.0.0.1"]
+{tls_extra}
 
 [auth]
 realm = "test"
@@ -151,6 +172,9 @@ max_pending = 64
             token = opts.token,
             allow = allow.join(", "),
             extra_config = opts.extra_config,
+            relay_extra = opts.relay_extra,
+            channel = channel_socket.display(),
+            tls_extra = opts.tls_extra,
         );
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, config)?;
@@ -161,6 +185,8 @@ max_pending = 64
             token: opts.token.clone(),
             bin_dir: opts.bin_dir.clone(),
             log_dir: opts.log_dir.clone(),
+            dataplane_uid: opts.dataplane_uid,
+            channel_socket,
             control: None,
             dataplane: None,
         };
@@ -182,7 +208,7 @@ max_pending = 64
 
     /// Starts (or restarts) relay-control and waits for its channel socket.
     pub fn start_control(&mut self) -> Result<()> {
-        let sock = self.state_dir.join("channel.sock");
+        let sock = self.channel_socket.clone();
         let _ = std::fs::remove_file(&sock);
         let child = Command::new(binary(self.bin_dir.as_deref(), "relay-control")?)
             .arg("--config")
@@ -205,9 +231,14 @@ max_pending = 64
 
     /// Starts relay-dataplane against the control socket.
     pub fn start_dataplane(&mut self) -> Result<()> {
-        let child = Command::new(binary(self.bin_dir.as_deref(), "relay-dataplane")?)
+        let mut cmd = Command::new(binary(self.bin_dir.as_deref(), "relay-dataplane")?);
+        if let Some(uid) = self.dataplane_uid {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd
             .arg("--control-socket")
-            .arg(self.state_dir.join("channel.sock"))
+            .arg(&self.channel_socket)
             .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(self.log("dataplane")?)

@@ -143,11 +143,12 @@ pub fn markdown(r: &Report) -> String {
     }
     let _ = writeln!(
         out,
-        "\nSetup: {} tunnels at {:.0} tunnels/s (CONNECT, control authorization, 200); {} handshakes at {:.0} connections/s (keyless: control signs each). CONNECT -> 200 one tunnel at a time ({} samples): p50 {} us, p99 {} us.\n",
+        "\nSetup: {} tunnels at {:.0} tunnels/s (CONNECT, control authorization, 200); {} handshakes at {:.0} connections/s with keyless signing (control signs each) against {:.0}/s with the key in the dataplane (same run). CONNECT -> 200 one tunnel at a time ({} samples): p50 {} us, p99 {} us.\n",
         r.rates.flows,
         r.rates.flows_per_sec,
         r.rates.connections,
         r.rates.connections_per_sec,
+        r.rates.local_key_connections_per_sec,
         r.rates.connect_latency.count,
         r.rates.connect_latency.p50_us,
         r.rates.connect_latency.p99_us

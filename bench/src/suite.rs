@@ -248,8 +248,12 @@ pub struct Rates {
     pub flows_per_sec: f64,
     /// Connections opened.
     pub connections: usize,
-    /// Handshakes per second (QUIC + HTTP/3 SETTINGS).
+    /// Handshakes per second (QUIC + HTTP/3 SETTINGS), keyless: control
+    /// signs each.
     pub connections_per_sec: f64,
+    /// The same with the key in the dataplane (tls.keyless = false), measured
+    /// on another relay in the same run.
+    pub local_key_connections_per_sec: f64,
     /// CONNECT -> 200 times of tunnels opened one at a time (the client's
     /// view of control's authorization round trip plus HTTP/3), in us.
     pub connect_latency: Percentiles,
@@ -381,6 +385,7 @@ fn start_bench<'a>(
     name: &str,
     netns: Option<&'a TargetNetns>,
     pinned: bool,
+    tls_extra: &str,
 ) -> Result<Bench<'a>> {
     let mut allow = RelayOptions::default().allow;
     if let Some(ns) = netns {
@@ -392,6 +397,7 @@ fn start_bench<'a>(
         // figures are per worker core.
         workers: 1,
         io: io.to_string(),
+        tls_extra: tls_extra.to_string(),
         flow_idle_timeout_secs: 600,
         ask_timeout_ms: 5000,
         dataplane_extra: format!(
@@ -543,6 +549,21 @@ impl Bench<'_> {
     }
 }
 
+/// Opens `n` connections one after another (QUIC + TLS + HTTP/3 SETTINGS);
+/// returns the seconds taken.
+fn handshakes(client_cfg: &ClientConfig, n: usize) -> Result<f64> {
+    // One QUIC configuration for all: building it loads certificates, which
+    // is client cost, not the relay's.
+    let mut qc = Client::quic_config(client_cfg)?;
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut c = Client::connect_with(client_cfg.clone(), &mut qc, Duration::from_secs(5))?;
+        c.wait_settings(Duration::from_secs(5))?;
+        c.close();
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
 /// Runs the suite and writes `report.json`, `report.md` and the plots into
 /// `cfg.out_dir`.
 pub fn run(cfg: &SuiteConfig) -> Result<Report> {
@@ -555,7 +576,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     } else {
         None
     };
-    let bench = start_bench(cfg, &cfg.io, "relay", netns.as_ref(), pinned)?;
+    let bench = start_bench(cfg, &cfg.io, "relay", netns.as_ref(), pinned, "")?;
     if pinned {
         pin_process(std::process::id(), 1)?;
     }
@@ -678,22 +699,14 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     }
     c.close();
     let connect_latency = stats::percentiles(&connect_hist);
-    eprintln!("bench: handshake rate ({} connections)", cfg.handshakes);
-    // One QUIC configuration for all: building it loads certificates, which
-    // is client cost, not the relay's.
-    let mut qc = Client::quic_config(&bench.client_cfg)?;
-    let start = Instant::now();
-    for _ in 0..cfg.handshakes {
-        let mut c = Client::connect_with(bench.client_cfg.clone(), &mut qc, Duration::from_secs(5))?;
-        c.wait_settings(Duration::from_secs(5))?;
-        c.close();
-    }
-    let hs_secs = start.elapsed().as_secs_f64();
+    eprintln!("bench: handshake rate ({} connections, keyless)", cfg.handshakes);
+    let hs_secs = handshakes(&bench.client_cfg, cfg.handshakes)?;
     let rates = Rates {
         flows: cfg.setup_flows,
         flows_per_sec: cfg.setup_flows as f64 / setup_secs,
         connections: cfg.handshakes,
         connections_per_sec: cfg.handshakes as f64 / hs_secs,
+        local_key_connections_per_sec: 0.0,
         connect_latency,
         setup_curve: curve,
     };
@@ -755,6 +768,14 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     idle.sort_by_key(|i| i.flows);
     drop(bench);
 
+    // Keyless signing against a local key, same run, same machine: a second
+    // relay with tls.keyless = false.
+    eprintln!("bench: handshake rate ({} connections, local key)", cfg.handshakes);
+    let local = start_bench(cfg, &cfg.io, "relay-local-key", netns.as_ref(), pinned, "keyless = false")?;
+    let local_secs = handshakes(&local.client_cfg, cfg.handshakes)?;
+    drop(local);
+    let local_key_connections_per_sec = cfg.handshakes as f64 / local_secs;
+
     // The I/O backends side by side: each on a fresh one-worker relay, the
     // same loads, the cost runs at one common offered load (a fraction of
     // the slower backend's max upload) so CPU per datagram compares.
@@ -762,7 +783,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     if cfg.compare_backends {
         let mut runs = Vec::new();
         for io in ["io_uring", "epoll"] {
-            let b = start_bench(cfg, io, &format!("relay-{io}"), netns.as_ref(), pinned)?;
+            let b = start_bench(cfg, io, &format!("relay-{io}"), netns.as_ref(), pinned, "")?;
             eprintln!("bench: {io} upload {largest} B");
             let spec = b.spec(largest, Direction::Upload, None);
             let admin = b.relay.admin_socket();
@@ -788,6 +809,8 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         }
     }
 
+    let mut rates = rates;
+    rates.local_key_connections_per_sec = local_key_connections_per_sec;
     let report = Report {
         timestamp_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -760,3 +760,103 @@ fn clients_pass_address_validation_with_retry() {
     assert_eq!(counter(&relay, "retry_tokens_invalid"), 0);
     assert_eq!(counter(&relay, "handoffs_out"), 0, "the Retry's connection ID names the accepting worker");
 }
+
+fn scrape(relay: &Relay) -> String {
+    use std::io::Read;
+    let addr =
+        admin(&relay.admin_socket(), "status")["metrics"].as_str().expect("metrics endpoint").to_string();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
+/// Sum of a metric's samples (over its labels).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b' ') | Some(b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn metrics_endpoint_exposes_dataplane_counters_and_latency_histograms() {
+    let relay = start("metrics", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut c, s, 100, "before scraping");
+    let text = scrape(&relay);
+    assert!(metric(&text, "relay_dataplane_datagrams_up_total") >= 100.0, "{text}");
+    assert!(metric(&text, "relay_dataplane_datagrams_down_total") >= 100.0);
+    assert_eq!(metric(&text, "relay_dataplane_tunnels_active"), 1.0);
+    assert!(metric(&text, "relay_auth_allowed_total") >= 1.0);
+    assert!(metric(&text, "relay_signatures_total") >= 1.0, "keyless signing is counted");
+    assert!(metric(&text, "relay_auth_decision_seconds_count") >= 1.0);
+    assert!(metric(&text, "relay_signing_seconds_count") >= 1.0);
+    assert_eq!(metric(&text, "relay_dataplane_attached"), 1.0);
+    // The exposition never names targets or clients.
+    assert!(!text.contains(&echo.addr().to_string()) && !text.contains("127.0.0.1"));
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Keyless TLS as deployed: the dataplane runs as an unprivileged user that
+/// cannot read the private key, and handshakes still succeed because
+/// control signs them.
+#[test]
+fn the_dataplane_runs_unprivileged_without_access_to_the_key() {
+    if !is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root and must run this test");
+        eprintln!("SKIPPED: needs root to run the dataplane as another user");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let relay = start(
+        "unprivileged",
+        RelayOptions {
+            relay_extra: format!("dataplane_user = \"{NOBODY}\""),
+            dataplane_uid: Some(NOBODY),
+            ..Default::default()
+        },
+    );
+    let pid = relay.dataplane_pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid_line.split_whitespace().skip(1).all(|u| u == NOBODY.to_string()), "{uid_line}");
+    let key = relay.state_dir.join("key.pem");
+    assert!(key.exists());
+    use std::os::unix::process::CommandExt;
+    let read = std::process::Command::new("cat")
+        .arg(&key)
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!read.success(), "the dataplane's user must not be able to read the key");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut c, s, 50, "through the unprivileged dataplane");
+    assert!(counter(&relay, "signs_sent") >= 1, "control signed the handshakes");
+}
+
+/// With tls.keyless = false the dataplane signs locally (an operator
+/// choice for hosts where both processes are equally trusted).
+#[test]
+fn local_key_mode_signs_in_the_dataplane() {
+    let relay =
+        start("local-key", RelayOptions { tls_extra: "keyless = false".into(), ..Default::default() });
+    let mut c = client(&relay);
+    c.wait_settings(T).unwrap();
+    assert_eq!(counter(&relay, "signs_sent"), 0, "no signature was asked of control");
+    assert!(counter(&relay, "handshakes_completed") >= 1);
+}

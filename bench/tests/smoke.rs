@@ -47,6 +47,8 @@ fn smoke_suite_produces_every_output() {
         assert!(b.upload_cost.relay_target_datagrams_per_send >= 1.0);
     }
     assert!(report.rates.flows_per_sec > 0.0 && report.rates.connections_per_sec > 0.0);
+    assert!(report.rates.local_key_connections_per_sec > 0.0, "the local-key relay was measured");
+    assert_eq!(report.rates.connect_latency.count as usize, report.config.connect_samples);
     assert_eq!(report.idle.len(), 1);
     assert!(report.idle[0].not_measured.is_none() && report.idle[0].rss_after_kib > 0);
 

@@ -179,6 +179,9 @@ pub fn respond(req: &AdminRequest, shared: &mut Shared) -> Option<Value> {
                 "asks_allowed": shared.asks_allowed,
                 "asks_denied": shared.asks_denied,
                 "channel_errors": shared.channel_errors,
+                "signatures": shared.signatures,
+                "signatures_failed": shared.signatures_failed,
+                "metrics": shared.metrics_addr.map(|a| a.to_string()),
                 "workers": workers,
             })
         }

@@ -64,6 +64,10 @@ pub struct RelaySection {
     pub channel_socket: Option<PathBuf>,
     /// Unix socket relayctl talks to (default: state_dir/admin.sock).
     pub admin_socket: Option<PathBuf>,
+    /// The user the dataplane runs as, when not control's: the channel
+    /// socket is handed to it (mode 0600), and nothing else of control's
+    /// state is (the TLS key stays unreadable to it).
+    pub dataplane_user: Option<String>,
 }
 
 fn default_name() -> String {
@@ -76,6 +80,9 @@ fn default_name() -> String {
 pub struct ListenSection {
     /// UDP address for QUIC.
     pub quic: SocketAddr,
+    /// TCP address of the Prometheus metrics endpoint (`GET /metrics`);
+    /// absent: no endpoint. Keep it on loopback or a management network.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A validated URI template in the config.
@@ -270,7 +277,7 @@ fn two_five_six() -> u32 {
 }
 
 /// `[tls]`.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsSection {
     /// PEM certificate chain.
@@ -280,6 +287,18 @@ pub struct TlsSection {
     /// Names for the generated self-signed certificate.
     #[serde(default)]
     pub self_signed_names: Vec<String>,
+    /// Keyless TLS: the private key never leaves control, which signs every
+    /// handshake for the dataplane. `false` hands the key to the dataplane
+    /// (it then signs locally): only for hosts where both processes are
+    /// equally trusted.
+    #[serde(default = "yes")]
+    pub keyless: bool,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self { cert: None, key: None, self_signed_names: Vec::new(), keyless: true }
+    }
 }
 
 /// `[auth]`.

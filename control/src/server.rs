@@ -30,6 +30,7 @@ use relay_proto::proxy_status::ProxyError;
 use tracing::{debug, error, info, warn};
 
 use crate::auth::Identity;
+use crate::metrics::Histograms;
 use crate::policy::{Decision, Policy, Requester, ResolveFailure};
 use crate::resolver::{Resolved, Resolver};
 use crate::signer::KeyStore;
@@ -61,6 +62,9 @@ pub struct ServerSettings {
     pub resolver_max_pending: u32,
     /// Resolution timeout.
     pub resolver_timeout: Duration,
+    /// (uid, gid) of the dataplane's user, when not control's: the channel
+    /// socket is handed to it.
+    pub dataplane_owner: Option<(u32, u32)>,
 }
 
 /// A live flow as control knows it.
@@ -104,6 +108,10 @@ pub struct Shared {
     pub signatures: u64,
     /// Signing asks that failed (unsupported scheme, no key).
     pub signatures_failed: u64,
+    /// Latency histograms for the metrics endpoint.
+    pub histograms: Arc<Histograms>,
+    /// Where the metrics endpoint listens, if enabled.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 struct WorkerEnd {
@@ -123,6 +131,7 @@ struct PendingResolution {
     ask: AuthAsk,
     requester: Requester,
     deadline: Instant,
+    received: Instant,
 }
 
 /// The control server.
@@ -140,6 +149,33 @@ pub struct Server {
     pending: HashMap<u64, PendingResolution>,
     next_job: u64,
     record: Box<[u8; RECORD_SIZE]>,
+}
+
+/// Looks up a user by name (or a numeric uid) in the system's user
+/// database; returns (uid, primary gid).
+pub fn lookup_user(name: &str) -> io::Result<(u32, u32)> {
+    if let Ok(uid) = name.parse::<u32>() {
+        return Ok((uid, uid));
+    }
+    let cname = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name contains NUL"))?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: passwd is plain old data; zeroed is a valid value.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pwd` and the buffer we own (with its
+    // exact length) and sets `result` to `&pwd` or null; nothing is kept
+    // past the call but the two integers read below.
+    let rc = unsafe {
+        libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut result)
+    };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    if result.is_null() {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no user named {name:?}")));
+    }
+    Ok((pwd.pw_uid, pwd.pw_gid))
 }
 
 /// Binds a Unix socket at `path` with mode 0600, replacing a stale one.
@@ -169,6 +205,10 @@ impl Server {
     ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let listener = bind_private_socket(&settings.channel_socket)?;
+        if let Some((uid, gid)) = settings.dataplane_owner {
+            // Still 0600: only that user (and root) may attach.
+            std::os::unix::fs::chown(&settings.channel_socket, Some(uid), Some(gid))?;
+        }
         listener.set_nonblocking(true)?;
         poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -441,17 +481,22 @@ impl Server {
     }
 
     fn on_ask(&mut self, worker: u32, ask: AuthAsk) {
+        let received = Instant::now();
         let now_unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let (decision, identity) = self.policy().decide(&ask, Instant::now(), now_unix);
+        let (decision, identity) = self.policy().decide(&ask, received, now_unix);
         match decision {
-            Decision::Answer(verdict) => self.answer(worker, &ask, &identity, verdict),
+            Decision::Answer(verdict) => {
+                self.answer(worker, &ask, &identity, verdict);
+                self.observe_decision(received);
+            }
             Decision::Resolve { name, requester, .. } => {
                 let id = self.next_job;
                 self.next_job += 1;
                 match self.resolver.submit(id, name) {
                     Ok(()) => {
                         let deadline = Instant::now() + self.settings.resolver_timeout;
-                        self.pending.insert(id, PendingResolution { worker, ask, requester, deadline });
+                        self.pending
+                            .insert(id, PendingResolution { worker, ask, requester, deadline, received });
                     }
                     Err(failure) => {
                         let verdict = self.policy().after_resolution(
@@ -461,10 +506,17 @@ impl Server {
                             Instant::now(),
                         );
                         self.answer(worker, &ask, &requester.identity, verdict);
+                        self.observe_decision(received);
                     }
                 }
             }
         }
+    }
+
+    /// Records how long an authorization decision took (metrics).
+    fn observe_decision(&self, received: Instant) {
+        let histograms = self.shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.clone();
+        histograms.auth_decision.observe(received.elapsed());
     }
 
     fn drain_resolved(&mut self) {
@@ -478,6 +530,7 @@ impl Server {
                     Instant::now(),
                 );
                 self.answer(p.worker, &p.ask, &p.requester.identity, verdict);
+                self.observe_decision(p.received);
             }
         }
     }
@@ -495,6 +548,7 @@ impl Server {
                     now,
                 );
                 self.answer(p.worker, &p.ask, &p.requester.identity, verdict);
+                self.observe_decision(p.received);
             }
         }
     }
@@ -545,7 +599,10 @@ impl Server {
     /// Keyless TLS: signs a handshake for a worker with the key only control
     /// holds, and answers at once.
     fn on_sign_ask(&mut self, worker: u32, ask: SignAsk) {
-        let result = match self.keys.sign(ask.algorithm, &ask.input) {
+        let started = Instant::now();
+        let signed = self.keys.sign(ask.algorithm, &ask.input);
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.signing.observe(started.elapsed());
+        let result = match signed {
             Ok(signature) => SignResult::Signature(signature),
             Err(e) => {
                 warn!(worker, scheme = ask.algorithm, "cannot sign for the dataplane: {e}");

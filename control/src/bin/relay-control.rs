@@ -11,13 +11,14 @@ use relay_control::acl::TargetAcl;
 use relay_control::admin::{self, Admin};
 use relay_control::auth::Authenticator;
 use relay_control::config::Config;
+use relay_control::metrics::{self, ControlFigures};
 use relay_control::policy::Policy;
 use relay_control::server::{self, Server, ServerSettings, Shared};
 use relay_control::signer::{KeyStore, Signer};
 use relay_control::state;
 use relay_control::store::PolicyStore;
 use relay_proto::channel::bootstrap::{Bootstrap, PROTOCOL_VERSION};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// The MASQUE relay's control process: credentials, policy, DNS, and the
 /// shared-memory channel the dataplane attaches to.
@@ -93,8 +94,16 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         workers: d.workers.resolve(),
         listen: config.listen.quic,
         cert_chain_pem,
-        // Keyless TLS: the key stays here.
-        private_key_pem: None,
+        // Keyless TLS: the key stays here, unless the operator turned it off.
+        private_key_pem: if config.tls.keyless {
+            None
+        } else {
+            warn!("tls.keyless = false: the dataplane gets the private key and signs locally");
+            Some(
+                std::fs::read_to_string(&key)
+                    .map_err(|e| format!("reading the private key {}: {e}", key.display()))?,
+            )
+        },
         uri_template: d.uri_template.0.as_str().to_string(),
         proxy_name: config.relay.name.clone(),
         auth_realm: config.auth.realm.clone(),
@@ -143,7 +152,34 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let shared = Arc::new(Mutex::new(Shared::default()));
     let admin_listener = server::bind_private_socket(&config.admin_socket())?;
     admin::spawn(admin_listener, Admin::new(shared.clone(), policy.clone(), store))?;
+    let dataplane_owner = match &config.relay.dataplane_user {
+        Some(user) => {
+            Some(server::lookup_user(user).map_err(|e| format!("relay.dataplane_user = {user:?}: {e}"))?)
+        }
+        None => None,
+    };
+    if let Some(addr) = config.listen.metrics {
+        let scrape = shared.clone();
+        let histograms = shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.clone();
+        let bound = metrics::spawn(addr, move || {
+            let s = scrape.lock().unwrap_or_else(|p| p.into_inner());
+            let figures = ControlFigures {
+                dataplane_attached: s.dataplane_pid.is_some(),
+                flows: s.flows.len() as u64,
+                asks_allowed: s.asks_allowed,
+                asks_denied: s.asks_denied,
+                channel_errors: s.channel_errors,
+                signatures: s.signatures,
+                signatures_failed: s.signatures_failed,
+            };
+            metrics::render(s.region.as_ref(), &figures, &histograms)
+        })
+        .map_err(|e| format!("listen.metrics = {addr}: {e}"))?;
+        shared.lock().unwrap_or_else(|p| p.into_inner()).metrics_addr = Some(bound);
+        info!(%bound, "metrics endpoint (GET /metrics)");
+    }
     let settings = ServerSettings {
+        dataplane_owner,
         channel_socket: config.channel_socket(),
         bootstrap,
         resolver_threads: config.resolver.threads,
