@@ -287,6 +287,14 @@ max_pending = 64
         }
     }
 
+    /// Kills relay-dataplane with SIGKILL.
+    pub fn kill_dataplane(&mut self) {
+        if let Some(mut c) = self.dataplane.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// The control process's PID.
     pub fn control_pid(&self) -> Option<u32> {
         self.control.as_ref().map(Child::id)

@@ -70,6 +70,10 @@ pub struct SuiteConfig {
     pub io: String,
     /// Also measure each I/O backend on its own relay (io_uring vs epoll).
     pub compare_backends: bool,
+    /// The backend cost runs' common offered load, as a fraction of the
+    /// slower backend's max upload (lower than `cost_fraction`: both
+    /// backends must sustain it within `max_paced_loss`).
+    pub backend_cost_fraction: f64,
 }
 
 impl SuiteConfig {
@@ -95,6 +99,7 @@ impl SuiteConfig {
             netns: false,
             io: "auto".into(),
             compare_backends: true,
+            backend_cost_fraction: 0.35,
         }
     }
 
@@ -108,6 +113,7 @@ impl SuiteConfig {
             // that share the machine with other tests.
             latency_loads: vec![0.1, 0.3],
             cost_fraction: 0.2,
+            backend_cost_fraction: 0.15,
             setup_flows: 200,
             handshakes: 20,
             connect_samples: 20,
@@ -794,7 +800,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         }
         let slowest =
             runs.iter().map(|(_, _, r, _)| r.delivered_rate.datagrams_per_sec).fold(f64::MAX, f64::min);
-        let offered = (slowest * cfg.cost_fraction).max(100.0);
+        let offered = (slowest * cfg.backend_cost_fraction).max(100.0);
         for (io, b, r, upload_io) in runs {
             eprintln!("bench: {io} cost at {offered:.0}/s, {largest} B, upload and download");
             let upload_cost = b.cost_run(largest, Direction::Upload, offered)?;

@@ -860,3 +860,71 @@ fn local_key_mode_signs_in_the_dataplane() {
     assert_eq!(counter(&relay, "signs_sent"), 0, "no signature was asked of control");
     assert!(counter(&relay, "handshakes_completed") >= 1);
 }
+
+/// kill -9 of the dataplane: control notices, releases the flows it held
+/// for it, and accepts the dataplane's return (a new process attaches and
+/// serves).
+#[test]
+fn a_killed_dataplane_is_released_by_control_and_may_return() {
+    let mut relay = start("dataplane-restart", RelayOptions::default());
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    assert_eq!(admin(&relay.admin_socket(), "status")["flows"], 1);
+    relay.kill_dataplane();
+    wait_until("control to release the dead dataplane", T, || {
+        let v = admin(&relay.admin_socket(), "status");
+        v["dataplane_attached"] == false && v["flows"] == 0
+    });
+    relay.start_dataplane().unwrap();
+    wait_until("the new dataplane to attach", T, || {
+        admin(&relay.admin_socket(), "status")["dataplane_attached"] == true
+    });
+    let deadline = Instant::now() + T;
+    let mut c = loop {
+        match Client::connect(client_config(&relay), Duration::from_millis(500)) {
+            Ok(c) => break c,
+            Err(e) => assert!(Instant::now() < deadline, "the new dataplane does not serve: {e}"),
+        }
+    };
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut c, s, 50, "through the new dataplane");
+    assert_eq!(admin(&relay.admin_socket(), "status")["flows"], 1);
+}
+
+#[test]
+fn relayctl_workers_summarises_each_worker() {
+    let relay = start("relayctl-workers", RelayOptions { workers: 2, ..Default::default() });
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut c, s, 100, "before relayctl workers");
+    let relayctl = relay_bench::processes::bin_dir().unwrap().join("relayctl");
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(&relayctl);
+        cmd.arg("--socket").arg(relay.admin_socket());
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("workers").output().unwrap();
+        assert!(out.status.success(), "relayctl workers: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let rows: Value = serde_json::from_str(&run(true)).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "one row per worker");
+    let total = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>();
+    assert!(total("datagrams_up") >= 100 && total("datagrams_down") >= 100);
+    assert_eq!(total("tunnels"), 1);
+    for r in rows {
+        assert!(matches!(r["backend"].as_str(), Some("io_uring") | Some("epoll")));
+        assert!(r["syscalls_per_datagram"].as_f64().is_some());
+    }
+    let busy = rows.iter().find(|r| r["tunnels"] == 1).unwrap();
+    assert!(busy["quic_packets_per_receive"].as_f64().unwrap() >= 1.0);
+    let table = run(false);
+    assert!(
+        table.starts_with("WORKER") && table.contains("SYSCALLS/DGRAM") && table.lines().count() == 3,
+        "{table}"
+    );
+}

@@ -30,6 +30,9 @@ struct Args {
 enum Command {
     /// Control and dataplane status, with per-worker counters.
     Status,
+    /// One line per dataplane worker: backend, load, I/O batching
+    /// (packets per receive/send), system calls per datagram, hand-offs.
+    Workers,
     /// Live flows (`flows kill ID` ends one).
     Flows {
         #[command(subcommand)]
@@ -144,7 +147,7 @@ fn secret(s: SecretString) -> Result<SecretString, String> {
 
 fn request(command: Command) -> Result<AdminRequest, String> {
     Ok(match command {
-        Command::Status => AdminRequest::Status,
+        Command::Status | Command::Workers => AdminRequest::Status,
         Command::Flows { action: None } => AdminRequest::Flows,
         Command::Flows { action: Some(FlowsAction::Kill { flow_id }) } => AdminRequest::KillFlow { flow_id },
         Command::Drain => AdminRequest::Drain,
@@ -425,8 +428,94 @@ fn print_policy(v: &Value) {
     }
 }
 
+fn ratio(num: u64, den: u64) -> f64 {
+    if den == 0 { 0.0 } else { num as f64 / den as f64 }
+}
+
+/// Per-worker summaries derived from `status` (counters since start).
+fn worker_rows(status: &Value) -> Vec<Value> {
+    let workers = status["workers"].as_array().cloned().unwrap_or_default();
+    workers
+        .iter()
+        .map(|w| {
+            let n = |k: &str| w[k].as_u64().unwrap_or(0);
+            let forwarded = n("datagrams_up") + n("datagrams_down");
+            let backend = match n("io_backend") {
+                1 => "io_uring",
+                2 => "epoll",
+                _ => "unknown",
+            };
+            serde_json::json!({
+                "worker": n("worker"),
+                "backend": backend,
+                "connections": n("connections_active"),
+                "tunnels": n("tunnels_active"),
+                "datagrams_up": n("datagrams_up"),
+                "datagrams_down": n("datagrams_down"),
+                "quic_packets_per_receive": ratio(n("quic_packets_in"), n("quic_receives")),
+                "quic_packets_per_send": ratio(n("quic_packets_out"), n("quic_sends")),
+                "target_datagrams_per_send": ratio(n("datagrams_up"), n("target_sends")),
+                "target_datagrams_per_receive": ratio(n("target_packets_in"), n("target_receives")),
+                "syscalls_per_datagram": ratio(n("io_syscalls"), forwarded),
+                "handoffs_in": n("handoffs_in"),
+                "handoffs_out": n("handoffs_out"),
+                "drops": n("drop_queue_full") + n("drop_target_send") + n("drop_too_large") + n("quic_send_drops")
+                    + n("drop_handoff_full") + n("recv_no_buffers") + n("recv_truncated"),
+            })
+        })
+        .collect()
+}
+
+fn workers_table(rows: &[Value]) -> String {
+    let headers = [
+        "WORKER",
+        "BACKEND",
+        "CONNS",
+        "TUNNELS",
+        "DGRAMS UP",
+        "DGRAMS DOWN",
+        "QUIC PKT/RECV",
+        "QUIC PKT/SEND",
+        "TGT DGRAM/SEND",
+        "TGT DGRAM/RECV",
+        "SYSCALLS/DGRAM",
+        "HANDOFFS IN",
+        "HANDOFFS OUT",
+        "DROPS",
+    ];
+    let keys = [
+        "worker",
+        "backend",
+        "connections",
+        "tunnels",
+        "datagrams_up",
+        "datagrams_down",
+        "quic_packets_per_receive",
+        "quic_packets_per_send",
+        "target_datagrams_per_send",
+        "target_datagrams_per_receive",
+        "syscalls_per_datagram",
+        "handoffs_in",
+        "handoffs_out",
+        "drops",
+    ];
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            keys.iter()
+                .map(|k| match &r[*k] {
+                    Value::Number(x) if x.is_f64() => format!("{:.2}", x.as_f64().unwrap_or(0.0)),
+                    other => show(other),
+                })
+                .collect()
+        })
+        .collect();
+    table(&headers, &body)
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let workers_view = matches!(args.command, Command::Workers);
     let req = match request(args.command) {
         Ok(r) => r,
         Err(e) => {
@@ -441,6 +530,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if workers_view {
+        let rows = worker_rows(&v);
+        if args.json {
+            println!("{}", Value::Array(rows));
+        } else {
+            print!("{}", workers_table(&rows));
+        }
+        return ExitCode::SUCCESS;
+    }
     if args.json {
         println!("{v}");
         return ExitCode::SUCCESS;

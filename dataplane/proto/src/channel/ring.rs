@@ -207,6 +207,62 @@ mod tests {
         producer.join().unwrap();
     }
 
+    /// Model test: a long pseudo-random sequence of pushes and pops (bursts
+    /// of each, so the ring often runs full and empty, and the 32-bit
+    /// indices are started near their wrap-around) against a `VecDeque`.
+    #[test]
+    fn random_operations_match_a_fifo_model() {
+        let (region, _fd) = Region::create(1).unwrap();
+        let mut dp = region.dataplane_side(0);
+        let mut ctl = region.control_side(0);
+        // Start both indices just below u32::MAX: the sequence crosses the
+        // wrap of the free-running counters.
+        let start = u32::MAX - 1000;
+        dp.tx.tail = start;
+        dp.tx.ring.index(TAIL).store(start, Ordering::Release);
+        ctl.rx.head = start;
+        ctl.rx.ring.index(HEAD).store(start, Ordering::Release);
+        let mut model = std::collections::VecDeque::new();
+        let mut out = Box::new([0u8; RECORD_SIZE]);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut tag = 0u32;
+        for _ in 0..2_000 {
+            let burst = (next() % (2 * RING_SLOTS as u64)) as usize;
+            if next() % 2 == 0 {
+                for _ in 0..burst {
+                    match dp.tx.push(&record(tag)) {
+                        Ok(()) => {
+                            assert!(model.len() < RING_SLOTS as usize, "push past capacity succeeded");
+                            model.push_back(tag);
+                            tag = tag.wrapping_add(1);
+                        }
+                        Err(RingError::Full) => assert_eq!(model.len(), RING_SLOTS as usize),
+                        Err(e) => panic!("unexpected {e:?}"),
+                    }
+                }
+            } else {
+                for _ in 0..burst {
+                    let got = ctl.rx.pop(&mut out).unwrap();
+                    match model.pop_front() {
+                        Some(expect) => {
+                            assert!(got, "the ring lost a record");
+                            assert_eq!(out[..4], expect.to_le_bytes());
+                            assert_eq!(out[RECORD_SIZE - 4..], expect.to_le_bytes());
+                        }
+                        None => assert!(!got, "the ring invented a record"),
+                    }
+                }
+            }
+            assert_eq!(dp.tx.pending(), Ok(model.len() as u32));
+        }
+    }
+
     #[test]
     fn corrupt_peer_index_is_detected() {
         let (region, _fd) = Region::create(1).unwrap();
