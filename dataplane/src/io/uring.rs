@@ -509,20 +509,27 @@ impl UringBackend {
             // the rest are handled next turn.
             self.stats.syscalls += 1;
             let _ = self.ring.submit_and_wait(1);
-            let cq: Vec<Cqe> = self
-                .ring
-                .completion()
-                .map(|c| Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() })
-                .collect();
-            for c in cq {
-                if c.user_data >> KIND_SHIFT == KIND_SEND {
-                    self.sent(SlotId((c.user_data & VALUE_MASK) as u32), c.result);
-                } else {
-                    self.deferred.push_back(c);
-                }
-            }
+            self.complete_sends(true);
         }
         None
+    }
+
+    /// Takes every completion now in the queue: send completions free their
+    /// slots at once; the others are kept for the next turn when `defer`,
+    /// else dropped (the last turn).
+    fn complete_sends(&mut self, defer: bool) {
+        let cq: Vec<Cqe> = self
+            .ring
+            .completion()
+            .map(|c| Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() })
+            .collect();
+        for c in cq {
+            if c.user_data >> KIND_SHIFT == KIND_SEND {
+                self.sent(SlotId((c.user_data & VALUE_MASK) as u32), c.result);
+            } else if defer {
+                self.deferred.push_back(c);
+            }
+        }
     }
 
     /// Queues one batch (its buffer is swapped into a slot: no copy).
@@ -616,16 +623,7 @@ impl UringBackend {
         while self.slots.in_flight() > 0 && Instant::now() < deadline {
             let now = Instant::now();
             let _ = self.enter(now, now + Duration::from_millis(50));
-            let cq: Vec<Cqe> = self
-                .ring
-                .completion()
-                .map(|c| Cqe { user_data: c.user_data(), result: c.result(), flags: c.flags() })
-                .collect();
-            for c in cq {
-                if c.user_data >> KIND_SHIFT == KIND_SEND {
-                    self.sent(SlotId((c.user_data & VALUE_MASK) as u32), c.result);
-                }
-            }
+            self.complete_sends(false);
         }
         self.closing.clear();
     }
