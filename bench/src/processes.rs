@@ -41,6 +41,13 @@ pub fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Whether this process runs as root (the namespace and other-user tests
+/// need it; CI runs as root).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Options for a test relay.
 #[derive(Debug, Clone)]
 pub struct RelayOptions {
@@ -284,6 +291,26 @@ max_pending = 64
         if let Some(mut c) = self.control.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Stops relay-control (SIGSTOP): alive but answering nothing, until
+    /// [`Relay::resume_control`].
+    pub fn pause_control(&self) {
+        self.signal_control(libc::SIGSTOP);
+    }
+
+    /// Lets a paused relay-control run again (SIGCONT).
+    pub fn resume_control(&self) {
+        self.signal_control(libc::SIGCONT);
+    }
+
+    fn signal_control(&self, signal: i32) {
+        if let Some(pid) = self.control_pid() {
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
         }
     }
 

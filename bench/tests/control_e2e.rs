@@ -409,8 +409,7 @@ fn relayctl_errors_are_clear_and_other_users_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no admin socket at"), "{out:?}");
 
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !relay_bench::processes::running_as_root() {
         eprintln!("not root: the other-user checks need root to run relayctl as another user");
         return;
     }

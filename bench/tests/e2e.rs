@@ -294,15 +294,12 @@ fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
 
     // Stalled control (SIGSTOP): the ask times out into 503 within the
     // configured bound.
-    let pid = relay.control_pid().unwrap() as i32;
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    relay.pause_control();
     let started = Instant::now();
     let id = c.request_udp("127.0.0.1", echo.addr().port()).unwrap();
     let a = c.wait_answer(id, T).unwrap();
     let waited = started.elapsed();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    relay.resume_control();
     assert_eq!(a.status(), Some(503));
     assert!(a.header("proxy-status").unwrap().contains("error=proxy_internal_error"));
     assert!(
@@ -694,14 +691,11 @@ fn handshakes_fail_cleanly_without_control_while_tunnels_keep_forwarding() {
     let mut c = client(&relay);
     let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
 
-    let pid = relay.control_pid().unwrap() as i32;
-    // SAFETY: signalling our own child process.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    relay.pause_control();
     let started = Instant::now();
     let stalled = Client::connect(client_config(&relay), Duration::from_secs(8));
     let waited = started.elapsed();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    relay.resume_control();
     let err = stalled.err().expect("no handshake without a signature").to_string();
     assert!(err.contains("failed"), "the relay ended the handshake: {err}");
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "bounded: {waited:?}");
@@ -802,17 +796,12 @@ fn metrics_endpoint_exposes_dataplane_counters_and_latency_histograms() {
     assert!(!text.contains(&echo.addr().to_string()) && !text.contains("127.0.0.1"));
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Keyless TLS as deployed: the dataplane runs as an unprivileged user that
 /// cannot read the private key, and handshakes still succeed because
 /// control signs them.
 #[test]
 fn the_dataplane_runs_unprivileged_without_access_to_the_key() {
-    if !is_root() {
+    if !relay_bench::processes::running_as_root() {
         assert!(std::env::var_os("CI").is_none(), "CI runs as root and must run this test");
         eprintln!("SKIPPED: needs root to run the dataplane as another user");
         return;

@@ -64,14 +64,9 @@ fn smoke_suite_produces_every_output() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn smoke_suite_with_targets_in_a_network_namespace() {
-    if !is_root() {
+    if !relay_bench::processes::running_as_root() {
         // CI runs as root and must run this; a developer without root is
         // told, not silently passed.
         assert!(std::env::var_os("CI").is_none(), "CI must run the namespace smoke test as root");

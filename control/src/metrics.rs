@@ -280,12 +280,13 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 405"));
-        // An endless header is cut off, and the endpoint still serves.
+        // An endless header is cut off (its 431 may be lost to the reset of
+        // the unread bytes), and the endpoint still serves the next scrape.
         let mut s = TcpStream::connect(addr).unwrap();
         let _ = s.write_all(&[b'a'; MAX_REQUEST + 10]);
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
-        assert!(out.starts_with("HTTP/1.1 431") || out.is_empty());
+        assert!(!out.contains("200 OK"), "an oversize request is never served");
         assert!(get(addr, "/metrics").starts_with("HTTP/1.1 200"));
     }
 }

@@ -141,6 +141,8 @@ pub struct Server {
     last_sweep: Instant,
     keys: Arc<KeyStore>,
     shared: Arc<Mutex<Shared>>,
+    /// The same histograms as `shared.histograms`, without taking its lock.
+    histograms: Arc<Histograms>,
     poll: Poll,
     listener: UnixListener,
     attached: Option<Attached>,
@@ -216,12 +218,14 @@ impl Server {
             Resolver::start(settings.resolver_threads, settings.resolver_max_pending, move || {
                 let _ = waker.wake();
             })?;
+        let histograms = shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.clone();
         Ok(Self {
             settings,
             policy,
             last_sweep: Instant::now(),
             keys,
             shared,
+            histograms,
             poll,
             listener,
             attached: None,
@@ -515,8 +519,7 @@ impl Server {
 
     /// Records how long an authorization decision took (metrics).
     fn observe_decision(&self, received: Instant) {
-        let histograms = self.shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.clone();
-        histograms.auth_decision.observe(received.elapsed());
+        self.histograms.auth_decision.observe(received.elapsed());
     }
 
     fn drain_resolved(&mut self) {
@@ -601,7 +604,7 @@ impl Server {
     fn on_sign_ask(&mut self, worker: u32, ask: SignAsk) {
         let started = Instant::now();
         let signed = self.keys.sign(ask.algorithm, &ask.input);
-        self.shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.signing.observe(started.elapsed());
+        self.histograms.signing.observe(started.elapsed());
         let result = match signed {
             Ok(signature) => SignResult::Signature(signature),
             Err(e) => {

@@ -177,15 +177,12 @@ pub enum WorkerError {
     H3(#[from] quiche::h3::Error),
 }
 
+/// Random connection ID nonces. BoringSSL's RAND_bytes does not fail (it
+/// aborts the process if the system cannot provide entropy), so the result
+/// is always filled.
 fn fill_random(out: &mut [u8]) {
-    let mut filled = 0;
-    while filled < out.len() {
-        // SAFETY: getrandom writes at most the given length into our buffer.
-        let n = unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), out.len() - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-        }
-    }
+    let filled = boring::rand::rand_bytes(out);
+    debug_assert!(filled.is_ok());
 }
 
 impl Worker {
@@ -412,6 +409,11 @@ impl Worker {
     /// TLS). Returns whether one failed at once, so the handshake must be
     /// driven again to fail cleanly.
     fn ask_signatures(&mut self, key: ConnKey, conn: &mut Conn) -> bool {
+        // Only handshakes sign: established connections skip the
+        // thread-local lookup on their per-packet path.
+        if conn.established_counted {
+            return false;
+        }
         let mut failed = false;
         for req in keyless::take_requests() {
             let id = req.sign_id;

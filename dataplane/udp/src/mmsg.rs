@@ -180,21 +180,6 @@ pub struct SendReport {
     pub dropped: u64,
 }
 
-/// Errors that drop datagrams rather than fail the socket (UDP semantics).
-pub fn is_drop(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
-        || matches!(
-            e.raw_os_error(),
-            Some(libc::ENOBUFS)
-                | Some(libc::ECONNREFUSED)
-                | Some(libc::EMSGSIZE)
-                | Some(libc::EHOSTUNREACH)
-                | Some(libc::ENETUNREACH)
-                | Some(libc::EPERM)
-                | Some(libc::EACCES)
-        )
-}
-
 /// Whether a failed GSO send means the device cannot segment (quinn-udp:
 /// EIO or EINVAL): GSO is switched off for good and the batch is resent
 /// one datagram at a time.
