@@ -39,6 +39,9 @@ pub struct ClientConfig {
     pub template: String,
     /// Bearer token for `proxy-authorization`.
     pub token: Option<String>,
+    /// A TLS session from an earlier connection ([`Client::session`]) to
+    /// resume.
+    pub session: Option<Vec<u8>>,
 }
 
 impl ClientConfig {
@@ -51,6 +54,7 @@ impl ClientConfig {
             h3_datagrams: true,
             template: DEFAULT_TEMPLATE.into(),
             token: None,
+            session: None,
         }
     }
 }
@@ -175,7 +179,10 @@ impl Client {
         let poll = Poll::new()?;
         poll.registry().register(&mut socket, SOCKET, Interest::READABLE)?;
         let scid = random_cid()?;
-        let quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, qc)?;
+        let mut quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, qc)?;
+        if let Some(session) = &config.session {
+            quic.set_session(session)?;
+        }
         let h3_config = quiche::h3::Config::new()?;
         let mut client = Self {
             config,
@@ -215,6 +222,23 @@ impl Client {
             client.drive(Duration::from_millis(20))?;
         }
         Ok(client)
+    }
+
+    /// The TLS session to resume later, once the relay has sent a ticket
+    /// (it does right after the handshake; drive the connection a little).
+    pub fn session(&self) -> Option<Vec<u8>> {
+        self.quic.session().map(<[u8]>::to_vec)
+    }
+
+    /// Whether the handshake resumed a session (no certificate sent).
+    pub fn is_resumed(&self) -> bool {
+        self.quic.is_resumed()
+    }
+
+    /// The relay's leaf certificate (DER); on a resumed handshake, the one
+    /// the resumed session saw.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        self.quic.peer_cert().map(<[u8]>::to_vec)
     }
 
     /// This client's UDP address (as quiche knows it: unchanged by

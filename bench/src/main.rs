@@ -59,6 +59,7 @@ impl RelayArgs {
             h3_datagrams: !self.no_h3_datagrams,
             template: self.template.clone(),
             token: self.token.clone(),
+            session: None,
         })
     }
 }

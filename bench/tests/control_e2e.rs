@@ -27,6 +27,11 @@ fn test_dir(name: &str) -> PathBuf {
 /// A relay with HMAC key `k1` (from a 0600 secret file) and `k2` (inline),
 /// plus `extra` config.
 fn start(name: &str, extra: &str) -> Relay {
+    start_with_tls(name, extra, "")
+}
+
+/// As [`start`], with `tls_extra` in the `[tls]` section.
+fn start_with_tls(name: &str, extra: &str, tls_extra: &str) -> Relay {
     let dir = test_dir(name);
     let secret = dir.join("hmac-k1");
     std::fs::write(&secret, format!("{HMAC_SECRET_HEX}\n")).unwrap();
@@ -36,7 +41,8 @@ fn start(name: &str, extra: &str) -> Relay {
         secret.display(),
         "42".repeat(32),
     );
-    Relay::start(&dir, &RelayOptions { extra_config, ..Default::default() }).expect("relay starts")
+    let opts = RelayOptions { extra_config, tls_extra: tls_extra.to_string(), ..Default::default() };
+    Relay::start(&dir, &opts).expect("relay starts")
 }
 
 fn relayctl_as(socket: &Path, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Output {
@@ -433,4 +439,251 @@ fn relayctl_errors_are_clear_and_other_users_are_refused() {
     assert!(out.stdout.is_empty(), "no token was minted");
     // Root still may.
     assert!(relayctl(&relay, &["status"]).status.success());
+}
+
+/// A fresh self-signed pair for the names the test relay serves, written
+/// over the relay's certificate and key files (what an operator's renewal
+/// does before `relayctl reload`).
+fn install_new_certificate(relay: &Relay, label: &str) -> Vec<u8> {
+    let dir = relay.state_dir.join(format!("renewal-{label}"));
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    relay_control::state::ensure_dir(&dir).unwrap();
+    let pair = relay_control::state::self_signed(&dir, &names).expect("certificate generated");
+    std::fs::copy(&pair.cert, relay.cert()).unwrap();
+    std::fs::copy(&pair.key, relay.state_dir.join("key.pem")).unwrap();
+    let pem = std::fs::read(&pair.cert).unwrap();
+    boring_der(&pem)
+}
+
+/// The DER of the first certificate in a PEM file.
+fn boring_der(pem: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(pem);
+    let body: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    base64_decode(&body)
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in s.bytes().filter(|c| *c != b'=') {
+        acc = (acc << 6) | value(c);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// A client that trusts `ca` (and resumes `session` if given).
+fn client_trusting(relay: &Relay, ca: &Path, token: &str, session: Option<Vec<u8>>) -> Client {
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(ca.to_path_buf());
+    cfg.token = Some(token.to_string());
+    cfg.session = session;
+    let mut c = Client::connect(cfg, T).expect("client connects");
+    c.wait_settings(T).unwrap();
+    c
+}
+
+fn tls_generation_of_workers(relay: &Relay) -> Vec<u64> {
+    let v = relayctl_json(relay, &["status"]);
+    v["workers"].as_array().unwrap().iter().map(|w| w["tls_generation"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn certificate_reload_serves_new_connections_and_keeps_open_ones() {
+    let relay = start("reload", "");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = echo.addr().port();
+    let (token, _) = mint(&relay, "alice", "1h");
+    let first_der = boring_der(&std::fs::read(relay.cert()).unwrap());
+    let first_ca = relay.state_dir.join("first-ca.pem");
+    std::fs::copy(relay.cert(), &first_ca).unwrap();
+    let mut old = client_trusting(&relay, &first_ca, &token, None);
+    assert_eq!(old.peer_certificate().as_deref(), Some(&first_der[..]));
+    let old_stream = old.open_udp("127.0.0.1", port, T).unwrap();
+    echo_round(&mut old, old_stream, 20, 300, "before the reload");
+    let status = relayctl_json(&relay, &["status"]);
+    assert_eq!(status["tls"]["certificate"]["generation"], 1, "{status}");
+    assert!(tls_generation_of_workers(&relay).iter().all(|g| *g == 1));
+
+    // Renewal: new files, then `relayctl reload`.
+    let second_der = install_new_certificate(&relay, "2");
+    let v = relayctl_json(&relay, &["reload"]);
+    assert_eq!(v["certificate"]["generation"], 2, "{v}");
+    assert_eq!(v["previous_generation"], 1, "{v}");
+    assert_eq!(v["workers_serving"], v["workers"], "every worker serves it when relayctl returns: {v}");
+    assert!(tls_generation_of_workers(&relay).iter().all(|g| *g == 2));
+    let second_ca = relay.state_dir.join("second-ca.pem");
+    std::fs::copy(relay.cert(), &second_ca).unwrap();
+    // New connections (several, so both workers' configurations are used)
+    // get the new certificate, signed by control with the new key.
+    for _ in 0..4 {
+        let mut c = client_trusting(&relay, &second_ca, &token, None);
+        assert_eq!(c.peer_certificate().as_deref(), Some(&second_der[..]), "the new certificate is served");
+        let s = c.open_udp("127.0.0.1", port, T).unwrap();
+        echo_round(&mut c, s, 5, 100, "a connection after the reload");
+    }
+    // A client that only trusts the old certificate is now refused by its
+    // own verification; the connection opened before keeps forwarding.
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(first_ca.clone());
+    assert!(Client::connect(cfg, T).is_err(), "the old certificate is no longer served");
+    echo_round(&mut old, old_stream, 20, 300, "the connection opened before the reload");
+
+    // A key that does not match: refused, nothing changes.
+    let good_key = std::fs::read(relay.state_dir.join("key.pem")).unwrap();
+    install_new_certificate(&relay, "mismatch");
+    std::fs::copy(&second_ca, relay.cert()).unwrap();
+    let out = relayctl(&relay, &["reload"]);
+    assert!(!out.status.success(), "a mismatched pair is refused");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not match") && err.contains("still serving generation 2"), "{err}");
+    std::fs::write(relay.state_dir.join("key.pem"), &good_key).unwrap();
+    let mut c = client_trusting(&relay, &second_ca, &token, None);
+    assert_eq!(c.peer_certificate().as_deref(), Some(&second_der[..]));
+    let s = c.open_udp("127.0.0.1", port, T).unwrap();
+    echo_round(&mut c, s, 5, 100, "after a refused reload");
+
+    // SIGHUP does the same as `relayctl reload`.
+    let third_der = install_new_certificate(&relay, "3");
+    let pid = relay.control_pid().expect("control runs");
+    // SAFETY: sending SIGHUP to the control process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    wait_until("every worker serves generation 3", T, || {
+        tls_generation_of_workers(&relay).iter().all(|g| *g == 3)
+    });
+    let third_ca = relay.state_dir.join("third-ca.pem");
+    std::fs::copy(relay.cert(), &third_ca).unwrap();
+    let c = client_trusting(&relay, &third_ca, &token, None);
+    assert_eq!(c.peer_certificate().as_deref(), Some(&third_der[..]));
+    assert_eq!(relayctl_json(&relay, &["status"])["tls"]["certificate"]["generation"], 3);
+}
+
+/// Connects, waits for the relay's session ticket and returns the session.
+fn session_from(relay: &Relay, token: &str) -> Vec<u8> {
+    let mut c = client_trusting(relay, &relay.cert(), token, None);
+    assert!(!c.is_resumed());
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(s) = c.session() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the relay sent no session ticket");
+        c.drive(Duration::from_millis(20)).unwrap();
+    }
+}
+
+fn signatures(relay: &Relay) -> u64 {
+    relayctl_json(relay, &["status"])["signatures"].as_u64().unwrap()
+}
+
+#[test]
+fn session_tickets_resume_without_signing_and_follow_rotation() {
+    let relay = start("tickets", "");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (token, _) = mint(&relay, "alice", "1h");
+    let session = session_from(&relay, &token);
+    let signed = signatures(&relay);
+    // Resumptions from any worker (the ticket keys are control's, shared by
+    // all workers) need no signature from control.
+    for i in 0..4 {
+        let mut c = client_trusting(&relay, &relay.cert(), &token, Some(session.clone()));
+        assert!(c.is_resumed(), "resumption {i}");
+        let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+        echo_round(&mut c, s, 5, 100, "a resumed connection");
+    }
+    assert_eq!(signatures(&relay), signed, "resumed handshakes are not signed");
+    let status = relayctl_json(&relay, &["status"]);
+    let resumed: u64 =
+        status["workers"].as_array().unwrap().iter().map(|w| w["handshakes_resumed"].as_u64().unwrap()).sum();
+    assert_eq!(resumed, 4, "{status}");
+
+    // One rotation: the ticket's key is now the previous one, still accepted.
+    let v = relayctl_json(&relay, &["tickets", "rotate"]);
+    assert_eq!(v["rotations"], 1, "{v}");
+    std::thread::sleep(Duration::from_millis(200));
+    let c = client_trusting(&relay, &relay.cert(), &token, Some(session.clone()));
+    assert!(c.is_resumed(), "a ticket sealed with the previous key still resumes");
+    // Two rotations: its key is gone; a full (signed) handshake follows.
+    relayctl_json(&relay, &["tickets", "rotate"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let c = client_trusting(&relay, &relay.cert(), &token, Some(session));
+    assert!(!c.is_resumed(), "a ticket older than two rotations does not resume");
+    assert!(signatures(&relay) > signed, "the full handshake was signed by control");
+}
+
+#[test]
+fn disabled_session_tickets_mean_full_handshakes() {
+    let relay = start_with_tls("no-tickets", "", "session_tickets = false\n");
+    let (token, _) = mint(&relay, "alice", "1h");
+    let mut c = client_trusting(&relay, &relay.cert(), &token, None);
+    c.drive(Duration::from_millis(300)).unwrap();
+    assert!(c.session().is_none(), "no ticket is issued");
+    let out = relayctl(&relay, &["tickets", "rotate"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("session tickets are off"));
+}
+
+#[test]
+fn relayctl_conns_lists_every_workers_connections() {
+    let relay = start("conns", "");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (token, _) = mint(&relay, "alice", "1h");
+    let session = session_from(&relay, &token);
+    let mut plain = client_trusting(&relay, &relay.cert(), &token, None);
+    let s1 = plain.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    let s2 = plain.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut plain, s1, 5, 100, "first tunnel");
+    echo_round(&mut plain, s2, 5, 100, "second tunnel");
+    let mut resumed = client_trusting(&relay, &relay.cert(), &token, Some(session));
+    assert!(resumed.is_resumed());
+    let s3 = resumed.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut resumed, s3, 5, 100, "resumed connection's tunnel");
+
+    let v = relayctl_json(&relay, &["conns"]);
+    assert_eq!(v["complete"], true, "{v}");
+    let conns = v["connections"].as_array().unwrap();
+    // The client binds the wildcard address: match on its port.
+    let find = |addr: std::net::SocketAddr| {
+        let want = format!("127.0.0.1:{}", addr.port());
+        conns.iter().find(|c| c["client"] == want.as_str()).unwrap_or_else(|| panic!("{want} in {v}"))
+    };
+    let p = find(plain.local_addr());
+    assert_eq!((p["established"].as_bool(), p["resumed"].as_bool()), (Some(true), Some(false)), "{p}");
+    assert_eq!(p["tunnels"], 2, "{p}");
+    assert_eq!(p["tls_generation"], 1);
+    assert!(p["packets_recv"].as_u64().unwrap() >= 10 && p["rtt_us"].as_u64().unwrap() > 0, "{p}");
+    let r = find(resumed.local_addr());
+    assert_eq!((r["resumed"].as_bool(), r["tunnels"].as_u64()), (Some(true), Some(1)), "{r}");
+    // The session's first connection may still be closing; at least ours.
+    assert!(v["total"].as_u64().unwrap() >= 2 && v["listed"] == v["total"], "{v}");
+    let limited = relayctl_json(&relay, &["conns", "--limit", "1"]);
+    assert!(limited["listed"].as_u64().unwrap() <= limited["workers"].as_u64().unwrap(), "{limited}");
+    // The human table.
+    let out = relayctl(&relay, &["conns"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("WORKER") && text.contains("resumed") && text.contains("connections,"),
+        "{text}"
+    );
+    assert!(!relayctl(&relay, &["conns", "--limit", "0"]).status.success(), "limit 0 is refused");
 }

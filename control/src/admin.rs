@@ -1,7 +1,8 @@
 //! The admin socket: one JSON request line in, one JSON response line out.
 //!
 //! Requests are `{"cmd":"status"}`, `{"cmd":"flows"}`, `{"cmd":"drain"}`,
-//! `{"cmd":"kill_flow","flow_id":N}`, the token commands (`token_mint`,
+//! `{"cmd":"kill_flow","flow_id":N}`, `{"cmd":"reload"}` (certificate and
+//! key from their files), `{"cmd":"tickets_rotate"}`, the token commands (`token_mint`,
 //! `token_add`, `token_remove`, `token_revoke`, `token_unrevoke`,
 //! `token_list`) and the policy commands (`policy_show`, `policy_set`,
 //! `policy_reset`); see [`AdminRequest`]. Errors come back as
@@ -21,15 +22,17 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use relay_proto::channel::record::MAX_CONNS_LISTED;
 use relay_proto::channel::region::Counter;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::auth::{SecretString, TokenSelector};
+use crate::credentials::Credentials;
 use crate::policy::Policy;
 use crate::quota::QuotaConfig;
-use crate::server::Shared;
+use crate::server::{ConnListing, Shared};
 use crate::store::{PolicyStore, RuntimeState};
 
 /// Longest request line accepted.
@@ -97,6 +100,19 @@ pub enum AdminRequest {
     },
     /// Static tokens (fingerprints only), HMAC key IDs, revocations.
     TokenList,
+    /// Reload the TLS certificate chain and key from their files; new
+    /// connections get the new certificate once every worker has it.
+    Reload,
+    /// Rotate the session ticket keys now (tickets sealed with the
+    /// previous key still resume, older ones do not).
+    TicketsRotate,
+    /// The dataplane's QUIC connections (each worker lists at most
+    /// `limit`, default 1000).
+    Conns {
+        /// Most connections per worker.
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// The policy in force: ACL, quotas, protocols, token summary.
     PolicyShow,
     /// Set quota keys at run time (they win over the config file).
@@ -209,12 +225,153 @@ pub struct Admin {
     shared: Arc<Mutex<Shared>>,
     policy: Arc<Mutex<Policy>>,
     store: PolicyStore,
+    credentials: Option<Arc<Credentials>>,
 }
+
+/// How long `reload` and `tickets_rotate` wait for the dataplane to apply
+/// the change before answering.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 impl Admin {
     /// An admin endpoint over these.
     pub fn new(shared: Arc<Mutex<Shared>>, policy: Arc<Mutex<Policy>>, store: PolicyStore) -> Self {
-        Self { shared, policy, store }
+        Self { shared, policy, store, credentials: None }
+    }
+
+    /// Serves `reload` and the TLS part of `status` from `credentials`.
+    pub fn with_credentials(mut self, credentials: Arc<Credentials>) -> Self {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    fn shared(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The TLS credentials and session ticket state, for `status`.
+    fn tls_status(&self) -> Value {
+        let Some(creds) = &self.credentials else { return Value::Null };
+        let s = self.shared();
+        json!({
+            "certificate": creds.info(),
+            "previous_generation": creds.previous_info().map(|i| i.generation),
+            "session_tickets": s.tickets_enabled,
+            "ticket_rotations": s.ticket_rotations,
+            "updates_sent": s.tls_updates_sent,
+        })
+    }
+
+    /// Workers serving `generation` for new connections, and all workers
+    /// (0, 0 without a dataplane).
+    fn workers_serving(&self, generation: u32) -> (u32, u32) {
+        let s = self.shared();
+        let Some(region) = &s.region else { return (0, 0) };
+        let serving = (0..region.workers())
+            .filter(|w| region.counters(*w).get(Counter::TlsGeneration) == u64::from(generation))
+            .count() as u32;
+        (serving, region.workers())
+    }
+
+    /// Reloads the certificate and key, has the server send them to the
+    /// dataplane, and waits (bounded) until every worker serves them.
+    fn reload(&self) -> Value {
+        let Some(creds) = &self.credentials else { return error("no TLS credentials to reload") };
+        let info = match creds.reload() {
+            Ok(info) => info,
+            Err(e) => {
+                warn!("admin: certificate reload failed: {e}");
+                return error(format!("{e}; still serving generation {}", creds.info().generation));
+            }
+        };
+        info!(generation = info.generation, subject = %info.subject, not_after = %info.not_after, "certificate reloaded");
+        {
+            let mut s = self.shared();
+            s.tls_reloaded = true;
+            s.wake_server();
+        }
+        let deadline = Instant::now() + APPLY_WAIT;
+        let (mut serving, mut workers) = self.workers_serving(info.generation);
+        while serving < workers && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            (serving, workers) = self.workers_serving(info.generation);
+        }
+        json!({
+            "reloaded": true,
+            "certificate": info,
+            "previous_generation": creds.previous_info().map(|i| i.generation),
+            "workers_serving": serving,
+            "workers": workers,
+        })
+    }
+
+    /// Asks every worker for its connections (through the server loop and
+    /// the rings) and waits, bounded, for all of them to answer.
+    fn conns(&self, limit: Option<u32>) -> Value {
+        let limit = limit.unwrap_or(1000);
+        if !(1..=MAX_CONNS_LISTED).contains(&limit) {
+            return error(format!("limit must be 1..={MAX_CONNS_LISTED}"));
+        }
+        let request_id = {
+            let mut s = self.shared();
+            if s.dataplane_pid.is_none() {
+                return error("no dataplane is attached");
+            }
+            let request_id = s.conn_listing.as_ref().map_or(1, |l| l.request_id + 1);
+            s.conn_listing = Some(ConnListing { request_id, limit, ..Default::default() });
+            s.wake_server();
+            request_id
+        };
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let mut s = self.shared();
+            let workers = s.region.as_ref().map_or(0, |r| r.workers());
+            let done = s
+                .conn_listing
+                .as_ref()
+                .is_some_and(|l| l.request_id == request_id && l.workers_done >= workers);
+            if done || Instant::now() >= deadline {
+                let mut l = s.conn_listing.clone().unwrap_or_default();
+                s.conn_listing = Some(ConnListing { rows: Vec::new(), ..l.clone() });
+                drop(s);
+                l.rows.sort_by_key(|r| (r.worker, r.conn_id));
+                return json!({
+                    "complete": done,
+                    "workers": workers,
+                    "workers_answered": l.workers_done,
+                    "total": l.total,
+                    "listed": l.rows.len(),
+                    "connections": l.rows,
+                });
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Rotates the ticket keys (in the server loop) and waits until the
+    /// new keys have been sent.
+    fn rotate_tickets(&self) -> Value {
+        let before = {
+            let mut s = self.shared();
+            if !s.tickets_enabled {
+                return error("session tickets are off (tls.session_tickets = false)");
+            }
+            s.rotate_tickets_requested = true;
+            s.wake_server();
+            s.tls_updates_sent
+        };
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let s = self.shared();
+            if !s.rotate_tickets_requested && (s.tls_updates_sent > before || s.dataplane_pid.is_none()) {
+                return json!({ "rotations": s.ticket_rotations, "sent": s.tls_updates_sent > before });
+            }
+            drop(s);
+            if Instant::now() >= deadline {
+                return error("the server loop did not rotate the keys in time");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn policy(&self) -> MutexGuard<'_, Policy> {
@@ -241,10 +398,17 @@ impl Admin {
 
     /// Handles one request at `now_unix`.
     pub fn handle(&self, req: &AdminRequest, now_unix: u64) -> Value {
-        if let Some(v) = respond(req, &mut self.shared.lock().unwrap_or_else(|p| p.into_inner())) {
+        let answered = respond(req, &mut self.shared());
+        if let Some(mut v) = answered {
+            if *req == AdminRequest::Status {
+                v["tls"] = self.tls_status();
+            }
             return v;
         }
         match req {
+            AdminRequest::Reload => self.reload(),
+            AdminRequest::Conns { limit } => self.conns(*limit),
+            AdminRequest::TicketsRotate => self.rotate_tickets(),
             AdminRequest::TokenMint { subject, ttl_secs, key_id } => {
                 let p = self.policy();
                 if p.auth().state().revoked_subjects.contains_key(subject) {

@@ -293,11 +293,37 @@ pub struct TlsSection {
     /// equally trusted.
     #[serde(default = "yes")]
     pub keyless: bool,
+    /// Issue TLS 1.3 session tickets (resumed handshakes need no
+    /// signature), sealed with keys control generates and rotates.
+    #[serde(default = "yes")]
+    pub session_tickets: bool,
+    /// How often the ticket keys rotate (60..=604800 s). A ticket resumes
+    /// for at least one period and at most two.
+    #[serde(default = "twelve_hours")]
+    pub ticket_key_rotation_secs: u32,
+}
+
+fn twelve_hours() -> u32 {
+    12 * 3600
 }
 
 impl Default for TlsSection {
     fn default() -> Self {
-        Self { cert: None, key: None, self_signed_names: Vec::new(), keyless: true }
+        Self {
+            cert: None,
+            key: None,
+            self_signed_names: Vec::new(),
+            keyless: true,
+            session_tickets: true,
+            ticket_key_rotation_secs: twelve_hours(),
+        }
+    }
+}
+
+impl TlsSection {
+    /// The ticket key rotation period, or `None` without session tickets.
+    pub fn ticket_rotation(&self) -> Option<std::time::Duration> {
+        self.session_tickets.then(|| std::time::Duration::from_secs(u64::from(self.ticket_key_rotation_secs)))
     }
 }
 
@@ -492,6 +518,12 @@ impl Config {
         }
         if config.tls.cert.is_none() && config.tls.self_signed_names.is_empty() {
             return Err(invalid("tls: give cert and key, or self_signed_names".into()));
+        }
+        if !(60..=7 * 86_400).contains(&config.tls.ticket_key_rotation_secs) {
+            return Err(invalid(format!(
+                "tls.ticket_key_rotation_secs must be 60..=604800 (RFC 8446 caps ticket lifetimes at 7 days), not {}",
+                config.tls.ticket_key_rotation_secs
+            )));
         }
         let r = &config.resolver;
         if r.threads == 0 || r.threads > 64 || r.max_pending == 0 || r.timeout_ms == 0 {

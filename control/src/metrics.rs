@@ -96,7 +96,10 @@ pub struct Histograms {
 
 /// Whether a counter is a gauge (a level, not a running total).
 fn is_gauge(c: Counter) -> bool {
-    matches!(c, Counter::TunnelsActive | Counter::ConnectionsActive | Counter::IoBackend)
+    matches!(
+        c,
+        Counter::TunnelsActive | Counter::ConnectionsActive | Counter::IoBackend | Counter::TlsGeneration
+    )
 }
 
 /// Renders the exposition text.

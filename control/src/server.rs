@@ -5,6 +5,10 @@
 //! from memory or handed to the resolver pool, whose results come back
 //! through a waker. Answers that do not fit a full ring wait in a bounded
 //! per-worker backlog.
+//!
+//! TLS material changes (a certificate reload, a ticket key rotation) are
+//! sent to the attached dataplane on the attach socket as
+//! [`ControlUpdate`] frames.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
@@ -20,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use relay_proto::channel::RECORD_SIZE;
-use relay_proto::channel::bootstrap::{self, Bootstrap, Hello};
+use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate, Hello, TlsMaterial};
 use relay_proto::channel::doorbell::Doorbell;
 use relay_proto::channel::record::MAX_DETAILS;
 use relay_proto::channel::record::{AuthAnswer, AuthAsk, Record, SignAnswer, SignAsk, SignResult, Verdict};
@@ -30,10 +34,11 @@ use relay_proto::proxy_status::ProxyError;
 use tracing::{debug, error, info, warn};
 
 use crate::auth::Identity;
+use crate::credentials::Credentials;
 use crate::metrics::Histograms;
 use crate::policy::{Decision, Policy, Requester, ResolveFailure};
 use crate::resolver::{Resolved, Resolver};
-use crate::signer::KeyStore;
+use crate::tickets::TicketKeys;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -65,6 +70,10 @@ pub struct ServerSettings {
     /// (uid, gid) of the dataplane's user, when not control's: the channel
     /// socket is handed to it.
     pub dataplane_owner: Option<(u32, u32)>,
+    /// Keyless TLS (the key never leaves control); `false` sends the key.
+    pub keyless: bool,
+    /// Session ticket key rotation period; `None`: no session tickets.
+    pub ticket_rotation: Option<Duration>,
 }
 
 /// A live flow as control knows it.
@@ -83,6 +92,57 @@ pub struct FlowInfo {
     /// Who opened it (`sub:<subject>`, `tok:<fingerprint>`, or `-` when
     /// not known: flows a re-attached dataplane reported).
     pub identity: String,
+}
+
+/// A connection as `relayctl conns` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnRow {
+    /// Worker serving it.
+    pub worker: u32,
+    /// The worker's serial number for it.
+    pub conn_id: u64,
+    /// The client's current address.
+    pub client: SocketAddr,
+    /// Milliseconds since it was accepted.
+    pub age_ms: u64,
+    /// Handshake complete.
+    pub established: bool,
+    /// Resumed from a session ticket.
+    pub resumed: bool,
+    /// TLS material generation it was accepted with.
+    pub tls_generation: u32,
+    /// Open tunnels.
+    pub tunnels: u32,
+    /// Smoothed RTT, microseconds.
+    pub rtt_us: u64,
+    /// QUIC packets sent.
+    pub packets_sent: u64,
+    /// QUIC packets received.
+    pub packets_recv: u64,
+    /// QUIC packets lost.
+    pub packets_lost: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Bytes received.
+    pub bytes_recv: u64,
+}
+
+/// A connection listing in progress (asked by the admin socket, answered
+/// by every worker over the rings).
+#[derive(Debug, Clone, Default)]
+pub struct ConnListing {
+    /// Echoed by the workers.
+    pub request_id: u64,
+    /// Most connections each worker lists.
+    pub limit: u32,
+    /// Whether the workers were asked.
+    pub sent: bool,
+    /// Workers that finished.
+    pub workers_done: u32,
+    /// Connections the workers have (listed or not).
+    pub total: u64,
+    /// The connections listed so far.
+    pub rows: Vec<ConnRow>,
 }
 
 /// State shared with the admin socket thread.
@@ -112,6 +172,30 @@ pub struct Shared {
     pub histograms: Arc<Histograms>,
     /// Where the metrics endpoint listens, if enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// Set by the admin socket after a certificate reload: send the new
+    /// material to the dataplane.
+    pub tls_reloaded: bool,
+    /// Set by the admin socket: rotate the session ticket keys now.
+    pub rotate_tickets_requested: bool,
+    /// Ticket key rotations done (scheduled or requested).
+    pub ticket_rotations: u64,
+    /// TLS updates sent to the dataplane.
+    pub tls_updates_sent: u64,
+    /// Wakes the server loop (set once it runs).
+    pub waker: Option<Arc<Waker>>,
+    /// Whether the relay issues session tickets.
+    pub tickets_enabled: bool,
+    /// The connection listing in progress, if any.
+    pub conn_listing: Option<ConnListing>,
+}
+
+impl Shared {
+    /// Wakes the server loop so it acts on a request at once.
+    pub fn wake_server(&self) {
+        if let Some(w) = &self.waker {
+            let _ = w.wake();
+        }
+    }
 }
 
 struct WorkerEnd {
@@ -139,7 +223,8 @@ pub struct Server {
     settings: ServerSettings,
     policy: Arc<Mutex<Policy>>,
     last_sweep: Instant,
-    keys: Arc<KeyStore>,
+    credentials: Arc<Credentials>,
+    tickets: Option<TicketKeys>,
     shared: Arc<Mutex<Shared>>,
     /// The same histograms as `shared.histograms`, without taking its lock.
     histograms: Arc<Histograms>,
@@ -151,6 +236,20 @@ pub struct Server {
     pending: HashMap<u64, PendingResolution>,
     next_job: u64,
     record: Box<[u8; RECORD_SIZE]>,
+}
+
+/// The TLS material for `credentials`' current generation: the chain, the
+/// key only when keyless TLS is off, and the ticket keys.
+pub fn tls_material(credentials: &Credentials, keyless: bool, tickets: Option<&TicketKeys>) -> TlsMaterial {
+    let (generation, cert_chain_pem, key_pem) = credentials.current_pem();
+    TlsMaterial {
+        generation,
+        cert_chain_pem,
+        private_key_pem: (!keyless).then_some(key_pem),
+        ticket_keys: tickets.map(|t| t.keys().to_vec()).unwrap_or_default(),
+        ticket_lifetime_secs: tickets
+            .map_or(0, |t| t.ticket_lifetime().as_secs().min(u64::from(u32::MAX)) as u32),
+    }
 }
 
 /// Looks up a user by name (or a numeric uid) in the system's user
@@ -202,9 +301,13 @@ impl Server {
     pub fn new(
         settings: ServerSettings,
         policy: Arc<Mutex<Policy>>,
-        keys: Arc<KeyStore>,
+        credentials: Arc<Credentials>,
         shared: Arc<Mutex<Shared>>,
     ) -> io::Result<Self> {
+        let tickets = match settings.ticket_rotation {
+            Some(period) => Some(TicketKeys::new(period, Instant::now()).map_err(io::Error::other)?),
+            None => None,
+        };
         let poll = Poll::new()?;
         let listener = bind_private_socket(&settings.channel_socket)?;
         if let Some((uid, gid)) = settings.dataplane_owner {
@@ -214,16 +317,23 @@ impl Server {
         listener.set_nonblocking(true)?;
         poll.registry().register(&mut SourceFd(&listener.as_raw_fd()), LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let resolver_waker = waker.clone();
         let (resolver, resolved) =
             Resolver::start(settings.resolver_threads, settings.resolver_max_pending, move || {
-                let _ = waker.wake();
+                let _ = resolver_waker.wake();
             })?;
-        let histograms = shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.clone();
+        let histograms = {
+            let mut s = shared.lock().unwrap_or_else(|p| p.into_inner());
+            s.waker = Some(waker);
+            s.tickets_enabled = settings.ticket_rotation.is_some();
+            s.histograms.clone()
+        };
         Ok(Self {
             settings,
             policy,
             last_sweep: Instant::now(),
-            keys,
+            credentials,
+            tickets,
             shared,
             histograms,
             poll,
@@ -237,14 +347,27 @@ impl Server {
         })
     }
 
+    /// The TLS material to serve now: the current certificate generation
+    /// and the ticket keys.
+    pub fn tls_material(&self) -> TlsMaterial {
+        tls_material(&self.credentials, self.settings.keyless, self.tickets.as_ref())
+    }
+
     /// Runs until `stop` returns true (checked at least every second).
-    pub fn run(&mut self, stop: impl Fn() -> bool) -> io::Result<()> {
+    /// `take_reload` returning true (SIGHUP) reloads the certificate and
+    /// key from their files.
+    pub fn run(&mut self, stop: impl Fn() -> bool, take_reload: impl Fn() -> bool) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         while !stop() {
             let timeout = self
                 .pending
                 .values()
                 .map(|p| p.deadline.saturating_duration_since(Instant::now()))
+                .chain(
+                    self.tickets
+                        .as_ref()
+                        .map(|t| t.next_rotation().saturating_duration_since(Instant::now())),
+                )
                 .min()
                 .unwrap_or(Duration::from_secs(1))
                 .min(Duration::from_secs(1));
@@ -267,8 +390,21 @@ impl Server {
                     _ => {}
                 }
             }
+            if take_reload() {
+                match self.credentials.reload() {
+                    Ok(info) => {
+                        info!(generation = info.generation, subject = %info.subject, not_after = %info.not_after, "SIGHUP: certificate reloaded");
+                        self.push_tls();
+                    }
+                    Err(e) => {
+                        error!("SIGHUP: certificate reload failed, still serving the previous one: {e}")
+                    }
+                }
+            }
+            self.tls_housekeeping();
             // Always sweep: cheap, and robust against missed wake-ups.
             self.forward_drain_request();
+            self.forward_conn_listing();
             self.drain_asks();
             self.drain_resolved();
             self.expire_resolutions();
@@ -324,7 +460,9 @@ impl Server {
             });
         }
         let fd_refs: Vec<&dyn AsRawFd> = fds.iter().map(|f| f as &dyn AsRawFd).collect();
-        bootstrap::send(&stream, &self.settings.bootstrap, &fd_refs)?;
+        let mut boot = self.settings.bootstrap.clone();
+        boot.tls = self.tls_material();
+        bootstrap::send(&stream, &boot, &fd_refs)?;
         stream.set_nonblocking(true)?;
         let registry = self.poll.registry();
         registry.register(&mut SourceFd(&stream.as_raw_fd()), DATAPLANE, Interest::READABLE)?;
@@ -344,6 +482,76 @@ impl Server {
         info!(pid = hello.pid, workers, "dataplane attached");
         self.attached = Some(Attached { stream, workers: ends });
         Ok(())
+    }
+
+    /// Rotates the ticket keys when due or asked, and sends the dataplane
+    /// whatever changed.
+    fn tls_housekeeping(&mut self) {
+        let (reloaded, rotate_now) = {
+            let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            (std::mem::take(&mut s.tls_reloaded), std::mem::take(&mut s.rotate_tickets_requested))
+        };
+        let now = Instant::now();
+        let mut rotated = false;
+        if let Some(t) = self.tickets.as_mut()
+            && (rotate_now || t.due(now))
+        {
+            match t.rotate(now) {
+                Ok(()) => {
+                    rotated = true;
+                    self.shared.lock().unwrap_or_else(|p| p.into_inner()).ticket_rotations = t.rotations();
+                    info!(rotations = t.rotations(), "session ticket keys rotated");
+                }
+                Err(e) => error!("session ticket key rotation failed: {e}"),
+            }
+        }
+        if reloaded || rotated {
+            self.push_tls();
+        }
+    }
+
+    /// Sends the current TLS material to the attached dataplane.
+    fn push_tls(&mut self) {
+        let material = self.tls_material();
+        let Some(a) = &self.attached else { return };
+        let sent = a
+            .stream
+            .set_nonblocking(false)
+            .and_then(|()| a.stream.set_write_timeout(Some(Duration::from_secs(2))))
+            .map_err(bootstrap::BootstrapError::Io)
+            .and_then(|()| bootstrap::send(&a.stream, &ControlUpdate::Tls(material), &[]))
+            .and_then(|()| a.stream.set_nonblocking(true).map_err(bootstrap::BootstrapError::Io));
+        match sent {
+            Ok(()) => self.shared.lock().unwrap_or_else(|p| p.into_inner()).tls_updates_sent += 1,
+            Err(e) => self.detach(&format!("sending TLS material: {e}")),
+        }
+    }
+
+    /// Asks every worker for its connections when the admin socket wants
+    /// a listing.
+    fn forward_conn_listing(&mut self) {
+        let ask = {
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            match shared.conn_listing.as_mut().filter(|l| !l.sent) {
+                Some(l) => {
+                    l.sent = true;
+                    Record::ListConns { request_id: l.request_id, limit: l.limit }
+                }
+                None => return,
+            }
+        };
+        let mut buf = Box::new([0u8; RECORD_SIZE]);
+        if let Err(e) = ask.encode(&mut buf) {
+            error!("cannot encode a connection listing request: {e}");
+            return;
+        }
+        let Some(a) = &mut self.attached else { return };
+        for end in a.workers.iter_mut() {
+            if end.backlog.len() < MAX_BACKLOG {
+                end.backlog.push_back(buf.clone());
+            }
+        }
+        self.flush_backlogs();
     }
 
     fn forward_drain_request(&mut self) {
@@ -409,6 +617,7 @@ impl Server {
 
     fn drain_asks(&mut self) {
         let Some(a) = &mut self.attached else { return };
+        let a_workers = a.workers.len();
         let mut asks = Vec::new();
         let mut corrupt = None;
         for (w, end) in a.workers.iter_mut().enumerate() {
@@ -470,7 +679,41 @@ impl Server {
                         });
                     }
                 }
-                Record::AuthAnswer(_) | Record::Drain | Record::KillFlow { .. } | Record::SignAnswer(_) => {
+                Record::ConnInfo(c) => {
+                    let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(l) = shared.conn_listing.as_mut().filter(|l| l.request_id == c.request_id)
+                        && l.rows.len() < (l.limit as usize).saturating_mul(a_workers)
+                    {
+                        l.rows.push(ConnRow {
+                            worker,
+                            conn_id: c.conn_id,
+                            client: c.client,
+                            age_ms: c.age_ms,
+                            established: c.established,
+                            resumed: c.resumed,
+                            tls_generation: c.tls_generation,
+                            tunnels: c.tunnels,
+                            rtt_us: c.rtt_us,
+                            packets_sent: c.packets_sent,
+                            packets_recv: c.packets_recv,
+                            packets_lost: c.packets_lost,
+                            bytes_sent: c.bytes_sent,
+                            bytes_recv: c.bytes_recv,
+                        });
+                    }
+                }
+                Record::ConnListEnd { request_id, total } => {
+                    let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(l) = shared.conn_listing.as_mut().filter(|l| l.request_id == request_id) {
+                        l.workers_done += 1;
+                        l.total += u64::from(total);
+                    }
+                }
+                Record::AuthAnswer(_)
+                | Record::Drain
+                | Record::KillFlow { .. }
+                | Record::SignAnswer(_)
+                | Record::ListConns { .. } => {
                     warn!(worker, "dataplane sent an answer record; ignored");
                     self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
                 }
@@ -603,7 +846,7 @@ impl Server {
     /// holds, and answers at once.
     fn on_sign_ask(&mut self, worker: u32, ask: SignAsk) {
         let started = Instant::now();
-        let signed = self.keys.sign(ask.algorithm, &ask.input);
+        let signed = self.credentials.sign(ask.generation, ask.algorithm, &ask.input);
         self.histograms.signing.observe(started.elapsed());
         let result = match signed {
             Ok(signature) => SignResult::Signature(signature),

@@ -11,11 +11,10 @@
 #![forbid(unsafe_code)]
 
 use std::path::Path;
-use std::sync::RwLock;
 
 use boring::hash::MessageDigest;
 use boring::nid::Nid;
-use boring::pkey::{Id, PKey, Private};
+use boring::pkey::{Id, PKey, PKeyRef, Private, Public};
 use boring::rsa::Padding;
 use boring::sign::{RsaPssSaltlen, Signer as BoringSigner};
 
@@ -116,6 +115,12 @@ impl Signer {
         Ok(Self { key, kind })
     }
 
+    /// Whether `public` is this key's public half (a certificate's key
+    /// must be).
+    pub fn matches(&self, public: &PKeyRef<Public>) -> bool {
+        self.key.public_eq(public)
+    }
+
     /// The schemes this key can sign, most preferred first.
     pub fn schemes(&self) -> &'static [u16] {
         use scheme::*;
@@ -159,33 +164,6 @@ impl Signer {
         }
         s.update(input)?;
         Ok(s.sign_to_vec()?)
-    }
-}
-
-/// The key in use, replaceable at run time (reload without restart).
-#[derive(Debug)]
-pub struct KeyStore {
-    current: RwLock<Option<Signer>>,
-}
-
-impl KeyStore {
-    /// Holds `signer`.
-    pub fn new(signer: Signer) -> Self {
-        Self { current: RwLock::new(Some(signer)) }
-    }
-
-    /// Replaces the key (new handshakes sign with it).
-    pub fn replace(&self, signer: Signer) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(signer);
-    }
-
-    /// Signs with the current key.
-    pub fn sign(&self, scheme: u16, input: &[u8]) -> Result<Vec<u8>, SignerError> {
-        let guard = self.current.read().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(s) => s.sign(scheme, input),
-            None => Err(SignerError::Unsupported(scheme)),
-        }
     }
 }
 
@@ -263,12 +241,12 @@ mod tests {
         let err = Signer::from_pem_file(Path::new("/nonexistent/key.pem")).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/key.pem"), "{err}");
         let key = ec_key(Nid::X9_62_PRIME256V1);
-        let store = KeyStore::new(signer(&key));
-        assert!(store.sign(scheme::ECDSA_SECP256R1_SHA256, b"x").is_ok());
-        let other = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
-        store.replace(signer(&other));
-        assert!(store.sign(scheme::ECDSA_SECP256R1_SHA256, b"x").is_err(), "the new key signs from now on");
-        assert!(store.sign(scheme::RSA_PSS_RSAE_SHA256, b"x").is_ok());
-        assert!(!format!("{store:?}").contains("BEGIN"), "Debug never shows key material");
+        let s = signer(&key);
+        let public = PKey::public_key_from_pem(&key.public_key_to_pem().unwrap()).unwrap();
+        assert!(s.matches(&public));
+        let other = ec_key(Nid::X9_62_PRIME256V1);
+        let other_public = PKey::public_key_from_pem(&other.public_key_to_pem().unwrap()).unwrap();
+        assert!(!s.matches(&other_public), "another key's public half does not match");
+        assert!(!format!("{s:?}").contains("BEGIN"), "Debug never shows key material");
     }
 }

@@ -66,6 +66,7 @@ pub fn attach(path: &Path, wait: Duration) -> Result<Attachment, AttachError> {
     bootstrap::send(&stream, &Hello { version: PROTOCOL_VERSION, pid: std::process::id() }, &[])?;
     let (boot, fds): (Bootstrap, Vec<OwnedFd>) = bootstrap::recv(&stream)?;
     bootstrap::check_version(boot.version)?;
+    boot.tls.validate()?;
     let expected = 1 + 2 * boot.workers as usize;
     if fds.len() != expected {
         return Err(AttachError::Descriptors { got: fds.len(), expected });

@@ -19,7 +19,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use boring::error::ErrorStack;
 use boring::ex_data::Index;
@@ -27,6 +27,9 @@ use boring::ssl::{
     PrivateKeyMethod, PrivateKeyMethodError, Ssl, SslContextBuilder, SslMethod, SslRef, SslSignatureAlgorithm,
 };
 use boring::x509::X509;
+use relay_proto::channel::bootstrap::TlsMaterial;
+
+use crate::tickets::{self, TicketKeyring};
 
 /// TLS SignatureScheme code points BoringSSL may ask for (RFC 8446
 /// section 4.2.3).
@@ -41,6 +44,8 @@ pub const MAX_PENDING: usize = 65_536;
 pub struct SignRequest {
     /// ID echoed by control.
     pub sign_id: u64,
+    /// The TLS material generation whose key must sign.
+    pub generation: u32,
     /// TLS SignatureScheme.
     pub algorithm: u16,
     /// The message to sign.
@@ -67,9 +72,14 @@ fn sign_id_index() -> Index<Ssl, u64> {
     *INDEX.get_or_init(|| Ssl::new_ex_index().expect("BoringSSL ex data index"))
 }
 
-/// The private key method that forwards signing to control.
+/// The private key method that forwards signing to control, for the
+/// certificate of one TLS material generation.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct KeylessMethod;
+pub struct KeylessMethod {
+    /// The generation whose key signs (control keeps the previous one
+    /// while handshakes that started with it finish).
+    pub generation: u32,
+}
 
 impl PrivateKeyMethod for KeylessMethod {
     fn sign(
@@ -91,7 +101,12 @@ impl PrivateKeyMethod for KeylessMethod {
             }
             s.next_id += 1;
             let sign_id = s.next_id;
-            s.requests.push(SignRequest { sign_id, algorithm, input: input.to_vec() });
+            s.requests.push(SignRequest {
+                sign_id,
+                generation: self.generation,
+                algorithm,
+                input: input.to_vec(),
+            });
             Some(sign_id)
         });
         let Some(sign_id) = sign_id else { return Err(PrivateKeyMethodError::FAILURE) };
@@ -170,27 +185,33 @@ pub enum TlsContextError {
     Invalid(#[from] ErrorStack),
 }
 
-/// A TLS context that presents `chain_pem` (leaf first) and signs through
-/// control, or with `local_key_pem` when the operator turned keyless TLS
-/// off.
+/// A TLS context for `material`: it presents the certificate chain (leaf
+/// first) and signs through control, or with the local key when the
+/// operator turned keyless TLS off; session tickets are sealed with the
+/// keys in `tickets` when control sent any, otherwise none are issued.
 pub fn ssl_context(
-    chain_pem: &[u8],
-    local_key_pem: Option<&[u8]>,
+    material: &TlsMaterial,
+    tickets: &Arc<TicketKeyring>,
 ) -> Result<SslContextBuilder, TlsContextError> {
-    let chain = X509::stack_from_pem(chain_pem)?;
+    let chain = X509::stack_from_pem(material.cert_chain_pem.as_bytes())?;
     let (leaf, intermediates) = chain.split_first().ok_or(TlsContextError::NoCertificate)?;
     let mut builder = SslContextBuilder::new(SslMethod::tls())?;
     builder.set_certificate(leaf)?;
     for cert in intermediates {
         builder.add_extra_chain_cert(cert.clone())?;
     }
-    match local_key_pem {
-        None => builder.set_private_key_method(KeylessMethod),
+    match &material.private_key_pem {
+        None => builder.set_private_key_method(KeylessMethod { generation: material.generation }),
         Some(pem) => {
-            let key = boring::pkey::PKey::private_key_from_pem(pem)?;
+            let key = boring::pkey::PKey::private_key_from_pem(pem.as_bytes())?;
             builder.set_private_key(&key)?;
             builder.check_private_key()?;
         }
+    }
+    if material.ticket_keys.is_empty() {
+        builder.set_options(boring::ssl::SslOptions::NO_TICKET);
+    } else {
+        tickets::install(&mut builder, tickets.clone(), material.ticket_lifetime_secs);
     }
     Ok(builder)
 }
@@ -206,7 +227,7 @@ mod tests {
             let mut s = s.borrow_mut();
             s.next_id += 1;
             let id = s.next_id;
-            s.requests.push(SignRequest { sign_id: id, algorithm: 0x0403, input: vec![1, 2] });
+            s.requests.push(SignRequest { sign_id: id, generation: 1, algorithm: 0x0403, input: vec![1, 2] });
         });
         let taken = take_requests();
         assert_eq!(taken.len(), 1);
@@ -230,14 +251,24 @@ mod tests {
         }
     }
 
+    fn material(chain: &str) -> TlsMaterial {
+        TlsMaterial {
+            generation: 1,
+            cert_chain_pem: chain.into(),
+            private_key_pem: None,
+            ticket_keys: Vec::new(),
+            ticket_lifetime_secs: 0,
+        }
+    }
+
     #[test]
     fn a_chain_without_certificates_is_refused() {
+        let ring = Arc::new(TicketKeyring::default());
         assert!(matches!(
-            ssl_context(b"", None),
+            ssl_context(&material(""), &ring),
             Err(TlsContextError::NoCertificate) | Err(TlsContextError::Invalid(_))
         ));
-        assert!(
-            ssl_context(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", None).is_err()
-        );
+        let garbage = material("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n");
+        assert!(ssl_context(&garbage, &ring).is_err());
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use relay_proto::channel::RECORD_SIZE;
 use relay_proto::channel::doorbell::Doorbell;
 use relay_proto::channel::record::{
-    AuthAnswer, AuthAsk, FlowClosed, FlowOpen, Record, RecordError, SignAnswer, SignAsk,
+    AuthAnswer, AuthAsk, ConnInfo, FlowClosed, FlowOpen, Record, RecordError, SignAnswer, SignAsk,
 };
 use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
@@ -52,7 +52,12 @@ pub struct ControlLink {
     broken: bool,
     drain_requested: bool,
     kill_requests: Vec<u64>,
+    /// Connection listings control asked for: (request ID, limit).
+    list_requests: Vec<(u64, u32)>,
 }
+
+/// Listings a worker keeps waiting at once (operators ask one at a time).
+const MAX_LIST_REQUESTS: usize = 8;
 
 impl ControlLink {
     /// Wraps the worker's channel, its doorbells and the liveness flag the
@@ -74,6 +79,7 @@ impl ControlLink {
             broken: false,
             drain_requested: false,
             kill_requests: Vec::new(),
+            list_requests: Vec::new(),
         }
     }
 
@@ -175,11 +181,17 @@ impl ControlLink {
 
     /// Asks control to sign a TLS handshake (keyless TLS), in order with the
     /// authorization asks.
-    pub fn sign(&mut self, sign_id: u64, algorithm: u16, input: Vec<u8>) -> Result<(), AskError> {
+    pub fn sign(
+        &mut self,
+        sign_id: u64,
+        generation: u32,
+        algorithm: u16,
+        input: Vec<u8>,
+    ) -> Result<(), AskError> {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
-        let record = Record::SignAsk(SignAsk { sign_id, algorithm, input });
+        let record = Record::SignAsk(SignAsk { sign_id, generation, algorithm, input });
         record.encode(&mut self.record).map_err(AskError::TooLarge)?;
         self.flush_queued();
         if self.queued.is_empty() {
@@ -209,6 +221,21 @@ impl ControlLink {
     /// Whether control asked for a drain since the last call.
     pub fn take_drain_request(&mut self) -> bool {
         std::mem::take(&mut self.drain_requested)
+    }
+
+    /// Connection listings control asked for since the last call.
+    pub fn take_list_requests(&mut self) -> Vec<(u64, u32)> {
+        std::mem::take(&mut self.list_requests)
+    }
+
+    /// Reports one connection of a listing.
+    pub fn conn_info(&mut self, info: ConnInfo) {
+        self.report(Record::ConnInfo(info));
+    }
+
+    /// Ends a listing: `total` connections on this worker.
+    pub fn conn_list_end(&mut self, request_id: u64, total: u32) {
+        self.report(Record::ConnListEnd { request_id, total });
     }
 
     /// Flows control asked to end since the last call.
@@ -262,6 +289,11 @@ impl ControlLink {
                         // Bounded: an operator kills flows one at a time.
                         if self.kill_requests.len() < 4096 {
                             self.kill_requests.push(flow_id);
+                        }
+                    }
+                    Ok(Record::ListConns { request_id, limit }) => {
+                        if self.list_requests.len() < MAX_LIST_REQUESTS {
+                            self.list_requests.push((request_id, limit));
                         }
                     }
                     Ok(_) | Err(_) => self.chan.counters.add(Counter::ChannelErrors, 1),

@@ -1,6 +1,5 @@
 //! `relay-dataplane`: the MASQUE relay's forwarding process.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,9 +14,10 @@ use relay_dataplane::io::epoll::EpollBackend;
 use relay_dataplane::io::uring::{UringBackend, UringSettings};
 use relay_dataplane::link::ControlLink;
 use relay_dataplane::retry::RetryTokens;
+use relay_dataplane::tls::{TlsChange, TlsShared};
 use relay_dataplane::worker::{Flags, Worker, WorkerSettings};
 use relay_dataplane::{cpu, socket};
-use relay_proto::channel::bootstrap::Bootstrap;
+use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate};
 use relay_proto::cid::CidLayout;
 use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
@@ -71,9 +71,10 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
-/// Watches the control socket; when control goes away, fails new requests
-/// closed (503) and re-attaches as soon as a control is back, handing each
-/// worker its new channel.
+/// Watches the control socket: applies the TLS updates control sends on it
+/// (reloaded certificates, rotated ticket keys); when control goes away,
+/// fails new requests closed (503) and re-attaches as soon as a control is
+/// back, handing each worker its new channel.
 struct ControlWatch {
     socket_path: PathBuf,
     stream: std::os::unix::net::UnixStream,
@@ -81,18 +82,41 @@ struct ControlWatch {
     inboxes: Arc<[Inbox]>,
     relinks: Vec<mpsc::Sender<ControlLink>>,
     workers: u32,
+    tls: Arc<TlsShared>,
 }
 
 impl ControlWatch {
-    fn run(mut self) {
+    /// Reads control's updates until the socket ends (control is gone) or
+    /// carries something invalid (the stream cannot be trusted after it).
+    fn follow_updates(&self) {
         loop {
-            let mut buf = [0u8; 64];
-            loop {
-                match (&self.stream).read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => continue,
+            match bootstrap::recv::<ControlUpdate>(&self.stream) {
+                Ok((ControlUpdate::Tls(material), _)) => {
+                    let generation = material.generation;
+                    match self.tls.update(material) {
+                        Ok(TlsChange::Certificate) => info!(generation, "control sent a new certificate"),
+                        Ok(TlsChange::TicketKeys) => {
+                            info!(generation, "control rotated the session ticket keys")
+                        }
+                        Err(e) => error!("TLS update refused, still serving the previous material: {e}"),
+                    }
+                    for inbox in self.inboxes.iter() {
+                        let _ = inbox.bell.ring();
+                    }
+                }
+                Err(bootstrap::BootstrapError::Closed) => return,
+                Err(e) => {
+                    error!("control's socket carried an invalid update ({e}); re-attaching");
+                    let _ = self.stream.shutdown(std::net::Shutdown::Both);
+                    return;
                 }
             }
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            self.follow_updates();
             self.alive.store(false, Ordering::Release);
             warn!("control went away: new requests get 503 until it is back; open tunnels keep forwarding");
             for inbox in self.inboxes.iter() {
@@ -121,6 +145,10 @@ impl ControlWatch {
     }
 
     fn adopt(&mut self, att: relay_dataplane::attach::Attachment) -> std::io::Result<()> {
+        // A new control starts its certificate generations over.
+        if let Err(e) = self.tls.replace(att.bootstrap.tls.clone()) {
+            error!("the new control's TLS material is unusable ({e}); keeping the previous one");
+        }
         let alive = Arc::new(AtomicBool::new(true));
         for (i, (ask_bell, answer_bell)) in att.doorbells.into_iter().enumerate() {
             let link =
@@ -219,6 +247,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let control_alive = Arc::new(AtomicBool::new(true));
     let retry = Arc::new(RetryTokens::new()?);
+    let tls = Arc::new(TlsShared::new(b.tls.clone())?);
     let inboxes: Arc<[Inbox]> =
         (0..b.workers).map(|_| Inbox::new()).collect::<std::io::Result<Vec<_>>>()?.into();
     let mut handles = Vec::new();
@@ -227,7 +256,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let i = i as u32;
         let link =
             ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
-        let settings = WorkerSettings { index: i, bootstrap: b.clone(), template: template.clone(), cids };
+        let settings = WorkerSettings {
+            index: i,
+            bootstrap: b.clone(),
+            template: template.clone(),
+            cids,
+            tls: tls.clone(),
+        };
         let (relink_tx, relink_rx) = mpsc::channel();
         relinks.push(relink_tx);
         // Bind in this thread, in worker order, so a bad address fails
@@ -281,6 +316,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         inboxes,
         relinks,
         workers: b.workers,
+        tls,
     };
     std::thread::Builder::new().name("control-watch".into()).spawn(move || watch.run())?;
     info!(gso = relay_udp::gso_enabled(), "UDP segmentation offload");

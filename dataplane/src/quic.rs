@@ -1,6 +1,10 @@
 //! quiche configuration for the relay's QUIC + HTTP/3 endpoint.
 
-use relay_proto::channel::bootstrap::Bootstrap;
+use std::sync::Arc;
+
+use relay_proto::channel::bootstrap::{Bootstrap, TlsMaterial};
+
+use crate::tickets::TicketKeyring;
 
 /// Largest UDP payload the relay sends (fits a 1500-byte MTU path).
 pub const MAX_SEND_UDP_PAYLOAD: usize = 1350;
@@ -24,13 +28,17 @@ pub enum QuicConfigError {
 }
 
 /// Builds the transport configuration: TLS with control's certificate chain
-/// and keyless signing (the private key stays in control), ALPN h3,
+/// (`tls`), keyless signing (the private key stays in control) and session
+/// tickets sealed with control's keys (`tickets`), ALPN h3,
 /// DATAGRAM support (which advertises max_datagram_frame_size, RFC 9221, as
 /// RFC 9297 section 2.1.1 requires for SETTINGS_H3_DATAGRAM), and flow
 /// control sized for tunnels.
-pub fn transport_config(b: &Bootstrap) -> Result<quiche::Config, QuicConfigError> {
-    let key = b.private_key_pem.as_deref().map(str::as_bytes);
-    let tls = crate::keyless::ssl_context(b.cert_chain_pem.as_bytes(), key)?;
+pub fn transport_config(
+    b: &Bootstrap,
+    tls: &TlsMaterial,
+    tickets: &Arc<TicketKeyring>,
+) -> Result<quiche::Config, QuicConfigError> {
+    let tls = crate::keyless::ssl_context(tls, tickets)?;
     let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, tls)?;
     c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)?;
     c.set_max_idle_timeout(b.quic_idle_timeout_ms);

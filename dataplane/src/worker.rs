@@ -23,14 +23,16 @@ use std::time::{Duration, Instant};
 
 use quiche::h3::NameValue;
 use relay_proto::channel::bootstrap::Bootstrap;
-use relay_proto::channel::record::{AuthAnswer, FlowClosed, RecordError, SignAnswer, SignResult, Verdict};
+use relay_proto::channel::record::{
+    AuthAnswer, ConnInfo, FlowClosed, RecordError, SignAnswer, SignResult, Verdict,
+};
 use relay_proto::channel::region::Counter;
 use relay_proto::cid::{CidLayout, Decoded};
 use relay_proto::datagram;
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::request;
 use relay_proto::template::UriTemplate;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::handoff::{Handoff, Inbox};
 use crate::io::{Handler, Output, TargetKey, Turn, UpSend, Wake};
@@ -42,6 +44,7 @@ use crate::retry::{RetryTokens, TokenError};
 use crate::slab::{Key as ConnKey, Slab};
 use crate::socket;
 use crate::timers::{TimerTarget, Timers};
+use crate::tls::TlsShared;
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
 use crate::upbatch::UpBatch;
 
@@ -94,6 +97,12 @@ struct Conn {
     timer: Option<Instant>,
     /// The handshake signature asked of control, if one is outstanding.
     signing: Option<u64>,
+    /// This worker's serial number for it (`relayctl conns`).
+    serial: u64,
+    /// When it was accepted.
+    accepted_at: Instant,
+    /// The TLS material generation it was accepted with.
+    tls_generation: u32,
 }
 
 /// Settings a worker runs with.
@@ -106,6 +115,8 @@ pub struct WorkerSettings {
     pub template: UriTemplate,
     /// The connection ID layout (QUIC-LB) shared by every worker.
     pub cids: CidLayout,
+    /// The TLS material in force (replaced on reloads).
+    pub tls: Arc<TlsShared>,
 }
 
 /// Process-wide flags the worker obeys.
@@ -122,6 +133,10 @@ pub struct Worker {
     flags: Flags,
     local: SocketAddr,
     quic_config: quiche::Config,
+    /// The `TlsShared` epoch `quic_config` was built from.
+    tls_epoch: u64,
+    /// Its generation (reported in the counters).
+    tls_generation: u32,
     h3_config: quiche::h3::Config,
     conns: Slab<Box<Conn>>,
     by_cid: HashMap<quiche::ConnectionId<'static>, ConnKey>,
@@ -161,6 +176,8 @@ pub struct Worker {
     backend_gauge: u64,
     /// Incremented when control is replaced.
     link_epoch: u64,
+    /// Serial number of the next accepted connection.
+    next_serial: u64,
 }
 
 /// Why a worker could not start.
@@ -197,7 +214,9 @@ impl Worker {
         inboxes: Arc<[Inbox]>,
         retry: Arc<RetryTokens>,
     ) -> Result<Self, WorkerError> {
-        let quic_config = quic::transport_config(&settings.bootstrap)?;
+        let tls_epoch = settings.tls.epoch();
+        let material = settings.tls.current();
+        let quic_config = quic::transport_config(&settings.bootstrap, &material, settings.tls.tickets())?;
         let h3_config = quic::h3_config()?;
         let connect_udp_enabled = settings.bootstrap.protocols.iter().any(|p| p == "connect-udp");
         let limits = Limits {
@@ -210,6 +229,8 @@ impl Worker {
             flags,
             local,
             quic_config,
+            tls_epoch,
+            tls_generation: material.generation,
             h3_config,
             conns: Slab::new(),
             by_cid: HashMap::new(),
@@ -241,6 +262,7 @@ impl Worker {
             stopped: false,
             backend_gauge: 0,
             link_epoch: 0,
+            next_serial: 1,
         })
     }
 
@@ -258,6 +280,7 @@ impl Worker {
     pub fn set_backend_gauge(&mut self, value: u64) {
         self.backend_gauge = value;
         self.link.counters().set(Counter::IoBackend, value);
+        self.link.counters().set(Counter::TlsGeneration, u64::from(self.tls_generation));
     }
 
     fn gso(&self) -> bool {
@@ -378,7 +401,11 @@ impl Worker {
             dirty: false,
             timer: None,
             signing: None,
+            serial: self.next_serial,
+            accepted_at: self.now,
+            tls_generation: self.tls_generation,
         }));
+        self.next_serial += 1;
         self.by_cid.insert(scid, key);
         self.by_cid.insert(odcid, key);
         self.handshaking += 1;
@@ -422,7 +449,7 @@ impl Worker {
                 self.signs.remove(&old);
                 keyless::forget(old);
             }
-            match self.link.sign(id, req.algorithm, req.input) {
+            match self.link.sign(id, req.generation, req.algorithm, req.input) {
                 Ok(()) => {
                     self.signs.insert(id, key);
                     let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
@@ -530,6 +557,9 @@ impl Worker {
             conn.established_counted = true;
             self.handshaking = self.handshaking.saturating_sub(1);
             self.count(Counter::HandshakesCompleted, 1);
+            if conn.quic.is_resumed() {
+                self.count(Counter::HandshakesResumed, 1);
+            }
         }
         if conn.h3.is_none() && (conn.quic.is_established() || conn.quic.is_in_early_data()) {
             match quiche::h3::Connection::with_transport(&mut conn.quic, &self.h3_config) {
@@ -1279,11 +1309,34 @@ impl Worker {
         self.count(Counter::ConnectionsActive, self.conns.len() as u64);
         self.count(Counter::TunnelsActive, open.len() as u64);
         self.link.counters().set(Counter::IoBackend, self.backend_gauge);
+        self.link.counters().set(Counter::TlsGeneration, u64::from(self.tls_generation));
         let flows = open.len();
         for f in open {
             self.link.flow_open(f);
         }
         info!(worker = self.settings.index, flows, "attached to a new control; live flows reported");
+    }
+
+    /// Builds the QUIC configuration for new connections from the TLS
+    /// material control sent (a reloaded certificate). Open connections
+    /// keep theirs.
+    fn adopt_tls(&mut self) {
+        self.tls_epoch = self.settings.tls.epoch();
+        let material = self.settings.tls.current();
+        match quic::transport_config(&self.settings.bootstrap, &material, self.settings.tls.tickets()) {
+            Ok(config) => {
+                self.quic_config = config;
+                self.tls_generation = material.generation;
+                self.link.counters().set(Counter::TlsGeneration, u64::from(material.generation));
+                info!(
+                    worker = self.settings.index,
+                    generation = material.generation,
+                    "serving a new certificate"
+                );
+            }
+            // Checked once before it was published; keep serving the old one.
+            Err(e) => error!(worker = self.settings.index, "new TLS material refused: {e}"),
+        }
     }
 
     /// Graceful drain: GOAWAY on every connection, no new connections or
@@ -1320,6 +1373,37 @@ impl Worker {
             info!(worker = self.settings.index, stream_id, "tunnel killed by the operator");
             self.abort_tunnel(&mut conn, stream_id, h3_code::REQUEST_CANCELLED);
             self.put_conn(key, conn);
+        }
+    }
+
+    /// Lists this worker's connections for control (`relayctl conns`).
+    fn answer_conn_listings(&mut self) {
+        for (request_id, limit) in self.link.take_list_requests() {
+            let mut listed = Vec::new();
+            for (_, conn) in self.conns.iter().take(limit as usize) {
+                let stats = conn.quic.stats();
+                let path = conn.quic.path_stats().find(|p| p.active);
+                listed.push(ConnInfo {
+                    request_id,
+                    conn_id: conn.serial,
+                    client: path.as_ref().map_or(conn.peer, |p| p.peer_addr),
+                    age_ms: self.now.saturating_duration_since(conn.accepted_at).as_millis() as u64,
+                    established: conn.quic.is_established(),
+                    resumed: conn.quic.is_resumed(),
+                    tls_generation: conn.tls_generation,
+                    tunnels: conn.tunnels.len() as u32,
+                    rtt_us: path.as_ref().map_or(0, |p| p.rtt.as_micros() as u64),
+                    packets_sent: stats.sent as u64,
+                    packets_recv: stats.recv as u64,
+                    packets_lost: stats.lost as u64,
+                    bytes_sent: stats.sent_bytes,
+                    bytes_recv: stats.recv_bytes,
+                });
+            }
+            for info in listed {
+                self.link.conn_info(info);
+            }
+            self.link.conn_list_end(request_id, self.conns.len() as u32);
         }
     }
 
@@ -1373,6 +1457,9 @@ impl Handler for Worker {
         if self.stopped {
             return Turn::Stop;
         }
+        if self.settings.tls.epoch() != self.tls_epoch {
+            self.adopt_tls();
+        }
         if self.handoffs_due {
             self.take_handoffs();
         }
@@ -1382,6 +1469,7 @@ impl Handler for Worker {
             self.link.flush_queued();
         }
         self.kill_requested_flows();
+        self.answer_conn_listings();
         let requested = self.link.take_drain_request();
         if (requested || self.flags.drain.load(Ordering::Relaxed)) && self.drain_deadline.is_none() {
             self.start_drain();

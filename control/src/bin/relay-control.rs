@@ -11,10 +11,10 @@ use relay_control::acl::TargetAcl;
 use relay_control::admin::{self, Admin};
 use relay_control::auth::Authenticator;
 use relay_control::config::Config;
+use relay_control::credentials::Credentials;
 use relay_control::metrics::{self, ControlFigures};
 use relay_control::policy::Policy;
 use relay_control::server::{self, Server, ServerSettings, Shared};
-use relay_control::signer::{KeyStore, Signer};
 use relay_control::state;
 use relay_control::store::PolicyStore;
 use relay_proto::channel::bootstrap::{Bootstrap, PROTOCOL_VERSION};
@@ -38,13 +38,19 @@ struct Args {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
+/// SIGHUP reloads the certificate and key; SIGINT and SIGTERM stop.
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::Relaxed);
+    } else {
+        STOP.store(true, Ordering::Relaxed);
+    }
 }
 
 fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: installing an async-signal-safe handler that only stores
         // to an atomic.
         unsafe {
@@ -85,25 +91,19 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     // Keyless TLS: the key is loaded here and only here; the dataplane gets
     // the certificate chain and asks control for every handshake signature.
-    let keys = Arc::new(KeyStore::new(Signer::from_pem_file(&key)?));
-    let cert_chain_pem = std::fs::read_to_string(&cert)
-        .map_err(|e| format!("reading the certificate chain {}: {e}", cert.display()))?;
+    let credentials = Arc::new(Credentials::load(&cert, &key)?);
+    let certificate = credentials.info();
+    info!(subject = %certificate.subject, not_after = %certificate.not_after, sha256 = %certificate.sha256, "TLS certificate loaded");
+    if !config.tls.keyless {
+        warn!("tls.keyless = false: the dataplane gets the private key and signs locally");
+    }
     let d = &config.dataplane;
     let bootstrap = Bootstrap {
         version: PROTOCOL_VERSION,
         workers: d.workers.resolve(),
         listen: config.listen.quic,
-        cert_chain_pem,
-        // Keyless TLS: the key stays here, unless the operator turned it off.
-        private_key_pem: if config.tls.keyless {
-            None
-        } else {
-            warn!("tls.keyless = false: the dataplane gets the private key and signs locally");
-            Some(
-                std::fs::read_to_string(&key)
-                    .map_err(|e| format!("reading the private key {}: {e}", key.display()))?,
-            )
-        },
+        // The server sends the material in force when the dataplane attaches.
+        tls: server::tls_material(&credentials, config.tls.keyless, None),
         uri_template: d.uri_template.0.as_str().to_string(),
         proxy_name: config.relay.name.clone(),
         auth_realm: config.auth.realm.clone(),
@@ -151,7 +151,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let policy = Arc::new(Mutex::new(policy));
     let shared = Arc::new(Mutex::new(Shared::default()));
     let admin_listener = server::bind_private_socket(&config.admin_socket())?;
-    admin::spawn(admin_listener, Admin::new(shared.clone(), policy.clone(), store))?;
+    admin::spawn(
+        admin_listener,
+        Admin::new(shared.clone(), policy.clone(), store).with_credentials(credentials.clone()),
+    )?;
     let dataplane_owner = match &config.relay.dataplane_user {
         Some(user) => {
             Some(server::lookup_user(user).map_err(|e| format!("relay.dataplane_user = {user:?}: {e}"))?)
@@ -185,8 +188,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         resolver_threads: config.resolver.threads,
         resolver_max_pending: config.resolver.max_pending,
         resolver_timeout: Duration::from_millis(u64::from(config.resolver.timeout_ms)),
+        keyless: config.tls.keyless,
+        ticket_rotation: config.tls.ticket_rotation(),
     };
-    let mut server = Server::new(settings, policy, keys, shared)?;
+    let mut server = Server::new(settings, policy, credentials, shared)?;
     install_signal_handlers();
     info!(
         channel = %config.channel_socket().display(),
@@ -194,7 +199,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         quic = %config.listen.quic,
         "control ready; waiting for the dataplane"
     );
-    server.run(|| STOP.load(Ordering::Relaxed))?;
+    server.run(|| STOP.load(Ordering::Relaxed), || RELOAD.swap(false, Ordering::Relaxed))?;
     info!("control stopping");
     let _ = std::fs::remove_file(config.channel_socket());
     let _ = std::fs::remove_file(config.admin_socket());

@@ -1,5 +1,6 @@
 //! `relayctl`: inspect and steer a running relay through control's admin
-//! socket: status, flows, drain, tokens, revocations and quotas.
+//! socket: status, flows, drain, certificate reload, session ticket keys,
+//! tokens, revocations and quotas.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -33,6 +34,13 @@ enum Command {
     /// One line per dataplane worker: backend, load, I/O batching
     /// (packets per receive/send), system calls per datagram, hand-offs.
     Workers,
+    /// The dataplane's QUIC connections: client, age, handshake, TLS
+    /// generation, tunnels, RTT, packets and loss.
+    Conns {
+        /// Most connections listed per worker.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
     /// Live flows (`flows kill ID` ends one).
     Flows {
         #[command(subcommand)]
@@ -40,6 +48,15 @@ enum Command {
     },
     /// Drain the dataplane: GOAWAY, no new tunnels, exit when tunnels end.
     Drain,
+    /// Re-read the TLS certificate chain and key from their files (as
+    /// SIGHUP does). New connections get the new certificate; open ones
+    /// are untouched. A bad pair is refused and the old one stays.
+    Reload,
+    /// Session ticket keys (TLS 1.3 resumption).
+    Tickets {
+        #[command(subcommand)]
+        action: TicketsAction,
+    },
     /// Tokens: mint HMAC tokens, add or remove static ones, revoke.
     Token {
         #[command(subcommand)]
@@ -111,6 +128,13 @@ enum TokenAction {
 }
 
 #[derive(Subcommand, Debug)]
+enum TicketsAction {
+    /// Rotate now: tickets sealed with the key being replaced still resume
+    /// (once), older ones fall back to a full handshake.
+    Rotate,
+}
+
+#[derive(Subcommand, Debug)]
 enum PolicyAction {
     /// Target ACL, quotas, protocols, token summary (no secrets).
     Show,
@@ -151,6 +175,9 @@ fn request(command: Command) -> Result<AdminRequest, String> {
         Command::Flows { action: None } => AdminRequest::Flows,
         Command::Flows { action: Some(FlowsAction::Kill { flow_id }) } => AdminRequest::KillFlow { flow_id },
         Command::Drain => AdminRequest::Drain,
+        Command::Reload => AdminRequest::Reload,
+        Command::Conns { limit } => AdminRequest::Conns { limit: Some(limit) },
+        Command::Tickets { action: TicketsAction::Rotate } => AdminRequest::TicketsRotate,
         Command::Token { action } => match action {
             TokenAction::Mint { subject, ttl, key_id } => {
                 AdminRequest::TokenMint { subject, ttl_secs: parse_duration_secs(&ttl)?, key_id }
@@ -466,6 +493,75 @@ fn worker_rows(status: &Value) -> Vec<Value> {
         .collect()
 }
 
+/// The `conns` table and its summary line.
+fn print_conns(v: &Value) {
+    let rows: Vec<Vec<String>> = v["connections"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|c| {
+                    let state = match (c["established"].as_bool(), c["resumed"].as_bool()) {
+                        (Some(true), Some(true)) => "resumed",
+                        (Some(true), _) => "established",
+                        _ => "handshake",
+                    };
+                    vec![
+                        show(&c["worker"]),
+                        show(&c["conn_id"]),
+                        show(&c["client"]),
+                        format!("{:.1}s", c["age_ms"].as_u64().unwrap_or(0) as f64 / 1000.0),
+                        state.to_string(),
+                        show(&c["tls_generation"]),
+                        show(&c["tunnels"]),
+                        format!("{:.2}ms", c["rtt_us"].as_u64().unwrap_or(0) as f64 / 1000.0),
+                        show(&c["packets_sent"]),
+                        show(&c["packets_recv"]),
+                        show(&c["packets_lost"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let headers = [
+        "WORKER",
+        "CONN",
+        "CLIENT",
+        "AGE",
+        "STATE",
+        "TLS GEN",
+        "TUNNELS",
+        "RTT",
+        "PKTS SENT",
+        "PKTS RECV",
+        "LOST",
+    ];
+    print!("{}", table(&headers, &rows));
+    println!("{} connections, {} listed", show(&v["total"]), show(&v["listed"]));
+    if v["complete"] != Value::Bool(true) {
+        eprintln!(
+            "relayctl: only {} of {} workers answered in time",
+            show(&v["workers_answered"]),
+            show(&v["workers"])
+        );
+    }
+}
+
+/// The TLS lines of `status`.
+fn tls_rows(tls: &Value) -> Vec<Vec<String>> {
+    if tls.is_null() {
+        return Vec::new();
+    }
+    let c = &tls["certificate"];
+    vec![
+        vec!["tls_generation".into(), show(&c["generation"])],
+        vec!["certificate".into(), show(&c["subject"])],
+        vec!["certificate_expires".into(), show(&c["not_after"])],
+        vec!["certificate_sha256".into(), show(&c["sha256"])],
+        vec!["session_tickets".into(), show(&tls["session_tickets"])],
+        vec!["ticket_key_rotations".into(), show(&tls["ticket_rotations"])],
+    ]
+}
+
 fn workers_table(rows: &[Value]) -> String {
     let headers = [
         "WORKER",
@@ -539,11 +635,39 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
+    // A reload is done when every worker serves the new certificate.
+    let reload_incomplete = req == AdminRequest::Reload
+        && v["workers_serving"].as_u64().unwrap_or(0) < v["workers"].as_u64().unwrap_or(0);
     if args.json {
         println!("{v}");
-        return ExitCode::SUCCESS;
+        return if reload_incomplete { ExitCode::FAILURE } else { ExitCode::SUCCESS };
     }
     match req {
+        AdminRequest::Reload => {
+            let c = &v["certificate"];
+            println!(
+                "certificate generation {} ({}, expires {}, sha256 {}) served by {}/{} workers",
+                show(&c["generation"]),
+                show(&c["subject"]),
+                show(&c["not_after"]),
+                show(&c["sha256"]),
+                show(&v["workers_serving"]),
+                show(&v["workers"])
+            );
+            if reload_incomplete {
+                eprintln!(
+                    "relayctl: not every worker took the new certificate in time; see the dataplane's log"
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+        AdminRequest::Conns { .. } => print_conns(&v),
+        AdminRequest::TicketsRotate => {
+            println!(
+                "session ticket keys rotated ({} rotations since control started)",
+                show(&v["rotations"])
+            )
+        }
         AdminRequest::Status => {
             let rows: Vec<Vec<String>> = [
                 "control_pid",
@@ -556,6 +680,7 @@ fn main() -> ExitCode {
             ]
             .iter()
             .map(|k| vec![k.to_string(), show(&v[*k])])
+            .chain(tls_rows(&v["tls"]))
             .collect();
             print!("{}", table(&["FIELD", "VALUE"], &rows));
             let workers = v["workers"].as_array().cloned().unwrap_or_default();

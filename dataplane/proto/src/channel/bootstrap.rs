@@ -7,7 +7,8 @@
 //!
 //! Frames are `u32 length (LE)` then JSON, at most [`MAX_FRAME`] bytes. The
 //! socket then stays open: either side sees the other's exit as end of
-//! stream.
+//! stream, and control sends [`ControlUpdate`] frames on it when the TLS
+//! material changes (certificate reload, session ticket key rotation).
 #![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::fdpass;
 
 /// Protocol version of the attach handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -44,13 +45,8 @@ pub struct Bootstrap {
     pub workers: u32,
     /// UDP address the QUIC listener binds.
     pub listen: SocketAddr,
-    /// The certificate chain, PEM. The private key never leaves control:
-    /// handshake signatures are asked for over the channel (keyless TLS).
-    pub cert_chain_pem: String,
-    /// The private key, PEM, only when the operator turned keyless TLS off
-    /// (`tls.keyless = false`): the dataplane then signs locally.
-    #[serde(default)]
-    pub private_key_pem: Option<String>,
+    /// The TLS material in force when the dataplane attaches.
+    pub tls: TlsMaterial,
     /// The connect-udp URI template.
     pub uri_template: String,
     /// Name used in Proxy-Status fields.
@@ -98,6 +94,103 @@ pub struct Bootstrap {
     /// their address with a Retry round trip (0: always).
     #[serde(default = "retry_threshold")]
     pub retry_threshold: u32,
+}
+
+/// A session ticket key (RFC 8446 section 4.6.1 tickets are opaque to the
+/// client; the relay seals them with AES-256-CBC + HMAC-SHA256 under these
+/// keys, as BoringSSL's own ticket format does). Control generates and
+/// rotates them so every worker, and a restarted dataplane, accepts the
+/// tickets any worker issued.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TicketKey {
+    /// Key name, sent in the clear in each ticket to pick the key.
+    pub name: [u8; 16],
+    /// AES-256 key.
+    pub aes_key: [u8; 32],
+    /// HMAC-SHA256 key.
+    pub hmac_key: [u8; 32],
+}
+
+impl std::fmt::Debug for TicketKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The name is public (it is in every ticket); the keys are not.
+        f.debug_struct("TicketKey").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+/// Most ticket keys control sends (the current one and those still
+/// accepted).
+pub const MAX_TICKET_KEYS: usize = 4;
+
+/// The TLS material the dataplane serves with. Control sends it at attach
+/// time and again on every change; `generation` grows with each certificate
+/// (and key) reload, and signing asks name the generation their handshake
+/// started with.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsMaterial {
+    /// Certificate generation (1 for the first; never 0).
+    pub generation: u32,
+    /// The certificate chain, PEM, leaf first. The private key never leaves
+    /// control: handshake signatures are asked for over the channel
+    /// (keyless TLS).
+    pub cert_chain_pem: String,
+    /// The private key, PEM, only when the operator turned keyless TLS off
+    /// (`tls.keyless = false`): the dataplane then signs locally.
+    #[serde(default)]
+    pub private_key_pem: Option<String>,
+    /// Session ticket keys, the one to issue with first; empty: the relay
+    /// issues no session tickets.
+    #[serde(default)]
+    pub ticket_keys: Vec<TicketKey>,
+    /// Lifetime of the tickets issued, in seconds (what clients are told).
+    #[serde(default)]
+    pub ticket_lifetime_secs: u32,
+}
+
+impl TlsMaterial {
+    /// Checks the values a peer could get wrong.
+    pub fn validate(&self) -> Result<(), BootstrapError> {
+        if self.generation == 0 {
+            return Err(BootstrapError::Invalid("TLS generation 0".into()));
+        }
+        if self.cert_chain_pem.is_empty() {
+            return Err(BootstrapError::Invalid("empty certificate chain".into()));
+        }
+        if self.ticket_keys.len() > MAX_TICKET_KEYS {
+            return Err(BootstrapError::Invalid(format!("{} ticket keys", self.ticket_keys.len())));
+        }
+        let mut names: Vec<_> = self.ticket_keys.iter().map(|k| k.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.len() != self.ticket_keys.len() {
+            return Err(BootstrapError::Invalid("two ticket keys share a name".into()));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("TlsMaterial")
+            .field("generation", &self.generation)
+            .field("cert_chain_pem_len", &self.cert_chain_pem.len())
+            .field("local_key", &self.private_key_pem.is_some())
+            .field("ticket_keys", &self.ticket_keys)
+            .field("ticket_lifetime_secs", &self.ticket_lifetime_secs)
+            .finish()
+    }
+}
+
+/// A frame control sends on the attach socket after the bootstrap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum ControlUpdate {
+    /// New TLS material: a reloaded certificate (new generation) or rotated
+    /// ticket keys (same generation).
+    Tls(TlsMaterial),
 }
 
 fn retry_threshold() -> u32 {
@@ -226,5 +319,45 @@ mod tests {
         assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
         (&a).write_all(&u32::MAX.to_le_bytes()).unwrap();
         assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
+    }
+
+    fn material() -> TlsMaterial {
+        TlsMaterial {
+            generation: 3,
+            cert_chain_pem: "-----BEGIN CERTIFICATE-----".into(),
+            private_key_pem: None,
+            ticket_keys: vec![
+                TicketKey { name: [1; 16], aes_key: [2; 32], hmac_key: [3; 32] },
+                TicketKey { name: [4; 16], aes_key: [5; 32], hmac_key: [6; 32] },
+            ],
+            ticket_lifetime_secs: 3600,
+        }
+    }
+
+    #[test]
+    fn tls_updates_round_trip_and_are_validated() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let update = ControlUpdate::Tls(material());
+        send(&a, &update, &[]).unwrap();
+        let (got, _): (ControlUpdate, _) = recv(&b).unwrap();
+        assert_eq!(got, update);
+        let ControlUpdate::Tls(m) = got;
+        m.validate().unwrap();
+        let shown = format!("{m:?}");
+        assert!(!shown.contains("[2, 2") && !shown.contains("[3, 3"), "Debug hides ticket keys: {shown}");
+        let mut bad = material();
+        bad.generation = 0;
+        assert!(bad.validate().is_err());
+        let mut bad = material();
+        bad.ticket_keys[1].name = [1; 16];
+        assert!(bad.validate().is_err(), "duplicate names");
+        let mut bad = material();
+        bad.ticket_keys = vec![bad.ticket_keys[0].clone(); MAX_TICKET_KEYS + 1];
+        assert!(bad.validate().is_err());
+        // A short key is refused by the decoder.
+        let json = br#"{"tls":{"generation":1,"cert_chain_pem":"x","ticket_keys":[{"name":[1],"aes_key":[],"hmac_key":[]}]}}"#;
+        (&a).write_all(&(json.len() as u32).to_le_bytes()).unwrap();
+        (&a).write_all(json).unwrap();
+        assert!(matches!(recv::<ControlUpdate>(&b), Err(BootstrapError::Invalid(_))));
     }
 }

@@ -11,7 +11,7 @@ use super::RECORD_SIZE;
 use crate::proxy_status::ProxyError;
 
 /// Record format version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 const HEADER_LEN: usize = 8;
 /// Largest payload a record can carry.
 pub const MAX_PAYLOAD: usize = RECORD_SIZE - HEADER_LEN;
@@ -40,6 +40,12 @@ const KIND_DRAIN: u8 = 5;
 const KIND_KILL_FLOW: u8 = 6;
 const KIND_SIGN_ASK: u8 = 7;
 const KIND_SIGN_ANSWER: u8 = 8;
+const KIND_LIST_CONNS: u8 = 9;
+const KIND_CONN_INFO: u8 = 10;
+const KIND_CONN_LIST_END: u8 = 11;
+
+/// Most connections one worker lists per request.
+pub const MAX_CONNS_LISTED: u32 = 10_000;
 
 /// A worker asks control whether to open a connect-udp tunnel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,6 +142,9 @@ pub struct FlowOpen {
 pub struct SignAsk {
     /// Worker-chosen ID echoed in the answer.
     pub sign_id: u64,
+    /// The TLS material generation the handshake started with: control
+    /// signs with that generation's key (the current or the previous one).
+    pub generation: u32,
     /// TLS SignatureScheme code point (RFC 8446 section 4.2.3), e.g.
     /// 0x0403 ecdsa_secp256r1_sha256, 0x0804 rsa_pss_rsae_sha256.
     pub algorithm: u16,
@@ -161,6 +170,39 @@ pub struct SignAnswer {
     pub result: SignResult,
 }
 
+/// One QUIC connection, as a worker lists it for `relayctl conns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnInfo {
+    /// The listing this answers.
+    pub request_id: u64,
+    /// The worker's serial number for the connection.
+    pub conn_id: u64,
+    /// The client's current address.
+    pub client: SocketAddr,
+    /// Milliseconds since the connection was accepted.
+    pub age_ms: u64,
+    /// The handshake completed.
+    pub established: bool,
+    /// The handshake resumed a session (no signature).
+    pub resumed: bool,
+    /// The TLS material generation it was accepted with.
+    pub tls_generation: u32,
+    /// Open tunnels (and requests waiting for control).
+    pub tunnels: u32,
+    /// Smoothed RTT in microseconds.
+    pub rtt_us: u64,
+    /// QUIC packets sent.
+    pub packets_sent: u64,
+    /// QUIC packets received.
+    pub packets_recv: u64,
+    /// QUIC packets declared lost.
+    pub packets_lost: u64,
+    /// Bytes sent (UDP payload).
+    pub bytes_sent: u64,
+    /// Bytes received (UDP payload).
+    pub bytes_recv: u64,
+}
+
 /// Any record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -183,6 +225,22 @@ pub enum Record {
     SignAsk(SignAsk),
     /// Control -> worker: the signature.
     SignAnswer(SignAnswer),
+    /// Control -> worker: list your connections (at most `limit`).
+    ListConns {
+        /// Echoed in the answers.
+        request_id: u64,
+        /// Most connections to list (1..=[`MAX_CONNS_LISTED`]).
+        limit: u32,
+    },
+    /// Worker -> control: one listed connection.
+    ConnInfo(ConnInfo),
+    /// Worker -> control: the listing is complete.
+    ConnListEnd {
+        /// The listing.
+        request_id: u64,
+        /// Connections the worker has (listed or not).
+        total: u32,
+    },
 }
 
 /// Why a record could not be encoded or decoded.
@@ -380,6 +438,7 @@ impl Record {
             }
             Record::SignAsk(a) => {
                 w.u64(a.sign_id)?;
+                w.u32(a.generation)?;
                 w.u16(a.algorithm)?;
                 w.blob(&a.input, MAX_SIGN_INPUT, "input")?;
                 KIND_SIGN_ASK
@@ -400,6 +459,34 @@ impl Record {
                     }
                 }
                 KIND_SIGN_ANSWER
+            }
+            Record::ListConns { request_id, limit } => {
+                if !(1..=MAX_CONNS_LISTED).contains(limit) {
+                    return Err(RecordError::BadValue("limit"));
+                }
+                w.u64(*request_id)?;
+                w.u32(*limit)?;
+                KIND_LIST_CONNS
+            }
+            Record::ConnInfo(c) => {
+                w.u64(c.request_id)?;
+                w.u64(c.conn_id)?;
+                w.addr(c.client)?;
+                w.u64(c.age_ms)?;
+                w.u8(u8::from(c.established) | (u8::from(c.resumed) << 1))?;
+                w.u32(c.tls_generation)?;
+                w.u32(c.tunnels)?;
+                for v in
+                    [c.rtt_us, c.packets_sent, c.packets_recv, c.packets_lost, c.bytes_sent, c.bytes_recv]
+                {
+                    w.u64(v)?;
+                }
+                KIND_CONN_INFO
+            }
+            Record::ConnListEnd { request_id, total } => {
+                w.u64(*request_id)?;
+                w.u32(*total)?;
+                KIND_CONN_LIST_END
             }
         };
         let payload_len = w.pos - HEADER_LEN;
@@ -491,6 +578,7 @@ impl Record {
             KIND_KILL_FLOW => Record::KillFlow { flow_id: r.u64()? },
             KIND_SIGN_ASK => Record::SignAsk(SignAsk {
                 sign_id: r.u64()?,
+                generation: r.u32()?,
                 algorithm: r.u16()?,
                 input: r.blob(MAX_SIGN_INPUT, "input")?,
             }),
@@ -509,6 +597,41 @@ impl Record {
                 };
                 Record::SignAnswer(SignAnswer { sign_id, result })
             }
+            KIND_LIST_CONNS => {
+                let request_id = r.u64()?;
+                let limit = r.u32()?;
+                if !(1..=MAX_CONNS_LISTED).contains(&limit) {
+                    return Err(RecordError::BadValue("limit"));
+                }
+                Record::ListConns { request_id, limit }
+            }
+            KIND_CONN_INFO => {
+                let request_id = r.u64()?;
+                let conn_id = r.u64()?;
+                let client = r.addr("client")?;
+                let age_ms = r.u64()?;
+                let flags = r.u8()?;
+                if flags > 3 {
+                    return Err(RecordError::BadValue("flags"));
+                }
+                Record::ConnInfo(ConnInfo {
+                    request_id,
+                    conn_id,
+                    client,
+                    age_ms,
+                    established: flags & 1 != 0,
+                    resumed: flags & 2 != 0,
+                    tls_generation: r.u32()?,
+                    tunnels: r.u32()?,
+                    rtt_us: r.u64()?,
+                    packets_sent: r.u64()?,
+                    packets_recv: r.u64()?,
+                    packets_lost: r.u64()?,
+                    bytes_sent: r.u64()?,
+                    bytes_recv: r.u64()?,
+                })
+            }
+            KIND_CONN_LIST_END => Record::ConnListEnd { request_id: r.u64()?, total: r.u32()? },
             other => return Err(RecordError::Kind(other)),
         };
         r.end()?;
@@ -571,8 +694,13 @@ mod tests {
                 client: "192.0.2.1:5".parse().unwrap(),
                 target: "[2001:db8::2]:53".parse().unwrap(),
             }),
-            Record::SignAsk(SignAsk { sign_id: 3, algorithm: 0x0403, input: vec![0x20; 130] }),
-            Record::SignAsk(SignAsk { sign_id: u64::MAX, algorithm: 0x0804, input: vec![7; MAX_SIGN_INPUT] }),
+            Record::SignAsk(SignAsk { sign_id: 3, generation: 1, algorithm: 0x0403, input: vec![0x20; 130] }),
+            Record::SignAsk(SignAsk {
+                sign_id: u64::MAX,
+                generation: u32::MAX,
+                algorithm: 0x0804,
+                input: vec![7; MAX_SIGN_INPUT],
+            }),
             Record::SignAnswer(SignAnswer {
                 sign_id: 3,
                 result: SignResult::Signature(vec![1; MAX_SIGNATURE]),
@@ -581,6 +709,24 @@ mod tests {
                 sign_id: 4,
                 result: SignResult::Failed("unsupported algorithm".into()),
             }),
+            Record::ListConns { request_id: 5, limit: MAX_CONNS_LISTED },
+            Record::ConnInfo(ConnInfo {
+                request_id: 5,
+                conn_id: 77,
+                client: "[2001:db8::9]:443".parse().unwrap(),
+                age_ms: 12_345,
+                established: true,
+                resumed: true,
+                tls_generation: 2,
+                tunnels: 3,
+                rtt_us: 250,
+                packets_sent: 10,
+                packets_recv: 11,
+                packets_lost: 1,
+                bytes_sent: 12_000,
+                bytes_recv: 13_000,
+            }),
+            Record::ConnListEnd { request_id: 5, total: 1 },
         ]
     }
 
@@ -619,8 +765,10 @@ mod tests {
         let mut buf = [0u8; RECORD_SIZE];
         samples()[4].encode(&mut buf).unwrap();
         let mut b = buf;
-        b[0] = 2;
-        assert_eq!(Record::decode(&b), Err(RecordError::Version(2)));
+        b[0] = VERSION + 1;
+        assert_eq!(Record::decode(&b), Err(RecordError::Version(VERSION + 1)));
+        b[0] = 1;
+        assert_eq!(Record::decode(&b), Err(RecordError::Version(1)), "the layout before signing generations");
         let mut b = buf;
         b[1] = 99;
         assert_eq!(Record::decode(&b), Err(RecordError::Kind(99)));
@@ -643,10 +791,33 @@ mod tests {
             verdict: Verdict::Deny { status: 200, proxy_error: None, details: String::new() },
         });
         assert_eq!(deny.encode(&mut buf), Err(RecordError::BadValue("status")));
-        let big =
-            Record::SignAsk(SignAsk { sign_id: 1, algorithm: 0x0403, input: vec![0; MAX_SIGN_INPUT + 1] });
+        let big = Record::SignAsk(SignAsk {
+            sign_id: 1,
+            generation: 1,
+            algorithm: 0x0403,
+            input: vec![0; MAX_SIGN_INPUT + 1],
+        });
         assert_eq!(big.encode(&mut buf), Err(RecordError::FieldTooLong("input")));
         let empty = Record::SignAnswer(SignAnswer { sign_id: 1, result: SignResult::Signature(vec![]) });
         assert_eq!(empty.encode(&mut buf), Err(RecordError::BadValue("signature")));
+        for limit in [0, MAX_CONNS_LISTED + 1] {
+            let list = Record::ListConns { request_id: 1, limit };
+            assert_eq!(list.encode(&mut buf), Err(RecordError::BadValue("limit")));
+        }
+    }
+
+    #[test]
+    fn listing_records_refuse_bad_values_on_decode() {
+        let mut buf = [0u8; RECORD_SIZE];
+        Record::ListConns { request_id: 1, limit: 1 }.encode(&mut buf).unwrap();
+        buf[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("limit")));
+        let info = samples().into_iter().find(|r| matches!(r, Record::ConnInfo(_))).unwrap();
+        info.encode(&mut buf).unwrap();
+        // request_id, conn_id, client (1 + 16 + 2), age_ms, then flags.
+        let flags_at = HEADER_LEN + 8 + 8 + 19 + 8;
+        assert_eq!(buf[flags_at], 3);
+        buf[flags_at] = 4;
+        assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("flags")));
     }
 }

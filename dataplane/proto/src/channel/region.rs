@@ -362,6 +362,12 @@ counters! {
     RetriesSent = 43, "retries_sent";
     /// Initials dropped for a forged or foreign Retry token.
     RetryTokensInvalid = 44, "retry_tokens_invalid";
+    /// The TLS material generation the worker serves new connections with
+    /// (gauge; grows with each certificate reload).
+    TlsGeneration = 45, "tls_generation";
+    /// Handshakes that resumed a session from a ticket (no signature
+    /// needed).
+    HandshakesResumed = 46, "handshakes_resumed";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so
