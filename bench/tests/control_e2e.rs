@@ -259,6 +259,7 @@ fn quotas_refuse_with_429_and_closing_a_flow_frees_the_quota() {
     let s2 = c.open_udp("127.0.0.1", port, T).unwrap();
     let (_, a) = connect_as(&mut c, &alice, port);
     assert_429(&a, "per_identity.max_flows");
+    assert_eq!(a.header("retry-after"), None, "no clock predicts when a flow ends");
     // Another identity from the same client has its own quota.
     let (other, a) = connect_as(&mut c, &relay.token.clone(), port);
     assert_eq!(a.status(), Some(200), "the static token is another identity");
@@ -297,6 +298,9 @@ fn quotas_refuse_with_429_and_closing_a_flow_frees_the_quota() {
     assert!(sent < 100, "the relay ended the tunnel at its byte budget");
     let (_, a) = connect_as(&mut c, &alice, port);
     assert_429(&a, "per_identity.bytes_per_period");
+    // The byte window rolls over within the hour: Retry-After says when.
+    let wait: u64 = a.header("retry-after").expect("Retry-After on a byte quota").parse().unwrap();
+    assert!((3500..=3600).contains(&wait), "{wait}");
     c.finish_stream(other).unwrap();
     let show = relayctl_json(&relay, &["policy", "show"]);
     assert_eq!(show["quotas"]["per_identity"]["max_flows"], 2);
@@ -686,4 +690,32 @@ fn relayctl_conns_lists_every_workers_connections() {
         "{text}"
     );
     assert!(!relayctl(&relay, &["conns", "--limit", "0"]).status.success(), "limit 0 is refused");
+}
+
+#[test]
+fn a_restarted_control_counts_live_flows_against_their_identity() {
+    let mut relay = start("restart-quota", "[quotas.per_identity]\nmax_flows = 1\n");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = echo.addr().port();
+    let (alice, _) = mint(&relay, "alice", "1h");
+    let mut c = client(&relay, &alice);
+    let s = c.open_udp("127.0.0.1", port, T).unwrap();
+    echo_round(&mut c, s, 5, 100, "before the control restart");
+    relay.kill_control();
+    relay.start_control().unwrap();
+    wait_until("the dataplane to re-attach and report its flow", Duration::from_secs(10), || {
+        relayctl(&relay, &["--json", "status"]).status.success() && live_flows(&relay) == 1
+    });
+    let flows = relayctl_json(&relay, &["flows"]);
+    assert_eq!(flows["flows"][0]["identity"], "sub:alice", "the reported flow keeps its identity: {flows}");
+    // The new control counts it: alice's one slot is taken.
+    let mut c2 = client(&relay, &alice);
+    assert_429(&connect_as(&mut c2, &alice, port).1, "per_identity.max_flows");
+    echo_round(&mut c, s, 5, 100, "the flow kept forwarding");
+    c.finish_stream(s).unwrap();
+    wait_until("the flow to close", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        live_flows(&relay) == 0
+    });
+    assert_eq!(connect_as(&mut c2, &alice, port).1.status(), Some(200), "closing it freed the slot");
 }

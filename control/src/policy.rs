@@ -95,11 +95,21 @@ pub struct Policy {
 }
 
 fn deny(status: u16, proxy_error: ProxyError, details: &str) -> Verdict {
-    Verdict::Deny { status, proxy_error: Some(proxy_error), details: details.to_string() }
+    Verdict::Deny {
+        status,
+        proxy_error: Some(proxy_error),
+        details: details.to_string(),
+        retry_after_secs: 0,
+    }
 }
 
-fn quota_denial(which: Exceeded) -> Verdict {
-    deny(429, ProxyError::HttpRequestDenied, &format!("quota exceeded: {which}"))
+fn quota_denial(which: Exceeded, retry_after_secs: Option<u32>) -> Verdict {
+    Verdict::Deny {
+        status: 429,
+        proxy_error: Some(ProxyError::HttpRequestDenied),
+        details: format!("quota exceeded: {which}"),
+        retry_after_secs: retry_after_secs.unwrap_or(0),
+    }
 }
 
 impl Policy {
@@ -212,8 +222,12 @@ impl Policy {
     /// ([`Identity::Unknown`] when credentials were refused).
     pub fn decide(&mut self, ask: &AuthAsk, now: Instant, now_unix: u64) -> (Decision, Identity) {
         if !self.protocols.connect_udp {
-            let verdict =
-                Verdict::Deny { status: 501, proxy_error: None, details: "connect-udp is disabled".into() };
+            let verdict = Verdict::Deny {
+                status: 501,
+                proxy_error: None,
+                details: "connect-udp is disabled".into(),
+                retry_after_secs: 0,
+            };
             return (Decision::Answer(verdict), Identity::Unknown);
         }
         let identity = match self.auth.check(ask.authorization.as_deref(), now_unix) {
@@ -237,7 +251,7 @@ impl Policy {
                 // Refuse before spending a resolution on an exhausted quota.
                 match self.quotas.check(identity.quota_key().as_deref(), requester.client, now) {
                     Ok(()) => Decision::Resolve { name, port: ask.target_port, requester },
-                    Err(which) => Decision::Answer(self.quota_refused(&requester, which)),
+                    Err(which) => Decision::Answer(self.quota_refused(&requester, which, now)),
                 }
             }
             Err(_) => Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target")),
@@ -262,10 +276,12 @@ impl Policy {
         }
     }
 
-    fn quota_refused(&mut self, requester: &Requester, which: Exceeded) -> Verdict {
+    fn quota_refused(&mut self, requester: &Requester, which: Exceeded, now: Instant) -> Verdict {
         debug!(identity = %requester.identity, client = %requester.client, limit = %which, "quota exceeded");
         *self.refusals.quota.entry(which.to_string()).or_default() += 1;
-        quota_denial(which)
+        let key = requester.identity.quota_key();
+        let retry_after = self.quotas.retry_after_secs(which, key.as_deref(), requester.client, now);
+        quota_denial(which, retry_after)
     }
 
     /// Picks the first allowed address and admits the flow.
@@ -285,12 +301,13 @@ impl Policy {
                     let key = requester.identity.quota_key();
                     return match self.quotas.admit(flow_id, key.as_deref(), requester.client, now) {
                         Ok(byte_budget) => Verdict::Allow {
+                            identity: key.unwrap_or_default(),
                             flow_id,
                             target: SocketAddr::new(*ip, port),
                             idle_timeout_ms: self.idle_timeout_ms,
                             byte_budget,
                         },
-                        Err(which) => self.quota_refused(requester, which),
+                        Err(which) => self.quota_refused(requester, which, now),
                     };
                 }
                 Err(Denial::Port) => port_denied = true,
@@ -311,8 +328,8 @@ impl Policy {
     }
 
     /// A re-attached dataplane reported an open flow.
-    pub fn flow_reopened(&mut self, flow_id: u64, client: IpAddr, now: Instant) {
-        self.quotas.reopened(flow_id, client, now);
+    pub fn flow_reopened(&mut self, flow_id: u64, client: IpAddr, identity: Option<&str>, now: Instant) {
+        self.quotas.reopened(flow_id, client, identity, now);
     }
 
     /// The dataplane went away with every flow.
@@ -374,9 +391,17 @@ mod tests {
         assert_eq!(status(&decide(&mut p, &ask("127.0.0.1", Some("Bearer x")))), 407);
         assert_eq!(status(&decide(&mut p, &ask("10.0.0.1", Some("Bearer t")))), 403);
         match decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))) {
-            Decision::Answer(Verdict::Allow { flow_id, target, idle_timeout_ms: 5000, byte_budget: 0 }) => {
+            Decision::Answer(Verdict::Allow {
+                flow_id,
+                target,
+                idle_timeout_ms: 5000,
+                byte_budget: 0,
+                identity,
+            }) => {
                 assert_eq!(flow_id & ((1 << 40) - 1), 1, "first flow of this control start");
-                assert_eq!(target, "127.0.0.1:53".parse().unwrap())
+                assert_eq!(target, "127.0.0.1:53".parse().unwrap());
+                let fp = crate::auth::TokenDigest::of("t").fingerprint();
+                assert_eq!(identity, format!("tok:{fp}"), "the allow names the identity");
             }
             other => panic!("{other:?}"),
         }
@@ -412,7 +437,8 @@ mod tests {
             Decision::Answer(Verdict::Deny {
                 status: 407,
                 proxy_error: Some(ProxyError::HttpRequestDenied),
-                details: "invalid credentials".into()
+                details: "invalid credentials".into(),
+                retry_after_secs: 0,
             })
         );
         assert_eq!(id, Identity::Unknown);
@@ -435,7 +461,8 @@ mod tests {
             Decision::Answer(Verdict::Deny {
                 status: 429,
                 proxy_error: Some(ProxyError::HttpRequestDenied),
-                details: "quota exceeded: per_identity.max_flows".into()
+                details: "quota exceeded: per_identity.max_flows".into(),
+                retry_after_secs: 0,
             })
         );
         // Names are refused before resolution too.

@@ -329,6 +329,28 @@ impl Usage {
         Ok(())
     }
 
+    /// How long until `which` would admit a flow again, when that is known
+    /// from time alone: the token bucket refilling one flow, or the byte
+    /// window rolling over. Concurrent-flow limits free up when flows end,
+    /// which no clock predicts.
+    fn retry_after(&self, limits: &QuotaLimits, which: Exceeded, now: Instant) -> Option<Duration> {
+        let mut u = self.clone();
+        u.advance(limits, now);
+        match which {
+            Exceeded::Rate(_) if limits.new_flows_per_sec > 0 => {
+                let missing_micro = MICRO.saturating_sub(u.bucket_micro);
+                // rate * 1e6 micro-flows per second: missing / rate micro-seconds.
+                let micros = missing_micro.div_ceil(u128::from(limits.new_flows_per_sec));
+                Some(Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX)))
+            }
+            Exceeded::Bytes(_) if limits.period_secs > 0 => {
+                let end = u.window_start + Duration::from_secs(u64::from(limits.period_secs));
+                Some(end.saturating_duration_since(now))
+            }
+            _ => None,
+        }
+    }
+
     fn is_idle(&self, limits: &QuotaLimits, now: Instant) -> bool {
         let mut u = self.clone();
         u.advance(limits, now);
@@ -458,6 +480,31 @@ impl Quotas {
         self.config = config;
     }
 
+    /// Whole seconds (at least 1) a client refused by `which` should wait
+    /// before trying again (the `Retry-After` field, RFC 9110 section
+    /// 10.2.3), when time alone lifts the limit.
+    pub fn retry_after_secs(
+        &self,
+        which: Exceeded,
+        identity: Option<&str>,
+        client: IpAddr,
+        now: Instant,
+    ) -> Option<u32> {
+        let wait = match which {
+            Exceeded::Rate(Scope::Identity) | Exceeded::Bytes(Scope::Identity) => {
+                let usage = self.identities.map.get(identity?)?;
+                usage.retry_after(&self.config.per_identity, which, now)?
+            }
+            Exceeded::Rate(Scope::Client) | Exceeded::Bytes(Scope::Client) => {
+                let usage = self.clients.map.get(&client_key(client))?;
+                usage.retry_after(&self.config.per_client, which, now)?
+            }
+            Exceeded::Flows(_) | Exceeded::Tracking(_) => return None,
+        };
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        Some(u32::try_from(secs.max(1)).unwrap_or(u32::MAX))
+    }
+
     /// Whether a new flow would be admitted now, without admitting it (to
     /// refuse before spending a DNS resolution).
     pub fn check(&self, identity: Option<&str>, client: IpAddr, now: Instant) -> Result<(), Exceeded> {
@@ -522,20 +569,36 @@ impl Quotas {
     }
 
     /// Counts a flow that is open but was not admitted here (a re-attached
-    /// dataplane reported it): against its client's concurrency only.
-    pub fn reopened(&mut self, flow_id: u64, client: IpAddr, now: Instant) {
+    /// dataplane reported it, with the identity the allowing control gave
+    /// it): against its identity's and its client's concurrency (only its
+    /// bytes from now on are charged).
+    pub fn reopened(&mut self, flow_id: u64, client: IpAddr, identity: Option<&str>, now: Instant) {
         if self.flows.contains_key(&flow_id) || self.flows.len() >= self.max_flows_tracked {
             return;
         }
         let key = client_key(client);
-        let tracked = match self.clients.entry(&key, &self.config.per_client, now) {
+        let client_tracked = match self.clients.entry(&key, &self.config.per_client, now) {
             Ok(Some(u)) => {
                 u.flows += 1;
                 true
             }
             _ => false,
         };
-        self.flows.insert(flow_id, FlowEntry { identity: None, client: tracked.then_some(key) });
+        let id_key = identity.map(str::to_string);
+        let id_tracked = match &id_key {
+            Some(k) => match self.identities.entry(k, &self.config.per_identity, now) {
+                Ok(Some(u)) => {
+                    u.flows += 1;
+                    true
+                }
+                _ => false,
+            },
+            None => false,
+        };
+        self.flows.insert(
+            flow_id,
+            FlowEntry { identity: id_key.filter(|_| id_tracked), client: client_tracked.then_some(key) },
+        );
     }
 
     /// A flow ended after carrying `bytes` (both directions): releases its
@@ -680,6 +743,35 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_is_known_for_rate_and_bytes_only() {
+        let c = ip("192.0.2.1");
+        let t0 = Instant::now();
+        let id = Some("sub:a");
+        // One flow per second, no burst.
+        let mut q = identity_only(limits(0, 1, 1, 0, 0));
+        assert!(q.admit(1, id, c, t0).is_ok());
+        let which = Exceeded::Rate(Scope::Identity);
+        assert_eq!(q.admit(2, id, c, t0), Err(which));
+        assert_eq!(q.retry_after_secs(which, id, c, t0), Some(1));
+        assert_eq!(q.retry_after_secs(which, id, c, t0 + Duration::from_millis(999)), Some(1), "never 0");
+        // Bytes: the window rolls over period_secs after it started.
+        let mut q = identity_only(limits(0, 0, 0, 100, 60));
+        assert!(q.admit(1, id, c, t0).is_ok());
+        q.closed(1, 100, t0 + Duration::from_secs(1));
+        let which = Exceeded::Bytes(Scope::Identity);
+        assert_eq!(q.admit(2, id, c, t0 + Duration::from_secs(20)), Err(which));
+        assert_eq!(q.retry_after_secs(which, id, c, t0 + Duration::from_secs(20)), Some(40));
+        assert_eq!(
+            q.retry_after_secs(which, id, c, t0 + Duration::from_millis(20_500)),
+            Some(40),
+            "rounded up"
+        );
+        // Concurrency frees up when flows end: no prediction.
+        assert_eq!(q.retry_after_secs(Exceeded::Flows(Scope::Identity), id, c, t0), None);
+        assert_eq!(q.retry_after_secs(which, Some("sub:unknown"), c, t0), None);
+    }
+
+    #[test]
     fn refusals_consume_nothing() {
         // The client limit refuses; the identity's bucket must stay full.
         let cfg = QuotaConfig { per_identity: limits(0, 1, 1, 0, 0), per_client: limits(1, 0, 0, 0, 0) };
@@ -792,7 +884,7 @@ mod tests {
     }
 
     #[test]
-    fn reopened_flows_count_against_their_client() {
+    fn reopened_flows_count_against_their_client_and_identity() {
         let mut q = Quotas::new(
             QuotaConfig { per_identity: limits(1, 0, 0, 0, 0), per_client: limits(2, 0, 0, 0, 0) },
             10,
@@ -800,13 +892,20 @@ mod tests {
         );
         let t0 = Instant::now();
         let c = ip("192.0.2.1");
-        q.reopened(7, c, t0);
-        q.reopened(7, c, t0); // reported twice: counted once
+        q.reopened(7, c, None, t0);
+        q.reopened(7, c, None, t0); // reported twice: counted once
         assert_eq!(q.client_usage(c, t0), Some(UsageInfo { flows: 1, bytes: 0 }));
         assert!(q.admit(1, Some("sub:a"), c, t0).is_ok());
         assert_eq!(q.admit(2, Some("sub:b"), c, t0), Err(Exceeded::Flows(Scope::Client)));
         q.closed(7, 50, t0);
         assert!(q.admit(2, Some("sub:b"), c, t0).is_ok());
+        // With its identity, a reported flow also holds that identity's slot.
+        let other = ip("192.0.2.2");
+        q.reopened(8, other, Some("sub:c"), t0);
+        assert_eq!(q.identity_usage("sub:c", t0), Some(UsageInfo { flows: 1, bytes: 0 }));
+        assert_eq!(q.admit(3, Some("sub:c"), other, t0), Err(Exceeded::Flows(Scope::Identity)));
+        q.closed(8, 10, t0);
+        assert!(q.admit(3, Some("sub:c"), other, t0).is_ok(), "closing it frees the slot");
     }
 
     #[test]

@@ -661,9 +661,11 @@ impl Server {
                 }
                 Record::FlowOpen(open) => {
                     // A dataplane that outlived a previous control reports its
-                    // live flows after attaching. Their identity is not in the
-                    // report: they count against their client's quota only.
-                    self.policy().flow_reopened(open.flow_id, open.client.ip(), Instant::now());
+                    // live flows after attaching, each with the identity the
+                    // allowing control gave it: they count against that
+                    // identity's and their client's quotas again.
+                    let identity = (!open.identity.is_empty()).then_some(open.identity.as_str());
+                    self.policy().flow_reopened(open.flow_id, open.client.ip(), identity, Instant::now());
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if shared.flows.len() < MAX_FLOWS {
                         let started_unix = SystemTime::now()
@@ -675,7 +677,7 @@ impl Server {
                             client: open.client,
                             target: open.target,
                             started_unix,
-                            identity: Identity::Unknown.to_string(),
+                            identity: identity.map_or_else(|| Identity::Unknown.to_string(), str::to_string),
                         });
                     }
                 }
@@ -810,6 +812,7 @@ impl Server {
                         status: 503,
                         proxy_error: Some(ProxyError::ProxyInternalError),
                         details: "flow table full".into(),
+                        retry_after_secs: 0,
                     };
                     shared.asks_denied += 1;
                 } else {

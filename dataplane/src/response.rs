@@ -42,6 +42,13 @@ pub fn refusal(
     out
 }
 
+/// `Retry-After: <seconds>` (RFC 9110 section 10.2.3), sent with 429 when a
+/// rate or byte quota will admit the client again after that long (RFC 6585
+/// section 4).
+pub fn retry_after(secs: u32) -> quiche::h3::Header {
+    h("retry-after", &secs.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -64,5 +71,6 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(find(&refusal(405, None, "", "relay", "x"), "allow"), Some(&b"CONNECT"[..]));
         assert_eq!(find(&tunnel_open(), "capsule-protocol"), Some(&b"?1"[..]));
+        assert_eq!(retry_after(3).value(), b"3");
     }
 }

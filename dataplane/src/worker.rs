@@ -76,6 +76,9 @@ struct TunnelEntry {
     response_pending: Option<Headers>,
     /// Payloads for the target collected this turn (see [`UpBatch`]).
     up: Option<UpBatch>,
+    /// Who opened it (control's quota key), reported to a restarted
+    /// control with the flow.
+    identity: String,
 }
 
 struct Conn {
@@ -752,8 +755,10 @@ impl Worker {
         let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
         let tunnel = Tunnel::pending(stream_id, ask_id, self.now, timeout, self.limits);
         self.timers.push(tunnel.deadline(), TimerTarget::Tunnel(key, stream_id));
-        conn.tunnels
-            .insert(stream_id, TunnelEntry { tunnel, target: None, response_pending: None, up: None });
+        conn.tunnels.insert(
+            stream_id,
+            TunnelEntry { tunnel, target: None, response_pending: None, up: None, identity: String::new() },
+        );
         self.asks.insert(ask_id, (key, stream_id));
     }
 
@@ -766,6 +771,19 @@ impl Worker {
         proxy_error: Option<ProxyError>,
         reason: &str,
     ) {
+        self.refuse_with(conn, stream_id, status, proxy_error, reason, None);
+    }
+
+    /// [`Self::refuse`], with a `Retry-After` of `retry_after` seconds.
+    fn refuse_with(
+        &mut self,
+        conn: &mut Conn,
+        stream_id: u64,
+        status: u16,
+        proxy_error: Option<ProxyError>,
+        reason: &str,
+        retry_after: Option<u32>,
+    ) {
         debug!(stream_id, status, reason, "request refused");
         self.count(Counter::TunnelsRefused, 1);
         let headers = response::refusal(
@@ -775,6 +793,10 @@ impl Worker {
             &self.settings.bootstrap.proxy_name,
             &self.settings.bootstrap.auth_realm,
         );
+        let mut headers = headers;
+        if let Some(secs) = retry_after {
+            headers.push(response::retry_after(secs));
+        }
         let Some(h3) = conn.h3.as_mut() else { return };
         if h3.send_response(&mut conn.quic, stream_id, &headers, true).is_err() {
             let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Write, h3_code::INTERNAL_ERROR);
@@ -893,11 +915,12 @@ impl Worker {
             return;
         }
         match verdict {
-            Verdict::Deny { status, proxy_error, details } => {
+            Verdict::Deny { status, proxy_error, details, retry_after_secs } => {
                 conn.tunnels.remove(&stream_id);
-                self.refuse(conn, stream_id, status, proxy_error, &details);
+                let retry_after = (retry_after_secs > 0).then_some(retry_after_secs);
+                self.refuse_with(conn, stream_id, status, proxy_error, &details, retry_after);
             }
-            Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget } => {
+            Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity } => {
                 let sock = match socket::connected_target(target) {
                     Ok(s) => s,
                     Err(e) => {
@@ -928,6 +951,7 @@ impl Worker {
                     now,
                 );
                 entry.target = Some(target_key);
+                entry.identity = identity;
                 self.tunnels_open += 1;
                 self.count(Counter::TunnelsOpened, 1);
                 self.count(Counter::TunnelsActive, 1);
@@ -1301,7 +1325,12 @@ impl Worker {
         for (_, conn) in self.conns.iter() {
             for entry in conn.tunnels.values() {
                 if let Phase::Open { flow_id, target } = entry.tunnel.phase {
-                    open.push(relay_proto::channel::record::FlowOpen { flow_id, client: conn.peer, target });
+                    open.push(relay_proto::channel::record::FlowOpen {
+                        flow_id,
+                        client: conn.peer,
+                        target,
+                        identity: entry.identity.clone(),
+                    });
                 }
             }
         }

@@ -252,6 +252,19 @@ fn test(args: &[String]) -> Result<()> {
     let (p, f) = run_counting_tests(&mut cmd)?;
     passed += p;
     failed += f;
+    // The shared-memory ring's loom model: every interleaving of producer
+    // and consumer through the ring's own push/pop code. Its own target
+    // directory, so `--cfg loom` does not rebuild the main one.
+    let mut cmd = cargo();
+    cmd.args(["test", "--locked", "--release", "-p", "relay-proto", "--lib", "loom"])
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", root().join("target").join("loom"));
+    let (p, f) = run_counting_tests(&mut cmd)?;
+    if p == 0 {
+        bail!("the loom model test did not run");
+    }
+    passed += p;
+    failed += f;
     // The closing line CI reads: the total over every test binary.
     println!("summary: {passed} passed, {failed} failed");
     if failed > 0 || passed == 0 {

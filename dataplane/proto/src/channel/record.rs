@@ -31,6 +31,8 @@ pub const MAX_DETAILS: usize = 512;
 pub const MAX_SIGN_INPUT: usize = 2048;
 /// Longest signature carried in an answer (RSA-8192 is 1024 bytes).
 pub const MAX_SIGNATURE: usize = 1024;
+/// Longest identity (quota key, e.g. `sub:alice`) carried with a flow.
+pub const MAX_IDENTITY: usize = 128;
 
 const KIND_AUTH_ASK: u8 = 1;
 const KIND_AUTH_ANSWER: u8 = 2;
@@ -80,6 +82,10 @@ pub enum Verdict {
         /// Payload bytes (both directions) the flow may carry before the
         /// dataplane ends it; 0 means no limit (a byte quota's remainder).
         byte_budget: u64,
+        /// Who opened it, as control's quotas know them (`sub:alice`,
+        /// `tok:<fingerprint>`; empty when not known). The dataplane keeps
+        /// it only to report the flow to a restarted control.
+        identity: String,
     },
     /// Refuse with an HTTP status and a Proxy-Status error.
     Deny {
@@ -89,6 +95,9 @@ pub enum Verdict {
         proxy_error: Option<ProxyError>,
         /// Details for the Proxy-Status field.
         details: String,
+        /// Seconds the client should wait before retrying (`Retry-After`,
+        /// on 429 when a rate or byte quota refused); 0: not sent.
+        retry_after_secs: u32,
     },
 }
 
@@ -126,7 +135,7 @@ impl FlowClosed {
 
 /// A worker tells a (re-)attached control about a flow that is open, so a
 /// restarted control learns the live flows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowOpen {
     /// The flow ID the allowing control gave it.
     pub flow_id: u64,
@@ -134,6 +143,8 @@ pub struct FlowOpen {
     pub client: SocketAddr,
     /// The target address.
     pub target: SocketAddr,
+    /// The identity from the allow (empty when not known).
+    pub identity: String,
 }
 
 /// A worker asks control to sign a TLS handshake (keyless TLS: the
@@ -272,6 +283,11 @@ pub enum RecordError {
     BadValue(&'static str),
 }
 
+/// Identities are printable ASCII without spaces (quota keys).
+fn valid_identity(id: &str) -> bool {
+    id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 struct Writer<'a> {
     buf: &'a mut [u8; RECORD_SIZE],
     pos: usize,
@@ -312,6 +328,12 @@ impl Writer<'_> {
         }
         self.u16(b.len() as u16)?;
         self.bytes(b)
+    }
+    fn identity(&mut self, id: &str) -> Result<(), RecordError> {
+        if !valid_identity(id) {
+            return Err(RecordError::BadValue("identity"));
+        }
+        self.str(id, MAX_IDENTITY, "identity")
     }
     fn addr(&mut self, a: SocketAddr) -> Result<(), RecordError> {
         let (family, ip) = match a.ip() {
@@ -376,6 +398,10 @@ impl<'a> Reader<'a> {
         };
         Ok(SocketAddr::new(ip, port))
     }
+    fn identity(&mut self) -> Result<String, RecordError> {
+        let id = self.str(MAX_IDENTITY, "identity")?;
+        if valid_identity(&id) { Ok(id) } else { Err(RecordError::BadValue("identity")) }
+    }
     fn end(&self) -> Result<(), RecordError> {
         if self.buf.is_empty() { Ok(()) } else { Err(RecordError::Trailing) }
     }
@@ -400,14 +426,15 @@ impl Record {
             Record::AuthAnswer(a) => {
                 w.u64(a.ask_id)?;
                 match &a.verdict {
-                    Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget } => {
+                    Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity } => {
                         w.u8(1)?;
                         w.u64(*flow_id)?;
                         w.addr(*target)?;
                         w.u32(*idle_timeout_ms)?;
                         w.u64(*byte_budget)?;
+                        w.identity(identity)?;
                     }
-                    Verdict::Deny { status, proxy_error, details } => {
+                    Verdict::Deny { status, proxy_error, details, retry_after_secs } => {
                         if !(400..=599).contains(status) {
                             return Err(RecordError::BadValue("status"));
                         }
@@ -415,6 +442,7 @@ impl Record {
                         w.u16(*status)?;
                         w.u8(proxy_error.map_or(0, |e| e as u8))?;
                         w.str(details, MAX_DETAILS, "details")?;
+                        w.u32(*retry_after_secs)?;
                     }
                 }
                 KIND_AUTH_ANSWER
@@ -429,6 +457,7 @@ impl Record {
                 w.u64(f.flow_id)?;
                 w.addr(f.client)?;
                 w.addr(f.target)?;
+                w.identity(&f.identity)?;
                 KIND_FLOW_OPEN
             }
             Record::Drain => KIND_DRAIN,
@@ -544,6 +573,7 @@ impl Record {
                         target: r.addr("target")?,
                         idle_timeout_ms: r.u32()?,
                         byte_budget: r.u64()?,
+                        identity: r.identity()?,
                     },
                     2 => {
                         let status = r.u16()?;
@@ -556,7 +586,12 @@ impl Record {
                                 Some(ProxyError::from_u8(code).ok_or(RecordError::BadValue("proxy_error"))?)
                             }
                         };
-                        Verdict::Deny { status, proxy_error, details: r.str(MAX_DETAILS, "details")? }
+                        Verdict::Deny {
+                            status,
+                            proxy_error,
+                            details: r.str(MAX_DETAILS, "details")?,
+                            retry_after_secs: r.u32()?,
+                        }
                     }
                     _ => return Err(RecordError::BadValue("verdict")),
                 };
@@ -573,6 +608,7 @@ impl Record {
                 flow_id: r.u64()?,
                 client: r.addr("client")?,
                 target: r.addr("target")?,
+                identity: r.identity()?,
             }),
             KIND_DRAIN => Record::Drain,
             KIND_KILL_FLOW => Record::KillFlow { flow_id: r.u64()? },
@@ -670,6 +706,7 @@ mod tests {
                     target: "127.0.0.1:9".parse().unwrap(),
                     idle_timeout_ms: 30_000,
                     byte_budget: 1 << 30,
+                    identity: "sub:alice".into(),
                 },
             }),
             Record::AuthAnswer(AuthAnswer {
@@ -678,6 +715,16 @@ mod tests {
                     status: 403,
                     proxy_error: Some(ProxyError::DestinationIpProhibited),
                     details: "loopback".into(),
+                    retry_after_secs: 0,
+                },
+            }),
+            Record::AuthAnswer(AuthAnswer {
+                ask_id: 9,
+                verdict: Verdict::Deny {
+                    status: 429,
+                    proxy_error: Some(ProxyError::HttpRequestDenied),
+                    details: "quota exceeded: per_client.new_flows_per_sec".into(),
+                    retry_after_secs: 1,
                 },
             }),
             Record::FlowClosed(FlowClosed {
@@ -693,6 +740,13 @@ mod tests {
                 flow_id: 1 << 40,
                 client: "192.0.2.1:5".parse().unwrap(),
                 target: "[2001:db8::2]:53".parse().unwrap(),
+                identity: "tok:0123456789abcdef".into(),
+            }),
+            Record::FlowOpen(FlowOpen {
+                flow_id: 2,
+                client: "192.0.2.1:6".parse().unwrap(),
+                target: "192.0.2.9:53".parse().unwrap(),
+                identity: String::new(),
             }),
             Record::SignAsk(SignAsk { sign_id: 3, generation: 1, algorithm: 0x0403, input: vec![0x20; 130] }),
             Record::SignAsk(SignAsk {
@@ -763,7 +817,8 @@ mod tests {
     #[test]
     fn header_checks() {
         let mut buf = [0u8; RECORD_SIZE];
-        samples()[4].encode(&mut buf).unwrap();
+        let flow_closed = samples().into_iter().find(|r| matches!(r, Record::FlowClosed(_))).unwrap();
+        flow_closed.encode(&mut buf).unwrap();
         let mut b = buf;
         b[0] = VERSION + 1;
         assert_eq!(Record::decode(&b), Err(RecordError::Version(VERSION + 1)));
@@ -788,7 +843,12 @@ mod tests {
         assert_eq!(Record::AuthAsk(ask).encode(&mut buf), Err(RecordError::FieldTooLong("path")));
         let deny = Record::AuthAnswer(AuthAnswer {
             ask_id: 1,
-            verdict: Verdict::Deny { status: 200, proxy_error: None, details: String::new() },
+            verdict: Verdict::Deny {
+                status: 200,
+                proxy_error: None,
+                details: String::new(),
+                retry_after_secs: 0,
+            },
         });
         assert_eq!(deny.encode(&mut buf), Err(RecordError::BadValue("status")));
         let big = Record::SignAsk(SignAsk {

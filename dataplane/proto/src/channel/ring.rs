@@ -8,10 +8,16 @@
 //! *reads* the peer's, validating it (`tail - head <= RING_SLOTS`), so a peer
 //! that scribbles on the header is detected as [`RingError::Corrupt`] instead
 //! of steering this side out of bounds.
+//!
+//! The index protocol (which side stores which index, with which memory
+//! ordering, and when a slot may be touched) is written once, generic over
+//! [`RingMemory`], so the loom model test (`cargo xtask test` runs it with
+//! `--cfg loom`) checks the very code the shared-memory ring runs, with
+//! loom's atomics and its data-race-detecting cells in place of the mapping.
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use super::region::{Mapping, RING_HEADER};
 use super::{RECORD_SIZE, RING_SLOTS};
@@ -42,7 +48,7 @@ impl Ring {
         Self { map, offset }
     }
 
-    fn index(&self, which: usize) -> &std::sync::atomic::AtomicU32 {
+    fn index(&self, which: usize) -> &AtomicU32 {
         self.map.atomic_u32(self.offset + which)
     }
 
@@ -50,6 +56,109 @@ impl Ring {
         let slot = (index % RING_SLOTS) as usize;
         self.map.at(self.offset + RING_HEADER + slot * RECORD_SIZE)
     }
+}
+
+/// A 32-bit atomic the ring's indices live in (std's, or loom's in the
+/// model test).
+pub(crate) trait Index32 {
+    fn load(&self, order: Ordering) -> u32;
+    fn store(&self, value: u32, order: Ordering);
+}
+
+impl Index32 for AtomicU32 {
+    fn load(&self, order: Ordering) -> u32 {
+        AtomicU32::load(self, order)
+    }
+    fn store(&self, value: u32, order: Ordering) {
+        AtomicU32::store(self, value, order)
+    }
+}
+
+/// The memory a ring lives in: two indices and `capacity` slots of `R`
+/// (a record).
+pub(crate) trait RingMemory {
+    type Index: Index32;
+    type Record: ?Sized;
+    fn capacity(&self) -> u32;
+    fn head(&self) -> &Self::Index;
+    fn tail(&self) -> &Self::Index;
+    /// Copies `record` into slot `index % capacity`.
+    ///
+    /// # Safety
+    /// The caller is the producer and the slot is free (not yet published,
+    /// or already released by the consumer).
+    unsafe fn write_slot(&self, index: u32, record: &Self::Record);
+    /// Copies slot `index % capacity` into `out`.
+    ///
+    /// # Safety
+    /// The caller is the consumer and the slot was published to it.
+    unsafe fn read_slot(&self, index: u32, out: &mut Self::Record);
+}
+
+impl RingMemory for Ring {
+    type Index = AtomicU32;
+    type Record = [u8; RECORD_SIZE];
+    fn capacity(&self) -> u32 {
+        RING_SLOTS
+    }
+    fn head(&self) -> &AtomicU32 {
+        self.index(HEAD)
+    }
+    fn tail(&self) -> &AtomicU32 {
+        self.index(TAIL)
+    }
+    unsafe fn write_slot(&self, index: u32, record: &[u8; RECORD_SIZE]) {
+        // SAFETY: `slot` points at a whole slot inside the mapping; the
+        // caller guarantees the consumer does not read it now.
+        unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), self.slot(index), RECORD_SIZE) };
+    }
+    unsafe fn read_slot(&self, index: u32, out: &mut [u8; RECORD_SIZE]) {
+        // SAFETY: `slot` points at a whole slot inside the mapping; the
+        // caller guarantees the producer does not write it now.
+        unsafe { std::ptr::copy_nonoverlapping(self.slot(index), out.as_mut_ptr(), RECORD_SIZE) };
+    }
+}
+
+/// Records written but not yet consumed, as the producer sees it.
+pub(crate) fn pending<M: RingMemory>(mem: &M, tail: u32) -> Result<u32, RingError> {
+    let head = mem.head().load(Ordering::Acquire);
+    let used = tail.wrapping_sub(head);
+    if used > mem.capacity() { Err(RingError::Corrupt) } else { Ok(used) }
+}
+
+/// The producer's step: copy `record` into the next slot, then publish it.
+pub(crate) fn push<M: RingMemory>(mem: &M, tail: &mut u32, record: &M::Record) -> Result<(), RingError> {
+    if pending(mem, *tail)? == mem.capacity() {
+        return Err(RingError::Full);
+    }
+    // SAFETY: the slot is free: the consumer has released it (head passed
+    // it, read with Acquire in `pending`) and does not touch slots at or
+    // past `tail` until the Release store below publishes them.
+    unsafe { mem.write_slot(*tail, record) };
+    *tail = tail.wrapping_add(1);
+    mem.tail().store(*tail, Ordering::Release);
+    Ok(())
+}
+
+/// The consumer's step: copy the next record out, then release its slot.
+pub(crate) fn pop<M: RingMemory>(mem: &M, head: &mut u32, out: &mut M::Record) -> Result<bool, RingError> {
+    let tail = mem.tail().load(Ordering::Acquire);
+    let available = tail.wrapping_sub(*head);
+    if available == 0 {
+        return Ok(false);
+    }
+    if available > mem.capacity() {
+        return Err(RingError::Corrupt);
+    }
+    // SAFETY: the slot was published by the producer's Release store of
+    // `tail` (read with Acquire above) and is not written again until the
+    // Release store of `head` below releases it. The record is copied out
+    // before that, and decoded only from the copy; a misbehaving producer
+    // can at worst make the copy garbage, which the decoder rejects.
+    unsafe { mem.read_slot(*head, out) };
+    *head = head.wrapping_add(1);
+    mem.head().store(*head, Ordering::Release);
+    Ok(true)
 }
 
 /// The writing end of a ring.
@@ -76,25 +185,12 @@ impl Producer {
     /// Number of records written but not yet consumed, as far as this side
     /// can tell.
     pub fn pending(&self) -> Result<u32, RingError> {
-        let head = self.ring.index(HEAD).load(Ordering::Acquire);
-        let used = self.tail.wrapping_sub(head);
-        if used > RING_SLOTS { Err(RingError::Corrupt) } else { Ok(used) }
+        pending(&self.ring, self.tail)
     }
 
     /// Copies `record` into the next slot and publishes it.
     pub fn push(&mut self, record: &[u8; RECORD_SIZE]) -> Result<(), RingError> {
-        if self.pending()? == RING_SLOTS {
-            return Err(RingError::Full);
-        }
-        let dst = self.ring.slot(self.tail);
-        // SAFETY: `dst` points at a whole slot inside the mapping. The slot
-        // is free: the consumer has released it (head passed it, read with
-        // Acquire above) and does not touch slots at or past `tail` until the
-        // Release store below publishes them.
-        unsafe { std::ptr::copy_nonoverlapping(record.as_ptr(), dst, RECORD_SIZE) };
-        self.tail = self.tail.wrapping_add(1);
-        self.ring.index(TAIL).store(self.tail, Ordering::Release);
-        Ok(())
+        push(&self.ring, &mut self.tail, record)
     }
 }
 
@@ -108,24 +204,7 @@ impl Consumer {
     /// Copies the next record into `out` and releases its slot. Returns
     /// `Ok(false)` when the ring is empty.
     pub fn pop(&mut self, out: &mut [u8; RECORD_SIZE]) -> Result<bool, RingError> {
-        let tail = self.ring.index(TAIL).load(Ordering::Acquire);
-        let available = tail.wrapping_sub(self.head);
-        if available == 0 {
-            return Ok(false);
-        }
-        if available > RING_SLOTS {
-            return Err(RingError::Corrupt);
-        }
-        let src = self.ring.slot(self.head);
-        // SAFETY: `src` points at a whole slot inside the mapping, published
-        // by the producer's Release store of `tail` (read with Acquire). The
-        // record is copied out before the slot is released, and decoded only
-        // from the copy; a misbehaving producer can at worst make the copy
-        // garbage, which the record decoder rejects.
-        unsafe { std::ptr::copy_nonoverlapping(src, out.as_mut_ptr(), RECORD_SIZE) };
-        self.head = self.head.wrapping_add(1);
-        self.ring.index(HEAD).store(self.head, Ordering::Release);
-        Ok(true)
+        pop(&self.ring, &mut self.head, out)
     }
 }
 
@@ -135,6 +214,96 @@ impl Consumer {
 unsafe impl Send for Producer {}
 // SAFETY: as above.
 unsafe impl Send for Consumer {}
+
+/// The loom model: every interleaving (and every weak-memory outcome loom
+/// models) of a producer and a consumer on a two-slot ring, through the
+/// same `push`/`pop` code. loom's `UnsafeCell` flags any slot access that
+/// is not ordered by the index protocol as a data race. Run with
+/// `RUSTFLAGS="--cfg loom" cargo test -p relay-proto --release --lib loom`.
+#[cfg(all(test, loom))]
+mod loom_model {
+    use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicU32 as LoomU32;
+
+    use super::*;
+
+    impl Index32 for LoomU32 {
+        fn load(&self, order: Ordering) -> u32 {
+            LoomU32::load(self, order)
+        }
+        fn store(&self, value: u32, order: Ordering) {
+            LoomU32::store(self, value, order)
+        }
+    }
+
+    /// Two slots of two words (a record is a tag and its complement, so a
+    /// torn copy is caught too).
+    struct Model {
+        head: LoomU32,
+        tail: LoomU32,
+        slots: [UnsafeCell<[u32; 2]>; 2],
+    }
+
+    impl RingMemory for Model {
+        type Index = LoomU32;
+        type Record = [u32; 2];
+        fn capacity(&self) -> u32 {
+            2
+        }
+        fn head(&self) -> &LoomU32 {
+            &self.head
+        }
+        fn tail(&self) -> &LoomU32 {
+            &self.tail
+        }
+        unsafe fn write_slot(&self, index: u32, record: &[u32; 2]) {
+            // SAFETY: loom checks the caller's exclusivity claim.
+            self.slots[(index % 2) as usize].with_mut(|p| unsafe { *p = *record });
+        }
+        unsafe fn read_slot(&self, index: u32, out: &mut [u32; 2]) {
+            // SAFETY: loom checks the caller's exclusivity claim.
+            self.slots[(index % 2) as usize].with(|p| *out = unsafe { *p });
+        }
+    }
+
+    #[test]
+    fn loom_spsc_ring_delivers_in_order_without_races() {
+        // Three records through two slots: the producer meets a full ring,
+        // the consumer an empty one, and the indices wrap the slots.
+        const N: u32 = 3;
+        loom::model(|| {
+            let mem = Arc::new(Model {
+                head: LoomU32::new(0),
+                tail: LoomU32::new(0),
+                slots: [UnsafeCell::new([0; 2]), UnsafeCell::new([0; 2])],
+            });
+            let producer_mem = mem.clone();
+            let producer = loom::thread::spawn(move || {
+                let mut tail = 0;
+                for tag in 1..=N {
+                    while push(&*producer_mem, &mut tail, &[tag, !tag]) == Err(RingError::Full) {
+                        loom::thread::yield_now();
+                    }
+                }
+            });
+            let mut head = 0;
+            let mut out = [0u32; 2];
+            for expect in 1..=N {
+                loop {
+                    match pop(&*mem, &mut head, &mut out) {
+                        Ok(true) => break,
+                        Ok(false) => loom::thread::yield_now(),
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                assert_eq!(out, [expect, !expect], "in order and whole");
+            }
+            assert_eq!(pop(&*mem, &mut head, &mut out), Ok(false));
+            producer.join().unwrap();
+        });
+    }
+}
 
 #[cfg(test)]
 mod tests {
