@@ -4,12 +4,15 @@
 //! - [`echo`], [`target`]: UDP echo, sink and source targets with GSO/GRO.
 //! - [`stats`]: rate math, histograms, /proc CPU and RSS accounting.
 //! - [`load`]: a bounded echo load with byte-for-byte checks.
+//! - [`interop`]: runs the independent aioquic client of the interop and
+//!   abuse suites.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
 
 pub mod client;
 pub mod direct;
 pub mod echo;
+pub mod interop;
 pub mod load;
 pub mod loadgen;
 pub mod netns;

@@ -55,6 +55,8 @@ pub struct RelayOptions {
     pub workers: u32,
     /// Bearer token accepted.
     pub token: String,
+    /// More static tokens accepted (separate identities for quota tests).
+    pub extra_tokens: Vec<String>,
     /// CIDRs allowed as targets (tests allow loopback explicitly).
     pub allow: Vec<String>,
     /// Ask timeout in milliseconds.
@@ -87,6 +89,7 @@ impl Default for RelayOptions {
         Self {
             workers: std::env::var("RELAY_TEST_WORKERS").ok().and_then(|w| w.parse().ok()).unwrap_or(2),
             token: "e2e-test-token".into(),
+            extra_tokens: Vec::new(),
             allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
             ask_timeout_ms: 1500,
             flow_idle_timeout_secs: 120,
@@ -158,7 +161,7 @@ self_signed_names = ["localhost", "127.0.0.1"]
 
 [auth]
 realm = "test"
-tokens = ["{token}"]
+tokens = [{tokens}]
 
 [targets]
 allow = [{allow}]
@@ -176,7 +179,11 @@ max_pending = 64
             idle = opts.flow_idle_timeout_secs,
             ask = opts.ask_timeout_ms,
             extra = opts.dataplane_extra,
-            token = opts.token,
+            tokens = std::iter::once(&opts.token)
+                .chain(&opts.extra_tokens)
+                .map(|t| format!("\"{t}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             allow = allow.join(", "),
             extra_config = opts.extra_config,
             relay_extra = opts.relay_extra,
@@ -211,6 +218,33 @@ max_pending = 64
     /// The admin socket.
     pub fn admin_socket(&self) -> PathBuf {
         self.state_dir.join("admin.sock")
+    }
+
+    /// The admin socket's `status` answer.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        use std::io::{BufRead, BufReader, Write};
+        let socket = self.admin_socket();
+        let s = std::os::unix::net::UnixStream::connect(&socket)
+            .with_context(|| format!("admin socket {}", socket.display()))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        (&s).write_all(b"{\"cmd\":\"status\"}\n")?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// A dataplane counter (`relayctl status` name), summed over workers.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let v = self.status()?;
+        let workers = v["workers"].as_array().context("status without workers")?;
+        Ok(workers.iter().map(|w| w[name].as_u64().unwrap_or(0)).sum())
+    }
+
+    /// The dataplane's resident set size in KiB (`VmRSS`).
+    pub fn dataplane_rss_kib(&self) -> Result<u64> {
+        let pid = self.dataplane_pid().context("no dataplane")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        crate::stats::parse_status_rss_kib(&status).context("no VmRSS")
     }
 
     /// Starts (or restarts) relay-control and waits for its channel socket.

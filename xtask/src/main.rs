@@ -2,7 +2,9 @@
 //!
 //! - `setup`: installs the system packages the build needs (BoringSSL for
 //!   quiche needs cmake and libclang); as root it runs apt-get, otherwise it
-//!   prints the exact command and fails.
+//!   prints the exact command and fails. Then it creates the interop suite's
+//!   Python venv (`target/interop-venv`, aioquic pinned in
+//!   `bench/interop/requirements.txt`).
 //! - `build`: setup, then builds every binary.
 //! - `run`: builds (release) and runs the relay — relay-control on its
 //!   embedded default config, then relay-dataplane — until Ctrl-C.
@@ -26,6 +28,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("g++", "/usr/bin/g++"),
     ("make", "/usr/bin/make"),
     ("iproute2", "/usr/sbin/ip"),
+    // The interop suite's independent client (aioquic) runs in a venv.
+    ("python3", "/usr/bin/python3"),
+    ("python3-venv", ""),
 ];
 
 fn root() -> PathBuf {
@@ -84,6 +89,11 @@ fn is_root() -> bool {
 }
 
 fn setup() -> Result<()> {
+    setup_packages()?;
+    setup_interop_venv()
+}
+
+fn setup_packages() -> Result<()> {
     let missing = missing_packages();
     if missing.is_empty() {
         return Ok(());
@@ -104,6 +114,47 @@ fn setup() -> Result<()> {
     if !still.is_empty() {
         bail!("still missing after apt-get: {}", still.join(", "));
     }
+    Ok(())
+}
+
+/// The interop suite's Python environment: `target/interop-venv` with the
+/// pinned packages of `bench/interop/requirements.txt` (aioquic). The
+/// interop tests look for it there (or at `$RELAY_INTEROP_VENV`).
+fn interop_venv() -> PathBuf {
+    std::env::var_os("RELAY_INTEROP_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/interop-venv"))
+}
+
+/// Creates the interop venv and installs the pinned requirements, unless
+/// the venv already holds exactly them (a stamp file keeps a copy of the
+/// requirements it was built from).
+fn setup_interop_venv() -> Result<()> {
+    let venv = interop_venv();
+    let requirements = root().join("bench/interop/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let stamp = venv.join("requirements.installed");
+    let python = venv.join("bin/python3");
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    // A system python3 (Debian's, with python3-venv); a pyenv shim works too.
+    let system_python = ["/usr/bin/python3", "python3"]
+        .into_iter()
+        .find(|p| {
+            Command::new(p).args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success())
+        })
+        .context("no python3 with the venv and ensurepip modules (apt-get install python3-venv)")?;
+    let _ = std::fs::remove_dir_all(&venv);
+    run_checked(Command::new(system_python).args(["-m", "venv"]).arg(&venv))?;
+    run_checked(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "-r"])
+            .arg(&requirements),
+    )?;
+    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection"]))?;
+    std::fs::write(&stamp, wanted)?;
     Ok(())
 }
 
