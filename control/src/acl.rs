@@ -225,6 +225,123 @@ impl TargetAcl {
     }
 }
 
+/// An inclusive range of addresses of one family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddrRange {
+    /// First address.
+    pub start: IpAddr,
+    /// Last address.
+    pub end: IpAddr,
+}
+
+/// Ranges as (first, last) integers of one family, sorted and disjoint.
+type Intervals = Vec<(u128, u128)>;
+
+fn cidr_interval(c: &Cidr) -> (u128, u128) {
+    let (value, bits) = match c.addr {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32u32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    };
+    let host_bits = bits - u32::from(c.len);
+    let span = if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
+    let start = value & !span;
+    (start, start | span)
+}
+
+/// Sorts and merges overlapping or adjacent intervals.
+fn normalize_intervals(mut v: Intervals) -> Intervals {
+    v.sort_unstable();
+    let mut out: Intervals = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some((_, last_end)) if s <= last_end.saturating_add(1) => *last_end = (*last_end).max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `a` minus `b` (both normalized).
+fn subtract(a: &Intervals, b: &Intervals) -> Intervals {
+    let mut out = Vec::new();
+    for &(s, e) in a {
+        let mut cur = s;
+        let mut open = true;
+        for &(bs, be) in b {
+            if be < cur || bs > e {
+                continue;
+            }
+            if bs > cur {
+                out.push((cur, bs - 1));
+            }
+            if be >= e {
+                open = false;
+                break;
+            }
+            cur = be + 1;
+        }
+        if open && cur <= e {
+            out.push((cur, e));
+        }
+    }
+    out
+}
+
+fn family_intervals(cidrs: &[Cidr], v4: bool) -> Intervals {
+    normalize_intervals(cidrs.iter().filter(|c| c.addr.is_ipv4() == v4).map(cidr_interval).collect())
+}
+
+impl TargetAcl {
+    /// The addresses of `within` (prefixes, either family) that this policy
+    /// lets a connect-ip tunnel reach: `within` minus the explicit denials,
+    /// minus the special-purpose ranges not explicitly allowed. IPv4 ranges
+    /// first, each family sorted and disjoint. IPv4-mapped IPv6 addresses
+    /// are never reachable as IPv6.
+    pub fn allowed_ranges(&self, within: &[Cidr]) -> Vec<AddrRange> {
+        let mut out = Vec::new();
+        for v4 in [true, false] {
+            let within = family_intervals(within, v4);
+            let allow = family_intervals(&self.allow, v4);
+            let mut denied = family_intervals(&self.deny, v4);
+            denied.extend(subtract(&family_intervals(&self.default_deny, v4), &allow));
+            if !v4 {
+                denied.push(cidr_interval(&Cidr { addr: "::ffff:0:0".parse().expect("literal"), len: 96 }));
+            }
+            let denied = normalize_intervals(denied);
+            for (s, e) in subtract(&within, &denied) {
+                let to_ip = |x: u128| {
+                    if v4 { IpAddr::V4(Ipv4Addr::from(x as u32)) } else { IpAddr::V6(Ipv6Addr::from(x)) }
+                };
+                out.push(AddrRange { start: to_ip(s), end: to_ip(e) });
+            }
+        }
+        out
+    }
+}
+
+impl Cidr {
+    /// A prefix from an address and length (host bits are masked off).
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (len <= max).then(|| {
+            let (start, _) = cidr_interval(&Cidr { addr, len });
+            let addr = match addr {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(start as u32)),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(start)),
+            };
+            Cidr { addr, len }
+        })
+    }
+
+    /// The whole address space of both families.
+    pub fn everything() -> [Cidr; 2] {
+        [
+            Cidr { addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED), len: 0 },
+            Cidr { addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED), len: 0 },
+        ]
+    }
+}
+
 /// Addresses the RFC 6761 special names resolve to without DNS, or `None`
 /// to resolve normally; `Some(Err)` for names that must never resolve.
 pub fn special_name(name: &str) -> Option<Result<Vec<IpAddr>, ()>> {
@@ -312,5 +429,52 @@ mod tests {
         assert!(special_name("foo.localhost").unwrap().is_ok());
         assert_eq!(special_name("nothing.invalid"), Some(Err(())));
         assert_eq!(special_name("example.com"), None);
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    fn c(s: &str) -> Cidr {
+        s.parse().unwrap()
+    }
+
+    fn r(a: &str, b: &str) -> AddrRange {
+        AddrRange { start: a.parse().unwrap(), end: b.parse().unwrap() }
+    }
+
+    #[test]
+    fn allowed_ranges_subtract_denials_and_respect_explicit_allows() {
+        let acl = TargetAcl::new(vec![c("10.1.0.0/16")], vec![c("8.8.8.0/24")], vec![]);
+        // A public /8: minus the explicit deny.
+        assert_eq!(acl.allowed_ranges(&[c("8.0.0.0/8")]), vec![r("8.0.0.0", "8.8.7.255"), r("8.8.9.0", "8.255.255.255")]);
+        // Private space is denied by default except what is allowed.
+        assert_eq!(acl.allowed_ranges(&[c("10.0.0.0/8")]), vec![r("10.1.0.0", "10.1.255.255")]);
+        // A host inside a denied range: nothing.
+        assert!(acl.allowed_ranges(&[c("127.0.0.1/32")]).is_empty());
+        // Everything: no special range survives, both families present.
+        let all = acl.allowed_ranges(&Cidr::everything());
+        let inside = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            all.iter().any(|x| {
+                x.start.is_ipv4() == ip.is_ipv4() && {
+                    let v = |a: IpAddr| match a {
+                        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+                        IpAddr::V6(v6) => u128::from(v6),
+                    };
+                    v(x.start) <= v(ip) && v(ip) <= v(x.end)
+                }
+            })
+        };
+        for ok in ["1.1.1.1", "10.1.2.3", "2606:4700::1111", "9.255.255.255"] {
+            assert!(inside(ok), "{ok} allowed");
+        }
+        for denied in ["10.2.0.1", "127.0.0.1", "192.168.1.1", "8.8.8.8", "::1", "fe80::1", "::ffff:1.1.1.1", "ff02::1"] {
+            assert!(!inside(denied), "{denied} denied");
+        }
+        assert!(all.windows(2).all(|w| w[0].start.is_ipv4() >= w[1].start.is_ipv4()), "IPv4 first");
+        assert_eq!(Cidr::new("10.1.2.3".parse().unwrap(), 16), Some(c("10.1.0.0/16")));
+        assert_eq!(Cidr::new("10.1.2.3".parse().unwrap(), 33), None);
     }
 }

@@ -46,6 +46,9 @@ pub struct Config {
     /// Which extended CONNECT protocols are served.
     #[serde(default)]
     pub protocols: ProtocolsSection,
+    /// connect-ip (RFC 9484): template, address pools, TUN devices.
+    #[serde(default)]
+    pub connect_ip: ConnectIpSection,
     /// Where the config came from (file name or "embedded default config").
     #[serde(skip)]
     pub origin: String,
@@ -371,7 +374,7 @@ pub struct HmacKeyConfig {
 pub struct ProtocolsSection {
     /// connect-udp (RFC 9298).
     pub connect_udp: bool,
-    /// connect-ip (RFC 9484): not implemented yet.
+    /// connect-ip (RFC 9484): needs `[connect_ip]` pools.
     pub connect_ip: bool,
     /// Bound UDP (connect-udp listen): not implemented yet.
     pub bind: bool,
@@ -402,9 +405,6 @@ impl TryFrom<RawProtocols> for ProtocolsSection {
     type Error = String;
 
     fn try_from(r: RawProtocols) -> Result<Self, String> {
-        if r.connect_ip {
-            return Err("protocols.connect_ip = true: connect-ip is not implemented yet".into());
-        }
         if r.bind {
             return Err("protocols.bind = true: bound UDP is not implemented yet".into());
         }
@@ -420,7 +420,48 @@ impl ProtocolsSection {
         if self.connect_udp {
             out.push("connect-udp".to_string());
         }
+        if self.connect_ip {
+            out.push("connect-ip".to_string());
+        }
         out
+    }
+}
+
+/// `[connect_ip]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectIpSection {
+    /// The connect-ip URI template (variables `target` and `ipproto`).
+    pub uri_template: String,
+    /// IPv4 addresses assigned to clients, cut into one subnet per worker.
+    pub ipv4_pool: Option<String>,
+    /// IPv6 addresses assigned to clients, cut into one subnet per worker.
+    pub ipv6_pool: Option<String>,
+    /// TUN devices are named `<prefix><worker>`.
+    pub interface_prefix: String,
+    /// MTU of the TUN devices (at least 1280, RFC 9484 section 7.2).
+    pub mtu: u32,
+}
+
+impl Default for ConnectIpSection {
+    fn default() -> Self {
+        Self {
+            uri_template: "/.well-known/masque/ip/{target}/{ipproto}/".into(),
+            ipv4_pool: None,
+            ipv6_pool: None,
+            interface_prefix: "masq".into(),
+            mtu: 1280,
+        }
+    }
+}
+
+impl ConnectIpSection {
+    /// The pools, parsed.
+    pub fn pools(&self) -> Result<(Option<crate::ippool::Prefix>, Option<crate::ippool::Prefix>), String> {
+        let parse = |key: &str, v: &Option<String>| -> Result<Option<crate::ippool::Prefix>, String> {
+            v.as_deref().map(|s| s.parse().map_err(|e| format!("connect_ip.{key}: {e}"))).transpose()
+        };
+        Ok((parse("ipv4_pool", &self.ipv4_pool)?, parse("ipv6_pool", &self.ipv6_pool)?))
     }
 }
 
@@ -524,6 +565,28 @@ impl Config {
                 "tls.ticket_key_rotation_secs must be 60..=604800 (RFC 8446 caps ticket lifetimes at 7 days), not {}",
                 config.tls.ticket_key_rotation_secs
             )));
+        }
+        let ip = &config.connect_ip;
+        let (v4_pool, v6_pool) = ip.pools().map_err(invalid)?;
+        if config.protocols.connect_ip && v4_pool.is_none() && v6_pool.is_none() {
+            return Err(invalid(
+                "protocols.connect_ip = true needs connect_ip.ipv4_pool and/or connect_ip.ipv6_pool".into(),
+            ));
+        }
+        if config.protocols.connect_ip {
+            crate::ippool::AddressPools::new(v4_pool, v6_pool, d.workers.resolve())
+                .map_err(|e| invalid(format!("connect_ip: {e}")))?;
+        }
+        if ip.mtu < 1280 || ip.mtu > 65_535 {
+            return Err(invalid(format!("connect_ip.mtu must be 1280..=65535, not {}", ip.mtu)));
+        }
+        if ip.interface_prefix.is_empty()
+            || ip.interface_prefix.len() > 11
+            || !ip.interface_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                "connect_ip.interface_prefix must be 1..=11 letters, digits, '-' or '_' (device names are at most 15 bytes)".into(),
+            ));
         }
         let r = &config.resolver;
         if r.threads == 0 || r.threads > 64 || r.max_pending == 0 || r.timeout_ms == 0 {
@@ -813,8 +876,16 @@ mod tests {
 
         let text = DEFAULT_CONFIG.replace("connect_ip = false", "connect_ip = true");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
-        assert!(err.contains("protocols.connect_ip") && err.contains("not implemented yet"), "{err}");
-        assert!(err.contains("line"), "{err}");
+        assert!(err.contains("protocols.connect_ip") && err.contains("ipv4_pool"), "{err}");
+        let with_pool = format!("{text}\n[connect_ip]\nipv4_pool = \"10.89.0.0/24\"\nipv6_pool = \"fd89::/112\"\n");
+        let c = Config::parse(&with_pool, "t.toml").unwrap();
+        assert_eq!(c.protocols.names(), ["connect-udp", "connect-ip"]);
+        assert_eq!(c.connect_ip.mtu, 1280);
+        let bad = with_pool.replace("10.89.0.0/24", "10.89.0.1/24");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("connect_ip.ipv4_pool"), "{err}");
+        let bad = format!("{with_pool}mtu = 1000\n");
+        assert!(Config::parse(&bad, "t.toml").unwrap_err().to_string().contains("connect_ip.mtu"));
         let text = DEFAULT_CONFIG.replace("bind = false", "bind = true");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("protocols.bind") && err.contains("not implemented yet"), "{err}");

@@ -24,12 +24,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use relay_proto::channel::record::{AuthAsk, Verdict};
+use relay_proto::channel::record::{AuthAsk, IPPROTO_ANY, IpRoute, MAX_IP_ROUTES, PROTOCOL_CONNECT_IP, Verdict};
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::target::TargetHost;
 use tracing::debug;
 
-use crate::acl::{Denial, TargetAcl};
+use crate::acl::{Cidr, Denial, TargetAcl};
 use crate::auth::{AuthState, Authenticator, Identity};
 use crate::config::ProtocolsSection;
 use crate::quota::{Exceeded, QuotaConfig, QuotaError, Quotas};
@@ -58,6 +58,9 @@ pub struct Requester {
     pub identity: Identity,
     /// From where.
     pub client: IpAddr,
+    /// connect-ip: the IP protocol of the scope (0..=255, or
+    /// [`IPPROTO_ANY`]); `None` for connect-udp.
+    pub ip_protocol: Option<u16>,
 }
 
 /// Why resolution produced no addresses.
@@ -221,11 +224,17 @@ impl Policy {
     /// `now_unix` (wall clock, for token expiry). Also returns who asked
     /// ([`Identity::Unknown`] when credentials were refused).
     pub fn decide(&mut self, ask: &AuthAsk, now: Instant, now_unix: u64) -> (Decision, Identity) {
-        if !self.protocols.connect_udp {
+        let connect_ip = ask.protocol == PROTOCOL_CONNECT_IP;
+        let (enabled, name) = if connect_ip {
+            (self.protocols.connect_ip, "connect-ip")
+        } else {
+            (self.protocols.connect_udp, "connect-udp")
+        };
+        if !enabled {
             let verdict = Verdict::Deny {
                 status: 501,
                 proxy_error: None,
-                details: "connect-udp is disabled".into(),
+                details: format!("{name} is disabled"),
                 retry_after_secs: 0,
             };
             return (Decision::Answer(verdict), Identity::Unknown);
@@ -240,7 +249,11 @@ impl Policy {
                 return (Decision::Answer(verdict), Identity::Unknown);
             }
         };
-        let requester = Requester { identity: identity.clone(), client: ask.client.ip() };
+        let ip_protocol = connect_ip.then_some(ask.target_port);
+        let requester = Requester { identity: identity.clone(), client: ask.client.ip(), ip_protocol };
+        if connect_ip {
+            return (self.decide_ip(ask, requester, now), identity);
+        }
         // The dataplane validated the host already; re-validate anyway, as
         // nothing read from the channel is trusted.
         let decision = match TargetHost::parse(&ask.target_host) {
@@ -268,11 +281,79 @@ impl Policy {
         now: Instant,
     ) -> Verdict {
         match result {
+            Ok(addrs) if !addrs.is_empty() && requester.ip_protocol.is_some() => {
+                // connect-ip to a name: the scope is its addresses.
+                let hosts: Vec<Cidr> =
+                    addrs.iter().filter_map(|a| Cidr::new(*a, if a.is_ipv4() { 32 } else { 128 })).collect();
+                self.admit_ip_scope(requester, &hosts, now)
+            }
             Ok(addrs) if !addrs.is_empty() => self.check_addresses(requester, &addrs, port, now),
             Ok(_) => deny(502, ProxyError::DnsError, "no addresses"),
             Err(ResolveFailure::NotFound(why)) => deny(502, ProxyError::DnsError, &why),
             Err(ResolveFailure::Timeout) => deny(504, ProxyError::DnsTimeout, "resolution timed out"),
             Err(ResolveFailure::Busy) => deny(503, ProxyError::ProxyInternalError, "resolver overloaded"),
+        }
+    }
+
+    /// A connect-ip ask: the scope target is `*`, an address, a prefix
+    /// (RFC 9484 section 4.6) or a name to resolve first.
+    fn decide_ip(&mut self, ask: &AuthAsk, requester: Requester, now: Instant) -> Decision {
+        if ask.target_port > IPPROTO_ANY {
+            return Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid ipproto"));
+        }
+        let target = ask.target_host.as_str();
+        let within: Vec<Cidr> = if target == "*" {
+            Cidr::everything().to_vec()
+        } else if let Some((addr, len)) = target.split_once('/') {
+            let parsed = addr.parse::<IpAddr>().ok().zip(len.parse::<u8>().ok());
+            match parsed.and_then(|(a, l)| Cidr::new(a, l).filter(|c| c.to_string() == format!("{a}/{l}"))) {
+                Some(c) => vec![c],
+                None => return Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target prefix")),
+            }
+        } else if let Ok(ip) = target.parse::<IpAddr>() {
+            vec![Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix")]
+        } else {
+            return match TargetHost::parse(target) {
+                Ok(TargetHost::Name(name)) => {
+                    match self.quotas.check(requester.identity.quota_key().as_deref(), requester.client, now) {
+                        Ok(()) => Decision::Resolve { name, port: ask.target_port, requester },
+                        Err(which) => Decision::Answer(self.quota_refused(&requester, which, now)),
+                    }
+                }
+                _ => Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target")),
+            };
+        };
+        Decision::Answer(self.admit_ip_scope(&requester, &within, now))
+    }
+
+    /// Admits a connect-ip flow whose scope is `within`: the routes it may
+    /// use are the scope less what the target policy denies; control's
+    /// server adds the addresses.
+    fn admit_ip_scope(&mut self, requester: &Requester, within: &[Cidr], now: Instant) -> Verdict {
+        let protocol = match requester.ip_protocol {
+            Some(p) if p < IPPROTO_ANY => p as u8,
+            _ => 0,
+        };
+        let ranges = self.acl.allowed_ranges(within);
+        if ranges.is_empty() {
+            return deny(403, ProxyError::DestinationIpProhibited, "the scope holds no allowed destination");
+        }
+        if ranges.len() > MAX_IP_ROUTES {
+            return deny(403, ProxyError::DestinationIpProhibited, "the allowed part of the scope is too fragmented");
+        }
+        let flow_id = self.next_flow_id;
+        self.next_flow_id += 1;
+        let key = requester.identity.quota_key();
+        match self.quotas.admit(flow_id, key.as_deref(), requester.client, now) {
+            Ok(byte_budget) => Verdict::AllowIp {
+                flow_id,
+                idle_timeout_ms: self.idle_timeout_ms,
+                byte_budget,
+                identity: key.unwrap_or_default(),
+                addresses: Vec::new(),
+                routes: ranges.iter().map(|r| IpRoute { start: r.start, end: r.end, protocol }).collect(),
+            },
+            Err(which) => self.quota_refused(requester, which, now),
         }
     }
 
@@ -360,6 +441,7 @@ mod tests {
             target_host: host.into(),
             target_port: 53,
             authorization: auth.map(str::to_string),
+            protocol: relay_proto::channel::record::PROTOCOL_CONNECT_UDP,
         }
     }
 
@@ -382,6 +464,48 @@ mod tests {
 
     fn decide(p: &mut Policy, a: &AuthAsk) -> Decision {
         p.decide(a, Instant::now(), NOW_UNIX).0
+    }
+
+    fn ip_ask(target: &str, ipproto: u16) -> AuthAsk {
+        AuthAsk {
+            target_host: target.into(),
+            target_port: ipproto,
+            protocol: PROTOCOL_CONNECT_IP,
+            ..ask(target, Some("Bearer t"))
+        }
+    }
+
+    #[test]
+    fn connect_ip_scopes_become_routes_less_the_denied_space() {
+        let mut p = policy();
+        assert_eq!(status(&decide(&mut p, &ip_ask("*", IPPROTO_ANY))), 501, "connect-ip off by default");
+        let mut p = policy().with_protocols(ProtocolsSection { connect_udp: true, connect_ip: true, bind: false });
+        let routes = |d: Decision| match d {
+            Decision::Answer(Verdict::AllowIp { routes, addresses, .. }) => {
+                assert!(addresses.is_empty(), "control's server assigns addresses");
+                routes
+            }
+            other => panic!("{other:?}"),
+        };
+        // 192.0.2.0/24 is documentation space: denied by default.
+        assert_eq!(status(&decide(&mut p, &ip_ask("192.0.2.128/25", 17))), 403);
+        let r = routes(decide(&mut p, &ip_ask("8.8.8.0/24", 6)));
+        assert_eq!(
+            r,
+            vec![IpRoute { start: "8.8.8.0".parse().unwrap(), end: "8.8.8.255".parse().unwrap(), protocol: 6 }]
+        );
+        // Loopback is allowed explicitly by this policy.
+        let r = routes(decide(&mut p, &ip_ask("127.0.0.1", IPPROTO_ANY)));
+        assert_eq!(r[0].start, r[0].end);
+        let all = routes(decide(&mut p, &ip_ask("*", IPPROTO_ANY)));
+        assert!(all.len() > 10 && all.len() <= MAX_IP_ROUTES && all.iter().all(|x| x.protocol == 0));
+        assert!(all.iter().any(|x| x.start.is_ipv6()) && all[0].start.is_ipv4());
+        assert_eq!(status(&decide(&mut p, &ip_ask("10.0.0.1/8", 0))), 400, "host bits set");
+        assert_eq!(status(&decide(&mut p, &ip_ask("8.8.8.0/24", 300))), 400);
+        assert!(matches!(decide(&mut p, &ip_ask("example.com", 6)), Decision::Resolve { .. }));
+        let requester = Requester { identity: Identity::Unknown, client: "127.0.0.1".parse().unwrap(), ip_protocol: Some(6) };
+        let v = p.after_resolution(&requester, 6, Ok(vec!["1.1.1.1".parse().unwrap()]), Instant::now());
+        assert!(matches!(v, Verdict::AllowIp { ref routes, .. } if routes.len() == 1 && routes[0].protocol == 6), "{v:?}");
     }
 
     #[test]
@@ -413,7 +537,8 @@ mod tests {
                 port: 53,
                 requester: Requester {
                     identity: Identity::StaticToken(fp),
-                    client: "127.0.0.1".parse().unwrap()
+                    client: "127.0.0.1".parse().unwrap(),
+                    ip_protocol: None,
                 }
             }
         );
@@ -498,7 +623,11 @@ mod tests {
     #[test]
     fn resolution_outcomes() {
         let mut p = policy();
-        let r = Requester { identity: Identity::Subject("a".into()), client: "127.0.0.1".parse().unwrap() };
+        let r = Requester {
+            identity: Identity::Subject("a".into()),
+            client: "127.0.0.1".parse().unwrap(),
+            ip_protocol: None,
+        };
         let now = Instant::now();
         let v = p.after_resolution(
             &r,

@@ -27,7 +27,9 @@ use relay_proto::channel::RECORD_SIZE;
 use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate, Hello, TlsMaterial};
 use relay_proto::channel::doorbell::Doorbell;
 use relay_proto::channel::record::MAX_DETAILS;
-use relay_proto::channel::record::{AuthAnswer, AuthAsk, Record, SignAnswer, SignAsk, SignResult, Verdict};
+use relay_proto::channel::record::{
+    AuthAnswer, AuthAsk, IpAssignment, Record, SignAnswer, SignAsk, SignResult, Verdict,
+};
 use relay_proto::channel::region::{Region, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
 use relay_proto::proxy_status::ProxyError;
@@ -35,6 +37,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::auth::Identity;
 use crate::credentials::Credentials;
+use crate::ippool::{AddressPools, Prefix};
 use crate::metrics::Histograms;
 use crate::policy::{Decision, Policy, Requester, ResolveFailure};
 use crate::resolver::{Resolved, Resolver};
@@ -74,6 +77,8 @@ pub struct ServerSettings {
     pub keyless: bool,
     /// Session ticket key rotation period; `None`: no session tickets.
     pub ticket_rotation: Option<Duration>,
+    /// connect-ip address pools (IPv4, IPv6); both `None` without connect-ip.
+    pub ip_pools: (Option<Prefix>, Option<Prefix>),
 }
 
 /// A live flow as control knows it.
@@ -225,6 +230,7 @@ pub struct Server {
     last_sweep: Instant,
     credentials: Arc<Credentials>,
     tickets: Option<TicketKeys>,
+    pools: AddressPools,
     shared: Arc<Mutex<Shared>>,
     /// The same histograms as `shared.histograms`, without taking its lock.
     histograms: Arc<Histograms>,
@@ -304,6 +310,8 @@ impl Server {
         credentials: Arc<Credentials>,
         shared: Arc<Mutex<Shared>>,
     ) -> io::Result<Self> {
+        let pools = AddressPools::new(settings.ip_pools.0, settings.ip_pools.1, settings.bootstrap.workers)
+            .map_err(io::Error::other)?;
         let tickets = match settings.ticket_rotation {
             Some(period) => Some(TicketKeys::new(period, Instant::now()).map_err(io::Error::other)?),
             None => None,
@@ -334,6 +342,7 @@ impl Server {
             last_sweep: Instant::now(),
             credentials,
             tickets,
+            pools,
             shared,
             histograms,
             poll,
@@ -607,6 +616,7 @@ impl Server {
         }
         self.pending.clear();
         self.policy().release_all_flows();
+        self.pools.release_all();
         let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let released = shared.flows.len();
         shared.flows.clear();
@@ -649,6 +659,7 @@ impl Server {
                 Record::FlowClosed(closed) => {
                     let bytes = closed.bytes_up.saturating_add(closed.bytes_down);
                     self.policy().flow_closed(closed.flow_id, bytes, Instant::now());
+                    self.pools.release(closed.flow_id);
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if shared.flows.remove(&closed.flow_id).is_some() {
                         debug!(
@@ -803,9 +814,39 @@ impl Server {
 
     fn answer(&mut self, worker: u32, ask: &AuthAsk, identity: &Identity, mut verdict: Verdict) {
         let mut unused_allow = None;
+        // connect-ip: the addresses come from this worker's pool subnets.
+        if let Verdict::AllowIp { flow_id, addresses, .. } = &mut verdict {
+            match self.pools.assign(*flow_id, worker) {
+                Ok(assigned) => {
+                    addresses.extend(assigned.into_iter().map(|addr| IpAssignment {
+                        addr,
+                        len: if addr.is_ipv4() { 32 } else { 128 },
+                    }));
+                }
+                Err(e) => {
+                    warn!(worker, "connect-ip refused: {e}");
+                    unused_allow = Some(*flow_id);
+                    verdict = Verdict::Deny {
+                        status: 503,
+                        proxy_error: Some(ProxyError::ProxyInternalError),
+                        details: "address pool exhausted".into(),
+                        retry_after_secs: 0,
+                    };
+                }
+            }
+        }
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-            if let Verdict::Allow { flow_id, target, .. } = &verdict {
+            let allowed = match &verdict {
+                Verdict::Allow { flow_id, target, .. } => Some((*flow_id, *target)),
+                // An IP flow has no single target: shown as the unspecified address.
+                Verdict::AllowIp { flow_id, .. } => {
+                    Some((*flow_id, SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0)))
+                }
+                Verdict::Deny { .. } => None,
+            };
+            if let Some((flow_id, target)) = allowed {
+                let (flow_id, target) = (&flow_id, &target);
                 if shared.flows.len() >= MAX_FLOWS {
                     unused_allow = Some(*flow_id);
                     verdict = Verdict::Deny {
@@ -838,6 +879,7 @@ impl Server {
         if let Some(flow_id) = unused_allow {
             // The quota admitted it; give the admission back.
             self.policy().flow_closed(flow_id, 0, Instant::now());
+            self.pools.release(flow_id);
         }
         if let Verdict::Deny { status, details, .. } = &verdict {
             debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");

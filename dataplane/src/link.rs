@@ -109,6 +109,7 @@ impl ControlLink {
         target_host: &str,
         target_port: u16,
         authorization: Option<&str>,
+        protocol: u8,
     ) -> Result<u64, AskError> {
         if !self.is_up() {
             return Err(AskError::ControlDown);
@@ -122,6 +123,7 @@ impl ControlLink {
             target_host: target_host.to_string(),
             target_port,
             authorization: authorization.map(str::to_string),
+            protocol,
         };
         // Validate the size now, so an oversize request is refused at once.
         Record::AuthAsk(ask.clone()).encode(&mut self.record).map_err(AskError::TooLarge)?;

@@ -731,6 +731,7 @@ impl Worker {
             &target_host,
             connect.target_port,
             connect.authorization.as_deref(),
+            relay_proto::channel::record::PROTOCOL_CONNECT_UDP,
         );
         let ask_id = match asked {
             Ok(id) => id,
@@ -897,7 +898,7 @@ impl Worker {
     fn on_answer(&mut self, answer: AuthAnswer) {
         let Some((key, stream_id)) = self.asks.remove(&answer.ask_id) else {
             // The request is gone (timed out, reset, connection closed).
-            if let Verdict::Allow { flow_id, .. } = answer.verdict {
+            if let Verdict::Allow { flow_id, .. } | Verdict::AllowIp { flow_id, .. } = answer.verdict {
                 self.link.flow_closed(FlowClosed::unused(flow_id));
             }
             return;
@@ -909,12 +910,18 @@ impl Worker {
 
     fn apply_answer(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64, verdict: Verdict) {
         if !conn.tunnels.contains_key(&stream_id) {
-            if let Verdict::Allow { flow_id, .. } = verdict {
+            if let Verdict::Allow { flow_id, .. } | Verdict::AllowIp { flow_id, .. } = verdict {
                 self.link.flow_closed(FlowClosed::unused(flow_id));
             }
             return;
         }
         match verdict {
+            Verdict::AllowIp { flow_id, .. } => {
+                // Not served by this dataplane yet: give the flow back.
+                conn.tunnels.remove(&stream_id);
+                self.link.flow_closed(FlowClosed::unused(flow_id));
+                self.refuse(conn, stream_id, 501, None, "connect-ip is not served by this dataplane");
+            }
             Verdict::Deny { status, proxy_error, details, retry_after_secs } => {
                 conn.tunnels.remove(&stream_id);
                 let retry_after = (retry_after_secs > 0).then_some(retry_after_secs);

@@ -122,7 +122,31 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         cid_steering: d.connection_ids.steering,
         protocols: config.protocols.names(),
         retry_threshold: d.retry_threshold,
+        connect_ip: None,
     };
+    let ip_pools = config.connect_ip.pools()?;
+    let mut bootstrap = bootstrap;
+    if config.protocols.connect_ip {
+        let pools = relay_control::ippool::AddressPools::new(ip_pools.0, ip_pools.1, bootstrap.workers)?;
+        let ip = &config.connect_ip;
+        bootstrap.connect_ip = Some(relay_proto::channel::bootstrap::ConnectIpBootstrap {
+            uri_template: ip.uri_template.clone(),
+            interface_prefix: ip.interface_prefix.clone(),
+            mtu: ip.mtu,
+            worker_subnets: (0..bootstrap.workers)
+                .map(|w| {
+                    pools
+                        .worker_subnets(w)
+                        .into_iter()
+                        .map(|(prefix, own)| relay_proto::channel::bootstrap::WorkerSubnet {
+                            prefix: prefix.to_string(),
+                            own: own.to_string(),
+                        })
+                        .collect()
+                })
+                .collect(),
+        });
+    }
     let acl = TargetAcl::new(
         config.targets.allow.clone(),
         config.targets.deny.clone(),
@@ -190,6 +214,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         resolver_timeout: Duration::from_millis(u64::from(config.resolver.timeout_ms)),
         keyless: config.tls.keyless,
         ticket_rotation: config.tls.ticket_rotation(),
+        ip_pools: if config.protocols.connect_ip { ip_pools } else { (None, None) },
     };
     let mut server = Server::new(settings, policy, credentials, shared)?;
     install_signal_handlers();

@@ -94,6 +94,36 @@ pub struct Bootstrap {
     /// their address with a Retry round trip (0: always).
     #[serde(default = "retry_threshold")]
     pub retry_threshold: u32,
+    /// connect-ip, when served.
+    #[serde(default)]
+    pub connect_ip: Option<ConnectIpBootstrap>,
+}
+
+/// What the dataplane needs to serve connect-ip (RFC 9484): each worker
+/// owns a TUN device carrying its share of the address pools.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectIpBootstrap {
+    /// The URI template.
+    pub uri_template: String,
+    /// TUN devices are `<prefix><worker>`.
+    pub interface_prefix: String,
+    /// Their MTU.
+    pub mtu: u32,
+    /// Per worker (index = worker): its subnets as `address/length`, and
+    /// its own address in each (the TUN device's address, the source of
+    /// the ICMP errors it sends).
+    pub worker_subnets: Vec<Vec<WorkerSubnet>>,
+}
+
+/// One of a worker's subnets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSubnet {
+    /// `address/length`.
+    pub prefix: String,
+    /// The worker's own address in it.
+    pub own: String,
 }
 
 /// A session ticket key (RFC 8446 section 4.6.1 tickets are opaque to the

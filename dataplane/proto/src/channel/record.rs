@@ -46,6 +46,20 @@ const KIND_LIST_CONNS: u8 = 9;
 const KIND_CONN_INFO: u8 = 10;
 const KIND_CONN_LIST_END: u8 = 11;
 
+/// `AuthAsk::protocol`: connect-udp (RFC 9298).
+pub const PROTOCOL_CONNECT_UDP: u8 = 0;
+/// `AuthAsk::protocol`: connect-ip (RFC 9484). `target_host` is the scope
+/// target (`*`, an address or prefix, or a name) and `target_port` the IP
+/// protocol (0..=255, or [`IPPROTO_ANY`]).
+pub const PROTOCOL_CONNECT_IP: u8 = 1;
+/// `AuthAsk::target_port` of a connect-ip ask whose scope allows every IP
+/// protocol.
+pub const IPPROTO_ANY: u16 = 256;
+/// Most addresses a connect-ip allow assigns.
+pub const MAX_IP_ASSIGNMENTS: usize = 4;
+/// Most routes a connect-ip allow advertises.
+pub const MAX_IP_ROUTES: usize = 64;
+
 /// Most connections one worker lists per request.
 pub const MAX_CONNS_LISTED: u32 = 10_000;
 
@@ -66,6 +80,29 @@ pub struct AuthAsk {
     pub target_port: u16,
     /// `proxy-authorization` (or `authorization`) value, if any.
     pub authorization: Option<String>,
+    /// [`PROTOCOL_CONNECT_UDP`] or [`PROTOCOL_CONNECT_IP`].
+    pub protocol: u8,
+}
+
+/// An address (or prefix) assigned to a connect-ip client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpAssignment {
+    /// The address (host bits beyond `len` zero).
+    pub addr: IpAddr,
+    /// Prefix length (32 / 128 for one address).
+    pub len: u8,
+}
+
+/// A range a connect-ip client may send to (ROUTE_ADVERTISEMENT, RFC 9484
+/// section 4.7.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRoute {
+    /// First address.
+    pub start: IpAddr,
+    /// Last address (same family, not below `start`).
+    pub end: IpAddr,
+    /// IP protocol (0: any).
+    pub protocol: u8,
 }
 
 /// Control's verdict on an ask.
@@ -86,6 +123,22 @@ pub enum Verdict {
         /// `tok:<fingerprint>`; empty when not known). The dataplane keeps
         /// it only to report the flow to a restarted control.
         identity: String,
+    },
+    /// Open a connect-ip tunnel (RFC 9484).
+    AllowIp {
+        /// Control's ID for the flow.
+        flow_id: u64,
+        /// Idle timeout for the flow, in milliseconds.
+        idle_timeout_ms: u32,
+        /// Bytes the flow may carry (0: no limit).
+        byte_budget: u64,
+        /// Who opened it (quota key; empty when not known).
+        identity: String,
+        /// The addresses assigned to the client (from control's pools).
+        addresses: Vec<IpAssignment>,
+        /// Where the client may send: the scope it asked for, less what
+        /// the target policy denies. Sorted as RFC 9484 section 4.7.3 wants.
+        routes: Vec<IpRoute>,
     },
     /// Refuse with an HTTP status and a Proxy-Status error.
     Deny {
@@ -283,6 +336,28 @@ pub enum RecordError {
     BadValue(&'static str),
 }
 
+fn ip_value(ip: IpAddr) -> (u128, u8) {
+    match ip {
+        IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+        IpAddr::V6(v6) => (u128::from(v6), 128),
+    }
+}
+
+/// A prefix length within the family, host bits zero.
+fn valid_prefix(addr: IpAddr, len: u8) -> bool {
+    let (value, bits) = ip_value(addr);
+    if len > bits {
+        return false;
+    }
+    let host_bits = u32::from(bits - len);
+    host_bits >= 128 || value & ((1u128 << host_bits) - 1) == 0
+}
+
+/// A range of one family, start not after end.
+fn valid_route(r: &IpRoute) -> bool {
+    r.start.is_ipv4() == r.end.is_ipv4() && ip_value(r.start).0 <= ip_value(r.end).0
+}
+
 /// Identities are printable ASCII without spaces (quota keys).
 fn valid_identity(id: &str) -> bool {
     id.bytes().all(|b| b.is_ascii_graphic())
@@ -328,6 +403,33 @@ impl Writer<'_> {
         }
         self.u16(b.len() as u16)?;
         self.bytes(b)
+    }
+    fn ip(&mut self, ip: IpAddr) -> Result<(), RecordError> {
+        match ip {
+            IpAddr::V4(v4) => {
+                self.u8(4)?;
+                self.bytes(&v4.octets())
+            }
+            IpAddr::V6(v6) => {
+                self.u8(6)?;
+                self.bytes(&v6.octets())
+            }
+        }
+    }
+    fn prefix(&mut self, addr: IpAddr, len: u8) -> Result<(), RecordError> {
+        if !valid_prefix(addr, len) {
+            return Err(RecordError::BadValue("prefix"));
+        }
+        self.ip(addr)?;
+        self.u8(len)
+    }
+    fn route(&mut self, r: &IpRoute) -> Result<(), RecordError> {
+        if !valid_route(r) {
+            return Err(RecordError::BadValue("route"));
+        }
+        self.ip(r.start)?;
+        self.ip(r.end)?;
+        self.u8(r.protocol)
     }
     fn identity(&mut self, id: &str) -> Result<(), RecordError> {
         if !valid_identity(id) {
@@ -398,6 +500,22 @@ impl<'a> Reader<'a> {
         };
         Ok(SocketAddr::new(ip, port))
     }
+    fn ip(&mut self) -> Result<IpAddr, RecordError> {
+        match self.u8()? {
+            4 => Ok(IpAddr::V4(<[u8; 4]>::try_from(self.take(4)?).expect("4 bytes").into())),
+            6 => Ok(IpAddr::V6(<[u8; 16]>::try_from(self.take(16)?).expect("16 bytes").into())),
+            _ => Err(RecordError::BadValue("ip_version")),
+        }
+    }
+    fn prefix(&mut self) -> Result<IpAssignment, RecordError> {
+        let addr = self.ip()?;
+        let len = self.u8()?;
+        if valid_prefix(addr, len) { Ok(IpAssignment { addr, len }) } else { Err(RecordError::BadValue("prefix")) }
+    }
+    fn route(&mut self) -> Result<IpRoute, RecordError> {
+        let r = IpRoute { start: self.ip()?, end: self.ip()?, protocol: self.u8()? };
+        if valid_route(&r) { Ok(r) } else { Err(RecordError::BadValue("route")) }
+    }
     fn identity(&mut self) -> Result<String, RecordError> {
         let id = self.str(MAX_IDENTITY, "identity")?;
         if valid_identity(&id) { Ok(id) } else { Err(RecordError::BadValue("identity")) }
@@ -421,6 +539,10 @@ impl Record {
                 w.str(&a.target_host, MAX_TARGET_HOST, "target_host")?;
                 w.u8(u8::from(a.authorization.is_some()))?;
                 w.str(a.authorization.as_deref().unwrap_or(""), MAX_AUTHORIZATION, "authorization")?;
+                if a.protocol > PROTOCOL_CONNECT_IP {
+                    return Err(RecordError::BadValue("protocol"));
+                }
+                w.u8(a.protocol)?;
                 KIND_AUTH_ASK
             }
             Record::AuthAnswer(a) => {
@@ -433,6 +555,24 @@ impl Record {
                         w.u32(*idle_timeout_ms)?;
                         w.u64(*byte_budget)?;
                         w.identity(identity)?;
+                    }
+                    Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes } => {
+                        if addresses.len() > MAX_IP_ASSIGNMENTS || routes.len() > MAX_IP_ROUTES {
+                            return Err(RecordError::BadValue("ip_config"));
+                        }
+                        w.u8(3)?;
+                        w.u64(*flow_id)?;
+                        w.u32(*idle_timeout_ms)?;
+                        w.u64(*byte_budget)?;
+                        w.identity(identity)?;
+                        w.u8(addresses.len() as u8)?;
+                        for a in addresses {
+                            w.prefix(a.addr, a.len)?;
+                        }
+                        w.u8(routes.len() as u8)?;
+                        for r in routes {
+                            w.route(r)?;
+                        }
                     }
                     Verdict::Deny { status, proxy_error, details, retry_after_secs } => {
                         if !(400..=599).contains(status) {
@@ -555,7 +695,12 @@ impl Record {
                     1 => Some(auth),
                     _ => return Err(RecordError::BadValue("authorization")),
                 };
+                let protocol = r.u8()?;
+                if protocol > PROTOCOL_CONNECT_IP {
+                    return Err(RecordError::BadValue("protocol"));
+                }
                 Record::AuthAsk(AuthAsk {
+                    protocol,
                     ask_id,
                     client,
                     authority,
@@ -592,6 +737,23 @@ impl Record {
                             details: r.str(MAX_DETAILS, "details")?,
                             retry_after_secs: r.u32()?,
                         }
+                    }
+                    3 => {
+                        let flow_id = r.u64()?;
+                        let idle_timeout_ms = r.u32()?;
+                        let byte_budget = r.u64()?;
+                        let identity = r.identity()?;
+                        let n = usize::from(r.u8()?);
+                        if n > MAX_IP_ASSIGNMENTS {
+                            return Err(RecordError::BadValue("addresses"));
+                        }
+                        let addresses = (0..n).map(|_| r.prefix()).collect::<Result<_, _>>()?;
+                        let n = usize::from(r.u8()?);
+                        if n > MAX_IP_ROUTES {
+                            return Err(RecordError::BadValue("routes"));
+                        }
+                        let routes = (0..n).map(|_| r.route()).collect::<Result<_, _>>()?;
+                        Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes }
                     }
                     _ => return Err(RecordError::BadValue("verdict")),
                 };
@@ -689,6 +851,7 @@ mod tests {
                 target_host: "example.com".into(),
                 target_port: 53,
                 authorization: Some("Bearer t".into()),
+                protocol: PROTOCOL_CONNECT_UDP,
             }),
             Record::AuthAsk(AuthAsk {
                 ask_id: u64::MAX,
@@ -698,6 +861,24 @@ mod tests {
                 target_host: "h".repeat(MAX_TARGET_HOST),
                 target_port: 65535,
                 authorization: Some("x".repeat(MAX_AUTHORIZATION)),
+                protocol: PROTOCOL_CONNECT_IP,
+            }),
+            Record::AuthAnswer(AuthAnswer {
+                ask_id: 10,
+                verdict: Verdict::AllowIp {
+                    flow_id: 11,
+                    idle_timeout_ms: 60_000,
+                    byte_budget: 0,
+                    identity: "sub:bob".into(),
+                    addresses: vec![
+                        IpAssignment { addr: "10.89.0.2".parse().unwrap(), len: 32 },
+                        IpAssignment { addr: "fd89::2".parse().unwrap(), len: 128 },
+                    ],
+                    routes: vec![
+                        IpRoute { start: "1.0.0.0".parse().unwrap(), end: "9.255.255.255".parse().unwrap(), protocol: 0 },
+                        IpRoute { start: "2000::".parse().unwrap(), end: "2fff::".parse().unwrap(), protocol: 17 },
+                    ],
+                },
             }),
             Record::AuthAnswer(AuthAnswer {
                 ask_id: 7,
@@ -864,6 +1045,43 @@ mod tests {
             let list = Record::ListConns { request_id: 1, limit };
             assert_eq!(list.encode(&mut buf), Err(RecordError::BadValue("limit")));
         }
+    }
+
+    #[test]
+    fn ip_allows_refuse_bad_prefixes_routes_and_counts() {
+        let mut buf = [0u8; RECORD_SIZE];
+        let allow = |addresses: Vec<IpAssignment>, routes: Vec<IpRoute>| {
+            Record::AuthAnswer(AuthAnswer {
+                ask_id: 1,
+                verdict: Verdict::AllowIp {
+                    flow_id: 1,
+                    idle_timeout_ms: 1,
+                    byte_budget: 0,
+                    identity: String::new(),
+                    addresses,
+                    routes,
+                },
+            })
+        };
+        let host_bits = IpAssignment { addr: "10.0.0.1".parse().unwrap(), len: 24 };
+        assert_eq!(allow(vec![host_bits], vec![]).encode(&mut buf), Err(RecordError::BadValue("prefix")));
+        let too_long = IpAssignment { addr: "10.0.0.0".parse().unwrap(), len: 33 };
+        assert_eq!(allow(vec![too_long], vec![]).encode(&mut buf), Err(RecordError::BadValue("prefix")));
+        let backwards = IpRoute { start: "10.0.0.9".parse().unwrap(), end: "10.0.0.1".parse().unwrap(), protocol: 0 };
+        assert_eq!(allow(vec![], vec![backwards]).encode(&mut buf), Err(RecordError::BadValue("route")));
+        let mixed = IpRoute { start: "10.0.0.1".parse().unwrap(), end: "::1".parse().unwrap(), protocol: 0 };
+        assert_eq!(allow(vec![], vec![mixed]).encode(&mut buf), Err(RecordError::BadValue("route")));
+        let ok = IpAssignment { addr: "10.0.0.0".parse().unwrap(), len: 24 };
+        assert_eq!(
+            allow(vec![ok; MAX_IP_ASSIGNMENTS + 1], vec![]).encode(&mut buf),
+            Err(RecordError::BadValue("ip_config"))
+        );
+        // A bad IP version byte on the wire.
+        allow(vec![ok], vec![]).encode(&mut buf).unwrap();
+        let at = HEADER_LEN + 8 + 1 + 8 + 4 + 8 + 2 + 1;
+        assert_eq!(buf[at], 4);
+        buf[at] = 5;
+        assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("ip_version")));
     }
 
     #[test]
