@@ -7,6 +7,9 @@
 //!   Protocol (RFC 9297) and the connect-udp payload format (RFC 9298).
 //! - [`template`], [`target`], [`request`]: request validation (RFC 9114,
 //!   RFC 9220) and connect-udp request classification (RFC 9298).
+//! - [`ip`]: connect-ip (RFC 9484): its capsules, IP packet handling and
+//!   request scope; its URI template and request classification sit in
+//!   [`template`] and [`request`] beside connect-udp's.
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
 //! - [`channel`]: the shared-memory channel between dataplane and control:
 //!   record codecs and the SPSC ring.
@@ -16,6 +19,7 @@ pub mod capsule;
 pub mod channel;
 pub mod cid;
 pub mod datagram;
+pub mod ip;
 pub mod proxy_status;
 pub mod request;
 pub mod target;

@@ -76,7 +76,7 @@ impl TargetHost {
     }
 }
 
-fn validate_name(name: &str) -> Result<String, TargetError> {
+pub(crate) fn validate_name(name: &str) -> Result<String, TargetError> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(TargetError::InvalidHost);

@@ -1,0 +1,21 @@
+//! connect-ip (RFC 9484): proxying IP in HTTP.
+//!
+//! Pure, sans-IO pieces the dataplane drives:
+//!
+//! - [`capsule`]: the ADDRESS_ASSIGN, ADDRESS_REQUEST and ROUTE_ADVERTISEMENT
+//!   capsules (section 4.7) and the [`capsule::IpPrefix`] type.
+//! - [`packet`]: the IP packet checks a tunnel endpoint acting as a router
+//!   needs (section 7): header parsing with the IPv6 extension header walk
+//!   (section 4.8), TTL / hop limit decrement, ICMP error generation
+//!   (section 7.2.1).
+//! - [`scope`]: the `target` and `ipproto` request variables and the scope
+//!   they define (section 4.6).
+//!
+//! The URI template and request classification live with their connect-udp
+//! counterparts: [`crate::template::IpUriTemplate`] and
+//! [`crate::request::classify_connect_ip`].
+#![forbid(unsafe_code)]
+
+pub mod capsule;
+pub mod packet;
+pub mod scope;
