@@ -90,7 +90,14 @@ struct StreamState {
     decoder: Option<CapsuleDecoder>,
     datagrams: VecDeque<Vec<u8>>,
     capsule_datagrams: u64,
+    /// connect-ip capsules received (type, value), bounded.
+    control: VecDeque<(u64, Vec<u8>)>,
 }
+
+/// connect-ip capsule types the client keeps (RFC 9484 section 4.7).
+const IP_CAPSULES: &[u64] = &[0x01, 0x02, 0x03];
+/// connect-ip capsules kept per stream until taken.
+const MAX_CONTROL: usize = 64;
 
 /// A QUIC + HTTP/3 connection to the relay.
 pub struct Client {
@@ -233,6 +240,12 @@ impl Client {
     /// Whether the handshake resumed a session (no certificate sent).
     pub fn is_resumed(&self) -> bool {
         self.quic.is_resumed()
+    }
+
+    /// The connect-ip capsules received on `stream_id` (type, value), in
+    /// order.
+    pub fn take_control_capsules(&mut self, stream_id: u64) -> VecDeque<(u64, Vec<u8>)> {
+        self.streams.get_mut(&stream_id).map(|s| std::mem::take(&mut s.control)).unwrap_or_default()
     }
 
     /// The relay's leaf certificate (DER); on a resumed handshake, the one
@@ -559,16 +572,26 @@ impl Client {
                 }
                 Ok((id, quiche::h3::Event::Data)) => {
                     let s = self.streams.entry(id).or_default();
-                    let decoder = s.decoder.get_or_insert_with(|| CapsuleDecoder::new(65_535));
+                    let decoder =
+                        s.decoder.get_or_insert_with(|| CapsuleDecoder::new(65_535).keep(IP_CAPSULES));
                     while let Ok(n) = h3.recv_body(&mut self.quic, id, &mut self.buf) {
                         let mut got = Vec::new();
                         if decoder.feed(&self.buf[..n], |c| got.push(c)).is_err() {
                             break;
                         }
-                        for Capsule::Datagram(v) in got {
-                            if let Ok((0, used)) = relay_proto::varint::decode(&v) {
-                                s.datagrams.push_back(v[used..].to_vec());
-                                s.capsule_datagrams += 1;
+                        for c in got {
+                            match c {
+                                Capsule::Datagram(v) => {
+                                    if let Ok((0, used)) = relay_proto::varint::decode(&v) {
+                                        s.datagrams.push_back(v[used..].to_vec());
+                                        s.capsule_datagrams += 1;
+                                    }
+                                }
+                                Capsule::Other { capsule_type, value } => {
+                                    if s.control.len() < MAX_CONTROL {
+                                        s.control.push_back((capsule_type, value));
+                                    }
+                                }
                             }
                         }
                     }

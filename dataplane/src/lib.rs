@@ -31,6 +31,7 @@ pub mod socket;
 pub mod tickets;
 pub mod timers;
 pub mod tls;
+pub mod tun;
 pub mod tunnel;
 pub mod upbatch;
 pub mod worker;

@@ -280,6 +280,13 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let flags = Flags { stop: &STOP, drain: &DRAIN };
         let mut worker =
             Worker::new(settings, flags, local, link, relink_rx, inboxes.clone(), retry.clone())?;
+        if let Some(ip) = &b.connect_ip {
+            let name = format!("{}{i}", ip.interface_prefix);
+            let subnets = ip.worker_subnets.get(i as usize).map(Vec::as_slice).unwrap_or_default();
+            let tun = relay_dataplane::tun::WorkerTun::create(&name, subnets, ip.mtu)?;
+            info!(worker = i, device = %name, mtu = ip.mtu, "connect-ip TUN device ready");
+            worker.set_tun(tun);
+        }
         let cpu = (b.pin_workers && !cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]);
         let auto = b.io_backend == "auto";
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);

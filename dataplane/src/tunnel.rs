@@ -98,7 +98,19 @@ pub struct Tunnel {
     client_used_capsules: bool,
     client_used_datagrams: bool,
     byte_budget: u64,
+    /// A connect-ip tunnel (RFC 9484): payloads are IP packets, and the
+    /// address and route capsules are kept for the worker.
+    ip: bool,
+    /// connect-ip capsules received and not yet handled (type, value).
+    control_in: VecDeque<(u64, Vec<u8>)>,
 }
+
+/// The connect-ip capsule types a tunnel keeps (RFC 9484 section 4.7).
+const IP_CAPSULES: &[u64] = &[0x01, 0x02, 0x03];
+/// connect-ip capsules a tunnel holds before the worker handles them.
+const MAX_CONTROL_IN: usize = 16;
+/// Largest IP packet a context-0 datagram of a connect-ip tunnel carries.
+pub const MAX_IP_PACKET: usize = 65_535;
 
 impl Tunnel {
     /// A tunnel waiting for control's answer.
@@ -118,7 +130,33 @@ impl Tunnel {
             client_used_capsules: false,
             client_used_datagrams: false,
             byte_budget: 0,
+            ip: false,
+            control_in: VecDeque::new(),
         }
+    }
+
+    /// A connect-ip tunnel waiting for control's answer.
+    pub fn pending_ip(
+        stream_id: u64,
+        ask_id: u64,
+        now: Instant,
+        ask_timeout: Duration,
+        limits: Limits,
+    ) -> Self {
+        let mut t = Self::pending(stream_id, ask_id, now, ask_timeout, limits);
+        t.decoder = CapsuleDecoder::new(limits.max_capsule_len).keep(IP_CAPSULES);
+        t.ip = true;
+        t
+    }
+
+    /// Whether this is a connect-ip tunnel.
+    pub fn is_ip(&self) -> bool {
+        self.ip
+    }
+
+    /// Takes the connect-ip capsules received (type, value), in order.
+    pub fn take_control(&mut self) -> VecDeque<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.control_in)
     }
 
     /// Control allowed the tunnel: it is open, and may carry `byte_budget`
@@ -160,7 +198,8 @@ impl Tunnel {
             // datagram is dropped silently (and counted).
             return UpOutcome::DroppedUnknownContext;
         }
-        if payload.len() > MAX_UDP_PAYLOAD {
+        let limit = if self.ip { MAX_IP_PACKET } else { MAX_UDP_PAYLOAD };
+        if payload.len() > limit {
             return UpOutcome::AbortTooLarge;
         }
         match self.phase {
@@ -192,7 +231,22 @@ impl Tunnel {
     ) -> Result<(), CapsuleError> {
         let mut capsules = Vec::new();
         self.decoder.feed(bytes, |c| capsules.push(c))?;
-        for Capsule::Datagram(value) in capsules {
+        let mut datagrams = Vec::new();
+        for c in capsules {
+            match c {
+                Capsule::Datagram(value) => datagrams.push(value),
+                Capsule::Other { capsule_type, value } => {
+                    // Bounded: a client that floods address requests faster
+                    // than one turn handles them loses the excess; RFC 9484
+                    // capsules carry the full state, so the next one
+                    // supersedes.
+                    if self.control_in.len() < MAX_CONTROL_IN {
+                        self.control_in.push_back((capsule_type, value));
+                    }
+                }
+            }
+        }
+        for value in datagrams {
             self.client_used_capsules = true;
             // RFC 9298 section 5: a datagram whose context ID cannot be
             // parsed is dropped.
@@ -257,6 +311,16 @@ impl Tunnel {
             return false;
         }
         capsule::encode_datagram(UDP_PAYLOAD_CONTEXT, payload, &mut self.stream_out);
+        true
+    }
+
+    /// Appends an encoded capsule (connect-ip's address and route capsules)
+    /// to the stream output; `false` if the bounded buffer has no room.
+    pub fn push_raw_capsule(&mut self, capsule: &[u8]) -> bool {
+        if self.stream_out.len() + capsule.len() > self.stream_out_limit {
+            return false;
+        }
+        self.stream_out.extend_from_slice(capsule);
         true
     }
 

@@ -36,6 +36,14 @@ pub enum CapsuleError {
 pub enum Capsule {
     /// A DATAGRAM capsule: an HTTP Datagram payload (context ID first).
     Datagram(Vec<u8>),
+    /// A capsule of a type the decoder was told to keep
+    /// ([`CapsuleDecoder::keep`]), e.g. connect-ip's ADDRESS_REQUEST.
+    Other {
+        /// Its type.
+        capsule_type: u64,
+        /// Its value.
+        value: Vec<u8>,
+    },
 }
 
 #[derive(Debug)]
@@ -43,7 +51,7 @@ enum State {
     /// Collecting the type and length varints in `header`.
     Header,
     /// Collecting `remaining` value bytes of a kept capsule.
-    Value { remaining: usize },
+    Value { capsule_type: u64, remaining: usize },
     /// Discarding `remaining` bytes of an unknown capsule.
     Skip { remaining: u64 },
 }
@@ -57,6 +65,7 @@ pub struct CapsuleDecoder {
     value: Vec<u8>,
     max_capsule_len: usize,
     skipped_capsules: u64,
+    kept_types: &'static [u64],
 }
 
 impl CapsuleDecoder {
@@ -70,7 +79,15 @@ impl CapsuleDecoder {
             value: Vec::new(),
             max_capsule_len,
             skipped_capsules: 0,
+            kept_types: &[],
         }
+    }
+
+    /// Also keeps capsules of `types` (delivered as [`Capsule::Other`],
+    /// bounded by the same length limit) instead of skipping them.
+    pub fn keep(mut self, types: &'static [u64]) -> Self {
+        self.kept_types = types;
+        self
     }
 
     /// Number of unknown capsules skipped so far.
@@ -116,7 +133,7 @@ impl CapsuleDecoder {
                             let consumed = used - self.header_len;
                             input = &input[consumed..];
                             self.header_len = 0;
-                            if capsule_type == DATAGRAM {
+                            if capsule_type == DATAGRAM || self.kept_types.contains(&capsule_type) {
                                 if len > self.max_capsule_len as u64 {
                                     return Err(CapsuleError::TooLarge {
                                         capsule_type,
@@ -125,7 +142,7 @@ impl CapsuleDecoder {
                                     });
                                 }
                                 self.value.clear();
-                                self.state = State::Value { remaining: len as usize };
+                                self.state = State::Value { capsule_type, remaining: len as usize };
                             } else {
                                 self.skipped_capsules += 1;
                                 self.state = State::Skip { remaining: len };
@@ -159,10 +176,14 @@ impl CapsuleDecoder {
 
     fn emit_if_complete(&mut self, on_capsule: &mut impl FnMut(Capsule)) {
         match self.state {
-            State::Value { remaining: 0 } => {
+            State::Value { capsule_type, remaining: 0 } => {
                 let value = std::mem::take(&mut self.value);
                 self.state = State::Header;
-                on_capsule(Capsule::Datagram(value));
+                on_capsule(if capsule_type == DATAGRAM {
+                    Capsule::Datagram(value)
+                } else {
+                    Capsule::Other { capsule_type, value }
+                });
             }
             State::Skip { remaining: 0 } => self.state = State::Header,
             _ => {}
@@ -215,6 +236,34 @@ mod tests {
             assert_eq!(got[1], Capsule::Datagram([&[0u8][..], &[7; 1500]].concat()));
             assert_eq!(got[2], Capsule::Datagram(vec![0]));
         }
+    }
+
+    #[test]
+    fn kept_types_are_delivered_and_others_still_skipped() {
+        let mut d = CapsuleDecoder::new(64).keep(&[0x02]);
+        let mut bytes = Vec::new();
+        encode(0x02, &[1, 4, 0, 0, 0, 0, 32], &mut bytes);
+        encode(0x29, &[9; 10], &mut bytes);
+        encode_datagram(0, b"x", &mut bytes);
+        let mut got = Vec::new();
+        // Byte by byte: values split across reads are reassembled.
+        for b in &bytes {
+            d.feed(std::slice::from_ref(b), |c| got.push(c)).unwrap();
+        }
+        assert_eq!(
+            got,
+            vec![
+                Capsule::Other { capsule_type: 0x02, value: vec![1, 4, 0, 0, 0, 0, 32] },
+                Capsule::Datagram(vec![0, b'x']),
+            ]
+        );
+        assert_eq!(d.skipped_capsules(), 1);
+        let mut big = Vec::new();
+        encode(0x02, &[0; 65], &mut big);
+        assert!(matches!(
+            CapsuleDecoder::new(64).keep(&[0x02]).feed(&big, |_| {}),
+            Err(CapsuleError::TooLarge { capsule_type: 0x02, .. })
+        ));
     }
 
     #[test]

@@ -21,6 +21,7 @@ use super::{Handler, IoStats, Output, RECV_BUDGET, TargetKey, Turn, Wake};
 const QUIC_SOCKET: Token = Token(0);
 const ANSWER_BELL: Token = Token(1);
 const WORKER_BELL: Token = Token(2);
+const TUN: Token = Token(3);
 const FIRST_TARGET: usize = 16;
 
 fn target_token(key: TargetKey) -> Token {
@@ -61,6 +62,9 @@ impl EpollBackend {
     /// Runs the loop until the handler says stop.
     pub fn run<H: Handler>(&mut self, h: &mut H) -> io::Result<()> {
         self.poll.registry().register(&mut SourceFd(&h.worker_bell()), WORKER_BELL, Interest::READABLE)?;
+        if let Some(fd) = h.tun_fd() {
+            self.poll.registry().register(&mut SourceFd(&fd), TUN, Interest::READABLE)?;
+        }
         self.watch_answer_bell(h);
         let mut deadline = Instant::now();
         let mut turn_start = deadline;
@@ -83,6 +87,7 @@ impl EpollBackend {
                     QUIC_SOCKET => quic_ready = true,
                     ANSWER_BELL => h.on_wake(Wake::Answers),
                     WORKER_BELL => h.on_wake(Wake::Worker),
+                    TUN => h.on_wake(Wake::Tun),
                     Token(t) => ready.push((t - FIRST_TARGET) as TargetKey),
                 }
             }

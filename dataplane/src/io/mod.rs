@@ -29,6 +29,10 @@ pub enum Wake {
     /// The worker's own bell: hand-offs from other workers, a new control
     /// link, or control going away.
     Worker,
+    /// The worker's TUN device became readable (connect-ip). Edge
+    /// triggered: the core reads until the device is empty, or remembers
+    /// that it did not.
+    Tun,
 }
 
 /// What the loop does after a turn.
@@ -64,6 +68,10 @@ pub trait Handler {
     fn answer_bell(&self) -> (RawFd, u64);
     /// The worker's own doorbell (never changes).
     fn worker_bell(&self) -> RawFd;
+    /// The worker's TUN device, when it serves connect-ip (never changes).
+    fn tun_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Which backend a worker runs.

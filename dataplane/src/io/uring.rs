@@ -60,6 +60,7 @@ const KIND_ANSWER_BELL: u64 = 4;
 const KIND_WORKER_BELL: u64 = 5;
 const KIND_CANCEL: u64 = 6;
 const KIND_TIMER: u64 = 7;
+const KIND_TUN: u64 = 8;
 const KIND_SHIFT: u32 = 56;
 const VALUE_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
@@ -118,6 +119,7 @@ pub struct UringBackend {
     /// Targets whose receive ended and must be re-armed.
     rearm: Vec<TargetKey>,
     worker_bell_armed: bool,
+    tun_armed: bool,
     answer_bell: Option<(RawFd, u64)>,
     answer_bell_armed: bool,
     /// Completions taken while waiting for a send slot, handled next turn.
@@ -174,6 +176,7 @@ impl UringBackend {
             quic_armed: false,
             rearm: Vec::new(),
             worker_bell_armed: false,
+            tun_armed: false,
             answer_bell: None,
             answer_bell_armed: false,
             deferred: VecDeque::new(),
@@ -328,6 +331,16 @@ impl UringBackend {
             self.push(poll);
             self.worker_bell_armed = true;
         }
+        if !self.tun_armed
+            && let Some(fd) = h.tun_fd()
+        {
+            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+                .multi(true)
+                .build()
+                .user_data(user_data(KIND_TUN, 0));
+            self.push(poll);
+            self.tun_armed = true;
+        }
         let current = h.answer_bell();
         if self.answer_bell != Some(current) {
             if let Some((_, epoch)) = self.answer_bell.take()
@@ -365,6 +378,14 @@ impl UringBackend {
                 }
                 if c.result >= 0 {
                     h.on_wake(Wake::Worker);
+                }
+            }
+            KIND_TUN => {
+                if !cqueue::more(c.flags) {
+                    self.tun_armed = false;
+                }
+                if c.result >= 0 {
+                    h.on_wake(Wake::Tun);
                 }
             }
             KIND_ANSWER_BELL => {

@@ -368,6 +368,17 @@ counters! {
     /// Handshakes that resumed a session from a ticket (no signature
     /// needed).
     HandshakesResumed = 46, "handshakes_resumed";
+    /// connect-ip packets dropped: destination or protocol outside the
+    /// tunnel's routes (either direction).
+    DropIpOutOfScope = 47, "drop_ip_out_of_scope";
+    /// connect-ip packets dropped: source not assigned to the client.
+    DropIpBadSource = 48, "drop_ip_bad_source";
+    /// ICMP errors sent (to clients, or back through the TUN device).
+    IcmpErrorsSent = 49, "icmp_errors_sent";
+    /// IP packets read from the worker's TUN device.
+    TunPacketsIn = 50, "tun_packets_in";
+    /// IP packets written to the worker's TUN device.
+    TunPacketsOut = 51, "tun_packets_out";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

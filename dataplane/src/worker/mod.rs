@@ -45,6 +45,10 @@ use crate::slab::{Key as ConnKey, Slab};
 use crate::socket;
 use crate::timers::{TimerTarget, Timers};
 use crate::tls::TlsShared;
+use crate::tun::WorkerTun;
+
+mod ip;
+use ip::{IpSide, IpTunnel};
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
 use crate::upbatch::UpBatch;
 
@@ -79,6 +83,8 @@ struct TunnelEntry {
     /// Who opened it (control's quota key), reported to a restarted
     /// control with the flow.
     identity: String,
+    /// A connect-ip tunnel's addresses and routes (once open).
+    ip: Option<IpTunnel>,
 }
 
 struct Conn {
@@ -181,6 +187,8 @@ pub struct Worker {
     link_epoch: u64,
     /// Serial number of the next accepted connection.
     next_serial: u64,
+    /// connect-ip: the worker's TUN device and its tunnels' addresses.
+    ip: Option<IpSide>,
 }
 
 /// Why a worker could not start.
@@ -266,6 +274,7 @@ impl Worker {
             backend_gauge: 0,
             link_epoch: 0,
             next_serial: 1,
+            ip: None,
         })
     }
 
@@ -276,6 +285,11 @@ impl Worker {
 
     fn count(&self, c: Counter, n: u64) {
         self.link.counters().add(c, n);
+    }
+
+    /// Serves connect-ip through `tun` (the worker's own device).
+    pub fn set_tun(&mut self, tun: WorkerTun) {
+        self.ip = Some(IpSide::new(tun));
     }
 
     /// Records which backend serves this worker (a gauge in the counters,
@@ -758,7 +772,7 @@ impl Worker {
         self.timers.push(tunnel.deadline(), TimerTarget::Tunnel(key, stream_id));
         conn.tunnels.insert(
             stream_id,
-            TunnelEntry { tunnel, target: None, response_pending: None, up: None, identity: String::new() },
+            TunnelEntry { tunnel, target: None, response_pending: None, up: None, identity: String::new(), ip: None },
         );
         self.asks.insert(ask_id, (key, stream_id));
     }
@@ -838,6 +852,10 @@ impl Worker {
                 self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
                 return;
             }
+            if entry.tunnel.is_ip() && !self.ip_capsules(conn, stream_id) {
+                self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
+                return;
+            }
         }
     }
 
@@ -873,6 +891,9 @@ impl Worker {
                 self.link.cancel(ask_id);
             }
             Phase::Open { flow_id, .. } => {
+                if let Some(t) = entry.ip.take() {
+                    self.ip_unregister(&t);
+                }
                 if let (Some(batch), Some(key)) = (entry.up.take(), entry.target) {
                     self.queue_up(key, batch);
                 }
@@ -916,11 +937,69 @@ impl Worker {
             return;
         }
         match verdict {
-            Verdict::AllowIp { flow_id, .. } => {
-                // Not served by this dataplane yet: give the flow back.
-                conn.tunnels.remove(&stream_id);
-                self.link.flow_closed(FlowClosed::unused(flow_id));
-                self.refuse(conn, stream_id, 501, None, "connect-ip is not served by this dataplane");
+            Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes } => {
+                let config = IpTunnel::from_allow(&addresses, &routes);
+                let (Some(config), true) = (config, self.ip.is_some()) else {
+                    conn.tunnels.remove(&stream_id);
+                    self.link.flow_closed(FlowClosed::unused(flow_id));
+                    return self.refuse(
+                        conn,
+                        stream_id,
+                        503,
+                        Some(ProxyError::ProxyInternalError),
+                        "connect-ip is not available on this worker",
+                    );
+                };
+                // RFC 9484 section 7.2: an IPv6 tunnel must carry 1280-byte
+                // packets; if QUIC datagrams cannot, the stream is aborted.
+                let v6 = config.addresses.iter().any(|p| p.addr.is_ipv6());
+                let room = conn.quic.dgram_max_writable_len().map(|m| m.saturating_sub(9));
+                if v6 && room.is_some_and(|r| r < 1280) {
+                    conn.tunnels.remove(&stream_id);
+                    self.link.flow_closed(FlowClosed::unused(flow_id));
+                    debug!(stream_id, ?room, "QUIC path too small for IPv6's minimum MTU");
+                    return self.refuse(
+                        conn,
+                        stream_id,
+                        502,
+                        Some(ProxyError::ProxyInternalError),
+                        "the QUIC path cannot carry 1280-byte IPv6 packets",
+                    );
+                }
+                self.ip_register(key, stream_id, &config);
+                let now = self.now;
+                let unspecified = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0);
+                let entry = conn.tunnels.get_mut(&stream_id).expect("checked above");
+                let early = entry.tunnel.open(
+                    flow_id,
+                    unspecified,
+                    Duration::from_millis(u64::from(idle_timeout_ms)),
+                    byte_budget,
+                    now,
+                );
+                entry.identity = identity;
+                if !entry.tunnel.push_raw_capsule(&config.opening_capsules()) {
+                    self.count(Counter::DropQueueFull, 1);
+                }
+                entry.ip = Some(config);
+                self.tunnels_open += 1;
+                self.count(Counter::TunnelsOpened, 1);
+                self.count(Counter::TunnelsActive, 1);
+                let headers = response::tunnel_open();
+                let sent =
+                    conn.h3.as_mut().map(|h3| h3.send_response(&mut conn.quic, stream_id, &headers, false));
+                if !matches!(sent, Some(Ok(()))) {
+                    entry.response_pending = Some(headers);
+                }
+                for payload in early {
+                    entry.tunnel.totals.packets_up += 1;
+                    entry.tunnel.totals.bytes_up += payload.len() as u64;
+                    self.forward_up(key, stream_id, entry, UpOutcome::Forward, &payload);
+                }
+                // Address requests that arrived before the allow.
+                if !self.ip_capsules(conn, stream_id) {
+                    self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
+                }
             }
             Verdict::Deny { status, proxy_error, details, retry_after_secs } => {
                 conn.tunnels.remove(&stream_id);
@@ -1210,13 +1289,18 @@ impl Worker {
             UpOutcome::DroppedUnknownContext => return self.count(Counter::DropUnknownContext, 1),
             UpOutcome::AbortTooLarge => return self.count(Counter::DropTooLarge, 1),
         }
-        let Some(key) = entry.target else {
+        let target = entry.target;
+        if target.is_none() && entry.ip.is_none() {
             return self.out.stats.drop_target_send += 1;
-        };
+        }
         if entry.tunnel.over_budget() {
             // This payload still goes out; the tunnel ends this turn.
             self.note_over_budget(conn, stream_id);
         }
+        if let Some(t) = entry.ip.as_ref() {
+            return self.ip_up(conn, stream_id, t, payload);
+        }
+        let Some(key) = target else { return };
         let gso = self.gso();
         if entry.up.as_ref().is_some_and(|b| !b.fits(payload.len(), gso)) {
             // The batch cannot take it: send what is there first.
@@ -1486,6 +1570,11 @@ impl Handler for Worker {
                 self.check_relink();
                 self.handoffs_due = true;
             }
+            Wake::Tun => {
+                if let Some(ip) = self.ip.as_mut() {
+                    ip.due = true;
+                }
+            }
         }
     }
 
@@ -1503,6 +1592,9 @@ impl Handler for Worker {
             self.read_answers();
         } else {
             self.link.flush_queued();
+        }
+        if self.ip.as_ref().is_some_and(|ip| ip.due) {
+            self.read_tun();
         }
         self.kill_requested_flows();
         self.answer_conn_listings();
@@ -1533,7 +1625,7 @@ impl Handler for Worker {
             return Turn::Stop;
         }
         self.out.stats.flush_into(self.link.counters());
-        let busy = self.handoffs_due || self.answers_due;
+        let busy = self.handoffs_due || self.answers_due || self.ip.as_ref().is_some_and(|ip| ip.due);
         let deadline = if busy {
             self.now
         } else {
@@ -1553,6 +1645,10 @@ impl Handler for Worker {
 
     fn worker_bell(&self) -> RawFd {
         self.inboxes[self.settings.index as usize].bell.as_raw_fd()
+    }
+
+    fn tun_fd(&self) -> Option<RawFd> {
+        self.ip.as_ref().map(|ip| ip.tun.as_raw_fd())
     }
 }
 

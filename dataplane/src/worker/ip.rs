@@ -1,0 +1,314 @@
+//! connect-ip (RFC 9484) in the worker: tunnels whose payloads are whole IP
+//! packets, exchanged with the worker's TUN device.
+//!
+//! * Up (client → TUN): the packet's source must be one of the tunnel's
+//!   assigned addresses and its destination and protocol inside the routes
+//!   control allowed (the client's scope less the target policy). Failures
+//!   are forwarding errors, not protocol errors (section 7.2): the packet
+//!   is dropped, counted, and answered with an ICMP error (section 7.2.1).
+//!   The kernel routes what is written to the TUN device and decrements the
+//!   TTL then.
+//! * Down (TUN → client): the destination names the tunnel (the worker's
+//!   address map), the source must lie in the tunnel's routes, the hop
+//!   limit is decremented "right before an IP packet is transmitted in an
+//!   HTTP Datagram" (section 7.2) with Time Exceeded when it runs out, and
+//!   a packet larger than the tunnel can carry gets Packet Too Big so inner
+//!   TCP never stalls silently.
+//! * Address and route capsules (section 4.7): ADDRESS_ASSIGN (request ID 0)
+//!   and ROUTE_ADVERTISEMENT are sent with the 2xx; ADDRESS_REQUEST is
+//!   answered with the assigned address of the family (or the all-zero
+//!   rejection, section 4.7.2); the client's ADDRESS_ASSIGN and
+//!   ROUTE_ADVERTISEMENT are validated and ignored (the relay routes
+//!   nothing towards clients but their assigned addresses).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use relay_proto::channel::record::{IpAssignment, IpRoute};
+use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
+use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
+use tracing::debug;
+
+use super::{Conn, ConnKey, Counter, Worker};
+use crate::tun::WorkerTun;
+
+/// ICMP (1) and ICMPv6 (58) are always allowed (RFC 9484 section 4.6).
+fn is_icmp(protocol: u8) -> bool {
+    protocol == 1 || protocol == 58
+}
+
+/// Bytes of a QUIC DATAGRAM frame's HTTP Datagram header at most: quarter
+/// stream ID (8) and context ID 0 (1).
+const DATAGRAM_HEADER_MAX: usize = 9;
+
+/// Most packets read from the TUN device per turn.
+const TUN_BUDGET: usize = 256;
+
+/// The worker's connect-ip side.
+pub(super) struct IpSide {
+    pub(super) tun: WorkerTun,
+    /// Assigned address → tunnel.
+    by_addr: HashMap<IpAddr, (ConnKey, u64)>,
+    /// The device has more to read.
+    pub(super) due: bool,
+    /// ICMP errors for clients, sent at the end of the turn.
+    icmp_down: Vec<(ConnKey, u64, Vec<u8>)>,
+    buf: Vec<u8>,
+}
+
+impl IpSide {
+    pub(super) fn new(tun: WorkerTun) -> Self {
+        Self { tun, by_addr: HashMap::new(), due: true, icmp_down: Vec::new(), buf: vec![0; 65_536] }
+    }
+}
+
+/// A connect-ip tunnel's configuration.
+#[derive(Debug, Clone)]
+pub(super) struct IpTunnel {
+    /// Assigned to the client.
+    pub(super) addresses: Vec<IpPrefix>,
+    /// Where the client may send.
+    pub(super) routes: Vec<IpAddressRange>,
+}
+
+impl IpTunnel {
+    pub(super) fn from_allow(addresses: &[IpAssignment], routes: &[IpRoute]) -> Option<Self> {
+        let addresses = addresses.iter().map(|a| IpPrefix::new(a.addr, a.len).ok()).collect::<Option<Vec<_>>>()?;
+        let routes = routes
+            .iter()
+            .map(|r| IpAddressRange::new(r.start, r.end, r.protocol).ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some(Self { addresses, routes })
+    }
+
+    fn source_allowed(&self, src: IpAddr) -> bool {
+        self.addresses.iter().any(|p| p.contains(src))
+    }
+
+    /// Whether `addr` with `protocol` is inside an advertised route.
+    fn routed(&self, addr: IpAddr, protocol: u8) -> bool {
+        self.routes
+            .iter()
+            .any(|r| r.contains(addr) && (r.ip_protocol == 0 || r.ip_protocol == protocol || is_icmp(protocol)))
+    }
+
+    /// The capsules sent with the 2xx: the assignment and the routes.
+    pub(super) fn opening_capsules(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let assigned = self.addresses.iter().map(|p| AssignedAddress { request_id: 0, prefix: *p }).collect();
+        ipcap::encode(&IpCapsule::AddressAssign(assigned), &mut out);
+        ipcap::encode(&IpCapsule::RouteAdvertisement(self.routes.clone()), &mut out);
+        out
+    }
+
+    /// The ADDRESS_ASSIGN answering `requests` (RFC 9484 section 4.7.2):
+    /// every current assignment, plus per request the assigned address of
+    /// its family if it matches (any address, or exactly ours), otherwise
+    /// the all-zero rejection.
+    fn answer_requests(&self, requests: &[ipcap::RequestedAddress]) -> Vec<u8> {
+        let mut list: Vec<AssignedAddress> =
+            self.addresses.iter().map(|p| AssignedAddress { request_id: 0, prefix: *p }).collect();
+        for r in requests {
+            let v4 = r.prefix.addr.is_ipv4();
+            let ours = self.addresses.iter().find(|p| p.addr.is_ipv4() == v4);
+            let granted = ours.filter(|p| r.prefix.is_unspecified() || r.prefix.addr == p.addr);
+            let prefix = match granted {
+                Some(p) => *p,
+                None => {
+                    let zero: IpAddr = if v4 {
+                        std::net::Ipv4Addr::UNSPECIFIED.into()
+                    } else {
+                        std::net::Ipv6Addr::UNSPECIFIED.into()
+                    };
+                    IpPrefix::host(zero)
+                }
+            };
+            list.push(AssignedAddress { request_id: r.request_id, prefix });
+        }
+        let mut out = Vec::new();
+        ipcap::encode(&IpCapsule::AddressAssign(list), &mut out);
+        out
+    }
+}
+
+impl Worker {
+    /// Registers an opened IP tunnel's addresses for the TUN demultiplexer.
+    pub(super) fn ip_register(&mut self, key: ConnKey, stream_id: u64, t: &IpTunnel) {
+        if let Some(ip) = self.ip.as_mut() {
+            for p in &t.addresses {
+                ip.by_addr.insert(p.addr, (key, stream_id));
+            }
+        }
+    }
+
+    /// Forgets a closed IP tunnel's addresses.
+    pub(super) fn ip_unregister(&mut self, t: &IpTunnel) {
+        if let Some(ip) = self.ip.as_mut() {
+            for p in &t.addresses {
+                ip.by_addr.remove(&p.addr);
+            }
+        }
+    }
+
+    /// Handles the connect-ip capsules a tunnel received. Returns false
+    /// when one is malformed: the caller aborts the stream (RFC 9297
+    /// section 3.3, RFC 9484 sections 4.7.2 and 4.7.3).
+    pub(super) fn ip_capsules(&mut self, conn: &mut Conn, stream_id: u64) -> bool {
+        let Some(entry) = conn.tunnels.get_mut(&stream_id) else { return true };
+        if entry.ip.is_none() {
+            // Not open yet: the capsules wait (bounded) for the allow.
+            return true;
+        }
+        for (capsule_type, value) in entry.tunnel.take_control() {
+            match ipcap::decode(capsule_type, &value) {
+                Ok(Some(IpCapsule::AddressRequest(requests))) => {
+                    let Some(t) = entry.ip.as_ref() else { continue };
+                    let answer = t.answer_requests(&requests);
+                    if !entry.tunnel.push_raw_capsule(&answer) {
+                        self.count(Counter::DropQueueFull, 1);
+                    }
+                }
+                // The client's own assignments and routes: valid, unused.
+                Ok(Some(_)) | Ok(None) => {}
+                Err(e) => {
+                    debug!(stream_id, "malformed connect-ip capsule: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// A client's IP packet (context 0) on an open tunnel.
+    pub(super) fn ip_up(&mut self, key: ConnKey, stream_id: u64, t: &IpTunnel, packet: &[u8]) {
+        let Some(ip) = self.ip.as_mut() else { return };
+        let info = match packet::parse(packet) {
+            Ok(i) => i,
+            Err(_) => {
+                self.count(Counter::DropMalformed, 1);
+                return;
+            }
+        };
+        let refusal = if !t.source_allowed(info.src) {
+            self.link.counters().add(Counter::DropIpBadSource, 1);
+            Some(IcmpError::SourcePolicy)
+        } else if !t.routed(info.dst, info.protocol) {
+            self.link.counters().add(Counter::DropIpOutOfScope, 1);
+            Some(IcmpError::AdminProhibited)
+        } else {
+            None
+        };
+        if let Some(kind) = refusal {
+            let from = ip.tun.own_address(info.src.is_ipv4());
+            if let Some(icmp) = from.and_then(|from| packet::icmp_error(packet, from, kind)) {
+                ip.icmp_down.push((key, stream_id, icmp));
+            }
+            return;
+        }
+        match ip.tun.write(packet) {
+            Ok(()) => self.count(Counter::TunPacketsOut, 1),
+            Err(e) => {
+                debug!("TUN write: {e}");
+                self.out.stats.drop_target_send += 1;
+            }
+        }
+    }
+
+    /// Reads the TUN device (bounded) and sends each packet down its
+    /// tunnel.
+    pub(super) fn read_tun(&mut self) {
+        let Some(mut ip) = self.ip.take() else { return };
+        let mut buf = std::mem::take(&mut ip.buf);
+        let mut drained = false;
+        for _ in 0..TUN_BUDGET {
+            let n = match ip.tun.read(&mut buf) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    drained = true;
+                    break;
+                }
+                Err(e) => {
+                    debug!("TUN read: {e}");
+                    drained = true;
+                    break;
+                }
+            };
+            self.count(Counter::TunPacketsIn, 1);
+            self.ip_down(&mut ip, &mut buf[..n]);
+        }
+        // Wake-ups are edge-triggered: when the budget ran out, what is
+        // still queued is read next turn without one.
+        ip.due = !drained;
+        ip.buf = buf;
+        let icmp = std::mem::take(&mut ip.icmp_down);
+        self.ip = Some(ip);
+        for (key, stream_id, packet) in icmp {
+            if let Some(mut conn) = self.take_conn(key) {
+                self.send_down(&mut conn, stream_id, &packet);
+                self.count(Counter::IcmpErrorsSent, 1);
+                self.put_conn(key, conn);
+            }
+        }
+    }
+
+    /// One packet from the TUN device.
+    fn ip_down(&mut self, ip: &mut IpSide, packet: &mut [u8]) {
+        let Ok(info) = packet::parse(packet) else {
+            self.count(Counter::DropMalformed, 1);
+            return;
+        };
+        let Some(&(key, stream_id)) = ip.by_addr.get(&info.dst) else {
+            // An assigned address whose tunnel is gone.
+            self.count(Counter::DropNoTunnel, 1);
+            return;
+        };
+        let Some(mut conn) = self.take_conn(key) else { return };
+        let allowed = conn
+            .tunnels
+            .get(&stream_id)
+            .and_then(|e| e.ip.as_ref())
+            .map(|t| t.routed(info.src, info.protocol));
+        match allowed {
+            None => {}
+            Some(false) => self.link.counters().add(Counter::DropIpOutOfScope, 1),
+            Some(true) => self.ip_down_checked(ip, &mut conn, stream_id, packet),
+        }
+        self.put_conn(key, conn);
+    }
+
+    fn ip_down_checked(&mut self, ip: &mut IpSide, conn: &mut Conn, stream_id: u64, packet: &mut [u8]) {
+        let own = ip.tun.own_address(packet.first().is_some_and(|b| b >> 4 == 4));
+        match packet::decrement_hop_limit(packet) {
+            Ok(HopOutcome::Forward) => {}
+            Ok(HopOutcome::Expired) => {
+                self.icmp_into_tun(ip, own, packet, IcmpError::TimeExceeded);
+                return;
+            }
+            Err(_) => {
+                self.count(Counter::DropMalformed, 1);
+                return;
+            }
+        }
+        // RFC 9484 section 7.2.1: a packet the tunnel cannot carry gets
+        // Packet Too Big, not a silent drop.
+        if let Some(max) = conn.quic.dgram_max_writable_len() {
+            let room = max.saturating_sub(DATAGRAM_HEADER_MAX);
+            if packet.len() > room {
+                let mtu = room as u32;
+                self.icmp_into_tun(ip, own, packet, IcmpError::PacketTooBig { mtu });
+                self.count(Counter::DropTooLarge, 1);
+                return;
+            }
+        }
+        self.send_down(conn, stream_id, packet);
+    }
+
+    /// Sends an ICMP error about `original` back to its sender through the
+    /// kernel.
+    fn icmp_into_tun(&mut self, ip: &IpSide, own: Option<IpAddr>, original: &[u8], kind: IcmpError) {
+        let Some(icmp) = own.and_then(|from| packet::icmp_error(original, from, kind)) else { return };
+        if ip.tun.write(&icmp).is_ok() {
+            self.count(Counter::IcmpErrorsSent, 1);
+        }
+    }
+}
