@@ -1,17 +1,21 @@
 //! Validation of HTTP/3 request header sections and classification of
-//! connect-udp requests.
+//! connect-udp and connect-ip requests.
 //!
 //! Two layers, matching the two kinds of refusal:
 //! 1. [`parse_request`] enforces the message rules of RFC 9114 sections
 //!    4.1.2, 4.2 and 4.3 and RFC 9220 section 3. A violation makes the request
 //!    *malformed*: a stream error of type H3_MESSAGE_ERROR, no response.
-//! 2. [`classify_connect_udp`] applies RFC 9298 to a well-formed request and
-//!    picks the HTTP status for anything the relay will not serve.
+//! 2. [`classify_connect_udp`] applies RFC 9298, and [`classify_connect_ip`]
+//!    RFC 9484, to a well-formed request and pick the HTTP status for
+//!    anything the relay will not serve. The caller chooses the classifier by
+//!    `:protocol`.
 #![forbid(unsafe_code)]
 
+use crate::ip::packet::is_extension_header;
+use crate::ip::scope::{self, IpProto, IpTarget, ScopeError};
 use crate::proxy_status::ProxyError;
 use crate::target::{self, TargetHost};
-use crate::template::{MatchError, UriTemplate};
+use crate::template::{IpUriTemplate, MatchError, UriTemplate};
 
 /// Longest header value kept from a request (authority, credentials).
 pub const MAX_FIELD_VALUE_LEN: usize = 4096;
@@ -294,6 +298,95 @@ pub fn classify_connect_udp(req: &Request, template: &UriTemplate) -> Result<Con
     })
 }
 
+/// A connect-ip request the relay can authorize (RFC 9484 section 4.4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectIp {
+    /// `:authority` of the request (the relay's name as the client knows it).
+    pub authority: String,
+    /// `:path` of the request.
+    pub path: String,
+    /// The requested destination scope; [`IpTarget::Host`] still has to be
+    /// resolved by control before the response (section 4.1).
+    pub target: IpTarget,
+    /// The requested protocol scope.
+    pub ipproto: IpProto,
+    /// Credentials from `proxy-authorization` (or `authorization`).
+    pub authorization: Option<String>,
+}
+
+/// Decides what to do with a well-formed request for a connect-ip tunnel,
+/// with the same conventions as [`classify_connect_udp`]:
+///
+/// - not CONNECT: 405; plain CONNECT: 501; another `:protocol`: 501;
+/// - `:scheme` other than https: 400;
+/// - `:path` not matching the template: 404;
+/// - a `target` or `ipproto` that breaks RFC 9484 section 4.6: 400 with
+///   `http_request_error`. Section 4.1 calls such a request malformed; RFC
+///   9114 section 4.1.2 lets a server answer a malformed request before
+///   resetting the stream, which the caller may do after sending the 400;
+/// - an `ipproto` naming an IPv6 extension header: 400 (section 4.8: "IP
+///   proxies MAY reject requests to scope to protocol numbers that are used
+///   for extension headers"; after the extension header walk no packet could
+///   match such a scope, and 0 would read as "any protocol" in a
+///   ROUTE_ADVERTISEMENT).
+///
+/// Like [`classify_connect_udp`], the `capsule-protocol` field is not
+/// required: RFC 9484 section 4.4 does not list it among the request's
+/// requirements (use [`capsule_protocol_is_true`] for a stricter policy).
+pub fn classify_connect_ip(req: &Request, template: &IpUriTemplate) -> Result<ConnectIp, Refusal> {
+    if req.method != "CONNECT" {
+        return Err(Refusal::new(405, None, "only CONNECT is served"));
+    }
+    let Some(protocol) = req.protocol.as_deref() else {
+        return Err(Refusal::new(501, None, "TCP CONNECT is not served"));
+    };
+    if protocol != "connect-ip" {
+        return Err(Refusal::new(501, None, "unsupported :protocol"));
+    }
+    if req.scheme.as_deref() != Some("https") {
+        return Err(Refusal::new(400, Some(ProxyError::HttpRequestError), ":scheme must be https"));
+    }
+    let path = req.path.clone().unwrap_or_default();
+    let matched = template.match_path(&path).map_err(|e| match e {
+        MatchError::NoMatch => Refusal::new(404, None, "path does not match the URI template"),
+        MatchError::BadEncoding => {
+            Refusal::new(400, Some(ProxyError::HttpRequestError), "bad percent-encoding")
+        }
+    })?;
+    let bad_scope = |e: ScopeError| {
+        Refusal::new(
+            400,
+            Some(ProxyError::HttpRequestError),
+            match e {
+                ScopeError::EmptyTarget => "empty target",
+                ScopeError::ZoneId => "IPv6 zone IDs are not supported",
+                ScopeError::InvalidTarget => "invalid target",
+                ScopeError::InvalidPrefixLength => "invalid target prefix length",
+                ScopeError::HostBitsSet => "target prefix has host bits set",
+                ScopeError::InvalidIpProto => "invalid ipproto",
+            },
+        )
+    };
+    let target = scope::parse_target(&matched.target).map_err(bad_scope)?;
+    let ipproto = scope::parse_ipproto(&matched.ipproto).map_err(bad_scope)?;
+    if let IpProto::Number(n) = ipproto
+        && is_extension_header(n)
+    {
+        return Err(Refusal::new(
+            400,
+            Some(ProxyError::HttpRequestError),
+            "ipproto names an IPv6 extension header",
+        ));
+    }
+    Ok(ConnectIp {
+        authority: req.authority.clone().unwrap_or_default(),
+        path,
+        target,
+        ipproto,
+        authorization: req.authorization.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,5 +514,77 @@ mod tests {
         assert!(capsule_protocol_is_true("?1;a=b"));
         assert!(!capsule_protocol_is_true("?0"));
         assert!(!capsule_protocol_is_true("1"));
+    }
+
+    fn ip_template() -> IpUriTemplate {
+        IpUriTemplate::parse("/.well-known/masque/ip/{target}/{ipproto}/").unwrap()
+    }
+
+    fn ip_request(path: &str) -> Request {
+        let mut f = with(":protocol", Some("connect-ip"));
+        for (n, v) in &mut f {
+            if *n == ":path" {
+                *v = path.to_string();
+            }
+        }
+        parse_owned(&f).unwrap()
+    }
+
+    #[test]
+    fn good_connect_ip() {
+        // RFC 9484 Figure 4.
+        let c = classify_connect_ip(&ip_request("/.well-known/masque/ip/*/*/"), &ip_template()).unwrap();
+        assert_eq!((c.target, c.ipproto), (IpTarget::Any, IpProto::Any));
+        assert_eq!(c.authorization.as_deref(), Some("Bearer abc"));
+        assert_eq!(c.authority, "relay.example:443");
+        let c = classify_connect_ip(
+            &ip_request("/.well-known/masque/ip/2001%3Adb8%3A%3A%2F32/132/"),
+            &ip_template(),
+        )
+        .unwrap();
+        assert_eq!(c.target, scope::parse_target("2001:db8::/32").unwrap());
+        assert_eq!(c.ipproto, IpProto::Number(132));
+        let c = classify_connect_ip(&ip_request("/.well-known/masque/ip/Example.com/17/"), &ip_template())
+            .unwrap();
+        assert_eq!(c.target, IpTarget::Host("example.com".into()));
+        // RFC 9484 section 8.1: a template without variables.
+        let vpn = IpUriTemplate::parse("/vpn").unwrap();
+        let c = classify_connect_ip(&ip_request("/vpn"), &vpn).unwrap();
+        assert_eq!((c.target, c.ipproto), (IpTarget::Any, IpProto::Any));
+    }
+
+    #[test]
+    fn connect_ip_refusals() {
+        let status = |path: &str| {
+            let r = classify_connect_ip(&ip_request(path), &ip_template()).unwrap_err();
+            (r.status, r.proxy_error)
+        };
+        let bad = (400, Some(ProxyError::HttpRequestError));
+        assert_eq!(status("/nope"), (404, None));
+        assert_eq!(status("/.well-known/masque/ip/*/*"), (404, None));
+        assert_eq!(status("/.well-known/masque/ip/192.0.2.1%2F24/*/"), bad);
+        assert_eq!(status("/.well-known/masque/ip/192.0.2.0%2F33/*/"), bad);
+        assert_eq!(status("/.well-known/masque/ip/fe80%3A%3A1%25eth0/*/"), bad);
+        assert_eq!(status("/.well-known/masque/ip//*/"), bad);
+        assert_eq!(status("/.well-known/masque/ip/*//"), bad);
+        assert_eq!(status("/.well-known/masque/ip/*/256/"), bad);
+        assert_eq!(status("/.well-known/masque/ip/*/44/"), bad);
+        assert_eq!(status("/.well-known/masque/ip/*/0/"), bad);
+        assert_eq!(status("/.well-known/masque/ip/%ff/*/"), bad);
+        let udp = parse(GOOD).unwrap();
+        assert_eq!(classify_connect_ip(&udp, &ip_template()).unwrap_err().status, 501);
+        let mut http = ip_request("/.well-known/masque/ip/*/*/");
+        http.scheme = Some("http".into());
+        assert_eq!(classify_connect_ip(&http, &ip_template()).unwrap_err().status, 400);
+        let plain = parse(&[(":method", "CONNECT"), (":authority", "a:1")]).unwrap();
+        assert_eq!(classify_connect_ip(&plain, &ip_template()).unwrap_err().status, 501);
+        let get =
+            parse(&[(":method", "GET"), (":scheme", "https"), (":authority", "a"), (":path", "/")]).unwrap();
+        assert_eq!(classify_connect_ip(&get, &ip_template()).unwrap_err().status, 405);
+        // A connect-ip request with content fields is malformed before
+        // classification (RFC 9297 section 3.2).
+        let mut f = with(":protocol", Some("connect-ip"));
+        f.push(("content-length", "0".into()));
+        assert_eq!(parse_owned(&f), Err(Malformed::ContentWithCapsules));
     }
 }
