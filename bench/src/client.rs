@@ -242,6 +242,13 @@ impl Client {
         self.quic.is_resumed()
     }
 
+    /// Also wakes [`Client::drive`] when `fd` becomes readable (edge
+    /// triggered: read it until it would block).
+    pub fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
+        self.poll.registry().register(&mut mio::unix::SourceFd(&fd), Token(1), Interest::READABLE)?;
+        Ok(())
+    }
+
     /// The connect-ip capsules received on `stream_id` (type, value), in
     /// order.
     pub fn take_control_capsules(&mut self, stream_id: u64) -> VecDeque<(u64, Vec<u8>)> {

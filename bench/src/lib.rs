@@ -13,6 +13,7 @@ pub mod client;
 pub mod direct;
 pub mod echo;
 pub mod interop;
+pub mod iptunnel;
 pub mod load;
 pub mod loadgen;
 pub mod netns;

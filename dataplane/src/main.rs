@@ -283,9 +283,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         if let Some(ip) = &b.connect_ip {
             let name = format!("{}{i}", ip.interface_prefix);
             let subnets = ip.worker_subnets.get(i as usize).map(Vec::as_slice).unwrap_or_default();
+            let template = relay_proto::template::IpUriTemplate::parse(&ip.uri_template)?;
             let tun = relay_dataplane::tun::WorkerTun::create(&name, subnets, ip.mtu)?;
             info!(worker = i, device = %name, mtu = ip.mtu, "connect-ip TUN device ready");
-            worker.set_tun(tun);
+            worker.set_tun(tun, template);
         }
         let cpu = (b.pin_workers && !cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]);
         let auto = b.io_backend == "auto";

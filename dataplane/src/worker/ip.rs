@@ -24,12 +24,15 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use relay_proto::channel::record::{IpAssignment, IpRoute};
+use relay_proto::channel::record::{IPPROTO_ANY, IpAssignment, IpRoute, PROTOCOL_CONNECT_IP};
+use relay_proto::ip::scope::{IpProto, IpTarget};
+use relay_proto::request::{self, Request};
+use relay_proto::template::IpUriTemplate;
 use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 use tracing::debug;
 
-use super::{Conn, ConnKey, Counter, Worker};
+use super::{Conn, ConnKey, Counter, TunnelAsk, Worker};
 use crate::tun::WorkerTun;
 
 /// ICMP (1) and ICMPv6 (58) are always allowed (RFC 9484 section 4.6).
@@ -47,6 +50,7 @@ const TUN_BUDGET: usize = 256;
 /// The worker's connect-ip side.
 pub(super) struct IpSide {
     pub(super) tun: WorkerTun,
+    template: IpUriTemplate,
     /// Assigned address → tunnel.
     by_addr: HashMap<IpAddr, (ConnKey, u64)>,
     /// The device has more to read.
@@ -57,8 +61,8 @@ pub(super) struct IpSide {
 }
 
 impl IpSide {
-    pub(super) fn new(tun: WorkerTun) -> Self {
-        Self { tun, by_addr: HashMap::new(), due: true, icmp_down: Vec::new(), buf: vec![0; 65_536] }
+    pub(super) fn new(tun: WorkerTun, template: IpUriTemplate) -> Self {
+        Self { tun, template, by_addr: HashMap::new(), due: true, icmp_down: Vec::new(), buf: vec![0; 65_536] }
     }
 }
 
@@ -132,6 +136,45 @@ impl IpTunnel {
 }
 
 impl Worker {
+    /// A request with `:protocol = connect-ip` (RFC 9484 section 4.4).
+    pub(super) fn on_connect_ip_request(
+        &mut self,
+        key: ConnKey,
+        conn: &mut Conn,
+        stream_id: u64,
+        req: &Request,
+        more_frames: bool,
+    ) {
+        let Some(ip) = self.ip.as_ref() else {
+            // RFC 8441 section 4: an unsupported :protocol SHOULD get 501.
+            return self.refuse(conn, stream_id, 501, None, "connect-ip is not enabled on this relay");
+        };
+        let connect = match request::classify_connect_ip(req, &ip.template) {
+            Ok(c) => c,
+            Err(refusal) => {
+                return self.refuse(conn, stream_id, refusal.status, refusal.proxy_error, refusal.reason);
+            }
+        };
+        let target_host = match &connect.target {
+            IpTarget::Any => "*".to_string(),
+            IpTarget::Prefix(p) => format!("{}/{}", p.addr, p.len),
+            IpTarget::Host(name) => name.clone(),
+        };
+        let target_port = match connect.ipproto {
+            IpProto::Any => IPPROTO_ANY,
+            IpProto::Number(n) => u16::from(n),
+        };
+        let ask = TunnelAsk {
+            authority: &connect.authority,
+            path: &connect.path,
+            target_host: &target_host,
+            target_port,
+            authorization: connect.authorization.as_deref(),
+            protocol: PROTOCOL_CONNECT_IP,
+        };
+        self.start_tunnel(key, conn, stream_id, more_frames, ask);
+    }
+
     /// Registers an opened IP tunnel's addresses for the TUN demultiplexer.
     pub(super) fn ip_register(&mut self, key: ConnKey, stream_id: u64, t: &IpTunnel) {
         if let Some(ip) = self.ip.as_mut() {

@@ -46,6 +46,7 @@ use crate::socket;
 use crate::timers::{TimerTarget, Timers};
 use crate::tls::TlsShared;
 use crate::tun::WorkerTun;
+use relay_proto::template::IpUriTemplate;
 
 mod ip;
 use ip::{IpSide, IpTunnel};
@@ -112,6 +113,16 @@ struct Conn {
     accepted_at: Instant,
     /// The TLS material generation it was accepted with.
     tls_generation: u32,
+}
+
+/// What a classified request asks control.
+struct TunnelAsk<'a> {
+    authority: &'a str,
+    path: &'a str,
+    target_host: &'a str,
+    target_port: u16,
+    authorization: Option<&'a str>,
+    protocol: u8,
 }
 
 /// Settings a worker runs with.
@@ -287,9 +298,10 @@ impl Worker {
         self.link.counters().add(c, n);
     }
 
-    /// Serves connect-ip through `tun` (the worker's own device).
-    pub fn set_tun(&mut self, tun: WorkerTun) {
-        self.ip = Some(IpSide::new(tun));
+    /// Serves connect-ip through `tun` (the worker's own device), for
+    /// requests matching `template`.
+    pub fn set_tun(&mut self, tun: WorkerTun, template: IpUriTemplate) {
+        self.ip = Some(IpSide::new(tun, template));
     }
 
     /// Records which backend serves this worker (a gauge in the counters,
@@ -706,6 +718,9 @@ impl Worker {
                 return;
             }
         };
+        if req.protocol.as_deref() == Some("connect-ip") {
+            return self.on_connect_ip_request(key, conn, stream_id, &req, more_frames);
+        }
         if req.protocol.as_deref() == Some("connect-udp") && !self.connect_udp_enabled {
             // RFC 8441 section 4: an unsupported :protocol SHOULD get 501.
             return self.refuse(conn, stream_id, 501, None, "connect-udp is not enabled on this relay");
@@ -716,6 +731,24 @@ impl Worker {
                 return self.refuse(conn, stream_id, refusal.status, refusal.proxy_error, refusal.reason);
             }
         };
+        let target_host = match &connect.target_host {
+            relay_proto::target::TargetHost::Ip(ip) => ip.to_string(),
+            relay_proto::target::TargetHost::Name(n) => n.clone(),
+        };
+        let ask = TunnelAsk {
+            authority: &connect.authority,
+            path: &connect.path,
+            target_host: &target_host,
+            target_port: connect.target_port,
+            authorization: connect.authorization.as_deref(),
+            protocol: relay_proto::channel::record::PROTOCOL_CONNECT_UDP,
+        };
+        self.start_tunnel(key, conn, stream_id, more_frames, ask);
+    }
+
+    /// Asks control about a classified request and, while it decides,
+    /// keeps the request as a pending tunnel.
+    fn start_tunnel(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64, more_frames: bool, ask: TunnelAsk<'_>) {
         if !more_frames {
             return self.refuse(
                 conn,
@@ -734,18 +767,14 @@ impl Worker {
                 "too many tunnels on this connection",
             );
         }
-        let target_host = match &connect.target_host {
-            relay_proto::target::TargetHost::Ip(ip) => ip.to_string(),
-            relay_proto::target::TargetHost::Name(n) => n.clone(),
-        };
         let asked = self.link.ask(
             conn.peer,
-            &connect.authority,
-            &connect.path,
-            &target_host,
-            connect.target_port,
-            connect.authorization.as_deref(),
-            relay_proto::channel::record::PROTOCOL_CONNECT_UDP,
+            ask.authority,
+            ask.path,
+            ask.target_host,
+            ask.target_port,
+            ask.authorization,
+            ask.protocol,
         );
         let ask_id = match asked {
             Ok(id) => id,
@@ -768,7 +797,11 @@ impl Worker {
             }
         };
         let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
-        let tunnel = Tunnel::pending(stream_id, ask_id, self.now, timeout, self.limits);
+        let tunnel = if ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_IP {
+            Tunnel::pending_ip(stream_id, ask_id, self.now, timeout, self.limits)
+        } else {
+            Tunnel::pending(stream_id, ask_id, self.now, timeout, self.limits)
+        };
         self.timers.push(tunnel.deadline(), TimerTarget::Tunnel(key, stream_id));
         conn.tunnels.insert(
             stream_id,
