@@ -163,7 +163,13 @@ impl ClientTun {
     /// routes for the advertised ranges that fall inside `only` (every
     /// advertised range when `only` is empty; never a route that would
     /// carry the relay's own address).
-    pub fn create(device: &str, mtu: u32, config: &IpConfig, only: &[IpPrefix], relay: IpAddr) -> Result<Self> {
+    pub fn create(
+        device: &str,
+        mtu: u32,
+        config: &IpConfig,
+        only: &[IpPrefix],
+        relay: IpAddr,
+    ) -> Result<Self> {
         let iface = Iface::without_packet_info(device, Mode::Tun).context("creating the TUN device")?;
         iface.set_non_blocking()?;
         ip_cmd(&["link", "set", "dev", device, "mtu", &mtu.to_string(), "up"])?;
@@ -181,7 +187,9 @@ impl ClientTun {
                     continue;
                 }
                 let wanted = only.is_empty()
-                    || only.iter().any(|o| o.addr.is_ipv4() == p.addr.is_ipv4() && o.contains(p.addr) && o.len <= p.len);
+                    || only.iter().any(|o| {
+                        o.addr.is_ipv4() == p.addr.is_ipv4() && o.contains(p.addr) && o.len <= p.len
+                    });
                 if wanted {
                     let dest = format!("{}/{}", p.addr, p.len);
                     let family = if p.addr.is_ipv4() { "-4" } else { "-6" };
@@ -266,9 +274,15 @@ mod tests {
     #[test]
     fn ranges_become_minimal_prefix_lists() {
         assert_eq!(prefixes("10.0.0.0", "10.0.0.255"), ["10.0.0.0/24"]);
-        assert_eq!(prefixes("10.0.0.1", "10.0.0.6"), ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]);
+        assert_eq!(
+            prefixes("10.0.0.1", "10.0.0.6"),
+            ["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
+        );
         assert_eq!(prefixes("0.0.0.0", "255.255.255.255"), ["0.0.0.0/0"]);
-        assert_eq!(prefixes("1.0.0.0", "9.255.255.255"), ["1.0.0.0/8", "2.0.0.0/7", "4.0.0.0/6", "8.0.0.0/7"]);
+        assert_eq!(
+            prefixes("1.0.0.0", "9.255.255.255"),
+            ["1.0.0.0/8", "2.0.0.0/7", "4.0.0.0/6", "8.0.0.0/7"]
+        );
         assert_eq!(prefixes("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), ["::/0"]);
         assert_eq!(prefixes("2000::", "3fff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), ["2000::/3"]);
         assert_eq!(prefixes("fd00::1", "fd00::1"), ["fd00::1/128"]);

@@ -78,6 +78,9 @@ pub struct RelayOptions {
     /// Run the dataplane as this uid (and gid); needs root. The channel
     /// socket then lives outside the (0700) state directory.
     pub dataplane_uid: Option<u32>,
+    /// Address the QUIC listener binds (default 127.0.0.1), e.g. the host
+    /// side of a test namespace's link.
+    pub listen_ip: std::net::IpAddr,
     /// Directory of the relay binaries (default: [`bin_dir`]).
     pub bin_dir: Option<PathBuf>,
     /// Where the relay processes' logs go (default: discarded).
@@ -99,6 +102,7 @@ impl Default for RelayOptions {
             relay_extra: String::new(),
             tls_extra: String::new(),
             dataplane_uid: None,
+            listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             bin_dir: None,
             log_dir: None,
         }
@@ -144,7 +148,7 @@ channel_socket = "{channel}"
 {relay_extra}
 
 [listen]
-quic = "127.0.0.1:{port}"
+quic = "{listen}"
 metrics = "127.0.0.1:0"
 
 [dataplane]
@@ -189,11 +193,12 @@ max_pending = 64
             relay_extra = opts.relay_extra,
             channel = channel_socket.display(),
             tls_extra = opts.tls_extra,
+            listen = SocketAddr::new(opts.listen_ip, port),
         );
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, config)?;
         let mut relay = Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::new(opts.listen_ip, port),
             state_dir,
             config_path,
             token: opts.token.clone(),

@@ -448,7 +448,10 @@ mod range_tests {
     fn allowed_ranges_subtract_denials_and_respect_explicit_allows() {
         let acl = TargetAcl::new(vec![c("10.1.0.0/16")], vec![c("8.8.8.0/24")], vec![]);
         // A public /8: minus the explicit deny.
-        assert_eq!(acl.allowed_ranges(&[c("8.0.0.0/8")]), vec![r("8.0.0.0", "8.8.7.255"), r("8.8.9.0", "8.255.255.255")]);
+        assert_eq!(
+            acl.allowed_ranges(&[c("8.0.0.0/8")]),
+            vec![r("8.0.0.0", "8.8.7.255"), r("8.8.9.0", "8.255.255.255")]
+        );
         // Private space is denied by default except what is allowed.
         assert_eq!(acl.allowed_ranges(&[c("10.0.0.0/8")]), vec![r("10.1.0.0", "10.1.255.255")]);
         // A host inside a denied range: nothing.
@@ -470,7 +473,9 @@ mod range_tests {
         for ok in ["1.1.1.1", "10.1.2.3", "2606:4700::1111", "9.255.255.255"] {
             assert!(inside(ok), "{ok} allowed");
         }
-        for denied in ["10.2.0.1", "127.0.0.1", "192.168.1.1", "8.8.8.8", "::1", "fe80::1", "::ffff:1.1.1.1", "ff02::1"] {
+        for denied in
+            ["10.2.0.1", "127.0.0.1", "192.168.1.1", "8.8.8.8", "::1", "fe80::1", "::ffff:1.1.1.1", "ff02::1"]
+        {
             assert!(!inside(denied), "{denied} denied");
         }
         assert!(all.windows(2).all(|w| w[0].start.is_ipv4() >= w[1].start.is_ipv4()), "IPv4 first");

@@ -877,7 +877,8 @@ mod tests {
         let text = DEFAULT_CONFIG.replace("connect_ip = false", "connect_ip = true");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("protocols.connect_ip") && err.contains("ipv4_pool"), "{err}");
-        let with_pool = format!("{text}\n[connect_ip]\nipv4_pool = \"10.89.0.0/24\"\nipv6_pool = \"fd89::/112\"\n");
+        let with_pool =
+            format!("{text}\n[connect_ip]\nipv4_pool = \"10.89.0.0/24\"\nipv6_pool = \"fd89::/112\"\n");
         let c = Config::parse(&with_pool, "t.toml").unwrap();
         assert_eq!(c.protocols.names(), ["connect-udp", "connect-ip"]);
         assert_eq!(c.connect_ip.mtu, 1280);

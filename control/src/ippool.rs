@@ -378,7 +378,10 @@ mod tests {
 
     #[test]
     fn pools_too_small_or_of_the_wrong_family_are_refused() {
-        assert!(matches!(AddressPools::new(Some(p("10.0.0.0/30")), None, 2), Err(PoolError::TooSmall { .. })));
+        assert!(matches!(
+            AddressPools::new(Some(p("10.0.0.0/30")), None, 2),
+            Err(PoolError::TooSmall { .. })
+        ));
         assert!(AddressPools::new(Some(p("10.0.0.0/29")), None, 2).is_ok());
         assert!(AddressPools::new(Some(p("fd00::/64")), None, 1).is_err());
         // Three workers round up to four subnets.

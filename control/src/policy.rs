@@ -24,7 +24,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use relay_proto::channel::record::{AuthAsk, IPPROTO_ANY, IpRoute, MAX_IP_ROUTES, PROTOCOL_CONNECT_IP, Verdict};
+use relay_proto::channel::record::{
+    AuthAsk, IPPROTO_ANY, IpRoute, MAX_IP_ROUTES, PROTOCOL_CONNECT_IP, Verdict,
+};
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::target::TargetHost;
 use tracing::debug;
@@ -308,14 +310,17 @@ impl Policy {
             let parsed = addr.parse::<IpAddr>().ok().zip(len.parse::<u8>().ok());
             match parsed.and_then(|(a, l)| Cidr::new(a, l).filter(|c| c.to_string() == format!("{a}/{l}"))) {
                 Some(c) => vec![c],
-                None => return Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target prefix")),
+                None => {
+                    return Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target prefix"));
+                }
             }
         } else if let Ok(ip) = target.parse::<IpAddr>() {
             vec![Cidr::new(ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix")]
         } else {
             return match TargetHost::parse(target) {
                 Ok(TargetHost::Name(name)) => {
-                    match self.quotas.check(requester.identity.quota_key().as_deref(), requester.client, now) {
+                    match self.quotas.check(requester.identity.quota_key().as_deref(), requester.client, now)
+                    {
                         Ok(()) => Decision::Resolve { name, port: ask.target_port, requester },
                         Err(which) => Decision::Answer(self.quota_refused(&requester, which, now)),
                     }
@@ -339,7 +344,11 @@ impl Policy {
             return deny(403, ProxyError::DestinationIpProhibited, "the scope holds no allowed destination");
         }
         if ranges.len() > MAX_IP_ROUTES {
-            return deny(403, ProxyError::DestinationIpProhibited, "the allowed part of the scope is too fragmented");
+            return deny(
+                403,
+                ProxyError::DestinationIpProhibited,
+                "the allowed part of the scope is too fragmented",
+            );
         }
         let flow_id = self.next_flow_id;
         self.next_flow_id += 1;
@@ -479,7 +488,8 @@ mod tests {
     fn connect_ip_scopes_become_routes_less_the_denied_space() {
         let mut p = policy();
         assert_eq!(status(&decide(&mut p, &ip_ask("*", IPPROTO_ANY))), 501, "connect-ip off by default");
-        let mut p = policy().with_protocols(ProtocolsSection { connect_udp: true, connect_ip: true, bind: false });
+        let mut p =
+            policy().with_protocols(ProtocolsSection { connect_udp: true, connect_ip: true, bind: false });
         let routes = |d: Decision| match d {
             Decision::Answer(Verdict::AllowIp { routes, addresses, .. }) => {
                 assert!(addresses.is_empty(), "control's server assigns addresses");
@@ -492,7 +502,11 @@ mod tests {
         let r = routes(decide(&mut p, &ip_ask("8.8.8.0/24", 6)));
         assert_eq!(
             r,
-            vec![IpRoute { start: "8.8.8.0".parse().unwrap(), end: "8.8.8.255".parse().unwrap(), protocol: 6 }]
+            vec![IpRoute {
+                start: "8.8.8.0".parse().unwrap(),
+                end: "8.8.8.255".parse().unwrap(),
+                protocol: 6
+            }]
         );
         // Loopback is allowed explicitly by this policy.
         let r = routes(decide(&mut p, &ip_ask("127.0.0.1", IPPROTO_ANY)));
@@ -503,9 +517,16 @@ mod tests {
         assert_eq!(status(&decide(&mut p, &ip_ask("10.0.0.1/8", 0))), 400, "host bits set");
         assert_eq!(status(&decide(&mut p, &ip_ask("8.8.8.0/24", 300))), 400);
         assert!(matches!(decide(&mut p, &ip_ask("example.com", 6)), Decision::Resolve { .. }));
-        let requester = Requester { identity: Identity::Unknown, client: "127.0.0.1".parse().unwrap(), ip_protocol: Some(6) };
+        let requester = Requester {
+            identity: Identity::Unknown,
+            client: "127.0.0.1".parse().unwrap(),
+            ip_protocol: Some(6),
+        };
         let v = p.after_resolution(&requester, 6, Ok(vec!["1.1.1.1".parse().unwrap()]), Instant::now());
-        assert!(matches!(v, Verdict::AllowIp { ref routes, .. } if routes.len() == 1 && routes[0].protocol == 6), "{v:?}");
+        assert!(
+            matches!(v, Verdict::AllowIp { ref routes, .. } if routes.len() == 1 && routes[0].protocol == 6),
+            "{v:?}"
+        );
     }
 
     #[test]

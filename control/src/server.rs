@@ -818,10 +818,11 @@ impl Server {
         if let Verdict::AllowIp { flow_id, addresses, .. } = &mut verdict {
             match self.pools.assign(*flow_id, worker) {
                 Ok(assigned) => {
-                    addresses.extend(assigned.into_iter().map(|addr| IpAssignment {
-                        addr,
-                        len: if addr.is_ipv4() { 32 } else { 128 },
-                    }));
+                    addresses.extend(
+                        assigned
+                            .into_iter()
+                            .map(|addr| IpAssignment { addr, len: if addr.is_ipv4() { 32 } else { 128 } }),
+                    );
                 }
                 Err(e) => {
                     warn!(worker, "connect-ip refused: {e}");

@@ -23,7 +23,9 @@ use tun_tap::{Iface, Mode};
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
     /// The device could not be created (no CAP_NET_ADMIN, no /dev/net/tun).
-    #[error("creating TUN device {name}: {source} (the dataplane needs CAP_NET_ADMIN and /dev/net/tun for connect-ip)")]
+    #[error(
+        "creating TUN device {name}: {source} (the dataplane needs CAP_NET_ADMIN and /dev/net/tun for connect-ip)"
+    )]
     Open {
         /// The device name.
         name: String,

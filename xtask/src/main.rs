@@ -28,6 +28,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("g++", "/usr/bin/g++"),
     ("make", "/usr/bin/make"),
     ("iproute2", "/usr/sbin/ip"),
+    // The connect-ip namespace test pings through the tunnel.
+    ("iputils-ping", "/usr/bin/ping"),
     // The interop suite's independent client (aioquic) runs in a venv.
     ("python3", "/usr/bin/python3"),
     ("python3-venv", ""),

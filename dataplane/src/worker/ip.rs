@@ -25,11 +25,11 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use relay_proto::channel::record::{IPPROTO_ANY, IpAssignment, IpRoute, PROTOCOL_CONNECT_IP};
+use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
+use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 use relay_proto::ip::scope::{IpProto, IpTarget};
 use relay_proto::request::{self, Request};
 use relay_proto::template::IpUriTemplate;
-use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
-use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 use tracing::debug;
 
 use super::{Conn, ConnKey, Counter, TunnelAsk, Worker};
@@ -62,7 +62,14 @@ pub(super) struct IpSide {
 
 impl IpSide {
     pub(super) fn new(tun: WorkerTun, template: IpUriTemplate) -> Self {
-        Self { tun, template, by_addr: HashMap::new(), due: true, icmp_down: Vec::new(), buf: vec![0; 65_536] }
+        Self {
+            tun,
+            template,
+            by_addr: HashMap::new(),
+            due: true,
+            icmp_down: Vec::new(),
+            buf: vec![0; 65_536],
+        }
     }
 }
 
@@ -77,7 +84,8 @@ pub(super) struct IpTunnel {
 
 impl IpTunnel {
     pub(super) fn from_allow(addresses: &[IpAssignment], routes: &[IpRoute]) -> Option<Self> {
-        let addresses = addresses.iter().map(|a| IpPrefix::new(a.addr, a.len).ok()).collect::<Option<Vec<_>>>()?;
+        let addresses =
+            addresses.iter().map(|a| IpPrefix::new(a.addr, a.len).ok()).collect::<Option<Vec<_>>>()?;
         let routes = routes
             .iter()
             .map(|r| IpAddressRange::new(r.start, r.end, r.protocol).ok())
@@ -91,9 +99,9 @@ impl IpTunnel {
 
     /// Whether `addr` with `protocol` is inside an advertised route.
     fn routed(&self, addr: IpAddr, protocol: u8) -> bool {
-        self.routes
-            .iter()
-            .any(|r| r.contains(addr) && (r.ip_protocol == 0 || r.ip_protocol == protocol || is_icmp(protocol)))
+        self.routes.iter().any(|r| {
+            r.contains(addr) && (r.ip_protocol == 0 || r.ip_protocol == protocol || is_icmp(protocol))
+        })
     }
 
     /// The capsules sent with the 2xx: the assignment and the routes.
@@ -283,8 +291,16 @@ impl Worker {
         // still queued is read next turn without one.
         ip.due = !drained;
         ip.buf = buf;
-        let icmp = std::mem::take(&mut ip.icmp_down);
         self.ip = Some(ip);
+    }
+
+    /// Sends the ICMP errors for clients queued this turn.
+    pub(super) fn flush_ip_icmp(&mut self) {
+        let Some(ip) = self.ip.as_mut() else { return };
+        if ip.icmp_down.is_empty() {
+            return;
+        }
+        let icmp = std::mem::take(&mut ip.icmp_down);
         for (key, stream_id, packet) in icmp {
             if let Some(mut conn) = self.take_conn(key) {
                 self.send_down(&mut conn, stream_id, &packet);

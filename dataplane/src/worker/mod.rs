@@ -49,9 +49,9 @@ use crate::tun::WorkerTun;
 use relay_proto::template::IpUriTemplate;
 
 mod ip;
-use ip::{IpSide, IpTunnel};
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
 use crate::upbatch::UpBatch;
+use ip::{IpSide, IpTunnel};
 
 /// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).
 pub mod h3_code {
@@ -748,7 +748,14 @@ impl Worker {
 
     /// Asks control about a classified request and, while it decides,
     /// keeps the request as a pending tunnel.
-    fn start_tunnel(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64, more_frames: bool, ask: TunnelAsk<'_>) {
+    fn start_tunnel(
+        &mut self,
+        key: ConnKey,
+        conn: &mut Conn,
+        stream_id: u64,
+        more_frames: bool,
+        ask: TunnelAsk<'_>,
+    ) {
         if !more_frames {
             return self.refuse(
                 conn,
@@ -805,7 +812,14 @@ impl Worker {
         self.timers.push(tunnel.deadline(), TimerTarget::Tunnel(key, stream_id));
         conn.tunnels.insert(
             stream_id,
-            TunnelEntry { tunnel, target: None, response_pending: None, up: None, identity: String::new(), ip: None },
+            TunnelEntry {
+                tunnel,
+                target: None,
+                response_pending: None,
+                up: None,
+                identity: String::new(),
+                ip: None,
+            },
         );
         self.asks.insert(ask_id, (key, stream_id));
     }
@@ -1629,6 +1643,7 @@ impl Handler for Worker {
         if self.ip.as_ref().is_some_and(|ip| ip.due) {
             self.read_tun();
         }
+        self.flush_ip_icmp();
         self.kill_requested_flows();
         self.answer_conn_listings();
         let requested = self.link.take_drain_request();

@@ -510,7 +510,11 @@ impl<'a> Reader<'a> {
     fn prefix(&mut self) -> Result<IpAssignment, RecordError> {
         let addr = self.ip()?;
         let len = self.u8()?;
-        if valid_prefix(addr, len) { Ok(IpAssignment { addr, len }) } else { Err(RecordError::BadValue("prefix")) }
+        if valid_prefix(addr, len) {
+            Ok(IpAssignment { addr, len })
+        } else {
+            Err(RecordError::BadValue("prefix"))
+        }
     }
     fn route(&mut self) -> Result<IpRoute, RecordError> {
         let r = IpRoute { start: self.ip()?, end: self.ip()?, protocol: self.u8()? };
@@ -556,7 +560,14 @@ impl Record {
                         w.u64(*byte_budget)?;
                         w.identity(identity)?;
                     }
-                    Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes } => {
+                    Verdict::AllowIp {
+                        flow_id,
+                        idle_timeout_ms,
+                        byte_budget,
+                        identity,
+                        addresses,
+                        routes,
+                    } => {
                         if addresses.len() > MAX_IP_ASSIGNMENTS || routes.len() > MAX_IP_ROUTES {
                             return Err(RecordError::BadValue("ip_config"));
                         }
@@ -753,7 +764,14 @@ impl Record {
                             return Err(RecordError::BadValue("routes"));
                         }
                         let routes = (0..n).map(|_| r.route()).collect::<Result<_, _>>()?;
-                        Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes }
+                        Verdict::AllowIp {
+                            flow_id,
+                            idle_timeout_ms,
+                            byte_budget,
+                            identity,
+                            addresses,
+                            routes,
+                        }
                     }
                     _ => return Err(RecordError::BadValue("verdict")),
                 };
@@ -875,8 +893,16 @@ mod tests {
                         IpAssignment { addr: "fd89::2".parse().unwrap(), len: 128 },
                     ],
                     routes: vec![
-                        IpRoute { start: "1.0.0.0".parse().unwrap(), end: "9.255.255.255".parse().unwrap(), protocol: 0 },
-                        IpRoute { start: "2000::".parse().unwrap(), end: "2fff::".parse().unwrap(), protocol: 17 },
+                        IpRoute {
+                            start: "1.0.0.0".parse().unwrap(),
+                            end: "9.255.255.255".parse().unwrap(),
+                            protocol: 0,
+                        },
+                        IpRoute {
+                            start: "2000::".parse().unwrap(),
+                            end: "2fff::".parse().unwrap(),
+                            protocol: 17,
+                        },
                     ],
                 },
             }),
@@ -1067,7 +1093,8 @@ mod tests {
         assert_eq!(allow(vec![host_bits], vec![]).encode(&mut buf), Err(RecordError::BadValue("prefix")));
         let too_long = IpAssignment { addr: "10.0.0.0".parse().unwrap(), len: 33 };
         assert_eq!(allow(vec![too_long], vec![]).encode(&mut buf), Err(RecordError::BadValue("prefix")));
-        let backwards = IpRoute { start: "10.0.0.9".parse().unwrap(), end: "10.0.0.1".parse().unwrap(), protocol: 0 };
+        let backwards =
+            IpRoute { start: "10.0.0.9".parse().unwrap(), end: "10.0.0.1".parse().unwrap(), protocol: 0 };
         assert_eq!(allow(vec![], vec![backwards]).encode(&mut buf), Err(RecordError::BadValue("route")));
         let mixed = IpRoute { start: "10.0.0.1".parse().unwrap(), end: "::1".parse().unwrap(), protocol: 0 };
         assert_eq!(allow(vec![], vec![mixed]).encode(&mut buf), Err(RecordError::BadValue("route")));

@@ -11,7 +11,7 @@
 //!
 //! The index protocol (which side stores which index, with which memory
 //! ordering, and when a slot may be touched) is written once, generic over
-//! [`RingMemory`], so the loom model test (`cargo xtask test` runs it with
+//! `RingMemory`, so the loom model test (`cargo xtask test` runs it with
 //! `--cfg loom`) checks the very code the shared-memory ring runs, with
 //! loom's atomics and its data-race-detecting cells in place of the mapping.
 #![allow(unsafe_code)]

@@ -1,0 +1,372 @@
+//! connect-ip (RFC 9484) end to end with real kernel networking: the relay
+//! runs with its TUN devices in the test's namespace, the client in a
+//! client namespace (its own TUN device, assigned addresses and routes from
+//! the relay), the targets in a target namespace; veth links join them.
+//! ping and TCP bulk transfers over IPv4 and IPv6 must cross the tunnel;
+//! packets outside the tunnel's scope or from unassigned sources are dropped,
+//! counted and answered with ICMP; address requests are honoured or refused.
+//!
+//! Needs root (namespaces, TUN devices); under `CI` a missing privilege
+//! fails the test instead of skipping it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use relay_bench::client::{Client, ClientConfig};
+use relay_bench::iptunnel::{self, ClientTun, DEFAULT_IP_TEMPLATE};
+use relay_bench::netns::TargetNetns;
+use relay_bench::processes::{Relay, RelayOptions, running_as_root};
+use relay_proto::ip::capsule::{self as ipcap, IpCapsule, IpPrefix, RequestedAddress};
+
+const T: Duration = Duration::from_secs(10);
+
+fn may_run() -> bool {
+    if running_as_root() {
+        return true;
+    }
+    assert!(std::env::var_os("CI").is_none(), "the connect-ip namespace test needs root under CI");
+    eprintln!("SKIPPED: the connect-ip namespace test needs root");
+    false
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("command runs");
+    assert!(
+        out.status.success(),
+        "{}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs a command with a deadline; returns (success, output).
+fn run_bounded(args: &[&str], limit: Duration) -> (bool, String) {
+    let mut child = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("command starts");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let out = child.wait_with_output().expect("output");
+            let text =
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            return (status.success(), text);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            return (false, format!("timed out: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sets a sysctl and puts the old value back on drop.
+struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(key: &str, value: &str) -> Self {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        let old = std::fs::read_to_string(&path).expect("sysctl readable");
+        std::fs::write(&path, value).expect("sysctl writable");
+        Self { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, self.old.trim());
+    }
+}
+
+/// An IPv4 UDP packet (no UDP checksum, valid IP header checksum).
+fn udp4(src: IpAddr, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else { panic!("IPv4 only") };
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    p.extend_from_slice(&s.octets());
+    p.extend_from_slice(&d.octets());
+    let sum = {
+        let mut acc: u32 = p.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    };
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    let udp_len = (8 + payload.len()) as u16;
+    p.extend_from_slice(&4000u16.to_be_bytes());
+    p.extend_from_slice(&4001u16.to_be_bytes());
+    p.extend_from_slice(&udp_len.to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// Waits for an ICMP (v4) datagram on the tunnel and returns (type, code).
+fn wait_icmp(c: &mut Client, stream: u64) -> (u8, u8) {
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline {
+        c.drive(Duration::from_millis(10)).unwrap();
+        for p in c.take_datagrams(stream) {
+            if p.len() >= 22 && p[0] >> 4 == 4 && p[9] == 1 {
+                let ihl = usize::from(p[0] & 0xf) * 4;
+                return (p[ihl], p[ihl + 1]);
+            }
+        }
+    }
+    panic!("no ICMP error came back through the tunnel");
+}
+
+const TCP_ECHO_SERVER: &str = r#"
+import socket, sys
+family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(60)
+c, _ = s.accept()
+c.settimeout(60)
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    c.sendall(d)
+c.close()
+"#;
+
+const TCP_BULK_CLIENT: &str = r#"
+import hashlib, random, socket, sys, threading
+family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
+size = int(sys.argv[3])
+data = random.Random(7).randbytes(size)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+got = bytearray()
+def reader():
+    while len(got) < size:
+        d = s.recv(65536)
+        if not d:
+            break
+        got.extend(d)
+t = threading.Thread(target=reader)
+t.start()
+s.sendall(data)
+t.join(60)
+s.shutdown(socket.SHUT_WR)
+if bytes(got) != data:
+    print("MISMATCH", len(got), size)
+    sys.exit(1)
+print("OK", hashlib.sha256(got).hexdigest())
+"#;
+
+/// Transfers `size` bytes to an echo server at `server` (in the target
+/// namespace) from the client namespace, through the tunnel, byte for byte.
+fn tcp_bulk(target_ns: &str, client_ns: &str, server: IpAddr, port: u16, size: usize) {
+    let addr = server.to_string();
+    let port = port.to_string();
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", target_ns, "python3", "-c", TCP_ECHO_SERVER, &addr, &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("echo server starts");
+    std::thread::sleep(Duration::from_millis(300));
+    let size = size.to_string();
+    let (ok, out) = run_bounded(
+        &["ip", "netns", "exec", client_ns, "python3", "-c", TCP_BULK_CLIENT, &addr, &port, &size],
+        Duration::from_secs(90),
+    );
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(ok && out.contains("OK"), "TCP bulk to {addr} through the tunnel: {out}");
+}
+
+#[test]
+fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
+    if !may_run() {
+        return;
+    }
+    let pid = std::process::id();
+    let nt = 160 + (pid % 40) as u8 * 2;
+    let nc = nt + 1;
+    let target = TargetNetns::create(&format!("rtip-t{pid}"), nt).unwrap();
+    let client_ns = TargetNetns::create(&format!("rtip-c{pid}"), nc).unwrap();
+    let target_v6: IpAddr = format!("fd00:250:{nt}::2").parse().unwrap();
+    run(&["ip", "-6", "addr", "add", &format!("fd00:250:{nt}::1/64"), "dev", &format!("rbh{nt}"), "nodad"]);
+    run(&[
+        "ip",
+        "-n",
+        &target.name,
+        "-6",
+        "addr",
+        "add",
+        &format!("{target_v6}/64"),
+        "dev",
+        &format!("rbt{nt}"),
+        "nodad",
+    ]);
+    run(&["ip", "-n", &target.name, "route", "add", "default", "via", &target.host_addr.to_string()]);
+    run(&["ip", "-n", &target.name, "-6", "route", "add", "default", "via", &format!("fd00:250:{nt}::1")]);
+    let _fwd4 = Sysctl::set("net.ipv4.ip_forward", "1");
+    let _fwd6 = Sysctl::set("net.ipv6.conf.all.forwarding", "1");
+
+    let dir = std::env::temp_dir().join(format!("relay-connect-ip-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pool = 200 + (pid % 50);
+    let opts = RelayOptions {
+        listen_ip: client_ns.host_addr,
+        allow: vec!["127.0.0.0/8".into(), format!("10.250.{nt}.0/30"), format!("fd00:250:{nt}::/64")],
+        extra_config: format!(
+            "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.89.{pool}.0/24\"\nipv6_pool = \"fd89:{pool}::/120\"\ninterface_prefix = \"mq{pid}w\"\n"
+        ),
+        ..Default::default()
+    };
+    let relay = Relay::start(&dir, &opts).expect("relay starts with connect-ip");
+    let relay_addr: SocketAddr = relay.addr;
+
+    // The client: its own namespace, TUN device and routes, on a thread.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let client_thread = {
+        let stop = stop.clone();
+        let ns = client_ns.name.clone();
+        let cert = relay.cert();
+        let token = relay.token.clone();
+        let only: Vec<IpPrefix> = vec![
+            IpPrefix::new(format!("10.250.{nt}.0").parse().unwrap(), 30).unwrap(),
+            IpPrefix::new(format!("fd00:250:{nt}::").parse().unwrap(), 64).unwrap(),
+        ];
+        std::thread::spawn(move || {
+            TargetNetns::enter(&ns).expect("enter the client namespace");
+            let mut cfg = ClientConfig::new(relay_addr);
+            cfg.ca = Some(cert);
+            cfg.token = Some(token);
+            let mut c = Client::connect(cfg, T).expect("client connects");
+            c.wait_settings(T).unwrap();
+            let tunnel = iptunnel::open(&mut c, DEFAULT_IP_TEMPLATE, "*", "*", T).expect("connect-ip tunnel");
+            let tun =
+                ClientTun::create("mqc0", 1280, &tunnel.config, &only, relay_addr.ip()).expect("client TUN");
+            ready_tx.send(tunnel.config.clone()).unwrap();
+            iptunnel::pump(&mut c, &tunnel, &tun, &stop, Some(Duration::from_secs(240))).expect("pump")
+        })
+    };
+    let config = ready_rx.recv_timeout(T * 2).expect("the client got its addresses and routes");
+    assert!(config.addresses.iter().any(|a| a.addr.is_ipv4() && a.len == 32), "{config:?}");
+    assert!(config.addresses.iter().any(|a| a.addr.is_ipv6() && a.len == 128), "{config:?}");
+    assert!(
+        config.addresses.iter().all(|a| a.addr.to_string().starts_with(&format!("10.89.{pool}."))
+            || a.addr.to_string().starts_with(&format!("fd89:{pool}::"))),
+        "addresses from the pools: {config:?}"
+    );
+    // The routes are the scope (everything) less the denied space: the
+    // target subnets are in (allowed explicitly), loopback's other ranges
+    // and private space are not.
+    let routed = |ip: &str| config.routes.iter().any(|r| r.contains(ip.parse().unwrap()));
+    assert!(routed(&target.target_addr.to_string()) && routed(&target_v6.to_string()), "{:?}", config.routes);
+    assert!(
+        !routed("192.168.1.1") && !routed("169.254.169.254") && !routed("fe80::1"),
+        "{:?}",
+        config.routes
+    );
+
+    // ping over IPv4 and IPv6 through the tunnel.
+    let tun_in_before = relay.counter("tun_packets_in").unwrap();
+    let (ok, out) = run_bounded(
+        &[
+            "ip",
+            "netns",
+            "exec",
+            &client_ns.name,
+            "ping",
+            "-c",
+            "3",
+            "-W",
+            "3",
+            &target.target_addr.to_string(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert!(ok, "IPv4 ping through the tunnel: {out}");
+    let (ok, out) = run_bounded(
+        &["ip", "netns", "exec", &client_ns.name, "ping", "-6", "-c", "3", "-W", "3", &target_v6.to_string()],
+        Duration::from_secs(30),
+    );
+    assert!(ok, "IPv6 ping through the tunnel: {out}");
+    assert!(relay.counter("tun_packets_out").unwrap() >= 6, "the pings went through the relay's TUN devices");
+    assert!(relay.counter("tun_packets_in").unwrap() >= tun_in_before + 6, "and their replies came back");
+
+    // TCP bulk both ways, byte for byte, over IPv4 and IPv6.
+    tcp_bulk(&target.name, &client_ns.name, target.target_addr, 5201, 4 << 20);
+    tcp_bulk(&target.name, &client_ns.name, target_v6, 5202, 2 << 20);
+
+    // Scope and source enforcement, with raw packets on a second tunnel.
+    let mut cfg = ClientConfig::new(relay_addr);
+    cfg.ca = Some(relay.cert());
+    cfg.token = Some(relay.token.clone());
+    let mut c = Client::connect(cfg, T).unwrap();
+    c.wait_settings(T).unwrap();
+    let scoped = iptunnel::open(&mut c, DEFAULT_IP_TEMPLATE, &format!("10.250.{nt}.2"), "17", T).unwrap();
+    let mine = scoped.config.addresses.iter().find(|a| a.addr.is_ipv4()).unwrap().addr;
+    assert_eq!(scoped.config.routes.len(), 1, "{:?}", scoped.config.routes);
+    assert_eq!(scoped.config.routes[0].ip_protocol, 17);
+    let out_before = relay.counter("drop_ip_out_of_scope").unwrap();
+    c.send_context_datagram(scoped.stream_id, 0, &udp4(mine, "8.8.8.8".parse().unwrap(), b"out of scope"))
+        .unwrap();
+    c.flush().unwrap();
+    // ICMP destination unreachable, administratively prohibited (3/13).
+    assert_eq!(wait_icmp(&mut c, scoped.stream_id), (3, 13));
+    assert_eq!(relay.counter("drop_ip_out_of_scope").unwrap(), out_before + 1, "counted");
+    let bad_before = relay.counter("drop_ip_bad_source").unwrap();
+    let spoofed: IpAddr = format!("10.89.{pool}.99").parse().unwrap();
+    c.send_context_datagram(scoped.stream_id, 0, &udp4(spoofed, target.target_addr, b"spoofed")).unwrap();
+    c.flush().unwrap();
+    assert_eq!(wait_icmp(&mut c, scoped.stream_id), (3, 13), "source failed ingress policy");
+    assert_eq!(relay.counter("drop_ip_bad_source").unwrap(), bad_before + 1);
+
+    // ADDRESS_REQUEST: our own address is honoured, another one refused
+    // (all-zero /32, RFC 9484 section 4.7.2).
+    let mut capsule = Vec::new();
+    ipcap::encode(
+        &IpCapsule::AddressRequest(vec![
+            RequestedAddress { request_id: 7, prefix: IpPrefix::host(mine) },
+            RequestedAddress {
+                request_id: 8,
+                prefix: IpPrefix::host(format!("10.89.{pool}.77").parse().unwrap()),
+            },
+        ]),
+        &mut capsule,
+    );
+    c.send_stream_bytes(scoped.stream_id, &capsule, false).unwrap();
+    let deadline = Instant::now() + T;
+    let mut answers = Vec::new();
+    while answers.is_empty() && Instant::now() < deadline {
+        c.drive(Duration::from_millis(10)).unwrap();
+        for (t, v) in c.take_control_capsules(scoped.stream_id) {
+            if let Ok(Some(IpCapsule::AddressAssign(list))) = ipcap::decode(t, &v) {
+                answers = list;
+            }
+        }
+    }
+    let of = |id: u64| answers.iter().find(|a| a.request_id == id).map(|a| a.prefix);
+    assert_eq!(of(7), Some(IpPrefix::host(mine)), "{answers:?}");
+    assert_eq!(of(8), Some(IpPrefix::host("0.0.0.0".parse().unwrap())), "refused: {answers:?}");
+
+    stop.store(true, Ordering::Relaxed);
+    let stats = client_thread.join().expect("client thread");
+    assert!(stats.up > 100 && stats.down > 100, "the client pumped traffic: {stats:?}");
+    drop(relay);
+    drop(target);
+    drop(client_ns);
+}
