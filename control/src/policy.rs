@@ -311,7 +311,11 @@ impl Policy {
             match parsed.and_then(|(a, l)| Cidr::new(a, l).filter(|c| c.to_string() == format!("{a}/{l}"))) {
                 Some(c) => vec![c],
                 None => {
-                    return Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target prefix"));
+                    return Decision::Answer(deny(
+                        400,
+                        ProxyError::HttpRequestError,
+                        "invalid target prefix",
+                    ));
                 }
             }
         } else if let Ok(ip) = target.parse::<IpAddr>() {

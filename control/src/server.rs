@@ -130,6 +130,9 @@ pub struct ConnRow {
     pub bytes_sent: u64,
     /// Bytes received.
     pub bytes_recv: u64,
+    /// Usable inner MTU of its tunnels (largest datagram payload; 0:
+    /// datagrams unavailable).
+    pub max_tunnel_payload: u32,
 }
 
 /// A connection listing in progress (asked by the admin socket, answered
@@ -677,6 +680,15 @@ impl Server {
                     // identity's and their client's quotas again.
                     let identity = (!open.identity.is_empty()).then_some(open.identity.as_str());
                     self.policy().flow_reopened(open.flow_id, open.client.ip(), identity, Instant::now());
+                    // A connect-ip flow keeps its addresses: lease them again.
+                    for a in &open.addresses {
+                        if let Err(e) = self.pools.claim(open.flow_id, worker, a.addr) {
+                            warn!(
+                                flow = open.flow_id,
+                                "a reported connect-ip address could not be leased again: {e}"
+                            );
+                        }
+                    }
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if shared.flows.len() < MAX_FLOWS {
                         let started_unix = SystemTime::now()
@@ -712,6 +724,7 @@ impl Server {
                             packets_lost: c.packets_lost,
                             bytes_sent: c.bytes_sent,
                             bytes_recv: c.bytes_recv,
+                            max_tunnel_payload: c.max_tunnel_payload,
                         });
                     }
                 }

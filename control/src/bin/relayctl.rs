@@ -517,6 +517,7 @@ fn print_conns(v: &Value) {
                         show(&c["packets_sent"]),
                         show(&c["packets_recv"]),
                         show(&c["packets_lost"]),
+                        show(&c["max_tunnel_payload"]),
                     ]
                 })
                 .collect()
@@ -534,6 +535,7 @@ fn print_conns(v: &Value) {
         "PKTS SENT",
         "PKTS RECV",
         "LOST",
+        "INNER MTU",
     ];
     print!("{}", table(&headers, &rows));
     println!("{} connections, {} listed", show(&v["total"]), show(&v["listed"]));

@@ -1463,11 +1463,25 @@ impl Worker {
         for (_, conn) in self.conns.iter() {
             for entry in conn.tunnels.values() {
                 if let Phase::Open { flow_id, target } = entry.tunnel.phase {
+                    let addresses = entry
+                        .ip
+                        .as_ref()
+                        .map(|t| {
+                            t.addresses
+                                .iter()
+                                .map(|p| relay_proto::channel::record::IpAssignment {
+                                    addr: p.addr,
+                                    len: p.len,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     open.push(relay_proto::channel::record::FlowOpen {
                         flow_id,
                         client: conn.peer,
                         target,
                         identity: entry.identity.clone(),
+                        addresses,
                     });
                 }
             }
@@ -1565,6 +1579,9 @@ impl Worker {
                     packets_lost: stats.lost as u64,
                     bytes_sent: stats.sent_bytes,
                     bytes_recv: stats.recv_bytes,
+                    // Quarter stream ID (up to 8 bytes) and context ID (1).
+                    max_tunnel_payload: conn.quic.dgram_max_writable_len().map_or(0, |m| m.saturating_sub(9))
+                        as u32,
                 });
             }
             for info in listed {

@@ -198,6 +198,9 @@ pub struct FlowOpen {
     pub target: SocketAddr,
     /// The identity from the allow (empty when not known).
     pub identity: String,
+    /// A connect-ip flow's assigned addresses (a restarted control leases
+    /// them again); empty for connect-udp.
+    pub addresses: Vec<IpAssignment>,
 }
 
 /// A worker asks control to sign a TLS handshake (keyless TLS: the
@@ -265,6 +268,10 @@ pub struct ConnInfo {
     pub bytes_sent: u64,
     /// Bytes received (UDP payload).
     pub bytes_recv: u64,
+    /// The largest tunnel payload (UDP payload or IP packet) an HTTP
+    /// datagram can carry on the connection's path now: the usable inner
+    /// MTU of its tunnels (0: datagrams unavailable).
+    pub max_tunnel_payload: u32,
 }
 
 /// Any record.
@@ -609,6 +616,13 @@ impl Record {
                 w.addr(f.client)?;
                 w.addr(f.target)?;
                 w.identity(&f.identity)?;
+                if f.addresses.len() > MAX_IP_ASSIGNMENTS {
+                    return Err(RecordError::BadValue("addresses"));
+                }
+                w.u8(f.addresses.len() as u8)?;
+                for a in &f.addresses {
+                    w.prefix(a.addr, a.len)?;
+                }
                 KIND_FLOW_OPEN
             }
             Record::Drain => KIND_DRAIN,
@@ -661,6 +675,7 @@ impl Record {
                 {
                     w.u64(v)?;
                 }
+                w.u32(c.max_tunnel_payload)?;
                 KIND_CONN_INFO
             }
             Record::ConnListEnd { request_id, total } => {
@@ -784,12 +799,18 @@ impl Record {
                 packets_down: r.u64()?,
                 bytes_down: r.u64()?,
             }),
-            KIND_FLOW_OPEN => Record::FlowOpen(FlowOpen {
-                flow_id: r.u64()?,
-                client: r.addr("client")?,
-                target: r.addr("target")?,
-                identity: r.identity()?,
-            }),
+            KIND_FLOW_OPEN => {
+                let flow_id = r.u64()?;
+                let client = r.addr("client")?;
+                let target = r.addr("target")?;
+                let identity = r.identity()?;
+                let n = usize::from(r.u8()?);
+                if n > MAX_IP_ASSIGNMENTS {
+                    return Err(RecordError::BadValue("addresses"));
+                }
+                let addresses = (0..n).map(|_| r.prefix()).collect::<Result<_, _>>()?;
+                Record::FlowOpen(FlowOpen { flow_id, client, target, identity, addresses })
+            }
             KIND_DRAIN => Record::Drain,
             KIND_KILL_FLOW => Record::KillFlow { flow_id: r.u64()? },
             KIND_SIGN_ASK => Record::SignAsk(SignAsk {
@@ -845,6 +866,7 @@ impl Record {
                     packets_lost: r.u64()?,
                     bytes_sent: r.u64()?,
                     bytes_recv: r.u64()?,
+                    max_tunnel_payload: r.u32()?,
                 })
             }
             KIND_CONN_LIST_END => Record::ConnListEnd { request_id: r.u64()?, total: r.u32()? },
@@ -948,12 +970,14 @@ mod tests {
                 client: "192.0.2.1:5".parse().unwrap(),
                 target: "[2001:db8::2]:53".parse().unwrap(),
                 identity: "tok:0123456789abcdef".into(),
+                addresses: vec![IpAssignment { addr: "10.89.0.9".parse().unwrap(), len: 32 }],
             }),
             Record::FlowOpen(FlowOpen {
                 flow_id: 2,
                 client: "192.0.2.1:6".parse().unwrap(),
                 target: "192.0.2.9:53".parse().unwrap(),
                 identity: String::new(),
+                addresses: Vec::new(),
             }),
             Record::SignAsk(SignAsk { sign_id: 3, generation: 1, algorithm: 0x0403, input: vec![0x20; 130] }),
             Record::SignAsk(SignAsk {
@@ -986,6 +1010,7 @@ mod tests {
                 packets_lost: 1,
                 bytes_sent: 12_000,
                 bytes_recv: 13_000,
+                max_tunnel_payload: 1_290,
             }),
             Record::ConnListEnd { request_id: 5, total: 1 },
         ]
