@@ -13,6 +13,8 @@ pub mod client;
 pub mod direct;
 pub mod echo;
 pub mod interop;
+pub mod ipbench;
+pub mod ipnet;
 pub mod iptunnel;
 pub mod load;
 pub mod loadgen;

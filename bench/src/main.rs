@@ -164,6 +164,48 @@ enum Command {
         #[arg(long)]
         capsules: bool,
     },
+    /// Open a connect-ip tunnel (RFC 9484), put the assigned addresses and
+    /// the advertised routes on a local TUN device, and carry packets until
+    /// interrupted (needs CAP_NET_ADMIN).
+    IpTunnel {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// The connect-ip URI template.
+        #[arg(long, default_value = relay_bench::iptunnel::DEFAULT_IP_TEMPLATE)]
+        ip_template: String,
+        /// Scope: `*`, an address, a prefix or a name.
+        #[arg(long, default_value = "*")]
+        scope_target: String,
+        /// Scope: `*` or an IP protocol number.
+        #[arg(long, default_value = "*")]
+        ipproto: String,
+        /// The local TUN device.
+        #[arg(long, default_value = "mqc0")]
+        device: String,
+        /// Its MTU.
+        #[arg(long, default_value_t = 1280)]
+        mtu: u32,
+        /// Install routes only for advertised ranges inside these prefixes
+        /// (repeatable; default: every advertised range, except the relay).
+        #[arg(long = "route")]
+        routes: Vec<String>,
+        /// Stop after this many seconds (default: until interrupted).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Measure TCP throughput through a connect-ip tunnel and on the direct
+    /// path, in network namespaces this command creates (root).
+    IpBench {
+        /// Directory of relay-control and relay-dataplane.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Relay workers.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Seconds per path.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 fn split_target(target: &str) -> Result<(String, u16)> {
@@ -172,8 +214,61 @@ fn split_target(target: &str) -> Result<(String, u16)> {
     Ok((host.to_string(), port.parse().context("bad target port")?))
 }
 
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn run(args: Args) -> Result<()> {
     match args.command {
+        Command::IpTunnel { relay, ip_template, scope_target, ipproto, device, mtu, routes, seconds } => {
+            let cfg = relay.config()?;
+            let relay_ip = cfg.relay.ip();
+            let mut c = Client::connect(cfg, Duration::from_secs(10))?;
+            c.wait_settings(Duration::from_secs(10))?;
+            let tunnel = relay_bench::iptunnel::open(
+                &mut c,
+                &ip_template,
+                &scope_target,
+                &ipproto,
+                Duration::from_secs(10),
+            )?;
+            let only = routes
+                .iter()
+                .map(|r| r.parse().map_err(|e| anyhow::anyhow!("--route {r}: {e}")))
+                .collect::<Result<Vec<_>>>()?;
+            let tun =
+                relay_bench::iptunnel::ClientTun::create(&device, mtu, &tunnel.config, &only, relay_ip)?;
+            for a in &tunnel.config.addresses {
+                println!("assigned {a}");
+            }
+            for r in &tunnel.config.routes {
+                println!("route {}-{} protocol {}", r.start, r.end, r.ip_protocol);
+            }
+            println!("tunnel up on {device}; Ctrl-C to stop");
+            for sig in [libc::SIGINT, libc::SIGTERM] {
+                // SAFETY: installing an async-signal-safe handler that only
+                // stores to an atomic.
+                unsafe {
+                    libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
+                }
+            }
+            let stats =
+                relay_bench::iptunnel::pump(&mut c, &tunnel, &tun, &STOP, seconds.map(Duration::from_secs))?;
+            println!("packets up {}, down {}, dropped {}", stats.up, stats.down, stats.dropped);
+            Ok(())
+        }
+        Command::IpBench { bin_dir, workers, seconds } => {
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => relay_bench::processes::bin_dir()?,
+            };
+            let r = relay_bench::ipbench::run(&bin_dir, workers, Duration::from_secs(seconds))?;
+            print!("{}", relay_bench::ipbench::table(&r));
+            println!("client packets: up {}, down {}, dropped {}", r.pump.up, r.pump.down, r.pump.dropped);
+            Ok(())
+        }
         Command::Suite { out, smoke, bin_dir, no_pin, netns, io } => {
             let mut cfg =
                 if smoke { SuiteConfig::smoke(out.clone()) } else { SuiteConfig::standard(out.clone()) };

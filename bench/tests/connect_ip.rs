@@ -10,13 +10,13 @@
 //! fails the test instead of skipping it.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use relay_bench::client::{Client, ClientConfig};
+use relay_bench::ipnet::IpTopology;
 use relay_bench::iptunnel::{self, ClientTun, DEFAULT_IP_TEMPLATE};
 use relay_bench::netns::TargetNetns;
 use relay_bench::processes::{Relay, RelayOptions, running_as_root};
@@ -31,17 +31,6 @@ fn may_run() -> bool {
     assert!(std::env::var_os("CI").is_none(), "the connect-ip namespace test needs root under CI");
     eprintln!("SKIPPED: the connect-ip namespace test needs root");
     false
-}
-
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().expect("command runs");
-    assert!(
-        out.status.success(),
-        "{}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Runs a command with a deadline; returns (success, output).
@@ -66,27 +55,6 @@ fn run_bounded(args: &[&str], limit: Duration) -> (bool, String) {
             return (false, format!("timed out: {}", String::from_utf8_lossy(&out.stderr)));
         }
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Sets a sysctl and puts the old value back on drop.
-struct Sysctl {
-    path: PathBuf,
-    old: String,
-}
-
-impl Sysctl {
-    fn set(key: &str, value: &str) -> Self {
-        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        let old = std::fs::read_to_string(&path).expect("sysctl readable");
-        std::fs::write(&path, value).expect("sysctl writable");
-        Self { path, old }
-    }
-}
-
-impl Drop for Sysctl {
-    fn drop(&mut self) {
-        let _ = std::fs::write(&self.path, self.old.trim());
     }
 }
 
@@ -199,35 +167,15 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
         return;
     }
     let pid = std::process::id();
-    let nt = 160 + (pid % 40) as u8 * 2;
-    let nc = nt + 1;
-    let target = TargetNetns::create(&format!("rtip-t{pid}"), nt).unwrap();
-    let client_ns = TargetNetns::create(&format!("rtip-c{pid}"), nc).unwrap();
-    let target_v6: IpAddr = format!("fd00:250:{nt}::2").parse().unwrap();
-    run(&["ip", "-6", "addr", "add", &format!("fd00:250:{nt}::1/64"), "dev", &format!("rbh{nt}"), "nodad"]);
-    run(&[
-        "ip",
-        "-n",
-        &target.name,
-        "-6",
-        "addr",
-        "add",
-        &format!("{target_v6}/64"),
-        "dev",
-        &format!("rbt{nt}"),
-        "nodad",
-    ]);
-    run(&["ip", "-n", &target.name, "route", "add", "default", "via", &target.host_addr.to_string()]);
-    run(&["ip", "-n", &target.name, "-6", "route", "add", "default", "via", &format!("fd00:250:{nt}::1")]);
-    let _fwd4 = Sysctl::set("net.ipv4.ip_forward", "1");
-    let _fwd6 = Sysctl::set("net.ipv6.conf.all.forwarding", "1");
+    let topo = IpTopology::create(pid % 40).expect("namespaces");
+    let (target, client_ns, target_v6) = (&topo.target, &topo.client, topo.target_v6);
 
     let dir = std::env::temp_dir().join(format!("relay-connect-ip-{pid}"));
     let _ = std::fs::remove_dir_all(&dir);
     let pool = 200 + (pid % 50);
     let opts = RelayOptions {
         listen_ip: client_ns.host_addr,
-        allow: vec!["127.0.0.0/8".into(), format!("10.250.{nt}.0/30"), format!("fd00:250:{nt}::/64")],
+        allow: vec!["127.0.0.0/8".into(), topo.target_prefixes[0].clone(), topo.target_prefixes[1].clone()],
         extra_config: format!(
             "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.89.{pool}.0/24\"\nipv6_pool = \"fd89:{pool}::/120\"\ninterface_prefix = \"mq{pid}w\"\n"
         ),
@@ -244,10 +192,7 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
         let ns = client_ns.name.clone();
         let cert = relay.cert();
         let token = relay.token.clone();
-        let only: Vec<IpPrefix> = vec![
-            IpPrefix::new(format!("10.250.{nt}.0").parse().unwrap(), 30).unwrap(),
-            IpPrefix::new(format!("fd00:250:{nt}::").parse().unwrap(), 64).unwrap(),
-        ];
+        let only: Vec<IpPrefix> = topo.target_prefixes.iter().map(|p| p.parse().unwrap()).collect();
         std::thread::spawn(move || {
             TargetNetns::enter(&ns).expect("enter the client namespace");
             let mut cfg = ClientConfig::new(relay_addr);
@@ -317,7 +262,8 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     cfg.token = Some(relay.token.clone());
     let mut c = Client::connect(cfg, T).unwrap();
     c.wait_settings(T).unwrap();
-    let scoped = iptunnel::open(&mut c, DEFAULT_IP_TEMPLATE, &format!("10.250.{nt}.2"), "17", T).unwrap();
+    let scoped =
+        iptunnel::open(&mut c, DEFAULT_IP_TEMPLATE, &target.target_addr.to_string(), "17", T).unwrap();
     let mine = scoped.config.addresses.iter().find(|a| a.addr.is_ipv4()).unwrap().addr;
     assert_eq!(scoped.config.routes.len(), 1, "{:?}", scoped.config.routes);
     assert_eq!(scoped.config.routes[0].ip_protocol, 17);
@@ -367,6 +313,5 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     let stats = client_thread.join().expect("client thread");
     assert!(stats.up > 100 && stats.down > 100, "the client pumped traffic: {stats:?}");
     drop(relay);
-    drop(target);
-    drop(client_ns);
+    drop(topo);
 }

@@ -176,6 +176,34 @@ impl fmt::Display for IpPrefix {
     }
 }
 
+/// Why a prefix string does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixParseError {
+    /// Not `address` or `address/length`.
+    #[error("{0:?} is not an IP address or address/length")]
+    Syntax(String),
+    /// The prefix breaks a rule (length, host bits).
+    #[error("{0}")]
+    Rule(#[from] IpCapsuleError),
+}
+
+impl std::str::FromStr for IpPrefix {
+    type Err = PrefixParseError;
+
+    /// `192.0.2.0/24`, `2001:db8::/32`, or a bare address (a host prefix).
+    fn from_str(s: &str) -> Result<Self, PrefixParseError> {
+        let syntax = || PrefixParseError::Syntax(s.to_string());
+        match s.split_once('/') {
+            None => Ok(IpPrefix::host(s.parse().map_err(|_| syntax())?)),
+            Some((addr, len)) => {
+                let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
+                let len: u8 = len.parse().map_err(|_| syntax())?;
+                Ok(IpPrefix::new(addr, len)?)
+            }
+        }
+    }
+}
+
 /// One Assigned Address of an ADDRESS_ASSIGN capsule (RFC 9484 section
 /// 4.7.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -513,6 +541,18 @@ mod tests {
     fn round_trip(capsule: IpCapsule) {
         let (t, value) = value_of(&capsule);
         assert_eq!(decode(t, &value), Ok(Some(capsule)));
+    }
+
+    #[test]
+    fn prefixes_parse_from_text() {
+        assert_eq!(
+            "10.0.0.0/8".parse::<IpPrefix>().unwrap(),
+            IpPrefix::new("10.0.0.0".parse().unwrap(), 8).unwrap()
+        );
+        assert_eq!("fd00::1".parse::<IpPrefix>().unwrap().len, 128);
+        assert!(matches!("10.0.0.1/8".parse::<IpPrefix>(), Err(PrefixParseError::Rule(_))));
+        assert!(matches!("10.0.0.0/x".parse::<IpPrefix>(), Err(PrefixParseError::Syntax(_))));
+        assert!("nonsense".parse::<IpPrefix>().is_err());
     }
 
     #[test]

@@ -1,0 +1,164 @@
+//! connect-ip throughput: TCP bulk transfers from a client namespace to a
+//! target namespace, through a connect-ip tunnel (client TUN → QUIC →
+//! relay → relay TUN → kernel routing) and on the direct path (kernel
+//! routing through the same host and links), in one run.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+
+use crate::client::{Client, ClientConfig};
+use crate::ipnet::IpTopology;
+use crate::iptunnel::{self, ClientTun, DEFAULT_IP_TEMPLATE, PumpStats};
+use crate::netns::TargetNetns;
+use crate::processes::{Relay, RelayOptions};
+
+/// One measured path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PathResult {
+    /// Bytes the receiver got.
+    pub bytes: u64,
+    /// Seconds from connect to the receiver's end of stream.
+    pub seconds: f64,
+}
+
+impl PathResult {
+    /// Megabits per second.
+    pub fn mbps(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.seconds / 1e6
+    }
+}
+
+/// The benchmark's results.
+#[derive(Debug, Clone, Copy)]
+pub struct IpBenchResult {
+    /// Through the tunnel, IPv4.
+    pub tunnel_v4: PathResult,
+    /// Through the tunnel, IPv6.
+    pub tunnel_v6: PathResult,
+    /// Direct (no tunnel).
+    pub direct: PathResult,
+    /// Packets the client moved.
+    pub pump: PumpStats,
+}
+
+/// A sink in the target namespace: accepts one connection, reads to the
+/// end, reports what it got and how long it took.
+fn sink(ns: &str, addr: SocketAddr) -> Result<std::thread::JoinHandle<Result<PathResult>>> {
+    let ns = ns.to_string();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || -> Result<PathResult> {
+        TargetNetns::enter(&ns).context("entering the target namespace")?;
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        let _ = ready_tx.send(());
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let started = Instant::now();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut bytes = 0u64;
+        loop {
+            match s.read(&mut buf)? {
+                0 => break,
+                n => bytes += n as u64,
+            }
+        }
+        Ok(PathResult { bytes, seconds: started.elapsed().as_secs_f64() })
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("the sink did not start"))?;
+    Ok(handle)
+}
+
+/// Sends for `duration` from the client namespace to `addr`.
+fn send(ns: &str, addr: SocketAddr, duration: Duration) -> Result<()> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || -> Result<()> {
+        TargetNetns::enter(&ns)?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        s.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let chunk = vec![0x5au8; 64 * 1024];
+        let deadline = Instant::now() + duration;
+        while Instant::now() < deadline {
+            s.write_all(&chunk)?;
+        }
+        s.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow!("sender panicked"))?
+}
+
+fn measure(topo: &IpTopology, target: IpAddr, port: u16, duration: Duration) -> Result<PathResult> {
+    let addr = SocketAddr::new(target, port);
+    let receiver = sink(&topo.target.name, addr)?;
+    send(&topo.client.name, addr, duration)?;
+    receiver.join().map_err(|_| anyhow!("sink panicked"))?
+}
+
+/// Runs the benchmark with the relay binaries in `bin_dir`, `workers`
+/// workers, each path for `duration`.
+pub fn run(bin_dir: &Path, workers: u32, duration: Duration) -> Result<IpBenchResult> {
+    let topo = IpTopology::create(std::process::id() % 40)?;
+    let dir = std::env::temp_dir().join(format!("relay-ip-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = RelayOptions {
+        workers,
+        listen_ip: topo.client.host_addr,
+        allow: topo.target_prefixes.to_vec(),
+        bin_dir: Some(bin_dir.to_path_buf()),
+        extra_config: "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.89.250.0/24\"\nipv6_pool = \"fd89:250::/120\"\ninterface_prefix = \"mqbench\"\n".into(),
+        ..Default::default()
+    };
+    let relay = Relay::start(&dir, &opts)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let pump = {
+        let stop = stop.clone();
+        let ns = topo.client.name.clone();
+        let (relay_addr, cert, token) = (relay.addr, relay.cert(), relay.token.clone());
+        let only = topo.target_prefixes.iter().map(|p| p.parse()).collect::<Result<Vec<_>, _>>()?;
+        std::thread::spawn(move || -> Result<PumpStats> {
+            TargetNetns::enter(&ns)?;
+            let mut cfg = ClientConfig::new(relay_addr);
+            cfg.ca = Some(cert);
+            cfg.token = Some(token);
+            let mut c = Client::connect(cfg, Duration::from_secs(10))?;
+            c.wait_settings(Duration::from_secs(10))?;
+            let tunnel = iptunnel::open(&mut c, DEFAULT_IP_TEMPLATE, "*", "*", Duration::from_secs(10))?;
+            let tun = ClientTun::create("mqcb0", 1280, &tunnel.config, &only, relay_addr.ip())?;
+            let _ = ready_tx.send(());
+            iptunnel::pump(&mut c, &tunnel, &tun, &stop, None)
+        })
+    };
+    ready_rx
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| anyhow!("the connect-ip client did not come up"))?;
+    let tunnel_v4 = measure(&topo, topo.target.target_addr, 5301, duration)?;
+    let tunnel_v6 = measure(&topo, topo.target_v6, 5302, duration)?;
+    let direct = measure(&topo, topo.direct_target, 5303, duration)?;
+    stop.store(true, Ordering::Relaxed);
+    let pump = pump.join().map_err(|_| anyhow!("pump panicked"))??;
+    drop(relay);
+    Ok(IpBenchResult { tunnel_v4, tunnel_v6, direct, pump })
+}
+
+/// The results as a markdown table.
+pub fn table(r: &IpBenchResult) -> String {
+    let row = |name: &str, p: &PathResult| {
+        format!(
+            "| {name} | {:.0} | {:.1} | {:.2} |\n",
+            p.mbps(),
+            p.bytes as f64 / 1e6,
+            p.mbps() / r.direct.mbps()
+        )
+    };
+    let mut out = String::from("| path | Mbit/s | MB moved | vs direct |\n|---|---|---|---|\n");
+    out.push_str(&row("direct (kernel routing, no tunnel)", &r.direct));
+    out.push_str(&row("connect-ip, TCP over IPv4", &r.tunnel_v4));
+    out.push_str(&row("connect-ip, TCP over IPv6", &r.tunnel_v6));
+    out
+}
