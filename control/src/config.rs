@@ -577,6 +577,9 @@ impl Config {
             crate::ippool::AddressPools::new(v4_pool, v6_pool, d.workers.resolve())
                 .map_err(|e| invalid(format!("connect_ip: {e}")))?;
         }
+        if let Err(e) = relay_proto::template::IpUriTemplate::parse(&ip.uri_template) {
+            return Err(invalid(format!("connect_ip.uri_template: {e}")));
+        }
         if ip.mtu < 1280 || ip.mtu > 65_535 {
             return Err(invalid(format!("connect_ip.mtu must be 1280..=65535, not {}", ip.mtu)));
         }
@@ -877,15 +880,18 @@ mod tests {
         let text = DEFAULT_CONFIG.replace("connect_ip = false", "connect_ip = true");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("protocols.connect_ip") && err.contains("ipv4_pool"), "{err}");
-        let with_pool =
-            format!("{text}\n[connect_ip]\nipv4_pool = \"10.89.0.0/24\"\nipv6_pool = \"fd89::/112\"\n");
+        let with_pool = text
+            .replace("# ipv4_pool = \"10.89.0.0/16\"", "ipv4_pool = \"10.89.0.0/24\"")
+            .replace("# ipv6_pool = \"fd89::/64\"", "ipv6_pool = \"fd89::/112\"");
         let c = Config::parse(&with_pool, "t.toml").unwrap();
         assert_eq!(c.protocols.names(), ["connect-udp", "connect-ip"]);
         assert_eq!(c.connect_ip.mtu, 1280);
         let bad = with_pool.replace("10.89.0.0/24", "10.89.0.1/24");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(err.contains("connect_ip.ipv4_pool"), "{err}");
-        let bad = format!("{with_pool}mtu = 1000\n");
+        let bad = with_pool.replace("{ipproto}/\"", "{port}/\"");
+        assert!(Config::parse(&bad, "t.toml").unwrap_err().to_string().contains("connect_ip.uri_template"));
+        let bad = with_pool.replace("mtu = 1280", "mtu = 1000");
         assert!(Config::parse(&bad, "t.toml").unwrap_err().to_string().contains("connect_ip.mtu"));
         let text = DEFAULT_CONFIG.replace("bind = false", "bind = true");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
