@@ -285,6 +285,38 @@ fn idle_tunnels_are_closed_by_the_relay() {
     wait_until("control to forget the flow", T, || admin(&relay.admin_socket(), "status")["flows"] == 0);
 }
 
+/// RFC 9298 section 3.1: when the OS says the target socket is unusable
+/// (an ICMP Destination Unreachable: ECONNREFUSED from a closed port), the
+/// relay closes the request stream.
+#[test]
+fn an_unreachable_target_closes_the_tunnel() {
+    let relay = start("unreachable", RelayOptions::default());
+    // A port with nothing behind it: the kernel answers with ICMP port
+    // unreachable.
+    let closed_port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", closed_port, T).unwrap();
+    let deadline = Instant::now() + T;
+    while !c.stream_finished(s) && Instant::now() < deadline {
+        c.send_datagram(s, b"anyone there?").unwrap();
+        let _ = c.drive(Duration::from_millis(50));
+    }
+    assert!(c.stream_finished(s), "the relay ended the stream (FIN)");
+    wait_until("control to forget the flow", T, || admin(&relay.admin_socket(), "status")["flows"] == 0);
+    assert!(relay.counter("tunnels_target_unreachable").unwrap() >= 1);
+    // The connection itself is fine: a tunnel to a live target works.
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let s2 = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    c.send_datagram(s2, b"ping").unwrap();
+    wait_until("the echo", T, || {
+        let _ = c.drive(Duration::from_millis(10));
+        !c.take_datagrams(s2).is_empty()
+    });
+}
+
 #[test]
 fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
     let mut relay = start("control-down", RelayOptions { ask_timeout_ms: 2000, ..Default::default() });

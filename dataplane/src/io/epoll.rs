@@ -38,6 +38,8 @@ pub struct EpollBackend {
     answer_bell: Option<(RawFd, u64)>,
     quic_backlog: bool,
     target_backlog: Vec<TargetKey>,
+    /// Target sends the OS refused as unreachable, for the core.
+    unreachable: Vec<(TargetKey, i32)>,
 }
 
 impl EpollBackend {
@@ -56,6 +58,7 @@ impl EpollBackend {
             answer_bell: None,
             quic_backlog: false,
             target_backlog: Vec::new(),
+            unreachable: Vec::new(),
         })
     }
 
@@ -80,6 +83,9 @@ impl EpollBackend {
             }
             turn_start = Instant::now();
             h.begin_turn(turn_start);
+            for (key, errno) in std::mem::take(&mut self.unreachable) {
+                h.on_target_unreachable(key, errno);
+            }
             let mut quic_ready = std::mem::take(&mut self.quic_backlog);
             let mut ready = std::mem::take(&mut self.target_backlog);
             for event in self.events.iter() {
@@ -164,8 +170,12 @@ impl EpollBackend {
             let n = match self.rx.recv(sock) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                // An ICMP error from an earlier send (ECONNREFUSED...):
-                // UDP semantics, read on.
+                // An ICMP error from an earlier send: the target is
+                // unreachable (RFC 9298 section 3.1 closes the tunnel).
+                Err(e) if e.raw_os_error().is_some_and(super::is_unreachable) => {
+                    h.on_target_unreachable(key, e.raw_os_error().unwrap_or(0));
+                    return false;
+                }
                 Err(_) => continue,
             };
             for i in 0..n {
@@ -210,6 +220,9 @@ impl EpollBackend {
                     stats.datagrams_up += r.sent;
                     stats.bytes_up += sent_bytes(send.buf.len(), send.segment_size, send.segments, r.sent);
                     stats.drop_target_send += r.dropped;
+                    if let Some(errno) = r.last_errno.filter(|e| super::is_unreachable(*e)) {
+                        self.unreachable.push((send.key, errno));
+                    }
                 }
                 None => stats.drop_target_send += send.segments as u64,
             }

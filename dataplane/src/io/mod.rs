@@ -56,6 +56,11 @@ pub trait Handler {
     fn on_quic(&mut self, packets: &mut [u8], segment_size: usize, from: SocketAddr);
     /// Payloads from a target: `segment_size`-byte datagrams back to back.
     fn on_target(&mut self, key: TargetKey, payloads: &[u8], segment_size: usize);
+    /// The OS reported a target socket unusable (`errno` is ECONNREFUSED,
+    /// EHOSTUNREACH or ENETUNREACH, from an ICMP Destination Unreachable).
+    fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
+        let _ = (key, errno);
+    }
     /// A doorbell rang.
     fn on_wake(&mut self, wake: Wake);
     /// End of the turn: timers, connection output. Returns what to do next.
@@ -100,6 +105,12 @@ impl BackendKind {
             BackendKind::Epoll => 2,
         }
     }
+}
+
+/// Whether `errno` on a connected UDP socket means the target is
+/// unreachable (an ICMP Destination Unreachable), not a passing condition.
+pub fn is_unreachable(errno: i32) -> bool {
+    matches!(errno, libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH)
 }
 
 /// Largest number of receive operations (each up to 64 GRO segments) a

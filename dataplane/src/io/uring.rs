@@ -120,6 +120,8 @@ pub struct UringBackend {
     rearm: Vec<TargetKey>,
     worker_bell_armed: bool,
     tun_armed: bool,
+    /// Target sends the OS refused as unreachable, for the core.
+    unreachable: Vec<(TargetKey, i32)>,
     answer_bell: Option<(RawFd, u64)>,
     answer_bell_armed: bool,
     /// Completions taken while waiting for a send slot, handled next turn.
@@ -177,6 +179,7 @@ impl UringBackend {
             rearm: Vec::new(),
             worker_bell_armed: false,
             tun_armed: false,
+            unreachable: Vec::new(),
             answer_bell: None,
             answer_bell_armed: false,
             deferred: VecDeque::new(),
@@ -219,6 +222,9 @@ impl UringBackend {
             self.drop_closed();
             turn_start = Instant::now();
             h.begin_turn(turn_start);
+            for (key, errno) in std::mem::take(&mut self.unreachable) {
+                h.on_target_unreachable(key, errno);
+            }
             self.collect();
             let cqes = std::mem::take(&mut self.cqes);
             for cqe in &cqes {
@@ -446,8 +452,12 @@ impl UringBackend {
             if c.result == -libc::ENOBUFS {
                 self.stats.recv_no_buffers += 1;
             }
-            // Other errors (ECONNREFUSED after an ICMP error, ECANCELED
-            // after a close): UDP semantics, nothing to deliver.
+            // ECONNREFUSED and the like after an ICMP error: the target is
+            // unreachable (RFC 9298 section 3.1 closes the tunnel). Others
+            // (ECANCELED after a close): nothing to deliver.
+            if c.result < 0 && super::is_unreachable(-c.result) && self.targets.contains_key(&key) {
+                h.on_target_unreachable(key, -c.result);
+            }
             return;
         };
         let len = c.result.max(0) as usize;
@@ -479,7 +489,14 @@ impl UringBackend {
                 warn!("the network device refused GSO; sending datagrams one by one from now on");
                 self.resend_singly(id, kind)
             }
-            SendOutcome::Dropped(_) => (0, segments, 0),
+            SendOutcome::Dropped(errno) => {
+                if let SendKind::Target(key) = kind
+                    && super::is_unreachable(errno)
+                {
+                    self.unreachable.push((key, errno));
+                }
+                (0, segments, 0)
+            }
             SendOutcome::Failed(errno) => {
                 debug!("send failed: {}", io::Error::from_raw_os_error(errno));
                 (0, segments, 0)
@@ -512,7 +529,9 @@ impl UringBackend {
             }
             SendKind::Target(key) => match self.targets.get(&key) {
                 Some(t) => mmsg::send_singly(&t.sock, data, p.segment_size, None),
-                None => mmsg::SendReport { syscalls: 0, sent: 0, dropped: p.segments as u64 },
+                None => {
+                    mmsg::SendReport { syscalls: 0, sent: 0, dropped: p.segments as u64, last_errno: None }
+                }
             },
         };
         self.stats.syscalls += report.syscalls;

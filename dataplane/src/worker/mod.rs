@@ -1207,15 +1207,37 @@ impl Worker {
                 }
                 Phase::Open { .. } => {
                     // Idle: end the tunnel cleanly from our side.
-                    if let Some(h3) = conn.h3.as_mut() {
-                        let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
-                    }
-                    let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
-                    self.close_tunnel(entry);
+                    self.end_open_tunnel(&mut conn, stream_id, entry);
                 }
             }
         }
         self.put_conn(key, conn);
+    }
+
+    /// Ends an open tunnel from the relay's side: FIN on the request stream
+    /// (RFC 9298 section 3.1: closing the socket closes the stream), stop
+    /// reading, release the target socket and report the flow.
+    fn end_open_tunnel(&mut self, conn: &mut Conn, stream_id: u64, entry: TunnelEntry) {
+        if let Some(h3) = conn.h3.as_mut() {
+            let _ = h3.send_body(&mut conn.quic, stream_id, &[], true);
+        }
+        let _ = conn.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, h3_code::NO_ERROR);
+        self.close_tunnel(entry);
+    }
+
+    /// The OS says a target socket is no longer usable (an ICMP
+    /// Destination Unreachable turned into ECONNREFUSED, EHOSTUNREACH or
+    /// ENETUNREACH on the connected socket): RFC 9298 section 3.1 says the
+    /// proxy MUST close the request stream.
+    fn target_unusable(&mut self, key: TargetKey, errno: i32) {
+        let Some(&(conn_key, stream_id)) = self.targets.get(&key) else { return };
+        let Some(mut conn) = self.take_conn(conn_key) else { return };
+        if let Some(entry) = conn.tunnels.remove(&stream_id) {
+            debug!(stream_id, errno, "target unreachable: closing the tunnel");
+            self.count(Counter::TunnelsTargetUnreachable, 1);
+            self.end_open_tunnel(&mut conn, stream_id, entry);
+        }
+        self.put_conn(conn_key, conn);
     }
 
     /// Drops stale timer entries.
@@ -1615,6 +1637,10 @@ impl Handler for Worker {
         for pkt in packets.chunks_mut(stride) {
             self.on_quic_packet(pkt, from);
         }
+    }
+
+    fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
+        self.target_unusable(key, errno);
     }
 
     fn on_target(&mut self, key: TargetKey, payloads: &[u8], segment_size: usize) {

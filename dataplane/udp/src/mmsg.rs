@@ -178,6 +178,9 @@ pub struct SendReport {
     pub sent: u64,
     /// Datagrams refused (full buffer, unreachable, too big): dropped.
     pub dropped: u64,
+    /// The error of the last refused send, if any (e.g. ECONNREFUSED on a
+    /// connected socket after an ICMP Destination Unreachable).
+    pub last_errno: Option<i32>,
 }
 
 /// Whether a failed GSO send means the device cannot segment (quinn-udp:
@@ -199,7 +202,10 @@ pub fn send_singly(
         report.syscalls += 1;
         match send_segments(sock, chunk, chunk.len(), to) {
             Ok(_) => report.sent += 1,
-            Err(_) => report.dropped += 1,
+            Err(e) => {
+                report.dropped += 1;
+                report.last_errno = e.raw_os_error();
+            }
         }
     }
     report
@@ -210,14 +216,14 @@ pub fn send_singly(
 pub fn send_connected(sock: &impl AsRawFd, buf: &[u8], segment_size: usize, segments: usize) -> SendReport {
     let seg = if segments > 1 { segment_size } else { buf.len() };
     match send_segments(sock, buf, seg.max(1), None) {
-        Ok(_) => SendReport { syscalls: 1, sent: segments as u64, dropped: 0 },
+        Ok(_) => SendReport { syscalls: 1, sent: segments as u64, dropped: 0, last_errno: None },
         Err(e) if is_gso_refusal(&e, segments) => {
             GSO_ENABLED.store(false, Ordering::Relaxed);
             let mut r = send_singly(sock, buf, segment_size, None);
             r.syscalls += 1;
             r
         }
-        Err(_) => SendReport { syscalls: 1, sent: 0, dropped: segments as u64 },
+        Err(e) => SendReport { syscalls: 1, sent: 0, dropped: segments as u64, last_errno: e.raw_os_error() },
     }
 }
 

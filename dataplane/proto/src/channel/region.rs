@@ -379,6 +379,9 @@ counters! {
     TunPacketsIn = 50, "tun_packets_in";
     /// IP packets written to the worker's TUN device.
     TunPacketsOut = 51, "tun_packets_out";
+    /// connect-udp tunnels closed because the OS reported the target
+    /// unreachable (ICMP Destination Unreachable; RFC 9298 section 3.1).
+    TunnelsTargetUnreachable = 52, "tunnels_target_unreachable";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so
