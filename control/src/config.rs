@@ -49,6 +49,9 @@ pub struct Config {
     /// connect-ip (RFC 9484): template, address pools, TUN devices.
     #[serde(default)]
     pub connect_ip: ConnectIpSection,
+    /// Bound connect-udp: public addresses, inbound filter, limits.
+    #[serde(default)]
+    pub bind: BindSection,
     /// Where the config came from (file name or "embedded default config").
     #[serde(skip)]
     pub origin: String,
@@ -376,7 +379,7 @@ pub struct ProtocolsSection {
     pub connect_udp: bool,
     /// connect-ip (RFC 9484): needs `[connect_ip]` pools.
     pub connect_ip: bool,
-    /// Bound UDP (connect-udp listen): not implemented yet.
+    /// Bound connect-udp (draft-ietf-masque-connect-udp-listen), see `[bind]`.
     pub bind: bool,
 }
 
@@ -405,9 +408,6 @@ impl TryFrom<RawProtocols> for ProtocolsSection {
     type Error = String;
 
     fn try_from(r: RawProtocols) -> Result<Self, String> {
-        if r.bind {
-            return Err("protocols.bind = true: bound UDP is not implemented yet".into());
-        }
         Ok(Self { connect_udp: r.connect_udp, connect_ip: r.connect_ip, bind: r.bind })
     }
 }
@@ -423,7 +423,38 @@ impl ProtocolsSection {
         if self.connect_ip {
             out.push("connect-ip".to_string());
         }
+        if self.bind {
+            out.push("connect-udp-bind".to_string());
+        }
         out
+    }
+}
+
+/// `[bind]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BindSection {
+    /// The public IP addresses bound tunnels are reachable at (the
+    /// Proxy-Public-Address of each tunnel pairs them with its port);
+    /// empty: the host's primary outbound address of each family.
+    pub public_addresses: Vec<std::net::IpAddr>,
+    /// Which peers may send to a bound tunnel: "sent_to" (only peers the
+    /// client has sent to, like an endpoint-dependent NAT) or "any".
+    pub inbound_filter: String,
+    /// Open compression contexts per tunnel.
+    pub max_contexts: u32,
+    /// Distinct peers a tunnel may send to.
+    pub max_peers: u32,
+}
+
+impl Default for BindSection {
+    fn default() -> Self {
+        Self {
+            public_addresses: Vec::new(),
+            inbound_filter: "sent_to".into(),
+            max_contexts: 64,
+            max_peers: 256,
+        }
     }
 }
 
@@ -576,6 +607,16 @@ impl Config {
         if config.protocols.connect_ip {
             crate::ippool::AddressPools::new(v4_pool, v6_pool, d.workers.resolve())
                 .map_err(|e| invalid(format!("connect_ip: {e}")))?;
+        }
+        let b = &config.bind;
+        if b.inbound_filter != "sent_to" && b.inbound_filter != "any" {
+            return Err(invalid(format!(
+                "bind.inbound_filter must be \"sent_to\" or \"any\", not {:?}",
+                b.inbound_filter
+            )));
+        }
+        if !(1..=4096).contains(&b.max_contexts) || !(1..=65_536).contains(&b.max_peers) {
+            return Err(invalid("bind.max_contexts must be 1..=4096 and bind.max_peers 1..=65536".into()));
         }
         if let Err(e) = relay_proto::template::IpUriTemplate::parse(&ip.uri_template) {
             return Err(invalid(format!("connect_ip.uri_template: {e}")));
@@ -894,8 +935,12 @@ mod tests {
         let bad = with_pool.replace("mtu = 1280", "mtu = 1000");
         assert!(Config::parse(&bad, "t.toml").unwrap_err().to_string().contains("connect_ip.mtu"));
         let text = DEFAULT_CONFIG.replace("bind = false", "bind = true");
-        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
-        assert!(err.contains("protocols.bind") && err.contains("not implemented yet"), "{err}");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert_eq!(c.protocols.names(), ["connect-udp", "connect-udp-bind"]);
+        assert_eq!((c.bind.inbound_filter.as_str(), c.bind.max_contexts), ("sent_to", 64));
+        let bad = format!("{text}\n[bind]\ninbound_filter = \"everyone\"\n");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("bind.inbound_filter"), "{err}");
         let text = DEFAULT_CONFIG.replace("connect_udp = true", "connect_udp = false");
         assert!(Config::parse(&text, "t.toml").unwrap().protocols.names().is_empty());
         // Without the section: connect-udp only.

@@ -25,7 +25,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use relay_proto::channel::record::{
-    AuthAsk, IPPROTO_ANY, IpRoute, MAX_IP_ROUTES, PROTOCOL_CONNECT_IP, Verdict,
+    AuthAsk, IPPROTO_ANY, IpRoute, MAX_IP_ROUTES, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_UDP_BIND, Verdict,
 };
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::target::TargetHost;
@@ -227,8 +227,11 @@ impl Policy {
     /// ([`Identity::Unknown`] when credentials were refused).
     pub fn decide(&mut self, ask: &AuthAsk, now: Instant, now_unix: u64) -> (Decision, Identity) {
         let connect_ip = ask.protocol == PROTOCOL_CONNECT_IP;
+        let bind = ask.protocol == PROTOCOL_CONNECT_UDP_BIND;
         let (enabled, name) = if connect_ip {
             (self.protocols.connect_ip, "connect-ip")
+        } else if bind {
+            (self.protocols.bind, "bound connect-udp")
         } else {
             (self.protocols.connect_udp, "connect-udp")
         };
@@ -255,6 +258,9 @@ impl Policy {
         let requester = Requester { identity: identity.clone(), client: ask.client.ip(), ip_protocol };
         if connect_ip {
             return (self.decide_ip(ask, requester, now), identity);
+        }
+        if bind {
+            return (Decision::Answer(self.admit_bind(&requester, now)), identity);
         }
         // The dataplane validated the host already; re-validate anyway, as
         // nothing read from the channel is trusted.
@@ -365,6 +371,33 @@ impl Policy {
                 identity: key.unwrap_or_default(),
                 addresses: Vec::new(),
                 routes: ranges.iter().map(|r| IpRoute { start: r.start, end: r.end, protocol }).collect(),
+            },
+            Err(which) => self.quota_refused(requester, which, now),
+        }
+    }
+
+    /// A bound connect-udp tunnel: its peers may be any address the target
+    /// policy allows (checked by the dataplane on every datagram, both
+    /// ways); a fallback target in the request does not narrow that.
+    fn admit_bind(&mut self, requester: &Requester, now: Instant) -> Verdict {
+        let ranges = self.acl.allowed_ranges(&Cidr::everything());
+        if ranges.is_empty() || ranges.len() > MAX_IP_ROUTES {
+            return deny(
+                403,
+                ProxyError::DestinationIpProhibited,
+                "the target policy leaves no usable peers",
+            );
+        }
+        let flow_id = self.next_flow_id;
+        self.next_flow_id += 1;
+        let key = requester.identity.quota_key();
+        match self.quotas.admit(flow_id, key.as_deref(), requester.client, now) {
+            Ok(byte_budget) => Verdict::AllowBind {
+                flow_id,
+                idle_timeout_ms: self.idle_timeout_ms,
+                byte_budget,
+                identity: key.unwrap_or_default(),
+                peers: ranges.iter().map(|r| IpRoute { start: r.start, end: r.end, protocol: 17 }).collect(),
             },
             Err(which) => self.quota_refused(requester, which, now),
         }

@@ -853,8 +853,9 @@ impl Server {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             let allowed = match &verdict {
                 Verdict::Allow { flow_id, target, .. } => Some((*flow_id, *target)),
-                // An IP flow has no single target: shown as the unspecified address.
-                Verdict::AllowIp { flow_id, .. } => {
+                // An IP or bound flow has no single target: shown as the
+                // unspecified address.
+                Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => {
                     Some((*flow_id, SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0)))
                 }
                 Verdict::Deny { .. } => None,

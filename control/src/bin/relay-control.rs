@@ -123,6 +123,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         protocols: config.protocols.names(),
         retry_threshold: d.retry_threshold,
         connect_ip: None,
+        bind: config.protocols.bind.then(|| relay_proto::channel::bootstrap::BindBootstrap {
+            public_addresses: config.bind.public_addresses.clone(),
+            inbound_filter: config.bind.inbound_filter.clone(),
+            max_contexts: config.bind.max_contexts,
+            max_peers: config.bind.max_peers,
+        }),
     };
     let ip_pools = config.connect_ip.pools()?;
     let mut bootstrap = bootstrap;

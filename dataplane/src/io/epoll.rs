@@ -16,7 +16,7 @@ use mio::{Events, Interest, Poll, Token};
 use relay_udp::mmsg::{self, Batch, Message, RECV_MESSAGES, RecvBatch};
 use tracing::warn;
 
-use super::{Handler, IoStats, Output, RECV_BUDGET, TargetKey, Turn, Wake};
+use super::{Handler, IoStats, Output, RECV_BUDGET, TargetKey, Turn, Wake, WatchKey};
 
 const QUIC_SOCKET: Token = Token(0);
 const ANSWER_BELL: Token = Token(1);
@@ -26,6 +26,13 @@ const FIRST_TARGET: usize = 16;
 
 fn target_token(key: TargetKey) -> Token {
     Token(key as usize + FIRST_TARGET)
+}
+
+/// Watched descriptors' tokens live above the targets'.
+const WATCH_BIT: usize = 1 << 62;
+
+fn watch_token(key: WatchKey) -> Token {
+    Token(WATCH_BIT | key as usize)
 }
 
 /// A worker's epoll loop.
@@ -94,6 +101,7 @@ impl EpollBackend {
                     ANSWER_BELL => h.on_wake(Wake::Answers),
                     WORKER_BELL => h.on_wake(Wake::Worker),
                     TUN => h.on_wake(Wake::Tun),
+                    Token(t) if t & WATCH_BIT != 0 => h.on_readable((t & !WATCH_BIT) as WatchKey),
                     Token(t) => ready.push((t - FIRST_TARGET) as TargetKey),
                 }
             }
@@ -210,6 +218,17 @@ impl EpollBackend {
                 warn!("registering a target socket: {e}");
             }
             self.targets.insert(key, sock);
+        }
+        for (key, fd) in out.unwatches.drain(..) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            let _ = key;
+        }
+        for (key, fd) in out.watches.drain(..) {
+            if let Err(e) =
+                self.poll.registry().register(&mut SourceFd(&fd), watch_token(key), Interest::READABLE)
+            {
+                warn!("watching a descriptor: {e}");
+            }
         }
         for send in std::mem::take(&mut out.up) {
             match self.targets.get(&send.key) {

@@ -21,6 +21,10 @@ pub use output::{IoStats, Output, QuicBatch, UpSend};
 /// Names a target socket: chosen by the core, unique for the worker's life.
 pub type TargetKey = u64;
 
+/// Names a descriptor the core services itself (e.g. a bound UDP
+/// socket): chosen by the core, unique for the worker's life, below 2^55.
+pub type WatchKey = u64;
+
 /// Which doorbell rang.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
@@ -60,6 +64,10 @@ pub trait Handler {
     /// EHOSTUNREACH or ENETUNREACH, from an ICMP Destination Unreachable).
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
         let _ = (key, errno);
+    }
+    /// A watched descriptor ([`Output::watches`]) became readable.
+    fn on_readable(&mut self, key: WatchKey) {
+        let _ = key;
     }
     /// A doorbell rang.
     fn on_wake(&mut self, wake: Wake);

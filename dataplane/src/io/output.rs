@@ -12,7 +12,9 @@ use std::net::{SocketAddr, UdpSocket};
 use relay_proto::channel::region::{Counter, Counters};
 use relay_udp::{MAX_GSO_BYTES, MAX_SEGMENTS};
 
-use super::TargetKey;
+use std::os::fd::RawFd;
+
+use super::{TargetKey, WatchKey};
 use crate::quic::MAX_SEND_UDP_PAYLOAD;
 
 /// Capacity of every pooled buffer: a full GSO batch plus room to write one
@@ -161,6 +163,11 @@ pub struct Output {
     pub opens: Vec<(TargetKey, UdpSocket)>,
     /// Target sockets to close (after their pending sends).
     pub closes: Vec<TargetKey>,
+    /// Descriptors the core reads and writes itself, to watch for
+    /// readability (edge-triggered: [`super::Handler::on_readable`]).
+    pub watches: Vec<(WatchKey, RawFd)>,
+    /// Watched descriptors to forget (before the core closes them).
+    pub unwatches: Vec<(WatchKey, RawFd)>,
     pool: Vec<Vec<u8>>,
     /// Statistics the backend accumulates.
     pub stats: IoStats,
@@ -181,6 +188,8 @@ impl Output {
             up: Vec::new(),
             opens: Vec::new(),
             closes: Vec::new(),
+            watches: Vec::new(),
+            unwatches: Vec::new(),
             pool: Vec::new(),
             stats: IoStats::default(),
         }

@@ -28,7 +28,7 @@ use relay_udp::uring::{BufRing, MultishotRecv, SendOutcome, SendSlots, SlotId};
 use relay_udp::{GSO_ENABLED, MAX_GRO_BUFFER, mmsg};
 use tracing::{debug, warn};
 
-use super::{Handler, IoStats, Output, TargetKey, Turn, Wake};
+use super::{Handler, IoStats, Output, TargetKey, Turn, Wake, WatchKey};
 
 /// Sizes of a worker's ring and pools.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +61,7 @@ const KIND_WORKER_BELL: u64 = 5;
 const KIND_CANCEL: u64 = 6;
 const KIND_TIMER: u64 = 7;
 const KIND_TUN: u64 = 8;
+const KIND_WATCH: u64 = 9;
 const KIND_SHIFT: u32 = 56;
 const VALUE_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
@@ -122,6 +123,9 @@ pub struct UringBackend {
     tun_armed: bool,
     /// Target sends the OS refused as unreachable, for the core.
     unreachable: Vec<(TargetKey, i32)>,
+    /// Descriptors the core services itself: key -> (fd, poll armed).
+    watched: HashMap<WatchKey, (RawFd, bool)>,
+    pending_watch_polls: Vec<squeue::Entry>,
     answer_bell: Option<(RawFd, u64)>,
     answer_bell_armed: bool,
     /// Completions taken while waiting for a send slot, handled next turn.
@@ -180,6 +184,8 @@ impl UringBackend {
             worker_bell_armed: false,
             tun_armed: false,
             unreachable: Vec::new(),
+            watched: HashMap::new(),
+            pending_watch_polls: Vec::new(),
             answer_bell: None,
             answer_bell_armed: false,
             deferred: VecDeque::new(),
@@ -337,6 +343,19 @@ impl UringBackend {
             self.push(poll);
             self.worker_bell_armed = true;
         }
+        for (key, (fd, armed)) in self.watched.iter_mut() {
+            if !*armed {
+                let poll = opcode::PollAdd::new(types::Fd(*fd), libc::POLLIN as u32)
+                    .multi(true)
+                    .build()
+                    .user_data(user_data(KIND_WATCH, *key));
+                *armed = true;
+                self.pending_watch_polls.push(poll);
+            }
+        }
+        for poll in std::mem::take(&mut self.pending_watch_polls) {
+            self.push(poll);
+        }
         if !self.tun_armed
             && let Some(fd) = h.tun_fd()
         {
@@ -384,6 +403,16 @@ impl UringBackend {
                 }
                 if c.result >= 0 {
                     h.on_wake(Wake::Worker);
+                }
+            }
+            KIND_WATCH => {
+                if let Some((_, armed)) = self.watched.get_mut(&value)
+                    && !cqueue::more(c.flags)
+                {
+                    *armed = false;
+                }
+                if c.result >= 0 && self.watched.contains_key(&value) {
+                    h.on_readable(value);
                 }
             }
             KIND_TUN => {
@@ -607,6 +636,17 @@ impl UringBackend {
             }
             self.targets.insert(key, Target { sock, armed: false });
             self.rearm.push(key);
+        }
+        for (key, _) in out.unwatches.drain(..) {
+            if let Some((_, true)) = self.watched.remove(&key) {
+                let cancel = opcode::AsyncCancel::new(user_data(KIND_WATCH, key))
+                    .build()
+                    .user_data(user_data(KIND_CANCEL, 0));
+                self.push(cancel);
+            }
+        }
+        for (key, fd) in out.watches.drain(..) {
+            self.watched.insert(key, (fd, false));
         }
         for send in std::mem::take(&mut out.up) {
             let Some(fd) = self.targets.get(&send.key).map(|t| t.sock.as_raw_fd()) else {

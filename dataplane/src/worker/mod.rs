@@ -966,7 +966,10 @@ impl Worker {
     fn on_answer(&mut self, answer: AuthAnswer) {
         let Some((key, stream_id)) = self.asks.remove(&answer.ask_id) else {
             // The request is gone (timed out, reset, connection closed).
-            if let Verdict::Allow { flow_id, .. } | Verdict::AllowIp { flow_id, .. } = answer.verdict {
+            if let Verdict::Allow { flow_id, .. }
+            | Verdict::AllowIp { flow_id, .. }
+            | Verdict::AllowBind { flow_id, .. } = answer.verdict
+            {
                 self.link.flow_closed(FlowClosed::unused(flow_id));
             }
             return;
@@ -978,12 +981,21 @@ impl Worker {
 
     fn apply_answer(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64, verdict: Verdict) {
         if !conn.tunnels.contains_key(&stream_id) {
-            if let Verdict::Allow { flow_id, .. } | Verdict::AllowIp { flow_id, .. } = verdict {
+            if let Verdict::Allow { flow_id, .. }
+            | Verdict::AllowIp { flow_id, .. }
+            | Verdict::AllowBind { flow_id, .. } = verdict
+            {
                 self.link.flow_closed(FlowClosed::unused(flow_id));
             }
             return;
         }
         match verdict {
+            Verdict::AllowBind { flow_id, .. } => {
+                // Bound tunnels are not served yet: give the flow back.
+                conn.tunnels.remove(&stream_id);
+                self.link.flow_closed(FlowClosed::unused(flow_id));
+                self.refuse(conn, stream_id, 501, None, "bound connect-udp is not served by this dataplane");
+            }
             Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes } => {
                 let config = IpTunnel::from_allow(&addresses, &routes);
                 let (Some(config), true) = (config, self.ip.is_some()) else {

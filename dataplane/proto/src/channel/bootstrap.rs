@@ -97,6 +97,23 @@ pub struct Bootstrap {
     /// connect-ip, when served.
     #[serde(default)]
     pub connect_ip: Option<ConnectIpBootstrap>,
+    /// Bound connect-udp, when served.
+    #[serde(default)]
+    pub bind: Option<BindBootstrap>,
+}
+
+/// What the dataplane needs to serve bound connect-udp.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindBootstrap {
+    /// Public addresses (empty: each family's primary outbound address).
+    pub public_addresses: Vec<std::net::IpAddr>,
+    /// "sent_to" or "any".
+    pub inbound_filter: String,
+    /// Open compression contexts per tunnel.
+    pub max_contexts: u32,
+    /// Distinct peers a tunnel may send to.
+    pub max_peers: u32,
 }
 
 /// What the dataplane needs to serve connect-ip (RFC 9484): each worker

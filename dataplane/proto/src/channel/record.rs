@@ -52,6 +52,9 @@ pub const PROTOCOL_CONNECT_UDP: u8 = 0;
 /// target (`*`, an address or prefix, or a name) and `target_port` the IP
 /// protocol (0..=255, or [`IPPROTO_ANY`]).
 pub const PROTOCOL_CONNECT_IP: u8 = 1;
+/// `AuthAsk::protocol`: bound connect-udp (draft-ietf-masque-connect-udp-
+/// listen). `target_host`/`target_port` are the fallback target, or `*`/0.
+pub const PROTOCOL_CONNECT_UDP_BIND: u8 = 2;
 /// `AuthAsk::target_port` of a connect-ip ask whose scope allows every IP
 /// protocol.
 pub const IPPROTO_ANY: u16 = 256;
@@ -139,6 +142,21 @@ pub enum Verdict {
         /// Where the client may send: the scope it asked for, less what
         /// the target policy denies. Sorted as RFC 9484 section 4.7.3 wants.
         routes: Vec<IpRoute>,
+    },
+    /// Open a bound connect-udp tunnel: one unconnected socket that may
+    /// send to, and receive from, the peers in `peers`.
+    AllowBind {
+        /// Control's ID for the flow.
+        flow_id: u64,
+        /// Idle timeout for the flow, in milliseconds.
+        idle_timeout_ms: u32,
+        /// Bytes the flow may carry (0: no limit).
+        byte_budget: u64,
+        /// Who opened it (quota key; empty when not known).
+        identity: String,
+        /// The addresses peers may have (everything less what the target
+        /// policy denies); the dataplane checks each datagram's peer.
+        peers: Vec<IpRoute>,
     },
     /// Refuse with an HTTP status and a Proxy-Status error.
     Deny {
@@ -550,7 +568,7 @@ impl Record {
                 w.str(&a.target_host, MAX_TARGET_HOST, "target_host")?;
                 w.u8(u8::from(a.authorization.is_some()))?;
                 w.str(a.authorization.as_deref().unwrap_or(""), MAX_AUTHORIZATION, "authorization")?;
-                if a.protocol > PROTOCOL_CONNECT_IP {
+                if a.protocol > PROTOCOL_CONNECT_UDP_BIND {
                     return Err(RecordError::BadValue("protocol"));
                 }
                 w.u8(a.protocol)?;
@@ -589,6 +607,20 @@ impl Record {
                         }
                         w.u8(routes.len() as u8)?;
                         for r in routes {
+                            w.route(r)?;
+                        }
+                    }
+                    Verdict::AllowBind { flow_id, idle_timeout_ms, byte_budget, identity, peers } => {
+                        if peers.len() > MAX_IP_ROUTES {
+                            return Err(RecordError::BadValue("peers"));
+                        }
+                        w.u8(4)?;
+                        w.u64(*flow_id)?;
+                        w.u32(*idle_timeout_ms)?;
+                        w.u64(*byte_budget)?;
+                        w.identity(identity)?;
+                        w.u8(peers.len() as u8)?;
+                        for r in peers {
                             w.route(r)?;
                         }
                     }
@@ -722,7 +754,7 @@ impl Record {
                     _ => return Err(RecordError::BadValue("authorization")),
                 };
                 let protocol = r.u8()?;
-                if protocol > PROTOCOL_CONNECT_IP {
+                if protocol > PROTOCOL_CONNECT_UDP_BIND {
                     return Err(RecordError::BadValue("protocol"));
                 }
                 Record::AuthAsk(AuthAsk {
@@ -787,6 +819,18 @@ impl Record {
                             addresses,
                             routes,
                         }
+                    }
+                    4 => {
+                        let flow_id = r.u64()?;
+                        let idle_timeout_ms = r.u32()?;
+                        let byte_budget = r.u64()?;
+                        let identity = r.identity()?;
+                        let n = usize::from(r.u8()?);
+                        if n > MAX_IP_ROUTES {
+                            return Err(RecordError::BadValue("peers"));
+                        }
+                        let peers = (0..n).map(|_| r.route()).collect::<Result<_, _>>()?;
+                        Verdict::AllowBind { flow_id, idle_timeout_ms, byte_budget, identity, peers }
                     }
                     _ => return Err(RecordError::BadValue("verdict")),
                 };
@@ -1013,6 +1057,20 @@ mod tests {
                 max_tunnel_payload: 1_290,
             }),
             Record::ConnListEnd { request_id: 5, total: 1 },
+            Record::AuthAnswer(AuthAnswer {
+                ask_id: 12,
+                verdict: Verdict::AllowBind {
+                    flow_id: 13,
+                    idle_timeout_ms: 120_000,
+                    byte_budget: 5,
+                    identity: "sub:carol".into(),
+                    peers: vec![IpRoute {
+                        start: "1.0.0.0".parse().unwrap(),
+                        end: "9.255.255.255".parse().unwrap(),
+                        protocol: 17,
+                    }],
+                },
+            }),
         ]
     }
 
