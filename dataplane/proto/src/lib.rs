@@ -10,11 +10,15 @@
 //! - [`ip`]: connect-ip (RFC 9484): its capsules, IP packet handling and
 //!   request scope; its URI template and request classification sit in
 //!   [`template`] and [`request`] beside connect-udp's.
+//! - [`bind`]: bound UDP (draft-ietf-masque-connect-udp-listen-13): its
+//!   capsules, uncompressed payload, header fields and the proxy's context
+//!   table; its request classification sits in [`request`].
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
 //! - [`channel`]: the shared-memory channel between dataplane and control:
 //!   record codecs and the SPSC ring.
 #![deny(unsafe_code)]
 
+pub mod bind;
 pub mod capsule;
 pub mod channel;
 pub mod cid;
