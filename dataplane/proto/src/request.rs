@@ -5,12 +5,15 @@
 //! 1. [`parse_request`] enforces the message rules of RFC 9114 sections
 //!    4.1.2, 4.2 and 4.3 and RFC 9220 section 3. A violation makes the request
 //!    *malformed*: a stream error of type H3_MESSAGE_ERROR, no response.
-//! 2. [`classify_connect_udp`] applies RFC 9298, and [`classify_connect_ip`]
-//!    RFC 9484, to a well-formed request and pick the HTTP status for
-//!    anything the relay will not serve. The caller chooses the classifier by
-//!    `:protocol`.
+//! 2. [`classify_connect_udp`] applies RFC 9298, [`classify_connect_udp_bind`]
+//!    bound UDP (draft-ietf-masque-connect-udp-listen-13), and
+//!    [`classify_connect_ip`] RFC 9484, to a well-formed request and pick the
+//!    HTTP status for anything the relay will not serve. The caller chooses
+//!    the classifier by `:protocol` and, for connect-udp,
+//!    [`request_wants_bind`].
 #![forbid(unsafe_code)]
 
+use crate::bind::bind_requested;
 use crate::ip::packet::is_extension_header;
 use crate::ip::scope::{self, IpProto, IpTarget, ScopeError};
 use crate::proxy_status::ProxyError;
@@ -92,6 +95,9 @@ pub struct Request {
     pub authorization: Option<String>,
     /// Value of `capsule-protocol`, if present.
     pub capsule_protocol: Option<String>,
+    /// Value of `connect-udp-bind`, if present; repeated fields are joined
+    /// with ", " (an sf-list, which [`request_wants_bind`] reads as absent).
+    pub connect_udp_bind: Option<String>,
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -160,6 +166,23 @@ pub fn parse_request<'a>(
             b"proxy-authorization" => req.authorization = Some(to_string(value)?),
             b"authorization" => authorization = Some(to_string(value)?),
             b"capsule-protocol" => req.capsule_protocol = Some(to_string(value)?),
+            b"connect-udp-bind" => {
+                let value = to_string(value)?;
+                match &mut req.connect_udp_bind {
+                    None => req.connect_udp_bind = Some(value),
+                    // Joined as RFC 9110 section 5.3 combines field lines,
+                    // bounded: any repeat reads as "absent" anyway.
+                    Some(prev) if prev.len() + 2 + value.len() <= MAX_FIELD_VALUE_LEN => {
+                        prev.push_str(", ");
+                        prev.push_str(&value);
+                    }
+                    Some(prev) => {
+                        if !prev.ends_with(", ") {
+                            prev.push_str(", ");
+                        }
+                    }
+                }
+            }
             b"content-length" | b"content-type" => has_content_fields = true,
             _ => {}
         }
@@ -254,8 +277,32 @@ pub fn capsule_protocol_is_true(value: &str) -> bool {
 /// - `:scheme` other than https: 400 (RFC 9298 section 3 builds the URI
 ///   from an https template);
 /// - `:path` not matching the template: 404;
-/// - invalid `target_host`/`target_port`: 400 (RFC 9298 section 2).
+/// - invalid `target_host`/`target_port`: 400 (RFC 9298 section 2),
+///   including the `*` of bound UDP, which needs
+///   [`classify_connect_udp_bind`].
 pub fn classify_connect_udp(req: &Request, template: &UriTemplate) -> Result<ConnectUdp, Refusal> {
+    let path = check_connect_udp(req)?;
+    let matched = template.match_path(&path).map_err(match_refusal)?;
+    if matched.target_host == "*" || matched.target_port == "*" {
+        return Err(Refusal::new(
+            400,
+            Some(ProxyError::HttpRequestError),
+            "a '*' target needs connect-udp-bind",
+        ));
+    }
+    let (target_host, target_port) = parse_udp_target(&matched.target_host, &matched.target_port)?;
+    Ok(ConnectUdp {
+        authority: req.authority.clone().unwrap_or_default(),
+        path,
+        target_host,
+        target_port,
+        authorization: req.authorization.clone(),
+    })
+}
+
+/// The method, `:protocol` and `:scheme` checks shared by the connect-udp
+/// classifiers; returns the `:path`.
+fn check_connect_udp(req: &Request) -> Result<String, Refusal> {
     if req.method != "CONNECT" {
         return Err(Refusal::new(405, None, "only CONNECT is served"));
     }
@@ -268,13 +315,19 @@ pub fn classify_connect_udp(req: &Request, template: &UriTemplate) -> Result<Con
     if req.scheme.as_deref() != Some("https") {
         return Err(Refusal::new(400, Some(ProxyError::HttpRequestError), ":scheme must be https"));
     }
-    let path = req.path.clone().unwrap_or_default();
-    let matched = template.match_path(&path).map_err(|e| match e {
+    Ok(req.path.clone().unwrap_or_default())
+}
+
+fn match_refusal(e: MatchError) -> Refusal {
+    match e {
         MatchError::NoMatch => Refusal::new(404, None, "path does not match the URI template"),
         MatchError::BadEncoding => {
             Refusal::new(400, Some(ProxyError::HttpRequestError), "bad percent-encoding")
         }
-    })?;
+    }
+}
+
+fn parse_udp_target(host: &str, port: &str) -> Result<(TargetHost, u16), Refusal> {
     let bad_target = |e: target::TargetError| {
         Refusal::new(
             400,
@@ -287,13 +340,59 @@ pub fn classify_connect_udp(req: &Request, template: &UriTemplate) -> Result<Con
             },
         )
     };
-    let target_host = TargetHost::parse(&matched.target_host).map_err(bad_target)?;
-    let target_port = target::parse_port(&matched.target_port).map_err(bad_target)?;
-    Ok(ConnectUdp {
+    Ok((TargetHost::parse(host).map_err(bad_target)?, target::parse_port(port).map_err(bad_target)?))
+}
+
+/// Whether the request asks for bound UDP: its `connect-udp-bind` field is
+/// the sf-boolean true ([`crate::bind::bind_requested`]). A repeated field
+/// is a List and "MUST be handled as if the field were not present"
+/// (draft-ietf-masque-connect-udp-listen-13 section 6).
+pub fn request_wants_bind(req: &Request) -> bool {
+    req.connect_udp_bind.as_deref().is_some_and(bind_requested)
+}
+
+/// A bound UDP request (draft-ietf-masque-connect-udp-listen-13) the relay
+/// can authorize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectUdpBind {
+    /// `:authority` of the request (the relay's name as the client knows it).
+    pub authority: String,
+    /// `:path` of the request.
+    pub path: String,
+    /// The target when the request names one (it "would accept fallback to
+    /// unextended UDP proxying to that target", section 2); `None` when both
+    /// variables are `*`.
+    pub target: Option<(TargetHost, u16)>,
+    /// Credentials from `proxy-authorization` (or `authorization`).
+    pub authorization: Option<String>,
+}
+
+/// Decides what to do with a well-formed connect-udp request that carries
+/// `connect-udp-bind: ?1` ([`request_wants_bind`]), with the conventions of
+/// [`classify_connect_udp`]. The template variables may both be `*` (sent
+/// as `%2A`; a raw `*` is tolerated, see [`UriTemplate::match_bind_path`]):
+/// no target. "If only one of the "target_host" and the "target_port"
+/// variables is set to the '*' character, the request is malformed. The
+/// recipient of such a malformed request MUST respond with an error and
+/// SHOULD use the 400 (Bad Request) status code" (section 2): 400.
+pub fn classify_connect_udp_bind(req: &Request, template: &UriTemplate) -> Result<ConnectUdpBind, Refusal> {
+    let path = check_connect_udp(req)?;
+    let matched = template.match_bind_path(&path).map_err(match_refusal)?;
+    let target = match (matched.target_host == "*", matched.target_port == "*") {
+        (true, true) => None,
+        (false, false) => Some(parse_udp_target(&matched.target_host, &matched.target_port)?),
+        _ => {
+            return Err(Refusal::new(
+                400,
+                Some(ProxyError::HttpRequestError),
+                "only one of target_host and target_port is '*'",
+            ));
+        }
+    };
+    Ok(ConnectUdpBind {
         authority: req.authority.clone().unwrap_or_default(),
         path,
-        target_host,
-        target_port,
+        target,
         authorization: req.authorization.clone(),
     })
 }
@@ -514,6 +613,87 @@ mod tests {
         assert!(capsule_protocol_is_true("?1;a=b"));
         assert!(!capsule_protocol_is_true("?0"));
         assert!(!capsule_protocol_is_true("1"));
+    }
+
+    fn udp_request(path: &str, bind: &[&str]) -> Request {
+        let mut f = with(":path", Some(path));
+        // Keep pseudo-headers first.
+        f.sort_by_key(|(n, _)| !n.starts_with(':'));
+        for b in bind {
+            f.push(("connect-udp-bind", b.to_string()));
+        }
+        parse_owned(&f).unwrap()
+    }
+
+    #[test]
+    fn bind_header() {
+        let p = "/.well-known/masque/udp/%2A/%2A/";
+        assert!(!request_wants_bind(&udp_request(p, &[])));
+        assert!(request_wants_bind(&udp_request(p, &["?1"])));
+        assert!(request_wants_bind(&udp_request(p, &["?1;future=1"])));
+        assert!(!request_wants_bind(&udp_request(p, &["?0"])));
+        assert!(!request_wants_bind(&udp_request(p, &["true"])));
+        // Section 6: a repeated field is a List, handled as absent.
+        let twice = udp_request(p, &["?1", "?1"]);
+        assert_eq!(twice.connect_udp_bind.as_deref(), Some("?1, ?1"));
+        assert!(!request_wants_bind(&twice));
+        // Joining stays bounded.
+        let long = "?1;a=\"".to_string() + &"x".repeat(MAX_FIELD_VALUE_LEN - 8) + "\"";
+        let many = udp_request(p, &[long.as_str(), long.as_str(), long.as_str()]);
+        assert!(many.connect_udp_bind.as_ref().unwrap().len() <= MAX_FIELD_VALUE_LEN + 2);
+        assert!(!request_wants_bind(&many));
+    }
+
+    #[test]
+    fn bind_classification() {
+        let classify = |path: &str| classify_connect_udp_bind(&udp_request(path, &["?1"]), &template());
+        // Appendix A.
+        let c = classify("/.well-known/masque/udp/%2A/%2A/").unwrap();
+        assert_eq!(c.target, None);
+        assert_eq!(c.authority, "relay.example:443");
+        assert_eq!(c.authorization.as_deref(), Some("Bearer abc"));
+        assert_eq!(c.path, "/.well-known/masque/udp/%2A/%2A/");
+        assert_eq!(classify("/.well-known/masque/udp/%2a/%2a/").unwrap().target, None);
+        assert_eq!(classify("/.well-known/masque/udp/*/*/").unwrap().target, None);
+        // Section 2: a real target asks for bind with fallback.
+        let c = classify("/.well-known/masque/udp/192.0.2.6/443/").unwrap();
+        assert_eq!(c.target, Some((TargetHost::Ip("192.0.2.6".parse().unwrap()), 443)));
+        let c = classify("/.well-known/masque/udp/Example.com/53/").unwrap();
+        assert_eq!(c.target, Some((TargetHost::Name("example.com".into()), 53)));
+        let bad = (400, Some(ProxyError::HttpRequestError));
+        let refusal = |path: &str| {
+            let r = classify(path).unwrap_err();
+            (r.status, r.proxy_error)
+        };
+        // Section 2: exactly one '*' is malformed: 400.
+        assert_eq!(refusal("/.well-known/masque/udp/%2A/443/"), bad);
+        assert_eq!(refusal("/.well-known/masque/udp/192.0.2.6/%2A/"), bad);
+        assert_eq!(refusal("/.well-known/masque/udp/*/443/"), bad);
+        assert_eq!(refusal("/.well-known/masque/udp/%2A%2A/%2A/"), bad);
+        assert_eq!(refusal("/.well-known/masque/udp/192.0.2.6/0/"), bad);
+        assert_eq!(refusal("/.well-known/masque/udp/%zz/1/"), bad);
+        assert_eq!(refusal("/nope"), (404, None));
+        // Query-form templates carry '*' too.
+        let q = UriTemplate::parse("/masque{?target_host,target_port}").unwrap();
+        let r = udp_request("/masque?target_host=%2A&target_port=%2A", &["?1"]);
+        assert_eq!(classify_connect_udp_bind(&r, &q).unwrap().target, None);
+        // The shared checks.
+        let mut r = udp_request("/.well-known/masque/udp/%2A/%2A/", &["?1"]);
+        r.scheme = Some("http".into());
+        assert_eq!(classify_connect_udp_bind(&r, &template()).unwrap_err().status, 400);
+        r.protocol = Some("connect-ip".into());
+        assert_eq!(classify_connect_udp_bind(&r, &template()).unwrap_err().status, 501);
+        r.method = "GET".into();
+        assert_eq!(classify_connect_udp_bind(&r, &template()).unwrap_err().status, 405);
+    }
+
+    #[test]
+    fn unbound_connect_udp_refuses_wildcards() {
+        let status =
+            |path: &str| classify_connect_udp(&udp_request(path, &[]), &template()).unwrap_err().status;
+        assert_eq!(status("/.well-known/masque/udp/%2A/%2A/"), 400);
+        assert_eq!(status("/.well-known/masque/udp/%2A/443/"), 400);
+        assert_eq!(status("/.well-known/masque/udp/*/*/"), 404);
     }
 
     fn ip_template() -> IpUriTemplate {

@@ -256,7 +256,22 @@ impl UriTemplate {
 
     /// Matches a request's `:path` and extracts the decoded variables.
     pub fn match_path(&self, path: &str) -> Result<TemplateMatch, MatchError> {
-        let [Some(host), Some(port)] = match_parts(&self.parts, &VARIABLES, path, false)? else {
+        self.match_with(path, false)
+    }
+
+    /// As [`Self::match_path`], for a bound UDP request
+    /// (draft-ietf-masque-connect-udp-listen-13 section 2), whose variables
+    /// may be `*`: also accepts a raw `*` in a `{var}` value, not only its
+    /// encoding `%2A` that the draft makes clients send ("the '*' character
+    /// MUST be percent-encoded before sending"). Either way the value
+    /// decodes to `"*"`, which [`crate::target`] refuses, so only
+    /// [`crate::request::classify_connect_udp_bind`] lets it through.
+    pub fn match_bind_path(&self, path: &str) -> Result<TemplateMatch, MatchError> {
+        self.match_with(path, true)
+    }
+
+    fn match_with(&self, path: &str, star: bool) -> Result<TemplateMatch, MatchError> {
+        let [Some(host), Some(port)] = match_parts(&self.parts, &VARIABLES, path, star)? else {
             return Err(MatchError::NoMatch);
         };
         Ok(TemplateMatch { target_host: percent_decode(host)?, target_port: percent_decode(port)? })
@@ -400,6 +415,23 @@ mod tests {
         }
         assert_eq!(t.match_path("/.well-known/masque/udp/%zz/1/"), Err(MatchError::BadEncoding));
         assert_eq!(t.match_path("/.well-known/masque/udp/%ff/1/"), Err(MatchError::BadEncoding));
+    }
+
+    #[test]
+    fn bind_wildcards() {
+        let t = UriTemplate::parse(DEFAULT).unwrap();
+        let star = |m: TemplateMatch| (m.target_host, m.target_port);
+        let both = ("*".to_string(), "*".to_string());
+        assert_eq!(t.match_path("/.well-known/masque/udp/%2A/%2a/").map(star), Ok(both.clone()));
+        assert_eq!(t.match_bind_path("/.well-known/masque/udp/%2A/%2A/").map(star), Ok(both.clone()));
+        // A raw '*' only for bound requests.
+        assert_eq!(t.match_path("/.well-known/masque/udp/*/*/"), Err(MatchError::NoMatch));
+        assert_eq!(t.match_bind_path("/.well-known/masque/udp/*/*/").map(star), Ok(both));
+        assert_eq!(
+            t.match_bind_path("/.well-known/masque/udp/192.0.2.1/443/").map(star),
+            Ok(("192.0.2.1".to_string(), "443".to_string()))
+        );
+        assert_eq!(t.match_bind_path("/.well-known/masque/udp/*/*/x"), Err(MatchError::NoMatch));
     }
 
     #[test]
