@@ -92,10 +92,16 @@ struct StreamState {
     capsule_datagrams: u64,
     /// connect-ip capsules received (type, value), bounded.
     control: VecDeque<(u64, Vec<u8>)>,
+    /// Datagrams with a non-zero context ID (bound tunnels), bounded.
+    other_contexts: VecDeque<(u64, Vec<u8>)>,
 }
 
-/// connect-ip capsule types the client keeps (RFC 9484 section 4.7).
-const IP_CAPSULES: &[u64] = &[0x01, 0x02, 0x03];
+/// Datagrams with non-zero contexts kept per stream until taken.
+const MAX_OTHER_CONTEXT_DATAGRAMS: usize = 4096;
+
+/// connect-ip (RFC 9484 section 4.7) and bound UDP compression capsule
+/// types the client keeps.
+const IP_CAPSULES: &[u64] = &[0x01, 0x02, 0x03, 0x11, 0x12, 0x13];
 /// connect-ip capsules kept per stream until taken.
 const MAX_CONTROL: usize = 64;
 
@@ -247,6 +253,26 @@ impl Client {
     pub fn watch_fd(&mut self, fd: std::os::fd::RawFd) -> Result<()> {
         self.poll.registry().register(&mut mio::unix::SourceFd(&fd), Token(1), Interest::READABLE)?;
         Ok(())
+    }
+
+    /// Datagrams with a non-zero context ID received on `stream_id`
+    /// (context, payload), in order.
+    pub fn take_context_datagrams(&mut self, stream_id: u64) -> VecDeque<(u64, Vec<u8>)> {
+        self.streams.get_mut(&stream_id).map(|s| std::mem::take(&mut s.other_contexts)).unwrap_or_default()
+    }
+
+    /// The request headers of a bound connect-udp request (draft section
+    /// 2): both template variables `*`, and `connect-udp-bind: ?1`.
+    pub fn bind_headers(&self) -> Vec<(String, String)> {
+        let mut h = self.connect_udp_headers("x", 1);
+        let path = self.template.as_str().replace("{target_host}", "%2A").replace("{target_port}", "%2A");
+        for (name, value) in h.iter_mut() {
+            if name == ":path" {
+                *value = path.clone();
+            }
+        }
+        h.push(("connect-udp-bind".into(), "?1".into()));
+        h
     }
 
     /// The connect-ip capsules received on `stream_id` (type, value), in
@@ -588,12 +614,17 @@ impl Client {
                         }
                         for c in got {
                             match c {
-                                Capsule::Datagram(v) => {
-                                    if let Ok((0, used)) = relay_proto::varint::decode(&v) {
+                                Capsule::Datagram(v) => match relay_proto::varint::decode(&v) {
+                                    Ok((0, used)) => {
                                         s.datagrams.push_back(v[used..].to_vec());
                                         s.capsule_datagrams += 1;
                                     }
-                                }
+                                    Ok((ctx, used)) if s.other_contexts.len() < MAX_OTHER_CONTEXT_DATAGRAMS => {
+                                        s.other_contexts.push_back((ctx, v[used..].to_vec()));
+                                        s.capsule_datagrams += 1;
+                                    }
+                                    _ => {}
+                                },
                                 Capsule::Other { capsule_type, value } => {
                                     if s.control.len() < MAX_CONTROL {
                                         s.control.push_back((capsule_type, value));
@@ -620,6 +651,9 @@ impl Client {
             let Ok(d) = datagram::decode(&self.buf[..n]) else { continue };
             match self.streams.get_mut(&d.stream_id) {
                 Some(s) if d.context_id == 0 => s.datagrams.push_back(d.payload.to_vec()),
+                Some(s) if s.other_contexts.len() < MAX_OTHER_CONTEXT_DATAGRAMS => {
+                    s.other_contexts.push_back((d.context_id, d.payload.to_vec()))
+                }
                 _ => self.unknown_stream_datagrams += 1,
             }
         }

@@ -9,6 +9,7 @@
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
 
+pub mod bindclient;
 pub mod client;
 pub mod direct;
 pub mod echo;

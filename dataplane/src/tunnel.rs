@@ -103,6 +103,11 @@ pub struct Tunnel {
     ip: bool,
     /// connect-ip capsules received and not yet handled (type, value).
     control_in: VecDeque<(u64, Vec<u8>)>,
+    /// A bound connect-udp tunnel: every context is the worker's to
+    /// interpret (its context table), so payloads queue here with theirs.
+    bind: bool,
+    /// Bound-tunnel datagrams received and not yet handled (context, payload).
+    bind_in: VecDeque<(u64, Vec<u8>)>,
 }
 
 /// The connect-ip capsule types a tunnel keeps (RFC 9484 section 4.7).
@@ -132,7 +137,35 @@ impl Tunnel {
             byte_budget: 0,
             ip: false,
             control_in: VecDeque::new(),
+            bind: false,
+            bind_in: VecDeque::new(),
         }
+    }
+
+    /// A bound connect-udp tunnel waiting for control's answer; its
+    /// decoder keeps `kept` capsule types (the compression capsules).
+    pub fn pending_bind(
+        stream_id: u64,
+        ask_id: u64,
+        now: Instant,
+        ask_timeout: Duration,
+        limits: Limits,
+        kept: &'static [u64],
+    ) -> Self {
+        let mut t = Self::pending(stream_id, ask_id, now, ask_timeout, limits);
+        t.decoder = CapsuleDecoder::new(limits.max_capsule_len).keep(kept);
+        t.bind = true;
+        t
+    }
+
+    /// Whether this is a bound tunnel.
+    pub fn is_bind(&self) -> bool {
+        self.bind
+    }
+
+    /// Takes the bound-tunnel datagrams received (context, payload).
+    pub fn take_bind_datagrams(&mut self) -> VecDeque<(u64, Vec<u8>)> {
+        std::mem::take(&mut self.bind_in)
     }
 
     /// A connect-ip tunnel waiting for control's answer.
@@ -193,6 +226,20 @@ impl Tunnel {
     }
 
     fn on_payload(&mut self, context_id: u64, payload: &[u8], now: Instant) -> UpOutcome {
+        if self.bind {
+            // Every context is the context table's; bounded like early
+            // payloads (the worker drains the queue every turn).
+            if self.bind_in.len() >= self.max_queued.max(1) * 4 {
+                return UpOutcome::DroppedQueueFull;
+            }
+            if matches!(self.phase, Phase::Open { .. }) {
+                self.last_activity = now;
+                self.totals.packets_up += 1;
+                self.totals.bytes_up += payload.len() as u64;
+            }
+            self.bind_in.push_back((context_id, payload.to_vec()));
+            return UpOutcome::Buffered;
+        }
         if context_id != UDP_PAYLOAD_CONTEXT {
             // RFC 9298 section 5: we register no other contexts, so the
             // datagram is dropped silently (and counted).
@@ -306,11 +353,16 @@ impl Tunnel {
     /// Appends a DATAGRAM capsule for `payload` to the stream output buffer;
     /// `false` if the bounded buffer has no room (the payload is dropped).
     pub fn push_capsule(&mut self, payload: &[u8]) -> bool {
+        self.push_capsule_ctx(UDP_PAYLOAD_CONTEXT, payload)
+    }
+
+    /// As [`Self::push_capsule`], with `context_id` (bound tunnels).
+    pub fn push_capsule_ctx(&mut self, context_id: u64, payload: &[u8]) -> bool {
         let needed = payload.len() + 3 * varint::MAX_LEN;
         if self.stream_out.len() + needed > self.stream_out_limit {
             return false;
         }
-        capsule::encode_datagram(UDP_PAYLOAD_CONTEXT, payload, &mut self.stream_out);
+        capsule::encode_datagram(context_id, payload, &mut self.stream_out);
         true
     }
 

@@ -30,6 +30,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     // The connect-ip namespace test pings through the tunnel.
     ("iputils-ping", "/usr/bin/ping"),
+    // The bound UDP test's STUN server (coturn's turnserver, --stun-only).
+    ("coturn", "/usr/bin/turnserver"),
     // The interop suite's independent client (aioquic) runs in a venv.
     ("python3", "/usr/bin/python3"),
     ("python3-venv", ""),

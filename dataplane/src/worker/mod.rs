@@ -35,7 +35,7 @@ use relay_proto::template::UriTemplate;
 use tracing::{debug, error, info, warn};
 
 use crate::handoff::{Handoff, Inbox};
-use crate::io::{Handler, Output, TargetKey, Turn, UpSend, Wake};
+use crate::io::{Handler, Output, TargetKey, Turn, UpSend, Wake, WatchKey};
 use crate::keyless;
 use crate::link::{Answer, AskError, ControlLink};
 use crate::quic;
@@ -48,9 +48,11 @@ use crate::tls::TlsShared;
 use crate::tun::WorkerTun;
 use relay_proto::template::IpUriTemplate;
 
+mod bind;
 mod ip;
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
 use crate::upbatch::UpBatch;
+use bind::BoundTunnel;
 use ip::{IpSide, IpTunnel};
 
 /// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).
@@ -86,6 +88,10 @@ struct TunnelEntry {
     identity: String,
     /// A connect-ip tunnel's addresses and routes (once open).
     ip: Option<IpTunnel>,
+    /// A bound connect-udp tunnel's socket and contexts (once open).
+    bind: Option<Box<BoundTunnel>>,
+    /// A bound request's fallback target (draft section 2), if it named one.
+    bind_target: Option<SocketAddr>,
 }
 
 struct Conn {
@@ -200,6 +206,11 @@ pub struct Worker {
     next_serial: u64,
     /// connect-ip: the worker's TUN device and its tunnels' addresses.
     ip: Option<IpSide>,
+    /// Bound tunnels' sockets by watch key.
+    watched: HashMap<WatchKey, (ConnKey, u64)>,
+    next_watch: WatchKey,
+    /// Closed bound sockets, kept until the backend has forgotten them.
+    closing_bound: Vec<std::net::UdpSocket>,
 }
 
 /// Why a worker could not start.
@@ -286,6 +297,9 @@ impl Worker {
             link_epoch: 0,
             next_serial: 1,
             ip: None,
+            watched: HashMap::new(),
+            next_watch: 1,
+            closing_bound: Vec::new(),
         })
     }
 
@@ -680,7 +694,11 @@ impl Worker {
                 self.abort_tunnel(conn, stream_id, h3_code::DATAGRAM_ERROR);
                 continue;
             }
+            let bind = entry.bind.is_some();
             self.forward_up(key, stream_id, entry, outcome, d.payload);
+            if bind && let Some(code) = self.bind_from_client(conn, stream_id) {
+                self.abort_tunnel(conn, stream_id, code);
+            }
         }
         self.dgram_in = buf;
     }
@@ -720,6 +738,15 @@ impl Worker {
         };
         if req.protocol.as_deref() == Some("connect-ip") {
             return self.on_connect_ip_request(key, conn, stream_id, &req, more_frames);
+        }
+        // Bound connect-udp, when served; otherwise the field is ignored and
+        // the request is plain connect-udp (draft section 6: the extension
+        // is on only when both sides sent the field).
+        if req.protocol.as_deref() == Some("connect-udp")
+            && self.settings.bootstrap.bind.is_some()
+            && request::request_wants_bind(&req)
+        {
+            return self.on_bind_request(key, conn, stream_id, &req, more_frames);
         }
         if req.protocol.as_deref() == Some("connect-udp") && !self.connect_udp_enabled {
             // RFC 8441 section 4: an unsupported :protocol SHOULD get 501.
@@ -806,6 +833,8 @@ impl Worker {
         let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
         let tunnel = if ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_IP {
             Tunnel::pending_ip(stream_id, ask_id, self.now, timeout, self.limits)
+        } else if ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_UDP_BIND {
+            Tunnel::pending_bind(stream_id, ask_id, self.now, timeout, self.limits, relay_proto::bind::BIND_CAPSULES)
         } else {
             Tunnel::pending(stream_id, ask_id, self.now, timeout, self.limits)
         };
@@ -819,6 +848,8 @@ impl Worker {
                 up: None,
                 identity: String::new(),
                 ip: None,
+                bind: None,
+                bind_target: None,
             },
         );
         self.asks.insert(ask_id, (key, stream_id));
@@ -899,8 +930,15 @@ impl Worker {
                 self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
                 return;
             }
-            if entry.tunnel.is_ip() && !self.ip_capsules(conn, stream_id) {
+            let (is_ip, is_bind) = (entry.tunnel.is_ip(), entry.bind.is_some());
+            if is_ip && !self.ip_capsules(conn, stream_id) {
                 self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
+                return;
+            }
+            if is_bind
+                && let Some(code) = self.bind_from_client(conn, stream_id)
+            {
+                self.abort_tunnel(conn, stream_id, code);
                 return;
             }
         }
@@ -940,6 +978,11 @@ impl Worker {
             Phase::Open { flow_id, .. } => {
                 if let Some(t) = entry.ip.take() {
                     self.ip_unregister(&t);
+                }
+                if let Some(b) = entry.bind.take() {
+                    self.watched.remove(&b.watch);
+                    self.out.unwatches.push((b.watch, std::os::fd::AsRawFd::as_raw_fd(&b.socket)));
+                    self.closing_bound.push(b.socket);
                 }
                 if let (Some(batch), Some(key)) = (entry.up.take(), entry.target) {
                     self.queue_up(key, batch);
@@ -990,11 +1033,10 @@ impl Worker {
             return;
         }
         match verdict {
-            Verdict::AllowBind { flow_id, .. } => {
-                // Bound tunnels are not served yet: give the flow back.
-                conn.tunnels.remove(&stream_id);
-                self.link.flow_closed(FlowClosed::unused(flow_id));
-                self.refuse(conn, stream_id, 501, None, "bound connect-udp is not served by this dataplane");
+            Verdict::AllowBind { flow_id, idle_timeout_ms, byte_budget, identity, peers } => {
+                let target = conn.tunnels.get(&stream_id).and_then(|e| e.bind_target);
+                let grant = bind::BindGrant { flow_id, idle_timeout_ms, byte_budget, identity, peers, target };
+                self.open_bound(key, conn, stream_id, grant);
             }
             Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes } => {
                 let config = IpTunnel::from_allow(&addresses, &routes);
@@ -1117,17 +1159,25 @@ impl Worker {
 
     /// Sends one target payload towards the client on the tunnel's path.
     fn send_down(&mut self, conn: &mut Conn, stream_id: u64, payload: &[u8]) {
+        self.send_down_ctx(conn, stream_id, datagram::UDP_PAYLOAD_CONTEXT, payload);
+    }
+
+    /// Sends one payload with `context_id` towards the client on the
+    /// tunnel's path.
+    fn send_down_ctx(&mut self, conn: &mut Conn, stream_id: u64, context_id: u64, payload: &[u8]) {
         let peer_dgrams = conn.h3.as_ref().is_some_and(|h| h.dgram_enabled_by_peer(&conn.quic));
         let settings_known = conn.settings_known;
         let Some(entry) = conn.tunnels.get_mut(&stream_id) else { return };
         match entry.tunnel.down_path(settings_known, peer_dgrams) {
             DownPath::Wait => {
-                if !entry.tunnel.queue_down(payload) {
+                // Only context-0 payloads wait (queued payloads are sent
+                // with context 0 later); others are dropped.
+                if context_id != datagram::UDP_PAYLOAD_CONTEXT || !entry.tunnel.queue_down(payload) {
                     self.count(Counter::DropQueueFull, 1);
                 }
             }
             DownPath::QuicDatagram => {
-                datagram::encode_into(stream_id, datagram::UDP_PAYLOAD_CONTEXT, payload, &mut self.dgram);
+                datagram::encode_into(stream_id, context_id, payload, &mut self.dgram);
                 if conn.quic.dgram_max_writable_len().is_none_or(|max| self.dgram.len() > max) {
                     self.count(Counter::DropTooLarge, 1);
                     return;
@@ -1146,7 +1196,7 @@ impl Worker {
                 }
             }
             DownPath::Capsule => {
-                if entry.tunnel.push_capsule(payload) {
+                if entry.tunnel.push_capsule_ctx(context_id, payload) {
                     entry.tunnel.on_down(payload.len(), self.now);
                     self.count(Counter::DatagramsDown, 1);
                     self.count(Counter::BytesDown, payload.len() as u64);
@@ -1641,6 +1691,8 @@ impl Worker {
 impl Handler for Worker {
     fn begin_turn(&mut self, now: Instant) {
         self.now = now;
+        // The backend has forgotten these since the last turn.
+        self.closing_bound.clear();
         self.out.stats.turns += 1;
     }
 
@@ -1649,6 +1701,10 @@ impl Handler for Worker {
         for pkt in packets.chunks_mut(stride) {
             self.on_quic_packet(pkt, from);
         }
+    }
+
+    fn on_readable(&mut self, key: WatchKey) {
+        self.bind_readable(key);
     }
 
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {

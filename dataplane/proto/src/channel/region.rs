@@ -382,6 +382,12 @@ counters! {
     /// connect-udp tunnels closed because the OS reported the target
     /// unreachable (ICMP Destination Unreachable; RFC 9298 section 3.1).
     TunnelsTargetUnreachable = 52, "tunnels_target_unreachable";
+    /// Bound-tunnel datagrams from peers dropped: filtered (the client never
+    /// sent to them) or no context to deliver them on.
+    BindFiltered = 53, "bind_filtered";
+    /// Bound-tunnel datagrams dropped: the peer is outside the target
+    /// policy (either direction).
+    BindPeerDenied = 54, "bind_peer_denied";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so
