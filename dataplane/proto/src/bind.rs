@@ -527,7 +527,9 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filter {
     /// Only peers the client has sent to (endpoint-dependent filtering, like
-    /// an EDF NAT). The request's own target, if any, always passes.
+    /// an EDF NAT). The request's own target, if any, always passes; a
+    /// compressed context the client registered does not by itself open
+    /// the filter (sending on it does).
     SentTo,
     /// Any peer.
     Any,
@@ -1048,7 +1050,8 @@ impl ClientContexts {
 
     /// A capsule from the proxy: the capsules to send back. The proxy's
     /// ASSIGNs are accepted unless they collide with one of ours, in which
-    /// case the proxy's is closed (section 3.1).
+    /// case the proxy's is closed (section 3.1). Unlike [`ContextTable`],
+    /// this helper only detects repeats of IDs that are still open.
     pub fn on_proxy_capsule(&mut self, c: BindCapsule) -> Result<Vec<BindCapsule>, BindError> {
         match c {
             BindCapsule::Assign { context_id, target } => {
