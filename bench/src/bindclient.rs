@@ -204,7 +204,10 @@ pub fn stun_binding_request(transaction: [u8; 12]) -> Vec<u8> {
 /// `transaction` (RFC 8489 section 14.2).
 pub fn stun_mapped_address(response: &[u8], transaction: [u8; 12]) -> Option<SocketAddr> {
     const COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
-    if response.len() < 20 || response[0..2] != [0x01, 0x01] || response[4..8] != COOKIE || response[8..20] != transaction
+    if response.len() < 20
+        || response[0..2] != [0x01, 0x01]
+        || response[4..8] != COOKIE
+        || response[8..20] != transaction
     {
         return None;
     }

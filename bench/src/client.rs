@@ -619,7 +619,9 @@ impl Client {
                                         s.datagrams.push_back(v[used..].to_vec());
                                         s.capsule_datagrams += 1;
                                     }
-                                    Ok((ctx, used)) if s.other_contexts.len() < MAX_OTHER_CONTEXT_DATAGRAMS => {
+                                    Ok((ctx, used))
+                                        if s.other_contexts.len() < MAX_OTHER_CONTEXT_DATAGRAMS =>
+                                    {
                                         s.other_contexts.push_back((ctx, v[used..].to_vec()));
                                         s.capsule_datagrams += 1;
                                     }

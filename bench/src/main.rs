@@ -193,6 +193,20 @@ enum Command {
         #[arg(long)]
         seconds: Option<u64>,
     },
+    /// Open a bound connect-udp tunnel, print its Proxy-Public-Address, ask
+    /// a STUN server for the mapping through it, and print what peers send
+    /// for a while (they reach the client once it has sent to them, unless
+    /// the relay's inbound filter is "any").
+    BindStun {
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// The STUN server (IP:port).
+        #[arg(long)]
+        stun: SocketAddr,
+        /// Listen for peers this many seconds after the STUN answer.
+        #[arg(long, default_value_t = 0)]
+        listen_seconds: u64,
+    },
     /// Measure TCP throughput through a connect-ip tunnel and on the direct
     /// path, in network namespaces this command creates (root).
     IpBench {
@@ -257,6 +271,36 @@ fn run(args: Args) -> Result<()> {
             let stats =
                 relay_bench::iptunnel::pump(&mut c, &tunnel, &tun, &STOP, seconds.map(Duration::from_secs))?;
             println!("packets up {}, down {}, dropped {}", stats.up, stats.down, stats.dropped);
+            Ok(())
+        }
+        Command::BindStun { relay, stun, listen_seconds } => {
+            use relay_bench::bindclient::{BoundTunnel, stun_binding_request, stun_mapped_address};
+            let mut c = Client::connect(relay.config()?, Duration::from_secs(10))?;
+            c.wait_settings(Duration::from_secs(10))?;
+            let mut t = BoundTunnel::open(&mut c, Duration::from_secs(10))?;
+            println!("proxy public address: {:?}", t.public);
+            t.open_uncompressed(&mut c, Duration::from_secs(10))?;
+            let tx: [u8; 12] = *b"relay-bench!";
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut mapped = None;
+            while mapped.is_none() && Instant::now() < deadline {
+                t.send_to(&mut c, stun, &stun_binding_request(tx))?;
+                c.flush()?;
+                for (from, payload, _) in t.recv(&mut c, Duration::from_millis(300))? {
+                    if from == stun {
+                        mapped = mapped.or(stun_mapped_address(&payload, tx));
+                    }
+                }
+            }
+            let mapped = mapped.context("no STUN answer through the bound tunnel")?;
+            println!("STUN mapped address: {mapped}");
+            let listen_until = Instant::now() + Duration::from_secs(listen_seconds);
+            while Instant::now() < listen_until {
+                for (from, payload, compressed) in t.recv(&mut c, Duration::from_millis(100))? {
+                    let how = if compressed { "compressed" } else { "uncompressed" };
+                    println!("{from}: {} bytes ({how})", payload.len());
+                }
+            }
             Ok(())
         }
         Command::IpBench { bin_dir, workers, seconds } => {

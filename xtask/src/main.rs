@@ -301,9 +301,20 @@ fn test(args: &[String]) -> Result<()> {
     let (mut passed, mut failed) = run_counting_tests(&mut cmd)?;
     // The end-to-end suite once more on the epoll backend.
     let mut cmd = cargo();
-    cmd.args(["test", "--locked", "-p", "relay-bench", "--test", "e2e", "--test", "connect_ip"])
-        .env("RUST_BACKTRACE", "1")
-        .env("RELAY_TEST_IO", "epoll");
+    cmd.args([
+        "test",
+        "--locked",
+        "-p",
+        "relay-bench",
+        "--test",
+        "e2e",
+        "--test",
+        "connect_ip",
+        "--test",
+        "bind",
+    ])
+    .env("RUST_BACKTRACE", "1")
+    .env("RELAY_TEST_IO", "epoll");
     let (p, f) = run_counting_tests(&mut cmd)?;
     passed += p;
     failed += f;

@@ -182,7 +182,8 @@ impl Worker {
     /// public address (draft sections 6 and 7).
     pub(super) fn open_bound(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64, grant: BindGrant) {
         let Some(cfg) = self.settings.bootstrap.bind.clone() else { return };
-        let limits = bind::Limits { max_contexts: cfg.max_contexts as usize, max_peers: cfg.max_peers as usize };
+        let limits =
+            bind::Limits { max_contexts: cfg.max_contexts as usize, max_peers: cfg.max_peers as usize };
         let filter = if cfg.inbound_filter == "any" { bind::Filter::Any } else { bind::Filter::SentTo };
         let mut table = ContextTable::new(limits, filter);
         if let Some(t) = grant.target {
@@ -237,8 +238,8 @@ impl Worker {
     /// Handles the bound tunnel's queued datagrams and capsules from the
     /// client. Returns an H3 error code when the stream must be aborted.
     pub(super) fn bind_from_client(&mut self, conn: &mut Conn, stream_id: u64) -> Option<u64> {
-        let Some(entry) = conn.tunnels.get_mut(&stream_id) else { return None };
-        let Some(b) = entry.bind.as_mut() else { return None };
+        let entry = conn.tunnels.get_mut(&stream_id)?;
+        let b = entry.bind.as_mut()?;
         let mut replies = Vec::new();
         for (capsule_type, value) in entry.tunnel.take_control() {
             let capsule = match bind::decode_capsule(capsule_type, &value) {

@@ -834,7 +834,14 @@ impl Worker {
         let tunnel = if ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_IP {
             Tunnel::pending_ip(stream_id, ask_id, self.now, timeout, self.limits)
         } else if ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_UDP_BIND {
-            Tunnel::pending_bind(stream_id, ask_id, self.now, timeout, self.limits, relay_proto::bind::BIND_CAPSULES)
+            Tunnel::pending_bind(
+                stream_id,
+                ask_id,
+                self.now,
+                timeout,
+                self.limits,
+                relay_proto::bind::BIND_CAPSULES,
+            )
         } else {
             Tunnel::pending(stream_id, ask_id, self.now, timeout, self.limits)
         };
@@ -935,9 +942,7 @@ impl Worker {
                 self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
                 return;
             }
-            if is_bind
-                && let Some(code) = self.bind_from_client(conn, stream_id)
-            {
+            if is_bind && let Some(code) = self.bind_from_client(conn, stream_id) {
                 self.abort_tunnel(conn, stream_id, code);
                 return;
             }
@@ -1035,7 +1040,8 @@ impl Worker {
         match verdict {
             Verdict::AllowBind { flow_id, idle_timeout_ms, byte_budget, identity, peers } => {
                 let target = conn.tunnels.get(&stream_id).and_then(|e| e.bind_target);
-                let grant = bind::BindGrant { flow_id, idle_timeout_ms, byte_budget, identity, peers, target };
+                let grant =
+                    bind::BindGrant { flow_id, idle_timeout_ms, byte_budget, identity, peers, target };
                 self.open_bound(key, conn, stream_id, grant);
             }
             Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes } => {
