@@ -25,8 +25,17 @@ use relay_proto::ip::capsule::{self as ipcap, IpCapsule, IpPrefix, RequestedAddr
 const T: Duration = Duration::from_secs(10);
 
 fn may_run() -> bool {
-    if running_as_root() {
+    let tun = std::path::Path::new("/dev/net/tun").exists();
+    if running_as_root() && tun {
         return true;
+    }
+    if running_as_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the connect-ip test needs /dev/net/tun (modprobe tun) under CI"
+        );
+        eprintln!("SKIPPED: no /dev/net/tun");
+        return false;
     }
     assert!(std::env::var_os("CI").is_none(), "the connect-ip namespace test needs root under CI");
     eprintln!("SKIPPED: the connect-ip namespace test needs root");
@@ -273,13 +282,13 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     c.flush().unwrap();
     // ICMP destination unreachable, administratively prohibited (3/13).
     assert_eq!(wait_icmp(&mut c, scoped.stream_id), (3, 13));
-    assert_eq!(relay.counter("drop_ip_out_of_scope").unwrap(), out_before + 1, "counted");
+    assert!(relay.counter("drop_ip_out_of_scope").unwrap() > out_before, "counted");
     let bad_before = relay.counter("drop_ip_bad_source").unwrap();
     let spoofed: IpAddr = format!("10.89.{pool}.99").parse().unwrap();
     c.send_context_datagram(scoped.stream_id, 0, &udp4(spoofed, target.target_addr, b"spoofed")).unwrap();
     c.flush().unwrap();
     assert_eq!(wait_icmp(&mut c, scoped.stream_id), (3, 13), "source failed ingress policy");
-    assert_eq!(relay.counter("drop_ip_bad_source").unwrap(), bad_before + 1);
+    assert!(relay.counter("drop_ip_bad_source").unwrap() > bad_before, "counted");
 
     // ADDRESS_REQUEST: our own address is honoured, another one refused
     // (all-zero /32, RFC 9484 section 4.7.2).

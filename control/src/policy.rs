@@ -108,6 +108,12 @@ fn deny(status: u16, proxy_error: ProxyError, details: &str) -> Verdict {
     }
 }
 
+/// Port restrictions (`[targets] ports`) are enforced when a connect-udp
+/// tunnel opens; bound and IP tunnels reach many ports over their life, so
+/// they are refused while any port restriction is configured.
+const PORTS_NOT_ENFORCEABLE: &str =
+    "the relay restricts target ports, which bound and IP tunnels cannot honour";
+
 fn quota_denial(which: Exceeded, retry_after_secs: Option<u32>) -> Verdict {
     Verdict::Deny {
         status: 429,
@@ -349,6 +355,9 @@ impl Policy {
             Some(p) if p < IPPROTO_ANY => p as u8,
             _ => 0,
         };
+        if !self.acl.ports().is_empty() {
+            return deny(403, ProxyError::DestinationIpProhibited, PORTS_NOT_ENFORCEABLE);
+        }
         let ranges = self.acl.allowed_ranges(within);
         if ranges.is_empty() {
             return deny(403, ProxyError::DestinationIpProhibited, "the scope holds no allowed destination");
@@ -380,6 +389,9 @@ impl Policy {
     /// policy allows (checked by the dataplane on every datagram, both
     /// ways); a fallback target in the request does not narrow that.
     fn admit_bind(&mut self, requester: &Requester, now: Instant) -> Verdict {
+        if !self.acl.ports().is_empty() {
+            return deny(403, ProxyError::DestinationIpProhibited, PORTS_NOT_ENFORCEABLE);
+        }
         let ranges = self.acl.allowed_ranges(&Cidr::everything());
         if ranges.is_empty() || ranges.len() > MAX_IP_ROUTES {
             return deny(
@@ -564,6 +576,21 @@ mod tests {
             matches!(v, Verdict::AllowIp { ref routes, .. } if routes.len() == 1 && routes[0].protocol == 6),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn port_restrictions_refuse_bound_and_ip_tunnels() {
+        let mut keys = TokenKeys::default();
+        keys.add("k1", Secret::new(vec![3; 32])).unwrap();
+        let mut p = Policy::new(
+            Authenticator::new(["t"], keys, AuthState::default()),
+            TargetAcl::new(vec![], vec![], vec!["443".parse().unwrap()]),
+            5000,
+        )
+        .with_protocols(ProtocolsSection { connect_udp: true, connect_ip: true, bind: true });
+        assert_eq!(status(&decide(&mut p, &ip_ask("8.8.8.0/24", 6))), 403);
+        let bind = AuthAsk { protocol: PROTOCOL_CONNECT_UDP_BIND, ..ask("*", Some("Bearer t")) };
+        assert_eq!(status(&decide(&mut p, &bind)), 403);
     }
 
     #[test]

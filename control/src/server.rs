@@ -899,7 +899,21 @@ impl Server {
         if let Verdict::Deny { status, details, .. } = &verdict {
             debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");
         }
-        self.send_to_worker(worker, &Record::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));
+        let allowed = match &verdict {
+            Verdict::Allow { flow_id, .. }
+            | Verdict::AllowIp { flow_id, .. }
+            | Verdict::AllowBind { flow_id, .. } => Some(*flow_id),
+            Verdict::Deny { .. } => None,
+        };
+        let sent =
+            self.send_to_worker(worker, &Record::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));
+        if !sent && let Some(flow_id) = allowed {
+            // The dataplane will never hear of this flow: release what the
+            // allow took (quota admission, addresses, the flow entry).
+            self.policy().flow_closed(flow_id, 0, Instant::now());
+            self.pools.release(flow_id);
+            self.shared.lock().unwrap_or_else(|p| p.into_inner()).flows.remove(&flow_id);
+        }
     }
 
     /// Keyless TLS: signs a handshake for a worker with the key only control
@@ -922,24 +936,28 @@ impl Server {
                 SignResult::Failed(_) => shared.signatures_failed += 1,
             }
         }
-        self.send_to_worker(worker, &Record::SignAnswer(SignAnswer { sign_id: ask.sign_id, result }));
+        // A dropped answer fails the handshake by the dataplane's timeout.
+        let _ = self.send_to_worker(worker, &Record::SignAnswer(SignAnswer { sign_id: ask.sign_id, result }));
     }
 
     /// Queues a record for a worker (in order, behind its backlog).
-    fn send_to_worker(&mut self, worker: u32, record: &Record) {
+    /// Queues a record for a worker (in order, behind its backlog);
+    /// false when it could not be queued.
+    fn send_to_worker(&mut self, worker: u32, record: &Record) -> bool {
         let mut buf = Box::new([0u8; RECORD_SIZE]);
         if let Err(e) = record.encode(&mut buf) {
             error!("cannot encode a record for worker {worker}: {e}");
-            return;
+            return false;
         }
-        let Some(a) = &mut self.attached else { return };
-        let Some(end) = a.workers.get_mut(worker as usize) else { return };
+        let Some(a) = &mut self.attached else { return false };
+        let Some(end) = a.workers.get_mut(worker as usize) else { return false };
         if end.backlog.len() >= MAX_BACKLOG {
             warn!(worker, "answer backlog full; the dataplane will time the ask out");
-            return;
+            return false;
         }
         end.backlog.push_back(buf);
         self.flush_backlogs();
+        true
     }
 
     fn flush_backlogs(&mut self) {

@@ -225,6 +225,11 @@ impl ControlLink {
         std::mem::take(&mut self.drain_requested)
     }
 
+    /// Records the link can still queue before it starts dropping them.
+    pub fn queue_room(&self) -> usize {
+        MAX_QUEUED_ASKS.saturating_sub(self.queued.len())
+    }
+
     /// Connection listings control asked for since the last call.
     pub fn take_list_requests(&mut self) -> Vec<(u64, u32)> {
         std::mem::take(&mut self.list_requests)

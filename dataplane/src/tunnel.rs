@@ -113,7 +113,7 @@ pub struct Tunnel {
 /// The connect-ip capsule types a tunnel keeps (RFC 9484 section 4.7).
 const IP_CAPSULES: &[u64] = &[0x01, 0x02, 0x03];
 /// connect-ip capsules a tunnel holds before the worker handles them.
-const MAX_CONTROL_IN: usize = 16;
+const MAX_CONTROL_IN: usize = 256;
 /// Largest IP packet a context-0 datagram of a connect-ip tunnel carries.
 pub const MAX_IP_PACKET: usize = 65_535;
 
@@ -279,19 +279,25 @@ impl Tunnel {
         let mut capsules = Vec::new();
         self.decoder.feed(bytes, |c| capsules.push(c))?;
         let mut datagrams = Vec::new();
+        let mut overflow = false;
         for c in capsules {
             match c {
                 Capsule::Datagram(value) => datagrams.push(value),
                 Capsule::Other { capsule_type, value } => {
-                    // Bounded: a client that floods address requests faster
-                    // than one turn handles them loses the excess; RFC 9484
-                    // capsules carry the full state, so the next one
-                    // supersedes.
+                    // Bounded: address requests and compression capsules
+                    // each need an answer, so none may be dropped silently;
+                    // a client that sends more at once than the worker
+                    // holds has its stream aborted (below).
                     if self.control_in.len() < MAX_CONTROL_IN {
                         self.control_in.push_back((capsule_type, value));
+                    } else {
+                        overflow = true;
                     }
                 }
             }
+        }
+        if overflow {
+            return Err(CapsuleError::TooMany { limit: MAX_CONTROL_IN });
         }
         for value in datagrams {
             self.client_used_capsules = true;

@@ -29,6 +29,12 @@ pub enum CapsuleError {
     /// the message is malformed.
     #[error("stream ended inside a capsule")]
     Truncated,
+    /// More kept capsules arrived at once than the receiver holds.
+    #[error("more than {limit} capsules waiting to be handled")]
+    TooMany {
+        /// The bound.
+        limit: usize,
+    },
 }
 
 /// One decoded capsule that this endpoint understands.

@@ -219,16 +219,17 @@ impl EpollBackend {
             }
             self.targets.insert(key, sock);
         }
-        for (key, fd) in out.unwatches.drain(..) {
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-            let _ = key;
-        }
+        // Watches first: a descriptor watched and forgotten in one turn is
+        // registered and removed again.
         for (key, fd) in out.watches.drain(..) {
             if let Err(e) =
                 self.poll.registry().register(&mut SourceFd(&fd), watch_token(key), Interest::READABLE)
             {
                 warn!("watching a descriptor: {e}");
             }
+        }
+        for (_, fd) in out.unwatches.drain(..) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         }
         for send in std::mem::take(&mut out.up) {
             match self.targets.get(&send.key) {

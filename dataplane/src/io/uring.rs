@@ -637,6 +637,11 @@ impl UringBackend {
             self.targets.insert(key, Target { sock, armed: false });
             self.rearm.push(key);
         }
+        // Watches first: a descriptor watched and forgotten in one turn is
+        // then never armed.
+        for (key, fd) in out.watches.drain(..) {
+            self.watched.insert(key, (fd, false));
+        }
         for (key, _) in out.unwatches.drain(..) {
             if let Some((_, true)) = self.watched.remove(&key) {
                 let cancel = opcode::AsyncCancel::new(user_data(KIND_WATCH, key))
@@ -644,9 +649,6 @@ impl UringBackend {
                     .user_data(user_data(KIND_CANCEL, 0));
                 self.push(cancel);
             }
-        }
-        for (key, fd) in out.watches.drain(..) {
-            self.watched.insert(key, (fd, false));
         }
         for send in std::mem::take(&mut out.up) {
             let Some(fd) = self.targets.get(&send.key).map(|t| t.sock.as_raw_fd()) else {

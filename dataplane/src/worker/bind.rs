@@ -181,7 +181,11 @@ impl Worker {
     /// Control allowed a bound tunnel: open its socket and answer with the
     /// public address (draft sections 6 and 7).
     pub(super) fn open_bound(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64, grant: BindGrant) {
-        let Some(cfg) = self.settings.bootstrap.bind.clone() else { return };
+        let Some(cfg) = self.settings.bootstrap.bind.clone() else {
+            conn.tunnels.remove(&stream_id);
+            self.link.flow_closed(FlowClosed::unused(grant.flow_id));
+            return self.refuse(conn, stream_id, 501, None, "bound connect-udp is not served");
+        };
         let limits =
             bind::Limits { max_contexts: cfg.max_contexts as usize, max_peers: cfg.max_peers as usize };
         let filter = if cfg.inbound_filter == "any" { bind::Filter::Any } else { bind::Filter::SentTo };
@@ -202,6 +206,13 @@ impl Worker {
         };
         self.next_watch += 1;
         let public = public_addresses(&cfg.public_addresses, b.port());
+        if public.is_empty() {
+            // Draft section 7: the proxy MUST announce at least one address.
+            conn.tunnels.remove(&stream_id);
+            self.link.flow_closed(FlowClosed::unused(grant.flow_id));
+            let reason = "no public address to announce (set bind.public_addresses)";
+            return self.refuse(conn, stream_id, 502, Some(ProxyError::ProxyInternalError), reason);
+        }
         self.watched.insert(watch, (key, stream_id));
         self.out.watches.push((watch, b.as_raw_fd()));
         let now = self.now;
@@ -230,14 +241,14 @@ impl Worker {
             entry.response_pending = Some(headers);
         }
         // Capsules and datagrams that came before the allow.
-        if let Some(code) = self.bind_from_client(conn, stream_id) {
+        if let Some(code) = self.bind_from_client(key, conn, stream_id) {
             self.abort_tunnel(conn, stream_id, code);
         }
     }
 
     /// Handles the bound tunnel's queued datagrams and capsules from the
     /// client. Returns an H3 error code when the stream must be aborted.
-    pub(super) fn bind_from_client(&mut self, conn: &mut Conn, stream_id: u64) -> Option<u64> {
+    pub(super) fn bind_from_client(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64) -> Option<u64> {
         let entry = conn.tunnels.get_mut(&stream_id)?;
         let b = entry.bind.as_mut()?;
         let mut replies = Vec::new();
@@ -291,6 +302,11 @@ impl Worker {
                 Err(OutboundError::Malformed(_)) => self.count(Counter::DropMalformed, 1),
             }
         }
+        // The upload side of the byte quota (the download side is checked
+        // where datagrams go to the client).
+        if conn.tunnels.get(&stream_id).is_some_and(|e| e.tunnel.over_budget()) {
+            self.note_over_budget(key, stream_id);
+        }
         None
     }
 
@@ -299,14 +315,29 @@ impl Worker {
         let Some(&(key, stream_id)) = self.watched.get(&watch) else { return };
         let Some(mut conn) = self.take_conn(key) else { return };
         let mut buf = std::mem::take(&mut self.buf);
+        let mut drained = false;
+        let mut errors = 0;
         for _ in 0..RECV_BUDGET {
-            let Some(b) = conn.tunnels.get_mut(&stream_id).and_then(|e| e.bind.as_mut()) else { break };
+            let Some(b) = conn.tunnels.get_mut(&stream_id).and_then(|e| e.bind.as_mut()) else {
+                drained = true;
+                break;
+            };
             let (n, from) = match b.socket.recv_from(&mut buf) {
                 Ok(v) => v,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
+                // ICMP errors from earlier sends (a peer's port closed) and
+                // the like: the socket stays usable for the other peers.
                 Err(e) => {
                     debug!("bound receive: {e}");
-                    break;
+                    errors += 1;
+                    if errors > 4 {
+                        drained = true;
+                        break;
+                    }
+                    continue;
                 }
             };
             self.count(Counter::TargetPacketsIn, 1);
@@ -341,6 +372,10 @@ impl Worker {
             }
         }
         self.buf = buf;
+        // Readiness is edge-triggered: what is left is read next turn.
+        if !drained && !self.bind_due.contains(&watch) {
+            self.bind_due.push(watch);
+        }
         self.put_conn(key, conn);
     }
 }

@@ -47,6 +47,37 @@ const DATAGRAM_HEADER_MAX: usize = 9;
 /// Most packets read from the TUN device per turn.
 const TUN_BUDGET: usize = 256;
 
+/// ICMP errors a worker sends per second at most, in bursts of as many
+/// (RFC 4443 section 2.4 (f), RFC 1812 section 4.3.2.8: errors are rate
+/// limited).
+const ICMP_PER_SECOND: f64 = 200.0;
+
+/// A token bucket for ICMP errors.
+struct IcmpLimiter {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl IcmpLimiter {
+    fn new() -> Self {
+        Self { tokens: ICMP_PER_SECOND, at: std::time::Instant::now() }
+    }
+
+    /// Whether one more error may go out now.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * ICMP_PER_SECOND).min(ICMP_PER_SECOND);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// The worker's connect-ip side.
 pub(super) struct IpSide {
     pub(super) tun: WorkerTun,
@@ -57,6 +88,7 @@ pub(super) struct IpSide {
     pub(super) due: bool,
     /// ICMP errors for clients, sent at the end of the turn.
     icmp_down: Vec<(ConnKey, u64, Vec<u8>)>,
+    icmp_limit: IcmpLimiter,
     buf: Vec<u8>,
 }
 
@@ -68,6 +100,7 @@ impl IpSide {
             by_addr: HashMap::new(),
             due: true,
             icmp_down: Vec::new(),
+            icmp_limit: IcmpLimiter::new(),
             buf: vec![0; 65_536],
         }
     }
@@ -80,6 +113,8 @@ pub(super) struct IpTunnel {
     pub(super) addresses: Vec<IpPrefix>,
     /// Where the client may send.
     pub(super) routes: Vec<IpAddressRange>,
+    /// The tunnel's place in the address map, once registered.
+    owner: Option<(ConnKey, u64)>,
 }
 
 impl IpTunnel {
@@ -90,7 +125,7 @@ impl IpTunnel {
             .iter()
             .map(|r| IpAddressRange::new(r.start, r.end, r.protocol).ok())
             .collect::<Option<Vec<_>>>()?;
-        Some(Self { addresses, routes })
+        Some(Self { addresses, routes, owner: None })
     }
 
     fn source_allowed(&self, src: IpAddr) -> bool {
@@ -184,7 +219,8 @@ impl Worker {
     }
 
     /// Registers an opened IP tunnel's addresses for the TUN demultiplexer.
-    pub(super) fn ip_register(&mut self, key: ConnKey, stream_id: u64, t: &IpTunnel) {
+    pub(super) fn ip_register(&mut self, key: ConnKey, stream_id: u64, t: &mut IpTunnel) {
+        t.owner = Some((key, stream_id));
         if let Some(ip) = self.ip.as_mut() {
             for p in &t.addresses {
                 ip.by_addr.insert(p.addr, (key, stream_id));
@@ -192,11 +228,14 @@ impl Worker {
         }
     }
 
-    /// Forgets a closed IP tunnel's addresses.
+    /// Forgets a closed IP tunnel's addresses (only where they still name
+    /// this tunnel).
     pub(super) fn ip_unregister(&mut self, t: &IpTunnel) {
         if let Some(ip) = self.ip.as_mut() {
             for p in &t.addresses {
-                ip.by_addr.remove(&p.addr);
+                if t.owner.is_some() && ip.by_addr.get(&p.addr) == t.owner.as_ref() {
+                    ip.by_addr.remove(&p.addr);
+                }
             }
         }
     }
@@ -250,6 +289,9 @@ impl Worker {
             None
         };
         if let Some(kind) = refusal {
+            if !ip.icmp_limit.take() {
+                return;
+            }
             let from = ip.tun.own_address(info.src.is_ipv4());
             if let Some(icmp) = from.and_then(|from| packet::icmp_error(packet, from, kind)) {
                 ip.icmp_down.push((key, stream_id, icmp));
@@ -364,7 +406,10 @@ impl Worker {
 
     /// Sends an ICMP error about `original` back to its sender through the
     /// kernel.
-    fn icmp_into_tun(&mut self, ip: &IpSide, own: Option<IpAddr>, original: &[u8], kind: IcmpError) {
+    fn icmp_into_tun(&mut self, ip: &mut IpSide, own: Option<IpAddr>, original: &[u8], kind: IcmpError) {
+        if !ip.icmp_limit.take() {
+            return;
+        }
         let Some(icmp) = own.and_then(|from| packet::icmp_error(original, from, kind)) else { return };
         if ip.tun.write(&icmp).is_ok() {
             self.count(Counter::IcmpErrorsSent, 1);

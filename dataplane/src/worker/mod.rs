@@ -211,6 +211,8 @@ pub struct Worker {
     next_watch: WatchKey,
     /// Closed bound sockets, kept until the backend has forgotten them.
     closing_bound: Vec<std::net::UdpSocket>,
+    /// Bound sockets with more to read than one turn's budget.
+    bind_due: Vec<WatchKey>,
 }
 
 /// Why a worker could not start.
@@ -300,6 +302,7 @@ impl Worker {
             watched: HashMap::new(),
             next_watch: 1,
             closing_bound: Vec::new(),
+            bind_due: Vec::new(),
         })
     }
 
@@ -696,7 +699,7 @@ impl Worker {
             }
             let bind = entry.bind.is_some();
             self.forward_up(key, stream_id, entry, outcome, d.payload);
-            if bind && let Some(code) = self.bind_from_client(conn, stream_id) {
+            if bind && let Some(code) = self.bind_from_client(key, conn, stream_id) {
                 self.abort_tunnel(conn, stream_id, code);
             }
         }
@@ -942,7 +945,7 @@ impl Worker {
                 self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
                 return;
             }
-            if is_bind && let Some(code) = self.bind_from_client(conn, stream_id) {
+            if is_bind && let Some(code) = self.bind_from_client(key, conn, stream_id) {
                 self.abort_tunnel(conn, stream_id, code);
                 return;
             }
@@ -986,7 +989,14 @@ impl Worker {
                 }
                 if let Some(b) = entry.bind.take() {
                     self.watched.remove(&b.watch);
-                    self.out.unwatches.push((b.watch, std::os::fd::AsRawFd::as_raw_fd(&b.socket)));
+                    self.bind_due.retain(|w| *w != b.watch);
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&b.socket);
+                    if let Some(i) = self.out.watches.iter().position(|(w, _)| *w == b.watch) {
+                        // Never handed to the backend: nothing to forget.
+                        self.out.watches.swap_remove(i);
+                    } else {
+                        self.out.unwatches.push((b.watch, fd));
+                    }
                     self.closing_bound.push(b.socket);
                 }
                 if let (Some(batch), Some(key)) = (entry.up.take(), entry.target) {
@@ -1046,7 +1056,7 @@ impl Worker {
             }
             Verdict::AllowIp { flow_id, idle_timeout_ms, byte_budget, identity, addresses, routes } => {
                 let config = IpTunnel::from_allow(&addresses, &routes);
-                let (Some(config), true) = (config, self.ip.is_some()) else {
+                let (Some(mut config), true) = (config, self.ip.is_some()) else {
                     conn.tunnels.remove(&stream_id);
                     self.link.flow_closed(FlowClosed::unused(flow_id));
                     return self.refuse(
@@ -1073,7 +1083,7 @@ impl Worker {
                         "the QUIC path cannot carry 1280-byte IPv6 packets",
                     );
                 }
-                self.ip_register(key, stream_id, &config);
+                self.ip_register(key, stream_id, &mut config);
                 let now = self.now;
                 let unspecified = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0);
                 let entry = conn.tunnels.get_mut(&stream_id).expect("checked above");
@@ -1650,8 +1660,11 @@ impl Worker {
     /// Lists this worker's connections for control (`relayctl conns`).
     fn answer_conn_listings(&mut self) {
         for (request_id, limit) in self.link.take_list_requests() {
+            // A listing never takes more than half the room left in the
+            // link's queue, so flow reports are never crowded out.
+            let limit = (limit as usize).min(self.link.queue_room() / 2);
             let mut listed = Vec::new();
-            for (_, conn) in self.conns.iter().take(limit as usize) {
+            for (_, conn) in self.conns.iter().take(limit) {
                 let stats = conn.quic.stats();
                 let path = conn.quic.path_stats().find(|p| p.active);
                 listed.push(ConnInfo {
@@ -1760,6 +1773,9 @@ impl Handler for Worker {
         if self.ip.as_ref().is_some_and(|ip| ip.due) {
             self.read_tun();
         }
+        for watch in std::mem::take(&mut self.bind_due) {
+            self.bind_readable(watch);
+        }
         self.flush_ip_icmp();
         self.kill_requested_flows();
         self.answer_conn_listings();
@@ -1790,7 +1806,10 @@ impl Handler for Worker {
             return Turn::Stop;
         }
         self.out.stats.flush_into(self.link.counters());
-        let busy = self.handoffs_due || self.answers_due || self.ip.as_ref().is_some_and(|ip| ip.due);
+        let busy = self.handoffs_due
+            || self.answers_due
+            || !self.bind_due.is_empty()
+            || self.ip.as_ref().is_some_and(|ip| ip.due);
         let deadline = if busy {
             self.now
         } else {
