@@ -66,12 +66,40 @@ pub struct IpTopology {
     /// client's routes name them.
     pub target_prefixes: [String; 2],
     _sysctls: Vec<Sysctl>,
+    /// Held for the topology's life (dropped last): topologies in other
+    /// processes wait, so one's sysctl restore cannot switch forwarding
+    /// off under another.
+    _lock: HostLock,
+}
+
+/// An exclusive lock on the host's forwarding settings, across processes.
+struct HostLock {
+    _file: std::fs::File,
+}
+
+impl HostLock {
+    fn take() -> Result<Self> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/run/relay-test-ipnet.lock")
+            .context("opening /run/relay-test-ipnet.lock")?;
+        // SAFETY: flock on a descriptor we own; it blocks until the other
+        // holder closes its descriptor (the lock dies with the process).
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX) };
+        if rc != 0 {
+            bail!("locking the host's forwarding settings: {}", std::io::Error::last_os_error());
+        }
+        Ok(Self { _file: f })
+    }
 }
 
 impl IpTopology {
     /// Builds the network; `tag` keeps names apart between concurrent runs
     /// (0..=40).
     pub fn create(tag: u32) -> Result<Self> {
+        let lock = HostLock::take()?;
         let nt = 160 + (tag % 40) as u8 * 2;
         let nc = nt + 1;
         let pid = std::process::id();
@@ -116,6 +144,7 @@ impl IpTopology {
             target_v6,
             direct_target,
             _sysctls: sysctls,
+            _lock: lock,
         })
     }
 }
