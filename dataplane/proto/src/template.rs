@@ -132,12 +132,14 @@ fn parse_parts(template: &str, names: &[&str; 2]) -> Result<(Vec<Part>, [u8; 2])
             if let Some(list) = expr.strip_prefix('?') {
                 let vars = list.split(',').map(var_index).collect::<Result<Vec<_>, _>>()?;
                 for v in &vars {
-                    seen[*v] += 1;
+                    // Saturating: a variable repeated hundreds of times is
+                    // refused by the callers' "at most once" checks.
+                    seen[*v] = seen[*v].saturating_add(1);
                 }
                 parts.push(Part::Query(vars));
             } else {
                 let v = var_index(expr)?;
-                seen[v] += 1;
+                seen[v] = seen[v].saturating_add(1);
                 if matches!(parts.last(), Some(Part::Var(_))) {
                     return Err(TemplateError::Adjacent);
                 }
@@ -521,6 +523,15 @@ mod tests {
         assert_eq!(ip_match(&t, "/proxy"), pair("*", "*"));
         assert_eq!(t.match_path("/proxy?target=a&target=b"), Err(MatchError::NoMatch));
         assert_eq!(t.expand_ip("target.example.com", "132"), "/proxy?target=target.example.com&ipproto=132");
+    }
+
+    #[test]
+    fn a_variable_repeated_hundreds_of_times_is_refused_not_a_panic() {
+        // Found by the ip_template fuzz target (a u8 counter overflowed).
+        let many = "{?ipproto}".repeat(300);
+        assert!(IpUriTemplate::parse(&format!("/x/{many}")).is_err());
+        let many = "/{target_host}".repeat(300);
+        assert!(UriTemplate::parse(&format!("{many}/{{target_port}}/")).is_err());
     }
 
     #[test]
