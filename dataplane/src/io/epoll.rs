@@ -16,7 +16,7 @@ use mio::{Events, Interest, Poll, Token};
 use relay_udp::mmsg::{self, Batch, Message, RECV_MESSAGES, RecvBatch};
 use tracing::warn;
 
-use super::{Handler, IoStats, Output, RECV_BUDGET, TargetKey, Turn, Wake, WatchKey};
+use super::{Handler, IoStats, Output, RECV_BUDGET, Ready, TargetKey, Turn, Wake, WatchKey};
 
 const QUIC_SOCKET: Token = Token(0);
 const ANSWER_BELL: Token = Token(1);
@@ -101,7 +101,13 @@ impl EpollBackend {
                     ANSWER_BELL => h.on_wake(Wake::Answers),
                     WORKER_BELL => h.on_wake(Wake::Worker),
                     TUN => h.on_wake(Wake::Tun),
-                    Token(t) if t & WATCH_BIT != 0 => h.on_readable((t & !WATCH_BIT) as WatchKey),
+                    Token(t) if t & WATCH_BIT != 0 => {
+                        let ready = Ready {
+                            readable: event.is_readable() || event.is_read_closed() || event.is_error(),
+                            writable: event.is_writable() || event.is_write_closed() || event.is_error(),
+                        };
+                        h.on_ready((t & !WATCH_BIT) as WatchKey, ready)
+                    }
                     Token(t) => ready.push((t - FIRST_TARGET) as TargetKey),
                 }
             }
@@ -221,10 +227,9 @@ impl EpollBackend {
         }
         // Watches first: a descriptor watched and forgotten in one turn is
         // registered and removed again.
-        for (key, fd) in out.watches.drain(..) {
-            if let Err(e) =
-                self.poll.registry().register(&mut SourceFd(&fd), watch_token(key), Interest::READABLE)
-            {
+        for w in out.watches.drain(..) {
+            let interest = if w.writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.fd), watch_token(w.key), interest) {
                 warn!("watching a descriptor: {e}");
             }
         }

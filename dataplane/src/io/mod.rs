@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
-pub use output::{IoStats, Output, QuicBatch, UpSend};
+pub use output::{IoStats, Output, QuicBatch, UpSend, Watch};
 
 /// Names a target socket: chosen by the core, unique for the worker's life.
 pub type TargetKey = u64;
@@ -24,6 +24,17 @@ pub type TargetKey = u64;
 /// Names a descriptor the core services itself (e.g. a bound UDP
 /// socket): chosen by the core, unique for the worker's life, below 2^55.
 pub type WatchKey = u64;
+
+/// What a watched descriptor is ready for (edge-triggered: the core reads
+/// or writes until the call would block, or remembers that it stopped
+/// early).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ready {
+    /// Readable, or at end of stream, or in error.
+    pub readable: bool,
+    /// Writable (a connect in progress completed), or in error.
+    pub writable: bool,
+}
 
 /// Which doorbell rang.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,9 +76,9 @@ pub trait Handler {
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
         let _ = (key, errno);
     }
-    /// A watched descriptor ([`Output::watches`]) became readable.
-    fn on_readable(&mut self, key: WatchKey) {
-        let _ = key;
+    /// A watched descriptor ([`Output::watches`]) became ready.
+    fn on_ready(&mut self, key: WatchKey, ready: Ready) {
+        let _ = (key, ready);
     }
     /// A doorbell rang.
     fn on_wake(&mut self, wake: Wake);

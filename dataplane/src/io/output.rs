@@ -52,6 +52,19 @@ impl QuicBatch {
     }
 }
 
+/// A descriptor the core services itself, to watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watch {
+    /// The core's name for it.
+    pub key: WatchKey,
+    /// The descriptor (owned by the core, which keeps it open until the
+    /// backend has forgotten it: [`Output::unwatches`]).
+    pub fd: RawFd,
+    /// Also report writability (TCP sockets with output waiting, or a
+    /// connect in progress), not only readability.
+    pub writable: bool,
+}
+
 /// Payloads for one target, in the same layout as [`QuicBatch`].
 #[derive(Debug)]
 pub struct UpSend {
@@ -164,8 +177,8 @@ pub struct Output {
     /// Target sockets to close (after their pending sends).
     pub closes: Vec<TargetKey>,
     /// Descriptors the core reads and writes itself, to watch for
-    /// readability (edge-triggered: [`super::Handler::on_readable`]).
-    pub watches: Vec<(WatchKey, RawFd)>,
+    /// readiness (edge-triggered: [`super::Handler::on_ready`]).
+    pub watches: Vec<Watch>,
     /// Watched descriptors to forget (before the core closes them).
     pub unwatches: Vec<(WatchKey, RawFd)>,
     pool: Vec<Vec<u8>>,

@@ -28,7 +28,7 @@ use relay_udp::uring::{BufRing, MultishotRecv, SendOutcome, SendSlots, SlotId};
 use relay_udp::{GSO_ENABLED, MAX_GRO_BUFFER, mmsg};
 use tracing::{debug, warn};
 
-use super::{Handler, IoStats, Output, TargetKey, Turn, Wake, WatchKey};
+use super::{Handler, IoStats, Output, Ready, TargetKey, Turn, Wake, WatchKey};
 
 /// Sizes of a worker's ring and pools.
 #[derive(Debug, Clone, Copy)]
@@ -123,8 +123,8 @@ pub struct UringBackend {
     tun_armed: bool,
     /// Target sends the OS refused as unreachable, for the core.
     unreachable: Vec<(TargetKey, i32)>,
-    /// Descriptors the core services itself: key -> (fd, poll armed).
-    watched: HashMap<WatchKey, (RawFd, bool)>,
+    /// Descriptors the core services itself: key -> (fd, poll mask, poll armed).
+    watched: HashMap<WatchKey, (RawFd, u32, bool)>,
     pending_watch_polls: Vec<squeue::Entry>,
     answer_bell: Option<(RawFd, u64)>,
     answer_bell_armed: bool,
@@ -343,9 +343,9 @@ impl UringBackend {
             self.push(poll);
             self.worker_bell_armed = true;
         }
-        for (key, (fd, armed)) in self.watched.iter_mut() {
+        for (key, (fd, mask, armed)) in self.watched.iter_mut() {
             if !*armed {
-                let poll = opcode::PollAdd::new(types::Fd(*fd), libc::POLLIN as u32)
+                let poll = opcode::PollAdd::new(types::Fd(*fd), *mask)
                     .multi(true)
                     .build()
                     .user_data(user_data(KIND_WATCH, *key));
@@ -406,13 +406,13 @@ impl UringBackend {
                 }
             }
             KIND_WATCH => {
-                if let Some((_, armed)) = self.watched.get_mut(&value)
+                if let Some((_, _, armed)) = self.watched.get_mut(&value)
                     && !cqueue::more(c.flags)
                 {
                     *armed = false;
                 }
                 if c.result >= 0 && self.watched.contains_key(&value) {
-                    h.on_readable(value);
+                    h.on_ready(value, ready_from_revents(c.result));
                 }
             }
             KIND_TUN => {
@@ -639,11 +639,15 @@ impl UringBackend {
         }
         // Watches first: a descriptor watched and forgotten in one turn is
         // then never armed.
-        for (key, fd) in out.watches.drain(..) {
-            self.watched.insert(key, (fd, false));
+        for w in out.watches.drain(..) {
+            let mut mask = (libc::POLLIN | libc::POLLRDHUP) as u32;
+            if w.writable {
+                mask |= libc::POLLOUT as u32;
+            }
+            self.watched.insert(w.key, (w.fd, mask, false));
         }
         for (key, _) in out.unwatches.drain(..) {
-            if let Some((_, true)) = self.watched.remove(&key) {
+            if let Some((_, _, true)) = self.watched.remove(&key) {
                 let cancel = opcode::AsyncCancel::new(user_data(KIND_WATCH, key))
                     .build()
                     .user_data(user_data(KIND_CANCEL, 0));
@@ -709,4 +713,12 @@ impl UringBackend {
         }
         self.closing.clear();
     }
+}
+
+/// What a poll completion's event mask says a watched descriptor is ready
+/// for (errors and hang-ups wake both directions, so the core sees them).
+fn ready_from_revents(revents: i32) -> Ready {
+    let has = |bits: i16| revents & i32::from(bits) != 0;
+    let failed = has(libc::POLLERR | libc::POLLHUP);
+    Ready { readable: failed || has(libc::POLLIN | libc::POLLRDHUP), writable: failed || has(libc::POLLOUT) }
 }

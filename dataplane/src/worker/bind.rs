@@ -214,7 +214,7 @@ impl Worker {
             return self.refuse(conn, stream_id, 502, Some(ProxyError::ProxyInternalError), reason);
         }
         self.watched.insert(watch, (key, stream_id));
-        self.out.watches.push((watch, b.as_raw_fd()));
+        self.out.watches.push(crate::io::Watch { key: watch, fd: b.as_raw_fd(), writable: false });
         let now = self.now;
         let unspecified = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
         let Some(entry) = conn.tunnels.get_mut(&stream_id) else { return };

@@ -35,7 +35,7 @@ use relay_proto::template::UriTemplate;
 use tracing::{debug, error, info, warn};
 
 use crate::handoff::{Handoff, Inbox};
-use crate::io::{Handler, Output, TargetKey, Turn, UpSend, Wake, WatchKey};
+use crate::io::{Handler, Output, Ready, TargetKey, Turn, UpSend, Wake, WatchKey};
 use crate::keyless;
 use crate::link::{Answer, AskError, ControlLink};
 use crate::quic;
@@ -991,7 +991,7 @@ impl Worker {
                     self.watched.remove(&b.watch);
                     self.bind_due.retain(|w| *w != b.watch);
                     let fd = std::os::fd::AsRawFd::as_raw_fd(&b.socket);
-                    if let Some(i) = self.out.watches.iter().position(|(w, _)| *w == b.watch) {
+                    if let Some(i) = self.out.watches.iter().position(|w| w.key == b.watch) {
                         // Never handed to the backend: nothing to forget.
                         self.out.watches.swap_remove(i);
                     } else {
@@ -1722,8 +1722,10 @@ impl Handler for Worker {
         }
     }
 
-    fn on_readable(&mut self, key: WatchKey) {
-        self.bind_readable(key);
+    fn on_ready(&mut self, key: WatchKey, ready: Ready) {
+        if ready.readable {
+            self.bind_readable(key);
+        }
     }
 
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
