@@ -13,6 +13,9 @@
 //! - [`bind`]: bound UDP (draft-ietf-masque-connect-udp-listen-13): its
 //!   capsules, uncompressed payload, header fields and the proxy's context
 //!   table; its request classification sits in [`request`].
+//! - [`http1`]: HTTP/1.1 request heads for the TCP front (RFC 9112): parsing,
+//!   body framing, and classification into CONNECT, the connect-udp /
+//!   connect-ip Upgrade (RFC 9298, RFC 9484) and the h2c Upgrade (RFC 7540).
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
 //! - [`channel`]: the shared-memory channel between dataplane and control:
 //!   record codecs and the SPSC ring.
@@ -23,6 +26,7 @@ pub mod capsule;
 pub mod channel;
 pub mod cid;
 pub mod datagram;
+pub mod http1;
 pub mod ip;
 pub mod proxy_status;
 pub mod request;
