@@ -570,6 +570,7 @@ impl Admin {
                 "connect_udp": p.protocols().connect_udp,
                 "connect_ip": p.protocols().connect_ip,
                 "bind": p.protocols().bind,
+                "connect_tcp": p.protocols().connect_tcp,
             },
             "acl": {
                 "allow": strings(acl.allow()),
@@ -800,6 +801,7 @@ mod tests {
         assert_eq!(show["quotas_config_file"]["per_identity"]["max_flows"], json!(0));
         assert_eq!(show["tokens"]["revoked_subjects"], json!(1));
         assert_eq!(show["protocols"]["connect_udp"], json!(true));
+        assert_eq!(show["protocols"]["connect_tcp"], json!(true));
         assert!(!show.to_string().contains("config-token"));
 
         // All of it is on disk, and a fresh control gets it back.

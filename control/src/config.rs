@@ -6,8 +6,10 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+use relay_proto::channel::bootstrap::TcpBootstrap;
 use relay_proto::template::UriTemplate;
 use serde::Deserialize;
 use toml::Spanned;
@@ -52,6 +54,10 @@ pub struct Config {
     /// Bound connect-udp: public addresses, inbound filter, limits.
     #[serde(default)]
     pub bind: BindSection,
+    /// The TCP front (HTTP/2 and HTTP/1.1 over TCP): Alt-Svc, limits,
+    /// timeouts. Its listeners are `listen.tcp` and `listen.tcp_cleartext`.
+    #[serde(default)]
+    pub tcp: TcpSection,
     /// Where the config came from (file name or "embedded default config").
     #[serde(skip)]
     pub origin: String,
@@ -89,6 +95,65 @@ pub struct ListenSection {
     /// TCP address of the Prometheus metrics endpoint (`GET /metrics`);
     /// absent: no endpoint. Keep it on loopback or a management network.
     pub metrics: Option<SocketAddr>,
+    /// TLS over TCP (ALPN h2 and http/1.1), as written: absent means the
+    /// address of `quic` (the QUIC port number, over TCP), `""` turns it
+    /// off. [`ListenSection::tcp_tls`] resolves it.
+    #[serde(default, deserialize_with = "listen_tcp")]
+    pub tcp: Option<Spanned<ListenAddr>>,
+    /// Cleartext HTTP/1.1 and h2c, for relays behind a TLS-terminating
+    /// balancer, as written: absent or `""` is off.
+    /// [`ListenSection::tcp_cleartext_addr`] resolves it.
+    #[serde(default, deserialize_with = "listen_tcp_cleartext")]
+    pub tcp_cleartext: Option<Spanned<ListenAddr>>,
+}
+
+impl ListenSection {
+    /// The TLS-over-TCP listener's address, `None` when it is off.
+    pub fn tcp_tls(&self) -> Option<SocketAddr> {
+        match &self.tcp {
+            None => Some(self.quic),
+            Some(addr) => addr.get_ref().0,
+        }
+    }
+
+    /// The cleartext TCP listener's address, `None` when it is off.
+    pub fn tcp_cleartext_addr(&self) -> Option<SocketAddr> {
+        self.tcp_cleartext.as_ref().and_then(|a| a.get_ref().0)
+    }
+}
+
+/// A TCP listener address in `[listen]`: `"address:port"`, or `""` for off
+/// (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+fn listen_addr<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    key: &str,
+) -> Result<Option<Spanned<ListenAddr>>, D::Error> {
+    let raw = Spanned::<String>::deserialize(d)?;
+    let span = raw.span();
+    let text = raw.into_inner();
+    let addr = if text.is_empty() {
+        None
+    } else {
+        Some(text.parse::<SocketAddr>().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{key} must be an address and port (\"0.0.0.0:443\", \"[::]:443\") or \"\" for off, not {text:?}"
+            ))
+        })?)
+    };
+    Ok(Some(Spanned::new(span, ListenAddr(addr))))
+}
+
+fn listen_tcp<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Spanned<ListenAddr>>, D::Error> {
+    listen_addr(d, "listen.tcp")
+}
+
+fn listen_tcp_cleartext<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Spanned<ListenAddr>>, D::Error> {
+    listen_addr(d, "listen.tcp_cleartext")
 }
 
 /// A validated URI template in the config.
@@ -254,6 +319,38 @@ fn fourteen() -> usize {
     14
 }
 
+/// Refuses TCP listeners that would collide: the cleartext listener on the
+/// TLS listener's address, or either on the metrics endpoint's. Port 0
+/// (an ephemeral port for each socket) never collides.
+fn check_tcp_listeners(listen: &ListenSection, text: &str) -> Result<(), String> {
+    let tls = listen.tcp_tls().filter(|a| a.port() != 0);
+    let tls_where = match &listen.tcp {
+        Some(s) => format!("listen.tcp (line {})", line_of(text, s.span().start)),
+        None => "listen.tcp (absent: the address of listen.quic)".to_string(),
+    };
+    let cleartext = listen.tcp_cleartext.as_ref().and_then(|s| {
+        let addr = s.get_ref().0.filter(|a| a.port() != 0)?;
+        Some((addr, format!("listen.tcp_cleartext (line {})", line_of(text, s.span().start))))
+    });
+    if let (Some(tls), Some((addr, clear_where))) = (tls, &cleartext)
+        && tls == *addr
+    {
+        return Err(format!(
+            "{clear_where} = \"{addr}\" is also {tls_where}: the cleartext listener needs an address \
+             of its own (or set listen.tcp = \"\" to serve cleartext only)"
+        ));
+    }
+    if let Some(metrics) = listen.metrics.filter(|a| a.port() != 0) {
+        let tls = tls.map(|a| (a, tls_where));
+        for (addr, at) in tls.iter().chain(&cleartext) {
+            if *addr == metrics {
+                return Err(format!("{at} = \"{addr}\" is also listen.metrics"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The 1-based line of byte offset `pos` in `text`.
 pub fn line_of(text: &str, pos: usize) -> usize {
     text.as_bytes()[..pos.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
@@ -368,10 +465,9 @@ pub struct HmacKeyConfig {
     pub line: usize,
 }
 
-/// `[protocols]`: which extended CONNECT protocols the relay serves. Only
-/// connect-udp exists today; `connect_ip` and `bind` are accepted so that
-/// configs can name them, but setting them true is an error until they
-/// are built.
+/// `[protocols]`: which tunnel protocols the relay serves: the extended
+/// CONNECT protocols (`:protocol` values) and classic CONNECT to TCP
+/// targets. Control refuses a disabled one with 501.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default, try_from = "RawProtocols")]
 pub struct ProtocolsSection {
@@ -381,11 +477,14 @@ pub struct ProtocolsSection {
     pub connect_ip: bool,
     /// Bound connect-udp (draft-ietf-masque-connect-udp-listen), see `[bind]`.
     pub bind: bool,
+    /// Classic CONNECT to a TCP target (RFC 9110 section 9.3.6, RFC 9114
+    /// section 4.4), over every HTTP version.
+    pub connect_tcp: bool,
 }
 
 impl Default for ProtocolsSection {
     fn default() -> Self {
-        Self { connect_udp: true, connect_ip: false, bind: false }
+        Self { connect_udp: true, connect_ip: false, bind: false, connect_tcp: true }
     }
 }
 
@@ -395,12 +494,18 @@ struct RawProtocols {
     connect_udp: bool,
     connect_ip: bool,
     bind: bool,
+    connect_tcp: bool,
 }
 
 impl Default for RawProtocols {
     fn default() -> Self {
         let d = ProtocolsSection::default();
-        Self { connect_udp: d.connect_udp, connect_ip: d.connect_ip, bind: d.bind }
+        Self {
+            connect_udp: d.connect_udp,
+            connect_ip: d.connect_ip,
+            bind: d.bind,
+            connect_tcp: d.connect_tcp,
+        }
     }
 }
 
@@ -408,13 +513,20 @@ impl TryFrom<RawProtocols> for ProtocolsSection {
     type Error = String;
 
     fn try_from(r: RawProtocols) -> Result<Self, String> {
-        Ok(Self { connect_udp: r.connect_udp, connect_ip: r.connect_ip, bind: r.bind })
+        Ok(Self {
+            connect_udp: r.connect_udp,
+            connect_ip: r.connect_ip,
+            bind: r.bind,
+            connect_tcp: r.connect_tcp,
+        })
     }
 }
 
 impl ProtocolsSection {
     /// The `:protocol` values served, as the dataplane's Bootstrap lists
-    /// them (empty: every extended CONNECT is refused).
+    /// them (empty: every extended CONNECT is refused). Classic CONNECT has
+    /// no `:protocol`, so `connect_tcp` is not among them: control answers
+    /// a disabled one with 501.
     pub fn names(&self) -> Vec<String> {
         let mut out = Vec::new();
         if self.connect_udp {
@@ -428,6 +540,139 @@ impl ProtocolsSection {
         }
         out
     }
+}
+
+/// `tcp.alt_svc`: the Alt-Svc field value (RFC 7838) of responses over TCP.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AltSvc {
+    /// `"auto"`: `h3=":<port of listen.quic>"; ma=86400`.
+    #[default]
+    Auto,
+    /// `""`: not sent.
+    Off,
+    /// Sent as given (a checked field value).
+    Value(String),
+}
+
+/// Longest `tcp.alt_svc` value accepted.
+pub const MAX_ALT_SVC: usize = 512;
+
+impl AltSvc {
+    /// The field value to send, for a QUIC listener on `quic_port`
+    /// (`None`: not sent; `"auto"` with QUIC on port 0, an ephemeral port
+    /// control cannot know, is not sent either).
+    pub fn value(&self, quic_port: u16) -> Option<String> {
+        match self {
+            AltSvc::Auto if quic_port == 0 => None,
+            AltSvc::Auto => Some(format!("h3=\":{quic_port}\"; ma=86400")),
+            AltSvc::Off => None,
+            AltSvc::Value(v) => Some(v.clone()),
+        }
+    }
+}
+
+/// Why `v` is not a field value we send: visible ASCII and spaces only,
+/// no leading or trailing space (RFC 9110 section 5.5), at most
+/// [`MAX_ALT_SVC`] bytes.
+fn field_value_problem(v: &str) -> Option<&'static str> {
+    if v.len() > MAX_ALT_SVC {
+        Some("is longer than 512 bytes")
+    } else if !v.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        Some(
+            "may hold only visible ASCII characters and spaces (no tabs, CR, LF or other control characters)",
+        )
+    } else if v.starts_with(' ') || v.ends_with(' ') {
+        Some("must not start or end with a space")
+    } else {
+        None
+    }
+}
+
+impl<'de> Deserialize<'de> for AltSvc {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = String::deserialize(d)?;
+        match v.as_str() {
+            "auto" => Ok(AltSvc::Auto),
+            "" => Ok(AltSvc::Off),
+            _ => match field_value_problem(&v) {
+                None => Ok(AltSvc::Value(v)),
+                Some(why) => Err(serde::de::Error::custom(format!(
+                    "tcp.alt_svc {why}: give \"auto\", \"\" (not sent) or a valid Alt-Svc field value"
+                ))),
+            },
+        }
+    }
+}
+
+/// `[tcp]`: the TCP front (HTTP/2 and HTTP/1.1 over TCP). Every value is
+/// range-checked as it is read, so errors carry the key and its line.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpSection {
+    /// Alt-Svc field value sent on every response over TCP.
+    pub alt_svc: AltSvc,
+    /// Most TCP connections per worker (1..=1000000); more are closed at
+    /// accept.
+    #[serde(deserialize_with = "tcp_max_connections_per_worker")]
+    pub max_connections_per_worker: u32,
+    /// A connection must finish its TLS handshake and send a complete first
+    /// request head within this long (100..=600000 ms).
+    #[serde(deserialize_with = "tcp_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u32,
+    /// A connection with no tunnel and no request in progress is closed
+    /// after this long (1..=86400 s).
+    #[serde(deserialize_with = "tcp_idle_timeout_secs")]
+    pub idle_timeout_secs: u32,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS (1..=10000).
+    #[serde(deserialize_with = "tcp_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// Bytes buffered per direction per tunnel (16384..=16777216).
+    #[serde(deserialize_with = "tcp_tunnel_buffer_bytes")]
+    pub tunnel_buffer_bytes: u32,
+    /// Serve the status endpoint (`GET /`, `GET /.well-known/masque-relay/status`).
+    pub status_endpoint: bool,
+}
+
+impl Default for TcpSection {
+    fn default() -> Self {
+        Self {
+            alt_svc: AltSvc::Auto,
+            max_connections_per_worker: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_secs: 120,
+            max_streams_per_connection: 100,
+            tunnel_buffer_bytes: 262_144,
+            status_endpoint: true,
+        }
+    }
+}
+
+/// A TOML integer for `key`, within `range`.
+fn ranged_u32<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    key: &str,
+    range: RangeInclusive<u32>,
+) -> Result<u32, D::Error> {
+    let v = i64::deserialize(d)?;
+    u32::try_from(v).ok().filter(|v| range.contains(v)).ok_or_else(|| {
+        serde::de::Error::custom(format!("{key} must be {}..={}, not {v}", range.start(), range.end()))
+    })
+}
+
+macro_rules! ranged_key {
+    ($($f:ident: $key:literal, $range:expr;)*) => {$(
+        fn $f<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+            ranged_u32(d, $key, $range)
+        }
+    )*};
+}
+
+ranged_key! {
+    tcp_max_connections_per_worker: "tcp.max_connections_per_worker", 1..=1_000_000;
+    tcp_handshake_timeout_ms: "tcp.handshake_timeout_ms", 100..=600_000;
+    tcp_idle_timeout_secs: "tcp.idle_timeout_secs", 1..=86_400;
+    tcp_max_streams_per_connection: "tcp.max_streams_per_connection", 1..=10_000;
+    tcp_tunnel_buffer_bytes: "tcp.tunnel_buffer_bytes", 16_384..=16_777_216;
 }
 
 /// `[bind]`.
@@ -632,6 +877,7 @@ impl Config {
                 "connect_ip.interface_prefix must be 1..=11 letters, digits, '-' or '_' (device names are at most 15 bytes)".into(),
             ));
         }
+        check_tcp_listeners(&config.listen, text).map_err(invalid)?;
         let r = &config.resolver;
         if r.threads == 0 || r.threads > 64 || r.max_pending == 0 || r.timeout_ms == 0 {
             return Err(invalid(
@@ -725,6 +971,28 @@ impl Config {
                 Self::parse(&text, &p.display().to_string())
             }
         }
+    }
+
+    /// What the dataplane needs for the TCP front; `None` when both of its
+    /// listeners are off.
+    pub fn tcp_bootstrap(&self) -> Option<TcpBootstrap> {
+        let listen_tls = self.listen.tcp_tls();
+        let listen_cleartext = self.listen.tcp_cleartext_addr();
+        if listen_tls.is_none() && listen_cleartext.is_none() {
+            return None;
+        }
+        let t = &self.tcp;
+        Some(TcpBootstrap {
+            listen_tls,
+            listen_cleartext,
+            alt_svc: t.alt_svc.value(self.listen.quic.port()),
+            max_connections_per_worker: t.max_connections_per_worker,
+            handshake_timeout_ms: t.handshake_timeout_ms,
+            idle_timeout_ms: u64::from(t.idle_timeout_secs) * 1000,
+            max_streams_per_connection: t.max_streams_per_connection,
+            tunnel_buffer_bytes: t.tunnel_buffer_bytes,
+            status_endpoint: t.status_endpoint,
+        })
     }
 
     /// The channel socket path.
@@ -957,5 +1225,259 @@ mod tests {
         let c = Config::parse(text, "deploy/relay.toml").unwrap();
         assert!(c.quotas.per_identity.max_flows > 0 && c.quotas.per_client.max_flows > 0);
         assert_eq!(c.auth.hmac_keys.len(), 1);
+        let tcp = c.tcp_bootstrap().unwrap();
+        assert_eq!(tcp.listen_tls, Some(c.listen.quic), "TLS over TCP on the QUIC port");
+        assert_eq!(tcp.listen_cleartext, None);
+        assert_eq!(tcp.alt_svc.as_deref(), Some("h3=\":443\"; ma=86400"));
+        assert!(c.protocols.connect_tcp);
+    }
+
+    fn line_with(text: &str, start: &str) -> usize {
+        text.lines().position(|l| l.starts_with(start)).unwrap() + 1
+    }
+
+    /// The default config with `old` replaced by `new` in its `[tcp]`
+    /// section only (some of its keys end like `[dataplane]` keys).
+    fn tcp_edit(edits: &[(&str, &str)]) -> String {
+        let at = DEFAULT_CONFIG.find("\n[tcp]\n").unwrap();
+        let (head, mut tcp) = (&DEFAULT_CONFIG[..at], DEFAULT_CONFIG[at..].to_string());
+        for (old, new) in edits {
+            assert!(tcp.contains(old), "{old}");
+            tcp = tcp.replacen(old, new, 1);
+        }
+        format!("{head}{tcp}")
+    }
+
+    /// The line of `key` in the `[tcp]` section of `text`.
+    fn tcp_line(text: &str, key: &str) -> usize {
+        let from = line_with(text, "[tcp]");
+        from + text.lines().skip(from).position(|l| l.starts_with(key)).unwrap() + 1
+    }
+
+    #[test]
+    fn tcp_front_defaults_and_bootstrap() {
+        let c = Config::load(None).unwrap();
+        assert!(c.protocols.connect_tcp);
+        assert_eq!(c.protocols.names(), ["connect-udp"], "classic CONNECT has no :protocol");
+        assert_eq!(c.tcp, TcpSection::default());
+        assert_eq!(
+            c.tcp_bootstrap(),
+            Some(TcpBootstrap {
+                listen_tls: Some("127.0.0.1:4433".parse().unwrap()),
+                listen_cleartext: None,
+                alt_svc: Some("h3=\":4433\"; ma=86400".into()),
+                max_connections_per_worker: 10_000,
+                handshake_timeout_ms: 10_000,
+                idle_timeout_ms: 120_000,
+                max_streams_per_connection: 100,
+                tunnel_buffer_bytes: 262_144,
+                status_endpoint: true,
+            })
+        );
+        // Without `listen.tcp`: the QUIC address, over TCP.
+        let text = DEFAULT_CONFIG
+            .replace("tcp = \"127.0.0.1:4433\"\n", "")
+            .replace("quic = \"127.0.0.1:4433\"", "quic = \"[::1]:8443\"");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(c.listen.tcp.is_none());
+        let tcp = c.tcp_bootstrap().unwrap();
+        assert_eq!(tcp.listen_tls, Some("[::1]:8443".parse().unwrap()));
+        assert_eq!(tcp.alt_svc.as_deref(), Some("h3=\":8443\"; ma=86400"), "auto follows listen.quic");
+        // Without the [tcp] section: its defaults.
+        let cut = text.find("\n[tcp]").unwrap();
+        assert_eq!(Config::parse(&text[..cut], "t.toml").unwrap().tcp, TcpSection::default());
+        // "" turns TLS over TCP off; with no cleartext listener the front is off.
+        let off = DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", "tcp = \"\"");
+        let c = Config::parse(&off, "t.toml").unwrap();
+        assert_eq!((c.listen.tcp_tls(), c.tcp_bootstrap()), (None, None));
+        // Cleartext only (a TLS-terminating balancer in front).
+        let clear = off.replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"10.0.0.5:8080\"");
+        let tcp = Config::parse(&clear, "t.toml").unwrap().tcp_bootstrap().unwrap();
+        assert_eq!((tcp.listen_tls, tcp.listen_cleartext), (None, Some("10.0.0.5:8080".parse().unwrap())));
+        let both = DEFAULT_CONFIG
+            .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:8080\"");
+        let tcp = Config::parse(&both, "t.toml").unwrap().tcp_bootstrap().unwrap();
+        assert_eq!(tcp.listen_tls, Some("127.0.0.1:4433".parse().unwrap()));
+        assert_eq!(tcp.listen_cleartext, Some("127.0.0.1:8080".parse().unwrap()));
+        let none = DEFAULT_CONFIG.replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"\"");
+        assert_eq!(Config::parse(&none, "t.toml").unwrap().listen.tcp_cleartext_addr(), None);
+        // Every [tcp] key lands in the bootstrap.
+        let tuned = tcp_edit(&[
+            ("alt_svc = \"auto\"", "alt_svc = \"h3=\\\":443\\\"; ma=3600, h3=\\\"alt.example:443\\\"\""),
+            ("max_connections_per_worker = 10000", "max_connections_per_worker = 7"),
+            ("handshake_timeout_ms = 10000", "handshake_timeout_ms = 100"),
+            ("idle_timeout_secs = 120", "idle_timeout_secs = 86400"),
+            ("max_streams_per_connection = 100", "max_streams_per_connection = 10000"),
+            ("tunnel_buffer_bytes = 262144", "tunnel_buffer_bytes = 16384"),
+            ("status_endpoint = true", "status_endpoint = false"),
+        ]);
+        let c = Config::parse(&tuned, "t.toml").unwrap();
+        assert_eq!(c.dataplane.max_connections_per_worker, 10_000, "QUIC's own limit is untouched");
+        assert_eq!(c.dataplane.flow_idle_timeout_secs, 120, "so is the flow idle timeout");
+        let tcp = c.tcp_bootstrap().unwrap();
+        assert_eq!(tcp.alt_svc.as_deref(), Some("h3=\":443\"; ma=3600, h3=\"alt.example:443\""));
+        assert_eq!(
+            (
+                tcp.max_connections_per_worker,
+                tcp.handshake_timeout_ms,
+                tcp.idle_timeout_ms,
+                tcp.max_streams_per_connection,
+                tcp.tunnel_buffer_bytes,
+                tcp.status_endpoint
+            ),
+            (7, 100, 86_400_000, 10_000, 16_384, false)
+        );
+        let quiet = tcp_edit(&[("alt_svc = \"auto\"", "alt_svc = \"\"")]);
+        assert_eq!(Config::parse(&quiet, "t.toml").unwrap().tcp_bootstrap().unwrap().alt_svc, None);
+        // QUIC on an ephemeral port: "auto" cannot name it, so nothing is sent.
+        let ephemeral = DEFAULT_CONFIG.replace("4433", "0");
+        assert_eq!(Config::parse(&ephemeral, "t.toml").unwrap().tcp_bootstrap().unwrap().alt_svc, None);
+        let text = DEFAULT_CONFIG.replace("connect_tcp = true", "connect_tcp = false");
+        let c = Config::parse(&text, "t.toml").unwrap();
+        assert!(!c.protocols.connect_tcp);
+        assert_eq!(c.protocols.names(), ["connect-udp"]);
+    }
+
+    #[test]
+    fn tcp_listeners_are_checked_with_key_and_line() {
+        let err = |text: &str| Config::parse(text, "t.toml").unwrap_err().to_string();
+        for bad in ["127.0.0.1", "localhost:443", "127.0.0.1:99999", "::1:443", " 127.0.0.1:443"] {
+            let text = DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", &format!("tcp = {bad:?}"));
+            let e = err(&text);
+            let line = line_with(&text, "tcp = ");
+            assert!(e.contains("listen.tcp must be") && e.contains(&format!("line {line}")), "{bad}: {e}");
+            let text = DEFAULT_CONFIG
+                .replace("# tcp_cleartext = \"127.0.0.1:8080\"", &format!("tcp_cleartext = {bad:?}"));
+            let e = err(&text);
+            let line = line_with(&text, "tcp_cleartext = ");
+            assert!(
+                e.contains("listen.tcp_cleartext must be") && e.contains(&format!("line {line}")),
+                "{bad}: {e}"
+            );
+        }
+        assert!(err(&DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", "tcp = 443")).contains("line"));
+        // The cleartext listener on the TLS listener's address.
+        let text = DEFAULT_CONFIG
+            .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:4433\"");
+        let e = err(&text);
+        let (line, tls_line) = (line_with(&text, "tcp_cleartext = "), line_with(&text, "tcp = "));
+        assert!(
+            e.contains(&format!("listen.tcp_cleartext (line {line}) = \"127.0.0.1:4433\""))
+                && e.contains(&format!("listen.tcp (line {tls_line})")),
+            "{e}"
+        );
+        // ... also when listen.tcp is absent and so is listen.quic's address.
+        let e = err(&text.replace("tcp = \"127.0.0.1:4433\"\n", ""));
+        assert!(
+            e.contains("listen.tcp_cleartext (line") && e.contains("absent: the address of listen.quic"),
+            "{e}"
+        );
+        // Fine when the TLS listener is off, or on another port.
+        Config::parse(&text.replace("tcp = \"127.0.0.1:4433\"\n", "tcp = \"\"\n"), "t.toml").unwrap();
+        Config::parse(&text.replace("tcp = \"127.0.0.1:4433\"\n", "tcp = \"127.0.0.1:4434\"\n"), "t.toml")
+            .unwrap();
+        // Either on the metrics endpoint's address.
+        let e = err(&DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", "tcp = \"127.0.0.1:9464\""));
+        assert!(e.contains("listen.tcp (line") && e.contains("is also listen.metrics"), "{e}");
+        let e = err(&DEFAULT_CONFIG
+            .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:9464\""));
+        assert!(e.contains("listen.tcp_cleartext (line") && e.contains("is also listen.metrics"), "{e}");
+        // Port 0 is a fresh ephemeral port for every socket: no collision.
+        let zero = DEFAULT_CONFIG
+            .replace("9464", "0")
+            .replace("4433", "0")
+            .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:0\"");
+        Config::parse(&zero, "t.toml").unwrap();
+    }
+
+    #[test]
+    fn tcp_section_values_are_checked_with_key_and_line() {
+        let err = |text: &str| Config::parse(text, "t.toml").unwrap_err().to_string();
+        for (line, bad, key) in [
+            (
+                "max_connections_per_worker = 10000",
+                "max_connections_per_worker = 0",
+                "tcp.max_connections_per_worker must be 1..=1000000, not 0",
+            ),
+            ("max_connections_per_worker = 10000", "max_connections_per_worker = 1000001", "not 1000001"),
+            (
+                "handshake_timeout_ms = 10000",
+                "handshake_timeout_ms = 99",
+                "tcp.handshake_timeout_ms must be 100..=600000, not 99",
+            ),
+            ("handshake_timeout_ms = 10000", "handshake_timeout_ms = 600001", "tcp.handshake_timeout_ms"),
+            (
+                "idle_timeout_secs = 120",
+                "idle_timeout_secs = 0",
+                "tcp.idle_timeout_secs must be 1..=86400, not 0",
+            ),
+            ("idle_timeout_secs = 120", "idle_timeout_secs = 86401", "tcp.idle_timeout_secs"),
+            (
+                "max_streams_per_connection = 100",
+                "max_streams_per_connection = 0",
+                "tcp.max_streams_per_connection must be 1..=10000",
+            ),
+            (
+                "max_streams_per_connection = 100",
+                "max_streams_per_connection = 10001",
+                "tcp.max_streams_per_connection",
+            ),
+            (
+                "tunnel_buffer_bytes = 262144",
+                "tunnel_buffer_bytes = 16383",
+                "tcp.tunnel_buffer_bytes must be 16384..=16777216, not 16383",
+            ),
+            ("tunnel_buffer_bytes = 262144", "tunnel_buffer_bytes = 16777217", "tcp.tunnel_buffer_bytes"),
+            ("tunnel_buffer_bytes = 262144", "tunnel_buffer_bytes = -1", "not -1"),
+            ("tunnel_buffer_bytes = 262144", "tunnel_buffer_bytes = 99999999999", "tcp.tunnel_buffer_bytes"),
+            ("tunnel_buffer_bytes = 262144", "tunnel_buffer_bytes = \"big\"", "tunnel_buffer_bytes"),
+            ("status_endpoint = true", "status_endpoint = \"yes\"", "status_endpoint"),
+            ("status_endpoint = true", "status_endpointz = true", "status_endpointz"),
+            (
+                "alt_svc = \"auto\"",
+                "alt_svc = \"h3=\\\":443\\\"\\r\\nSet-Cookie: x\"",
+                "tcp.alt_svc may hold only visible ASCII",
+            ),
+            ("alt_svc = \"auto\"", "alt_svc = \"h3=\\\":443\\\"\\n\"", "tcp.alt_svc may hold only"),
+            ("alt_svc = \"auto\"", "alt_svc = \"h3=\\\":443\\\";\\tma=60\"", "tcp.alt_svc may hold only"),
+            (
+                "alt_svc = \"auto\"",
+                "alt_svc = \"h3=\\\":443\\\"; ma=60 \"",
+                "tcp.alt_svc must not start or end with a space",
+            ),
+            ("alt_svc = \"auto\"", "alt_svc = \"h3=\\\"é:443\\\"\"", "tcp.alt_svc may hold only"),
+            ("alt_svc = \"auto\"", "alt_svc = true", "alt_svc"),
+        ] {
+            let text = tcp_edit(&[(line, bad)]);
+            let e = err(&text);
+            let key_line = tcp_line(&text, bad.split([' ', '=']).next().unwrap());
+            assert!(e.contains(key) && e.contains(&format!("line {key_line}")), "{bad}: {e}");
+        }
+        let long = format!("alt_svc = \"h3=\\\":443\\\"; ma={}\"", "9".repeat(MAX_ALT_SVC));
+        let e = err(&tcp_edit(&[("alt_svc = \"auto\"", &long)]));
+        assert!(e.contains("tcp.alt_svc is longer than 512 bytes"), "{e}");
+        let just = format!("h3=\":443\"; ma={}", "9".repeat(MAX_ALT_SVC - 14));
+        assert_eq!(just.len(), MAX_ALT_SVC);
+        let text = tcp_edit(&[("alt_svc = \"auto\"", &format!("alt_svc = {just:?}"))]);
+        assert_eq!(Config::parse(&text, "t.toml").unwrap().tcp_bootstrap().unwrap().alt_svc, Some(just));
+        // The bounds themselves are accepted.
+        let edges = tcp_edit(&[
+            ("max_connections_per_worker = 10000", "max_connections_per_worker = 1000000"),
+            ("handshake_timeout_ms = 10000", "handshake_timeout_ms = 600000"),
+            ("idle_timeout_secs = 120", "idle_timeout_secs = 1"),
+            ("max_streams_per_connection = 100", "max_streams_per_connection = 1"),
+            ("tunnel_buffer_bytes = 262144", "tunnel_buffer_bytes = 16777216"),
+        ]);
+        let t = Config::parse(&edges, "t.toml").unwrap().tcp;
+        assert_eq!(
+            (
+                t.max_connections_per_worker,
+                t.handshake_timeout_ms,
+                t.idle_timeout_secs,
+                t.max_streams_per_connection,
+                t.tunnel_buffer_bytes
+            ),
+            (1_000_000, 600_000, 1, 1, 16_777_216)
+        );
     }
 }

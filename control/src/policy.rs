@@ -1,5 +1,8 @@
-//! Authorization decisions for connect-udp asks (sans-IO: the caller
-//! passes the time).
+//! Authorization decisions for tunnel asks: connect-udp, connect-ip, bound
+//! connect-udp and classic CONNECT to TCP targets (sans-IO: the caller
+//! passes the time). A TCP CONNECT is decided exactly like connect-udp
+//! (credentials, quotas, name resolution, target address and port policy);
+//! only its enablement flag is its own.
 //!
 //! [`Policy::decide`] answers immediately when it can (bad credentials,
 //! quota, IP literal targets) and otherwise asks the caller to resolve a
@@ -12,6 +15,7 @@
 //! | case | status | Proxy-Status |
 //! |---|---|---|
 //! | connect-udp disabled (`protocols.connect_udp = false`) | 501 | - |
+//! | TCP CONNECT disabled (`protocols.connect_tcp = false`) | 501 | -, details `TCP CONNECT is disabled` |
 //! | no credentials / refused credentials | 407 | http_request_denied |
 //! | a quota is exhausted | 429 | http_request_denied, details `quota exceeded: <key>` |
 //! | target address or port denied | 403 | destination_ip_prohibited |
@@ -25,7 +29,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use relay_proto::channel::record::{
-    AuthAsk, IPPROTO_ANY, IpRoute, MAX_IP_ROUTES, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_UDP_BIND, Verdict,
+    AuthAsk, IPPROTO_ANY, IpRoute, MAX_IP_ROUTES, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_TCP,
+    PROTOCOL_CONNECT_UDP, PROTOCOL_CONNECT_UDP_BIND, Verdict,
 };
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::target::TargetHost;
@@ -61,7 +66,7 @@ pub struct Requester {
     /// From where.
     pub client: IpAddr,
     /// connect-ip: the IP protocol of the scope (0..=255, or
-    /// [`IPPROTO_ANY`]); `None` for connect-udp.
+    /// [`IPPROTO_ANY`]); `None` for connect-udp and TCP CONNECT.
     pub ip_protocol: Option<u16>,
 }
 
@@ -234,20 +239,20 @@ impl Policy {
     pub fn decide(&mut self, ask: &AuthAsk, now: Instant, now_unix: u64) -> (Decision, Identity) {
         let connect_ip = ask.protocol == PROTOCOL_CONNECT_IP;
         let bind = ask.protocol == PROTOCOL_CONNECT_UDP_BIND;
-        let (enabled, name) = if connect_ip {
-            (self.protocols.connect_ip, "connect-ip")
-        } else if bind {
-            (self.protocols.bind, "bound connect-udp")
-        } else {
-            (self.protocols.connect_udp, "connect-udp")
+        // connect-udp and TCP CONNECT share everything below but this flag.
+        let (enabled, name) = match ask.protocol {
+            PROTOCOL_CONNECT_UDP => (self.protocols.connect_udp, "connect-udp"),
+            PROTOCOL_CONNECT_IP => (self.protocols.connect_ip, "connect-ip"),
+            PROTOCOL_CONNECT_UDP_BIND => (self.protocols.bind, "bound connect-udp"),
+            PROTOCOL_CONNECT_TCP => (self.protocols.connect_tcp, "TCP CONNECT"),
+            // The record decoder refuses others; nothing from the channel is
+            // trusted all the same.
+            _ => (false, ""),
         };
         if !enabled {
-            let verdict = Verdict::Deny {
-                status: 501,
-                proxy_error: None,
-                details: format!("{name} is disabled"),
-                retry_after_secs: 0,
-            };
+            let details =
+                if name.is_empty() { "unknown protocol".to_string() } else { format!("{name} is disabled") };
+            let verdict = Verdict::Deny { status: 501, proxy_error: None, details, retry_after_secs: 0 };
             return (Decision::Answer(verdict), Identity::Unknown);
         }
         let identity = match self.auth.check(ask.authorization.as_deref(), now_unix) {
@@ -268,8 +273,9 @@ impl Policy {
         if bind {
             return (Decision::Answer(self.admit_bind(&requester, now)), identity);
         }
-        // The dataplane validated the host already; re-validate anyway, as
-        // nothing read from the channel is trusted.
+        // connect-udp or TCP CONNECT. The dataplane validated the host
+        // already; re-validate anyway, as nothing read from the channel is
+        // trusted.
         let decision = match TargetHost::parse(&ask.target_host) {
             Ok(TargetHost::Ip(ip)) => {
                 Decision::Answer(self.check_addresses(&requester, &[ip], ask.target_port, now))
@@ -537,8 +543,7 @@ mod tests {
     fn connect_ip_scopes_become_routes_less_the_denied_space() {
         let mut p = policy();
         assert_eq!(status(&decide(&mut p, &ip_ask("*", IPPROTO_ANY))), 501, "connect-ip off by default");
-        let mut p =
-            policy().with_protocols(ProtocolsSection { connect_udp: true, connect_ip: true, bind: false });
+        let mut p = policy().with_protocols(ProtocolsSection { connect_ip: true, ..Default::default() });
         let routes = |d: Decision| match d {
             Decision::Answer(Verdict::AllowIp { routes, addresses, .. }) => {
                 assert!(addresses.is_empty(), "control's server assigns addresses");
@@ -587,7 +592,7 @@ mod tests {
             TargetAcl::new(vec![], vec![], vec!["443".parse().unwrap()]),
             5000,
         )
-        .with_protocols(ProtocolsSection { connect_udp: true, connect_ip: true, bind: true });
+        .with_protocols(ProtocolsSection { connect_ip: true, bind: true, ..Default::default() });
         assert_eq!(status(&decide(&mut p, &ip_ask("8.8.8.0/24", 6))), 403);
         let bind = AuthAsk { protocol: PROTOCOL_CONNECT_UDP_BIND, ..ask("*", Some("Bearer t")) };
         assert_eq!(status(&decide(&mut p, &bind)), 403);
@@ -703,6 +708,176 @@ mod tests {
     fn disabled_connect_udp_is_refused() {
         let mut p = policy().with_protocols(ProtocolsSection { connect_udp: false, ..Default::default() });
         assert_eq!(status(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t")))), 501);
+    }
+
+    fn tcp_ask(host: &str, port: u16, auth: Option<&str>) -> AuthAsk {
+        AuthAsk {
+            target_port: port,
+            path: String::new(),
+            authority: format!("{host}:{port}"),
+            protocol: PROTOCOL_CONNECT_TCP,
+            ..ask(host, auth)
+        }
+    }
+
+    fn allowed_target(d: &Decision) -> SocketAddr {
+        match d {
+            Decision::Answer(Verdict::Allow { target, .. }) => *target,
+            other => panic!("not an allow: {other:?}"),
+        }
+    }
+
+    fn denial(d: &Decision) -> (u16, Option<ProxyError>, &str) {
+        match d {
+            Decision::Answer(Verdict::Deny { status, proxy_error, details, .. }) => {
+                (*status, *proxy_error, details.as_str())
+            }
+            other => panic!("not a denial: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tcp_connect_to_an_allowed_ip_is_an_allow_with_that_target() {
+        let mut p = policy();
+        assert!(p.protocols().connect_tcp, "TCP CONNECT is on by default");
+        let d = decide(&mut p, &tcp_ask("8.8.8.8", 443, Some("Bearer t")));
+        assert_eq!(allowed_target(&d), "8.8.8.8:443".parse().unwrap());
+        let Decision::Answer(Verdict::Allow { idle_timeout_ms, byte_budget, identity, .. }) = d else {
+            unreachable!()
+        };
+        let fp = crate::auth::TokenDigest::of("t").fingerprint();
+        assert_eq!((idle_timeout_ms, byte_budget, identity), (5000, 0, format!("tok:{fp}")));
+        // IPv6 literals, and loopback, which this policy allows explicitly.
+        let d = decide(&mut p, &tcp_ask("2001:4860:4860::8888", 853, Some("Bearer t")));
+        assert_eq!(allowed_target(&d), "[2001:4860:4860::8888]:853".parse().unwrap());
+        let d = decide(&mut p, &tcp_ask("127.0.0.1", 22, Some("Bearer t")));
+        assert_eq!(allowed_target(&d), "127.0.0.1:22".parse().unwrap());
+        // Credentials as for connect-udp.
+        assert_eq!(status(&decide(&mut p, &tcp_ask("8.8.8.8", 443, None))), 407);
+        assert_eq!(status(&decide(&mut p, &tcp_ask("8.8.8.8", 443, Some("Bearer x")))), 407);
+        assert_eq!(status(&decide(&mut p, &tcp_ask("bad host", 443, Some("Bearer t")))), 400);
+    }
+
+    #[test]
+    fn tcp_connect_to_special_purpose_targets_is_denied_unless_allowed() {
+        let mut p = policy();
+        for host in [
+            "10.0.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "::ffff:10.0.0.1",
+        ] {
+            let d = decide(&mut p, &tcp_ask(host, 443, Some("Bearer t")));
+            assert_eq!(
+                denial(&d),
+                (403, Some(ProxyError::DestinationIpProhibited), "target address not allowed"),
+                "{host}"
+            );
+        }
+        // `[targets] deny` wins for TCP too.
+        let mut keys = TokenKeys::default();
+        keys.add("k1", Secret::new(vec![3; 32])).unwrap();
+        let mut p = Policy::new(
+            Authenticator::new(["t"], keys, AuthState::default()),
+            TargetAcl::new(vec!["10.1.0.0/16".parse().unwrap()], vec!["8.8.8.0/24".parse().unwrap()], vec![]),
+            5000,
+        );
+        assert_eq!(status(&decide(&mut p, &tcp_ask("8.8.8.8", 443, Some("Bearer t")))), 403);
+        let d = decide(&mut p, &tcp_ask("10.1.2.3", 5432, Some("Bearer t")));
+        assert_eq!(allowed_target(&d), "10.1.2.3:5432".parse().unwrap(), "allowed explicitly");
+    }
+
+    #[test]
+    fn tcp_connect_to_a_name_resolves_then_checks_the_addresses() {
+        let mut p = policy();
+        let d = decide(&mut p, &tcp_ask("example.com", 443, Some("Bearer t")));
+        let Decision::Resolve { name, port, requester } = d else { panic!("{d:?}") };
+        assert_eq!((name.as_str(), port), ("example.com", 443));
+        assert_eq!(requester.ip_protocol, None, "resolved like connect-udp, not connect-ip");
+        let now = Instant::now();
+        // The first allowed address wins; private ones are skipped.
+        let v = p.after_resolution(
+            &requester,
+            port,
+            Ok(vec!["10.0.0.1".parse().unwrap(), "93.184.216.34".parse().unwrap()]),
+            now,
+        );
+        assert!(matches!(v, Verdict::Allow { target, .. } if target == "93.184.216.34:443".parse().unwrap()));
+        let v = p.after_resolution(&requester, port, Ok(vec!["192.168.0.7".parse().unwrap()]), now);
+        assert!(matches!(
+            v,
+            Verdict::Deny { status: 403, proxy_error: Some(ProxyError::DestinationIpProhibited), .. }
+        ));
+        let v = p.after_resolution(&requester, port, Err(ResolveFailure::NotFound("NXDOMAIN".into())), now);
+        assert!(matches!(v, Verdict::Deny { status: 502, proxy_error: Some(ProxyError::DnsError), .. }));
+        // A used-up quota refuses before resolution, and TCP and UDP flows
+        // count against the same quotas.
+        let limits = QuotaLimits { max_flows: 1, ..Default::default() };
+        let mut p = policy().with_quotas(QuotaConfig { per_identity: limits, ..Default::default() });
+        allowed_target(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))));
+        let d = decide(&mut p, &tcp_ask("example.com", 443, Some("Bearer t")));
+        assert_eq!(
+            denial(&d),
+            (429, Some(ProxyError::HttpRequestDenied), "quota exceeded: per_identity.max_flows")
+        );
+        assert_eq!(status(&decide(&mut p, &tcp_ask("8.8.8.8", 443, Some("Bearer t")))), 429);
+    }
+
+    #[test]
+    fn disabled_tcp_connect_is_refused_with_501_and_nothing_else_is() {
+        let mut p = policy().with_protocols(ProtocolsSection { connect_tcp: false, ..Default::default() });
+        for auth in [Some("Bearer t"), None] {
+            let d = decide(&mut p, &tcp_ask("8.8.8.8", 443, auth));
+            assert_eq!(denial(&d), (501, None, "TCP CONNECT is disabled"));
+        }
+        assert_eq!(denial(&decide(&mut p, &tcp_ask("example.com", 443, Some("Bearer t")))).0, 501);
+        allowed_target(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))));
+        // And connect-udp's flag does not turn TCP off.
+        let mut p = policy().with_protocols(ProtocolsSection { connect_udp: false, ..Default::default() });
+        allowed_target(&decide(&mut p, &tcp_ask("8.8.8.8", 443, Some("Bearer t"))));
+        assert_eq!(
+            denial(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t")))),
+            (501, None, "connect-udp is disabled")
+        );
+        // A protocol the record decoder would refuse is not taken for connect-udp.
+        let odd = AuthAsk { protocol: PROTOCOL_CONNECT_TCP + 1, ..ask("127.0.0.1", Some("Bearer t")) };
+        assert_eq!(denial(&decide(&mut policy(), &odd)), (501, None, "unknown protocol"));
+    }
+
+    #[test]
+    fn tcp_connect_honours_port_restrictions() {
+        let mut keys = TokenKeys::default();
+        keys.add("k1", Secret::new(vec![3; 32])).unwrap();
+        let mut p = Policy::new(
+            Authenticator::new(["t"], keys, AuthState::default()),
+            TargetAcl::new(vec![], vec![], vec!["443".parse().unwrap(), "8000-8080".parse().unwrap()]),
+            5000,
+        );
+        // Unlike bound and IP tunnels, a TCP tunnel has one port: enforced.
+        for port in [443, 8000, 8080] {
+            let d = decide(&mut p, &tcp_ask("8.8.8.8", port, Some("Bearer t")));
+            assert_eq!(allowed_target(&d).port(), port);
+        }
+        for port in [80, 7999, 8081, 25] {
+            let d = decide(&mut p, &tcp_ask("8.8.8.8", port, Some("Bearer t")));
+            assert_eq!(
+                denial(&d),
+                (403, Some(ProxyError::DestinationIpProhibited), "target port not allowed"),
+                "{port}"
+            );
+        }
+        // After resolution too.
+        let d = decide(&mut p, &tcp_ask("example.com", 25, Some("Bearer t")));
+        let Decision::Resolve { port, requester, .. } = d else { panic!("{d:?}") };
+        let v =
+            p.after_resolution(&requester, port, Ok(vec!["93.184.216.34".parse().unwrap()]), Instant::now());
+        assert!(
+            matches!(v, Verdict::Deny { status: 403, ref details, .. } if details == "target port not allowed")
+        );
     }
 
     #[test]

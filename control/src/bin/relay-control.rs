@@ -129,6 +129,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             max_contexts: config.bind.max_contexts,
             max_peers: config.bind.max_peers,
         }),
+        tcp: config.tcp_bootstrap(),
     };
     let ip_pools = config.connect_ip.pools()?;
     let mut bootstrap = bootstrap;
@@ -228,6 +229,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         channel = %config.channel_socket().display(),
         admin = %config.admin_socket().display(),
         quic = %config.listen.quic,
+        tcp_tls = ?config.listen.tcp_tls(),
+        tcp_cleartext = ?config.listen.tcp_cleartext_addr(),
         "control ready; waiting for the dataplane"
     );
     server.run(|| STOP.load(Ordering::Relaxed), || RELOAD.swap(false, Ordering::Relaxed))?;

@@ -399,8 +399,10 @@ fn print_quotas(v: &Value) {
 
 fn print_policy(v: &Value) {
     let p = &v["protocols"];
-    let rows: Vec<Vec<String>> =
-        ["connect_udp", "connect_ip", "bind"].iter().map(|k| vec![k.to_string(), show(&p[*k])]).collect();
+    let rows: Vec<Vec<String>> = ["connect_udp", "connect_ip", "bind", "connect_tcp"]
+        .iter()
+        .map(|k| vec![k.to_string(), show(&p[*k])])
+        .collect();
     print!("{}", table(&["PROTOCOL", "ENABLED"], &rows));
     println!();
     let list = |x: &Value| {

@@ -100,6 +100,34 @@ pub struct Bootstrap {
     /// Bound connect-udp, when served.
     #[serde(default)]
     pub bind: Option<BindBootstrap>,
+    /// The TCP front (HTTP/2 and HTTP/1.1 over TCP), when at least one of
+    /// its listeners is on.
+    #[serde(default)]
+    pub tcp: Option<TcpBootstrap>,
+}
+
+/// What the dataplane needs to serve the TCP front (HTTP/2 and HTTP/1.1 over TCP).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpBootstrap {
+    /// TLS over TCP (ALPN h2 and http/1.1); None: off.
+    pub listen_tls: Option<SocketAddr>,
+    /// Cleartext HTTP/1.1 and h2c (prior knowledge or Upgrade), for relays behind a TLS-terminating balancer; None: off.
+    pub listen_cleartext: Option<SocketAddr>,
+    /// Alt-Svc field value sent on every response over TCP (RFC 7838); None: not sent.
+    pub alt_svc: Option<String>,
+    /// Most TCP connections per worker; beyond it new connections are closed at accept.
+    pub max_connections_per_worker: u32,
+    /// A connection must complete its TLS handshake and send its first complete request head within this long.
+    pub handshake_timeout_ms: u32,
+    /// A connection with no tunnel and no request in progress is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS (and the HTTP/1.1 pipelining bound: 1).
+    pub max_streams_per_connection: u32,
+    /// Bytes buffered per direction per tunnel before the relay stops reading the other side (TCP) or drops datagrams (UDP/IP).
+    pub tunnel_buffer_bytes: u32,
+    /// Serve the status endpoint (GET / and GET /.well-known/masque-relay/status).
+    pub status_endpoint: bool,
 }
 
 /// What the dataplane needs to serve bound connect-udp.
@@ -366,6 +394,84 @@ mod tests {
         assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
         (&a).write_all(&u32::MAX.to_le_bytes()).unwrap();
         assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
+    }
+
+    fn bootstrap(tcp: Option<TcpBootstrap>) -> Bootstrap {
+        Bootstrap {
+            version: PROTOCOL_VERSION,
+            workers: 2,
+            listen: "[::]:443".parse().unwrap(),
+            tls: material(),
+            uri_template: "https://relay.example/.well-known/masque/udp/{target_host}/{target_port}/".into(),
+            proxy_name: "relay".into(),
+            auth_realm: "masque".into(),
+            ask_timeout_ms: 2000,
+            quic_idle_timeout_ms: 30_000,
+            max_connections_per_worker: 1000,
+            max_tunnels_per_connection: 64,
+            pending_datagrams_per_tunnel: 16,
+            max_capsule_len: 65_535,
+            drain_timeout_ms: 5000,
+            io_backend: "auto".into(),
+            pin_workers: false,
+            cid_config_id: 0,
+            cid_server_id: Vec::new(),
+            cid_nonce_len: 14,
+            cid_steering: false,
+            protocols: vec!["connect-udp".into(), "connect-ip".into()],
+            retry_threshold: 1024,
+            connect_ip: None,
+            bind: None,
+            tcp,
+        }
+    }
+
+    #[test]
+    fn bootstrap_with_the_tcp_front_round_trips() {
+        let tcp = TcpBootstrap {
+            listen_tls: Some("[::]:443".parse().unwrap()),
+            listen_cleartext: Some("127.0.0.1:8080".parse().unwrap()),
+            alt_svc: Some("h3=\":443\"; ma=86400".into()),
+            max_connections_per_worker: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 120_000,
+            max_streams_per_connection: 100,
+            tunnel_buffer_bytes: 262_144,
+            status_endpoint: true,
+        };
+        let (a, b) = UnixStream::pair().unwrap();
+        for boot in [
+            bootstrap(Some(tcp.clone())),
+            bootstrap(Some(TcpBootstrap { listen_tls: None, alt_svc: None, status_endpoint: false, ..tcp })),
+            bootstrap(None),
+        ] {
+            send(&a, &boot, &[]).unwrap();
+            let (got, _): (Bootstrap, _) = recv(&b).unwrap();
+            assert_eq!(got, boot);
+        }
+        // A control that predates the TCP front sends no `tcp`: off.
+        let mut json = serde_json::to_value(bootstrap(None)).unwrap();
+        json.as_object_mut().unwrap().remove("tcp");
+        let old: Bootstrap = serde_json::from_value(json).unwrap();
+        assert_eq!(old.tcp, None);
+        // Unknown fields inside `tcp` are refused, like everywhere else.
+        let mut json = serde_json::to_value(bootstrap(Some(tcp_min()))).unwrap();
+        json["tcp"]["surprise"] = serde_json::Value::Bool(true);
+        assert!(serde_json::from_value::<Bootstrap>(json).is_err());
+    }
+
+    fn tcp_min() -> TcpBootstrap {
+        TcpBootstrap {
+            listen_tls: None,
+            listen_cleartext: Some("127.0.0.1:8080".parse().unwrap()),
+            alt_svc: None,
+            max_connections_per_worker: 1,
+            handshake_timeout_ms: 100,
+            idle_timeout_ms: 1000,
+            max_streams_per_connection: 1,
+            tunnel_buffer_bytes: 16_384,
+            status_endpoint: false,
+        }
     }
 
     fn material() -> TlsMaterial {

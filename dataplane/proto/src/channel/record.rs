@@ -55,6 +55,13 @@ pub const PROTOCOL_CONNECT_IP: u8 = 1;
 /// `AuthAsk::protocol`: bound connect-udp (draft-ietf-masque-connect-udp-
 /// listen). `target_host`/`target_port` are the fallback target, or `*`/0.
 pub const PROTOCOL_CONNECT_UDP_BIND: u8 = 2;
+/// `AuthAsk::protocol`: classic CONNECT to a TCP target (RFC 9110 section
+/// 9.3.6, RFC 9114 section 4.4). `target_host`/`target_port` are the
+/// target as for connect-udp, and the answer is [`Verdict::Allow`] with the
+/// resolved, policy-checked address.
+pub const PROTOCOL_CONNECT_TCP: u8 = 3;
+/// The largest `AuthAsk::protocol` value a record may carry.
+const PROTOCOL_MAX: u8 = PROTOCOL_CONNECT_TCP;
 /// `AuthAsk::target_port` of a connect-ip ask whose scope allows every IP
 /// protocol.
 pub const IPPROTO_ANY: u16 = 256;
@@ -66,7 +73,8 @@ pub const MAX_IP_ROUTES: usize = 64;
 /// Most connections one worker lists per request.
 pub const MAX_CONNS_LISTED: u32 = 10_000;
 
-/// A worker asks control whether to open a connect-udp tunnel.
+/// A worker asks control whether to open a tunnel (connect-udp, connect-ip,
+/// bound connect-udp or a TCP CONNECT).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthAsk {
     /// Worker-chosen ID echoed in the answer.
@@ -83,7 +91,8 @@ pub struct AuthAsk {
     pub target_port: u16,
     /// `proxy-authorization` (or `authorization`) value, if any.
     pub authorization: Option<String>,
-    /// [`PROTOCOL_CONNECT_UDP`] or [`PROTOCOL_CONNECT_IP`].
+    /// [`PROTOCOL_CONNECT_UDP`], [`PROTOCOL_CONNECT_IP`],
+    /// [`PROTOCOL_CONNECT_UDP_BIND`] or [`PROTOCOL_CONNECT_TCP`].
     pub protocol: u8,
 }
 
@@ -568,7 +577,7 @@ impl Record {
                 w.str(&a.target_host, MAX_TARGET_HOST, "target_host")?;
                 w.u8(u8::from(a.authorization.is_some()))?;
                 w.str(a.authorization.as_deref().unwrap_or(""), MAX_AUTHORIZATION, "authorization")?;
-                if a.protocol > PROTOCOL_CONNECT_UDP_BIND {
+                if a.protocol > PROTOCOL_MAX {
                     return Err(RecordError::BadValue("protocol"));
                 }
                 w.u8(a.protocol)?;
@@ -754,7 +763,7 @@ impl Record {
                     _ => return Err(RecordError::BadValue("authorization")),
                 };
                 let protocol = r.u8()?;
-                if protocol > PROTOCOL_CONNECT_UDP_BIND {
+                if protocol > PROTOCOL_MAX {
                     return Err(RecordError::BadValue("protocol"));
                 }
                 Record::AuthAsk(AuthAsk {
@@ -946,6 +955,16 @@ mod tests {
                 target_port: 65535,
                 authorization: Some("x".repeat(MAX_AUTHORIZATION)),
                 protocol: PROTOCOL_CONNECT_IP,
+            }),
+            Record::AuthAsk(AuthAsk {
+                ask_id: 11,
+                client: "198.51.100.7:40000".parse().unwrap(),
+                authority: "example.com:443".into(),
+                path: String::new(),
+                target_host: "example.com".into(),
+                target_port: 443,
+                authorization: None,
+                protocol: PROTOCOL_CONNECT_TCP,
             }),
             Record::AuthAnswer(AuthAnswer {
                 ask_id: 10,
@@ -1192,6 +1211,46 @@ mod tests {
         assert_eq!(buf[at], 4);
         buf[at] = 5;
         assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("ip_version")));
+    }
+
+    #[test]
+    fn ask_protocols_up_to_connect_tcp_are_accepted_and_beyond_refused() {
+        let Record::AuthAsk(base) = samples()[0].clone() else { unreachable!() };
+        let mut buf = [0u8; RECORD_SIZE];
+        for protocol in
+            [PROTOCOL_CONNECT_UDP, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_UDP_BIND, PROTOCOL_CONNECT_TCP]
+        {
+            let rec = Record::AuthAsk(AuthAsk { protocol, ..base.clone() });
+            rec.encode(&mut buf).unwrap();
+            assert_eq!(Record::decode(&buf).unwrap(), rec);
+        }
+        let bad = Record::AuthAsk(AuthAsk { protocol: PROTOCOL_CONNECT_TCP + 1, ..base.clone() });
+        assert_eq!(bad.encode(&mut buf), Err(RecordError::BadValue("protocol")));
+        // The protocol is the ask's last byte: corrupt it on the wire.
+        Record::AuthAsk(AuthAsk { protocol: PROTOCOL_CONNECT_TCP, ..base }).encode(&mut buf).unwrap();
+        let last = HEADER_LEN + usize::from(u16::from_le_bytes([buf[2], buf[3]])) - 1;
+        assert_eq!(buf[last], PROTOCOL_CONNECT_TCP);
+        for protocol in [PROTOCOL_CONNECT_TCP + 1, u8::MAX] {
+            buf[last] = protocol;
+            assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("protocol")));
+        }
+    }
+
+    #[test]
+    fn tcp_connect_allow_round_trips_with_its_target() {
+        let mut buf = [0u8; RECORD_SIZE];
+        let allow = Record::AuthAnswer(AuthAnswer {
+            ask_id: 11,
+            verdict: Verdict::Allow {
+                flow_id: 12,
+                target: "[2001:db8::80]:443".parse().unwrap(),
+                idle_timeout_ms: 120_000,
+                byte_budget: 0,
+                identity: "tok:0123456789abcdef".into(),
+            },
+        });
+        allow.encode(&mut buf).unwrap();
+        assert_eq!(Record::decode(&buf).unwrap(), allow);
     }
 
     #[test]
