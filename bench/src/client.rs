@@ -94,6 +94,8 @@ struct StreamState {
     control: VecDeque<(u64, Vec<u8>)>,
     /// Datagrams with a non-zero context ID (bound tunnels), bounded.
     other_contexts: VecDeque<(u64, Vec<u8>)>,
+    /// A classic CONNECT stream: its DATA is raw bytes, kept here.
+    raw: Option<Vec<u8>>,
 }
 
 /// Datagrams with non-zero contexts kept per stream until taken.
@@ -360,6 +362,27 @@ impl Client {
         Ok(id)
     }
 
+    /// Sends a classic CONNECT (RFC 9114 section 4.4) to `authority`
+    /// (`host:port`); the stream's DATA is then the TCP byte stream
+    /// ([`Self::take_raw`], [`Self::send_stream_bytes`]).
+    pub fn request_tcp(&mut self, authority: &str) -> Result<u64> {
+        let mut h =
+            vec![(":method".to_string(), "CONNECT".to_string()), (":authority".into(), authority.into())];
+        if let Some(t) = &self.config.token {
+            h.push(("proxy-authorization".into(), format!("Bearer {t}")));
+        }
+        let id = self.send_raw_request(&h, false)?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.raw = Some(Vec::new());
+        }
+        Ok(id)
+    }
+
+    /// Takes the raw bytes a CONNECT stream received so far.
+    pub fn take_raw(&mut self, stream_id: u64) -> Vec<u8> {
+        self.streams.get_mut(&stream_id).and_then(|s| s.raw.as_mut()).map(std::mem::take).unwrap_or_default()
+    }
+
     /// Opens a connect-udp request to `host:port` (after the relay's
     /// SETTINGS, as RFC 9220 requires) and returns its stream ID.
     pub fn request_udp(&mut self, host: &str, port: u16) -> Result<u64> {
@@ -605,6 +628,12 @@ impl Client {
                 }
                 Ok((id, quiche::h3::Event::Data)) => {
                     let s = self.streams.entry(id).or_default();
+                    if let Some(raw) = s.raw.as_mut() {
+                        while let Ok(n) = h3.recv_body(&mut self.quic, id, &mut self.buf) {
+                            raw.extend_from_slice(&self.buf[..n]);
+                        }
+                        continue;
+                    }
                     let decoder =
                         s.decoder.get_or_insert_with(|| CapsuleDecoder::new(65_535).keep(IP_CAPSULES));
                     while let Ok(n) = h3.recv_body(&mut self.quic, id, &mut self.buf) {

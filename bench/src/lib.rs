@@ -6,6 +6,7 @@
 //! - [`load`]: a bounded echo load with byte-for-byte checks.
 //! - [`interop`]: runs the independent aioquic client of the interop and
 //!   abuse suites.
+//! - [`tcp_echo`]: a TCP echo target for the TCP CONNECT tests.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
 
@@ -26,3 +27,4 @@ pub mod stats;
 pub mod suite;
 pub mod svg;
 pub mod target;
+pub mod tcp_echo;

@@ -41,6 +41,24 @@ pub fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A port free a moment ago for both UDP and TCP on `ip` (the relay's QUIC
+/// and TLS-over-TCP listeners share the number).
+pub fn free_port_pair(ip: std::net::IpAddr) -> Result<u16> {
+    for _ in 0..64 {
+        let udp = UdpSocket::bind(SocketAddr::new(ip, 0))?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(SocketAddr::new(ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no port free for both UDP and TCP")
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
 /// Whether this process runs as root (the namespace and other-user tests
 /// need it; CI runs as root).
 pub fn running_as_root() -> bool {
@@ -85,6 +103,10 @@ pub struct RelayOptions {
     pub bin_dir: Option<PathBuf>,
     /// Where the relay processes' logs go (default: discarded).
     pub log_dir: Option<PathBuf>,
+    /// Also listen for cleartext HTTP/1.1 and h2c (`listen.tcp_cleartext`).
+    pub tcp_cleartext: bool,
+    /// Extra TOML for the `[tcp]` section.
+    pub tcp_extra: String,
 }
 
 impl Default for RelayOptions {
@@ -105,14 +127,18 @@ impl Default for RelayOptions {
             listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             bin_dir: None,
             log_dir: None,
+            tcp_cleartext: false,
+            tcp_extra: String::new(),
         }
     }
 }
 
 /// A running relay; both processes are killed on drop.
 pub struct Relay {
-    /// The QUIC address.
+    /// The QUIC address (and the TLS-over-TCP listener's).
     pub addr: SocketAddr,
+    /// The cleartext TCP listener, when asked for.
+    pub cleartext_addr: Option<SocketAddr>,
     /// The state directory (certificate, sockets).
     pub state_dir: PathBuf,
     /// The config file.
@@ -132,7 +158,10 @@ impl Relay {
     /// the dataplane answers a QUIC handshake.
     pub fn start(dir: &Path, opts: &RelayOptions) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let port = free_udp_port()?;
+        let port = free_port_pair(opts.listen_ip)?;
+        let cleartext_addr =
+            if opts.tcp_cleartext { Some(SocketAddr::new(opts.listen_ip, free_tcp_port()?)) } else { None };
+        let cleartext_line = cleartext_addr.map(|a| format!("tcp_cleartext = \"{a}\"")).unwrap_or_default();
         let state_dir = dir.join("state");
         let channel_socket = if opts.dataplane_uid.is_some() {
             dir.join("channel.sock")
@@ -150,6 +179,7 @@ channel_socket = "{channel}"
 [listen]
 quic = "{listen}"
 metrics = "127.0.0.1:0"
+{cleartext_line}
 
 [dataplane]
 workers = {workers}
@@ -175,6 +205,9 @@ threads = 2
 timeout_ms = 1000
 max_pending = 64
 
+[tcp]
+{tcp_extra}
+
 {extra_config}
 "#,
             state = state_dir.display(),
@@ -194,11 +227,13 @@ max_pending = 64
             channel = channel_socket.display(),
             tls_extra = opts.tls_extra,
             listen = SocketAddr::new(opts.listen_ip, port),
+            tcp_extra = opts.tcp_extra,
         );
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, config)?;
         let mut relay = Self {
             addr: SocketAddr::new(opts.listen_ip, port),
+            cleartext_addr,
             state_dir,
             config_path,
             token: opts.token.clone(),

@@ -13,12 +13,15 @@
 //! Modules: [`tunnel`], [`response`], [`upbatch`], [`timers`] and
 //! [`slab`] are sans-IO; [`worker`] is a worker's protocol core, driven by
 //! one of the I/O backends in [`io`] (io_uring or epoll); [`handoff`]
-//! carries packets between workers; [`link`] is the worker's end of the
+//! carries packets between workers; [`front`] is the TCP front (HTTP/2
+//! and HTTP/1.1 over TLS or cleartext) and [`tcp_target`] a connection to a
+//! classic CONNECT target; [`link`] is the worker's end of the
 //! channel; [`attach`] performs the handshake with control; [`cpu`] pins
 //! workers.
 
 pub mod attach;
 pub mod cpu;
+pub mod front;
 pub mod handoff;
 pub mod io;
 pub mod keyless;
@@ -28,6 +31,7 @@ pub mod response;
 pub mod retry;
 pub mod slab;
 pub mod socket;
+pub mod tcp_target;
 pub mod tickets;
 pub mod timers;
 pub mod tls;

@@ -288,6 +288,31 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             info!(worker = i, device = %name, mtu = ip.mtu, "connect-ip TUN device ready");
             worker.set_tun(tun, template);
         }
+        if let Some(tcp) = &b.tcp {
+            let ip_template = match &b.connect_ip {
+                Some(ip) => Some(relay_proto::template::IpUriTemplate::parse(&ip.uri_template)?),
+                None => None,
+            };
+            let settings = relay_dataplane::front::FrontSettings {
+                tcp: tcp.clone(),
+                template: template.clone(),
+                ip_template,
+                proxy_name: b.proxy_name.clone(),
+                realm: b.auth_realm.clone(),
+                ask_timeout: Duration::from_millis(u64::from(b.ask_timeout_ms)),
+                limits: relay_dataplane::tunnel::Limits {
+                    max_capsule_len: b.max_capsule_len as usize,
+                    max_queued_datagrams: b.pending_datagrams_per_tunnel as usize,
+                    stream_out_limit: tcp.tunnel_buffer_bytes as usize,
+                },
+                worker: i,
+            };
+            let front = relay_dataplane::front::Front::new(&b, settings, tls.clone())?;
+            if i == 0 {
+                info!(listeners = ?front.local_addrs(), alt_svc = ?tcp.alt_svc, "TCP front (HTTP/2, HTTP/1.1) listening");
+            }
+            worker.set_front(front);
+        }
         let cpu = (b.pin_workers && !cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]);
         let auto = b.io_backend == "auto";
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);

@@ -210,6 +210,24 @@ impl Tunnel {
         self.early_up.drain(..).collect()
     }
 
+    /// Replaces the idle timeout (a TCP tunnel runs with its connect
+    /// timeout until the target is up).
+    pub fn set_idle_timeout(&mut self, idle_timeout: Duration) {
+        self.idle_timeout = idle_timeout;
+    }
+
+    /// Records activity now (the idle timeout starts again).
+    pub fn touch(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
+    /// Accounts bytes of a byte-stream tunnel (TCP CONNECT) both ways.
+    pub fn add_stream_bytes(&mut self, up: u64, down: u64, now: Instant) {
+        self.totals.bytes_up += up;
+        self.totals.bytes_down += down;
+        self.last_activity = now;
+    }
+
     /// The flow ID if open.
     pub fn flow_id(&self) -> Option<u64> {
         match self.phase {

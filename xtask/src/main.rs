@@ -32,6 +32,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "/usr/bin/ping"),
     // The bound UDP test's STUN server (coturn's turnserver, --stun-only).
     ("coturn", "/usr/bin/turnserver"),
+    // The TCP front's tests speak HTTP/2 (h2c, prior knowledge, ALPN) and
+    // HTTP/1.1 to it with curl (Debian's, built with nghttp2).
+    ("curl", "/usr/bin/curl"),
     // The interop suite's independent client (aioquic) runs in a venv.
     ("python3", "/usr/bin/python3"),
     ("python3-venv", ""),
@@ -162,7 +165,7 @@ fn setup_interop_venv() -> Result<()> {
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "-r"])
             .arg(&requirements),
     )?;
-    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection"]))?;
+    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection, h2.connection"]))?;
     std::fs::write(&stamp, wanted)?;
     Ok(())
 }

@@ -16,6 +16,8 @@
 //! - [`http1`]: HTTP/1.1 request heads for the TCP front (RFC 9112): parsing,
 //!   body framing, and classification into CONNECT, the connect-udp /
 //!   connect-ip Upgrade (RFC 9298, RFC 9484) and the h2c Upgrade (RFC 7540).
+//! - [`h2c`]: cleartext HTTP/2 for the TCP front: preface sniffing,
+//!   HTTP2-Settings, and the h2c Upgrade's frame shims.
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
 //! - [`channel`]: the shared-memory channel between dataplane and control:
 //!   record codecs and the SPSC ring.
@@ -26,6 +28,7 @@ pub mod capsule;
 pub mod channel;
 pub mod cid;
 pub mod datagram;
+pub mod h2c;
 pub mod http1;
 pub mod ip;
 pub mod proxy_status;

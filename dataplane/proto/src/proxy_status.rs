@@ -21,6 +21,8 @@ pub enum ProxyError {
     DestinationIpUnroutable = 6,
     /// Section 2.3.7: the target refused the connection.
     ConnectionRefused = 7,
+    /// Section 2.3.9: connecting to the target timed out.
+    ConnectionTimeout = 9,
     /// Section 2.3.11: the request was denied by the proxy (auth, quota).
     HttpRequestDenied = 11,
     /// Section 2.3.12: the request was invalid.
@@ -43,6 +45,7 @@ impl ProxyError {
             ProxyError::DestinationIpProhibited => "destination_ip_prohibited",
             ProxyError::DestinationIpUnroutable => "destination_ip_unroutable",
             ProxyError::ConnectionRefused => "connection_refused",
+            ProxyError::ConnectionTimeout => "connection_timeout",
             ProxyError::HttpRequestDenied => "http_request_denied",
             ProxyError::HttpRequestError => "http_request_error",
             ProxyError::ProxyConfigurationError => "proxy_configuration_error",
@@ -60,6 +63,7 @@ impl ProxyError {
             5 => ProxyError::DestinationIpProhibited,
             6 => ProxyError::DestinationIpUnroutable,
             7 => ProxyError::ConnectionRefused,
+            9 => ProxyError::ConnectionTimeout,
             11 => ProxyError::HttpRequestDenied,
             12 => ProxyError::HttpRequestError,
             23 => ProxyError::ProxyConfigurationError,

@@ -413,6 +413,26 @@ pub struct ConnectIp {
     pub authorization: Option<String>,
 }
 
+impl ConnectIp {
+    /// The target as an authorization ask carries it: `*`, `address/len`
+    /// or the name to resolve.
+    pub fn ask_target(&self) -> String {
+        match &self.target {
+            IpTarget::Any => "*".to_string(),
+            IpTarget::Prefix(p) => format!("{}/{}", p.addr, p.len),
+            IpTarget::Host(name) => name.clone(),
+        }
+    }
+
+    /// The IP protocol as an ask carries it (256: any).
+    pub fn ask_ipproto(&self) -> u16 {
+        match self.ipproto {
+            IpProto::Any => crate::channel::record::IPPROTO_ANY,
+            IpProto::Number(n) => u16::from(n),
+        }
+    }
+}
+
 /// Decides what to do with a well-formed request for a connect-ip tunnel,
 /// with the same conventions as [`classify_connect_udp`]:
 ///
@@ -484,6 +504,49 @@ pub fn classify_connect_ip(req: &Request, template: &IpUriTemplate) -> Result<Co
         ipproto,
         authorization: req.authorization.clone(),
     })
+}
+
+/// A classic CONNECT to a TCP target (RFC 9110 section 9.3.6, RFC 9114
+/// section 4.4, RFC 9113 section 8.5): the `:authority` names the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectTcp {
+    /// The target host.
+    pub target_host: TargetHost,
+    /// The target port.
+    pub target_port: u16,
+    /// Credentials from `proxy-authorization` (or `authorization`).
+    pub authorization: Option<String>,
+}
+
+/// Classifies a well-formed plain CONNECT (no `:protocol`): its
+/// `:authority` must be `host:port` (RFC 9110 section 9.3.6: "the
+/// request-target consists of only the host name and port number"), with
+/// an IPv6 literal in brackets, no userinfo and a port in 1..=65535;
+/// anything else is 400 with Proxy-Status `http_request_error`.
+pub fn classify_connect_tcp(req: &Request) -> Result<ConnectTcp, Refusal> {
+    let bad = |reason| Refusal::new(400, Some(ProxyError::HttpRequestError), reason);
+    if req.method != "CONNECT" || req.protocol.is_some() {
+        return Err(bad("not a plain CONNECT"));
+    }
+    let authority = req.authority.as_deref().unwrap_or("");
+    let (host, port) = split_authority(authority).ok_or(bad("CONNECT needs host:port"))?;
+    let (target_host, target_port) = parse_udp_target(host, port)?;
+    Ok(ConnectTcp { target_host, target_port, authorization: req.authorization.clone() })
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6 literals); the host keeps its
+/// brackets for [`TargetHost::parse`].
+pub fn split_authority(authority: &str) -> Option<(&str, &str)> {
+    if authority.contains('@') {
+        return None;
+    }
+    if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let rest = authority[end + 1..].strip_prefix(':')?;
+        return Some((&authority[..=end], rest));
+    }
+    let (host, port) = authority.rsplit_once(':')?;
+    (!host.contains(':')).then_some((host, port))
 }
 
 #[cfg(test)]
@@ -642,6 +705,43 @@ mod tests {
         let many = udp_request(p, &[long.as_str(), long.as_str(), long.as_str()]);
         assert!(many.connect_udp_bind.as_ref().unwrap().len() <= MAX_FIELD_VALUE_LEN + 2);
         assert!(!request_wants_bind(&many));
+    }
+
+    #[test]
+    fn connect_tcp_authorities() {
+        let req = |authority: &str| Request {
+            method: "CONNECT".into(),
+            authority: Some(authority.into()),
+            authorization: Some("Bearer t".into()),
+            ..Request::default()
+        };
+        let c = classify_connect_tcp(&req("example.com:443")).unwrap();
+        assert_eq!(c.target_host, TargetHost::Name("example.com".into()));
+        assert_eq!(c.target_port, 443);
+        assert_eq!(c.authorization.as_deref(), Some("Bearer t"));
+        let c = classify_connect_tcp(&req("[2001:db8::1]:8443")).unwrap();
+        assert_eq!(c.target_host, TargetHost::Ip("2001:db8::1".parse().unwrap()));
+        assert_eq!(classify_connect_tcp(&req("192.0.2.1:22")).unwrap().target_port, 22);
+        for bad in [
+            "example.com",
+            "example.com:",
+            "example.com:0",
+            "example.com:65536",
+            "2001:db8::1:443",
+            "[2001:db8::1]",
+            "[fe80::1%eth0]:80",
+            "user@example.com:443",
+            ":443",
+            "exa mple.com:443",
+            "example.com:+443",
+        ] {
+            let r = classify_connect_tcp(&req(bad)).unwrap_err();
+            assert_eq!(r.status, 400, "{bad}");
+            assert_eq!(r.proxy_error, Some(ProxyError::HttpRequestError), "{bad}");
+        }
+        let mut extended = req("example.com:443");
+        extended.protocol = Some("connect-udp".into());
+        assert_eq!(classify_connect_tcp(&extended).unwrap_err().status, 400);
     }
 
     #[test]

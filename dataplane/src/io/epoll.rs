@@ -228,8 +228,10 @@ impl EpollBackend {
         // Watches first: a descriptor watched and forgotten in one turn is
         // registered and removed again.
         for w in out.watches.drain(..) {
-            let interest = if w.writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
-            if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.fd), watch_token(w.key), interest) {
+            let interest =
+                if w.writable { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            if let Err(e) = self.poll.registry().register(&mut SourceFd(&w.fd), watch_token(w.key), interest)
+            {
                 warn!("watching a descriptor: {e}");
             }
         }

@@ -24,10 +24,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use relay_proto::channel::record::{IPPROTO_ANY, IpAssignment, IpRoute, PROTOCOL_CONNECT_IP};
+use relay_proto::channel::record::{IpAssignment, IpRoute, PROTOCOL_CONNECT_IP};
 use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
-use relay_proto::ip::scope::{IpProto, IpTarget};
 use relay_proto::request::{self, Request};
 use relay_proto::template::IpUriTemplate;
 use tracing::debug;
@@ -78,8 +77,22 @@ impl IcmpLimiter {
     }
 }
 
+/// Tunnels of the TCP front carry this bit in their address map owner
+/// (their connection key; QUIC connections' keys never have it).
+pub const FRONT_OWNER: u64 = 1 << 63;
+
+/// What became of a client's packet.
+pub enum UpResult {
+    /// Written to the TUN device.
+    Written,
+    /// Refused: this ICMP error goes back to the client.
+    Icmp(Vec<u8>),
+    /// Dropped (malformed, rate limit, TUN error; counted).
+    Dropped,
+}
+
 /// The worker's connect-ip side.
-pub(super) struct IpSide {
+pub struct IpSide {
     pub(super) tun: WorkerTun,
     template: IpUriTemplate,
     /// Assigned address → tunnel.
@@ -93,6 +106,130 @@ pub(super) struct IpSide {
 }
 
 impl IpSide {
+    /// Registers a tunnel's addresses under `owner`.
+    pub fn register(&mut self, owner: (ConnKey, u64), t: &mut IpTunnel) {
+        t.owner = Some(owner);
+        for p in &t.addresses {
+            self.by_addr.insert(p.addr, owner);
+        }
+    }
+
+    /// Forgets a tunnel's addresses where they still name it.
+    pub fn unregister(&mut self, t: &IpTunnel) {
+        for p in &t.addresses {
+            if t.owner.is_some() && self.by_addr.get(&p.addr) == t.owner.as_ref() {
+                self.by_addr.remove(&p.addr);
+            }
+        }
+    }
+
+    /// Checks a client's packet against the tunnel (RFC 9484 section 7.2:
+    /// source assigned, destination and protocol routed) and writes it to
+    /// the TUN device, or gives the ICMP error for the client.
+    pub fn up(
+        &mut self,
+        counters: &relay_proto::channel::region::Counters,
+        t: &IpTunnel,
+        packet: &[u8],
+    ) -> UpResult {
+        let info = match packet::parse(packet) {
+            Ok(i) => i,
+            Err(_) => {
+                counters.add(Counter::DropMalformed, 1);
+                return UpResult::Dropped;
+            }
+        };
+        let refusal = if !t.source_allowed(info.src) {
+            counters.add(Counter::DropIpBadSource, 1);
+            Some(IcmpError::SourcePolicy)
+        } else if !t.routed(info.dst, info.protocol) {
+            counters.add(Counter::DropIpOutOfScope, 1);
+            Some(IcmpError::AdminProhibited)
+        } else {
+            None
+        };
+        if let Some(kind) = refusal {
+            if !self.icmp_limit.take() {
+                return UpResult::Dropped;
+            }
+            let from = self.tun.own_address(info.src.is_ipv4());
+            return match from.and_then(|from| packet::icmp_error(packet, from, kind)) {
+                Some(icmp) => UpResult::Icmp(icmp),
+                None => UpResult::Dropped,
+            };
+        }
+        match self.tun.write(packet) {
+            Ok(()) => {
+                counters.add(Counter::TunPacketsOut, 1);
+                UpResult::Written
+            }
+            Err(e) => {
+                debug!("TUN write: {e}");
+                counters.add(Counter::DropTargetSend, 1);
+                UpResult::Dropped
+            }
+        }
+    }
+
+    /// The tunnel a packet from the device is for, and whether its source
+    /// may reach the client through it is the owner's to check.
+    pub fn owner_of(&self, dst: IpAddr) -> Option<(ConnKey, u64)> {
+        self.by_addr.get(&dst).copied()
+    }
+
+    /// Prepares a packet from the device for a tunnel: the hop limit is
+    /// decremented (Time Exceeded back through the device when it runs
+    /// out), and a packet over `room` bytes gets Packet Too Big. Returns
+    /// whether the packet goes on.
+    pub fn prepare_down(
+        &mut self,
+        counters: &relay_proto::channel::region::Counters,
+        packet: &mut [u8],
+        room: Option<usize>,
+    ) -> bool {
+        let own = self.tun.own_address(packet.first().is_some_and(|b| b >> 4 == 4));
+        match packet::decrement_hop_limit(packet) {
+            Ok(HopOutcome::Forward) => {}
+            Ok(HopOutcome::Expired) => {
+                self.icmp_into_tun(counters, own, packet, IcmpError::TimeExceeded);
+                return false;
+            }
+            Err(_) => {
+                counters.add(Counter::DropMalformed, 1);
+                return false;
+            }
+        }
+        // RFC 9484 section 7.2.1: a packet the tunnel cannot carry gets
+        // Packet Too Big, not a silent drop.
+        if let Some(room) = room
+            && packet.len() > room
+        {
+            let mtu = room as u32;
+            self.icmp_into_tun(counters, own, packet, IcmpError::PacketTooBig { mtu });
+            counters.add(Counter::DropTooLarge, 1);
+            return false;
+        }
+        true
+    }
+
+    /// Sends an ICMP error about `original` back to its sender through the
+    /// kernel.
+    fn icmp_into_tun(
+        &mut self,
+        counters: &relay_proto::channel::region::Counters,
+        own: Option<IpAddr>,
+        original: &[u8],
+        kind: IcmpError,
+    ) {
+        if !self.icmp_limit.take() {
+            return;
+        }
+        let Some(icmp) = own.and_then(|from| packet::icmp_error(original, from, kind)) else { return };
+        if self.tun.write(&icmp).is_ok() {
+            counters.add(Counter::IcmpErrorsSent, 1);
+        }
+    }
+
     pub(super) fn new(tun: WorkerTun, template: IpUriTemplate) -> Self {
         Self {
             tun,
@@ -108,17 +245,18 @@ impl IpSide {
 
 /// A connect-ip tunnel's configuration.
 #[derive(Debug, Clone)]
-pub(super) struct IpTunnel {
+pub struct IpTunnel {
     /// Assigned to the client.
-    pub(super) addresses: Vec<IpPrefix>,
+    pub addresses: Vec<IpPrefix>,
     /// Where the client may send.
-    pub(super) routes: Vec<IpAddressRange>,
+    pub routes: Vec<IpAddressRange>,
     /// The tunnel's place in the address map, once registered.
     owner: Option<(ConnKey, u64)>,
 }
 
 impl IpTunnel {
-    pub(super) fn from_allow(addresses: &[IpAssignment], routes: &[IpRoute]) -> Option<Self> {
+    /// The tunnel control allowed (None if a value is out of range).
+    pub fn from_allow(addresses: &[IpAssignment], routes: &[IpRoute]) -> Option<Self> {
         let addresses =
             addresses.iter().map(|a| IpPrefix::new(a.addr, a.len).ok()).collect::<Option<Vec<_>>>()?;
         let routes = routes
@@ -128,19 +266,20 @@ impl IpTunnel {
         Some(Self { addresses, routes, owner: None })
     }
 
-    fn source_allowed(&self, src: IpAddr) -> bool {
+    /// Whether `src` is one of the client's assigned addresses.
+    pub fn source_allowed(&self, src: IpAddr) -> bool {
         self.addresses.iter().any(|p| p.contains(src))
     }
 
     /// Whether `addr` with `protocol` is inside an advertised route.
-    fn routed(&self, addr: IpAddr, protocol: u8) -> bool {
+    pub fn routed(&self, addr: IpAddr, protocol: u8) -> bool {
         self.routes.iter().any(|r| {
             r.contains(addr) && (r.ip_protocol == 0 || r.ip_protocol == protocol || is_icmp(protocol))
         })
     }
 
     /// The capsules sent with the 2xx: the assignment and the routes.
-    pub(super) fn opening_capsules(&self) -> Vec<u8> {
+    pub fn opening_capsules(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let assigned = self.addresses.iter().map(|p| AssignedAddress { request_id: 0, prefix: *p }).collect();
         ipcap::encode(&IpCapsule::AddressAssign(assigned), &mut out);
@@ -152,7 +291,8 @@ impl IpTunnel {
     /// every current assignment, plus per request the assigned address of
     /// its family if it matches (any address, or exactly ours), otherwise
     /// the all-zero rejection.
-    fn answer_requests(&self, requests: &[ipcap::RequestedAddress]) -> Vec<u8> {
+    /// Answers ADDRESS_REQUESTs (see below).
+    pub fn answer_requests(&self, requests: &[ipcap::RequestedAddress]) -> Vec<u8> {
         let mut list: Vec<AssignedAddress> =
             self.addresses.iter().map(|p| AssignedAddress { request_id: 0, prefix: *p }).collect();
         for r in requests {
@@ -198,15 +338,8 @@ impl Worker {
                 return self.refuse(conn, stream_id, refusal.status, refusal.proxy_error, refusal.reason);
             }
         };
-        let target_host = match &connect.target {
-            IpTarget::Any => "*".to_string(),
-            IpTarget::Prefix(p) => format!("{}/{}", p.addr, p.len),
-            IpTarget::Host(name) => name.clone(),
-        };
-        let target_port = match connect.ipproto {
-            IpProto::Any => IPPROTO_ANY,
-            IpProto::Number(n) => u16::from(n),
-        };
+        let target_host = connect.ask_target();
+        let target_port = connect.ask_ipproto();
         let ask = TunnelAsk {
             authority: &connect.authority,
             path: &connect.path,
@@ -220,11 +353,8 @@ impl Worker {
 
     /// Registers an opened IP tunnel's addresses for the TUN demultiplexer.
     pub(super) fn ip_register(&mut self, key: ConnKey, stream_id: u64, t: &mut IpTunnel) {
-        t.owner = Some((key, stream_id));
         if let Some(ip) = self.ip.as_mut() {
-            for p in &t.addresses {
-                ip.by_addr.insert(p.addr, (key, stream_id));
-            }
+            ip.register((key, stream_id), t);
         }
     }
 
@@ -232,11 +362,7 @@ impl Worker {
     /// this tunnel).
     pub(super) fn ip_unregister(&mut self, t: &IpTunnel) {
         if let Some(ip) = self.ip.as_mut() {
-            for p in &t.addresses {
-                if t.owner.is_some() && ip.by_addr.get(&p.addr) == t.owner.as_ref() {
-                    ip.by_addr.remove(&p.addr);
-                }
-            }
+            ip.unregister(t);
         }
     }
 
@@ -272,38 +398,8 @@ impl Worker {
     /// A client's IP packet (context 0) on an open tunnel.
     pub(super) fn ip_up(&mut self, key: ConnKey, stream_id: u64, t: &IpTunnel, packet: &[u8]) {
         let Some(ip) = self.ip.as_mut() else { return };
-        let info = match packet::parse(packet) {
-            Ok(i) => i,
-            Err(_) => {
-                self.count(Counter::DropMalformed, 1);
-                return;
-            }
-        };
-        let refusal = if !t.source_allowed(info.src) {
-            self.link.counters().add(Counter::DropIpBadSource, 1);
-            Some(IcmpError::SourcePolicy)
-        } else if !t.routed(info.dst, info.protocol) {
-            self.link.counters().add(Counter::DropIpOutOfScope, 1);
-            Some(IcmpError::AdminProhibited)
-        } else {
-            None
-        };
-        if let Some(kind) = refusal {
-            if !ip.icmp_limit.take() {
-                return;
-            }
-            let from = ip.tun.own_address(info.src.is_ipv4());
-            if let Some(icmp) = from.and_then(|from| packet::icmp_error(packet, from, kind)) {
-                ip.icmp_down.push((key, stream_id, icmp));
-            }
-            return;
-        }
-        match ip.tun.write(packet) {
-            Ok(()) => self.count(Counter::TunPacketsOut, 1),
-            Err(e) => {
-                debug!("TUN write: {e}");
-                self.out.stats.drop_target_send += 1;
-            }
+        if let UpResult::Icmp(icmp) = ip.up(self.link.counters(), t, packet) {
+            ip.icmp_down.push((key, stream_id, icmp));
         }
     }
 
@@ -363,6 +459,21 @@ impl Worker {
             self.count(Counter::DropNoTunnel, 1);
             return;
         };
+        if key & FRONT_OWNER != 0 {
+            let conn = key & !FRONT_OWNER;
+            let allowed = self.front.as_ref().and_then(|f| f.ip_routes_allow(conn, stream_id as u32, &info));
+            match allowed {
+                None => {}
+                Some(false) => self.link.counters().add(Counter::DropIpOutOfScope, 1),
+                // Capsules carry any IP packet (65535 bytes at most).
+                Some(true) if ip.prepare_down(self.link.counters(), packet, None) => {
+                    let packet: &[u8] = packet;
+                    self.with_front(|f, ctx| f.ip_down(ctx, conn, stream_id as u32, packet));
+                }
+                Some(true) => {}
+            }
+            return;
+        }
         let Some(mut conn) = self.take_conn(key) else { return };
         let allowed = conn
             .tunnels
@@ -378,41 +489,9 @@ impl Worker {
     }
 
     fn ip_down_checked(&mut self, ip: &mut IpSide, conn: &mut Conn, stream_id: u64, packet: &mut [u8]) {
-        let own = ip.tun.own_address(packet.first().is_some_and(|b| b >> 4 == 4));
-        match packet::decrement_hop_limit(packet) {
-            Ok(HopOutcome::Forward) => {}
-            Ok(HopOutcome::Expired) => {
-                self.icmp_into_tun(ip, own, packet, IcmpError::TimeExceeded);
-                return;
-            }
-            Err(_) => {
-                self.count(Counter::DropMalformed, 1);
-                return;
-            }
-        }
-        // RFC 9484 section 7.2.1: a packet the tunnel cannot carry gets
-        // Packet Too Big, not a silent drop.
-        if let Some(max) = conn.quic.dgram_max_writable_len() {
-            let room = max.saturating_sub(DATAGRAM_HEADER_MAX);
-            if packet.len() > room {
-                let mtu = room as u32;
-                self.icmp_into_tun(ip, own, packet, IcmpError::PacketTooBig { mtu });
-                self.count(Counter::DropTooLarge, 1);
-                return;
-            }
-        }
-        self.send_down(conn, stream_id, packet);
-    }
-
-    /// Sends an ICMP error about `original` back to its sender through the
-    /// kernel.
-    fn icmp_into_tun(&mut self, ip: &mut IpSide, own: Option<IpAddr>, original: &[u8], kind: IcmpError) {
-        if !ip.icmp_limit.take() {
-            return;
-        }
-        let Some(icmp) = own.and_then(|from| packet::icmp_error(original, from, kind)) else { return };
-        if ip.tun.write(&icmp).is_ok() {
-            self.count(Counter::IcmpErrorsSent, 1);
+        let room = conn.quic.dgram_max_writable_len().map(|max| max.saturating_sub(DATAGRAM_HEADER_MAX));
+        if ip.prepare_down(self.link.counters(), packet, room) {
+            self.send_down(conn, stream_id, packet);
         }
     }
 }

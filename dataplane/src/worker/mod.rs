@@ -49,11 +49,12 @@ use crate::tun::WorkerTun;
 use relay_proto::template::IpUriTemplate;
 
 mod bind;
-mod ip;
+mod connect_tcp;
+pub mod ip;
 use crate::tunnel::{DownPath, Limits, Phase, Tunnel, UpOutcome};
 use crate::upbatch::UpBatch;
 use bind::BoundTunnel;
-use ip::{IpSide, IpTunnel};
+pub use ip::{IpSide, IpTunnel};
 
 /// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).
 pub mod h3_code {
@@ -92,6 +93,10 @@ struct TunnelEntry {
     bind: Option<Box<BoundTunnel>>,
     /// A bound request's fallback target (draft section 2), if it named one.
     bind_target: Option<SocketAddr>,
+    /// The request is a classic CONNECT (RFC 9114 section 4.4).
+    tcp_requested: bool,
+    /// Its TCP connection, once allowed.
+    tcp: Option<Box<connect_tcp::TcpTunnel>>,
 }
 
 struct Conn {
@@ -213,6 +218,10 @@ pub struct Worker {
     closing_bound: Vec<std::net::UdpSocket>,
     /// Bound sockets with more to read than one turn's budget.
     bind_due: Vec<WatchKey>,
+    /// Closed TCP target sockets, kept until the backend has forgotten them.
+    closing_tcp: Vec<std::net::TcpStream>,
+    /// The TCP front (HTTP/2 and HTTP/1.1), when served.
+    front: Option<crate::front::Front>,
 }
 
 /// Why a worker could not start.
@@ -303,6 +312,8 @@ impl Worker {
             next_watch: 1,
             closing_bound: Vec::new(),
             bind_due: Vec::new(),
+            closing_tcp: Vec::new(),
+            front: None,
         })
     }
 
@@ -319,6 +330,30 @@ impl Worker {
     /// requests matching `template`.
     pub fn set_tun(&mut self, tun: WorkerTun, template: IpUriTemplate) {
         self.ip = Some(IpSide::new(tun, template));
+    }
+
+    /// Serves the TCP front too: its listeners are watched from the first
+    /// turn.
+    pub fn set_front(&mut self, mut front: crate::front::Front) {
+        front.start(&mut self.out);
+        self.front = Some(front);
+    }
+
+    /// Runs `f` on the TCP front with the worker's shared parts.
+    fn with_front<R>(
+        &mut self,
+        f: impl FnOnce(&mut crate::front::Front, &mut crate::front::Ctx<'_>) -> R,
+    ) -> Option<R> {
+        let front = self.front.as_mut()?;
+        let mut ctx = crate::front::Ctx {
+            link: &mut self.link,
+            out: &mut self.out,
+            now: self.now,
+            next_target: &mut self.next_target,
+            draining: self.drain_deadline.is_some(),
+            ip: self.ip.as_mut(),
+        };
+        Some(f(front, &mut ctx))
     }
 
     /// Records which backend serves this worker (a gauge in the counters,
@@ -517,6 +552,21 @@ impl Worker {
     /// Control's signature arrived: the handshake resumes when its
     /// connection sends (this turn).
     fn on_sign_answer(&mut self, answer: SignAnswer) {
+        if !self.signs.contains_key(&answer.sign_id)
+            && self.front.as_ref().is_some_and(|f| f.owns_sign(answer.sign_id))
+        {
+            let id = answer.sign_id;
+            let signature = match answer.result {
+                SignResult::Signature(sig) => Some(sig),
+                SignResult::Failed(why) => {
+                    warn!("control could not sign a TCP handshake: {why}");
+                    self.count(Counter::SignsFailed, 1);
+                    None
+                }
+            };
+            self.with_front(|f, ctx| f.on_sign(ctx, id, signature));
+            return;
+        }
         let Some(key) = self.signs.remove(&answer.sign_id) else {
             return; // the connection is gone, or the ask timed out
         };
@@ -637,7 +687,7 @@ impl Worker {
                     self.on_request(key, conn, stream_id, &list, more_frames)
                 }
                 (stream_id, quiche::h3::Event::Data) => self.on_stream_data(key, conn, stream_id),
-                (stream_id, quiche::h3::Event::Finished) => self.on_stream_finished(conn, stream_id),
+                (stream_id, quiche::h3::Event::Finished) => self.on_stream_finished(key, conn, stream_id),
                 (stream_id, quiche::h3::Event::Reset(_)) => {
                     if let Some(entry) = conn.tunnels.remove(&stream_id) {
                         let _ = conn.quic.stream_shutdown(
@@ -739,6 +789,9 @@ impl Worker {
                 return;
             }
         };
+        if req.method == "CONNECT" && req.protocol.is_none() {
+            return self.on_connect_tcp_request(key, conn, stream_id, &req, more_frames);
+        }
         if req.protocol.as_deref() == Some("connect-ip") {
             return self.on_connect_ip_request(key, conn, stream_id, &req, more_frames);
         }
@@ -860,6 +913,8 @@ impl Worker {
                 ip: None,
                 bind: None,
                 bind_target: None,
+                tcp_requested: ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_TCP,
+                tcp: None,
             },
         );
         self.asks.insert(ask_id, (key, stream_id));
@@ -910,6 +965,11 @@ impl Worker {
     }
 
     fn on_stream_data(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64) {
+        if conn.tunnels.get(&stream_id).is_some_and(|e| e.tcp_requested) {
+            // TCP bytes stay in quiche (its flow control holds the client)
+            // until the target connection takes them.
+            return self.pump_tcp(key, conn, stream_id);
+        }
         let now = self.now;
         loop {
             let Some(h3) = conn.h3.as_mut() else { return };
@@ -952,8 +1012,11 @@ impl Worker {
         }
     }
 
-    fn on_stream_finished(&mut self, conn: &mut Conn, stream_id: u64) {
+    fn on_stream_finished(&mut self, key: ConnKey, conn: &mut Conn, stream_id: u64) {
         let Some(entry) = conn.tunnels.get(&stream_id) else { return };
+        if entry.tcp.is_some() {
+            return self.tcp_client_fin(key, conn, stream_id);
+        }
         if entry.tunnel.on_stream_end().is_err() {
             return self.abort_tunnel(conn, stream_id, h3_code::MESSAGE_ERROR);
         }
@@ -986,6 +1049,9 @@ impl Worker {
             Phase::Open { flow_id, .. } => {
                 if let Some(t) = entry.ip.take() {
                     self.ip_unregister(&t);
+                }
+                if let Some(t) = entry.tcp.take() {
+                    self.release_tcp(*t);
                 }
                 if let Some(b) = entry.bind.take() {
                     self.watched.remove(&b.watch);
@@ -1022,6 +1088,13 @@ impl Worker {
     }
 
     fn on_answer(&mut self, answer: AuthAnswer) {
+        if !self.asks.contains_key(&answer.ask_id)
+            && self.front.as_ref().is_some_and(|f| f.owns_ask(answer.ask_id))
+        {
+            let (id, verdict) = (answer.ask_id, answer.verdict);
+            self.with_front(|f, ctx| f.on_answer(ctx, id, verdict));
+            return;
+        }
         let Some((key, stream_id)) = self.asks.remove(&answer.ask_id) else {
             // The request is gone (timed out, reset, connection closed).
             if let Verdict::Allow { flow_id, .. }
@@ -1122,6 +1195,16 @@ impl Worker {
                 conn.tunnels.remove(&stream_id);
                 let retry_after = (retry_after_secs > 0).then_some(retry_after_secs);
                 self.refuse_with(conn, stream_id, status, proxy_error, &details, retry_after);
+            }
+            Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity }
+                if conn.tunnels.get(&stream_id).is_some_and(|e| e.tcp_requested) =>
+            {
+                self.open_tcp(
+                    key,
+                    conn,
+                    stream_id,
+                    (flow_id, target, idle_timeout_ms, byte_budget, identity),
+                );
             }
             Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity } => {
                 let sock = match socket::connected_target(target) {
@@ -1283,6 +1366,10 @@ impl Worker {
                         "control plane did not answer in time",
                     );
                 }
+                Phase::Open { .. } if entry.tcp.as_ref().is_some_and(|t| t.connecting()) => {
+                    conn.tunnels.insert(stream_id, entry);
+                    self.tcp_connect_timeout(&mut conn, stream_id);
+                }
                 Phase::Open { .. } => {
                     // Idle: end the tunnel cleanly from our side.
                     self.end_open_tunnel(&mut conn, stream_id, entry);
@@ -1344,6 +1431,7 @@ impl Worker {
             // 10.2.3). The whole flight goes out once the signature is in.
             if conn.signing.is_none() {
                 self.flush_streams(&mut conn);
+                self.pump_conn_tcp(key, &mut conn);
                 self.send_packets(&mut conn);
                 if self.ask_signatures(key, &mut conn) {
                     // Signing failed at once (control gone): let the
@@ -1525,6 +1613,7 @@ impl Worker {
                 self.drop_conn(conn);
             }
         }
+        self.with_front(|f, ctx| f.shutdown(ctx));
         self.flush_up();
         info!(worker = self.settings.index, "worker stopped");
     }
@@ -1586,8 +1675,14 @@ impl Worker {
                 }
             }
         }
+        if let Some(front_flows) = self.with_front(|f, ctx| f.on_relink(ctx)) {
+            open.extend(front_flows);
+        }
         // The new region's counters start at zero: restore the gauges.
         self.count(Counter::ConnectionsActive, self.conns.len() as u64);
+        if let Some(f) = self.front.as_ref() {
+            self.link.counters().set(Counter::TcpConnectionsActive, f.connections() as u64);
+        }
         self.count(Counter::TunnelsActive, open.len() as u64);
         self.link.counters().set(Counter::IoBackend, self.backend_gauge);
         self.link.counters().set(Counter::TlsGeneration, u64::from(self.tls_generation));
@@ -1631,6 +1726,7 @@ impl Worker {
                 self.put_conn(key, conn);
             }
         }
+        self.with_front(|f, ctx| f.start_drain(ctx));
         info!(worker = self.settings.index, tunnels = self.tunnels_open, ?timeout, "draining");
     }
 
@@ -1641,6 +1737,7 @@ impl Worker {
         if kills.is_empty() {
             return;
         }
+        self.with_front(|f, ctx| f.kill(ctx, &kills));
         let mut found = Vec::new();
         for (key, conn) in self.conns.iter() {
             for (stream_id, entry) in &conn.tunnels {
@@ -1712,6 +1809,10 @@ impl Handler for Worker {
         self.now = now;
         // The backend has forgotten these since the last turn.
         self.closing_bound.clear();
+        self.closing_tcp.clear();
+        if let Some(f) = self.front.as_mut() {
+            f.begin_turn();
+        }
         self.out.stats.turns += 1;
     }
 
@@ -1723,17 +1824,30 @@ impl Handler for Worker {
     }
 
     fn on_ready(&mut self, key: WatchKey, ready: Ready) {
-        if ready.readable {
+        if crate::front::Front::owns_watch(key) {
+            self.with_front(|f, ctx| f.on_ready(ctx, key, ready));
+        } else if self.is_tcp_watch(key) {
+            self.tcp_ready(key, ready);
+        } else if ready.readable {
             self.bind_readable(key);
         }
     }
 
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
+        if !self.targets.contains_key(&key) && self.front.as_ref().is_some_and(|f| f.owns_target(key)) {
+            self.with_front(|f, ctx| f.on_target_unreachable(ctx, key));
+            return;
+        }
         self.target_unusable(key, errno);
     }
 
     fn on_target(&mut self, key: TargetKey, payloads: &[u8], segment_size: usize) {
-        let Some(&(conn_key, stream_id)) = self.targets.get(&key) else { return };
+        let Some(&(conn_key, stream_id)) = self.targets.get(&key) else {
+            if self.front.as_ref().is_some_and(|f| f.owns_target(key)) {
+                self.with_front(|f, ctx| f.on_target(ctx, key, payloads, segment_size));
+            }
+            return;
+        };
         let Some(mut conn) = self.take_conn(conn_key) else { return };
         for payload in payloads.chunks(segment_size.max(1)) {
             self.send_down(&mut conn, stream_id, payload);
@@ -1786,14 +1900,16 @@ impl Handler for Worker {
             self.start_drain();
         }
         let stop = self.flags.stop.load(Ordering::Relaxed);
+        let front_tunnels = self.front.as_ref().map_or(0, |f| f.tunnels_open());
         let drained = self.drain_deadline.is_some_and(|deadline| {
-            let done = self.tunnels_open == 0 || self.now >= deadline;
+            let done = self.tunnels_open + front_tunnels == 0 || self.now >= deadline;
             if done {
                 info!(worker = self.settings.index, tunnels_left = self.tunnels_open, "drain finished");
             }
             done
         });
         self.fire_timers();
+        self.with_front(|f, ctx| f.end_turn(ctx));
         self.end_over_budget();
         self.flush_up();
         self.flush_dirty();
@@ -1811,12 +1927,14 @@ impl Handler for Worker {
         let busy = self.handoffs_due
             || self.answers_due
             || !self.bind_due.is_empty()
-            || self.ip.as_ref().is_some_and(|ip| ip.due);
+            || self.ip.as_ref().is_some_and(|ip| ip.due)
+            || self.front.as_ref().is_some_and(|f| f.busy());
         let deadline = if busy {
             self.now
         } else {
             let cap = self.now + MAX_WAIT;
-            self.timers.next().map_or(cap, |t| t.min(cap))
+            let next = self.timers.next().map_or(cap, |t| t.min(cap));
+            self.front.as_ref().and_then(|f| f.next_timer()).map_or(next, |t| t.min(next))
         };
         Turn::Continue { deadline }
     }

@@ -4,7 +4,7 @@
 //! ```text
 //! offset 0      region header (4 KiB): magic, version, workers, slots, record size
 //! then, per worker w:
-//!               counters (4 KiB: COUNTER_SLOTS x u64, written by worker w only)
+//!               counters (4 KiB, of which COUNTER_SLOTS x u64 are used, written by worker w only)
 //!               asks ring    (worker w -> control)
 //!               answers ring (control -> worker w)
 //! ring:         head u32 @0, tail u32 @64, slots from 128
@@ -25,7 +25,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MASQSHM1");
 /// Layout version; bumped on any incompatible change.
 pub const REGION_VERSION: u32 = 1;
 /// Counter slots per worker.
-pub const COUNTER_SLOTS: usize = 64;
+pub const COUNTER_SLOTS: usize = 128;
 /// Most workers a region can describe.
 pub const MAX_WORKERS: u32 = 256;
 
@@ -388,6 +388,28 @@ counters! {
     /// Bound-tunnel datagrams dropped: the peer is outside the target
     /// policy (either direction).
     BindPeerDenied = 54, "bind_peer_denied";
+    /// TCP connections accepted by the TCP front (TLS or cleartext).
+    TcpConnectionsAccepted = 55, "tcp_connections_accepted";
+    /// TCP front connections open (gauge).
+    TcpConnectionsActive = 56, "tcp_connections_active";
+    /// TCP connections closed at accept: the worker's limit was reached.
+    TcpConnectionsRejected = 57, "tcp_connections_rejected";
+    /// TCP front connections closed because they did not finish their TLS
+    /// handshake and first request in time, or idled out.
+    TcpTimeouts = 58, "tcp_timeouts";
+    /// TLS handshakes over TCP that failed.
+    TcpTlsFailures = 59, "tcp_tls_failures";
+    /// HTTP/1.1 requests received by the TCP front.
+    Http1Requests = 60, "http1_requests";
+    /// HTTP/2 requests (streams) received by the TCP front.
+    Http2Requests = 61, "http2_requests";
+    /// TCP CONNECT payload bytes client -> target (every HTTP version).
+    TcpBytesUp = 62, "tcp_bytes_up";
+    /// TCP CONNECT payload bytes target -> client (every HTTP version).
+    TcpBytesDown = 63, "tcp_bytes_down";
+    /// TCP CONNECT tunnels whose target connection failed (refused, timed
+    /// out, unreachable).
+    TcpConnectFailures = 64, "tcp_connect_failures";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

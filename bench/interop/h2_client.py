@@ -1,0 +1,495 @@
+#!/usr/bin/env python3
+"""An independent HTTP/2 client (the Python ``h2`` package) for the relay's
+TCP front: extended CONNECT (RFC 8441) connect-udp and connect-ip tunnels
+carried as capsules, classic CONNECT to TCP targets, the status endpoint,
+and requests that must be refused.
+
+``h2`` shares no code with the relay (whose HTTP/2 is the Rust ``h2``
+crate): framing, HPACK and flow control are its own. curl and nghttp cannot
+send ``:protocol``; this client can.
+
+Usage::
+
+    h2_client.py --relay 127.0.0.1:4433 [--tls --ca cert.pem] --token T CASE [CASE ...]
+
+Each case runs on its own TCP connection and prints one JSON object on one
+line (``{"case": NAME, ...}``); bench/tests/tcp_front.rs asserts on them. A
+case that cannot run prints ``{"case": NAME, "error": "..."}``. Every wait
+has a deadline (``--timeout``), every loop a bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import ssl
+import struct
+import sys
+import time
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+
+TEMPLATE = "/.well-known/masque/udp/{host}/{port}/"
+IP_TEMPLATE = "/.well-known/masque/ip/{target}/{ipproto}/"
+CAPSULE_DATAGRAM = 0x00
+CAPSULE_ADDRESS_ASSIGN = 0x01
+CAPSULE_ROUTE_ADVERTISEMENT = 0x03
+
+
+class ClientError(Exception):
+    """A case could not run."""
+
+
+def encode_varint(v: int) -> bytes:
+    if v < 0x40:
+        return bytes([v])
+    if v < 0x4000:
+        return struct.pack(">H", 0x4000 | v)
+    if v < 0x40000000:
+        return struct.pack(">I", 0x80000000 | v)
+    return struct.pack(">Q", 0xC000000000000000 | v)
+
+
+def decode_varint(b: bytes, i: int) -> tuple[int, int] | None:
+    if i >= len(b):
+        return None
+    prefix = b[i] >> 6
+    n = 1 << prefix
+    if i + n > len(b):
+        return None
+    v = b[i] & 0x3F
+    for k in range(1, n):
+        v = (v << 8) | b[i + k]
+    return v, i + n
+
+
+def encode_capsule(capsule_type: int, value: bytes) -> bytes:
+    return encode_varint(capsule_type) + encode_varint(len(value)) + value
+
+
+class CapsuleReader:
+    """Splits a capsule stream (RFC 9297 section 3.2) into (type, value)."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self.buf += data
+        out = []
+        while True:
+            t = decode_varint(self.buf, 0)
+            if t is None:
+                break
+            ln = decode_varint(self.buf, t[1])
+            if ln is None:
+                break
+            end = ln[1] + ln[0]
+            if end > len(self.buf):
+                break
+            out.append((t[0], self.buf[ln[1]:end]))
+            self.buf = self.buf[end:]
+        return out
+
+
+class H2Client:
+    """One HTTP/2 connection to the relay, TLS (ALPN h2) or cleartext
+    (prior knowledge)."""
+
+    def __init__(self, args: argparse.Namespace, validate: bool = True) -> None:
+        self.args = args
+        host, port = args.relay.rsplit(":", 1)
+        raw = socket.create_connection((host, int(port)), timeout=args.timeout)
+        if args.tls:
+            ctx = ssl.create_default_context(cafile=args.ca)
+            ctx.set_alpn_protocols(["h2"])
+            self.sock = ctx.wrap_socket(raw, server_hostname=args.server_name)
+            if self.sock.selected_alpn_protocol() != "h2":
+                raise ClientError(f"ALPN picked {self.sock.selected_alpn_protocol()!r}")
+        else:
+            self.sock = raw
+        self.sock.settimeout(0.05)
+        config = h2.config.H2Configuration(
+            client_side=True, header_encoding="utf-8", validate_outbound_headers=validate
+        )
+        self.conn = h2.connection.H2Connection(config=config)
+        self.conn.initiate_connection()
+        self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        self.conn.increment_flow_control_window(8 << 20)
+        self.flush()
+        self.responses: dict[int, dict] = {}
+        self.data: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.resets: dict[int, int] = {}
+        self.terminated: int | None = None
+        self.settings_seen = False
+        self.closed = False
+
+    def flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            self.sock.sendall(out)
+
+    def pump(self, wait: float = 0.05) -> None:
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(1 << 16)
+        except (socket.timeout, ssl.SSLWantReadError):
+            return
+        except (ConnectionResetError, ssl.SSLError, OSError):
+            self.closed = True
+            return
+        if not data:
+            self.closed = True
+            return
+        for ev in self.conn.receive_data(data):
+            self.on_event(ev)
+        self.flush()
+
+    def on_event(self, ev: h2.events.Event) -> None:
+        if isinstance(ev, h2.events.RemoteSettingsChanged):
+            self.settings_seen = True
+        elif isinstance(ev, h2.events.ResponseReceived):
+            self.responses[ev.stream_id] = {k: v for k, v in ev.headers}
+            if ev.stream_ended:
+                self.ended.add(ev.stream_id)
+        elif isinstance(ev, h2.events.DataReceived):
+            self.data.setdefault(ev.stream_id, bytearray()).extend(ev.data)
+            self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            if ev.stream_ended:
+                self.ended.add(ev.stream_id)
+        elif isinstance(ev, h2.events.StreamEnded):
+            self.ended.add(ev.stream_id)
+        elif isinstance(ev, h2.events.StreamReset):
+            self.resets[ev.stream_id] = int(ev.error_code)
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.terminated = int(ev.error_code)
+
+    def wait(self, cond, timeout: float | None = None) -> bool:
+        deadline = time.monotonic() + (timeout or self.args.timeout)
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            if self.closed:
+                return cond()
+            self.pump()
+        return cond()
+
+    def wait_settings(self) -> None:
+        if not self.wait(lambda: self.settings_seen):
+            raise ClientError("no SETTINGS from the relay")
+
+    def connect_protocol_enabled(self) -> bool:
+        return self.conn.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 1
+
+    def auth(self) -> list[tuple[str, str]]:
+        return [("proxy-authorization", f"Bearer {self.args.token}")] if self.args.token else []
+
+    def request(self, headers: list[tuple[str, str]], end_stream: bool = False) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, headers, end_stream=end_stream)
+        self.flush()
+        return sid
+
+    def send(self, sid: int, data: bytes, end_stream: bool = False) -> None:
+        """Sends within flow control, pumping while the window is closed."""
+        off = 0
+        deadline = time.monotonic() + self.args.timeout
+        while off < len(data):
+            window = min(self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
+            if window <= 0:
+                if time.monotonic() > deadline:
+                    raise ClientError("flow control window stayed closed")
+                self.pump(0.01)
+                continue
+            chunk = data[off:off + window]
+            self.conn.send_data(sid, chunk)
+            off += len(chunk)
+            self.flush()
+            self.pump(0)
+        if end_stream:
+            self.conn.end_stream(sid)
+            self.flush()
+
+    def answer(self, sid: int) -> dict:
+        self.wait(lambda: sid in self.responses or sid in self.resets)
+        if sid in self.responses:
+            h = self.responses[sid]
+            return {"answer": "response", "status": int(h.get(":status", "0")), "headers": h}
+        if sid in self.resets:
+            return {"answer": "reset", "code": self.resets[sid]}
+        return {"answer": "none"}
+
+    def close(self) -> None:
+        try:
+            self.conn.close_connection()
+            self.flush()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def authority(args: argparse.Namespace) -> str:
+    return f"{args.server_name}:{args.relay.rsplit(':', 1)[1]}"
+
+
+def case_status(args: argparse.Namespace) -> dict:
+    c = H2Client(args)
+    c.wait_settings()
+    sid = c.request([(":method", "GET"), (":scheme", "https"), (":authority", authority(args)), (":path", "/")], True)
+    r = c.answer(sid)
+    c.wait(lambda: sid in c.ended)
+    body = bytes(c.data.get(sid, b""))
+    try:
+        r["body"] = json.loads(body)
+    except ValueError:
+        r["body"] = body.decode("utf-8", "replace")
+    r["connect_protocol"] = c.connect_protocol_enabled()
+    c.close()
+    return r
+
+
+def udp_payloads(count: int) -> list[bytes]:
+    return [os.urandom(1 + (i * 37) % 1200) for i in range(count)]
+
+
+def case_connect_udp(args: argparse.Namespace) -> dict:
+    c = H2Client(args)
+    c.wait_settings()
+    if not c.connect_protocol_enabled():
+        raise ClientError("the relay did not enable extended CONNECT")
+    path = TEMPLATE.format(host=args.target_host, port=args.target_port)
+    headers = [
+        (":method", "CONNECT"),
+        (":protocol", "connect-udp"),
+        (":scheme", "https"),
+        (":authority", authority(args)),
+        (":path", path),
+        ("capsule-protocol", "?1"),
+    ] + c.auth()
+    sid = c.request(headers)
+    r = c.answer(sid)
+    if r.get("status") != 200:
+        c.close()
+        return r
+    payloads = udp_payloads(args.count)
+    want = {hashlib.sha256(p).digest() for p in payloads}
+    reader = CapsuleReader()
+    got = 0
+    mismatched = 0
+    other = 0
+    # A window of capsules in flight: loopback UDP loses nothing, but the
+    # relay drops what its bounded queues cannot take, never buffering
+    # without bound; keep the burst small.
+    sent = 0
+    deadline = time.monotonic() + args.timeout
+    seen = set()
+    while time.monotonic() < deadline and (got < len(payloads)):
+        while sent < len(payloads) and sent - got < 32:
+            c.send(sid, encode_capsule(CAPSULE_DATAGRAM, encode_varint(0) + payloads[sent]))
+            sent += 1
+        c.pump(0.02)
+        for t, v in reader.feed(bytes(c.data.pop(sid, b""))):
+            if t != CAPSULE_DATAGRAM:
+                other += 1
+                continue
+            ctx = decode_varint(v, 0)
+            if ctx is None or ctx[0] != 0:
+                other += 1
+                continue
+            digest = hashlib.sha256(v[ctx[1]:]).digest()
+            if digest in want and digest not in seen:
+                seen.add(digest)
+                got += 1
+            else:
+                mismatched += 1
+        if sid in c.resets or sid in c.ended:
+            break
+    # RFC 9298 section 3: ending the stream closes the tunnel.
+    c.conn.end_stream(sid)
+    c.flush()
+    c.wait(lambda: sid in c.ended or sid in c.resets, 5)
+    r.update({"sent": sent, "matched": got, "mismatched": mismatched, "other_capsules": other,
+              "ended": sid in c.ended, "reset": c.resets.get(sid)})
+    c.close()
+    return r
+
+
+def icmp_checksum(b: bytes) -> int:
+    if len(b) % 2:
+        b += b"\x00"
+    s = sum(struct.unpack(f">{len(b) // 2}H", b))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def echo_request(src: bytes, dst: bytes, ident: int, seq: int) -> bytes:
+    payload = b"masque-h2-" + bytes([seq % 256]) * 32
+    icmp = struct.pack(">BBHHH", 8, 0, 0, ident, seq) + payload
+    icmp = icmp[:2] + struct.pack(">H", icmp_checksum(icmp)) + icmp[4:]
+    total = 20 + len(icmp)
+    hdr = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, seq, 0, 64, 1, 0, src, dst)
+    hdr = hdr[:10] + struct.pack(">H", icmp_checksum(hdr)) + hdr[12:]
+    return hdr + icmp
+
+
+def case_connect_ip(args: argparse.Namespace) -> dict:
+    """connect-ip over HTTP/2: ADDRESS_ASSIGN, then pings to --ping-target
+    through the tunnel (IPv4)."""
+    c = H2Client(args)
+    c.wait_settings()
+    path = IP_TEMPLATE.format(target="*", ipproto="*")
+    headers = [
+        (":method", "CONNECT"),
+        (":protocol", "connect-ip"),
+        (":scheme", "https"),
+        (":authority", authority(args)),
+        (":path", path),
+        ("capsule-protocol", "?1"),
+    ] + c.auth()
+    sid = c.request(headers)
+    r = c.answer(sid)
+    if r.get("status") != 200:
+        c.close()
+        return r
+    reader = CapsuleReader()
+    assigned = None
+    routes = 0
+    replies = 0
+    deadline = time.monotonic() + args.timeout
+    sent = 0
+    ident = os.getpid() & 0xFFFF
+    dst = socket.inet_aton(args.ping_target)
+    while time.monotonic() < deadline and replies < args.count:
+        c.pump(0.02)
+        for t, v in reader.feed(bytes(c.data.pop(sid, b""))):
+            if t == CAPSULE_ADDRESS_ASSIGN and assigned is None:
+                # Request ID (varint), IP version, address, prefix length.
+                rid = decode_varint(v, 0)
+                if rid and v[rid[1]] == 4:
+                    assigned = v[rid[1] + 1:rid[1] + 5]
+            elif t == CAPSULE_ROUTE_ADVERTISEMENT:
+                routes += 1
+            elif t == CAPSULE_DATAGRAM:
+                ctx = decode_varint(v, 0)
+                pkt = v[ctx[1]:] if ctx else b""
+                if len(pkt) >= 28 and pkt[9] == 1 and pkt[20] == 0 and pkt[12:16] == dst:
+                    replies += 1
+        if assigned is not None and sent < args.count and sent <= replies:
+            pkt = echo_request(assigned, dst, ident, sent + 1)
+            c.send(sid, encode_capsule(CAPSULE_DATAGRAM, encode_varint(0) + pkt))
+            sent += 1
+        if sid in c.resets or sid in c.ended:
+            break
+    r.update({"assigned": socket.inet_ntoa(assigned) if assigned else None, "routes": routes,
+              "sent": sent, "replies": replies})
+    c.close()
+    return r
+
+
+def case_tcp_connect(args: argparse.Namespace) -> dict:
+    """Classic CONNECT to --target-host:--target-port (an echo server):
+    --bytes random bytes up, the same back, then half-close both ways."""
+    c = H2Client(args)
+    c.wait_settings()
+    target = f"{args.target_host}:{args.target_port}"
+    if ":" in args.target_host:
+        target = f"[{args.target_host}]:{args.target_port}"
+    sid = c.request([(":method", "CONNECT"), (":authority", target)] + c.auth())
+    r = c.answer(sid)
+    if r.get("status") != 200:
+        c.close()
+        return r
+    data = os.urandom(args.bytes)
+    started = time.monotonic()
+    c.send(sid, data, end_stream=True)
+    c.wait(lambda: len(c.data.get(sid, b"")) >= len(data) or sid in c.resets, args.timeout)
+    # The echo server closes after our FIN: the relay passes its FIN on.
+    c.wait(lambda: sid in c.ended or sid in c.resets, 10)
+    back = bytes(c.data.get(sid, b""))
+    r.update({"sent": len(data), "received": len(back), "identical": back == data,
+              "ended": sid in c.ended, "reset": c.resets.get(sid),
+              "seconds": round(time.monotonic() - started, 3)})
+    c.close()
+    return r
+
+
+def case_refusals(args: argparse.Namespace) -> dict:
+    """Requests the relay must refuse, each on its own stream."""
+    out = {}
+    c = H2Client(args)
+    c.wait_settings()
+    auth = c.auth()
+    a = authority(args)
+    udp_path = TEMPLATE.format(host=args.target_host, port=args.target_port)
+    cases = {
+        "denied_tcp": [(":method", "CONNECT"), (":authority", "10.1.2.3:22")] + auth,
+        "bad_authority": [(":method", "CONNECT"), (":authority", "no-port.example")] + auth,
+        "no_token": [(":method", "CONNECT"), (":protocol", "connect-udp"), (":scheme", "https"),
+                     (":authority", a), (":path", udp_path)],
+        "wrong_template": [(":method", "CONNECT"), (":protocol", "connect-udp"), (":scheme", "https"),
+                           (":authority", a), (":path", "/nope/")] + auth,
+        "unknown_protocol": [(":method", "CONNECT"), (":protocol", "websocket"), (":scheme", "https"),
+                             (":authority", a), (":path", "/chat")] + auth,
+        "post": [(":method", "POST"), (":scheme", "https"), (":authority", a), (":path", "/")],
+        "not_found": [(":method", "GET"), (":scheme", "https"), (":authority", a), (":path", "/nope")],
+    }
+    sids = {name: c.request(h, end_stream=name in ("post", "not_found")) for name, h in cases.items()}
+    for name, sid in sids.items():
+        out[name] = c.answer(sid)
+    c.close()
+    # A malformed request (uppercase field name, RFC 9113 section 8.2.1)
+    # on a client that does not validate what it sends.
+    c = H2Client(args, validate=False)
+    c.wait_settings()
+    sid = c.request([(":method", "CONNECT"), (":authority", "127.0.0.1:9"), ("X-Upper", "1")] + auth)
+    r = c.answer(sid)
+    r["terminated"] = c.terminated
+    out["uppercase"] = r
+    c.close()
+    return out
+
+
+CASES = {
+    "status": case_status,
+    "connect_udp": case_connect_udp,
+    "connect_ip": case_connect_ip,
+    "tcp_connect": case_tcp_connect,
+    "refusals": case_refusals,
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--relay", required=True, help="host:port of the relay's TCP listener")
+    p.add_argument("--tls", action="store_true", help="TLS with ALPN h2 (else cleartext prior knowledge)")
+    p.add_argument("--ca", help="CA certificate to verify the relay with")
+    p.add_argument("--server-name", default="localhost")
+    p.add_argument("--token")
+    p.add_argument("--target-host", default="127.0.0.1")
+    p.add_argument("--target-port", type=int, default=7)
+    p.add_argument("--ping-target", default="192.0.2.1")
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--bytes", type=int, default=1 << 20)
+    p.add_argument("--timeout", type=float, default=20.0)
+    p.add_argument("cases", nargs="+", choices=sorted(CASES))
+    args = p.parse_args()
+    for name in args.cases:
+        try:
+            result = CASES[name](args)
+        except (ClientError, OSError, h2.exceptions.H2Error) as e:
+            result = {"error": f"{type(e).__name__}: {e}"}
+        result["case"] = name
+        print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+//! The TCP front end to end: a real relay (control + dataplane) with its
+//! TLS-over-TCP listener (ALPN h2, http/1.1) and a cleartext listener
+//! (HTTP/1.1, h2c), driven by independent clients: Debian's curl (protocol
+//! negotiation, Alt-Svc), the Python `h2` package (extended CONNECT
+//! tunnels, CONNECT, refusals; `bench/interop/h2_client.py`), plain sockets
+//! (HTTP/1.1 Upgrade and CONNECT) and the quiche client (CONNECT over
+//! HTTP/3). Targets are a UDP echo server and a TCP echo server on
+//! loopback.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use relay_bench::client::{Answer, Client, ClientConfig};
+use relay_bench::echo::EchoServer;
+use relay_bench::interop::{in_ci, python_or_skip};
+use relay_bench::processes::{Relay, RelayOptions};
+use relay_bench::tcp_echo::TcpEcho;
+use serde_json::Value;
+
+fn test_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("relay-tcp-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn relay(name: &str) -> Relay {
+    let opts = RelayOptions { tcp_cleartext: true, ..RelayOptions::default() };
+    Relay::start(&test_dir(name), &opts).expect("relay starts")
+}
+
+fn curl_or_skip(test: &str) -> bool {
+    let ok = Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(!in_ci(), "{test}: curl is missing (cargo xtask setup installs it)");
+        eprintln!("SKIPPED {test}: no curl");
+    }
+    ok
+}
+
+/// Runs curl with `args`; returns (HTTP version, status, headers, body).
+fn curl(args: &[&str]) -> (String, u16, String, String) {
+    let dir = std::env::temp_dir().join(format!("relay-tcp-curl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let headers = dir.join(format!("h-{}", rand_suffix()));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-D"])
+        .arg(&headers)
+        .args(["-w", "\n%{http_version} %{http_code}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once('\n').expect("curl's -w line");
+    let mut it = tail.split_whitespace();
+    let version = it.next().unwrap_or("").to_string();
+    let status = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let head = std::fs::read_to_string(&headers).unwrap_or_default();
+    let _ = std::fs::remove_file(&headers);
+    (version, status, head.to_ascii_lowercase(), body.to_string())
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+#[test]
+fn curl_negotiates_every_version_and_every_response_carries_alt_svc() {
+    if !curl_or_skip("curl_negotiates") {
+        return;
+    }
+    let relay = relay("curl");
+    let clear = relay.cleartext_addr.expect("cleartext listener");
+    let tls = relay.addr;
+    let cert = relay.cert();
+    let cert = cert.to_str().unwrap();
+    let alt = format!("alt-svc: h3=\":{}\"", relay.addr.port());
+    let status_url =
+        |scheme: &str, addr: SocketAddr| format!("{scheme}://{addr}/.well-known/masque-relay/status");
+    // h2c by Upgrade (RFC 7540 section 3.2): the 101 and the answer on
+    // stream 1.
+    let (v, s, h, body) = curl(&["--http2", &status_url("http", clear)]);
+    assert_eq!((v.as_str(), s), ("2", 200), "{h}");
+    assert!(h.contains("101 switching protocols"), "the upgrade happened: {h}");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["protocol"], "HTTP/2");
+    assert_eq!(json["transport"], "cleartext");
+    assert!(h.contains(&alt), "{h}");
+    // Prior knowledge.
+    let (v, s, h, _) = curl(&["--http2-prior-knowledge", &status_url("http", clear)]);
+    assert_eq!((v.as_str(), s), ("2", 200), "{h}");
+    assert!(h.contains(&alt), "{h}");
+    // HTTP/1.1 on the cleartext port.
+    let (v, s, h, body) = curl(&["--http1.1", &status_url("http", clear)]);
+    assert_eq!((v.as_str(), s), ("1.1", 200));
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["protocol"], "HTTP/1.1");
+    assert!(h.contains(&alt), "{h}");
+    // ALPN over TLS picks what the client offers.
+    let (v, s, h, body) = curl(&["--http1.1", "--cacert", cert, &status_url("https", tls)]);
+    assert_eq!((v.as_str(), s), ("1.1", 200), "{h}");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((json["protocol"].as_str(), json["transport"].as_str()), (Some("HTTP/1.1"), Some("tls")));
+    assert!(h.contains(&alt), "{h}");
+    let (v, s, h, body) = curl(&["--http2", "--cacert", cert, &status_url("https", tls)]);
+    assert_eq!((v.as_str(), s), ("2", 200), "{h}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["protocol"], "HTTP/2");
+    assert!(h.contains(&alt), "{h}");
+    // Refusals carry it too.
+    let (_, s, h, _) = curl(&["--http2", "--cacert", cert, &format!("https://{tls}/nope")]);
+    assert_eq!(s, 404);
+    assert!(h.contains(&alt), "{h}");
+    let (_, s, h, _) = curl(&["--http1.1", "-X", "POST", &format!("http://{clear}/")]);
+    assert_eq!(s, 405);
+    assert!(h.contains("allow: get, head, connect"), "{h}");
+    assert!(relay.counter("http2_requests").unwrap() >= 4);
+    assert!(relay.counter("http1_requests").unwrap() >= 3);
+}
+
+/// Runs the h2 client with `args` and returns its results by case.
+fn h2_client(python: &Path, args: &[String]) -> std::collections::HashMap<String, Value> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/h2_client.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("h2 client starts");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "h2 client timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "h2 client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut results = std::collections::HashMap::new();
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("h2 client printed {line:?}"));
+        let case = v["case"].as_str().unwrap().to_string();
+        assert!(v.get("error").is_none(), "{case} could not run: {v}");
+        results.insert(case, v);
+    }
+    results
+}
+
+fn h2_args(relay: &Relay, tls: bool, extra: &[String]) -> Vec<String> {
+    let mut a = if tls {
+        vec![
+            "--relay".into(),
+            relay.addr.to_string(),
+            "--tls".into(),
+            "--ca".into(),
+            relay.cert().display().to_string(),
+        ]
+    } else {
+        vec!["--relay".into(), relay.cleartext_addr.unwrap().to_string()]
+    };
+    a.extend(["--token".to_string(), relay.token.clone()]);
+    a.extend(extra.iter().cloned());
+    a
+}
+
+#[test]
+fn http2_extended_connect_udp_tunnels_carry_capsules_both_ways() {
+    let Some(python) = python_or_skip("http2_connect_udp") else { return };
+    let relay = relay("h2udp");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    for tls in [true, false] {
+        let extra = ["--target-port".into(), echo.addr().port().to_string(), "--count".into(), "300".into()];
+        let r = &h2_client(&python, &[h2_args(&relay, tls, &extra), vec!["connect_udp".into()]].concat())["connect_udp"];
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["headers"]["capsule-protocol"], "?1", "{r}");
+        assert_eq!((r["sent"].as_u64(), r["matched"].as_u64()), (Some(300), Some(300)), "tls={tls}: {r}");
+        assert_eq!(r["mismatched"], 0);
+        assert_eq!(r["ended"], true, "closing the stream closes the tunnel: {r}");
+    }
+    assert!(echo.echoed() >= 600);
+}
+
+#[test]
+fn tcp_connect_over_each_http_version_moves_megabytes_byte_for_byte() {
+    let Some(python) = python_or_skip("tcp_connect_versions") else { return };
+    let relay = relay("tcpconnect");
+    let echo = TcpEcho::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let target = echo.addr();
+    const BYTES: usize = 4 << 20;
+    // HTTP/2 (Python h2), TLS and cleartext.
+    for tls in [true, false] {
+        let extra = [
+            "--target-port".to_string(),
+            target.port().to_string(),
+            "--bytes".into(),
+            BYTES.to_string(),
+            "tcp_connect".into(),
+        ];
+        let r = &h2_client(&python, &h2_args(&relay, tls, &extra))["tcp_connect"];
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["received"], BYTES, "{r}");
+        assert_eq!(r["identical"], true, "{r}");
+        assert_eq!(r["ended"], true, "the target's FIN came back as END_STREAM: {r}");
+    }
+    // HTTP/1.1 on the cleartext port with a plain socket.
+    let mut s = TcpStream::connect(relay.cleartext_addr.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+        relay.token
+    )
+    .unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let data = pattern(BYTES);
+    let back = exchange_bytes(&mut s, &data);
+    assert_eq!(back.len(), BYTES);
+    assert!(back == data, "bytes came back changed");
+    // HTTP/3 with the quiche client.
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(relay.cert());
+    cfg.token = Some(relay.token.clone());
+    let mut c = Client::connect(cfg, Duration::from_secs(5)).unwrap();
+    c.wait_settings(Duration::from_secs(5)).unwrap();
+    let sid = c.request_tcp(&target.to_string()).unwrap();
+    match c.wait_answer(sid, Duration::from_secs(5)).unwrap() {
+        Answer::Response(h) => assert!(h.iter().any(|(n, v)| n == ":status" && v == "200"), "{h:?}"),
+        other => panic!("CONNECT over HTTP/3: {other:?}"),
+    }
+    let mut got = Vec::new();
+    let chunk = 64 * 1024;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, piece) in data.chunks(chunk).enumerate() {
+        let last = (i + 1) * chunk >= data.len();
+        c.send_stream_bytes(sid, piece, last).unwrap();
+        got.extend(c.take_raw(sid));
+    }
+    while got.len() < BYTES || !c.stream_finished(sid) {
+        assert!(Instant::now() < deadline, "HTTP/3 CONNECT: {} of {BYTES} bytes back", got.len());
+        c.drive(Duration::from_millis(10)).unwrap();
+        got.extend(c.take_raw(sid));
+    }
+    assert!(got == data, "HTTP/3 CONNECT bytes came back changed");
+    assert!(relay.counter("tcp_bytes_up").unwrap() >= 4 * BYTES as u64);
+    assert!(relay.counter("tcp_bytes_down").unwrap() >= 4 * BYTES as u64);
+    assert!(echo.accepted() >= 4);
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+}
+
+fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert!(head.len() < 16384, "head too long");
+        s.read_exact(&mut b).expect("response head");
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Writes `data` (in a second thread) and reads the echo until the relay's
+/// FIN, after sending our own.
+fn exchange_bytes(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut w = s.try_clone().unwrap();
+    let data2 = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&data2).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).expect("the echo and the relay's FIN");
+    writer.join().unwrap();
+    back
+}
+
+fn encode_varint(v: u64, out: &mut Vec<u8>) {
+    relay_proto::varint::push(v, out);
+}
+
+#[test]
+fn http1_upgrade_connect_udp_with_a_plain_socket() {
+    let relay = relay("h1udp");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut s = TcpStream::connect(relay.cleartext_addr.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let path = format!("/.well-known/masque/udp/127.0.0.1/{}/", echo.addr().port());
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: connect-udp\r\nCapsule-Protocol: ?1\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+        relay.token
+    )
+    .unwrap();
+    let head = read_head(&mut s).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: connect-udp\r\n") && head.contains("capsule-protocol: ?1\r\n"), "{head}");
+    let mut decoder = relay_proto::capsule::CapsuleDecoder::new(65535);
+    let mut got = 0;
+    let mut buf = vec![0u8; 65536];
+    for i in 0..100usize {
+        let payload = vec![i as u8; 1 + i * 7];
+        let mut value = vec![0u8]; // context ID 0
+        value.extend_from_slice(&payload);
+        let mut capsule = Vec::new();
+        encode_varint(0, &mut capsule);
+        encode_varint(value.len() as u64, &mut capsule);
+        capsule.extend_from_slice(&value);
+        s.write_all(&capsule).unwrap();
+        // One echo per capsule (loopback loses nothing).
+        let mut echoed = None;
+        while echoed.is_none() {
+            let n = s.read(&mut buf).expect("echoed capsule");
+            assert!(n > 0, "relay closed the tunnel");
+            decoder
+                .feed(&buf[..n], |c| {
+                    if let relay_proto::capsule::Capsule::Datagram(v) = c {
+                        echoed = Some(v);
+                    }
+                })
+                .unwrap();
+        }
+        let v = echoed.unwrap();
+        assert_eq!(v[0], 0, "context ID 0");
+        assert_eq!(&v[1..], &payload[..]);
+        got += 1;
+    }
+    assert_eq!(got, 100);
+    // RFC 9298 section 3: closing our side closes the tunnel.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the relay ends its side too");
+}
+
+#[test]
+fn refusals_carry_status_and_proxy_status_on_every_version() {
+    let Some(python) = python_or_skip("tcp_refusals") else { return };
+    let relay = relay("refusals");
+    let r = &h2_client(&python, &h2_args(&relay, true, &["refusals".to_string()]))["refusals"];
+    let status = |k: &str| r[k]["status"].as_u64().unwrap_or_else(|| panic!("{k}: {}", r[k]));
+    // A private target is policy-denied: 403 with destination_ip_prohibited.
+    assert_eq!(status("denied_tcp"), 403, "{r}");
+    assert!(
+        r["denied_tcp"]["headers"]["proxy-status"].as_str().unwrap().contains("destination_ip_prohibited")
+    );
+    assert_eq!(status("bad_authority"), 400);
+    assert_eq!(status("no_token"), 407);
+    assert!(r["no_token"]["headers"]["proxy-authenticate"].as_str().unwrap().starts_with("Bearer"));
+    assert_eq!(status("wrong_template"), 404);
+    assert_eq!(status("unknown_protocol"), 501);
+    assert_eq!(status("post"), 405);
+    assert_eq!(status("not_found"), 404);
+    // RFC 9113 section 8.2.1: an uppercase field name is malformed; h2
+    // treats it as a protocol error of the connection or the stream.
+    let up = &r["uppercase"];
+    assert!(
+        up["answer"] == "reset" || up["terminated"].as_u64().is_some(),
+        "an uppercase field name is refused: {up}"
+    );
+    // HTTP/1.1 and HTTP/3 give the same answer to the denied target.
+    let mut s = TcpStream::connect(relay.cleartext_addr.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "CONNECT 10.1.2.3:22 HTTP/1.1\r\nHost: 10.1.2.3:22\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+        relay.token
+    )
+    .unwrap();
+    let head = read_head(&mut s).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 403"), "{head}");
+    assert!(head.contains("proxy-status: test-relay; error=destination_ip_prohibited"), "{head}");
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(relay.cert());
+    cfg.token = Some(relay.token.clone());
+    let mut c = Client::connect(cfg, Duration::from_secs(5)).unwrap();
+    c.wait_settings(Duration::from_secs(5)).unwrap();
+    let sid = c.request_tcp("10.1.2.3:22").unwrap();
+    let a = c.wait_answer(sid, Duration::from_secs(5)).unwrap();
+    assert_eq!(a.status(), Some(403), "{a:?}");
+    assert!(a.header("proxy-status").unwrap().contains("destination_ip_prohibited"));
+}
