@@ -116,7 +116,10 @@ class H2Client:
             self.sock = raw
         self.sock.settimeout(0.05)
         config = h2.config.H2Configuration(
-            client_side=True, header_encoding="utf-8", validate_outbound_headers=validate
+            client_side=True,
+            header_encoding="utf-8",
+            validate_outbound_headers=validate,
+            normalize_outbound_headers=validate,
         )
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.initiate_connection()
@@ -140,7 +143,7 @@ class H2Client:
         self.sock.settimeout(wait)
         try:
             data = self.sock.recv(1 << 16)
-        except (socket.timeout, ssl.SSLWantReadError):
+        except (socket.timeout, ssl.SSLWantReadError, BlockingIOError):
             return
         except (ConnectionResetError, ssl.SSLError, OSError):
             self.closed = True
@@ -193,7 +196,17 @@ class H2Client:
 
     def request(self, headers: list[tuple[str, str]], end_stream: bool = False) -> int:
         sid = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(sid, headers, end_stream=end_stream)
+        # h2 validates every request as if it had :scheme and :path; a
+        # classic CONNECT (RFC 9113 section 8.5) has neither, so its
+        # outbound check is skipped for it.
+        classic_connect = dict(headers).get(":method") == "CONNECT" and ":protocol" not in dict(headers)
+        saved = self.conn.config.validate_outbound_headers
+        if classic_connect:
+            self.conn.config.validate_outbound_headers = False
+        try:
+            self.conn.send_headers(sid, headers, end_stream=end_stream)
+        finally:
+            self.conn.config.validate_outbound_headers = saved
         self.flush()
         return sid
 

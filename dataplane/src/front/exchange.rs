@@ -266,6 +266,8 @@ pub struct Exchange {
     /// (TCP), at most `limit`.
     early: Vec<u8>,
     limit: usize,
+    /// A TCP tunnel's target totals already counted.
+    tcp_counted: (u64, u64),
 }
 
 impl Exchange {
@@ -280,6 +282,7 @@ impl Exchange {
             up_fin: false,
             early: Vec::new(),
             limit: 0,
+            tcp_counted: (0, 0),
         }
     }
 
@@ -300,6 +303,7 @@ impl Exchange {
             up_fin: false,
             early: Vec::new(),
             limit,
+            tcp_counted: (0, 0),
         }
     }
 
@@ -370,7 +374,7 @@ impl Exchange {
     pub fn pump_tcp(&mut self, now: Instant) -> (bool, u64, u64) {
         let room = self.limit.saturating_sub(self.down.len());
         let State::Tcp { target, last_activity, .. } = &mut self.state else { return (false, 0, 0) };
-        let before = target.totals();
+        let before = self.tcp_counted;
         target.flush();
         let mut moved = false;
         let mut room = room;
@@ -392,7 +396,10 @@ impl Exchange {
         if let TargetState::Failed(_) = target.state() {
             self.abort.get_or_insert("the target connection failed");
         }
+        // Counted from what the previous call saw, so bytes written to the
+        // target by `up_tcp` in between count too.
         let after = target.totals();
+        self.tcp_counted = after;
         if after != before {
             *last_activity = now;
             moved = true;

@@ -436,11 +436,12 @@ impl Session {
         if st.down_ended {
             let answer = matches!(st.ex.state, State::Answer | State::Done);
             if answer && !st.up_ended {
-                // RFC 9113 section 8.1: after a complete response the server
-                // may ask the client to stop sending with NO_ERROR.
-                if let Some(s) = st.send.as_mut() {
-                    s.send_reset(Reason::NO_ERROR);
-                }
+                // RFC 9113 section 8.1: after a complete response the rest
+                // of the request is not needed. Dropping the stream's
+                // handles lets h2 reset it once the response has gone out
+                // (an explicit RST_STREAM now would discard the queued
+                // response).
+                st.recv = None;
                 st.up_ended = true;
             }
             if st.up_ended {
