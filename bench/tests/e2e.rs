@@ -211,11 +211,24 @@ fn refusals_carry_exact_statuses_and_proxy_status() {
     assert_eq!(a.status(), Some(400));
     let a = ask(&mut c, &set(":scheme", "http"));
     assert_eq!(a.status(), Some(400));
+    // Plain CONNECT is a TCP tunnel (RFC 9114 section 4.4): to a port
+    // where nothing listens it is refused as the connect was
+    // (RFC 9209 section 2.3.7); bench/tests/tcp_front.rs moves bytes.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let a = ask(&mut c, &|h| {
         h.retain(|(n, _)| n != ":protocol");
         h.retain(|(n, _)| n != ":path" && n != ":scheme");
+        for (n, v) in h.iter_mut() {
+            if n == ":authority" {
+                *v = closed.to_string();
+            }
+        }
     });
-    assert_eq!(a.status(), Some(501), "plain CONNECT (TCP) is not served yet");
+    assert_eq!(
+        status_and_error(&a),
+        (502, Some("connection_refused".into())),
+        "plain CONNECT to a closed port"
+    );
     let a = ask(&mut c, &|h| {
         h.retain(|(n, _)| n != ":protocol");
         for (n, v) in h.iter_mut() {

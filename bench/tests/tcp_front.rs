@@ -389,3 +389,129 @@ fn refusals_carry_status_and_proxy_status_on_every_version() {
     assert_eq!(a.status(), Some(403), "{a:?}");
     assert!(a.header("proxy-status").unwrap().contains("destination_ip_prohibited"));
 }
+
+#[test]
+fn http2_connect_ip_tunnel_pings_a_target_namespace_through_the_tun_device() {
+    use relay_bench::ipnet::IpTopology;
+    use relay_bench::processes::running_as_root;
+    let tun = std::path::Path::new("/dev/net/tun").exists();
+    if !(running_as_root() && tun) {
+        assert!(!in_ci(), "the connect-ip over HTTP/2 test needs root and /dev/net/tun under CI");
+        eprintln!("SKIPPED: needs root and /dev/net/tun");
+        return;
+    }
+    let Some(python) = python_or_skip("http2_connect_ip") else { return };
+    let pid = std::process::id();
+    let topo = IpTopology::create(pid % 40 + 1).expect("namespaces");
+    let pool = 150 + (pid % 40);
+    let opts = RelayOptions {
+        listen_ip: topo.client.host_addr,
+        allow: vec!["127.0.0.0/8".into(), topo.target_prefixes[0].clone(), topo.target_prefixes[1].clone()],
+        extra_config: format!(
+            "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.87.{pool}.0/24\"\nipv6_pool = \"fd87:{pool}::/120\"\ninterface_prefix = \"mh{pid}w\"\n"
+        ),
+        ..RelayOptions::default()
+    };
+    let relay = Relay::start(&test_dir("h2ip"), &opts).expect("relay starts with connect-ip");
+    let args = vec![
+        "--relay".to_string(),
+        relay.addr.to_string(),
+        "--tls".into(),
+        "--ca".into(),
+        relay.cert().display().to_string(),
+        "--token".into(),
+        relay.token.clone(),
+        "--ping-target".into(),
+        topo.target.target_addr.to_string(),
+        "--count".into(),
+        "3".into(),
+        "connect_ip".into(),
+    ];
+    let tun_out = relay.counter("tun_packets_out").unwrap();
+    let r = &h2_client(&python, &args)["connect_ip"];
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["headers"]["capsule-protocol"], "?1", "{r}");
+    let assigned = r["assigned"].as_str().expect("an IPv4 address was assigned");
+    assert!(assigned.starts_with(&format!("10.87.{pool}.")), "from the pool: {r}");
+    assert!(r["routes"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["replies"], 3, "every echo request came back through the tunnel: {r}");
+    assert!(relay.counter("tun_packets_out").unwrap() >= tun_out + 3);
+    drop(relay);
+    drop(topo);
+}
+
+/// One HTTP/1.1 status request on a fresh cleartext connection; returns
+/// how long the answer took.
+fn status_latency(addr: SocketAddr) -> Duration {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).expect("a well-behaved client connects");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n").unwrap();
+    let head = read_head(&mut s);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    started.elapsed()
+}
+
+#[test]
+fn slowloris_and_connection_floods_are_bounded_and_good_clients_keep_being_served() {
+    let opts = RelayOptions {
+        tcp_cleartext: true,
+        tcp_extra: "handshake_timeout_ms = 1500\nidle_timeout_secs = 5\nmax_connections_per_worker = 400\n"
+            .into(),
+        ..RelayOptions::default()
+    };
+    let relay = Relay::start(&test_dir("slowloris"), &opts).expect("relay starts");
+    let clear = relay.cleartext_addr.unwrap();
+    let rss_before = relay.dataplane_rss_kib().unwrap();
+    // Idle TLS connections that never send a ClientHello, and slowloris
+    // HTTP/1.1 clients that send a head one byte at a time.
+    let mut idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(relay.addr).unwrap()).collect();
+    let mut slow: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(clear).unwrap()).collect();
+    let head = b"GET / HTTP/1.1\r\nHost: relay\r\nX-Slow: ";
+    let mut worst = Duration::ZERO;
+    let started = Instant::now();
+    let mut sent = 0;
+    // Bounded: 2.5 s of dripping (past the 1.5 s handshake deadline),
+    // with a connect/close flood and well-behaved requests in between.
+    while started.elapsed() < Duration::from_millis(2500) {
+        for s in &mut slow {
+            let _ = s.write_all(&head[sent % head.len()..sent % head.len() + 1]);
+        }
+        sent += 1;
+        for _ in 0..50 {
+            drop(TcpStream::connect(clear));
+        }
+        worst = worst.max(status_latency(clear));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Every slow and idle connection has been closed by the relay.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut closed = 0;
+    for s in idle.iter_mut().chain(slow.iter_mut()) {
+        s.set_read_timeout(Some(
+            deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10)),
+        ))
+        .unwrap();
+        let mut b = [0u8; 64];
+        // EOF or a reset: closed without an answer.
+        match s.read(&mut b) {
+            Ok(0) => closed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed += 1,
+            Ok(n) => panic!("a slow client got an answer: {:?}", String::from_utf8_lossy(&b[..n])),
+            Err(e) => panic!("a slow connection stayed open: {e}"),
+        }
+    }
+    assert_eq!(closed, 400);
+    assert!(relay.counter("tcp_timeouts").unwrap() >= 400, "counted");
+    assert!(worst < Duration::from_secs(1), "a well-behaved client waited {worst:?}");
+    assert!(status_latency(clear) < Duration::from_secs(1));
+    // Past the limit, connections are refused at accept (and counted).
+    let over: Vec<TcpStream> = (0..900).filter_map(|_| TcpStream::connect(clear).ok()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(relay.counter("tcp_connections_rejected").unwrap() > 0, "the per-worker bound applies");
+    drop(over);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(status_latency(clear) < Duration::from_secs(1), "served again once they are gone");
+    let rss_after = relay.dataplane_rss_kib().unwrap();
+    assert!(rss_after < rss_before + 64 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
+}
