@@ -6,6 +6,8 @@
 //! - [`load`]: a bounded echo load with byte-for-byte checks.
 //! - [`interop`]: runs the independent aioquic client of the interop and
 //!   abuse suites.
+//! - [`h2client`], [`frontbench`]: an HTTP/2 client for the TCP front and
+//!   the HTTP/2-next-to-HTTP/3 benchmark.
 //! - [`tcp_echo`]: a TCP echo target for the TCP CONNECT tests.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
@@ -14,6 +16,8 @@ pub mod bindclient;
 pub mod client;
 pub mod direct;
 pub mod echo;
+pub mod frontbench;
+pub mod h2client;
 pub mod interop;
 pub mod ipbench;
 pub mod ipnet;

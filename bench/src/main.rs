@@ -220,6 +220,32 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// connect-udp over HTTP/2 (the TCP front) next to HTTP/3, and TCP
+    /// CONNECT over HTTP/3, HTTP/2 and HTTP/1.1 next to the direct path, on
+    /// a freshly started relay; prints a markdown report.
+    FrontBench {
+        /// Directory of relay-control and relay-dataplane.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Relay workers.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// Tunnels per echo load.
+        #[arg(long, default_value_t = 4)]
+        flows: usize,
+        /// Datagrams per tunnel.
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// Datagrams in flight per tunnel.
+        #[arg(long, default_value_t = 64)]
+        window: u64,
+        /// MiB per TCP CONNECT transfer.
+        #[arg(long, default_value_t = 64)]
+        tcp_mib: usize,
+        /// Transfers per TCP path (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 fn split_target(target: &str) -> Result<(String, u16)> {
@@ -311,6 +337,19 @@ fn run(args: Args) -> Result<()> {
             let r = relay_bench::ipbench::run(&bin_dir, workers, Duration::from_secs(seconds))?;
             print!("{}", relay_bench::ipbench::table(&r));
             println!("client packets: up {}, down {}, dropped {}", r.pump.up, r.pump.down, r.pump.dropped);
+            Ok(())
+        }
+        Command::FrontBench { bin_dir, workers, flows, count, window, tcp_mib, repeats } => {
+            let cfg = relay_bench::frontbench::FrontBench {
+                bin_dir,
+                workers,
+                flows,
+                count,
+                window,
+                tcp_bytes: tcp_mib << 20,
+                repeats,
+            };
+            print!("{}", relay_bench::frontbench::run(&cfg)?);
             Ok(())
         }
         Command::Suite { out, smoke, bin_dir, no_pin, netns, io } => {

@@ -12,6 +12,12 @@ use std::time::Duration;
 /// Connections served at once at most (each has a thread).
 const MAX_CONNECTIONS: u64 = 256;
 
+/// A deterministic byte pattern of `n` bytes for transfers checked byte for
+/// byte.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
+}
+
 /// A running TCP echo server; stops when dropped.
 pub struct TcpEcho {
     addr: SocketAddr,

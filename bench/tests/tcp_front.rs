@@ -255,9 +255,7 @@ fn tcp_connect_over_each_http_version_moves_megabytes_byte_for_byte() {
     assert!(echo.accepted() >= 4);
 }
 
-fn pattern(n: usize) -> Vec<u8> {
-    (0..n).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()
-}
+use relay_bench::tcp_echo::pattern;
 
 fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();

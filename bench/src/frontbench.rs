@@ -1,0 +1,185 @@
+//! `relay-bench front-bench`: the TCP front next to HTTP/3 in one run, on
+//! one relay. connect-udp echo loads (the same windowed, byte-checked load)
+//! over HTTP/3 datagrams and over HTTP/2 capsules on TLS, and TCP CONNECT
+//! echo transfers over HTTP/3, HTTP/2 and HTTP/1.1 next to the direct path.
+//! It prints a markdown report (docs/BENCHMARKS.md keeps the latest).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+
+use crate::client::{Answer, Client, ClientConfig};
+use crate::echo::EchoServer;
+use crate::h2client::{self, H2Target};
+use crate::load::{EchoLoad, EchoReport, run_echo};
+use crate::processes::{Relay, RelayOptions};
+use crate::tcp_echo::TcpEcho;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct FrontBench {
+    /// Directory of the relay binaries.
+    pub bin_dir: Option<PathBuf>,
+    /// Relay workers.
+    pub workers: u32,
+    /// Tunnels per echo load.
+    pub flows: usize,
+    /// Datagrams per tunnel.
+    pub count: u64,
+    /// Datagrams in flight per tunnel.
+    pub window: u64,
+    /// Bytes per TCP CONNECT transfer.
+    pub tcp_bytes: usize,
+    /// Transfers per path (the median is reported).
+    pub repeats: usize,
+}
+
+fn h3_client(relay: &Relay) -> Result<Client> {
+    let mut cfg = ClientConfig::new(relay.addr);
+    cfg.ca = Some(relay.cert());
+    cfg.token = Some(relay.token.clone());
+    let mut c = Client::connect(cfg, Duration::from_secs(5))?;
+    c.wait_settings(Duration::from_secs(5))?;
+    Ok(c)
+}
+
+fn h3_udp_echo(relay: &Relay, target: SocketAddr, flows: usize, load: &EchoLoad) -> Result<EchoReport> {
+    let mut c = h3_client(relay)?;
+    let mut streams = Vec::new();
+    for _ in 0..flows {
+        streams.push(c.open_udp(&target.ip().to_string(), target.port(), Duration::from_secs(5))?);
+    }
+    let r = run_echo(&mut c, &streams, load)?;
+    c.close();
+    Ok(r)
+}
+
+fn h3_tcp_echo(relay: &Relay, target: SocketAddr, bytes: usize) -> Result<Duration> {
+    let mut c = h3_client(relay)?;
+    let sid = c.request_tcp(&target.to_string())?;
+    match c.wait_answer(sid, Duration::from_secs(5))? {
+        a @ Answer::Response(_) if a.status() == Some(200) => {}
+        other => bail!("CONNECT over HTTP/3 refused: {other:?}"),
+    }
+    let data = crate::tcp_echo::pattern(bytes);
+    let start = Instant::now();
+    let mut got = Vec::with_capacity(bytes);
+    for (i, piece) in data.chunks(64 * 1024).enumerate() {
+        let last = (i + 1) * 64 * 1024 >= data.len();
+        c.send_stream_bytes(sid, piece, last)?;
+        got.extend(c.take_raw(sid));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < bytes || !c.stream_finished(sid) {
+        if Instant::now() > deadline {
+            bail!("CONNECT over HTTP/3: {} of {bytes} bytes back", got.len());
+        }
+        c.drive(Duration::from_millis(5))?;
+        got.extend(c.take_raw(sid));
+    }
+    let elapsed = start.elapsed();
+    if got != data {
+        bail!("CONNECT over HTTP/3: bytes came back changed");
+    }
+    c.close();
+    Ok(elapsed)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+struct UdpRow {
+    path: &'static str,
+    size: usize,
+    report: EchoReport,
+}
+
+/// Runs the comparison; returns the markdown report.
+pub fn run(cfg: &FrontBench) -> Result<String> {
+    let dir = std::env::temp_dir().join(format!("relay-front-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = RelayOptions { workers: cfg.workers, bin_dir: cfg.bin_dir.clone(), ..RelayOptions::default() };
+    let relay = Relay::start(&dir, &opts)?;
+    let udp = EchoServer::start("127.0.0.1:0".parse()?)?;
+    let tcp = TcpEcho::start("127.0.0.1:0".parse()?)?;
+    let h2 = H2Target {
+        relay: relay.addr,
+        server_name: "localhost".into(),
+        ca: relay.cert(),
+        token: Some(relay.token.clone()),
+        template: crate::client::DEFAULT_TEMPLATE.into(),
+    };
+    let mut rows = Vec::new();
+    for size in [1200usize, 64] {
+        let load = EchoLoad {
+            count: cfg.count,
+            size,
+            window: cfg.window,
+            capsules: false,
+            stall_timeout: Duration::from_secs(2),
+        };
+        rows.push(UdpRow {
+            path: "HTTP/3 (QUIC DATAGRAM frames)",
+            size,
+            report: h3_udp_echo(&relay, udp.addr(), cfg.flows, &load)?,
+        });
+        rows.push(UdpRow {
+            path: "HTTP/2 over TLS (DATAGRAM capsules)",
+            size,
+            report: h2client::udp_echo(&h2, udp.addr(), cfg.flows, &load)?,
+        });
+    }
+    let mut tcp_rows: Vec<(&str, Duration)> = Vec::new();
+    let times = |f: &dyn Fn() -> Result<Duration>| -> Result<Duration> {
+        let mut v = Vec::new();
+        for _ in 0..cfg.repeats.max(1) {
+            v.push(f()?);
+        }
+        Ok(median(v))
+    };
+    let target = tcp.addr();
+    let b = cfg.tcp_bytes;
+    tcp_rows.push(("direct (no relay)", times(&|| h2client::tcp_echo_direct(target, b))?));
+    tcp_rows.push(("HTTP/3 CONNECT", times(&|| h3_tcp_echo(&relay, target, b))?));
+    tcp_rows.push(("HTTP/2 CONNECT over TLS", times(&|| h2client::tcp_echo(&h2, target, b))?));
+    tcp_rows.push(("HTTP/1.1 CONNECT over TLS", times(&|| h2client::tcp_echo_h1(&h2, target, b))?));
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "connect-udp echo: {} tunnels on one connection, {} datagrams each, window {} per tunnel, loopback UDP echo target, relay with {} workers.\n\n",
+        cfg.flows, cfg.count, cfg.window, cfg.workers
+    ));
+    out.push_str("| path | payload | echoes/s | MB/s each way | RTT p50 | RTT p99 | lost |\n|---|---|---|---|---|---|---|\n");
+    for r in &rows {
+        let secs = r.report.elapsed.as_secs_f64().max(1e-9);
+        let rate = r.report.received as f64 / secs;
+        out.push_str(&format!(
+            "| {} | {} B | {:.0} | {:.1} | {} us | {} us | {} |\n",
+            r.path,
+            r.size,
+            rate,
+            rate * r.size as f64 / 1e6,
+            r.report.rtt_us.value_at_quantile(0.5),
+            r.report.rtt_us.value_at_quantile(0.99),
+            r.report.lost
+        ));
+    }
+    out.push_str(&format!(
+        "\nTCP CONNECT: {} MiB echoed through one tunnel (sent and received concurrently), median of {} runs.\n\n",
+        b >> 20,
+        cfg.repeats.max(1)
+    ));
+    out.push_str("| path | seconds | Mbit/s each way | vs direct |\n|---|---|---|---|\n");
+    let direct = tcp_rows[0].1.as_secs_f64();
+    for (path, d) in &tcp_rows {
+        let s = d.as_secs_f64().max(1e-9);
+        out.push_str(&format!("| {path} | {s:.3} | {:.0} | {:.2} |\n", b as f64 * 8.0 / s / 1e6, direct / s));
+    }
+    drop(relay);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(out)
+}

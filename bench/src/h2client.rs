@@ -1,0 +1,332 @@
+//! An HTTP/2 client for the relay's TCP front (TLS with ALPN `h2`):
+//! connect-udp tunnels as DATAGRAM capsules (RFC 8441 extended CONNECT, RFC
+//! 9297), with the same windowed, byte-checked echo load as the HTTP/3
+//! client ([`crate::load`]), and TCP CONNECT bulk transfers. The `h2` crate on
+//! a tokio current-thread runtime with tokio-boring: a client tool, so a
+//! runtime is fine here (the relay itself runs none).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use boring::ssl::{SslConnector, SslMethod};
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use hdrhistogram::Histogram;
+use relay_proto::capsule::{self, Capsule, CapsuleDecoder};
+
+use crate::load::{EchoLoad, EchoReport, payload};
+
+/// Where and how to reach the relay over HTTP/2.
+#[derive(Debug, Clone)]
+pub struct H2Target {
+    /// The relay's TLS-over-TCP listener.
+    pub relay: SocketAddr,
+    /// TLS server name (and `:authority` host).
+    pub server_name: String,
+    /// CA certificate.
+    pub ca: std::path::PathBuf,
+    /// Bearer token.
+    pub token: Option<String>,
+    /// connect-udp URI template.
+    pub template: String,
+}
+
+type Tls = tokio_boring::SslStream<tokio::net::TcpStream>;
+
+async fn connect(t: &H2Target) -> Result<SendRequest<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(t.relay).await.context("TCP connect")?;
+    tcp.set_nodelay(true)?;
+    let mut b = SslConnector::builder(SslMethod::tls())?;
+    b.set_ca_file(&t.ca).with_context(|| format!("CA {}", t.ca.display()))?;
+    b.set_alpn_protos(b"\x02h2")?;
+    let cfg = b.build().configure()?;
+    let tls: Tls =
+        tokio_boring::connect(cfg, &t.server_name, tcp).await.map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    if tls.ssl().selected_alpn_protocol() != Some(b"h2") {
+        bail!("the relay did not pick h2");
+    }
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, Bytes>(tls)
+        .await
+        .context("HTTP/2 handshake")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut client = client.ready().await?;
+    // Extended CONNECT needs the relay's SETTINGS (RFC 8441 section 3).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.is_extended_connect_protocol_enabled() {
+        if Instant::now() > deadline {
+            bail!("the relay did not enable extended CONNECT");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        client = client.ready().await?;
+    }
+    Ok(client)
+}
+
+fn auth(t: &H2Target, b: http::request::Builder) -> http::request::Builder {
+    match &t.token {
+        Some(tok) => b.header("proxy-authorization", format!("Bearer {tok}")),
+        None => b,
+    }
+}
+
+async fn open_udp(
+    client: &mut SendRequest<Bytes>,
+    t: &H2Target,
+    target: SocketAddr,
+) -> Result<(SendStream<Bytes>, RecvStream)> {
+    let template = relay_proto::template::UriTemplate::parse(&t.template)?;
+    let path = template.expand(&target.ip().to_string(), target.port());
+    let uri = format!("https://{}:{}{path}", t.server_name, t.relay.port());
+    let req = auth(t, http::Request::builder().method("CONNECT").uri(uri))
+        .header("capsule-protocol", "?1")
+        .extension(h2::ext::Protocol::from_static("connect-udp"))
+        .body(())?;
+    let (resp, send) = client.send_request(req, false)?;
+    let resp = resp.await?;
+    if resp.status() != 200 {
+        bail!("connect-udp over HTTP/2 refused: {}", resp.status());
+    }
+    Ok((send, resp.into_body()))
+}
+
+struct FlowResult {
+    sent: u64,
+    received: u64,
+    corrupt: u64,
+    rtt: Histogram<u64>,
+}
+
+async fn flow_echo(
+    flow: u32,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    load: EchoLoad,
+) -> Result<FlowResult> {
+    let mut r =
+        FlowResult { sent: 0, received: 0, corrupt: 0, rtt: Histogram::new_with_bounds(1, 60_000_000, 3)? };
+    let mut sent_at = vec![None::<Instant>; load.count as usize];
+    let mut in_flight = 0u64;
+    let mut next = 0u64;
+    let mut decoder = CapsuleDecoder::new(65_535);
+    let (mut buf, mut expected, mut capsule_buf) = (Vec::new(), Vec::new(), Vec::new());
+    loop {
+        while next < load.count && in_flight < load.window {
+            payload(flow, next, load.size, &mut buf);
+            capsule_buf.clear();
+            capsule::encode_datagram(0, &buf, &mut capsule_buf);
+            send.send_data(Bytes::copy_from_slice(&capsule_buf), false)?;
+            sent_at[next as usize] = Some(Instant::now());
+            next += 1;
+            in_flight += 1;
+            r.sent += 1;
+        }
+        if in_flight == 0 {
+            break;
+        }
+        let chunk = match tokio::time::timeout(load.stall_timeout, recv.data()).await {
+            Ok(Some(Ok(c))) => c,
+            Ok(Some(Err(e))) => bail!("tunnel stream: {e}"),
+            Ok(None) => break,
+            Err(_) => break, // stalled: the rest is lost
+        };
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        let mut echoes = Vec::new();
+        decoder.feed(&chunk, |c| echoes.push(c)).map_err(|e| anyhow::anyhow!("capsules: {e}"))?;
+        for c in echoes {
+            let Capsule::Datagram(v) = c else { continue };
+            let Some(p) = v.strip_prefix(&[0u8]) else { continue };
+            if p.len() < 16 {
+                r.corrupt += 1;
+                continue;
+            }
+            let seq = u64::from_be_bytes(p[4..12].try_into().unwrap_or_default());
+            payload(flow, seq, load.size, &mut expected);
+            match sent_at.get_mut(seq as usize).and_then(Option::take) {
+                Some(at) if p == expected.as_slice() => {
+                    let _ = r.rtt.record(at.elapsed().as_micros().max(1) as u64);
+                    r.received += 1;
+                    in_flight -= 1;
+                }
+                _ => r.corrupt += 1,
+            }
+        }
+    }
+    let _ = send.send_data(Bytes::new(), true);
+    Ok(r)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// Opens `flows` connect-udp tunnels to `target` on one HTTP/2 connection
+/// and runs the echo `load` on each, like [`crate::load::run_echo`].
+pub fn udp_echo(t: &H2Target, target: SocketAddr, flows: usize, load: &EchoLoad) -> Result<EchoReport> {
+    if load.size < 16 {
+        bail!("payload size must be at least 16 bytes");
+    }
+    runtime()?.block_on(async {
+        let mut client = connect(t).await?;
+        let mut streams = Vec::new();
+        for _ in 0..flows {
+            streams.push(open_udp(&mut client, t, target).await?);
+        }
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for (i, (send, recv)) in streams.into_iter().enumerate() {
+            tasks.push(tokio::spawn(flow_echo(i as u32, send, recv, load.clone())));
+        }
+        let mut report = EchoReport {
+            sent: 0,
+            received: 0,
+            lost: 0,
+            corrupt: 0,
+            duplicates: 0,
+            rtt_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            elapsed: Duration::ZERO,
+        };
+        for task in tasks {
+            let r = task.await??;
+            report.sent += r.sent;
+            report.received += r.received;
+            report.corrupt += r.corrupt;
+            report.rtt_us.add(&r.rtt)?;
+        }
+        report.elapsed = start.elapsed();
+        report.lost = (flows as u64 * load.count).saturating_sub(report.received);
+        Ok(report)
+    })
+}
+
+/// A TCP CONNECT through the relay over HTTP/2 to an echo server at
+/// `target`: sends `bytes` and reads them back; returns the wall time.
+pub fn tcp_echo(t: &H2Target, target: SocketAddr, bytes: usize) -> Result<Duration> {
+    runtime()?.block_on(async {
+        let mut client = connect(t).await?;
+        let req = auth(t, http::Request::builder().method("CONNECT").uri(target.to_string())).body(())?;
+        let (resp, mut send) = client.send_request(req, false)?;
+        let resp = resp.await?;
+        if resp.status() != 200 {
+            bail!("CONNECT over HTTP/2 refused: {}", resp.status());
+        }
+        let mut recv = resp.into_body();
+        let data = Bytes::from(crate::tcp_echo::pattern(bytes));
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            let chunk = 64 * 1024;
+            let mut off = 0;
+            while off < data.len() {
+                let end = (off + chunk).min(data.len());
+                send.reserve_capacity(end - off);
+                let _ = std::future::poll_fn(|cx| send.poll_capacity(cx)).await;
+                send.send_data(data.slice(off..end), end == data.len())?;
+                off = end;
+            }
+            Ok::<_, h2::Error>(())
+        });
+        let mut got = 0usize;
+        let expected = crate::tcp_echo::pattern(bytes);
+        let mut ok = true;
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), recv.data()).await? {
+            let chunk = chunk?;
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            ok &= expected.get(got..got + chunk.len()) == Some(&chunk[..]);
+            got += chunk.len();
+        }
+        sender.await??;
+        if got != bytes || !ok {
+            bail!("CONNECT over HTTP/2: {got} of {bytes} bytes back, intact: {ok}");
+        }
+        Ok(start.elapsed())
+    })
+}
+
+/// A TCP CONNECT through the relay over HTTP/1.1 (TLS) to an echo server.
+pub fn tcp_echo_h1(t: &H2Target, target: SocketAddr, bytes: usize) -> Result<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    runtime()?.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(t.relay).await?;
+        tcp.set_nodelay(true)?;
+        let mut b = SslConnector::builder(SslMethod::tls())?;
+        b.set_ca_file(&t.ca)?;
+        b.set_alpn_protos(b"\x08http/1.1")?;
+        let cfg = b.build().configure()?;
+        let tls =
+            tokio_boring::connect(cfg, &t.server_name, tcp).await.map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let token = t.token.as_deref().unwrap_or("");
+        wr.write_all(
+            format!(
+                "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            rd.read_exact(&mut byte).await?;
+            head.push(byte[0]);
+            if head.len() > 16384 {
+                bail!("response head too long");
+            }
+        }
+        if !head.starts_with(b"HTTP/1.1 200") {
+            bail!("CONNECT over HTTP/1.1 refused: {}", String::from_utf8_lossy(&head));
+        }
+        let data = crate::tcp_echo::pattern(bytes);
+        let start = Instant::now();
+        let sender = tokio::spawn(async move {
+            wr.write_all(&data).await?;
+            wr.shutdown().await?;
+            Ok::<_, std::io::Error>(())
+        });
+        let mut back = Vec::with_capacity(bytes);
+        tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut back)).await??;
+        sender.await??;
+        if back != crate::tcp_echo::pattern(bytes) {
+            bail!("CONNECT over HTTP/1.1: {} of {bytes} bytes back", back.len());
+        }
+        Ok(start.elapsed())
+    })
+}
+
+/// The same transfer on the direct path (no relay), for comparison.
+pub fn tcp_echo_direct(target: SocketAddr, bytes: usize) -> Result<Duration> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(target)?;
+    s.set_nodelay(true)?;
+    let mut w = s.try_clone()?;
+    let data = crate::tcp_echo::pattern(bytes);
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        w.write_all(&data)?;
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut back = Vec::with_capacity(bytes);
+    s.read_to_end(&mut back)?;
+    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    if back.len() != bytes {
+        bail!("direct: {} of {bytes} bytes back", back.len());
+    }
+    Ok(start.elapsed())
+}
+
+/// The relay at `relay` under its default name and template.
+pub fn default_target(relay: SocketAddr, ca: &Path, token: Option<String>) -> H2Target {
+    H2Target {
+        relay,
+        server_name: "localhost".into(),
+        ca: ca.to_path_buf(),
+        token,
+        template: crate::client::DEFAULT_TEMPLATE.into(),
+    }
+}
