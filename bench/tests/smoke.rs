@@ -89,3 +89,30 @@ fn smoke_suite_with_targets_in_a_network_namespace() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn front_bench_measures_every_path() {
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let cfg = relay_bench::frontbench::FrontBench {
+        bin_dir: None,
+        workers: 2,
+        flows: 2,
+        count: 300,
+        window: 16,
+        tcp_bytes: 1 << 20,
+        repeats: 1,
+    };
+    // Every transfer is checked byte for byte inside the run (an error
+    // otherwise); the report names every path.
+    let report = relay_bench::frontbench::run(&cfg).expect("the front bench runs");
+    for path in [
+        "HTTP/3 (QUIC DATAGRAM frames)",
+        "HTTP/2 over TLS (DATAGRAM capsules)",
+        "HTTP/3 CONNECT",
+        "HTTP/2 CONNECT over TLS",
+        "HTTP/1.1 CONNECT over TLS",
+        "direct (no relay)",
+    ] {
+        assert!(report.contains(path), "{path} missing:\n{report}");
+    }
+}

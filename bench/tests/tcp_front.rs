@@ -176,6 +176,9 @@ fn http2_extended_connect_udp_tunnels_carry_capsules_both_ways() {
     let Some(python) = python_or_skip("http2_connect_udp") else { return };
     let relay = relay("h2udp");
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    // RFC 8441 section 3: the relay's SETTINGS enable extended CONNECT.
+    let r = &h2_client(&python, &h2_args(&relay, true, &["status".to_string()]))["status"];
+    assert_eq!(r["connect_protocol"], true, "{r}");
     for tls in [true, false] {
         let extra = ["--target-port".into(), echo.addr().port().to_string(), "--count".into(), "300".into()];
         let r = &h2_client(&python, &[h2_args(&relay, tls, &extra), vec!["connect_udp".into()]].concat())["connect_udp"];
