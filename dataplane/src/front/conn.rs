@@ -111,6 +111,8 @@ pub struct Conn {
     wire_out: Vec<u8>,
     wire_sent: usize,
     write_closed: bool,
+    /// Our FIN went out (half-close).
+    fin_sent: bool,
     /// The timer armed for it.
     pub armed: Option<Instant>,
     signing: Option<(u64, Instant)>,
@@ -166,6 +168,7 @@ impl Conn {
             wire_out: Vec::new(),
             wire_sent: 0,
             write_closed: false,
+            fin_sent: false,
             armed: None,
             signing: None,
             handshake_deadline: ctx.now + Duration::from_millis(u64::from(s.handshake_timeout_ms)),
@@ -571,15 +574,18 @@ impl Conn {
                 return true; // the close_notify goes out first
             }
             if let Some(s) = &self.sock {
+                self.fin_sent = true;
                 let _ = s.shutdown(Shutdown::Write);
             }
             return true;
         }
         if self.write_closed
             && self.io.shutdown_write
-            && self.tls.is_some()
+            && !self.fin_sent
             && let Some(s) = &self.sock
         {
+            // The close_notify has drained: now the FIN.
+            self.fin_sent = true;
             let _ = s.shutdown(Shutdown::Write);
         }
         false

@@ -133,6 +133,7 @@ impl Worker {
             counted: (0, 0),
         }));
         self.tunnels_open += 1;
+        self.tcp_tunnels += 1;
         self.count(Counter::TunnelsActive, 1);
         self.timers.push(entry.tunnel.deadline(), super::TimerTarget::Tunnel(key, stream_id));
     }
@@ -285,6 +286,7 @@ impl Worker {
     /// (RFC 9114 section 4.4: a reset stream closes the TCP connection
     /// with RST).
     pub(super) fn release_tcp(&mut self, mut tcp: TcpTunnel) {
+        self.tcp_tunnels = self.tcp_tunnels.saturating_sub(1);
         if !(tcp.up_fin && tcp.down_fin_sent) {
             tcp.target.abort();
         }
@@ -310,6 +312,9 @@ impl Worker {
     /// Keeps moving the bytes of a connection's TCP tunnels (after the
     /// stream took some, or quiche granted credit).
     pub(super) fn pump_conn_tcp(&mut self, key: ConnKey, conn: &mut Conn) {
+        if self.tcp_tunnels == 0 {
+            return; // the common case: no TCP tunnel on this worker
+        }
         let ids: Vec<u64> = conn.tunnels.iter().filter(|(_, e)| e.tcp.is_some()).map(|(id, _)| *id).collect();
         for id in ids {
             self.pump_tcp(key, conn, id);

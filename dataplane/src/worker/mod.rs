@@ -220,6 +220,8 @@ pub struct Worker {
     bind_due: Vec<WatchKey>,
     /// Closed TCP target sockets, kept until the backend has forgotten them.
     closing_tcp: Vec<std::net::TcpStream>,
+    /// Open TCP CONNECT tunnels on this worker's QUIC connections.
+    tcp_tunnels: usize,
     /// The TCP front (HTTP/2 and HTTP/1.1), when served.
     front: Option<crate::front::Front>,
 }
@@ -313,6 +315,7 @@ impl Worker {
             closing_bound: Vec::new(),
             bind_due: Vec::new(),
             closing_tcp: Vec::new(),
+            tcp_tunnels: 0,
             front: None,
         })
     }
