@@ -392,7 +392,7 @@ fn refusals_carry_status_and_proxy_status_on_every_version() {
 }
 
 #[test]
-fn http2_connect_ip_tunnel_pings_a_target_namespace_through_the_tun_device() {
+fn connect_ip_over_http2_and_http1_pings_a_target_namespace_through_the_tun_device() {
     use relay_bench::ipnet::IpTopology;
     use relay_bench::processes::running_as_root;
     let tun = std::path::Path::new("/dev/net/tun").exists();
@@ -407,6 +407,7 @@ fn http2_connect_ip_tunnel_pings_a_target_namespace_through_the_tun_device() {
     let pool = 150 + (pid % 40);
     let opts = RelayOptions {
         listen_ip: topo.client.host_addr,
+        tcp_cleartext: true,
         allow: vec!["127.0.0.0/8".into(), topo.target_prefixes[0].clone(), topo.target_prefixes[1].clone()],
         extra_config: format!(
             "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.87.{pool}.0/24\"\nipv6_pool = \"fd87:{pool}::/120\"\ninterface_prefix = \"mh{pid}w\"\n"
@@ -437,8 +438,96 @@ fn http2_connect_ip_tunnel_pings_a_target_namespace_through_the_tun_device() {
     assert!(r["routes"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["replies"], 3, "every echo request came back through the tunnel: {r}");
     assert!(relay.counter("tun_packets_out").unwrap() >= tun_out + 3);
+    // The HTTP/1.1 Upgrade form (RFC 9484 section 4.2) on the cleartext
+    // listener, with a plain socket.
+    h1_connect_ip_ping(&relay, topo.target.target_addr, pool);
     drop(relay);
     drop(topo);
+}
+
+/// An ICMP echo request from `src` to `dst` (IPv4, checksums set).
+fn icmp_echo(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, seq: u16) -> Vec<u8> {
+    fn sum(b: &[u8]) -> u16 {
+        let mut acc: u32 =
+            b.chunks(2).map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0))).sum();
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        !(acc as u16)
+    }
+    let mut icmp = vec![8, 0, 0, 0, 0x12, 0x34, (seq >> 8) as u8, seq as u8];
+    icmp.extend_from_slice(b"masque-h1-ping");
+    let c = sum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let total = (20 + icmp.len()) as u16;
+    let mut p = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, 0, 0, 64, 1, 0, 0];
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    let c = sum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&icmp);
+    p
+}
+
+fn h1_connect_ip_ping(relay: &Relay, target: std::net::IpAddr, pool: u32) {
+    use relay_proto::capsule::{Capsule, CapsuleDecoder};
+    use relay_proto::ip::capsule::{self as ipcap, IpCapsule};
+    let std::net::IpAddr::V4(target) = target else { panic!("an IPv4 target") };
+    let mut s = TcpStream::connect(relay.cleartext_addr.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /.well-known/masque/ip/*/*/ HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: connect-ip\r\nCapsule-Protocol: ?1\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+        relay.token
+    )
+    .unwrap();
+    let head = read_head(&mut s).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101") && head.contains("upgrade: connect-ip\r\n"), "{head}");
+    let mut decoder = CapsuleDecoder::new(65535).keep(&[1, 2, 3]);
+    let mut buf = vec![0u8; 65536];
+    let mut mine = None;
+    let mut replies = 0;
+    let mut sent = 0u16;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while replies < 3 {
+        assert!(Instant::now() < deadline, "HTTP/1.1 connect-ip: {replies} replies, address {mine:?}");
+        if let Some(src) = mine
+            && sent == replies
+        {
+            sent += 1;
+            let mut capsule = Vec::new();
+            let mut value = vec![0u8];
+            value.extend_from_slice(&icmp_echo(src, target, sent));
+            encode_varint(0, &mut capsule);
+            encode_varint(value.len() as u64, &mut capsule);
+            capsule.extend_from_slice(&value);
+            s.write_all(&capsule).unwrap();
+        }
+        let n = s.read(&mut buf).expect("capsules from the relay");
+        assert!(n > 0, "the relay closed the tunnel");
+        let mut got = Vec::new();
+        decoder.feed(&buf[..n], |c| got.push(c)).unwrap();
+        for c in got {
+            match c {
+                Capsule::Other { capsule_type, value } => {
+                    if let Ok(Some(IpCapsule::AddressAssign(list))) = ipcap::decode(capsule_type, &value)
+                        && let Some(a) = list.iter().find(|a| a.prefix.addr.is_ipv4())
+                        && let std::net::IpAddr::V4(v4) = a.prefix.addr
+                    {
+                        mine.get_or_insert(v4);
+                    }
+                }
+                Capsule::Datagram(v) => {
+                    let p = &v[1..];
+                    if p.len() >= 28 && p[9] == 1 && p[20] == 0 && p[12..16] == target.octets() {
+                        replies += 1;
+                    }
+                }
+            }
+        }
+    }
+    let mine = mine.unwrap();
+    assert!(mine.to_string().starts_with(&format!("10.87.{pool}.")), "{mine}");
 }
 
 /// One HTTP/1.1 status request on a fresh cleartext connection; returns
