@@ -245,7 +245,10 @@ fn run_relay(args: &[String]) -> Result<()> {
     let token = std::fs::read_to_string(state.join("token")).unwrap_or_default().trim().to_string();
     println!();
     println!(
-        "MASQUE relay running: QUIC on 127.0.0.1:4433 (connect-udp, template /.well-known/masque/udp/{{target_host}}/{{target_port}}/)"
+        "MASQUE relay running: QUIC on 127.0.0.1:4433 (connect-udp, template /.well-known/masque/udp/{{target_host}}/{{target_port}}/, and CONNECT)"
+    );
+    println!(
+        "  TCP:      TLS on 127.0.0.1:4433 (HTTP/2 and HTTP/1.1, ALPN), e.g. curl --cacert state/cert.pem https://127.0.0.1:4433/"
     );
     println!("  state:    {}", state.display());
     println!("  token:    {token}");
