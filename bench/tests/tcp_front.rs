@@ -605,3 +605,40 @@ fn slowloris_and_connection_floods_are_bounded_and_good_clients_keep_being_serve
     let rss_after = relay.dataplane_rss_kib().unwrap();
     assert!(rss_after < rss_before + 64 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
 }
+
+#[test]
+fn sigterm_drains_the_tcp_front_open_tunnels_finish_new_connections_are_refused() {
+    let mut relay = relay("drain");
+    let echo = TcpEcho::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let target = echo.addr();
+    let mut s = TcpStream::connect(relay.cleartext_addr.unwrap()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {}\r\n\r\n",
+        relay.token
+    )
+    .unwrap();
+    assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
+    relay.signal_dataplane(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    // The open tunnel keeps working during the drain.
+    let mut b = [0u8; 5];
+    s.write_all(b"hello").unwrap();
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"hello");
+    // A new connection is not served.
+    if let Ok(mut n) = TcpStream::connect(relay.cleartext_addr.unwrap()) {
+        n.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = n.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n");
+        let mut buf = [0u8; 64];
+        assert!(matches!(n.read(&mut buf), Ok(0) | Err(_)), "a new connection got an answer while draining");
+    }
+    // The tunnel ends; the drain is over and the dataplane exits 0.
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let status =
+        relay.wait_dataplane(Duration::from_secs(10)).unwrap().expect("the dataplane exits after the drain");
+    assert!(status.success(), "{status}");
+}
