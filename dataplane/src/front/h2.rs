@@ -192,11 +192,14 @@ impl Session {
             match self.filter.as_mut() {
                 Some(f) => {
                     self.scratch.clear();
-                    if let Err(e) = f.push(&io.plain_in[..take], &mut self.scratch) {
-                        debug!(peer = %io.peer, "h2c: {e}");
-                        io.close.get_or_insert("bad HTTP/2 preface after h2c upgrade");
+                    match f.push(&io.plain_in[..take], &mut self.scratch) {
+                        Ok(()) => self.pipe.feed(&self.scratch),
+                        Err(e) => {
+                            // Nothing more reaches h2: the connection closes.
+                            debug!(peer = %io.peer, "h2c client frames refused: {e}");
+                            io.close.get_or_insert("bad HTTP/2 frames after an h2c upgrade");
+                        }
                     }
-                    self.pipe.feed(&self.scratch);
                 }
                 None => self.pipe.feed(&io.plain_in[..take]),
             }
