@@ -239,19 +239,19 @@ impl Session {
         let len_text = len.to_string();
         fields.push(("content-length", len_text));
         let refs: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
-        let stream1 = match h2c::encode_response(1, h.status, &refs, &ex.down, &peer) {
-            Ok(b) => b,
+        // The connection window stream 1's DATA uses, owed by the filter.
+        let (stream1, debt) = match h2c::encode_response(1, h.status, &refs, &ex.down, &peer) {
+            Ok(b) => (b, ex.down.len() as u32),
             Err(e) => {
                 debug!("h2c stream 1 response: {e}");
                 let no_body: Vec<(&str, &str)> =
                     refs.iter().filter(|f| f.0 != "content-length").copied().collect();
                 match h2c::encode_response(1, 503, &no_body, &[], &peer) {
-                    Ok(b) => b,
+                    Ok(b) => (b, 0),
                     Err(_) => return false,
                 }
             }
         };
-        let debt = ex.down.len() as u32;
         let mut fields = vec![("connection", "Upgrade".to_string()), ("upgrade", "h2c".to_string())];
         if let Some(alt) = &sh.settings.tcp.alt_svc {
             fields.push(("alt-svc", alt.clone()));
