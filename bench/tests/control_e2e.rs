@@ -545,6 +545,11 @@ fn certificate_reload_serves_new_connections_and_keeps_open_ones() {
         let s = c.open_udp("127.0.0.1", port, T).unwrap();
         echo_round(&mut c, s, 5, 100, "a connection after the reload");
     }
+    // The TCP front's TLS (HTTP/2, HTTP/1.1) serves it too, from the same
+    // reload, signed through control.
+    for _ in 0..4 {
+        assert_eq!(tcp_tls_certificate(relay.addr, &second_ca), second_der, "TLS over TCP after the reload");
+    }
     // A client that only trusts the old certificate is now refused by its
     // own verification; the connection opened before keeps forwarding.
     let mut cfg = ClientConfig::new(relay.addr);
@@ -579,6 +584,18 @@ fn certificate_reload_serves_new_connections_and_keeps_open_ones() {
     let c = client_trusting(&relay, &third_ca, &token, None);
     assert_eq!(c.peer_certificate().as_deref(), Some(&third_der[..]));
     assert_eq!(relayctl_json(&relay, &["status"])["tls"]["certificate"]["generation"], 3);
+}
+
+/// The certificate (DER) the relay's TLS-over-TCP listener presents to a
+/// client trusting `ca`.
+fn tcp_tls_certificate(addr: std::net::SocketAddr, ca: &std::path::Path) -> Vec<u8> {
+    let mut b = boring::ssl::SslConnector::builder(boring::ssl::SslMethod::tls()).unwrap();
+    b.set_ca_file(ca).unwrap();
+    b.set_alpn_protos(b"\x08http/1.1").unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(T)).unwrap();
+    let tls = b.build().connect("localhost", tcp).expect("TLS over TCP verifies with this CA");
+    tls.ssl().peer_certificate().expect("a certificate").to_der().unwrap()
 }
 
 /// Connects, waits for the relay's session ticket and returns the session.
