@@ -8,6 +8,8 @@
 //!   needs (section 7): header parsing with the IPv6 extension header walk
 //!   (section 4.8), TTL / hop limit decrement, ICMP error generation
 //!   (section 7.2.1).
+//! - [`offload`]: the virtio-net header of TUN devices with offloads, GSO
+//!   segmentation of what they read and TCP coalescing of what is written.
 //! - [`scope`]: the `target` and `ipproto` request variables and the scope
 //!   they define (section 4.6).
 //!
@@ -17,5 +19,6 @@
 #![forbid(unsafe_code)]
 
 pub mod capsule;
+pub mod offload;
 pub mod packet;
 pub mod scope;

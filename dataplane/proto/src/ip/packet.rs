@@ -110,7 +110,7 @@ fn v6_at(b: &[u8], at: usize) -> Ipv6Addr {
 
 /// One's-complement sum of `data` as big-endian 16-bit words (an odd last
 /// byte is padded with zero), added to `acc` (RFC 1071).
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
+pub(crate) fn sum16(data: &[u8], mut acc: u32) -> u32 {
     let mut words = data.chunks_exact(2);
     for w in &mut words {
         acc = acc.wrapping_add(u32::from(u16::from_be_bytes([w[0], w[1]])));
@@ -124,7 +124,7 @@ fn sum16(data: &[u8], mut acc: u32) -> u32 {
 }
 
 /// Folds a sum to 16 bits and complements it: the Internet checksum.
-fn finish(mut acc: u32) -> u16 {
+pub(crate) fn finish(mut acc: u32) -> u16 {
     while acc > 0xffff {
         acc = (acc & 0xffff) + (acc >> 16);
     }
