@@ -1,6 +1,7 @@
 //! connect-ip throughput: TCP bulk transfers from a client namespace to a
 //! target namespace, through a connect-ip tunnel (client TUN → QUIC →
-//! relay → relay TUN → kernel routing) and on the direct path (kernel
+//! relay → relay TUN → kernel routing), once with the relay's TUN offloads
+//! on (its default) and once with them off, and on the direct path (kernel
 //! routing through the same host and links), in one run.
 
 use std::io::{Read, Write};
@@ -37,14 +38,30 @@ impl PathResult {
 /// The benchmark's results.
 #[derive(Debug, Clone, Copy)]
 pub struct IpBenchResult {
-    /// Through the tunnel, IPv4.
-    pub tunnel_v4: PathResult,
-    /// Through the tunnel, IPv6.
-    pub tunnel_v6: PathResult,
+    /// Through the tunnel, relay TUN offloads on.
+    pub offload: TunnelResult,
+    /// Through the tunnel, relay TUN offloads off.
+    pub plain: TunnelResult,
     /// Direct (no tunnel).
     pub direct: PathResult,
+}
+
+/// The tunnel paths measured against one relay.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelResult {
+    /// TCP over IPv4.
+    pub v4: PathResult,
+    /// TCP over IPv6.
+    pub v6: PathResult,
     /// Packets the client moved.
     pub pump: PumpStats,
+    /// The relay's coalesced TUN writes (GSO packets) and the packets they
+    /// carried.
+    pub gso_writes: u64,
+    /// Packets the relay wrote to its TUN devices.
+    pub tun_packets_out: u64,
+    /// Of which inside coalesced writes.
+    pub coalesced_packets: u64,
 }
 
 /// A sink in the target namespace: accepts one connection, reads to the
@@ -103,14 +120,34 @@ fn measure(topo: &IpTopology, target: IpAddr, port: u16, duration: Duration) -> 
 /// workers, each path for `duration`.
 pub fn run(bin_dir: &Path, workers: u32, duration: Duration) -> Result<IpBenchResult> {
     let topo = IpTopology::create(std::process::id() % 40)?;
-    let dir = std::env::temp_dir().join(format!("relay-ip-bench-{}", std::process::id()));
+    let offload = through_tunnel(&topo, bin_dir, workers, duration, true)?;
+    let plain = through_tunnel(&topo, bin_dir, workers, duration, false)?;
+    let direct = measure(&topo, topo.direct_target, 5303, duration)?;
+    Ok(IpBenchResult { offload, plain, direct })
+}
+
+/// Starts a relay (TUN offloads on or off) and a connect-ip client, and
+/// measures TCP over IPv4 and IPv6 through the tunnel.
+fn through_tunnel(
+    topo: &IpTopology,
+    bin_dir: &Path,
+    workers: u32,
+    duration: Duration,
+    offload: bool,
+) -> Result<TunnelResult> {
+    let dir = std::env::temp_dir().join(format!("relay-ip-bench-{}-{offload}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // Each relay its own device names: the previous one's may still be
+    // going away.
+    let prefix = if offload { "mqbgso" } else { "mqbplain" };
     let opts = RelayOptions {
         workers,
         listen_ip: topo.client.host_addr,
         allow: topo.target_prefixes.to_vec(),
         bin_dir: Some(bin_dir.to_path_buf()),
-        extra_config: "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.89.250.0/24\"\nipv6_pool = \"fd89:250::/120\"\ninterface_prefix = \"mqbench\"\n".into(),
+        extra_config: format!(
+            "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.89.250.0/24\"\nipv6_pool = \"fd89:250::/120\"\ninterface_prefix = \"{prefix}\"\noffload = {offload}\n"
+        ),
         ..Default::default()
     };
     let relay = Relay::start(&dir, &opts)?;
@@ -137,13 +174,22 @@ pub fn run(bin_dir: &Path, workers: u32, duration: Duration) -> Result<IpBenchRe
     ready_rx
         .recv_timeout(Duration::from_secs(20))
         .map_err(|_| anyhow!("the connect-ip client did not come up"))?;
-    let tunnel_v4 = measure(&topo, topo.target.target_addr, 5301, duration)?;
-    let tunnel_v6 = measure(&topo, topo.target_v6, 5302, duration)?;
-    let direct = measure(&topo, topo.direct_target, 5303, duration)?;
+    let v4 = measure(topo, topo.target.target_addr, 5301, duration)?;
+    let v6 = measure(topo, topo.target_v6, 5302, duration)?;
     stop.store(true, Ordering::Relaxed);
     let pump = pump.join().map_err(|_| anyhow!("pump panicked"))??;
+    let counter = |name: &str| relay.counter(name).unwrap_or(0);
+    let result = TunnelResult {
+        v4,
+        v6,
+        pump,
+        gso_writes: counter("tun_gso_writes"),
+        tun_packets_out: counter("tun_packets_out"),
+        coalesced_packets: counter("tun_coalesced_packets"),
+    };
     drop(relay);
-    Ok(IpBenchResult { tunnel_v4, tunnel_v6, direct, pump })
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(result)
 }
 
 /// The results as a markdown table.
@@ -158,7 +204,22 @@ pub fn table(r: &IpBenchResult) -> String {
     };
     let mut out = String::from("| path | Mbit/s | MB moved | vs direct |\n|---|---|---|---|\n");
     out.push_str(&row("direct (kernel routing, no tunnel)", &r.direct));
-    out.push_str(&row("connect-ip, TCP over IPv4", &r.tunnel_v4));
-    out.push_str(&row("connect-ip, TCP over IPv6", &r.tunnel_v6));
+    out.push_str(&row("connect-ip, TCP over IPv4, TUN offloads", &r.offload.v4));
+    out.push_str(&row("connect-ip, TCP over IPv6, TUN offloads", &r.offload.v6));
+    out.push_str(&row("connect-ip, TCP over IPv4, no offloads", &r.plain.v4));
+    out.push_str(&row("connect-ip, TCP over IPv6, no offloads", &r.plain.v6));
+    let share = |t: &TunnelResult| {
+        let per_write =
+            if t.gso_writes == 0 { 0.0 } else { t.coalesced_packets as f64 / t.gso_writes as f64 };
+        format!(
+            "{} of {} packets in {} coalesced writes ({per_write:.1} per write)",
+            t.coalesced_packets, t.tun_packets_out, t.gso_writes
+        )
+    };
+    out.push_str(&format!(
+        "\nRelay TUN writes with offloads: {}; without: {}.\n",
+        share(&r.offload),
+        share(&r.plain)
+    ));
     out
 }

@@ -336,7 +336,10 @@ fn run(args: Args) -> Result<()> {
             };
             let r = relay_bench::ipbench::run(&bin_dir, workers, Duration::from_secs(seconds))?;
             print!("{}", relay_bench::ipbench::table(&r));
-            println!("client packets: up {}, down {}, dropped {}", r.pump.up, r.pump.down, r.pump.dropped);
+            for (name, t) in [("offloads", &r.offload), ("no offloads", &r.plain)] {
+                let p = &t.pump;
+                println!("client packets ({name}): up {}, down {}, dropped {}", p.up, p.down, p.dropped);
+            }
             Ok(())
         }
         Command::FrontBench { bin_dir, workers, flows, count, window, tcp_mib, repeats } => {

@@ -128,8 +128,9 @@ const TCP_BULK_CLIENT: &str = r#"
 import hashlib, random, socket, sys, threading
 family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
 size = int(sys.argv[3])
+source = (sys.argv[4], 0) if len(sys.argv) > 4 else None
 data = random.Random(7).randbytes(size)
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60, source_address=source)
 got = bytearray()
 def reader():
     while len(got) < size:
@@ -148,26 +149,53 @@ if bytes(got) != data:
 print("OK", hashlib.sha256(got).hexdigest())
 "#;
 
+/// Runs `args` in namespace `ns`, or on the host when `None`.
+fn in_ns(ns: Option<&str>, args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = match ns {
+        Some(ns) => ["ip", "netns", "exec", ns].iter().map(|s| s.to_string()).collect(),
+        None => Vec::new(),
+    };
+    all.extend(args.iter().map(|s| s.to_string()));
+    all
+}
+
 /// Transfers `size` bytes to an echo server at `server` (in the target
 /// namespace) from the client namespace, through the tunnel, byte for byte.
 fn tcp_bulk(target_ns: &str, client_ns: &str, server: IpAddr, port: u16, size: usize) {
+    tcp_echo_transfer(Some(target_ns), Some(client_ns), server, None, port, size);
+}
+
+/// Sends `size` bytes from a client in `client_ns` (the host if `None`,
+/// from `source` if given) to an echo server at `server` in `server_ns`
+/// and checks the echo byte for byte.
+fn tcp_echo_transfer(
+    server_ns: Option<&str>,
+    client_ns: Option<&str>,
+    server: IpAddr,
+    source: Option<IpAddr>,
+    port: u16,
+    size: usize,
+) {
     let addr = server.to_string();
     let port = port.to_string();
-    let mut srv = Command::new("ip")
-        .args(["netns", "exec", target_ns, "python3", "-c", TCP_ECHO_SERVER, &addr, &port])
+    let srv_args = in_ns(server_ns, &["python3", "-c", TCP_ECHO_SERVER, &addr, &port]);
+    let mut srv = Command::new(&srv_args[0])
+        .args(&srv_args[1..])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("echo server starts");
     std::thread::sleep(Duration::from_millis(300));
     let size = size.to_string();
-    let (ok, out) = run_bounded(
-        &["ip", "netns", "exec", client_ns, "python3", "-c", TCP_BULK_CLIENT, &addr, &port, &size],
-        Duration::from_secs(90),
-    );
+    let source = source.map(|s| s.to_string());
+    let mut client_args = vec!["python3", "-c", TCP_BULK_CLIENT, &addr, &port, &size];
+    client_args.extend(source.as_deref());
+    let client_args = in_ns(client_ns, &client_args);
+    let client_args: Vec<&str> = client_args.iter().map(String::as_str).collect();
+    let (ok, out) = run_bounded(&client_args, Duration::from_secs(90));
     let _ = srv.kill();
     let _ = srv.wait();
-    assert!(ok && out.contains("OK"), "TCP bulk to {addr} through the tunnel: {out}");
+    assert!(ok && out.contains("OK"), "TCP transfer to {addr} through the tunnel: {out}");
 }
 
 #[test]
@@ -261,9 +289,45 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     assert!(relay.counter("tun_packets_out").unwrap() >= 6, "the pings went through the relay's TUN devices");
     assert!(relay.counter("tun_packets_in").unwrap() >= tun_in_before + 6, "and their replies came back");
 
-    // TCP bulk both ways, byte for byte, over IPv4 and IPv6.
+    // TCP bulk both ways, byte for byte, over IPv4 and IPv6. The client's
+    // segments reach the relay's TUN device in runs (one QUIC receive batch
+    // after another): with the offloads, runs of one flow are written as one
+    // GSO packet.
+    let (gso_writes, coalesced) =
+        (relay.counter("tun_gso_writes").unwrap(), relay.counter("tun_coalesced_packets").unwrap());
     tcp_bulk(&target.name, &client_ns.name, target.target_addr, 5201, 4 << 20);
     tcp_bulk(&target.name, &client_ns.name, target_v6, 5202, 2 << 20);
+    assert!(
+        relay.counter("tun_gso_writes").unwrap() > gso_writes,
+        "client segments were coalesced on TUN writes"
+    );
+    assert!(
+        relay.counter("tun_coalesced_packets").unwrap()
+            >= coalesced + 2 * (relay.counter("tun_gso_writes").unwrap() - gso_writes),
+        "each coalesced write carries two packets or more"
+    );
+
+    // TCP from the relay host itself to the client's tunnel address (from
+    // the host's address on the target link, which the tunnel's routes
+    // include): the host's stack hands the TUN device TSO packets of up to
+    // 64 KiB, which the relay cuts into the packets the tunnel carries.
+    let gso_reads = relay.counter("tun_gso_reads").unwrap();
+    let mine_v4 = config.addresses.iter().find(|a| a.addr.is_ipv4()).unwrap().addr;
+    let mine_v6 = config.addresses.iter().find(|a| a.addr.is_ipv6()).unwrap().addr;
+    tcp_echo_transfer(Some(&client_ns.name), None, mine_v4, Some(target.host_addr), 5203, 4 << 20);
+    let host_v6: IpAddr = match target_v6 {
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[15] = 1;
+            IpAddr::from(o)
+        }
+        v4 => v4,
+    };
+    tcp_echo_transfer(Some(&client_ns.name), None, mine_v6, Some(host_v6), 5204, 2 << 20);
+    assert!(
+        relay.counter("tun_gso_reads").unwrap() > gso_reads,
+        "GSO packets were read from the TUN device and split"
+    );
 
     // Scope and source enforcement, with raw packets on a second tunnel.
     let mut cfg = ClientConfig::new(relay_addr);

@@ -717,6 +717,11 @@ pub struct ConnectIpSection {
     pub interface_prefix: String,
     /// MTU of the TUN devices (at least 1280, RFC 9484 section 7.2).
     pub mtu: u32,
+    /// TUN offloads: a virtio-net header on every packet, GSO packets read
+    /// (split into packets for the tunnels) and TCP segments coalesced into
+    /// GSO packets on writes. On by default; off reads and writes one
+    /// packet per system call.
+    pub offload: bool,
 }
 
 impl Default for ConnectIpSection {
@@ -727,6 +732,7 @@ impl Default for ConnectIpSection {
             ipv6_pool: None,
             interface_prefix: "masq".into(),
             mtu: 1280,
+            offload: true,
         }
     }
 }

@@ -284,7 +284,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let name = format!("{}{i}", ip.interface_prefix);
             let subnets = ip.worker_subnets.get(i as usize).map(Vec::as_slice).unwrap_or_default();
             let template = relay_proto::template::IpUriTemplate::parse(&ip.uri_template)?;
-            let tun = relay_dataplane::tun::WorkerTun::create(&name, subnets, ip.mtu)?;
+            let tun = relay_dataplane::tun::WorkerTun::create(&name, subnets, ip.mtu, ip.offload)?;
             info!(worker = i, device = %name, mtu = ip.mtu, "connect-ip TUN device ready");
             worker.set_tun(tun, template);
         }

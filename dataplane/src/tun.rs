@@ -5,19 +5,30 @@
 //! subnet (the addresses control assigns to this worker's clients) to it,
 //! so packets for a tunnel reach the worker that serves it without any
 //! hand-off. The device is created when the dataplane starts and vanishes
-//! when it exits (it is not persistent). Packets are read and written
-//! whole, one per system call, without the packet-information header.
+//! when it exits (it is not persistent).
+//!
+//! With offloads on (the default, little-endian hosts), the device is
+//! opened with `IFF_VNET_HDR` and `TUNSETOFFLOAD` (checksum, TSO for IPv4
+//! and IPv6, and USO where the kernel has it, 6.2+): every packet carries a
+//! virtio-net header, one read can carry a GSO packet of up to 64 KiB that
+//! [`relay_proto::ip::offload::split`] cuts into the packets it stands
+//! for, and one write can carry a run of TCP segments coalesced by
+//! [`relay_proto::ip::offload::coalesce`]. Without them, packets are read
+//! and written whole, one per system call. Either way there is no
+//! packet-information header. The device is set up with our own ioctls
+//! because `tun-tap` cannot ask for `IFF_VNET_HDR`.
 //!
 //! Creating the device and its addresses needs CAP_NET_ADMIN; the host's
 //! forwarding and NAT for the pools are the operator's (deploy/).
 
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
 
 use relay_proto::channel::bootstrap::WorkerSubnet;
-use tun_tap::{Iface, Mode};
+use relay_proto::ip::offload::{TunWrite, VNET_HDR_LEN, VnetHeader};
+use tracing::info;
 
 /// Why a TUN device could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +58,101 @@ pub enum TunError {
     Subnet(String),
 }
 
+/// The offloads a device was opened with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Offloads {
+    /// Packets carry a virtio-net header.
+    pub vnet_header: bool,
+    /// The kernel may hand over TCP GSO packets (TUN_F_TSO4/6) and partial
+    /// checksums (TUN_F_CSUM).
+    pub tso: bool,
+    /// The kernel may hand over UDP GSO packets (TUN_F_USO4/6).
+    pub uso: bool,
+}
+
+impl std::fmt::Display for Offloads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.vnet_header, self.tso, self.uso) {
+            (false, ..) => f.write_str("none"),
+            (true, false, _) => f.write_str("vnet header only"),
+            (true, true, false) => f.write_str("csum,tso4,tso6"),
+            (true, true, true) => f.write_str("csum,tso4,tso6,uso4,uso6"),
+        }
+    }
+}
+
 /// A worker's TUN device.
 #[derive(Debug)]
 pub struct WorkerTun {
-    iface: Iface,
+    fd: OwnedFd,
     name: String,
     own: Vec<IpAddr>,
+    offloads: Offloads,
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
+#[repr(C)]
+struct IfReqFlags {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Opens `/dev/net/tun` and attaches it to the TUN device `name` (created
+/// if missing), non-blocking, without packet information, with the
+/// virtio-net header if `vnet_header`.
+fn open_device(name: &str, vnet_header: bool) -> io::Result<OwnedFd> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.bytes().any(|b| b == 0) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "device names are 1..=15 bytes"));
+    }
+    // SAFETY: the path is a NUL-terminated C string literal; open has no
+    // other preconditions.
+    let raw =
+        unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor we just opened and own alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut req = IfReqFlags { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
+    for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    let mut flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if vnet_header {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    req.flags = flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its
+    // layout (16-byte name, then the flags in a 24-byte union) and lives
+    // across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReqFlags) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Asks for the offloads on a device opened with the virtio-net header:
+/// the header size (10 bytes, without `num_buffers`), then checksum + TSO
+/// + USO, or checksum + TSO on kernels without USO.
+fn enable_offloads(fd: &OwnedFd) -> io::Result<Offloads> {
+    let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, which
+    // points to `size` for the duration of the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size as *const libc::c_int) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tso = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
+    let uso = libc::TUN_F_USO4 | libc::TUN_F_USO6;
+    // SAFETY: TUNSETOFFLOAD takes its flags by value.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(tso | uso)) } == 0 {
+        return Ok(Offloads { vnet_header: true, tso: true, uso: true });
+    }
+    // SAFETY: as above.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(tso)) } == 0 {
+        return Ok(Offloads { vnet_header: true, tso: true, uso: false });
+    }
+    Ok(Offloads { vnet_header: true, tso: false, uso: false })
 }
 
 fn ip_command(name: &str, args: &[&str]) -> Result<(), TunError> {
@@ -75,11 +175,20 @@ fn ip_command(name: &str, args: &[&str]) -> Result<(), TunError> {
 
 impl WorkerTun {
     /// Creates `name` with MTU `mtu`, its own address in each subnet, and
-    /// brings it up.
-    pub fn create(name: &str, subnets: &[WorkerSubnet], mtu: u32) -> Result<Self, TunError> {
-        let iface = Iface::without_packet_info(name, Mode::Tun)
-            .map_err(|source| TunError::Open { name: name.to_string(), source })?;
-        iface.set_non_blocking().map_err(|source| TunError::Open { name: name.to_string(), source })?;
+    /// brings it up; with the offloads the kernel grants if `offload`.
+    pub fn create(name: &str, subnets: &[WorkerSubnet], mtu: u32, offload: bool) -> Result<Self, TunError> {
+        let open_error = |source| TunError::Open { name: name.to_string(), source };
+        // The header's fields are little-endian on little-endian hosts only
+        // (legacy virtio byte order is the host's).
+        let offload = offload && cfg!(target_endian = "little");
+        let (fd, offloads) = if offload {
+            let fd = open_device(name, true).map_err(open_error)?;
+            let offloads = enable_offloads(&fd).map_err(open_error)?;
+            (fd, offloads)
+        } else {
+            (open_device(name, false).map_err(open_error)?, Offloads::default())
+        };
+        info!(device = name, %offloads, "TUN offloads");
         let mtu = mtu.to_string();
         ip_command(name, &["link", "set", "dev", name, "mtu", &mtu, "up"])?;
         let mut own = Vec::new();
@@ -95,7 +204,7 @@ impl WorkerTun {
             }
             own.push(addr);
         }
-        Ok(Self { iface, name: name.to_string(), own })
+        Ok(Self { fd, name: name.to_string(), own, offloads })
     }
 
     /// The device name.
@@ -109,23 +218,74 @@ impl WorkerTun {
         self.own.iter().copied().find(|a| a.is_ipv4() == v4)
     }
 
-    /// Reads one packet; `None` when none is waiting.
+    /// The offloads in use.
+    pub fn offloads(&self) -> Offloads {
+        self.offloads
+    }
+
+    /// Reads one packet (after its virtio-net header when the device has
+    /// one); `None` when none is waiting.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        match self.iface.recv(buf) {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => Err(e),
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        match io::Error::last_os_error() {
+            e if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            e => Err(e),
         }
     }
 
-    /// Writes one packet towards the kernel (which routes it on).
+    /// Writes one packet towards the kernel (which routes it on), behind a
+    /// plain virtio-net header when the device has one.
     pub fn write(&self, packet: &[u8]) -> io::Result<()> {
-        self.iface.send(packet).map(|_| ())
+        if !self.offloads.vnet_header {
+            // SAFETY: `packet` is valid for reads of its length.
+            let n = unsafe { libc::write(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len()) };
+            return if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+        }
+        let header = VnetHeader::PLAIN.encode();
+        self.writev(&[&header, packet])
+    }
+
+    /// Writes what [`relay_proto::ip::offload::coalesce`] planned (only on
+    /// a device with the virtio-net header).
+    pub fn write_planned(&self, planned: &TunWrite<'_>) -> io::Result<()> {
+        debug_assert!(self.offloads.vnet_header);
+        let header = planned.header.encode();
+        let mut pieces: [&[u8]; MAX_PIECES] = [&[]; MAX_PIECES];
+        pieces[0] = &header;
+        let mut n = 1;
+        for piece in planned.pieces() {
+            if n == MAX_PIECES {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "too many pieces for one TUN write"));
+            }
+            pieces[n] = piece;
+            n += 1;
+        }
+        self.writev(&pieces[..n])
+    }
+
+    fn writev(&self, pieces: &[&[u8]]) -> io::Result<()> {
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_PIECES];
+        for (v, p) in iov.iter_mut().zip(pieces) {
+            *v = libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() };
+        }
+        let count = pieces.len().min(MAX_PIECES);
+        // SAFETY: the first `count` iovecs point into slices that outlive
+        // the call; writev only reads through them.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), count as libc::c_int) };
+        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 }
 
+/// Pieces of one TUN write at most: the virtio-net header, the rewritten
+/// headers and one payload per coalesced packet.
+const MAX_PIECES: usize = relay_proto::ip::offload::MAX_COALESCED + 2;
+
 impl AsRawFd for WorkerTun {
     fn as_raw_fd(&self) -> RawFd {
-        self.iface.as_raw_fd()
+        self.fd.as_raw_fd()
     }
 }

@@ -140,6 +140,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             uri_template: ip.uri_template.clone(),
             interface_prefix: ip.interface_prefix.clone(),
             mtu: ip.mtu,
+            offload: ip.offload,
             worker_subnets: (0..bootstrap.workers)
                 .map(|w| {
                     pools

@@ -26,6 +26,7 @@ use std::net::IpAddr;
 
 use relay_proto::channel::record::{IpAssignment, IpRoute, PROTOCOL_CONNECT_IP};
 use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
+use relay_proto::ip::offload::{self, VnetHeader};
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 use relay_proto::request::{self, Request};
 use relay_proto::template::IpUriTemplate;
@@ -77,6 +78,42 @@ impl IcmpLimiter {
     }
 }
 
+/// Client packets a turn queues for the TUN device at most (then they are
+/// written before more are queued).
+const QUEUE_PACKETS: usize = 128;
+/// Bytes of client packets a turn queues for the TUN device at most.
+const QUEUE_BYTES: usize = 256 * 1024;
+
+/// Client packets waiting for the end of the turn's TUN writes (offloads
+/// on), so runs of one TCP flow go out as one GSO write. They leave in the
+/// same loop turn they arrived in: nothing waits for more to come (RFC 9298
+/// section 6 asks intermediaries not to delay datagrams).
+#[derive(Default)]
+struct TunQueue {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl TunQueue {
+    fn fits(&self, len: usize) -> bool {
+        self.ends.len() < QUEUE_PACKETS && self.bytes.len() + len <= QUEUE_BYTES
+    }
+
+    fn push(&mut self, packet: &[u8]) {
+        self.bytes.extend_from_slice(packet);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+}
+
 /// Tunnels of the TCP front carry this bit in their address map owner
 /// (their connection key; QUIC connections' keys never have it).
 pub const FRONT_OWNER: u64 = 1 << 63;
@@ -103,6 +140,10 @@ pub struct IpSide {
     icmp_down: Vec<(ConnKey, u64, Vec<u8>)>,
     icmp_limit: IcmpLimiter,
     buf: Vec<u8>,
+    /// Client packets for the device, written at the end of the turn.
+    queued: TunQueue,
+    /// Where GSO packets read from the device are cut into packets.
+    segment: Vec<u8>,
 }
 
 impl IpSide {
@@ -158,6 +199,13 @@ impl IpSide {
                 None => UpResult::Dropped,
             };
         }
+        if self.tun.offloads().vnet_header {
+            if !self.queued.fits(packet.len()) {
+                self.flush_writes(counters);
+            }
+            self.queued.push(packet);
+            return UpResult::Written;
+        }
         match self.tun.write(packet) {
             Ok(()) => {
                 counters.add(Counter::TunPacketsOut, 1);
@@ -169,6 +217,48 @@ impl IpSide {
                 UpResult::Dropped
             }
         }
+    }
+
+    /// Writes the queued client packets, runs of one TCP flow coalesced
+    /// into GSO packets. A coalesced write the kernel refuses is retried
+    /// one packet at a time, so a kernel that will not take our GSO packets
+    /// costs speed, not packets.
+    fn flush_writes(&mut self, counters: &relay_proto::channel::region::Counters) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let mut packets: [&[u8]; QUEUE_PACKETS] = [&[]; QUEUE_PACKETS];
+        let mut start = 0;
+        for (slot, &end) in packets.iter_mut().zip(&self.queued.ends) {
+            *slot = &self.queued.bytes[start..end];
+            start = end;
+        }
+        let tun = &self.tun;
+        offload::coalesce(&packets[..self.queued.ends.len()], |planned| {
+            let count = planned.packets.len() as u64;
+            match tun.write_planned(planned) {
+                Ok(()) if count > 1 => {
+                    counters.add(Counter::TunGsoWrites, 1);
+                    counters.add(Counter::TunCoalescedPackets, count);
+                    counters.add(Counter::TunPacketsOut, count);
+                }
+                Ok(()) => counters.add(Counter::TunPacketsOut, 1),
+                Err(e) if count > 1 => {
+                    debug!("TUN GSO write of {count} packets: {e}; writing them one by one");
+                    for packet in planned.packets {
+                        match tun.write(packet) {
+                            Ok(()) => counters.add(Counter::TunPacketsOut, 1),
+                            Err(_) => counters.add(Counter::DropTargetSend, 1),
+                        }
+                    }
+                }
+                Err(e) => {
+                    debug!("TUN write: {e}");
+                    counters.add(Counter::DropTargetSend, 1);
+                }
+            }
+        });
+        self.queued.clear();
     }
 
     /// The tunnel a packet from the device is for, and whether its source
@@ -238,7 +328,9 @@ impl IpSide {
             due: true,
             icmp_down: Vec::new(),
             icmp_limit: IcmpLimiter::new(),
-            buf: vec![0; 65_536],
+            buf: vec![0; offload::VNET_HDR_LEN + 65_536],
+            queued: TunQueue::default(),
+            segment: vec![0; 65_536],
         }
     }
 }
@@ -403,13 +495,16 @@ impl Worker {
         }
     }
 
-    /// Reads the TUN device (bounded) and sends each packet down its
-    /// tunnel.
+    /// Reads the TUN device (bounded: at most [`TUN_BUDGET`] packets a
+    /// turn) and sends each packet down its tunnel; a GSO packet is first
+    /// cut into the packets it stands for.
     pub(super) fn read_tun(&mut self) {
         let Some(mut ip) = self.ip.take() else { return };
         let mut buf = std::mem::take(&mut ip.buf);
-        let mut drained = false;
-        for _ in 0..TUN_BUDGET {
+        let mut segment = std::mem::take(&mut ip.segment);
+        let vnet = ip.tun.offloads().vnet_header;
+        let (mut drained, mut packets) = (false, 0);
+        while packets < TUN_BUDGET {
             let n = match ip.tun.read(&mut buf) {
                 Ok(Some(n)) => n,
                 Ok(None) => {
@@ -422,14 +517,46 @@ impl Worker {
                     break;
                 }
             };
-            self.count(Counter::TunPacketsIn, 1);
-            self.ip_down(&mut ip, &mut buf[..n]);
+            if !vnet {
+                packets += 1;
+                self.count(Counter::TunPacketsIn, 1);
+                self.ip_down(&mut ip, &mut buf[..n]);
+                continue;
+            }
+            let header = VnetHeader::decode(&buf[..n]);
+            let split = header.and_then(|header| {
+                offload::split(&header, &mut buf[offload::VNET_HDR_LEN..n], &mut segment, |packet| {
+                    self.count(Counter::TunPacketsIn, 1);
+                    self.ip_down(&mut ip, packet);
+                })
+            });
+            match split {
+                Ok(count) => {
+                    packets += count;
+                    if count > 1 {
+                        self.count(Counter::TunGsoReads, 1);
+                    }
+                }
+                Err(e) => {
+                    debug!("TUN read of {n} bytes: {e}");
+                    packets += 1;
+                    self.count(Counter::DropMalformed, 1);
+                }
+            }
         }
         // Wake-ups are edge-triggered: when the budget ran out, what is
         // still queued is read next turn without one.
         ip.due = !drained;
         ip.buf = buf;
+        ip.segment = segment;
         self.ip = Some(ip);
+    }
+
+    /// Writes the client packets queued for the TUN device this turn.
+    pub(super) fn flush_tun_writes(&mut self) {
+        if let Some(ip) = self.ip.as_mut() {
+            ip.flush_writes(self.link.counters());
+        }
     }
 
     /// Sends the ICMP errors for clients queued this turn.

@@ -1913,6 +1913,7 @@ impl Handler for Worker {
         });
         self.fire_timers();
         self.with_front(|f, ctx| f.end_turn(ctx));
+        self.flush_tun_writes();
         self.end_over_budget();
         self.flush_up();
         self.flush_dirty();

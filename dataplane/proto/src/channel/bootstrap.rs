@@ -144,6 +144,10 @@ pub struct BindBootstrap {
     pub max_peers: u32,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// What the dataplane needs to serve connect-ip (RFC 9484): each worker
 /// owns a TUN device carrying its share of the address pools.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +159,9 @@ pub struct ConnectIpBootstrap {
     pub interface_prefix: String,
     /// Their MTU.
     pub mtu: u32,
+    /// Whether to ask for TUN offloads (virtio-net header, GSO both ways).
+    #[serde(default = "yes")]
+    pub offload: bool,
     /// Per worker (index = worker): its subnets as `address/length`, and
     /// its own address in each (the TUN device's address, the source of
     /// the ICMP errors it sends).

@@ -410,6 +410,14 @@ counters! {
     /// TCP CONNECT tunnels whose target connection failed (refused, timed
     /// out, unreachable).
     TcpConnectFailures = 64, "tcp_connect_failures";
+    /// TUN reads that carried a GSO packet (split into several packets;
+    /// each counts in `tun_packets_in`).
+    TunGsoReads = 65, "tun_gso_reads";
+    /// TUN writes that carried several coalesced TCP segments as one GSO
+    /// packet.
+    TunGsoWrites = 66, "tun_gso_writes";
+    /// Packets written to the TUN device inside coalesced writes.
+    TunCoalescedPackets = 67, "tun_coalesced_packets";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

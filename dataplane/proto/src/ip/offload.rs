@@ -233,7 +233,11 @@ fn complete_checksum(hdr: &VnetHeader, packet: &mut [u8]) -> Result<(), OffloadE
     let start = usize::from(hdr.csum_start);
     let at = start + usize::from(hdr.csum_offset);
     if at + 2 > packet.len() {
-        return Err(OffloadError::ChecksumOutside { start: hdr.csum_start, offset: hdr.csum_offset, len: packet.len() });
+        return Err(OffloadError::ChecksumOutside {
+            start: hdr.csum_start,
+            offset: hdr.csum_offset,
+            len: packet.len(),
+        });
     }
     let sum = match finish(sum16(&packet[start..], 0)) {
         0 => 0xffff,
@@ -291,7 +295,11 @@ pub fn split(
     let segments = payload.div_ceil(gso);
     let (id0, seq0) = (
         u16::from_be_bytes([packet[4], packet[5]]),
-        if protocol == TCP { u32::from_be_bytes(packet[lay.l4 + 4..lay.l4 + 8].try_into().expect("4 bytes")) } else { 0 },
+        if protocol == TCP {
+            u32::from_be_bytes(packet[lay.l4 + 4..lay.l4 + 8].try_into().expect("4 bytes"))
+        } else {
+            0
+        },
     );
     for i in 0..segments {
         let chunk = &packet[head + i * gso..(head + (i + 1) * gso).min(packet.len())];
@@ -375,7 +383,10 @@ fn mergeable(packet: &[u8]) -> Option<Segment> {
     }
     let tcp_len = usize::from(packet[ip_len + 12] >> 4) * 4;
     let flags = packet[ip_len + 13];
-    if tcp_len < 20 || ip_len + tcp_len >= packet.len() || flags & (TCP_SYN | TCP_RST | TCP_URG | TCP_CWR) != 0 {
+    if tcp_len < 20
+        || ip_len + tcp_len >= packet.len()
+        || flags & (TCP_SYN | TCP_RST | TCP_URG | TCP_CWR) != 0
+    {
         return None;
     }
     let l4 = &packet[ip_len..];
@@ -415,7 +426,9 @@ fn continues(first: &[u8], f: &Segment, last: &Segment, next: &[u8], n: &Segment
     let same_ip = if f.v6 {
         first[..4] == next[..4] && first[6..40] == next[6..40]
     } else {
-        first[..2] == next[..2] && first[6..10] == next[6..10] && first[12..20] == next[12..20]
+        first[..2] == next[..2]
+            && first[6..10] == next[6..10]
+            && first[12..20] == next[12..20]
             && n.id == last.id.wrapping_add(1)
     };
     let t = f.ip_len;
@@ -431,7 +444,13 @@ fn continues(first: &[u8], f: &Segment, last: &Segment, next: &[u8], n: &Segment
 /// bytes that start like `first`, written into `head`; returns its
 /// virtio-net header. The TCP checksum holds the pseudo-header sum, as
 /// `F_NEEDS_CSUM` wants.
-fn merged_head(first: &[u8], f: &Segment, total_payload: usize, last_flags: u8, head: &mut [u8]) -> VnetHeader {
+fn merged_head(
+    first: &[u8],
+    f: &Segment,
+    total_payload: usize,
+    last_flags: u8,
+    head: &mut [u8],
+) -> VnetHeader {
     let h = f.head();
     head[..h].copy_from_slice(&first[..h]);
     let len = h + total_payload;
@@ -479,7 +498,9 @@ pub struct TunWrite<'a> {
 impl<'a> TunWrite<'a> {
     /// The pieces of the packet after the virtio-net header, in order.
     pub fn pieces(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
-        std::iter::once(self.head).filter(|h| !h.is_empty()).chain(self.packets.iter().map(|p| &p[self.skip..]))
+        std::iter::once(self.head)
+            .filter(|h| !h.is_empty())
+            .chain(self.packets.iter().map(|p| &p[self.skip..]))
     }
 }
 
@@ -489,7 +510,8 @@ impl<'a> TunWrite<'a> {
 /// place), everything else goes as it is; `write` gets each.
 pub fn coalesce<'a>(packets: &'a [&'a [u8]], mut write: impl FnMut(&TunWrite<'_>)) {
     let mut head = [0u8; HEAD_ROOM];
-    let plain = |at: usize| TunWrite { header: VnetHeader::PLAIN, head: &[], packets: &packets[at..at + 1], skip: 0 };
+    let plain =
+        |at: usize| TunWrite { header: VnetHeader::PLAIN, head: &[], packets: &packets[at..at + 1], skip: 0 };
     let mut i = 0;
     while i < packets.len() {
         let first = packets[i];
@@ -601,7 +623,14 @@ mod tests {
 
     #[test]
     fn header_round_trips_little_endian() {
-        let h = VnetHeader { flags: 1, gso_type: 4, hdr_len: 0x0102, gso_size: 1208, csum_start: 40, csum_offset: 16 };
+        let h = VnetHeader {
+            flags: 1,
+            gso_type: 4,
+            hdr_len: 0x0102,
+            gso_size: 1208,
+            csum_start: 40,
+            csum_offset: 16,
+        };
         let b = h.encode();
         assert_eq!(&b[2..4], &[0x02, 0x01]);
         assert_eq!(VnetHeader::decode(&b).unwrap(), h);
@@ -764,9 +793,18 @@ mod tests {
         let cases = [
             (VnetHeader { gso_size: 0, ..base }, OffloadError::ZeroSegmentSize),
             (VnetHeader { gso_type: GSO_UDP, ..base }, OffloadError::UnsupportedGso(GSO_UDP)),
-            (VnetHeader { gso_type: GSO_TCPV6, ..base }, OffloadError::Headers("IP version does not match the GSO type")),
-            (VnetHeader { csum_start: 24, ..base }, OffloadError::Headers("csum_start is not the transport header")),
-            (VnetHeader { gso_type: GSO_UDP_L4, ..base }, OffloadError::Headers("IPv4 protocol does not match the GSO type")),
+            (
+                VnetHeader { gso_type: GSO_TCPV6, ..base },
+                OffloadError::Headers("IP version does not match the GSO type"),
+            ),
+            (
+                VnetHeader { csum_start: 24, ..base },
+                OffloadError::Headers("csum_start is not the transport header"),
+            ),
+            (
+                VnetHeader { gso_type: GSO_UDP_L4, ..base },
+                OffloadError::Headers("IPv4 protocol does not match the GSO type"),
+            ),
             (VnetHeader { gso_size: 2000, ..base }, OffloadError::SegmentTooLarge(2052)),
         ];
         for (hdr, want) in cases {
