@@ -354,33 +354,88 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     assert_eq!(wait_icmp(&mut c, scoped.stream_id), (3, 13), "source failed ingress policy");
     assert!(relay.counter("drop_ip_bad_source").unwrap() > bad_before, "counted");
 
-    // ADDRESS_REQUEST: our own address is honoured, another one refused
-    // (all-zero /32, RFC 9484 section 4.7.2).
-    let mut capsule = Vec::new();
-    ipcap::encode(
-        &IpCapsule::AddressRequest(vec![
-            RequestedAddress { request_id: 7, prefix: IpPrefix::host(mine) },
-            RequestedAddress {
-                request_id: 8,
-                prefix: IpPrefix::host(format!("10.89.{pool}.77").parse().unwrap()),
-            },
-        ]),
-        &mut capsule,
-    );
-    c.send_stream_bytes(scoped.stream_id, &capsule, false).unwrap();
-    let deadline = Instant::now() + T;
-    let mut answers = Vec::new();
-    while answers.is_empty() && Instant::now() < deadline {
-        c.drive(Duration::from_millis(10)).unwrap();
-        for (t, v) in c.take_control_capsules(scoped.stream_id) {
-            if let Ok(Some(IpCapsule::AddressAssign(list))) = ipcap::decode(t, &v) {
-                answers = list;
+    // ADDRESS_REQUEST per the pool (RFC 9484 section 4.7.2): our own
+    // address is honoured at once; a free address in this worker's share of
+    // the pool is leased by control and joins the assignment; one in the
+    // other worker's share (routed to its TUN device) and a third of the
+    // family are refused (all-zero).
+    let octets = |a: IpAddr| match a {
+        IpAddr::V4(v4) => v4.octets(),
+        _ => unreachable!(),
+    };
+    let other_tunnel_v4 = config.addresses.iter().find(|a| a.addr.is_ipv4()).unwrap().addr;
+    let half = octets(mine)[3] & 0x80;
+    let free: IpAddr = (77u8..120)
+        .map(|n| IpAddr::from([10, 89, pool as u8, half | n]))
+        .find(|a| *a != mine && *a != other_tunnel_v4)
+        .unwrap();
+    let other_share: IpAddr = IpAddr::from([10, 89, pool as u8, (half ^ 0x80) | 77]);
+    let request = |c: &mut Client, list: Vec<RequestedAddress>| {
+        let mut capsule = Vec::new();
+        ipcap::encode(&IpCapsule::AddressRequest(list), &mut capsule);
+        c.send_stream_bytes(scoped.stream_id, &capsule, false).unwrap();
+    };
+    // Every ADDRESS_ASSIGN until each of `ids` is answered; the last full list.
+    let answers_to = |c: &mut Client, ids: &[u64]| {
+        let deadline = Instant::now() + T;
+        let (mut answers, mut last) = (Vec::new(), Vec::new());
+        while !ids
+            .iter()
+            .all(|id| answers.iter().any(|a: &relay_proto::ip::capsule::AssignedAddress| a.request_id == *id))
+            && Instant::now() < deadline
+        {
+            c.drive(Duration::from_millis(10)).unwrap();
+            for (t, v) in c.take_control_capsules(scoped.stream_id) {
+                if let Ok(Some(IpCapsule::AddressAssign(list))) = ipcap::decode(t, &v) {
+                    answers.extend(list.iter().copied());
+                    last = list;
+                }
             }
         }
-    }
+        (answers, last)
+    };
+    request(
+        &mut c,
+        vec![
+            RequestedAddress { request_id: 7, prefix: IpPrefix::host(mine) },
+            RequestedAddress { request_id: 8, prefix: IpPrefix::host(free) },
+            RequestedAddress { request_id: 9, prefix: IpPrefix::host(other_share) },
+        ],
+    );
+    let (answers, last) = answers_to(&mut c, &[7, 8, 9]);
     let of = |id: u64| answers.iter().find(|a| a.request_id == id).map(|a| a.prefix);
     assert_eq!(of(7), Some(IpPrefix::host(mine)), "{answers:?}");
-    assert_eq!(of(8), Some(IpPrefix::host("0.0.0.0".parse().unwrap())), "refused: {answers:?}");
+    assert_eq!(of(8), Some(IpPrefix::host(free)), "a free address of the pool is leased: {answers:?}");
+    assert_eq!(
+        of(9),
+        Some(IpPrefix::host("0.0.0.0".parse().unwrap())),
+        "the other worker's share: {answers:?}"
+    );
+    assert!(
+        last.iter().any(|a| a.prefix.addr == mine) && last.iter().any(|a| a.prefix.addr == free),
+        "the full list holds both addresses: {last:?}"
+    );
+    // The new address is the client's now: its packets pass the source check.
+    let (bad_before, out_before) =
+        (relay.counter("drop_ip_bad_source").unwrap(), relay.counter("tun_packets_out").unwrap());
+    c.send_context_datagram(scoped.stream_id, 0, &udp4(free, target.target_addr, b"from the new address"))
+        .unwrap();
+    c.flush().unwrap();
+    let deadline = Instant::now() + T;
+    while relay.counter("tun_packets_out").unwrap() == out_before && Instant::now() < deadline {
+        c.drive(Duration::from_millis(20)).unwrap();
+    }
+    assert!(relay.counter("tun_packets_out").unwrap() > out_before, "written to the TUN device");
+    assert_eq!(relay.counter("drop_ip_bad_source").unwrap(), bad_before, "not a spoofed source");
+    // Two IPv4 addresses is the most one tunnel holds.
+    let next_free: IpAddr = (77u8..120)
+        .map(|n| IpAddr::from([10, 89, pool as u8, half | n]))
+        .find(|a| *a != mine && *a != other_tunnel_v4 && *a != free)
+        .unwrap();
+    request(&mut c, vec![RequestedAddress { request_id: 10, prefix: IpPrefix::host(next_free) }]);
+    let (answers, _) = answers_to(&mut c, &[10]);
+    let of = |id: u64| answers.iter().find(|a| a.request_id == id).map(|a| a.prefix);
+    assert_eq!(of(10), Some(IpPrefix::host("0.0.0.0".parse().unwrap())), "{answers:?}");
 
     stop.store(true, Ordering::Relaxed);
     let stats = client_thread.join().expect("client thread");

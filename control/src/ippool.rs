@@ -274,6 +274,11 @@ impl AddressPools {
         Ok(())
     }
 
+    /// The addresses leased to `flow_id`.
+    pub fn leased_to(&self, flow_id: u64) -> Vec<IpAddr> {
+        self.leases.get(&flow_id).cloned().unwrap_or_default()
+    }
+
     /// Gives `addr` back (a lease replaced by a claimed address).
     pub fn release_one(&mut self, flow_id: u64, addr: IpAddr) {
         if let Some(list) = self.leases.get_mut(&flow_id)

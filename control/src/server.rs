@@ -28,7 +28,8 @@ use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate, Hello, Tls
 use relay_proto::channel::doorbell::Doorbell;
 use relay_proto::channel::record::MAX_DETAILS;
 use relay_proto::channel::record::{
-    AuthAnswer, AuthAsk, IpAssignment, Record, SignAnswer, SignAsk, SignResult, Verdict,
+    AddressAnswer, AddressAsk, AuthAnswer, AuthAsk, IpAssignment, MAX_ADDRESSES_PER_FAMILY, Record,
+    SignAnswer, SignAsk, SignResult, Verdict,
 };
 use relay_proto::channel::region::{Region, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
@@ -659,6 +660,7 @@ impl Server {
             match record {
                 Record::AuthAsk(ask) => self.on_ask(worker, ask),
                 Record::SignAsk(ask) => self.on_sign_ask(worker, ask),
+                Record::AddressAsk(ask) => self.on_address_ask(worker, ask),
                 Record::FlowClosed(closed) => {
                     let bytes = closed.bytes_up.saturating_add(closed.bytes_down);
                     self.policy().flow_closed(closed.flow_id, bytes, Instant::now());
@@ -739,6 +741,7 @@ impl Server {
                 | Record::Drain
                 | Record::KillFlow { .. }
                 | Record::SignAnswer(_)
+                | Record::AddressAnswer(_)
                 | Record::ListConns { .. } => {
                     warn!(worker, "dataplane sent an answer record; ignored");
                     self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
@@ -940,7 +943,46 @@ impl Server {
         let _ = self.send_to_worker(worker, &Record::SignAnswer(SignAnswer { sign_id: ask.sign_id, result }));
     }
 
-    /// Queues a record for a worker (in order, behind its backlog).
+    /// connect-ip: a client asked for a specific address (RFC 9484 section
+    /// 4.7.2). It is leased to the flow when the flow is a live connect-ip
+    /// flow of that worker, holds fewer than
+    /// [`MAX_ADDRESSES_PER_FAMILY`] addresses of the family, and the
+    /// address is free in the worker's share of the pool (which is what
+    /// the kernel routes to that worker's TUN device); otherwise refused.
+    fn on_address_ask(&mut self, worker: u32, ask: AddressAsk) {
+        let live = {
+            let shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.flows.get(&ask.flow_id).is_some_and(|f| f.worker == worker)
+        };
+        let held = self.pools.leased_to(ask.flow_id);
+        let of_family = held.iter().filter(|a| a.is_ipv4() == ask.addr.is_ipv4()).count();
+        let granted = if !live || held.is_empty() {
+            debug!(flow = ask.flow_id, "address request for a flow that is not a live connect-ip flow");
+            false
+        } else if held.contains(&ask.addr) {
+            true
+        } else if of_family >= MAX_ADDRESSES_PER_FAMILY {
+            false
+        } else {
+            match self.pools.claim(ask.flow_id, worker, ask.addr) {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(flow = ask.flow_id, "address request refused: {e}");
+                    false
+                }
+            }
+        };
+        let answer =
+            AddressAnswer { flow_id: ask.flow_id, request_id: ask.request_id, addr: ask.addr, granted };
+        if !self.send_to_worker(worker, &Record::AddressAnswer(answer))
+            && granted
+            && !held.contains(&ask.addr)
+        {
+            // The client never hears of it: give it back.
+            self.pools.release_one(ask.flow_id, ask.addr);
+        }
+    }
+
     /// Queues a record for a worker (in order, behind its backlog);
     /// false when it could not be queued.
     fn send_to_worker(&mut self, worker: u32, record: &Record) -> bool {

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use relay_proto::channel::RECORD_SIZE;
 use relay_proto::channel::doorbell::Doorbell;
 use relay_proto::channel::record::{
-    AuthAnswer, AuthAsk, ConnInfo, FlowClosed, FlowOpen, Record, RecordError, SignAnswer, SignAsk,
+    AddressAnswer, AddressAsk, AuthAnswer, AuthAsk, ConnInfo, FlowClosed, FlowOpen, Record, RecordError,
+    SignAnswer, SignAsk,
 };
 use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
@@ -34,6 +35,8 @@ pub enum Answer {
     Auth(AuthAnswer),
     /// To a signing ask.
     Sign(SignAnswer),
+    /// To an address ask.
+    Address(AddressAnswer),
 }
 
 /// Asks kept in the worker while the ring is full, before requests are
@@ -193,7 +196,20 @@ impl ControlLink {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
-        let record = Record::SignAsk(SignAsk { sign_id, generation, algorithm, input });
+        self.send_or_queue(Record::SignAsk(SignAsk { sign_id, generation, algorithm, input }))
+    }
+
+    /// Asks control to lease a specific address to a connect-ip flow (a
+    /// client's ADDRESS_REQUEST); the answer comes as [`Answer::Address`].
+    pub fn address_ask(&mut self, ask: AddressAsk) -> Result<(), AskError> {
+        if !self.is_up() {
+            return Err(AskError::ControlDown);
+        }
+        self.send_or_queue(Record::AddressAsk(ask))
+    }
+
+    /// Sends `record` now, or queues it (bounded) behind earlier ones.
+    fn send_or_queue(&mut self, record: Record) -> Result<(), AskError> {
         record.encode(&mut self.record).map_err(AskError::TooLarge)?;
         self.flush_queued();
         if self.queued.is_empty() {
@@ -291,6 +307,7 @@ impl ControlLink {
                 Ok(true) => match Record::decode(&self.record[..]) {
                     Ok(Record::AuthAnswer(a)) => on_answer(Answer::Auth(a)),
                     Ok(Record::SignAnswer(a)) => on_answer(Answer::Sign(a)),
+                    Ok(Record::AddressAnswer(a)) => on_answer(Answer::Address(a)),
                     Ok(Record::Drain) => self.drain_requested = true,
                     Ok(Record::KillFlow { flow_id }) => {
                         // Bounded: an operator kills flows one at a time.

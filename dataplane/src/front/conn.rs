@@ -680,6 +680,26 @@ impl Conn {
         self.pump(sh, ctx);
     }
 
+    /// Control's answer to an address ask, if one of this connection's
+    /// exchanges holds the flow (then its output is pumped). Returns
+    /// whether one did.
+    pub fn address_answer(
+        &mut self,
+        a: &relay_proto::channel::record::AddressAnswer,
+        sh: &mut Shared,
+        ctx: &mut Ctx<'_>,
+    ) -> bool {
+        let held = match &mut self.session {
+            Session::H1(s) => s.address_answer(a, ctx),
+            Session::H2(s) => s.address_answer(a, ctx),
+            _ => false,
+        };
+        if held {
+            self.pump(sh, ctx);
+        }
+        held
+    }
+
     /// The open flows, for a re-attached control.
     pub fn open_flows(&self, out: &mut Vec<FlowOpen>) {
         match &self.session {

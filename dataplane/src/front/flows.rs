@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use relay_proto::channel::record::{
-    FlowClosed, FlowOpen, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_TCP, PROTOCOL_CONNECT_UDP, RecordError,
-    Verdict,
+    AddressAnswer, AddressAsk, FlowClosed, FlowOpen, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_TCP,
+    PROTOCOL_CONNECT_UDP, RecordError, Verdict,
 };
 use relay_proto::channel::region::Counter;
 use relay_proto::proxy_status::ProxyError;
@@ -255,7 +255,7 @@ pub fn apply_verdict(ex: &mut Exchange, verdict: Verdict, place: Place, sh: &mut
                 ip_up(ex, &packet, ctx);
             }
             // Address requests that came before the allow.
-            if let Err(why) = ip_capsules(ex) {
+            if let Err(why) = ip_capsules(ex, ctx) {
                 ex.abort.get_or_insert(why);
             }
         }
@@ -370,7 +370,7 @@ pub fn up_capsules(
         return Err("UDP payload over 65527 bytes");
     }
     result.map_err(|_| "malformed capsule")?;
-    ip_capsules(ex)
+    ip_capsules(ex, ctx)
 }
 
 /// A client's IP packet: checked and written to the TUN device, or
@@ -390,21 +390,53 @@ fn ip_up(ex: &mut Exchange, packet: &[u8], ctx: &mut Ctx<'_>) {
 }
 
 /// Answers a connect-ip tunnel's address requests (RFC 9484 section
-/// 4.7.2); the client's own assignments and routes are validated and
+/// 4.7.2; requests for specific addresses are asked of control, as on
+/// HTTP/3); the client's own assignments and routes are validated and
 /// unused. A malformed capsule aborts the stream.
-fn ip_capsules(ex: &mut Exchange) -> Result<(), &'static str> {
-    let State::Ip { tunnel, ip, .. } = &mut ex.state else { return Ok(()) };
+fn ip_capsules(ex: &mut Exchange, ctx: &mut Ctx<'_>) -> Result<(), &'static str> {
+    let State::Ip { tunnel, ip, flow } = &mut ex.state else { return Ok(()) };
     for (capsule_type, value) in tunnel.take_control() {
         match relay_proto::ip::capsule::decode(capsule_type, &value) {
             Ok(Some(relay_proto::ip::capsule::IpCapsule::AddressRequest(requests))) => {
-                let answer = ip.answer_requests(&requests);
-                let _ = tunnel.push_raw_capsule(&answer);
+                let (now, asks) = ip.plan_requests(&requests);
+                let mut capsules = vec![now];
+                for (request_id, addr) in asks {
+                    let ask = AddressAsk { flow_id: flow.flow_id, request_id, addr };
+                    if ctx.link.address_ask(ask).is_err() {
+                        capsules.push(ip.on_address_answer(request_id, addr, false));
+                    }
+                }
+                for capsule in capsules.iter().filter(|c| !c.is_empty()) {
+                    if !tunnel.push_raw_capsule(capsule) {
+                        ctx.link.counters().add(Counter::DropQueueFull, 1);
+                    }
+                }
             }
             Ok(_) => {}
             Err(_) => return Err("malformed connect-ip capsule"),
         }
     }
     Ok(())
+}
+
+/// Control's answer to one of this connect-ip tunnel's address asks: the
+/// new assignment goes out on the stream. Returns whether the exchange
+/// holds the flow.
+pub fn address_answer(ex: &mut Exchange, a: &AddressAnswer, ctx: &mut Ctx<'_>) -> bool {
+    let State::Ip { tunnel, ip, flow } = &mut ex.state else { return false };
+    if flow.flow_id != a.flow_id {
+        return false;
+    }
+    let capsule = ip.on_address_answer(a.request_id, a.addr, a.granted);
+    if a.granted
+        && let Some(side) = ctx.ip.as_deref_mut()
+    {
+        side.register_address(ip, a.addr);
+    }
+    if !tunnel.push_raw_capsule(&capsule) {
+        ctx.link.counters().add(Counter::DropQueueFull, 1);
+    }
+    true
 }
 
 /// A packet from the TUN device for a connect-ip tunnel (already checked

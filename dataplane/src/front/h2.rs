@@ -527,6 +527,16 @@ impl Session {
         }
     }
 
+    /// Control's answer to an address ask, for the stream holding the flow.
+    /// Returns whether one did.
+    pub fn address_answer(
+        &mut self,
+        a: &relay_proto::channel::record::AddressAnswer,
+        ctx: &mut Ctx<'_>,
+    ) -> bool {
+        self.streams.values_mut().any(|st| flows::address_answer(&mut st.ex, a, ctx))
+    }
+
     /// The open flows, for a re-attached control.
     pub fn open_flows(&self, peer: std::net::SocketAddr, out: &mut Vec<FlowOpen>) {
         out.extend(self.streams.values().filter_map(|s| flows::open_flow(&s.ex, peer)));

@@ -499,6 +499,18 @@ impl Front {
         }
     }
 
+    /// Control's answer to an address ask for one of the front's connect-ip
+    /// tunnels (none holds it when the tunnel ended meanwhile).
+    pub fn address_answer(&mut self, ctx: &mut Ctx<'_>, a: relay_proto::channel::record::AddressAnswer) {
+        for key in self.conns.keys() {
+            let mut held = false;
+            self.with_conn(ctx, key, |conn, sh, ctx| held = conn.address_answer(&a, sh, ctx));
+            if held {
+                return;
+            }
+        }
+    }
+
     /// Control was replaced: asks and signatures sent to the old one are
     /// failed, and the open flows are listed for the new one.
     pub fn on_relink(&mut self, ctx: &mut Ctx<'_>) -> Vec<FlowOpen> {

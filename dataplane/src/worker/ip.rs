@@ -24,7 +24,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use relay_proto::channel::record::{IpAssignment, IpRoute, PROTOCOL_CONNECT_IP};
+use relay_proto::channel::record::{
+    AddressAnswer, AddressAsk, IpAssignment, IpRoute, MAX_ADDRESSES_PER_FAMILY, PROTOCOL_CONNECT_IP,
+};
 use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
 use relay_proto::ip::offload::{self, VnetHeader};
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
@@ -152,6 +154,13 @@ impl IpSide {
         t.owner = Some(owner);
         for p in &t.addresses {
             self.by_addr.insert(p.addr, owner);
+        }
+    }
+
+    /// Adds an address granted to a registered tunnel to the address map.
+    pub fn register_address(&mut self, t: &IpTunnel, addr: IpAddr) {
+        if let Some(owner) = t.owner {
+            self.by_addr.insert(addr, owner);
         }
     }
 
@@ -340,11 +349,21 @@ impl IpSide {
 pub struct IpTunnel {
     /// Assigned to the client.
     pub addresses: Vec<IpPrefix>,
+    /// The ADDRESS_REQUEST each address answered (0: assigned with the
+    /// tunnel), parallel to `addresses` (RFC 9484 section 4.7.1: an
+    /// assignment in response to a request carries its ID).
+    request_ids: Vec<u64>,
     /// Where the client may send.
     pub routes: Vec<IpAddressRange>,
     /// The tunnel's place in the address map, once registered.
     owner: Option<(ConnKey, u64)>,
+    /// Requests for specific addresses waiting for control.
+    pending_asks: usize,
 }
+
+/// Requests for specific addresses a tunnel may have waiting for control;
+/// more are refused at once.
+const MAX_PENDING_ADDRESS_ASKS: usize = 4;
 
 impl IpTunnel {
     /// The tunnel control allowed (None if a value is out of range).
@@ -355,7 +374,8 @@ impl IpTunnel {
             .iter()
             .map(|r| IpAddressRange::new(r.start, r.end, r.protocol).ok())
             .collect::<Option<Vec<_>>>()?;
-        Some(Self { addresses, routes, owner: None })
+        let request_ids = vec![0; addresses.len()];
+        Some(Self { addresses, request_ids, routes, owner: None, pending_asks: 0 })
     }
 
     /// Whether `src` is one of the client's assigned addresses.
@@ -372,41 +392,91 @@ impl IpTunnel {
 
     /// The capsules sent with the 2xx: the assignment and the routes.
     pub fn opening_capsules(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let assigned = self.addresses.iter().map(|p| AssignedAddress { request_id: 0, prefix: *p }).collect();
-        ipcap::encode(&IpCapsule::AddressAssign(assigned), &mut out);
+        let mut out = self.assign_capsule(&[]);
         ipcap::encode(&IpCapsule::RouteAdvertisement(self.routes.clone()), &mut out);
         out
     }
 
-    /// The ADDRESS_ASSIGN answering `requests` (RFC 9484 section 4.7.2):
-    /// every current assignment, plus per request the assigned address of
-    /// its family if it matches (any address, or exactly ours), otherwise
-    /// the all-zero rejection.
-    /// Answers ADDRESS_REQUESTs (see below).
-    pub fn answer_requests(&self, requests: &[ipcap::RequestedAddress]) -> Vec<u8> {
-        let mut list: Vec<AssignedAddress> =
-            self.addresses.iter().map(|p| AssignedAddress { request_id: 0, prefix: *p }).collect();
-        for r in requests {
-            let v4 = r.prefix.addr.is_ipv4();
-            let ours = self.addresses.iter().find(|p| p.addr.is_ipv4() == v4);
-            let granted = ours.filter(|p| r.prefix.is_unspecified() || r.prefix.addr == p.addr);
-            let prefix = match granted {
-                Some(p) => *p,
-                None => {
-                    let zero: IpAddr = if v4 {
-                        std::net::Ipv4Addr::UNSPECIFIED.into()
-                    } else {
-                        std::net::Ipv6Addr::UNSPECIFIED.into()
-                    };
-                    IpPrefix::host(zero)
-                }
-            };
-            list.push(AssignedAddress { request_id: r.request_id, prefix });
+    /// ADDRESS_ASSIGN with every current assignment (the full list, RFC
+    /// 9484 section 4.7.1), then `answers`.
+    fn assign_capsule(&self, answers: &[AssignedAddress]) -> Vec<u8> {
+        let mut list: Vec<AssignedAddress> = self
+            .addresses
+            .iter()
+            .zip(&self.request_ids)
+            .map(|(p, &request_id)| AssignedAddress { request_id, prefix: *p })
+            .collect();
+        for a in answers {
+            if !list.contains(a) {
+                list.push(*a);
+            }
         }
         let mut out = Vec::new();
         ipcap::encode(&IpCapsule::AddressAssign(list), &mut out);
         out
+    }
+
+    fn rejection(request_id: u64, v4: bool) -> AssignedAddress {
+        let zero: IpAddr =
+            if v4 { std::net::Ipv4Addr::UNSPECIFIED.into() } else { std::net::Ipv6Addr::UNSPECIFIED.into() };
+        AssignedAddress { request_id, prefix: IpPrefix::host(zero) }
+    }
+
+    /// Plans the answers to ADDRESS_REQUESTs (RFC 9484 section 4.7.2). A
+    /// request for any address of a family, or for one the tunnel holds,
+    /// is answered now with it. A request for another single address is
+    /// for control to decide (it leases it from the worker's share of the
+    /// pool if it is free): it is returned for the caller to ask, while
+    /// the tunnel has room for one more address of the family and fewer
+    /// than a few asks waiting. Anything else gets the all-zero rejection
+    /// now. Returns the ADDRESS_ASSIGN to send now (empty when every
+    /// request waits for control) and the asks.
+    pub fn plan_requests(&mut self, requests: &[ipcap::RequestedAddress]) -> (Vec<u8>, Vec<(u64, IpAddr)>) {
+        let mut now = Vec::new();
+        let mut asks = Vec::new();
+        for r in requests {
+            let v4 = r.prefix.addr.is_ipv4();
+            let of_family = || self.addresses.iter().filter(|p| p.addr.is_ipv4() == v4);
+            if let Some(p) = of_family().find(|p| r.prefix.is_unspecified() || r.prefix.addr == p.addr) {
+                now.push(AssignedAddress { request_id: r.request_id, prefix: *p });
+                continue;
+            }
+            let single = r.prefix.len == if v4 { 32 } else { 128 };
+            let room = of_family().count() < MAX_ADDRESSES_PER_FAMILY
+                && of_family().count() > 0
+                && self.pending_asks + asks.len() < MAX_PENDING_ADDRESS_ASKS;
+            if single && room && !r.prefix.is_unspecified() {
+                asks.push((r.request_id, r.prefix.addr));
+            } else {
+                now.push(Self::rejection(r.request_id, v4));
+            }
+        }
+        self.pending_asks += asks.len();
+        let capsule = if now.is_empty() { Vec::new() } else { self.assign_capsule(&now) };
+        (capsule, asks)
+    }
+
+    /// Control's answer to an ask from [`Self::plan_requests`] (or a
+    /// refusal when it could not be asked): a granted address joins the
+    /// assignment. Returns the ADDRESS_ASSIGN to send: the full list, with
+    /// the request's entry or its all-zero rejection.
+    pub fn on_address_answer(&mut self, request_id: u64, addr: IpAddr, granted: bool) -> Vec<u8> {
+        self.pending_asks = self.pending_asks.saturating_sub(1);
+        let known = self.addresses.iter().any(|p| p.addr == addr);
+        if granted && !known {
+            self.addresses.push(IpPrefix::host(addr));
+            self.request_ids.push(request_id);
+            return self.assign_capsule(&[]);
+        }
+        if granted {
+            return self.assign_capsule(&[]);
+        }
+        self.assign_capsule(&[Self::rejection(request_id, addr.is_ipv4())])
+    }
+
+    /// The tunnel's place in the address map, once registered.
+    pub fn owner(&self) -> Option<(ConnKey, u64)> {
+        self.owner
     }
 }
 
@@ -470,10 +540,23 @@ impl Worker {
         for (capsule_type, value) in entry.tunnel.take_control() {
             match ipcap::decode(capsule_type, &value) {
                 Ok(Some(IpCapsule::AddressRequest(requests))) => {
-                    let Some(t) = entry.ip.as_ref() else { continue };
-                    let answer = t.answer_requests(&requests);
-                    if !entry.tunnel.push_raw_capsule(&answer) {
-                        self.count(Counter::DropQueueFull, 1);
+                    let flow_id = entry.tunnel.flow_id();
+                    let Some(t) = entry.ip.as_mut() else { continue };
+                    let mut capsules = vec![];
+                    let (now, asks) = t.plan_requests(&requests);
+                    capsules.push(now);
+                    for (request_id, addr) in asks {
+                        let asked = flow_id.is_some_and(|flow_id| {
+                            self.link.address_ask(AddressAsk { flow_id, request_id, addr }).is_ok()
+                        });
+                        if !asked {
+                            capsules.push(t.on_address_answer(request_id, addr, false));
+                        }
+                    }
+                    for capsule in capsules.iter().filter(|c| !c.is_empty()) {
+                        if !entry.tunnel.push_raw_capsule(capsule) {
+                            self.count(Counter::DropQueueFull, 1);
+                        }
                     }
                 }
                 // The client's own assignments and routes: valid, unused.
@@ -485,6 +568,35 @@ impl Worker {
             }
         }
         true
+    }
+
+    /// Control's answer to an address ask: the tunnel with the flow (a
+    /// QUIC one, or one of the TCP front's) sends its new assignment. A
+    /// flow that ended meanwhile needs nothing: its FlowClosed, sent after
+    /// the ask, releases the lease.
+    pub(super) fn on_address_answer(&mut self, a: AddressAnswer) {
+        let found = self.conns.iter().find_map(|(key, conn)| {
+            conn.tunnels.iter().find(|(_, e)| e.tunnel.flow_id() == Some(a.flow_id)).map(|(s, _)| (key, *s))
+        });
+        let Some((key, stream_id)) = found else {
+            self.with_front(|f, ctx| f.address_answer(ctx, a));
+            return;
+        };
+        let Some(mut conn) = self.take_conn(key) else { return };
+        if let Some(entry) = conn.tunnels.get_mut(&stream_id)
+            && let Some(t) = entry.ip.as_mut()
+        {
+            let capsule = t.on_address_answer(a.request_id, a.addr, a.granted);
+            if a.granted
+                && let Some(ip) = self.ip.as_mut()
+            {
+                ip.register_address(t, a.addr);
+            }
+            if !entry.tunnel.push_raw_capsule(&capsule) {
+                self.count(Counter::DropQueueFull, 1);
+            }
+        }
+        self.put_conn(key, conn);
     }
 
     /// A client's IP packet (context 0) on an open tunnel.
@@ -620,5 +732,103 @@ impl Worker {
         if ip.prepare_down(self.link.counters(), packet, room) {
             self.send_down(conn, stream_id, packet);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use relay_proto::ip::capsule::RequestedAddress;
+
+    fn tunnel() -> IpTunnel {
+        let addresses = [
+            IpAssignment { addr: "10.89.0.5".parse().unwrap(), len: 32 },
+            IpAssignment { addr: "fd89::5".parse().unwrap(), len: 128 },
+        ];
+        let routes = [IpRoute {
+            start: "0.0.0.0".parse().unwrap(),
+            end: "255.255.255.255".parse().unwrap(),
+            protocol: 0,
+        }];
+        IpTunnel::from_allow(&addresses, &routes).unwrap()
+    }
+
+    fn assigned(capsule: &[u8]) -> Vec<(u64, String)> {
+        use relay_proto::capsule::{Capsule, CapsuleDecoder};
+        let mut d = CapsuleDecoder::new(4096).keep(&[1, 2, 3]);
+        let mut out = Vec::new();
+        d.feed(capsule, |c| {
+            if let Capsule::Other { capsule_type, value } = c
+                && let Ok(Some(IpCapsule::AddressAssign(list))) = ipcap::decode(capsule_type, &value)
+            {
+                out.extend(list.iter().map(|a| (a.request_id, a.prefix.to_string())));
+            }
+        })
+        .unwrap();
+        d.finish().unwrap();
+        out
+    }
+
+    fn request(id: u64, prefix: &str) -> RequestedAddress {
+        RequestedAddress { request_id: id, prefix: prefix.parse().unwrap() }
+    }
+
+    #[test]
+    fn requests_for_held_or_any_addresses_are_answered_at_once() {
+        let mut t = tunnel();
+        let (now, asks) =
+            t.plan_requests(&[request(1, "0.0.0.0/32"), request(2, "fd89::5/128"), request(3, "::/0")]);
+        assert!(asks.is_empty());
+        assert_eq!(
+            assigned(&now),
+            vec![
+                (0, "10.89.0.5/32".into()),
+                (0, "fd89::5/128".into()),
+                (1, "10.89.0.5/32".into()),
+                (2, "fd89::5/128".into()),
+                (3, "fd89::5/128".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn specific_addresses_are_asked_then_join_the_full_list() {
+        let mut t = tunnel();
+        let (now, asks) = t.plan_requests(&[request(7, "10.89.0.77/32"), request(8, "10.89.0.0/24")]);
+        // A prefix the relay does not hold is refused at once (it assigns
+        // single addresses only); the single address goes to control.
+        assert_eq!(asks, vec![(7, "10.89.0.77".parse().unwrap())]);
+        assert!(assigned(&now).contains(&(8, "0.0.0.0/32".into())), "{:?}", assigned(&now));
+        let granted = t.on_address_answer(7, "10.89.0.77".parse().unwrap(), true);
+        assert_eq!(
+            assigned(&granted),
+            vec![(0, "10.89.0.5/32".into()), (0, "fd89::5/128".into()), (7, "10.89.0.77/32".into())]
+        );
+        assert!(t.source_allowed("10.89.0.77".parse().unwrap()));
+        // The family is full now: another specific address is refused at
+        // once, one held is still answered.
+        let (now, asks) = t.plan_requests(&[request(9, "10.89.0.78/32"), request(10, "10.89.0.77/32")]);
+        assert!(asks.is_empty());
+        let got = assigned(&now);
+        assert!(
+            got.contains(&(9, "0.0.0.0/32".into())) && got.contains(&(10, "10.89.0.77/32".into())),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn refusals_are_all_zero_and_asks_are_bounded() {
+        let mut t = tunnel();
+        let requests: Vec<_> = (1..=6).map(|i| request(i, &format!("fd89::{}/128", 100 + i))).collect();
+        let (now, asks) = t.plan_requests(&requests);
+        assert_eq!(asks.len(), MAX_PENDING_ADDRESS_ASKS);
+        let got = assigned(&now);
+        assert!(got.contains(&(5, "::/128".into())) && got.contains(&(6, "::/128".into())), "{got:?}");
+        let refused = t.on_address_answer(1, "fd89::101".parse().unwrap(), false);
+        assert!(assigned(&refused).contains(&(1, "::/128".into())));
+        assert!(!t.source_allowed("fd89::101".parse().unwrap()));
+        // One ask answered: room for one more.
+        let (_, asks) = t.plan_requests(&[request(11, "fd89::200/128")]);
+        assert_eq!(asks.len(), 1);
     }
 }

@@ -1802,6 +1802,7 @@ impl Worker {
             match a {
                 Answer::Auth(a) => self.on_answer(a),
                 Answer::Sign(a) => self.on_sign_answer(a),
+                Answer::Address(a) => self.on_address_answer(a),
             }
         }
     }

@@ -45,6 +45,8 @@ const KIND_SIGN_ANSWER: u8 = 8;
 const KIND_LIST_CONNS: u8 = 9;
 const KIND_CONN_INFO: u8 = 10;
 const KIND_CONN_LIST_END: u8 = 11;
+const KIND_ADDRESS_ASK: u8 = 12;
+const KIND_ADDRESS_ANSWER: u8 = 13;
 
 /// `AuthAsk::protocol`: connect-udp (RFC 9298).
 pub const PROTOCOL_CONNECT_UDP: u8 = 0;
@@ -67,6 +69,11 @@ const PROTOCOL_MAX: u8 = PROTOCOL_CONNECT_TCP;
 pub const IPPROTO_ANY: u16 = 256;
 /// Most addresses a connect-ip allow assigns.
 pub const MAX_IP_ASSIGNMENTS: usize = 4;
+/// Addresses of one family a connect-ip flow holds at most: the one
+/// assigned with it and one more its client asked for by address (so one
+/// tunnel cannot drain a pool). Two families of two fit in a FlowOpen's
+/// [`MAX_IP_ASSIGNMENTS`].
+pub const MAX_ADDRESSES_PER_FAMILY: usize = 2;
 /// Most routes a connect-ip allow advertises.
 pub const MAX_IP_ROUTES: usize = 64;
 
@@ -301,6 +308,31 @@ pub struct ConnInfo {
     pub max_tunnel_payload: u32,
 }
 
+/// A worker asks control to lease a specific address to an open connect-ip
+/// flow (the client's ADDRESS_REQUEST for it, RFC 9484 section 4.7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressAsk {
+    /// The flow (from its [`Verdict::AllowIp`]).
+    pub flow_id: u64,
+    /// The client's request ID, echoed in the answer.
+    pub request_id: u64,
+    /// The address asked for.
+    pub addr: IpAddr,
+}
+
+/// Control's answer to an [`AddressAsk`]: leased to the flow, or refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressAnswer {
+    /// The flow.
+    pub flow_id: u64,
+    /// The client's request ID.
+    pub request_id: u64,
+    /// The address asked for.
+    pub addr: IpAddr,
+    /// Whether it is now leased to the flow.
+    pub granted: bool,
+}
+
 /// Any record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
@@ -339,6 +371,10 @@ pub enum Record {
         /// Connections the worker has (listed or not).
         total: u32,
     },
+    /// Worker -> control: lease this address to a connect-ip flow.
+    AddressAsk(AddressAsk),
+    /// Control -> worker: the lease's outcome.
+    AddressAnswer(AddressAnswer),
 }
 
 /// Why a record could not be encoded or decoded.
@@ -724,6 +760,19 @@ impl Record {
                 w.u32(*total)?;
                 KIND_CONN_LIST_END
             }
+            Record::AddressAsk(a) => {
+                w.u64(a.flow_id)?;
+                w.u64(a.request_id)?;
+                w.ip(a.addr)?;
+                KIND_ADDRESS_ASK
+            }
+            Record::AddressAnswer(a) => {
+                w.u64(a.flow_id)?;
+                w.u64(a.request_id)?;
+                w.ip(a.addr)?;
+                w.u8(u8::from(a.granted))?;
+                KIND_ADDRESS_ANSWER
+            }
         };
         let payload_len = w.pos - HEADER_LEN;
         buf[0] = VERSION;
@@ -923,6 +972,19 @@ impl Record {
                 })
             }
             KIND_CONN_LIST_END => Record::ConnListEnd { request_id: r.u64()?, total: r.u32()? },
+            KIND_ADDRESS_ASK => {
+                Record::AddressAsk(AddressAsk { flow_id: r.u64()?, request_id: r.u64()?, addr: r.ip()? })
+            }
+            KIND_ADDRESS_ANSWER => Record::AddressAnswer(AddressAnswer {
+                flow_id: r.u64()?,
+                request_id: r.u64()?,
+                addr: r.ip()?,
+                granted: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(RecordError::BadValue("granted")),
+                },
+            }),
             other => return Err(RecordError::Kind(other)),
         };
         r.end()?;
@@ -1089,6 +1151,17 @@ mod tests {
                         protocol: 17,
                     }],
                 },
+            }),
+            Record::AddressAsk(AddressAsk {
+                flow_id: 14,
+                request_id: 7,
+                addr: "10.89.0.77".parse().unwrap(),
+            }),
+            Record::AddressAnswer(AddressAnswer {
+                flow_id: 14,
+                request_id: u64::MAX >> 2,
+                addr: "fd89::9".parse().unwrap(),
+                granted: true,
             }),
         ]
     }
