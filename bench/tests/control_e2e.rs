@@ -680,6 +680,27 @@ fn relayctl_conns_lists_every_workers_connections() {
     assert!(resumed.is_resumed());
     let s3 = resumed.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
     echo_round(&mut resumed, s3, 5, 100, "resumed connection's tunnel");
+    // TCP front connections: one through its TLS handshake on HTTP/1.1
+    // (Python's ssl, ALPN http/1.1), one that has sent nothing yet.
+    let tls_client = "import socket, ssl, sys, time\n\
+        c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n\
+        c.check_hostname = False\n\
+        c.verify_mode = ssl.CERT_NONE\n\
+        c.set_alpn_protocols(['http/1.1'])\n\
+        s = c.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[1]))))\n\
+        print(s.getsockname()[1], s.selected_alpn_protocol(), flush=True)\n\
+        time.sleep(30)\n";
+    let mut tls_peer = std::process::Command::new("python3")
+        .args(["-c", tls_client, &relay.addr.port().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(tls_peer.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    let (tls_port, alpn) = line.trim().split_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+    assert_eq!(alpn, "http/1.1");
+    let idle_tcp = std::net::TcpStream::connect(("127.0.0.1", relay.addr.port())).unwrap();
 
     let v = relayctl_json(&relay, &["conns"]);
     assert_eq!(v["complete"], true, "{v}");
@@ -694,10 +715,17 @@ fn relayctl_conns_lists_every_workers_connections() {
     assert_eq!(p["tunnels"], 2, "{p}");
     assert_eq!(p["tls_generation"], 1);
     assert!(p["packets_recv"].as_u64().unwrap() >= 10 && p["rtt_us"].as_u64().unwrap() > 0, "{p}");
+    assert_eq!(p["protocol"], "h3", "{p}");
     let r = find(resumed.local_addr());
     assert_eq!((r["resumed"].as_bool(), r["tunnels"].as_u64()), (Some(true), Some(1)), "{r}");
+    let t = find(format!("127.0.0.1:{tls_port}").parse().unwrap());
+    assert_eq!((t["protocol"].as_str(), t["established"].as_bool()), (Some("http/1.1"), Some(true)), "{t}");
+    assert_eq!(t["tls_generation"], 1, "signed through control: {t}");
+    assert!(t["bytes_recv"].as_u64().unwrap() > 0 && t["packets_recv"].as_u64().unwrap() > 0, "{t}");
+    let i = find(idle_tcp.local_addr().unwrap());
+    assert_eq!((i["protocol"].as_str(), i["established"].as_bool()), (Some("tcp"), Some(false)), "{i}");
     // The session's first connection may still be closing; at least ours.
-    assert!(v["total"].as_u64().unwrap() >= 2 && v["listed"] == v["total"], "{v}");
+    assert!(v["total"].as_u64().unwrap() >= 4 && v["listed"] == v["total"], "{v}");
     let limited = relayctl_json(&relay, &["conns", "--limit", "1"]);
     assert!(limited["listed"].as_u64().unwrap() <= limited["workers"].as_u64().unwrap(), "{limited}");
     // The human table.
@@ -705,10 +733,15 @@ fn relayctl_conns_lists_every_workers_connections() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
-        text.starts_with("WORKER") && text.contains("resumed") && text.contains("connections,"),
+        text.starts_with("WORKER")
+            && text.contains("resumed")
+            && text.contains("http/1.1")
+            && text.contains("connections,"),
         "{text}"
     );
     assert!(!relayctl(&relay, &["conns", "--limit", "0"]).status.success(), "limit 0 is refused");
+    let _ = tls_peer.kill();
+    let _ = tls_peer.wait();
 }
 
 #[test]

@@ -100,11 +100,28 @@ pub struct FlowInfo {
     pub identity: String,
 }
 
+/// How `relayctl conns` names a [`ConnInfo`](relay_proto::channel::record::ConnInfo)'s transport.
+fn transport_name(transport: u8) -> &'static str {
+    use relay_proto::channel::record as r;
+    match transport {
+        r::TRANSPORT_H3 => "h3",
+        r::TRANSPORT_H2 => "h2",
+        r::TRANSPORT_HTTP1 => "http/1.1",
+        r::TRANSPORT_H2C => "h2c",
+        r::TRANSPORT_HTTP1_CLEAR => "http/1.1-cleartext",
+        _ => "tcp",
+    }
+}
+
 /// A connection as `relayctl conns` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ConnRow {
     /// Worker serving it.
     pub worker: u32,
+    /// "h3" (QUIC), "h2" / "http/1.1" (TLS over TCP), "h2c" /
+    /// "http/1.1-cleartext" (the cleartext listener), or "tcp" (version not
+    /// chosen yet).
+    pub protocol: &'static str,
     /// The worker's serial number for it.
     pub conn_id: u64,
     /// The client's current address.
@@ -713,6 +730,7 @@ impl Server {
                     {
                         l.rows.push(ConnRow {
                             worker,
+                            protocol: transport_name(c.transport),
                             conn_id: c.conn_id,
                             client: c.client,
                             age_ms: c.age_ms,

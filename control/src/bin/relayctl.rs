@@ -510,6 +510,7 @@ fn print_conns(v: &Value) {
                     vec![
                         show(&c["worker"]),
                         show(&c["conn_id"]),
+                        show(&c["protocol"]),
                         show(&c["client"]),
                         format!("{:.1}s", c["age_ms"].as_u64().unwrap_or(0) as f64 / 1000.0),
                         state.to_string(),
@@ -528,6 +529,7 @@ fn print_conns(v: &Value) {
     let headers = [
         "WORKER",
         "CONN",
+        "PROTO",
         "CLIENT",
         "AGE",
         "STATE",

@@ -19,7 +19,10 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use relay_proto::channel::record::{FlowOpen, Verdict};
+use relay_proto::channel::record::{
+    ConnInfo, FlowOpen, TRANSPORT_H2, TRANSPORT_H2C, TRANSPORT_HTTP1, TRANSPORT_HTTP1_CLEAR,
+    TRANSPORT_TCP_PENDING, Verdict,
+};
 use relay_proto::channel::region::Counter;
 use relay_proto::h2c::{self, PeerSettings, Sniff};
 use tracing::debug;
@@ -122,6 +125,14 @@ pub struct Conn {
     /// Its number on this worker.
     pub serial: u64,
     buf: Vec<u8>,
+    /// When it was accepted.
+    accepted_at: Instant,
+    /// The TLS material generation its handshake was signed with (0: not
+    /// signed: cleartext, resumed, or not yet).
+    tls_generation: u32,
+    /// Bytes read from and written to the socket.
+    wire_in: u64,
+    wire_written: u64,
 }
 
 impl Conn {
@@ -172,6 +183,10 @@ impl Conn {
             armed: None,
             signing: None,
             handshake_deadline: ctx.now + Duration::from_millis(u64::from(s.handshake_timeout_ms)),
+            accepted_at: ctx.now,
+            tls_generation: 0,
+            wire_in: 0,
+            wire_written: 0,
             idle_timeout: Duration::from_millis(s.idle_timeout_ms),
             done: false,
             serial,
@@ -342,6 +357,7 @@ impl Conn {
                 true
             }
             Ok(n) => {
+                self.wire_in += n as u64;
                 match self.tls.as_mut() {
                     Some(t) => t.feed(&self.buf[..n]),
                     None => self.io.plain_in.extend_from_slice(&self.buf[..n]),
@@ -426,6 +442,7 @@ impl Conn {
             match ctx.link.sign(id, req.generation, req.algorithm, req.input) {
                 Ok(()) => {
                     ctx.link.counters().add(Counter::SignsSent, 1);
+                    self.tls_generation = req.generation;
                     sh.signs.insert(id, self.io.key);
                     self.signing = Some((id, ctx.now + sh.settings.ask_timeout));
                 }
@@ -529,6 +546,7 @@ impl Conn {
                 Ok(0) => break,
                 Ok(n) => {
                     self.wire_sent += n;
+                    self.wire_written += n as u64;
                     progress = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
@@ -700,6 +718,40 @@ impl Conn {
         held
     }
 
+    /// The connection as `relayctl conns` lists it; packets, losses and
+    /// RTT from the kernel's `TCP_INFO`.
+    pub fn info(&self, request_id: u64, now: Instant) -> ConnInfo {
+        let (transport, established) = match (&self.session, self.io.secure) {
+            (Session::H2(_), true) => (TRANSPORT_H2, true),
+            (Session::H1(_), true) => (TRANSPORT_HTTP1, true),
+            (Session::H2(_), false) => (TRANSPORT_H2C, true),
+            (Session::H1(_), false) => (TRANSPORT_HTTP1_CLEAR, true),
+            (Session::Sniff | Session::Handshake, _) => (TRANSPORT_TCP_PENDING, false),
+        };
+        let mut flows = Vec::new();
+        self.open_flows(&mut flows);
+        let tcp = self.sock.as_ref().and_then(|s| tcp_info(s.as_raw_fd()));
+        ConnInfo {
+            request_id,
+            transport,
+            conn_id: self.serial,
+            client: self.io.peer,
+            age_ms: now.saturating_duration_since(self.accepted_at).as_millis() as u64,
+            established,
+            resumed: self.tls.as_ref().is_some_and(TlsSession::resumed),
+            tls_generation: self.tls_generation,
+            tunnels: flows.len() as u32,
+            rtt_us: tcp.map_or(0, |t| u64::from(t.tcpi_rtt)),
+            packets_sent: tcp.map_or(0, |t| u64::from(t.tcpi_segs_out)),
+            packets_recv: tcp.map_or(0, |t| u64::from(t.tcpi_segs_in)),
+            packets_lost: tcp.map_or(0, |t| u64::from(t.tcpi_total_retrans)),
+            bytes_sent: self.wire_written,
+            bytes_recv: self.wire_in,
+            // Capsules carry any IP packet or UDP payload.
+            max_tunnel_payload: u32::from(u16::MAX),
+        }
+    }
+
     /// The open flows, for a re-attached control.
     pub fn open_flows(&self, out: &mut Vec<FlowOpen>) {
         match &self.session {
@@ -725,4 +777,23 @@ impl Conn {
         }
         self.done = true;
     }
+}
+
+/// The kernel's view of a TCP connection (`TCP_INFO`), if it gives one.
+fn tcp_info(fd: std::os::fd::RawFd) -> Option<libc::tcp_info> {
+    // SAFETY: tcp_info is plain integers, for which all zeroes is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes and `len` holds the
+    // buffer's size; the kernel writes at most that much.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(info)
 }

@@ -278,6 +278,18 @@ impl Front {
         self.shared.signs.contains_key(&sign_id)
     }
 
+    /// Up to `limit` of the front's connections as `relayctl conns` lists
+    /// them, and how many it has.
+    pub fn list_conns(
+        &self,
+        request_id: u64,
+        limit: usize,
+        now: Instant,
+    ) -> (Vec<relay_proto::channel::record::ConnInfo>, usize) {
+        let listed = self.conns.iter().take(limit).map(|(_, c)| c.info(request_id, now)).collect();
+        (listed, self.conns.len())
+    }
+
     /// Tunnels open (the drain waits for them).
     pub fn tunnels_open(&self) -> usize {
         self.shared.tunnels_open

@@ -1769,6 +1769,7 @@ impl Worker {
                 let path = conn.quic.path_stats().find(|p| p.active);
                 listed.push(ConnInfo {
                     request_id,
+                    transport: relay_proto::channel::record::TRANSPORT_H3,
                     conn_id: conn.serial,
                     client: path.as_ref().map_or(conn.peer, |p| p.peer_addr),
                     age_ms: self.now.saturating_duration_since(conn.accepted_at).as_millis() as u64,
@@ -1787,10 +1788,15 @@ impl Worker {
                         as u32,
                 });
             }
-            for info in listed {
+            // Then the TCP front's, within the same limit.
+            let (front, front_total) = match self.front.as_ref() {
+                Some(f) => f.list_conns(request_id, limit.saturating_sub(listed.len()), self.now),
+                None => (Vec::new(), 0),
+            };
+            for info in listed.into_iter().chain(front) {
                 self.link.conn_info(info);
             }
-            self.link.conn_list_end(request_id, self.conns.len() as u32);
+            self.link.conn_list_end(request_id, (self.conns.len() + front_total) as u32);
         }
     }
 

@@ -271,11 +271,30 @@ pub struct SignAnswer {
     pub result: SignResult,
 }
 
-/// One QUIC connection, as a worker lists it for `relayctl conns`.
+/// [`ConnInfo::transport`]: QUIC (HTTP/3).
+pub const TRANSPORT_H3: u8 = 0;
+/// [`ConnInfo::transport`]: HTTP/2 over TLS over TCP.
+pub const TRANSPORT_H2: u8 = 1;
+/// [`ConnInfo::transport`]: HTTP/1.1 over TLS over TCP.
+pub const TRANSPORT_HTTP1: u8 = 2;
+/// [`ConnInfo::transport`]: HTTP/2 over cleartext TCP (prior knowledge or
+/// h2c Upgrade).
+pub const TRANSPORT_H2C: u8 = 3;
+/// [`ConnInfo::transport`]: HTTP/1.1 over cleartext TCP.
+pub const TRANSPORT_HTTP1_CLEAR: u8 = 4;
+/// [`ConnInfo::transport`]: TCP, version not chosen yet (TLS handshake, or
+/// the cleartext listener still reading the first bytes).
+pub const TRANSPORT_TCP_PENDING: u8 = 5;
+
+/// One connection (QUIC, or the TCP front's), as a worker lists it for
+/// `relayctl conns`. For TCP connections the packet and RTT figures are
+/// the kernel's (`TCP_INFO`: segments, retransmissions, smoothed RTT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnInfo {
     /// The listing this answers.
     pub request_id: u64,
+    /// `TRANSPORT_*`.
+    pub transport: u8,
     /// The worker's serial number for the connection.
     pub conn_id: u64,
     /// The client's current address.
@@ -740,7 +759,11 @@ impl Record {
                 KIND_LIST_CONNS
             }
             Record::ConnInfo(c) => {
+                if c.transport > TRANSPORT_TCP_PENDING {
+                    return Err(RecordError::BadValue("transport"));
+                }
                 w.u64(c.request_id)?;
+                w.u8(c.transport)?;
                 w.u64(c.conn_id)?;
                 w.addr(c.client)?;
                 w.u64(c.age_ms)?;
@@ -946,6 +969,10 @@ impl Record {
             }
             KIND_CONN_INFO => {
                 let request_id = r.u64()?;
+                let transport = r.u8()?;
+                if transport > TRANSPORT_TCP_PENDING {
+                    return Err(RecordError::BadValue("transport"));
+                }
                 let conn_id = r.u64()?;
                 let client = r.addr("client")?;
                 let age_ms = r.u64()?;
@@ -955,6 +982,7 @@ impl Record {
                 }
                 Record::ConnInfo(ConnInfo {
                     request_id,
+                    transport,
                     conn_id,
                     client,
                     age_ms,
@@ -1122,6 +1150,7 @@ mod tests {
             Record::ListConns { request_id: 5, limit: MAX_CONNS_LISTED },
             Record::ConnInfo(ConnInfo {
                 request_id: 5,
+                transport: TRANSPORT_H2,
                 conn_id: 77,
                 client: "[2001:db8::9]:443".parse().unwrap(),
                 age_ms: 12_345,
@@ -1334,8 +1363,14 @@ mod tests {
         assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("limit")));
         let info = samples().into_iter().find(|r| matches!(r, Record::ConnInfo(_))).unwrap();
         info.encode(&mut buf).unwrap();
-        // request_id, conn_id, client (1 + 16 + 2), age_ms, then flags.
-        let flags_at = HEADER_LEN + 8 + 8 + 19 + 8;
+        // request_id, transport, conn_id, client (1 + 16 + 2), age_ms, then
+        // flags.
+        let transport_at = HEADER_LEN + 8;
+        assert_eq!(buf[transport_at], TRANSPORT_H2);
+        buf[transport_at] = TRANSPORT_TCP_PENDING + 1;
+        assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("transport")));
+        buf[transport_at] = TRANSPORT_H2;
+        let flags_at = HEADER_LEN + 8 + 1 + 8 + 19 + 8;
         assert_eq!(buf[flags_at], 3);
         buf[flags_at] = 4;
         assert_eq!(Record::decode(&buf), Err(RecordError::BadValue("flags")));
