@@ -218,7 +218,7 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
         ),
         ..Default::default()
     };
-    let relay = Relay::start(&dir, &opts).expect("relay starts with connect-ip");
+    let mut relay = Relay::start(&dir, &opts).expect("relay starts with connect-ip");
     let relay_addr: SocketAddr = relay.addr;
 
     // The client: its own namespace, TUN device and routes, on a thread.
@@ -436,6 +436,23 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     let (answers, _) = answers_to(&mut c, &[10]);
     let of = |id: u64| answers.iter().find(|a| a.request_id == id).map(|a| a.prefix);
     assert_eq!(of(10), Some(IpPrefix::host("0.0.0.0".parse().unwrap())), "{answers:?}");
+
+    // A request waiting for control when control is replaced is refused:
+    // the new control never saw it. (Control is paused so the ask cannot be
+    // answered first, then killed and started again.)
+    let mine_v6 = scoped.config.addresses.iter().find(|a| a.addr.is_ipv6()).unwrap().addr;
+    let IpAddr::V6(v6) = mine_v6 else { unreachable!() };
+    let mut wanted = v6.octets();
+    wanted[15] = (wanted[15] & 0x80) | if wanted[15] & 0x7f == 90 { 91 } else { 90 };
+    let wanted = IpAddr::from(wanted);
+    relay.pause_control();
+    request(&mut c, vec![RequestedAddress { request_id: 12, prefix: IpPrefix::host(wanted) }]);
+    c.drive(Duration::from_millis(200)).unwrap();
+    relay.kill_control();
+    relay.start_control().expect("control starts again");
+    let (answers, _) = answers_to(&mut c, &[12]);
+    let of = |id: u64| answers.iter().find(|a| a.request_id == id).map(|a| a.prefix);
+    assert_eq!(of(12), Some(IpPrefix::host("::".parse().unwrap())), "refused on relink: {answers:?}");
 
     stop.store(true, Ordering::Relaxed);
     let stats = client_thread.join().expect("client thread");

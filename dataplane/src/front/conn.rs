@@ -698,24 +698,24 @@ impl Conn {
         self.pump(sh, ctx);
     }
 
-    /// Control's answer to an address ask, if one of this connection's
-    /// exchanges holds the flow (then its output is pumped). Returns
-    /// whether one did.
-    pub fn address_answer(
+    /// Calls `visit` on the connection's exchanges until it returns true;
+    /// when one did, the connection's output is pumped. Returns whether
+    /// one did.
+    pub fn visit_exchanges(
         &mut self,
-        a: &relay_proto::channel::record::AddressAnswer,
         sh: &mut Shared,
         ctx: &mut Ctx<'_>,
+        mut visit: impl FnMut(&mut super::exchange::Exchange, &mut Ctx<'_>) -> bool,
     ) -> bool {
-        let held = match &mut self.session {
-            Session::H1(s) => s.address_answer(a, ctx),
-            Session::H2(s) => s.address_answer(a, ctx),
+        let hit = match &mut self.session {
+            Session::H1(s) => s.exchanges_mut().any(|ex| visit(ex, ctx)),
+            Session::H2(s) => s.exchanges_mut().any(|ex| visit(ex, ctx)),
             _ => false,
         };
-        if held {
+        if hit {
             self.pump(sh, ctx);
         }
-        held
+        hit
     }
 
     /// The connection as `relayctl conns` lists it; packets, losses and

@@ -428,15 +428,26 @@ pub fn address_answer(ex: &mut Exchange, a: &AddressAnswer, ctx: &mut Ctx<'_>) -
         return false;
     }
     let capsule = ip.on_address_answer(a.request_id, a.addr, a.granted);
-    if a.granted
+    if ip.source_allowed(a.addr)
         && let Some(side) = ctx.ip.as_deref_mut()
     {
         side.register_address(ip, a.addr);
     }
-    if !tunnel.push_raw_capsule(&capsule) {
+    if !capsule.is_empty() && !tunnel.push_raw_capsule(&capsule) {
         ctx.link.counters().add(Counter::DropQueueFull, 1);
     }
     true
+}
+
+/// Refuses the address requests this connect-ip tunnel still waits on
+/// control for (control was replaced and will never answer them).
+pub fn refuse_pending_addresses(ex: &mut Exchange, ctx: &mut Ctx<'_>) {
+    let State::Ip { tunnel, ip, .. } = &mut ex.state else { return };
+    if let Some(capsule) = ip.refuse_pending()
+        && !tunnel.push_raw_capsule(&capsule)
+    {
+        ctx.link.counters().add(Counter::DropQueueFull, 1);
+    }
 }
 
 /// A packet from the TUN device for a connect-ip tunnel (already checked

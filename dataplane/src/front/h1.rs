@@ -468,14 +468,9 @@ impl Session {
         }
     }
 
-    /// Control's answer to an address ask, if the current exchange holds
-    /// the flow. Returns whether it did.
-    pub fn address_answer(
-        &mut self,
-        a: &relay_proto::channel::record::AddressAnswer,
-        ctx: &mut Ctx<'_>,
-    ) -> bool {
-        self.current.as_mut().is_some_and(|c| flows::address_answer(&mut c.ex, a, ctx))
+    /// The current exchange, if any.
+    pub fn exchanges_mut(&mut self) -> impl Iterator<Item = &mut Exchange> {
+        self.current.as_mut().map(|c| &mut c.ex).into_iter()
     }
 
     /// The open flow, for a re-attached control.

@@ -527,14 +527,9 @@ impl Session {
         }
     }
 
-    /// Control's answer to an address ask, for the stream holding the flow.
-    /// Returns whether one did.
-    pub fn address_answer(
-        &mut self,
-        a: &relay_proto::channel::record::AddressAnswer,
-        ctx: &mut Ctx<'_>,
-    ) -> bool {
-        self.streams.values_mut().any(|st| flows::address_answer(&mut st.ex, a, ctx))
+    /// The streams' exchanges.
+    pub fn exchanges_mut(&mut self) -> impl Iterator<Item = &mut Exchange> {
+        self.streams.values_mut().map(|st| &mut st.ex)
     }
 
     /// The open flows, for a re-attached control.

@@ -516,7 +516,9 @@ impl Front {
     pub fn address_answer(&mut self, ctx: &mut Ctx<'_>, a: relay_proto::channel::record::AddressAnswer) {
         for key in self.conns.keys() {
             let mut held = false;
-            self.with_conn(ctx, key, |conn, sh, ctx| held = conn.address_answer(&a, sh, ctx));
+            self.with_conn(ctx, key, |conn, sh, ctx| {
+                held = conn.visit_exchanges(sh, ctx, |ex, ctx| flows::address_answer(ex, &a, ctx));
+            });
             if held {
                 return;
             }
@@ -542,6 +544,15 @@ impl Front {
                     retry_after_secs: 0,
                 },
             );
+        }
+        // Address requests asked of the old control are refused.
+        for key in self.conns.keys() {
+            self.with_conn(ctx, key, |conn, sh, ctx| {
+                conn.visit_exchanges(sh, ctx, |ex, ctx| {
+                    flows::refuse_pending_addresses(ex, ctx);
+                    false
+                });
+            });
         }
         let mut open = Vec::new();
         for (_, conn) in self.conns.iter() {

@@ -357,8 +357,9 @@ pub struct IpTunnel {
     pub routes: Vec<IpAddressRange>,
     /// The tunnel's place in the address map, once registered.
     owner: Option<(ConnKey, u64)>,
-    /// Requests for specific addresses waiting for control.
-    pending_asks: usize,
+    /// Requests for specific addresses waiting for control (request ID,
+    /// address).
+    pending: Vec<(u64, IpAddr)>,
 }
 
 /// Requests for specific addresses a tunnel may have waiting for control;
@@ -375,7 +376,7 @@ impl IpTunnel {
             .map(|r| IpAddressRange::new(r.start, r.end, r.protocol).ok())
             .collect::<Option<Vec<_>>>()?;
         let request_ids = vec![0; addresses.len()];
-        Some(Self { addresses, request_ids, routes, owner: None, pending_asks: 0 })
+        Some(Self { addresses, request_ids, routes, owner: None, pending: Vec::new() })
     }
 
     /// Whether `src` is one of the client's assigned addresses.
@@ -444,14 +445,14 @@ impl IpTunnel {
             let single = r.prefix.len == if v4 { 32 } else { 128 };
             let room = of_family().count() < MAX_ADDRESSES_PER_FAMILY
                 && of_family().count() > 0
-                && self.pending_asks + asks.len() < MAX_PENDING_ADDRESS_ASKS;
+                && self.pending.len() + asks.len() < MAX_PENDING_ADDRESS_ASKS;
             if single && room && !r.prefix.is_unspecified() {
                 asks.push((r.request_id, r.prefix.addr));
             } else {
                 now.push(Self::rejection(r.request_id, v4));
             }
         }
-        self.pending_asks += asks.len();
+        self.pending.extend(asks.iter().copied());
         let capsule = if now.is_empty() { Vec::new() } else { self.assign_capsule(&now) };
         (capsule, asks)
     }
@@ -461,7 +462,12 @@ impl IpTunnel {
     /// assignment. Returns the ADDRESS_ASSIGN to send: the full list, with
     /// the request's entry or its all-zero rejection.
     pub fn on_address_answer(&mut self, request_id: u64, addr: IpAddr, granted: bool) -> Vec<u8> {
-        self.pending_asks = self.pending_asks.saturating_sub(1);
+        let Some(at) = self.pending.iter().position(|p| *p == (request_id, addr)) else {
+            // Not asked, or already answered (refused when control was
+            // replaced): nothing to tell the client.
+            return Vec::new();
+        };
+        self.pending.swap_remove(at);
         let known = self.addresses.iter().any(|p| p.addr == addr);
         if granted && !known {
             self.addresses.push(IpPrefix::host(addr));
@@ -472,6 +478,17 @@ impl IpTunnel {
             return self.assign_capsule(&[]);
         }
         self.assign_capsule(&[Self::rejection(request_id, addr.is_ipv4())])
+    }
+
+    /// Refuses every request still waiting for control (a replaced control
+    /// never answers them): the ADDRESS_ASSIGN to send, if any waited.
+    pub fn refuse_pending(&mut self) -> Option<Vec<u8>> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let refusals: Vec<AssignedAddress> =
+            self.pending.drain(..).map(|(id, addr)| Self::rejection(id, addr.is_ipv4())).collect();
+        Some(self.assign_capsule(&refusals))
     }
 
     /// The tunnel's place in the address map, once registered.
@@ -587,16 +604,38 @@ impl Worker {
             && let Some(t) = entry.ip.as_mut()
         {
             let capsule = t.on_address_answer(a.request_id, a.addr, a.granted);
-            if a.granted
+            if t.source_allowed(a.addr)
                 && let Some(ip) = self.ip.as_mut()
             {
                 ip.register_address(t, a.addr);
             }
-            if !entry.tunnel.push_raw_capsule(&capsule) {
+            if !capsule.is_empty() && !entry.tunnel.push_raw_capsule(&capsule) {
                 self.count(Counter::DropQueueFull, 1);
             }
         }
         self.put_conn(key, conn);
+    }
+
+    /// Control was replaced: the address requests asked of the old one are
+    /// refused (it will never answer them).
+    pub(super) fn refuse_pending_addresses(&mut self) {
+        let waiting: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.tunnels.values().any(|e| e.ip.as_ref().is_some_and(|t| !t.pending.is_empty())))
+            .map(|(key, _)| key)
+            .collect();
+        for key in waiting {
+            let Some(mut conn) = self.take_conn(key) else { continue };
+            for entry in conn.tunnels.values_mut() {
+                if let Some(capsule) = entry.ip.as_mut().and_then(IpTunnel::refuse_pending)
+                    && !entry.tunnel.push_raw_capsule(&capsule)
+                {
+                    self.count(Counter::DropQueueFull, 1);
+                }
+            }
+            self.put_conn(key, conn);
+        }
     }
 
     /// A client's IP packet (context 0) on an open tunnel.
@@ -827,8 +866,18 @@ mod tests {
         let refused = t.on_address_answer(1, "fd89::101".parse().unwrap(), false);
         assert!(assigned(&refused).contains(&(1, "::/128".into())));
         assert!(!t.source_allowed("fd89::101".parse().unwrap()));
+        // An answer to nothing asked (or asked again) changes nothing.
+        assert!(t.on_address_answer(1, "fd89::101".parse().unwrap(), true).is_empty());
+        assert!(t.on_address_answer(99, "fd89::199".parse().unwrap(), true).is_empty());
+        assert!(!t.source_allowed("fd89::199".parse().unwrap()));
         // One ask answered: room for one more.
         let (_, asks) = t.plan_requests(&[request(11, "fd89::200/128")]);
         assert_eq!(asks.len(), 1);
+        // Control replaced: every waiting request is refused at once.
+        let refusals = assigned(&t.refuse_pending().unwrap());
+        for id in [2, 3, 4, 11] {
+            assert!(refusals.contains(&(id, "::/128".into())), "{id}: {refusals:?}");
+        }
+        assert!(t.refuse_pending().is_none());
     }
 }

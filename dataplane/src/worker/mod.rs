@@ -1651,6 +1651,7 @@ impl Worker {
             }
             self.put_conn(key, conn);
         }
+        self.refuse_pending_addresses();
         let mut open = Vec::new();
         for (_, conn) in self.conns.iter() {
             for entry in conn.tunnels.values() {
