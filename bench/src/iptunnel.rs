@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use relay_dataplane::tun::{TunDevice, TunRead};
 use relay_proto::ip::capsule::{self as ipcap, IpAddressRange, IpCapsule, IpPrefix, RequestedAddress};
+use relay_proto::ip::offload;
 use relay_proto::template::IpUriTemplate;
-use tun_tap::{Iface, Mode};
 
 use crate::client::{Answer, Client};
 
@@ -153,9 +154,11 @@ fn ip_cmd(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A local TUN device configured from a tunnel.
+/// A local TUN device configured from a tunnel, with the kernel's
+/// offloads where it grants them (GSO reads cut into the tunnel's packets,
+/// runs of one TCP flow written as one GSO packet).
 pub struct ClientTun {
-    iface: Iface,
+    dev: TunDevice,
 }
 
 impl ClientTun {
@@ -170,8 +173,7 @@ impl ClientTun {
         only: &[IpPrefix],
         relay: IpAddr,
     ) -> Result<Self> {
-        let iface = Iface::without_packet_info(device, Mode::Tun).context("creating the TUN device")?;
-        iface.set_non_blocking()?;
+        let dev = TunDevice::open(device, true).context("creating the TUN device")?;
         ip_cmd(&["link", "set", "dev", device, "mtu", &mtu.to_string(), "up"])?;
         for a in &config.addresses {
             let p = format!("{}/{}", a.addr, a.len);
@@ -197,7 +199,7 @@ impl ClientTun {
                 }
             }
         }
-        Ok(Self { iface })
+        Ok(Self { dev })
     }
 }
 
@@ -221,21 +223,20 @@ pub fn pump(
     stop: &AtomicBool,
     duration: Option<Duration>,
 ) -> Result<PumpStats> {
-    client.watch_fd(tun.iface.as_raw_fd())?;
+    client.watch_fd(tun.dev.as_raw_fd())?;
     let deadline = duration.map(|d| Instant::now() + d);
     let mut stats = PumpStats::default();
-    let mut buf = vec![0u8; 65_536];
+    let mut buf = vec![0u8; offload::VNET_HDR_LEN + 65_536];
+    let mut segment = vec![0u8; 65_536];
     let mut backlog: VecDeque<Vec<u8>> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| Instant::now() < d) {
         client.drive(Duration::from_millis(5))?;
-        loop {
-            match tun.iface.recv(&mut buf) {
-                Ok(n) => backlog.push_back(buf[..n].to_vec()),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+        while backlog.len() < 1024 {
+            match tun.dev.read_packets(&mut buf, &mut segment, |p| backlog.push_back(p.to_vec())) {
+                Ok(TunRead::Empty) => break,
+                Ok(TunRead::Packets(_)) => {}
+                Ok(TunRead::Malformed(_)) => stats.dropped += 1,
                 Err(e) => return Err(e).context("reading the TUN device"),
-            }
-            if backlog.len() >= 1024 {
-                break;
             }
         }
         while let Some(p) = backlog.front() {
@@ -251,9 +252,22 @@ pub fn pump(
             stats.up += 1;
         }
         client.flush()?;
-        for packet in client.take_datagrams(tunnel.stream_id) {
-            if tun.iface.send(&packet).is_ok() {
-                stats.down += 1;
+        let down = client.take_datagrams(tunnel.stream_id);
+        if tun.dev.offloads().vnet_header {
+            let packets: Vec<&[u8]> = down.iter().map(Vec::as_slice).collect();
+            offload::coalesce(&packets, |planned| {
+                if tun.dev.write_planned(planned).is_ok() {
+                    stats.down += planned.packets.len() as u64;
+                } else if planned.packets.len() > 1 {
+                    // The kernel refused the GSO packet: one at a time.
+                    stats.down += planned.packets.iter().filter(|p| tun.dev.write(p).is_ok()).count() as u64;
+                }
+            });
+        } else {
+            for packet in &down {
+                if tun.dev.write(packet).is_ok() {
+                    stats.down += 1;
+                }
             }
         }
         if client.stream_finished(tunnel.stream_id) {

@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
 
 use relay_proto::channel::bootstrap::WorkerSubnet;
-use relay_proto::ip::offload::{TunWrite, VNET_HDR_LEN, VnetHeader};
+use relay_proto::ip::offload::{self, OffloadError, TunWrite, VNET_HDR_LEN, VnetHeader};
 use tracing::info;
 
 /// Why a TUN device could not be set up.
@@ -81,13 +81,32 @@ impl std::fmt::Display for Offloads {
     }
 }
 
+/// An open TUN device (non-blocking, no packet information), with the
+/// offloads the kernel granted. The dataplane's workers and the bench's
+/// connect-ip client both use it.
+#[derive(Debug)]
+pub struct TunDevice {
+    fd: OwnedFd,
+    offloads: Offloads,
+}
+
+/// What one [`TunDevice::read_packets`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunRead {
+    /// Nothing was waiting.
+    Empty,
+    /// This many packets were handed over (more than one: a GSO packet).
+    Packets(usize),
+    /// A read the offload code could not split (dropped).
+    Malformed(OffloadError),
+}
+
 /// A worker's TUN device.
 #[derive(Debug)]
 pub struct WorkerTun {
-    fd: OwnedFd,
+    dev: TunDevice,
     name: String,
     own: Vec<IpAddr>,
-    offloads: Offloads,
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
@@ -177,18 +196,9 @@ impl WorkerTun {
     /// Creates `name` with MTU `mtu`, its own address in each subnet, and
     /// brings it up; with the offloads the kernel grants if `offload`.
     pub fn create(name: &str, subnets: &[WorkerSubnet], mtu: u32, offload: bool) -> Result<Self, TunError> {
-        let open_error = |source| TunError::Open { name: name.to_string(), source };
-        // The header's fields are little-endian on little-endian hosts only
-        // (legacy virtio byte order is the host's).
-        let offload = offload && cfg!(target_endian = "little");
-        let (fd, offloads) = if offload {
-            let fd = open_device(name, true).map_err(open_error)?;
-            let offloads = enable_offloads(&fd).map_err(open_error)?;
-            (fd, offloads)
-        } else {
-            (open_device(name, false).map_err(open_error)?, Offloads::default())
-        };
-        info!(device = name, %offloads, "TUN offloads");
+        let dev = TunDevice::open(name, offload)
+            .map_err(|source| TunError::Open { name: name.to_string(), source })?;
+        info!(device = name, offloads = %dev.offloads(), "TUN offloads");
         let mtu = mtu.to_string();
         ip_command(name, &["link", "set", "dev", name, "mtu", &mtu, "up"])?;
         let mut own = Vec::new();
@@ -204,7 +214,12 @@ impl WorkerTun {
             }
             own.push(addr);
         }
-        Ok(Self { fd, name: name.to_string(), own, offloads })
+        Ok(Self { dev, name: name.to_string(), own })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &TunDevice {
+        &self.dev
     }
 
     /// The device name.
@@ -216,6 +231,55 @@ impl WorkerTun {
     /// errors).
     pub fn own_address(&self, v4: bool) -> Option<IpAddr> {
         self.own.iter().copied().find(|a| a.is_ipv4() == v4)
+    }
+
+    /// The offloads in use.
+    pub fn offloads(&self) -> Offloads {
+        self.dev.offloads
+    }
+
+    /// See [`TunDevice::write`].
+    pub fn write(&self, packet: &[u8]) -> io::Result<()> {
+        self.dev.write(packet)
+    }
+
+    /// See [`TunDevice::write_planned`].
+    pub fn write_planned(&self, planned: &TunWrite<'_>) -> io::Result<()> {
+        self.dev.write_planned(planned)
+    }
+
+    /// See [`TunDevice::read`].
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.dev.read(buf)
+    }
+}
+
+impl TunDevice {
+    /// Attaches to TUN device `name` (created if missing); with the
+    /// offloads the kernel grants if `offload` (little-endian hosts only:
+    /// the legacy virtio-net header is in the host's byte order).
+    pub fn open(name: &str, offload: bool) -> io::Result<Self> {
+        if offload && cfg!(target_endian = "little") {
+            let fd = open_device(name, true)?;
+            let offloads = enable_offloads(&fd)?;
+            Ok(Self { fd, offloads })
+        } else {
+            Ok(Self { fd: open_device(name, false)?, offloads: Offloads::default() })
+        }
+    }
+
+    /// Reads once and hands each IP packet the read carried to `emit`, in
+    /// order: the packet itself, or with the virtio-net header the packets
+    /// a GSO packet stands for (cut in `segment`, 64 KiB). `buf` takes one
+    /// read (64 KiB and the header).
+    pub fn read_packets(
+        &self,
+        buf: &mut [u8],
+        segment: &mut [u8],
+        mut emit: impl FnMut(&mut [u8]),
+    ) -> io::Result<TunRead> {
+        let Some(n) = self.read(buf)? else { return Ok(TunRead::Empty) };
+        Ok(split_read(self.offloads.vnet_header, &mut buf[..n], segment, &mut emit))
     }
 
     /// The offloads in use.
@@ -280,12 +344,39 @@ impl WorkerTun {
     }
 }
 
+/// Hands each IP packet one TUN read carried to `emit` (see
+/// [`TunDevice::read_packets`]); `vnet_header` says whether the device has
+/// the virtio-net header.
+pub fn split_read(
+    vnet_header: bool,
+    read: &mut [u8],
+    segment: &mut [u8],
+    mut emit: impl FnMut(&mut [u8]),
+) -> TunRead {
+    if !vnet_header {
+        emit(read);
+        return TunRead::Packets(1);
+    }
+    let split = VnetHeader::decode(read)
+        .and_then(|header| offload::split(&header, &mut read[VNET_HDR_LEN..], segment, &mut emit));
+    match split {
+        Ok(count) => TunRead::Packets(count),
+        Err(e) => TunRead::Malformed(e),
+    }
+}
+
 /// Pieces of one TUN write at most: the virtio-net header, the rewritten
 /// headers and one payload per coalesced packet.
 const MAX_PIECES: usize = relay_proto::ip::offload::MAX_COALESCED + 2;
 
-impl AsRawFd for WorkerTun {
+impl AsRawFd for TunDevice {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsRawFd for WorkerTun {
+    fn as_raw_fd(&self) -> RawFd {
+        self.dev.as_raw_fd()
     }
 }

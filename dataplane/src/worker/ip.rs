@@ -28,14 +28,14 @@ use relay_proto::channel::record::{
     AddressAnswer, AddressAsk, IpAssignment, IpRoute, MAX_ADDRESSES_PER_FAMILY, PROTOCOL_CONNECT_IP,
 };
 use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
-use relay_proto::ip::offload::{self, VnetHeader};
+use relay_proto::ip::offload;
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 use relay_proto::request::{self, Request};
 use relay_proto::template::IpUriTemplate;
 use tracing::debug;
 
 use super::{Conn, ConnKey, Counter, TunnelAsk, Worker};
-use crate::tun::WorkerTun;
+use crate::tun::{self, TunRead, WorkerTun};
 
 /// ICMP (1) and ICMPv6 (58) are always allowed (RFC 9484 section 4.6).
 fn is_icmp(protocol: u8) -> bool {
@@ -656,9 +656,26 @@ impl Worker {
         let vnet = ip.tun.offloads().vnet_header;
         let (mut drained, mut packets) = (false, 0);
         while packets < TUN_BUDGET {
-            let n = match ip.tun.read(&mut buf) {
-                Ok(Some(n)) => n,
-                Ok(None) => {
+            let read = ip.tun.read(&mut buf).map(|n| match n {
+                None => TunRead::Empty,
+                Some(n) => tun::split_read(vnet, &mut buf[..n], &mut segment, |packet| {
+                    self.count(Counter::TunPacketsIn, 1);
+                    self.ip_down(&mut ip, packet);
+                }),
+            });
+            match read {
+                Ok(TunRead::Packets(count)) => {
+                    packets += count;
+                    if count > 1 {
+                        self.count(Counter::TunGsoReads, 1);
+                    }
+                }
+                Ok(TunRead::Malformed(e)) => {
+                    debug!("TUN read: {e}");
+                    packets += 1;
+                    self.count(Counter::DropMalformed, 1);
+                }
+                Ok(TunRead::Empty) => {
                     drained = true;
                     break;
                 }
@@ -666,32 +683,6 @@ impl Worker {
                     debug!("TUN read: {e}");
                     drained = true;
                     break;
-                }
-            };
-            if !vnet {
-                packets += 1;
-                self.count(Counter::TunPacketsIn, 1);
-                self.ip_down(&mut ip, &mut buf[..n]);
-                continue;
-            }
-            let header = VnetHeader::decode(&buf[..n]);
-            let split = header.and_then(|header| {
-                offload::split(&header, &mut buf[offload::VNET_HDR_LEN..n], &mut segment, |packet| {
-                    self.count(Counter::TunPacketsIn, 1);
-                    self.ip_down(&mut ip, packet);
-                })
-            });
-            match split {
-                Ok(count) => {
-                    packets += count;
-                    if count > 1 {
-                        self.count(Counter::TunGsoReads, 1);
-                    }
-                }
-                Err(e) => {
-                    debug!("TUN read of {n} bytes: {e}");
-                    packets += 1;
-                    self.count(Counter::DropMalformed, 1);
                 }
             }
         }
