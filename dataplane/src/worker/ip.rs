@@ -679,6 +679,13 @@ impl Worker {
                     drained = true;
                     break;
                 }
+                // One packet the kernel could not hand over (it is gone):
+                // the rest of the queue is still there to read.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EMSGSIZE | libc::EINVAL)) => {
+                    debug!("TUN read: {e}");
+                    packets += 1;
+                    self.count(Counter::DropMalformed, 1);
+                }
                 Err(e) => {
                     debug!("TUN read: {e}");
                     drained = true;
