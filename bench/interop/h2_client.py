@@ -40,6 +40,7 @@ TEMPLATE = "/.well-known/masque/udp/{host}/{port}/"
 IP_TEMPLATE = "/.well-known/masque/ip/{target}/{ipproto}/"
 CAPSULE_DATAGRAM = 0x00
 CAPSULE_ADDRESS_ASSIGN = 0x01
+CAPSULE_ADDRESS_REQUEST = 0x02
 CAPSULE_ROUTE_ADVERTISEMENT = 0x03
 
 
@@ -353,9 +354,30 @@ def echo_request(src: bytes, dst: bytes, ident: int, seq: int) -> bytes:
     return hdr + icmp
 
 
+def address_entries(v: bytes) -> list[tuple[int, str, int]]:
+    """The (request ID, address, prefix length) entries of an ADDRESS_ASSIGN
+    value (RFC 9484 section 4.7.1)."""
+    out = []
+    i = 0
+    while i < len(v):
+        rid = decode_varint(v, i)
+        if rid is None:
+            raise ClientError("truncated ADDRESS_ASSIGN")
+        version = v[rid[1]]
+        n = 4 if version == 4 else 16
+        start = rid[1] + 1
+        addr = v[start:start + n]
+        family = socket.AF_INET if version == 4 else socket.AF_INET6
+        out.append((rid[0], socket.inet_ntop(family, addr), v[start + n]))
+        i = start + n + 1
+    return out
+
+
 def case_connect_ip(args: argparse.Namespace) -> dict:
     """connect-ip over HTTP/2: ADDRESS_ASSIGN, then pings to --ping-target
-    through the tunnel (IPv4)."""
+    through the tunnel (IPv4). With --request-address, that IPv4 address is
+    asked for first (ADDRESS_REQUEST, request ID 5) and, when granted, the
+    pings go from it."""
     c = H2Client(args)
     c.wait_settings()
     path = IP_TEMPLATE.format(target="*", ipproto="*")
@@ -380,14 +402,20 @@ def case_connect_ip(args: argparse.Namespace) -> dict:
     sent = 0
     ident = os.getpid() & 0xFFFF
     dst = socket.inet_aton(args.ping_target)
+    requested = None  # the answer to request 5, once it came
+    asked = False
+    source = None  # where the pings come from
     while time.monotonic() < deadline and replies < args.count:
         c.pump(0.02)
         for t, v in reader.feed(bytes(c.data.pop(sid, b""))):
-            if t == CAPSULE_ADDRESS_ASSIGN and assigned is None:
-                # Request ID (varint), IP version, address, prefix length.
-                rid = decode_varint(v, 0)
-                if rid and v[rid[1]] == 4:
-                    assigned = v[rid[1] + 1:rid[1] + 5]
+            if t == CAPSULE_ADDRESS_ASSIGN:
+                entries = address_entries(v)
+                if assigned is None:
+                    first = [a for (rid, a, _) in entries if rid == 0 and ":" not in a]
+                    assigned = socket.inet_aton(first[0]) if first else None
+                for rid, a, _ in entries:
+                    if rid == 5 and asked:
+                        requested = a
             elif t == CAPSULE_ROUTE_ADVERTISEMENT:
                 routes += 1
             elif t == CAPSULE_DATAGRAM:
@@ -395,14 +423,26 @@ def case_connect_ip(args: argparse.Namespace) -> dict:
                 pkt = v[ctx[1]:] if ctx else b""
                 if len(pkt) >= 28 and pkt[9] == 1 and pkt[20] == 0 and pkt[12:16] == dst:
                     replies += 1
-        if assigned is not None and sent < args.count and sent <= replies:
-            pkt = echo_request(assigned, dst, ident, sent + 1)
+        if assigned is not None and args.request_sibling is not None and not args.request_address:
+            args.request_address = socket.inet_ntoa(assigned[:3] + bytes([(assigned[3] & 0x80) | args.request_sibling]))
+        if assigned is not None and args.request_address and not asked:
+            value = encode_varint(5) + bytes([4]) + socket.inet_aton(args.request_address) + bytes([32])
+            c.send(sid, encode_capsule(CAPSULE_ADDRESS_REQUEST, value))
+            asked = True
+        if source is None and assigned is not None:
+            if not args.request_address:
+                source = assigned
+            elif requested is not None:
+                source = socket.inet_aton(requested) if requested != "0.0.0.0" else assigned
+        if source is not None and sent < args.count and sent <= replies:
+            pkt = echo_request(source, dst, ident, sent + 1)
             c.send(sid, encode_capsule(CAPSULE_DATAGRAM, encode_varint(0) + pkt))
             sent += 1
         if sid in c.resets or sid in c.ended:
             break
     r.update({"assigned": socket.inet_ntoa(assigned) if assigned else None, "routes": routes,
-              "sent": sent, "replies": replies})
+              "sent": sent, "replies": replies, "requested": requested,
+              "source": socket.inet_ntoa(source) if source else None})
     c.close()
     return r
 
@@ -489,6 +529,11 @@ def main() -> int:
     p.add_argument("--target-host", default="127.0.0.1")
     p.add_argument("--target-port", type=int, default=7)
     p.add_argument("--ping-target", default="192.0.2.1")
+    p.add_argument("--request-address", help="connect_ip: ask for this IPv4 address first")
+    p.add_argument("--request-sibling", type=int,
+                   help="connect_ip: ask first for the assigned IPv4 address with the low 7 bits of "
+                        "its last octet set to this (the same /25: the worker's share of a /24 pool "
+                        "split between two workers)")
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--bytes", type=int, default=1 << 20)
     p.add_argument("--timeout", type=float, default=20.0)

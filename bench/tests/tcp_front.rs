@@ -438,6 +438,24 @@ fn connect_ip_over_http2_and_http1_pings_a_target_namespace_through_the_tun_devi
     assert!(r["routes"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(r["replies"], 3, "every echo request came back through the tunnel: {r}");
     assert!(relay.counter("tun_packets_out").unwrap() >= tun_out + 3);
+    // ADDRESS_REQUEST for a free address of the worker's share, over
+    // HTTP/2: control leases it, the ADDRESS_ASSIGN lists it under the
+    // request's ID, and pings from it are let through and answered (the
+    // replies find the tunnel by the new address).
+    let mut asking = args.clone();
+    asking.splice(asking.len() - 1.., ["--request-sibling".to_string(), "99".into(), "connect_ip".into()]);
+    let r = &h2_client(&python, &asking)["connect_ip"];
+    assert_eq!(r["status"], 200, "{r}");
+    let assigned: std::net::Ipv4Addr = r["assigned"].as_str().unwrap().parse().unwrap();
+    let wanted = std::net::Ipv4Addr::from({
+        let mut o = assigned.octets();
+        o[3] = (o[3] & 0x80) | 99;
+        o
+    });
+    assert_ne!(assigned, wanted, "{r}");
+    assert_eq!(r["requested"], wanted.to_string(), "leased from the pool: {r}");
+    assert_eq!(r["source"], wanted.to_string(), "{r}");
+    assert_eq!(r["replies"], 3, "pings from the new address came back: {r}");
     // The HTTP/1.1 Upgrade form (RFC 9484 section 4.2) on the cleartext
     // listener, with a plain socket.
     h1_connect_ip_ping(&relay, topo.target.target_addr, pool);
