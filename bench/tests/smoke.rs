@@ -116,3 +116,37 @@ fn front_bench_measures_every_path() {
         assert!(report.contains(path), "{path} missing:\n{report}");
     }
 }
+
+#[test]
+fn ip_bench_measures_every_path() {
+    if !relay_bench::processes::running_as_root() || !std::path::Path::new("/dev/net/tun").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the ip-bench smoke test as root with /dev/net/tun"
+        );
+        eprintln!("SKIPPED: ip-bench needs root (ip netns) and /dev/net/tun");
+        return;
+    }
+    let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let bin_dir = relay_bench::processes::bin_dir().unwrap();
+    let r = relay_bench::ipbench::run(&bin_dir, 2, std::time::Duration::from_secs(1)).expect("ip-bench runs");
+    for (name, p) in [
+        ("direct", &r.direct),
+        ("IPv4 with offloads", &r.offload.v4),
+        ("IPv6 with offloads", &r.offload.v6),
+        ("IPv4 without offloads", &r.plain.v4),
+        ("IPv6 without offloads", &r.plain.v6),
+    ] {
+        assert!(p.bytes > 0 && p.mbps() > 0.0, "{name} moved nothing: {p:?}");
+    }
+    // The offloaded relay coalesced its TUN writes; the other wrote one
+    // packet per write.
+    assert!(
+        r.offload.gso_writes > 0 && r.offload.coalesced_packets >= 2 * r.offload.gso_writes,
+        "{:?}",
+        r.offload
+    );
+    assert_eq!((r.plain.gso_writes, r.plain.coalesced_packets), (0, 0), "{:?}", r.plain);
+    let table = relay_bench::ipbench::table(&r);
+    assert!(table.contains("TUN offloads") && table.contains("no offloads"), "{table}");
+}
