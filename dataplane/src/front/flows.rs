@@ -179,10 +179,9 @@ pub fn apply_verdict(ex: &mut Exchange, verdict: Verdict, place: Place, sh: &mut
                 }
                 Err(e) => {
                     debug!("TCP target socket: {e}");
-                    ctx.link.flow_closed(FlowClosed::unused(flow_id));
                     ctx.link.counters().add(Counter::TcpConnectFailures, 1);
                     let (status, error, reason) = connect_failure(e.raw_os_error().unwrap_or(0));
-                    ex.refuse(refused(sh, status, Some(error), reason).head.expect("refusals have a head"));
+                    refuse_allowed(ex, flow_id, (status, Some(error), reason), sh, ctx);
                 }
             }
         }
@@ -191,14 +190,9 @@ pub fn apply_verdict(ex: &mut Exchange, verdict: Verdict, place: Place, sh: &mut
                 Ok(s) => s,
                 Err(e) => {
                     debug!("target socket: {e}");
-                    ctx.link.flow_closed(FlowClosed::unused(flow_id));
-                    let head = refused(
-                        sh,
-                        502,
-                        Some(ProxyError::DestinationUnavailable),
-                        "cannot open a socket to the target",
-                    );
-                    return ex.refuse(head.head.expect("refusals have a head"));
+                    let why =
+                        (502, Some(ProxyError::DestinationUnavailable), "cannot open a socket to the target");
+                    return refuse_allowed(ex, flow_id, why, sh, ctx);
                 }
             };
             let State::Asking { tunnel: Some(mut tunnel), .. } =
@@ -226,14 +220,9 @@ pub fn apply_verdict(ex: &mut Exchange, verdict: Verdict, place: Place, sh: &mut
         ) => {
             let config = crate::worker::IpTunnel::from_allow(&addresses, &routes);
             let (Some(mut config), Some(ip)) = (config, ctx.ip.as_deref_mut()) else {
-                ctx.link.flow_closed(FlowClosed::unused(flow_id));
-                let head = refused(
-                    sh,
-                    503,
-                    Some(ProxyError::ProxyInternalError),
-                    "connect-ip is not available on this worker",
-                );
-                return ex.refuse(head.head.expect("refusals have a head"));
+                let why =
+                    (503, Some(ProxyError::ProxyInternalError), "connect-ip is not available on this worker");
+                return refuse_allowed(ex, flow_id, why, sh, ctx);
             };
             let State::Asking { tunnel: Some(mut tunnel), .. } =
                 std::mem::replace(&mut ex.state, State::Done)
@@ -269,6 +258,21 @@ pub fn apply_verdict(ex: &mut Exchange, verdict: Verdict, place: Place, sh: &mut
             ex.refuse(head.head.expect("refusals have a head"));
         }
     }
+}
+
+/// Refuses a request control allowed but the worker cannot serve: the
+/// flow goes back to control unused, the client gets `why` (status,
+/// Proxy-Status error, details).
+fn refuse_allowed(
+    ex: &mut Exchange,
+    flow_id: u64,
+    why: (u16, Option<ProxyError>, &str),
+    sh: &mut Shared,
+    ctx: &mut Ctx<'_>,
+) {
+    ctx.link.flow_closed(FlowClosed::unused(flow_id));
+    let (status, proxy_error, details) = why;
+    ex.refuse(refused(sh, status, proxy_error, details).head.expect("refusals have a head"));
 }
 
 /// The 2xx that opens a tunnel: capsule tunnels carry
