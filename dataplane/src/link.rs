@@ -13,6 +13,7 @@ use relay_proto::channel::record::{
 };
 use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
 use relay_proto::channel::ring::{Consumer, Producer, RingError};
+use relay_proto::proxy_status::ProxyError;
 
 /// Why an ask could not be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -26,6 +27,28 @@ pub enum AskError {
     /// A field does not fit the record (caller answers 414/431/400).
     #[error("request too large for the channel: {0}")]
     TooLarge(RecordError),
+}
+
+impl AskError {
+    /// The refusal a request whose ask could not be sent gets: status,
+    /// Proxy-Status error and details (the same on every HTTP version).
+    pub fn refusal(&self) -> (u16, Option<ProxyError>, &'static str) {
+        match self {
+            AskError::ControlDown => (503, Some(ProxyError::ProxyInternalError), "control plane unavailable"),
+            AskError::Full => (503, Some(ProxyError::ProxyInternalError), "control plane overloaded"),
+            AskError::TooLarge(RecordError::FieldTooLong("path")) => (414, None, "path too long"),
+            AskError::TooLarge(RecordError::FieldTooLong("authorization")) => {
+                (431, None, "credentials too long")
+            }
+            AskError::TooLarge(_) => (400, Some(ProxyError::HttpRequestError), "request too large"),
+        }
+    }
+
+    /// Whether control, not the request, is at fault (counted as a failed
+    /// ask).
+    pub fn is_control_failure(&self) -> bool {
+        matches!(self, AskError::ControlDown | AskError::Full)
+    }
 }
 
 /// An answer from control.

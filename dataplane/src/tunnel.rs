@@ -78,6 +78,19 @@ pub struct Totals {
     pub bytes_down: u64,
 }
 
+impl Totals {
+    /// The report of flow `flow_id` ending with these totals.
+    pub fn closed(&self, flow_id: u64) -> relay_proto::channel::record::FlowClosed {
+        relay_proto::channel::record::FlowClosed {
+            flow_id,
+            packets_up: self.packets_up,
+            bytes_up: self.bytes_up,
+            packets_down: self.packets_down,
+            bytes_down: self.bytes_down,
+        }
+    }
+}
+
 /// A connect-udp tunnel.
 #[derive(Debug)]
 pub struct Tunnel {

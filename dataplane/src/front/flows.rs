@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use relay_proto::channel::record::{
     AddressAnswer, AddressAsk, FlowClosed, FlowOpen, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_TCP,
-    PROTOCOL_CONNECT_UDP, RecordError, Verdict,
+    PROTOCOL_CONNECT_UDP, Verdict,
 };
 use relay_proto::channel::region::Counter;
 use relay_proto::proxy_status::ProxyError;
@@ -17,7 +17,6 @@ use tracing::debug;
 use super::exchange::{Exchange, Flow, Head, Route, State, TunnelKind, refusal_head};
 use super::{Ctx, Owner, Shared};
 use crate::io::UpSend;
-use crate::link::AskError;
 use crate::slab::Key as ConnKey;
 use crate::tcp_target::{TargetState, TcpTarget, connect_failure};
 
@@ -111,18 +110,8 @@ pub fn start(
     let ask_id = match asked {
         Ok(id) => id,
         Err(e) => {
-            let (status, proxy_error, reason) = match e {
-                AskError::ControlDown => {
-                    (503, Some(ProxyError::ProxyInternalError), "control plane unavailable")
-                }
-                AskError::Full => (503, Some(ProxyError::ProxyInternalError), "control plane overloaded"),
-                AskError::TooLarge(RecordError::FieldTooLong("path")) => (414, None, "path too long"),
-                AskError::TooLarge(RecordError::FieldTooLong("authorization")) => {
-                    (431, None, "credentials too long")
-                }
-                AskError::TooLarge(_) => (400, Some(ProxyError::HttpRequestError), "request too large"),
-            };
-            if matches!(e, AskError::ControlDown | AskError::Full) {
+            let (status, proxy_error, reason) = e.refusal();
+            if e.is_control_failure() {
                 ctx.link.counters().add(Counter::AsksFailed, 1);
             }
             ctx.link.counters().add(Counter::TunnelsRefused, 1);
@@ -554,36 +543,16 @@ pub fn release(ex: &mut Exchange, sh: &mut Shared, ctx: &mut Ctx<'_>) {
             }
             sh.udp_targets.remove(&key);
             ctx.out.closes.push(key);
-            let t = tunnel.totals;
             if let Some(flow_id) = tunnel.flow_id() {
-                sh.flow_closed(
-                    ctx.link,
-                    FlowClosed {
-                        flow_id,
-                        packets_up: t.packets_up,
-                        bytes_up: t.bytes_up,
-                        packets_down: t.packets_down,
-                        bytes_down: t.bytes_down,
-                    },
-                );
+                sh.flow_closed(ctx.link, tunnel.totals.closed(flow_id));
             }
         }
         State::Ip { tunnel, ip, .. } => {
             if let Some(side) = ctx.ip.as_deref_mut() {
                 side.unregister(&ip);
             }
-            let t = tunnel.totals;
             if let Some(flow_id) = tunnel.flow_id() {
-                sh.flow_closed(
-                    ctx.link,
-                    FlowClosed {
-                        flow_id,
-                        packets_up: t.packets_up,
-                        bytes_up: t.bytes_up,
-                        packets_down: t.packets_down,
-                        bytes_down: t.bytes_down,
-                    },
-                );
+                sh.flow_closed(ctx.link, tunnel.totals.closed(flow_id));
             }
         }
         State::Answer | State::Done => {}

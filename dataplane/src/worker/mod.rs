@@ -23,9 +23,7 @@ use std::time::{Duration, Instant};
 
 use quiche::h3::NameValue;
 use relay_proto::channel::bootstrap::Bootstrap;
-use relay_proto::channel::record::{
-    AuthAnswer, ConnInfo, FlowClosed, RecordError, SignAnswer, SignResult, Verdict,
-};
+use relay_proto::channel::record::{AuthAnswer, ConnInfo, FlowClosed, SignAnswer, SignResult, Verdict};
 use relay_proto::channel::region::Counter;
 use relay_proto::cid::{CidLayout, Decoded};
 use relay_proto::datagram;
@@ -37,7 +35,7 @@ use tracing::{debug, error, info, warn};
 use crate::handoff::{Handoff, Inbox};
 use crate::io::{Handler, Output, Ready, TargetKey, Turn, UpSend, Wake, WatchKey};
 use crate::keyless;
-use crate::link::{Answer, AskError, ControlLink};
+use crate::link::{Answer, ControlLink};
 use crate::quic;
 use crate::response::{self, Headers};
 use crate::retry::{RetryTokens, TokenError};
@@ -872,18 +870,8 @@ impl Worker {
         let ask_id = match asked {
             Ok(id) => id,
             Err(e) => {
-                let (status, proxy_error, reason) = match e {
-                    AskError::ControlDown => {
-                        (503, Some(ProxyError::ProxyInternalError), "control plane unavailable")
-                    }
-                    AskError::Full => (503, Some(ProxyError::ProxyInternalError), "control plane overloaded"),
-                    AskError::TooLarge(RecordError::FieldTooLong("path")) => (414, None, "path too long"),
-                    AskError::TooLarge(RecordError::FieldTooLong("authorization")) => {
-                        (431, None, "credentials too long")
-                    }
-                    AskError::TooLarge(_) => (400, Some(ProxyError::HttpRequestError), "request too large"),
-                };
-                if matches!(e, AskError::ControlDown | AskError::Full) {
+                let (status, proxy_error, reason) = e.refusal();
+                if e.is_control_failure() {
                     self.count(Counter::AsksFailed, 1);
                 }
                 return self.refuse(conn, stream_id, status, proxy_error, reason);
@@ -1075,14 +1063,7 @@ impl Worker {
                     self.targets.remove(&key);
                     self.out.closes.push(key);
                 }
-                let t = entry.tunnel.totals;
-                self.link.flow_closed(FlowClosed {
-                    flow_id,
-                    packets_up: t.packets_up,
-                    bytes_up: t.bytes_up,
-                    packets_down: t.packets_down,
-                    bytes_down: t.bytes_down,
-                });
+                self.link.flow_closed(entry.tunnel.totals.closed(flow_id));
                 self.tunnels_open -= 1;
                 self.count(Counter::TunnelsClosed, 1);
                 self.link.counters().sub(Counter::TunnelsActive, 1);
