@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use relay_dataplane::attach::attach;
+use relay_dataplane::context::Settings;
 use relay_dataplane::handoff::Inbox;
 use relay_dataplane::io::BackendKind;
 use relay_dataplane::io::epoll::EpollBackend;
@@ -15,7 +16,7 @@ use relay_dataplane::io::uring::{UringBackend, UringSettings};
 use relay_dataplane::link::ControlLink;
 use relay_dataplane::retry::RetryTokens;
 use relay_dataplane::tls::{TlsChange, TlsShared};
-use relay_dataplane::worker::{Flags, Worker, WorkerSettings};
+use relay_dataplane::worker::{Flags, Worker};
 use relay_dataplane::{cpu, socket};
 use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate};
 use relay_proto::cid::CidLayout;
@@ -233,6 +234,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let att = attach(&args.control_socket, Duration::from_secs(args.attach_timeout))?;
     let b = att.bootstrap.clone();
     let template = UriTemplate::parse(&b.uri_template)?;
+    let ip_template = match &b.connect_ip {
+        Some(ip) => Some(relay_proto::template::IpUriTemplate::parse(&ip.uri_template)?),
+        None => None,
+    };
     let cids = CidLayout::new(b.cid_config_id, &b.cid_server_id, b.cid_nonce_len)?;
     let kind = choose_backend(&b)?;
     let cpus = cpu::allowed_cpus();
@@ -256,13 +261,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let i = i as u32;
         let link =
             ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
-        let settings = WorkerSettings {
-            index: i,
-            bootstrap: b.clone(),
-            template: template.clone(),
-            cids,
-            tls: tls.clone(),
-        };
+        let settings = Settings::new(i, b.clone(), template.clone(), ip_template.clone(), cids);
         let (relink_tx, relink_rx) = mpsc::channel();
         relinks.push(relink_tx);
         // Bind in this thread, in worker order, so a bad address fails
@@ -278,36 +277,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             steer(&sock, &cids, b.workers);
         }
         let flags = Flags { stop: &STOP, drain: &DRAIN };
-        let mut worker =
-            Worker::new(settings, flags, local, link, relink_rx, inboxes.clone(), retry.clone())?;
+        let mut worker = Worker::new(
+            settings,
+            tls.clone(),
+            flags,
+            local,
+            link,
+            relink_rx,
+            inboxes.clone(),
+            retry.clone(),
+        )?;
         if let Some(ip) = &b.connect_ip {
             let name = format!("{}{i}", ip.interface_prefix);
             let subnets = ip.worker_subnets.get(i as usize).map(Vec::as_slice).unwrap_or_default();
-            let template = relay_proto::template::IpUriTemplate::parse(&ip.uri_template)?;
             let tun = relay_dataplane::tun::WorkerTun::create(&name, subnets, ip.mtu, ip.offload)?;
             info!(worker = i, device = %name, mtu = ip.mtu, "connect-ip TUN device ready");
-            worker.set_tun(tun, template);
+            worker.set_tun(tun);
         }
         if let Some(tcp) = &b.tcp {
-            let ip_template = match &b.connect_ip {
-                Some(ip) => Some(relay_proto::template::IpUriTemplate::parse(&ip.uri_template)?),
-                None => None,
-            };
             let settings = relay_dataplane::front::FrontSettings {
                 tcp: tcp.clone(),
-                template: template.clone(),
-                ip_template,
-                proxy_name: b.proxy_name.clone(),
-                realm: b.auth_realm.clone(),
-                ask_timeout: Duration::from_millis(u64::from(b.ask_timeout_ms)),
-                limits: relay_dataplane::tunnel::Limits {
+                limits: relay_dataplane::tunnel::datagrams::Limits {
                     max_capsule_len: b.max_capsule_len as usize,
                     max_queued_datagrams: b.pending_datagrams_per_tunnel as usize,
                     stream_out_limit: tcp.tunnel_buffer_bytes as usize,
                 },
-                worker: i,
             };
-            let front = relay_dataplane::front::Front::new(&b, settings, tls.clone())?;
+            let front = relay_dataplane::front::Front::new(settings, tls.clone())?;
             if i == 0 {
                 info!(listeners = ?front.local_addrs(), alt_svc = ?tcp.alt_svc, "TCP front (HTTP/2, HTTP/1.1) listening");
             }

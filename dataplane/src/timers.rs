@@ -1,5 +1,6 @@
-//! A worker's timers: one min-heap for QUIC connection timeouts and tunnel
-//! deadlines (ask timeouts, idle timeouts), with lazy deletion.
+//! A worker's timers: one min-heap for QUIC connection timeouts, TCP front
+//! connection deadlines, tunnel deadlines (ask, connect, idle) and
+//! signature deadlines, with lazy deletion.
 //!
 //! An entry is only a hint: when it comes due the worker checks whether the
 //! connection's armed timeout or the tunnel's deadline still says so, and
@@ -16,12 +17,14 @@ use std::time::Instant;
 /// What a timer entry is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TimerTarget {
-    /// A connection's QUIC timeout (connection key).
-    Conn(u64),
-    /// A tunnel's deadline (connection key, request stream ID).
-    Tunnel(u64, u64),
-    /// A handshake signature's deadline (connection key, sign ID).
-    Sign(u64, u64),
+    /// An HTTP/3 connection's QUIC timeout (its key).
+    H3Conn(u64),
+    /// A TCP front connection's deadlines (handshake, idle, signature).
+    FrontConn(u64),
+    /// A tunnel's deadline (ask, connect or idle timeout).
+    Tunnel(u64),
+    /// A QUIC handshake signature's deadline (sign ID).
+    Sign(u64),
 }
 
 /// The heap.
@@ -79,17 +82,17 @@ mod tests {
     fn pops_in_time_order_only_when_due() {
         let t0 = Instant::now();
         let mut t = Timers::new();
-        t.push(t0 + Duration::from_millis(30), TimerTarget::Conn(3));
-        t.push(t0 + Duration::from_millis(10), TimerTarget::Tunnel(1, 4));
-        t.push(t0 + Duration::from_millis(20), TimerTarget::Conn(2));
+        t.push(t0 + Duration::from_millis(30), TimerTarget::H3Conn(3));
+        t.push(t0 + Duration::from_millis(10), TimerTarget::Tunnel(4));
+        t.push(t0 + Duration::from_millis(20), TimerTarget::H3Conn(2));
         assert_eq!(t.next(), Some(t0 + Duration::from_millis(10)));
         assert_eq!(t.pop_due(t0), None);
         let due = t0 + Duration::from_millis(25);
-        assert_eq!(t.pop_due(due).map(|e| e.1), Some(TimerTarget::Tunnel(1, 4)));
-        assert_eq!(t.pop_due(due).map(|e| e.1), Some(TimerTarget::Conn(2)));
+        assert_eq!(t.pop_due(due).map(|e| e.1), Some(TimerTarget::Tunnel(4)));
+        assert_eq!(t.pop_due(due).map(|e| e.1), Some(TimerTarget::H3Conn(2)));
         assert_eq!(t.pop_due(due), None);
         assert_eq!(t.len(), 1);
-        t.retain(|_, target| target != TimerTarget::Conn(3));
+        t.retain(|_, target| target != TimerTarget::H3Conn(3));
         assert!(t.is_empty());
     }
 }

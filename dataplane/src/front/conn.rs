@@ -20,18 +20,19 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use relay_proto::channel::record::{
-    ConnInfo, FlowOpen, TRANSPORT_H2, TRANSPORT_H2C, TRANSPORT_HTTP1, TRANSPORT_HTTP1_CLEAR,
-    TRANSPORT_TCP_PENDING, Verdict,
+    ConnInfo, TRANSPORT_H2, TRANSPORT_H2C, TRANSPORT_HTTP1, TRANSPORT_HTTP1_CLEAR, TRANSPORT_TCP_PENDING,
 };
 use relay_proto::channel::region::Counter;
 use relay_proto::h2c::{self, PeerSettings, Sniff};
 use tracing::debug;
 
 use super::tls::{Plain, Progress, TlsSession};
-use super::{Ctx, Owner, Shared, h1, h2};
+use super::{Fx, Shared, h1, h2};
+use crate::context::{Closing, WatchOwner};
 use crate::io::{Ready, WatchKey};
 use crate::keyless;
 use crate::slab::Key as ConnKey;
+use crate::tunnel::{Carrier, Tunnels};
 
 /// Plaintext a session may leave unconsumed before the socket is no
 /// longer read.
@@ -142,8 +143,8 @@ impl Conn {
         peer: SocketAddr,
         tls: bool,
         serial: u64,
-        sh: &mut Shared,
-        ctx: &mut Ctx<'_>,
+        sh: &Shared,
+        now: Instant,
     ) -> io::Result<Self> {
         let tls = if tls {
             let Some(c) = sh.tls_ctx.as_ref() else {
@@ -166,7 +167,7 @@ impl Conn {
                 plain_out: Vec::new(),
                 wire_backlog: 0,
                 first_request_seen: false,
-                last_activity: ctx.now,
+                last_activity: now,
                 shutdown_write: false,
                 close: None,
                 switch: None,
@@ -182,8 +183,8 @@ impl Conn {
             fin_sent: false,
             armed: None,
             signing: None,
-            handshake_deadline: ctx.now + Duration::from_millis(u64::from(s.handshake_timeout_ms)),
-            accepted_at: ctx.now,
+            handshake_deadline: now + Duration::from_millis(u64::from(s.handshake_timeout_ms)),
+            accepted_at: now,
             tls_generation: 0,
             wire_in: 0,
             wire_written: 0,
@@ -195,14 +196,14 @@ impl Conn {
     }
 
     /// Watches the socket under its slab key.
-    pub fn register(&mut self, key: ConnKey, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    pub fn register(&mut self, key: ConnKey, fx: &mut Fx<'_>) {
         self.io.key = key;
         if let Some(sock) = &self.sock {
-            self.watch = sh.watch(ctx.out, sock.as_raw_fd(), Owner::Client(key));
+            self.watch = fx.ctx.watch(sock.as_raw_fd(), WatchOwner::FrontConn(key), true);
         }
         // Bytes may already be waiting (the readiness event may precede
         // the watch): try at once.
-        self.pump(sh, ctx);
+        self.pump(fx);
     }
 
     /// Whether the connection is finished and can be released.
@@ -211,123 +212,37 @@ impl Conn {
     }
 
     /// The socket is ready.
-    pub fn on_socket_ready(&mut self, ready: Ready, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    pub fn on_socket_ready(&mut self, ready: Ready, fx: &mut Fx<'_>) {
         self.readable |= ready.readable;
         self.writable |= ready.writable;
-        self.pump(sh, ctx);
-    }
-
-    /// A TCP target of one of the session's exchanges is ready.
-    pub fn on_target_ready(&mut self, stream: u32, ready: Ready, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        if let Some(ex) = self.exchange(stream) {
-            super::flows::target_ready(ex, ready, sh, ctx);
-        }
-        self.pump(sh, ctx);
-    }
-
-    /// Payloads from a UDP target of one of the session's tunnels.
-    pub fn on_udp_payloads(
-        &mut self,
-        stream: u32,
-        payloads: &[u8],
-        segment_size: usize,
-        sh: &mut Shared,
-        ctx: &mut Ctx<'_>,
-    ) {
-        if let Some(ex) = self.exchange(stream) {
-            super::flows::down_udp(ex, payloads, segment_size, ctx);
-        }
-        self.pump(sh, ctx);
-    }
-
-    /// Whether a TUN packet's source and protocol are inside connect-ip
-    /// tunnel `stream`'s routes.
-    pub fn ip_routes_allow(&self, stream: u32, info: &relay_proto::ip::packet::PacketInfo) -> Option<bool> {
-        let ex = match &self.session {
-            Session::H1(s) => s.exchange_ref(stream),
-            Session::H2(s) => s.exchange_ref(stream),
-            _ => None,
-        }?;
-        match &ex.state {
-            super::exchange::State::Ip { ip, .. } => Some(ip.routed(info.src, info.protocol)),
-            _ => None,
-        }
-    }
-
-    /// A TUN packet for connect-ip tunnel `stream`.
-    pub fn on_ip_packet(&mut self, stream: u32, packet: &[u8], sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        if let Some(ex) = self.exchange(stream) {
-            super::flows::down_ip(ex, packet, ctx);
-        }
-        self.pump(sh, ctx);
-    }
-
-    /// Control's verdict for one of the session's asks.
-    pub fn on_verdict(&mut self, stream: u32, verdict: Verdict, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        let place = super::flows::Place { conn: self.io.key, stream, peer: self.io.peer };
-        match self.exchange(stream) {
-            Some(ex) => super::flows::apply_verdict(ex, verdict, place, sh, ctx),
-            None => {
-                if let Some(flow_id) = super::allowed_flow(&verdict) {
-                    ctx.link.flow_closed(relay_proto::channel::record::FlowClosed::unused(flow_id));
-                }
-            }
-        }
-        self.pump(sh, ctx);
+        self.pump(fx);
     }
 
     /// The signature for the TLS handshake arrived (or failed).
-    pub fn on_signed(&mut self, sign_id: u64, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    pub fn on_signed(&mut self, sign_id: u64, fx: &mut Fx<'_>) {
         if self.signing.is_some_and(|(id, _)| id == sign_id) {
             self.signing = None;
         }
-        self.pump(sh, ctx);
-    }
-
-    /// Ends one exchange from the relay's side.
-    pub fn end_exchange(&mut self, stream: u32, _graceful: bool, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        match &mut self.session {
-            Session::H1(s) => s.end_exchange(stream, &mut self.io, sh, ctx),
-            Session::H2(s) => s.end_exchange(stream, &mut self.io, sh, ctx),
-            _ => {}
-        }
-        self.pump(sh, ctx);
-    }
-
-    fn exchange(&mut self, stream: u32) -> Option<&mut super::exchange::Exchange> {
-        match &mut self.session {
-            Session::H1(s) => s.exchange(stream),
-            Session::H2(s) => s.exchange(stream),
-            _ => None,
-        }
-    }
-
-    /// Sends this turn's UDP batch of `stream`.
-    pub fn flush_udp(&mut self, stream: u32, ctx: &mut Ctx<'_>) {
-        if let Some(ex) = self.exchange(stream) {
-            super::flows::flush_udp(ex, ctx);
-        }
+        self.pump(fx);
     }
 
     /// Moves bytes until nothing more moves (or the rounds run out: then
     /// the connection is due next turn).
-    pub fn pump(&mut self, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    pub fn pump(&mut self, fx: &mut Fx<'_>) {
         let mut rounds = 0;
         while !self.done {
             rounds += 1;
             if rounds > ROUNDS {
-                if !sh.due.contains(&self.io.key) {
-                    sh.due.push(self.io.key);
-                }
+                fx.due(self.io.key);
                 break;
             }
             let mut progress = self.read_socket();
-            progress |= self.run_tls(sh, ctx);
+            progress |= self.run_tls(fx);
             if self.done {
                 break;
             }
             self.io.wire_backlog = self.wire_out.len() - self.wire_sent;
-            progress |= self.run_session(sh, ctx);
+            progress |= self.run_session(fx);
             progress |= self.seal_output();
             progress |= self.write_socket();
             progress |= self.finish_if_asked();
@@ -378,7 +293,7 @@ impl Conn {
     }
 
     /// Drives the TLS handshake and decrypts what came in.
-    fn run_tls(&mut self, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+    fn run_tls(&mut self, fx: &mut Fx<'_>) -> bool {
         let Some(tls) = self.tls.as_mut() else { return false };
         let mut progress = false;
         if !tls.is_open() {
@@ -388,7 +303,7 @@ impl Conn {
             let progress_before = tls.output().len();
             let p = tls.handshake();
             let alpn = tls.alpn().map(<[u8]>::to_vec);
-            self.ask_signatures(sh, ctx);
+            self.ask_signatures(fx);
             match p {
                 Progress::WantInput => {
                     if self.sock_eof {
@@ -398,14 +313,14 @@ impl Conn {
                 Progress::WantSignature => {}
                 Progress::Done => {
                     self.session = match alpn.as_deref() {
-                        Some(b"h2") => Session::H2(Box::new(h2::Session::new(false, sh))),
+                        Some(b"h2") => Session::H2(Box::new(h2::Session::new(&fx.sh.settings))),
                         _ => Session::H1(Box::default()),
                     };
                     progress = true;
                 }
                 Progress::Failed(why) => {
                     debug!(peer = %self.io.peer, "TLS handshake failed: {why}");
-                    ctx.link.counters().add(Counter::TcpTlsFailures, 1);
+                    fx.ctx.count(Counter::TcpTlsFailures, 1);
                     self.io.close.get_or_insert("TLS handshake failed");
                     progress = true;
                 }
@@ -436,26 +351,26 @@ impl Conn {
     }
 
     /// Sends the handshake's signing asks to control (keyless TLS).
-    fn ask_signatures(&mut self, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    fn ask_signatures(&mut self, fx: &mut Fx<'_>) {
         for req in keyless::take_requests() {
             let id = req.sign_id;
-            match ctx.link.sign(id, req.generation, req.algorithm, req.input) {
+            match fx.ctx.link.sign(id, req.generation, req.algorithm, req.input) {
                 Ok(()) => {
-                    ctx.link.counters().add(Counter::SignsSent, 1);
+                    fx.ctx.count(Counter::SignsSent, 1);
                     self.tls_generation = req.generation;
-                    sh.signs.insert(id, self.io.key);
-                    self.signing = Some((id, ctx.now + sh.settings.ask_timeout));
+                    fx.ctx.signs.insert(id, Carrier::Front(self.io.key));
+                    self.signing = Some((id, fx.ctx.now + fx.ctx.settings.ask_timeout));
                 }
                 Err(e) => {
                     debug!("handshake signature not asked: {e}");
-                    ctx.link.counters().add(Counter::SignsFailed, 1);
+                    fx.ctx.count(Counter::SignsFailed, 1);
                     keyless::deliver(id, None);
                 }
             }
         }
     }
 
-    fn run_session(&mut self, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+    fn run_session(&mut self, fx: &mut Fx<'_>) -> bool {
         if self.io.close.is_some() {
             // Closing: what the client sends now is not read.
             self.io.plain_in.clear();
@@ -470,29 +385,31 @@ impl Conn {
                     }
                     return false;
                 }
-                Sniff::H2PriorKnowledge => self.session = Session::H2(Box::new(h2::Session::new(false, sh))),
+                Sniff::H2PriorKnowledge => {
+                    self.session = Session::H2(Box::new(h2::Session::new(&fx.sh.settings)))
+                }
                 Sniff::Http1 => self.session = Session::H1(Box::default()),
                 Sniff::Tls => {
-                    ctx.link.counters().add(Counter::TcpTlsFailures, 1);
+                    fx.ctx.count(Counter::TcpTlsFailures, 1);
                     self.io.close.get_or_insert("TLS on the cleartext listener");
                     return true;
                 }
             }
         }
         let progress = match &mut self.session {
-            Session::H1(s) => s.run(&mut self.io, sh, ctx),
-            Session::H2(s) => s.run(&mut self.io, sh, ctx),
+            Session::H1(s) => s.run(&mut self.io, fx),
+            Session::H2(s) => s.run(&mut self.io, fx),
             Session::Sniff | Session::Handshake => false,
         };
         if let Some(switch) = self.io.switch.take() {
             // RFC 7540 section 3.2: after the 101 the server's first frame
             // is its SETTINGS, then the answer on stream 1.
-            let mut s = h2::Session::upgraded(switch, sh);
+            let mut s = h2::Session::upgraded(switch, &fx.sh.settings);
             let old = std::mem::replace(&mut self.session, Session::Sniff);
             if let Session::H1(mut h1s) = old {
-                h1s.close(&mut self.io, sh, ctx);
+                h1s.close(&mut self.io, fx);
             }
-            s.run(&mut self.io, sh, ctx);
+            s.run(&mut self.io, fx);
             self.session = Session::H2(Box::new(s));
             return true;
         }
@@ -609,8 +526,10 @@ impl Conn {
         false
     }
 
-    /// When the connection needs a timer.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// When the connection needs a timer: the handshake and first
+    /// request deadline, the signature's, or the idle timeout (its
+    /// tunnels have their own timers).
+    pub fn next_deadline(&self, tunnels: &Tunnels) -> Option<Instant> {
         let mut at: Option<Instant> = None;
         let mut take = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
         if !self.io.first_request_seen {
@@ -619,65 +538,51 @@ impl Conn {
         if let Some((_, t)) = self.signing {
             take(t);
         }
-        let session_deadline = match &self.session {
-            Session::H1(s) => {
-                if !s.busy() && self.io.first_request_seen {
-                    take(self.io.last_activity + self.idle_timeout);
-                }
-                s.next_deadline()
-            }
-            Session::H2(s) => {
-                if s.idle() {
-                    take(self.io.last_activity + self.idle_timeout);
-                }
-                s.next_deadline()
-            }
-            _ => None,
-        };
-        if let Some(t) = session_deadline {
-            take(t);
+        if self.idle(tunnels) && self.io.first_request_seen {
+            take(self.io.last_activity + self.idle_timeout);
         }
         at
     }
 
+    fn idle(&self, tunnels: &Tunnels) -> bool {
+        let _ = tunnels;
+        match &self.session {
+            Session::H1(s) => !s.busy(),
+            Session::H2(s) => s.idle(),
+            _ => false,
+        }
+    }
+
     /// A timer fired.
-    pub fn on_timer(&mut self, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        let now = ctx.now;
+    pub fn on_timer(&mut self, fx: &mut Fx<'_>) {
+        let now = fx.ctx.now;
         if !self.io.first_request_seen && now >= self.handshake_deadline {
             // Slowloris: no TLS handshake or no complete request head in
             // time. Closed without an answer.
-            ctx.link.counters().add(Counter::TcpTimeouts, 1);
+            fx.ctx.count(Counter::TcpTimeouts, 1);
             self.done = true;
             return;
         }
         if let Some((id, at)) = self.signing
             && now >= at
         {
-            sh.signs.remove(&id);
+            fx.ctx.signs.remove(id);
             keyless::deliver(id, None);
-            ctx.link.counters().add(Counter::SignsFailed, 1);
+            fx.ctx.count(Counter::SignsFailed, 1);
             self.signing = None;
         }
-        let idle = match &mut self.session {
-            Session::H1(s) => {
-                s.on_timer(&mut self.io, sh, ctx);
-                !s.busy()
-            }
-            Session::H2(s) => {
-                s.on_timer(&mut self.io, sh, ctx);
-                s.idle()
-            }
-            _ => false,
-        };
-        if idle && self.io.first_request_seen && now >= self.io.last_activity + self.idle_timeout {
-            ctx.link.counters().add(Counter::TcpTimeouts, 1);
+        if self.idle(fx.tunnels)
+            && self.io.first_request_seen
+            && now >= self.io.last_activity + self.idle_timeout
+        {
+            fx.ctx.count(Counter::TcpTimeouts, 1);
             self.io.close.get_or_insert("idle");
         }
-        self.pump(sh, ctx);
+        self.pump(fx);
     }
 
     /// Drain: HTTP/2 GOAWAY, HTTP/1.1 closes after the current exchange.
-    pub fn drain(&mut self, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    pub fn drain(&mut self, fx: &mut Fx<'_>) {
         match &mut self.session {
             Session::H1(s) => s.drain(&mut self.io),
             Session::H2(s) => s.drain(),
@@ -685,42 +590,12 @@ impl Conn {
                 self.io.close.get_or_insert("drained");
             }
         }
-        self.pump(sh, ctx);
-    }
-
-    /// Ends the exchanges carrying `flows`.
-    pub fn kill(&mut self, flows: &[u64], sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        match &mut self.session {
-            Session::H1(s) => s.kill(flows, &mut self.io, sh, ctx),
-            Session::H2(s) => s.kill(flows, &mut self.io, sh, ctx),
-            _ => return,
-        }
-        self.pump(sh, ctx);
-    }
-
-    /// Calls `visit` on the connection's exchanges until it returns true;
-    /// when one did, the connection's output is pumped. Returns whether
-    /// one did.
-    pub fn visit_exchanges(
-        &mut self,
-        sh: &mut Shared,
-        ctx: &mut Ctx<'_>,
-        mut visit: impl FnMut(&mut super::exchange::Exchange, &mut Ctx<'_>) -> bool,
-    ) -> bool {
-        let hit = match &mut self.session {
-            Session::H1(s) => s.exchanges_mut().any(|ex| visit(ex, ctx)),
-            Session::H2(s) => s.exchanges_mut().any(|ex| visit(ex, ctx)),
-            _ => false,
-        };
-        if hit {
-            self.pump(sh, ctx);
-        }
-        hit
+        self.pump(fx);
     }
 
     /// The connection as `relayctl conns` lists it; packets, losses and
     /// RTT from the kernel's `TCP_INFO`.
-    pub fn info(&self, request_id: u64, now: Instant) -> ConnInfo {
+    pub fn info(&self, request_id: u64, now: Instant, tunnels: &Tunnels) -> ConnInfo {
         let (transport, established) = match (&self.session, self.io.secure) {
             (Session::H2(_), true) => (TRANSPORT_H2, true),
             (Session::H1(_), true) => (TRANSPORT_HTTP1, true),
@@ -728,8 +603,11 @@ impl Conn {
             (Session::H1(_), false) => (TRANSPORT_HTTP1_CLEAR, true),
             (Session::Sniff | Session::Handshake, _) => (TRANSPORT_TCP_PENDING, false),
         };
-        let mut flows = Vec::new();
-        self.open_flows(&mut flows);
+        let open = match &self.session {
+            Session::H1(s) => s.tunnels().filter(|id| tunnels.is_allowed(*id)).count(),
+            Session::H2(s) => s.tunnels().filter(|id| tunnels.is_allowed(*id)).count(),
+            _ => 0,
+        };
         let tcp = self.sock.as_ref().and_then(|s| tcp_info(s.as_raw_fd()));
         ConnInfo {
             request_id,
@@ -740,7 +618,7 @@ impl Conn {
             established,
             resumed: self.tls.as_ref().is_some_and(TlsSession::resumed),
             tls_generation: self.tls_generation,
-            tunnels: flows.len() as u32,
+            tunnels: open as u32,
             rtt_us: tcp.map_or(0, |t| u64::from(t.tcpi_rtt)),
             packets_sent: tcp.map_or(0, |t| u64::from(t.tcpi_segs_out)),
             packets_recv: tcp.map_or(0, |t| u64::from(t.tcpi_segs_in)),
@@ -752,28 +630,20 @@ impl Conn {
         }
     }
 
-    /// The open flows, for a re-attached control.
-    pub fn open_flows(&self, out: &mut Vec<FlowOpen>) {
-        match &self.session {
-            Session::H1(s) => s.open_flows(self.io.peer, out),
-            Session::H2(s) => s.open_flows(self.io.peer, out),
-            _ => {}
-        }
-    }
-
-    /// Releases everything: exchanges, the pending signature, the socket.
-    pub fn close(&mut self, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    /// Releases everything: the session's tunnels, the pending signature,
+    /// the socket.
+    pub fn close(&mut self, fx: &mut Fx<'_>) {
         match &mut self.session {
-            Session::H1(s) => s.close(&mut self.io, sh, ctx),
-            Session::H2(s) => s.close(&mut self.io, sh, ctx),
+            Session::H1(s) => s.close(&mut self.io, fx),
+            Session::H2(s) => s.close(&mut self.io, fx),
             _ => {}
         }
         if let Some((id, _)) = self.signing.take() {
-            sh.signs.remove(&id);
+            fx.ctx.signs.remove(id);
             keyless::forget(id);
         }
         if let Some(sock) = self.sock.take() {
-            sh.unwatch(ctx.out, self.watch, sock);
+            fx.ctx.unwatch(self.watch, Closing::Tcp(sock));
         }
         self.done = true;
     }

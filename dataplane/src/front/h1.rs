@@ -19,17 +19,16 @@
 //! close instead of reading one). A refused tunnel request also closes the
 //! connection: the client may have sent tunnel bytes optimistically.
 
-use std::time::Instant;
-
 use relay_proto::h2c::{self, PeerSettings};
 use relay_proto::http1::{self, Parse, RequestHead, RequestKind, UpgradeProtocol};
 use relay_proto::request::Request;
 use tracing::debug;
 
+use super::Fx;
 use super::conn::{ConnIo, H2cSwitch};
-use super::exchange::{self, Exchange, Head, Route, State};
-use super::flows::{self, Place};
-use super::{Ctx, Shared};
+use super::exchange::{self, Exchange, Via};
+use crate::tunnel::head::{Head, Refusal};
+use crate::tunnel::{End, NoDatagrams, TunnelId};
 use relay_proto::channel::region::Counter;
 
 /// What the current request asked for.
@@ -48,8 +47,10 @@ struct Current {
     kind: Kind,
     /// Close the connection after this exchange.
     close_after: bool,
-    /// The client's end was passed to the exchange.
+    /// The client's end was passed on.
     up_ended: bool,
+    /// The head went out as a tunnel's 2xx / 101.
+    tunnel_open: bool,
 }
 
 /// An HTTP/1.1 connection's session.
@@ -73,39 +74,24 @@ impl Session {
         Self { current: None, serial: 0, draining: false, limits: http1::Limits::default() }
     }
 
-    fn place(&self, io: &ConnIo) -> Place {
-        Place { conn: io.key, stream: self.serial, peer: io.peer }
-    }
-
     /// Whether an exchange is in progress.
     pub fn busy(&self) -> bool {
         self.current.is_some()
     }
 
-    /// The exchange for `stream`, if it is the current one.
-    pub fn exchange(&mut self, stream: u32) -> Option<&mut Exchange> {
-        if stream != self.serial {
-            return None;
-        }
-        self.current.as_mut().map(|c| &mut c.ex)
-    }
-
-    /// The exchange for `stream`, if it is the current one.
-    pub fn exchange_ref(&self, stream: u32) -> Option<&Exchange> {
-        if stream != self.serial {
-            return None;
-        }
-        self.current.as_ref().map(|c| &c.ex)
+    /// The current exchange's tunnel, if any.
+    pub fn tunnels(&self) -> impl Iterator<Item = TunnelId> + '_ {
+        self.current.as_ref().and_then(|c| c.ex.tunnel()).into_iter()
     }
 
     /// Parses, routes and answers requests; moves tunnel bytes. Returns
     /// whether anything happened.
-    pub fn run(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+    pub fn run(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) -> bool {
         let mut progress = false;
         for _ in 0..8 {
             let moved = match self.current.is_some() {
-                false => self.read_request(io, sh, ctx),
-                true => self.serve(io, sh, ctx),
+                false => self.read_request(io, fx),
+                true => self.serve(io, fx),
             };
             progress |= moved;
             if !moved || io.close.is_some() || io.switch.is_some() {
@@ -115,7 +101,19 @@ impl Session {
         progress
     }
 
-    fn read_request(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+    fn answer_now(&mut self, status: u16, details: String, fx: &Fx<'_>) {
+        let head =
+            Head::refusal(&Refusal::new(status, None, details), &fx.ctx.settings.names, "GET, HEAD, CONNECT");
+        self.current = Some(Current {
+            ex: Exchange::refusal(head),
+            kind: Kind::Plain,
+            close_after: true,
+            up_ended: true,
+            tunnel_open: false,
+        });
+    }
+
+    fn read_request(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) -> bool {
         if self.draining && io.plain_in.is_empty() {
             io.close.get_or_insert("drained");
             return true;
@@ -135,86 +133,72 @@ impl Session {
                 io.plain_in.clear();
                 io.first_request_seen = true;
                 self.serial += 1;
-                let ex = flows::refused(sh, e.status(), None, &e.to_string());
-                self.current = Some(Current { ex, kind: Kind::Plain, close_after: true, up_ended: true });
+                self.answer_now(e.status(), e.to_string(), fx);
                 return true;
             }
         };
         io.plain_in.drain(..used);
         io.first_request_seen = true;
-        io.last_activity = ctx.now;
+        io.last_activity = fx.ctx.now;
         self.serial += 1;
-        ctx.link.counters().add(Counter::Http1Requests, 1);
+        fx.ctx.count(Counter::Http1Requests, 1);
         let close_after = !head.keep_alive() || self.draining;
         let kind = match http1::classify(&head) {
             Ok(k) => k,
             Err(e) => {
-                let ex = flows::refused(sh, e.status(), None, &e.to_string());
-                self.current = Some(Current { ex, kind: Kind::Plain, close_after: true, up_ended: true });
+                self.answer_now(e.status(), e.to_string(), fx);
                 return true;
             }
         };
-        let place = self.place(io);
-        let (route, authority, kind, has_body) = match kind {
+        let has_body = !matches!(head.body(), Ok(http1::Body::None));
+        let (req, kind, has_body) = match kind {
             RequestKind::Connect { host, port } => {
                 let authority =
                     if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
                 let req = Request {
                     method: "CONNECT".into(),
-                    authority: Some(authority.clone()),
+                    authority: Some(authority),
                     authorization: head.authorization().map(str::to_string),
                     ..Request::default()
                 };
-                (self.route(&req, sh), authority, Kind::Connect, false)
+                (req, Kind::Connect, false)
             }
-            RequestKind::Tunnel { protocol, path, authority } => {
-                let req = http1::to_extended_connect(&head, protocol, &path, &authority);
-                (self.route(&req, sh), authority, Kind::Upgrade(protocol), false)
-            }
+            RequestKind::Tunnel { protocol, path, authority } => (
+                http1::to_extended_connect(&head, protocol, &path, &authority),
+                Kind::Upgrade(protocol),
+                false,
+            ),
             // RFC 7540 section 3.3: h2c is never negotiated over TLS (ALPN
             // is); on the TLS listener the upgrade is ignored.
             RequestKind::H2cUpgrade { path, authority, .. } if io.secure => {
-                let req = plain_request(&head, &path, &authority);
-                (self.route(&req, sh), authority, Kind::Plain, !matches!(head.body(), Ok(http1::Body::None)))
+                (plain_request(&head, &path, &authority), Kind::Plain, has_body)
             }
             RequestKind::H2cUpgrade { settings, path, authority } => {
                 match h2c::decode_http2_settings(&settings) {
-                    Ok(peer) => return self.switch_to_h2c(&head, &path, &authority, peer, io, sh, ctx),
+                    Ok(peer) => return self.switch_to_h2c(&head, &path, &authority, peer, io, fx),
                     // RFC 7540 section 3.2.1: without a valid HTTP2-Settings
                     // the server must not upgrade; the request is served
                     // over HTTP/1.1.
                     Err(e) => {
                         debug!("h2c upgrade refused: {e}");
-                        let req = plain_request(&head, &path, &authority);
-                        (
-                            self.route(&req, sh),
-                            authority,
-                            Kind::Plain,
-                            !matches!(head.body(), Ok(http1::Body::None)),
-                        )
+                        (plain_request(&head, &path, &authority), Kind::Plain, has_body)
                     }
                 }
             }
             RequestKind::Plain { path, authority } => {
-                let req = plain_request(&head, &path, &authority);
-                (self.route(&req, sh), authority, Kind::Plain, !matches!(head.body(), Ok(http1::Body::None)))
+                (plain_request(&head, &path, &authority), Kind::Plain, has_body)
             }
         };
-        let via = flows::Via { protocol: "HTTP/1.1", secure: io.secure };
-        let ex = flows::start(route, &authority, place, via, sh, ctx);
+        let via = Via { protocol: "HTTP/1.1", secure: io.secure };
+        let ex = exchange::start(&req, u64::from(self.serial), false, via, io, fx);
         let close_after = close_after || has_body || head.body().is_err();
-        self.current = Some(Current { ex, kind, close_after, up_ended: kind == Kind::Plain });
+        self.current =
+            Some(Current { ex, kind, close_after, up_ended: kind == Kind::Plain, tunnel_open: false });
         true
-    }
-
-    fn route(&self, req: &Request, sh: &Shared) -> Route {
-        let s = &sh.settings;
-        exchange::route(req, &s.template, s.ip_template.as_ref(), s.tcp.status_endpoint)
     }
 
     /// Answers an h2c upgrade: 101, then the connection switches to HTTP/2
     /// with this request's answer on stream 1 (RFC 7540 section 3.2).
-    #[allow(clippy::too_many_arguments)]
     fn switch_to_h2c(
         &mut self,
         head: &RequestHead,
@@ -222,26 +206,29 @@ impl Session {
         authority: &str,
         peer: PeerSettings,
         io: &mut ConnIo,
-        sh: &mut Shared,
-        ctx: &mut Ctx<'_>,
+        fx: &mut Fx<'_>,
     ) -> bool {
         let req = plain_request(head, path, authority);
-        let route = self.route(&req, sh);
-        let place = self.place(io);
-        let via = flows::Via { protocol: "HTTP/2", secure: io.secure };
-        let ex = flows::start(route, authority, place, via, sh, ctx);
-        let Some(h) = ex.head.clone() else { return false };
+        let via = Via { protocol: "HTTP/2", secure: io.secure };
+        let (h, body) = match exchange::start(&req, 1, true, via, io, fx) {
+            Exchange::Answer { head: Some(h), body } => (h, body),
+            Exchange::Answer { head: None, .. } => return false,
+            // A plain request never opens a tunnel; if it did, it is ended.
+            Exchange::Tunnel(id) => {
+                fx.tunnels.remove(fx.ctx, id);
+                return false;
+            }
+        };
         let mut fields: Vec<(&str, String)> = h.fields.clone();
-        if let Some(alt) = &sh.settings.tcp.alt_svc {
+        if let Some(alt) = &fx.sh.settings.tcp.alt_svc {
             fields.push(("alt-svc", alt.clone()));
         }
-        let len = h.head_only_len.unwrap_or(ex.down.len());
-        let len_text = len.to_string();
-        fields.push(("content-length", len_text));
+        let len = h.head_only_len.unwrap_or(body.len());
+        fields.push(("content-length", len.to_string()));
         let refs: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
         // The connection window stream 1's DATA uses, owed by the filter.
-        let (stream1, debt) = match h2c::encode_response(1, h.status, &refs, &ex.down, &peer) {
-            Ok(b) => (b, ex.down.len() as u32),
+        let (stream1, debt) = match h2c::encode_response(1, h.status, &refs, &body, &peer) {
+            Ok(b) => (b, body.len() as u32),
             Err(e) => {
                 debug!("h2c stream 1 response: {e}");
                 let no_body: Vec<(&str, &str)> =
@@ -253,7 +240,7 @@ impl Session {
             }
         };
         let mut fields = vec![("connection", "Upgrade".to_string()), ("upgrade", "h2c".to_string())];
-        if let Some(alt) = &sh.settings.tcp.alt_svc {
+        if let Some(alt) = &fx.sh.settings.tcp.alt_svc {
             fields.push(("alt-svc", alt.clone()));
         }
         let refs: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.as_str())).collect();
@@ -262,190 +249,146 @@ impl Session {
         true
     }
 
-    /// Moves the current exchange along: the head, body or tunnel bytes
-    /// towards the client, client bytes towards the target, and its end.
-    fn serve(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
-        let place = self.place(io);
-        let alt_svc = sh.settings.tcp.alt_svc.clone();
+    /// Moves the current exchange along: client bytes towards the tunnel,
+    /// the head, body or tunnel bytes towards the client, and its end.
+    fn serve(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) -> bool {
+        let alt_svc = fx.sh.settings.tcp.alt_svc.clone();
         let Some(cur) = self.current.as_mut() else { return false };
         let mut progress = false;
         // Client bytes.
-        if cur.kind != Kind::Plain && !io.plain_in.is_empty() {
-            match (&cur.ex.state, cur.kind) {
-                (State::Answer | State::Done, _) => {
-                    // A refused tunnel: what the client sent is discarded,
-                    // and the connection closes after the answer.
+        match (cur.ex.tunnel(), cur.kind) {
+            (_, Kind::Plain) => {
+                if !io.plain_in.is_empty() && cur.close_after {
                     io.plain_in.clear();
-                    cur.close_after = true;
-                    progress = true;
                 }
-                (_, Kind::Connect) => {
-                    let n = io.plain_in.len().min(cur.ex.up_room());
-                    if n > 0 {
-                        cur.ex.up_tcp(&io.plain_in[..n], ctx.now);
-                        io.plain_in.drain(..n);
-                        progress = true;
-                    }
-                }
-                (_, Kind::Upgrade(_)) => {
-                    let data = std::mem::take(&mut io.plain_in);
-                    if let Err(why) = flows::up_capsules(&mut cur.ex, &data, place, sh, ctx) {
-                        cur.ex.abort.get_or_insert(why);
-                    }
-                    progress = true;
-                }
-                (_, Kind::Plain) => {}
             }
-        } else if cur.kind == Kind::Plain && !io.plain_in.is_empty() && cur.close_after {
-            io.plain_in.clear();
+            (None, _) => {
+                // A refused tunnel: what the client sent is discarded, and
+                // the connection closes after the answer.
+                if !io.plain_in.is_empty() {
+                    io.plain_in.clear();
+                    progress = true;
+                }
+                cur.close_after = true;
+            }
+            (Some(t), _) => {
+                let n = io.plain_in.len().min(fx.tunnels.up_room(t));
+                if n > 0 {
+                    let taken = fx.tunnels.on_stream_bytes(fx.ctx, t, &io.plain_in[..n], &mut NoDatagrams);
+                    io.plain_in.drain(..taken.min(n));
+                    progress = true;
+                }
+            }
         }
         if io.plain_eof && io.plain_in.is_empty() && !cur.up_ended {
             cur.up_ended = true;
-            match cur.kind {
-                Kind::Connect => cur.ex.up_end(),
-                // RFC 9298 section 3: the end of the stream closes the tunnel.
-                Kind::Upgrade(_) | Kind::Plain => {
-                    if let State::Udp { tunnel, .. } | State::Ip { tunnel, .. } = &cur.ex.state
-                        && tunnel.on_stream_end().is_err()
-                    {
-                        cur.ex.abort.get_or_insert("stream ended inside a capsule");
-                    }
-                    cur.ex.up_end();
-                    cur.ex.down_fin = true;
-                }
+            if let Some(t) = cur.ex.tunnel() {
+                fx.tunnels.on_client_end(fx.ctx, t);
             }
             progress = true;
         }
-        // The target's bytes.
-        if matches!(cur.ex.state, State::Tcp { .. }) {
-            let (moved, up, down) = cur.ex.pump_tcp(ctx.now);
-            if up > 0 {
-                ctx.link.counters().add(Counter::TcpBytesUp, up);
+        // The head.
+        let head = match &mut cur.ex {
+            Exchange::Answer { head, .. } => head.take(),
+            Exchange::Tunnel(t) => fx.tunnels.take_head(*t),
+        };
+        if let Some(h) = head {
+            let body_len = match &cur.ex {
+                Exchange::Answer { body, .. } => body.len(),
+                Exchange::Tunnel(_) => 0,
+            };
+            if !h.tunnel && cur.kind != Kind::Plain {
+                // A refused tunnel request closes the connection: the client
+                // may have sent tunnel bytes optimistically.
+                cur.close_after = true;
             }
-            if down > 0 {
-                ctx.link.counters().add(Counter::TcpBytesDown, down);
-            }
-            progress |= moved;
-            // Target bytes may have freed room for more client bytes.
-            if moved && !io.plain_in.is_empty() {
-                let n = io.plain_in.len().min(cur.ex.up_room());
-                if n > 0 {
-                    cur.ex.up_tcp(&io.plain_in[..n], ctx.now);
-                    io.plain_in.drain(..n);
+            let rendered = render_head(&h, cur.kind, cur.close_after, body_len, alt_svc.as_deref());
+            if io.out_room() < rendered.len() && !io.plain_out.is_empty() {
+                match &mut cur.ex {
+                    Exchange::Answer { head, .. } => *head = Some(h),
+                    Exchange::Tunnel(t) => fx.tunnels.restore_head(*t, h),
                 }
-            }
-        }
-        if cur.ex.over_budget() {
-            ctx.link.counters().add(Counter::TunnelsOverBudget, 1);
-            cur.ex.down_fin = true;
-            cur.close_after = true;
-            cur.ex.abort.get_or_insert("byte budget used up");
-        }
-        // Towards the client.
-        if let Some(h) = cur.ex.head.take() {
-            let head = render_head(&h, cur.kind, cur.close_after, cur.ex.down.len(), alt_svc.as_deref());
-            if io.out_room() < head.len() && !io.plain_out.is_empty() {
-                cur.ex.head = Some(h);
                 return progress;
             }
-            io.plain_out.extend_from_slice(&head);
-            if !h.tunnel {
-                // After a refused tunnel request the connection closes.
-                cur.close_after |= cur.kind != Kind::Plain;
+            io.plain_out.extend_from_slice(&rendered);
+            cur.tunnel_open |= h.tunnel;
+            if let (false, Some(t)) = (h.tunnel, cur.ex.tunnel()) {
+                // The refusal is complete as it stands.
+                fx.tunnels.fin_sent(t);
             }
             progress = true;
         }
-        if cur.ex.head.is_none() {
-            let room = io.out_room();
-            let bytes = cur.ex.down_bytes();
-            let n = bytes.len().min(room);
-            if n > 0 {
-                io.plain_out.extend_from_slice(&bytes[..n]);
-                cur.ex.consume_down(n);
-                progress = true;
+        // Bytes towards the client.
+        let room = io.out_room();
+        match &mut cur.ex {
+            Exchange::Answer { head: None, body } if !body.is_empty() => {
+                let n = body.len().min(room);
+                io.plain_out.extend_from_slice(&body[..n]);
+                body.drain(..n);
+                progress |= n > 0;
             }
-        }
-        // The end.
-        if let Some(why) = cur.ex.abort {
-            debug!(peer = %io.peer, "HTTP/1.1 tunnel aborted: {why}");
-            io.close.get_or_insert(why);
-            self.end_current(io, sh, ctx);
-            return true;
-        }
-        if cur.ex.finished() {
-            let tunnel = matches!(cur.ex.state, State::Tcp { .. } | State::Udp { .. } | State::Ip { .. });
-            if tunnel {
-                // Our side of the tunnel is done: FIN (and close_notify)
-                // towards the client; the connection closes when the
-                // client is done too.
-                if !io.shutdown_write {
-                    io.shutdown_write = true;
+            Exchange::Tunnel(t) => {
+                let out = fx.tunnels.out(*t);
+                let n = out.len().min(room);
+                if n > 0 {
+                    io.plain_out.extend_from_slice(&out[..n]);
+                    fx.tunnels.consume(fx.ctx, *t, n);
                     progress = true;
                 }
-                if cur.up_ended {
-                    io.close.get_or_insert("tunnel finished");
-                    self.end_current(io, sh, ctx);
+            }
+            _ => {}
+        }
+        // The end.
+        match cur.ex.tunnel() {
+            None => {
+                let done = matches!(&cur.ex, Exchange::Answer { head: None, body } if body.is_empty());
+                if done {
+                    let close = cur.close_after;
+                    self.end_current(io, fx);
+                    if close {
+                        io.close.get_or_insert("response sent");
+                    }
                     return true;
                 }
-            } else {
-                let close = cur.close_after;
-                self.end_current(io, sh, ctx);
-                if close {
-                    io.close.get_or_insert("response sent");
-                }
-                return true;
             }
+            Some(t) => match fx.tunnels.end(t) {
+                End::Open => {}
+                End::Abort(a) => {
+                    debug!(peer = %io.peer, ?a, "HTTP/1.1 tunnel aborted");
+                    io.close.get_or_insert("tunnel aborted");
+                    self.end_current(io, fx);
+                    return true;
+                }
+                End::Finish { stop_reading } => {
+                    if fx.tunnels.wants_fin(t) {
+                        fx.tunnels.fin_sent(t);
+                        if cur.tunnel_open && !io.shutdown_write {
+                            // Our side of the tunnel is done: FIN (and
+                            // close_notify) towards the client; the
+                            // connection closes when the client is done too.
+                            io.shutdown_write = true;
+                        }
+                        progress = true;
+                    }
+                    if fx.tunnels.complete(t) {
+                        let why = if stop_reading { "tunnel ended by the relay" } else { "tunnel finished" };
+                        io.close.get_or_insert(why);
+                        self.end_current(io, fx);
+                        return true;
+                    }
+                }
+            },
         }
         progress
     }
 
-    fn end_current(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        if let Some(mut cur) = self.current.take() {
-            flows::release(&mut cur.ex, sh, ctx);
+    fn end_current(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) {
+        if let Some(cur) = self.current.take()
+            && let Some(t) = cur.ex.tunnel()
+        {
+            fx.tunnels.remove(fx.ctx, t);
         }
-        io.last_activity = ctx.now;
-    }
-
-    /// Ends the current exchange from the relay's side (idle, killed,
-    /// target unreachable): the connection closes.
-    pub fn end_exchange(&mut self, stream: u32, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        if stream == self.serial && self.current.is_some() {
-            io.close.get_or_insert("tunnel ended by the relay");
-            self.end_current(io, sh, ctx);
-        }
-    }
-
-    /// When the current exchange needs a timer.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.current.as_ref().and_then(|c| c.ex.deadline())
-    }
-
-    /// A timer fired: ask and connect deadlines, idle tunnels.
-    pub fn on_timer(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        let Some(cur) = self.current.as_mut() else { return };
-        let Some(at) = cur.ex.deadline() else { return };
-        if at > ctx.now {
-            return;
-        }
-        match &cur.ex.state {
-            State::Asking { .. } => {
-                ctx.link.counters().add(Counter::AsksFailed, 1);
-                flows::release(&mut cur.ex, sh, ctx);
-                let head = flows::refused(
-                    sh,
-                    503,
-                    Some(relay_proto::proxy_status::ProxyError::ProxyInternalError),
-                    "control plane did not answer in time",
-                );
-                cur.ex = head;
-                cur.close_after = true;
-            }
-            State::Connecting { .. } => flows::connect_failed(&mut cur.ex, libc::ETIMEDOUT, sh, ctx),
-            State::Tcp { .. } | State::Udp { .. } | State::Ip { .. } => {
-                self.end_exchange(self.serial, io, sh, ctx)
-            }
-            State::Answer | State::Done => {}
-        }
+        io.last_activity = fx.ctx.now;
     }
 
     /// Drain: no new requests; the current one finishes.
@@ -456,44 +399,9 @@ impl Session {
         }
     }
 
-    /// Ends the current exchange if its flow is in `flows`.
-    pub fn kill(&mut self, flows_to_kill: &[u64], io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        let hit =
-            self.current.as_ref().and_then(|c| c.ex.flow_id()).is_some_and(|f| flows_to_kill.contains(&f));
-        if hit {
-            if let Some(c) = self.current.as_mut() {
-                c.ex.abort = Some("killed by the operator");
-            }
-            self.end_exchange(self.serial, io, sh, ctx);
-        }
-    }
-
-    /// The current exchange, if any.
-    pub fn exchanges_mut(&mut self) -> impl Iterator<Item = &mut Exchange> {
-        self.current.as_mut().map(|c| &mut c.ex).into_iter()
-    }
-
-    /// The open flow, for a re-attached control.
-    pub fn open_flows(
-        &self,
-        peer: std::net::SocketAddr,
-        out: &mut Vec<relay_proto::channel::record::FlowOpen>,
-    ) {
-        if let Some(f) = self.current.as_ref().and_then(|c| flows::open_flow(&c.ex, peer)) {
-            out.push(f);
-        }
-    }
-
     /// Releases everything (the connection closes).
-    pub fn close(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        self.end_current(io, sh, ctx);
-    }
-
-    /// Sends this turn's UDP batch.
-    pub fn flush_udp(&mut self, stream: u32, ctx: &mut Ctx<'_>) {
-        if let Some(ex) = self.exchange(stream) {
-            flows::flush_udp(ex, ctx);
-        }
+    pub fn close(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) {
+        self.end_current(io, fx);
     }
 }
 
@@ -506,22 +414,6 @@ fn plain_request(head: &RequestHead, path: &str, authority: &str) -> Request {
         authorization: head.authorization().map(str::to_string),
         ..Request::default()
     }
-}
-
-/// The status endpoint's JSON body: plain clients can see which protocol
-/// they negotiated.
-pub fn status_body(name: &str, protocol: &str, secure: bool, sh: &Shared) -> Vec<u8> {
-    let body = serde_json::json!({
-        "status": "ok",
-        "relay": name,
-        "protocol": protocol,
-        "transport": if secure { "tls" } else { "cleartext" },
-        "alt_svc": sh.settings.tcp.alt_svc,
-        "worker": sh.settings.worker,
-    });
-    let mut out = body.to_string().into_bytes();
-    out.push(b'\n');
-    out
 }
 
 /// The response head in HTTP/1.1 form.

@@ -27,22 +27,21 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 use bytes::Bytes;
 use h2::server::{Connection, Handshake, SendResponse};
 use h2::{Reason, RecvStream, SendStream};
-use relay_proto::channel::record::FlowOpen;
 use relay_proto::channel::region::Counter;
 use relay_proto::h2c::{ClientFrameFilter, ServerFrameSplice};
 use relay_proto::request::{self, Request};
 use tracing::debug;
 
 use super::conn::{ConnIo, H2cSwitch};
-use super::exchange::{self, Exchange, Head, State};
-use super::flows::{self, Place};
+use super::exchange::{self, Exchange, Via};
 use super::memio::{FlagWaker, MemIo};
-use super::{Ctx, Shared};
+use super::{FrontSettings, Fx};
+use crate::tunnel::head::Head;
+use crate::tunnel::{Abort, End, NoDatagrams, TunnelId};
 
 /// Bytes of h2's output the pipe holds before h2 waits.
 const PIPE_OUT: usize = 64 * 1024;
@@ -54,29 +53,19 @@ const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Connection-level receive window.
 const CONNECTION_WINDOW: u32 = 4 << 20;
 
-/// What a stream carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// An ordinary request: its body (if any) is discarded.
-    Plain,
-    /// Classic CONNECT: DATA frames are the TCP bytes.
-    Connect,
-    /// A capsule tunnel (connect-udp, connect-ip).
-    Capsules,
-}
-
 struct Stream {
     ex: Exchange,
-    kind: Kind,
     recv: Option<RecvStream>,
     respond: Option<SendResponse<Bytes>>,
     send: Option<SendStream<Bytes>>,
-    /// Received bytes the exchange has not taken yet.
+    /// Received bytes the tunnel has not taken yet.
     held: Option<Bytes>,
     /// The client ended its side (END_STREAM).
     up_ended: bool,
     /// We ended ours (END_STREAM or RST_STREAM sent).
     down_ended: bool,
+    /// The client reset the stream: nothing more moves.
+    reset_by_client: bool,
 }
 
 enum Conn {
@@ -101,8 +90,8 @@ pub struct Session {
     scratch: Vec<u8>,
 }
 
-fn builder(sh: &Shared) -> h2::server::Builder {
-    let t = &sh.settings.tcp;
+fn builder(settings: &FrontSettings) -> h2::server::Builder {
+    let t = &settings.tcp;
     let mut b = h2::server::Builder::new();
     b.enable_connect_protocol()
         .max_concurrent_streams(t.max_streams_per_connection)
@@ -115,13 +104,24 @@ fn builder(sh: &Shared) -> h2::server::Builder {
     b
 }
 
+/// The HTTP/2 error code a tunnel's abort resets its stream with (RFC 9113
+/// section 7; a malformed capsule stream makes the message malformed,
+/// section 8.1.1).
+fn reason(a: Abort) -> Reason {
+    match a {
+        Abort::Cancelled => Reason::CANCEL,
+        Abort::Message | Abort::Datagram => Reason::PROTOCOL_ERROR,
+        Abort::Connect => Reason::CONNECT_ERROR,
+    }
+}
+
 impl Session {
     /// A session on a connection that starts with the client preface (ALPN
     /// `h2`, or cleartext prior knowledge).
-    pub fn new(_upgraded: bool, sh: &Shared) -> Self {
+    pub fn new(settings: &FrontSettings) -> Self {
         let pipe = MemIo::new(PIPE_OUT);
         let (flag, waker) = FlagWaker::new();
-        let handshake = builder(sh).handshake(pipe.clone());
+        let handshake = builder(settings).handshake(pipe.clone());
         Self {
             pipe,
             flag,
@@ -138,21 +138,11 @@ impl Session {
 
     /// A session after an h2c upgrade (RFC 7540 section 3.2): stream 1 was
     /// answered by the relay itself.
-    pub fn upgraded(switch: H2cSwitch, sh: &Shared) -> Self {
-        let mut s = Self::new(true, sh);
+    pub fn upgraded(switch: H2cSwitch, settings: &FrontSettings) -> Self {
+        let mut s = Self::new(settings);
         s.filter = Some(ClientFrameFilter::new(1, switch.debt));
         s.splice = Some(ServerFrameSplice::new(switch.stream1));
         s
-    }
-
-    /// The exchange of `stream`.
-    pub fn exchange(&mut self, stream: u32) -> Option<&mut Exchange> {
-        self.streams.get_mut(&stream).map(|s| &mut s.ex)
-    }
-
-    /// The exchange of `stream`.
-    pub fn exchange_ref(&self, stream: u32) -> Option<&Exchange> {
-        self.streams.get(&stream).map(|s| &s.ex)
     }
 
     /// Whether no stream is open (the idle timeout applies).
@@ -160,17 +150,22 @@ impl Session {
         self.streams.is_empty()
     }
 
+    /// The tunnels of the session's streams.
+    pub fn tunnels(&self) -> impl Iterator<Item = TunnelId> + '_ {
+        self.streams.values().filter_map(|s| s.ex.tunnel())
+    }
+
     /// Feeds input, polls h2, serves the streams, takes h2's output.
-    pub fn run(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+    pub fn run(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) -> bool {
         let mut progress = self.feed(io);
         for _ in 0..8 {
             let _ = self.flag.take();
-            let mut moved = self.poll_conn(io, sh, ctx);
+            let mut moved = self.poll_conn(io, fx);
             let ids: Vec<u32> = self.streams.keys().copied().collect();
             for id in ids {
-                moved |= self.serve(id, io, sh, ctx);
+                moved |= self.serve(id, io, fx);
             }
-            moved |= self.poll_conn(io, sh, ctx);
+            moved |= self.poll_conn(io, fx);
             moved |= self.take_output(io);
             moved |= self.feed(io);
             progress |= moved;
@@ -226,7 +221,7 @@ impl Session {
     }
 
     /// Polls the handshake or the connection: new requests.
-    fn poll_conn(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+    fn poll_conn(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) -> bool {
         let waker = self.waker.clone();
         let mut cx = Context::from_waker(&waker);
         let mut progress = false;
@@ -255,12 +250,12 @@ impl Session {
             match conn.poll_accept(&mut cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
                     progress = true;
-                    self.on_request(req, respond, io, sh, ctx);
+                    self.on_request(req, respond, io, fx);
                 }
                 Poll::Ready(Some(Err(e))) => {
                     debug!(peer = %io.peer, "HTTP/2 connection error: {e}");
                     self.conn = Conn::Closed;
-                    self.abort_all(io, sh, ctx);
+                    self.close_streams(io, fx);
                     return true;
                 }
                 Poll::Ready(None) => {
@@ -279,13 +274,12 @@ impl Session {
         req: http::Request<RecvStream>,
         mut respond: SendResponse<Bytes>,
         io: &mut ConnIo,
-        sh: &mut Shared,
-        ctx: &mut Ctx<'_>,
+        fx: &mut Fx<'_>,
     ) {
         let id = respond.stream_id().as_u32();
-        ctx.link.counters().add(Counter::Http2Requests, 1);
+        fx.ctx.count(Counter::Http2Requests, 1);
         io.first_request_seen = true;
-        io.last_activity = ctx.now;
+        io.last_activity = fx.ctx.now;
         let (parts, recv) = req.into_parts();
         let request = match to_request(&parts) {
             Ok(r) => r,
@@ -293,223 +287,121 @@ impl Session {
                 // RFC 9113 section 8.1.1: malformed requests are a stream
                 // error of type PROTOCOL_ERROR.
                 debug!(stream = id, "malformed HTTP/2 request: {why}");
-                ctx.link.counters().add(Counter::RequestsMalformed, 1);
+                fx.ctx.count(Counter::RequestsMalformed, 1);
                 respond.send_reset(Reason::PROTOCOL_ERROR);
                 return;
             }
         };
-        let s = &sh.settings;
-        let route = exchange::route(&request, &s.template, s.ip_template.as_ref(), s.tcp.status_endpoint);
-        let kind = match &route {
-            exchange::Route::Tcp { .. } => Kind::Connect,
-            exchange::Route::Udp { .. } | exchange::Route::Ip { .. } => Kind::Capsules,
-            _ => Kind::Plain,
-        };
-        let place = Place { conn: io.key, stream: id, peer: io.peer };
-        let authority = request.authority.clone().unwrap_or_default();
-        let via = flows::Via { protocol: "HTTP/2", secure: io.secure };
-        let ex = flows::start(route, &authority, place, via, sh, ctx);
         let up_ended = recv.is_end_stream();
+        let via = Via { protocol: "HTTP/2", secure: io.secure };
+        let ex = exchange::start(&request, u64::from(id), up_ended, via, io, fx);
         self.streams.insert(
             id,
             Stream {
                 ex,
-                kind,
                 recv: Some(recv),
                 respond: Some(respond),
                 send: None,
                 held: None,
                 up_ended,
                 down_ended: false,
+                reset_by_client: false,
             },
         );
-        if up_ended && kind != Kind::Plain {
-            // A tunnel request must leave the stream open (RFC 8441
-            // section 4: the stream carries the tunnel).
-            if let Some(st) = self.streams.get_mut(&id) {
-                st.ex.up_end();
-            }
-        }
     }
 
     /// Moves one stream along; returns whether anything happened.
-    fn serve(&mut self, id: u32, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+    fn serve(&mut self, id: u32, io: &mut ConnIo, fx: &mut Fx<'_>) -> bool {
         let waker = self.waker.clone();
         let mut cx = Context::from_waker(&waker);
-        let place = Place { conn: io.key, stream: id, peer: io.peer };
-        let alt_svc = sh.settings.tcp.alt_svc.clone();
+        let alt_svc = fx.sh.settings.tcp.alt_svc.clone();
         let Some(st) = self.streams.get_mut(&id) else { return false };
-        let mut progress = false;
-        // Client bytes.
-        progress |= recv_up(st, place, &mut cx, sh, ctx);
-        // The target's bytes.
-        if matches!(st.ex.state, State::Tcp { .. }) {
-            let (moved, up, down) = st.ex.pump_tcp(ctx.now);
-            if up > 0 {
-                ctx.link.counters().add(Counter::TcpBytesUp, up);
-            }
-            if down > 0 {
-                ctx.link.counters().add(Counter::TcpBytesDown, down);
-            }
-            progress |= moved;
-            if moved {
-                progress |= recv_up(st, place, &mut cx, sh, ctx);
-            }
-        }
-        if st.ex.over_budget() && st.ex.abort.is_none() {
-            ctx.link.counters().add(Counter::TunnelsOverBudget, 1);
-            st.ex.abort = Some("byte budget used up");
-        }
+        let mut progress = recv_up(st, id, &mut cx, fx);
         // The response head.
-        if let Some(h) = st.ex.head.take()
+        let head = match &mut st.ex {
+            Exchange::Answer { head, .. } => head.take(),
+            Exchange::Tunnel(t) => fx.tunnels.take_head(*t),
+        };
+        if let Some(h) = head
             && let Some(mut respond) = st.respond.take()
         {
-            let body_empty = st.ex.down_bytes().is_empty();
-            let end = !h.tunnel && body_empty && st.ex.down_fin;
-            match respond.send_response(response(&h, st.ex.down.len(), alt_svc.as_deref()), end) {
+            let (body_len, end) = match &st.ex {
+                Exchange::Answer { body, .. } => (body.len(), body.is_empty()),
+                Exchange::Tunnel(t) => (0, !h.tunnel && fx.tunnels.out(*t).is_empty()),
+            };
+            match respond.send_response(response(&h, body_len, alt_svc.as_deref()), end) {
                 Ok(send) => {
                     st.send = Some(send);
                     st.down_ended = end;
+                    if let (true, Some(t)) = (end, st.ex.tunnel()) {
+                        fx.tunnels.fin_sent(t);
+                    }
                 }
                 Err(e) => {
                     debug!(stream = id, "HTTP/2 response: {e}");
-                    st.ex.abort.get_or_insert("response failed");
+                    st.reset_by_client = true;
                 }
             }
             progress = true;
         }
-        // Bytes towards the client, within the capacity h2 granted.
-        if let Some(send) = st.send.as_mut()
-            && !st.down_ended
-        {
-            loop {
-                let pending = st.ex.down_bytes().len();
-                if pending == 0 {
-                    break;
-                }
-                send.reserve_capacity(pending.min(PIPE_OUT));
-                match send.poll_capacity(&mut cx) {
-                    Poll::Ready(Some(Ok(n))) if n > 0 => {
-                        let bytes = st.ex.down_bytes();
-                        let k = n.min(bytes.len());
-                        let chunk = Bytes::copy_from_slice(&bytes[..k]);
-                        st.ex.consume_down(k);
-                        if let Err(e) = send.send_data(chunk, false) {
-                            debug!(stream = id, "HTTP/2 send: {e}");
-                            st.ex.abort.get_or_insert("send failed");
-                            break;
-                        }
-                        progress = true;
-                    }
-                    Poll::Ready(Some(Ok(_))) | Poll::Pending => break,
-                    Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
-                        st.ex.abort.get_or_insert("stream reset by the client");
-                        break;
-                    }
-                }
-            }
-            if st.ex.finished() && st.ex.abort.is_none() {
-                let _ = send.send_data(Bytes::new(), true);
-                st.down_ended = true;
-                progress = true;
-            }
-            if let Poll::Ready(Ok(reason)) = send.poll_reset(&mut cx) {
-                debug!(stream = id, ?reason, "stream reset by the client");
-                st.ex.abort.get_or_insert("stream reset by the client");
-            }
-        }
+        progress |= send_down(st, id, &mut cx, fx);
         // The end.
-        if let Some(why) = st.ex.abort {
-            debug!(stream = id, "HTTP/2 stream aborted: {why}");
+        if let Some(t) = st.ex.tunnel()
+            && let End::Abort(a) = fx.tunnels.end(t)
+        {
             if !st.down_ended {
-                let reason = if matches!(st.ex.state, State::Tcp { .. }) {
-                    Reason::CONNECT_ERROR
-                } else {
-                    Reason::CANCEL
-                };
                 match (st.send.as_mut(), st.respond.as_mut()) {
-                    (Some(s), _) => s.send_reset(reason),
-                    (None, Some(r)) => r.send_reset(reason),
+                    (Some(s), _) => s.send_reset(reason(a)),
+                    (None, Some(r)) => r.send_reset(reason(a)),
                     _ => {}
                 }
             }
-            self.finish_stream(id, io, sh, ctx);
+            self.finish_stream(id, io, fx);
+            return true;
+        }
+        if st.reset_by_client {
+            self.finish_stream(id, io, fx);
             return true;
         }
         if st.down_ended {
-            let answer = matches!(st.ex.state, State::Answer | State::Done);
-            if answer && !st.up_ended {
+            let stop_reading = match st.ex.tunnel() {
+                None => true,
+                Some(t) => matches!(fx.tunnels.end(t), End::Finish { stop_reading: true }),
+            };
+            if stop_reading && !st.up_ended {
                 // RFC 9113 section 8.1: after a complete response the rest
                 // of the request is not needed. Dropping the stream's
-                // handles lets h2 reset it once the response has gone out
-                // (an explicit RST_STREAM now would discard the queued
-                // response).
+                // handles lets h2 reset it (NO_ERROR) once the response has
+                // gone out (an explicit RST_STREAM now would discard the
+                // queued response).
                 st.recv = None;
                 st.up_ended = true;
             }
-            if st.up_ended {
-                self.finish_stream(id, io, sh, ctx);
+            let complete = match st.ex.tunnel() {
+                None => st.up_ended,
+                Some(t) => fx.tunnels.complete(t),
+            };
+            if complete {
+                self.finish_stream(id, io, fx);
                 return true;
             }
         }
         progress
     }
 
-    fn finish_stream(&mut self, id: u32, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        if let Some(mut st) = self.streams.remove(&id) {
-            flows::release(&mut st.ex, sh, ctx);
+    fn finish_stream(&mut self, id: u32, io: &mut ConnIo, fx: &mut Fx<'_>) {
+        if let Some(st) = self.streams.remove(&id)
+            && let Some(t) = st.ex.tunnel()
+        {
+            fx.tunnels.remove(fx.ctx, t);
         }
-        io.last_activity = ctx.now;
+        io.last_activity = fx.ctx.now;
     }
 
-    fn abort_all(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
+    fn close_streams(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
-            self.finish_stream(id, io, sh, ctx);
-        }
-    }
-
-    /// Ends one exchange from the relay's side: END_STREAM after what is
-    /// buffered for a tunnel that idled out or whose target ended.
-    pub fn end_exchange(&mut self, stream: u32, _io: &mut ConnIo, _sh: &mut Shared, _ctx: &mut Ctx<'_>) {
-        if let Some(st) = self.streams.get_mut(&stream) {
-            st.ex.abort.get_or_insert("ended by the relay");
-        }
-    }
-
-    /// When a stream needs a timer.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.streams.values().filter_map(|s| s.ex.deadline()).min()
-    }
-
-    /// A timer fired: ask and connect deadlines, idle tunnels.
-    pub fn on_timer(&mut self, _io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        let now = ctx.now;
-        let due: Vec<u32> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.ex.deadline().is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            let Some(st) = self.streams.get_mut(&id) else { continue };
-            match &st.ex.state {
-                State::Asking { .. } => {
-                    ctx.link.counters().add(Counter::AsksFailed, 1);
-                    flows::release(&mut st.ex, sh, ctx);
-                    st.ex = flows::refused(
-                        sh,
-                        503,
-                        Some(relay_proto::proxy_status::ProxyError::ProxyInternalError),
-                        "control plane did not answer in time",
-                    );
-                }
-                State::Connecting { .. } => flows::connect_failed(&mut st.ex, libc::ETIMEDOUT, sh, ctx),
-                State::Tcp { .. } | State::Udp { .. } | State::Ip { .. } => {
-                    st.ex.abort.get_or_insert("idle");
-                }
-                State::Answer | State::Done => {}
-            }
+            self.finish_stream(id, io, fx);
         }
     }
 
@@ -518,35 +410,17 @@ impl Session {
         self.draining = true;
     }
 
-    /// Ends the streams carrying `flows`.
-    pub fn kill(&mut self, flows_to_kill: &[u64], _io: &mut ConnIo, _sh: &mut Shared, _ctx: &mut Ctx<'_>) {
-        for st in self.streams.values_mut() {
-            if st.ex.flow_id().is_some_and(|f| flows_to_kill.contains(&f)) {
-                st.ex.abort = Some("killed by the operator");
-            }
-        }
-    }
-
-    /// The streams' exchanges.
-    pub fn exchanges_mut(&mut self) -> impl Iterator<Item = &mut Exchange> {
-        self.streams.values_mut().map(|st| &mut st.ex)
-    }
-
-    /// The open flows, for a re-attached control.
-    pub fn open_flows(&self, peer: std::net::SocketAddr, out: &mut Vec<FlowOpen>) {
-        out.extend(self.streams.values().filter_map(|s| flows::open_flow(&s.ex, peer)));
-    }
-
     /// Releases everything (the connection closes).
-    pub fn close(&mut self, io: &mut ConnIo, sh: &mut Shared, ctx: &mut Ctx<'_>) {
-        self.abort_all(io, sh, ctx);
+    pub fn close(&mut self, io: &mut ConnIo, fx: &mut Fx<'_>) {
+        self.close_streams(io, fx);
         self.conn = Conn::Closed;
     }
 }
 
-/// Takes the client's DATA into the exchange, releasing flow-control
-/// window only for what the exchange took.
-fn recv_up(st: &mut Stream, place: Place, cx: &mut Context<'_>, sh: &mut Shared, ctx: &mut Ctx<'_>) -> bool {
+/// Takes the client's DATA into the stream's tunnel, releasing flow-control
+/// window only for what the tunnel took (an answer's request body is
+/// discarded).
+fn recv_up(st: &mut Stream, id: u32, cx: &mut Context<'_>, fx: &mut Fx<'_>) -> bool {
     let mut progress = false;
     loop {
         let data = match st.held.take() {
@@ -556,17 +430,19 @@ fn recv_up(st: &mut Stream, place: Place, cx: &mut Context<'_>, sh: &mut Shared,
                 match recv.poll_data(cx) {
                     Poll::Ready(Some(Ok(d))) => d,
                     Poll::Ready(Some(Err(e))) => {
-                        debug!(stream = place.stream, "HTTP/2 receive: {e}");
+                        debug!(stream = id, "HTTP/2 receive: {e}");
                         st.recv = None;
                         st.up_ended = true;
-                        st.ex.abort.get_or_insert("stream reset by the client");
+                        st.reset_by_client = true;
                         return true;
                     }
                     Poll::Ready(None) => {
                         st.recv = None;
                         if !st.up_ended {
                             st.up_ended = true;
-                            up_end(st);
+                            if let Some(t) = st.ex.tunnel() {
+                                fx.tunnels.on_client_end(fx.ctx, t);
+                            }
                         }
                         return true;
                     }
@@ -576,20 +452,11 @@ fn recv_up(st: &mut Stream, place: Place, cx: &mut Context<'_>, sh: &mut Shared,
         };
         progress = true;
         let len = data.len();
-        let taken = match (st.kind, &st.ex.state) {
-            (_, State::Answer | State::Done) | (Kind::Plain, _) => len,
-            (Kind::Connect, _) => {
-                let n = len.min(st.ex.up_room());
-                if n > 0 {
-                    st.ex.up_tcp(&data[..n], ctx.now);
-                }
-                n
-            }
-            (Kind::Capsules, _) => {
-                if let Err(why) = flows::up_capsules(&mut st.ex, &data, place, sh, ctx) {
-                    st.ex.abort.get_or_insert(why);
-                }
-                len
+        let taken = match st.ex.tunnel() {
+            None => len,
+            Some(t) => {
+                let n = len.min(fx.tunnels.up_room(t));
+                if n > 0 { fx.tunnels.on_stream_bytes(fx.ctx, t, &data[..n], &mut NoDatagrams) } else { 0 }
             }
         };
         if let Some(recv) = st.recv.as_mut()
@@ -604,23 +471,69 @@ fn recv_up(st: &mut Stream, place: Place, cx: &mut Context<'_>, sh: &mut Shared,
     }
 }
 
-/// The client ended its side of a stream.
-fn up_end(st: &mut Stream) {
-    match st.kind {
-        Kind::Connect => st.ex.up_end(),
-        Kind::Capsules => {
-            // RFC 9298 section 3: the end of the stream closes the tunnel
-            // (RFC 9297 section 3.3: inside a capsule it is malformed).
-            if let State::Udp { tunnel, .. } | State::Ip { tunnel, .. } = &st.ex.state
-                && tunnel.on_stream_end().is_err()
-            {
-                st.ex.abort.get_or_insert("stream ended inside a capsule");
-            }
-            st.ex.up_end();
-            st.ex.down_fin = true;
-        }
-        Kind::Plain => st.ex.up_end(),
+/// Sends bytes towards the client within the capacity h2 granted, then
+/// END_STREAM when the exchange is done.
+fn send_down(st: &mut Stream, id: u32, cx: &mut Context<'_>, fx: &mut Fx<'_>) -> bool {
+    let mut progress = false;
+    let Some(send) = st.send.as_mut() else { return false };
+    if st.down_ended {
+        return false;
     }
+    loop {
+        let pending = match &st.ex {
+            Exchange::Answer { body, .. } => body.len(),
+            Exchange::Tunnel(t) => fx.tunnels.out(*t).len(),
+        };
+        if pending == 0 {
+            break;
+        }
+        send.reserve_capacity(pending.min(PIPE_OUT));
+        match send.poll_capacity(cx) {
+            Poll::Ready(Some(Ok(n))) if n > 0 => {
+                let chunk = match &mut st.ex {
+                    Exchange::Answer { body, .. } => {
+                        let k = n.min(body.len());
+                        Bytes::from(body.drain(..k).collect::<Vec<u8>>())
+                    }
+                    Exchange::Tunnel(t) => {
+                        let out = fx.tunnels.out(*t);
+                        let k = n.min(out.len());
+                        let chunk = Bytes::copy_from_slice(&out[..k]);
+                        fx.tunnels.consume(fx.ctx, *t, k);
+                        chunk
+                    }
+                };
+                if let Err(e) = send.send_data(chunk, false) {
+                    debug!(stream = id, "HTTP/2 send: {e}");
+                    st.reset_by_client = true;
+                    return true;
+                }
+                progress = true;
+            }
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => break,
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+                st.reset_by_client = true;
+                return true;
+            }
+        }
+    }
+    let finished = match &st.ex {
+        Exchange::Answer { body, .. } => body.is_empty(),
+        Exchange::Tunnel(t) => fx.tunnels.wants_fin(*t),
+    };
+    if finished {
+        let _ = send.send_data(Bytes::new(), true);
+        st.down_ended = true;
+        if let Some(t) = st.ex.tunnel() {
+            fx.tunnels.fin_sent(t);
+        }
+        progress = true;
+    }
+    if let Poll::Ready(Ok(reason)) = send.poll_reset(cx) {
+        debug!(stream = id, ?reason, "stream reset by the client");
+        st.reset_by_client = true;
+    }
+    progress
 }
 
 /// Rebuilds the request's header section for the relay's own checks.

@@ -40,7 +40,8 @@ pub struct EpollBackend {
     poll: Poll,
     events: Events,
     socket: mio::net::UdpSocket,
-    targets: HashMap<TargetKey, mio::net::UdpSocket>,
+    /// Datagram endpoints, and whether each is connected.
+    targets: HashMap<TargetKey, (mio::net::UdpSocket, bool)>,
     rx: RecvBatch,
     answer_bell: Option<(RawFd, u64)>,
     quic_backlog: bool,
@@ -179,7 +180,8 @@ impl EpollBackend {
     /// Reads one target socket; returns whether its budget ran out first.
     fn read_target<H: Handler>(&mut self, h: &mut H, key: TargetKey, stats: &mut IoStats) -> bool {
         for _ in 0..RECV_BUDGET {
-            let Some(sock) = self.targets.get(&key) else { return false };
+            let Some((sock, connected)) = self.targets.get(&key) else { return false };
+            let connected = *connected;
             stats.syscalls += 1;
             let n = match self.rx.recv(sock) {
                 Ok(n) => n,
@@ -197,7 +199,7 @@ impl EpollBackend {
                     Some(Message::Data(r, buf)) => {
                         stats.target_receives += 1;
                         stats.target_packets_in += r.segments() as u64;
-                        h.on_target(key, buf, r.segment_size);
+                        h.on_target(key, (!connected).then_some(r.from), buf, r.segment_size);
                     }
                     Some(Message::Truncated) => stats.recv_truncated += 1,
                     None => {}
@@ -213,17 +215,19 @@ impl EpollBackend {
     /// Performs the core's output: new targets, target batches, QUIC
     /// batches, closed targets, in that order.
     fn perform(&mut self, out: &mut Output, stats: &mut IoStats) {
-        for (key, sock) in out.opens.drain(..) {
-            if let Err(e) = sock.set_nonblocking(true) {
-                warn!("target socket: {e}");
+        for e in out.opens.drain(..) {
+            if let Err(err) = e.sock.set_nonblocking(true) {
+                warn!("target socket: {err}");
                 continue;
             }
-            let mut sock = mio::net::UdpSocket::from_std(sock);
-            if let Err(e) = self.poll.registry().register(&mut sock, target_token(key), Interest::READABLE) {
+            let mut sock = mio::net::UdpSocket::from_std(e.sock);
+            if let Err(err) =
+                self.poll.registry().register(&mut sock, target_token(e.key), Interest::READABLE)
+            {
                 // Sends still work; replies cannot be read. Rare (ENOMEM).
-                warn!("registering a target socket: {e}");
+                warn!("registering a target socket: {err}");
             }
-            self.targets.insert(key, sock);
+            self.targets.insert(e.key, (sock, e.connected));
         }
         // Watches first: a descriptor watched and forgotten in one turn is
         // registered and removed again.
@@ -240,8 +244,19 @@ impl EpollBackend {
         }
         for send in std::mem::take(&mut out.up) {
             match self.targets.get(&send.key) {
-                Some(sock) => {
-                    let r = mmsg::send_connected(sock, &send.buf, send.segment_size, send.segments);
+                Some((sock, _)) => {
+                    let r = match send.to {
+                        None => mmsg::send_connected(sock, &send.buf, send.segment_size, send.segments),
+                        Some(to) => {
+                            let batch = Batch {
+                                buf: &send.buf,
+                                to,
+                                segment_size: send.segment_size,
+                                segments: send.segments,
+                            };
+                            mmsg::send_batches(sock, &[batch])
+                        }
+                    };
                     stats.syscalls += r.syscalls;
                     stats.target_sends += r.syscalls;
                     stats.datagrams_up += r.sent;
@@ -273,7 +288,7 @@ impl EpollBackend {
             }
         }
         for key in out.closes.drain(..) {
-            if let Some(mut sock) = self.targets.remove(&key) {
+            if let Some((mut sock, _)) = self.targets.remove(&key) {
                 let _ = self.poll.registry().deregister(&mut sock);
             }
             self.target_backlog.retain(|k| *k != key);

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
-pub use output::{IoStats, Output, QuicBatch, UpSend, Watch};
+pub use output::{Endpoint, IoStats, Output, QuicBatch, UpSend, Watch};
 
 /// Names a target socket: chosen by the core, unique for the worker's life.
 pub type TargetKey = u64;
@@ -69,8 +69,9 @@ pub trait Handler {
     /// QUIC packets arrived: `packets` holds `segment_size`-byte packets back
     /// to back (GRO; the last may be shorter). Decrypted in place.
     fn on_quic(&mut self, packets: &mut [u8], segment_size: usize, from: SocketAddr);
-    /// Payloads from a target: `segment_size`-byte datagrams back to back.
-    fn on_target(&mut self, key: TargetKey, payloads: &[u8], segment_size: usize);
+    /// Datagrams on an endpoint: `segment_size`-byte payloads back to back,
+    /// from `from` (unconnected endpoints; `None` on connected ones).
+    fn on_target(&mut self, key: TargetKey, from: Option<SocketAddr>, payloads: &[u8], segment_size: usize);
     /// The OS reported a target socket unusable (`errno` is ECONNREFUSED,
     /// EHOSTUNREACH or ENETUNREACH, from an ICMP Destination Unreachable).
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {

@@ -65,10 +65,24 @@ pub struct Watch {
     pub writable: bool,
 }
 
-/// Payloads for one target, in the same layout as [`QuicBatch`].
+/// A UDP socket the core hands to the backend: a connect-udp target's
+/// (connected) or a bound tunnel's (unconnected: receives report the
+/// sender, sends name the peer).
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The core's name for it.
+    pub key: TargetKey,
+    /// The socket.
+    pub sock: UdpSocket,
+    /// Connected to one target (no sender address on receives).
+    pub connected: bool,
+}
+
+/// Payloads for one datagram endpoint, in the same layout as
+/// [`QuicBatch`].
 #[derive(Debug)]
 pub struct UpSend {
-    /// The target socket.
+    /// The endpoint.
     pub key: TargetKey,
     /// The payloads.
     pub buf: Vec<u8>,
@@ -76,6 +90,8 @@ pub struct UpSend {
     pub segment_size: usize,
     /// Number of payloads.
     pub segments: usize,
+    /// The peer, on an unconnected endpoint.
+    pub to: Option<SocketAddr>,
 }
 
 /// I/O statistics a backend accumulates during a turn; the core adds them
@@ -172,9 +188,9 @@ pub struct Output {
     pub quic: Vec<QuicBatch>,
     /// Target batches, in order.
     pub up: Vec<UpSend>,
-    /// New target sockets to watch.
-    pub opens: Vec<(TargetKey, UdpSocket)>,
-    /// Target sockets to close (after their pending sends).
+    /// New datagram endpoints to serve.
+    pub opens: Vec<Endpoint>,
+    /// Datagram endpoints to close (after their pending sends).
     pub closes: Vec<TargetKey>,
     /// Descriptors the core reads and writes itself, to watch for
     /// readiness (edge-triggered: [`super::Handler::on_ready`]).

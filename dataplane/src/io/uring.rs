@@ -97,6 +97,9 @@ struct Cqe {
 
 struct Target {
     sock: UdpSocket,
+    /// Connected to one target (else a bound tunnel's socket: receives
+    /// carry the sender).
+    connected: bool,
     /// Its multishot receive is armed.
     armed: bool,
 }
@@ -107,6 +110,8 @@ pub struct UringBackend {
     socket: UdpSocket,
     quic_recv: MultishotRecv,
     target_recv: MultishotRecv,
+    /// The receive template of unconnected endpoints (bound tunnels).
+    bound_recv: MultishotRecv,
     quic_bufs: BufRing,
     target_bufs: BufRing,
     slots: SendSlots,
@@ -164,8 +169,13 @@ impl UringBackend {
         let ring = ring_with(s.entries)?;
         let quic_recv = MultishotRecv::unconnected();
         let target_recv = MultishotRecv::connected();
+        let bound_recv = MultishotRecv::unconnected();
         let quic_size = quic_recv.buffer_size_for(MAX_GRO_BUFFER) as u32;
-        let target_size = target_recv.buffer_size_for(MAX_GRO_BUFFER) as u32;
+        // One buffer group for both kinds of endpoints: sized for the
+        // larger header (the unconnected one's sender address).
+        let target_size = target_recv
+            .buffer_size_for(MAX_GRO_BUFFER)
+            .max(bound_recv.buffer_size_for(MAX_GRO_BUFFER)) as u32;
         let quic_bufs = BufRing::new(&ring.submitter(), QUIC_BGID, s.quic_buffers, quic_size)?;
         let target_bufs = BufRing::new(&ring.submitter(), TARGET_BGID, s.target_buffers, target_size)?;
         Ok(Self {
@@ -173,6 +183,7 @@ impl UringBackend {
             socket,
             quic_recv,
             target_recv,
+            bound_recv,
             quic_bufs,
             target_bufs,
             slots: SendSlots::new(s.send_slots),
@@ -330,7 +341,8 @@ impl UringBackend {
         for key in rearm.drain(..) {
             let Some(t) = self.targets.get_mut(&key).filter(|t| !t.armed) else { continue };
             t.armed = true;
-            let e = self.target_recv.entry(t.sock.as_raw_fd(), TARGET_BGID, user_data(KIND_TARGET_RECV, key));
+            let template = if t.connected { &self.target_recv } else { &self.bound_recv };
+            let e = template.entry(t.sock.as_raw_fd(), TARGET_BGID, user_data(KIND_TARGET_RECV, key));
             self.push(e);
         }
         // Keep the allocation for the next turn.
@@ -490,15 +502,20 @@ impl UringBackend {
             return;
         };
         let len = c.result.max(0) as usize;
-        if self.targets.contains_key(&key)
-            && let Some(Ok(m)) = self.target_bufs.buffer(bid, len).map(|b| self.target_recv.parse(b))
+        let template = match self.targets.get(&key) {
+            Some(t) if t.connected => Some(&self.target_recv),
+            Some(_) => Some(&self.bound_recv),
+            None => None,
+        };
+        if let Some(template) = template
+            && let Some(Ok(m)) = self.target_bufs.buffer(bid, len).map(|b| template.parse(b))
         {
             if m.truncated {
                 self.stats.recv_truncated += 1;
             } else {
                 self.stats.target_receives += 1;
                 self.stats.target_packets_in += m.segments() as u64;
-                h.on_target(key, m.payload, m.segment_size);
+                h.on_target(key, m.from, m.payload, m.segment_size);
             }
         }
         self.target_bufs.recycle(bid);
@@ -557,7 +574,10 @@ impl UringBackend {
                 mmsg::send_singly(&self.socket, data, p.segment_size, to.as_ref())
             }
             SendKind::Target(key) => match self.targets.get(&key) {
-                Some(t) => mmsg::send_singly(&t.sock, data, p.segment_size, None),
+                Some(t) => {
+                    let to = p.dest.map(socket2::SockAddr::from);
+                    mmsg::send_singly(&t.sock, data, p.segment_size, to.as_ref())
+                }
                 None => {
                     mmsg::SendReport { syscalls: 0, sent: 0, dropped: p.segments as u64, last_errno: None }
                 }
@@ -630,12 +650,12 @@ impl UringBackend {
     /// Queues the core's output: new targets, target batches, QUIC
     /// batches, closed targets, in that order.
     fn perform(&mut self, out: &mut Output) {
-        for (key, sock) in out.opens.drain(..) {
-            if let Err(e) = sock.set_nonblocking(true) {
-                warn!("target socket: {e}");
+        for e in out.opens.drain(..) {
+            if let Err(err) = e.sock.set_nonblocking(true) {
+                warn!("target socket: {err}");
             }
-            self.targets.insert(key, Target { sock, armed: false });
-            self.rearm.push(key);
+            self.targets.insert(e.key, Target { sock: e.sock, connected: e.connected, armed: false });
+            self.rearm.push(e.key);
         }
         // Watches first: a descriptor watched and forgotten in one turn is
         // then never armed.
@@ -663,7 +683,7 @@ impl UringBackend {
             let segments = send.segments;
             let kind = SendKind::Target(send.key);
             let send =
-                Send { buf: send.buf, fd, dest: None, segment_size: send.segment_size, segments, kind };
+                Send { buf: send.buf, fd, dest: send.to, segment_size: send.segment_size, segments, kind };
             if !self.queue_send(out, send) {
                 self.stats.drop_target_send += segments as u64;
             }

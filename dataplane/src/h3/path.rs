@@ -1,0 +1,95 @@
+//! HTTP/3's parts of the tunnel interface: its HTTP Datagram path (QUIC
+//! DATAGRAM frames, RFC 9297 section 2.1), its rendering of response
+//! heads, and its stream error codes (RFC 9114 section 8.1).
+#![forbid(unsafe_code)]
+
+use relay_proto::datagram;
+
+use crate::tunnel::datagrams::DatagramSupport;
+use crate::tunnel::head::Head;
+use crate::tunnel::{Abort, DatagramDrop, DatagramPath};
+
+/// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).
+pub mod code {
+    /// H3_NO_ERROR.
+    pub const NO_ERROR: u64 = 0x100;
+    /// H3_INTERNAL_ERROR.
+    pub const INTERNAL_ERROR: u64 = 0x102;
+    /// H3_REQUEST_REJECTED.
+    pub const REQUEST_REJECTED: u64 = 0x10b;
+    /// H3_REQUEST_CANCELLED.
+    pub const REQUEST_CANCELLED: u64 = 0x10c;
+    /// H3_MESSAGE_ERROR.
+    pub const MESSAGE_ERROR: u64 = 0x10e;
+    /// H3_CONNECT_ERROR.
+    pub const CONNECT_ERROR: u64 = 0x10f;
+    /// H3_DATAGRAM_ERROR.
+    pub const DATAGRAM_ERROR: u64 = 0x33;
+}
+
+/// The HTTP/3 code a tunnel's abort resets its stream with.
+pub fn abort_code(a: Abort) -> u64 {
+    match a {
+        Abort::Cancelled => code::REQUEST_CANCELLED,
+        Abort::Message => code::MESSAGE_ERROR,
+        Abort::Datagram => code::DATAGRAM_ERROR,
+        Abort::Connect => code::CONNECT_ERROR,
+    }
+}
+
+/// Bytes of a QUIC DATAGRAM frame's HTTP Datagram header at most: quarter
+/// stream ID (8) and context ID 0 (1).
+pub const DATAGRAM_HEADER_MAX: usize = 9;
+
+/// The header list of `head`.
+pub fn headers(head: &Head) -> Vec<quiche::h3::Header> {
+    let mut out = Vec::with_capacity(head.fields.len() + 1);
+    out.push(quiche::h3::Header::new(b":status", head.status.to_string().as_bytes()));
+    for (name, value) in &head.fields {
+        out.push(quiche::h3::Header::new(name.as_bytes(), value.as_bytes()));
+    }
+    out
+}
+
+/// One connection's datagram path.
+pub struct H3Path<'a> {
+    /// The connection.
+    pub quic: &'a mut quiche::Connection,
+    /// What the client's SETTINGS said.
+    pub support: DatagramSupport,
+    /// Where a datagram is encoded.
+    pub scratch: &'a mut Vec<u8>,
+}
+
+impl DatagramPath for H3Path<'_> {
+    fn support(&self) -> DatagramSupport {
+        self.support
+    }
+
+    fn room(&self) -> Option<usize> {
+        self.quic.dgram_max_writable_len().map(|m| m.saturating_sub(DATAGRAM_HEADER_MAX))
+    }
+
+    fn send(&mut self, stream: u64, context_id: u64, payload: &[u8]) -> Result<(), DatagramDrop> {
+        datagram::encode_into(stream, context_id, payload, self.scratch);
+        if self.quic.dgram_max_writable_len().is_none_or(|max| self.scratch.len() > max) {
+            return Err(DatagramDrop::TooLarge);
+        }
+        self.quic.dgram_send(self.scratch).map_err(|_| DatagramDrop::QueueFull)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quiche::h3::NameValue;
+
+    #[test]
+    fn heads_render_with_status_first() {
+        let h = headers(&Head::tunnel_open(true));
+        assert_eq!(h[0].name(), b":status");
+        assert_eq!(h[0].value(), b"200");
+        assert_eq!(h[1].name(), b"capsule-protocol");
+        assert_eq!(abort_code(Abort::Datagram), 0x33);
+    }
+}

@@ -1,0 +1,326 @@
+//! Bound connect-udp (draft-ietf-masque-connect-udp-listen): one
+//! unconnected UDP socket per tunnel on its own ephemeral port, sending to
+//! any peer the client names and delivering what any (allowed, and
+//! unfiltered) peer sends, with the peer's address.
+//!
+//! The compression contexts (COMPRESSION_ASSIGN / ACK / CLOSE, the
+//! uncompressed context, proxy-allocated odd contexts for new peers) are
+//! [`relay_proto::bind::ContextTable`]'s; this module moves datagrams
+//! between it, the socket (a datagram endpoint of the backend, like a
+//! connect-udp target's, but unconnected) and the client, and applies
+//! control's peer policy to every datagram both ways (draft section 9).
+
+use std::io;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+
+use relay_proto::bind::{self, ContextTable, Inbound, OutboundError};
+use relay_proto::channel::record::IpRoute;
+use relay_proto::channel::region::Counter;
+use relay_proto::proxy_status::ProxyError;
+use tracing::debug;
+
+use super::datagrams::Datagrams;
+use super::flow::Flow;
+use super::head::{Head, Refusal};
+use super::verdict::{hold, refuse_allowed};
+use super::{Abort, DatagramPath, State, TunnelId, Tunnels, deliver};
+use crate::context::Ctx;
+use crate::io::{TargetKey, UpSend};
+use crate::upbatch::UpBatch;
+
+/// A bound tunnel's socket side.
+#[derive(Debug)]
+pub struct BoundLeg {
+    endpoint: TargetKey,
+    table: ContextTable,
+    /// Where peers may be (control's policy), sorted ranges.
+    peers: Vec<IpRoute>,
+    /// Datagrams for one peer collected this turn.
+    batch: Option<(SocketAddr, UpBatch)>,
+}
+
+impl BoundLeg {
+    fn peer_allowed(&self, peer: SocketAddr) -> bool {
+        peer_in(&self.peers, peer)
+    }
+
+    /// Queues this turn's batch.
+    pub fn flush(&mut self, ctx: &mut Ctx) {
+        if let Some((to, batch)) = self.batch.take() {
+            queue(self.endpoint, to, batch, ctx);
+        }
+    }
+
+    /// Sends what is batched and closes the socket after it.
+    pub fn release(mut self, ctx: &mut Ctx) {
+        self.flush(ctx);
+        ctx.close_endpoint(self.endpoint);
+    }
+
+    /// Adds a datagram for `to` to this turn's batch; returns whether the
+    /// batch is new.
+    fn push(&mut self, to: SocketAddr, payload: &[u8], ctx: &mut Ctx) -> bool {
+        let gso = relay_udp::gso_enabled();
+        if self.batch.as_ref().is_some_and(|(dest, b)| *dest != to || !b.fits(payload.len(), gso)) {
+            self.flush(ctx);
+        }
+        let new = self.batch.is_none();
+        let (_, batch) = self.batch.get_or_insert_with(|| (to, UpBatch::new(ctx.out.buffer())));
+        batch.push(payload);
+        new
+    }
+}
+
+fn queue(key: TargetKey, to: SocketAddr, batch: UpBatch, ctx: &mut Ctx) {
+    if batch.is_empty() {
+        return ctx.out.recycle(batch.into_buffer());
+    }
+    let (buf, segment_size, segments) = batch.into_parts();
+    ctx.out.up.push(UpSend { key, buf, segment_size, segments, to: Some(mapped(to)) });
+}
+
+fn ip_value(ip: IpAddr) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(a) => (true, u128::from(u32::from(a))),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(v4) => (true, u128::from(u32::from(v4))),
+            None => (false, u128::from(a)),
+        },
+    }
+}
+
+/// The socket's view of a peer: IPv4 peers appear v4-mapped on the
+/// dual-stack socket; the client sees plain IPv4.
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+fn mapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
+        IpAddr::V6(_) => addr,
+    }
+}
+
+/// Whether `peer` lies in `ranges` (port 0 never does).
+fn peer_in(ranges: &[IpRoute], peer: SocketAddr) -> bool {
+    let (v4, value) = ip_value(peer.ip());
+    peer.port() != 0
+        && ranges.iter().any(|r| {
+            let (sv4, start) = ip_value(r.start);
+            let (_, end) = ip_value(r.end);
+            sv4 == v4 && (start..=end).contains(&value)
+        })
+}
+
+/// A dual-stack unconnected socket on an ephemeral port.
+fn bound_socket() -> io::Result<UdpSocket> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+    sock.set_only_v6(false)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0).into())?;
+    Ok(sock.into())
+}
+
+/// The addresses of a tunnel's Proxy-Public-Address (draft section 7): the
+/// configured public addresses, or each family's primary outbound address
+/// (the source the kernel picks towards a global address; nothing is sent).
+pub fn public_addresses(configured: &[IpAddr], port: u16) -> Vec<SocketAddr> {
+    let ips: Vec<IpAddr> = if configured.is_empty() {
+        ["192.0.2.1:9", "[2001:db8::1]:9"]
+            .iter()
+            .filter_map(|probe| {
+                let probe: SocketAddr = probe.parse().ok()?;
+                let bind: SocketAddr = if probe.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().ok()?;
+                let s = UdpSocket::bind(bind).ok()?;
+                s.connect(probe).ok()?;
+                s.local_addr().ok().map(|a| a.ip())
+            })
+            .collect()
+    } else {
+        configured.to_vec()
+    };
+    ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+}
+
+/// Control allowed a bound tunnel: open its socket and answer with the
+/// public address (draft sections 6 and 7); then the capsules and
+/// datagrams that came before the allow.
+pub(super) fn open(
+    ts: &mut Tunnels,
+    ctx: &mut Ctx,
+    id: TunnelId,
+    flow: Flow,
+    peers: Vec<IpRoute>,
+    path: &mut dyn DatagramPath,
+) {
+    let Some(cfg) = ctx.settings.bootstrap.bind.clone() else {
+        let why = Refusal::new(501, None, "bound connect-udp is not served");
+        return refuse_allowed(ts, ctx, id, flow.flow_id, why);
+    };
+    let limits = bind::Limits { max_contexts: cfg.max_contexts as usize, max_peers: cfg.max_peers as usize };
+    let filter = if cfg.inbound_filter == "any" { bind::Filter::Any } else { bind::Filter::SentTo };
+    let mut table = ContextTable::new(limits, filter);
+    if let Some(target) = ts.slab.get(id).and_then(|t| t.fallback) {
+        table = table.with_target(target);
+    }
+    let sock = match bound_socket() {
+        Ok(s) => s,
+        Err(e) => {
+            debug!("bound socket: {e}");
+            let why = Refusal::new(502, Some(ProxyError::ProxyInternalError), "cannot open a bound socket");
+            return refuse_allowed(ts, ctx, id, flow.flow_id, why);
+        }
+    };
+    let port = sock.local_addr().map_or(0, |a| a.port());
+    let public = public_addresses(&cfg.public_addresses, port);
+    if public.is_empty() {
+        // Draft section 7: the proxy MUST announce at least one address.
+        let why = Refusal::new(
+            502,
+            Some(ProxyError::ProxyInternalError),
+            "no public address to announce (set bind.public_addresses)",
+        );
+        return refuse_allowed(ts, ctx, id, flow.flow_id, why);
+    }
+    let endpoint = ctx.open_endpoint(sock, id, false);
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    if let Some(dg) = t.dg.as_mut() {
+        // Every payload waits in the codec's bound queue, not as early.
+        let _ = dg.open();
+    }
+    let mut head = Head::tunnel_open(true);
+    head.fields.push(("connect-udp-bind", "?1".into()));
+    head.fields.push(("proxy-public-address", bind::proxy_public_address(&public)));
+    t.head = Some(head);
+    let leg = Box::new(BoundLeg { endpoint, table, peers, batch: None });
+    hold(ts, id, State::Bound { leg, flow });
+    ts.opened(ctx, id);
+    ts.after_capsules(ctx, id, path);
+}
+
+/// Handles the tunnel's queued compression capsules and datagrams from
+/// the client. Returns whether a new batch for a peer was started (the
+/// caller flushes it at the end of the turn), or why the stream must be
+/// aborted.
+pub(super) fn from_client(
+    leg: &mut BoundLeg,
+    flow: &mut Flow,
+    dg: &mut Datagrams,
+    ctx: &mut Ctx,
+) -> Result<bool, Abort> {
+    let mut replies = Vec::new();
+    for (capsule_type, value) in dg.take_control() {
+        let capsule = match bind::decode_capsule(capsule_type, &value) {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(e) => {
+                debug!("malformed bind capsule: {e}");
+                return Err(Abort::Message);
+            }
+        };
+        let peers = &leg.peers;
+        match leg.table.on_client_capsule(capsule, |peer| peer_in(peers, peer)) {
+            Ok(out) => replies.extend(out),
+            Err(e) => {
+                debug!("bind capsule refused as malformed: {e}");
+                return Err(Abort::Message);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for r in &replies {
+        bind::encode_capsule(r, &mut out);
+    }
+    if !out.is_empty() && !dg.push_raw_capsule(&out) {
+        ctx.count(Counter::DropQueueFull, 1);
+    }
+    let mut batched = false;
+    for (context_id, payload) in dg.take_bound() {
+        match leg.table.outbound(context_id, &payload) {
+            Ok((peer, udp)) => {
+                if !leg.peer_allowed(peer) {
+                    ctx.count(Counter::BindPeerDenied, 1);
+                    continue;
+                }
+                flow.up(udp.len(), ctx.now);
+                let udp = udp.to_vec();
+                batched |= leg.push(peer, &udp, ctx);
+            }
+            Err(OutboundError::ContextZero) => return Err(Abort::Datagram),
+            Err(OutboundError::UnknownContext(_)) => ctx.count(Counter::DropUnknownContext, 1),
+            Err(OutboundError::Malformed(_)) => ctx.count(Counter::DropMalformed, 1),
+        }
+    }
+    Ok(batched)
+}
+
+/// Datagrams from a peer on a bound tunnel's socket: delivered to the
+/// client with the peer's address (a compressed context, or the
+/// uncompressed one and, the first time, a context assignment).
+pub(super) fn from_peer(
+    ts: &mut Tunnels,
+    ctx: &mut Ctx,
+    id: TunnelId,
+    from: SocketAddr,
+    payloads: &[u8],
+    segment_size: usize,
+    path: &mut dyn DatagramPath,
+) {
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    let stream = t.place.stream;
+    let (Some(dg), State::Bound { leg, flow }) = (t.dg.as_mut(), &mut t.state) else { return };
+    let peer = unmap(from);
+    if !leg.peer_allowed(peer) {
+        return ctx.count(Counter::BindPeerDenied, 1);
+    }
+    let mut encoded = std::mem::take(&mut ts.scratch);
+    for payload in payloads.chunks(segment_size.max(1)) {
+        match leg.table.inbound(peer) {
+            Inbound::Compressed(c) => deliver(dg, flow, stream, c, payload, path, ctx),
+            Inbound::Uncompressed(c) => {
+                encoded.clear();
+                bind::encode_uncompressed(peer, payload, &mut encoded);
+                deliver(dg, flow, stream, c, &encoded, path, ctx);
+            }
+            Inbound::UncompressedAndAssign(c, capsule) => {
+                let mut raw = Vec::new();
+                bind::encode_capsule(&capsule, &mut raw);
+                if !dg.push_raw_capsule(&raw) {
+                    ctx.count(Counter::DropQueueFull, 1);
+                }
+                encoded.clear();
+                bind::encode_uncompressed(peer, payload, &mut encoded);
+                deliver(dg, flow, stream, c, &encoded, path, ctx);
+            }
+            Inbound::Drop(reason) => {
+                debug!(?reason, "bound datagram dropped");
+                ctx.count(Counter::BindFiltered, 1);
+            }
+        }
+    }
+    ts.scratch = encoded;
+    ts.check_budget(ctx, id);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_checked_against_control_ranges_in_either_form() {
+        let ranges =
+            [IpRoute { start: "10.0.0.0".parse().unwrap(), end: "10.0.0.255".parse().unwrap(), protocol: 0 }];
+        assert!(peer_in(&ranges, "10.0.0.7:5".parse().unwrap()));
+        assert!(peer_in(&ranges, "[::ffff:10.0.0.7]:5".parse().unwrap()), "v4-mapped counts as IPv4");
+        assert!(!peer_in(&ranges, "10.0.0.7:0".parse().unwrap()), "port 0 never");
+        assert!(!peer_in(&ranges, "10.0.1.7:5".parse().unwrap()));
+        assert_eq!(unmap(mapped("192.0.2.1:9".parse().unwrap())), "192.0.2.1:9".parse().unwrap());
+    }
+}
