@@ -108,7 +108,7 @@ impl Worker {
             relink,
             link_epoch: 0,
             answers_due: true,
-            tun_due: true,
+            tun_due: false,
             drain_deadline: None,
             stopped: false,
             backend_gauge: 0,
@@ -123,6 +123,7 @@ impl Worker {
     /// Serves connect-ip through `tun` (the worker's own device).
     pub fn set_tun(&mut self, tun: WorkerTun) {
         self.ctx.ip = Some(IpSide::new(tun));
+        self.tun_due = true;
     }
 
     /// Serves the TCP front too: its listeners are watched from the first
@@ -238,6 +239,7 @@ impl Worker {
     /// turn) and sends each packet down its tunnel; a GSO packet is first
     /// cut into the packets it stands for.
     fn read_tun(&mut self) {
+        self.tun_due = false;
         let Some(ip) = self.ctx.ip.as_mut() else { return };
         let (mut buf, mut segment) = ip.take_buffers();
         let vnet = ip.offloads().vnet_header;
