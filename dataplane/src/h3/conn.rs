@@ -390,7 +390,7 @@ impl Conn {
                 let fin = !head.tunnel && tunnels.out(id).is_empty();
                 let Some(h3) = self.h3.as_mut() else { return false };
                 match h3.send_response(&mut self.quic, stream, &path::headers(&head), fin) {
-                    Ok(()) if fin => tunnels.fin_sent(id),
+                    Ok(()) if fin => self.fin_sent(stream, id, tunnels),
                     Ok(()) => {}
                     Err(quiche::h3::Error::StreamBlocked) => {
                         tunnels.restore_head(id, head);
@@ -426,15 +426,12 @@ impl Conn {
                     self.reset(stream, path::abort_code(a));
                     return true;
                 }
-                End::Finish { stop_reading } => {
+                End::Finish { .. } => {
                     if tunnels.wants_fin(id)
                         && let Some(h3) = self.h3.as_mut()
                         && h3.send_body(&mut self.quic, stream, &[], true).is_ok()
                     {
-                        tunnels.fin_sent(id);
-                        if stop_reading {
-                            let _ = self.quic.stream_shutdown(stream, quiche::Shutdown::Read, code::NO_ERROR);
-                        }
+                        self.fin_sent(stream, id, tunnels);
                         moved = true;
                     }
                 }
@@ -447,6 +444,16 @@ impl Conn {
             }
         }
         false
+    }
+
+    /// Our side of `stream` ended: a tunnel that does not need the client's
+    /// side any more stops reading it (RFC 9114 section 4.1: STOP_SENDING
+    /// with H3_NO_ERROR).
+    fn fin_sent(&mut self, stream: u64, id: TunnelId, tunnels: &mut Tunnels) {
+        tunnels.fin_sent(id);
+        if matches!(tunnels.end(id), End::Finish { stop_reading: true }) {
+            let _ = self.quic.stream_shutdown(stream, quiche::Shutdown::Read, code::NO_ERROR);
+        }
     }
 
     /// Sends GOAWAY once, naming the first request stream that will not be
