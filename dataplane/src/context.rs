@@ -5,7 +5,7 @@
 //!
 //! The HTTP/3 side ([`crate::h3`]), the TCP front ([`crate::front`]) and
 //! the tunnel layer ([`crate::tunnel`]) each get a `&mut Ctx` for a call;
-//! none of them owns another, so there is no cycle between them.
+//! none of them owns another, and this module depends on none of them.
 
 use std::net::{TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
@@ -16,15 +16,34 @@ use relay_proto::channel::region::Counter;
 use relay_proto::cid::CidLayout;
 use relay_proto::template::{IpUriTemplate, UriTemplate};
 
+pub use crate::registry::{Carrier, TunnelId, WatchOwner};
+
 use crate::io::{Endpoint, Output, TargetKey, Watch, WatchKey};
 use crate::link::ControlLink;
 use crate::registry::{KeyCounter, Registry};
-use crate::slab::Key as ConnKey;
 use crate::timers::Timers;
-use crate::tunnel::head::Names;
-use crate::tunnel::ip::IpSide;
-use crate::tunnel::route::Served;
-use crate::tunnel::{Carrier, TunnelId};
+
+/// The names a relay puts in its answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The proxy's name in Proxy-Status.
+    pub proxy: String,
+    /// The realm of Proxy-Authenticate challenges.
+    pub realm: String,
+}
+
+/// What the relay serves, as routing needs it.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// connect-udp's URI template (bound UDP uses it too).
+    pub template: UriTemplate,
+    /// connect-ip's, when connect-ip is served.
+    pub ip_template: Option<IpUriTemplate>,
+    /// `:protocol = connect-udp` is served.
+    pub connect_udp: bool,
+    /// Bound connect-udp is served.
+    pub bind: bool,
+}
 
 /// A worker's fixed settings.
 #[derive(Debug, Clone)]
@@ -63,19 +82,6 @@ impl Settings {
         let ask_timeout = Duration::from_millis(u64::from(bootstrap.ask_timeout_ms));
         Self { index, bootstrap, names, served, ask_timeout, cids }
     }
-}
-
-/// Who owns a watched descriptor (readiness: TCP sockets, and the bound
-/// UDP sockets of bound tunnels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WatchOwner {
-    /// The TCP front's listener `i`.
-    Listener(usize),
-    /// A TCP front connection's socket.
-    FrontConn(ConnKey),
-    /// A tunnel's own socket (a classic CONNECT's TCP target, a bound
-    /// tunnel's UDP socket).
-    Tunnel(TunnelId),
 }
 
 /// A socket closed this turn, kept open until the backend has forgotten
@@ -121,8 +127,6 @@ pub struct Ctx {
     pub asks: Registry<u64, TunnelId>,
     /// Handshake signatures in flight and their connections.
     pub signs: Registry<u64, Carrier>,
-    /// connect-ip's side of the worker (its TUN device), when served.
-    pub ip: Option<IpSide>,
     closing: Vec<Closing>,
 }
 
@@ -142,7 +146,6 @@ impl Ctx {
             watch_keys: KeyCounter::default(),
             asks: Registry::new(),
             signs: Registry::new(),
-            ip: None,
             closing: Vec::new(),
         }
     }

@@ -16,6 +16,7 @@ use relay_dataplane::io::uring::{UringBackend, UringSettings};
 use relay_dataplane::link::ControlLink;
 use relay_dataplane::retry::RetryTokens;
 use relay_dataplane::tls::{TlsChange, TlsShared};
+use relay_dataplane::tun::TunDevice;
 use relay_dataplane::worker::{Flags, Worker};
 use relay_dataplane::{cpu, socket};
 use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate};
@@ -204,16 +205,20 @@ impl Backend {
         kind: BackendKind,
         auto: bool,
         sock: std::net::UdpSocket,
+        tun: Option<TunDevice>,
     ) -> std::io::Result<(Self, BackendKind)> {
         match kind {
-            BackendKind::Epoll => Ok((Backend::Epoll(Box::new(EpollBackend::new(sock)?)), kind)),
+            BackendKind::Epoll => {
+                Ok((Backend::Epoll(Box::new(EpollBackend::new(sock)?.with_tun(tun))), kind))
+            }
             BackendKind::Uring => {
                 let fallback = sock.try_clone()?;
                 match UringBackend::new(sock, UringSettings::default()) {
-                    Ok(b) => Ok((Backend::Uring(Box::new(b)), kind)),
+                    Ok(b) => Ok((Backend::Uring(Box::new(b.with_tun(tun))), kind)),
                     Err(e) if auto => {
                         warn!("io_uring setup failed ({e}); using epoll");
-                        Ok((Backend::Epoll(Box::new(EpollBackend::new(fallback)?)), BackendKind::Epoll))
+                        let epoll = EpollBackend::new(fallback)?.with_tun(tun);
+                        Ok((Backend::Epoll(Box::new(epoll)), BackendKind::Epoll))
                     }
                     Err(e) => Err(e),
                 }
@@ -287,12 +292,15 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             inboxes.clone(),
             retry.clone(),
         )?;
+        let mut tun_device = None;
         if let Some(ip) = &b.connect_ip {
             let name = format!("{}{i}", ip.interface_prefix);
             let subnets = ip.worker_subnets.get(i as usize).map(Vec::as_slice).unwrap_or_default();
             let tun = relay_dataplane::tun::WorkerTun::create(&name, subnets, ip.mtu, ip.offload)?;
             info!(worker = i, device = %name, mtu = ip.mtu, "connect-ip TUN device ready");
-            worker.set_tun(tun);
+            let (device, info) = tun.into_parts();
+            worker.set_tun(info);
+            tun_device = Some(device);
         }
         if let Some(tcp) = &b.tcp {
             let settings = relay_dataplane::front::FrontSettings {
@@ -318,7 +326,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             {
                 warn!(worker = i, cpu, "pinning failed: {e}");
             }
-            let (mut backend, kind) = match Backend::build(kind, auto, sock) {
+            let (mut backend, kind) = match Backend::build(kind, auto, sock, tun_device) {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("worker {i}: {} backend: {e}", kind.name())));

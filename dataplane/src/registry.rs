@@ -7,6 +7,32 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
+use crate::slab::Key as ConnKey;
+
+/// A tunnel's key in the worker's tunnel table ([`crate::tunnel::Tunnels`]).
+pub type TunnelId = crate::slab::Key;
+
+/// The HTTP connection that carries a tunnel, or that waits for a
+/// handshake signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Carrier {
+    /// An HTTP/3 connection (its key on the HTTP/3 side).
+    H3(ConnKey),
+    /// A TCP front connection (HTTP/2 or HTTP/1.1).
+    Front(ConnKey),
+}
+
+/// Who owns a watched descriptor (readiness: the TCP sockets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchOwner {
+    /// The TCP front's listener `i`.
+    Listener(usize),
+    /// A TCP front connection's socket.
+    FrontConn(ConnKey),
+    /// A classic CONNECT's TCP connection to its target.
+    Tunnel(TunnelId),
+}
+
 /// Keys of one kind mapped to their owners.
 #[derive(Debug)]
 pub struct Registry<K, V> {

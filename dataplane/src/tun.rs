@@ -109,6 +109,25 @@ pub struct WorkerTun {
     own: Vec<IpAddr>,
 }
 
+/// What the worker's core knows of its TUN device (the backend owns the
+/// device itself and does its I/O).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunInfo {
+    /// The device name.
+    pub name: String,
+    /// The worker's own addresses on it (the sources of its ICMP errors).
+    pub own: Vec<IpAddr>,
+    /// The offloads it was opened with.
+    pub offloads: Offloads,
+}
+
+impl TunInfo {
+    /// The worker's own address of a family.
+    pub fn own_address(&self, v4: bool) -> Option<IpAddr> {
+        self.own.iter().copied().find(|a| a.is_ipv4() == v4)
+    }
+}
+
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
 #[repr(C)]
 struct IfReqFlags {
@@ -220,6 +239,12 @@ impl WorkerTun {
     /// The device.
     pub fn device(&self) -> &TunDevice {
         &self.dev
+    }
+
+    /// The device (for the backend) and what the core needs to know of it.
+    pub fn into_parts(self) -> (TunDevice, TunInfo) {
+        let info = TunInfo { name: self.name, own: self.own, offloads: self.dev.offloads };
+        (self.dev, info)
     }
 
     /// The device name.

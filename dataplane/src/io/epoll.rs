@@ -17,6 +17,7 @@ use relay_udp::mmsg::{self, Batch, Message, RECV_MESSAGES, RecvBatch};
 use tracing::warn;
 
 use super::{Handler, IoStats, Output, RECV_BUDGET, Ready, TargetKey, Turn, Wake, WatchKey};
+use crate::tun::TunDevice;
 
 const QUIC_SOCKET: Token = Token(0);
 const ANSWER_BELL: Token = Token(1);
@@ -48,6 +49,10 @@ pub struct EpollBackend {
     target_backlog: Vec<TargetKey>,
     /// Target sends the OS refused as unreachable, for the core.
     unreachable: Vec<(TargetKey, i32)>,
+    /// The worker's TUN device (connect-ip) and its read buffer.
+    tun: Option<(TunDevice, Vec<u8>)>,
+    /// The TUN device may have packets left (its read budget ran out).
+    tun_backlog: bool,
 }
 
 impl EpollBackend {
@@ -67,20 +72,30 @@ impl EpollBackend {
             quic_backlog: false,
             target_backlog: Vec::new(),
             unreachable: Vec::new(),
+            tun: None,
+            tun_backlog: false,
         })
+    }
+
+    /// Serves the worker's TUN device too (connect-ip).
+    pub fn with_tun(mut self, dev: Option<TunDevice>) -> Self {
+        self.tun = dev.map(|d| (d, vec![0; relay_proto::ip::offload::VNET_HDR_LEN + 65_536]));
+        self.tun_backlog = self.tun.is_some();
+        self
     }
 
     /// Runs the loop until the handler says stop.
     pub fn run<H: Handler>(&mut self, h: &mut H) -> io::Result<()> {
         self.poll.registry().register(&mut SourceFd(&h.worker_bell()), WORKER_BELL, Interest::READABLE)?;
-        if let Some(fd) = h.tun_fd() {
-            self.poll.registry().register(&mut SourceFd(&fd), TUN, Interest::READABLE)?;
+        if let Some((dev, _)) = self.tun.as_ref() {
+            use std::os::fd::AsRawFd;
+            self.poll.registry().register(&mut SourceFd(&dev.as_raw_fd()), TUN, Interest::READABLE)?;
         }
         self.watch_answer_bell(h);
         let mut deadline = Instant::now();
         let mut turn_start = deadline;
         loop {
-            let backlog = self.quic_backlog || !self.target_backlog.is_empty();
+            let backlog = self.quic_backlog || !self.target_backlog.is_empty() || self.tun_backlog;
             let timeout =
                 if backlog { Duration::ZERO } else { deadline.saturating_duration_since(turn_start) };
             let mut stats = IoStats { syscalls: 1, ..IoStats::default() };
@@ -95,13 +110,14 @@ impl EpollBackend {
                 h.on_target_unreachable(key, errno);
             }
             let mut quic_ready = std::mem::take(&mut self.quic_backlog);
+            let mut tun_ready = std::mem::take(&mut self.tun_backlog);
             let mut ready = std::mem::take(&mut self.target_backlog);
             for event in self.events.iter() {
                 match event.token() {
                     QUIC_SOCKET => quic_ready = true,
                     ANSWER_BELL => h.on_wake(Wake::Answers),
                     WORKER_BELL => h.on_wake(Wake::Worker),
-                    TUN => h.on_wake(Wake::Tun),
+                    TUN => tun_ready = true,
                     Token(t) if t & WATCH_BIT != 0 => {
                         let ready = Ready {
                             readable: event.is_readable() || event.is_read_closed() || event.is_error(),
@@ -119,6 +135,9 @@ impl EpollBackend {
                 if self.read_target(h, key, &mut stats) {
                     self.target_backlog.push(key);
                 }
+            }
+            if tun_ready && let Some((dev, buf)) = self.tun.as_mut() {
+                self.tun_backlog = super::tun::read(dev, buf, h, &mut stats);
             }
             let turn = h.end_turn();
             self.perform(h.output(), &mut stats);
@@ -215,6 +234,9 @@ impl EpollBackend {
     /// Performs the core's output: new targets, target batches, QUIC
     /// batches, closed targets, in that order.
     fn perform(&mut self, out: &mut Output, stats: &mut IoStats) {
+        if let Some((dev, _)) = self.tun.as_ref() {
+            super::tun::write(dev, &mut out.tun, stats);
+        }
         for e in out.opens.drain(..) {
             if let Err(err) = e.sock.set_nonblocking(true) {
                 warn!("target socket: {err}");

@@ -10,13 +10,14 @@
 
 pub mod epoll;
 pub mod output;
+pub mod tun;
 pub mod uring;
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Instant;
 
-pub use output::{Endpoint, IoStats, Output, QuicBatch, UpSend, Watch};
+pub use output::{Endpoint, IoStats, Output, QuicBatch, TunOut, UpSend, Watch};
 
 /// Names a target socket: chosen by the core, unique for the worker's life.
 pub type TargetKey = u64;
@@ -44,10 +45,6 @@ pub enum Wake {
     /// The worker's own bell: hand-offs from other workers, a new control
     /// link, or control going away.
     Worker,
-    /// The worker's TUN device became readable (connect-ip). Edge
-    /// triggered: the core reads until the device is empty, or remembers
-    /// that it did not.
-    Tun,
 }
 
 /// What the loop does after a turn.
@@ -77,6 +74,12 @@ pub trait Handler {
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
         let _ = (key, errno);
     }
+    /// One read from the worker's TUN device (connect-ip): an IP packet,
+    /// behind a virtio-net header when the device has offloads (then it
+    /// may be a GSO packet standing for many).
+    fn on_tun(&mut self, read: &mut [u8]) {
+        let _ = read;
+    }
     /// A watched descriptor ([`Output::watches`]) became ready.
     fn on_ready(&mut self, key: WatchKey, ready: Ready) {
         let _ = (key, ready);
@@ -93,10 +96,6 @@ pub trait Handler {
     fn answer_bell(&self) -> (RawFd, u64);
     /// The worker's own doorbell (never changes).
     fn worker_bell(&self) -> RawFd;
-    /// The worker's TUN device, when it serves connect-ip (never changes).
-    fn tun_fd(&self) -> Option<RawFd> {
-        None
-    }
 }
 
 /// Which backend a worker runs.

@@ -129,6 +129,16 @@ pub struct IoStats {
     pub recv_truncated: u64,
     /// Loop turns.
     pub turns: u64,
+    /// IP packets written to the TUN device.
+    pub tun_packets_out: u64,
+    /// TUN writes that carried a coalesced GSO packet.
+    pub tun_gso_writes: u64,
+    /// Packets those coalesced writes carried.
+    pub tun_coalesced_packets: u64,
+    /// Packets the TUN device refused.
+    pub tun_write_drops: u64,
+    /// Reads the TUN device could not hand over (the packet is gone).
+    pub tun_read_errors: u64,
 }
 
 impl std::ops::AddAssign for IoStats {
@@ -148,6 +158,11 @@ impl std::ops::AddAssign for IoStats {
         self.recv_no_buffers += s.recv_no_buffers;
         self.recv_truncated += s.recv_truncated;
         self.turns += s.turns;
+        self.tun_packets_out += s.tun_packets_out;
+        self.tun_gso_writes += s.tun_gso_writes;
+        self.tun_coalesced_packets += s.tun_coalesced_packets;
+        self.tun_write_drops += s.tun_write_drops;
+        self.tun_read_errors += s.tun_read_errors;
     }
 }
 
@@ -170,6 +185,11 @@ impl IoStats {
             (Counter::RecvNoBuffers, self.recv_no_buffers),
             (Counter::RecvTruncated, self.recv_truncated),
             (Counter::LoopTurns, self.turns),
+            (Counter::TunPacketsOut, self.tun_packets_out),
+            (Counter::TunGsoWrites, self.tun_gso_writes),
+            (Counter::TunCoalescedPackets, self.tun_coalesced_packets),
+            (Counter::DropTargetSend, self.tun_write_drops),
+            (Counter::DropMalformed, self.tun_read_errors),
         ];
         for (counter, n) in pairs {
             if n != 0 {
@@ -197,6 +217,8 @@ pub struct Output {
     pub watches: Vec<Watch>,
     /// Watched descriptors to forget (before the core closes them).
     pub unwatches: Vec<(WatchKey, RawFd)>,
+    /// IP packets for the TUN device (connect-ip).
+    pub tun: TunOut,
     pool: Vec<Vec<u8>>,
     /// Statistics the backend accumulates.
     pub stats: IoStats,
@@ -219,6 +241,7 @@ impl Output {
             closes: Vec::new(),
             watches: Vec::new(),
             unwatches: Vec::new(),
+            tun: TunOut::default(),
             pool: Vec::new(),
             stats: IoStats::default(),
         }
@@ -320,6 +343,56 @@ impl Output {
             && self.up.is_empty()
             && self.opens.is_empty()
             && self.closes.is_empty()
+            && self.tun.is_empty()
+    }
+}
+
+/// IP packets for the TUN device, written by the backend at the end of the
+/// turn they were queued in (nothing waits for a later turn: RFC 9298
+/// section 6); runs of one TCP flow go out as one GSO write when the device
+/// has offloads. Bounded by what one turn can receive.
+#[derive(Debug, Default)]
+pub struct TunOut {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl TunOut {
+    /// Packets one turn queues at most.
+    pub const MAX_PACKETS: usize = 4096;
+    /// Bytes one turn queues at most.
+    pub const MAX_BYTES: usize = 8 << 20;
+
+    /// Queues a packet; `false` (dropped) past the bounds.
+    pub fn push(&mut self, packet: &[u8]) -> bool {
+        if self.ends.len() >= Self::MAX_PACKETS || self.bytes.len() + packet.len() > Self::MAX_BYTES {
+            return false;
+        }
+        self.bytes.extend_from_slice(packet);
+        self.ends.push(self.bytes.len());
+        true
+    }
+
+    /// The packets, in order.
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(a, b)| &self.bytes[a..b])
+    }
+
+    /// Number of packets queued.
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// Forgets the packets (keeps the allocation).
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
     }
 }
 
@@ -389,6 +462,20 @@ mod tests {
         out.finish_quic();
         assert_eq!(out.quic.len(), 3);
         assert!(out.quic.iter().all(|q| q.segments == 1 && q.buf.len() == 1000));
+    }
+
+    #[test]
+    fn tun_packets_queue_in_order_within_bounds() {
+        let mut t = TunOut::default();
+        assert!(t.push(b"ab") && t.push(b"") && t.push(b"cde"));
+        assert_eq!(t.packets().collect::<Vec<_>>(), vec![&b"ab"[..], &b""[..], &b"cde"[..]]);
+        assert!(!t.push(&vec![0; TunOut::MAX_BYTES]));
+        t.clear();
+        for _ in 0..TunOut::MAX_PACKETS {
+            assert!(t.push(b"x"));
+        }
+        assert!(!t.push(b"x"));
+        assert_eq!(t.len(), TunOut::MAX_PACKETS);
     }
 
     #[test]

@@ -29,6 +29,7 @@ use relay_udp::{GSO_ENABLED, MAX_GRO_BUFFER, mmsg};
 use tracing::{debug, warn};
 
 use super::{Handler, IoStats, Output, Ready, TargetKey, Turn, Wake, WatchKey};
+use crate::tun::TunDevice;
 
 /// Sizes of a worker's ring and pools.
 #[derive(Debug, Clone, Copy)]
@@ -125,7 +126,11 @@ pub struct UringBackend {
     /// Targets whose receive ended and must be re-armed.
     rearm: Vec<TargetKey>,
     worker_bell_armed: bool,
+    /// The worker's TUN device (connect-ip), its read buffer, and whether
+    /// its poll is armed and it may have packets.
+    tun: Option<(TunDevice, Vec<u8>)>,
     tun_armed: bool,
+    tun_ready: bool,
     /// Target sends the OS refused as unreachable, for the core.
     unreachable: Vec<(TargetKey, i32)>,
     /// Descriptors the core services itself: key -> (fd, poll mask, poll armed).
@@ -193,7 +198,9 @@ impl UringBackend {
             quic_armed: false,
             rearm: Vec::new(),
             worker_bell_armed: false,
+            tun: None,
             tun_armed: false,
+            tun_ready: false,
             unreachable: Vec::new(),
             watched: HashMap::new(),
             pending_watch_polls: Vec::new(),
@@ -206,6 +213,13 @@ impl UringBackend {
             timer_generation: 0,
             timer: None,
         })
+    }
+
+    /// Serves the worker's TUN device too (connect-ip).
+    pub fn with_tun(mut self, dev: Option<TunDevice>) -> Self {
+        self.tun = dev.map(|d| (d, vec![0; relay_proto::ip::offload::VNET_HDR_LEN + 65_536]));
+        self.tun_ready = self.tun.is_some();
+        self
     }
 
     /// Queues an entry, submitting first if the queue is full.
@@ -234,7 +248,7 @@ impl UringBackend {
         let mut turn_start = deadline;
         loop {
             self.arm(h);
-            let pending = !self.deferred.is_empty() || !self.ring.completion().is_empty();
+            let pending = !self.deferred.is_empty() || !self.ring.completion().is_empty() || self.tun_ready;
             self.enter(turn_start, if pending { turn_start } else { deadline })?;
             self.drop_closed();
             turn_start = Instant::now();
@@ -249,6 +263,11 @@ impl UringBackend {
             }
             self.cqes = cqes;
             self.cqes.clear();
+            if self.tun_ready
+                && let Some((dev, buf)) = self.tun.as_mut()
+            {
+                self.tun_ready = super::tun::read(dev, buf, h, &mut self.stats);
+            }
             let turn = h.end_turn();
             self.perform(h.output());
             h.output().stats += std::mem::take(&mut self.stats);
@@ -369,9 +388,9 @@ impl UringBackend {
             self.push(poll);
         }
         if !self.tun_armed
-            && let Some(fd) = h.tun_fd()
+            && let Some((dev, _)) = self.tun.as_ref()
         {
-            let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            let poll = opcode::PollAdd::new(types::Fd(dev.as_raw_fd()), libc::POLLIN as u32)
                 .multi(true)
                 .build()
                 .user_data(user_data(KIND_TUN, 0));
@@ -432,7 +451,7 @@ impl UringBackend {
                     self.tun_armed = false;
                 }
                 if c.result >= 0 {
-                    h.on_wake(Wake::Tun);
+                    self.tun_ready = true;
                 }
             }
             KIND_ANSWER_BELL => {
@@ -650,6 +669,9 @@ impl UringBackend {
     /// Queues the core's output: new targets, target batches, QUIC
     /// batches, closed targets, in that order.
     fn perform(&mut self, out: &mut Output) {
+        if let Some((dev, _)) = self.tun.as_ref() {
+            super::tun::write(dev, &mut out.tun, &mut self.stats);
+        }
         for e in out.opens.drain(..) {
             if let Err(err) = e.sock.set_nonblocking(true) {
                 warn!("target socket: {err}");

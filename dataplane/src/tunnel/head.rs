@@ -10,6 +10,8 @@
 
 use relay_proto::proxy_status::{self, ProxyError};
 
+pub use crate::context::Names;
+
 /// A response head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -49,15 +51,6 @@ impl From<relay_proto::request::Refusal> for Refusal {
     fn from(r: relay_proto::request::Refusal) -> Self {
         Self::new(r.status, r.proxy_error, r.reason)
     }
-}
-
-/// The names a relay puts in its answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Names {
-    /// The proxy's name in Proxy-Status.
-    pub proxy: String,
-    /// The realm of Proxy-Authenticate challenges.
-    pub realm: String,
 }
 
 impl Head {

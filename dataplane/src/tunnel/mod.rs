@@ -44,24 +44,14 @@ use tracing::debug;
 
 use crate::context::Ctx;
 use crate::io::Ready;
-use crate::slab::{Key as ConnKey, Slab};
+use crate::slab::Slab;
 use crate::timers::TimerTarget;
 use datagrams::{DatagramSupport, Datagrams, DownPath, Limits, Payloads, UpOutcome};
 use flow::Flow;
 use head::{Head, Refusal};
 use route::{Kind, Route, TunnelRequest};
 
-/// A tunnel's key in the worker's tunnel table.
-pub type TunnelId = crate::slab::Key;
-
-/// The HTTP connection that carries a tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Carrier {
-    /// An HTTP/3 connection (its key on the HTTP/3 side).
-    H3(ConnKey),
-    /// A TCP front connection (HTTP/2 or HTTP/1.1).
-    Front(ConnKey),
-}
+pub use crate::registry::{Carrier, TunnelId};
 
 /// Where a tunnel is: its carrier, its stream and the client's address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,12 +254,29 @@ pub struct Tunnels {
     dirty_up: Vec<TunnelId>,
     /// Where bound datagrams are encoded for the client.
     scratch: Vec<u8>,
+    /// connect-ip's side of the worker (its TUN device), when served.
+    ip: Option<ip::IpSide>,
 }
 
 impl Tunnels {
     /// No tunnels.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Serves connect-ip through the worker's TUN device.
+    pub fn set_ip(&mut self, side: ip::IpSide) {
+        self.ip = Some(side);
+    }
+
+    /// connect-ip's side of the worker, when served.
+    pub fn ip(&self) -> Option<&ip::IpSide> {
+        self.ip.as_ref()
+    }
+
+    /// connect-ip's side of the worker, when served.
+    pub fn ip_mut(&mut self) -> Option<&mut ip::IpSide> {
+        self.ip.as_mut()
     }
 
     /// Tunnels holding a flow (the drain waits for them).
@@ -496,7 +503,7 @@ impl Tunnels {
             State::Ip { leg, flow } => {
                 flow.up(payload.len(), ctx.now);
                 let dg = t.dg.as_mut().expect("capsule tunnels have a codec");
-                if let Some(icmp) = ip::up(leg, payload, ctx) {
+                if let Some(icmp) = ip::up(leg, payload, self.ip.as_mut(), ctx) {
                     deliver(dg, flow, stream, 0, &icmp, path, ctx);
                     ctx.count(Counter::IcmpErrorsSent, 1);
                 }
@@ -760,7 +767,8 @@ impl Tunnels {
         if !leg.routed(info.src, info.protocol) {
             return ctx.count(Counter::DropIpOutOfScope, 1);
         }
-        if ip::prepare_down(packet, path.room(), ctx) {
+        let Some(side) = self.ip.as_mut() else { return };
+        if ip::prepare_down(packet, path.room(), side, ctx) {
             deliver(dg, flow, stream, 0, packet, path, ctx);
         }
         self.check_budget(ctx, id);
@@ -852,7 +860,7 @@ impl Tunnels {
     pub fn on_address_answer(&mut self, ctx: &mut Ctx, a: &AddressAnswer) -> Option<Carrier> {
         let (_, t) = self.slab.iter_mut().find(|(_, t)| t.flow().is_some_and(|f| f.flow_id == a.flow_id))?;
         if let (State::Ip { leg, .. }, Some(dg)) = (&mut t.state, t.dg.as_mut()) {
-            ip::address_answer(leg, dg, a, ctx);
+            ip::address_answer(leg, dg, a, self.ip.as_mut(), ctx);
         }
         Some(t.place.carrier)
     }
@@ -974,7 +982,7 @@ impl Tunnels {
                 flow
             }
             State::Ip { leg, flow } => {
-                if let Some(side) = ctx.ip.as_mut() {
+                if let Some(side) = self.ip.as_mut() {
                     side.unregister(&leg);
                 }
                 flow

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 
 use relay_proto::request::{self, Request};
 use relay_proto::target::TargetHost;
-use relay_proto::template::{IpUriTemplate, UriTemplate};
 
 use super::head::Refusal;
+pub use crate::context::Served;
 
 /// The tunnel kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,19 +81,6 @@ pub enum Route {
 
 /// Paths of the status endpoint.
 pub const STATUS_PATHS: [&str; 2] = ["/", "/.well-known/masque-relay/status"];
-
-/// What the relay serves, as routing needs it.
-#[derive(Debug, Clone)]
-pub struct Served {
-    /// connect-udp's URI template (bound UDP uses it too).
-    pub template: UriTemplate,
-    /// connect-ip's, when connect-ip is served.
-    pub ip_template: Option<IpUriTemplate>,
-    /// `:protocol = connect-udp` is served.
-    pub connect_udp: bool,
-    /// Bound connect-udp is served.
-    pub bind: bool,
-}
 
 fn host_text(h: &TargetHost) -> String {
     match h {
@@ -199,6 +186,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use relay_proto::template::UriTemplate;
 
     fn req(method: &str, protocol: Option<&str>, authority: &str, path: Option<&str>) -> Request {
         Request {

@@ -36,15 +36,13 @@ use crate::link::ControlLink;
 use crate::retry::RetryTokens;
 use crate::timers::TimerTarget;
 use crate::tls::TlsShared;
-use crate::tun::{self, TunRead, WorkerTun};
+use crate::tun::{self, TunInfo, TunRead};
 use crate::tunnel::ip::IpSide;
 use crate::tunnel::{Carrier, DatagramPath, NoDatagrams, TunnelId, Tunnels};
 
 /// The longest a backend waits without a turn, so stop requests (signals)
 /// are seen promptly even when idle.
 const MAX_WAIT: Duration = Duration::from_millis(100);
-/// Most packets read from the TUN device per turn.
-const TUN_BUDGET: usize = 256;
 
 /// Process-wide flags the worker obeys.
 pub struct Flags {
@@ -66,8 +64,6 @@ pub struct Worker {
     /// Incremented when control is replaced.
     link_epoch: u64,
     answers_due: bool,
-    /// The TUN device has more to read.
-    tun_due: bool,
     /// When a graceful drain must end.
     drain_deadline: Option<Instant>,
     stopped: bool,
@@ -108,7 +104,6 @@ impl Worker {
             relink,
             link_epoch: 0,
             answers_due: true,
-            tun_due: false,
             drain_deadline: None,
             stopped: false,
             backend_gauge: 0,
@@ -120,10 +115,10 @@ impl Worker {
         self.ctx.settings.index
     }
 
-    /// Serves connect-ip through `tun` (the worker's own device).
-    pub fn set_tun(&mut self, tun: WorkerTun) {
-        self.ctx.ip = Some(IpSide::new(tun));
-        self.tun_due = true;
+    /// Serves connect-ip through the worker's TUN device `tun` (the
+    /// backend owns the device and does its I/O).
+    pub fn set_tun(&mut self, tun: TunInfo) {
+        self.tunnels.set_ip(IpSide::new(tun));
     }
 
     /// Serves the TCP front too: its listeners are watched from the first
@@ -235,74 +230,13 @@ impl Worker {
         });
     }
 
-    /// Reads the TUN device (bounded: at most [`TUN_BUDGET`] packets a
-    /// turn) and sends each packet down its tunnel; a GSO packet is first
-    /// cut into the packets it stands for.
-    fn read_tun(&mut self) {
-        self.tun_due = false;
-        let Some(ip) = self.ctx.ip.as_mut() else { return };
-        let (mut buf, mut segment) = ip.take_buffers();
-        let vnet = ip.offloads().vnet_header;
-        let (mut drained, mut packets) = (false, 0);
-        while packets < TUN_BUDGET {
-            let read = match self.ctx.ip.as_ref() {
-                Some(ip) => ip.tun().read(&mut buf),
-                None => Ok(None),
-            };
-            match read {
-                Ok(Some(n)) => {
-                    let read = tun::split_read(vnet, &mut buf[..n], &mut segment, |packet| {
-                        self.ctx.count(Counter::TunPacketsIn, 1);
-                        self.on_tun_packet(packet);
-                    });
-                    match read {
-                        TunRead::Packets(count) => {
-                            packets += count;
-                            if count > 1 {
-                                self.ctx.count(Counter::TunGsoReads, 1);
-                            }
-                        }
-                        TunRead::Malformed(e) => {
-                            debug!("TUN read: {e}");
-                            packets += 1;
-                            self.ctx.count(Counter::DropMalformed, 1);
-                        }
-                        TunRead::Empty => {}
-                    }
-                }
-                Ok(None) => {
-                    drained = true;
-                    break;
-                }
-                // One packet the kernel could not hand over (it is gone):
-                // the rest of the queue is still there to read.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EFAULT | libc::EMSGSIZE | libc::EINVAL)) => {
-                    debug!("TUN read: {e}");
-                    packets += 1;
-                    self.ctx.count(Counter::DropMalformed, 1);
-                }
-                Err(e) => {
-                    debug!("TUN read: {e}");
-                    drained = true;
-                    break;
-                }
-            }
-        }
-        // Wake-ups are edge-triggered: when the budget ran out, what is
-        // still queued is read next turn without one.
-        self.tun_due = !drained;
-        if let Some(ip) = self.ctx.ip.as_mut() {
-            ip.put_buffers(buf, segment);
-        }
-    }
-
     /// One packet from the TUN device: to the tunnel its destination is
     /// assigned to.
     fn on_tun_packet(&mut self, packet: &mut [u8]) {
         let Ok(info) = packet::parse(packet) else {
             return self.ctx.count(Counter::DropMalformed, 1);
         };
-        let Some(id) = self.ctx.ip.as_ref().and_then(|ip| ip.owner_of(info.dst)) else {
+        let Some(id) = self.tunnels.ip().and_then(|ip| ip.owner_of(info.dst)) else {
             // An assigned address whose tunnel is gone.
             return self.ctx.count(Counter::DropNoTunnel, 1);
         };
@@ -353,6 +287,27 @@ impl Handler for Worker {
         }
     }
 
+    fn on_tun(&mut self, read: &mut [u8]) {
+        let Some(ip) = self.tunnels.ip_mut() else { return };
+        let vnet = ip.tun().offloads.vnet_header;
+        let mut segment = ip.take_segment();
+        let split = tun::split_read(vnet, read, &mut segment, |packet| {
+            self.ctx.count(Counter::TunPacketsIn, 1);
+            self.on_tun_packet(packet);
+        });
+        match split {
+            TunRead::Packets(count) if count > 1 => self.ctx.count(Counter::TunGsoReads, 1),
+            TunRead::Malformed(e) => {
+                debug!("TUN read: {e}");
+                self.ctx.count(Counter::DropMalformed, 1);
+            }
+            _ => {}
+        }
+        if let Some(ip) = self.tunnels.ip_mut() {
+            ip.put_segment(segment);
+        }
+    }
+
     fn on_target(&mut self, key: TargetKey, from: Option<SocketAddr>, payloads: &[u8], segment_size: usize) {
         let Some(id) = self.ctx.endpoints.get(key) else { return };
         self.with_path(id, |tunnels, ctx, path| {
@@ -395,7 +350,6 @@ impl Handler for Worker {
                 self.check_relink();
                 self.h3.handoffs_due = true;
             }
-            Wake::Tun => self.tun_due = true,
         }
     }
 
@@ -411,9 +365,6 @@ impl Handler for Worker {
             self.read_answers();
         } else {
             self.ctx.link.flush_queued();
-        }
-        if self.tun_due {
-            self.read_tun();
         }
         self.kill_requested_flows();
         self.answer_conn_listings();
@@ -436,9 +387,6 @@ impl Handler for Worker {
         self.tunnels.flush_up(&mut self.ctx);
         self.h3.flush(&mut self.tunnels, &mut self.ctx);
         self.tunnels.flush_up(&mut self.ctx);
-        if let Some(ip) = self.ctx.ip.as_mut() {
-            ip.flush_writes(self.ctx.link.counters());
-        }
         self.h3.ring_bells();
         if stop || drained {
             self.stopped = true;
@@ -449,7 +397,6 @@ impl Handler for Worker {
         self.ctx.out.stats.flush_into(self.ctx.link.counters());
         let busy = self.h3.handoffs_due
             || self.answers_due
-            || self.tun_due
             || self.h3.has_dirty()
             || self.front.as_ref().is_some_and(Front::busy);
         let deadline = if busy {
@@ -471,9 +418,5 @@ impl Handler for Worker {
 
     fn worker_bell(&self) -> RawFd {
         self.inboxes[self.index() as usize].bell.as_raw_fd()
-    }
-
-    fn tun_fd(&self) -> Option<RawFd> {
-        self.ctx.ip.as_ref().map(|ip| ip.tun().as_raw_fd())
     }
 }

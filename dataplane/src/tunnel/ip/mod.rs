@@ -52,7 +52,7 @@ pub(super) fn open(
     path: &mut dyn DatagramPath,
 ) {
     let config = IpTunnel::from_allow(addresses, routes);
-    let (Some(mut config), true) = (config, ctx.ip.is_some()) else {
+    let (Some(mut config), true) = (config, ts.ip.is_some()) else {
         let why = Refusal::new(
             503,
             Some(ProxyError::ProxyInternalError),
@@ -72,7 +72,7 @@ pub(super) fn open(
         );
         return refuse_allowed(ts, ctx, id, flow.flow_id, why);
     }
-    if let Some(side) = ctx.ip.as_mut() {
+    if let Some(side) = ts.ip.as_mut() {
         side.register(id, &mut config);
     }
     let Some(t) = ts.slab.get_mut(id) else { return };
@@ -94,27 +94,26 @@ pub(super) fn open(
 /// A client's packet (context 0) on an open tunnel: checked and written to
 /// the TUN device, or refused with the ICMP error to send back inside the
 /// tunnel (RFC 9484 section 7.2).
-pub(super) fn up(t: &IpTunnel, packet: &[u8], ctx: &mut Ctx) -> Option<Vec<u8>> {
-    let counters = ctx.link.counters();
-    let Some(side) = ctx.ip.as_mut() else {
-        counters.add(Counter::DropTargetSend, 1);
+pub(super) fn up(t: &IpTunnel, packet: &[u8], side: Option<&mut IpSide>, ctx: &mut Ctx) -> Option<Vec<u8>> {
+    let Some(side) = side else {
+        ctx.count(Counter::DropTargetSend, 1);
         return None;
     };
     let Ok(info) = packet::parse(packet) else {
-        counters.add(Counter::DropMalformed, 1);
+        ctx.count(Counter::DropMalformed, 1);
         return None;
     };
     let refusal = if !t.source_allowed(info.src) {
-        counters.add(Counter::DropIpBadSource, 1);
+        ctx.count(Counter::DropIpBadSource, 1);
         Some(IcmpError::SourcePolicy)
     } else if !t.routed(info.dst, info.protocol) {
-        counters.add(Counter::DropIpOutOfScope, 1);
+        ctx.count(Counter::DropIpOutOfScope, 1);
         Some(IcmpError::AdminProhibited)
     } else {
         None
     };
     let Some(kind) = refusal else {
-        side.write(counters, packet);
+        side.write(packet, ctx);
         return None;
     };
     if !side.icmp_allowed(ctx.now) {
@@ -162,10 +161,16 @@ pub(super) fn capsules(
 
 /// Control's answer to one of the tunnel's address asks: the new
 /// assignment (or the refusal) goes out on the stream.
-pub(super) fn address_answer(t: &mut IpTunnel, dg: &mut Datagrams, a: &AddressAnswer, ctx: &mut Ctx) {
+pub(super) fn address_answer(
+    t: &mut IpTunnel,
+    dg: &mut Datagrams,
+    a: &AddressAnswer,
+    side: Option<&mut IpSide>,
+    ctx: &mut Ctx,
+) {
     let capsule = t.on_address_answer(a.request_id, a.addr, a.granted);
     if t.source_allowed(a.addr)
-        && let Some(side) = ctx.ip.as_mut()
+        && let Some(side) = side
     {
         side.register_address(t, a.addr);
     }
@@ -189,11 +194,11 @@ pub(super) fn refuse_pending(t: &mut IpTunnel, dg: &mut Datagrams, ctx: &Ctx) ->
 /// decremented (Time Exceeded back through the device when it runs out),
 /// and a packet over `room` bytes gets Packet Too Big (RFC 9484 section
 /// 7.2.1: not a silent drop). Returns whether the packet goes on.
-pub(super) fn prepare_down(packet: &mut [u8], room: Option<usize>, ctx: &mut Ctx) -> bool {
+pub(super) fn prepare_down(packet: &mut [u8], room: Option<usize>, side: &mut IpSide, ctx: &mut Ctx) -> bool {
     match packet::decrement_hop_limit(packet) {
         Ok(HopOutcome::Forward) => {}
         Ok(HopOutcome::Expired) => {
-            icmp_into_tun(ctx, packet, IcmpError::TimeExceeded);
+            icmp_into_tun(side, ctx, packet, IcmpError::TimeExceeded);
             return false;
         }
         Err(_) => {
@@ -204,7 +209,7 @@ pub(super) fn prepare_down(packet: &mut [u8], room: Option<usize>, ctx: &mut Ctx
     if let Some(room) = room
         && packet.len() > room
     {
-        icmp_into_tun(ctx, packet, IcmpError::PacketTooBig { mtu: room as u32 });
+        icmp_into_tun(side, ctx, packet, IcmpError::PacketTooBig { mtu: room as u32 });
         ctx.count(Counter::DropTooLarge, 1);
         return false;
     }
@@ -213,15 +218,13 @@ pub(super) fn prepare_down(packet: &mut [u8], room: Option<usize>, ctx: &mut Ctx
 
 /// Sends an ICMP error about `original` back to its sender through the
 /// kernel.
-fn icmp_into_tun(ctx: &mut Ctx, original: &[u8], kind: IcmpError) {
-    let now = ctx.now;
-    let Some(side) = ctx.ip.as_mut() else { return };
-    if !side.icmp_allowed(now) {
+fn icmp_into_tun(side: &mut IpSide, ctx: &mut Ctx, original: &[u8], kind: IcmpError) {
+    if !side.icmp_allowed(ctx.now) {
         return;
     }
     let own = side.own_address(original.first().is_some_and(|b| b >> 4 == 4));
     let Some(icmp) = own.and_then(|from| packet::icmp_error(original, from, kind)) else { return };
-    if side.write_now(&icmp) {
+    if side.write(&icmp, ctx) {
         ctx.count(Counter::IcmpErrorsSent, 1);
     }
 }

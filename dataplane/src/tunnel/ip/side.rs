@@ -1,30 +1,18 @@
-//! The worker's connect-ip side: its TUN device, the map from assigned
-//! addresses to tunnels, the queue of client packets for the device and
-//! the ICMP rate limit.
-//!
-//! Client packets that pass the checks are queued for the end of the turn
-//! when the device has offloads (bounded: [`QUEUE_PACKETS`] packets /
-//! [`QUEUE_BYTES`] bytes, then written early), so runs of one TCP flow go
-//! out as one GSO write; they leave in the turn they arrived in (RFC 9298
-//! section 6 asks intermediaries not to delay datagrams).
+//! The worker's connect-ip side: what it knows of its TUN device (the
+//! backend owns the device and does its reads and writes), the map from
+//! assigned addresses to tunnels, and the ICMP rate limit. Packets for the
+//! device go to the turn's output queue ([`crate::io::TunOut`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use relay_proto::channel::region::{Counter, Counters};
-use relay_proto::ip::offload;
-use tracing::debug;
+use relay_proto::channel::region::Counter;
 
 use super::config::IpTunnel;
-use crate::tun::{Offloads, WorkerTun};
+use crate::context::Ctx;
+use crate::tun::TunInfo;
 use crate::tunnel::TunnelId;
-
-/// Client packets a turn queues for the TUN device at most (then they are
-/// written before more are queued).
-pub const QUEUE_PACKETS: usize = 128;
-/// Bytes of client packets a turn queues for the TUN device at most.
-pub const QUEUE_BYTES: usize = 256 * 1024;
 
 /// ICMP errors a worker sends per second at most, in bursts of as many
 /// (RFC 4443 section 2.4 (f), RFC 1812 section 4.3.2.8: errors are rate
@@ -57,69 +45,26 @@ impl IcmpLimiter {
     }
 }
 
-/// Client packets waiting for the end of the turn's TUN writes.
-#[derive(Debug, Default)]
-struct TunQueue {
-    bytes: Vec<u8>,
-    ends: Vec<usize>,
-}
-
-impl TunQueue {
-    fn fits(&self, len: usize) -> bool {
-        self.ends.len() < QUEUE_PACKETS && self.bytes.len() + len <= QUEUE_BYTES
-    }
-
-    fn push(&mut self, packet: &[u8]) {
-        self.bytes.extend_from_slice(packet);
-        self.ends.push(self.bytes.len());
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ends.is_empty()
-    }
-
-    fn clear(&mut self) {
-        self.bytes.clear();
-        self.ends.clear();
-    }
-}
-
 /// The worker's connect-ip side.
 #[derive(Debug)]
 pub struct IpSide {
-    tun: WorkerTun,
+    tun: TunInfo,
     /// Assigned address -> tunnel.
     by_addr: HashMap<IpAddr, TunnelId>,
     icmp_limit: IcmpLimiter,
-    /// Client packets for the device, written at the end of the turn.
-    queued: TunQueue,
-    /// One read from the device.
-    buf: Vec<u8>,
     /// Where GSO packets read from the device are cut into packets.
     segment: Vec<u8>,
 }
 
 impl IpSide {
-    /// The side of a worker serving connect-ip through `tun`.
-    pub fn new(tun: WorkerTun) -> Self {
-        Self {
-            tun,
-            by_addr: HashMap::new(),
-            icmp_limit: IcmpLimiter::new(),
-            queued: TunQueue::default(),
-            buf: vec![0; offload::VNET_HDR_LEN + 65_536],
-            segment: vec![0; 65_536],
-        }
+    /// The side of a worker serving connect-ip through the device `tun`.
+    pub fn new(tun: TunInfo) -> Self {
+        Self { tun, by_addr: HashMap::new(), icmp_limit: IcmpLimiter::new(), segment: vec![0; 65_536] }
     }
 
     /// The device.
-    pub fn tun(&self) -> &WorkerTun {
+    pub fn tun(&self) -> &TunInfo {
         &self.tun
-    }
-
-    /// The offloads the device has.
-    pub fn offloads(&self) -> Offloads {
-        self.tun.offloads()
     }
 
     /// The worker's own address of a family (the source of its ICMP errors).
@@ -161,81 +106,24 @@ impl IpSide {
         self.icmp_limit.take(now)
     }
 
-    /// Writes a checked client packet to the device (queued for the end of
-    /// the turn when the device has offloads).
-    pub fn write(&mut self, counters: &Counters, packet: &[u8]) {
-        if self.tun.offloads().vnet_header {
-            if !self.queued.fits(packet.len()) {
-                self.flush_writes(counters);
-            }
-            self.queued.push(packet);
-            return;
+    /// Queues a packet for the device (written at the end of the turn);
+    /// counted as dropped when the turn's queue is full.
+    pub fn write(&self, packet: &[u8], ctx: &mut Ctx) -> bool {
+        let queued = ctx.out.tun.push(packet);
+        if !queued {
+            ctx.count(Counter::DropQueueFull, 1);
         }
-        match self.tun.write(packet) {
-            Ok(()) => counters.add(Counter::TunPacketsOut, 1),
-            Err(e) => {
-                debug!("TUN write: {e}");
-                counters.add(Counter::DropTargetSend, 1);
-            }
-        }
+        queued
     }
 
-    /// Writes a packet of the relay's own (an ICMP error) at once.
-    pub fn write_now(&mut self, packet: &[u8]) -> bool {
-        self.tun.write(packet).is_ok()
+    /// Takes the buffer GSO reads are cut in (so packets can be handled
+    /// while the side is borrowed again).
+    pub fn take_segment(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.segment)
     }
 
-    /// Writes the queued client packets, runs of one TCP flow coalesced
-    /// into GSO packets. A coalesced write the kernel refuses is retried
-    /// one packet at a time, so a kernel that will not take our GSO packets
-    /// costs speed, not packets.
-    pub fn flush_writes(&mut self, counters: &Counters) {
-        if self.queued.is_empty() {
-            return;
-        }
-        let mut packets: [&[u8]; QUEUE_PACKETS] = [&[]; QUEUE_PACKETS];
-        let mut start = 0;
-        for (slot, &end) in packets.iter_mut().zip(&self.queued.ends) {
-            *slot = &self.queued.bytes[start..end];
-            start = end;
-        }
-        let tun = &self.tun;
-        offload::coalesce(&packets[..self.queued.ends.len()], |planned| {
-            let count = planned.packets.len() as u64;
-            match tun.write_planned(planned) {
-                Ok(()) if count > 1 => {
-                    counters.add(Counter::TunGsoWrites, 1);
-                    counters.add(Counter::TunCoalescedPackets, count);
-                    counters.add(Counter::TunPacketsOut, count);
-                }
-                Ok(()) => counters.add(Counter::TunPacketsOut, 1),
-                Err(e) if count > 1 => {
-                    debug!("TUN GSO write of {count} packets: {e}; writing them one by one");
-                    for packet in planned.packets {
-                        match tun.write(packet) {
-                            Ok(()) => counters.add(Counter::TunPacketsOut, 1),
-                            Err(_) => counters.add(Counter::DropTargetSend, 1),
-                        }
-                    }
-                }
-                Err(e) => {
-                    debug!("TUN write: {e}");
-                    counters.add(Counter::DropTargetSend, 1);
-                }
-            }
-        });
-        self.queued.clear();
-    }
-
-    /// Takes the read buffers (one read, and the GSO cutting buffer) so
-    /// packets can be handled while the side is borrowed again.
-    pub fn take_buffers(&mut self) -> (Vec<u8>, Vec<u8>) {
-        (std::mem::take(&mut self.buf), std::mem::take(&mut self.segment))
-    }
-
-    /// Gives the read buffers back.
-    pub fn put_buffers(&mut self, buf: Vec<u8>, segment: Vec<u8>) {
-        self.buf = buf;
+    /// Gives the buffer back.
+    pub fn put_segment(&mut self, segment: Vec<u8>) {
         self.segment = segment;
     }
 }
@@ -253,17 +141,5 @@ mod tests {
         assert_eq!(sent, ICMP_PER_SECOND as usize, "one burst");
         assert!(!l.take(t0));
         assert!(l.take(t0 + Duration::from_millis(10)), "tokens come back with time");
-    }
-
-    #[test]
-    fn the_write_queue_is_bounded() {
-        let mut q = TunQueue::default();
-        for _ in 0..QUEUE_PACKETS {
-            assert!(q.fits(100));
-            q.push(&[0; 100]);
-        }
-        assert!(!q.fits(1));
-        q.clear();
-        assert!(q.is_empty() && q.fits(QUEUE_BYTES) && !q.fits(QUEUE_BYTES + 1));
     }
 }
