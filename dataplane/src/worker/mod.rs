@@ -420,3 +420,8 @@ impl Handler for Worker {
         self.inboxes[self.index() as usize].bell.as_raw_fd()
     }
 }
+
+#[cfg(test)]
+pub mod harness;
+#[cfg(test)]
+mod tests;

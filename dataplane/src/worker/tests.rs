@@ -1,0 +1,219 @@
+//! The worker core driven by the harness: tunnels open, refuse and close,
+//! deadlines fire on the virtual clock, control's kills and drains, and
+//! packets for another worker are handed off. No backend, milliseconds.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use relay_proto::channel::record::{Record, Verdict};
+use relay_proto::channel::region::Counter;
+use relay_proto::proxy_status::ProxyError;
+
+use super::harness::{Harness, bootstrap};
+use crate::io::Handler;
+
+fn counter(h: &Harness, c: Counter) -> u64 {
+    h.worker.ctx.link.counters().get(c)
+}
+
+/// A harness with an open connect-udp tunnel to 127.0.0.1:9 (flow 7):
+/// returns the stream and the endpoint key.
+fn open_tunnel(h: &mut Harness) -> (u64, u64) {
+    h.connect();
+    let stream = h.client.connect_udp("127.0.0.1", 9);
+    h.run();
+    let asks = h.control.take_asks();
+    assert_eq!(asks.len(), 1, "{asks:?}");
+    let ask = &asks[0];
+    assert_eq!((ask.target_host.as_str(), ask.target_port), ("127.0.0.1", 9));
+    assert_eq!(ask.protocol, relay_proto::channel::record::PROTOCOL_CONNECT_UDP);
+    assert_eq!(ask.authorization.as_deref(), Some("Bearer test"));
+    h.control.allow(ask, 7, "127.0.0.1:9".parse().unwrap());
+    h.run();
+    assert_eq!(h.client.status(stream), Some(200));
+    assert_eq!(h.client.field(stream, "capsule-protocol"), Some("?1"));
+    let (key, peer) = h.only_endpoint();
+    assert_eq!(peer, "127.0.0.1:9".parse().unwrap());
+    (stream, key)
+}
+
+#[test]
+fn a_tunnel_opens_forwards_both_ways_and_reports_its_flow_on_close() {
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, key) = open_tunnel(&mut h);
+    assert_eq!(counter(&h, Counter::TunnelsActive), 1);
+    h.client.send_datagram(stream, b"hello");
+    h.client.send_datagram(stream, b"world");
+    h.run();
+    assert_eq!(h.endpoints.sent[&key], vec![b"hello".to_vec(), b"world".to_vec()]);
+    h.from_target(key, b"reply");
+    assert_eq!(h.client.datagrams, vec![(stream, 0, b"reply".to_vec())]);
+    // RFC 9298 section 3: the client ending the stream ends the tunnel.
+    h.client.finish(stream);
+    h.run();
+    assert!(h.client.finished.contains(&stream), "our FIN follows the client's");
+    assert_eq!(h.endpoints.closed, vec![key]);
+    let closed = h.control.closed_flows();
+    assert_eq!(closed.len(), 1);
+    let c = &closed[0];
+    assert_eq!((c.flow_id, c.packets_up, c.bytes_up, c.packets_down, c.bytes_down), (7, 2, 10, 1, 5));
+    assert_eq!(counter(&h, Counter::TunnelsActive), 0);
+    assert_eq!(counter(&h, Counter::TunnelsClosed), 1);
+}
+
+#[test]
+fn early_datagrams_wait_for_the_verdict_and_go_first() {
+    let mut h = Harness::new(bootstrap(1));
+    h.connect();
+    let stream = h.client.connect_udp("127.0.0.1", 9);
+    h.run();
+    h.client.send_datagram(stream, b"early");
+    h.run();
+    assert!(h.endpoints.opened.is_empty(), "nothing opens before control allows");
+    let ask = h.control.take_asks().remove(0);
+    h.control.allow(&ask, 8, "127.0.0.1:9".parse().unwrap());
+    h.run();
+    let (key, _) = h.only_endpoint();
+    assert_eq!(h.endpoints.sent[&key], vec![b"early".to_vec()]);
+}
+
+#[test]
+fn refusals_from_routing_and_from_control_carry_status_and_proxy_status() {
+    let mut h = Harness::new(bootstrap(1));
+    h.connect();
+    // Routing refuses without asking control: the path is not the template.
+    let bad = h.client.request(
+        &[
+            (":method", "CONNECT"),
+            (":protocol", "connect-udp"),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", "/elsewhere"),
+        ],
+        false,
+    );
+    // Another :protocol: 501.
+    let ws = h.client.request(
+        &[
+            (":method", "CONNECT"),
+            (":protocol", "websocket"),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", "/"),
+        ],
+        false,
+    );
+    let denied = h.client.connect_udp("192.0.2.1", 53);
+    h.run();
+    assert_eq!(h.client.status(bad), Some(404));
+    assert_eq!(h.client.status(ws), Some(501));
+    assert!(h.client.finished.contains(&bad) && h.client.finished.contains(&ws));
+    let asks = h.control.take_asks();
+    assert_eq!(asks.len(), 1, "only the well-formed request is asked about");
+    let verdict = Verdict::Deny {
+        status: 429,
+        proxy_error: Some(ProxyError::HttpRequestDenied),
+        details: "quota exceeded".into(),
+        retry_after_secs: 3,
+    };
+    h.control.answer(&asks[0], verdict);
+    h.run();
+    assert_eq!(h.client.status(denied), Some(429));
+    assert_eq!(h.client.field(denied, "retry-after"), Some("3"));
+    let ps = h.client.field(denied, "proxy-status").unwrap();
+    assert!(ps.contains("error=http_request_denied") && ps.contains("quota exceeded"), "{ps}");
+    assert_eq!(counter(&h, Counter::TunnelsRefused), 3);
+    assert!(h.endpoints.opened.is_empty());
+}
+
+#[test]
+fn control_that_does_not_answer_in_time_gets_503_on_the_virtual_clock() {
+    let mut h = Harness::new(bootstrap(1));
+    h.connect();
+    let stream = h.client.connect_udp("127.0.0.1", 9);
+    h.run();
+    let ask = h.control.take_asks().remove(0);
+    h.advance(Duration::from_millis(1999));
+    h.run();
+    assert_eq!(h.client.status(stream), None, "not yet");
+    h.advance(Duration::from_millis(2));
+    h.run();
+    assert_eq!(h.client.status(stream), Some(503));
+    assert_eq!(counter(&h, Counter::AsksFailed), 1);
+    // The late answer's flow goes back to control unused.
+    h.control.allow(&ask, 9, "127.0.0.1:9".parse().unwrap());
+    h.run();
+    let closed = h.control.closed_flows();
+    assert_eq!(closed.len(), 1);
+    assert_eq!((closed[0].flow_id, closed[0].bytes_up, closed[0].bytes_down), (9, 0, 0));
+    assert!(h.endpoints.opened.is_empty());
+}
+
+#[test]
+fn idle_tunnels_end_from_the_relay_side() {
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, key) = open_tunnel(&mut h);
+    h.advance(Duration::from_secs(29));
+    h.run();
+    assert!(h.endpoints.closed.is_empty());
+    h.advance(Duration::from_secs(2));
+    h.run();
+    assert!(h.client.finished.contains(&stream), "FIN from the relay");
+    assert_eq!(h.endpoints.closed, vec![key]);
+    assert_eq!(h.control.closed_flows().len(), 1);
+}
+
+#[test]
+fn an_operator_kill_resets_the_stream() {
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, key) = open_tunnel(&mut h);
+    h.control.send(Record::KillFlow { flow_id: 7 });
+    h.run();
+    assert!(h.client.reset.contains(&stream), "H3_REQUEST_CANCELLED reset");
+    assert_eq!(h.endpoints.closed, vec![key]);
+    assert_eq!(h.control.closed_flows()[0].flow_id, 7);
+}
+
+#[test]
+fn a_drain_sends_goaway_rejects_new_requests_and_stops_when_tunnels_end() {
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, _) = open_tunnel(&mut h);
+    // The GOAWAY is held back so the client still sends a request.
+    h.drain.store(true, Ordering::Relaxed);
+    h.hold = true;
+    h.turn();
+    let late = h.client.connect_udp("127.0.0.1", 9);
+    h.client.send_datagram(stream, b"still");
+    h.turn();
+    h.hold = false;
+    h.run();
+    assert!(h.client.goaway, "GOAWAY");
+    assert!(!h.stopped, "the open tunnel keeps the worker up");
+    // RFC 9114 section 5.2: requests after GOAWAY are rejected.
+    assert!(h.client.reset.contains(&late), "H3_REQUEST_REJECTED");
+    assert!(h.control.take_asks().is_empty(), "nothing asked for a rejected request");
+    assert_eq!(h.endpoints.sent.values().flatten().count(), 1, "tunnels keep forwarding while draining");
+    h.client.finish(stream);
+    h.run();
+    assert!(h.stopped, "no tunnel left: the worker stops");
+}
+
+#[test]
+fn packets_for_another_worker_are_handed_off() {
+    let b = bootstrap(2);
+    let cids = relay_proto::cid::CidLayout::new(b.cid_config_id, &b.cid_server_id, b.cid_nonce_len).unwrap();
+    let mut h = Harness::worker(b, 0);
+    // A short-header packet whose connection ID names worker 1.
+    let cid = cids.generate_with(1, |out| out.fill(0x5a));
+    let mut pkt = vec![0x40];
+    pkt.extend_from_slice(cid.as_bytes());
+    pkt.extend_from_slice(&[0u8; 40]);
+    h.worker.begin_turn(h.now);
+    h.worker.on_quic(&mut pkt, 64, "127.0.0.1:50001".parse().unwrap());
+    let _ = h.worker.end_turn();
+    let handed = h.inboxes[1].pop().expect("handed to worker 1");
+    assert_eq!(handed.from, "127.0.0.1:50001".parse().unwrap());
+    assert_eq!(handed.packet[1..1 + cid.as_bytes().len()], *cid.as_bytes());
+    assert_eq!(counter(&h, Counter::HandoffsOut), 1);
+    assert!(h.inboxes[0].pop().is_none());
+}
