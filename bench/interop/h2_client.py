@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """An independent HTTP/2 client (the Python ``h2`` package) for the relay's
-TCP front: extended CONNECT (RFC 8441) connect-udp and connect-ip tunnels
-carried as capsules, classic CONNECT to TCP targets, the status endpoint,
-and requests that must be refused.
+TCP front: extended CONNECT (RFC 8441) connect-udp, connect-ip and bound
+UDP (draft-ietf-masque-connect-udp-listen) tunnels carried as capsules,
+classic CONNECT to TCP targets, the status endpoint, and requests that must
+be refused. Bound UDP also runs over HTTP/1.1 (``--http1``: the Upgrade form
+of RFC 9298 section 3.2, on a plain socket).
 
 ``h2`` shares no code with the relay (whose HTTP/2 is the Rust ``h2``
 crate): framing, HPACK and flow control are its own. curl and nghttp cannot
@@ -42,6 +44,11 @@ CAPSULE_DATAGRAM = 0x00
 CAPSULE_ADDRESS_ASSIGN = 0x01
 CAPSULE_ADDRESS_REQUEST = 0x02
 CAPSULE_ROUTE_ADVERTISEMENT = 0x03
+# draft-ietf-masque-connect-udp-listen section 3.
+CAPSULE_COMPRESSION_ASSIGN = 0x11
+CAPSULE_COMPRESSION_ACK = 0x12
+CAPSULE_COMPRESSION_CLOSE = 0x13
+STUN_COOKIE = 0x2112A442
 
 
 class ClientError(Exception):
@@ -510,8 +517,177 @@ def case_refusals(args: argparse.Namespace) -> dict:
     return out
 
 
+def stun_binding_request(txid: bytes) -> bytes:
+    """RFC 8489 section 5: a Binding request without attributes."""
+    return struct.pack(">HHI", 0x0001, 0, STUN_COOKIE) + txid
+
+
+def stun_mapped_address(resp: bytes, txid: bytes) -> str | None:
+    """The XOR-MAPPED-ADDRESS (RFC 8489 section 14.2) of a Binding success
+    response to `txid`, as "ip:port" ("[ip]:port" for IPv6)."""
+    if len(resp) < 20 or resp[0:2] != b"\x01\x01" or resp[4:8] != struct.pack(">I", STUN_COOKIE) or resp[8:20] != txid:
+        return None
+    i = 20
+    while i + 4 <= len(resp):
+        kind, ln = struct.unpack(">HH", resp[i:i + 4])
+        value = resp[i + 4:i + 4 + ln]
+        if kind == 0x0020 and len(value) >= 8:
+            port = struct.unpack(">H", value[2:4])[0] ^ (STUN_COOKIE >> 16)
+            if value[1] == 1:
+                ip = bytes(a ^ b for a, b in zip(value[4:8], struct.pack(">I", STUN_COOKIE)))
+                return f"{socket.inet_ntoa(ip)}:{port}"
+            key = struct.pack(">I", STUN_COOKIE) + txid
+            ip = bytes(a ^ b for a, b in zip(value[4:20], key))
+            return f"[{socket.inet_ntop(socket.AF_INET6, ip)}]:{port}"
+        i += 4 + ln + (-ln % 4)
+    return None
+
+
+def encode_peer(host: str, port: int) -> bytes:
+    """IP Version, IP Address, UDP Port (the bind draft's sections 3.1 and 4)."""
+    if ":" in host:
+        return bytes([6]) + socket.inet_pton(socket.AF_INET6, host) + struct.pack(">H", port)
+    return bytes([4]) + socket.inet_aton(host) + struct.pack(">H", port)
+
+
+def decode_peer(v: bytes) -> tuple[str, bytes] | None:
+    """The peer ("ip:port") and UDP payload of an uncompressed payload."""
+    if not v:
+        return None
+    n = {4: 4, 6: 16}.get(v[0])
+    if n is None or len(v) < 1 + n + 2:
+        return None
+    family = socket.AF_INET if v[0] == 4 else socket.AF_INET6
+    ip = socket.inet_ntop(family, v[1:1 + n])
+    port = struct.unpack(">H", v[1 + n:3 + n])[0]
+    host = f"[{ip}]" if family == socket.AF_INET6 else ip
+    return f"{host}:{port}", v[3 + n:]
+
+
+class H2Stream:
+    """A capsule tunnel on one HTTP/2 stream."""
+
+    def __init__(self, args: argparse.Namespace, path: str, fields: list[tuple[str, str]]) -> None:
+        self.c = H2Client(args)
+        self.c.wait_settings()
+        if not self.c.connect_protocol_enabled():
+            raise ClientError("the relay did not enable extended CONNECT")
+        headers = [
+            (":method", "CONNECT"),
+            (":protocol", "connect-udp"),
+            (":scheme", "https"),
+            (":authority", authority(args)),
+            (":path", path),
+        ] + fields + self.c.auth()
+        self.sid = self.c.request(headers)
+        r = self.c.answer(self.sid)
+        self.status = r.get("status")
+        self.headers = r.get("headers", {})
+
+    def send(self, data: bytes) -> None:
+        self.c.send(self.sid, data)
+
+    def recv(self) -> bytes:
+        self.c.pump(0.02)
+        return bytes(self.c.data.pop(self.sid, b""))
+
+    def close(self) -> None:
+        self.c.close()
+
+
+class Http1Stream:
+    """A capsule tunnel after an HTTP/1.1 Upgrade (RFC 9298 section 3.2) on
+    a plain socket to the relay's cleartext listener."""
+
+    def __init__(self, args: argparse.Namespace, path: str, fields: list[tuple[str, str]]) -> None:
+        host, port = args.relay.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=args.timeout)
+        lines = [f"GET {path} HTTP/1.1", f"Host: {authority(args)}", "Connection: Upgrade", "Upgrade: connect-udp"]
+        lines += [f"{k}: {v}" for k, v in fields]
+        if args.token:
+            lines.append(f"Proxy-Authorization: Bearer {args.token}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        deadline = time.monotonic() + args.timeout
+        while b"\r\n\r\n" not in head:
+            if time.monotonic() > deadline:
+                raise ClientError("no response head")
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise ClientError("the relay closed before answering")
+            head += chunk
+        head, self.rest = head.split(b"\r\n\r\n", 1)
+        status_line, *field_lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split(" ")[1])
+        self.headers = {}
+        for line in field_lines:
+            k, _, v = line.partition(":")
+            self.headers[k.strip().lower()] = v.strip()
+        self.sock.settimeout(0.02)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes:
+        out, self.rest = self.rest, b""
+        try:
+            out += self.sock.recv(1 << 16)
+        except (socket.timeout, BlockingIOError):
+            pass
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def case_bind_stun(args: argparse.Namespace) -> dict:
+    """Bound UDP (draft-ietf-masque-connect-udp-listen) over HTTP/2, or
+    HTTP/1.1 with --http1: the request with Connect-UDP-Bind, the
+    uncompressed context registered (COMPRESSION_ASSIGN with IP version 0,
+    then its ACK), and a STUN Binding request to --stun through it; the
+    mapping the STUN server saw is the relay's announced public address."""
+    path = TEMPLATE.format(host="%2A", port="%2A")
+    fields = [("capsule-protocol", "?1"), ("connect-udp-bind", "?1")]
+    t = (Http1Stream if args.http1 else H2Stream)(args, path, fields)
+    r = {"status": t.status, "bind": t.headers.get("connect-udp-bind"),
+         "public": [p.strip().strip('"') for p in t.headers.get("proxy-public-address", "").split(",") if p.strip()]}
+    if t.status not in (101, 200):
+        t.close()
+        return r
+    reader = CapsuleReader()
+    ctx = 2
+    t.send(encode_capsule(CAPSULE_COMPRESSION_ASSIGN, encode_varint(ctx) + bytes([0])))
+    stun_host, stun_port = args.stun.rsplit(":", 1)
+    txid = os.urandom(12)
+    acked = False
+    mapped = source = None
+    last_sent = 0.0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline and mapped is None:
+        if acked and time.monotonic() - last_sent > 0.2:
+            payload = encode_peer(stun_host, int(stun_port)) + stun_binding_request(txid)
+            t.send(encode_capsule(CAPSULE_DATAGRAM, encode_varint(ctx) + payload))
+            last_sent = time.monotonic()
+        for kind, v in reader.feed(t.recv()):
+            if kind == CAPSULE_COMPRESSION_ACK and decode_varint(v, 0) == (ctx, len(v)):
+                acked = True
+            elif kind == CAPSULE_DATAGRAM:
+                c = decode_varint(v, 0)
+                if c is None or c[0] != ctx:
+                    continue
+                peer = decode_peer(v[c[1]:])
+                if peer is not None:
+                    found = stun_mapped_address(peer[1], txid)
+                    if found is not None:
+                        mapped, source = found, peer[0]
+    r.update({"acked": acked, "mapped": mapped, "from": source})
+    t.close()
+    return r
+
+
 CASES = {
     "status": case_status,
+    "bind_stun": case_bind_stun,
     "connect_udp": case_connect_udp,
     "connect_ip": case_connect_ip,
     "tcp_connect": case_tcp_connect,
@@ -534,6 +710,8 @@ def main() -> int:
                    help="connect_ip: ask first for the assigned IPv4 address with the low 7 bits of "
                         "its last octet set to this (the same /25: the worker's share of a /24 pool "
                         "split between two workers)")
+    p.add_argument("--stun", default="127.0.0.1:3478", help="bind_stun: the STUN server (ip:port)")
+    p.add_argument("--http1", action="store_true", help="bind_stun: HTTP/1.1 Upgrade on a plain socket")
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--bytes", type=int, default=1 << 20)
     p.add_argument("--timeout", type=float, default=20.0)

@@ -271,3 +271,49 @@ impl Drop for Running {
         }
     }
 }
+
+/// The independent HTTP/2 (and HTTP/1.1) client for the TCP front.
+pub fn h2_script() -> PathBuf {
+    workspace().join("bench/interop/h2_client.py")
+}
+
+/// Runs the HTTP/2 client (`bench/interop/h2_client.py`, the Python `h2`
+/// package) with `args` (relay, credentials, cases) and returns each case's
+/// JSON object by name; a case that could not run, or a client that fails
+/// or outlives two minutes, is an error.
+pub fn run_h2_client(
+    python: &std::path::Path,
+    args: &[String],
+) -> Result<HashMap<String, Value>, InteropError> {
+    let mut child = Command::new(python)
+        .arg(h2_script())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let limit = Duration::from_secs(120);
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(InteropError::Timeout(limit, Vec::new()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        return Err(InteropError::Failed { status: out.status, stderr });
+    }
+    let mut results = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: Value = serde_json::from_str(line).map_err(|_| InteropError::BadOutput(line.to_string()))?;
+        let case = v["case"].as_str().ok_or_else(|| InteropError::BadOutput(line.to_string()))?.to_string();
+        if v.get("error").is_some() {
+            return Err(InteropError::BadOutput(format!("{case} could not run: {v}")));
+        }
+        results.insert(case, v);
+    }
+    Ok(results)
+}

@@ -187,3 +187,75 @@ fn bound_udp_learns_its_mapping_by_stun_and_reaches_filtered_peers_both_context_
     drop(relay);
     drop(target);
 }
+
+/// Bound UDP is version-independent (the draft's section 2): over HTTP/2
+/// (TLS with ALPN h2, and cleartext h2c) and over HTTP/1.1 (the Upgrade
+/// form of RFC 9298 section 3.2), driven by an independent client (the
+/// Python `h2` package; a plain socket for HTTP/1.1), the relay confirms
+/// the extension, announces its public address, acknowledges the
+/// uncompressed context, and a STUN Binding request through the tunnel
+/// reaches the STUN server from exactly that address.
+#[test]
+fn bound_udp_over_http2_and_http1_learns_its_mapping_by_stun() {
+    if !may_run() {
+        return;
+    }
+    let Some(python) = relay_bench::interop::python_or_skip("bound UDP over HTTP/2 and HTTP/1.1") else {
+        return;
+    };
+    let pid = std::process::id();
+    let n = 150 + (pid % 30) as u8;
+    let target = TargetNetns::create(&format!("rbindt{pid}"), n).unwrap();
+    let stun_addr = SocketAddr::new(target.target_addr, 3478);
+    let _stun = start_stun(&target.name, target.target_addr);
+
+    let dir = std::env::temp_dir().join(format!("relay-bind-tcp-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = RelayOptions {
+        allow: vec!["127.0.0.0/8".into(), format!("10.250.{n}.0/30")],
+        extra_config: format!(
+            "[protocols]\nbind = true\n\n[bind]\npublic_addresses = [\"{}\"]\n",
+            target.host_addr
+        ),
+        tcp_cleartext: true,
+        ..Default::default()
+    };
+    let relay = Relay::start(&dir, &opts).expect("relay starts with bind and the TCP front");
+    let tls = vec![
+        "--relay".to_string(),
+        relay.addr.to_string(),
+        "--tls".into(),
+        "--ca".into(),
+        relay.cert().display().to_string(),
+    ];
+    let clear = vec!["--relay".to_string(), relay.cleartext_addr.unwrap().to_string()];
+    for (version, mut args, status) in
+        [("HTTP/2 over TLS", tls, 200), ("h2c", clear.clone(), 200), ("HTTP/1.1", clear, 101)]
+    {
+        args.extend(["--token".into(), relay.token.clone(), "--stun".into(), stun_addr.to_string()]);
+        if version == "HTTP/1.1" {
+            args.push("--http1".into());
+        }
+        args.push("bind_stun".into());
+        // Retried while turnserver starts (its first seconds).
+        let deadline = Instant::now() + T;
+        let r = loop {
+            let results = relay_bench::interop::run_h2_client(&python, &args);
+            match results {
+                Ok(mut r) if r["bind_stun"]["mapped"].is_string() => break r.remove("bind_stun").unwrap(),
+                other => assert!(Instant::now() < deadline, "{version}: no STUN answer: {other:?}"),
+            }
+        };
+        assert_eq!(r["status"], status, "{version}: {r}");
+        assert_eq!(r["bind"], "?1", "{version}: the relay confirms the extension: {r}");
+        assert_eq!(r["acked"], true, "{version}: COMPRESSION_ACK for the uncompressed context: {r}");
+        let public = r["public"].as_array().unwrap();
+        assert_eq!(public.len(), 1, "{version}: {r}");
+        let public: SocketAddr = public[0].as_str().unwrap().parse().unwrap();
+        assert_eq!(public.ip(), target.host_addr, "{version}: {r}");
+        assert_eq!(r["mapped"], public.to_string(), "{version}: the STUN server sees the announced address");
+        assert_eq!(r["from"], stun_addr.to_string(), "{version}: the answer comes with the server's address");
+    }
+    drop(relay);
+    drop(target);
+}

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use relay_bench::client::{Answer, Client, ClientConfig};
@@ -125,33 +125,7 @@ fn curl_negotiates_every_version_and_every_response_carries_alt_svc() {
 
 /// Runs the h2 client with `args` and returns its results by case.
 fn h2_client(python: &Path, args: &[String]) -> std::collections::HashMap<String, Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/h2_client.py");
-    let mut child = Command::new(python)
-        .arg(script)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("h2 client starts");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "h2 client timed out");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "h2 client failed: {}", String::from_utf8_lossy(&out.stderr));
-    let mut results = std::collections::HashMap::new();
-    for line in stdout.lines() {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|_| panic!("h2 client printed {line:?}"));
-        let case = v["case"].as_str().unwrap().to_string();
-        assert!(v.get("error").is_none(), "{case} could not run: {v}");
-        results.insert(case, v);
-    }
-    results
+    relay_bench::interop::run_h2_client(python, args).unwrap_or_else(|e| panic!("h2 client: {e}"))
 }
 
 fn h2_args(relay: &Relay, tls: bool, extra: &[String]) -> Vec<String> {
