@@ -25,7 +25,8 @@ use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
 
 /// The MASQUE relay's dataplane: attaches to relay-control, then serves
-/// QUIC + HTTP/3 and forwards connect-udp tunnels.
+/// QUIC + HTTP/3 (and HTTP/2 and HTTP/1.1 over TCP) and forwards
+/// connect-udp, connect-ip, bound UDP and classic CONNECT tunnels.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
