@@ -5,14 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use relay_proto::channel::RECORD_SIZE;
-use relay_proto::channel::doorbell::Doorbell;
+use relay_channel::doorbell::Doorbell;
+use relay_channel::ends::ChannelError;
+use relay_channel::region::{Counter, Counters, DataplaneChannel};
+use relay_channel::ring::RingError;
 use relay_proto::channel::record::{
-    AddressAnswer, AddressAsk, AuthAnswer, AuthAsk, ConnInfo, FlowClosed, FlowOpen, Record, RecordError,
-    SignAnswer, SignAsk,
+    AddressAnswer, AddressAsk, AnswerRecord, AskRecord, AuthAnswer, AuthAsk, ChannelRecord, ConnInfo,
+    FlowClosed, FlowOpen, RecordError, SignAnswer, SignAsk, TunnelProtocol,
 };
-use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
-use relay_proto::channel::ring::{Consumer, Producer, RingError};
 use relay_proto::proxy_status::ProxyError;
 
 /// Why an ask could not be sent.
@@ -51,6 +51,25 @@ impl AskError {
     }
 }
 
+/// What a worker asks control about a request: may this tunnel open?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRequest {
+    /// The client's address as the relay sees it.
+    pub client: SocketAddr,
+    /// `:authority`.
+    pub authority: String,
+    /// `:path`.
+    pub path: String,
+    /// Target host as in the request (IP literal or name).
+    pub target_host: String,
+    /// Target port (connect-ip: the IP protocol).
+    pub target_port: u16,
+    /// `proxy-authorization` (or `authorization`) value, if any.
+    pub authorization: Option<String>,
+    /// The kind of tunnel asked for.
+    pub protocol: TunnelProtocol,
+}
+
 /// An answer from control.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -68,12 +87,11 @@ pub const MAX_QUEUED_ASKS: usize = 16_384;
 
 /// The worker's channel end.
 pub struct ControlLink {
-    queued: VecDeque<Record>,
-    chan: WorkerChannel<Producer, Consumer>,
+    queued: VecDeque<AskRecord>,
+    chan: DataplaneChannel,
     ask_bell: Doorbell,
     answer_bell: Doorbell,
     control_alive: Arc<AtomicBool>,
-    record: Box<[u8; RECORD_SIZE]>,
     next_ask_id: u64,
     broken: bool,
     drain_requested: bool,
@@ -89,7 +107,7 @@ impl ControlLink {
     /// Wraps the worker's channel, its doorbells and the liveness flag the
     /// main thread clears when control's socket closes.
     pub fn new(
-        chan: WorkerChannel<Producer, Consumer>,
+        chan: DataplaneChannel,
         ask_bell: Doorbell,
         answer_bell: Doorbell,
         control_alive: Arc<AtomicBool>,
@@ -100,7 +118,6 @@ impl ControlLink {
             ask_bell,
             answer_bell,
             control_alive,
-            record: Box::new([0; RECORD_SIZE]),
             next_ask_id: 1,
             broken: false,
             drain_requested: false,
@@ -126,45 +143,24 @@ impl ControlLink {
     }
 
     /// Sends an authorization ask; returns its ID.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ask(
-        &mut self,
-        client: SocketAddr,
-        authority: &str,
-        path: &str,
-        target_host: &str,
-        target_port: u16,
-        authorization: Option<&str>,
-        protocol: u8,
-    ) -> Result<u64, AskError> {
+    pub fn ask(&mut self, request: AuthRequest) -> Result<u64, AskError> {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
         let ask_id = self.next_ask_id;
-        let ask = AuthAsk {
+        let AuthRequest { client, authority, path, target_host, target_port, authorization, protocol } =
+            request;
+        let ask = AskRecord::AuthAsk(AuthAsk {
             ask_id,
             client,
-            authority: authority.to_string(),
-            path: path.to_string(),
-            target_host: target_host.to_string(),
+            authority,
+            path,
+            target_host,
             target_port,
-            authorization: authorization.map(str::to_string),
+            authorization,
             protocol,
-        };
-        // Validate the size now, so an oversize request is refused at once.
-        Record::AuthAsk(ask.clone()).encode(&mut self.record).map_err(AskError::TooLarge)?;
-        self.flush_queued();
-        if self.queued.is_empty() {
-            match self.push() {
-                Ok(()) => {}
-                Err(AskError::Full) => self.queued.push_back(Record::AuthAsk(ask)),
-                Err(e) => return Err(e),
-            }
-        } else if self.queued.len() < MAX_QUEUED_ASKS {
-            self.queued.push_back(Record::AuthAsk(ask));
-        } else {
-            return Err(AskError::Full);
-        }
+        });
+        self.send_or_queue(ask)?;
         self.next_ask_id += 1;
         self.chan.counters.add(Counter::AsksSent, 1);
         Ok(ask_id)
@@ -176,33 +172,37 @@ impl ControlLink {
             return;
         }
         while let Some(record) = self.queued.front() {
-            if record.encode(&mut self.record).is_err() {
-                self.queued.pop_front();
-                continue;
-            }
-            match self.push() {
+            match self.chan.tx.push(record) {
                 Ok(()) => {
+                    let _ = self.ask_bell.ring();
                     self.queued.pop_front();
                 }
-                Err(_) => return,
+                // Checked before it was queued; never sent all the same.
+                Err(ChannelError::Record(_)) => {
+                    self.queued.pop_front();
+                }
+                Err(ChannelError::Ring(e)) => {
+                    self.ring_failed(e);
+                    return;
+                }
             }
         }
     }
 
     /// Forgets a queued ask whose request went away.
     pub fn cancel(&mut self, ask_id: u64) {
-        self.queued.retain(|r| !matches!(r, Record::AuthAsk(a) if a.ask_id == ask_id));
+        self.queued.retain(|r| !matches!(r, AskRecord::AuthAsk(a) if a.ask_id == ask_id));
     }
 
     /// Reports a record to control in order with the asks (queued while the
     /// ring is full; dropped only past the queue bound, as control resyncs
     /// on its next attach).
-    fn report(&mut self, record: Record) {
+    fn report(&mut self, record: AskRecord) {
         self.flush_queued();
-        if self.queued.is_empty() && record.encode(&mut self.record).is_ok() && self.push().is_ok() {
+        if self.queued.is_empty() && self.push(&record).is_ok() {
             return;
         }
-        if self.queued.len() < MAX_QUEUED_ASKS {
+        if self.queued.len() < MAX_QUEUED_ASKS && record.check().is_ok() {
             self.queued.push_back(record);
         }
     }
@@ -219,7 +219,7 @@ impl ControlLink {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
-        self.send_or_queue(Record::SignAsk(SignAsk { sign_id, generation, algorithm, input }))
+        self.send_or_queue(AskRecord::SignAsk(SignAsk { sign_id, generation, algorithm, input }))
     }
 
     /// Asks control to lease a specific address to a connect-ip flow (a
@@ -228,15 +228,16 @@ impl ControlLink {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
-        self.send_or_queue(Record::AddressAsk(ask))
+        self.send_or_queue(AskRecord::AddressAsk(ask))
     }
 
-    /// Sends `record` now, or queues it (bounded) behind earlier ones.
-    fn send_or_queue(&mut self, record: Record) -> Result<(), AskError> {
-        record.encode(&mut self.record).map_err(AskError::TooLarge)?;
+    /// Sends `record` now, or queues it (bounded) behind earlier ones. A
+    /// record that does not fit is refused at once, queued or not.
+    fn send_or_queue(&mut self, record: AskRecord) -> Result<(), AskError> {
+        record.check().map_err(AskError::TooLarge)?;
         self.flush_queued();
         if self.queued.is_empty() {
-            match self.push() {
+            match self.push(&record) {
                 Ok(()) => return Ok(()),
                 Err(AskError::Full) => {}
                 Err(e) => return Err(e),
@@ -251,12 +252,12 @@ impl ControlLink {
 
     /// Reports a closed flow.
     pub fn flow_closed(&mut self, closed: FlowClosed) {
-        self.report(Record::FlowClosed(closed));
+        self.report(AskRecord::FlowClosed(closed));
     }
 
     /// Reports a live flow (after attaching to a new control).
     pub fn flow_open(&mut self, open: FlowOpen) {
-        self.report(Record::FlowOpen(open));
+        self.report(AskRecord::FlowOpen(open));
     }
 
     /// Whether control asked for a drain since the last call.
@@ -276,12 +277,12 @@ impl ControlLink {
 
     /// Reports one connection of a listing.
     pub fn conn_info(&mut self, info: ConnInfo) {
-        self.report(Record::ConnInfo(info));
+        self.report(AskRecord::ConnInfo(info));
     }
 
     /// Ends a listing: `total` connections on this worker.
     pub fn conn_list_end(&mut self, request_id: u64, total: u32) {
-        self.report(Record::ConnListEnd { request_id, total });
+        self.report(AskRecord::ConnListEnd { request_id, total });
     }
 
     /// Flows control asked to end since the last call.
@@ -300,17 +301,25 @@ impl ControlLink {
         self.next_ask_id = self.next_ask_id.max(next);
     }
 
-    fn push(&mut self) -> Result<(), AskError> {
-        match self.chan.tx.push(&self.record) {
+    fn push(&mut self, record: &AskRecord) -> Result<(), AskError> {
+        match self.chan.tx.push(record) {
             Ok(()) => {
                 let _ = self.ask_bell.ring();
                 Ok(())
             }
-            Err(RingError::Full) => Err(AskError::Full),
-            Err(RingError::Corrupt) => {
+            Err(ChannelError::Record(e)) => Err(AskError::TooLarge(e)),
+            Err(ChannelError::Ring(e)) => Err(self.ring_failed(e)),
+        }
+    }
+
+    /// A full ring waits; a corrupt one breaks the link for good (counted).
+    fn ring_failed(&mut self, e: RingError) -> AskError {
+        match e {
+            RingError::Full => AskError::Full,
+            RingError::Corrupt => {
                 self.broken = true;
                 self.chan.counters.add(Counter::ChannelErrors, 1);
-                Err(AskError::ControlDown)
+                AskError::ControlDown
             }
         }
     }
@@ -326,27 +335,26 @@ impl ControlLink {
         }
         // Bounded per turn; the rest waits for the next turn.
         for _ in 0..4096 {
-            match self.chan.rx.pop(&mut self.record) {
-                Ok(true) => match Record::decode(&self.record[..]) {
-                    Ok(Record::AuthAnswer(a)) => on_answer(Answer::Auth(a)),
-                    Ok(Record::SignAnswer(a)) => on_answer(Answer::Sign(a)),
-                    Ok(Record::AddressAnswer(a)) => on_answer(Answer::Address(a)),
-                    Ok(Record::Drain) => self.drain_requested = true,
-                    Ok(Record::KillFlow { flow_id }) => {
-                        // Bounded: an operator kills flows one at a time.
-                        if self.kill_requests.len() < 4096 {
-                            self.kill_requests.push(flow_id);
-                        }
+            match self.chan.rx.pop() {
+                Ok(Some(AnswerRecord::AuthAnswer(a))) => on_answer(Answer::Auth(a)),
+                Ok(Some(AnswerRecord::SignAnswer(a))) => on_answer(Answer::Sign(a)),
+                Ok(Some(AnswerRecord::AddressAnswer(a))) => on_answer(Answer::Address(a)),
+                Ok(Some(AnswerRecord::Drain)) => self.drain_requested = true,
+                Ok(Some(AnswerRecord::KillFlow { flow_id })) => {
+                    // Bounded: an operator kills flows one at a time.
+                    if self.kill_requests.len() < 4096 {
+                        self.kill_requests.push(flow_id);
                     }
-                    Ok(Record::ListConns { request_id, limit }) => {
-                        if self.list_requests.len() < MAX_LIST_REQUESTS {
-                            self.list_requests.push((request_id, limit));
-                        }
+                }
+                Ok(Some(AnswerRecord::ListConns { request_id, limit })) => {
+                    if self.list_requests.len() < MAX_LIST_REQUESTS {
+                        self.list_requests.push((request_id, limit));
                     }
-                    Ok(_) | Err(_) => self.chan.counters.add(Counter::ChannelErrors, 1),
-                },
-                Ok(false) => return false,
-                Err(_) => {
+                }
+                // Invalid (or another direction's) record: counted, skipped.
+                Err(ChannelError::Record(_)) => self.chan.counters.add(Counter::ChannelErrors, 1),
+                Ok(None) => return false,
+                Err(ChannelError::Ring(_)) => {
                     self.broken = true;
                     self.chan.counters.add(Counter::ChannelErrors, 1);
                     return false;

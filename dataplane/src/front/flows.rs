@@ -6,11 +6,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use relay_channel::region::Counter;
 use relay_proto::channel::record::{
-    AddressAnswer, AddressAsk, FlowClosed, FlowOpen, PROTOCOL_CONNECT_IP, PROTOCOL_CONNECT_TCP,
-    PROTOCOL_CONNECT_UDP, Verdict,
+    AddressAnswer, AddressAsk, FlowClosed, FlowOpen, TunnelProtocol, Verdict,
 };
-use relay_proto::channel::region::Counter;
 use relay_proto::proxy_status::ProxyError;
 use tracing::debug;
 
@@ -102,11 +101,19 @@ pub fn start(
         return refused(sh, 503, Some(ProxyError::ProxyInternalError), "relay draining");
     }
     let protocol = match kind {
-        TunnelKind::Tcp => PROTOCOL_CONNECT_TCP,
-        TunnelKind::Udp => PROTOCOL_CONNECT_UDP,
-        TunnelKind::Ip => PROTOCOL_CONNECT_IP,
+        TunnelKind::Tcp => TunnelProtocol::ConnectTcp,
+        TunnelKind::Udp => TunnelProtocol::ConnectUdp,
+        TunnelKind::Ip => TunnelProtocol::ConnectIp,
     };
-    let asked = ctx.link.ask(place.peer, authority, &path, &host, port, authorization.as_deref(), protocol);
+    let asked = ctx.link.ask(crate::link::AuthRequest {
+        client: place.peer,
+        authority: authority.to_string(),
+        path,
+        target_host: host,
+        target_port: port,
+        authorization,
+        protocol,
+    });
     let ask_id = match asked {
         Ok(id) => id,
         Err(e) => {

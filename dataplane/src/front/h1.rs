@@ -30,7 +30,7 @@ use super::conn::{ConnIo, H2cSwitch};
 use super::exchange::{self, Exchange, Head, Route, State};
 use super::flows::{self, Place};
 use super::{Ctx, Shared};
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
 
 /// What the current request asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boring::ssl::SslContext;
+use relay_channel::region::Counter;
 use relay_proto::channel::bootstrap::{Bootstrap, TcpBootstrap};
 use relay_proto::channel::record::{FlowClosed, FlowOpen, Verdict};
-use relay_proto::channel::region::Counter;
 use relay_proto::template::{IpUriTemplate, UriTemplate};
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};

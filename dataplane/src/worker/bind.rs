@@ -20,7 +20,8 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use relay_proto::bind::{self, ContextTable, Inbound, OutboundError};
-use relay_proto::channel::record::{FlowClosed, IpRoute, PROTOCOL_CONNECT_UDP_BIND};
+use relay_proto::channel::bootstrap::InboundFilter;
+use relay_proto::channel::record::{FlowClosed, IpRoute, TunnelProtocol};
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::request::{self, Request};
 use relay_proto::target::TargetHost;
@@ -170,7 +171,7 @@ impl Worker {
             target_host: &target_host,
             target_port,
             authorization: connect.authorization.as_deref(),
-            protocol: PROTOCOL_CONNECT_UDP_BIND,
+            protocol: TunnelProtocol::ConnectUdpBind,
         };
         self.start_tunnel(key, conn, stream_id, more_frames, ask);
         if let Some(entry) = conn.tunnels.get_mut(&stream_id) {
@@ -188,7 +189,10 @@ impl Worker {
         };
         let limits =
             bind::Limits { max_contexts: cfg.max_contexts as usize, max_peers: cfg.max_peers as usize };
-        let filter = if cfg.inbound_filter == "any" { bind::Filter::Any } else { bind::Filter::SentTo };
+        let filter = match cfg.inbound_filter {
+            InboundFilter::Any => bind::Filter::Any,
+            InboundFilter::SentTo => bind::Filter::SentTo,
+        };
         let mut table = ContextTable::new(limits, filter);
         if let Some(t) = grant.target {
             table = table.with_target(t);

@@ -16,7 +16,7 @@
 
 use std::time::Duration;
 
-use relay_proto::channel::record::{FlowClosed, PROTOCOL_CONNECT_TCP};
+use relay_proto::channel::record::{FlowClosed, TunnelProtocol};
 use relay_proto::request::{self, Request};
 use tracing::debug;
 
@@ -87,7 +87,7 @@ impl Worker {
             target_host: &target_host,
             target_port: connect.target_port,
             authorization: connect.authorization.as_deref(),
-            protocol: PROTOCOL_CONNECT_TCP,
+            protocol: TunnelProtocol::ConnectTcp,
         };
         self.start_tunnel(key, conn, stream_id, more_frames, ask);
     }

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use relay_proto::channel::record::{
-    AddressAnswer, AddressAsk, IpAssignment, IpRoute, MAX_ADDRESSES_PER_FAMILY, PROTOCOL_CONNECT_IP,
+    AddressAnswer, AddressAsk, IpAssignment, IpRoute, MAX_ADDRESSES_PER_FAMILY, TunnelProtocol,
 };
 use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
 use relay_proto::ip::offload;
@@ -178,7 +178,7 @@ impl IpSide {
     /// the TUN device, or gives the ICMP error for the client.
     pub fn up(
         &mut self,
-        counters: &relay_proto::channel::region::Counters,
+        counters: &relay_channel::region::Counters,
         t: &IpTunnel,
         packet: &[u8],
     ) -> UpResult {
@@ -232,7 +232,7 @@ impl IpSide {
     /// into GSO packets. A coalesced write the kernel refuses is retried
     /// one packet at a time, so a kernel that will not take our GSO packets
     /// costs speed, not packets.
-    fn flush_writes(&mut self, counters: &relay_proto::channel::region::Counters) {
+    fn flush_writes(&mut self, counters: &relay_channel::region::Counters) {
         if self.queued.is_empty() {
             return;
         }
@@ -282,7 +282,7 @@ impl IpSide {
     /// whether the packet goes on.
     pub fn prepare_down(
         &mut self,
-        counters: &relay_proto::channel::region::Counters,
+        counters: &relay_channel::region::Counters,
         packet: &mut [u8],
         room: Option<usize>,
     ) -> bool {
@@ -315,7 +315,7 @@ impl IpSide {
     /// kernel.
     fn icmp_into_tun(
         &mut self,
-        counters: &relay_proto::channel::region::Counters,
+        counters: &relay_channel::region::Counters,
         own: Option<IpAddr>,
         original: &[u8],
         kind: IcmpError,
@@ -525,7 +525,7 @@ impl Worker {
             target_host: &target_host,
             target_port,
             authorization: connect.authorization.as_deref(),
-            protocol: PROTOCOL_CONNECT_IP,
+            protocol: TunnelProtocol::ConnectIp,
         };
         self.start_tunnel(key, conn, stream_id, more_frames, ask);
     }

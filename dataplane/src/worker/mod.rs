@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use quiche::h3::NameValue;
+use relay_channel::region::Counter;
 use relay_proto::channel::bootstrap::Bootstrap;
 use relay_proto::channel::record::{AuthAnswer, ConnInfo, FlowClosed, SignAnswer, SignResult, Verdict};
-use relay_proto::channel::region::Counter;
 use relay_proto::cid::{CidLayout, Decoded};
 use relay_proto::datagram;
 use relay_proto::proxy_status::ProxyError;
@@ -131,7 +131,7 @@ struct TunnelAsk<'a> {
     target_host: &'a str,
     target_port: u16,
     authorization: Option<&'a str>,
-    protocol: u8,
+    protocol: relay_proto::channel::record::TunnelProtocol,
 }
 
 /// Settings a worker runs with.
@@ -262,7 +262,8 @@ impl Worker {
         let material = settings.tls.current();
         let quic_config = quic::transport_config(&settings.bootstrap, &material, settings.tls.tickets())?;
         let h3_config = quic::h3_config()?;
-        let connect_udp_enabled = settings.bootstrap.protocols.iter().any(|p| p == "connect-udp");
+        let connect_udp_enabled =
+            settings.bootstrap.protocols.contains(&relay_proto::channel::bootstrap::Protocol::ConnectUdp);
         let limits = Limits {
             max_capsule_len: settings.bootstrap.max_capsule_len as usize,
             max_queued_datagrams: settings.bootstrap.pending_datagrams_per_tunnel as usize,
@@ -825,7 +826,7 @@ impl Worker {
             target_host: &target_host,
             target_port: connect.target_port,
             authorization: connect.authorization.as_deref(),
-            protocol: relay_proto::channel::record::PROTOCOL_CONNECT_UDP,
+            protocol: relay_proto::channel::record::TunnelProtocol::ConnectUdp,
         };
         self.start_tunnel(key, conn, stream_id, more_frames, ask);
     }
@@ -858,15 +859,15 @@ impl Worker {
                 "too many tunnels on this connection",
             );
         }
-        let asked = self.link.ask(
-            conn.peer,
-            ask.authority,
-            ask.path,
-            ask.target_host,
-            ask.target_port,
-            ask.authorization,
-            ask.protocol,
-        );
+        let asked = self.link.ask(crate::link::AuthRequest {
+            client: conn.peer,
+            authority: ask.authority.to_string(),
+            path: ask.path.to_string(),
+            target_host: ask.target_host.to_string(),
+            target_port: ask.target_port,
+            authorization: ask.authorization.map(str::to_string),
+            protocol: ask.protocol,
+        });
         let ask_id = match asked {
             Ok(id) => id,
             Err(e) => {
@@ -878,9 +879,9 @@ impl Worker {
             }
         };
         let timeout = Duration::from_millis(u64::from(self.settings.bootstrap.ask_timeout_ms));
-        let tunnel = if ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_IP {
+        let tunnel = if ask.protocol == relay_proto::channel::record::TunnelProtocol::ConnectIp {
             Tunnel::pending_ip(stream_id, ask_id, self.now, timeout, self.limits)
-        } else if ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_UDP_BIND {
+        } else if ask.protocol == relay_proto::channel::record::TunnelProtocol::ConnectUdpBind {
             Tunnel::pending_bind(
                 stream_id,
                 ask_id,
@@ -904,7 +905,7 @@ impl Worker {
                 ip: None,
                 bind: None,
                 bind_target: None,
-                tcp_requested: ask.protocol == relay_proto::channel::record::PROTOCOL_CONNECT_TCP,
+                tcp_requested: ask.protocol == relay_proto::channel::record::TunnelProtocol::ConnectTcp,
                 tcp: None,
             },
         );
@@ -1751,7 +1752,7 @@ impl Worker {
                 let path = conn.quic.path_stats().find(|p| p.active);
                 listed.push(ConnInfo {
                     request_id,
-                    transport: relay_proto::channel::record::TRANSPORT_H3,
+                    transport: relay_proto::channel::record::Transport::H3,
                     conn_id: conn.serial,
                     client: path.as_ref().map_or(conn.peer, |p| p.peer_addr),
                     age_ms: self.now.saturating_duration_since(conn.accepted_at).as_millis() as u64,
