@@ -364,3 +364,86 @@ impl ControlLink {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    use relay_channel::region::{ControlChannel, RING_HEADER, Region, answers_ring_offset};
+    use relay_proto::channel::RECORD_SIZE;
+    use relay_proto::channel::record::{MAX_PATH, Verdict};
+
+    use super::*;
+
+    fn link() -> (ControlLink, ControlChannel, File) {
+        let (region, fd) = Region::create(1).unwrap();
+        let alive = Arc::new(AtomicBool::new(true));
+        let link = ControlLink::new(
+            region.dataplane_side(0),
+            Doorbell::new().unwrap(),
+            Doorbell::new().unwrap(),
+            alive,
+        );
+        (link, region.control_side(0), File::from(fd))
+    }
+
+    fn request(path: String) -> AuthRequest {
+        AuthRequest {
+            client: "192.0.2.1:4433".parse().unwrap(),
+            authority: "relay.example".into(),
+            path,
+            target_host: "example.com".into(),
+            target_port: 53,
+            authorization: Some("Bearer t".into()),
+            protocol: TunnelProtocol::ConnectUdp,
+        }
+    }
+
+    #[test]
+    fn an_ask_reaches_control_whole_and_oversize_ones_are_refused_at_once() {
+        let (mut link, mut control, _peer) = link();
+        let id = link.ask(request("/x".into())).unwrap();
+        let Some(AskRecord::AuthAsk(ask)) = control.rx.pop().unwrap() else { panic!("no ask") };
+        assert_eq!(ask.ask_id, id);
+        assert_eq!(
+            (ask.path.as_str(), ask.target_port, ask.protocol),
+            ("/x", 53, TunnelProtocol::ConnectUdp)
+        );
+        assert_eq!(ask.authorization.as_deref(), Some("Bearer t"));
+        let e = link.ask(request("/".repeat(MAX_PATH + 1))).unwrap_err();
+        assert_eq!(e, AskError::TooLarge(RecordError::FieldTooLong("path")));
+        assert_eq!(e.refusal().0, 414);
+        assert_eq!(link.next_ask_id(), id + 1, "a refused ask takes no ID");
+        assert_eq!(control.rx.pop().unwrap(), None);
+        assert_eq!(link.counters().get(Counter::AsksSent), 1);
+    }
+
+    #[test]
+    fn answers_are_delivered_and_invalid_records_counted_and_skipped() {
+        let (mut link, mut control, peer) = link();
+        let denied = AuthAnswer {
+            ask_id: 1,
+            verdict: Verdict::Deny {
+                status: 403,
+                proxy_error: None,
+                details: String::new(),
+                retry_after_secs: 0,
+            },
+        };
+        control.tx.push(&AnswerRecord::AuthAnswer(denied.clone())).unwrap();
+        control.tx.push(&AnswerRecord::Drain).unwrap();
+        control.tx.push(&AnswerRecord::KillFlow { flow_id: 9 }).unwrap();
+        // Control (or whoever writes the region) turns the drain into an
+        // ask kind: refused as the wrong direction, counted, skipped.
+        let drain_slot = answers_ring_offset(0) + RING_HEADER + RECORD_SIZE;
+        peer.write_all_at(&[2, 3], drain_slot as u64).unwrap();
+        let mut answers = Vec::new();
+        assert!(!link.poll_answers(|a| answers.push(a)));
+        assert_eq!(answers, [Answer::Auth(denied)]);
+        assert!(!link.take_drain_request(), "the garbled drain was not taken");
+        assert_eq!(link.take_kill_requests(), [9]);
+        assert_eq!(link.counters().get(Counter::ChannelErrors), 1);
+        assert!(link.is_up());
+    }
+}
