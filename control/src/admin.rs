@@ -22,8 +22,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use relay_channel::region::Counter;
 use relay_proto::channel::record::MAX_CONNS_LISTED;
-use relay_proto::channel::region::Counter;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tracing::{info, warn};

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use relay_proto::channel::bootstrap::TcpBootstrap;
+use relay_proto::channel::bootstrap::{InboundFilter, Protocol, TcpBootstrap};
 use relay_proto::template::UriTemplate;
 use serde::Deserialize;
 use toml::Spanned;
@@ -236,7 +236,7 @@ impl Workers {
             Workers::Count(n) => n,
             Workers::Auto => std::thread::available_parallelism()
                 .map_or(1, |n| n.get() as u32)
-                .min(relay_proto::channel::region::MAX_WORKERS),
+                .min(relay_channel::region::MAX_WORKERS),
         }
     }
 }
@@ -251,41 +251,20 @@ impl<'de> Deserialize<'de> for Workers {
         }
         match Raw::deserialize(d)? {
             Raw::Word(w) if w == "auto" => Ok(Workers::Auto),
-            Raw::Count(n) if (1..=i64::from(relay_proto::channel::region::MAX_WORKERS)).contains(&n) => {
+            Raw::Count(n) if (1..=i64::from(relay_channel::region::MAX_WORKERS)).contains(&n) => {
                 Ok(Workers::Count(n as u32))
             }
             _ => Err(serde::de::Error::custom(format!(
                 "dataplane.workers must be \"auto\" or 1..={}",
-                relay_proto::channel::region::MAX_WORKERS
+                relay_channel::region::MAX_WORKERS
             ))),
         }
     }
 }
 
-/// `dataplane.io`: which I/O backend the workers use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IoBackend {
-    /// io_uring when the kernel allows it (multishot receives, provided
-    /// buffer rings), epoll otherwise.
-    #[default]
-    Auto,
-    /// io_uring only: the dataplane fails to start without it.
-    IoUring,
-    /// epoll (mio) with recvmmsg/sendmmsg.
-    Epoll,
-}
-
-impl IoBackend {
-    /// The name sent to the dataplane.
-    pub fn name(self) -> &'static str {
-        match self {
-            IoBackend::Auto => "auto",
-            IoBackend::IoUring => "io_uring",
-            IoBackend::Epoll => "epoll",
-        }
-    }
-}
+/// `dataplane.io`: which I/O backend the workers use (the Bootstrap's
+/// own type: `"auto"`, `"io_uring"` or `"epoll"`).
+pub use relay_proto::channel::bootstrap::IoBackend;
 
 /// `[dataplane.connection_ids]`: server connection IDs in the QUIC-LB
 /// plaintext layout (draft-ietf-quic-load-balancers): config rotation bits,
@@ -523,20 +502,20 @@ impl TryFrom<RawProtocols> for ProtocolsSection {
 }
 
 impl ProtocolsSection {
-    /// The `:protocol` values served, as the dataplane's Bootstrap lists
-    /// them (empty: every extended CONNECT is refused). Classic CONNECT has
-    /// no `:protocol`, so `connect_tcp` is not among them: control answers
-    /// a disabled one with 501.
-    pub fn names(&self) -> Vec<String> {
+    /// The extended CONNECT protocols served, as the dataplane's Bootstrap
+    /// lists them (empty: every extended CONNECT is refused). Classic
+    /// CONNECT has no `:protocol`, so `connect_tcp` is not among them:
+    /// control answers a disabled one with 501.
+    pub fn served(&self) -> Vec<Protocol> {
         let mut out = Vec::new();
         if self.connect_udp {
-            out.push("connect-udp".to_string());
+            out.push(Protocol::ConnectUdp);
         }
         if self.connect_ip {
-            out.push("connect-ip".to_string());
+            out.push(Protocol::ConnectIp);
         }
         if self.bind {
-            out.push("connect-udp-bind".to_string());
+            out.push(Protocol::ConnectUdpBind);
         }
         out
     }
@@ -685,7 +664,7 @@ pub struct BindSection {
     pub public_addresses: Vec<std::net::IpAddr>,
     /// Which peers may send to a bound tunnel: "sent_to" (only peers the
     /// client has sent to, like an endpoint-dependent NAT) or "any".
-    pub inbound_filter: String,
+    pub inbound_filter: InboundFilter,
     /// Open compression contexts per tunnel.
     pub max_contexts: u32,
     /// Distinct peers a tunnel may send to.
@@ -696,7 +675,7 @@ impl Default for BindSection {
     fn default() -> Self {
         Self {
             public_addresses: Vec::new(),
-            inbound_filter: "sent_to".into(),
+            inbound_filter: InboundFilter::SentTo,
             max_contexts: 64,
             max_peers: 256,
         }
@@ -860,12 +839,6 @@ impl Config {
                 .map_err(|e| invalid(format!("connect_ip: {e}")))?;
         }
         let b = &config.bind;
-        if b.inbound_filter != "sent_to" && b.inbound_filter != "any" {
-            return Err(invalid(format!(
-                "bind.inbound_filter must be \"sent_to\" or \"any\", not {:?}",
-                b.inbound_filter
-            )));
-        }
         if !(1..=4096).contains(&b.max_contexts) || !(1..=65_536).contains(&b.max_peers) {
             return Err(invalid("bind.max_contexts must be 1..=4096 and bind.max_peers 1..=65536".into()));
         }
@@ -1172,7 +1145,7 @@ mod tests {
     fn quotas_and_protocols() {
         let c = Config::load(None).unwrap();
         assert_eq!(c.quotas, QuotaConfig::default(), "the demo is unlimited");
-        assert_eq!(c.protocols.names(), ["connect-udp"]);
+        assert_eq!(c.protocols.served(), [Protocol::ConnectUdp]);
         let line = |text: &str, key: &str| text.lines().position(|l| l.starts_with(key)).unwrap() + 1;
 
         let text = DEFAULT_CONFIG.replacen("bytes_per_period = 0", "bytes_per_period = 1000", 1);
@@ -1199,7 +1172,7 @@ mod tests {
             .replace("# ipv4_pool = \"10.89.0.0/16\"", "ipv4_pool = \"10.89.0.0/24\"")
             .replace("# ipv6_pool = \"fd89::/64\"", "ipv6_pool = \"fd89::/112\"");
         let c = Config::parse(&with_pool, "t.toml").unwrap();
-        assert_eq!(c.protocols.names(), ["connect-udp", "connect-ip"]);
+        assert_eq!(c.protocols.served(), [Protocol::ConnectUdp, Protocol::ConnectIp]);
         assert_eq!(c.connect_ip.mtu, 1280);
         let bad = with_pool.replace("10.89.0.0/24", "10.89.0.1/24");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
@@ -1210,18 +1183,18 @@ mod tests {
         assert!(Config::parse(&bad, "t.toml").unwrap_err().to_string().contains("connect_ip.mtu"));
         let text = DEFAULT_CONFIG.replace("bind = false", "bind = true");
         let c = Config::parse(&text, "t.toml").unwrap();
-        assert_eq!(c.protocols.names(), ["connect-udp", "connect-udp-bind"]);
-        assert_eq!((c.bind.inbound_filter.as_str(), c.bind.max_contexts), ("sent_to", 64));
+        assert_eq!(c.protocols.served(), [Protocol::ConnectUdp, Protocol::ConnectUdpBind]);
+        assert_eq!((c.bind.inbound_filter, c.bind.max_contexts), (InboundFilter::SentTo, 64));
         let bad = text.replace("inbound_filter = \"sent_to\"", "inbound_filter = \"everyone\"");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
-        assert!(err.contains("bind.inbound_filter"), "{err}");
+        assert!(err.contains("everyone") && err.contains("inbound_filter") && err.contains("line"), "{err}");
         let text = DEFAULT_CONFIG.replace("connect_udp = true", "connect_udp = false");
-        assert!(Config::parse(&text, "t.toml").unwrap().protocols.names().is_empty());
+        assert!(Config::parse(&text, "t.toml").unwrap().protocols.served().is_empty());
         // Without the section: connect-udp only.
         let cut = DEFAULT_CONFIG.find("[protocols]").unwrap();
         assert_eq!(
-            Config::parse(&DEFAULT_CONFIG[..cut], "t.toml").unwrap().protocols.names(),
-            ["connect-udp"]
+            Config::parse(&DEFAULT_CONFIG[..cut], "t.toml").unwrap().protocols.served(),
+            [Protocol::ConnectUdp]
         );
     }
 
@@ -1264,7 +1237,7 @@ mod tests {
     fn tcp_front_defaults_and_bootstrap() {
         let c = Config::load(None).unwrap();
         assert!(c.protocols.connect_tcp);
-        assert_eq!(c.protocols.names(), ["connect-udp"], "classic CONNECT has no :protocol");
+        assert_eq!(c.protocols.served(), [Protocol::ConnectUdp], "classic CONNECT has no :protocol");
         assert_eq!(c.tcp, TcpSection::default());
         assert_eq!(
             c.tcp_bootstrap(),
@@ -1341,7 +1314,7 @@ mod tests {
         let text = DEFAULT_CONFIG.replace("connect_tcp = true", "connect_tcp = false");
         let c = Config::parse(&text, "t.toml").unwrap();
         assert!(!c.protocols.connect_tcp);
-        assert_eq!(c.protocols.names(), ["connect-udp"]);
+        assert_eq!(c.protocols.served(), [Protocol::ConnectUdp]);
     }
 
     #[test]

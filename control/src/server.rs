@@ -23,16 +23,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use relay_proto::channel::RECORD_SIZE;
+use relay_channel::attach::{self as handshake, HandshakeError};
+use relay_channel::doorbell::Doorbell;
+use relay_channel::ends::ChannelError;
+use relay_channel::region::{ControlChannel, Region};
+use relay_channel::ring::RingError;
 use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate, Hello, TlsMaterial};
-use relay_proto::channel::doorbell::Doorbell;
-use relay_proto::channel::record::MAX_DETAILS;
 use relay_proto::channel::record::{
-    AddressAnswer, AddressAsk, AuthAnswer, AuthAsk, IpAssignment, MAX_ADDRESSES_PER_FAMILY, Record,
-    SignAnswer, SignAsk, SignResult, Verdict,
+    AddressAnswer, AddressAsk, AnswerRecord, AskRecord, AuthAnswer, AuthAsk, ChannelRecord, IpAssignment,
+    MAX_ADDRESSES_PER_FAMILY, MAX_DETAILS, SignAnswer, SignAsk, SignResult, Transport, Verdict,
 };
-use relay_proto::channel::region::{Region, WorkerChannel};
-use relay_proto::channel::ring::{Consumer, Producer, RingError};
 use relay_proto::proxy_status::ProxyError;
 use tracing::{debug, error, info, warn};
 
@@ -101,15 +101,14 @@ pub struct FlowInfo {
 }
 
 /// How `relayctl conns` names a [`ConnInfo`](relay_proto::channel::record::ConnInfo)'s transport.
-fn transport_name(transport: u8) -> &'static str {
-    use relay_proto::channel::record as r;
+fn transport_name(transport: Transport) -> &'static str {
     match transport {
-        r::TRANSPORT_H3 => "h3",
-        r::TRANSPORT_H2 => "h2",
-        r::TRANSPORT_HTTP1 => "http/1.1",
-        r::TRANSPORT_H2C => "h2c",
-        r::TRANSPORT_HTTP1_CLEAR => "http/1.1-cleartext",
-        _ => "tcp",
+        Transport::H3 => "h3",
+        Transport::H2 => "h2",
+        Transport::Http1 => "http/1.1",
+        Transport::H2c => "h2c",
+        Transport::Http1Clear => "http/1.1-cleartext",
+        Transport::TcpPending => "tcp",
     }
 }
 
@@ -225,10 +224,11 @@ impl Shared {
 }
 
 struct WorkerEnd {
-    chan: WorkerChannel<Producer, Consumer>,
+    chan: ControlChannel,
     ask_bell: Doorbell,
     answer_bell: Doorbell,
-    backlog: VecDeque<Box<[u8; RECORD_SIZE]>>,
+    /// Answers waiting for room in the ring, each checked to encode.
+    backlog: VecDeque<AnswerRecord>,
 }
 
 struct Attached {
@@ -262,7 +262,6 @@ pub struct Server {
     resolved: Receiver<Resolved>,
     pending: HashMap<u64, PendingResolution>,
     next_job: u64,
-    record: Box<[u8; RECORD_SIZE]>,
 }
 
 /// The TLS material for `credentials`' current generation: the chain, the
@@ -373,7 +372,6 @@ impl Server {
             resolved,
             pending: HashMap::new(),
             next_job: 1,
-            record: Box::new([0; RECORD_SIZE]),
         })
     }
 
@@ -470,8 +468,10 @@ impl Server {
 
     fn attach(&mut self, stream: UnixStream) -> Result<(), Box<dyn std::error::Error>> {
         stream.set_nonblocking(false)?;
-        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-        let (hello, _fds): (Hello, Vec<OwnedFd>) = bootstrap::recv(&stream)?;
+        // One deadline for the whole frame: a peer trickling bytes cannot
+        // hold this loop longer. Descriptors sent with a hello are closed.
+        let (hello, _fds): (Hello, Vec<OwnedFd>) =
+            handshake::recv_before(&stream, Instant::now() + HELLO_TIMEOUT)?;
         bootstrap::check_version(hello.version)?;
         let workers = self.settings.bootstrap.workers;
         let (region, memfd) = Region::create(workers)?;
@@ -492,7 +492,7 @@ impl Server {
         let fd_refs: Vec<&dyn AsRawFd> = fds.iter().map(|f| f as &dyn AsRawFd).collect();
         let mut boot = self.settings.bootstrap.clone();
         boot.tls = self.tls_material();
-        bootstrap::send(&stream, &boot, &fd_refs)?;
+        handshake::send(&stream, &boot, &fd_refs)?;
         stream.set_nonblocking(true)?;
         let registry = self.poll.registry();
         registry.register(&mut SourceFd(&stream.as_raw_fd()), DATAPLANE, Interest::READABLE)?;
@@ -548,9 +548,9 @@ impl Server {
             .stream
             .set_nonblocking(false)
             .and_then(|()| a.stream.set_write_timeout(Some(Duration::from_secs(2))))
-            .map_err(bootstrap::BootstrapError::Io)
-            .and_then(|()| bootstrap::send(&a.stream, &ControlUpdate::Tls(material), &[]))
-            .and_then(|()| a.stream.set_nonblocking(true).map_err(bootstrap::BootstrapError::Io));
+            .map_err(HandshakeError::Io)
+            .and_then(|()| handshake::send(&a.stream, &ControlUpdate::Tls(material), &[]))
+            .and_then(|()| a.stream.set_nonblocking(true).map_err(HandshakeError::Io));
         match sent {
             Ok(()) => self.shared.lock().unwrap_or_else(|p| p.into_inner()).tls_updates_sent += 1,
             Err(e) => self.detach(&format!("sending TLS material: {e}")),
@@ -565,20 +565,19 @@ impl Server {
             match shared.conn_listing.as_mut().filter(|l| !l.sent) {
                 Some(l) => {
                     l.sent = true;
-                    Record::ListConns { request_id: l.request_id, limit: l.limit }
+                    AnswerRecord::ListConns { request_id: l.request_id, limit: l.limit }
                 }
                 None => return,
             }
         };
-        let mut buf = Box::new([0u8; RECORD_SIZE]);
-        if let Err(e) = ask.encode(&mut buf) {
+        if let Err(e) = ask.check() {
             error!("cannot encode a connection listing request: {e}");
             return;
         }
         let Some(a) = &mut self.attached else { return };
         for end in a.workers.iter_mut() {
             if end.backlog.len() < MAX_BACKLOG {
-                end.backlog.push_back(buf.clone());
+                end.backlog.push_back(ask.clone());
             }
         }
         self.flush_backlogs();
@@ -588,11 +587,8 @@ impl Server {
         let kills = std::mem::take(&mut self.shared.lock().unwrap_or_else(|p| p.into_inner()).kill_requests);
         if let Some(a) = &mut self.attached {
             for (worker, flow_id) in kills {
-                let mut buf = Box::new([0u8; RECORD_SIZE]);
-                if (Record::KillFlow { flow_id }).encode(&mut buf).is_ok()
-                    && let Some(end) = a.workers.get_mut(worker as usize)
-                {
-                    end.backlog.push_back(buf);
+                if let Some(end) = a.workers.get_mut(worker as usize) {
+                    end.backlog.push_back(AnswerRecord::KillFlow { flow_id });
                 }
             }
             self.flush_backlogs();
@@ -603,12 +599,8 @@ impl Server {
             return;
         }
         let Some(a) = &mut self.attached else { return };
-        let mut buf = Box::new([0u8; RECORD_SIZE]);
-        if Record::Drain.encode(&mut buf).is_err() {
-            return;
-        }
         for end in a.workers.iter_mut() {
-            end.backlog.push_back(buf.clone());
+            end.backlog.push_back(AnswerRecord::Drain);
         }
         info!("drain requested by the admin socket; told every worker");
         self.flush_backlogs();
@@ -620,7 +612,10 @@ impl Server {
         loop {
             match (&a.stream).read(&mut buf) {
                 Ok(0) => return self.detach("dataplane closed the channel"),
-                Ok(_) => continue, // nothing is expected after attach; ignore
+                // Nothing is expected after attach: a dataplane that writes
+                // is misbehaving, and reading on would let it keep this
+                // loop busy.
+                Ok(_) => return self.detach("dataplane sent bytes on the channel socket after attaching"),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return self.detach(&format!("channel socket error: {e}")),
@@ -654,16 +649,15 @@ impl Server {
         for (w, end) in a.workers.iter_mut().enumerate() {
             // Bounded per sweep so one worker cannot starve the others.
             for _ in 0..1024 {
-                match end.chan.rx.pop(&mut self.record) {
-                    Ok(true) => match Record::decode(&self.record[..]) {
-                        Ok(r) => asks.push((w as u32, r)),
-                        Err(e) => {
-                            warn!(worker = w, "invalid record from dataplane: {e}");
-                            self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
-                        }
-                    },
-                    Ok(false) => break,
-                    Err(RingError::Corrupt) | Err(RingError::Full) => {
+                match end.chan.rx.pop() {
+                    Ok(Some(r)) => asks.push((w as u32, r)),
+                    Ok(None) => break,
+                    // Invalid, torn or an answer kind: counted, skipped.
+                    Err(ChannelError::Record(e)) => {
+                        warn!(worker = w, "invalid record from dataplane: {e}");
+                        self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
+                    }
+                    Err(ChannelError::Ring(_)) => {
                         corrupt = Some(w);
                         break;
                     }
@@ -675,10 +669,10 @@ impl Server {
         }
         for (worker, record) in asks {
             match record {
-                Record::AuthAsk(ask) => self.on_ask(worker, ask),
-                Record::SignAsk(ask) => self.on_sign_ask(worker, ask),
-                Record::AddressAsk(ask) => self.on_address_ask(worker, ask),
-                Record::FlowClosed(closed) => {
+                AskRecord::AuthAsk(ask) => self.on_ask(worker, ask),
+                AskRecord::SignAsk(ask) => self.on_sign_ask(worker, ask),
+                AskRecord::AddressAsk(ask) => self.on_address_ask(worker, ask),
+                AskRecord::FlowClosed(closed) => {
                     let bytes = closed.bytes_up.saturating_add(closed.bytes_down);
                     self.policy().flow_closed(closed.flow_id, bytes, Instant::now());
                     self.pools.release(closed.flow_id);
@@ -692,7 +686,7 @@ impl Server {
                         );
                     }
                 }
-                Record::FlowOpen(open) => {
+                AskRecord::FlowOpen(open) => {
                     // A dataplane that outlived a previous control reports its
                     // live flows after attaching, each with the identity the
                     // allowing control gave it: they count against that
@@ -723,7 +717,7 @@ impl Server {
                         });
                     }
                 }
-                Record::ConnInfo(c) => {
+                AskRecord::ConnInfo(c) => {
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(l) = shared.conn_listing.as_mut().filter(|l| l.request_id == c.request_id)
                         && l.rows.len() < (l.limit as usize).saturating_mul(a_workers)
@@ -748,21 +742,12 @@ impl Server {
                         });
                     }
                 }
-                Record::ConnListEnd { request_id, total } => {
+                AskRecord::ConnListEnd { request_id, total } => {
                     let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(l) = shared.conn_listing.as_mut().filter(|l| l.request_id == request_id) {
                         l.workers_done += 1;
                         l.total += u64::from(total);
                     }
-                }
-                Record::AuthAnswer(_)
-                | Record::Drain
-                | Record::KillFlow { .. }
-                | Record::SignAnswer(_)
-                | Record::AddressAnswer(_)
-                | Record::ListConns { .. } => {
-                    warn!(worker, "dataplane sent an answer record; ignored");
-                    self.shared.lock().unwrap_or_else(|p| p.into_inner()).channel_errors += 1;
                 }
             }
         }
@@ -927,7 +912,7 @@ impl Server {
             Verdict::Deny { .. } => None,
         };
         let sent =
-            self.send_to_worker(worker, &Record::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));
+            self.send_to_worker(worker, AnswerRecord::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));
         if !sent && let Some(flow_id) = allowed {
             // The dataplane will never hear of this flow: release what the
             // allow took (quota admission, addresses, the flow entry).
@@ -958,7 +943,8 @@ impl Server {
             }
         }
         // A dropped answer fails the handshake by the dataplane's timeout.
-        let _ = self.send_to_worker(worker, &Record::SignAnswer(SignAnswer { sign_id: ask.sign_id, result }));
+        let _ = self
+            .send_to_worker(worker, AnswerRecord::SignAnswer(SignAnswer { sign_id: ask.sign_id, result }));
     }
 
     /// connect-ip: a client asked for a specific address (RFC 9484 section
@@ -992,7 +978,7 @@ impl Server {
         };
         let answer =
             AddressAnswer { flow_id: ask.flow_id, request_id: ask.request_id, addr: ask.addr, granted };
-        if !self.send_to_worker(worker, &Record::AddressAnswer(answer))
+        if !self.send_to_worker(worker, AnswerRecord::AddressAnswer(answer))
             && granted
             && !held.contains(&ask.addr)
         {
@@ -1003,9 +989,8 @@ impl Server {
 
     /// Queues a record for a worker (in order, behind its backlog);
     /// false when it could not be queued.
-    fn send_to_worker(&mut self, worker: u32, record: &Record) -> bool {
-        let mut buf = Box::new([0u8; RECORD_SIZE]);
-        if let Err(e) = record.encode(&mut buf) {
+    fn send_to_worker(&mut self, worker: u32, record: AnswerRecord) -> bool {
+        if let Err(e) = record.check() {
             error!("cannot encode a record for worker {worker}: {e}");
             return false;
         }
@@ -1015,7 +1000,7 @@ impl Server {
             warn!(worker, "answer backlog full; the dataplane will time the ask out");
             return false;
         }
-        end.backlog.push_back(buf);
+        end.backlog.push_back(record);
         self.flush_backlogs();
         true
     }
@@ -1031,8 +1016,13 @@ impl Server {
                         end.backlog.pop_front();
                         pushed = true;
                     }
-                    Err(RingError::Full) => break,
-                    Err(RingError::Corrupt) => {
+                    Err(ChannelError::Record(e)) => {
+                        // Checked when queued; dropped all the same.
+                        error!(worker = w, "cannot encode an answer: {e}");
+                        end.backlog.pop_front();
+                    }
+                    Err(ChannelError::Ring(RingError::Full)) => break,
+                    Err(ChannelError::Ring(RingError::Corrupt)) => {
                         corrupt = Some(w);
                         break;
                     }

@@ -6,9 +6,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use relay_proto::channel::bootstrap::{self, Bootstrap, BootstrapError, Hello, PROTOCOL_VERSION};
-use relay_proto::channel::doorbell::Doorbell;
-use relay_proto::channel::region::{Region, RegionError};
+use relay_channel::attach::{self as handshake, HandshakeError};
+use relay_channel::doorbell::Doorbell;
+use relay_channel::region::{Region, RegionError};
+use relay_proto::channel::bootstrap::{self, Bootstrap, Hello, PROTOCOL_VERSION};
 
 /// What the dataplane gets from control.
 pub struct Attachment {
@@ -35,7 +36,7 @@ pub enum AttachError {
     },
     /// The handshake failed.
     #[error("handshake with control: {0}")]
-    Handshake(#[from] BootstrapError),
+    Handshake(#[from] HandshakeError),
     /// The region is unusable.
     #[error("shared region: {0}")]
     Region(#[from] RegionError),
@@ -62,11 +63,11 @@ pub fn attach(path: &Path, wait: Duration) -> Result<Attachment, AttachError> {
             Err(source) => return Err(AttachError::Connect { path: path.display().to_string(), source }),
         }
     };
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(BootstrapError::Io)?;
-    bootstrap::send(&stream, &Hello { version: PROTOCOL_VERSION, pid: std::process::id() }, &[])?;
-    let (boot, fds): (Bootstrap, Vec<OwnedFd>) = bootstrap::recv(&stream)?;
-    bootstrap::check_version(boot.version)?;
-    boot.tls.validate()?;
+    handshake::send(&stream, &Hello { version: PROTOCOL_VERSION, pid: std::process::id() }, &[])?;
+    let (boot, fds): (Bootstrap, Vec<OwnedFd>) =
+        handshake::recv_before(&stream, Instant::now() + Duration::from_secs(10))?;
+    bootstrap::check_version(boot.version).map_err(HandshakeError::from)?;
+    boot.tls.validate().map_err(HandshakeError::from)?;
     let expected = 1 + 2 * boot.workers as usize;
     if fds.len() != expected {
         return Err(AttachError::Descriptors { got: fds.len(), expected });
@@ -80,6 +81,6 @@ pub fn attach(path: &Path, wait: Duration) -> Result<Attachment, AttachError> {
     while let (Some(ask), Some(answer)) = (fds.next(), fds.next()) {
         doorbells.push((Doorbell::from_fd(ask), Doorbell::from_fd(answer)));
     }
-    stream.set_read_timeout(None).map_err(BootstrapError::Io)?;
+    stream.set_read_timeout(None).map_err(HandshakeError::Io)?;
     Ok(Attachment { stream, bootstrap: boot, region, doorbells })
 }

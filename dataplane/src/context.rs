@@ -11,8 +11,8 @@ use std::net::{TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use relay_proto::channel::bootstrap::Bootstrap;
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
+use relay_proto::channel::bootstrap::{Bootstrap, Protocol};
 use relay_proto::cid::CidLayout;
 use relay_proto::template::{IpUriTemplate, UriTemplate};
 
@@ -76,7 +76,7 @@ impl Settings {
         let served = Served {
             template,
             ip_template,
-            connect_udp: bootstrap.protocols.iter().any(|p| p == "connect-udp"),
+            connect_udp: bootstrap.protocols.contains(&Protocol::ConnectUdp),
             bind: bootstrap.bind.is_some(),
         };
         let ask_timeout = Duration::from_millis(u64::from(bootstrap.ask_timeout_ms));

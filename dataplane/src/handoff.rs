@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 
 use crossbeam_queue::ArrayQueue;
-use relay_proto::channel::doorbell::Doorbell;
+use relay_channel::doorbell::Doorbell;
 
 /// Packets waiting in one worker's inbox at most.
 pub const INBOX_CAPACITY: usize = 4096;

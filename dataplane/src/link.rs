@@ -5,14 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use relay_proto::channel::RECORD_SIZE;
-use relay_proto::channel::doorbell::Doorbell;
+use relay_channel::doorbell::Doorbell;
+use relay_channel::ends::ChannelError;
+use relay_channel::region::{Counter, Counters, DataplaneChannel};
+use relay_channel::ring::RingError;
 use relay_proto::channel::record::{
-    AddressAnswer, AddressAsk, AuthAnswer, AuthAsk, ConnInfo, FlowClosed, FlowOpen, Record, RecordError,
-    SignAnswer, SignAsk,
+    AddressAnswer, AddressAsk, AnswerRecord, AskRecord, AuthAnswer, AuthAsk, ChannelRecord, ConnInfo,
+    FlowClosed, FlowOpen, RecordError, SignAnswer, SignAsk, TunnelProtocol,
 };
-use relay_proto::channel::region::{Counter, Counters, WorkerChannel};
-use relay_proto::channel::ring::{Consumer, Producer, RingError};
 use relay_proto::proxy_status::ProxyError;
 
 /// Why an ask could not be sent.
@@ -51,6 +51,25 @@ impl AskError {
     }
 }
 
+/// What a worker asks control about a request: may this tunnel open?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthRequest {
+    /// The client's address as the relay sees it.
+    pub client: SocketAddr,
+    /// `:authority`.
+    pub authority: String,
+    /// `:path`.
+    pub path: String,
+    /// Target host as in the request (IP literal or name).
+    pub target_host: String,
+    /// Target port (connect-ip: the IP protocol).
+    pub target_port: u16,
+    /// `proxy-authorization` (or `authorization`) value, if any.
+    pub authorization: Option<String>,
+    /// The kind of tunnel asked for.
+    pub protocol: TunnelProtocol,
+}
+
 /// An answer from control.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
@@ -68,12 +87,11 @@ pub const MAX_QUEUED_ASKS: usize = 16_384;
 
 /// The worker's channel end.
 pub struct ControlLink {
-    queued: VecDeque<Record>,
-    chan: WorkerChannel<Producer, Consumer>,
+    queued: VecDeque<AskRecord>,
+    chan: DataplaneChannel,
     ask_bell: Doorbell,
     answer_bell: Doorbell,
     control_alive: Arc<AtomicBool>,
-    record: Box<[u8; RECORD_SIZE]>,
     next_ask_id: u64,
     broken: bool,
     drain_requested: bool,
@@ -89,7 +107,7 @@ impl ControlLink {
     /// Wraps the worker's channel, its doorbells and the liveness flag the
     /// main thread clears when control's socket closes.
     pub fn new(
-        chan: WorkerChannel<Producer, Consumer>,
+        chan: DataplaneChannel,
         ask_bell: Doorbell,
         answer_bell: Doorbell,
         control_alive: Arc<AtomicBool>,
@@ -100,7 +118,6 @@ impl ControlLink {
             ask_bell,
             answer_bell,
             control_alive,
-            record: Box::new([0; RECORD_SIZE]),
             next_ask_id: 1,
             broken: false,
             drain_requested: false,
@@ -126,45 +143,24 @@ impl ControlLink {
     }
 
     /// Sends an authorization ask; returns its ID.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ask(
-        &mut self,
-        client: SocketAddr,
-        authority: &str,
-        path: &str,
-        target_host: &str,
-        target_port: u16,
-        authorization: Option<&str>,
-        protocol: u8,
-    ) -> Result<u64, AskError> {
+    pub fn ask(&mut self, request: AuthRequest) -> Result<u64, AskError> {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
         let ask_id = self.next_ask_id;
-        let ask = AuthAsk {
+        let AuthRequest { client, authority, path, target_host, target_port, authorization, protocol } =
+            request;
+        let ask = AskRecord::AuthAsk(AuthAsk {
             ask_id,
             client,
-            authority: authority.to_string(),
-            path: path.to_string(),
-            target_host: target_host.to_string(),
+            authority,
+            path,
+            target_host,
             target_port,
-            authorization: authorization.map(str::to_string),
+            authorization,
             protocol,
-        };
-        // Validate the size now, so an oversize request is refused at once.
-        Record::AuthAsk(ask.clone()).encode(&mut self.record).map_err(AskError::TooLarge)?;
-        self.flush_queued();
-        if self.queued.is_empty() {
-            match self.push() {
-                Ok(()) => {}
-                Err(AskError::Full) => self.queued.push_back(Record::AuthAsk(ask)),
-                Err(e) => return Err(e),
-            }
-        } else if self.queued.len() < MAX_QUEUED_ASKS {
-            self.queued.push_back(Record::AuthAsk(ask));
-        } else {
-            return Err(AskError::Full);
-        }
+        });
+        self.send_or_queue(ask)?;
         self.next_ask_id += 1;
         self.chan.counters.add(Counter::AsksSent, 1);
         Ok(ask_id)
@@ -176,33 +172,37 @@ impl ControlLink {
             return;
         }
         while let Some(record) = self.queued.front() {
-            if record.encode(&mut self.record).is_err() {
-                self.queued.pop_front();
-                continue;
-            }
-            match self.push() {
+            match self.chan.tx.push(record) {
                 Ok(()) => {
+                    let _ = self.ask_bell.ring();
                     self.queued.pop_front();
                 }
-                Err(_) => return,
+                // Checked before it was queued; never sent all the same.
+                Err(ChannelError::Record(_)) => {
+                    self.queued.pop_front();
+                }
+                Err(ChannelError::Ring(e)) => {
+                    self.ring_failed(e);
+                    return;
+                }
             }
         }
     }
 
     /// Forgets a queued ask whose request went away.
     pub fn cancel(&mut self, ask_id: u64) {
-        self.queued.retain(|r| !matches!(r, Record::AuthAsk(a) if a.ask_id == ask_id));
+        self.queued.retain(|r| !matches!(r, AskRecord::AuthAsk(a) if a.ask_id == ask_id));
     }
 
     /// Reports a record to control in order with the asks (queued while the
     /// ring is full; dropped only past the queue bound, as control resyncs
     /// on its next attach).
-    fn report(&mut self, record: Record) {
+    fn report(&mut self, record: AskRecord) {
         self.flush_queued();
-        if self.queued.is_empty() && record.encode(&mut self.record).is_ok() && self.push().is_ok() {
+        if self.queued.is_empty() && self.push(&record).is_ok() {
             return;
         }
-        if self.queued.len() < MAX_QUEUED_ASKS {
+        if self.queued.len() < MAX_QUEUED_ASKS && record.check().is_ok() {
             self.queued.push_back(record);
         }
     }
@@ -219,7 +219,7 @@ impl ControlLink {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
-        self.send_or_queue(Record::SignAsk(SignAsk { sign_id, generation, algorithm, input }))
+        self.send_or_queue(AskRecord::SignAsk(SignAsk { sign_id, generation, algorithm, input }))
     }
 
     /// Asks control to lease a specific address to a connect-ip flow (a
@@ -228,15 +228,16 @@ impl ControlLink {
         if !self.is_up() {
             return Err(AskError::ControlDown);
         }
-        self.send_or_queue(Record::AddressAsk(ask))
+        self.send_or_queue(AskRecord::AddressAsk(ask))
     }
 
-    /// Sends `record` now, or queues it (bounded) behind earlier ones.
-    fn send_or_queue(&mut self, record: Record) -> Result<(), AskError> {
-        record.encode(&mut self.record).map_err(AskError::TooLarge)?;
+    /// Sends `record` now, or queues it (bounded) behind earlier ones. A
+    /// record that does not fit is refused at once, queued or not.
+    fn send_or_queue(&mut self, record: AskRecord) -> Result<(), AskError> {
+        record.check().map_err(AskError::TooLarge)?;
         self.flush_queued();
         if self.queued.is_empty() {
-            match self.push() {
+            match self.push(&record) {
                 Ok(()) => return Ok(()),
                 Err(AskError::Full) => {}
                 Err(e) => return Err(e),
@@ -251,12 +252,12 @@ impl ControlLink {
 
     /// Reports a closed flow.
     pub fn flow_closed(&mut self, closed: FlowClosed) {
-        self.report(Record::FlowClosed(closed));
+        self.report(AskRecord::FlowClosed(closed));
     }
 
     /// Reports a live flow (after attaching to a new control).
     pub fn flow_open(&mut self, open: FlowOpen) {
-        self.report(Record::FlowOpen(open));
+        self.report(AskRecord::FlowOpen(open));
     }
 
     /// Whether control asked for a drain since the last call.
@@ -276,12 +277,12 @@ impl ControlLink {
 
     /// Reports one connection of a listing.
     pub fn conn_info(&mut self, info: ConnInfo) {
-        self.report(Record::ConnInfo(info));
+        self.report(AskRecord::ConnInfo(info));
     }
 
     /// Ends a listing: `total` connections on this worker.
     pub fn conn_list_end(&mut self, request_id: u64, total: u32) {
-        self.report(Record::ConnListEnd { request_id, total });
+        self.report(AskRecord::ConnListEnd { request_id, total });
     }
 
     /// Flows control asked to end since the last call.
@@ -300,17 +301,25 @@ impl ControlLink {
         self.next_ask_id = self.next_ask_id.max(next);
     }
 
-    fn push(&mut self) -> Result<(), AskError> {
-        match self.chan.tx.push(&self.record) {
+    fn push(&mut self, record: &AskRecord) -> Result<(), AskError> {
+        match self.chan.tx.push(record) {
             Ok(()) => {
                 let _ = self.ask_bell.ring();
                 Ok(())
             }
-            Err(RingError::Full) => Err(AskError::Full),
-            Err(RingError::Corrupt) => {
+            Err(ChannelError::Record(e)) => Err(AskError::TooLarge(e)),
+            Err(ChannelError::Ring(e)) => Err(self.ring_failed(e)),
+        }
+    }
+
+    /// A full ring waits; a corrupt one breaks the link for good (counted).
+    fn ring_failed(&mut self, e: RingError) -> AskError {
+        match e {
+            RingError::Full => AskError::Full,
+            RingError::Corrupt => {
                 self.broken = true;
                 self.chan.counters.add(Counter::ChannelErrors, 1);
-                Err(AskError::ControlDown)
+                AskError::ControlDown
             }
         }
     }
@@ -326,27 +335,26 @@ impl ControlLink {
         }
         // Bounded per turn; the rest waits for the next turn.
         for _ in 0..4096 {
-            match self.chan.rx.pop(&mut self.record) {
-                Ok(true) => match Record::decode(&self.record[..]) {
-                    Ok(Record::AuthAnswer(a)) => on_answer(Answer::Auth(a)),
-                    Ok(Record::SignAnswer(a)) => on_answer(Answer::Sign(a)),
-                    Ok(Record::AddressAnswer(a)) => on_answer(Answer::Address(a)),
-                    Ok(Record::Drain) => self.drain_requested = true,
-                    Ok(Record::KillFlow { flow_id }) => {
-                        // Bounded: an operator kills flows one at a time.
-                        if self.kill_requests.len() < 4096 {
-                            self.kill_requests.push(flow_id);
-                        }
+            match self.chan.rx.pop() {
+                Ok(Some(AnswerRecord::AuthAnswer(a))) => on_answer(Answer::Auth(a)),
+                Ok(Some(AnswerRecord::SignAnswer(a))) => on_answer(Answer::Sign(a)),
+                Ok(Some(AnswerRecord::AddressAnswer(a))) => on_answer(Answer::Address(a)),
+                Ok(Some(AnswerRecord::Drain)) => self.drain_requested = true,
+                Ok(Some(AnswerRecord::KillFlow { flow_id })) => {
+                    // Bounded: an operator kills flows one at a time.
+                    if self.kill_requests.len() < 4096 {
+                        self.kill_requests.push(flow_id);
                     }
-                    Ok(Record::ListConns { request_id, limit }) => {
-                        if self.list_requests.len() < MAX_LIST_REQUESTS {
-                            self.list_requests.push((request_id, limit));
-                        }
+                }
+                Ok(Some(AnswerRecord::ListConns { request_id, limit })) => {
+                    if self.list_requests.len() < MAX_LIST_REQUESTS {
+                        self.list_requests.push((request_id, limit));
                     }
-                    Ok(_) | Err(_) => self.chan.counters.add(Counter::ChannelErrors, 1),
-                },
-                Ok(false) => return false,
-                Err(_) => {
+                }
+                // Invalid (or another direction's) record: counted, skipped.
+                Err(ChannelError::Record(_)) => self.chan.counters.add(Counter::ChannelErrors, 1),
+                Ok(None) => return false,
+                Err(ChannelError::Ring(_)) => {
                     self.broken = true;
                     self.chan.counters.add(Counter::ChannelErrors, 1);
                     return false;
@@ -354,5 +362,88 @@ impl ControlLink {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+    use std::os::unix::fs::FileExt;
+
+    use relay_channel::region::{ControlChannel, RING_HEADER, Region, answers_ring_offset};
+    use relay_proto::channel::RECORD_SIZE;
+    use relay_proto::channel::record::{MAX_PATH, Verdict};
+
+    use super::*;
+
+    fn link() -> (ControlLink, ControlChannel, File) {
+        let (region, fd) = Region::create(1).unwrap();
+        let alive = Arc::new(AtomicBool::new(true));
+        let link = ControlLink::new(
+            region.dataplane_side(0),
+            Doorbell::new().unwrap(),
+            Doorbell::new().unwrap(),
+            alive,
+        );
+        (link, region.control_side(0), File::from(fd))
+    }
+
+    fn request(path: String) -> AuthRequest {
+        AuthRequest {
+            client: "192.0.2.1:4433".parse().unwrap(),
+            authority: "relay.example".into(),
+            path,
+            target_host: "example.com".into(),
+            target_port: 53,
+            authorization: Some("Bearer t".into()),
+            protocol: TunnelProtocol::ConnectUdp,
+        }
+    }
+
+    #[test]
+    fn an_ask_reaches_control_whole_and_oversize_ones_are_refused_at_once() {
+        let (mut link, mut control, _peer) = link();
+        let id = link.ask(request("/x".into())).unwrap();
+        let Some(AskRecord::AuthAsk(ask)) = control.rx.pop().unwrap() else { panic!("no ask") };
+        assert_eq!(ask.ask_id, id);
+        assert_eq!(
+            (ask.path.as_str(), ask.target_port, ask.protocol),
+            ("/x", 53, TunnelProtocol::ConnectUdp)
+        );
+        assert_eq!(ask.authorization.as_deref(), Some("Bearer t"));
+        let e = link.ask(request("/".repeat(MAX_PATH + 1))).unwrap_err();
+        assert_eq!(e, AskError::TooLarge(RecordError::FieldTooLong("path")));
+        assert_eq!(e.refusal().0, 414);
+        assert_eq!(link.next_ask_id(), id + 1, "a refused ask takes no ID");
+        assert_eq!(control.rx.pop().unwrap(), None);
+        assert_eq!(link.counters().get(Counter::AsksSent), 1);
+    }
+
+    #[test]
+    fn answers_are_delivered_and_invalid_records_counted_and_skipped() {
+        let (mut link, mut control, peer) = link();
+        let denied = AuthAnswer {
+            ask_id: 1,
+            verdict: Verdict::Deny {
+                status: 403,
+                proxy_error: None,
+                details: String::new(),
+                retry_after_secs: 0,
+            },
+        };
+        control.tx.push(&AnswerRecord::AuthAnswer(denied.clone())).unwrap();
+        control.tx.push(&AnswerRecord::Drain).unwrap();
+        control.tx.push(&AnswerRecord::KillFlow { flow_id: 9 }).unwrap();
+        // Control (or whoever writes the region) turns the drain into an
+        // ask kind: refused as the wrong direction, counted, skipped.
+        let drain_slot = answers_ring_offset(0) + RING_HEADER + RECORD_SIZE;
+        peer.write_all_at(&[2, 3], drain_slot as u64).unwrap();
+        let mut answers = Vec::new();
+        assert!(!link.poll_answers(|a| answers.push(a)));
+        assert_eq!(answers, [Answer::Auth(denied)]);
+        assert!(!link.take_drain_request(), "the garbled drain was not taken");
+        assert_eq!(link.take_kill_requests(), [9]);
+        assert_eq!(link.counters().get(Counter::ChannelErrors), 1);
+        assert!(link.is_up());
     }
 }

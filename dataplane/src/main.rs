@@ -7,6 +7,7 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use clap::Parser;
+use relay_channel::attach::{self as handshake, HandshakeError};
 use relay_dataplane::attach::attach;
 use relay_dataplane::context::Settings;
 use relay_dataplane::handoff::Inbox;
@@ -19,7 +20,7 @@ use relay_dataplane::tls::{TlsChange, TlsShared};
 use relay_dataplane::tun::TunDevice;
 use relay_dataplane::worker::{Flags, Worker};
 use relay_dataplane::{cpu, socket};
-use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate};
+use relay_proto::channel::bootstrap::{Bootstrap, ControlUpdate, IoBackend};
 use relay_proto::cid::CidLayout;
 use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
@@ -93,7 +94,7 @@ impl ControlWatch {
     /// carries something invalid (the stream cannot be trusted after it).
     fn follow_updates(&self) {
         loop {
-            match bootstrap::recv::<ControlUpdate>(&self.stream) {
+            match handshake::recv::<ControlUpdate>(&self.stream) {
                 Ok((ControlUpdate::Tls(material), _)) => {
                     let generation = material.generation;
                     match self.tls.update(material) {
@@ -107,7 +108,7 @@ impl ControlWatch {
                         let _ = inbox.bell.ring();
                     }
                 }
-                Err(bootstrap::BootstrapError::Closed) => return,
+                Err(HandshakeError::Closed) => return,
                 Err(e) => {
                     error!("control's socket carried an invalid update ({e}); re-attaching");
                     let _ = self.stream.shutdown(std::net::Shutdown::Both);
@@ -178,14 +179,14 @@ fn choose_backend(b: &Bootstrap) -> Result<BackendKind, String> {
         sendmsg = support.sendmsg,
         "{support}"
     );
-    match b.io_backend.as_str() {
-        "epoll" => Ok(BackendKind::Epoll),
-        "io_uring" if support.is_usable() => Ok(BackendKind::Uring),
-        "io_uring" => {
+    match b.io_backend {
+        IoBackend::Epoll => Ok(BackendKind::Epoll),
+        IoBackend::IoUring if support.is_usable() => Ok(BackendKind::Uring),
+        IoBackend::IoUring => {
             Err(format!("io_uring was asked for but is not usable: {}", support.missing().join(", ")))
         }
-        _ if support.is_usable() => Ok(BackendKind::Uring),
-        _ => {
+        IoBackend::Auto if support.is_usable() => Ok(BackendKind::Uring),
+        IoBackend::Auto => {
             warn!(missing = %support.missing().join(", "), "io_uring is not usable here; using epoll");
             Ok(BackendKind::Epoll)
         }
@@ -319,7 +320,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             worker.set_front(front);
         }
         let cpu = (b.pin_workers && !cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]);
-        let auto = b.io_backend == "auto";
+        let auto = b.io_backend == IoBackend::Auto;
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
             if let Some(cpu) = cpu

@@ -11,7 +11,8 @@
 //! - `test`: setup, formatting and lint checks, then every test.
 //! - `bench`: the benchmark suite on release binaries (`--update-docs`
 //!   writes the results into docs/BENCHMARKS.md).
-//! - `fuzz`: every cargo-fuzz target of relay-proto for `--seconds N` each.
+//! - `fuzz`: every cargo-fuzz target (relay-proto's and relay-channel's) for
+//!   `--seconds N` each.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -329,11 +330,12 @@ fn test(args: &[String]) -> Result<()> {
     let (p, f) = run_counting_tests(&mut cmd)?;
     passed += p;
     failed += f;
-    // The shared-memory ring's loom model: every interleaving of producer
-    // and consumer through the ring's own push/pop code. Its own target
-    // directory, so `--cfg loom` does not rebuild the main one.
+    // The shared-memory ring's loom model (relay-channel): every
+    // interleaving of producer and consumer through the ring's own push/pop
+    // code. Its own target directory, so `--cfg loom` does not rebuild the
+    // main one.
     let mut cmd = cargo();
-    cmd.args(["test", "--locked", "--release", "-p", "relay-proto", "--lib", "loom"])
+    cmd.args(["test", "--locked", "--release", "-p", "relay-channel", "--lib", "loom"])
         .env("RUSTFLAGS", "--cfg loom")
         .env("CARGO_TARGET_DIR", root().join("target").join("loom"));
     let (p, f) = run_counting_tests(&mut cmd)?;
@@ -430,13 +432,15 @@ fn update_docs(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Directory of the cargo-fuzz project.
-fn fuzz_dir() -> PathBuf {
-    root().join("dataplane/proto")
+/// The cargo-fuzz projects: relay-proto's decoders and relay-channel's
+/// ring readers (each in `<crate>/fuzz`, with its corpora under
+/// `fuzz/corpus/<target>`).
+fn fuzz_dirs() -> [PathBuf; 2] {
+    [root().join("dataplane/proto"), root().join("dataplane/channel")]
 }
 
-/// Runs every fuzz target for `--seconds N` (default 60) each, on the
-/// stable toolchain (no sanitizer), with the committed corpora.
+/// Runs every fuzz target of every project for `--seconds N` (default 60)
+/// each, on the stable toolchain (no sanitizer), with the committed corpora.
 fn fuzz(args: &[String]) -> Result<()> {
     let seconds: u64 = match args.iter().position(|a| a == "--seconds") {
         Some(i) => args
@@ -456,25 +460,29 @@ fn fuzz(args: &[String]) -> Result<()> {
     if !have_fuzz {
         run_checked(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    let list = cargo().current_dir(fuzz_dir()).args(["fuzz", "list"]).output().context("cargo fuzz list")?;
-    if !list.status.success() {
-        bail!("cargo fuzz list failed: {}", String::from_utf8_lossy(&list.stderr));
+    let mut targets: Vec<(PathBuf, String)> = Vec::new();
+    for dir in fuzz_dirs() {
+        let list = cargo().current_dir(&dir).args(["fuzz", "list"]).output().context("cargo fuzz list")?;
+        if !list.status.success() {
+            bail!("cargo fuzz list in {} failed: {}", dir.display(), String::from_utf8_lossy(&list.stderr));
+        }
+        targets.extend(
+            String::from_utf8_lossy(&list.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .filter(|t| only.as_deref().is_none_or(|o| o == *t))
+                .map(|t| (dir.clone(), t.to_string())),
+        );
     }
-    let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .filter(|t| only.as_deref().is_none_or(|o| o == *t))
-        .map(str::to_string)
-        .collect();
     if targets.is_empty() {
         bail!("no fuzz targets found");
     }
-    for t in &targets {
-        std::fs::create_dir_all(fuzz_dir().join("fuzz/corpus").join(t))?;
+    for (dir, t) in &targets {
+        std::fs::create_dir_all(dir.join("fuzz/corpus").join(t))?;
         run_checked(
             cargo()
-                .current_dir(fuzz_dir())
+                .current_dir(dir)
                 .args(["fuzz", "run", t, "--sanitizer", "none", "--"])
                 .arg(format!("-max_total_time={seconds}")),
         )?;

@@ -19,9 +19,10 @@
 //! - [`h2c`]: cleartext HTTP/2 for the TCP front: preface sniffing,
 //!   HTTP2-Settings, and the h2c Upgrade's frame shims.
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
-//! - [`channel`]: the shared-memory channel between dataplane and control:
-//!   record codecs and the SPSC ring.
-#![deny(unsafe_code)]
+//! - [`channel`]: what dataplane and control say over their shared-memory
+//!   channel: the record codecs and the attach handshake's messages (the
+//!   memory, rings and sockets themselves are `relay-channel`'s).
+#![forbid(unsafe_code)]
 
 pub mod bind;
 pub mod capsule;

@@ -19,10 +19,8 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use relay_proto::channel::record::{
-    ConnInfo, TRANSPORT_H2, TRANSPORT_H2C, TRANSPORT_HTTP1, TRANSPORT_HTTP1_CLEAR, TRANSPORT_TCP_PENDING,
-};
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
+use relay_proto::channel::record::{ConnInfo, Transport};
 use relay_proto::h2c::{self, PeerSettings, Sniff};
 use tracing::debug;
 
@@ -597,11 +595,11 @@ impl Conn {
     /// RTT from the kernel's `TCP_INFO`.
     pub fn info(&self, request_id: u64, now: Instant, tunnels: &Tunnels) -> ConnInfo {
         let (transport, established) = match (&self.session, self.io.secure) {
-            (Session::H2(_), true) => (TRANSPORT_H2, true),
-            (Session::H1(_), true) => (TRANSPORT_HTTP1, true),
-            (Session::H2(_), false) => (TRANSPORT_H2C, true),
-            (Session::H1(_), false) => (TRANSPORT_HTTP1_CLEAR, true),
-            (Session::Sniff | Session::Handshake, _) => (TRANSPORT_TCP_PENDING, false),
+            (Session::H2(_), true) => (Transport::H2, true),
+            (Session::H1(_), true) => (Transport::Http1, true),
+            (Session::H2(_), false) => (Transport::H2c, true),
+            (Session::H1(_), false) => (Transport::Http1Clear, true),
+            (Session::Sniff | Session::Handshake, _) => (Transport::TcpPending, false),
         };
         let open = match &self.session {
             Session::H1(s) => s.tunnels().filter(|id| tunnels.is_allowed(*id)).count(),

@@ -29,7 +29,7 @@ use super::conn::{ConnIo, H2cSwitch};
 use super::exchange::{self, Exchange, Via};
 use crate::tunnel::head::{Head, Refusal};
 use crate::tunnel::{End, NoDatagrams, TunnelId};
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
 
 /// What the current request asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,7 +31,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use h2::server::{Connection, Handshake, SendResponse};
 use h2::{Reason, RecvStream, SendStream};
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
 use relay_proto::h2c::{ClientFrameFilter, ServerFrameSplice};
 use relay_proto::request::{self, Request};
 use tracing::debug;

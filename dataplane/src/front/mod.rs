@@ -32,9 +32,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use boring::ssl::SslContext;
+use relay_channel::region::Counter;
 use relay_proto::channel::bootstrap::TcpBootstrap;
 use relay_proto::channel::record::{ConnInfo, SignResult};
-use relay_proto::channel::region::Counter;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::{debug, info, warn};
 

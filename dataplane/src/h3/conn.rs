@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use quiche::h3::NameValue;
-use relay_proto::channel::record::{ConnInfo, TRANSPORT_H3};
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
+use relay_proto::channel::record::{ConnInfo, Transport};
 use relay_proto::datagram;
 use relay_proto::request;
 use tracing::debug;
@@ -482,7 +482,7 @@ impl Conn {
         let path = self.quic.path_stats().find(|p| p.active);
         ConnInfo {
             request_id,
-            transport: TRANSPORT_H3,
+            transport: Transport::H3,
             conn_id: self.serial,
             client: path.as_ref().map_or(self.peer, |p| p.peer_addr),
             age_ms: now.saturating_duration_since(self.accepted_at).as_millis() as u64,

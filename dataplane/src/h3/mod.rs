@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use relay_channel::region::Counter;
 use relay_proto::channel::record::{ConnInfo, SignResult};
-use relay_proto::channel::region::Counter;
 use relay_proto::cid::Decoded;
 use tracing::{debug, error, info, warn};
 

@@ -9,7 +9,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 
-use relay_proto::channel::region::{Counter, Counters};
+use relay_channel::region::{Counter, Counters};
 use relay_udp::{MAX_GSO_BYTES, MAX_SEGMENTS};
 
 use std::os::fd::RawFd;

@@ -13,9 +13,10 @@
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 
+use relay_channel::region::Counter;
 use relay_proto::bind::{self, ContextTable, Inbound, OutboundError};
+use relay_proto::channel::bootstrap::InboundFilter;
 use relay_proto::channel::record::IpRoute;
-use relay_proto::channel::region::Counter;
 use relay_proto::proxy_status::ProxyError;
 use tracing::debug;
 
@@ -165,7 +166,10 @@ pub(super) fn open(
         return refuse_allowed(ts, ctx, id, flow.flow_id, why);
     };
     let limits = bind::Limits { max_contexts: cfg.max_contexts as usize, max_peers: cfg.max_peers as usize };
-    let filter = if cfg.inbound_filter == "any" { bind::Filter::Any } else { bind::Filter::SentTo };
+    let filter = match cfg.inbound_filter {
+        InboundFilter::Any => bind::Filter::Any,
+        InboundFilter::SentTo => bind::Filter::SentTo,
+    };
     let mut table = ContextTable::new(limits, filter);
     if let Some(target) = ts.slab.get(id).and_then(|t| t.fallback) {
         table = table.with_target(target);

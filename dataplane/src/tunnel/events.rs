@@ -5,8 +5,8 @@
 
 use std::net::SocketAddr;
 
+use relay_channel::region::Counter;
 use relay_proto::channel::record::{AddressAnswer, FlowOpen, IpAssignment, Verdict};
-use relay_proto::channel::region::Counter;
 use relay_proto::proxy_status::ProxyError;
 use tracing::debug;
 

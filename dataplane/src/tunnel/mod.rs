@@ -38,13 +38,14 @@ pub mod verdict;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use relay_channel::region::Counter;
 use relay_proto::channel::record::FlowClosed;
-use relay_proto::channel::region::Counter;
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::request::Request;
 use tracing::debug;
 
 use crate::context::Ctx;
+use crate::link::AuthRequest;
 use crate::slab::Slab;
 use crate::timers::TimerTarget;
 use datagrams::{DatagramSupport, Datagrams, DownPath, Limits, Payloads};
@@ -549,15 +550,15 @@ pub(crate) fn deliver(
 /// Sends an authorization ask for `request`; a request the channel cannot
 /// carry, or a control that is gone or overloaded, is refused now.
 fn ask(ctx: &mut Ctx, request: &TunnelRequest, client: SocketAddr) -> Result<u64, Refusal> {
-    let asked = ctx.link.ask(
+    let asked = ctx.link.ask(AuthRequest {
         client,
-        &request.authority,
-        &request.path,
-        &request.target_host,
-        request.target_port,
-        request.authorization.as_deref(),
-        request.kind.protocol(),
-    );
+        authority: request.authority.clone(),
+        path: request.path.clone(),
+        target_host: request.target_host.clone(),
+        target_port: request.target_port,
+        authorization: request.authorization.clone(),
+        protocol: request.kind.protocol(),
+    });
     asked.map_err(|e| {
         if e.is_control_failure() {
             ctx.count(Counter::AsksFailed, 1);

@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 
+use relay_proto::channel::record::TunnelProtocol;
 use relay_proto::request::{self, Request};
 use relay_proto::target::TargetHost;
 
@@ -27,13 +28,12 @@ pub enum Kind {
 
 impl Kind {
     /// The protocol as the ask to control names it.
-    pub fn protocol(self) -> u8 {
-        use relay_proto::channel::record as r;
+    pub fn protocol(self) -> TunnelProtocol {
         match self {
-            Kind::Udp => r::PROTOCOL_CONNECT_UDP,
-            Kind::Ip => r::PROTOCOL_CONNECT_IP,
-            Kind::Bound => r::PROTOCOL_CONNECT_UDP_BIND,
-            Kind::Tcp => r::PROTOCOL_CONNECT_TCP,
+            Kind::Udp => TunnelProtocol::ConnectUdp,
+            Kind::Ip => TunnelProtocol::ConnectIp,
+            Kind::Bound => TunnelProtocol::ConnectUdpBind,
+            Kind::Tcp => TunnelProtocol::ConnectTcp,
         }
     }
 

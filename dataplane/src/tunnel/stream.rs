@@ -2,7 +2,7 @@
 //! sessions hand in (request stream bytes, HTTP/3 datagrams, the client's
 //! end) and take out (the response head, stream bytes, the stream's end).
 
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
 use tracing::debug;
 
 use super::datagrams::UpOutcome;

@@ -14,7 +14,7 @@
 //!   broken connection resets the stream (H3_CONNECT_ERROR, CONNECT_ERROR);
 //!   a reset stream closes the TCP connection with RST.
 
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
 use tracing::debug;
 
 use super::flow::Flow;

@@ -3,8 +3,8 @@
 //! control's own requests (kill a flow, list the connections, drain) are
 //! carried out; a control that replaced a dead one learns the live flows.
 
+use relay_channel::region::Counter;
 use relay_proto::channel::record::{FlowClosed, SignResult};
-use relay_proto::channel::region::Counter;
 use tracing::info;
 
 use super::Worker;

@@ -32,12 +32,10 @@ use boring::pkey::PKey;
 use boring::x509::extension::SubjectAlternativeName;
 use boring::x509::{X509, X509NameBuilder};
 use quiche::h3::NameValue;
-use relay_proto::channel::RECORD_SIZE;
-use relay_proto::channel::bootstrap::{Bootstrap, PROTOCOL_VERSION, TlsMaterial};
-use relay_proto::channel::doorbell::Doorbell;
-use relay_proto::channel::record::{AuthAnswer, AuthAsk, FlowClosed, Record, Verdict};
-use relay_proto::channel::region::{Region, WorkerChannel};
-use relay_proto::channel::ring::{Consumer, Producer};
+use relay_channel::doorbell::Doorbell;
+use relay_channel::region::{ControlChannel, Region};
+use relay_proto::channel::bootstrap::{Bootstrap, IoBackend, PROTOCOL_VERSION, Protocol, TlsMaterial};
+use relay_proto::channel::record::{AnswerRecord, AskRecord, AuthAnswer, AuthAsk, FlowClosed, Verdict};
 use relay_proto::cid::CidLayout;
 use relay_proto::template::UriTemplate;
 
@@ -104,13 +102,13 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
         pending_datagrams_per_tunnel: 16,
         max_capsule_len: 65_535,
         drain_timeout_ms: 5000,
-        io_backend: "auto".into(),
+        io_backend: IoBackend::Auto,
         pin_workers: false,
         cid_config_id: 0,
         cid_server_id: Vec::new(),
         cid_nonce_len: 14,
         cid_steering: false,
-        protocols: vec!["connect-udp".into()],
+        protocols: vec![Protocol::ConnectUdp],
         retry_threshold: 1024,
         connect_ip: None,
         bind: None,
@@ -120,18 +118,17 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
 
 /// Control's side of one worker's channel.
 pub struct FakeControl {
-    chan: WorkerChannel<Producer, Consumer>,
+    chan: ControlChannel,
     answer_bell: Doorbell,
-    record: Box<[u8; RECORD_SIZE]>,
     /// Every record the worker sent, in order.
-    pub received: Vec<Record>,
+    pub received: Vec<AskRecord>,
 }
 
 impl FakeControl {
     /// Reads what the worker pushed since the last call.
     pub fn poll(&mut self) {
-        while let Ok(true) = self.chan.rx.pop(&mut self.record) {
-            self.received.push(Record::decode(&self.record[..]).expect("the worker sends valid records"));
+        while let Some(r) = self.chan.rx.pop().expect("the worker sends valid records") {
+            self.received.push(r);
         }
     }
 
@@ -140,7 +137,7 @@ impl FakeControl {
         self.poll();
         let mut asks = Vec::new();
         self.received.retain(|r| match r {
-            Record::AuthAsk(a) => {
+            AskRecord::AuthAsk(a) => {
                 asks.push(a.clone());
                 false
             }
@@ -154,20 +151,19 @@ impl FakeControl {
         self.poll();
         self.received
             .iter()
-            .filter_map(|r| if let Record::FlowClosed(c) = r { Some(*c) } else { None })
+            .filter_map(|r| if let AskRecord::FlowClosed(c) = r { Some(*c) } else { None })
             .collect()
     }
 
     /// Sends a record to the worker and rings its bell.
-    pub fn send(&mut self, r: Record) {
-        r.encode(&mut self.record).expect("encodable");
-        self.chan.tx.push(&self.record).expect("room in the ring");
+    pub fn send(&mut self, r: AnswerRecord) {
+        self.chan.tx.push(&r).expect("room in the ring");
         let _ = self.answer_bell.ring();
     }
 
     /// Answers `ask` with `verdict`.
     pub fn answer(&mut self, ask: &AuthAsk, verdict: Verdict) {
-        self.send(Record::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));
+        self.send(AnswerRecord::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));
     }
 
     /// Allows `ask` as flow `flow_id` towards `target`.
@@ -393,7 +389,6 @@ impl Harness {
         let control = FakeControl {
             chan: region.control_side(index),
             answer_bell: control_answer_bell,
-            record: Box::new([0; RECORD_SIZE]),
             received: Vec::new(),
         };
         let template = UriTemplate::parse(&bootstrap.uri_template).expect("template");

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
 use relay_proto::ip::packet;
 use tracing::{debug, info};
 

@@ -5,8 +5,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use relay_proto::channel::record::{Record, Verdict};
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
+use relay_proto::channel::record::{AnswerRecord, TunnelProtocol, Verdict};
 use relay_proto::proxy_status::ProxyError;
 
 use super::harness::{Harness, bootstrap};
@@ -26,7 +26,7 @@ fn open_tunnel(h: &mut Harness) -> (u64, u64) {
     assert_eq!(asks.len(), 1, "{asks:?}");
     let ask = &asks[0];
     assert_eq!((ask.target_host.as_str(), ask.target_port), ("127.0.0.1", 9));
-    assert_eq!(ask.protocol, relay_proto::channel::record::PROTOCOL_CONNECT_UDP);
+    assert_eq!(ask.protocol, TunnelProtocol::ConnectUdp);
     assert_eq!(ask.authorization.as_deref(), Some("Bearer test"));
     h.control.allow(ask, 7, "127.0.0.1:9".parse().unwrap());
     h.run();
@@ -167,7 +167,7 @@ fn idle_tunnels_end_from_the_relay_side() {
 fn an_operator_kill_resets_the_stream() {
     let mut h = Harness::new(bootstrap(1));
     let (stream, key) = open_tunnel(&mut h);
-    h.control.send(Record::KillFlow { flow_id: 7 });
+    h.control.send(AnswerRecord::KillFlow { flow_id: 7 });
     h.run();
     assert!(h.client.reset.contains(&stream), "H3_REQUEST_CANCELLED reset");
     assert_eq!(h.endpoints.closed, vec![key]);

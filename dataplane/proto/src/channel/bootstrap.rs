@@ -1,4 +1,5 @@
-//! The attach handshake over control's Unix socket.
+//! The attach handshake's messages, and the frame codec they travel in
+//! (the socket I/O is `relay_channel::attach`'s).
 //!
 //! 1. The dataplane connects and sends a [`Hello`].
 //! 2. Control answers with a [`Bootstrap`] carrying the dataplane's settings,
@@ -9,16 +10,16 @@
 //! socket then stays open: either side sees the other's exit as end of
 //! stream, and control sends [`ControlUpdate`] frames on it when the TLS
 //! material changes (certificate reload, session ticket key rotation).
+//!
+//! Values with a fixed set of choices are enums ([`Protocol`],
+//! [`IoBackend`], [`InboundFilter`]): a value this build does not know is a
+//! decode error naming it, not a setting silently ignored.
 #![forbid(unsafe_code)]
 
-use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-
-use super::fdpass;
 
 /// Protocol version of the attach handshake.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -68,9 +69,9 @@ pub struct Bootstrap {
     pub max_capsule_len: u32,
     /// How long a graceful drain (SIGTERM) lets open tunnels finish.
     pub drain_timeout_ms: u64,
-    /// I/O backend: "auto", "io_uring" or "epoll".
-    #[serde(default = "auto")]
-    pub io_backend: String,
+    /// The workers' I/O backend.
+    #[serde(default)]
+    pub io_backend: IoBackend,
     /// Pin worker i to the i-th CPU of the process's affinity mask.
     #[serde(default)]
     pub pin_workers: bool,
@@ -87,9 +88,10 @@ pub struct Bootstrap {
     #[serde(default)]
     pub cid_steering: bool,
     /// Extended CONNECT protocols the relay serves (`:protocol` values);
-    /// others get 501. Today only "connect-udp" exists.
+    /// others get 501. Classic CONNECT (TCP) has no `:protocol` and is not
+    /// listed: control answers a disabled one.
     #[serde(default = "connect_udp_only")]
-    pub protocols: Vec<String>,
+    pub protocols: Vec<Protocol>,
     /// Handshakes in progress per worker past which clients must prove
     /// their address with a Retry round trip (0: always).
     #[serde(default = "retry_threshold")]
@@ -104,6 +106,44 @@ pub struct Bootstrap {
     /// its listeners is on.
     #[serde(default)]
     pub tcp: Option<TcpBootstrap>,
+}
+
+/// An extended CONNECT protocol the relay can serve (RFC 8441, RFC 9220),
+/// named by its `:protocol` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// `connect-udp` (RFC 9298).
+    ConnectUdp,
+    /// `connect-ip` (RFC 9484).
+    ConnectIp,
+    /// `connect-udp-bind`: bound connect-udp (draft-ietf-masque-connect-udp-listen).
+    ConnectUdpBind,
+}
+
+/// Which I/O backend the dataplane's workers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoBackend {
+    /// io_uring when the kernel allows it (multishot receives, provided
+    /// buffer rings), epoll otherwise.
+    #[default]
+    Auto,
+    /// io_uring only: the dataplane fails to start without it.
+    IoUring,
+    /// epoll (mio) with recvmmsg/sendmmsg.
+    Epoll,
+}
+
+/// Which peers may send to a bound connect-udp tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InboundFilter {
+    /// Only peers the client has sent to (like an endpoint-dependent NAT).
+    #[default]
+    SentTo,
+    /// Any peer the target policy allows.
+    Any,
 }
 
 /// What the dataplane needs to serve the TCP front (HTTP/2 and HTTP/1.1 over TCP).
@@ -136,8 +176,8 @@ pub struct TcpBootstrap {
 pub struct BindBootstrap {
     /// Public addresses (empty: each family's primary outbound address).
     pub public_addresses: Vec<std::net::IpAddr>,
-    /// "sent_to" or "any".
-    pub inbound_filter: String,
+    /// Which peers may send to a bound tunnel.
+    pub inbound_filter: InboundFilter,
     /// Open compression contexts per tunnel.
     pub max_contexts: u32,
     /// Distinct peers a tunnel may send to.
@@ -279,28 +319,19 @@ fn retry_threshold() -> u32 {
     1024
 }
 
-fn connect_udp_only() -> Vec<String> {
-    vec!["connect-udp".into()]
-}
-
-fn auto() -> String {
-    "auto".into()
+fn connect_udp_only() -> Vec<Protocol> {
+    vec![Protocol::ConnectUdp]
 }
 
 fn fourteen() -> usize {
     14
 }
 
-/// Why the handshake failed.
+/// Why a handshake message was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapError {
-    /// Socket I/O failed.
-    #[error("channel socket: {0}")]
-    Io(#[from] io::Error),
-    /// The peer closed the socket.
-    #[error("peer closed the channel socket")]
-    Closed,
-    /// A frame is too large or not valid JSON of the expected shape.
+    /// A frame is too large or not valid JSON of the expected shape, or a
+    /// value is out of range.
     #[error("invalid handshake frame: {0}")]
     Invalid(String),
     /// The peer speaks another protocol version.
@@ -313,7 +344,11 @@ pub enum BootstrapError {
     },
 }
 
-fn frame<T: Serialize>(value: &T) -> Result<Vec<u8>, BootstrapError> {
+/// Bytes of a frame's length prefix.
+pub const FRAME_PREFIX: usize = 4;
+
+/// Encodes `value` as a frame: the length prefix, then the JSON.
+pub fn encode_frame<T: Serialize>(value: &T) -> Result<Vec<u8>, BootstrapError> {
     let json = serde_json::to_vec(value).map_err(|e| BootstrapError::Invalid(e.to_string()))?;
     if json.len() > MAX_FRAME {
         return Err(BootstrapError::Invalid("frame too large".into()));
@@ -323,44 +358,19 @@ fn frame<T: Serialize>(value: &T) -> Result<Vec<u8>, BootstrapError> {
     Ok(out)
 }
 
-/// Sends a frame with optional descriptors.
-pub fn send<T: Serialize>(sock: &UnixStream, value: &T, fds: &[&dyn AsRawFd]) -> Result<(), BootstrapError> {
-    let bytes = frame(value)?;
-    let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    if raw.is_empty() {
-        (&*sock).write_all(&bytes)?;
-    } else {
-        fdpass::send_with_fds(sock, &bytes, &raw)?;
-    }
-    Ok(())
-}
-
-/// Receives one frame and the descriptors attached to it.
-pub fn recv<T: for<'de> Deserialize<'de>>(sock: &UnixStream) -> Result<(T, Vec<OwnedFd>), BootstrapError> {
-    let mut head = [0u8; 4 + 512];
-    let (n, fds) = fdpass::recv_with_fds(sock, &mut head[..4])?;
-    if n == 0 {
-        return Err(BootstrapError::Closed);
-    }
-    let mut got = n;
-    while got < 4 {
-        let m = (&*sock).read(&mut head[got..4])?;
-        if m == 0 {
-            return Err(BootstrapError::Closed);
-        }
-        got += m;
-    }
-    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+/// The body length a frame's prefix announces, refused past [`MAX_FRAME`]
+/// (before anything is allocated for it).
+pub fn frame_len(prefix: [u8; FRAME_PREFIX]) -> Result<usize, BootstrapError> {
+    let len = u32::from_le_bytes(prefix) as usize;
     if len > MAX_FRAME {
         return Err(BootstrapError::Invalid(format!("frame of {len} bytes")));
     }
-    let mut body = vec![0u8; len];
-    (&*sock).read_exact(&mut body).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => BootstrapError::Closed,
-        _ => BootstrapError::Io(e),
-    })?;
-    let value = serde_json::from_slice(&body).map_err(|e| BootstrapError::Invalid(e.to_string()))?;
-    Ok((value, fds))
+    Ok(len)
+}
+
+/// Decodes a frame's body (the JSON after the prefix).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, BootstrapError> {
+    serde_json::from_slice(body).map_err(|e| BootstrapError::Invalid(e.to_string()))
 }
 
 /// Checks a peer's protocol version.
@@ -375,32 +385,37 @@ pub fn check_version(theirs: u32) -> Result<(), BootstrapError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::doorbell::Doorbell;
+
+    /// Through the frame codec as the socket functions use it: prefix,
+    /// then body.
+    fn through_a_frame<T: Serialize + DeserializeOwned>(value: &T) -> Result<T, BootstrapError> {
+        let bytes = encode_frame(value)?;
+        let prefix: [u8; FRAME_PREFIX] = bytes[..FRAME_PREFIX].try_into().unwrap();
+        assert_eq!(frame_len(prefix)?, bytes.len() - FRAME_PREFIX);
+        decode_body(&bytes[FRAME_PREFIX..])
+    }
 
     #[test]
-    fn hello_and_bootstrap_with_fds() {
-        let (a, b) = UnixStream::pair().unwrap();
-        send(&a, &Hello { version: PROTOCOL_VERSION, pid: 7 }, &[]).unwrap();
-        let (hello, fds): (Hello, _) = recv(&b).unwrap();
-        assert_eq!(hello.pid, 7);
-        assert!(fds.is_empty());
-        let bell = Doorbell::new().unwrap();
-        send(&b, &Hello { version: 9, pid: 1 }, &[&bell]).unwrap();
-        let (hello, fds): (Hello, _) = recv(&a).unwrap();
-        assert_eq!(fds.len(), 1);
-        assert!(check_version(hello.version).is_err());
-        drop(b);
-        assert!(matches!(recv::<Hello>(&a), Err(BootstrapError::Closed)));
+    fn hello_round_trips_and_versions_are_checked() {
+        let hello = Hello { version: PROTOCOL_VERSION, pid: 7 };
+        assert_eq!(through_a_frame(&hello).unwrap(), hello);
+        check_version(hello.version).unwrap();
+        assert!(matches!(
+            check_version(9),
+            Err(BootstrapError::Version { ours: PROTOCOL_VERSION, theirs: 9 })
+        ));
     }
 
     #[test]
     fn refuses_garbage_and_huge_frames() {
-        let (a, b) = UnixStream::pair().unwrap();
-        (&a).write_all(&3u32.to_le_bytes()).unwrap();
-        (&a).write_all(b"{x}").unwrap();
-        assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
-        (&a).write_all(&u32::MAX.to_le_bytes()).unwrap();
-        assert!(matches!(recv::<Hello>(&b), Err(BootstrapError::Invalid(_))));
+        assert!(matches!(decode_body::<Hello>(b"{x}"), Err(BootstrapError::Invalid(_))));
+        assert!(matches!(frame_len(u32::MAX.to_le_bytes()), Err(BootstrapError::Invalid(_))));
+        assert!(matches!(frame_len((MAX_FRAME as u32 + 1).to_le_bytes()), Err(BootstrapError::Invalid(_))));
+        assert_eq!(frame_len((MAX_FRAME as u32).to_le_bytes()).unwrap(), MAX_FRAME);
+        let small = Hello { version: 1, pid: 1 };
+        assert!(encode_frame(&small).is_ok());
+        let too_big = "x".repeat(MAX_FRAME);
+        assert!(matches!(encode_frame(&too_big), Err(BootstrapError::Invalid(_))));
     }
 
     fn bootstrap(tcp: Option<TcpBootstrap>) -> Bootstrap {
@@ -419,13 +434,13 @@ mod tests {
             pending_datagrams_per_tunnel: 16,
             max_capsule_len: 65_535,
             drain_timeout_ms: 5000,
-            io_backend: "auto".into(),
+            io_backend: IoBackend::Auto,
             pin_workers: false,
             cid_config_id: 0,
             cid_server_id: Vec::new(),
             cid_nonce_len: 14,
             cid_steering: false,
-            protocols: vec!["connect-udp".into(), "connect-ip".into()],
+            protocols: vec![Protocol::ConnectUdp, Protocol::ConnectIp],
             retry_threshold: 1024,
             connect_ip: None,
             bind: None,
@@ -446,15 +461,12 @@ mod tests {
             tunnel_buffer_bytes: 262_144,
             status_endpoint: true,
         };
-        let (a, b) = UnixStream::pair().unwrap();
         for boot in [
             bootstrap(Some(tcp.clone())),
             bootstrap(Some(TcpBootstrap { listen_tls: None, alt_svc: None, status_endpoint: false, ..tcp })),
             bootstrap(None),
         ] {
-            send(&a, &boot, &[]).unwrap();
-            let (got, _): (Bootstrap, _) = recv(&b).unwrap();
-            assert_eq!(got, boot);
+            assert_eq!(through_a_frame(&boot).unwrap(), boot);
         }
         // A control that predates the TCP front sends no `tcp`: off.
         let mut json = serde_json::to_value(bootstrap(None)).unwrap();
@@ -496,10 +508,8 @@ mod tests {
 
     #[test]
     fn tls_updates_round_trip_and_are_validated() {
-        let (a, b) = UnixStream::pair().unwrap();
         let update = ControlUpdate::Tls(material());
-        send(&a, &update, &[]).unwrap();
-        let (got, _): (ControlUpdate, _) = recv(&b).unwrap();
+        let got = through_a_frame(&update).unwrap();
         assert_eq!(got, update);
         let ControlUpdate::Tls(m) = got;
         m.validate().unwrap();
@@ -516,8 +526,47 @@ mod tests {
         assert!(bad.validate().is_err());
         // A short key is refused by the decoder.
         let json = br#"{"tls":{"generation":1,"cert_chain_pem":"x","ticket_keys":[{"name":[1],"aes_key":[],"hmac_key":[]}]}}"#;
-        (&a).write_all(&(json.len() as u32).to_le_bytes()).unwrap();
-        (&a).write_all(json).unwrap();
-        assert!(matches!(recv::<ControlUpdate>(&b), Err(BootstrapError::Invalid(_))));
+        assert!(matches!(decode_body::<ControlUpdate>(json), Err(BootstrapError::Invalid(_))));
+    }
+
+    #[test]
+    fn choices_have_their_wire_names_and_unknown_ones_are_refused() {
+        let json = serde_json::to_value(bootstrap(None)).unwrap();
+        assert_eq!(json["protocols"], serde_json::json!(["connect-udp", "connect-ip"]));
+        assert_eq!(json["io_backend"], "auto");
+        for (backend, name) in
+            [(IoBackend::Auto, "auto"), (IoBackend::IoUring, "io_uring"), (IoBackend::Epoll, "epoll")]
+        {
+            assert_eq!(serde_json::to_value(backend).unwrap(), name);
+        }
+        for (protocol, name) in [
+            (Protocol::ConnectUdp, "connect-udp"),
+            (Protocol::ConnectIp, "connect-ip"),
+            (Protocol::ConnectUdpBind, "connect-udp-bind"),
+        ] {
+            assert_eq!(serde_json::to_value(protocol).unwrap(), name);
+        }
+        for (filter, name) in [(InboundFilter::SentTo, "sent_to"), (InboundFilter::Any, "any")] {
+            assert_eq!(serde_json::to_value(filter).unwrap(), name);
+        }
+        let refused = |edit: &dyn Fn(&mut serde_json::Value), needle: &str| {
+            let mut json = serde_json::to_value(bootstrap(None)).unwrap();
+            json["bind"] = serde_json::json!({
+                "public_addresses": [], "inbound_filter": "any", "max_contexts": 1, "max_peers": 1
+            });
+            serde_json::from_value::<Bootstrap>(json.clone()).unwrap();
+            edit(&mut json);
+            let err = decode_body::<Bootstrap>(&serde_json::to_vec(&json).unwrap()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        refused(&|j| j["protocols"] = serde_json::json!(["connect-udp", "connect-quic"]), "connect-quic");
+        refused(&|j| j["io_backend"] = serde_json::json!("kqueue"), "kqueue");
+        refused(&|j| j["bind"]["inbound_filter"] = serde_json::json!("everyone"), "everyone");
+        // Left out, the choices take their defaults.
+        let mut json = serde_json::to_value(bootstrap(None)).unwrap();
+        json.as_object_mut().unwrap().remove("protocols");
+        json.as_object_mut().unwrap().remove("io_backend");
+        let old: Bootstrap = serde_json::from_value(json).unwrap();
+        assert_eq!((old.protocols, old.io_backend), (vec![Protocol::ConnectUdp], IoBackend::Auto));
     }
 }

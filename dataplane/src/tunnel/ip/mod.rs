@@ -24,8 +24,8 @@ pub mod side;
 pub use config::IpTunnel;
 pub use side::IpSide;
 
+use relay_channel::region::Counter;
 use relay_proto::channel::record::{AddressAnswer, AddressAsk, IpAssignment, IpRoute};
-use relay_proto::channel::region::Counter;
 use relay_proto::ip::capsule::{self as ipcap, IpCapsule};
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 use relay_proto::proxy_status::ProxyError;

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
-use relay_proto::channel::region::Counter;
+use relay_channel::region::Counter;
 
 use super::config::IpTunnel;
 use crate::context::Ctx;
