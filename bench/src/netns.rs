@@ -55,6 +55,22 @@ impl TargetNetns {
         Ok(me)
     }
 
+    /// Gives the host side of the link a second address, `addr`/32, which
+    /// the namespace reaches over the link (a host route). The kernel keeps
+    /// choosing the link's first address as the source towards the
+    /// namespace; a socket bound to `addr` sends from `addr`.
+    pub fn add_host_address(&self, addr: IpAddr) -> Result<()> {
+        let (host, route) =
+            if addr.is_ipv4() { (format!("{addr}/32"), "route") } else { (format!("{addr}/128"), "-6") };
+        ip(&["addr", "add", &host, "dev", &self.host_if])?;
+        let ns_if = self.host_if.replacen("rbh", "rbt", 1);
+        if route == "route" {
+            ip(&["-n", &self.name, "route", "add", &host, "dev", &ns_if])
+        } else {
+            ip(&["-n", &self.name, "-6", "route", "add", &host, "dev", &ns_if])
+        }
+    }
+
     /// Moves the calling thread into the namespace.
     pub fn enter(name: &str) -> std::io::Result<()> {
         let f = std::fs::File::open(format!("/run/netns/{name}"))?;

@@ -65,14 +65,19 @@ fn bound_udp_learns_its_mapping_by_stun_and_reaches_filtered_peers_both_context_
     let target = TargetNetns::create(&format!("rbind{pid}"), n).unwrap();
     let stun_addr = SocketAddr::new(target.target_addr, 3478);
     let _stun = start_stun(&target.name, target.target_addr);
+    // The relay host has two addresses towards the namespace; the kernel
+    // would pick the link's own as the source. The relay announces the
+    // second one and must send from it for the tunnel's whole life (draft
+    // section 7: one announced tuple means one public IP and port).
+    let announced: IpAddr = format!("10.251.{n}.1").parse().unwrap();
+    target.add_host_address(announced).unwrap();
 
     let dir = std::env::temp_dir().join(format!("relay-bind-{pid}"));
     let _ = std::fs::remove_dir_all(&dir);
     let opts = RelayOptions {
         allow: vec!["127.0.0.0/8".into(), format!("10.250.{n}.0/30")],
         extra_config: format!(
-            "[protocols]\nbind = true\n\n[bind]\npublic_addresses = [\"{}\"]\ninbound_filter = \"sent_to\"\n",
-            target.host_addr
+            "[protocols]\nbind = true\n\n[bind]\npublic_addresses = [\"{announced}\"]\ninbound_filter = \"sent_to\"\n"
         ),
         ..Default::default()
     };
@@ -85,7 +90,7 @@ fn bound_udp_learns_its_mapping_by_stun_and_reaches_filtered_peers_both_context_
     let mut t = BoundTunnel::open(&mut c, T).expect("bound tunnel");
     assert_eq!(t.public.len(), 1, "{:?}", t.public);
     let public = t.public[0];
-    assert_eq!(public.ip(), target.host_addr);
+    assert_eq!(public.ip(), announced, "one tuple: the family's announced address (IPv4 only here)");
     assert_ne!(public.port(), 0);
     t.open_uncompressed(&mut c, T).unwrap();
 

@@ -178,6 +178,10 @@ pub enum OutboundError {
     /// The uncompressed payload is malformed (section 4): drop and count.
     #[error("malformed uncompressed payload: {0}")]
     Malformed(BindError),
+    /// The peer's address family is not one the proxy announced: "the
+    /// proxy will drop those datagrams" (section 7).
+    #[error("{0}: an address family the proxy did not announce")]
+    FamilyNotAnnounced(SocketAddr),
 }
 
 /// Why [`ContextTable::inbound`] drops a packet.
@@ -189,6 +193,8 @@ pub enum DropReason {
     /// (section 8: "the proxy will either drop the datagram or temporarily
     /// buffer it").
     NoContext,
+    /// The peer's address family is not one the proxy announced.
+    FamilyNotAnnounced,
 }
 
 fn read_addr(version: u8, buf: &[u8]) -> Result<(SocketAddr, usize), BindError> {
@@ -613,11 +619,47 @@ impl IdSet {
 }
 
 /// Drops what makes two equal tuples compare unequal: an IPv6 flow label and
-/// scope ID.
+/// scope ID, and the IPv4-mapped IPv6 form of an IPv4 address (one peer is
+/// one tuple, section 3.1: "Only one Context ID can be used per IP-port
+/// tuple"; and a mapped address is an IPv4 peer as far as the announced
+/// families go, section 7).
 fn tuple(addr: SocketAddr) -> SocketAddr {
     match addr {
-        SocketAddr::V6(a) => SocketAddr::V6(SocketAddrV6::new(*a.ip(), a.port(), 0, 0)),
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => SocketAddr::V6(SocketAddrV6::new(*a.ip(), a.port(), 0, 0)),
+        },
         v4 => v4,
+    }
+}
+
+/// The address families a proxy announced in Proxy-Public-Address: "If the
+/// proxy only shares IP addresses from a single address family, that
+/// indicates that the proxy only supports that family" (section 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Families {
+    /// IPv4 was announced.
+    pub v4: bool,
+    /// IPv6 was announced.
+    pub v6: bool,
+}
+
+impl Families {
+    /// Both families.
+    pub const BOTH: Families = Families { v4: true, v6: true };
+
+    /// The families of `announced`.
+    pub fn of(announced: &[SocketAddr]) -> Self {
+        Self {
+            v4: announced.iter().any(|a| tuple(*a).is_ipv4()),
+            v6: announced.iter().any(|a| tuple(*a).is_ipv6()),
+        }
+    }
+
+    /// Whether `addr`'s family (an IPv4-mapped address counts as IPv4) was
+    /// announced.
+    pub fn contains(self, addr: SocketAddr) -> bool {
+        if tuple(addr).is_ipv4() { self.v4 } else { self.v6 }
     }
 }
 
@@ -627,9 +669,9 @@ fn tuple(addr: SocketAddr) -> SocketAddr {
 /// send what it returns, in order), every datagram from the client
 /// ([`Self::outbound`]) and every UDP packet from a peer ([`Self::inbound`]).
 ///
-/// Peers are compared as IP and port only (no IPv6 flow label or scope ID);
-/// an IPv4-mapped IPv6 address is a different tuple from its IPv4 form, so
-/// the caller passes addresses in one form.
+/// Peers are compared as IP and port only (no IPv6 flow label or scope ID),
+/// and an IPv4-mapped IPv6 address is the IPv4 peer it maps: whatever form
+/// the client or the socket uses, one peer is one tuple.
 ///
 /// Context ID 0 belongs to the request's target when there is one
 /// ([`Self::with_target`]): it then works like a compressed context for that
@@ -638,6 +680,7 @@ fn tuple(addr: SocketAddr) -> SocketAddr {
 pub struct ContextTable {
     limits: Limits,
     filter: Filter,
+    families: Families,
     proxy_compression: bool,
     target: Option<SocketAddr>,
     contexts: HashMap<u64, Context>,
@@ -662,6 +705,7 @@ impl ContextTable {
         Self {
             limits,
             filter,
+            families: Families::BOTH,
             proxy_compression: true,
             target: None,
             contexts: HashMap::new(),
@@ -682,6 +726,14 @@ impl ContextTable {
     /// always passes the filter.
     pub fn with_target(mut self, target: SocketAddr) -> Self {
         self.target = Some(tuple(target));
+        self
+    }
+
+    /// Only the address `families` the proxy announced are served: other
+    /// registrations are refused (COMPRESSION_CLOSE) and other datagrams
+    /// dropped (section 7).
+    pub fn with_families(mut self, families: Families) -> Self {
+        self.families = families;
         self
     }
 
@@ -817,7 +869,9 @@ impl ContextTable {
             out.push(BindCapsule::Close { context_id: id });
             return Ok(out);
         }
-        if target.is_some_and(|t| !allowed(t)) {
+        // Section 7: registrations for a family the proxy did not announce
+        // are rejected; section 9: so are targets the policy denies.
+        if target.is_some_and(|t| !self.families.contains(t) || !allowed(t)) {
             out.push(BindCapsule::Close { context_id: id });
             return Ok(out);
         }
@@ -921,8 +975,14 @@ impl ContextTable {
         let ctx = self.contexts.get(&context_id).ok_or(OutboundError::UnknownContext(context_id))?;
         let (peer, udp) = match ctx.target {
             Some(t) => (t, payload),
-            None => decode_uncompressed(payload).map_err(OutboundError::Malformed)?,
+            None => {
+                let (peer, udp) = decode_uncompressed(payload).map_err(OutboundError::Malformed)?;
+                (tuple(peer), udp)
+            }
         };
+        if !self.families.contains(peer) {
+            return Err(OutboundError::FamilyNotAnnounced(peer));
+        }
         self.record_sent_to(peer);
         Ok((peer, udp))
     }
@@ -941,6 +1001,9 @@ impl ContextTable {
     /// compressed Context IDs").
     pub fn inbound(&mut self, peer: SocketAddr) -> Inbound {
         let peer = tuple(peer);
+        if !self.families.contains(peer) {
+            return Inbound::Drop(DropReason::FamilyNotAnnounced);
+        }
         let is_target = Some(peer) == self.target;
         if self.filter == Filter::SentTo && !is_target && !self.sent_to.contains_key(&peer) {
             return Inbound::Drop(DropReason::Filtered);
@@ -1512,6 +1575,46 @@ mod tests {
         // p was the least recently used: forgotten, so filtered again even
         // though a proxy context exists for it.
         assert_eq!(t.inbound(p), Inbound::Drop(DropReason::Filtered));
+    }
+
+    #[test]
+    fn unannounced_families_are_refused_and_dropped() {
+        let v6_only = Families::of(&[sa("[2001:db8::1]:4000")]);
+        assert!(!v6_only.v4 && v6_only.v6);
+        let mut t = ContextTable::new(Limits::default(), Filter::Any).with_families(v6_only);
+        // The uncompressed context itself is accepted (it has no target).
+        assert_eq!(t.on_client_capsule(assign(2, None), |_| true).unwrap(), vec![ack(2)]);
+        // A compressed registration for IPv4 (or its mapped form) is refused.
+        let refused = t.on_client_capsule(assign(4, Some("192.0.2.1:53")), |_| true).unwrap();
+        assert_eq!(refused, vec![BindCapsule::Close { context_id: 4 }]);
+        let refused = t.on_client_capsule(assign(6, Some("[::ffff:192.0.2.1]:53")), |_| true).unwrap();
+        assert_eq!(refused, vec![BindCapsule::Close { context_id: 6 }]);
+        assert_eq!(t.on_client_capsule(assign(8, Some("[2001:db8::7]:53")), |_| true).unwrap(), vec![ack(8)]);
+        // Uncompressed datagrams towards IPv4 are dropped; IPv6 go.
+        let mut v4 = Vec::new();
+        encode_uncompressed(sa("192.0.2.1:53"), b"x", &mut v4);
+        assert!(matches!(t.outbound(2, &v4), Err(OutboundError::FamilyNotAnnounced(_))));
+        let mut v6 = Vec::new();
+        encode_uncompressed(sa("[2001:db8::7]:9"), b"y", &mut v6);
+        assert_eq!(t.outbound(2, &v6).unwrap(), (sa("[2001:db8::7]:9"), &b"y"[..]));
+        assert_eq!(t.inbound(sa("192.0.2.1:53")), Inbound::Drop(DropReason::FamilyNotAnnounced));
+    }
+
+    #[test]
+    fn a_mapped_address_is_the_ipv4_peer_it_maps() {
+        let mut t = ContextTable::new(Limits::default(), Filter::SentTo);
+        t.on_client_capsule(assign(2, None), |_| true).unwrap();
+        let mut mapped = Vec::new();
+        encode_uncompressed(sa("[::ffff:192.0.2.1]:53"), b"x", &mut mapped);
+        assert_eq!(t.outbound(2, &mapped).unwrap().0, sa("192.0.2.1:53"));
+        // The filter opened for the IPv4 form the socket reports.
+        assert!(!matches!(t.inbound(sa("192.0.2.1:53")), Inbound::Drop(_)));
+        // A registration in either form is one tuple: the second is malformed.
+        t.on_client_capsule(assign(4, Some("192.0.2.9:1")), |_| true).unwrap();
+        assert!(matches!(
+            t.on_client_capsule(assign(6, Some("[::ffff:192.0.2.9]:1")), |_| true),
+            Err(BindError::DuplicateTuple { open: 4, new: 6 })
+        ));
     }
 
     #[test]

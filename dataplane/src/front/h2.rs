@@ -112,6 +112,7 @@ fn reason(a: Abort) -> Reason {
         Abort::Cancelled => Reason::CANCEL,
         Abort::Message | Abort::Datagram => Reason::PROTOCOL_ERROR,
         Abort::Connect => Reason::CONNECT_ERROR,
+        Abort::ExcessiveLoad => Reason::ENHANCE_YOUR_CALM,
     }
 }
 

@@ -19,6 +19,8 @@ pub mod code {
     pub const REQUEST_REJECTED: u64 = 0x10b;
     /// H3_REQUEST_CANCELLED.
     pub const REQUEST_CANCELLED: u64 = 0x10c;
+    /// H3_EXCESSIVE_LOAD.
+    pub const EXCESSIVE_LOAD: u64 = 0x107;
     /// H3_MESSAGE_ERROR.
     pub const MESSAGE_ERROR: u64 = 0x10e;
     /// H3_CONNECT_ERROR.
@@ -34,6 +36,7 @@ pub fn abort_code(a: Abort) -> u64 {
         Abort::Message => code::MESSAGE_ERROR,
         Abort::Datagram => code::DATAGRAM_ERROR,
         Abort::Connect => code::CONNECT_ERROR,
+        Abort::ExcessiveLoad => code::EXCESSIVE_LOAD,
     }
 }
 

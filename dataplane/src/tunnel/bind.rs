@@ -6,15 +6,23 @@
 //! The compression contexts (COMPRESSION_ASSIGN / ACK / CLOSE, the
 //! uncompressed context, proxy-allocated odd contexts for new peers) are
 //! [`relay_proto::bind::ContextTable`]'s; this module moves datagrams
-//! between it, the socket (a datagram endpoint of the backend, like a
+//! between it, the sockets (datagram endpoints of the backend, like a
 //! connect-udp target's, but unconnected) and the client, and applies
 //! control's peer policy to every datagram both ways (draft section 9).
+//!
+//! One socket per announced address family, bound to the announced address
+//! itself: "When a single IP-Port tuple is provided in the
+//! Proxy-Public-Address field, the proxy MUST use the same public IP and
+//! Port for the lifetime of the tunnel" (section 7), which a socket bound
+//! to the wildcard address cannot promise on a host with several addresses
+//! (the kernel picks a source per destination). A family the proxy does not
+//! announce is not served: registrations are refused, datagrams dropped.
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 
 use relay_channel::region::Counter;
-use relay_proto::bind::{self, ContextTable, Inbound, OutboundError};
+use relay_proto::bind::{self, ContextTable, Families, Inbound, OutboundError};
 use relay_proto::channel::bootstrap::InboundFilter;
 use relay_proto::channel::record::IpRoute;
 use relay_proto::proxy_status::ProxyError;
@@ -32,7 +40,8 @@ use crate::upbatch::UpBatch;
 /// A bound tunnel's socket side.
 #[derive(Debug)]
 pub struct BoundLeg {
-    endpoint: TargetKey,
+    /// One endpoint per announced family: (IPv4, key).
+    endpoints: Vec<(bool, TargetKey)>,
     table: ContextTable,
     /// Where peers may be (control's policy), sorted ranges.
     peers: Vec<IpRoute>,
@@ -45,17 +54,27 @@ impl BoundLeg {
         peer_in(&self.peers, peer)
     }
 
+    /// The socket of `peer`'s family.
+    fn endpoint_for(&self, peer: SocketAddr) -> Option<TargetKey> {
+        self.endpoints.iter().find(|(v4, _)| *v4 == peer.is_ipv4()).map(|(_, k)| *k)
+    }
+
     /// Queues this turn's batch.
     pub fn flush(&mut self, ctx: &mut Ctx) {
         if let Some((to, batch)) = self.batch.take() {
-            queue(self.endpoint, to, batch, ctx);
+            match self.endpoint_for(to) {
+                Some(key) => queue(key, to, batch, ctx),
+                None => ctx.out.recycle(batch.into_buffer()),
+            }
         }
     }
 
-    /// Sends what is batched and closes the socket after it.
+    /// Sends what is batched and closes the sockets after it.
     pub fn release(mut self, ctx: &mut Ctx) {
         self.flush(ctx);
-        ctx.close_endpoint(self.endpoint);
+        for (_, key) in &self.endpoints {
+            ctx.close_endpoint(*key);
+        }
     }
 
     /// Adds a datagram for `to` to this turn's batch; returns whether the
@@ -77,7 +96,7 @@ fn queue(key: TargetKey, to: SocketAddr, batch: UpBatch, ctx: &mut Ctx) {
         return ctx.out.recycle(batch.into_buffer());
     }
     let (buf, segment_size, segments) = batch.into_parts();
-    ctx.out.up.push(UpSend { key, buf, segment_size, segments, to: Some(mapped(to)) });
+    ctx.out.up.push(UpSend { key, buf, segment_size, segments, to: Some(to) });
 }
 
 fn ip_value(ip: IpAddr) -> (bool, u128) {
@@ -90,8 +109,7 @@ fn ip_value(ip: IpAddr) -> (bool, u128) {
     }
 }
 
-/// The socket's view of a peer: IPv4 peers appear v4-mapped on the
-/// dual-stack socket; the client sees plain IPv4.
+/// A peer as the client sees it: plain IPv4, never v4-mapped.
 fn unmap(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -99,13 +117,6 @@ fn unmap(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         IpAddr::V4(_) => addr,
-    }
-}
-
-fn mapped(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
-        IpAddr::V6(_) => addr,
     }
 }
 
@@ -120,19 +131,39 @@ fn peer_in(ranges: &[IpRoute], peer: SocketAddr) -> bool {
         })
 }
 
-/// A dual-stack unconnected socket on an ephemeral port.
-fn bound_socket() -> io::Result<UdpSocket> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
-    sock.set_only_v6(false)?;
+/// An unconnected socket of `ip`'s family on an ephemeral port, bound to
+/// `ip` itself so every datagram leaves from the announced address. An
+/// address that is not the host's (a 1:1 NAT's public side) cannot be
+/// bound: the socket then takes the family's wildcard, and the operator's
+/// NAT keeps the source stable.
+fn bound_socket(ip: IpAddr) -> io::Result<UdpSocket> {
+    let domain = if ip.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+    let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, None)?;
+    if ip.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
     sock.set_nonblocking(true)?;
-    sock.bind(&SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0).into())?;
+    match sock.bind(&SocketAddr::new(ip, 0).into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            let any: IpAddr = if ip.is_ipv4() {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            } else {
+                Ipv6Addr::UNSPECIFIED.into()
+            };
+            debug!(%ip, "the announced address is not the host's: binding the wildcard");
+            sock.bind(&SocketAddr::new(any, 0).into())?;
+        }
+        Err(e) => return Err(e),
+    }
     Ok(sock.into())
 }
 
-/// The addresses of a tunnel's Proxy-Public-Address (draft section 7): the
-/// configured public addresses, or each family's primary outbound address
-/// (the source the kernel picks towards a global address; nothing is sent).
-pub fn public_addresses(configured: &[IpAddr], port: u16) -> Vec<SocketAddr> {
+/// The addresses a bound tunnel announces and sends from (draft section
+/// 7): the configured public addresses, or each family's primary outbound
+/// address (the source the kernel picks towards a global address; nothing
+/// is sent); the first of each family.
+pub fn public_addresses(configured: &[IpAddr]) -> Vec<IpAddr> {
     let ips: Vec<IpAddr> = if configured.is_empty() {
         ["192.0.2.1:9", "[2001:db8::1]:9"]
             .iter()
@@ -147,7 +178,9 @@ pub fn public_addresses(configured: &[IpAddr], port: u16) -> Vec<SocketAddr> {
     } else {
         configured.to_vec()
     };
-    ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect()
+    let v4 = ips.iter().copied().find(IpAddr::is_ipv4);
+    let v6 = ips.iter().copied().find(IpAddr::is_ipv6);
+    v4.into_iter().chain(v6).collect()
 }
 
 /// Control allowed a bound tunnel: open its socket and answer with the
@@ -170,21 +203,8 @@ pub(super) fn open(
         InboundFilter::Any => bind::Filter::Any,
         InboundFilter::SentTo => bind::Filter::SentTo,
     };
-    let mut table = ContextTable::new(limits, filter);
-    if let Some(target) = ts.slab.get(id).and_then(|t| t.fallback) {
-        table = table.with_target(target);
-    }
-    let sock = match bound_socket() {
-        Ok(s) => s,
-        Err(e) => {
-            debug!("bound socket: {e}");
-            let why = Refusal::new(502, Some(ProxyError::ProxyInternalError), "cannot open a bound socket");
-            return refuse_allowed(ts, ctx, id, flow.flow_id, why);
-        }
-    };
-    let port = sock.local_addr().map_or(0, |a| a.port());
-    let public = public_addresses(&cfg.public_addresses, port);
-    if public.is_empty() {
+    let addresses = public_addresses(&cfg.public_addresses);
+    if addresses.is_empty() {
         // Draft section 7: the proxy MUST announce at least one address.
         let why = Refusal::new(
             502,
@@ -193,7 +213,25 @@ pub(super) fn open(
         );
         return refuse_allowed(ts, ctx, id, flow.flow_id, why);
     }
-    let endpoint = ctx.open_endpoint(sock, id, false);
+    let mut sockets = Vec::new();
+    for ip in addresses {
+        match bound_socket(ip) {
+            Ok(s) => sockets.push((SocketAddr::new(ip, s.local_addr().map_or(0, |a| a.port())), s)),
+            Err(e) => {
+                debug!(%ip, "bound socket: {e}");
+                let why =
+                    Refusal::new(502, Some(ProxyError::ProxyInternalError), "cannot open a bound socket");
+                return refuse_allowed(ts, ctx, id, flow.flow_id, why);
+            }
+        }
+    }
+    let public: Vec<SocketAddr> = sockets.iter().map(|(a, _)| *a).collect();
+    let mut table = ContextTable::new(limits, filter).with_families(Families::of(&public));
+    if let Some(target) = ts.slab.get(id).and_then(|t| t.fallback) {
+        table = table.with_target(target);
+    }
+    let endpoints =
+        sockets.into_iter().map(|(a, s)| (a.is_ipv4(), ctx.open_endpoint(s, id, false))).collect();
     let Some(t) = ts.slab.get_mut(id) else { return };
     if let Some(dg) = t.dg.as_mut() {
         // Every payload waits in the codec's bound queue, not as early.
@@ -203,7 +241,7 @@ pub(super) fn open(
     head.fields.push(("connect-udp-bind", "?1".into()));
     head.fields.push(("proxy-public-address", bind::proxy_public_address(&public)));
     t.head = Some(head);
-    let leg = Box::new(BoundLeg { endpoint, table, peers, batch: None });
+    let leg = Box::new(BoundLeg { endpoints, table, peers, batch: None });
     hold(ts, id, State::Bound { leg, flow });
     ts.opened(ctx, id);
     ts.after_capsules(ctx, id, path);
@@ -238,12 +276,15 @@ pub(super) fn from_client(
             }
         }
     }
+    // Section 9: the responses the client must get are never dropped;
+    // past the bound on those waiting unsent the stream is aborted.
     let mut out = Vec::new();
     for r in &replies {
+        out.clear();
         bind::encode_capsule(r, &mut out);
-    }
-    if !out.is_empty() && !dg.push_raw_capsule(&out) {
-        ctx.count(Counter::DropQueueFull, 1);
+        if !dg.push_control(&out) {
+            return Err(Abort::ExcessiveLoad);
+        }
     }
     let mut batched = false;
     for (context_id, payload) in dg.take_bound() {
@@ -258,6 +299,8 @@ pub(super) fn from_client(
                 batched |= leg.push(peer, &udp, ctx);
             }
             Err(OutboundError::ContextZero) => return Err(Abort::Datagram),
+            // Section 7: "the proxy will drop those datagrams".
+            Err(OutboundError::FamilyNotAnnounced(_)) => ctx.count(Counter::BindPeerDenied, 1),
             Err(OutboundError::UnknownContext(_)) => ctx.count(Counter::DropUnknownContext, 1),
             Err(OutboundError::Malformed(_)) => ctx.count(Counter::DropMalformed, 1),
         }
@@ -296,7 +339,10 @@ pub(super) fn from_peer(
             Inbound::UncompressedAndAssign(c, capsule) => {
                 let mut raw = Vec::new();
                 bind::encode_capsule(&capsule, &mut raw);
-                if !dg.push_raw_capsule(&raw) {
+                if !dg.push_control(&raw) {
+                    // Not a response: the proxy forgets the context it could
+                    // not announce (the client never hears of it).
+                    leg.table.close(capsule.context_id());
                     ctx.count(Counter::DropQueueFull, 1);
                 }
                 encoded.clear();
@@ -325,6 +371,19 @@ mod tests {
         assert!(peer_in(&ranges, "[::ffff:10.0.0.7]:5".parse().unwrap()), "v4-mapped counts as IPv4");
         assert!(!peer_in(&ranges, "10.0.0.7:0".parse().unwrap()), "port 0 never");
         assert!(!peer_in(&ranges, "10.0.1.7:5".parse().unwrap()));
-        assert_eq!(unmap(mapped("192.0.2.1:9".parse().unwrap())), "192.0.2.1:9".parse().unwrap());
+        assert_eq!(unmap("[::ffff:192.0.2.1]:9".parse().unwrap()), "192.0.2.1:9".parse().unwrap());
+        assert_eq!(unmap("[2001:db8::1]:9".parse().unwrap()), "[2001:db8::1]:9".parse().unwrap());
+    }
+
+    #[test]
+    fn one_announced_address_per_family_and_sockets_bound_to_it() {
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        let listed = public_addresses(&[v4, "127.0.0.2".parse().unwrap(), "::1".parse().unwrap()]);
+        assert_eq!(listed, vec![v4, "::1".parse().unwrap()], "the first of each family");
+        let s = bound_socket(v4).unwrap();
+        assert_eq!(s.local_addr().unwrap().ip(), v4, "bound to the announced address, not the wildcard");
+        // An address the host does not have (behind a 1:1 NAT): the wildcard.
+        let s = bound_socket("192.0.2.77".parse().unwrap()).unwrap();
+        assert!(s.local_addr().unwrap().ip().is_unspecified());
     }
 }

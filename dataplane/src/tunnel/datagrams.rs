@@ -60,6 +60,15 @@ pub enum UpOutcome {
 pub const MAX_UDP_PAYLOAD: usize = 65_527;
 /// Largest IP packet a context-0 datagram of a connect-ip tunnel carries.
 pub const MAX_IP_PACKET: usize = 65_535;
+/// Bytes of the stream output that only control capsules (address and
+/// compression responses) may use, so DATAGRAM capsules, which may be
+/// dropped, never crowd out answers the client must get.
+const CONTROL_RESERVE: usize = 16 * 1024;
+/// Control capsules that may wait in the stream output at once: the bind
+/// draft's section 9 "upper limit on how many compression responses the
+/// endpoint is willing to buffer" (RFC 9484's address responses share it).
+/// Past it the tunnel aborts its stream.
+pub const MAX_PENDING_CONTROL: usize = 64;
 /// Kept capsules (address requests, compression capsules) a tunnel holds
 /// before they are handled; a client that sends more at once has its
 /// stream aborted (each needs an answer, so none may be dropped silently).
@@ -102,6 +111,11 @@ pub struct Datagrams {
     max_queued: usize,
     stream_out: Vec<u8>,
     stream_out_limit: usize,
+    /// Bytes appended to, and taken from, the stream output so far.
+    pushed: u64,
+    written: u64,
+    /// Where each control capsule waiting in the stream output ends.
+    control_ends: VecDeque<u64>,
     client_used_capsules: bool,
     client_used_datagrams: bool,
     /// Kept capsules received and not yet handled (type, value).
@@ -130,6 +144,9 @@ impl Datagrams {
             max_queued: limits.max_queued_datagrams,
             stream_out: Vec::new(),
             stream_out_limit: limits.stream_out_limit,
+            pushed: 0,
+            written: 0,
+            control_ends: VecDeque::new(),
             client_used_capsules: false,
             client_used_datagrams: false,
             control_in: VecDeque::new(),
@@ -279,22 +296,37 @@ impl Datagrams {
     /// payload is dropped).
     pub fn push_capsule(&mut self, context_id: u64, payload: &[u8]) -> bool {
         let needed = payload.len() + 3 * varint::MAX_LEN;
-        if self.stream_out.len() + needed > self.stream_out_limit {
+        let reserve = CONTROL_RESERVE.min(self.stream_out_limit / 2);
+        if self.stream_out.len() + needed > self.stream_out_limit - reserve {
             return false;
         }
+        let before = self.stream_out.len();
         capsule::encode_datagram(context_id, payload, &mut self.stream_out);
+        self.pushed += (self.stream_out.len() - before) as u64;
         true
     }
 
-    /// Appends encoded capsules (connect-ip's address and route capsules,
-    /// bound UDP's compression capsules) to the stream output; `false` if
-    /// the bounded buffer has no room.
-    pub fn push_raw_capsule(&mut self, capsule: &[u8]) -> bool {
-        if self.stream_out.len() + capsule.len() > self.stream_out_limit {
+    /// Appends encoded control capsules (connect-ip's address and route
+    /// capsules, bound UDP's compression capsules) to the stream output,
+    /// which keeps room for them that DATAGRAM capsules cannot take;
+    /// `false` when [`MAX_PENDING_CONTROL`] of them already wait, or the
+    /// buffer is full: the caller aborts the stream (it must not drop an
+    /// answer the client waits for).
+    pub fn push_control(&mut self, capsule: &[u8]) -> bool {
+        if self.control_ends.len() >= MAX_PENDING_CONTROL
+            || self.stream_out.len() + capsule.len() > self.stream_out_limit
+        {
             return false;
         }
         self.stream_out.extend_from_slice(capsule);
+        self.pushed += capsule.len() as u64;
+        self.control_ends.push_back(self.pushed);
         true
+    }
+
+    /// Control capsules waiting in the stream output.
+    pub fn pending_control(&self) -> usize {
+        self.control_ends.len()
     }
 
     /// Bytes waiting to be written on the request stream.
@@ -304,7 +336,12 @@ impl Datagrams {
 
     /// Marks `n` bytes of [`Self::stream_out`] as written.
     pub fn consume_stream_out(&mut self, n: usize) {
-        self.stream_out.drain(..n.min(self.stream_out.len()));
+        let n = n.min(self.stream_out.len());
+        self.stream_out.drain(..n);
+        self.written += n as u64;
+        while self.control_ends.front().is_some_and(|end| *end <= self.written) {
+            self.control_ends.pop_front();
+        }
     }
 }
 
@@ -398,11 +435,29 @@ mod tests {
     }
 
     #[test]
+    fn control_capsules_have_room_datagrams_cannot_take_and_a_bound_of_their_own() {
+        let limits = Limits { stream_out_limit: 64 * 1024, ..LIMITS };
+        let mut t = Datagrams::new(Payloads::Bound, limits);
+        while t.push_capsule(2, &[0; 1000]) {}
+        assert!(t.stream_out().len() <= 64 * 1024 - CONTROL_RESERVE, "datagrams leave the reserve alone");
+        for _ in 0..MAX_PENDING_CONTROL {
+            assert!(t.push_control(&[0x12, 0x01, 0x02]), "responses fit in the reserve");
+        }
+        assert!(!t.push_control(&[0x12, 0x01, 0x04]), "past the bound the caller aborts");
+        assert_eq!(t.pending_control(), MAX_PENDING_CONTROL);
+        // Sending the datagrams and the first responses frees their places.
+        let datagram_bytes = t.stream_out().len() - 3 * MAX_PENDING_CONTROL;
+        t.consume_stream_out(datagram_bytes + 3 * 10);
+        assert_eq!(t.pending_control(), MAX_PENDING_CONTROL - 10);
+        assert!(t.push_control(&[0x12, 0x01, 0x04]));
+    }
+
+    #[test]
     fn stream_output_is_bounded() {
         let mut t = Datagrams::new(Payloads::Udp, LIMITS);
-        assert!(t.push_capsule(0, &[1; 2000]));
-        assert!(t.push_capsule(0, &[2; 2000]));
-        assert!(!t.push_capsule(0, &[3; 2000]));
+        assert!(t.push_capsule(0, &[1; 1000]));
+        assert!(!t.push_capsule(0, &[3; 2000]), "half of a small buffer is kept for control capsules");
+        assert!(t.push_control(&[9; 1000]));
         let len = t.stream_out().len();
         t.consume_stream_out(len - 10);
         assert_eq!(t.stream_out().len(), 10);

@@ -167,8 +167,11 @@ impl Tunnels {
                 }
                 State::Ip { leg, .. } => {
                     let dg = t.dg.as_mut().expect("capsule tunnels have a codec");
-                    if !ip::refuse_pending(leg, dg, ctx) {
-                        continue;
+                    let refused = ip::refuse_pending(leg, dg);
+                    match refused {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(abort) => self.abort(ctx, id, abort),
                     }
                 }
                 _ => continue,
@@ -184,11 +187,16 @@ impl Tunnels {
     /// carrier of the tunnel holding the flow (none when it ended
     /// meanwhile: its FlowClosed, sent after the ask, releases the lease).
     pub fn on_address_answer(&mut self, ctx: &mut Ctx, a: &AddressAnswer) -> Option<Carrier> {
-        let (_, t) = self.slab.iter_mut().find(|(_, t)| t.flow().is_some_and(|f| f.flow_id == a.flow_id))?;
-        if let (State::Ip { leg, .. }, Some(dg)) = (&mut t.state, t.dg.as_mut()) {
-            ip::address_answer(leg, dg, a, self.ip.as_mut(), ctx);
+        let (id, t) = self.slab.iter_mut().find(|(_, t)| t.flow().is_some_and(|f| f.flow_id == a.flow_id))?;
+        let carrier = t.place.carrier;
+        let answered = match (&mut t.state, t.dg.as_mut()) {
+            (State::Ip { leg, .. }, Some(dg)) => ip::address_answer(leg, dg, a, self.ip.as_mut()),
+            _ => Ok(()),
+        };
+        if let Err(abort) = answered {
+            self.abort(ctx, id, abort);
         }
-        Some(t.place.carrier)
+        Some(carrier)
     }
 
     /// The open flows, for a control that attached after the previous one

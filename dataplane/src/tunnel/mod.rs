@@ -119,6 +119,9 @@ pub enum Abort {
     /// The TCP connection to the target broke (H3_CONNECT_ERROR,
     /// CONNECT_ERROR).
     Connect,
+    /// The client lets more answers pile up unread than the relay buffers
+    /// (the bind draft's section 9; H3_EXCESSIVE_LOAD, ENHANCE_YOUR_CALM).
+    ExcessiveLoad,
 }
 
 /// How a tunnel's stream ends.

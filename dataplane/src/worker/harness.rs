@@ -203,6 +203,11 @@ pub struct Client {
     pub finished: Vec<u64>,
     /// Streams the relay reset.
     pub reset: Vec<u64>,
+    /// The code of each reset.
+    pub reset_codes: HashMap<u64, u64>,
+    /// Whether request stream bytes are read (a client that does not read
+    /// lets the relay's answers pile up behind its flow control).
+    pub read_bodies: bool,
     /// HTTP/3 datagrams received: (stream, context, payload).
     pub datagrams: Vec<(u64, u64, Vec<u8>)>,
     /// Bytes received on request streams (capsules, TCP bytes).
@@ -213,12 +218,18 @@ pub struct Client {
 
 impl Client {
     fn new() -> Self {
+        Self::with_stream_window(1 << 20)
+    }
+
+    /// A client that lets the relay send at most `window` bytes on each of
+    /// its request streams until it reads them.
+    pub fn with_stream_window(window: u64) -> Self {
         let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
         config.set_application_protos(quiche::h3::APPLICATION_PROTOCOL).expect("alpn");
         config.verify_peer(false);
         config.set_max_idle_timeout(30_000);
         config.set_initial_max_data(10 << 20);
-        config.set_initial_max_stream_data_bidi_local(1 << 20);
+        config.set_initial_max_stream_data_bidi_local(window);
         config.set_initial_max_stream_data_bidi_remote(1 << 20);
         config.set_initial_max_stream_data_uni(1 << 20);
         config.set_initial_max_streams_bidi(100);
@@ -242,6 +253,8 @@ impl Client {
             responses: HashMap::new(),
             finished: Vec::new(),
             reset: Vec::new(),
+            reset_codes: HashMap::new(),
+            read_bodies: true,
             datagrams: Vec::new(),
             bodies: HashMap::new(),
             goaway: false,
@@ -269,6 +282,7 @@ impl Client {
                         .collect();
                     self.responses.insert(stream, fields);
                 }
+                Ok((_, quiche::h3::Event::Data)) if !self.read_bodies => {}
                 Ok((stream, quiche::h3::Event::Data)) => {
                     let mut buf = [0u8; 65_536];
                     while let Ok(n) = h3.recv_body(&mut self.quic, stream, &mut buf) {
@@ -276,7 +290,10 @@ impl Client {
                     }
                 }
                 Ok((stream, quiche::h3::Event::Finished)) => self.finished.push(stream),
-                Ok((stream, quiche::h3::Event::Reset(_))) => self.reset.push(stream),
+                Ok((stream, quiche::h3::Event::Reset(code))) => {
+                    self.reset.push(stream);
+                    self.reset_codes.insert(stream, code);
+                }
                 Ok((_, quiche::h3::Event::GoAway)) => self.goaway = true,
                 Ok(_) => {}
                 Err(quiche::h3::Error::Done) => break,
@@ -330,6 +347,30 @@ impl Client {
         let mut d = Vec::new();
         relay_proto::datagram::encode_into(stream, 0, payload, &mut d);
         self.quic.dgram_send(&d).expect("datagram queued");
+    }
+
+    /// A bound connect-udp request (`*` targets, `connect-udp-bind: ?1`).
+    pub fn connect_udp_bind(&mut self) -> u64 {
+        self.request(
+            &[
+                (":method", "CONNECT"),
+                (":protocol", "connect-udp"),
+                (":scheme", "https"),
+                (":authority", "localhost"),
+                (":path", "/.well-known/masque/udp/%2A/%2A/"),
+                ("capsule-protocol", "?1"),
+                ("connect-udp-bind", "?1"),
+                ("proxy-authorization", "Bearer test"),
+            ],
+            false,
+        )
+    }
+
+    /// Sends `bytes` on `stream` (capsules).
+    pub fn send_body(&mut self, stream: u64, bytes: &[u8]) {
+        let h3 = self.h3.as_mut().expect("HTTP/3 is up");
+        let n = h3.send_body(&mut self.quic, stream, bytes, false).expect("body sent");
+        assert_eq!(n, bytes.len(), "the client's stream window takes the whole body");
     }
 
     /// Ends the client's side of `stream`.

@@ -217,3 +217,57 @@ fn packets_for_another_worker_are_handed_off() {
     assert_eq!(counter(&h, Counter::HandoffsOut), 1);
     assert!(h.inboxes[0].pop().is_none());
 }
+
+#[test]
+fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
+    let mut b = bootstrap(1);
+    b.bind = Some(relay_proto::channel::bootstrap::BindBootstrap {
+        public_addresses: vec!["127.0.0.1".parse().unwrap()],
+        inbound_filter: relay_proto::channel::bootstrap::InboundFilter::Any,
+        max_contexts: 1000,
+        max_peers: 100,
+    });
+    let mut h = Harness::new(b);
+    // The relay may send 160 bytes on the stream until the client reads.
+    h.client = super::harness::Client::with_stream_window(160);
+    h.connect();
+    let stream = h.client.connect_udp_bind();
+    h.run();
+    let ask = h.control.take_asks().remove(0);
+    assert_eq!(ask.protocol, TunnelProtocol::ConnectUdpBind);
+    let peers = vec![relay_proto::channel::record::IpRoute {
+        start: "127.0.0.0".parse().unwrap(),
+        end: "127.255.255.255".parse().unwrap(),
+        protocol: 0,
+    }];
+    let verdict = Verdict::AllowBind {
+        flow_id: 11,
+        idle_timeout_ms: 30_000,
+        byte_budget: 0,
+        identity: "sub:t".into(),
+        peers,
+    };
+    h.control.answer(&ask, verdict);
+    h.run();
+    assert_eq!(h.client.status(stream), Some(200));
+    assert_eq!(h.client.field(stream, "connect-udp-bind"), Some("?1"));
+    let public = h.client.field(stream, "proxy-public-address").unwrap().to_string();
+    assert!(public.starts_with("\"127.0.0.1:"), "{public}");
+    // The client stops reading and registers 200 compressed contexts: each
+    // needs an answer (the draft's section 3.1), which the relay cannot
+    // send; past its bound on waiting answers (section 9) it aborts.
+    h.client.read_bodies = false;
+    let mut capsules = Vec::new();
+    for i in 0..200u16 {
+        let c = relay_proto::bind::BindCapsule::Assign {
+            context_id: 2 + 2 * u64::from(i),
+            target: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 1000 + i))),
+        };
+        relay_proto::bind::encode_capsule(&c, &mut capsules);
+    }
+    h.client.send_body(stream, &capsules);
+    h.run();
+    assert!(h.client.reset.contains(&stream), "the stream is aborted");
+    assert_eq!(h.client.reset_codes[&stream], 0x107, "H3_EXCESSIVE_LOAD");
+    assert_eq!(h.control.closed_flows()[0].flow_id, 11);
+}

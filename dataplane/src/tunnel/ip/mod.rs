@@ -78,9 +78,8 @@ pub(super) fn open(
     let Some(t) = ts.slab.get_mut(id) else { return };
     let Some(dg) = t.dg.as_mut() else { return };
     let early = dg.open();
-    if !dg.push_raw_capsule(&config.opening_capsules()) {
-        ctx.count(Counter::DropQueueFull, 1);
-    }
+    // An empty stream output always has room for these.
+    let _ = dg.push_control(&config.opening_capsules());
     t.head = Some(Head::tunnel_open(true));
     hold(ts, id, State::Ip { leg: config, flow });
     ts.opened(ctx, id);
@@ -144,8 +143,10 @@ pub(super) fn capsules(
                     }
                 }
                 for capsule in capsules.iter().filter(|c| !c.is_empty()) {
-                    if !dg.push_raw_capsule(capsule) {
-                        ctx.count(Counter::DropQueueFull, 1);
+                    // RFC 9484 section 4.7.2: every request gets an answer;
+                    // a client that lets too many wait unread is cut off.
+                    if !dg.push_control(capsule) {
+                        return Err(Abort::ExcessiveLoad);
                     }
                 }
             }
@@ -160,34 +161,35 @@ pub(super) fn capsules(
 }
 
 /// Control's answer to one of the tunnel's address asks: the new
-/// assignment (or the refusal) goes out on the stream.
+/// assignment (or the refusal) goes out on the stream. An error when it
+/// cannot be queued (too many answers unread: the stream is aborted).
 pub(super) fn address_answer(
     t: &mut IpTunnel,
     dg: &mut Datagrams,
     a: &AddressAnswer,
     side: Option<&mut IpSide>,
-    ctx: &mut Ctx,
-) {
+) -> Result<(), Abort> {
     let capsule = t.on_address_answer(a.request_id, a.addr, a.granted);
     if t.source_allowed(a.addr)
         && let Some(side) = side
     {
         side.register_address(t, a.addr);
     }
-    if !capsule.is_empty() && !dg.push_raw_capsule(&capsule) {
-        ctx.count(Counter::DropQueueFull, 1);
+    if !capsule.is_empty() && !dg.push_control(&capsule) {
+        return Err(Abort::ExcessiveLoad);
     }
+    Ok(())
 }
 
 /// Refuses the address requests the tunnel still waits on control for
 /// (control was replaced and will never answer them). Returns whether
-/// there were any.
-pub(super) fn refuse_pending(t: &mut IpTunnel, dg: &mut Datagrams, ctx: &Ctx) -> bool {
-    let Some(capsule) = t.refuse_pending() else { return false };
-    if !dg.push_raw_capsule(&capsule) {
-        ctx.count(Counter::DropQueueFull, 1);
+/// there were any, or an error when the refusals cannot be queued.
+pub(super) fn refuse_pending(t: &mut IpTunnel, dg: &mut Datagrams) -> Result<bool, Abort> {
+    let Some(capsule) = t.refuse_pending() else { return Ok(false) };
+    if !dg.push_control(&capsule) {
+        return Err(Abort::ExcessiveLoad);
     }
-    true
+    Ok(true)
 }
 
 /// Prepares a packet from the device for a tunnel: the hop limit is
