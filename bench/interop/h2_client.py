@@ -685,8 +685,137 @@ def case_bind_stun(args: argparse.Namespace) -> dict:
     return r
 
 
+def case_h2c_window(args: argparse.Namespace) -> dict:
+    """An h2c Upgrade (RFC 7540 section 3.2) of GET / on the cleartext
+    listener: the relay answers stream 1 itself, using part of the client's
+    connection window. Then a classic CONNECT to the TCP echo at
+    --target-host:--target-port carries --bytes both ways while the client
+    withholds every WINDOW_UPDATE: the relay's DATA must stop at the
+    client's true connection window (this client's h2 raises
+    FLOW_CONTROL_ERROR on an overshoot). Then the client grants window and
+    the rest arrives."""
+    host, port = args.relay.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=args.timeout)
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    settings = conn.initiate_upgrade_connection().decode()
+    head = (f"GET / HTTP/1.1\r\nHost: {authority(args)}\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+            f"Upgrade: h2c\r\nHTTP2-Settings: {settings}\r\n\r\n")
+    sock.sendall(head.encode())
+    got = b""
+    deadline = time.monotonic() + args.timeout
+    while b"\r\n\r\n" not in got:
+        if time.monotonic() > deadline:
+            raise ClientError("no answer to the upgrade")
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ClientError("closed before the 101")
+        got += chunk
+    status_line, rest = got.split(b"\r\n\r\n", 1)
+    r: dict = {"upgrade": int(status_line.split(b" ")[1])}
+    if r["upgrade"] != 101:
+        return r
+    sock.sendall(conn.data_to_send())
+    data: dict[int, bytearray] = {}
+    flow: dict[int, int] = {}
+    responses: dict[int, dict] = {}
+    ended: set[int] = set()
+    error = None
+
+    def feed(b: bytes) -> None:
+        nonlocal error
+        if not b or error:
+            return
+        try:
+            events = conn.receive_data(b)
+        except h2.exceptions.FlowControlError as e:
+            error = str(e)
+            return
+        for ev in events:
+            if isinstance(ev, h2.events.ResponseReceived):
+                responses[ev.stream_id] = dict(ev.headers)
+            elif isinstance(ev, h2.events.DataReceived):
+                data.setdefault(ev.stream_id, bytearray()).extend(ev.data)
+                flow[ev.stream_id] = flow.get(ev.stream_id, 0) + ev.flow_controlled_length
+            elif isinstance(ev, h2.events.StreamEnded):
+                ended.add(ev.stream_id)
+        out = conn.data_to_send()
+        if out:
+            sock.sendall(out)
+
+    def pump(wait: float) -> bool:
+        sock.settimeout(wait)
+        try:
+            b = sock.recv(1 << 16)
+        except socket.timeout:
+            return False
+        if not b:
+            return False
+        feed(b)
+        return True
+
+    feed(rest)
+    deadline = time.monotonic() + args.timeout
+    while 1 not in ended and time.monotonic() < deadline and not error:
+        pump(0.05)
+    r["stream1_status"] = int(responses.get(1, {}).get(":status", "0"))
+    r["stream1_bytes"] = flow.get(1, 0)
+    r["window"] = 65535 - r["stream1_bytes"]
+    target = f"{args.target_host}:{args.target_port}"
+    sid = conn.get_next_available_stream_id()
+    conn.config.validate_outbound_headers = False
+    conn.send_headers(sid, [(":method", "CONNECT"), (":authority", target),
+                            ("proxy-authorization", f"Bearer {args.token}")])
+    sock.sendall(conn.data_to_send())
+    while sid not in responses and time.monotonic() < deadline and not error:
+        pump(0.05)
+    r["status"] = int(responses.get(sid, {}).get(":status", "0"))
+    if r["status"] != 200:
+        r["flow_control_error"] = error
+        return r
+    payload = os.urandom(args.bytes)
+    off = 0
+    while off < len(payload) and time.monotonic() < deadline and not error:
+        window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+        if window > 0:
+            conn.send_data(sid, payload[off:off + window])
+            off += window
+            sock.sendall(conn.data_to_send())
+        else:
+            pump(0.01)
+    conn.end_stream(sid)
+    sock.sendall(conn.data_to_send())
+    # Withholding: read until nothing more comes for a second.
+    quiet = time.monotonic()
+    while time.monotonic() - quiet < 1.0 and time.monotonic() < deadline and not error:
+        if pump(0.1):
+            quiet = time.monotonic()
+    r["before_update"] = flow.get(sid, 0)
+    # Now grant the window consumed so far, on both streams.
+    if not error:
+        for stream, n in flow.items():
+            conn.acknowledge_received_data(n, stream)
+        flow_acked = dict(flow)
+        sock.sendall(conn.data_to_send())
+        while (len(data.get(sid, b"")) < len(payload) or sid not in ended) and time.monotonic() < deadline \
+                and not error:
+            if pump(0.05):
+                extra = flow.get(sid, 0) - flow_acked.get(sid, 0)
+                if extra > 0:
+                    conn.acknowledge_received_data(extra, sid)
+                    flow_acked[sid] = flow[sid]
+                    out = conn.data_to_send()
+                    if out:
+                        sock.sendall(out)
+    back = bytes(data.get(sid, b""))
+    r.update({"flow_control_error": error, "received": len(back), "identical": back == payload,
+              "ended": sid in ended})
+    sock.close()
+    return r
+
+
 CASES = {
     "status": case_status,
+    "h2c_window": case_h2c_window,
     "bind_stun": case_bind_stun,
     "connect_udp": case_connect_udp,
     "connect_ip": case_connect_ip,

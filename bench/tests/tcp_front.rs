@@ -232,6 +232,37 @@ fn tcp_connect_over_each_http_version_moves_megabytes_byte_for_byte() {
     assert!(echo.accepted() >= 4);
 }
 
+/// After an h2c Upgrade the relay answers stream 1 itself with DATA the
+/// `h2` crate does not know about. Until the client's WINDOW_UPDATEs cover
+/// that, the relay must hold its other DATA at the client's true connection
+/// window: a client (the Python `h2` package, which raises
+/// FLOW_CONTROL_ERROR on an overshoot) that withholds every WINDOW_UPDATE
+/// gets exactly what its window takes, then the rest once it grants more.
+#[test]
+fn h2c_upgrade_never_overshoots_the_clients_connection_window() {
+    let Some(python) = python_or_skip("h2c_window") else { return };
+    let relay = relay("h2cwindow");
+    let echo = TcpEcho::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let extra = [
+        "--target-port".to_string(),
+        echo.addr().port().to_string(),
+        "--bytes".into(),
+        "200000".into(),
+        "h2c_window".into(),
+    ];
+    let r = &h2_client(&python, &h2_args(&relay, false, &extra))["h2c_window"];
+    assert_eq!(r["upgrade"], 101, "{r}");
+    assert_eq!(r["stream1_status"], 200, "{r}");
+    let debt = r["stream1_bytes"].as_u64().unwrap();
+    assert!(debt > 0, "the upgraded request's answer has a body: {r}");
+    assert_eq!(r["flow_control_error"], Value::Null, "no overshoot: {r}");
+    let window = r["window"].as_u64().unwrap();
+    let before = r["before_update"].as_u64().unwrap();
+    assert!(before > 0 && before <= window, "DATA stopped at the true window {window}: {r}");
+    assert_eq!(r["received"], 200_000, "the rest came once the client granted window: {r}");
+    assert_eq!(r["identical"], true, "{r}");
+}
+
 use relay_bench::tcp_echo::pattern;
 
 fn read_head(s: &mut TcpStream) -> String {

@@ -524,6 +524,9 @@ pub struct ClientFrameFilter {
     /// lacked END_HEADERS.
     in_header_block: bool,
     failed: Option<FilterError>,
+    /// Connection-level window the client granted (stream-0 WINDOW_UPDATE
+    /// increments as sent, before the debt came off) and not yet taken.
+    credit: u64,
 }
 
 impl ClientFrameFilter {
@@ -540,12 +543,20 @@ impl ClientFrameFilter {
             payload: Payload::Header,
             in_header_block: false,
             failed: None,
+            credit: 0,
         }
     }
 
     /// The connection-level window still owed.
     pub fn debt(&self) -> u32 {
         self.debt
+    }
+
+    /// Connection-level window the client granted since the last call, as
+    /// it sent it (the debt not taken off): what the client can really
+    /// receive more of ([`DataGate::credit`]).
+    pub fn take_credit(&mut self) -> u64 {
+        std::mem::take(&mut self.credit)
     }
 
     /// Appends to `out` what `h2` should see of `input`, which may arrive in
@@ -668,6 +679,7 @@ impl ClientFrameFilter {
     fn finish_window_update(&mut self, payload: [u8; 4], out: &mut Vec<u8>) {
         let raw = u32::from_be_bytes(payload);
         let increment = raw & !RESERVED_BIT;
+        self.credit += u64::from(increment);
         if increment == 0 {
             // Already invalid: let h2 answer the PROTOCOL_ERROR.
             out.extend_from_slice(&self.header);
@@ -681,6 +693,100 @@ impl ClientFrameFilter {
             out.extend_from_slice(&self.header);
             out.extend_from_slice(&((raw & RESERVED_BIT) | left).to_be_bytes());
         }
+    }
+}
+
+/// Holds back the server's DATA frames that the client's connection window
+/// cannot take yet, while the window an h2c Upgrade's answer used is still
+/// owed.
+///
+/// After an h2c Upgrade the relay answers stream 1 itself ([`encode_response`])
+/// with DATA `h2` does not know about, so until the client's connection
+/// WINDOW_UPDATEs have covered that debt (see [`ClientFrameFilter`]) `h2`
+/// believes the client can take `debt` octets more than it can. The gate
+/// keeps the true window: the client's initial connection window less the
+/// debt, plus the increments the client sent ([`Self::credit`]), less the
+/// DATA passed. A DATA frame that does not fit, and every octet after it
+/// (frames keep their order), waits until the client grants more. Other
+/// frames pass. The caller stops taking `h2`'s output while the gate holds
+/// ([`Self::holding`]), which bounds what it holds.
+#[derive(Debug, Clone)]
+pub struct DataGate {
+    window: i64,
+    /// Octets not yet passed, from the next frame boundary (or the rest of
+    /// a frame being passed).
+    buf: Vec<u8>,
+    /// Payload octets of an admitted frame still to pass.
+    pass_left: usize,
+    holding: bool,
+}
+
+impl DataGate {
+    /// A gate for a client whose connection window, once the relay's own
+    /// answer is counted, is `initial - debt`.
+    pub fn new(debt: u32) -> Self {
+        Self {
+            window: i64::from(INITIAL_CONNECTION_WINDOW) - i64::from(debt),
+            buf: Vec::new(),
+            pass_left: 0,
+            holding: false,
+        }
+    }
+
+    /// Passes the server's output to `out`, holding back from the first
+    /// DATA frame the client's window cannot take.
+    pub fn push(&mut self, server_output: &[u8], out: &mut Vec<u8>) {
+        self.buf.extend_from_slice(server_output);
+        self.drive(out);
+    }
+
+    /// The client granted `increment` octets of connection window (raw,
+    /// [`ClientFrameFilter::take_credit`]): held frames that now fit pass.
+    pub fn credit(&mut self, increment: u64, out: &mut Vec<u8>) {
+        self.window = self.window.saturating_add(increment.min(i64::MAX as u64) as i64);
+        self.drive(out);
+    }
+
+    /// Whether a DATA frame waits for window.
+    pub fn holding(&self) -> bool {
+        self.holding
+    }
+
+    /// Octets held back.
+    pub fn held(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn drive(&mut self, out: &mut Vec<u8>) {
+        let mut at = 0;
+        loop {
+            if self.pass_left > 0 {
+                let n = self.pass_left.min(self.buf.len() - at);
+                out.extend_from_slice(&self.buf[at..at + n]);
+                at += n;
+                self.pass_left -= n;
+                if self.pass_left > 0 {
+                    break;
+                }
+                continue;
+            }
+            let Some(h) = self.buf.get(at..at + FRAME_HEADER_LEN) else {
+                self.holding = false;
+                break;
+            };
+            let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+            if h[3] == DATA {
+                if len as i64 > self.window {
+                    self.holding = true;
+                    break;
+                }
+                self.window -= len as i64;
+            }
+            out.extend_from_slice(h);
+            at += FRAME_HEADER_LEN;
+            self.pass_left = len;
+        }
+        self.buf.drain(..at);
     }
 }
 
@@ -744,6 +850,64 @@ impl ServerFrameSplice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn data_frame(stream: u32, len: usize) -> Vec<u8> {
+        let mut f = (len as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[DATA, 0]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend(std::iter::repeat_n(0xab, len));
+        f
+    }
+
+    fn ping_frame() -> Vec<u8> {
+        let mut f = vec![0, 0, 8, 0x6, 0, 0, 0, 0, 0];
+        f.extend_from_slice(&[7; 8]);
+        f
+    }
+
+    #[test]
+    fn the_gate_holds_data_past_the_true_window_until_the_client_grants_more() {
+        let debt = 130;
+        let mut gate = DataGate::new(debt);
+        let mut out = Vec::new();
+        // h2 believes in 65,535 octets: four 16 KiB DATA frames and a tail.
+        let mut server = Vec::new();
+        for _ in 0..3 {
+            server.extend(data_frame(3, 16_384));
+        }
+        server.extend(ping_frame());
+        // 49,152 passed; 16,253 left of the true window, 16,383 of h2's.
+        server.extend(data_frame(5, 16_300));
+        server.extend(ping_frame());
+        // Cut into awkward pieces: the result does not depend on the cuts.
+        for piece in server.chunks(1000) {
+            gate.push(piece, &mut out);
+        }
+        let passed: usize = frames(&out).iter().filter(|f| f.kind == DATA).map(|f| f.payload.len()).sum();
+        assert_eq!(passed, 3 * 16_384, "never past the client's true window (65,405)");
+        assert!(gate.holding(), "the frame that does not fit waits");
+        assert_eq!(frames(&out).len(), 4, "the PING before it passed, the one behind it waits (order kept)");
+        gate.credit(40, &mut out);
+        assert!(gate.holding(), "still 7 octets short");
+        // The client's WINDOW_UPDATE lets everything through.
+        gate.credit(100_000, &mut out);
+        assert!(!gate.holding());
+        assert_eq!(gate.held(), 0);
+        assert_eq!(out, server, "byte-identical once released");
+    }
+
+    #[test]
+    fn the_filter_reports_the_credit_the_client_sent() {
+        let mut f = ClientFrameFilter::new(1, 100);
+        let mut out = Vec::new();
+        let mut input = PREFACE.to_vec();
+        input.extend_from_slice(&[0, 0, 4, WINDOW_UPDATE, 0, 0, 0, 0, 0]);
+        input.extend_from_slice(&300u32.to_be_bytes());
+        f.push(&input, &mut out).unwrap();
+        assert_eq!(f.take_credit(), 300, "as sent");
+        assert_eq!(f.debt(), 0);
+        assert_eq!(f.take_credit(), 0);
+    }
 
     // ---- test-only frame and HPACK decoding ----
 

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use h2::server::{Connection, Handshake, SendResponse};
 use h2::{Reason, RecvStream, SendStream};
 use relay_channel::region::Counter;
-use relay_proto::h2c::{ClientFrameFilter, ServerFrameSplice};
+use relay_proto::h2c::{ClientFrameFilter, DataGate, ServerFrameSplice};
 use relay_proto::request::{self, Request};
 use tracing::debug;
 
@@ -52,6 +52,10 @@ const PIPE_IN: usize = 64 * 1024;
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Connection-level receive window.
 const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Output an h2c Upgrade's gate holds at most before h2 is stopped (its
+/// DATA beyond the client's true window is at most the debt; the rest is
+/// what follows it in order).
+const GATE_HOLD: usize = 256 * 1024;
 
 struct Stream {
     ex: Exchange,
@@ -85,6 +89,11 @@ pub struct Session {
     filter: Option<ClientFrameFilter>,
     /// h2c upgrade: stream 1's answer goes out after h2's SETTINGS.
     splice: Option<ServerFrameSplice>,
+    /// h2c upgrade: h2's DATA waits at the client's true connection window
+    /// while the window stream 1's answer used is still owed.
+    gate: Option<DataGate>,
+    /// Output the gate let through, on its way to the splice.
+    released: Vec<u8>,
     draining: bool,
     goaway_sent: bool,
     scratch: Vec<u8>,
@@ -131,6 +140,8 @@ impl Session {
             streams: HashMap::new(),
             filter: None,
             splice: None,
+            gate: None,
+            released: Vec::new(),
             draining: false,
             goaway_sent: false,
             scratch: Vec::new(),
@@ -143,6 +154,7 @@ impl Session {
         let mut s = Self::new(settings);
         s.filter = Some(ClientFrameFilter::new(1, switch.debt));
         s.splice = Some(ServerFrameSplice::new(switch.stream1));
+        s.gate = (switch.debt > 0).then(|| DataGate::new(switch.debt));
         s
     }
 
@@ -188,7 +200,21 @@ impl Session {
             match self.filter.as_mut() {
                 Some(f) => {
                     self.scratch.clear();
-                    match f.push(&io.plain_in[..take], &mut self.scratch) {
+                    let pushed = f.push(&io.plain_in[..take], &mut self.scratch);
+                    let credit = f.take_credit();
+                    let paid = f.debt() == 0;
+                    if let Some(g) = self.gate.as_mut() {
+                        self.released.clear();
+                        g.credit(credit, &mut self.released);
+                        let released = std::mem::take(&mut self.released);
+                        self.emit(&released, io);
+                        self.released = released;
+                    }
+                    if paid && self.gate.as_ref().is_some_and(|g| !g.holding()) {
+                        // h2's own accounting is exact from now on.
+                        self.gate = None;
+                    }
+                    match pushed {
                         Ok(()) => self.pipe.feed(&self.scratch),
                         Err(e) => {
                             // Nothing more reaches h2: the connection closes.
@@ -209,16 +235,41 @@ impl Session {
     }
 
     fn take_output(&mut self, io: &mut ConnIo) -> bool {
-        if !self.pipe.has_output() || io.out_room() == 0 {
+        if !self.pipe.has_output()
+            || io.out_room() == 0
+            || self.gate.as_ref().is_some_and(|g| g.held() > GATE_HOLD)
+        {
+            // A gate holding this much: h2 stops at its pipe's bound until
+            // the client grants window. Below it h2 keeps running (a
+            // blocked h2 would stop reading, and the client's
+            // WINDOW_UPDATE, which releases the gate, would never be read).
             return false;
         }
         self.scratch.clear();
         self.pipe.take_output(&mut self.scratch);
-        match self.splice.as_mut() {
-            Some(s) => s.push(&self.scratch, &mut io.plain_out),
-            None => io.plain_out.extend_from_slice(&self.scratch),
+        match self.gate.as_mut() {
+            Some(g) => {
+                self.released.clear();
+                g.push(&self.scratch, &mut self.released);
+                let released = std::mem::take(&mut self.released);
+                self.emit(&released, io);
+                self.released = released;
+            }
+            None => {
+                let out = std::mem::take(&mut self.scratch);
+                self.emit(&out, io);
+                self.scratch = out;
+            }
         }
         true
+    }
+
+    /// Sends h2's output on towards the client, through the h2c splice.
+    fn emit(&mut self, bytes: &[u8], io: &mut ConnIo) {
+        match self.splice.as_mut() {
+            Some(s) => s.push(bytes, &mut io.plain_out),
+            None => io.plain_out.extend_from_slice(bytes),
+        }
     }
 
     /// Polls the handshake or the connection: new requests.
