@@ -21,6 +21,7 @@ use relay_bench::iptunnel::{self, ClientTun, DEFAULT_IP_TEMPLATE};
 use relay_bench::netns::TargetNetns;
 use relay_bench::processes::{Relay, RelayOptions, running_as_root};
 use relay_proto::ip::capsule::{self as ipcap, IpCapsule, IpPrefix, RequestedAddress};
+use relay_proto::ip::echo;
 
 const T: Duration = Duration::from_secs(10);
 
@@ -92,6 +93,22 @@ fn udp4(src: IpAddr, dst: IpAddr, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Waits for an ICMP (v4) datagram on the tunnel and returns (type, code).
+/// The relay's IPv6 link MTU probe on `stream` (RFC 9484 section 7.2).
+fn wait_link_probe(c: &mut Client, stream: u64) -> Vec<u8> {
+    let deadline = Instant::now() + T;
+    while Instant::now() < deadline {
+        c.drive(Duration::from_millis(10)).unwrap();
+        for p in c.take_datagrams(stream) {
+            if echo::parse(&p)
+                .is_some_and(|e| e.kind == echo::EchoKind::Request && e.src == echo::TUNNEL_LINK_LOCAL)
+            {
+                return p;
+            }
+        }
+    }
+    panic!("no link probe came through the tunnel");
+}
+
 fn wait_icmp(c: &mut Client, stream: u64) -> (u8, u8) {
     let deadline = Instant::now() + T;
     while Instant::now() < deadline {
@@ -214,7 +231,7 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
         listen_ip: client_ns.host_addr,
         allow: vec!["127.0.0.0/8".into(), topo.target_prefixes[0].clone(), topo.target_prefixes[1].clone()],
         extra_config: format!(
-            "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.89.{pool}.0/24\"\nipv6_pool = \"fd89:{pool}::/120\"\ninterface_prefix = \"mq{pid}w\"\n"
+            "[protocols]\nconnect_ip = true\n\n[connect_ip]\nipv4_pool = \"10.89.{pool}.0/24\"\nipv6_pool = \"fd89:{pool}::/120\"\ninterface_prefix = \"mq{pid}w\"\nmtu_probe = \"echo\"\nmtu_probe_timeout_ms = 60000\n"
         ),
         ..Default::default()
     };
@@ -289,6 +306,18 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     assert!(relay.counter("tun_packets_out").unwrap() >= 6, "the pings went through the relay's TUN devices");
     assert!(relay.counter("tun_packets_in").unwrap() >= tun_in_before + 6, "and their replies came back");
 
+    // RFC 9484 section 7.2: the relay probed the IPv6 link with a 1280-byte
+    // Echo Request from its link-local end, and the client's kernel (a real
+    // IP stack behind its TUN device) answered it in full through the
+    // tunnel. Bounded wait; the relay's probe timeout is far longer.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.counter("ip_mtu_probes_confirmed").unwrap() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(relay.counter("ip_mtu_probes_confirmed").unwrap(), 1, "the client's stack answered the probe");
+    assert!(relay.counter("ip_mtu_probes_sent").unwrap() >= 1);
+    assert_eq!(relay.counter("ip_mtu_probe_failures").unwrap(), 0);
+
     // TCP bulk both ways, byte for byte, over IPv4 and IPv6. The client's
     // segments reach the relay's TUN device in runs (one QUIC receive batch
     // after another): with the offloads, runs of one flow are written as one
@@ -338,6 +367,24 @@ fn connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope() {
     let scoped =
         iptunnel::open(&mut c, DEFAULT_IP_TEMPLATE, &target.target_addr.to_string(), "17", T).unwrap();
     let mine = scoped.config.addresses.iter().find(|a| a.addr.is_ipv4()).unwrap().addr;
+    // This client has no IP stack behind it: it answers the relay's link
+    // probe itself (an Echo Reply with the probe's data, to fe80::6d:6173:7175:65).
+    let probe = wait_link_probe(&mut c, scoped.stream_id);
+    let IpAddr::V6(probed) = scoped.config.addresses.iter().find(|a| a.addr.is_ipv6()).unwrap().addr else {
+        unreachable!()
+    };
+    assert_eq!(probe.len(), 1280);
+    c.send_context_datagram(scoped.stream_id, 0, &echo::reply(&probe, probed).unwrap()).unwrap();
+    c.flush().unwrap();
+    let deadline = Instant::now() + T;
+    while relay.counter("ip_mtu_probes_confirmed").unwrap() < 2 && Instant::now() < deadline {
+        c.drive(Duration::from_millis(20)).unwrap();
+    }
+    assert_eq!(
+        relay.counter("ip_mtu_probes_confirmed").unwrap(),
+        2,
+        "the hand-made reply confirmed the link"
+    );
     assert_eq!(scoped.config.routes.len(), 1, "{:?}", scoped.config.routes);
     assert_eq!(scoped.config.routes[0].ip_protocol, 17);
     let out_before = relay.counter("drop_ip_out_of_scope").unwrap();

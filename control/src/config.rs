@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use relay_proto::channel::bootstrap::{InboundFilter, Protocol, TcpBootstrap};
+use relay_proto::channel::bootstrap::{InboundFilter, MtuProbe, Protocol, TcpBootstrap};
 use relay_proto::template::UriTemplate;
 use serde::Deserialize;
 use toml::Spanned;
@@ -701,6 +701,15 @@ pub struct ConnectIpSection {
     /// GSO packets on writes. On by default; off reads and writes one
     /// packet per system call.
     pub offload: bool,
+    /// The IPv6 link MTU check of each tunnel carrying IPv6 in QUIC
+    /// datagrams (RFC 9484 section 7.2): `echo` probes with 1280-byte
+    /// ICMPv6 Echo Requests and tears down tunnels that never answer;
+    /// `off` trusts the links (only for operators who guarantee them out
+    /// of band).
+    pub mtu_probe: MtuProbe,
+    /// How long after its first probe a tunnel may take to answer, in
+    /// milliseconds (1000..=60000).
+    pub mtu_probe_timeout_ms: u32,
 }
 
 impl Default for ConnectIpSection {
@@ -712,6 +721,8 @@ impl Default for ConnectIpSection {
             interface_prefix: "masq".into(),
             mtu: 1280,
             offload: true,
+            mtu_probe: MtuProbe::Echo,
+            mtu_probe_timeout_ms: 5000,
         }
     }
 }
@@ -847,6 +858,12 @@ impl Config {
         }
         if ip.mtu < 1280 || ip.mtu > 65_535 {
             return Err(invalid(format!("connect_ip.mtu must be 1280..=65535, not {}", ip.mtu)));
+        }
+        if !(1000..=60_000).contains(&ip.mtu_probe_timeout_ms) {
+            return Err(invalid(format!(
+                "connect_ip.mtu_probe_timeout_ms must be 1000..=60000, not {}",
+                ip.mtu_probe_timeout_ms
+            )));
         }
         if ip.interface_prefix.is_empty()
             || ip.interface_prefix.len() > 11
@@ -1181,6 +1198,15 @@ mod tests {
         assert!(Config::parse(&bad, "t.toml").unwrap_err().to_string().contains("connect_ip.uri_template"));
         let bad = with_pool.replace("mtu = 1280", "mtu = 1000");
         assert!(Config::parse(&bad, "t.toml").unwrap_err().to_string().contains("connect_ip.mtu"));
+        assert_eq!((c.connect_ip.mtu_probe, c.connect_ip.mtu_probe_timeout_ms), (MtuProbe::Echo, 5000));
+        let off = with_pool.replace("mtu_probe = \"echo\"", "mtu_probe = \"off\"");
+        assert_eq!(Config::parse(&off, "t.toml").unwrap().connect_ip.mtu_probe, MtuProbe::Off);
+        let bad = with_pool.replace("mtu_probe = \"echo\"", "mtu_probe = \"ping\"");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("ping") && err.contains("mtu_probe"), "{err}");
+        let bad = with_pool.replace("mtu_probe_timeout_ms = 5000", "mtu_probe_timeout_ms = 10");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("connect_ip.mtu_probe_timeout_ms"), "{err}");
         let text = DEFAULT_CONFIG.replace("bind = false", "bind = true");
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.protocols.served(), [Protocol::ConnectUdp, Protocol::ConnectUdpBind]);

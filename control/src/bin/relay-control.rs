@@ -141,6 +141,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             interface_prefix: ip.interface_prefix.clone(),
             mtu: ip.mtu,
             offload: ip.offload,
+            mtu_probe: ip.mtu_probe,
+            mtu_probe_timeout_ms: ip.mtu_probe_timeout_ms,
             worker_subnets: (0..bootstrap.workers)
                 .map(|w| {
                     pools

@@ -399,6 +399,17 @@ counters! {
     TunGsoWrites = 66, "tun_gso_writes";
     /// Packets written to the TUN device inside coalesced writes.
     TunCoalescedPackets = 67, "tun_coalesced_packets";
+    /// connect-ip IPv6 link MTU probes sent (1280-byte ICMPv6 Echo
+    /// Requests; RFC 9484 section 7.2).
+    IpMtuProbesSent = 68, "ip_mtu_probes_sent";
+    /// connect-ip tunnels whose link answered a probe in full.
+    IpMtuProbesConfirmed = 69, "ip_mtu_probes_confirmed";
+    /// connect-ip tunnels torn down: no reply to the probes in time, or
+    /// QUIC datagrams too small for 1280-byte packets.
+    IpMtuProbeFailures = 70, "ip_mtu_probe_failures";
+    /// ICMPv6 Echo Replies sent to clients probing the relay's end of
+    /// their tunnel link.
+    IpEchoReplies = 71, "ip_echo_replies";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

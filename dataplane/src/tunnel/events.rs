@@ -10,6 +10,7 @@ use relay_proto::channel::record::{AddressAnswer, FlowOpen, IpAssignment, Verdic
 use relay_proto::proxy_status::ProxyError;
 use tracing::debug;
 
+use super::datagrams::DownPath;
 use super::head::Refusal;
 use super::{Abort, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict};
 use crate::context::Ctx;
@@ -93,6 +94,18 @@ impl Tunnels {
         if !leg.routed(info.src, info.protocol) {
             return ctx.count(Counter::DropIpOutOfScope, 1);
         }
+        // RFC 9484 section 7.2: "If an endpoint is using QUIC DATAGRAM
+        // frames to convey IPv6 packets and it detects that the QUIC MTU is
+        // too low to allow sending 1280 bytes, it MUST abort the IP
+        // proxying request stream."
+        if dg.down_path(path.support()) == DownPath::QuicDatagram
+            && path.room().is_some_and(|r| r < relay_proto::ip::echo::IPV6_MIN_MTU)
+            && leg.ipv6_address().is_some()
+        {
+            debug!(tunnel = id, room = ?path.room(), "QUIC datagrams shrank below IPv6's minimum MTU");
+            ctx.count(Counter::IpMtuProbeFailures, 1);
+            return self.abort(ctx, id, Abort::Cancelled);
+        }
         let Some(side) = self.ip.as_mut() else { return };
         if ip::prepare_down(packet, path.room(), side, ctx) {
             deliver(dg, flow, stream, 0, packet, path, ctx);
@@ -101,8 +114,9 @@ impl Tunnels {
     }
 
     /// A tunnel's deadline may have come: control did not answer (503),
-    /// a TCP connect took too long (504), or the tunnel idled out.
-    pub fn on_timer(&mut self, ctx: &mut Ctx, id: TunnelId) {
+    /// a TCP connect took too long (504), a connect-ip link check is due,
+    /// or the tunnel idled out.
+    pub fn on_timer(&mut self, ctx: &mut Ctx, id: TunnelId, path: &mut dyn DatagramPath) {
         let Some(t) = self.slab.get(id) else { return };
         let Some(deadline) = t.deadline() else { return };
         if deadline > ctx.now {
@@ -119,6 +133,15 @@ impl Tunnels {
             State::Connecting { .. } => tcp::connect_failed(self, ctx, id, libc::ETIMEDOUT),
             State::Done => {}
             _ => {
+                if let State::Ip { leg, .. } = &t.state
+                    && leg.probe.due().is_some_and(|d| d <= ctx.now)
+                {
+                    ip::probe_tick(self, ctx, id, path);
+                    let idle = self.slab.get(id).and_then(|t| t.flow()).map(|f| f.idle_deadline());
+                    if idle.is_none_or(|at| at > ctx.now) {
+                        return;
+                    }
+                }
                 debug!(tunnel = id, "tunnel idle: ending it");
                 self.finish_from_relay(ctx, id);
             }

@@ -230,6 +230,10 @@ impl Tunnel {
         match &self.state {
             State::Asking { deadline, .. } | State::Connecting { deadline, .. } => Some(*deadline),
             State::Done => None,
+            State::Ip { leg, flow } => {
+                let idle = flow.idle_deadline();
+                Some(leg.probe.due().map_or(idle, |d| d.min(idle)))
+            }
             _ => self.flow().map(Flow::idle_deadline),
         }
     }

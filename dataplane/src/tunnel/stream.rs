@@ -146,9 +146,8 @@ impl Tunnels {
             State::Ip { leg, flow } => {
                 flow.up(payload.len(), ctx.now);
                 let dg = t.dg.as_mut().expect("capsule tunnels have a codec");
-                if let Some(icmp) = ip::up(leg, payload, self.ip.as_mut(), ctx) {
-                    deliver(dg, flow, stream, 0, &icmp, path, ctx);
-                    ctx.count(Counter::IcmpErrorsSent, 1);
+                if let Some(answer) = ip::up(leg, payload, self.ip.as_mut(), ctx) {
+                    deliver(dg, flow, stream, 0, &answer, path, ctx);
                 }
                 flow.over_budget()
             }
@@ -330,6 +329,11 @@ impl Tunnels {
         let (Some(dg), Some(flow)) = (t.dg.as_mut(), flow_mut(&mut t.state)) else { return };
         for payload in dg.take_waiting_down() {
             deliver(dg, flow, stream, 0, &payload, path, ctx);
+        }
+        if let State::Ip { leg, .. } = &mut t.state {
+            // A link check that waited for the SETTINGS goes now.
+            leg.probe.resume(ctx.now);
+            ip::probe_tick(self, ctx, id, path);
         }
         self.check_budget(ctx, id);
     }

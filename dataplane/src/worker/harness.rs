@@ -52,6 +52,11 @@ pub const SERVER: &str = "127.0.0.1:4433";
 /// The client's address.
 pub const CLIENT: &str = "127.0.0.1:50000";
 
+/// The worker's own IPv4 address on its TUN device (connect-ip harnesses).
+pub const TUN_OWN_V4: &str = "10.89.0.1";
+/// Its own IPv6 address there.
+pub const TUN_OWN_V6: &str = "fd89::1";
+
 /// A self-signed ECDSA P-256 certificate for `localhost` and its key (PEM).
 fn certificate() -> (String, String) {
     let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("P-256");
@@ -114,6 +119,23 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
         bind: None,
         tcp: None,
     }
+}
+
+/// A bootstrap for one worker serving connect-ip with `mtu_probe` (its
+/// TUN device is the harness's: what the worker writes to it is recorded).
+pub fn ip_bootstrap(mtu_probe: relay_proto::channel::bootstrap::MtuProbe) -> Bootstrap {
+    let mut b = bootstrap(1);
+    b.protocols.push(Protocol::ConnectIp);
+    b.connect_ip = Some(relay_proto::channel::bootstrap::ConnectIpBootstrap {
+        uri_template: "/.well-known/masque/ip/{target}/{ipproto}/".into(),
+        interface_prefix: "harness".into(),
+        mtu: 1280,
+        offload: false,
+        mtu_probe,
+        mtu_probe_timeout_ms: 5000,
+        worker_subnets: Vec::new(),
+    });
+    b
 }
 
 /// Control's side of one worker's channel.
@@ -235,6 +257,8 @@ impl Client {
         config.set_initial_max_streams_bidi(100);
         config.set_initial_max_streams_uni(100);
         config.enable_dgram(true, 1000, 1000);
+        // Room for connect-ip's 1280-byte IPv6 packets in one datagram.
+        config.set_max_send_udp_payload_size(1400);
         let scid = quiche::ConnectionId::from_ref(&[7; 16]);
         let quic = quiche::connect(
             Some("localhost"),
@@ -342,6 +366,24 @@ impl Client {
         )
     }
 
+    /// A connect-ip request (RFC 9484) scoped to `target` and `ipproto`
+    /// with the harness's token.
+    pub fn connect_ip(&mut self, target: &str, ipproto: &str) -> u64 {
+        let path = format!("/.well-known/masque/ip/{target}/{ipproto}/");
+        self.request(
+            &[
+                (":method", "CONNECT"),
+                (":protocol", "connect-ip"),
+                (":scheme", "https"),
+                (":authority", "localhost"),
+                (":path", &path),
+                ("capsule-protocol", "?1"),
+                ("proxy-authorization", "Bearer test"),
+            ],
+            false,
+        )
+    }
+
     /// Sends an HTTP/3 datagram with context 0 on `stream`.
     pub fn send_datagram(&mut self, stream: u64, payload: &[u8]) {
         let mut d = Vec::new();
@@ -406,6 +448,8 @@ pub struct Harness {
     pub drain: &'static AtomicBool,
     /// Set when the worker said stop.
     pub stopped: bool,
+    /// Packets the worker wrote to its TUN device (connect-ip), in order.
+    pub tun_written: Vec<Vec<u8>>,
     /// Packets for the client are held back (not delivered) while set.
     pub hold: bool,
     held: Vec<(Vec<u8>, SocketAddr)>,
@@ -438,11 +482,16 @@ impl Harness {
         let tls = Arc::new(TlsShared::new(bootstrap.tls.clone()).expect("TLS material"));
         let inboxes: Arc<[Inbox]> =
             (0..bootstrap.workers).map(|_| Inbox::new().expect("inbox")).collect::<Vec<_>>().into();
-        let settings = Settings::new(index, bootstrap, template, None, cids);
+        let ip_template = bootstrap
+            .connect_ip
+            .as_ref()
+            .map(|ip| relay_proto::template::IpUriTemplate::parse(&ip.uri_template).expect("ip template"));
+        let serves_ip = bootstrap.connect_ip.is_some();
+        let settings = Settings::new(index, bootstrap, template, ip_template, cids);
         let (relink_tx, relink_rx) = mpsc::channel();
         let (flags, _stop, drain) = flags();
         let retry = Arc::new(RetryTokens::new().expect("retry keys"));
-        let worker = Worker::new(
+        let mut worker = Worker::new(
             settings,
             tls,
             flags,
@@ -453,6 +502,13 @@ impl Harness {
             retry,
         )
         .expect("worker");
+        if serves_ip {
+            worker.set_tun(crate::tun::TunInfo {
+                name: "harness0".into(),
+                own: vec![TUN_OWN_V4.parse().expect("addr"), TUN_OWN_V6.parse().expect("addr")],
+                offloads: crate::tun::Offloads::default(),
+            });
+        }
         Self {
             worker,
             control,
@@ -462,6 +518,7 @@ impl Harness {
             now: Instant::now(),
             drain,
             stopped: false,
+            tun_written: Vec::new(),
             hold: false,
             held: Vec::new(),
             _region: region,
@@ -531,6 +588,10 @@ impl Harness {
         }
         out.watches.clear();
         out.unwatches.clear();
+        for packet in out.tun.packets() {
+            self.tun_written.push(packet.to_vec());
+            moved = true;
+        }
         out.tun.clear();
         moved
     }

@@ -196,7 +196,7 @@ impl Worker {
                     }
                 }
                 TimerTarget::Tunnel(id) => {
-                    self.tunnels.on_timer(&mut self.ctx, id);
+                    self.with_path(id, |tunnels, ctx, path| tunnels.on_timer(ctx, id, path));
                     self.wake_tunnel(id);
                 }
                 TimerTarget::Sign(sign_id) => {
@@ -423,5 +423,7 @@ impl Handler for Worker {
 
 #[cfg(test)]
 pub mod harness;
+#[cfg(test)]
+mod ip_tests;
 #[cfg(test)]
 mod tests;

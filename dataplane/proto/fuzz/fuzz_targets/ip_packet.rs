@@ -1,11 +1,12 @@
-//! IP packet parsing, hop limit decrement and ICMP error generation on
-//! arbitrary bytes: no panics, and every ICMP error built is itself a valid
-//! packet.
+//! IP packet parsing, hop limit decrement, ICMP error generation and ICMPv6
+//! Echo handling on arbitrary bytes: no panics, and every ICMP error or Echo
+//! Reply built is itself a valid packet.
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
+use relay_proto::ip::echo::{self, EchoKind};
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 
 fuzz_target!(|data: &[u8]| {
@@ -34,6 +35,15 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(Some(info.dst), parsed.map(|p| p.src).ok());
                 assert!(error.len() <= if from.is_ipv4() { 576 } else { 1280 });
             }
+        }
+    }
+    if let Some(e) = echo::parse(data) {
+        assert!(packet::parse(data).is_ok(), "a parsed echo is a valid packet");
+        let _ = echo::is_full_probe_reply(data, &e);
+        if let Some(r) = echo::reply(data, echo::TUNNEL_LINK_LOCAL) {
+            let back = echo::parse(&r).expect("a reply parses");
+            assert_eq!((back.kind, back.dst, back.identifier, back.sequence), (EchoKind::Reply, e.src, e.identifier, e.sequence));
+            assert_eq!(r.len(), data.len());
         }
     }
 });

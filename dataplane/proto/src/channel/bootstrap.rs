@@ -146,6 +146,20 @@ pub enum InboundFilter {
     Any,
 }
 
+/// How a connect-ip tunnel's IPv6 link MTU is checked (RFC 9484 section
+/// 7.2: endpoints MUST ensure the tunnel carries 1280-byte packets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MtuProbe {
+    /// ICMPv6 Echo Requests of 1280 bytes through each tunnel that carries
+    /// IPv6 in QUIC datagrams; no full reply in time tears it down.
+    #[default]
+    Echo,
+    /// No probe: the operator guarantees the links out of band (the
+    /// section's own exception). The QUIC datagram size is still checked.
+    Off,
+}
+
 /// What the dataplane needs to serve the TCP front (HTTP/2 and HTTP/1.1 over TCP).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -188,6 +202,10 @@ fn yes() -> bool {
     true
 }
 
+fn default_mtu_probe_timeout_ms() -> u32 {
+    5000
+}
+
 /// What the dataplane needs to serve connect-ip (RFC 9484): each worker
 /// owns a TUN device carrying its share of the address pools.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +220,12 @@ pub struct ConnectIpBootstrap {
     /// Whether to ask for TUN offloads (virtio-net header, GSO both ways).
     #[serde(default = "yes")]
     pub offload: bool,
+    /// The IPv6 link MTU check.
+    #[serde(default)]
+    pub mtu_probe: MtuProbe,
+    /// How long after the first probe its reply may come, in milliseconds.
+    #[serde(default = "default_mtu_probe_timeout_ms")]
+    pub mtu_probe_timeout_ms: u32,
     /// Per worker (index = worker): its subnets as `address/length`, and
     /// its own address in each (the TUN device's address, the source of
     /// the ICMP errors it sends).

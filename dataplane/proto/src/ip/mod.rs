@@ -8,6 +8,8 @@
 //!   needs (section 7): header parsing with the IPv6 extension header walk
 //!   (section 4.8), TTL / hop limit decrement, ICMP error generation
 //!   (section 7.2.1).
+//! - [`echo`]: ICMPv6 Echo on the tunnel link, for the IPv6 link MTU
+//!   check (section 7.2).
 //! - [`offload`]: the virtio-net header of TUN devices with offloads, GSO
 //!   segmentation of what they read and TCP coalescing of what is written.
 //! - [`scope`]: the `target` and `ipproto` request variables and the scope
@@ -19,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capsule;
+pub mod echo;
 pub mod offload;
 pub mod packet;
 pub mod scope;

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use relay_proto::channel::record::{IpAssignment, IpRoute, MAX_ADDRESSES_PER_FAMILY};
 use relay_proto::ip::capsule::{self as ipcap, AssignedAddress, IpAddressRange, IpCapsule, IpPrefix};
 
+use super::probe::MtuProbe;
 use crate::tunnel::TunnelId;
 
 /// ICMP (1) and ICMPv6 (58) are always allowed (RFC 9484 section 4.6).
@@ -31,6 +32,8 @@ pub struct IpTunnel {
     /// Requests for specific addresses waiting for control (request ID,
     /// address).
     pub(super) pending: Vec<(u64, IpAddr)>,
+    /// The IPv6 link MTU check (RFC 9484 section 7.2).
+    pub(in crate::tunnel) probe: MtuProbe,
 }
 
 /// Requests for specific addresses a tunnel may have waiting for control;
@@ -47,7 +50,15 @@ impl IpTunnel {
             .map(|r| IpAddressRange::new(r.start, r.end, r.protocol).ok())
             .collect::<Option<Vec<_>>>()?;
         let request_ids = vec![0; addresses.len()];
-        Some(Self { addresses, request_ids, routes, owner: None, pending: Vec::new() })
+        Some(Self { addresses, request_ids, routes, owner: None, pending: Vec::new(), probe: MtuProbe::Off })
+    }
+
+    /// The client's first IPv6 address, if it has one.
+    pub fn ipv6_address(&self) -> Option<std::net::Ipv6Addr> {
+        self.addresses.iter().find_map(|p| match p.addr {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        })
     }
 
     /// Whether `src` is one of the client's assigned addresses.

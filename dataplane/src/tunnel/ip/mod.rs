@@ -17,26 +17,39 @@
 //!   by [`IpTunnel::plan_requests`] (a specific address is asked of
 //!   control); the client's own ADDRESS_ASSIGN and ROUTE_ADVERTISEMENT are
 //!   validated and ignored.
+//! * The tunnel link (section 7.2): the relay's end is
+//!   [`echo::TUNNEL_LINK_LOCAL`]; link-local traffic is never forwarded
+//!   beyond it. Echo Requests to it (or to ff02::1) are answered, and a
+//!   tunnel carrying IPv6 in QUIC datagrams is probed with 1280-byte Echo
+//!   Requests from it ([`probe`]) and torn down if no full reply comes.
 
 pub mod config;
+pub mod probe;
 pub mod side;
 
 pub use config::IpTunnel;
 pub use side::IpSide;
 
+use std::net::IpAddr;
+use std::time::Duration;
+
 use relay_channel::region::Counter;
+use relay_proto::channel::bootstrap::MtuProbe as ProbeMode;
 use relay_proto::channel::record::{AddressAnswer, AddressAsk, IpAssignment, IpRoute};
 use relay_proto::ip::capsule::{self as ipcap, IpCapsule};
+use relay_proto::ip::echo::{self, EchoKind, IPV6_MIN_MTU, TUNNEL_LINK_LOCAL};
 use relay_proto::ip::packet::{self, HopOutcome, IcmpError};
 use relay_proto::proxy_status::ProxyError;
 use tracing::debug;
 
-use super::datagrams::Datagrams;
+use self::probe::{MtuProbe, ProbeTick};
+use super::datagrams::{Datagrams, DownPath};
 use super::flow::Flow;
 use super::head::{Head, Refusal};
 use super::verdict::{hold, refuse_allowed};
 use super::{Abort, DatagramPath, State, TunnelId, Tunnels};
 use crate::context::Ctx;
+use crate::timers::TimerTarget;
 
 /// Control allowed a connect-ip tunnel: its addresses join the worker's
 /// address map, the 2xx and the address and route capsules go out, and
@@ -75,6 +88,13 @@ pub(super) fn open(
     if let Some(side) = ts.ip.as_mut() {
         side.register(id, &mut config);
     }
+    if let Some(ip) = ctx.settings.bootstrap.connect_ip.as_ref()
+        && v6
+        && ip.mtu_probe == ProbeMode::Echo
+    {
+        let timeout = Duration::from_millis(u64::from(ip.mtu_probe_timeout_ms));
+        config.probe = MtuProbe::start(ctx.now, flow.flow_id as u16, timeout);
+    }
     let Some(t) = ts.slab.get_mut(id) else { return };
     let Some(dg) = t.dg.as_mut() else { return };
     let early = dg.open();
@@ -88,12 +108,115 @@ pub(super) fn open(
     }
     // Address requests that came before the allow.
     ts.after_capsules(ctx, id, path);
+    probe_tick(ts, ctx, id, path);
+}
+
+/// Runs tunnel `id`'s IPv6 link check at `ctx.now` (RFC 9484 section
+/// 7.2): the next probe goes out, or the tunnel that never answered is
+/// torn down. A tunnel whose packets travel as DATAGRAM capsules needs no
+/// check (a stream carries any size); one whose QUIC datagrams cannot hold
+/// 1280 bytes is aborted ("it MUST abort the IP proxying request stream").
+pub(super) fn probe_tick(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, path: &mut dyn DatagramPath) {
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    let stream = t.place.stream;
+    let (State::Ip { leg, .. }, Some(dg)) = (&mut t.state, t.dg.as_ref()) else { return };
+    let failed = match leg.probe.tick(ctx.now) {
+        ProbeTick::Wait => false,
+        ProbeTick::Failed => {
+            debug!(tunnel = id, "no reply to the IPv6 link MTU probes");
+            true
+        }
+        ProbeTick::Send { identifier, sequence } => match dg.down_path(path.support()) {
+            DownPath::Capsule => {
+                leg.probe.not_needed();
+                false
+            }
+            DownPath::Wait => {
+                leg.probe.postpone(ctx.now);
+                false
+            }
+            DownPath::QuicDatagram if path.room().is_some_and(|r| r < IPV6_MIN_MTU) => {
+                debug!(tunnel = id, room = ?path.room(), "QUIC datagrams too small for IPv6's minimum MTU");
+                true
+            }
+            DownPath::QuicDatagram => {
+                let Some(to) = leg.ipv6_address() else {
+                    leg.probe.not_needed();
+                    return;
+                };
+                let probe = echo::probe(TUNNEL_LINK_LOCAL, to, identifier, sequence);
+                // A probe the connection's queue refused is a probe lost
+                // on the link: the next one follows.
+                let _ = path.send(stream, 0, &probe);
+                leg.probe.sent(ctx.now);
+                ctx.count(Counter::IpMtuProbesSent, 1);
+                false
+            }
+        },
+    };
+    if failed {
+        ctx.count(Counter::IpMtuProbeFailures, 1);
+        return ts.abort(ctx, id, Abort::Cancelled);
+    }
+    if let Some(at) = leg.probe.due() {
+        ctx.timers.push(at, TimerTarget::Tunnel(id));
+    }
+}
+
+/// Whether a packet to `dst` stays on the tunnel link, never forwarded
+/// beyond it (RFC 9484 section 7.2): IPv6 unicast link-local (fe80::/10)
+/// and multicast of interface-local or link-local scope (RFC 4291 section
+/// 2.7), IPv4 link-local (169.254.0.0/16, RFC 3927) and the local network
+/// control block (224.0.0.0/24, RFC 5771).
+pub fn stays_on_link(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V6(a) => {
+            a.is_unicast_link_local() || (a.is_multicast() && matches!(a.segments()[0] & 0xf, 1 | 2))
+        }
+        IpAddr::V4(a) => a.is_link_local() || a.octets()[..3] == [224, 0, 0],
+    }
+}
+
+/// A client's packet for the tunnel link itself: an Echo Request to the
+/// relay's end (or to all nodes) gets its Echo Reply (returned, for the
+/// tunnel), a full reply to one of the link check's probes confirms the
+/// link; anything else is dropped.
+fn on_link(t: &mut IpTunnel, packet: &[u8], ctx: &Ctx) -> Option<Vec<u8>> {
+    let for_us = |e: &echo::Echo| e.dst == TUNNEL_LINK_LOCAL || e.dst == echo::ALL_NODES;
+    match echo::parse(packet).filter(for_us) {
+        Some(e) if e.kind == EchoKind::Request => {
+            // RFC 4443 section 4.2: from a unicast address of the
+            // interface, also when the request went to a multicast group.
+            let reply = echo::reply(packet, TUNNEL_LINK_LOCAL);
+            if reply.is_some() {
+                ctx.count(Counter::IpEchoReplies, 1);
+            }
+            reply
+        }
+        Some(e) if e.dst == TUNNEL_LINK_LOCAL && echo::is_full_probe_reply(packet, &e) => {
+            if t.probe.on_reply(e.identifier, e.sequence) {
+                debug!(tunnel = ?t.owner, "the tunnel link carries 1280-byte packets");
+                ctx.count(Counter::IpMtuProbesConfirmed, 1);
+            }
+            None
+        }
+        _ => {
+            ctx.count(Counter::DropIpOutOfScope, 1);
+            None
+        }
+    }
 }
 
 /// A client's packet (context 0) on an open tunnel: checked and written to
 /// the TUN device, or refused with the ICMP error to send back inside the
-/// tunnel (RFC 9484 section 7.2).
-pub(super) fn up(t: &IpTunnel, packet: &[u8], side: Option<&mut IpSide>, ctx: &mut Ctx) -> Option<Vec<u8>> {
+/// tunnel (RFC 9484 section 7.2); a packet for the tunnel link is handled
+/// here and may get an Echo Reply. Returns the packet for the client.
+pub(super) fn up(
+    t: &mut IpTunnel,
+    packet: &[u8],
+    side: Option<&mut IpSide>,
+    ctx: &mut Ctx,
+) -> Option<Vec<u8>> {
     let Some(side) = side else {
         ctx.count(Counter::DropTargetSend, 1);
         return None;
@@ -102,6 +225,9 @@ pub(super) fn up(t: &IpTunnel, packet: &[u8], side: Option<&mut IpSide>, ctx: &m
         ctx.count(Counter::DropMalformed, 1);
         return None;
     };
+    if stays_on_link(info.dst) {
+        return on_link(t, packet, ctx);
+    }
     let refusal = if !t.source_allowed(info.src) {
         ctx.count(Counter::DropIpBadSource, 1);
         Some(IcmpError::SourcePolicy)
@@ -118,7 +244,11 @@ pub(super) fn up(t: &IpTunnel, packet: &[u8], side: Option<&mut IpSide>, ctx: &m
     if !side.icmp_allowed(ctx.now) {
         return None;
     }
-    side.own_address(info.src.is_ipv4()).and_then(|from| packet::icmp_error(packet, from, kind))
+    let error = side.own_address(info.src.is_ipv4()).and_then(|from| packet::icmp_error(packet, from, kind));
+    if error.is_some() {
+        ctx.count(Counter::IcmpErrorsSent, 1);
+    }
+    error
 }
 
 /// Handles a connect-ip tunnel's kept capsules: ADDRESS_REQUESTs are
