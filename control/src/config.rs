@@ -58,6 +58,10 @@ pub struct Config {
     /// timeouts. Its listeners are `listen.tcp` and `listen.tcp_cleartext`.
     #[serde(default)]
     pub tcp: TcpSection,
+    /// Fleet mode: hosts sharing state through a Redis store (absent: this
+    /// host stands alone, as without fleet mode).
+    #[serde(default)]
+    pub fleet: Option<FleetSection>,
     /// Where the config came from (file name or "embedded default config").
     #[serde(skip)]
     pub origin: String,
@@ -737,6 +741,148 @@ impl ConnectIpSection {
     }
 }
 
+/// `[fleet]`: the control processes of one fleet share their run-time
+/// state (tokens, revocations, quota overrides) and session ticket keys
+/// through a Redis store ([`crate::fleet`]). Names are checked as they are
+/// read, so errors carry the key and its line; which files hold the
+/// secrets is checked when they are read ([`crate::fleet::settings`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// The fleet's name (part of every key and of the key derivation).
+    #[serde(deserialize_with = "fleet_name")]
+    pub name: String,
+    /// This host's name, unique in the fleet (default: the hostname).
+    #[serde(default, deserialize_with = "fleet_host")]
+    pub host: Option<String>,
+    /// Redis (or Valkey) URLs, tried in order: `redis://host:port[/db]` or
+    /// `unix:///path`.
+    #[serde(default, deserialize_with = "fleet_redis")]
+    pub redis: Vec<String>,
+    /// Or a Sentinel deployment that names the current primary.
+    #[serde(default)]
+    pub sentinel: Option<SentinelSection>,
+    /// Prefix of every key (`<prefix>:<name>:...`).
+    #[serde(default = "default_key_prefix", deserialize_with = "fleet_key_prefix")]
+    pub key_prefix: String,
+    /// File holding the store's password, or `user:password` for an ACL
+    /// user.
+    pub password_file: Option<PathBuf>,
+    /// File holding the fleet secret (hex, at least 32 bytes), the same on
+    /// every host: the keys that sign and seal what the store holds are
+    /// derived from it.
+    pub secret_file: PathBuf,
+    /// What a host does while the store is unreachable.
+    #[serde(default)]
+    pub on_store_failure: StoreFailureMode,
+}
+
+/// `fleet.sentinel`: the Sentinel deployment that names the primary.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelSection {
+    /// The monitored primary's name (`sentinel monitor <master> ...`).
+    #[serde(deserialize_with = "fleet_sentinel_master")]
+    pub master: String,
+    /// The Sentinels' URLs (`redis://host:26379`).
+    #[serde(deserialize_with = "fleet_sentinel_addresses")]
+    pub addresses: Vec<String>,
+}
+
+/// `fleet.on_store_failure`: how a host behaves while the store is down.
+/// Either way it keeps enforcing the last state it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreFailureMode {
+    /// Admin changes apply on this host at once and are merged into the
+    /// fleet's state when the store is back.
+    #[default]
+    Open,
+    /// Admin changes that need the store are refused until it is back.
+    Closed,
+}
+
+fn default_key_prefix() -> String {
+    "masque".into()
+}
+
+/// Whether `s` may name a fleet, a host or a key prefix: 1..=64 of
+/// `A-Z a-z 0-9 . _ -` (safe in keys, logs and channel names).
+pub fn valid_fleet_word(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+fn fleet_word<'de, D: serde::Deserializer<'de>>(d: D, key: &str) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    if valid_fleet_word(&s) {
+        Ok(s)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "{key} must be 1..=64 characters of A-Z a-z 0-9 . _ -, not {s:?}"
+        )))
+    }
+}
+
+fn fleet_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    fleet_word(d, "fleet.name")
+}
+
+fn fleet_host<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    fleet_word(d, "fleet.host").map(Some)
+}
+
+fn fleet_key_prefix<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    fleet_word(d, "fleet.key_prefix")
+}
+
+fn fleet_sentinel_master<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    fleet_word(d, "fleet.sentinel.master")
+}
+
+/// Why `url` cannot name a store: only plain `redis://` and `unix://`
+/// URLs without a password (the password belongs in `password_file`).
+pub fn store_url_problem(url: &str) -> Option<String> {
+    use redis::IntoConnectionInfo;
+    let scheme_ok = ["redis://", "unix://", "redis+unix://"].iter().any(|p| url.starts_with(p));
+    if url.starts_with("rediss://") {
+        return Some(format!(
+            "{url:?}: TLS to the store is not built in (reach it over a private network or a local TLS tunnel)"
+        ));
+    }
+    if !scheme_ok {
+        return Some(format!("{url:?} is not a redis:// or unix:// URL"));
+    }
+    let info = match url.into_connection_info() {
+        Ok(info) => info,
+        Err(e) => return Some(format!("{url:?}: {e}")),
+    };
+    if info.redis_settings().password().is_some() || info.redis_settings().username().is_some() {
+        return Some(format!("{url:?} holds credentials: put them in fleet.password_file instead"));
+    }
+    None
+}
+
+fn store_urls<'de, D: serde::Deserializer<'de>>(d: D, key: &str) -> Result<Vec<String>, D::Error> {
+    let urls = Vec::<String>::deserialize(d)?;
+    if urls.is_empty() || urls.len() > 16 {
+        return Err(serde::de::Error::custom(format!("{key} must list 1..=16 URLs")));
+    }
+    for url in &urls {
+        if let Some(why) = store_url_problem(url) {
+            return Err(serde::de::Error::custom(format!("{key}: {why}")));
+        }
+    }
+    Ok(urls)
+}
+
+fn fleet_redis<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    store_urls(d, "fleet.redis")
+}
+
+fn fleet_sentinel_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    store_urls(d, "fleet.sentinel.addresses")
+}
+
 /// `[targets]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -886,6 +1032,13 @@ impl Config {
                  whitespace and must not start like a versioned HMAC token (v1.)"
             )));
         }
+        if let Some(f) = &config.fleet
+            && f.redis.is_empty() == f.sentinel.is_none()
+        {
+            return Err(invalid(
+                "fleet: give exactly one of fleet.redis (URLs tried in order) or fleet.sentinel".into(),
+            ));
+        }
         let mut config = config;
         config.origin = origin.to_string();
         let mut seen = std::collections::HashMap::new();
@@ -1015,6 +1168,79 @@ mod tests {
         assert_eq!(c.dataplane.io, IoBackend::Auto);
         assert!(c.dataplane.connection_ids.steering);
         assert_eq!(c.channel_socket(), PathBuf::from("state/channel.sock"));
+    }
+
+    #[test]
+    fn fleet_section() {
+        let c = Config::load(None).unwrap();
+        assert!(c.fleet.is_none(), "no [fleet]: a host alone");
+        let base = "[fleet]\nname = \"eu-west\"\nsecret_file = \"/etc/masque-relay/fleet-secret\"\n";
+        let with = |extra: &str| format!("{DEFAULT_CONFIG}\n{base}{extra}");
+        let f = Config::parse(
+            &with("redis = [\"redis://10.0.0.5:6379\", \"unix:///run/redis.sock\"]\n"),
+            "t.toml",
+        )
+        .unwrap()
+        .fleet
+        .unwrap();
+        assert_eq!((f.name.as_str(), f.host.as_deref(), f.key_prefix.as_str()), ("eu-west", None, "masque"));
+        assert_eq!(f.redis.len(), 2);
+        assert_eq!(f.on_store_failure, StoreFailureMode::Open);
+        let f = Config::parse(
+            &with(
+                "host = \"relay-1\"\nkey_prefix = \"m\"\non_store_failure = \"closed\"\n\
+                 sentinel = { master = \"masque\", addresses = [\"redis://10.0.0.5:26379\"] }\n",
+            ),
+            "t.toml",
+        )
+        .unwrap()
+        .fleet
+        .unwrap();
+        assert_eq!(f.on_store_failure, StoreFailureMode::Closed);
+        assert_eq!(f.sentinel.unwrap().master, "masque");
+        let err = |extra: &str| Config::parse(&with(extra), "t.toml").unwrap_err().to_string();
+        let line = |extra: &str, key: &str| {
+            let text = with(extra);
+            text.lines().position(|l| l.starts_with(key)).unwrap() + 1
+        };
+        for (extra, expect, key) in [
+            ("redis = [\"redis://h:1\"]\nhost = \"a b\"\n", "fleet.host must be 1..=64", "host"),
+            ("redis = [\"http://h:1\"]\n", "fleet.redis: \"http://h:1\" is not a redis://", "redis"),
+            ("redis = [\"rediss://h:1\"]\n", "TLS to the store is not built in", "redis"),
+            ("redis = [\"redis://:pw@h:1\"]\n", "fleet.password_file", "redis"),
+            ("redis = []\n", "fleet.redis must list 1..=16 URLs", "redis"),
+            ("redis = [\"redis://h:1\"]\non_store_failure = \"maybe\"\n", "maybe", "on_store_failure"),
+            ("redis = [\"redis://h:1\"]\nkey_prefix = \"a:b\"\n", "fleet.key_prefix", "key_prefix"),
+            ("redis = [\"redis://h:1\"]\ncolour = 1\n", "colour", "colour"),
+        ] {
+            let e = err(extra);
+            assert!(e.contains(expect) && e.contains(&format!("line {}", line(extra, key))), "{extra}: {e}");
+        }
+        let e = err("");
+        assert!(e.contains("exactly one of fleet.redis") && e.contains("fleet.sentinel"), "{e}");
+        let e =
+            err("redis = [\"redis://h:1\"]\nsentinel = { master = \"m\", addresses = [\"redis://h:2\"] }\n");
+        assert!(e.contains("exactly one of fleet.redis"), "{e}");
+        let e = Config::parse(
+            &format!("{DEFAULT_CONFIG}\n[fleet]\nname = \"x\"\nredis = [\"redis://h:1\"]\n"),
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("secret_file"), "{e}");
+        let e = err("sentinel = { master = \"m\", addresses = [] }\n");
+        assert!(e.contains("fleet.sentinel.addresses must list"), "{e}");
+        // The commented example in the default config is a valid section.
+        let example: String = DEFAULT_CONFIG
+            .lines()
+            .skip_while(|l| !l.starts_with("# [fleet]"))
+            .filter(|l| !l.starts_with("# sentinel") && !l.starts_with("# password_file"))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let f = Config::parse(&format!("{DEFAULT_CONFIG}\n{example}\n"), "t.toml").unwrap().fleet.unwrap();
+        assert_eq!(f.host.as_deref(), Some("relay-1"));
     }
 
     #[test]

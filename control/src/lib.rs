@@ -15,6 +15,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod credentials;
+pub mod fleet;
 pub mod ippool;
 pub mod metrics;
 pub mod policy;

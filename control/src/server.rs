@@ -394,7 +394,8 @@ impl Server {
                 .chain(
                     self.tickets
                         .as_ref()
-                        .map(|t| t.next_rotation().saturating_duration_since(Instant::now())),
+                        .and_then(TicketKeys::next_rotation)
+                        .map(|at| at.saturating_duration_since(Instant::now())),
                 )
                 .min()
                 .unwrap_or(Duration::from_secs(1))

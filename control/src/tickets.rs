@@ -9,6 +9,10 @@
 //! Keys live only in memory (a restarted control starts with fresh keys and
 //! clients fall back to a full handshake once), which keeps the forward
 //! secrecy of resumed sessions bounded by two rotation periods.
+//!
+//! In fleet mode the keys are the fleet's ([`crate::fleet`]): one host at a
+//! time rotates them for every host, and this schedule stands aside
+//! ([`TicketKeys::follow_fleet`]); each new set is installed as it comes.
 #![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
@@ -25,6 +29,8 @@ pub struct TicketKeys {
     rotation: Duration,
     rotated_at: Instant,
     rotations: u64,
+    /// The fleet rotates the keys; the local schedule is off.
+    fleet: bool,
 }
 
 impl std::fmt::Debug for TicketKeys {
@@ -39,7 +45,7 @@ impl std::fmt::Debug for TicketKeys {
 
 /// A fresh random key. BoringSSL's RAND_bytes aborts the process rather
 /// than return weak randomness, so it does not fail in practice.
-fn fresh_key() -> Result<TicketKey, boring::error::ErrorStack> {
+pub fn fresh_key() -> Result<TicketKey, boring::error::ErrorStack> {
     let mut key = TicketKey { name: [0; 16], aes_key: [0; 32], hmac_key: [0; 32] };
     boring::rand::rand_bytes(&mut key.name)?;
     boring::rand::rand_bytes(&mut key.aes_key)?;
@@ -50,7 +56,7 @@ fn fresh_key() -> Result<TicketKey, boring::error::ErrorStack> {
 impl TicketKeys {
     /// One fresh key, rotated every `rotation`.
     pub fn new(rotation: Duration, now: Instant) -> Result<Self, boring::error::ErrorStack> {
-        Ok(Self { keys: vec![fresh_key()?], rotation, rotated_at: now, rotations: 0 })
+        Ok(Self { keys: vec![fresh_key()?], rotation, rotated_at: now, rotations: 0, fleet: false })
     }
 
     /// The keys, newest (sealing) first.
@@ -69,14 +75,32 @@ impl TicketKeys {
         self.rotations
     }
 
-    /// Whether the schedule says to rotate.
+    /// Whether the schedule says to rotate (never when the fleet rotates).
     pub fn due(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.rotated_at) >= self.rotation
+        !self.fleet && now.saturating_duration_since(self.rotated_at) >= self.rotation
     }
 
-    /// When the next rotation is due.
-    pub fn next_rotation(&self) -> Instant {
-        self.rotated_at + self.rotation
+    /// When the next rotation is due (`None` when the fleet rotates).
+    pub fn next_rotation(&self) -> Option<Instant> {
+        (!self.fleet).then(|| self.rotated_at + self.rotation)
+    }
+
+    /// Hands the schedule to the fleet: from now on keys change only
+    /// through [`TicketKeys::install`].
+    pub fn follow_fleet(&mut self) {
+        self.fleet = true;
+    }
+
+    /// Installs the fleet's keys (newest first; at most [`KEYS_KEPT`] are
+    /// kept), counted as a rotation.
+    pub fn install(&mut self, mut keys: Vec<TicketKey>, now: Instant) {
+        if keys.is_empty() {
+            return;
+        }
+        keys.truncate(KEYS_KEPT);
+        self.keys = keys;
+        self.rotated_at = now;
+        self.rotations += 1;
     }
 
     /// A new sealing key; the oldest beyond [`KEYS_KEPT`] is dropped.
@@ -112,5 +136,20 @@ mod tests {
         assert!(keys.keys().iter().all(|k| k.name != first.name), "the oldest key is gone");
         assert_eq!(keys.rotations(), 2);
         assert!(!format!("{keys:?}").contains(&format!("{:?}", first.aes_key)));
+    }
+
+    #[test]
+    fn fleet_keys_replace_the_schedule() {
+        let t0 = Instant::now();
+        let mut keys = TicketKeys::new(Duration::from_secs(60), t0).unwrap();
+        keys.follow_fleet();
+        assert!(!keys.due(t0 + Duration::from_secs(3600)));
+        assert_eq!(keys.next_rotation(), None);
+        let set = vec![fresh_key().unwrap(), fresh_key().unwrap(), fresh_key().unwrap()];
+        keys.install(set.clone(), t0);
+        assert_eq!(keys.keys(), &set[..KEYS_KEPT]);
+        keys.install(Vec::new(), t0);
+        assert_eq!(keys.keys().len(), KEYS_KEPT, "an empty set changes nothing");
+        assert_eq!(keys.rotations(), 1);
     }
 }
