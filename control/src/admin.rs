@@ -13,7 +13,9 @@
 //! control runs as may talk to it, whatever the socket's mode or directory
 //! later become. Changes to tokens, revocations and quotas are persisted
 //! ([`crate::store`]) before they take effect, and apply to new CONNECTs;
-//! open tunnels are not touched.
+//! open tunnels are not touched. In fleet mode they go through the fleet's
+//! store ([`crate::fleet`]) and reach every host; so does `tickets_rotate`,
+//! and `fleet_status` reports the fleet.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -30,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::auth::{SecretString, TokenSelector};
 use crate::credentials::Credentials;
+use crate::fleet::Fleet;
 use crate::policy::Policy;
 use crate::quota::QuotaConfig;
 use crate::server::{ConnListing, Shared};
@@ -126,6 +129,8 @@ pub enum AdminRequest {
         #[serde(default)]
         keys: Vec<String>,
     },
+    /// Fleet mode: the fleet, this host, the hosts seen, the store.
+    FleetStatus,
 }
 
 /// Parses a duration such as `90`, `90s`, `15m`, `12h` or `7d` into
@@ -226,6 +231,7 @@ pub struct Admin {
     policy: Arc<Mutex<Policy>>,
     store: PolicyStore,
     credentials: Option<Arc<Credentials>>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 /// How long `reload` and `tickets_rotate` wait for the dataplane to apply
@@ -235,7 +241,13 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 impl Admin {
     /// An admin endpoint over these.
     pub fn new(shared: Arc<Mutex<Shared>>, policy: Arc<Mutex<Policy>>, store: PolicyStore) -> Self {
-        Self { shared, policy, store, credentials: None }
+        Self { shared, policy, store, credentials: None, fleet: None }
+    }
+
+    /// Fleet mode: changes go through the fleet's store.
+    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Self {
+        self.fleet = Some(fleet);
+        self
     }
 
     /// Serves `reload` and the TLS part of `status` from `credentials`.
@@ -348,9 +360,12 @@ impl Admin {
         }
     }
 
-    /// Rotates the ticket keys (in the server loop) and waits until the
-    /// new keys have been sent.
+    /// Rotates the ticket keys (in the server loop, or fleet-wide in fleet
+    /// mode) and waits until the new keys have been sent.
     fn rotate_tickets(&self) -> Value {
+        if let Some(fleet) = &self.fleet {
+            return self.rotate_fleet_tickets(fleet);
+        }
         let before = {
             let mut s = self.shared();
             if !s.tickets_enabled {
@@ -374,14 +389,53 @@ impl Admin {
         }
     }
 
+    /// Fleet mode: a new generation for every host, then (bounded) until
+    /// this host's server loop has it and has sent it to the dataplane.
+    fn rotate_fleet_tickets(&self, fleet: &Fleet) -> Value {
+        let before = {
+            let s = self.shared();
+            if !s.tickets_enabled {
+                return error("session tickets are off (tls.session_tickets = false)");
+            }
+            s.tls_updates_sent
+        };
+        let generation = match fleet.rotate_tickets() {
+            Ok(g) => g,
+            Err(e) => return error(e),
+        };
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let s = self.shared();
+            let installed = s.ticket_generation.is_some_and(|g| g >= generation);
+            if installed && (s.tls_updates_sent > before || s.dataplane_pid.is_none()) {
+                return json!({
+                    "rotations": s.ticket_rotations,
+                    "sent": s.tls_updates_sent > before,
+                    "fleet_generation": generation,
+                });
+            }
+            drop(s);
+            if Instant::now() >= deadline {
+                return error(format!(
+                    "generation {generation} is the fleet's, but this host's server loop did not send it in time"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn policy(&self) -> MutexGuard<'_, Policy> {
         self.policy.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Persists a new run-time state computed from the policy, then
     /// installs it. The state is computed under the policy lock; the file
-    /// is written without it (only this thread changes the state).
-    fn commit(&self, change: impl FnOnce(&Policy) -> Result<(RuntimeState, Value), String>) -> Value {
+    /// is written without it (only this thread changes the state). In fleet
+    /// mode the fleet applies it through the store.
+    fn commit(&self, change: impl Fn(&Policy) -> Result<(RuntimeState, Value), String>) -> Value {
+        if let Some(fleet) = &self.fleet {
+            return fleet.commit(&change);
+        }
         let (state, reply) = match change(&self.policy()) {
             Ok(r) => r,
             Err(e) => return error(e),
@@ -402,6 +456,7 @@ impl Admin {
         if let Some(mut v) = answered {
             if *req == AdminRequest::Status {
                 v["tls"] = self.tls_status();
+                v["fleet"] = self.fleet.as_ref().map_or(Value::Null, |f| f.summary_json());
             }
             return v;
         }
@@ -484,6 +539,10 @@ impl Admin {
                 ))
             }),
             AdminRequest::TokenList => self.token_list(),
+            AdminRequest::FleetStatus => match &self.fleet {
+                Some(f) => f.status_json(),
+                None => error("this relay runs alone (no [fleet] section in its config)"),
+            },
             AdminRequest::PolicyShow => self.policy_show(),
             AdminRequest::PolicySet { set } => self.commit(|p| {
                 if set.is_empty() {

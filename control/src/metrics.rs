@@ -20,6 +20,8 @@ use std::time::Duration;
 
 use relay_channel::region::{Counter, Region};
 
+use crate::fleet::status::FleetFigures;
+
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const BUCKETS: [f64; 14] = [
     0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -83,6 +85,8 @@ pub struct ControlFigures {
     pub signatures: u64,
     /// Signing asks that failed.
     pub signatures_failed: u64,
+    /// Fleet mode's figures (`None`: a host alone).
+    pub fleet: Option<FleetFigures>,
 }
 
 /// Histograms control keeps.
@@ -138,6 +142,45 @@ pub fn render(region: Option<&Region>, control: &ControlFigures, histograms: &Hi
         "Signing asks control refused.",
         control.signatures_failed,
     );
+    if let Some(f) = &control.fleet {
+        gauge(
+            &mut out,
+            "relay_fleet_store_up",
+            "Whether the fleet's store is reachable.",
+            u64::from(f.store_up),
+        );
+        counter(
+            &mut out,
+            "relay_fleet_store_errors_total",
+            "Fleet store errors (connections lost or refused, commands failed).",
+            f.store_errors_total,
+        );
+        counter(
+            &mut out,
+            "relay_fleet_values_rejected_total",
+            "Values read from the fleet store and refused (bad MAC or seal, malformed, out of bounds, rolled back).",
+            f.values_rejected_total,
+        );
+        gauge(
+            &mut out,
+            "relay_fleet_state_version",
+            "The fleet state version this host enforces.",
+            f.state_version,
+        );
+        gauge(
+            &mut out,
+            "relay_fleet_pending_local_changes",
+            "Whether this host has run-time changes the fleet store does not have yet.",
+            u64::from(f.pending_local_changes),
+        );
+        gauge(
+            &mut out,
+            "relay_fleet_ticket_generation",
+            "The fleet's session ticket key generation served (0: none).",
+            f.ticket_generation,
+        );
+        gauge(&mut out, "relay_fleet_hosts_seen", "Hosts of the fleet with a live heartbeat.", f.hosts_seen);
+    }
     histograms.auth_decision.render(
         &mut out,
         "relay_auth_decision_seconds",
@@ -264,6 +307,13 @@ mod tests {
         assert!(text.contains("relay_dataplane_tunnels_active{worker=\"1\"} 3"));
         assert!(text.contains("relay_auth_allowed_total 5"));
         assert!(text.contains("relay_dataplane_attached 1"));
+        assert!(!text.contains("relay_fleet_"), "no fleet metrics for a host alone");
+        let fleet =
+            FleetFigures { store_up: true, values_rejected_total: 2, state_version: 9, ..Default::default() };
+        let text = render(None, &ControlFigures { fleet: Some(fleet), ..figures }, &Histograms::default());
+        assert!(text.contains("relay_fleet_store_up 1"));
+        assert!(text.contains("relay_fleet_values_rejected_total 2"));
+        assert!(text.contains("# TYPE relay_fleet_state_version gauge\nrelay_fleet_state_version 9"));
         // Every sample line is "name{labels} value" or "name value".
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();

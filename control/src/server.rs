@@ -38,6 +38,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::auth::Identity;
 use crate::credentials::Credentials;
+use crate::fleet::codec::TicketKeySet;
 use crate::ippool::{AddressPools, Prefix};
 use crate::metrics::Histograms;
 use crate::policy::{Decision, Policy, Requester, ResolveFailure};
@@ -204,6 +205,8 @@ pub struct Shared {
     pub rotate_tickets_requested: bool,
     /// Ticket key rotations done (scheduled or requested).
     pub ticket_rotations: u64,
+    /// Fleet mode: the fleet's ticket key generation in force.
+    pub ticket_generation: Option<u64>,
     /// TLS updates sent to the dataplane.
     pub tls_updates_sent: u64,
     /// Wakes the server loop (set once it runs).
@@ -251,6 +254,8 @@ pub struct Server {
     last_sweep: Instant,
     credentials: Arc<Credentials>,
     tickets: Option<TicketKeys>,
+    /// Fleet mode: the fleet's ticket keys, from the fleet thread.
+    fleet_tickets: Option<Receiver<TicketKeySet>>,
     pools: AddressPools,
     shared: Arc<Mutex<Shared>>,
     /// The same histograms as `shared.histograms`, without taking its lock.
@@ -362,6 +367,7 @@ impl Server {
             last_sweep: Instant::now(),
             credentials,
             tickets,
+            fleet_tickets: None,
             pools,
             shared,
             histograms,
@@ -373,6 +379,34 @@ impl Server {
             pending: HashMap::new(),
             next_job: 1,
         })
+    }
+
+    /// Fleet mode: the ticket keys are the fleet's, rotated by whichever
+    /// host holds the lease; each set the fleet thread sends on `keys` (it
+    /// wakes this loop) is installed and sent to the dataplane. The local
+    /// schedule stands aside; sets already waiting are installed now.
+    pub fn with_fleet_tickets(mut self, keys: Receiver<TicketKeySet>) -> Self {
+        if let Some(t) = self.tickets.as_mut() {
+            t.follow_fleet();
+        }
+        self.fleet_tickets = Some(keys);
+        self.install_fleet_tickets();
+        self
+    }
+
+    /// Installs the newest set the fleet thread sent, if any; true when
+    /// the keys changed.
+    fn install_fleet_tickets(&mut self) -> bool {
+        let Some(set) = self.fleet_tickets.as_ref().and_then(|rx| rx.try_iter().last()) else {
+            return false;
+        };
+        let Some(t) = self.tickets.as_mut() else { return false };
+        t.install(set.keys, Instant::now());
+        let mut s = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        s.ticket_rotations = t.rotations();
+        s.ticket_generation = Some(set.generation);
+        info!(generation = set.generation, "session ticket keys of the fleet installed");
+        true
     }
 
     /// The TLS material to serve now: the current certificate generation
@@ -523,9 +557,9 @@ impl Server {
             (std::mem::take(&mut s.tls_reloaded), std::mem::take(&mut s.rotate_tickets_requested))
         };
         let now = Instant::now();
-        let mut rotated = false;
+        let mut rotated = self.install_fleet_tickets();
         if let Some(t) = self.tickets.as_mut()
-            && (rotate_now || t.due(now))
+            && ((rotate_now && self.fleet_tickets.is_none()) || t.due(now))
         {
             match t.rotate(now) {
                 Ok(()) => {

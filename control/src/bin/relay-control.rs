@@ -12,6 +12,9 @@ use relay_control::admin::{self, Admin};
 use relay_control::auth::Authenticator;
 use relay_control::config::Config;
 use relay_control::credentials::Credentials;
+use relay_control::fleet::Fleet;
+use relay_control::fleet::settings::FleetSettings;
+use relay_control::fleet::ticket_sync::TicketSink;
 use relay_control::metrics::{self, ControlFigures};
 use relay_control::policy::Policy;
 use relay_control::server::{self, Server, ServerSettings, Shared};
@@ -184,11 +187,33 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let policy = Arc::new(Mutex::new(policy));
     let shared = Arc::new(Mutex::new(Shared::default()));
+    // Fleet mode: join the fleet before serving (the store must be
+    // reachable now); the fleet's state replaces or merges with the local one.
+    let mut fleet_tickets = None;
+    let fleet = match &config.fleet {
+        None => None,
+        Some(section) => {
+            let settings = FleetSettings::load(section).map_err(|e| format!("{}: {e}", config.origin))?;
+            let ticket_rotation = config.tls.ticket_rotation().map(|period| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                fleet_tickets = Some(rx);
+                let wake = shared.clone();
+                let sink: TicketSink = Box::new(move |set| {
+                    let _ = tx.send(set);
+                    wake.lock().unwrap_or_else(|p| p.into_inner()).wake_server();
+                });
+                (period, sink)
+            });
+            Some(Fleet::start(settings, policy.clone(), &state_dir, ticket_rotation)?)
+        }
+    };
     let admin_listener = server::bind_private_socket(&config.admin_socket())?;
-    admin::spawn(
-        admin_listener,
-        Admin::new(shared.clone(), policy.clone(), store).with_credentials(credentials.clone()),
-    )?;
+    let mut admin_endpoint =
+        Admin::new(shared.clone(), policy.clone(), store).with_credentials(credentials.clone());
+    if let Some(f) = &fleet {
+        admin_endpoint = admin_endpoint.with_fleet(f.clone());
+    }
+    admin::spawn(admin_listener, admin_endpoint)?;
     let dataplane_owner = match &config.relay.dataplane_user {
         Some(user) => {
             Some(server::lookup_user(user).map_err(|e| format!("relay.dataplane_user = {user:?}: {e}"))?)
@@ -198,6 +223,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(addr) = config.listen.metrics {
         let scrape = shared.clone();
         let histograms = shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.clone();
+        let fleet_status = fleet.as_ref().map(|f| f.status().clone());
         let bound = metrics::spawn(addr, move || {
             let s = scrape.lock().unwrap_or_else(|p| p.into_inner());
             let figures = ControlFigures {
@@ -208,6 +234,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 channel_errors: s.channel_errors,
                 signatures: s.signatures,
                 signatures_failed: s.signatures_failed,
+                fleet: fleet_status.as_ref().map(|f| f.figures()),
             };
             metrics::render(s.region.as_ref(), &figures, &histograms)
         })
@@ -227,6 +254,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ip_pools: if config.protocols.connect_ip { ip_pools } else { (None, None) },
     };
     let mut server = Server::new(settings, policy, credentials, shared)?;
+    if let Some(rx) = fleet_tickets {
+        server = server.with_fleet_tickets(rx);
+    }
     install_signal_handlers();
     info!(
         channel = %config.channel_socket().display(),
@@ -238,6 +268,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     server.run(|| STOP.load(Ordering::Relaxed), || RELOAD.swap(false, Ordering::Relaxed))?;
     info!("control stopping");
+    if let Some(f) = &fleet {
+        f.stop();
+    }
     let _ = std::fs::remove_file(config.channel_socket());
     let _ = std::fs::remove_file(config.admin_socket());
     Ok(())

@@ -1,6 +1,6 @@
 //! `relayctl`: inspect and steer a running relay through control's admin
 //! socket: status, flows, drain, certificate reload, session ticket keys,
-//! tokens, revocations and quotas.
+//! tokens, revocations, quotas and the fleet.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -67,6 +67,19 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// Fleet mode: the hosts sharing state through the store.
+    Fleet {
+        #[command(subcommand)]
+        action: FleetAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FleetAction {
+    /// The fleet, this host, the hosts seen (live heartbeats), the store's
+    /// connectivity and last error, the state version and ticket key
+    /// generation in force.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,6 +191,7 @@ fn request(command: Command) -> Result<AdminRequest, String> {
         Command::Reload => AdminRequest::Reload,
         Command::Conns { limit } => AdminRequest::Conns { limit: Some(limit) },
         Command::Tickets { action: TicketsAction::Rotate } => AdminRequest::TicketsRotate,
+        Command::Fleet { action: FleetAction::Status } => AdminRequest::FleetStatus,
         Command::Token { action } => match action {
             TokenAction::Mint { subject, ttl, key_id } => {
                 AdminRequest::TokenMint { subject, ttl_secs: parse_duration_secs(&ttl)?, key_id }
@@ -568,6 +582,70 @@ fn tls_rows(tls: &Value) -> Vec<Vec<String>> {
     ]
 }
 
+/// The fleet lines of `status` (none for a host alone).
+fn fleet_rows(fleet: &Value) -> Vec<Vec<String>> {
+    if fleet.is_null() {
+        return Vec::new();
+    }
+    let store = match fleet["store_up"].as_bool() {
+        Some(true) => format!("up ({})", show(&fleet["store_address"])),
+        _ => format!("DOWN ({})", show(&fleet["last_error"])),
+    };
+    vec![
+        vec!["fleet".into(), format!("{} (this host: {})", show(&fleet["fleet"]), show(&fleet["host"]))],
+        vec!["fleet_store".into(), store],
+        vec!["fleet_state_version".into(), show(&fleet["state_version"])],
+        vec!["fleet_pending_local_changes".into(), show(&fleet["pending_local_changes"])],
+        vec!["fleet_hosts_seen".into(), show(&fleet["hosts_seen"])],
+    ]
+}
+
+/// `fleet status`.
+fn print_fleet(v: &Value) {
+    let store = if v["store_up"] == Value::Bool(true) { "up" } else { "DOWN" };
+    let rows: Vec<Vec<String>> = vec![
+        vec!["fleet".into(), show(&v["fleet"])],
+        vec!["host".into(), show(&v["host"])],
+        vec!["store".into(), format!("{store} ({})", show(&v["store_address"]))],
+        vec!["store_endpoints".into(), show(&v["store_endpoints"])],
+        vec!["on_store_failure".into(), show(&v["on_store_failure"])],
+        vec!["last_error".into(), format!("{} {}", show(&v["last_error"]), unix_time(&v["last_error_unix"]))],
+        vec!["store_errors".into(), show(&v["store_errors_total"])],
+        vec!["values_rejected".into(), show(&v["values_rejected_total"])],
+        vec!["last_rejection".into(), show(&v["last_rejection"])],
+        vec!["state_version".into(), show(&v["state_version"])],
+        vec!["pending_local_changes".into(), show(&v["pending_local_changes"])],
+        vec!["last_sync".into(), unix_time(&v["last_sync_unix"])],
+        vec!["ticket_generation".into(), show(&v["ticket_generation"])],
+        vec!["quic_lb_config_id".into(), show(&v["quic_lb_config_id"])],
+    ];
+    print!("{}", table(&["FIELD", "VALUE"], &rows));
+    let hosts: Vec<Vec<String>> = v["hosts"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|h| {
+                    vec![
+                        show(&h["host"]),
+                        show(&h["pid"]),
+                        unix_time(&h["started_unix"]),
+                        unix_time(&h["seen_unix"]),
+                        show(&h["state_version"]),
+                        show(&h["ticket_generation"]),
+                        show(&h["pending_local_changes"]),
+                        show(&h["quic_lb_config_id"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!("\nhosts seen");
+    print!(
+        "{}",
+        table(&["HOST", "PID", "STARTED", "SEEN", "STATE", "TICKETS", "PENDING", "QUIC-LB ID"], &hosts)
+    );
+}
+
 fn workers_table(rows: &[Value]) -> String {
     let headers = [
         "WORKER",
@@ -668,12 +746,13 @@ fn main() -> ExitCode {
             }
         }
         AdminRequest::Conns { .. } => print_conns(&v),
-        AdminRequest::TicketsRotate => {
-            println!(
+        AdminRequest::TicketsRotate => match v.get("fleet_generation") {
+            Some(g) => println!("session ticket keys rotated for the whole fleet (generation {})", show(g)),
+            None => println!(
                 "session ticket keys rotated ({} rotations since control started)",
                 show(&v["rotations"])
-            )
-        }
+            ),
+        },
         AdminRequest::Status => {
             let rows: Vec<Vec<String>> = [
                 "control_pid",
@@ -687,6 +766,7 @@ fn main() -> ExitCode {
             .iter()
             .map(|k| vec![k.to_string(), show(&v[*k])])
             .chain(tls_rows(&v["tls"]))
+            .chain(fleet_rows(&v["fleet"]))
             .collect();
             print!("{}", table(&["FIELD", "VALUE"], &rows));
             let workers = v["workers"].as_array().cloned().unwrap_or_default();
@@ -756,8 +836,13 @@ fn main() -> ExitCode {
             None => println!("token {} is no longer revoked", show(&v["unrevoked_token"])),
         },
         AdminRequest::TokenList => print_token_list(&v),
+        AdminRequest::FleetStatus => print_fleet(&v),
         AdminRequest::PolicyShow => print_policy(&v),
         AdminRequest::PolicySet { .. } | AdminRequest::PolicyReset { .. } => print_quotas(&v),
+    }
+    // Fleet mode with the store down: the change holds on this host only.
+    if let Some(Value::String(note)) = v.get("fleet") {
+        eprintln!("relayctl: {note}");
     }
     ExitCode::SUCCESS
 }
