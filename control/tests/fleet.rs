@@ -320,7 +320,7 @@ fn fleet_store_outage_keeps_state_and_reconverges_after_restart() {
     // "open": applied here at once, merged later; "closed": refused.
     let v = a.handle(r#"{"cmd":"token_revoke","subject":"bob"}"#);
     assert_eq!(v["revoked_subject"], "bob", "{v}");
-    assert!(v["fleet"].as_str().unwrap().contains("applied on this host only"), "{v}");
+    assert!(v["fleet_warning"].as_str().unwrap().contains("applied on this host only"), "{v}");
     assert_eq!(a.check(&bob), Err(Refusal::RevokedSubject));
     assert_eq!(a.fleet_status()["pending_local_changes"], true);
     let v = closed.handle(r#"{"cmd":"token_revoke","subject":"carol"}"#);

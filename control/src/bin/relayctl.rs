@@ -841,7 +841,7 @@ fn main() -> ExitCode {
         AdminRequest::PolicySet { .. } | AdminRequest::PolicyReset { .. } => print_quotas(&v),
     }
     // Fleet mode with the store down: the change holds on this host only.
-    if let Some(Value::String(note)) = v.get("fleet") {
+    if let Some(Value::String(note)) = v.get("fleet_warning") {
         eprintln!("relayctl: {note}");
     }
     ExitCode::SUCCESS

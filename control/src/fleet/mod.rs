@@ -293,7 +293,7 @@ impl Fleet {
                 )),
                 StoreFailureMode::Open => match sync.commit_local(change) {
                     Ok(mut v) => {
-                        v["fleet"] = json!(format!(
+                        v["fleet_warning"] = json!(format!(
                             "the fleet store is unreachable ({e}): applied on this host only; \
                              merged into the fleet's state when the store is back"
                         ));
