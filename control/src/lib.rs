@@ -16,6 +16,7 @@ pub mod auth;
 pub mod config;
 pub mod credentials;
 pub mod fleet;
+pub mod global_quota;
 pub mod ippool;
 pub mod metrics;
 pub mod policy;

@@ -18,6 +18,7 @@
 //! | TCP CONNECT disabled (`protocols.connect_tcp = false`) | 501 | -, details `TCP CONNECT is disabled` |
 //! | no credentials / refused credentials | 407 | http_request_denied |
 //! | a quota is exhausted | 429 | http_request_denied, details `quota exceeded: <key>` |
+//! | fleet-wide identity quota, store down, `on_store_failure = "closed"` | 503 | proxy_internal_error |
 //! | target address or port denied | 403 | destination_ip_prohibited |
 //! | name does not resolve | 502 | dns_error |
 //! | resolution timed out | 504 | dns_timeout |
@@ -117,6 +118,15 @@ const PORTS_NOT_ENFORCEABLE: &str =
     "the relay restricts target ports, which bound and IP tunnels cannot honour";
 
 fn quota_denial(which: Exceeded, retry_after_secs: Option<u32>) -> Verdict {
+    if which == Exceeded::FleetStoreDown {
+        // Not the client's doing: the relay cannot check a fleet-wide quota.
+        return Verdict::Deny {
+            status: 503,
+            proxy_error: Some(ProxyError::ProxyInternalError),
+            details: which.to_string(),
+            retry_after_secs: 0,
+        };
+    }
     Verdict::Deny {
         status: 429,
         proxy_error: Some(ProxyError::HttpRequestDenied),
@@ -179,6 +189,12 @@ impl Policy {
     /// The quota state.
     pub fn quotas(&self) -> &Quotas {
         &self.quotas
+    }
+
+    /// The quota state, for the fleet thread's exchange of fleet-wide
+    /// identity usage.
+    pub fn quotas_mut(&mut self) -> &mut Quotas {
+        &mut self.quotas
     }
 
     /// The config file's quotas (before run-time overrides).

@@ -42,6 +42,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::global_quota::GlobalUsage;
+
 /// Default bound of each table (identities, clients).
 pub const MAX_TRACKED: usize = 100_000;
 /// Default bound of the flow table.
@@ -126,6 +128,9 @@ pub enum Exceeded {
     Bytes(Scope),
     /// The scope's table is full of busy entries.
     Tracking(Scope),
+    /// Fleet-wide identity quotas cannot be checked: the fleet's store is
+    /// unreachable and `fleet.on_store_failure = "closed"`.
+    FleetStoreDown,
 }
 
 impl fmt::Display for Exceeded {
@@ -136,6 +141,9 @@ impl fmt::Display for Exceeded {
             Exceeded::Bytes(s) => write!(f, "{}.bytes_per_period", s.name()),
             Exceeded::Tracking(Scope::Identity) => f.write_str("too many identities tracked"),
             Exceeded::Tracking(Scope::Client) => f.write_str("too many clients tracked"),
+            Exceeded::FleetStoreDown => {
+                f.write_str("per_identity quotas are fleet-wide and the fleet store is unreachable")
+            }
         }
     }
 }
@@ -262,6 +270,17 @@ impl QuotaConfig {
         out.validate()?;
         Ok(out)
     }
+}
+
+/// The identity limits enforced by the local table (`shared`: bytes are
+/// accounted fleet-wide instead).
+fn identity_limits(config: &QuotaConfig, shared: bool) -> QuotaLimits {
+    let mut l = config.per_identity;
+    if shared {
+        l.bytes_per_period = 0;
+        l.period_secs = 0;
+    }
+    l
 }
 
 /// The key of a client address: IPv4 (v4-mapped included) as is, IPv6 by
@@ -455,6 +474,8 @@ pub struct Quotas {
     clients: Table<IpAddr>,
     flows: HashMap<u64, FlowEntry>,
     max_flows_tracked: usize,
+    /// Fleet mode with `global_quotas`: identity limits hold fleet-wide.
+    global: Option<GlobalUsage>,
 }
 
 impl Quotas {
@@ -466,7 +487,31 @@ impl Quotas {
             clients: Table::new(Scope::Client, max_tracked),
             flows: HashMap::new(),
             max_flows_tracked,
+            global: None,
         }
+    }
+
+    /// Makes the `per_identity` limits fleet-wide ([`crate::global_quota`]):
+    /// admission adds the other hosts' usage, bytes are counted in periods
+    /// aligned to the Unix epoch.
+    pub fn share_identities(&mut self, global: GlobalUsage) {
+        self.global = Some(global);
+    }
+
+    /// The fleet-wide accounting, when identity limits are shared.
+    pub fn global(&self) -> Option<&GlobalUsage> {
+        self.global.as_ref()
+    }
+
+    /// The fleet-wide accounting, for the fleet thread.
+    pub fn global_mut(&mut self) -> Option<&mut GlobalUsage> {
+        self.global.as_mut()
+    }
+
+    /// The identity limits the local table enforces: with shared identity
+    /// quotas, bytes are the fleet's (aligned periods) and not checked here.
+    fn local_identity_limits(&self) -> QuotaLimits {
+        identity_limits(&self.config, self.global.is_some())
     }
 
     /// The limits in force.
@@ -491,6 +536,15 @@ impl Quotas {
         now: Instant,
     ) -> Option<u32> {
         let wait = match which {
+            Exceeded::Rate(Scope::Identity) | Exceeded::Bytes(Scope::Identity) if self.global.is_some() => {
+                let local = self
+                    .identities
+                    .map
+                    .get(identity?)
+                    .and_then(|u| u.retry_after(&self.local_identity_limits(), which, now));
+                let global = self.global.as_ref()?.retry_after(which, &self.config.per_identity, now);
+                local.into_iter().chain(global).max()?
+            }
             Exceeded::Rate(Scope::Identity) | Exceeded::Bytes(Scope::Identity) => {
                 let usage = self.identities.map.get(identity?)?;
                 usage.retry_after(&self.config.per_identity, which, now)?
@@ -499,7 +553,7 @@ impl Quotas {
                 let usage = self.clients.map.get(&client_key(client))?;
                 usage.retry_after(&self.config.per_client, which, now)?
             }
-            Exceeded::Flows(_) | Exceeded::Tracking(_) => return None,
+            Exceeded::Flows(_) | Exceeded::Tracking(_) | Exceeded::FleetStoreDown => return None,
         };
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         Some(u32::try_from(secs.max(1)).unwrap_or(u32::MAX))
@@ -509,7 +563,10 @@ impl Quotas {
     /// refuse before spending a DNS resolution).
     pub fn check(&self, identity: Option<&str>, client: IpAddr, now: Instant) -> Result<(), Exceeded> {
         if let Some(id) = identity {
-            self.identities.peek(&id.to_string(), &self.config.per_identity, now)?;
+            self.identities.peek(&id.to_string(), &self.local_identity_limits(), now)?;
+            if let Some(g) = &self.global {
+                g.check(id, &self.config.per_identity, now)?;
+            }
         }
         self.clients.peek(&client_key(client), &self.config.per_client, now)
     }
@@ -524,23 +581,32 @@ impl Quotas {
         client: IpAddr,
         now: Instant,
     ) -> Result<u64, Exceeded> {
-        let Quotas { config, identities, clients, flows, .. } = self;
+        let Quotas { config, identities, clients, flows, global, .. } = self;
+        let id_limits = identity_limits(config, global.is_some());
         let id_key = identity.map(str::to_string);
         let client_key = client_key(client);
         // Check both scopes before charging either.
         let id_usage = match &id_key {
-            Some(k) => identities.entry(k, &config.per_identity, now)?.map(|u| u.clone()),
+            Some(k) => identities.entry(k, &id_limits, now)?.map(|u| u.clone()),
             None => None,
         };
         let client_usage = clients.entry(&client_key, &config.per_client, now)?.map(|u| u.clone());
         if let Some(u) = &id_usage {
-            u.check(&config.per_identity, Scope::Identity)?;
+            u.check(&id_limits, Scope::Identity)?;
+        }
+        if let (Some(g), Some(k)) = (global.as_ref(), &id_key) {
+            g.check(k, &config.per_identity, now)?;
         }
         if let Some(u) = &client_usage {
             u.check(&config.per_client, Scope::Client)?;
         }
+        let global_bytes = match (global.as_ref(), &id_key) {
+            (Some(g), Some(k)) => g.remaining_bytes(k, &config.per_identity, now),
+            _ => None,
+        };
         let budget = [
-            id_usage.as_ref().and_then(|u| u.remaining_bytes(&config.per_identity)),
+            id_usage.as_ref().and_then(|u| u.remaining_bytes(&id_limits)),
+            global_bytes,
             client_usage.as_ref().and_then(|u| u.remaining_bytes(&config.per_client)),
         ]
         .into_iter()
@@ -557,6 +623,9 @@ impl Quotas {
             u.flows += 1;
             u.bucket_micro = u.bucket_micro.saturating_sub(MICRO);
             entry.identity = Some(k.clone());
+            if let Some(g) = global.as_mut() {
+                g.admitted(k, now);
+            }
         }
         if client_usage.is_some() {
             let u = clients.map.get_mut(&client_key).expect("entry created above");
@@ -585,10 +654,14 @@ impl Quotas {
             _ => false,
         };
         let id_key = identity.map(str::to_string);
+        let id_limits = self.local_identity_limits();
         let id_tracked = match &id_key {
-            Some(k) => match self.identities.entry(k, &self.config.per_identity, now) {
+            Some(k) => match self.identities.entry(k, &id_limits, now) {
                 Ok(Some(u)) => {
                     u.flows += 1;
+                    if let Some(g) = self.global.as_mut() {
+                        g.reopened(k, now);
+                    }
                     true
                 }
                 _ => false,
@@ -606,7 +679,10 @@ impl Quotas {
     pub fn closed(&mut self, flow_id: u64, bytes: u64, now: Instant) {
         let Some(entry) = self.flows.remove(&flow_id) else { return };
         if let Some(k) = &entry.identity {
-            self.identities.release(k, bytes, &self.config.per_identity, now);
+            self.identities.release(k, bytes, &identity_limits(&self.config, self.global.is_some()), now);
+            if let Some(g) = self.global.as_mut() {
+                g.closed(k, bytes, &self.config.per_identity, now);
+            }
         }
         if let Some(k) = &entry.client {
             self.clients.release(k, bytes, &self.config.per_client, now);
@@ -619,11 +695,14 @@ impl Quotas {
         for u in self.identities.map.values_mut().chain(self.clients.map.values_mut()) {
             u.flows = 0;
         }
+        if let Some(g) = self.global.as_mut() {
+            g.release_all();
+        }
     }
 
     /// Evicts idle entries; returns how many.
     pub fn sweep(&mut self, now: Instant) -> usize {
-        self.identities.sweep(&self.config.per_identity, now)
+        self.identities.sweep(&self.local_identity_limits(), now)
             + self.clients.sweep(&self.config.per_client, now)
     }
 
@@ -641,7 +720,7 @@ impl Quotas {
     pub fn identity_usage(&self, identity: &str, now: Instant) -> Option<UsageInfo> {
         self.identities.map.get(identity).map(|u| {
             let mut u = u.clone();
-            u.advance(&self.config.per_identity, now);
+            u.advance(&self.local_identity_limits(), now);
             UsageInfo { flows: u.flows, bytes: u.bytes }
         })
     }
@@ -676,6 +755,33 @@ mod tests {
 
     fn identity_only(l: QuotaLimits) -> Quotas {
         Quotas::new(QuotaConfig { per_identity: l, per_client: QuotaLimits::default() }, 100, 1000)
+    }
+
+    #[test]
+    fn shared_identity_limits_add_the_other_hosts_usage() {
+        use crate::global_quota::{RemoteUsage, WallClock};
+        let t0 = Instant::now();
+        let mut q = identity_only(limits(3, 0, 0, 1000, 60));
+        q.share_identities(GlobalUsage::new(WallClock::new(t0, 1_700_000_000_000), 100));
+        let c = ip("192.0.2.1");
+        let g = q.global_mut().unwrap();
+        g.set_remote("sub:a", RemoteUsage { flows: 2, bytes: 300, ..Default::default() });
+        // The budget is what the fleet has left; one flow here reaches the limit.
+        assert_eq!(q.admit(1, Some("sub:a"), c, t0), Ok(700));
+        assert_eq!(q.admit(2, Some("sub:a"), c, t0), Err(Exceeded::Flows(Scope::Identity)));
+        assert_eq!(q.check(Some("sub:a"), c, t0), Err(Exceeded::Flows(Scope::Identity)));
+        assert_eq!(q.global().unwrap().local_flows("sub:a"), 1);
+        // Bytes charged here count fleet-wide, in the aligned period.
+        q.closed(1, 700, t0);
+        assert_eq!(q.admit(3, Some("sub:a"), c, t0), Err(Exceeded::Bytes(Scope::Identity)));
+        assert_eq!(q.retry_after_secs(Exceeded::Bytes(Scope::Identity), Some("sub:a"), c, t0), Some(40));
+        assert!(q.admit(4, Some("sub:b"), c, t0).is_ok(), "another identity");
+        // Store down in closed mode: limited identities are refused.
+        q.global_mut().unwrap().set_refuse_unshared(true);
+        assert_eq!(q.admit(5, Some("sub:c"), c, t0), Err(Exceeded::FleetStoreDown));
+        assert_eq!(q.retry_after_secs(Exceeded::FleetStoreDown, Some("sub:c"), c, t0), None);
+        q.release_all();
+        assert_eq!(q.global().unwrap().local_flows("sub:b"), 0);
     }
 
     #[test]
