@@ -510,12 +510,12 @@ mod tests {
     fn tracking_is_bounded() {
         let t0 = Instant::now();
         let mut g = GlobalUsage::new(WallClock::new(t0, UNIX_MS), 2);
-        let l = limits(1, 0, 0, 0, 0);
         for id in ["sub:a", "sub:b", "sub:c"] {
             g.admitted(id, t0);
             g.set_remote(id, RemoteUsage { flows: 1, ..Default::default() });
         }
         assert_eq!(g.active().len(), 2);
         assert_eq!(g.remote("sub:c"), RemoteUsage::default());
+        assert_eq!(g.check("sub:c", &limits(1, 0, 0, 0, 0), t0), Ok(()), "untracked: per host only");
     }
 }
