@@ -775,6 +775,10 @@ pub struct FleetSection {
     /// What a host does while the store is unreachable.
     #[serde(default)]
     pub on_store_failure: StoreFailureMode,
+    /// The `[quotas.per_identity]` limits hold for the whole fleet rather
+    /// than for each host ([`crate::global_quota`]).
+    #[serde(default)]
+    pub global_quotas: bool,
 }
 
 /// `fleet.sentinel`: the Sentinel deployment that names the primary.
@@ -1241,6 +1245,9 @@ mod tests {
             .join("\n");
         let f = Config::parse(&format!("{DEFAULT_CONFIG}\n{example}\n"), "t.toml").unwrap().fleet.unwrap();
         assert_eq!(f.host.as_deref(), Some("relay-1"));
+        assert!(!f.global_quotas);
+        let f = Config::parse(&with("redis = [\"redis://h:1\"]\nglobal_quotas = true\n"), "t.toml").unwrap();
+        assert!(f.fleet.unwrap().global_quotas);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use relay_control::fleet::keys::FleetKeys;
 use relay_control::fleet::settings::FleetSettings;
 use relay_control::fleet::{Fleet, FleetStartError};
 use relay_control::policy::Policy;
+use relay_control::quota::{Exceeded, QuotaConfig, QuotaLimits, Scope};
 use relay_control::server::Shared;
 use relay_control::store::PolicyStore;
 use relay_control::token::{Secret, TokenKeys};
@@ -63,7 +64,13 @@ struct Host {
     last_tickets: Option<TicketKeySet>,
 }
 
-fn section(name: &str, url: &str, secret: &Path, mode: StoreFailureMode) -> FleetSection {
+fn section(
+    name: &str,
+    url: &str,
+    secret: &Path,
+    mode: StoreFailureMode,
+    global_quotas: bool,
+) -> FleetSection {
     FleetSection {
         name: "test".into(),
         host: Some(name.into()),
@@ -73,26 +80,38 @@ fn section(name: &str, url: &str, secret: &Path, mode: StoreFailureMode) -> Flee
         password_file: None,
         secret_file: secret.to_path_buf(),
         on_store_failure: mode,
+        global_quotas,
     }
 }
 
-fn policy(dir: &Path) -> Arc<Mutex<Policy>> {
+fn policy(dir: &Path, quotas: QuotaConfig) -> Arc<Mutex<Policy>> {
     let mut keys = TokenKeys::default();
     keys.add("k1", Secret::new(vec![1; 32])).unwrap();
     let mut policy = Policy::new(
         Authenticator::new(["config-token"], keys, AuthState::default()),
         TargetAcl::new(vec![], vec![], vec![]),
         1000,
-    );
+    )
+    .with_quotas(quotas);
     policy.install(PolicyStore::new(dir).load().unwrap()).unwrap();
     Arc::new(Mutex::new(policy))
 }
 
 fn start(name: &str, url: &str, mode: StoreFailureMode) -> Result<Host, FleetStartError> {
+    start_with(name, url, mode, None)
+}
+
+/// `global_quotas`: these identity limits, fleet-wide.
+fn start_with(
+    name: &str,
+    url: &str,
+    mode: StoreFailureMode,
+    global_quotas: Option<QuotaConfig>,
+) -> Result<Host, FleetStartError> {
     let dir = temp_dir(name);
     let secret = write_secret(&dir);
-    let policy = policy(&dir);
-    let settings = FleetSettings::load(&section(name, url, &secret, mode)).unwrap();
+    let policy = policy(&dir, global_quotas.unwrap_or_default());
+    let settings = FleetSettings::load(&section(name, url, &secret, mode, global_quotas.is_some())).unwrap();
     let (tx, rx) = channel();
     let sink = Box::new(move |set| {
         let _ = tx.send(set);
@@ -302,7 +321,9 @@ fn fleet_store_outage_keeps_state_and_reconverges_after_restart() {
     let alice = a.mint("alice");
     let bob = a.mint("bob");
     a.handle(r#"{"cmd":"token_revoke","subject":"alice"}"#);
-    wait_for("alice on b", Duration::from_secs(5), || b.check(&alice).is_err());
+    wait_for("alice on b and c", Duration::from_secs(5), || {
+        b.check(&alice).is_err() && closed.check(&alice).is_err()
+    });
     wait_for("the same ticket keys", Duration::from_secs(5), || {
         let (ta, tb) = (a.tickets().cloned(), b.tickets().cloned());
         ta.is_some() && ta == tb
@@ -431,5 +452,79 @@ fn fleet_poll_catches_a_change_whose_announcement_was_lost() {
     });
     println!("installed by the 1 s poll after {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_millis(2500), "{:?}", started.elapsed());
-    assert_eq!(b.fleet_status()["state_version"], 40);
+    wait_for("b reports version 40", Duration::from_secs(5), || b.fleet_status()["state_version"] == 40);
+}
+
+#[test]
+#[ignore = "needs redis-server (apt-get install redis-server); run by cargo xtask test"]
+fn fleet_global_identity_quotas_count_every_hosts_usage() {
+    let mut redis = RedisServer::start();
+    let limits = QuotaLimits {
+        max_flows: 2,
+        new_flows_per_sec: 0,
+        burst: 0,
+        bytes_per_period: 1000,
+        period_secs: 3600,
+    };
+    let quotas = QuotaConfig { per_identity: limits, per_client: QuotaLimits::default() };
+    let a = start_with("relay-a", &redis.url(), StoreFailureMode::Open, Some(quotas)).unwrap();
+    let b = start_with("relay-b", &redis.url(), StoreFailureMode::Closed, Some(quotas)).unwrap();
+    wait_for("both hosts listed", Duration::from_secs(5), || {
+        b.fleet_status()["hosts"].as_array().is_some_and(|h| h.len() == 2)
+    });
+    let client: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let admit = |h: &Host, flow: u64| {
+        h.policy.lock().unwrap().quotas_mut().admit(flow, Some("sub:x"), client, Instant::now())
+    };
+    let close = |h: &Host, flow: u64, bytes: u64| {
+        h.policy.lock().unwrap().quotas_mut().closed(flow, bytes, Instant::now())
+    };
+    // b knows the identity (one flow open, then closed), so it reads the others' usage.
+    assert!(admit(&b, 100).is_ok());
+    close(&b, 100, 0);
+    // Two flows on a: the identity's fleet-wide limit.
+    assert!(admit(&a, 1).is_ok() && admit(&a, 2).is_ok());
+    assert_eq!(admit(&a, 3), Err(Exceeded::Flows(Scope::Identity)));
+    let latency = wait_for("b counts a's flows", Duration::from_secs(5), || match admit(&b, 101) {
+        Err(e) => e == Exceeded::Flows(Scope::Identity),
+        Ok(_) => {
+            close(&b, 101, 0);
+            false
+        }
+    });
+    println!("a's flows counted on b after {latency:?}");
+    // One of a's flows ends after 900 bytes: b may open one flow, with what
+    // the fleet has left of the byte allowance as its budget.
+    close(&a, 1, 900);
+    wait_for("b sees the flow end and the bytes", Duration::from_secs(5), || match admit(&b, 102) {
+        Ok(budget) => {
+            budget == 100 || {
+                close(&b, 102, 0);
+                false
+            }
+        }
+        Err(_) => false,
+    });
+    assert_eq!(admit(&b, 103), Err(Exceeded::Flows(Scope::Identity)), "a: 1, b: 1");
+    close(&b, 102, 100);
+    let mut next = 4;
+    wait_for("a sees the allowance used up", Duration::from_secs(5), || {
+        next += 1;
+        match admit(&a, next) {
+            Err(e) => e == Exceeded::Bytes(Scope::Identity),
+            Ok(_) => {
+                close(&a, next, 0);
+                false
+            }
+        }
+    });
+    // The store goes away: "closed" (b) refuses the limited identity with
+    // 503, "open" (a) falls back to its own limits.
+    redis.kill();
+    wait_for("b refuses while the store is down", Duration::from_secs(10), || {
+        admit(&b, 104) == Err(Exceeded::FleetStoreDown)
+    });
+    assert_ne!(admit(&a, 5), Err(Exceeded::FleetStoreDown));
+    let store = b.fleet_status();
+    assert_eq!(store["global_quotas"], true, "{store}");
 }

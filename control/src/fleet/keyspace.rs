@@ -14,6 +14,11 @@ impl Keyspace {
         Self { base: format!("{prefix}:{fleet}") }
     }
 
+    /// `<prefix>:<fleet>`, what every key starts with.
+    pub fn prefix(&self) -> &str {
+        &self.base
+    }
+
     fn key(&self, leaf: &str) -> String {
         format!("{}:{leaf}", self.base)
     }

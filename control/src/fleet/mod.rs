@@ -37,6 +37,7 @@ pub mod heartbeat;
 pub mod keys;
 pub mod keyspace;
 pub mod merge;
+pub mod quota_share;
 pub mod settings;
 pub mod state_sync;
 pub mod status;
@@ -61,6 +62,7 @@ use self::state_sync::{Change, CommitError, StateSync, SyncedFileError};
 use self::status::{FleetFigures, StatusHandle, unix_now};
 use self::ticket_sync::{TicketSink, TicketSync};
 use crate::config::StoreFailureMode;
+use crate::global_quota::{self, GlobalUsage, WallClock};
 use crate::policy::Policy;
 
 /// Connection attempts at start-up before giving up (about 3 s in all).
@@ -112,6 +114,8 @@ pub struct Fleet {
     admin_con: Mutex<Option<Connection>>,
     started_unix: u64,
     stop: AtomicBool,
+    policy: Arc<Mutex<Policy>>,
+    global_quotas: bool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -161,8 +165,12 @@ impl Fleet {
         };
         status.set_up(true, Some(addr.clone()));
         let sync_err = |error| FleetStartError::Sync { fleet: settings.name.clone(), error };
+        if settings.global_quotas {
+            let mut p = policy.lock().unwrap_or_else(|e| e.into_inner());
+            p.quotas_mut().share_identities(GlobalUsage::new(WallClock::now(), global_quota::MAX_TRACKED));
+        }
         let mut sync = StateSync::open(
-            policy,
+            policy.clone(),
             state_dir,
             settings.keyspace.clone(),
             settings.keys.signing.clone(),
@@ -198,6 +206,8 @@ impl Fleet {
             admin_con: Mutex::new(None),
             started_unix: unix_now(),
             stop: AtomicBool::new(false),
+            policy,
+            global_quotas: settings.global_quotas,
         });
         fleet.beat(&mut con).map_err(sync_err)?;
         fleet.list_hosts(&mut con).map_err(sync_err)?;
@@ -212,6 +222,23 @@ impl Fleet {
         );
         worker::spawn(fleet.clone()).map_err(FleetStartError::Thread)?;
         Ok(fleet)
+    }
+
+    /// Records whether the store is reachable; with fleet-wide identity
+    /// quotas, a lost store means local limits only (`open`) or refusing
+    /// limited identities (`closed`) until it is back.
+    fn set_store_up(&self, up: bool, address: Option<String>) {
+        self.status.set_up(up, address);
+        if !self.global_quotas {
+            return;
+        }
+        let mut p = self.policy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(g) = p.quotas_mut().global_mut() {
+            g.set_refuse_unshared(!up && self.mode == StoreFailureMode::Closed);
+            if !up {
+                g.clear_remote();
+            }
+        }
     }
 
     /// Stops the fleet thread (at its next turn, within about 100 ms).
@@ -350,6 +377,7 @@ impl Fleet {
     pub fn status_json(&self) -> Value {
         let mut v = serde_json::to_value(self.status.snapshot()).unwrap_or(Value::Null);
         v["store_endpoints"] = json!(self.connector.endpoints().to_string());
+        v["global_quotas"] = json!(self.global_quotas);
         v["on_store_failure"] = json!(match self.mode {
             StoreFailureMode::Open => "open",
             StoreFailureMode::Closed => "closed",
@@ -370,6 +398,7 @@ impl Fleet {
             "pending_local_changes": s.pending_local_changes,
             "ticket_generation": s.ticket_generation,
             "hosts_seen": s.hosts.len(),
+            "global_quotas": self.global_quotas,
         })
     }
 }

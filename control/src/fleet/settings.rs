@@ -117,6 +117,8 @@ pub struct FleetSettings {
     pub keys: FleetKeys,
     /// What to do while the store is unreachable.
     pub on_store_failure: StoreFailureMode,
+    /// Identity quotas are fleet-wide.
+    pub global_quotas: bool,
 }
 
 /// Reads a secret file, refusing one every user may read.
@@ -180,6 +182,7 @@ impl FleetSettings {
             keyspace: Keyspace::new(&section.key_prefix, &section.name),
             keys,
             on_store_failure: section.on_store_failure,
+            global_quotas: section.global_quotas,
         })
     }
 }
@@ -198,6 +201,7 @@ mod tests {
             password_file: None,
             secret_file: dir.join("secret"),
             on_store_failure: StoreFailureMode::Open,
+            global_quotas: false,
         }
     }
 

@@ -17,10 +17,12 @@ use tracing::{debug, info, warn};
 use super::Fleet;
 use super::connect::StoreError;
 use super::keyspace::Event;
+use super::quota_share;
 use super::status::unix_now;
 
-/// How long one wait for an announcement lasts.
-const EVENT_WAIT: Duration = Duration::from_millis(100);
+/// How long one wait for an announcement lasts (also the granularity of
+/// the quota exchange).
+const EVENT_WAIT: Duration = Duration::from_millis(50);
 /// How often the version keys are polled and the heartbeat renewed.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the hosts are listed.
@@ -79,7 +81,7 @@ fn run(fleet: &Fleet) {
         let error = match connected {
             Ok((mut cmd, mut sub, addr)) => {
                 info!(store = addr, "fleet: connected to the store");
-                fleet.status.set_up(true, Some(addr));
+                fleet.set_store_up(true, Some(addr));
                 last_logged = None;
                 backoff.reset();
                 match run_connected(fleet, &mut cmd, &mut sub) {
@@ -89,7 +91,7 @@ fn run(fleet: &Fleet) {
             }
             Err(e) => e.to_string(),
         };
-        fleet.status.set_up(false, None);
+        fleet.set_store_up(false, None);
         fleet.status.store_error(&error);
         if last_logged.as_deref() != Some(error.as_str()) {
             warn!("fleet: {error}; serving the last state, reconnecting");
@@ -121,6 +123,7 @@ fn run_connected(fleet: &Fleet, cmd: &mut Connection, sub: &mut Connection) -> R
     fleet.list_hosts(cmd)?;
     let mut last_poll = Instant::now();
     let mut last_hosts = Instant::now();
+    let mut last_quotas = Instant::now();
     while !fleet.stop.load(Ordering::Relaxed) {
         match pubsub.get_message() {
             Ok(msg) => match Event::parse(msg.get_payload_bytes()) {
@@ -147,6 +150,10 @@ fn run_connected(fleet: &Fleet, cmd: &mut Connection, sub: &mut Connection) -> R
             last_poll = Instant::now();
             poll(fleet, cmd)?;
             fleet.beat(cmd)?;
+        }
+        if fleet.global_quotas && last_quotas.elapsed() >= quota_share::INTERVAL {
+            last_quotas = Instant::now();
+            quota_share::exchange(fleet, cmd)?;
         }
         if last_hosts.elapsed() >= HOSTS_INTERVAL {
             last_hosts = Instant::now();
