@@ -297,6 +297,37 @@ fn fleet_tampered_store_values_are_rejected_and_counted() {
         let v: Vec<u8> = redis::cmd("GET").arg("masque:test:tickets").query(&mut con).unwrap_or_default();
         TicketKeySet::open(&keys.sealing, "masque:test:tickets", &v).is_ok()
     });
+    // Keys turned into other types, or huge, or binary hints: refused or
+    // rebuilt, and the connection stays up.
+    let n = rejected(&b);
+    let _: () = redis::cmd("DEL").arg(key).query(&mut con).unwrap();
+    let _: () = redis::cmd("HSET").arg(key).arg("f").arg("v").query(&mut con).unwrap();
+    let _: () =
+        redis::cmd("SET").arg("masque:test:state_version").arg(&[0xffu8, 0xfe][..]).query(&mut con).unwrap();
+    let _: () = redis::cmd("DEL").arg("masque:test:hosts").query(&mut con).unwrap();
+    let _: () = redis::cmd("SET").arg("masque:test:hosts").arg("not a set").query(&mut con).unwrap();
+    wait_for("the hash refused", Duration::from_secs(5), || rejected(&b) > n);
+    let huge = vec![b'm'; relay_control::fleet::codec::MAX_HEARTBEAT_LEN * 4];
+    let _: () = redis::cmd("SET").arg("masque:test:host:relay-z").arg(&huge).query(&mut con).unwrap();
+    let _: () = redis::cmd("SADD").arg("masque:test:hosts").arg("relay-z").query(&mut con).unwrap_or(());
+    wait_for("the state restored over the hash", Duration::from_secs(5), || {
+        let v: Vec<u8> = redis::cmd("GET").arg(key).query(&mut con).unwrap_or_default();
+        StateDoc::decode(&keys.signing, key, &v).is_ok()
+    });
+    wait_for("the host set rebuilt", Duration::from_secs(5), || {
+        let t: String = redis::cmd("TYPE").arg("masque:test:hosts").query(&mut con).unwrap();
+        t == "set"
+    });
+    wait_for("both hosts listed again, not the huge heartbeat", Duration::from_secs(10), || {
+        [&a, &b].iter().all(|h| {
+            let st = h.fleet_status();
+            st["store_up"] == true && st["hosts"].as_array().is_some_and(|l| l.len() == 2)
+        })
+    });
+    // A lease without expiry (it would stop rotations for good) is removed.
+    let _: () = redis::cmd("SET").arg("masque:test:tickets_lease").arg("relay-z").query(&mut con).unwrap();
+    assert!(a.fleet.rotate_tickets().is_err(), "held");
+    assert!(a.fleet.rotate_tickets().is_ok(), "removed, then taken");
     // A rolled-back (older, validly signed) state is refused too.
     let old = good.clone();
     a.handle(r#"{"cmd":"token_revoke","subject":"trudy"}"#);

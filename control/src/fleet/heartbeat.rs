@@ -8,10 +8,11 @@ use std::time::Duration;
 use redis::Connection;
 use tracing::warn;
 
-use super::codec::Heartbeat;
+use super::codec::{Heartbeat, MAX_HEARTBEAT_LEN};
 use super::connect::StoreError;
 use super::keys::DerivedKey;
 use super::keyspace::Keyspace;
+use super::reads::{is_wrong_type, read_bounded};
 use super::status::StatusHandle;
 
 /// How long a heartbeat lives unless renewed (renewed every second).
@@ -28,14 +29,32 @@ pub fn beat(
 ) -> Result<(), StoreError> {
     let key = keyspace.host(&hb.host);
     let value = hb.encode(signing, &key)?;
+    match write(con, keyspace, &key, &value, &hb.host) {
+        // The host set turned into another type by another writer: it is
+        // only an index, so it is rebuilt.
+        Err(StoreError::Redis(e)) if is_wrong_type(&e) => {
+            let _: i64 = redis::cmd("DEL").arg(keyspace.hosts()).query(con)?;
+            write(con, keyspace, &key, &value, &hb.host)
+        }
+        other => other,
+    }
+}
+
+fn write(
+    con: &mut Connection,
+    keyspace: &Keyspace,
+    key: &str,
+    value: &[u8],
+    host: &str,
+) -> Result<(), StoreError> {
     redis::pipe()
         .cmd("SET")
-        .arg(&key)
+        .arg(key)
         .arg(value)
         .arg("PX")
         .arg(TTL.as_millis() as u64)
         .ignore()
-        .sadd(keyspace.hosts(), &hb.host)
+        .sadd(keyspace.hosts(), host)
         .ignore()
         .exec(con)?;
     Ok(())
@@ -52,23 +71,34 @@ pub fn list(
     me: &Heartbeat,
     status: &StatusHandle,
 ) -> Result<Vec<Heartbeat>, StoreError> {
-    let mut names: Vec<String> = redis::cmd("SMEMBERS").arg(keyspace.hosts()).query(con)?;
-    names.retain(|n| crate::config::valid_fleet_word(n));
+    let members: Vec<Vec<u8>> = match redis::cmd("SMEMBERS").arg(keyspace.hosts()).query(con) {
+        Ok(m) => m,
+        Err(e) if is_wrong_type(&e) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
+    let mut names: Vec<String> = members
+        .into_iter()
+        .filter_map(|m| String::from_utf8(m).ok())
+        .filter(|n| crate::config::valid_fleet_word(n))
+        .collect();
     names.sort();
     names.truncate(MAX_HOSTS);
-    if names.is_empty() {
-        return Ok(Vec::new());
-    }
-    let keys: Vec<String> = names.iter().map(|n| keyspace.host(n)).collect();
-    let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&keys).query(con)?;
     let mut out = Vec::new();
-    for ((name, key), value) in names.iter().zip(&keys).zip(values) {
-        let Some(bytes) = value else {
-            // Expired: forget the name (a host that comes back adds it again).
-            let _: i64 = redis::cmd("SREM").arg(keyspace.hosts()).arg(name).query(con)?;
-            continue;
+    for name in &names {
+        let key = keyspace.host(name);
+        let bytes = match read_bounded(con, &key, MAX_HEARTBEAT_LEN)?.into_value() {
+            Some(Ok(bytes)) => bytes,
+            Some(Err(e)) => {
+                status.rejected(&key, &e);
+                continue;
+            }
+            None => {
+                // Expired: forget the name (a host that comes back adds it again).
+                let _: i64 = redis::cmd("SREM").arg(keyspace.hosts()).arg(name).query(con)?;
+                continue;
+            }
         };
-        match Heartbeat::decode(signing, key, &bytes) {
+        match Heartbeat::decode(signing, &key, &bytes) {
             Ok(hb) if hb.host == *name => {
                 if hb.host == me.host && (hb.pid, hb.started_unix) != (me.pid, me.started_unix) {
                     warn!(
@@ -83,8 +113,8 @@ pub fn list(
                 }
                 out.push(hb);
             }
-            Ok(_) => status.rejected(key, &super::codec::ValueError::Invalid("host name mismatch".into())),
-            Err(e) => status.rejected(key, &e),
+            Ok(_) => status.rejected(&key, &super::codec::ValueError::Invalid("host name mismatch".into())),
+            Err(e) => status.rejected(&key, &e),
         }
     }
     Ok(out)

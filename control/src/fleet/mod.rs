@@ -38,6 +38,7 @@ pub mod keys;
 pub mod keyspace;
 pub mod merge;
 pub mod quota_share;
+pub mod reads;
 pub mod settings;
 pub mod state_sync;
 pub mod status;

@@ -26,11 +26,12 @@ use redis::Connection;
 use serde_json::{Value, json};
 use tracing::{error, info, warn};
 
-use super::codec::{StateDoc, ValueError};
+use super::codec::{MAX_VALUE_LEN, StateDoc, ValueError};
 use super::connect::StoreError;
 use super::keys::DerivedKey;
 use super::keyspace::{Event, Keyspace};
 use super::merge::merge;
+use super::reads::read_bounded;
 use super::status::{StatusHandle, unix_now};
 use crate::policy::Policy;
 use crate::state::write_private;
@@ -181,10 +182,10 @@ impl StateSync {
 
     fn read_remote(&self, con: &mut Connection) -> Result<Remote, StoreError> {
         let key = self.keyspace.state();
-        let raw: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(con)?;
+        let raw = read_bounded(con, &key, MAX_VALUE_LEN)?.into_value();
         Ok(match raw {
             None => Remote::Missing,
-            Some(bytes) => match StateDoc::decode(&self.signing, &key, &bytes) {
+            Some(bytes) => match bytes.and_then(|b| StateDoc::decode(&self.signing, &key, &b)) {
                 Ok(doc) => Remote::Valid(doc),
                 Err(e) => {
                     self.status.rejected(&key, &e);

@@ -20,9 +20,12 @@ use super::codec::{TicketKeySet, ValueError};
 use super::connect::StoreError;
 use super::keys::DerivedKey;
 use super::keyspace::{Event, Keyspace};
+use super::reads::{Read, read_bounded};
 use super::status::StatusHandle;
 use crate::tickets::fresh_key;
 
+/// Longest sealed key set read.
+const MAX_SEALED_LEN: usize = 1024;
 /// How long the rotation lease lasts (a rotation takes a few round trips).
 pub const LEASE: Duration = Duration::from_secs(10);
 const MAX_ATTEMPTS: usize = 5;
@@ -97,10 +100,10 @@ impl TicketSync {
 
     fn read(&self, con: &mut Connection) -> Result<Remote, StoreError> {
         let key = self.keyspace.tickets();
-        let raw: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(con)?;
+        let raw = read_bounded(con, &key, MAX_SEALED_LEN)?.into_value();
         Ok(match raw {
             None => Remote::Missing,
-            Some(bytes) => match TicketKeySet::open(&self.sealing, &key, &bytes) {
+            Some(bytes) => match bytes.and_then(|b| TicketKeySet::open(&self.sealing, &key, &b)) {
                 Ok(set) => Remote::Valid(set),
                 Err(e) => {
                     self.status.rejected(&key, &e);
@@ -217,8 +220,18 @@ impl TicketSync {
             .query(con)
             .map_err(StoreError::from)?;
         if took.is_none() {
-            let holder: Option<String> =
-                redis::cmd("GET").arg(&lease).query(con).map_err(StoreError::from)?;
+            let holder = match read_bounded(con, &lease, 64)? {
+                Read::Value(v) => String::from_utf8(v).ok().filter(|h| crate::config::valid_fleet_word(h)),
+                _ => None,
+            };
+            let ttl_ms: i64 = redis::cmd("PTTL").arg(&lease).query(con).map_err(StoreError::from)?;
+            if holder.is_none() || ttl_ms == -1 {
+                // Not a lease any host takes (no expiry, or not a host
+                // name): it would stop rotations for good. Removed; the
+                // next turn takes the lease.
+                self.status.rejected(&lease, &ValueError::Invalid("not a rotation lease".into()));
+                let _: i64 = redis::cmd("DEL").arg(&lease).query(con).map_err(StoreError::from)?;
+            }
             return Err(RotateError::LeaseHeld(holder.unwrap_or_else(|| "?".into())));
         }
         let result = self.rotate_holding_lease(con, now_unix);
@@ -262,8 +275,8 @@ impl TicketSync {
     fn release(&self, con: &mut Connection) -> Result<(), StoreError> {
         let lease = self.keyspace.tickets_lease();
         redis::cmd("WATCH").arg(&lease).exec(con)?;
-        let holder: Option<String> = redis::cmd("GET").arg(&lease).query(con)?;
-        if holder.as_deref() == Some(self.host.as_str()) {
+        let holder = read_bounded(con, &lease, 64)?;
+        if holder == Read::Value(self.host.clone().into_bytes()) {
             let _: Option<redis::Value> = redis::pipe().atomic().del(&lease).query(con)?;
         } else {
             redis::cmd("UNWATCH").exec(con)?;

@@ -18,6 +18,7 @@ use super::Fleet;
 use super::connect::StoreError;
 use super::keyspace::Event;
 use super::quota_share;
+use super::reads::{is_wrong_type, read_number};
 use super::status::unix_now;
 
 /// How long one wait for an announcement lasts (also the granularity of
@@ -153,7 +154,16 @@ fn run_connected(fleet: &Fleet, cmd: &mut Connection, sub: &mut Connection) -> R
         }
         if fleet.global_quotas && last_quotas.elapsed() >= quota_share::INTERVAL {
             last_quotas = Instant::now();
-            quota_share::exchange(fleet, cmd)?;
+            match quota_share::exchange(fleet, cmd) {
+                Ok(()) => {}
+                // A quota key another writer turned into something else:
+                // refused, counted; the connection is fine.
+                Err(StoreError::Redis(e)) if is_wrong_type(&e) => fleet.status.rejected(
+                    "quota counters",
+                    &super::codec::ValueError::Format("hash (a quota key has another type)"),
+                ),
+                Err(e) => return Err(e),
+            }
         }
         if last_hosts.elapsed() >= HOSTS_INTERVAL {
             last_hosts = Instant::now();
@@ -166,21 +176,18 @@ fn run_connected(fleet: &Fleet, cmd: &mut Connection, sub: &mut Connection) -> R
 /// The safety net: reads both version hints and catches up on whatever an
 /// announcement did not bring; pushes local changes; rotates when due.
 fn poll(fleet: &Fleet, cmd: &mut Connection) -> Result<(), StoreError> {
-    let (state_v, tickets_g): (Option<String>, Option<String>) = redis::cmd("MGET")
-        .arg(fleet.keyspace.state_version())
-        .arg(fleet.keyspace.tickets_generation())
-        .query(cmd)?;
-    let hint = |s: Option<String>| s.and_then(|s| s.parse::<u64>().ok());
+    let state_v = read_number(cmd, &fleet.keyspace.state_version())?;
+    let tickets_g = read_number(cmd, &fleet.keyspace.tickets_generation())?;
     {
         let mut sync = fleet.lock_sync();
-        if hint(state_v) != Some(sync.version()) || sync.dirty() {
+        if state_v != Some(sync.version()) || sync.dirty() {
             sync.reconcile(cmd)?;
         }
     }
     if let Some(t) = &fleet.tickets {
         let mut t = fleet.lock_tickets(t);
         let now = unix_now();
-        if hint(tickets_g) != t.generation() {
+        if tickets_g != t.generation() {
             t.load(cmd, now)?;
         }
         t.rotate_if_due(cmd, now)?;
