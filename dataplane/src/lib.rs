@@ -32,6 +32,7 @@ pub mod keyless;
 pub mod link;
 pub mod quic;
 pub mod registry;
+pub mod reset;
 pub mod retry;
 pub mod slab;
 pub mod socket;

@@ -258,7 +258,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "attached to control"
     );
     let control_alive = Arc::new(AtomicBool::new(true));
-    let retry = Arc::new(RetryTokens::new()?);
+    let retry = Arc::new(match &b.quic_keys {
+        Some(keys) => RetryTokens::with_key(keys.retry_token_key),
+        None => RetryTokens::new()?,
+    });
     let tls = Arc::new(TlsShared::new(b.tls.clone())?);
     let inboxes: Arc<[Inbox]> =
         (0..b.workers).map(|_| Inbox::new()).collect::<std::io::Result<Vec<_>>>()?.into();

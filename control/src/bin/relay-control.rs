@@ -130,6 +130,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             max_peers: config.bind.max_peers,
         }),
         tcp: config.tcp_bootstrap(),
+        // Made once per control process: a dataplane that restarts and
+        // re-attaches keeps validating its Retry tokens and resetting its
+        // old connections.
+        quic_keys: Some(random_quic_keys()?),
     };
     let ip_pools = config.connect_ip.pools()?;
     let mut bootstrap = bootstrap;
@@ -263,4 +267,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Fresh random keys for QUIC's stateless functions (a single host).
+fn random_quic_keys() -> Result<relay_proto::channel::bootstrap::QuicKeys, boring::error::ErrorStack> {
+    let mut keys =
+        relay_proto::channel::bootstrap::QuicKeys { retry_token_key: [0; 32], stateless_reset_key: [0; 32] };
+    boring::rand::rand_bytes(&mut keys.retry_token_key)?;
+    boring::rand::rand_bytes(&mut keys.stateless_reset_key)?;
+    Ok(keys)
 }

@@ -410,6 +410,9 @@ counters! {
     /// ICMPv6 Echo Replies sent to clients probing the relay's end of
     /// their tunnel link.
     IpEchoReplies = 71, "ip_echo_replies";
+    /// Stateless Resets sent for short-header packets of unknown
+    /// connections (RFC 9000 section 10.3).
+    StatelessResetsSent = 72, "stateless_resets_sent";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

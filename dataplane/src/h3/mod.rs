@@ -21,6 +21,7 @@ use crate::context::Ctx;
 use crate::handoff::{Handoff, Inbox};
 use crate::keyless;
 use crate::quic;
+use crate::reset::ResetTokens;
 use crate::retry::{RetryTokens, TokenError};
 use crate::slab::{Key as ConnKey, Slab};
 use crate::timers::TimerTarget;
@@ -53,6 +54,8 @@ pub struct H3 {
     conns: Slab<Box<Conn>>,
     by_cid: HashMap<quiche::ConnectionId<'static>, ConnKey>,
     retry: Arc<RetryTokens>,
+    /// Stateless reset tokens of our connection IDs, and the resets sent.
+    resets: ResetTokens,
     /// Connections accepted whose handshake has not completed.
     handshaking: usize,
     inboxes: Arc<[Inbox]>,
@@ -89,6 +92,14 @@ impl H3 {
         let tls_epoch = tls.epoch();
         let material = tls.current();
         let quic_config = quic::transport_config(&ctx.settings.bootstrap, &material, tls.tickets())?;
+        let reset_key = match &ctx.settings.bootstrap.quic_keys {
+            Some(keys) => keys.stateless_reset_key,
+            None => {
+                let mut key = [0u8; 32];
+                fill_random(&mut key);
+                key
+            }
+        };
         Ok(Self {
             local,
             quic_config,
@@ -99,6 +110,7 @@ impl H3 {
             conns: Slab::new(),
             by_cid: HashMap::new(),
             retry,
+            resets: ResetTokens::with_key(reset_key),
             handshaking: 0,
             inboxes,
             bells_due: Vec::new(),
@@ -166,7 +178,11 @@ impl H3 {
                             return self.hand_off(w, pkt, from, ctx);
                         }
                     }
-                    return ctx.count(Counter::DropNoConnection, 1);
+                    ctx.count(Counter::DropNoConnection, 1);
+                    if hdr.ty == quiche::Type::Short {
+                        self.send_stateless_reset(&hdr.dcid, pkt.len(), from, ctx);
+                    }
+                    return;
                 }
                 match self.accept(&hdr, from, ctx) {
                     Some(k) => k,
@@ -234,6 +250,9 @@ impl H3 {
             Some(original) => original.clone(),
             None => hdr.dcid.clone().into_owned(),
         };
+        // RFC 9000 section 18.2: the token of the connection ID chosen in
+        // the handshake travels in the transport parameters.
+        self.quic_config.set_stateless_reset_token(Some(self.resets.token(&scid)));
         let accepted = quiche::accept(&scid, retried_odcid.as_ref(), self.local, from, &mut self.quic_config);
         let quic = match accepted {
             Ok(c) => c,
@@ -252,6 +271,21 @@ impl H3 {
         ctx.count(Counter::ConnectionsAccepted, 1);
         ctx.count(Counter::ConnectionsActive, 1);
         Some(key)
+    }
+
+    /// Answers a short-header packet for a connection nobody here knows
+    /// with a Stateless Reset (RFC 9000 section 10.3), whose token is the
+    /// one the client was given for `dcid` by whichever worker or fleet
+    /// host issued it.
+    fn send_stateless_reset(&mut self, dcid: &[u8], received: usize, from: SocketAddr, ctx: &mut Ctx) {
+        let space = ctx.out.quic_space();
+        let Some(head) = space.get_mut(..64) else { return };
+        fill_random(head);
+        if let Some(n) = self.resets.build(dcid, received, ctx.now, head) {
+            ctx.out.quic_commit(n, from, relay_udp::gso_enabled());
+            ctx.out.finish_quic();
+            ctx.count(Counter::StatelessResetsSent, 1);
+        }
     }
 
     /// Answers a token-less Initial with a Retry carrying a token and a

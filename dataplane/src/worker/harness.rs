@@ -118,6 +118,7 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
         connect_ip: None,
         bind: None,
         tcp: None,
+        quic_keys: None,
     }
 }
 

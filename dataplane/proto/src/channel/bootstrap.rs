@@ -106,6 +106,33 @@ pub struct Bootstrap {
     /// its listeners is on.
     #[serde(default)]
     pub tcp: Option<TcpBootstrap>,
+    /// Keys for stateless QUIC functions every worker (and, in a fleet,
+    /// every host) must agree on; None: each dataplane makes its own at
+    /// start.
+    #[serde(default)]
+    pub quic_keys: Option<QuicKeys>,
+}
+
+/// Keys for QUIC's stateless functions: a Retry token minted by one worker
+/// or host validates on any other (RFC 9000 section 8.1.2), and a stateless
+/// reset sent by any of them carries the token the client was given for
+/// the connection ID (section 10.3.2). Control derives them from the fleet
+/// secret, or makes them at start for a single host (so a restarted
+/// dataplane still resets its old connections).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicKeys {
+    /// HMAC-SHA256 key of Retry tokens.
+    pub retry_token_key: [u8; 32],
+    /// HMAC-SHA256 key the stateless reset token of each connection ID is
+    /// derived with.
+    pub stateless_reset_key: [u8; 32],
+}
+
+impl std::fmt::Debug for QuicKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QuicKeys(..)")
+    }
 }
 
 /// An extended CONNECT protocol the relay can serve (RFC 8441, RFC 9220),
@@ -469,6 +496,7 @@ mod tests {
             connect_ip: None,
             bind: None,
             tcp,
+            quic_keys: Some(QuicKeys { retry_token_key: [1; 32], stateless_reset_key: [2; 32] }),
         }
     }
 
