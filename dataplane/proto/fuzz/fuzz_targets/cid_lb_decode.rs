@@ -20,12 +20,15 @@ fuzz_target!(|data: &[u8]| {
     } else {
         (None, rest)
     };
-    let Ok(config) = LbConfig::new(config_id % 8, usize::from(sid_len % 17), usize::from(nonce_len % 20), key) else {
+    let Ok(config) =
+        LbConfig::new(config_id % 8, usize::from(sid_len % 17), usize::from(nonce_len % 20), key)
+    else {
         return;
     };
     let mut lb = LbDecoder::new(config);
     // A second, fixed configuration on another codepoint.
-    let other = LbConfig::new((config.config_id() + 1) % 7, 8, 8, Some(CidKey::new([0x42; KEY_LEN]))).expect("valid");
+    let other =
+        LbConfig::new((config.config_id() + 1) % 7, 8, 8, Some(CidKey::new([0x42; KEY_LEN]))).expect("valid");
     lb.insert(other);
     let strict = lb.clone().check_self_described_length(true);
     for d in [&lb, &strict] {

@@ -180,9 +180,13 @@ impl CidLayout {
     /// CIDs negligible (birthday bound near 2^56 CIDs) and leave CIDs
     /// unguessable to off-path attackers; 16 bytes compare and hash as two
     /// 64-bit words; and the 4 bytes left under QUIC's 20 let a fleet add a
-    /// host ID of up to 3 bytes later without shortening the random part.
+    /// host ID of up to 4 bytes later without shortening the random part.
     pub const fn single_host() -> Self {
-        Self { codec: CidCodec::plaintext(LbConfig::SINGLE_HOST), host_id: [0; MAX_HOST_ID_LEN], host_id_len: 0 }
+        Self {
+            codec: CidCodec::plaintext(LbConfig::SINGLE_HOST),
+            host_id: [0; MAX_HOST_ID_LEN],
+            host_id_len: 0,
+        }
     }
 
     /// The QUIC-LB configuration a load balancer in front of this host
@@ -393,7 +397,8 @@ mod tests {
                 // A load balancer finds the host (or, for a single host,
                 // the worker byte) as the server ID.
                 let sid = lb.server_id(&cid).unwrap();
-                let want_sid = if layout.host_id().is_empty() { vec![worker] } else { layout.host_id().to_vec() };
+                let want_sid =
+                    if layout.host_id().is_empty() { vec![worker] } else { layout.host_id().to_vec() };
                 assert_eq!(sid.as_bytes(), &want_sid[..], "{layout:?}");
             }
         }
@@ -755,7 +760,10 @@ mod tests {
     #[test]
     fn lb_config_validation_for_this_relay() {
         let c = LbConfig::new(0, 3, 6, Some(KEY)).unwrap();
-        assert_eq!(CidLayout::from_lb_config(&c, &[1, 2]), Err(CidLayoutError::HostIdLen { expected: 3, got: 2 }));
+        assert_eq!(
+            CidLayout::from_lb_config(&c, &[1, 2]),
+            Err(CidLayoutError::HostIdLen { expected: 3, got: 2 })
+        );
         // The draft allows a 4-octet nonce; the relay needs the worker byte
         // and 4 random octets.
         let c = LbConfig::new(0, 3, 4, Some(KEY)).unwrap();

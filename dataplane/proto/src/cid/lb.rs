@@ -169,7 +169,9 @@ impl LbDecoder {
         //# On each incoming packet, the load balancer extracts consecutive octets,
         //# beginning with the second octet. If there is no key, the first octets
         //# correspond to the server ID.
-        let plain = codec.open(dcid, config.server_id_len()).ok_or(Unroutable::TooShort { needed, got: dcid.len() })?;
+        let plain = codec
+            .open(dcid, config.server_id_len())
+            .ok_or(Unroutable::TooShort { needed, got: dcid.len() })?;
         Ok(plain.server_id())
     }
 }

@@ -22,7 +22,7 @@
 //!   },
 //!   Plaintext Block {                      // encrypted when keyed (§5.4)
 //!     Server ID (8..120),                  // §5.3: this host's ID, 1..=15 octets
-//!     Nonce (32..) {                       // §5.3: >= 4 octets; we use >= 5
+//!     Nonce (40..) {                       // §5.3: >= 4 octets; we use >= 5
 //!       Worker (8),                        // the owning worker thread
 //!       Random (32..),                     // fresh randomness per CID
 //!     },
@@ -109,11 +109,11 @@ pub const MIN_NONCE_LEN: usize = 4;
 //# lengths MUST sum to 19 octets or less.
 pub const MAX_SERVER_ID_LEN: usize = MAX_CID_LEN - 1 - MIN_NONCE_LEN;
 
-/// Fewest random octets the relay puts after the worker byte, so its
-/// nonces are at least [`MIN_NONCE_LEN`] + 1 octets: one worker's CIDs
-/// differ only in these, and a nonce must not repeat (section 9.6: the
-/// server "MUST NOT reuse a nonce until it switches to a configuration with
-/// new keys").
+/// Fewest random octets the relay puts after the worker byte (so with a
+/// host ID its nonces are at least [`MIN_NONCE_LEN`] + 1 octets): one
+/// worker's CIDs differ only in these, and a nonce must not repeat
+/// (section 9.6: the server "MUST NOT reuse a nonce until it switches to a
+/// configuration with new keys").
 pub const MIN_RANDOM_LEN: usize = MIN_NONCE_LEN;
 
 /// Longest host ID in the relay's layouts: the worker byte and
