@@ -271,7 +271,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let i = i as u32;
         let link =
             ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
-        let settings = Settings::new(i, b.clone(), template.clone(), ip_template.clone(), cids);
+        let settings = Settings::new(i, b.clone(), template.clone(), ip_template.clone(), cids.clone());
         let (relink_tx, relink_rx) = mpsc::channel();
         relinks.push(relink_tx);
         // Bind in this thread, in worker order, so a bad address fails
