@@ -22,6 +22,7 @@
 //! [`tls`] are TLS with the key in control.
 
 pub mod attach;
+pub mod cids;
 pub mod context;
 pub mod cpu;
 pub mod front;

@@ -120,6 +120,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         cid_server_id: relay_control::config::parse_hex(&d.connection_ids.server_id).unwrap_or_default(),
         cid_nonce_len: d.connection_ids.nonce_len,
         cid_steering: d.connection_ids.steering,
+        cid_key: None,
         protocols: config.protocols.served(),
         retry_threshold: d.retry_threshold,
         connect_ip: None,
