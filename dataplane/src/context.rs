@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use relay_channel::region::Counter;
 use relay_proto::channel::bootstrap::{Bootstrap, Protocol};
-use relay_proto::cid::CidLayout;
+use relay_proto::cid::CidConfigs;
 use relay_proto::template::{IpUriTemplate, UriTemplate};
 
 pub use crate::registry::{Carrier, TunnelId, WatchOwner};
@@ -59,7 +59,7 @@ pub struct Settings {
     /// How long an ask (or a handshake signature) may take.
     pub ask_timeout: Duration,
     /// The connection ID layout (QUIC-LB) shared by every worker.
-    pub cids: CidLayout,
+    pub cids: CidConfigs,
 }
 
 impl Settings {
@@ -70,7 +70,7 @@ impl Settings {
         bootstrap: Bootstrap,
         template: UriTemplate,
         ip_template: Option<IpUriTemplate>,
-        cids: CidLayout,
+        cids: CidConfigs,
     ) -> Self {
         let names = Names { proxy: bootstrap.proxy_name.clone(), realm: bootstrap.auth_realm.clone() };
         let served = Served {

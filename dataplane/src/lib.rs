@@ -22,6 +22,7 @@
 //! [`tls`] are TLS with the key in control.
 
 pub mod attach;
+pub mod cids;
 pub mod context;
 pub mod cpu;
 pub mod front;
@@ -32,6 +33,7 @@ pub mod keyless;
 pub mod link;
 pub mod quic;
 pub mod registry;
+pub mod reset;
 pub mod retry;
 pub mod slab;
 pub mod socket;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use relay_channel::attach::{self as handshake, HandshakeError};
 use relay_dataplane::attach::attach;
+use relay_dataplane::cids::CidShared;
 use relay_dataplane::context::Settings;
 use relay_dataplane::handoff::Inbox;
 use relay_dataplane::io::BackendKind;
@@ -21,7 +22,7 @@ use relay_dataplane::tun::TunDevice;
 use relay_dataplane::worker::{Flags, Worker};
 use relay_dataplane::{cpu, socket};
 use relay_proto::channel::bootstrap::{Bootstrap, ControlUpdate, IoBackend};
-use relay_proto::cid::CidLayout;
+use relay_proto::cid::CidConfigs;
 use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
 
@@ -87,6 +88,7 @@ struct ControlWatch {
     relinks: Vec<mpsc::Sender<ControlLink>>,
     workers: u32,
     tls: Arc<TlsShared>,
+    cids: Arc<CidShared>,
 }
 
 impl ControlWatch {
@@ -103,6 +105,17 @@ impl ControlWatch {
                             info!(generation, "control rotated the session ticket keys")
                         }
                         Err(e) => error!("TLS update refused, still serving the previous material: {e}"),
+                    }
+                    for inbox in self.inboxes.iter() {
+                        let _ = inbox.bell.ring();
+                    }
+                }
+                Ok((ControlUpdate::Cids(settings), _)) => {
+                    match self.cids.rotate(&settings) {
+                        Ok(()) => info!(?settings, "control rotated the connection ID configuration"),
+                        Err(e) => {
+                            error!("connection ID rotation refused, keeping the configuration in force: {e}")
+                        }
                     }
                     for inbox in self.inboxes.iter() {
                         let _ = inbox.bell.ring();
@@ -245,7 +258,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(ip) => Some(relay_proto::template::IpUriTemplate::parse(&ip.uri_template)?),
         None => None,
     };
-    let cids = CidLayout::new(b.cid_config_id, &b.cid_server_id, b.cid_nonce_len)?;
+    let cids = CidConfigs::new(b.cid_settings().layout()?);
+    let cid_shared = Arc::new(CidShared::new(cids.clone()));
     let kind = choose_backend(&b)?;
     let cpus = cpu::allowed_cpus();
     info!(
@@ -258,7 +272,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "attached to control"
     );
     let control_alive = Arc::new(AtomicBool::new(true));
-    let retry = Arc::new(RetryTokens::new()?);
+    let retry = Arc::new(match &b.quic_keys {
+        Some(keys) => RetryTokens::with_key(keys.retry_token_key),
+        None => RetryTokens::new()?,
+    });
     let tls = Arc::new(TlsShared::new(b.tls.clone())?);
     let inboxes: Arc<[Inbox]> =
         (0..b.workers).map(|_| Inbox::new()).collect::<std::io::Result<Vec<_>>>()?.into();
@@ -268,7 +285,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let i = i as u32;
         let link =
             ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
-        let settings = Settings::new(i, b.clone(), template.clone(), ip_template.clone(), cids);
+        let settings = Settings::new(i, b.clone(), template.clone(), ip_template.clone(), cids.clone());
         let (relink_tx, relink_rx) = mpsc::channel();
         relinks.push(relink_tx);
         // Bind in this thread, in worker order, so a bad address fails
@@ -281,7 +298,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             warn!("the kernel lacks UDP_SEGMENT (GSO): sending one datagram per system call");
         }
         if i == 0 && b.cid_steering && b.workers > 1 {
-            steer(&sock, &cids, b.workers);
+            match cids.steerable() {
+                Some(offset) => steer(&sock, offset, b.workers),
+                None => info!(
+                    "encrypted connection IDs: no in-kernel steering; migrated connections reach their worker by hand-off"
+                ),
+            }
         }
         let flags = Flags { stop: &STOP, drain: &DRAIN };
         let mut worker = Worker::new(
@@ -294,6 +316,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             inboxes.clone(),
             retry.clone(),
         )?;
+        worker.set_cid_updates(cid_shared.clone());
         let mut tun_device = None;
         if let Some(ip) = &b.connect_ip {
             let name = format!("{}{i}", ip.interface_prefix);
@@ -356,6 +379,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         relinks,
         workers: b.workers,
         tls,
+        cids: cid_shared,
     };
     std::thread::Builder::new().name("control-watch".into()).spawn(move || watch.run())?;
     info!(gso = relay_udp::gso_enabled(), "UDP segmentation offload");
@@ -370,9 +394,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 /// Attaches the reuseport program that sends short-header packets to the
 /// worker named in their connection ID. Without it (old kernel, no
 /// permission) packets still reach their worker through hand-offs.
-fn steer(sock: &std::net::UdpSocket, cids: &CidLayout, workers: u32) {
+fn steer(sock: &std::net::UdpSocket, worker_offset: usize, workers: u32) {
     let workers = workers.min(255) as u8;
-    let program = relay_udp::steer::reuseport_cbpf_program(cids.worker_offset(), workers);
+    let program = relay_udp::steer::reuseport_cbpf_program(worker_offset, workers);
     match relay_udp::steer::attach_reuseport_cbpf(sock, &program) {
         Ok(()) => info!("reuseport steering by connection ID attached"),
         Err(e) => warn!("reuseport steering unavailable ({e}); packets reach their worker by hand-off"),

@@ -6,8 +6,9 @@
 //! connection only when the client comes back with it, which proves it
 //! receives at its address. Tokens are stateless: the client's address, the
 //! original destination connection ID and the issue time, authenticated with
-//! HMAC-SHA256 under a key made at start and shared by the workers (any
-//! worker can check any token). They expire after [`TOKEN_LIFETIME`].
+//! HMAC-SHA256 under a key shared by the workers (any worker can check
+//! any token): control's (the bootstrap's `quic_keys`, the same on every
+//! host of a fleet), or one made at start. They expire after [`TOKEN_LIFETIME`].
 #![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -62,6 +63,12 @@ impl RetryTokens {
         let mut key = [0u8; 32];
         boring::rand::rand_bytes(&mut key)?;
         Ok(Self { key })
+    }
+
+    /// Tokens under `key`: control's, the same on every host of a fleet, so
+    /// a token one host minted validates on another.
+    pub fn with_key(key: [u8; 32]) -> Self {
+        Self { key }
     }
 
     fn mac(&self, issued: u64, client: SocketAddr, odcid: &[u8]) -> [u8; MAC_LEN] {
@@ -129,6 +136,16 @@ impl RetryTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_minted_by_one_host_validates_on_another_with_the_fleet_key() {
+        let (a, b) = (RetryTokens::with_key([7; 32]), RetryTokens::with_key([7; 32]));
+        let client: SocketAddr = "192.0.2.7:4433".parse().unwrap();
+        let token = a.mint_at(1000, client, &[1; 8]);
+        assert_eq!(b.validate_at(1001, &token, client), Ok(vec![1; 8]));
+        let other = RetryTokens::with_key([8; 32]);
+        assert_eq!(other.validate_at(1001, &token, client), Err(TokenError::BadMac));
+    }
 
     #[test]
     fn a_token_validates_for_its_address_only_and_expires() {

@@ -123,6 +123,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         cid_server_id: relay_control::config::parse_hex(&d.connection_ids.server_id).unwrap_or_default(),
         cid_nonce_len: d.connection_ids.nonce_len,
         cid_steering: d.connection_ids.steering,
+        cid_key: None,
         protocols: config.protocols.served(),
         retry_threshold: d.retry_threshold,
         connect_ip: None,
@@ -133,6 +134,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             max_peers: config.bind.max_peers,
         }),
         tcp: config.tcp_bootstrap(),
+        // Made once per control process: a dataplane that restarts and
+        // re-attaches keeps validating its Retry tokens and resetting its
+        // old connections.
+        quic_keys: Some(random_quic_keys()?),
     };
     let ip_pools = config.connect_ip.pools()?;
     let mut bootstrap = bootstrap;
@@ -296,4 +301,13 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Fresh random keys for QUIC's stateless functions (a single host).
+fn random_quic_keys() -> Result<relay_proto::channel::bootstrap::QuicKeys, boring::error::ErrorStack> {
+    let mut keys =
+        relay_proto::channel::bootstrap::QuicKeys { retry_token_key: [0; 32], stateless_reset_key: [0; 32] };
+    boring::rand::rand_bytes(&mut keys.retry_token_key)?;
+    boring::rand::rand_bytes(&mut keys.stateless_reset_key)?;
+    Ok(keys)
 }

@@ -410,6 +410,12 @@ counters! {
     /// ICMPv6 Echo Replies sent to clients probing the relay's end of
     /// their tunnel link.
     IpEchoReplies = 71, "ip_echo_replies";
+    /// Stateless Resets sent for short-header packets of unknown
+    /// connections (RFC 9000 section 10.3).
+    StatelessResetsSent = 72, "stateless_resets_sent";
+    /// Connection IDs issued to clients with NEW_CONNECTION_ID (spares, and
+    /// replacements when the QUIC-LB configuration rotates).
+    ConnectionIdsIssued = 73, "connection_ids_issued";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

@@ -19,6 +19,10 @@
 //! - [`h2c`]: cleartext HTTP/2 for the TCP front: preface sniffing,
 //!   HTTP2-Settings, and the h2c Upgrade's frame shims.
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
+//! - [`cid`]: server connection IDs in the QUIC-LB format
+//!   (draft-ietf-quic-load-balancers-21), plaintext or encrypted, naming
+//!   the host and the owning worker; config rotation, the unroutable
+//!   fallback and a load balancer's decoder.
 //! - [`channel`]: what dataplane and control say over their shared-memory
 //!   channel: the record codecs and the attach handshake's messages (the
 //!   memory, rings and sockets themselves are `relay-channel`'s).

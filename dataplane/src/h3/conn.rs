@@ -64,6 +64,8 @@ pub struct Conn {
     h3: Option<quiche::h3::Connection>,
     /// Its connection IDs (ours and the client's original).
     pub cids: Vec<quiche::ConnectionId<'static>>,
+    /// Moving off the IDs of an older connection ID configuration.
+    pub rotating: bool,
     /// Request streams carrying tunnels.
     streams: HashMap<u64, TunnelId>,
     settings_known: bool,
@@ -107,6 +109,7 @@ impl Conn {
             goaway_sent: false,
             h3: None,
             cids,
+            rotating: false,
             streams: HashMap::new(),
             settings_known: false,
             established: false,

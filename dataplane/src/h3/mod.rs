@@ -14,13 +14,15 @@ use std::time::Instant;
 
 use relay_channel::region::Counter;
 use relay_proto::channel::record::{ConnInfo, SignResult};
-use relay_proto::cid::Decoded;
+use relay_proto::cid::{CidConfigs, Decoded};
 use tracing::{debug, error, info, warn};
 
+use crate::cids::CidShared;
 use crate::context::Ctx;
 use crate::handoff::{Handoff, Inbox};
 use crate::keyless;
 use crate::quic;
+use crate::reset::ResetTokens;
 use crate::retry::{RetryTokens, TokenError};
 use crate::slab::{Key as ConnKey, Slab};
 use crate::timers::TimerTarget;
@@ -40,6 +42,18 @@ fn fill_random(out: &mut [u8]) {
     debug_assert!(filled.is_ok());
 }
 
+/// Connection IDs of ours a client holds at most (the handshake's and the
+/// spares issued with NEW_CONNECTION_ID).
+const MAX_ISSUED_CIDS: usize = 4;
+
+/// The DCID length of a short-header packet: the length of the live layout
+/// its first octet names, or the current layout's (a foreign CID then
+/// parses at our length, which is what a stateless reset answers).
+fn short_dcid_len(cids: &CidConfigs, pkt: &[u8]) -> usize {
+    let named = pkt.get(1).and_then(|&first| cids.cid_len_for(first));
+    named.or_else(|| cids.current().map(|l| l.cid_len())).unwrap_or(relay_proto::cid::MAX_CID_LEN)
+}
+
 /// A worker's HTTP/3 side.
 pub struct H3 {
     local: SocketAddr,
@@ -53,6 +67,12 @@ pub struct H3 {
     conns: Slab<Box<Conn>>,
     by_cid: HashMap<quiche::ConnectionId<'static>, ConnKey>,
     retry: Arc<RetryTokens>,
+    /// Stateless reset tokens of our connection IDs, and the resets sent.
+    resets: ResetTokens,
+    /// Where rotated connection ID configurations come from, and the
+    /// epoch adopted.
+    cid_updates: Option<Arc<CidShared>>,
+    cid_epoch: u64,
     /// Connections accepted whose handshake has not completed.
     handshaking: usize,
     inboxes: Arc<[Inbox]>,
@@ -89,6 +109,14 @@ impl H3 {
         let tls_epoch = tls.epoch();
         let material = tls.current();
         let quic_config = quic::transport_config(&ctx.settings.bootstrap, &material, tls.tickets())?;
+        let reset_key = match &ctx.settings.bootstrap.quic_keys {
+            Some(keys) => keys.stateless_reset_key,
+            None => {
+                let mut key = [0u8; 32];
+                fill_random(&mut key);
+                key
+            }
+        };
         Ok(Self {
             local,
             quic_config,
@@ -99,6 +127,9 @@ impl H3 {
             conns: Slab::new(),
             by_cid: HashMap::new(),
             retry,
+            resets: ResetTokens::with_key(reset_key),
+            cid_updates: None,
+            cid_epoch: 0,
             handshaking: 0,
             inboxes,
             bells_due: Vec::new(),
@@ -112,6 +143,16 @@ impl H3 {
     /// The TLS generation new connections are accepted with.
     pub fn tls_generation(&self) -> u32 {
         self.tls_generation
+    }
+
+    /// The connection IDs each open connection can be reached at (ours,
+    /// not retired), for tests.
+    #[cfg(test)]
+    pub fn source_ids(&self) -> Vec<Vec<u8>> {
+        self.conns
+            .iter()
+            .flat_map(|(_, c)| c.quic.source_ids().map(|id| id.to_vec()).collect::<Vec<_>>())
+            .collect()
     }
 
     /// Connections open.
@@ -150,7 +191,7 @@ impl H3 {
 
     /// QUIC packets from `from` (a GRO batch is split by the caller).
     pub fn on_packet(&mut self, pkt: &mut [u8], from: SocketAddr, tunnels: &mut Tunnels, ctx: &mut Ctx) {
-        let hdr = match quiche::Header::from_slice(pkt, ctx.settings.cids.cid_len()) {
+        let hdr = match quiche::Header::from_slice(pkt, short_dcid_len(&ctx.settings.cids, pkt)) {
             Ok(h) => h,
             Err(_) => return ctx.count(Counter::DropNoConnection, 1),
         };
@@ -166,7 +207,11 @@ impl H3 {
                             return self.hand_off(w, pkt, from, ctx);
                         }
                     }
-                    return ctx.count(Counter::DropNoConnection, 1);
+                    ctx.count(Counter::DropNoConnection, 1);
+                    if hdr.ty == quiche::Type::Short {
+                        self.send_stateless_reset(&hdr.dcid, pkt.len(), from, ctx);
+                    }
+                    return;
                 }
                 match self.accept(&hdr, from, ctx) {
                     Some(k) => k,
@@ -190,7 +235,72 @@ impl H3 {
             Err(e) => debug!("QUIC recv: {e}"),
         }
         self.ask_signatures(key, &mut conn, ctx);
+        self.manage_cids(key, &mut conn, ctx, false);
         self.put(key, conn);
+    }
+
+    /// Keeps connection `key`'s connection IDs: once established, the
+    /// client gets spare connection IDs of this worker (NEW_CONNECTION_ID,
+    /// RFC 9000 section 5.1.1: "An endpoint SHOULD ensure that its peer has
+    /// a sufficient number of available and unused connection IDs"), each
+    /// with its stateless reset token, up to the limit both sides allow and
+    /// at most [`MAX_ISSUED_CIDS`]; IDs the client retired are forgotten.
+    ///
+    /// `rotate` (a new configuration was adopted) starts moving the
+    /// connection off the older configuration's IDs: one replacement at a
+    /// time is issued with Retire Prior To covering the oldest, and the
+    /// next when the client has retired it, until none is left.
+    fn manage_cids(&mut self, key: ConnKey, conn: &mut Conn, ctx: &Ctx, rotate: bool) {
+        let mut retired_now = false;
+        while let Some(retired) = conn.quic.retired_scid_next() {
+            self.by_cid.remove(&retired);
+            conn.cids.retain(|c| *c != retired);
+            retired_now = true;
+        }
+        conn.rotating |= rotate;
+        if !conn.established || conn.quic.is_closed() {
+            return;
+        }
+        if conn.rotating {
+            let current = ctx.settings.cids.current().map(|l| l.first_octet());
+            let stale =
+                conn.quic.source_ids().filter(|c| current.is_some_and(|f| c.first() != Some(&f))).count();
+            if stale == 0 {
+                conn.rotating = false;
+            } else if rotate || retired_now {
+                self.issue_cid(key, conn, ctx, true);
+            }
+        }
+        while conn.quic.scids_left() > 0
+            && conn.quic.active_scids() < MAX_ISSUED_CIDS
+            && self.issue_cid(key, conn, ctx, false)
+        {}
+    }
+
+    /// Issues one connection ID of this worker under the configuration in
+    /// force to connection `key`; `retire_oldest` retires the oldest one
+    /// the client holds. Returns whether one was issued.
+    fn issue_cid(&mut self, key: ConnKey, conn: &mut Conn, ctx: &Ctx, retire_oldest: bool) -> bool {
+        if conn.cids.len() > 2 * MAX_ISSUED_CIDS {
+            return false;
+        }
+        let cid = ctx.settings.cids.generate_with(ctx.settings.index as u8, fill_random);
+        let cid = quiche::ConnectionId::from_vec(cid.as_bytes().to_vec());
+        if self.by_cid.contains_key(&cid) {
+            return false;
+        }
+        match conn.quic.new_scid(&cid, self.resets.token(&cid), retire_oldest) {
+            Ok(_) => {
+                self.by_cid.insert(cid.clone(), key);
+                conn.cids.push(cid);
+                ctx.count(Counter::ConnectionIdsIssued, 1);
+                true
+            }
+            Err(e) => {
+                debug!("no new connection ID: {e}");
+                false
+            }
+        }
     }
 
     fn accept(&mut self, hdr: &quiche::Header<'_>, from: SocketAddr, ctx: &mut Ctx) -> Option<ConnKey> {
@@ -234,6 +344,9 @@ impl H3 {
             Some(original) => original.clone(),
             None => hdr.dcid.clone().into_owned(),
         };
+        // RFC 9000 section 18.2: the token of the connection ID chosen in
+        // the handshake travels in the transport parameters.
+        self.quic_config.set_stateless_reset_token(Some(self.resets.token(&scid)));
         let accepted = quiche::accept(&scid, retried_odcid.as_ref(), self.local, from, &mut self.quic_config);
         let quic = match accepted {
             Ok(c) => c,
@@ -252,6 +365,21 @@ impl H3 {
         ctx.count(Counter::ConnectionsAccepted, 1);
         ctx.count(Counter::ConnectionsActive, 1);
         Some(key)
+    }
+
+    /// Answers a short-header packet for a connection nobody here knows
+    /// with a Stateless Reset (RFC 9000 section 10.3), whose token is the
+    /// one the client was given for `dcid` by whichever worker or fleet
+    /// host issued it.
+    fn send_stateless_reset(&mut self, dcid: &[u8], received: usize, from: SocketAddr, ctx: &mut Ctx) {
+        let space = ctx.out.quic_space();
+        let Some(head) = space.get_mut(..64) else { return };
+        fill_random(head);
+        if let Some(n) = self.resets.build(dcid, received, ctx.now, head) {
+            ctx.out.quic_commit(n, from, relay_udp::gso_enabled());
+            ctx.out.finish_quic();
+            ctx.count(Counter::StatelessResetsSent, 1);
+        }
     }
 
     /// Answers a token-less Initial with a Retry carrying a token and a
@@ -479,6 +607,35 @@ impl H3 {
     pub fn list(&self, request_id: u64, limit: usize, now: Instant) -> (Vec<ConnInfo>, usize) {
         let listed = self.conns.iter().take(limit).map(|(_, c)| c.info(request_id, now)).collect();
         (listed, self.conns.len())
+    }
+
+    /// Follows the connection ID configurations of `shared` (rotations
+    /// control sends).
+    pub fn set_cid_updates(&mut self, shared: Arc<CidShared>) {
+        self.cid_epoch = shared.epoch();
+        self.cid_updates = Some(shared);
+    }
+
+    /// Adopts a rotated connection ID configuration: new connection IDs
+    /// use it, and every connection's IDs of the older one are replaced
+    /// (NEW_CONNECTION_ID with Retire Prior To; draft-ietf-quic-load-
+    /// balancers-21 section 3.1: the old configuration keeps routing until
+    /// they are gone).
+    pub fn adopt_cids(&mut self, ctx: &mut Ctx) {
+        let Some(shared) = self.cid_updates.as_ref() else { return };
+        let epoch = shared.epoch();
+        if epoch == self.cid_epoch {
+            return;
+        }
+        self.cid_epoch = epoch;
+        ctx.settings.cids = shared.current();
+        info!(worker = ctx.settings.index, config = ?ctx.settings.cids.current().map(|l| l.config_id()), "new connection ID configuration");
+        for key in self.conns.keys() {
+            if let Some(mut conn) = self.conns.take(key) {
+                self.manage_cids(key, &mut conn, ctx, true);
+                self.put(key, conn);
+            }
+        }
     }
 
     /// Builds the QUIC configuration for new connections from the TLS

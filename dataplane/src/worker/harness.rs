@@ -36,7 +36,7 @@ use relay_channel::doorbell::Doorbell;
 use relay_channel::region::{ControlChannel, Region};
 use relay_proto::channel::bootstrap::{Bootstrap, IoBackend, PROTOCOL_VERSION, Protocol, TlsMaterial};
 use relay_proto::channel::record::{AnswerRecord, AskRecord, AuthAnswer, AuthAsk, FlowClosed, Verdict};
-use relay_proto::cid::CidLayout;
+use relay_proto::cid::CidConfigs;
 use relay_proto::template::UriTemplate;
 
 use super::{Flags, Worker};
@@ -113,11 +113,13 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
         cid_server_id: Vec::new(),
         cid_nonce_len: 14,
         cid_steering: false,
+        cid_key: None,
         protocols: vec![Protocol::ConnectUdp],
         retry_threshold: 1024,
         connect_ip: None,
         bind: None,
         tcp: None,
+        quic_keys: None,
     }
 }
 
@@ -477,8 +479,7 @@ impl Harness {
             received: Vec::new(),
         };
         let template = UriTemplate::parse(&bootstrap.uri_template).expect("template");
-        let cids = CidLayout::new(bootstrap.cid_config_id, &bootstrap.cid_server_id, bootstrap.cid_nonce_len)
-            .expect("cid layout");
+        let cids = CidConfigs::new(bootstrap.cid_settings().layout().expect("cid layout"));
         let tls = Arc::new(TlsShared::new(bootstrap.tls.clone()).expect("TLS material"));
         let inboxes: Arc<[Inbox]> =
             (0..bootstrap.workers).map(|_| Inbox::new().expect("inbox")).collect::<Vec<_>>().into();

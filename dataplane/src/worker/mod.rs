@@ -121,6 +121,11 @@ impl Worker {
         self.tunnels.set_ip(IpSide::new(tun));
     }
 
+    /// Follows connection ID rotations published in `shared`.
+    pub fn set_cid_updates(&mut self, shared: Arc<crate::cids::CidShared>) {
+        self.h3.set_cid_updates(shared);
+    }
+
     /// Serves the TCP front too: its listeners are watched from the first
     /// turn.
     pub fn set_front(&mut self, mut front: Front) {
@@ -358,6 +363,7 @@ impl Handler for Worker {
             return Turn::Stop;
         }
         self.h3.adopt_tls(&self.ctx);
+        self.h3.adopt_cids(&mut self.ctx);
         if self.h3.handoffs_due {
             self.h3.take_handoffs(&mut self.tunnels, &mut self.ctx);
         }
@@ -421,6 +427,8 @@ impl Handler for Worker {
     }
 }
 
+#[cfg(test)]
+mod cid_tests;
 #[cfg(test)]
 pub mod harness;
 #[cfg(test)]

@@ -271,3 +271,32 @@ fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
     assert_eq!(h.client.reset_codes[&stream], 0x107, "H3_EXCESSIVE_LOAD");
     assert_eq!(h.control.closed_flows()[0].flow_id, 11);
 }
+
+#[test]
+fn a_host_that_does_not_know_a_connection_resets_it_with_the_token_its_issuer_gave() {
+    let keys =
+        relay_proto::channel::bootstrap::QuicKeys { retry_token_key: [5; 32], stateless_reset_key: [6; 32] };
+    let mut b = bootstrap(1);
+    b.quic_keys = Some(keys);
+    let mut first = Harness::new(b.clone());
+    first.connect();
+    // The client's packets now reach another worker or host with the same
+    // keys, which never saw the connection (a restart, a balancer change).
+    let mut second = Harness::new(b);
+    std::mem::swap(&mut first.client, &mut second.client);
+    second.client.quic.send_ack_eliciting().unwrap();
+    second.run();
+    assert_eq!(counter(&second, Counter::StatelessResetsSent), 1);
+    assert!(second.client.quic.is_closed(), "RFC 9000 section 10.3: the client recognised the reset");
+
+    // Without the issuer's key the reset carries another token: the client
+    // ignores it (and keeps waiting for its idle timeout).
+    let mut first = Harness::new(bootstrap(1));
+    first.connect();
+    let mut stranger = Harness::new(bootstrap(1));
+    std::mem::swap(&mut first.client, &mut stranger.client);
+    stranger.client.quic.send_ack_eliciting().unwrap();
+    stranger.run();
+    assert!(counter(&stranger, Counter::StatelessResetsSent) >= 1);
+    assert!(!stranger.client.quic.is_closed());
+}

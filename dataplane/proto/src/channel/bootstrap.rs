@@ -84,9 +84,16 @@ pub struct Bootstrap {
     /// Nonce bytes in connection IDs.
     #[serde(default = "fourteen")]
     pub cid_nonce_len: usize,
-    /// Attach the reuseport program that steers packets by connection ID.
+    /// Attach the reuseport program that steers packets by connection ID
+    /// (plaintext layouts only: an encrypted worker byte cannot be read in
+    /// the kernel).
     #[serde(default)]
     pub cid_steering: bool,
+    /// The QUIC-LB key the connection IDs are encrypted with (shared with
+    /// the load balancers; needs a non-empty `cid_server_id`); None:
+    /// plaintext.
+    #[serde(default)]
+    pub cid_key: Option<[u8; 16]>,
     /// Extended CONNECT protocols the relay serves (`:protocol` values);
     /// others get 501. Classic CONNECT (TCP) has no `:protocol` and is not
     /// listed: control answers a disabled one.
@@ -106,6 +113,33 @@ pub struct Bootstrap {
     /// its listeners is on.
     #[serde(default)]
     pub tcp: Option<TcpBootstrap>,
+    /// Keys for stateless QUIC functions every worker (and, in a fleet,
+    /// every host) must agree on; None: each dataplane makes its own at
+    /// start.
+    #[serde(default)]
+    pub quic_keys: Option<QuicKeys>,
+}
+
+/// Keys for QUIC's stateless functions: a Retry token minted by one worker
+/// or host validates on any other (RFC 9000 section 8.1.2), and a stateless
+/// reset sent by any of them carries the token the client was given for
+/// the connection ID (section 10.3.2). Control derives them from the fleet
+/// secret, or makes them at start for a single host (so a restarted
+/// dataplane still resets its old connections).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicKeys {
+    /// HMAC-SHA256 key of Retry tokens.
+    pub retry_token_key: [u8; 32],
+    /// HMAC-SHA256 key the stateless reset token of each connection ID is
+    /// derived with.
+    pub stateless_reset_key: [u8; 32],
+}
+
+impl std::fmt::Debug for QuicKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QuicKeys(..)")
+    }
 }
 
 /// An extended CONNECT protocol the relay can serve (RFC 8441, RFC 9220),
@@ -337,6 +371,65 @@ pub enum ControlUpdate {
     /// New TLS material: a reloaded certificate (new generation) or rotated
     /// ticket keys (same generation).
     Tls(TlsMaterial),
+    /// A new QUIC-LB configuration (draft-ietf-quic-load-balancers-21
+    /// section 3.1, config rotation): new connection IDs use it, those
+    /// issued under the one before keep routing until it is replaced.
+    Cids(CidSettings),
+}
+
+/// How the relay makes its connection IDs (the QUIC-LB configuration and
+/// this host's server ID).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidSettings {
+    /// Config rotation codepoint (0..=6).
+    pub config_id: u8,
+    /// This host's server ID (empty: a single host, plaintext only).
+    pub host_id: Vec<u8>,
+    /// Random bytes after the worker byte.
+    pub random_len: usize,
+    /// The QUIC-LB encryption key; None: plaintext.
+    pub key: Option<[u8; 16]>,
+}
+
+impl std::fmt::Debug for CidSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CidSettings")
+            .field("config_id", &self.config_id)
+            .field("host_id", &self.host_id)
+            .field("random_len", &self.random_len)
+            .field("encrypted", &self.key.is_some())
+            .finish()
+    }
+}
+
+impl CidSettings {
+    /// The layout these settings describe: plaintext, or encrypted under
+    /// the key with the worker byte as the first nonce octet.
+    pub fn layout(&self) -> Result<crate::cid::CidLayout, crate::cid::CidLayoutError> {
+        use crate::cid::{CidKey, CidLayout, LbConfig};
+        match self.key {
+            None => CidLayout::new(self.config_id, &self.host_id, self.random_len),
+            Some(key) => {
+                let nonce_len = self.random_len.saturating_add(1);
+                let config =
+                    LbConfig::new(self.config_id, self.host_id.len(), nonce_len, Some(CidKey::new(key)))?;
+                CidLayout::from_lb_config(&config, &self.host_id)
+            }
+        }
+    }
+}
+
+impl Bootstrap {
+    /// The connection ID settings the dataplane starts with.
+    pub fn cid_settings(&self) -> CidSettings {
+        CidSettings {
+            config_id: self.cid_config_id,
+            host_id: self.cid_server_id.clone(),
+            random_len: self.cid_nonce_len,
+            key: self.cid_key,
+        }
+    }
 }
 
 fn retry_threshold() -> u32 {
@@ -464,11 +557,13 @@ mod tests {
             cid_server_id: Vec::new(),
             cid_nonce_len: 14,
             cid_steering: false,
+            cid_key: None,
             protocols: vec![Protocol::ConnectUdp, Protocol::ConnectIp],
             retry_threshold: 1024,
             connect_ip: None,
             bind: None,
             tcp,
+            quic_keys: Some(QuicKeys { retry_token_key: [1; 32], stateless_reset_key: [2; 32] }),
         }
     }
 
@@ -531,11 +626,31 @@ mod tests {
     }
 
     #[test]
+    fn cid_rotations_round_trip_and_never_show_the_key() {
+        let update = ControlUpdate::Cids(CidSettings {
+            config_id: 2,
+            host_id: vec![1, 2],
+            random_len: 13,
+            key: Some([0x5a; 16]),
+        });
+        assert_eq!(through_a_frame(&update).unwrap(), update);
+        let ControlUpdate::Cids(s) = update else { panic!("a CID update") };
+        assert!(!format!("{s:?}").contains("90"), "Debug hides the key: {s:?}");
+        assert_eq!(s.layout().unwrap().cid_len(), 17);
+        let mut b = bootstrap(None);
+        b.cid_key = Some([0x5a; 16]);
+        b.cid_server_id = vec![1, 2];
+        b.cid_nonce_len = 13;
+        assert!(b.cid_settings().layout().unwrap().lb_config().key().is_some());
+        assert!(CidSettings { host_id: Vec::new(), ..s }.layout().is_err(), "a key needs a server ID");
+    }
+
+    #[test]
     fn tls_updates_round_trip_and_are_validated() {
         let update = ControlUpdate::Tls(material());
         let got = through_a_frame(&update).unwrap();
         assert_eq!(got, update);
-        let ControlUpdate::Tls(m) = got;
+        let ControlUpdate::Tls(m) = got else { panic!("a TLS update") };
         m.validate().unwrap();
         let shown = format!("{m:?}");
         assert!(!shown.contains("[2, 2") && !shown.contains("[3, 3"), "Debug hides ticket keys: {shown}");
