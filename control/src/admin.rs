@@ -232,6 +232,8 @@ pub struct Admin {
     store: PolicyStore,
     credentials: Option<Arc<Credentials>>,
     fleet: Option<Arc<Fleet>>,
+    /// The config file `reload` re-reads `[dataplane.connection_ids]` from.
+    config_path: Option<std::path::PathBuf>,
 }
 
 /// How long `reload` and `tickets_rotate` wait for the dataplane to apply
@@ -241,7 +243,14 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 impl Admin {
     /// An admin endpoint over these.
     pub fn new(shared: Arc<Mutex<Shared>>, policy: Arc<Mutex<Policy>>, store: PolicyStore) -> Self {
-        Self { shared, policy, store, credentials: None, fleet: None }
+        Self { shared, policy, store, credentials: None, fleet: None, config_path: None }
+    }
+
+    /// `reload` also re-reads `[dataplane.connection_ids]` from `path`: a
+    /// new QUIC-LB configuration rotates the dataplane's connection IDs.
+    pub fn with_config_path(mut self, path: std::path::PathBuf) -> Self {
+        self.config_path = Some(path);
+        self
     }
 
     /// Fleet mode: changes go through the fleet's store.
@@ -287,6 +296,67 @@ impl Admin {
     /// Reloads the certificate and key, has the server send them to the
     /// dataplane, and waits (bounded) until every worker serves them.
     fn reload(&self) -> Value {
+        let cids = self.reload_connection_ids();
+        let mut reply = self.reload_tls();
+        if let (Some(cids), Some(obj)) = (cids, reply.as_object_mut()) {
+            obj.insert("connection_ids".into(), cids);
+        }
+        reply
+    }
+
+    /// Re-reads `[dataplane.connection_ids]`: a changed configuration is
+    /// sent to the dataplane (a QUIC-LB rotation). None without a config
+    /// file.
+    fn reload_connection_ids(&self) -> Option<Value> {
+        let path = self.config_path.as_ref()?;
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|text| {
+                crate::config::Config::parse(&text, &path.display().to_string()).map_err(|e| e.to_string())
+            })
+            .and_then(|c| c.dataplane.connection_ids.settings());
+        let new = match parsed {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("admin: connection ID configuration not reloaded: {e}");
+                return Some(json!({ "error": e }));
+            }
+        };
+        let mut s = self.shared();
+        let Some(current) = s.cid_settings.clone() else { return Some(json!({ "changed": false })) };
+        if current == new {
+            return Some(json!({ "changed": false, "config_id": current.config_id }));
+        }
+        let lengths = (current.layout().map(|l| l.cid_len()), new.layout().map(|l| l.cid_len()));
+        if let (Ok(old_len), Ok(new_len)) = lengths
+            && old_len != new_len
+        {
+            return Some(json!({ "error": format!(
+                "the new connection IDs would be {new_len} bytes, those in use are {old_len}: keep server_id + nonce_len the same length"
+            ) }));
+        }
+        if new.config_id == current.config_id {
+            return Some(json!({ "error": format!(
+                "a new QUIC-LB configuration needs another config_id than {} (draft-ietf-quic-load-balancers-21 section 3.1)",
+                current.config_id
+            ) }));
+        }
+        info!(
+            from = current.config_id,
+            to = new.config_id,
+            encrypted = new.key.is_some(),
+            "QUIC-LB configuration rotated"
+        );
+        if let Some(f) = &self.fleet {
+            f.set_quic_lb_config_id(Some(new.config_id));
+        }
+        s.cid_settings = Some(new.clone());
+        s.cid_update = Some(new.clone());
+        s.wake_server();
+        Some(json!({ "changed": true, "config_id": new.config_id, "previous_config_id": current.config_id }))
+    }
+
+    fn reload_tls(&self) -> Value {
         let Some(creds) = &self.credentials else { return error("no TLS credentials to reload") };
         let info = match creds.reload() {
             Ok(info) => info,

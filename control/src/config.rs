@@ -287,14 +287,55 @@ pub struct ConnectionIdSection {
     #[serde(default = "fourteen")]
     pub nonce_len: usize,
     /// Attach a reuseport BPF program that steers packets to the worker
-    /// named in their connection ID (hand-offs between workers become rare).
+    /// named in their connection ID (hand-offs between workers become rare;
+    /// plaintext connection IDs only).
     #[serde(default = "yes")]
     pub steering: bool,
+    /// A file holding the QUIC-LB key (32 hex digits, the load balancers'
+    /// key too): connection IDs are encrypted (draft-ietf-quic-load-
+    /// balancers-21 section 5.4), so observers cannot tell which host and
+    /// worker serve a connection. Needs a `server_id`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for ConnectionIdSection {
     fn default() -> Self {
-        Self { config_id: 0, server_id: String::new(), nonce_len: 14, steering: true }
+        Self { config_id: 0, server_id: String::new(), nonce_len: 14, steering: true, key_file: None }
+    }
+}
+
+impl ConnectionIdSection {
+    /// The settings the dataplane gets: the key file read and the layout
+    /// checked. Errors name the key.
+    pub fn settings(&self) -> Result<relay_proto::channel::bootstrap::CidSettings, String> {
+        let host_id = parse_hex(&self.server_id).ok_or_else(|| {
+            format!("dataplane.connection_ids.server_id must be hex bytes, not {:?}", self.server_id)
+        })?;
+        let key = match &self.key_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("dataplane.connection_ids.key_file = {}: {e}", path.display()))?;
+                let bytes = parse_hex(text.trim()).filter(|b| b.len() == 16).ok_or_else(|| {
+                    format!(
+                        "dataplane.connection_ids.key_file = {}: must hold a 16-byte key as 32 hex digits (`openssl rand -hex 16`)",
+                        path.display()
+                    )
+                })?;
+                let mut key = [0u8; 16];
+                key.copy_from_slice(&bytes);
+                Some(key)
+            }
+        };
+        let settings = relay_proto::channel::bootstrap::CidSettings {
+            config_id: self.config_id,
+            host_id,
+            random_len: self.nonce_len,
+            key,
+        };
+        settings.layout().map_err(|e| format!("dataplane.connection_ids: {e}"))?;
+        Ok(settings)
     }
 }
 

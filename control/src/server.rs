@@ -203,6 +203,11 @@ pub struct Shared {
     pub tls_reloaded: bool,
     /// Set by the admin socket: rotate the session ticket keys now.
     pub rotate_tickets_requested: bool,
+    /// The connection ID settings in force (the QUIC-LB configuration).
+    pub cid_settings: Option<relay_proto::channel::bootstrap::CidSettings>,
+    /// Set by the admin socket: a rotated QUIC-LB configuration to send
+    /// the dataplane.
+    pub cid_update: Option<relay_proto::channel::bootstrap::CidSettings>,
     /// Ticket key rotations done (scheduled or requested).
     pub ticket_rotations: u64,
     /// Fleet mode: the fleet's ticket key generation in force.
@@ -465,6 +470,7 @@ impl Server {
                 }
             }
             self.tls_housekeeping();
+            self.push_cids();
             // Always sweep: cheap, and robust against missed wake-ups.
             self.forward_drain_request();
             self.forward_conn_listing();
@@ -572,6 +578,30 @@ impl Server {
         }
         if reloaded || rotated {
             self.push_tls();
+        }
+    }
+
+    /// Sends a rotated QUIC-LB configuration to the dataplane; a dataplane
+    /// that attaches later starts with it.
+    fn push_cids(&mut self) {
+        let Some(update) = self.shared.lock().unwrap_or_else(|p| p.into_inner()).cid_update.take() else {
+            return;
+        };
+        let b = &mut self.settings.bootstrap;
+        b.cid_config_id = update.config_id;
+        b.cid_server_id = update.host_id.clone();
+        b.cid_nonce_len = update.random_len;
+        b.cid_key = update.key;
+        let Some(a) = &self.attached else { return };
+        let sent = a
+            .stream
+            .set_nonblocking(false)
+            .and_then(|()| a.stream.set_write_timeout(Some(Duration::from_secs(2))))
+            .map_err(HandshakeError::Io)
+            .and_then(|()| handshake::send(&a.stream, &ControlUpdate::Cids(update), &[]))
+            .and_then(|()| a.stream.set_nonblocking(true).map_err(HandshakeError::Io));
+        if let Err(e) = sent {
+            self.detach(&format!("sending the connection ID configuration: {e}"));
         }
     }
 

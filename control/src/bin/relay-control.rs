@@ -101,6 +101,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         warn!("tls.keyless = false: the dataplane gets the private key and signs locally");
     }
     let d = &config.dataplane;
+    let cid_settings = d.connection_ids.settings().map_err(|e| format!("{}: {e}", config.origin))?;
+    if cid_settings.key.is_some() {
+        info!(config_id = cid_settings.config_id, "QUIC-LB: encrypted connection IDs");
+    }
     let bootstrap = Bootstrap {
         version: PROTOCOL_VERSION,
         workers: d.workers.resolve(),
@@ -119,11 +123,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         drain_timeout_ms: u64::from(d.drain_timeout_secs) * 1000,
         io_backend: d.io,
         pin_workers: d.pin_workers,
-        cid_config_id: d.connection_ids.config_id,
-        cid_server_id: relay_control::config::parse_hex(&d.connection_ids.server_id).unwrap_or_default(),
-        cid_nonce_len: d.connection_ids.nonce_len,
+        cid_config_id: cid_settings.config_id,
+        cid_server_id: cid_settings.host_id.clone(),
+        cid_nonce_len: cid_settings.random_len,
         cid_steering: d.connection_ids.steering,
-        cid_key: None,
+        cid_key: cid_settings.key,
         protocols: config.protocols.served(),
         retry_threshold: d.retry_threshold,
         connect_ip: None,
@@ -212,9 +216,23 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Some(Fleet::start(settings, policy.clone(), &state_dir, ticket_rotation)?)
         }
     };
+    if let Some(f) = &fleet {
+        // Every host of the fleet validates the others' Retry tokens and
+        // resets the connections they served.
+        let keys = f.keys();
+        bootstrap.quic_keys = Some(relay_proto::channel::bootstrap::QuicKeys {
+            retry_token_key: *keys.retry_token_key.expose(),
+            stateless_reset_key: *keys.stateless_reset_key.expose(),
+        });
+        f.set_quic_lb_config_id(Some(cid_settings.config_id));
+    }
+    shared.lock().unwrap_or_else(|p| p.into_inner()).cid_settings = Some(cid_settings.clone());
     let admin_listener = server::bind_private_socket(&config.admin_socket())?;
     let mut admin_endpoint =
         Admin::new(shared.clone(), policy.clone(), store).with_credentials(credentials.clone());
+    if let Some(path) = &args.config {
+        admin_endpoint = admin_endpoint.with_config_path(path.clone());
+    }
     if let Some(f) = &fleet {
         admin_endpoint = admin_endpoint.with_fleet(f.clone());
     }
