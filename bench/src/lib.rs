@@ -11,6 +11,8 @@
 //! - [`tcp_echo`]: a TCP echo target for the TCP CONNECT tests.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
+//! - [`wait`]: bounded waits on a condition for the tests (instead of
+//!   fixed sleeps).
 
 pub mod bindclient;
 pub mod client;
@@ -32,3 +34,4 @@ pub mod suite;
 pub mod svg;
 pub mod target;
 pub mod tcp_echo;
+pub mod wait;

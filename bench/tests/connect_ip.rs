@@ -9,6 +9,7 @@
 //! Needs root (namespaces, TUN devices); under `CI` a missing privilege
 //! fails the test instead of skipping it.
 
+use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use relay_bench::ipnet::IpTopology;
 use relay_bench::iptunnel::{self, ClientTun, DEFAULT_IP_TEMPLATE};
 use relay_bench::netns::TargetNetns;
 use relay_bench::processes::{Relay, RelayOptions, running_as_root};
+use relay_bench::wait::PATIENCE;
 use relay_proto::ip::capsule::{self as ipcap, IpCapsule, IpPrefix, RequestedAddress};
 use relay_proto::ip::echo;
 
@@ -130,6 +132,7 @@ s = socket.socket(family, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2])))
 s.listen(1)
+print("listening", flush=True)
 s.settimeout(60)
 c, _ = s.accept()
 c.settimeout(60)
@@ -198,11 +201,27 @@ fn tcp_echo_transfer(
     let srv_args = in_ns(server_ns, &["python3", "-c", TCP_ECHO_SERVER, &addr, &port]);
     let mut srv = Command::new(&srv_args[0])
         .args(&srv_args[1..])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("echo server starts");
-    std::thread::sleep(Duration::from_millis(300));
+    // The server says when it listens.
+    let stdout = srv.stdout.take().expect("the echo server's stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let ready = rx.recv_timeout(PATIENCE);
+    if ready.as_deref().map(str::trim) != Ok("listening") {
+        let _ = srv.kill();
+        let out = srv.wait_with_output().expect("the echo server's output");
+        panic!(
+            "the echo server at {addr} did not listen: {ready:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let size = size.to_string();
     let source = source.map(|s| s.to_string());
     let mut client_args = vec!["python3", "-c", TCP_BULK_CLIENT, &addr, &port, &size];

@@ -18,6 +18,7 @@ use relay_bench::echo::EchoServer;
 use relay_bench::interop::{in_ci, python_or_skip};
 use relay_bench::processes::{Relay, RelayOptions};
 use relay_bench::tcp_echo::TcpEcho;
+use relay_bench::wait::{PATIENCE, wait_until};
 use serde_json::Value;
 
 fn test_dir(name: &str) -> std::path::PathBuf {
@@ -595,6 +596,7 @@ fn slowloris_and_connection_floods_are_bounded_and_good_clients_keep_being_serve
             drop(TcpStream::connect(clear));
         }
         worst = worst.max(status_latency(clear));
+        // The drip's pace (part of the scenario).
         std::thread::sleep(Duration::from_millis(100));
     }
     // Every slow and idle connection has been closed by the relay.
@@ -620,10 +622,13 @@ fn slowloris_and_connection_floods_are_bounded_and_good_clients_keep_being_serve
     assert!(status_latency(clear) < Duration::from_secs(1));
     // Past the limit, connections are refused at accept (and counted).
     let over: Vec<TcpStream> = (0..900).filter_map(|_| TcpStream::connect(clear).ok()).collect();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(relay.counter("tcp_connections_rejected").unwrap() > 0, "the per-worker bound applies");
+    wait_until("the relay to refuse connections past the per-worker bound", PATIENCE, || {
+        relay.counter("tcp_connections_rejected").unwrap() > 0
+    });
     drop(over);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until("the relay to close the flood's connections", PATIENCE, || {
+        relay.counter("tcp_connections_active").unwrap() == 0
+    });
     assert!(status_latency(clear) < Duration::from_secs(1), "served again once they are gone");
     let rss_after = relay.dataplane_rss_kib().unwrap();
     assert!(rss_after < rss_before + 64 * 1024, "RSS grew from {rss_before} to {rss_after} KiB");
@@ -644,19 +649,20 @@ fn sigterm_drains_the_tcp_front_open_tunnels_finish_new_connections_are_refused(
     .unwrap();
     assert!(read_head(&mut s).starts_with("HTTP/1.1 200"));
     relay.signal_dataplane(libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
+    // Once the drain has begun, a new connection is not served (refused,
+    // or closed without an answer).
+    wait_until("the relay to stop serving new connections after SIGTERM", PATIENCE, || {
+        let Ok(mut n) = TcpStream::connect(relay.cleartext_addr.unwrap()) else { return true };
+        n.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = n.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n\r\n");
+        let mut buf = [0u8; 64];
+        matches!(n.read(&mut buf), Ok(0) | Err(_))
+    });
     // The open tunnel keeps working during the drain.
     let mut b = [0u8; 5];
     s.write_all(b"hello").unwrap();
     s.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"hello");
-    // A new connection is not served.
-    if let Ok(mut n) = TcpStream::connect(relay.cleartext_addr.unwrap()) {
-        n.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let _ = n.write_all(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n");
-        let mut buf = [0u8; 64];
-        assert!(matches!(n.read(&mut buf), Ok(0) | Err(_)), "a new connection got an answer while draining");
-    }
     // The tunnel ends; the drain is over and the dataplane exits 0.
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
