@@ -1,14 +1,16 @@
 //! The benchmark pipeline end to end, tiny and fast: every stage of the
 //! suite runs against real relay processes and writes its outputs. This
 //! checks the pipeline, not the speed; no number is asserted beyond "it
-//! measured something".
+//! measured something", and a paced run that falls short of its offered
+//! rate on a busy machine is reported, not failed
+//! (`SuiteConfig::fail_on_shortfall` is off in the smoke configuration).
 
 use std::sync::Mutex;
 
 use relay_bench::suite::{self, SuiteConfig};
 
-/// The smoke suites measure rates; running two at once on a small machine
-/// would make each other miss their offered loads.
+/// The smoke suites load the machine; running them one at a time keeps
+/// each one's measurements about the relay rather than about the other.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
@@ -16,7 +18,9 @@ fn smoke_suite_produces_every_output() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = std::env::temp_dir().join(format!("relay-bench-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let report = suite::run(&SuiteConfig::smoke(dir.clone())).expect("the smoke suite runs");
+    let cfg = SuiteConfig::smoke(dir.clone());
+    assert!(!cfg.fail_on_shortfall, "the smoke suite does not fail on the machine's speed");
+    let report = suite::run(&cfg).expect("the smoke suite runs");
 
     for t in report.upload.iter().chain(&report.download).chain(&report.echo) {
         assert!(t.result.delivered > 0, "{} {:?} delivered nothing", t.path, t.result.spec.direction);
