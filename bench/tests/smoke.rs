@@ -7,6 +7,7 @@
 
 use std::sync::Mutex;
 
+use relay_bench::needs::{Need, require};
 use relay_bench::suite::{self, SuiteConfig};
 
 /// The smoke suites load the machine; running them one at a time keeps
@@ -69,14 +70,9 @@ fn smoke_suite_produces_every_output() {
 }
 
 #[test]
+#[ignore = "needs root and ip (a network namespace): run by `cargo xtask test`"]
 fn smoke_suite_with_targets_in_a_network_namespace() {
-    if !relay_bench::processes::running_as_root() {
-        // CI runs as root and must run this; a developer without root is
-        // told, not silently passed.
-        assert!(std::env::var_os("CI").is_none(), "CI must run the namespace smoke test as root");
-        eprintln!("SKIPPED: the namespace smoke test needs root (ip netns)");
-        return;
-    }
+    require(&[Need::Root, Need::Ip]);
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = std::env::temp_dir().join(format!("relay-bench-smoke-ns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -122,15 +118,9 @@ fn front_bench_measures_every_path() {
 }
 
 #[test]
+#[ignore = "needs root, /dev/net/tun and ip: run by `cargo xtask test`"]
 fn ip_bench_measures_every_path() {
-    if !relay_bench::processes::running_as_root() || !std::path::Path::new("/dev/net/tun").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the ip-bench smoke test as root with /dev/net/tun"
-        );
-        eprintln!("SKIPPED: ip-bench needs root (ip netns) and /dev/net/tun");
-        return;
-    }
+    require(&[Need::Root, Need::Tun, Need::Ip]);
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let bin_dir = relay_bench::processes::bin_dir().unwrap();
     let r = relay_bench::ipbench::run(&bin_dir, 2, std::time::Duration::from_secs(1)).expect("ip-bench runs");
