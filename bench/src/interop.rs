@@ -92,7 +92,10 @@ pub fn find_python() -> Result<PathBuf, InteropError> {
 /// missing or broken venv fails the test with the command that creates it.
 #[track_caller]
 pub fn python() -> PathBuf {
-    find_python().unwrap_or_else(|e| panic!("this test needs the interop venv: {e}"))
+    match find_python() {
+        Ok(python) => python,
+        Err(e) => panic!("this test needs the interop venv: {e}"),
+    }
 }
 
 /// Runs the aioquic client against one relay.

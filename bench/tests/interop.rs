@@ -37,6 +37,7 @@ fn test_dir(name: &str) -> std::path::PathBuf {
 
 /// A relay, an echo target and the aioquic client (the test fails naming
 /// the missing venv and how to create it).
+#[track_caller]
 fn setup(name: &str, opts: RelayOptions) -> (Relay, EchoServer, Interop) {
     let python = interop::python();
     let relay = Relay::start(&test_dir(name), &opts).expect("relay starts");
