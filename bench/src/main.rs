@@ -60,6 +60,7 @@ impl RelayArgs {
             template: self.template.clone(),
             token: self.token.clone(),
             session: None,
+            after_retry_send_to: None,
         })
     }
 }
