@@ -143,15 +143,13 @@ impl Fleet {
         write_private(&dir.0.join("fleet-secret"), &format!("{FLEET_SECRET_HEX}\n"));
         write_private(&dir.0.join("quic-lb.key"), &format!("{CID_KEY_HEX}\n"));
         let mut hosts: Vec<Relay> = Vec::new();
-        for i in 0..HOSTS.len() {
-            let host_dir = dir.0.join(HOSTS[i].0);
+        for (i, (name, _)) in HOSTS.iter().enumerate() {
+            let host_dir = dir.0.join(name);
             if let Some(first) = hosts.first() {
                 share_certificate(first, &host_dir.join("state"));
             }
             let opts = host_options(&topo, &dir.0, &redis, i);
-            hosts.push(
-                Relay::start(&host_dir, &opts).unwrap_or_else(|e| panic!("{} starts: {e:#}", HOSTS[i].0)),
-            );
+            hosts.push(Relay::start(&host_dir, &opts).unwrap_or_else(|e| panic!("{name} starts: {e:#}")));
         }
         Fleet { hosts, redis, echo, topo, decoder: lb_decoder(), next_spread: 0, _dir: dir }
     }
@@ -255,8 +253,11 @@ impl Fleet {
 fn host_options(topo: &FleetTopology, dir: &Path, redis: &RedisServer, i: usize) -> RelayOptions {
     let (name, server_id) = HOSTS[i];
     let client_net = format!("{}/24", topo.client_addr);
+    // relay-a sends every new client a Retry (phase 6); the others only
+    // under handshake load, as by default.
+    let retry = if i == A { "retry_threshold = 0\n" } else { "" };
     let dataplane_extra = format!(
-        "retry_threshold = 0\n\n[dataplane.connection_ids]\nserver_id = \"{server_id:02x}\"\nkey_file = \"{}\"\n",
+        "{retry}\n[dataplane.connection_ids]\nserver_id = \"{server_id:02x}\"\nkey_file = \"{}\"\n",
         dir.join("quic-lb.key").display()
     );
     let extra_config = format!(
@@ -319,17 +320,26 @@ fn relayctl_json(relay: &Relay, args: &[&str]) -> Value {
 /// Sends one datagram through tunnel `stream` and waits for the echo (sent
 /// again now and then: UDP).
 fn echo(c: &mut Client, stream: u64, what: &str) {
+    echo_unless(c, stream, what, |_| false);
+}
+
+/// As [`echo`], but also stops when `stop` holds (the connection ended);
+/// returns whether the echo came back.
+fn echo_unless(c: &mut Client, stream: u64, what: &str, stop: impl Fn(&Client) -> bool) -> bool {
     let payload = format!("fleet echo: {what}").into_bytes();
     let mut polls = 0u32;
+    let mut echoed = false;
     wait_until(&format!("the echo through the tunnel ({what})"), PATIENCE, || {
-        if polls % 50 == 0 {
+        if polls.is_multiple_of(50) {
             let _ = c.send_datagram(stream, &payload);
             let _ = c.flush();
         }
         polls += 1;
         let _ = c.drive(Duration::from_millis(10));
-        c.take_datagrams(stream).iter().any(|d| *d == payload)
+        echoed = c.take_datagrams(stream).contains(&payload);
+        echoed || stop(c)
     });
+    echoed
 }
 
 /// A CONNECT on `c` with `token` to `host:port`; the answer.
@@ -364,6 +374,7 @@ fn three_hosts_behind_an_l4_balancer_act_as_one_relay() {
     let mut fleet = Fleet::start();
     tunnels_land_on_every_host_and_every_cid_decodes_to_its_host(&mut fleet);
     tcp_through_the_vip_reaches_the_hosts(&fleet);
+    a_rebinding_client_is_reset_by_the_host_it_lands_on(&mut fleet);
     a_revocation_on_one_host_is_enforced_on_the_others_within_1s(&fleet);
     max_flows_holds_across_hosts(&fleet);
     a_session_ticket_from_one_host_resumes_on_another(&fleet);
@@ -453,6 +464,39 @@ fn tcp_through_the_vip_reaches_the_hosts(fleet: &Fleet) {
         (grown.iter().sum::<u64>() == N).then_some(grown)
     });
     println!("TLS over TCP through the VIP, connections per host: {grown:?}");
+}
+
+/// A client behind a NAT that rebinds (new source port) is hashed anew by
+/// the balancer; on another host, which does not know its connection, its
+/// packets are answered with a stateless reset whose token (derived from
+/// the fleet secret) the client recognises: its connection closes at once.
+/// (The client is quiche's, which checks the token of the handshake's
+/// connection ID only: it keeps that ID and was not retried, i.e. is not
+/// on relay-a.)
+fn a_rebinding_client_is_reset_by_the_host_it_lands_on(fleet: &mut Fleet) {
+    let (mut c, first) = wait_for("a connection through the VIP on relay-b or relay-c", PATIENCE, || {
+        let t = fleet.fresh_token();
+        let c = fleet.connect(fleet.vip(), &t, T).expect("a connection through the VIP");
+        let host = fleet.host_of_cid(&c.dcid());
+        if host == A {
+            c.close();
+            return None;
+        }
+        Some((c, host))
+    });
+    let s = fleet.open_echo_tunnel(&mut c, "before rebinding");
+    let resets = |f: &Fleet| -> u64 { (0..HOSTS.len()).map(|h| f.counter(h, "stateless_resets_sent")).sum() };
+    let resets_before = resets(fleet);
+    let mut rebinds = 0;
+    while c.closed().is_none() {
+        assert!(rebinds < 12, "12 rebindings all stayed on {}", HOSTS[first].0);
+        let addr = c.rebind().unwrap();
+        rebinds += 1;
+        // Still on its host (the relay follows the new address) or reset.
+        echo_unless(&mut c, s, &format!("after rebinding to {addr}"), |c| c.closed().is_some());
+    }
+    assert!(resets(fleet) > resets_before, "another host sent a stateless reset");
+    println!("after {rebinds} rebindings the client landed off {} and was reset statelessly", HOSTS[first].0);
 }
 
 /// Phase 3: an HMAC token minted on A works on B and C; revoked through
@@ -583,10 +627,10 @@ fn a_session_ticket_from_one_host_resumes_on_another(fleet: &Fleet) {
     on_b.close();
 }
 
-/// Phase 6: (`retry_threshold = 0`: every new client is sent a Retry) A's
-/// Retry token, carried by the retried Initial sent to B instead, is
-/// accepted by B: the handshake completes with B, which sent no Retry and
-/// refused no token.
+/// Phase 6: (relay-a has `retry_threshold = 0`: every new client is sent
+/// a Retry) A's Retry token, carried by the retried Initial sent to B
+/// instead, is accepted by B: the handshake completes with B, which
+/// refused no token and keeps the connection ID A chose in its Retry.
 fn a_retry_token_from_one_host_is_accepted_by_another(fleet: &mut Fleet) {
     let retries = |f: &Fleet| (f.counter(A, "retries_sent"), f.counter(B, "retries_sent"));
     let (a_before, b_before) = retries(fleet);
@@ -601,6 +645,12 @@ fn a_retry_token_from_one_host_is_accepted_by_another(fleet: &mut Fleet) {
     assert_eq!(fleet.counter(B, "retry_tokens_invalid"), invalid_before, "relay-b refused no token");
     let port = c.local_addr().port();
     assert_eq!(fleet.serving_host(port), Some(B), "relay-b serves the connection");
+    // The handshake's connection ID is the one A's Retry chose (quiche
+    // accepts a retried connection on that ID): it names relay-a. A
+    // QUIC-LB balancer would route it to A, but such a balancer also
+    // sends the retried Initial to A; only a balancer that does not route
+    // by connection ID (this one) sends it to B and keeps it there.
+    assert_eq!(fleet.host_of_cid(&c.dcid()), A, "B adopted the connection ID of A's Retry");
     fleet.open_echo_tunnel(&mut c, "a connection B accepted on A's Retry token");
     c.close();
 }
@@ -666,10 +716,10 @@ fn a_drained_host_leaves_the_others_serving(fleet: &mut Fleet) {
     let layout_c = layout(C);
     wait_until("a connection on each of relay-c's workers", PATIENCE, || {
         let c = fleet.connect(fleet.host_addr(C), "fleet-static-token", T).expect("a connection to C");
-        if let Decoded::Worker(w) = layout_c.decode(&c.dcid())
-            && let Some(slot @ None) = watchers.get_mut(usize::from(w))
-        {
-            *slot = Some(c);
+        let Decoded::Worker(w) = layout_c.decode(&c.dcid()) else { panic!("relay-c's CID names a worker") };
+        match watchers.get_mut(usize::from(w)) {
+            Some(slot @ None) => *slot = Some(c),
+            _ => c.close(),
         }
         watchers.iter().all(Option::is_some)
     });
@@ -682,9 +732,14 @@ fn a_drained_host_leaves_the_others_serving(fleet: &mut Fleet) {
             c.goaway_received
         });
     }
+    // Until two were served (each new client goes to relay-c with
+    // probability 1/3; bounded).
     let mut served = [0u32; 3];
     let mut unanswered = 0;
-    for n in 0..6 {
+    for n in 0..12 {
+        if served.iter().sum::<u32>() >= 2 {
+            break;
+        }
         let t = fleet.fresh_token();
         match fleet.connect(fleet.vip(), &t, MAYBE) {
             Ok(mut c) => {
