@@ -69,12 +69,8 @@ pub fn venv_python() -> PathBuf {
     venv.join("bin/python3")
 }
 
-/// Whether this run is CI's (`CI` set to anything but "" or "false").
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// Checks that the venv's interpreter imports aioquic.
+/// Checks that the venv's interpreter imports aioquic and h2 (the TCP
+/// front's client).
 pub fn find_python() -> Result<PathBuf, InteropError> {
     let python = venv_python();
     let missing = |why: String| InteropError::VenvMissing { python: python.display().to_string(), why };
@@ -82,7 +78,7 @@ pub fn find_python() -> Result<PathBuf, InteropError> {
         return Err(missing("no such file".into()));
     }
     let out = Command::new(&python)
-        .args(["-c", "import aioquic, aioquic.h3.connection"])
+        .args(["-c", "import aioquic, aioquic.h3.connection, h2.connection"])
         .output()
         .map_err(|e| missing(e.to_string()))?;
     if !out.status.success() {
@@ -91,17 +87,14 @@ pub fn find_python() -> Result<PathBuf, InteropError> {
     Ok(python)
 }
 
-/// The interpreter, or `None` with a message when the venv is missing
-/// outside CI. Under CI (`CI=true`) a missing venv panics: the suite must
-/// fail rather than skip there.
-pub fn python_or_skip(test: &str) -> Option<PathBuf> {
+/// The venv's interpreter for a test that needs it (marked
+/// `#[ignore = "needs the interop venv ..."]`, see [`crate::needs`]); a
+/// missing or broken venv fails the test with the command that creates it.
+#[track_caller]
+pub fn python() -> PathBuf {
     match find_python() {
-        Ok(p) => Some(p),
-        Err(e) if in_ci() => panic!("{test}: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
-            None
-        }
+        Ok(python) => python,
+        Err(e) => panic!("this test needs the interop venv: {e}"),
     }
 }
 

@@ -11,6 +11,10 @@
 //! - [`tcp_echo`]: a TCP echo target for the TCP CONNECT tests.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
+//! - [`needs`]: what the tests that are ignored by default need from the
+//!   machine, checked when they run.
+//! - [`wait`]: bounded waits on a condition for the tests (instead of
+//!   fixed sleeps).
 
 pub mod bindclient;
 pub mod client;
@@ -24,6 +28,7 @@ pub mod ipnet;
 pub mod iptunnel;
 pub mod load;
 pub mod loadgen;
+pub mod needs;
 pub mod netns;
 pub mod processes;
 pub mod report;
@@ -32,3 +37,4 @@ pub mod suite;
 pub mod svg;
 pub mod target;
 pub mod tcp_echo;
+pub mod wait;

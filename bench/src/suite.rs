@@ -1,10 +1,13 @@
 //! The standard benchmark suite: every scenario through the relay and, where
 //! it applies, the same load on the direct path, in one run on one machine.
 //!
-//! Failures are loud: an unreachable relay, a refused tunnel, a paced run
-//! that loses datagrams or that the load generator cannot sustain all stop
-//! the suite with an error; nothing is reported as a zero or a partial
-//! result.
+//! Failures are loud: an unreachable relay, a refused tunnel, a path that
+//! delivers nothing all stop the suite with an error; nothing is reported
+//! as a zero or a partial result. A paced run that loses datagrams or that
+//! the load generator cannot sustain stops the standard suite too (its
+//! numbers would be wrong); the smoke suite, which checks that every stage
+//! runs and writes its outputs on busy shared machines, reports such a
+//! shortfall and goes on ([`SuiteConfig::fail_on_shortfall`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -74,6 +77,11 @@ pub struct SuiteConfig {
     /// slower backend's max upload (lower than `cost_fraction`: both
     /// backends must sustain it within `max_paced_loss`).
     pub backend_cost_fraction: f64,
+    /// Whether a paced run that falls short (the load generator below its
+    /// offered rate, or loss above the accepted share) stops the suite with
+    /// an error. The standard suite does; the smoke suite only reports it:
+    /// how fast a shared machine runs is not what a pipeline check checks.
+    pub fail_on_shortfall: bool,
 }
 
 impl SuiteConfig {
@@ -100,6 +108,7 @@ impl SuiteConfig {
             io: "auto".into(),
             compare_backends: true,
             backend_cost_fraction: 0.35,
+            fail_on_shortfall: true,
         }
     }
 
@@ -119,6 +128,7 @@ impl SuiteConfig {
             connect_samples: 20,
             idle_flows: vec![500],
             pin: false,
+            fail_on_shortfall: false,
             ..Self::standard(out_dir)
         }
     }
@@ -479,21 +489,30 @@ impl Bench<'_> {
         direct::run(&target, spec)
     }
 
+    /// Checks that a paced run reached its offered rate and lost at most
+    /// `max_loss`; a shortfall is an error or, without
+    /// `fail_on_shortfall`, a warning.
     fn check_paced(&self, what: &str, r: &LoadResult, max_loss: f64) -> Result<()> {
         let offered = r.spec.rate.unwrap_or(0.0);
         if !stats::reached(offered, r.send_rate.datagrams_per_sec, 0.05) {
-            bail!(
-                "{what}: the load generator reached only {:.0} of {offered:.0} datagrams/s offered",
-                r.send_rate.datagrams_per_sec
-            );
+            shortfall(
+                self.cfg,
+                format!(
+                    "{what}: the load generator reached only {:.0} of {offered:.0} datagrams/s offered",
+                    r.send_rate.datagrams_per_sec
+                ),
+            )?;
         }
         if r.loss > max_loss {
-            bail!(
-                "{what}: {:.2}% of datagrams lost at a paced load ({} of {})",
-                r.loss * 100.0,
-                r.sent - r.delivered,
-                r.sent
-            );
+            shortfall(
+                self.cfg,
+                format!(
+                    "{what}: {:.2}% of datagrams lost at a paced load ({} of {})",
+                    r.loss * 100.0,
+                    r.sent - r.delivered,
+                    r.sent
+                ),
+            )?;
         }
         Ok(())
     }
@@ -553,6 +572,16 @@ impl Bench<'_> {
             relay_syscalls_per_datagram: io.syscalls_per_datagram,
         })
     }
+}
+
+/// A paced run fell short: an error if `cfg.fail_on_shortfall`, else
+/// reported on standard error (the achieved numbers are in the report).
+fn shortfall(cfg: &SuiteConfig, what: String) -> Result<()> {
+    if cfg.fail_on_shortfall {
+        bail!(what);
+    }
+    eprintln!("bench: warning (not an error in this run): {what}");
+    Ok(())
 }
 
 /// Opens `n` connections one after another (QUIC + TLS + HTTP/3 SETTINGS);
@@ -631,10 +660,13 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         max_echo *= 0.8;
     }
     if !found {
-        bail!(
-            "no sustainable echo rate found down to {max_echo:.0} datagrams/s (loss above {:.0}%)",
-            cfg.max_paced_loss * 100.0
-        );
+        shortfall(
+            cfg,
+            format!(
+                "no sustainable echo rate found down to {max_echo:.0} datagrams/s (loss above {:.0}%)",
+                cfg.max_paced_loss * 100.0
+            ),
+        )?;
     }
 
     // Latency at fractions of the relay's max echo rate, same offered load
@@ -835,4 +867,18 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
     };
     crate::report::write_all(&report, &cfg.out_dir)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shortfall_fails_the_standard_suite_and_is_only_reported_in_the_smoke_suite() {
+        let standard = SuiteConfig::standard(PathBuf::from("unused"));
+        let err = shortfall(&standard, "reached only 4566 of 6929 datagrams/s".into()).unwrap_err();
+        assert!(err.to_string().contains("reached only 4566"), "{err}");
+        let smoke = SuiteConfig::smoke(PathBuf::from("unused"));
+        shortfall(&smoke, "reached only 4566 of 6929 datagrams/s".into()).expect("a warning, not an error");
+    }
 }

@@ -4,13 +4,15 @@
 //! echo target on loopback. Each test asserts the exact status, stream error
 //! code or connection error code RFC 9114 / 9220 / 9297 / 9298 call for.
 //!
-//! The client lives in the venv `cargo xtask setup` creates. Without it
-//! these tests fail under CI (`CI=true`) and skip with a message elsewhere.
+//! The client lives in the venv `cargo xtask setup` creates: the tests are
+//! ignored by a plain `cargo test` and run by `cargo xtask test` (or
+//! `cargo test -- --ignored`), failing with the command that creates the
+//! venv when it is missing.
 
 use std::time::{Duration, Instant};
 
 use relay_bench::echo::EchoServer;
-use relay_bench::interop::{Interop, python_or_skip};
+use relay_bench::interop::{self, Interop};
 use relay_bench::processes::{Relay, RelayOptions};
 use serde_json::{Value, json};
 
@@ -33,14 +35,15 @@ fn test_dir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-/// A relay, an echo target and the aioquic client; `None` when the venv is
-/// missing outside CI.
-fn setup(name: &str, opts: RelayOptions) -> Option<(Relay, EchoServer, Interop)> {
-    let python = python_or_skip(name)?;
+/// A relay, an echo target and the aioquic client (the test fails naming
+/// the missing venv and how to create it).
+#[track_caller]
+fn setup(name: &str, opts: RelayOptions) -> (Relay, EchoServer, Interop) {
+    let python = interop::python();
     let relay = Relay::start(&test_dir(name), &opts).expect("relay starts");
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
     let interop = Interop::new(python, &relay, echo.addr().port());
-    Some((relay, echo, interop))
+    (relay, echo, interop)
 }
 
 /// Runs `cases` and returns their results, failing on any case that could
@@ -55,8 +58,9 @@ fn run(interop: &Interop, cases: &[&str]) -> std::collections::HashMap<String, V
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn connect_udp_with_h3_datagrams_both_ways_byte_for_byte() {
-    let Some((relay, echo, interop)) = setup("datagrams", RelayOptions::default()) else { return };
+    let (relay, echo, interop) = setup("datagrams", RelayOptions::default());
     let r = run(&interop.arg("--count", 1000), &["datagrams_both_ways"]);
     let r = &r["datagrams_both_ways"];
     assert_eq!(r["status"], 200);
@@ -74,8 +78,9 @@ fn connect_udp_with_h3_datagrams_both_ways_byte_for_byte() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn datagram_capsules_both_ways_when_the_client_has_no_h3_datagrams() {
-    let Some((relay, echo, interop)) = setup("capsules", RelayOptions::default()) else { return };
+    let (relay, echo, interop) = setup("capsules", RelayOptions::default());
     let r = run(&interop.arg("--count", 300), &["capsules_both_ways"]);
     let r = &r["capsules_both_ways"];
     // The relay advertises SETTINGS_H3_DATAGRAM=1 (RFC 9297 section 2.1.1)
@@ -90,8 +95,9 @@ fn datagram_capsules_both_ways_when_the_client_has_no_h3_datagrams() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn malformed_requests_are_reset_with_h3_message_error() {
-    let Some((relay, _echo, interop)) = setup("malformed", RelayOptions::default()) else { return };
+    let (relay, _echo, interop) = setup("malformed", RelayOptions::default());
     // RFC 9114 section 4.1.2: a malformed request is a stream error of type
     // H3_MESSAGE_ERROR. Missing :protocol leaves a CONNECT with :scheme and
     // :path (section 4.4), missing :scheme/:path an extended CONNECT without
@@ -122,8 +128,9 @@ fn malformed_requests_are_reset_with_h3_message_error() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn refusals_carry_exact_statuses() {
-    let Some((relay, _echo, interop)) = setup("refusals", RelayOptions::default()) else { return };
+    let (relay, _echo, interop) = setup("refusals", RelayOptions::default());
     let expect = [
         // RFC 9298 section 3.4 / 2: a path the template does not match.
         ("wrong_template", 404, None),
@@ -157,6 +164,7 @@ fn refusals_carry_exact_statuses() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn protocol_sent_before_the_relays_settings_is_served() {
     // RFC 8441 section 3 (applied to HTTP/3 by RFC 9220 section 3): a client
     // must not use :protocol before it has received
@@ -166,7 +174,7 @@ fn protocol_sent_before_the_relays_settings_is_served() {
     // it cannot know whether the client had read it, so the request is
     // well-formed and served. (A relay that did not send the setting would
     // reset it with H3_MESSAGE_ERROR: relay_proto::request::tests::protocol_rules.)
-    let Some((_relay, _echo, interop)) = setup("early-protocol", RelayOptions::default()) else { return };
+    let (_relay, _echo, interop) = setup("early-protocol", RelayOptions::default());
     let r = run(&interop, &["protocol_before_settings"]);
     let r = &r["protocol_before_settings"];
     assert_eq!(r["settings_seen_when_sent"], false, "the request went out before the SETTINGS were read");
@@ -176,8 +184,9 @@ fn protocol_sent_before_the_relays_settings_is_served() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn unknown_context_ids_and_foreign_streams_are_dropped_and_counted() {
-    let Some((relay, echo, interop)) = setup("contexts", RelayOptions::default()) else { return };
+    let (relay, echo, interop) = setup("contexts", RelayOptions::default());
     let r = run(&interop, &["unknown_context"]);
     let r = &r["unknown_context"];
     // RFC 9298 section 4: contexts the relay never registered are dropped
@@ -193,8 +202,9 @@ fn unknown_context_ids_and_foreign_streams_are_dropped_and_counted() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn malformed_quarter_stream_ids_close_the_connection_with_h3_datagram_error() {
-    let Some((relay, _echo, interop)) = setup("quarter", RelayOptions::default()) else { return };
+    let (relay, _echo, interop) = setup("quarter", RelayOptions::default());
     // RFC 9297 section 2.1: a datagram whose quarter stream ID is truncated
     // or exceeds 2^60-1 is a connection error of type H3_DATAGRAM_ERROR.
     let cases = ["truncated_quarter_stream_id", "quarter_stream_id_too_large"];
@@ -211,8 +221,9 @@ fn malformed_quarter_stream_ids_close_the_connection_with_h3_datagram_error() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn capsule_truncated_by_fin_aborts_the_tunnel_with_h3_message_error() {
-    let Some((_relay, _echo, interop)) = setup("truncated-capsule", RelayOptions::default()) else { return };
+    let (_relay, _echo, interop) = setup("truncated-capsule", RelayOptions::default());
     // RFC 9297 section 3.3: a stream that ends inside a capsule makes the
     // message malformed: stream error H3_MESSAGE_ERROR (RFC 9114 4.1.2).
     let r = run(&interop, &["capsule_truncated_by_fin"]);
@@ -223,8 +234,9 @@ fn capsule_truncated_by_fin_aborts_the_tunnel_with_h3_message_error() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn oversize_capsules_abort_the_tunnel() {
-    let Some((relay, echo, interop)) = setup("oversize", RelayOptions::default()) else { return };
+    let (relay, echo, interop) = setup("oversize", RelayOptions::default());
     let results = run(&interop, &["oversize_capsule", "oversize_udp_payload_capsule"]);
     // A DATAGRAM capsule announcing 70000 bytes (over the relay's 65535
     // limit) is refused from its header, before its value is buffered
@@ -245,8 +257,9 @@ fn oversize_capsules_abort_the_tunnel() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn oversize_header_section_closes_the_connection_with_h3_excessive_load() {
-    let Some((_relay, _echo, interop)) = setup("big-headers", RelayOptions::default()) else { return };
+    let (_relay, _echo, interop) = setup("big-headers", RelayOptions::default());
     // The relay sends SETTINGS_MAX_FIELD_SECTION_SIZE = 16 KiB; a HEADERS
     // frame announcing 1 MiB is not buffered: quiche closes the connection
     // with H3_EXCESSIVE_LOAD (RFC 9114 section 7.1 lets an endpoint treat a
@@ -258,9 +271,10 @@ fn oversize_header_section_closes_the_connection_with_h3_excessive_load() {
 }
 
 #[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn requests_after_goaway_are_rejected_while_open_tunnels_keep_forwarding() {
     let opts = RelayOptions { dataplane_extra: "drain_timeout_secs = 10".into(), ..Default::default() };
-    let Some((relay, _echo, interop)) = setup("goaway", opts) else { return };
+    let (relay, _echo, interop) = setup("goaway", opts);
     let mut client = interop.spawn(&["goaway"]).expect("client starts");
     let ready = client.next_object(Duration::from_secs(20)).expect("client ready");
     assert_eq!(ready["ready"], true, "{ready}");

@@ -1,14 +1,17 @@
 //! The benchmark pipeline end to end, tiny and fast: every stage of the
 //! suite runs against real relay processes and writes its outputs. This
 //! checks the pipeline, not the speed; no number is asserted beyond "it
-//! measured something".
+//! measured something", and a paced run that falls short of its offered
+//! rate on a busy machine is reported, not failed
+//! (`SuiteConfig::fail_on_shortfall` is off in the smoke configuration).
 
 use std::sync::Mutex;
 
+use relay_bench::needs::{Need, require};
 use relay_bench::suite::{self, SuiteConfig};
 
-/// The smoke suites measure rates; running two at once on a small machine
-/// would make each other miss their offered loads.
+/// The smoke suites load the machine; running them one at a time keeps
+/// each one's measurements about the relay rather than about the other.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
@@ -16,7 +19,9 @@ fn smoke_suite_produces_every_output() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = std::env::temp_dir().join(format!("relay-bench-smoke-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let report = suite::run(&SuiteConfig::smoke(dir.clone())).expect("the smoke suite runs");
+    let cfg = SuiteConfig::smoke(dir.clone());
+    assert!(!cfg.fail_on_shortfall, "the smoke suite does not fail on the machine's speed");
+    let report = suite::run(&cfg).expect("the smoke suite runs");
 
     for t in report.upload.iter().chain(&report.download).chain(&report.echo) {
         assert!(t.result.delivered > 0, "{} {:?} delivered nothing", t.path, t.result.spec.direction);
@@ -65,14 +70,9 @@ fn smoke_suite_produces_every_output() {
 }
 
 #[test]
+#[ignore = "needs root and ip (a network namespace): run by `cargo xtask test`"]
 fn smoke_suite_with_targets_in_a_network_namespace() {
-    if !relay_bench::processes::running_as_root() {
-        // CI runs as root and must run this; a developer without root is
-        // told, not silently passed.
-        assert!(std::env::var_os("CI").is_none(), "CI must run the namespace smoke test as root");
-        eprintln!("SKIPPED: the namespace smoke test needs root (ip netns)");
-        return;
-    }
+    require(&[Need::Root, Need::Ip]);
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let dir = std::env::temp_dir().join(format!("relay-bench-smoke-ns-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -118,15 +118,9 @@ fn front_bench_measures_every_path() {
 }
 
 #[test]
+#[ignore = "needs root, /dev/net/tun and ip: run by `cargo xtask test`"]
 fn ip_bench_measures_every_path() {
-    if !relay_bench::processes::running_as_root() || !std::path::Path::new("/dev/net/tun").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the ip-bench smoke test as root with /dev/net/tun"
-        );
-        eprintln!("SKIPPED: ip-bench needs root (ip netns) and /dev/net/tun");
-        return;
-    }
+    require(&[Need::Root, Need::Tun, Need::Ip]);
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let bin_dir = relay_bench::processes::bin_dir().unwrap();
     let r = relay_bench::ipbench::run(&bin_dir, 2, std::time::Duration::from_secs(1)).expect("ip-bench runs");

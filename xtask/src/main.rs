@@ -8,7 +8,11 @@
 //! - `build`: setup, then builds every binary.
 //! - `run`: builds (release) and runs the relay — relay-control on its
 //!   embedded default config, then relay-dataplane — until Ctrl-C.
-//! - `test`: setup, formatting and lint checks, then every test.
+//! - `test`: setup, formatting and lint checks, then every test. The tests
+//!   marked `#[ignore = "needs ..."]` (root, /dev/net/tun, ip, curl,
+//!   turnserver, the interop venv: `IGNORED` below) run where the machine has
+//!   what they need and count as skipped elsewhere; under CI a missing need
+//!   is an error. The last line is `summary: N passed, M failed, K skipped`.
 //! - `bench`: the benchmark suite on release binaries (`--update-docs`
 //!   writes the results into docs/BENCHMARKS.md).
 //! - `fuzz`: every cargo-fuzz target (relay-proto's and relay-channel's) for
@@ -285,9 +289,204 @@ fn run_relay(args: &[String]) -> Result<()> {
     result
 }
 
+/// Whether this run is CI's (`CI` set to anything but "", "false" or "0").
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Something a test marked `#[ignore = "needs ..."]` needs from the
+/// machine (the tests check the same in `relay_bench::needs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    Root,
+    Tun,
+    Ip,
+    Ping,
+    Python3,
+    Curl,
+    Turnserver,
+    InteropVenv,
+}
+
+impl Need {
+    const ALL: [Need; 8] = [
+        Need::Root,
+        Need::Tun,
+        Need::Ip,
+        Need::Ping,
+        Need::Python3,
+        Need::Curl,
+        Need::Turnserver,
+        Need::InteropVenv,
+    ];
+
+    /// What is missing and how to get it, or `None` when present.
+    fn missing(self) -> Option<String> {
+        let program = |name: &str, package: &str| {
+            (!on_path(name))
+                .then(|| format!("{name} (`cargo xtask setup` as root, or apt-get install {package})"))
+        };
+        match self {
+            Need::Root => (!is_root()).then(|| "root (run `cargo xtask test` as root)".to_string()),
+            Need::Tun => (!Path::new("/dev/net/tun").exists())
+                .then(|| "/dev/net/tun (`modprobe tun` as root)".to_string()),
+            Need::Ip => program("ip", "iproute2"),
+            Need::Ping => program("ping", "iputils-ping"),
+            Need::Python3 => program("python3", "python3"),
+            Need::Curl => program("curl", "curl"),
+            Need::Turnserver => program("turnserver", "coturn"),
+            Need::InteropVenv => {
+                let python = interop_venv().join("bin/python3");
+                let ok = Command::new(&python)
+                    .args(["-c", "import aioquic.h3.connection, h2.connection"])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                (!ok).then(|| {
+                    format!(
+                        "the interop venv ({} with aioquic and h2: `cargo xtask setup`)",
+                        python.display()
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// Whether an executable file `name` is in a directory of `$PATH`.
+fn on_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(name)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// The tests marked `#[ignore = "needs ..."]` (all in relay-bench's test
+/// binaries): binary, test names, what they need. A plain `cargo test`
+/// lists them as ignored; `cargo xtask test` runs those whose needs the
+/// machine meets and counts the others as skipped (under CI every need must
+/// be met). Every ignored test must be listed here, and everything listed
+/// must be an ignored test: `cargo xtask test` checks both.
+const IGNORED: &[(&str, &[&str], &[Need])] = {
+    use Need::*;
+    &[
+        ("abuse", &["slowloris_partial_headers_are_bounded"], &[InteropVenv]),
+        (
+            "bind",
+            &["bound_udp_learns_its_mapping_by_stun_and_reaches_filtered_peers_both_context_kinds"],
+            &[Root, Ip, Turnserver],
+        ),
+        (
+            "bind",
+            &["bound_udp_over_http2_and_http1_learns_its_mapping_by_stun"],
+            &[Root, Ip, Turnserver, InteropVenv],
+        ),
+        (
+            "connect_ip",
+            &["connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope"],
+            &[Root, Tun, Ip, Ping, Python3],
+        ),
+        ("control_e2e", &["other_users_are_refused_by_the_admin_socket"], &[Root]),
+        ("e2e", &["the_dataplane_runs_unprivileged_without_access_to_the_key"], &[Root]),
+        (
+            "interop",
+            &[
+                "connect_udp_with_h3_datagrams_both_ways_byte_for_byte",
+                "datagram_capsules_both_ways_when_the_client_has_no_h3_datagrams",
+                "malformed_requests_are_reset_with_h3_message_error",
+                "refusals_carry_exact_statuses",
+                "protocol_sent_before_the_relays_settings_is_served",
+                "unknown_context_ids_and_foreign_streams_are_dropped_and_counted",
+                "malformed_quarter_stream_ids_close_the_connection_with_h3_datagram_error",
+                "capsule_truncated_by_fin_aborts_the_tunnel_with_h3_message_error",
+                "oversize_capsules_abort_the_tunnel",
+                "oversize_header_section_closes_the_connection_with_h3_excessive_load",
+                "requests_after_goaway_are_rejected_while_open_tunnels_keep_forwarding",
+            ],
+            &[InteropVenv],
+        ),
+        ("smoke", &["smoke_suite_with_targets_in_a_network_namespace"], &[Root, Ip]),
+        ("smoke", &["ip_bench_measures_every_path"], &[Root, Tun, Ip]),
+        ("tcp_front", &["curl_negotiates_every_version_and_every_response_carries_alt_svc"], &[Curl]),
+        (
+            "tcp_front",
+            &[
+                "http2_extended_connect_udp_tunnels_carry_capsules_both_ways",
+                "tcp_connect_over_each_http_version_moves_megabytes_byte_for_byte",
+                "h2c_upgrade_never_overshoots_the_clients_connection_window",
+                "refusals_carry_status_and_proxy_status_on_every_version",
+            ],
+            &[InteropVenv],
+        ),
+        (
+            "tcp_front",
+            &["connect_ip_over_http2_and_http1_pings_a_target_namespace_through_the_tun_device"],
+            &[Root, Tun, Ip, InteropVenv],
+        ),
+    ]
+};
+
+/// The relay-bench test binaries whose tests run a second time on the
+/// epoll backend (their ignored ones too, where the machine allows).
+const EPOLL_AGAIN: &[&str] = &["e2e", "connect_ip", "bind"];
+
+/// Totals over every `cargo test` run of `cargo xtask test`.
+#[derive(Debug, Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
+}
+
+impl Totals {
+    /// The closing line CI reads.
+    fn summary(&self) -> String {
+        format!("summary: {} passed, {} failed, {} skipped", self.passed, self.failed, self.skipped)
+    }
+
+    /// Runs `cmd` (a `cargo test`) and adds its counts; a failed run ends
+    /// `cargo xtask test` with the summary so far.
+    fn run(&mut self, cmd: &mut Command) -> Result<TestRun> {
+        let run = run_counting_tests(cmd)?;
+        self.passed += run.passed;
+        self.failed += run.failed;
+        if !run.success {
+            println!(
+                "summary: {} passed, {} failed, {} skipped",
+                self.passed,
+                self.failed.max(1),
+                self.skipped
+            );
+            bail!("{cmd:?} failed");
+        }
+        Ok(run)
+    }
+}
+
 fn test(args: &[String]) -> Result<()> {
     let no_lint = args.iter().any(|a| a == "--no-lint");
     setup()?;
+    // What the ignored tests need, before anything long runs: under CI all
+    // of it must be there.
+    let missing: Vec<(Need, String)> =
+        Need::ALL.iter().filter_map(|n| n.missing().map(|m| (*n, m))).collect();
+    let runnable = |needs: &[Need]| needs.iter().all(|n| !missing.iter().any(|(m, _)| m == n));
+    let unrunnable: Vec<&str> = IGNORED
+        .iter()
+        .filter(|(_, _, needs)| !runnable(needs))
+        .flat_map(|(_, names, _)| names.iter().copied())
+        .collect();
+    let lacking = missing.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("\n  ");
+    if !missing.is_empty() {
+        if in_ci() {
+            bail!("under CI every test runs, but this machine lacks:\n  {lacking}");
+        }
+        eprintln!(
+            "xtask: this machine lacks:\n  {lacking}\nxtask: the {} tests that need it will be skipped: {}",
+            unrunnable.len(),
+            unrunnable.join(", ")
+        );
+    }
     if !no_lint {
         run_checked(cargo().args(["fmt", "--all", "--check"]))?;
         run_checked(cargo().args([
@@ -302,34 +501,28 @@ fn test(args: &[String]) -> Result<()> {
     }
     // The end-to-end tests start the relay binaries as real processes.
     run_checked(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    let mut totals = Totals::default();
     // Every test, with the relay on its default backend (io_uring); in CI
     // io_uring is required, so a kernel or sandbox that refuses it fails
     // the run instead of silently testing epoll twice.
+    let io = if in_ci() { Some("io_uring") } else { None };
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--locked"]).env("RUST_BACKTRACE", "1");
-    if std::env::var_os("CI").is_some() {
-        cmd.env("RELAY_TEST_IO", "io_uring");
+    if let Some(io) = io {
+        cmd.env("RELAY_TEST_IO", io);
     }
-    let (mut passed, mut failed) = run_counting_tests(&mut cmd)?;
+    let main = totals.run(&mut cmd)?;
+    check_ignored_list(&main.ignored)?;
+    run_ignored(&mut totals, &main, |_| true, io, &runnable)?;
     // The end-to-end suite once more on the epoll backend.
     let mut cmd = cargo();
-    cmd.args([
-        "test",
-        "--locked",
-        "-p",
-        "relay-bench",
-        "--test",
-        "e2e",
-        "--test",
-        "connect_ip",
-        "--test",
-        "bind",
-    ])
-    .env("RUST_BACKTRACE", "1")
-    .env("RELAY_TEST_IO", "epoll");
-    let (p, f) = run_counting_tests(&mut cmd)?;
-    passed += p;
-    failed += f;
+    cmd.args(["test", "--locked", "-p", "relay-bench"]);
+    for t in EPOLL_AGAIN {
+        cmd.args(["--test", t]);
+    }
+    cmd.env("RUST_BACKTRACE", "1").env("RELAY_TEST_IO", "epoll");
+    let epoll = totals.run(&mut cmd)?;
+    run_ignored(&mut totals, &epoll, |bin| EPOLL_AGAIN.contains(&bin), Some("epoll"), &runnable)?;
     // The shared-memory ring's loom model (relay-channel): every
     // interleaving of producer and consumer through the ring's own push/pop
     // code. Its own target directory, so `--cfg loom` does not rebuild the
@@ -338,28 +531,99 @@ fn test(args: &[String]) -> Result<()> {
     cmd.args(["test", "--locked", "--release", "-p", "relay-channel", "--lib", "loom"])
         .env("RUSTFLAGS", "--cfg loom")
         .env("CARGO_TARGET_DIR", root().join("target").join("loom"));
-    let (p, f) = run_counting_tests(&mut cmd)?;
-    if p == 0 {
+    let loom = totals.run(&mut cmd)?;
+    if loom.passed == 0 {
         bail!("the loom model test did not run");
     }
-    passed += p;
-    failed += f;
-    // The closing line CI reads: the total over every test binary.
-    println!("summary: {passed} passed, {failed} failed");
-    if failed > 0 || passed == 0 {
-        bail!("{failed} tests failed, {passed} passed");
+    totals.skipped += loom.ignored.len() as u64;
+    if !unrunnable.is_empty() {
+        eprintln!("xtask: skipped, for lack of:\n  {lacking}\nxtask: tests: {}", unrunnable.join(", "));
+    }
+    println!("{}", totals.summary());
+    if totals.failed > 0 || totals.passed == 0 {
+        bail!("{} tests failed, {} passed", totals.failed, totals.passed);
     }
     Ok(())
 }
 
+/// Checks that the tests the main run reported as ignored are exactly the
+/// ones in [`IGNORED`], so that none is left out of `cargo xtask test`.
+fn check_ignored_list(ignored: &[String]) -> Result<()> {
+    let listed: Vec<&str> = IGNORED.iter().flat_map(|(_, names, _)| names.iter().copied()).collect();
+    let unlisted: Vec<&str> = ignored.iter().map(String::as_str).filter(|n| !listed.contains(n)).collect();
+    let stale: Vec<&str> = listed.iter().copied().filter(|n| !ignored.iter().any(|i| i == n)).collect();
+    if !unlisted.is_empty() {
+        bail!(
+            "ignored tests missing from IGNORED in xtask/src/main.rs (cargo xtask test would never run them): {}",
+            unlisted.join(", ")
+        );
+    }
+    if !stale.is_empty() {
+        bail!("IGNORED in xtask/src/main.rs lists tests that are not ignored tests: {}", stale.join(", "));
+    }
+    Ok(())
+}
+
+/// After a run that reported `regular.ignored`, runs (`--ignored`) those
+/// of [`IGNORED`] in the binaries `include` selects whose needs are met, on
+/// the `io` backend; the ignored tests left unrun count as skipped.
+fn run_ignored(
+    totals: &mut Totals,
+    regular: &TestRun,
+    include: impl Fn(&str) -> bool,
+    io: Option<&str>,
+    runnable: &dyn Fn(&[Need]) -> bool,
+) -> Result<()> {
+    let rows: Vec<_> = IGNORED
+        .iter()
+        .filter(|(bin, names, needs)| {
+            include(bin) && runnable(needs) && names.iter().all(|n| regular.ignored.iter().any(|i| i == n))
+        })
+        .collect();
+    let names: Vec<&str> = rows.iter().flat_map(|(_, names, _)| names.iter().copied()).collect();
+    totals.skipped += regular.ignored.len() as u64 - names.len() as u64;
+    if names.is_empty() {
+        return Ok(());
+    }
+    let mut bins: Vec<&str> = rows.iter().map(|(bin, _, _)| *bin).collect();
+    bins.dedup();
+    let mut cmd = cargo();
+    cmd.args(["test", "--locked", "-p", "relay-bench"]);
+    for bin in &bins {
+        cmd.args(["--test", bin]);
+    }
+    cmd.args(["--", "--ignored", "--exact"]).args(&names).env("RUST_BACKTRACE", "1");
+    if let Some(io) = io {
+        cmd.env("RELAY_TEST_IO", io);
+    }
+    let run = totals.run(&mut cmd)?;
+    if run.passed + run.failed != names.len() as u64 {
+        bail!("{} ignored tests were to run, libtest ran {}", names.len(), run.passed + run.failed);
+    }
+    Ok(())
+}
+
+/// What one `cargo test` reported.
+#[derive(Debug)]
+struct TestRun {
+    passed: u64,
+    failed: u64,
+    /// The tests reported as ignored (not run).
+    ignored: Vec<String>,
+    /// Whether cargo exited successfully.
+    success: bool,
+}
+
 /// Runs `cargo test`, echoing its output, and totals its `test result:`
-/// lines.
-fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+/// lines (`test result: ok. N passed; M failed; K ignored; ...`) and its
+/// `test NAME ... ignored` lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<TestRun> {
     use std::io::{BufRead, BufReader};
     eprintln!("xtask: running {cmd:?}");
     let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("starting {cmd:?}"))?;
     let stdout = child.stdout.take().context("test output")?;
-    let (mut passed, mut failed) = (0u64, 0u64);
+    let (mut passed, mut failed, mut ignored_total) = (0u64, 0u64, 0u64);
+    let mut ignored = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
@@ -374,14 +638,18 @@ fn run_counting_tests(cmd: &mut Command) -> Result<(u64, u64)> {
             };
             passed += number_before(" passed");
             failed += number_before(" failed");
+            ignored_total += number_before(" ignored");
+        } else if let Some((name, outcome)) = line.strip_prefix("test ").and_then(|l| l.split_once(" ... "))
+            && (outcome == "ignored" || outcome.starts_with("ignored,"))
+        {
+            ignored.push(name.to_string());
         }
     }
     let status = child.wait()?;
-    if !status.success() {
-        println!("summary: {passed} passed, {} failed", failed.max(1));
-        bail!("{cmd:?} failed with {status}");
+    if status.success() && ignored.len() as u64 != ignored_total {
+        bail!("{cmd:?}: libtest counted {ignored_total} ignored tests but named {}", ignored.len());
     }
-    Ok((passed, failed))
+    Ok(TestRun { passed, failed, ignored, success: status.success() })
 }
 
 /// Runs the benchmark suite on release binaries. With `--update-docs`, the

@@ -623,7 +623,7 @@ impl IdSet {
 /// one tuple, section 3.1: "Only one Context ID can be used per IP-port
 /// tuple"; and a mapped address is an IPv4 peer as far as the announced
 /// families go, section 7).
-fn tuple(addr: SocketAddr) -> SocketAddr {
+pub fn tuple(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
 use relay_proto::bind::{
-    self, BindCapsule, ContextTable, DropReason, Filter, Inbound, Limits, OutboundError,
+    self, BindCapsule, ContextTable, DropReason, Families, Filter, Inbound, Limits, OutboundError,
 };
 
 const PEERS: [&str; 8] = [
@@ -37,7 +37,13 @@ fuzz_target!(|data: &[u8]| {
     let [a, b, c, script @ ..] = data else { return };
     let limits = Limits { max_contexts: usize::from(a % 9), max_peers: usize::from(b % 9) };
     let filter = if c & 1 == 0 { Filter::SentTo } else { Filter::Any };
-    let mut t = ContextTable::new(limits, filter).with_proxy_compression(c & 2 == 0);
+    // The announced families: both, IPv4 only or IPv6 only.
+    let families = match b >> 6 {
+        1 => Families::of(&["192.0.2.1:443".parse().expect("addr")]),
+        2 => Families::of(&["[2001:db8::1]:443".parse().expect("addr")]),
+        _ => Families::BOTH,
+    };
+    let mut t = ContextTable::new(limits, filter).with_proxy_compression(c & 2 == 0).with_families(families);
     let target = (c & 4 != 0).then(|| peer(c >> 3));
     if let Some(target) = target {
         t = t.with_target(target);
@@ -82,7 +88,7 @@ fuzz_target!(|data: &[u8]| {
                     payload.extend_from_slice(&rest[..rest.len().min(usize::from(y >> 4))]);
                 }
                 match t.outbound(id(*x), &payload) {
-                    Ok((to, _)) if id(*x) == 0 => assert_eq!(Some(to), target),
+                    Ok((to, _)) if id(*x) == 0 => assert_eq!(Some(to), target.map(bind::tuple)),
                     Err(OutboundError::ContextZero) => assert!(id(*x) == 0 && target.is_none()),
                     _ => {}
                 }
@@ -96,6 +102,7 @@ fuzz_target!(|data: &[u8]| {
                 Inbound::Uncompressed(u) => assert_eq!(Some(u), uncompressed_before),
                 Inbound::Compressed(0) => assert!(target.is_some()),
                 Inbound::Drop(DropReason::Filtered) => assert_eq!(filter, Filter::SentTo),
+                Inbound::Drop(DropReason::FamilyNotAnnounced) => assert!(!families.contains(peer(*x))),
                 Inbound::Compressed(_) | Inbound::Drop(DropReason::NoContext) => {}
             },
             6 => {

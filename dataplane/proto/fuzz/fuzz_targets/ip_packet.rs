@@ -26,7 +26,10 @@ fuzz_target!(|data: &[u8]| {
         IcmpError::NoRoute,
         IcmpError::SourcePolicy,
     ];
-    let froms = [IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254)), IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1))];
+    let froms = [
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 254)),
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+    ];
     for kind in kinds {
         for from in froms {
             if let Some(error) = packet::icmp_error(data, from, kind) {
@@ -42,7 +45,10 @@ fuzz_target!(|data: &[u8]| {
         let _ = echo::is_full_probe_reply(data, &e);
         if let Some(r) = echo::reply(data, echo::TUNNEL_LINK_LOCAL) {
             let back = echo::parse(&r).expect("a reply parses");
-            assert_eq!((back.kind, back.dst, back.identifier, back.sequence), (EchoKind::Reply, e.src, e.identifier, e.sequence));
+            assert_eq!(
+                (back.kind, back.dst, back.identifier, back.sequence),
+                (EchoKind::Reply, e.src, e.identifier, e.sequence)
+            );
             assert_eq!(r.len(), data.len());
         }
     }
