@@ -240,8 +240,9 @@ pub struct Admin {
     store: PolicyStore,
     credentials: Option<Arc<Credentials>>,
     fleet: Option<Arc<Fleet>>,
-    /// The config file `reload` re-reads `[dataplane.connection_ids]` from.
-    config_path: Option<std::path::PathBuf>,
+    /// The config file `reload` re-reads `[dataplane.connection_ids]` from,
+    /// and the command line's server ID that overrides the file's.
+    config_path: Option<(std::path::PathBuf, Option<String>)>,
 }
 
 /// How long `reload` and `tickets_rotate` wait for the dataplane to apply
@@ -256,8 +257,8 @@ impl Admin {
 
     /// `reload` also re-reads `[dataplane.connection_ids]` from `path`: a
     /// new QUIC-LB configuration rotates the dataplane's connection IDs.
-    pub fn with_config_path(mut self, path: std::path::PathBuf) -> Self {
-        self.config_path = Some(path);
+    pub fn with_config_path(mut self, path: std::path::PathBuf, server_id: Option<String>) -> Self {
+        self.config_path = Some((path, server_id));
         self
     }
 
@@ -316,13 +317,19 @@ impl Admin {
     /// sent to the dataplane (a QUIC-LB rotation). None without a config
     /// file.
     fn reload_connection_ids(&self) -> Option<Value> {
-        let path = self.config_path.as_ref()?;
+        let (path, server_id) = self.config_path.as_ref()?;
         let parsed = std::fs::read_to_string(path)
             .map_err(|e| format!("{}: {e}", path.display()))
             .and_then(|text| {
                 crate::config::Config::parse(&text, &path.display().to_string()).map_err(|e| e.to_string())
             })
-            .and_then(|c| c.dataplane.connection_ids.settings());
+            .and_then(|c| {
+                let mut section = c.dataplane.connection_ids;
+                if let Some(id) = server_id {
+                    section.server_id = id.clone();
+                }
+                section.settings()
+            });
         let new = match parsed {
             Ok(s) => s,
             Err(e) => {

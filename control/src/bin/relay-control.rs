@@ -35,6 +35,11 @@ struct Args {
     /// Overrides relay.state_dir.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Overrides `[dataplane.connection_ids] server_id` (hex): each host of
+    /// a fleet has its own, e.g. derived from its address by the unit or
+    /// container that starts it.
+    #[arg(long)]
+    server_id: Option<String>,
     /// Prints the embedded default configuration and exits.
     #[arg(long)]
     print_default_config: bool,
@@ -101,7 +106,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         warn!("tls.keyless = false: the dataplane gets the private key and signs locally");
     }
     let d = &config.dataplane;
-    let cid_settings = d.connection_ids.settings().map_err(|e| format!("{}: {e}", config.origin))?;
+    let mut cid_section = d.connection_ids.clone();
+    if let Some(id) = &args.server_id {
+        cid_section.server_id = id.clone();
+    }
+    let cid_settings = cid_section.settings().map_err(|e| format!("{}: {e}", config.origin))?;
     if cid_settings.key.is_some() {
         info!(config_id = cid_settings.config_id, "QUIC-LB: encrypted connection IDs");
     }
@@ -231,7 +240,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut admin_endpoint =
         Admin::new(shared.clone(), policy.clone(), store).with_credentials(credentials.clone());
     if let Some(path) = &args.config {
-        admin_endpoint = admin_endpoint.with_config_path(path.clone());
+        admin_endpoint = admin_endpoint.with_config_path(path.clone(), args.server_id.clone());
     }
     if let Some(f) = &fleet {
         admin_endpoint = admin_endpoint.with_fleet(f.clone());
