@@ -13,7 +13,8 @@
 //!   and benchmarks.
 //! - [`fleet_topology`], [`redis_server`]: relay hosts in network
 //!   namespaces behind an nftables load balancer, and their store, for the
-//!   fleet's multi-host test.
+//!   fleet's multi-host test; [`fleetbench`]: what fleet mode costs
+//!   (`relay-bench fleet`).
 //! - [`needs`]: what the tests that are ignored by default need from the
 //!   machine, checked when they run.
 //! - [`wait`]: bounded waits on a condition for the tests (instead of
@@ -24,6 +25,7 @@ pub mod client;
 pub mod direct;
 pub mod echo;
 pub mod fleet_topology;
+pub mod fleetbench;
 pub mod frontbench;
 pub mod h2client;
 pub mod interop;

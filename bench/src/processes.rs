@@ -270,6 +270,21 @@ max_pending = 64
         self.state_dir.join("cert.pem")
     }
 
+    /// Gives the state directory `state` of a relay not started yet this
+    /// relay's certificate and key (the hosts of a fleet serve one name
+    /// with one certificate).
+    pub fn share_certificate(&self, state: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))?;
+        for file in ["cert.pem", "key.pem"] {
+            let to = state.join(file);
+            std::fs::copy(self.state_dir.join(file), &to).with_context(|| format!("copying {file}"))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    }
+
     /// The admin socket.
     pub fn admin_socket(&self) -> PathBuf {
         self.state_dir.join("admin.sock")

@@ -146,7 +146,7 @@ impl Fleet {
         for (i, (name, _)) in HOSTS.iter().enumerate() {
             let host_dir = dir.0.join(name);
             if let Some(first) = hosts.first() {
-                share_certificate(first, &host_dir.join("state"));
+                first.share_certificate(&host_dir.join("state")).unwrap();
             }
             let opts = host_options(&topo, &dir.0, &redis, i);
             hosts.push(Relay::start(&host_dir, &opts).unwrap_or_else(|e| panic!("{name} starts: {e:#}")));
@@ -279,18 +279,6 @@ fn host_options(topo: &FleetTopology, dir: &Path, redis: &RedisServer, i: usize)
         port: Some(PORT),
         log_dir: Some(dir.join(name).join("logs")),
         ..Default::default()
-    }
-}
-
-/// Gives a host's state directory the first host's certificate and key
-/// before it starts (a fleet serves one name with one certificate).
-fn share_certificate(first: &Relay, state: &Path) {
-    std::fs::create_dir_all(state).unwrap();
-    std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700)).unwrap();
-    for file in ["cert.pem", "key.pem"] {
-        let to = state.join(file);
-        std::fs::copy(first.state_dir.join(file), &to).unwrap();
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 }
 
