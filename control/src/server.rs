@@ -929,7 +929,7 @@ impl Server {
                 Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => {
                     Some((*flow_id, SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0)))
                 }
-                Verdict::Deny { .. } => None,
+                Verdict::Deny { .. } | Verdict::Authenticate { .. } => None,
             };
             if let Some((flow_id, target)) = allowed {
                 let (flow_id, target) = (&flow_id, &target);
@@ -970,11 +970,14 @@ impl Server {
         if let Verdict::Deny { status, details, .. } = &verdict {
             debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");
         }
+        if let Verdict::Authenticate { details, .. } = &verdict {
+            debug!(ask = ask.ask_id, status = 407, details = details.as_str(), "ask denied");
+        }
         let allowed = match &verdict {
             Verdict::Allow { flow_id, .. }
             | Verdict::AllowIp { flow_id, .. }
             | Verdict::AllowBind { flow_id, .. } => Some(*flow_id),
-            Verdict::Deny { .. } => None,
+            Verdict::Deny { .. } | Verdict::Authenticate { .. } => None,
         };
         let sent =
             self.send_to_worker(worker, AnswerRecord::AuthAnswer(AuthAnswer { ask_id: ask.ask_id, verdict }));

@@ -38,12 +38,16 @@ pub struct Refusal {
     pub details: String,
     /// `Retry-After` seconds (a rate or byte quota's 429).
     pub retry_after: Option<u32>,
+    /// A 407's `Proxy-Authenticate` values, as control built them (checked
+    /// by the record decoder: visible ASCII and spaces); empty: the
+    /// relay's `Bearer realm` challenge.
+    pub challenges: Vec<String>,
 }
 
 impl Refusal {
     /// A refusal without `Retry-After`.
     pub fn new(status: u16, proxy_error: Option<ProxyError>, details: impl Into<String>) -> Self {
-        Self { status, proxy_error, details: details.into(), retry_after: None }
+        Self { status, proxy_error, details: details.into(), retry_after: None, challenges: Vec::new() }
     }
 }
 
@@ -71,10 +75,15 @@ impl Head {
             let details = (!r.details.is_empty()).then_some(r.details.as_str());
             fields.push(("proxy-status", proxy_status::format(&names.proxy, e, details)));
         }
-        if r.status == 407 {
+        if r.status == 407 && r.challenges.is_empty() {
             let realm: String =
                 names.realm.chars().filter(|c| *c != '"' && *c != '\\' && (' '..='~').contains(c)).collect();
             fields.push(("proxy-authenticate", format!("Bearer realm=\"{realm}\"")));
+        } else if r.status == 407 {
+            // One field per challenge (RFC 9110 section 11.7.1 allows
+            // several, in one field or many; separate fields keep each
+            // value whole for clients that read only one).
+            fields.extend(r.challenges.iter().map(|c| ("proxy-authenticate", c.clone())));
         }
         if r.status == 405 {
             fields.push(("allow", allow.to_string()));
@@ -118,6 +127,23 @@ mod tests {
         let mut quota = Refusal::new(429, Some(ProxyError::HttpRequestDenied), "quota");
         quota.retry_after = Some(3);
         assert_eq!(Head::refusal(&quota, &names(), "CONNECT").field("retry-after"), Some("3"));
+    }
+
+    #[test]
+    fn a_407_carries_controls_challenges_one_field_each() {
+        let mut r = Refusal::new(407, Some(ProxyError::HttpRequestDenied), "token replayed");
+        r.challenges = vec![
+            "Bearer realm=\"relay\"".into(),
+            "PrivateToken challenge=\"AAIA\", token-key=\"MIIB\", max-age=10".into(),
+        ];
+        let h = Head::refusal(&r, &names(), "CONNECT");
+        let values: Vec<&str> =
+            h.fields.iter().filter(|(n, _)| *n == "proxy-authenticate").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(values, [r.challenges[0].as_str(), r.challenges[1].as_str()]);
+        assert_eq!(
+            h.field("proxy-status"),
+            Some("relay; error=http_request_denied; details=\"token replayed\"")
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub fn allowed_flow(v: &Verdict) -> Option<u64> {
         Verdict::Allow { flow_id, .. }
         | Verdict::AllowIp { flow_id, .. }
         | Verdict::AllowBind { flow_id, .. } => Some(*flow_id),
-        Verdict::Deny { .. } => None,
+        Verdict::Deny { .. } | Verdict::Authenticate { .. } => None,
     }
 }
 
@@ -52,6 +52,11 @@ pub(super) fn apply(
         (Verdict::Deny { status, proxy_error, details, retry_after_secs }, _) => {
             let mut refusal = Refusal::new(status, proxy_error, details);
             refusal.retry_after = (retry_after_secs > 0).then_some(retry_after_secs);
+            ts.refuse(ctx, id, &refusal);
+        }
+        (Verdict::Authenticate { details, challenges }, _) => {
+            let mut refusal = Refusal::new(407, Some(ProxyError::HttpRequestDenied), details);
+            refusal.challenges = challenges;
             ts.refuse(ctx, id, &refusal);
         }
         (Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity }, Kind::Tcp) => {

@@ -343,6 +343,14 @@ impl Client {
         self.responses.get(&stream)?.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
+    /// Every value of field `name` in the response on `stream`, in order.
+    pub fn fields(&self, stream: u64, name: &str) -> Vec<&str> {
+        self.responses
+            .get(&stream)
+            .map(|f| f.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect())
+            .unwrap_or_default()
+    }
+
     /// Sends a request; returns its stream.
     pub fn request(&mut self, fields: &[(&str, &str)], fin: bool) -> u64 {
         let headers: Vec<quiche::h3::Header> =

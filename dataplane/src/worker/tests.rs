@@ -127,6 +127,36 @@ fn refusals_from_routing_and_from_control_carry_status_and_proxy_status() {
 }
 
 #[test]
+fn a_407_from_control_carries_its_challenges_and_the_realm_only_without_them() {
+    let mut h = Harness::new(bootstrap(1));
+    h.connect();
+    let with = h.client.connect_udp("192.0.2.1", 53);
+    let without = h.client.connect_udp("192.0.2.1", 54);
+    h.run();
+    let asks = h.control.take_asks();
+    assert_eq!(asks.len(), 2);
+    let challenges = vec![
+        "Bearer realm=\"masque\"".to_string(),
+        "PrivateToken challenge=\"AAIAB2lzc3Vlcg==\", token-key=\"MIIBUjA9\", max-age=60".to_string(),
+    ];
+    let verdict = Verdict::Authenticate { details: "token replayed".into(), challenges: challenges.clone() };
+    h.control.answer(&asks[0], verdict);
+    h.control.answer(
+        &asks[1],
+        Verdict::Authenticate { details: "authentication required".into(), challenges: vec![] },
+    );
+    h.run();
+    assert_eq!(h.client.status(with), Some(407));
+    assert_eq!(h.client.fields(with, "proxy-authenticate"), challenges);
+    assert_eq!(
+        h.client.field(with, "proxy-status"),
+        Some("relay; error=http_request_denied; details=\"token replayed\"")
+    );
+    assert_eq!(h.client.status(without), Some(407));
+    assert_eq!(h.client.fields(without, "proxy-authenticate"), ["Bearer realm=\"masque\""]);
+}
+
+#[test]
 fn control_that_does_not_answer_in_time_gets_503_on_the_virtual_clock() {
     let mut h = Harness::new(bootstrap(1));
     h.connect();

@@ -6,7 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::wire::{Reader, Writer};
 use super::{
-    IpAssignment, IpRoute, MAX_DETAILS, MAX_IP_ASSIGNMENTS, MAX_IP_ROUTES, MAX_SIGNATURE, RecordError,
+    IpAssignment, IpRoute, MAX_CHALLENGE_LEN, MAX_CHALLENGES, MAX_DETAILS, MAX_IP_ASSIGNMENTS, MAX_IP_ROUTES,
+    MAX_SIGNATURE, RecordError,
 };
 use crate::proxy_status::ProxyError;
 
@@ -73,6 +74,32 @@ pub enum Verdict {
         /// on 429 when a rate or byte quota refused); 0: not sent.
         retry_after_secs: u32,
     },
+    /// Refuse with 407 (no or refused credentials): Proxy-Status
+    /// `http_request_denied` with `details`, and one `Proxy-Authenticate`
+    /// field per challenge (RFC 9110 section 11.7.1), e.g. `Bearer
+    /// realm="relay"` or a Privacy Pass `PrivateToken challenge=...,
+    /// token-key=...` (RFC 9577 section 2.1). Control builds the
+    /// challenges, which change with its keys and redemption windows.
+    Authenticate {
+        /// Details for the Proxy-Status field.
+        details: String,
+        /// The `Proxy-Authenticate` field values, in order (at most
+        /// [`MAX_CHALLENGES`], each at most [`MAX_CHALLENGE_LEN`] bytes of
+        /// visible ASCII and spaces; see [`valid_challenge`]).
+        challenges: Vec<String>,
+    },
+}
+
+/// Whether `v` may be sent as a `Proxy-Authenticate` field value: 1 to
+/// [`MAX_CHALLENGE_LEN`] bytes of visible ASCII and inner spaces (RFC 9110
+/// section 5.5 field-value without obs-text or tabs; no leading or
+/// trailing space). The dataplane puts it in a response head unchanged,
+/// so control's word is checked here rather than trusted.
+pub fn valid_challenge(v: &str) -> bool {
+    (1..=MAX_CHALLENGE_LEN).contains(&v.len())
+        && v.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
+        && !v.starts_with(' ')
+        && !v.ends_with(' ')
 }
 
 /// Control answers an ask.
@@ -132,6 +159,15 @@ impl AuthAnswer {
                 w.str(details, MAX_DETAILS, "details")?;
                 w.u32(*retry_after_secs)
             }
+            Verdict::Authenticate { details, challenges } => {
+                if challenges.len() > MAX_CHALLENGES || !challenges.iter().all(|c| valid_challenge(c)) {
+                    return Err(RecordError::BadValue("challenges"));
+                }
+                w.u8(5)?;
+                w.str(details, MAX_DETAILS, "details")?;
+                w.u8(challenges.len() as u8)?;
+                challenges.iter().try_for_each(|c| w.str(c, MAX_CHALLENGE_LEN, "challenge"))
+            }
         }
     }
 
@@ -189,6 +225,19 @@ impl AuthAnswer {
                 }
                 let peers = (0..n).map(|_| r.route()).collect::<Result<_, _>>()?;
                 Verdict::AllowBind { flow_id, idle_timeout_ms, byte_budget, identity, peers }
+            }
+            5 => {
+                let details = r.str(MAX_DETAILS, "details")?;
+                let n = usize::from(r.u8()?);
+                if n > MAX_CHALLENGES {
+                    return Err(RecordError::BadValue("challenges"));
+                }
+                let challenges: Vec<String> =
+                    (0..n).map(|_| r.str(MAX_CHALLENGE_LEN, "challenge")).collect::<Result<_, _>>()?;
+                if !challenges.iter().all(|c| valid_challenge(c)) {
+                    return Err(RecordError::BadValue("challenge"));
+                }
+                Verdict::Authenticate { details, challenges }
             }
             _ => return Err(RecordError::BadValue("verdict")),
         };

@@ -23,7 +23,7 @@ pub mod answer;
 pub mod ask;
 mod wire;
 
-pub use answer::{AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict};
+pub use answer::{AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict, valid_challenge};
 pub use ask::{
     AddressAsk, AuthAsk, ConnInfo, FlowClosed, FlowOpen, IPPROTO_ANY, SignAsk, Transport, TunnelProtocol,
 };
@@ -44,6 +44,15 @@ pub const MAX_PATH: usize = 1536;
 pub const MAX_AUTHORIZATION: usize = 1920;
 /// Longest deny details carried in an answer.
 pub const MAX_DETAILS: usize = 512;
+/// Most `Proxy-Authenticate` challenges a 407 answer carries (a Bearer
+/// challenge and Privacy Pass challenges of both token types, with room
+/// for one more).
+pub const MAX_CHALLENGES: usize = 4;
+/// Longest `Proxy-Authenticate` challenge carried in an answer: a Privacy
+/// Pass type 2 challenge is about 460 bytes of `token-key` (the 2048-bit
+/// key's SPKI, base64url) plus the TokenChallenge's encoding; four of
+/// these and the details fit a record.
+pub const MAX_CHALLENGE_LEN: usize = 850;
 /// Longest input a signing ask carries (a TLS 1.3 CertificateVerify input
 /// is 64 + 34 + 1 + at most 64 bytes; ample room for other uses).
 pub const MAX_SIGN_INPUT: usize = 2048;
@@ -507,6 +516,17 @@ mod tests {
                     }],
                 },
             }),
+            AnswerRecord::AuthAnswer(AuthAnswer {
+                ask_id: 14,
+                verdict: Verdict::Authenticate {
+                    details: "x".repeat(MAX_DETAILS),
+                    challenges: vec!["c".repeat(MAX_CHALLENGE_LEN); MAX_CHALLENGES],
+                },
+            }),
+            AnswerRecord::AuthAnswer(AuthAnswer {
+                ask_id: 15,
+                verdict: Verdict::Authenticate { details: String::new(), challenges: Vec::new() },
+            }),
             AnswerRecord::Drain,
             AnswerRecord::KillFlow { flow_id: 42 },
             AnswerRecord::SignAnswer(SignAnswer {
@@ -552,7 +572,7 @@ mod tests {
         let ask_kinds: Vec<u8> = ask_samples().iter().map(|r| kind(encoded(r))).collect();
         assert_eq!(ask_kinds, [1, 1, 1, 3, 4, 4, 7, 7, 10, 11, 12]);
         let answer_kinds: Vec<u8> = answer_samples().iter().map(|r| kind(encoded(r))).collect();
-        assert_eq!(answer_kinds, [2, 2, 2, 2, 2, 5, 6, 8, 8, 9, 13]);
+        assert_eq!(answer_kinds, [2, 2, 2, 2, 2, 2, 2, 5, 6, 8, 8, 9, 13]);
         let closed = encoded(&AskRecord::FlowClosed(FlowClosed {
             flow_id: 1,
             packets_up: 2,
@@ -666,6 +686,44 @@ mod tests {
             assert_eq!(list.encode(&mut buf), Err(RecordError::BadValue("limit")));
         }
         assert_eq!(AnswerRecord::Drain.check(), Ok(()));
+    }
+
+    #[test]
+    fn challenges_must_be_header_safe_and_bounded_both_ways() {
+        let mut buf = [0u8; RECORD_SIZE];
+        let auth = |challenges: Vec<String>| {
+            AnswerRecord::AuthAnswer(AuthAnswer {
+                ask_id: 1,
+                verdict: Verdict::Authenticate { details: "d".into(), challenges },
+            })
+        };
+        let ok = "PrivateToken challenge=\"AAIA\", token-key=\"MIIB\"".to_string();
+        assert_eq!(auth(vec![ok.clone(), "Bearer realm=\"r\"".into()]).check(), Ok(()));
+        for bad in [
+            String::new(),
+            "Bearer realm=\"r\"\r\nX-Injected: 1".to_string(),
+            "Bearer\trealm=r".to_string(),
+            " Bearer".to_string(),
+            "Bearer ".to_string(),
+            "Bearer r\u{e9}alm".to_string(),
+            "c".repeat(MAX_CHALLENGE_LEN + 1),
+        ] {
+            assert!(!valid_challenge(&bad), "{bad:?}");
+            assert_eq!(auth(vec![bad.clone()]).encode(&mut buf), Err(RecordError::BadValue("challenges")));
+        }
+        assert_eq!(
+            auth(vec![ok.clone(); MAX_CHALLENGES + 1]).encode(&mut buf),
+            Err(RecordError::BadValue("challenges"))
+        );
+        // A peer that writes a bad challenge anyway: the decoder refuses it.
+        auth(vec!["abc".into()]).encode(&mut buf).unwrap();
+        let at = buf.windows(3).position(|w| w == b"abc").unwrap();
+        buf[at + 1] = b'\n';
+        assert_eq!(AnswerRecord::decode(&buf), Err(RecordError::BadValue("challenge")));
+        buf[at + 1] = b'b';
+        // And a count beyond the bound.
+        buf[at - 3] = (MAX_CHALLENGES + 1) as u8;
+        assert_eq!(AnswerRecord::decode(&buf), Err(RecordError::BadValue("challenges")));
     }
 
     #[test]
