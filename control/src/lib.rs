@@ -20,6 +20,7 @@ pub mod global_quota;
 pub mod ippool;
 pub mod metrics;
 pub mod policy;
+pub mod privacy_pass;
 pub mod quota;
 pub mod resolver;
 pub mod server;
