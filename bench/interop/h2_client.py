@@ -200,6 +200,8 @@ class H2Client:
         return self.conn.remote_settings.get(h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL, 0) == 1
 
     def auth(self) -> list[tuple[str, str]]:
+        if self.args.authorization:
+            return [("proxy-authorization", self.args.authorization)]
         return [("proxy-authorization", f"Bearer {self.args.token}")] if self.args.token else []
 
     def request(self, headers: list[tuple[str, str]], end_stream: bool = False) -> int:
@@ -831,6 +833,8 @@ def main() -> int:
     p.add_argument("--ca", help="CA certificate to verify the relay with")
     p.add_argument("--server-name", default="localhost")
     p.add_argument("--token")
+    p.add_argument("--authorization", help="the whole Proxy-Authorization value (overrides --token), "
+                   "e.g. a Privacy Pass credential")
     p.add_argument("--target-host", default="127.0.0.1")
     p.add_argument("--target-port", type=int, default=7)
     p.add_argument("--ping-target", default="192.0.2.1")

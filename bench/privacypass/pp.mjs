@@ -17,6 +17,9 @@
 //   node pp.mjs token-any-key DIR TYPE CHALLENGES
 //       The same without the token-key check: a token from DIR's key for a
 //       challenge that named another key.
+//   node pp.mjs token-other-origin DIR TYPE CHALLENGES ORIGIN
+//       A token from DIR's key for the challenge with its origin info
+//       replaced by ORIGIN (a token another origin asked for).
 //   node pp.mjs vector DIR ISSUER ORIGIN
 //       A known-answer vector for the relay's unit tests: a challenge with
 //       a fixed redemption context and a token for it.
@@ -83,7 +86,7 @@ async function mint(dir, type, challenge) {
     return new AuthorizationHeader(token).toString();
 }
 
-async function token(dir, type, challenges, count, checkKey) {
+async function token(dir, type, challenges, count, checkKey, origin) {
     const ours = type === 2 ? readFileSync(`${dir}/blind-rsa.spki`) : readFileSync(`${dir}/voprf.public`);
     const parsed = challenges
         .split('\n')
@@ -94,8 +97,12 @@ async function token(dir, type, challenges, count, checkKey) {
     if (checkKey && Buffer.compare(Buffer.from(found.tokenKey), ours) !== 0) {
         throw new Error(`the challenge's token-key is not our type ${type} key`);
     }
+    let challenge = found.challenge;
+    if (origin !== undefined) {
+        challenge = new TokenChallenge(challenge.tokenType, challenge.issuerName, challenge.redemptionContext, [origin]);
+    }
     const out = [];
-    for (let i = 0; i < count; i++) out.push(await mint(dir, type, found.challenge));
+    for (let i = 0; i < count; i++) out.push(await mint(dir, type, challenge));
     process.stdout.write(out.join('\n') + '\n');
 }
 
@@ -115,6 +122,7 @@ try {
     if (cmd === 'keygen') await keygen(args[0]);
     else if (cmd === 'token' || cmd === 'token-any-key')
         await token(args[0], Number(args[1]), args[2], Number(args[3] ?? 1), cmd === 'token');
+    else if (cmd === 'token-other-origin') await token(args[0], Number(args[1]), args[2], 1, true, args[3]);
     else if (cmd === 'vector') await vector(args[0], args[1], args[2]);
     else throw new Error(`usage: pp.mjs keygen|token|token-any-key|vector ... (got ${cmd})`);
 } catch (e) {

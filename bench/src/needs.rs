@@ -1,6 +1,7 @@
 //! What the tests marked `#[ignore = "needs ...: run by `cargo xtask test`"]`
 //! need from the machine: root, /dev/net/tun, programs (ip, ping, python3,
-//! curl, turnserver, nft, redis-server) and the interop venv.
+//! curl, turnserver, nft, redis-server), the interop venv and the Privacy
+//! Pass client (node, `bench/privacypass`).
 //!
 //! A plain `cargo test` lists those tests as ignored. `cargo xtask test`
 //! checks the machine for each need (its own copy of these checks, in
@@ -37,6 +38,9 @@ pub enum Need {
     RedisServer,
     /// The interop venv with aioquic and h2 ([`interop::find_python`]).
     InteropVenv,
+    /// Node and the Privacy Pass client's packages
+    /// ([`crate::privacypass::missing`]).
+    PrivacyPassClient,
 }
 
 impl Need {
@@ -55,6 +59,7 @@ impl Need {
             Need::Nft => missing_program("nft", "nftables"),
             Need::RedisServer => missing_program("redis-server", "redis-server"),
             Need::InteropVenv => interop::find_python().err().map(|e| e.to_string()),
+            Need::PrivacyPassClient => crate::privacypass::missing(),
         }
     }
 }

@@ -93,6 +93,8 @@ pub struct RelayOptions {
     pub relay_extra: String,
     /// Extra TOML appended to the `[tls]` section.
     pub tls_extra: String,
+    /// Extra TOML appended to the `[auth]` section (e.g. `schemes`).
+    pub auth_extra: String,
     /// Run the dataplane as this uid (and gid); needs root. The channel
     /// socket then lives outside the (0700) state directory.
     pub dataplane_uid: Option<u32>,
@@ -131,6 +133,7 @@ impl Default for RelayOptions {
             extra_config: String::new(),
             relay_extra: String::new(),
             tls_extra: String::new(),
+            auth_extra: String::new(),
             dataplane_uid: None,
             listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             bin_dir: None,
@@ -210,6 +213,7 @@ self_signed_names = ["localhost", "127.0.0.1"]
 [auth]
 realm = "test"
 tokens = [{tokens}]
+{auth_extra}
 
 [targets]
 allow = [{allow}]
@@ -242,6 +246,7 @@ max_pending = 64
             tls_extra = opts.tls_extra,
             listen = SocketAddr::new(opts.listen_ip, port),
             tcp_extra = opts.tcp_extra,
+            auth_extra = opts.auth_extra,
         );
         let config_path = dir.join("relay.toml");
         std::fs::write(&config_path, config)?;
@@ -292,12 +297,17 @@ max_pending = 64
 
     /// The admin socket's `status` answer.
     pub fn status(&self) -> Result<serde_json::Value> {
+        self.admin(r#"{"cmd":"status"}"#)
+    }
+
+    /// The admin socket's answer to `request` (one JSON line).
+    pub fn admin(&self, request: &str) -> Result<serde_json::Value> {
         use std::io::{BufRead, BufReader, Write};
         let socket = self.admin_socket();
         let s = std::os::unix::net::UnixStream::connect(&socket)
             .with_context(|| format!("admin socket {}", socket.display()))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        (&s).write_all(b"{\"cmd\":\"status\"}\n")?;
+        (&s).write_all(format!("{request}\n").as_bytes())?;
         let mut line = String::new();
         BufReader::new(&s).read_line(&mut line)?;
         Ok(serde_json::from_str(&line)?)

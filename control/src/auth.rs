@@ -124,6 +124,9 @@ pub enum Identity {
     Subject(String),
     /// A static token, by fingerprint.
     StaticToken(String),
+    /// A Privacy Pass token: unlinkable, so named by its issuer key only
+    /// (`pp:<type>:<key id>`, [`crate::privacy_pass::Redeemed::quota_key`]).
+    PrivacyPass(String),
     /// Not known (flows a re-attached dataplane reported).
     Unknown,
 }
@@ -135,6 +138,7 @@ impl Identity {
         match self {
             Identity::Subject(s) => Some(format!("sub:{s}")),
             Identity::StaticToken(fp) => Some(format!("tok:{fp}")),
+            Identity::PrivacyPass(key) => Some(key.clone()),
             Identity::Unknown => None,
         }
     }
@@ -145,6 +149,7 @@ impl fmt::Display for Identity {
         match self {
             Identity::Subject(s) => write!(f, "sub:{s}"),
             Identity::StaticToken(fp) => write!(f, "tok:{fp}"),
+            Identity::PrivacyPass(key) => f.write_str(key),
             Identity::Unknown => f.write_str("-"),
         }
     }
@@ -165,6 +170,10 @@ pub enum Refusal {
     RevokedSubject,
     /// This exact token is revoked.
     RevokedToken,
+    /// A scheme this relay does not accept (`auth.schemes`).
+    Scheme,
+    /// A Privacy Pass token that was refused.
+    PrivacyPass(crate::privacy_pass::Refusal),
 }
 
 impl Refusal {
@@ -177,14 +186,20 @@ impl Refusal {
             Refusal::Token(e) => e.reason(),
             Refusal::RevokedSubject => "revoked_subject",
             Refusal::RevokedToken => "revoked_token",
+            Refusal::Scheme => "scheme_not_accepted",
+            Refusal::PrivacyPass(r) => r.reason(),
         }
     }
 
-    /// What the client is told (deliberately the same for every bad
-    /// credential).
+    /// What the client is told: the same for every bad bearer
+    /// credential (which of them failed would help guess tokens), the
+    /// reason for a Privacy Pass token (nothing secret: the client holds
+    /// the token, and the reason tells it whether to fetch a new one).
     pub fn client_details(&self) -> &'static str {
         match self {
             Refusal::Missing => "authentication required",
+            Refusal::Scheme => "unsupported authentication scheme",
+            Refusal::PrivacyPass(r) => r.client_details(),
             _ => "invalid credentials",
         }
     }

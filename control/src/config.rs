@@ -343,6 +343,97 @@ fn fourteen() -> usize {
     14
 }
 
+/// `[auth] schemes` and `[auth.privacy_pass]` agree and hold usable values.
+fn check_auth_schemes(auth: &AuthSection) -> Result<(), String> {
+    use crate::privacy_pass::wire::{MAX_NAMES_LEN, valid_name};
+    if auth.schemes.is_empty() {
+        return Err("auth.schemes must list at least one of \"bearer\", \"private_token\"".into());
+    }
+    if auth.schemes.iter().enumerate().any(|(i, s)| auth.schemes[..i].contains(s)) {
+        return Err("auth.schemes lists a scheme twice".into());
+    }
+    let private_token = auth.schemes.contains(&AuthScheme::PrivateToken);
+    let Some(pp) = &auth.privacy_pass else {
+        if private_token {
+            return Err("auth.schemes has \"private_token\": configure [auth.privacy_pass]".into());
+        }
+        return Ok(());
+    };
+    if !private_token {
+        return Err("[auth.privacy_pass] is set but auth.schemes does not list \"private_token\"".into());
+    }
+    if !valid_name(&pp.issuer_name) {
+        return Err(format!(
+            "auth.privacy_pass.issuer_name {:?} must be visible ASCII without ',' or '\"'",
+            pp.issuer_name
+        ));
+    }
+    if let Some(o) = pp.origin_info.iter().find(|o| !valid_name(o)) {
+        return Err(format!(
+            "auth.privacy_pass.origin_info entry {o:?} must be visible ASCII without ',' or '\"'"
+        ));
+    }
+    let names = pp.issuer_name.len() + pp.origin_info.iter().map(|o| o.len() + 1).sum::<usize>();
+    if names > MAX_NAMES_LEN {
+        return Err(format!(
+            "auth.privacy_pass: issuer_name and origin_info together must be at most {MAX_NAMES_LEN} bytes (challenges must fit a channel record)"
+        ));
+    }
+    if pp.redemption_window_secs != 0 && !(60..=7 * 86_400).contains(&pp.redemption_window_secs) {
+        return Err(format!(
+            "auth.privacy_pass.redemption_window_secs must be 0 or 60..=604800, not {}",
+            pp.redemption_window_secs
+        ));
+    }
+    if !(1..=100_000_000).contains(&pp.max_spent_tokens) {
+        return Err(format!(
+            "auth.privacy_pass.max_spent_tokens must be 1..=100000000, not {}",
+            pp.max_spent_tokens
+        ));
+    }
+    if !(10..=86_400).contains(&pp.directory_refresh_secs) {
+        return Err(format!(
+            "auth.privacy_pass.directory_refresh_secs must be 10..=86400, not {}",
+            pp.directory_refresh_secs
+        ));
+    }
+    if pp.directory_file.is_some() && pp.directory_url.is_some() {
+        return Err("auth.privacy_pass: give at most one of directory_file or directory_url".into());
+    }
+    if let Some(url) = &pp.directory_url
+        && !url.starts_with("https://")
+    {
+        return Err(format!("auth.privacy_pass.directory_url must be an https:// URL, not {url:?}"));
+    }
+    if pp.keys.is_empty() && pp.directory_file.is_none() && pp.directory_url.is_none() {
+        return Err(
+            "auth.privacy_pass: give [[auth.privacy_pass.keys]], a directory_file or a directory_url".into(),
+        );
+    }
+    if pp.keys.len() > crate::privacy_pass::MAX_KEYS {
+        return Err(format!("auth.privacy_pass: at most {} keys", crate::privacy_pass::MAX_KEYS));
+    }
+    for (i, k) in pp.keys.iter().enumerate() {
+        let name = format!("auth.privacy_pass.keys[{i}]");
+        match (k.token_type, &k.public_key_file, &k.private_key_file) {
+            (2, Some(_), None) | (1, None, Some(_)) => {}
+            (2, _, _) => {
+                return Err(format!("{name}: token_type 2 needs public_key_file (and no private_key_file)"));
+            }
+            (1, _, _) => {
+                return Err(format!("{name}: token_type 1 needs private_key_file (and no public_key_file)"));
+            }
+            (t, _, _) => return Err(format!("{name}: token_type must be 1 or 2, not {t}")),
+        }
+        if let (Some(b), Some(a)) = (k.not_before, k.not_after)
+            && b >= a
+        {
+            return Err(format!("{name}: not_before must be before not_after"));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses TCP listeners that would collide: the cleartext listener on the
 /// TLS listener's address, or either on the metrics endpoint's. Port 0
 /// (an ephemeral port for each socket) never collides.
@@ -469,6 +560,100 @@ pub struct AuthSection {
     /// first one mints unless `relayctl token mint --key-id` says otherwise.
     #[serde(default)]
     pub hmac_keys: Vec<HmacKeyConfig>,
+    /// The credential schemes accepted: `bearer` (static and HMAC tokens)
+    /// and `private_token` (Privacy Pass, RFC 9577: needs
+    /// `[auth.privacy_pass]`). A 407 challenges with each.
+    #[serde(default = "bearer_only")]
+    pub schemes: Vec<AuthScheme>,
+    /// Privacy Pass (`[auth.privacy_pass]`).
+    #[serde(default)]
+    pub privacy_pass: Option<PrivacyPassSection>,
+}
+
+fn bearer_only() -> Vec<AuthScheme> {
+    vec![AuthScheme::Bearer]
+}
+
+/// A credential scheme of `Proxy-Authorization`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthScheme {
+    /// `Bearer <token>`: static and HMAC-signed tokens.
+    Bearer,
+    /// `PrivateToken token=...`: Privacy Pass (RFC 9577).
+    PrivateToken,
+}
+
+/// `[auth.privacy_pass]`: the issuer the relay accepts tokens of, and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPassSection {
+    /// The issuer's name in challenges (its host name, RFC 9577 section
+    /// 2.1.1.1).
+    pub issuer_name: String,
+    /// The relay's origin names in challenges (section 2.1.1.3); empty:
+    /// tokens of the issuer for any origin.
+    #[serde(default)]
+    pub origin_info: Vec<String>,
+    /// Challenges carry a redemption context bound to windows of this
+    /// many seconds, and tokens for the current or previous window are
+    /// accepted (60..=604800); 0: the empty context (tokens redeemable
+    /// while their key is in force).
+    #[serde(default = "one_hour")]
+    pub redemption_window_secs: u64,
+    /// Bound of the spent-token store (about 75 bytes each).
+    #[serde(default = "million")]
+    pub max_spent_tokens: usize,
+    /// The issuer's directory (RFC 9578 section 4) as a file, read at start
+    /// and every `directory_refresh_secs`.
+    #[serde(default)]
+    pub directory_file: Option<PathBuf>,
+    /// The issuer's directory at an `https://` URL, fetched at start and
+    /// every `directory_refresh_secs`.
+    #[serde(default)]
+    pub directory_url: Option<String>,
+    /// How often the directory is read again (10..=86400).
+    #[serde(default = "five_minutes")]
+    pub directory_refresh_secs: u64,
+    /// Keys from files (`[[auth.privacy_pass.keys]]`).
+    #[serde(default)]
+    pub keys: Vec<PrivacyPassKeyConfig>,
+}
+
+fn one_hour() -> u64 {
+    3600
+}
+
+fn million() -> usize {
+    crate::privacy_pass::DEFAULT_MAX_SPENT
+}
+
+fn five_minutes() -> u64 {
+    300
+}
+
+/// One `[[auth.privacy_pass.keys]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPassKeyConfig {
+    /// 2 (Blind RSA, publicly verifiable) or 1 (VOPRF P-384, privately
+    /// verifiable).
+    pub token_type: u16,
+    /// Type 2: the issuer's public key, a SubjectPublicKeyInfo with the
+    /// id-RSASSA-PSS OID (RFC 9578 section 6.5), as DER, PEM or base64url
+    /// text (the directory's `token-key`).
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// Type 1: the issuer's private key (the P-384 scalar as hex); must not
+    /// be readable by every user.
+    #[serde(default)]
+    pub private_key_file: Option<PathBuf>,
+    /// Unix seconds from which the key is in force (default: now).
+    #[serde(default)]
+    pub not_before: Option<u64>,
+    /// Unix seconds from which its tokens are refused as expired.
+    #[serde(default)]
+    pub not_after: Option<u64>,
 }
 
 /// One `[[auth.hmac_keys]]` entry: an ID and exactly one of `secret_file`
@@ -1077,6 +1262,7 @@ impl Config {
                  whitespace and must not start like a versioned HMAC token (v1.)"
             )));
         }
+        check_auth_schemes(&config.auth).map_err(invalid)?;
         if let Some(f) = &config.fleet
             && f.redis.is_empty() == f.sentinel.is_none()
         {
@@ -1153,6 +1339,72 @@ impl Config {
             keys.add(key.id.get_ref(), Secret::new(secret)).map_err(|e| invalid(format!("{name}: {e}")))?;
         }
         Ok(keys)
+    }
+
+    /// The Privacy Pass verifier of `[auth.privacy_pass]` with the
+    /// configured keys, reading key files; `None` when `private_token` is
+    /// not among the schemes. The directory's keys are the caller's to
+    /// install ([`crate::privacy_pass::source`]).
+    pub fn privacy_pass(&self) -> Result<Option<crate::privacy_pass::PrivacyPass>, ConfigError> {
+        use crate::privacy_pass::{KeyEntry, KeySource, PrivacyPass, Settings, keys::IssuerKey};
+        let invalid = |message: String| ConfigError::Invalid { origin: self.origin.clone(), message };
+        let Some(pp) =
+            self.auth.privacy_pass.as_ref().filter(|_| self.auth.schemes.contains(&AuthScheme::PrivateToken))
+        else {
+            return Ok(None);
+        };
+        let mut keys = Vec::new();
+        for (i, k) in pp.keys.iter().enumerate() {
+            let name = format!("auth.privacy_pass.keys[{i}]");
+            let key = match (k.token_type, &k.public_key_file, &k.private_key_file) {
+                (2, Some(path), None) => {
+                    let bytes = std::fs::read(path)
+                        .map_err(|e| invalid(format!("{name}: public_key_file {}: {e}", path.display())))?;
+                    let der = crate::privacy_pass::spki_from_file(&bytes)
+                        .map_err(|e| invalid(format!("{name}: public_key_file {}: {e}", path.display())))?;
+                    IssuerKey::blind_rsa(&der)
+                        .map_err(|e| invalid(format!("{name}: public_key_file {}: {e}", path.display())))?
+                }
+                (1, None, Some(path)) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let meta = std::fs::metadata(path)
+                        .map_err(|e| invalid(format!("{name}: private_key_file {}: {e}", path.display())))?;
+                    if meta.permissions().mode() & 0o004 != 0 {
+                        return Err(invalid(format!(
+                            "{name}: private_key_file {} is readable by every user; chmod 600 it",
+                            path.display()
+                        )));
+                    }
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| invalid(format!("{name}: private_key_file {}: {e}", path.display())))?;
+                    let secret = parse_hex(text.trim()).ok_or_else(|| {
+                        invalid(format!(
+                            "{name}: private_key_file {} must hold the key as hex",
+                            path.display()
+                        ))
+                    })?;
+                    IssuerKey::voprf(&secret)
+                        .map_err(|e| invalid(format!("{name}: private_key_file {}: {e}", path.display())))?
+                }
+                _ => unreachable!("checked by Config::parse"),
+            };
+            keys.push(KeyEntry {
+                key: std::sync::Arc::new(key),
+                not_before: k.not_before.unwrap_or(0),
+                not_after: k.not_after,
+                source: KeySource::Config,
+            });
+        }
+        let mut verifier = PrivacyPass::new(Settings {
+            issuer_name: pp.issuer_name.clone(),
+            origin_info: pp.origin_info.clone(),
+            window_secs: pp.redemption_window_secs,
+            max_spent: pp.max_spent_tokens,
+        });
+        verifier
+            .install(KeySource::Config, keys)
+            .map_err(|e| invalid(format!("auth.privacy_pass.keys: {e}")))?;
+        Ok(Some(verifier))
     }
 
     /// Loads a file, or the embedded default when `path` is `None`.

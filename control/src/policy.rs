@@ -16,7 +16,8 @@
 //! |---|---|---|
 //! | connect-udp disabled (`protocols.connect_udp = false`) | 501 | - |
 //! | TCP CONNECT disabled (`protocols.connect_tcp = false`) | 501 | -, details `TCP CONNECT is disabled` |
-//! | no credentials / refused credentials | 407 | http_request_denied |
+//! | no credentials / refused credentials (bearer or Privacy Pass) | 407 + one `Proxy-Authenticate` per accepted scheme and token type | http_request_denied |
+//! | Privacy Pass spent-token store full | 503 | proxy_internal_error |
 //! | a quota is exhausted | 429 | http_request_denied, details `quota exceeded: <key>` |
 //! | fleet-wide identity quota, store down, `on_store_failure = "closed"` | 503 | proxy_internal_error |
 //! | target address or port denied | 403 | destination_ip_prohibited |
@@ -35,8 +36,9 @@ use relay_proto::target::TargetHost;
 use tracing::debug;
 
 use crate::acl::{Cidr, Denial, TargetAcl};
-use crate::auth::{AuthState, Authenticator, Identity};
+use crate::auth::{AuthState, Authenticator, Identity, Refusal};
 use crate::config::ProtocolsSection;
+use crate::privacy_pass::PrivacyPass;
 use crate::quota::{Exceeded, QuotaConfig, QuotaError, Quotas};
 use crate::store::{self, RuntimeState};
 
@@ -100,6 +102,24 @@ pub struct Policy {
     idle_timeout_ms: u32,
     next_flow_id: u64,
     refusals: RefusalCounts,
+    schemes: Schemes,
+    privacy_pass: Option<PrivacyPass>,
+}
+
+/// The credential schemes accepted and how a 407 challenges for bearer
+/// tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schemes {
+    /// `Bearer` tokens (static and HMAC) are accepted.
+    pub bearer: bool,
+    /// The `Bearer` challenge's realm.
+    pub realm: String,
+}
+
+impl Default for Schemes {
+    fn default() -> Self {
+        Self { bearer: true, realm: "masque".into() }
+    }
 }
 
 fn deny(status: u16, proxy_error: ProxyError, details: &str) -> Verdict {
@@ -159,7 +179,75 @@ impl Policy {
             idle_timeout_ms,
             next_flow_id: (epoch << 40) | 1,
             refusals: RefusalCounts::default(),
+            schemes: Schemes::default(),
+            privacy_pass: None,
         }
+    }
+
+    /// Sets which credential schemes are accepted (bearer, and the realm
+    /// of its challenge).
+    pub fn with_schemes(mut self, schemes: Schemes) -> Self {
+        self.schemes = schemes;
+        self
+    }
+
+    /// Accepts Privacy Pass tokens (`PrivateToken`) with this verifier.
+    pub fn with_privacy_pass(mut self, privacy_pass: PrivacyPass) -> Self {
+        self.privacy_pass = Some(privacy_pass);
+        self
+    }
+
+    /// The Privacy Pass verifier, if `PrivateToken` is accepted.
+    pub fn privacy_pass(&self) -> Option<&PrivacyPass> {
+        self.privacy_pass.as_ref()
+    }
+
+    /// The Privacy Pass verifier, to install keys (directory refreshes).
+    pub fn privacy_pass_mut(&mut self) -> Option<&mut PrivacyPass> {
+        self.privacy_pass.as_mut()
+    }
+
+    /// Checks credentials by their scheme: `Bearer` (static and HMAC
+    /// tokens) and `PrivateToken` (Privacy Pass), each when enabled.
+    fn authenticate(&mut self, authorization: Option<&str>, now_unix: u64) -> Result<Identity, Refusal> {
+        let Some(value) = authorization else {
+            return Err(Refusal::Missing);
+        };
+        let scheme = value.trim_start_matches([' ', '\t']).split([' ', '\t']).next().unwrap_or("");
+        if scheme.eq_ignore_ascii_case(crate::privacy_pass::wire::SCHEME) {
+            let Some(pp) = self.privacy_pass.as_mut() else {
+                return Err(Refusal::Scheme);
+            };
+            return pp
+                .redeem(value, now_unix)
+                .map(|r| Identity::PrivacyPass(r.quota_key()))
+                .map_err(Refusal::PrivacyPass);
+        }
+        if !self.schemes.bearer {
+            return Err(Refusal::Scheme);
+        }
+        self.auth.check(Some(value), now_unix)
+    }
+
+    /// The `Proxy-Authenticate` challenges of a 407 now: `Bearer` when
+    /// bearer tokens are accepted, then one `PrivateToken` challenge per
+    /// token type with a key in force.
+    pub fn challenges(&self, now_unix: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.schemes.bearer {
+            let realm: String = self
+                .schemes
+                .realm
+                .chars()
+                .filter(|c| *c != '"' && *c != '\\' && (' '..='~').contains(c))
+                .collect();
+            out.push(format!("Bearer realm=\"{realm}\""));
+        }
+        if let Some(pp) = &self.privacy_pass {
+            out.extend(pp.challenges(now_unix));
+        }
+        out.truncate(relay_proto::channel::record::MAX_CHALLENGES);
+        out
     }
 
     /// Sets the config file's quotas (run-time overrides still apply).
@@ -265,13 +353,23 @@ impl Policy {
             let verdict = Verdict::Deny { status: 501, proxy_error: None, details, retry_after_secs: 0 };
             return (Decision::Answer(verdict), Identity::Unknown);
         }
-        let identity = match self.auth.check(ask.authorization.as_deref(), now_unix) {
+        let identity = match self.authenticate(ask.authorization.as_deref(), now_unix) {
             Ok(identity) => identity,
             Err(refusal) => {
-                // The reason is for the operator; the client gets one answer.
+                // The reason is for the operator; a bearer client gets one
+                // answer for every bad token.
                 debug!(ask = ask.ask_id, client = %ask.client, reason = refusal.reason(), "credentials refused");
                 *self.refusals.auth.entry(refusal.reason()).or_default() += 1;
-                let verdict = deny(407, ProxyError::HttpRequestDenied, refusal.client_details());
+                let verdict = if refusal == Refusal::PrivacyPass(crate::privacy_pass::Refusal::StoreFull) {
+                    // Not the client's doing: no token can be checked for
+                    // double spending now.
+                    deny(503, ProxyError::ProxyInternalError, refusal.client_details())
+                } else {
+                    Verdict::Authenticate {
+                        details: refusal.client_details().to_string(),
+                        challenges: self.challenges(now_unix),
+                    }
+                };
                 return (Decision::Answer(verdict), Identity::Unknown);
             }
         };
@@ -532,6 +630,7 @@ mod tests {
     fn status(d: &Decision) -> u16 {
         match d {
             Decision::Answer(Verdict::Deny { status, .. }) => *status,
+            Decision::Answer(Verdict::Authenticate { .. }) => 407,
             other => panic!("not a denial: {other:?}"),
         }
     }
@@ -659,11 +758,9 @@ mod tests {
             p.decide(&ask("127.0.0.1", Some(&format!("Bearer {token}"))), Instant::now(), NOW_UNIX + 60);
         assert_eq!(
             d,
-            Decision::Answer(Verdict::Deny {
-                status: 407,
-                proxy_error: Some(ProxyError::HttpRequestDenied),
+            Decision::Answer(Verdict::Authenticate {
                 details: "invalid credentials".into(),
-                retry_after_secs: 0,
+                challenges: vec!["Bearer realm=\"masque\"".into()],
             })
         );
         assert_eq!(id, Identity::Unknown);

@@ -4,13 +4,15 @@
 //!   quiche needs cmake and libclang); as root it runs apt-get, otherwise it
 //!   prints the exact command and fails. Then it creates the interop suite's
 //!   Python venv (`target/interop-venv`, aioquic pinned in
-//!   `bench/interop/requirements.txt`).
+//!   `bench/interop/requirements.txt`), and installs the Privacy Pass
+//!   tests' Node client (`npm ci` in `bench/privacypass`).
 //! - `build`: setup, then builds every binary.
 //! - `run`: builds (release) and runs the relay — relay-control on its
 //!   embedded default config, then relay-dataplane — until Ctrl-C.
 //! - `test`: setup, formatting and lint checks, then every test. The tests
 //!   marked `#[ignore = "needs ..."]` (root, /dev/net/tun, ip, curl,
-//!   turnserver, nft, redis-server, the interop venv: `IGNORED` below) run where the machine has
+//!   turnserver, nft, redis-server, the interop venv, node with the Privacy
+//!   Pass client: `IGNORED` below) run where the machine has
 //!   what they need and count as skipped elsewhere; under CI a missing need
 //!   is an error. The last line is `summary: N passed, M failed, K skipped`.
 //! - `bench`: the benchmark suite on release binaries (`--update-docs`
@@ -47,6 +49,11 @@ const PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "/usr/bin/redis-server"),
     // The multi-host fleet test's load balancer (an nftables DNAT map).
     ("nftables", "/usr/sbin/nft"),
+    // The Privacy Pass tests' independent client and issuer
+    // (@cloudflare/privacypass-ts, `bench/privacypass`) run on Node 20 or
+    // later. npm comes with NodeSource's nodejs and is Debian's `npm`
+    // otherwise; `setup_privacypass` checks for it on PATH.
+    ("nodejs", "/usr/bin/node"),
 ];
 
 fn root() -> PathBuf {
@@ -106,7 +113,32 @@ fn is_root() -> bool {
 
 fn setup() -> Result<()> {
     setup_packages()?;
-    setup_interop_venv()
+    setup_interop_venv()?;
+    setup_privacypass()
+}
+
+/// Installs the Privacy Pass client's packages (`bench/privacypass`,
+/// pinned by its package-lock.json) with `npm ci`, unless node_modules
+/// already holds exactly that lock (npm keeps a copy of it there).
+fn setup_privacypass() -> Result<()> {
+    let dir = root().join("bench/privacypass");
+    let lock = std::fs::read_to_string(dir.join("package-lock.json"))
+        .context("bench/privacypass/package-lock.json")?;
+    let installed = dir.join("node_modules/.package-lock.json");
+    let stamp = dir.join("node_modules/.relay-installed-lock");
+    if installed.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == lock) {
+        return Ok(());
+    }
+    if !on_path("npm") {
+        bail!(
+            "npm is not on PATH (the Privacy Pass tests' client): apt-get install npm, or NodeSource's nodejs"
+        );
+    }
+    run_checked(
+        Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(&dir),
+    )?;
+    std::fs::write(&stamp, lock)?;
+    Ok(())
 }
 
 fn setup_packages() -> Result<()> {
@@ -315,10 +347,11 @@ enum Need {
     Nft,
     RedisServer,
     InteropVenv,
+    PrivacyPassClient,
 }
 
 impl Need {
-    const ALL: [Need; 10] = [
+    const ALL: [Need; 11] = [
         Need::Root,
         Need::Tun,
         Need::Ip,
@@ -329,6 +362,7 @@ impl Need {
         Need::Nft,
         Need::RedisServer,
         Need::InteropVenv,
+        Need::PrivacyPassClient,
     ];
 
     /// What is missing and how to get it, or `None` when present.
@@ -348,6 +382,12 @@ impl Need {
             Need::Turnserver => program("turnserver", "coturn"),
             Need::Nft => program("nft", "nftables"),
             Need::RedisServer => program("redis-server", "redis-server"),
+            Need::PrivacyPassClient => {
+                let installed =
+                    root().join("bench/privacypass/node_modules/@cloudflare/privacypass-ts/package.json");
+                (!(on_path("node") && installed.exists()))
+                    .then(|| "node and the Privacy Pass client's packages (`cargo xtask setup`)".to_string())
+            }
             Need::InteropVenv => {
                 let python = interop_venv().join("bin/python3");
                 let ok = Command::new(&python)
@@ -442,6 +482,18 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
             "tcp_front",
             &["connect_ip_over_http2_and_http1_pings_a_target_namespace_through_the_tun_device"],
             &[Root, Tun, Ip, InteropVenv],
+        ),
+        (
+            BENCH,
+            "privacy_pass",
+            &["privacy_pass_tokens_from_an_independent_issuer_open_tunnels_once_each_and_refusals_are_exact"],
+            &[PrivacyPassClient],
+        ),
+        (
+            BENCH,
+            "privacy_pass",
+            &["privacy_pass_tokens_over_http2_and_http1"],
+            &[PrivacyPassClient, InteropVenv],
         ),
         (
             BENCH,

@@ -10,13 +10,15 @@ use clap::Parser;
 use relay_control::acl::TargetAcl;
 use relay_control::admin::{self, Admin};
 use relay_control::auth::Authenticator;
-use relay_control::config::Config;
+use relay_control::config::{AuthScheme, Config};
 use relay_control::credentials::Credentials;
 use relay_control::fleet::Fleet;
 use relay_control::fleet::settings::FleetSettings;
 use relay_control::fleet::ticket_sync::TicketSink;
 use relay_control::metrics::{self, ControlFigures};
-use relay_control::policy::Policy;
+use relay_control::policy::{Policy, Schemes};
+use relay_control::privacy_pass::KeySource;
+use relay_control::privacy_pass::source::DirectorySource;
 use relay_control::server::{self, Server, ServerSettings, Shared};
 use relay_control::state;
 use relay_control::store::PolicyStore;
@@ -85,8 +87,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let hmac_keys = config.hmac_keys()?;
-    // The demo token only when no credentials at all are configured.
-    let tokens: Vec<String> = if config.auth.tokens.is_empty() && hmac_keys.is_empty() {
+    let bearer = config.auth.schemes.contains(&AuthScheme::Bearer);
+    // The demo token only when bearer tokens are accepted and none at all
+    // are configured.
+    let tokens: Vec<String> = if bearer && config.auth.tokens.is_empty() && hmac_keys.is_empty() {
         let (token, generated) = state::demo_token(&state_dir)?;
         let path = state_dir.join("token");
         if generated {
@@ -195,7 +199,37 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let auth = Authenticator::new(tokens.iter().map(String::as_str), hmac_keys, Default::default());
     let mut policy = Policy::new(auth, acl, d.flow_idle_timeout_secs.saturating_mul(1000))
         .with_quotas(config.quotas)
-        .with_protocols(config.protocols);
+        .with_protocols(config.protocols)
+        .with_schemes(Schemes { bearer, realm: config.auth.realm.clone() });
+    // Privacy Pass: the configured keys, then the issuer directory's (read
+    // now: a directory that cannot be read stops the start).
+    let mut directory = None;
+    if let Some(mut pp) = config.privacy_pass()? {
+        let section = config.auth.privacy_pass.as_ref().expect("privacy_pass() checked it");
+        let source = match (&section.directory_file, &section.directory_url) {
+            (Some(f), _) => Some(DirectorySource::File(f.clone())),
+            (None, Some(u)) => Some(DirectorySource::Url(u.clone())),
+            (None, None) => None,
+        };
+        if let Some(source) = source {
+            let dir = source.load().map_err(|e| format!("auth.privacy_pass: {e}"))?;
+            info!(source = %source, keys = dir.keys.len(), skipped = dir.skipped, "Privacy Pass issuer directory read");
+            pp.install(KeySource::Directory, dir.keys)
+                .map_err(|e| format!("auth.privacy_pass: {source}: {e}"))?;
+            directory = Some((source, Duration::from_secs(section.directory_refresh_secs)));
+        }
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let stats = pp.stats(now);
+        info!(
+            issuer = %section.issuer_name,
+            keys = stats.keys.len(),
+            window_secs = section.redemption_window_secs,
+            max_spent = stats.spent_max,
+            "Privacy Pass tokens accepted (PrivateToken)"
+        );
+        policy = policy.with_privacy_pass(pp);
+    }
     if !runtime.quota_overrides.is_empty() {
         info!(overrides = ?runtime.quota_overrides, "quota values set with relayctl override the config file");
     }
@@ -204,6 +238,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         info!(pruned, "dropped revocations of tokens that have expired");
     }
     let policy = Arc::new(Mutex::new(policy));
+    if let Some((source, every)) = directory {
+        relay_control::privacy_pass::source::spawn_refresh(source, every, policy.clone())?;
+    }
     let shared = Arc::new(Mutex::new(Shared::default()));
     // Fleet mode: join the fleet before serving (the store must be
     // reachable now); the fleet's state replaces or merges with the local one.

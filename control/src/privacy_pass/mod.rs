@@ -39,6 +39,7 @@
 
 pub mod directory;
 pub mod keys;
+pub mod source;
 pub mod spent;
 pub mod wire;
 
@@ -62,6 +63,36 @@ pub const MAX_RETIRED: usize = 64;
 pub const DEFAULT_MAX_SPENT: usize = 1_000_000;
 
 const CONTEXT_LABEL: &[u8] = b"masque-relay privacy pass redemption context v1";
+
+/// Why a key file could not be read as an SPKI.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a public key as DER, PEM (PUBLIC KEY) or base64url text")]
+pub struct KeyFileError;
+
+/// The DER SubjectPublicKeyInfo in a key file: DER as is, PEM (`-----BEGIN
+/// PUBLIC KEY-----`), or base64url text (a directory's `token-key`).
+pub fn spki_from_file(bytes: &[u8]) -> Result<Vec<u8>, KeyFileError> {
+    if bytes.first() == Some(&0x30) {
+        return Ok(bytes.to_vec());
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| KeyFileError)?.trim();
+    if let Some(body) = text.strip_prefix("-----BEGIN PUBLIC KEY-----") {
+        let body = body.trim_end().strip_suffix("-----END PUBLIC KEY-----").ok_or(KeyFileError)?;
+        // PEM is base64 with the standard alphabet, in lines.
+        let b64: String = body
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .map(|c| match c {
+                '+' => '-',
+                '/' => '_',
+                '-' | '_' => '!',
+                c => c,
+            })
+            .collect();
+        return wire::base64url_lenient(&b64).map_err(|_| KeyFileError);
+    }
+    wire::base64url_lenient(text).map_err(|_| KeyFileError)
+}
 
 pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -214,6 +245,9 @@ pub struct Stats {
     pub keys: Vec<KeyInfo>,
 }
 
+/// A challenge digest accepted now: its token type and window.
+type Accepted = (TokenType, u64, [u8; 32]);
+
 /// The Privacy Pass verifier: keys, challenges and the spent-token store.
 pub struct PrivacyPass {
     settings: Settings,
@@ -222,9 +256,9 @@ pub struct PrivacyPass {
     retired: VecDeque<KeyId>,
     spent: SpentNonces,
     redeemed: u64,
-    /// Challenge digests accepted, per (type, window), cached for the
-    /// window they were computed in.
-    digests: Option<(u64, Vec<(TokenType, u64, [u8; 32])>)>,
+    /// Challenge digests accepted, cached for the window they were
+    /// computed in.
+    digests: Option<(u64, Vec<Accepted>)>,
 }
 
 impl std::fmt::Debug for PrivacyPass {
@@ -358,7 +392,7 @@ impl PrivacyPass {
 
     /// The challenge digests accepted now: each type's current and previous
     /// window (one empty-context challenge per type without windows).
-    fn accepted_digests(&mut self, now_unix: u64) -> &[(TokenType, u64, [u8; 32])] {
+    fn accepted_digests(&mut self, now_unix: u64) -> &[Accepted] {
         let k = self.window(now_unix);
         if self.digests.as_ref().is_none_or(|(at, _)| *at != k) {
             let windows: Vec<u64> =

@@ -285,7 +285,7 @@ impl Token {
 /// such as privacypass-ts expect in `challenge` and `token-key`.
 pub fn base64url_padded(data: &[u8]) -> String {
     let mut s = base64url_encode(data);
-    while s.len() % 4 != 0 {
+    while !s.len().is_multiple_of(4) {
         s.push('=');
     }
     s
@@ -297,7 +297,7 @@ pub fn base64url_padded(data: &[u8]) -> String {
 pub fn base64url_lenient(s: &str) -> Result<Vec<u8>, WireError> {
     let unpadded = s.trim_end_matches('=');
     let pad = s.len() - unpadded.len();
-    if pad > 0 && (s.len() % 4 != 0 || pad > 2) {
+    if pad > 0 && (!s.len().is_multiple_of(4) || pad > 2) {
         return Err(WireError::Base64);
     }
     base64url_decode(unpadded).ok_or(WireError::Base64)
