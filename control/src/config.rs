@@ -612,6 +612,10 @@ pub struct PrivacyPassSection {
     /// every `directory_refresh_secs`.
     #[serde(default)]
     pub directory_url: Option<String>,
+    /// PEM CA certificates to verify `directory_url` with instead of the
+    /// system's trust roots.
+    #[serde(default)]
+    pub directory_ca_file: Option<PathBuf>,
     /// How often the directory is read again (10..=86400).
     #[serde(default = "five_minutes")]
     pub directory_refresh_secs: u64,
@@ -1590,6 +1594,92 @@ mod tests {
 
     fn with_auth(extra: &str) -> String {
         DEFAULT_CONFIG.replace("tokens = []\n", &format!("tokens = []\n{extra}"))
+    }
+
+    /// `[auth]` with these `schemes`, and `section` (tables) at its end.
+    fn with_privacy_pass(schemes: &str, section: &str) -> String {
+        DEFAULT_CONFIG
+            .replace("schemes = [\"bearer\"]\n", &format!("schemes = {schemes}\n"))
+            .replace("\n[targets]\n", &format!("\n{section}\n[targets]\n"))
+    }
+
+    #[test]
+    fn privacy_pass_settings_are_checked() {
+        let dir = std::env::temp_dir().join(format!("relay-config-pp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let spki = dir.join("issuer.spki");
+        std::fs::write(&spki, crate::privacy_pass::keys::tests::vector::TOKEN_KEY).unwrap();
+        let secret = dir.join("voprf.key");
+        std::fs::write(&secret, format!("{}\n", "01".repeat(48))).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let keys = format!(
+            "[[auth.privacy_pass.keys]]\ntoken_type = 2\npublic_key_file = \"{}\"\n\
+             [[auth.privacy_pass.keys]]\ntoken_type = 1\nprivate_key_file = \"{}\"\n",
+            spki.display(),
+            secret.display()
+        );
+        let section = format!(
+            "[auth.privacy_pass]\nissuer_name = \"issuer.example\"\norigin_info = [\"relay.example\"]\n{keys}"
+        );
+        let c = Config::parse(&with_privacy_pass("[\"private_token\"]", &section), "t.toml").unwrap();
+        assert_eq!(c.auth.schemes, [AuthScheme::PrivateToken]);
+        let pp = c.privacy_pass().unwrap().expect("enabled");
+        assert_eq!(pp.settings().window_secs, 3600);
+        assert_eq!(pp.stats(0).keys.len(), 2);
+        assert_eq!(pp.challenges(1_800_000_000).len(), 2);
+        // The default: bearer only, no Privacy Pass.
+        let d = Config::parse(DEFAULT_CONFIG, "d").unwrap();
+        assert_eq!(d.auth.schemes, [AuthScheme::Bearer]);
+        assert!(d.privacy_pass().unwrap().is_none());
+        // A world-readable private key is refused when read.
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        let err = c.privacy_pass().unwrap_err().to_string();
+        assert!(err.contains("auth.privacy_pass.keys[1]") && err.contains("chmod 600"), "{err}");
+        // An rsaEncryption key file names the rule.
+        let rsa = boring::rsa::Rsa::generate(2048).unwrap();
+        std::fs::write(&spki, boring::pkey::PKey::from_rsa(rsa).unwrap().public_key_to_pem().unwrap())
+            .unwrap();
+        let err = c.privacy_pass().unwrap_err().to_string();
+        assert!(err.contains("keys[0]") && err.contains("id-RSASSA-PSS"), "{err}");
+        let pp_section =
+            |extra: &str| format!("[auth.privacy_pass]\nissuer_name = \"issuer.example\"\n{extra}\n{keys}");
+        for (schemes, section, want) in [
+            ("[]", String::new(), "at least one"),
+            ("[\"bearer\", \"bearer\"]", String::new(), "twice"),
+            ("[\"private_token\"]", String::new(), "configure [auth.privacy_pass]"),
+            ("[\"bearer\"]", pp_section(""), "does not list \"private_token\""),
+            ("[\"private_token\"]", pp_section("redemption_window_secs = 30"), "redemption_window_secs"),
+            ("[\"private_token\"]", pp_section("max_spent_tokens = 0"), "max_spent_tokens"),
+            ("[\"private_token\"]", pp_section("origin_info = [\"a,b\"]"), "origin_info entry"),
+            ("[\"private_token\"]", pp_section(&format!("origin_info = [\"{}\"]", "o".repeat(200))), "at most 200 bytes"),
+            ("[\"private_token\"]", pp_section("directory_url = \"http://issuer.example/\""), "https://"),
+            (
+                "[\"private_token\"]",
+                pp_section("directory_url = \"https://a/\"\ndirectory_file = \"/x\""),
+                "at most one of",
+            ),
+            (
+                "[\"private_token\"]",
+                "[auth.privacy_pass]\nissuer_name = \"i\"\n".to_string(),
+                "give [[auth.privacy_pass.keys]]",
+            ),
+            (
+                "[\"private_token\"]",
+                "[auth.privacy_pass]\nissuer_name = \"i\"\n[[auth.privacy_pass.keys]]\ntoken_type = 2\nprivate_key_file = \"/x\"\n".to_string(),
+                "token_type 2 needs public_key_file",
+            ),
+            (
+                "[\"private_token\"]",
+                "[auth.privacy_pass]\nissuer_name = \"i\"\n[[auth.privacy_pass.keys]]\ntoken_type = 5\npublic_key_file = \"/x\"\n".to_string(),
+                "token_type must be 1 or 2",
+            ),
+            ("[\"kerberos\"]", String::new(), "unknown variant"),
+        ] {
+            let err = Config::parse(&with_privacy_pass(schemes, &section), "t.toml").unwrap_err().to_string();
+            assert!(err.contains(want), "{schemes} {section}: {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -747,6 +747,60 @@ mod tests {
     }
 
     #[test]
+    fn schemes_are_dispatched_and_a_407_challenges_for_each_accepted_one() {
+        use crate::privacy_pass::tests::{token_for, verifier_and_token};
+        let now = Instant::now();
+        let (pp, token) = verifier_and_token(2, NOW_UNIX, 1);
+        let mut p = policy().with_privacy_pass(pp);
+        let (d, id) = p.decide(&ask("127.0.0.1", Some(&token)), now, NOW_UNIX);
+        assert!(matches!(d, Decision::Answer(Verdict::Allow { .. })), "{d:?}");
+        let Identity::PrivacyPass(key) = &id else { panic!("{id:?}") };
+        assert!(key.starts_with("pp:blind-rsa:") && key.len() == "pp:blind-rsa:".len() + 16, "{key}");
+        // A replay: 407, its details, both schemes challenged.
+        let (d, _) = p.decide(&ask("127.0.0.1", Some(&token)), now, NOW_UNIX);
+        let Decision::Answer(Verdict::Authenticate { details, challenges }) = d else { panic!("{d:?}") };
+        assert_eq!(details, "token replayed");
+        assert_eq!(challenges.len(), 2);
+        assert_eq!(challenges[0], "Bearer realm=\"masque\"");
+        assert!(challenges[1].starts_with("PrivateToken challenge="));
+        assert_eq!(p.refusals().auth.get("pp_replayed"), Some(&1));
+        // Bearer still works; with bearer off it is an unsupported scheme
+        // and the 407 challenges for Privacy Pass only.
+        assert!(matches!(
+            decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))),
+            Decision::Answer(Verdict::Allow { .. })
+        ));
+        let mut p = p.with_schemes(Schemes { bearer: false, realm: "r".into() });
+        let d = decide(&mut p, &ask("127.0.0.1", Some("Bearer t")));
+        let Decision::Answer(Verdict::Authenticate { details, challenges }) = d else { panic!("{d:?}") };
+        assert_eq!(details, "unsupported authentication scheme");
+        assert_eq!(challenges.len(), 1);
+        // A full spent-token store: 503, not the client's doing.
+        let second = token_for(p.privacy_pass().unwrap(), NOW_UNIX, 2);
+        assert!(matches!(
+            decide(&mut p, &ask("127.0.0.1", Some(&second))),
+            Decision::Answer(Verdict::Allow { .. })
+        ));
+        let third = token_for(p.privacy_pass().unwrap(), NOW_UNIX, 3);
+        let d = decide(&mut p, &ask("127.0.0.1", Some(&third)));
+        assert_eq!(
+            d,
+            Decision::Answer(Verdict::Deny {
+                status: 503,
+                proxy_error: Some(ProxyError::ProxyInternalError),
+                details: "spent-token store full".into(),
+                retry_after_secs: 0,
+            })
+        );
+        // Without Privacy Pass a PrivateToken credential is an unsupported
+        // scheme, and the 407 is the bearer challenge alone.
+        let mut plain = policy();
+        let d = decide(&mut plain, &ask("127.0.0.1", Some(&token)));
+        let Decision::Answer(Verdict::Authenticate { details, challenges }) = d else { panic!("{d:?}") };
+        assert_eq!((details.as_str(), challenges.len()), ("unsupported authentication scheme", 1));
+    }
+
+    #[test]
     fn hmac_tokens_name_the_identity() {
         let mut p = policy();
         let token = p.auth().keys().mint(None, "alice", NOW_UNIX, 60).unwrap().token;

@@ -208,7 +208,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let section = config.auth.privacy_pass.as_ref().expect("privacy_pass() checked it");
         let source = match (&section.directory_file, &section.directory_url) {
             (Some(f), _) => Some(DirectorySource::File(f.clone())),
-            (None, Some(u)) => Some(DirectorySource::Url(u.clone())),
+            (None, Some(u)) => {
+                Some(DirectorySource::Url { url: u.clone(), ca_file: section.directory_ca_file.clone() })
+            }
             (None, None) => None,
         };
         if let Some(source) = source {

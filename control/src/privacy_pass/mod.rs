@@ -494,4 +494,4 @@ impl PrivacyPass {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -28,15 +28,21 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub enum DirectorySource {
     /// A file.
     File(PathBuf),
-    /// An `https://` URL.
-    Url(String),
+    /// An `https://` URL, verified with the system's trust roots or, when
+    /// given, only this CA file (an issuer with a private CA).
+    Url {
+        /// The URL.
+        url: String,
+        /// PEM CA certificates to verify the issuer with instead.
+        ca_file: Option<PathBuf>,
+    },
 }
 
 impl std::fmt::Display for DirectorySource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DirectorySource::File(p) => write!(f, "{}", p.display()),
-            DirectorySource::Url(u) => f.write_str(u),
+            DirectorySource::Url { url, .. } => f.write_str(url),
         }
     }
 }
@@ -54,7 +60,9 @@ impl DirectorySource {
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 buf
             }
-            DirectorySource::Url(url) => fetch(url).map_err(|e| format!("{url}: {e}"))?,
+            DirectorySource::Url { url, ca_file } => {
+                fetch(url, ca_file.as_deref()).map_err(|e| format!("{url}: {e}"))?
+            }
         };
         directory::parse(&bytes).map_err(|e| format!("{self}: {e}"))
     }
@@ -64,7 +72,7 @@ impl DirectorySource {
 /// as HTTP/1.0, so the answer is the body up to the end of the stream
 /// (no chunked coding to undo); at most [`MAX_DIRECTORY_BYTES`] of body,
 /// 2xx only, no redirects.
-fn fetch(url: &str) -> Result<Vec<u8>, String> {
+fn fetch(url: &str, ca_file: Option<&std::path::Path>) -> Result<Vec<u8>, String> {
     let rest = url.strip_prefix("https://").ok_or("not an https:// URL")?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
@@ -88,9 +96,14 @@ fn fetch(url: &str) -> Result<Vec<u8>, String> {
     tcp.set_write_timeout(Some(TIMEOUT)).map_err(|e| e.to_string())?;
     let mut builder =
         boring::ssl::SslConnector::builder(boring::ssl::SslMethod::tls()).map_err(|e| e.to_string())?;
-    if let Ok(ca) = std::env::var("RELAY_PRIVACY_PASS_CA_FILE") {
-        // Tests: a private CA for a local issuer.
-        builder.set_ca_file(&ca).map_err(|e| format!("{ca}: {e}"))?;
+    if let Some(ca) = ca_file {
+        let store = boring::x509::store::X509StoreBuilder::new().map_err(|e| e.to_string())?;
+        let mut store = store;
+        let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+        for cert in boring::x509::X509::stack_from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))? {
+            store.add_cert(cert).map_err(|e| e.to_string())?;
+        }
+        builder.set_verify_cert_store(store.build()).map_err(|e| e.to_string())?;
     }
     let connector = builder.build();
     let mut tls = connector.connect(host, tcp).map_err(|e| format!("TLS with {host}: {e}"))?;
@@ -146,4 +159,131 @@ pub fn spawn_refresh(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use boring::ssl::{SslAcceptor, SslFiletype, SslMethod};
+
+    use super::*;
+    use crate::acl::TargetAcl;
+    use crate::auth::Authenticator;
+    use crate::privacy_pass::keys::tests::vector;
+    use crate::privacy_pass::{PrivacyPass, Settings};
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("relay-pp-source-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn doc(keys: &[&str]) -> String {
+        let entries: Vec<String> =
+            keys.iter().map(|k| format!(r#"{{"token-type":2,"token-key":"{k}","not-before":0}}"#)).collect();
+        format!(r#"{{"issuer-request-uri":"https://issuer.example/","token-keys":[{}]}}"#, entries.join(","))
+    }
+
+    /// An HTTPS server on loopback answering every connection with `answer`.
+    fn serve(dir: &std::path::Path, answer: Vec<u8>) -> u16 {
+        let creds = crate::state::self_signed(dir, &["localhost".to_string()]).unwrap();
+        let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+        acceptor.set_certificate_chain_file(&creds.cert).unwrap();
+        acceptor.set_private_key_file(&creds.key, SslFiletype::PEM).unwrap();
+        let acceptor = acceptor.build();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Ok(mut tls) = acceptor.accept(stream) {
+                    let mut buf = [0u8; 4096];
+                    let _ = tls.read(&mut buf);
+                    let _ = tls.write_all(&answer);
+                    let _ = tls.shutdown();
+                }
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn a_directory_is_fetched_over_https_from_a_verified_issuer_only() {
+        let dir = temp_dir("https");
+        let body = doc(&[vector::TOKEN_KEY]);
+        let port = serve(
+            &dir,
+            format!("HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{body}").into_bytes(),
+        );
+        let url = format!("https://localhost:{port}/.well-known/private-token-issuer-directory");
+        let ca = Some(dir.join("cert.pem"));
+        let d = DirectorySource::Url { url: url.clone(), ca_file: ca.clone() }.load().unwrap();
+        assert_eq!(d.keys.len(), 1);
+        // Without the issuer's CA the certificate is not trusted.
+        let err = DirectorySource::Url { url, ca_file: None }.load().unwrap_err();
+        assert!(err.contains("TLS with localhost"), "{err}");
+        // A refusal, and a body past the bound.
+        let dir404 = temp_dir("https404");
+        let port = serve(&dir404, b"HTTP/1.0 404 Not Found\r\n\r\n".to_vec());
+        let err = DirectorySource::Url {
+            url: format!("https://localhost:{port}/"),
+            ca_file: Some(dir404.join("cert.pem")),
+        }
+        .load()
+        .unwrap_err();
+        assert!(err.contains("answered 404"), "{err}");
+        let big = format!("HTTP/1.0 200 OK\r\n\r\n{}", " ".repeat(MAX_DIRECTORY_BYTES + 1)).into_bytes();
+        let bigdir = temp_dir("httpsbig");
+        let port = serve(&bigdir, big);
+        let err = DirectorySource::Url {
+            url: format!("https://localhost:{port}/"),
+            ca_file: Some(bigdir.join("cert.pem")),
+        }
+        .load()
+        .unwrap_err();
+        assert!(err.contains("larger than"), "{err}");
+        for d in [dir, dir404, bigdir] {
+            std::fs::remove_dir_all(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_refreshed_directory_rotates_keys_and_retires_the_old_ones() {
+        let dir = temp_dir("file");
+        let file = dir.join("directory.json");
+        let policy = Mutex::new(
+            Policy::new(Authenticator::default(), TargetAcl::new(vec![], vec![], vec![]), 1000)
+                .with_privacy_pass(PrivacyPass::new(Settings {
+                    issuer_name: "issuer.example".into(),
+                    origin_info: vec![],
+                    window_secs: 3600,
+                    max_spent: 10,
+                })),
+        );
+        let source = DirectorySource::File(file.clone());
+        std::fs::write(&file, doc(&[vector::TOKEN_KEY])).unwrap();
+        assert_eq!(install(&policy, source.load().unwrap()), Ok(1));
+        let key_id = |p: &Mutex<Policy>| -> Vec<(String, bool)> {
+            let p = p.lock().unwrap();
+            p.privacy_pass().unwrap().stats(0).keys.iter().map(|k| (k.key_id.clone(), k.advertised)).collect()
+        };
+        let first = key_id(&policy);
+        assert_eq!(first.len(), 1);
+        // A new key in, the old one out: the old one is retired.
+        let rsa = boring::rsa::Rsa::generate(2048).unwrap();
+        let other = crate::privacy_pass::wire::base64url_padded(&crate::privacy_pass::tests::pss_spki(&rsa));
+        std::fs::write(&file, doc(&[&other])).unwrap();
+        assert_eq!(install(&policy, source.load().unwrap()), Ok(1));
+        let second = key_id(&policy);
+        assert_eq!(second.len(), 1);
+        assert_ne!(first[0].0, second[0].0);
+        // A bad document changes nothing.
+        std::fs::write(&file, "{").unwrap();
+        assert!(source.load().unwrap_err().contains("not an issuer directory"));
+        assert_eq!(key_id(&policy), second);
+        std::fs::remove_file(&file).unwrap();
+        assert!(source.load().unwrap_err().contains("directory.json"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -22,7 +22,7 @@ const VOPRF_SECRET: [u8; 48] = [3; 48];
 /// The SPKI of an RSA key with the id-RSASSA-PSS OID and the parameters
 /// RFC 9578 section 6.5 fixes (the AlgorithmIdentifier privacypass-ts
 /// writes, then the RSAPublicKey).
-fn pss_spki(rsa: &Rsa<Private>) -> Vec<u8> {
+pub(crate) fn pss_spki(rsa: &Rsa<Private>) -> Vec<u8> {
     const ALG: [u8; 63] = [
         0x30, 0x3d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a, 0x30, 0x30, 0xa0, 0x0d,
         0x30, 0x0b, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x02, 0xa1, 0x1a, 0x30, 0x18,
@@ -130,6 +130,24 @@ fn challenge_of(pp: &PrivacyPass, t: TokenType, now: u64) -> (TokenChallenge, Ve
         }
     }
     panic!("no {t:?} challenge in {values:?}")
+}
+
+/// For other modules' tests: a verifier with a type 2 and a type 1 key
+/// (at most `max_spent` spent tokens), and credentials for its current
+/// type 2 challenge with `nonce`.
+pub(crate) fn verifier_and_token(max_spent: usize, now: u64, nonce: u8) -> (PrivacyPass, String) {
+    let mut pp = PrivacyPass::new(Settings { max_spent, ..settings(W) });
+    let keys = vec![entry(IssuerKey::blind_rsa(&rsa_issuers()[0].spki).unwrap(), 0, None)];
+    pp.install(KeySource::Config, keys).unwrap();
+    let (c, _, _) = challenge_of(&pp, TokenType::BlindRsa, now);
+    let cred = credentials(&c, Some(&rsa_issuers()[0]), nonce);
+    (pp, cred)
+}
+
+/// Credentials for `pp`'s current type 2 challenge with `nonce`.
+pub(crate) fn token_for(pp: &PrivacyPass, now: u64, nonce: u8) -> String {
+    let (c, _, _) = challenge_of(pp, TokenType::BlindRsa, now);
+    credentials(&c, Some(&rsa_issuers()[0]), nonce)
 }
 
 #[test]

@@ -5,8 +5,8 @@
 //!
 //! Everything here reads bytes a client chose: every length is checked
 //! before it is used and every error is a [`WireError`], never a panic
-//! (`fuzz/fuzz_targets/private_token.rs` runs the parsers on arbitrary
-//! input).
+//! (the tests run the parsers on every truncation and byte change of valid
+//! input, and on pseudo-random input).
 #![forbid(unsafe_code)]
 
 use crate::token::{base64url_decode, base64url_encode};
@@ -529,6 +529,43 @@ mod tests {
         ];
         for (header, want) in cases {
             assert_eq!(parse_credentials(&header), Err(want), "{header}");
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_change_and_random_input_is_an_answer_not_a_panic() {
+        let valid =
+            format!("PrivateToken token=\"{}\"", base64url_padded(&token(TokenType::BlindRsa).encode()));
+        let challenge = challenge().encode();
+        for cut in 0..valid.len() {
+            let _ = parse_credentials(&valid[..cut]);
+        }
+        for cut in 0..challenge.len() {
+            let _ = TokenChallenge::decode(&challenge[..cut]);
+        }
+        for i in 0..valid.len() {
+            for b in [b' ', b'"', b',', b'=', b'\\', b'\t', b'A', b'/', b'-'] {
+                let mut v = valid.clone().into_bytes();
+                v[i] = b;
+                let _ = parse_credentials(&String::from_utf8_lossy(&v));
+            }
+        }
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let alphabet = b"PrivateTokn=\", \tAZaz09-_/+";
+        for _ in 0..20_000 {
+            let len = (next() % 600) as usize;
+            let s: String =
+                (0..len).map(|_| char::from(alphabet[(next() % alphabet.len() as u64) as usize])).collect();
+            let _ = parse_credentials(&format!("PrivateToken {s}"));
+            let bytes: Vec<u8> = (0..len % 300).map(|_| next() as u8).collect();
+            let _ = TokenChallenge::decode(&bytes);
+            let _ = Token::decode(&bytes);
         }
     }
 
