@@ -142,6 +142,9 @@ pub struct Client {
     pub retried: bool,
     /// Sequence number of the destination connection ID in use.
     dcid_seq: u64,
+    /// Single-use credentials (Privacy Pass tokens) for the next
+    /// connect-udp requests, one each, before the configured token.
+    authorizations: VecDeque<String>,
 }
 
 const SOCKET: Token = Token(0);
@@ -237,6 +240,7 @@ impl Client {
             goaway_received: false,
             retried: false,
             dcid_seq: 0,
+            authorizations: VecDeque::new(),
         };
         let deadline = Instant::now() + timeout;
         client.flush()?;
@@ -370,6 +374,26 @@ impl Client {
         h
     }
 
+    /// Queues single-use `proxy-authorization` values (e.g. Privacy Pass
+    /// credentials): each connect-udp request this client opens takes the
+    /// next one instead of the configured bearer token, until none is left.
+    pub fn queue_authorizations(&mut self, values: impl IntoIterator<Item = String>) {
+        self.authorizations.extend(values);
+    }
+
+    /// The connect-udp request headers for `host:port` with the next
+    /// queued authorization, if any (also returned, to put it back if the
+    /// request cannot be sent).
+    fn next_udp_headers(&mut self, host: &str, port: u16) -> (Vec<(String, String)>, Option<String>) {
+        let mut h = self.connect_udp_headers(host, port);
+        let queued = self.authorizations.pop_front();
+        if let Some(a) = &queued {
+            h.retain(|(n, _)| n != "proxy-authorization");
+            h.push(("proxy-authorization".into(), a.clone()));
+        }
+        (h, queued)
+    }
+
     /// Sends a request with arbitrary headers (for conformance tests) and
     /// returns its stream ID.
     pub fn send_raw_request(&mut self, headers: &[(String, String)], fin: bool) -> Result<u64> {
@@ -410,7 +434,7 @@ impl Client {
         if !self.extended_connect_enabled() {
             bail!("the relay did not enable extended CONNECT");
         }
-        let headers = self.connect_udp_headers(host, port);
+        let (headers, _) = self.next_udp_headers(host, port);
         self.send_raw_request(&headers, false)
     }
 
@@ -591,7 +615,7 @@ impl Client {
         while opened.len() < targets.len() {
             while next < targets.len() && in_flight.len() < window.max(1) {
                 let (host, port) = &targets[next];
-                let headers = self.connect_udp_headers(host, *port);
+                let (headers, queued) = self.next_udp_headers(host, *port);
                 let list: Vec<quiche::h3::Header> = headers
                     .iter()
                     .map(|(n, v)| quiche::h3::Header::new(n.as_bytes(), v.as_bytes()))
@@ -605,6 +629,9 @@ impl Client {
                     }
                     // Stream limit or flow control: wait for credit.
                     Err(quiche::h3::Error::StreamBlocked) | Err(quiche::h3::Error::TransportError(_)) => {
+                        if let Some(a) = queued {
+                            self.authorizations.push_front(a);
+                        }
                         break;
                     }
                     Err(e) => bail!("send_request: {e}"),

@@ -36,6 +36,7 @@ pub mod load;
 pub mod loadgen;
 pub mod needs;
 pub mod netns;
+pub mod ppbench;
 pub mod privacypass;
 pub mod processes;
 pub mod redis_server;

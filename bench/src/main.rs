@@ -118,6 +118,26 @@ enum Command {
         #[arg(long)]
         no_aggregate: bool,
     },
+    /// What Privacy Pass type 2 verification costs at CONNECT: CONNECT ->
+    /// 200 p50/p99 and pipelined setups/s with a fresh token per request,
+    /// against bearer tokens, on one relay in one run.
+    PrivacyPass {
+        /// Results directory.
+        #[arg(long, default_value = "results/privacy-pass")]
+        out: PathBuf,
+        /// Directory of relay-control and relay-dataplane.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Rounds (each runs both credentials).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// CONNECT -> 200 samples per credential and round.
+        #[arg(long, default_value_t = 400)]
+        connect_samples: usize,
+        /// Pipelined setups per credential and round.
+        #[arg(long, default_value_t = 2000)]
+        setup_flows: usize,
+    },
     /// Generate one load through a running relay to a target this command
     /// starts on loopback, and print what was delivered.
     Load {
@@ -384,6 +404,16 @@ fn run(args: Args) -> Result<()> {
             cfg.connect_samples = connect_samples;
             cfg.aggregate = !no_aggregate;
             relay_bench::fleetbench::run(&cfg)?;
+            println!("\nresults written to {}", out.display());
+            Ok(())
+        }
+        Command::PrivacyPass { out, bin_dir, rounds, connect_samples, setup_flows } => {
+            let mut cfg = relay_bench::ppbench::PpBenchConfig::standard(out.clone());
+            cfg.bin_dir = bin_dir;
+            cfg.rounds = rounds;
+            cfg.connect_samples = connect_samples;
+            cfg.setup_flows = setup_flows;
+            relay_bench::ppbench::run(&cfg)?;
             println!("\nresults written to {}", out.display());
             Ok(())
         }

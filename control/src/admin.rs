@@ -755,6 +755,18 @@ impl Admin {
                 "revoked_tokens": p.auth().state().revoked_tokens.len(),
             },
             "refusals": p.refusals(),
+            "privacy_pass": p.privacy_pass().map(|pp| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                json!({
+                    "issuer_name": pp.settings().issuer_name,
+                    "origin_info": pp.settings().origin_info,
+                    "redemption_window_secs": pp.settings().window_secs,
+                    "stats": pp.stats(now),
+                    "redeemed": pp.stats(now).redeemed,
+                })
+            }),
         })
     }
 }

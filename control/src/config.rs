@@ -589,9 +589,9 @@ pub enum AuthScheme {
 #[serde(deny_unknown_fields)]
 pub struct PrivacyPassSection {
     /// The issuer's name in challenges (its host name, RFC 9577 section
-    /// 2.1.1.1).
+    /// 2.1).
     pub issuer_name: String,
-    /// The relay's origin names in challenges (section 2.1.1.3); empty:
+    /// The relay's origin names in challenges (section 2.1); empty:
     /// tokens of the issuer for any origin.
     #[serde(default)]
     pub origin_info: Vec<String>,

@@ -17,7 +17,7 @@
 //!
 //! **Redemption contexts.** With `redemption_window_secs` = W > 0, the
 //! challenge of window k = ⌊now / W⌋ carries the redemption context
-//! HMAC-SHA256(secret, label || k) (RFC 9577 section 2.1.1.2 lists
+//! HMAC-SHA256(secret, label || k) (RFC 9577 section 2.1 lists
 //! binding to a time window as a use of the context). A token is accepted
 //! only for the current or the previous window's challenge (a client that
 //! fetched its token just before a window ended can still use it), so a

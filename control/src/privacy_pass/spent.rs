@@ -1,6 +1,6 @@
-//! The spent-token store: each token nonce is accepted once (RFC 9577
-//! section 2.2: origins "MUST NOT accept a token twice"... the double-spend
-//! check is the origin's; RFC 9576 section 3.6).
+//! The spent-token store: each token nonce is accepted once. Tokens are
+//! single-use; preventing double spending is the redeeming origin's job
+//! (RFC 9576, the architecture; the relay is the origin here).
 //!
 //! Nonces are kept per (token key, redemption window): a token can only be
 //! redeemed while its key is in force and its challenge's window is the

@@ -119,13 +119,13 @@ pub enum WireError {
 pub struct TokenChallenge {
     /// The token type asked for.
     pub token_type: TokenType,
-    /// The issuer's name (an ASCII host name, RFC 9577 section 2.1.1.1).
+    /// The issuer's name (an ASCII host name, RFC 9577 section 2.1).
     pub issuer_name: String,
     /// Empty, or 32 bytes binding the token to this challenge's window
-    /// (section 2.1.1.2: "either 0 or 32 bytes").
+    /// (section 2.1: a redemption context is either empty or 32 bytes).
     pub redemption_context: Option<[u8; 32]>,
     /// The origins the token is for, joined with `,` on the wire (section
-    /// 2.1.1.3); empty: any origin of the issuer.
+    /// 2.1); empty: any origin of the issuer.
     pub origin_info: Vec<String>,
 }
 
