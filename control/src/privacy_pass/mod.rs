@@ -62,6 +62,9 @@ pub const MAX_RETIRED: usize = 64;
 /// Default bound of the spent-token store.
 pub const DEFAULT_MAX_SPENT: usize = 1_000_000;
 
+/// How often redemptions drop spent nonces that can no longer be redeemed.
+const PRUNE_EVERY_SECS: u64 = 10;
+
 const CONTEXT_LABEL: &[u8] = b"masque-relay privacy pass redemption context v1";
 
 /// Why a key file could not be read as an SPKI.
@@ -256,6 +259,9 @@ pub struct PrivacyPass {
     retired: VecDeque<KeyId>,
     spent: SpentNonces,
     redeemed: u64,
+    /// When [`PrivacyPass::redeem`] next drops spent nonces that can no
+    /// longer be redeemed (Unix seconds).
+    next_prune: u64,
     /// Challenge digests accepted, cached for the window they were
     /// computed in.
     digests: Option<(u64, Vec<Accepted>)>,
@@ -295,6 +301,7 @@ impl PrivacyPass {
             retired: VecDeque::new(),
             spent,
             redeemed: 0,
+            next_prune: 0,
             digests: None,
         }
     }
@@ -438,6 +445,12 @@ impl PrivacyPass {
             .ok_or(Refusal::WrongChallenge)?;
         if !key.verify(&token) {
             return Err(Refusal::BadAuthenticator);
+        }
+        // Every 10 s, and before refusing for a full store, drop what can
+        // no longer be redeemed (old windows, keys out of force).
+        if now_unix >= self.next_prune || self.spent.len() >= self.spent.max() {
+            self.prune(now_unix);
+            self.next_prune = now_unix.saturating_add(PRUNE_EVERY_SECS);
         }
         self.spent.spend(key.key_id(), window, &token.nonce).map_err(|e| match e {
             SpendError::Replayed => Refusal::Replayed,

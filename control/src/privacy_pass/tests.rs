@@ -235,6 +235,19 @@ fn windows_the_current_and_previous_are_accepted_then_pruned() {
 }
 
 #[test]
+fn redemptions_drop_what_can_no_longer_be_redeemed_on_their_own() {
+    let (mut pp, first) = verifier_and_token(2, T0, 1);
+    assert!(pp.redeem(&first, T0).is_ok());
+    assert!(pp.redeem(&token_for(&pp, T0, 2), T0).is_ok());
+    assert_eq!(pp.redeem(&token_for(&pp, T0, 3), T0), Err(Refusal::StoreFull));
+    // Two windows on, the old nonces cannot be redeemed any more (their
+    // challenge is not accepted): the full store makes room by itself.
+    let later = T0 + 2 * W;
+    assert!(pp.redeem(&token_for(&pp, later, 3), later).is_ok());
+    assert_eq!(pp.stats(later).spent_held, 1);
+}
+
+#[test]
 fn unknown_expired_and_retired_keys_are_refused() {
     let mut pp = verifier(W);
     let (c, _, _) = challenge_of(&pp, TokenType::BlindRsa, T0);
