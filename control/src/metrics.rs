@@ -87,6 +87,21 @@ pub struct ControlFigures {
     pub signatures_failed: u64,
     /// Fleet mode's figures (`None`: a host alone).
     pub fleet: Option<FleetFigures>,
+    /// Privacy Pass figures (`None`: `private_token` not accepted).
+    pub privacy_pass: Option<PrivacyPassFigures>,
+}
+
+/// Privacy Pass figures at scrape time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrivacyPassFigures {
+    /// Tokens accepted.
+    pub redeemed: u64,
+    /// Nonces held in the spent-token store.
+    pub spent_held: u64,
+    /// The store's bound.
+    pub spent_max: u64,
+    /// Issuer keys in force.
+    pub keys_in_force: u64,
 }
 
 /// Histograms control keeps.
@@ -180,6 +195,27 @@ pub fn render(region: Option<&Region>, control: &ControlFigures, histograms: &Hi
             f.ticket_generation,
         );
         gauge(&mut out, "relay_fleet_hosts_seen", "Hosts of the fleet with a live heartbeat.", f.hosts_seen);
+    }
+    if let Some(p) = &control.privacy_pass {
+        counter(&mut out, "relay_privacy_pass_redeemed_total", "Privacy Pass tokens accepted.", p.redeemed);
+        gauge(
+            &mut out,
+            "relay_privacy_pass_spent_tokens",
+            "Token nonces held to refuse double spending.",
+            p.spent_held,
+        );
+        gauge(
+            &mut out,
+            "relay_privacy_pass_spent_tokens_max",
+            "Bound of the spent-token store (max_spent_tokens); full, new tokens get 503.",
+            p.spent_max,
+        );
+        gauge(
+            &mut out,
+            "relay_privacy_pass_keys_in_force",
+            "Privacy Pass issuer keys in force.",
+            p.keys_in_force,
+        );
     }
     histograms.auth_decision.render(
         &mut out,
@@ -314,6 +350,15 @@ mod tests {
         assert!(text.contains("relay_fleet_store_up 1"));
         assert!(text.contains("relay_fleet_values_rejected_total 2"));
         assert!(text.contains("# TYPE relay_fleet_state_version gauge\nrelay_fleet_state_version 9"));
+        assert!(!text.contains("relay_privacy_pass_"), "no Privacy Pass metrics without it");
+        let pp = PrivacyPassFigures { redeemed: 7, spent_held: 5, spent_max: 10, keys_in_force: 2 };
+        let text =
+            render(None, &ControlFigures { privacy_pass: Some(pp), ..figures }, &Histograms::default());
+        assert!(text.contains(
+            "# TYPE relay_privacy_pass_redeemed_total counter\nrelay_privacy_pass_redeemed_total 7"
+        ));
+        assert!(text.contains("relay_privacy_pass_spent_tokens 5\n"));
+        assert!(text.contains("relay_privacy_pass_keys_in_force 2"));
         // Every sample line is "name{labels} value" or "name value".
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();

@@ -15,7 +15,7 @@ use relay_control::credentials::Credentials;
 use relay_control::fleet::Fleet;
 use relay_control::fleet::settings::FleetSettings;
 use relay_control::fleet::ticket_sync::TicketSink;
-use relay_control::metrics::{self, ControlFigures};
+use relay_control::metrics::{self, ControlFigures, PrivacyPassFigures};
 use relay_control::policy::{Policy, Schemes};
 use relay_control::privacy_pass::KeySource;
 use relay_control::privacy_pass::source::DirectorySource;
@@ -295,7 +295,23 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let scrape = shared.clone();
         let histograms = shared.lock().unwrap_or_else(|p| p.into_inner()).histograms.clone();
         let fleet_status = fleet.as_ref().map(|f| f.status().clone());
+        let scrape_policy = policy.clone();
         let bound = metrics::spawn(addr, move || {
+            // The policy lock first, alone: the event loop takes it without
+            // holding the shared state's.
+            let privacy_pass =
+                scrape_policy.lock().unwrap_or_else(|p| p.into_inner()).privacy_pass().map(|pp| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    let stats = pp.stats(now);
+                    PrivacyPassFigures {
+                        redeemed: stats.redeemed,
+                        spent_held: stats.spent_held as u64,
+                        spent_max: stats.spent_max as u64,
+                        keys_in_force: stats.keys.iter().filter(|k| k.in_force).count() as u64,
+                    }
+                });
             let s = scrape.lock().unwrap_or_else(|p| p.into_inner());
             let figures = ControlFigures {
                 dataplane_attached: s.dataplane_pid.is_some(),
@@ -306,6 +322,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 signatures: s.signatures,
                 signatures_failed: s.signatures_failed,
                 fleet: fleet_status.as_ref().map(|f| f.figures()),
+                privacy_pass,
             };
             metrics::render(s.region.as_ref(), &figures, &histograms)
         })
