@@ -792,6 +792,19 @@ mod tests {
                 retry_after_secs: 0,
             })
         );
+        // Every tunnel kind takes a token: connect-ip, bound UDP, TCP CONNECT.
+        let (pp, first) = verifier_and_token(10, NOW_UNIX, 10);
+        let mut every = policy()
+            .with_protocols(ProtocolsSection { connect_ip: true, bind: true, ..Default::default() })
+            .with_privacy_pass(pp);
+        let second = token_for(every.privacy_pass().unwrap(), NOW_UNIX, 11);
+        let third = token_for(every.privacy_pass().unwrap(), NOW_UNIX, 12);
+        let ip = AuthAsk { authorization: Some(first), ..ip_ask("127.0.0.1", 17) };
+        assert!(matches!(decide(&mut every, &ip), Decision::Answer(Verdict::AllowIp { .. })));
+        let bind = AuthAsk { protocol: TunnelProtocol::ConnectUdpBind, ..ask("*", Some(&second)) };
+        assert!(matches!(decide(&mut every, &bind), Decision::Answer(Verdict::AllowBind { .. })));
+        let tcp = tcp_ask("127.0.0.1", 443, Some(&third));
+        assert!(matches!(decide(&mut every, &tcp), Decision::Answer(Verdict::Allow { .. })));
         // Without Privacy Pass a PrivateToken credential is an unsupported
         // scheme, and the 407 is the bearer challenge alone.
         let mut plain = policy();
