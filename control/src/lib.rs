@@ -18,6 +18,7 @@ pub mod credentials;
 pub mod fleet;
 pub mod global_quota;
 pub mod ippool;
+pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod quota;

@@ -81,6 +81,10 @@ pub struct ServerSettings {
     pub ticket_rotation: Option<Duration>,
     /// connect-ip address pools (IPv4, IPv6); both `None` without connect-ip.
     pub ip_pools: (Option<Prefix>, Option<Prefix>),
+    /// `[log] log_targets`: one info line per tunnel decision with the
+    /// client's address, the target and the identity. Off, no line at the
+    /// default level names a client or a target.
+    pub log_targets: bool,
 }
 
 /// A live flow as control knows it.
@@ -968,7 +972,10 @@ impl Server {
             self.pools.release(flow_id);
         }
         if let Verdict::Deny { status, details, .. } = &verdict {
-            debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");
+            debug!(worker, ask = ask.ask_id, status, details = details.as_str(), "ask denied");
+        }
+        if self.settings.log_targets {
+            log_tunnel(worker, ask, identity, &verdict);
         }
         let allowed = match &verdict {
             Verdict::Allow { flow_id, .. }
@@ -1100,5 +1107,27 @@ impl Server {
         if let Some(w) = corrupt {
             self.detach(&format!("worker {w} answers ring is corrupt"));
         }
+    }
+}
+
+/// The access log line of one tunnel decision (`[log] log_targets = true`):
+/// the IDs `relayctl flows` shows (flow, worker), the client's address, the
+/// target as asked and as resolved, and the identity.
+fn log_tunnel(worker: u32, ask: &AuthAsk, identity: &Identity, verdict: &Verdict) {
+    let protocol = ask.protocol;
+    let target = format_args!("{}:{}", ask.target_host, ask.target_port);
+    match verdict {
+        Verdict::Allow { flow_id, target: resolved, .. } => info!(
+            flow = flow_id, worker, ?protocol, client = %ask.client, %target, %resolved, %identity,
+            "tunnel allowed"
+        ),
+        Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => info!(
+            flow = flow_id, worker, ?protocol, client = %ask.client, %target, %identity,
+            "tunnel allowed"
+        ),
+        Verdict::Deny { status, details, .. } => info!(
+            worker, ?protocol, client = %ask.client, %target, %identity, status, details = details.as_str(),
+            "tunnel refused"
+        ),
     }
 }
