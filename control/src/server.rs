@@ -913,7 +913,7 @@ impl Server {
                     );
                 }
                 Err(e) => {
-                    warn!(worker, "connect-ip refused: {e}");
+                    warn!(flow = *flow_id, worker, "connect-ip refused: {e}");
                     unused_allow = Some(*flow_id);
                     verdict = Verdict::Deny {
                         status: 503,

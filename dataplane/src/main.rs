@@ -26,6 +26,10 @@ use relay_proto::cid::CidConfigs;
 use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
 
+// The log set-up relay-control uses too (this binary does not link control).
+#[path = "../../control/src/logging.rs"]
+mod logging;
+
 /// The MASQUE relay's dataplane: attaches to relay-control, then serves
 /// QUIC + HTTP/3 (and HTTP/2 and HTTP/1.1 over TCP) and forwards
 /// connect-udp, connect-ip, bound UDP and classic CONNECT tunnels.
@@ -38,6 +42,10 @@ struct Args {
     /// How long to wait for control's socket to appear, in seconds.
     #[arg(long, default_value_t = 30)]
     attach_timeout: u64,
+    /// Log lines as "text" (coloured only on a terminal without NO_COLOR)
+    /// or "json" (one object per line).
+    #[arg(long, value_enum, env = "RELAY_LOG_FORMAT", default_value = "text")]
+    log_format: logging::LogFormat,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -346,6 +354,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let auto = b.io_backend == IoBackend::Auto;
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+            // Every line this worker logs names it, as relayctl's rows do.
+            let _span = tracing::info_span!("worker", worker = i).entered();
             if let Some(cpu) = cpu
                 && let Err(e) = cpu::pin_current_thread(cpu)
             {
@@ -404,13 +414,8 @@ fn steer(sock: &std::net::UdpSocket, worker_offset: usize, workers: u32) {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_thread_names(true)
-        .init();
+    let args = Args::parse();
+    logging::init(args.log_format);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: installing an async-signal-safe handler that only stores
         // to an atomic.
@@ -418,7 +423,7 @@ fn main() -> ExitCode {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
-    match run(Args::parse()) {
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relay-dataplane: {e}");

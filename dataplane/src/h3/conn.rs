@@ -165,7 +165,7 @@ impl Conn {
             match quiche::h3::Connection::with_transport(&mut self.quic, h3_config) {
                 Ok(h3) => self.h3 = Some(h3),
                 Err(e) => {
-                    tracing::warn!("HTTP/3 setup failed: {e}");
+                    tracing::warn!(conn = self.serial, "HTTP/3 setup failed: {e}");
                     let _ = self.quic.close(true, code::INTERNAL_ERROR, b"h3 setup");
                     return progress;
                 }

@@ -440,7 +440,8 @@ impl H3 {
         let signature = match result {
             SignResult::Signature(sig) => Some(sig),
             SignResult::Failed(why) => {
-                warn!("control could not sign a handshake: {why}");
+                let conn = self.conns.get(key).map(|c| c.serial);
+                warn!(conn, "control could not sign a handshake: {why}");
                 ctx.count(Counter::SignsFailed, 1);
                 None
             }

@@ -322,7 +322,7 @@ impl Handler for Worker {
 
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
         let Some(id) = self.ctx.endpoints.get(key) else { return };
-        debug!(tunnel = id, errno, "target unreachable");
+        debug!(flow = ?self.tunnels.flow_id(id), errno, "target unreachable");
         self.tunnels.on_target_unreachable(&mut self.ctx, id);
         self.wake_tunnel(id);
     }
