@@ -1721,6 +1721,28 @@ mod tests {
         assert_eq!(tcp.listen_cleartext, None);
         assert_eq!(tcp.alt_svc.as_deref(), Some("h3=\":443\"; ma=86400"));
         assert!(c.protocols.connect_tcp);
+        // It holds overrides only: every key it sets differs from the default.
+        let defaults: toml::Table =
+            toml::from_str(&Config::parse("", "t").unwrap().effective_toml()).unwrap();
+        let production: toml::Table = toml::from_str(text).unwrap();
+        let mut same = Vec::new();
+        restated_defaults(&production, &defaults, "", &mut same);
+        assert!(same.is_empty(), "deploy/relay.toml restates defaults: {same:?}");
+    }
+
+    /// The keys of `file` (tables walked, lists of tables skipped) whose
+    /// value is the one in `defaults`.
+    fn restated_defaults(file: &toml::Table, defaults: &toml::Table, at: &str, out: &mut Vec<String>) {
+        for (key, value) in file {
+            let path = format!("{at}{key}");
+            match (value, defaults.get(key)) {
+                (toml::Value::Table(t), Some(toml::Value::Table(d))) => {
+                    restated_defaults(t, d, &format!("{path}."), out)
+                }
+                (v, Some(d)) if v == d => out.push(path),
+                _ => {}
+            }
+        }
     }
 
     fn line_with(text: &str, start: &str) -> usize {
