@@ -1112,21 +1112,22 @@ impl Server {
 
 /// The access log line of one tunnel decision (`[log] log_targets = true`):
 /// the IDs `relayctl flows` shows (flow, worker), the client's address, the
-/// target as asked and as resolved, and the identity.
+/// target as asked (`destination`; `target` is taken by the module's name in
+/// JSON lines) and as resolved, and the identity.
 fn log_tunnel(worker: u32, ask: &AuthAsk, identity: &Identity, verdict: &Verdict) {
     let protocol = ask.protocol;
-    let target = format_args!("{}:{}", ask.target_host, ask.target_port);
+    let destination = format_args!("{}:{}", ask.target_host, ask.target_port);
     match verdict {
         Verdict::Allow { flow_id, target: resolved, .. } => info!(
-            flow = flow_id, worker, ?protocol, client = %ask.client, %target, %resolved, %identity,
+            flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %resolved, %identity,
             "tunnel allowed"
         ),
         Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => info!(
-            flow = flow_id, worker, ?protocol, client = %ask.client, %target, %identity,
+            flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %identity,
             "tunnel allowed"
         ),
         Verdict::Deny { status, details, .. } => info!(
-            worker, ?protocol, client = %ask.client, %target, %identity, status, details = details.as_str(),
+            worker, ?protocol, client = %ask.client, %destination, %identity, status, details = details.as_str(),
             "tunnel refused"
         ),
     }
