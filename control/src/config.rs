@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use relay_proto::channel::bootstrap::{InboundFilter, MtuProbe, Protocol, TcpBootstrap};
+use relay_proto::channel::bootstrap::{InboundFilter, MtuProbe, Protocol, QlogLevel, TcpBootstrap};
 use relay_proto::template::UriTemplate;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -73,6 +73,8 @@ pub struct Config {
     pub fleet: Option<FleetSection>,
     /// Log format and what log lines may say about clients and targets.
     pub log: LogSection,
+    /// qlog on demand (`relayctl qlog`): file sizes, file count, window.
+    pub qlog: QlogSection,
     /// Where the config came from (file name or "embedded default config").
     #[serde(skip)]
     pub origin: String,
@@ -1027,6 +1029,38 @@ pub struct LogSection {
     /// client's address, the target and the identity. Off by default:
     /// without it no line at the default level names a client or a target.
     pub log_targets: bool,
+}
+
+/// `[qlog]`: what `relayctl qlog start` writes into `state_dir/qlog`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QlogSection {
+    /// Most bytes of one file (4096..=1073741824); a file ends at the last
+    /// whole event that fit.
+    #[serde(deserialize_with = "qlog_max_file_bytes")]
+    pub max_file_bytes: u32,
+    /// Most files kept (1..=10000); a new file removes the oldest closed
+    /// ones, and a connection gets no file while all are being written.
+    #[serde(deserialize_with = "qlog_max_files")]
+    pub max_files: u32,
+    /// How long new connections of a `--client` start are logged when it
+    /// names no `--seconds` (1..=86400).
+    #[serde(deserialize_with = "qlog_default_seconds")]
+    pub default_seconds: u32,
+    /// quiche's events: "core", "base" or "extra".
+    pub level: QlogLevel,
+}
+
+impl Default for QlogSection {
+    fn default() -> Self {
+        Self { max_file_bytes: 16 * 1024 * 1024, max_files: 32, default_seconds: 300, level: QlogLevel::Base }
+    }
+}
+
+ranged_key! {
+    qlog_max_file_bytes: "qlog.max_file_bytes", 4096..=1_073_741_824;
+    qlog_max_files: "qlog.max_files", 1..=10_000;
+    qlog_default_seconds: "qlog.default_seconds", 1..=86_400;
 }
 
 /// `[resolver]`.

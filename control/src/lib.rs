@@ -21,6 +21,7 @@ pub mod ippool;
 pub mod logging;
 pub mod metrics;
 pub mod policy;
+pub mod qlog;
 pub mod quota;
 pub mod resolver;
 pub mod server;

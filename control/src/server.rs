@@ -224,6 +224,13 @@ pub struct Shared {
     pub tickets_enabled: bool,
     /// The connection listing in progress, if any.
     pub conn_listing: Option<ConnListing>,
+    /// The attached dataplane's uid and gid (its channel socket peer's).
+    pub dataplane_owner: Option<(u32, u32)>,
+    /// Set by the admin socket: a qlog command to send the dataplane, with
+    /// the qlog directory's descriptor for a start.
+    pub qlog_command: Option<(relay_proto::channel::bootstrap::QlogCommand, Option<OwnedFd>)>,
+    /// The last qlog session number given out.
+    pub qlog_session: u64,
 }
 
 impl Shared {
@@ -475,6 +482,7 @@ impl Server {
             }
             self.tls_housekeeping();
             self.push_cids();
+            self.push_qlog();
             // Always sweep: cheap, and robust against missed wake-ups.
             self.forward_drain_request();
             self.forward_conn_listing();
@@ -548,9 +556,12 @@ impl Server {
                 Interest::READABLE,
             )?;
         }
+        // Who the dataplane runs as: the qlog directory is handed to it.
+        let owner = crate::admin::peer_cred(&stream).ok().map(|c| (c.uid, c.gid));
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             shared.dataplane_pid = Some(hello.pid);
+            shared.dataplane_owner = owner;
             shared.region = Some(region);
             shared.flows.clear();
         }
@@ -606,6 +617,28 @@ impl Server {
             .and_then(|()| a.stream.set_nonblocking(true).map_err(HandshakeError::Io));
         if let Err(e) = sent {
             self.detach(&format!("sending the connection ID configuration: {e}"));
+        }
+    }
+
+    /// Sends a qlog command of the admin socket's to the dataplane (with
+    /// the directory's descriptor for a start). Without a dataplane it is
+    /// dropped: the admin socket then sees no worker apply it.
+    fn push_qlog(&mut self) {
+        let Some((command, fd)) = self.shared.lock().unwrap_or_else(|p| p.into_inner()).qlog_command.take()
+        else {
+            return;
+        };
+        let Some(a) = &self.attached else { return };
+        let fds: Vec<&dyn AsRawFd> = fd.iter().map(|f| f as &dyn AsRawFd).collect();
+        let sent = a
+            .stream
+            .set_nonblocking(false)
+            .and_then(|()| a.stream.set_write_timeout(Some(Duration::from_secs(2))))
+            .map_err(HandshakeError::Io)
+            .and_then(|()| handshake::send(&a.stream, &ControlUpdate::Qlog(command), &fds))
+            .and_then(|()| a.stream.set_nonblocking(true).map_err(HandshakeError::Io));
+        if let Err(e) = sent {
+            self.detach(&format!("sending a qlog command: {e}"));
         }
     }
 
@@ -706,6 +739,7 @@ impl Server {
         let released = shared.flows.len();
         shared.flows.clear();
         shared.dataplane_pid = None;
+        shared.dataplane_owner = None;
         shared.region = None;
         warn!(released_flows = released, "dataplane detached: {why}; waiting for it to return");
     }

@@ -16,6 +16,7 @@ use relay_dataplane::io::BackendKind;
 use relay_dataplane::io::epoll::EpollBackend;
 use relay_dataplane::io::uring::{UringBackend, UringSettings};
 use relay_dataplane::link::ControlLink;
+use relay_dataplane::qlog::QlogShared;
 use relay_dataplane::retry::RetryTokens;
 use relay_dataplane::tls::{TlsChange, TlsShared};
 use relay_dataplane::tun::TunDevice;
@@ -84,8 +85,9 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
-/// Watches the control socket: applies the TLS updates control sends on it
-/// (reloaded certificates, rotated ticket keys); when control goes away,
+/// Watches the control socket: applies the updates control sends on it
+/// (reloaded certificates, rotated ticket keys, connection ID
+/// configurations, qlog commands); when control goes away,
 /// fails new requests closed (503) and re-attaches as soon as a control is
 /// back, handing each worker its new channel.
 struct ControlWatch {
@@ -97,6 +99,7 @@ struct ControlWatch {
     workers: u32,
     tls: Arc<TlsShared>,
     cids: Arc<CidShared>,
+    qlog: Arc<QlogShared>,
 }
 
 impl ControlWatch {
@@ -127,6 +130,16 @@ impl ControlWatch {
                     }
                     for inbox in self.inboxes.iter() {
                         let _ = inbox.bell.ring();
+                    }
+                }
+                Ok((ControlUpdate::Qlog(command), fds)) => {
+                    match self.qlog.apply(command, fds, std::time::Instant::now()) {
+                        Ok(()) => {
+                            for inbox in self.inboxes.iter() {
+                                let _ = inbox.bell.ring();
+                            }
+                        }
+                        Err(e) => error!("qlog command refused: {e}"),
                     }
                 }
                 Err(HandshakeError::Closed) => return,
@@ -268,6 +281,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let cids = CidConfigs::new(b.cid_settings().layout()?);
     let cid_shared = Arc::new(CidShared::new(cids.clone()));
+    let qlog = Arc::new(QlogShared::new());
     let kind = choose_backend(&b)?;
     let cpus = cpu::allowed_cpus();
     info!(
@@ -325,6 +339,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             retry.clone(),
         )?;
         worker.set_cid_updates(cid_shared.clone());
+        worker.set_qlog(qlog.clone());
         let mut tun_device = None;
         if let Some(ip) = &b.connect_ip {
             let name = format!("{}{i}", ip.interface_prefix);
@@ -390,6 +405,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         workers: b.workers,
         tls,
         cids: cid_shared,
+        qlog,
     };
     std::thread::Builder::new().name("control-watch".into()).spawn(move || watch.run())?;
     info!(gso = relay_udp::gso_enabled(), "UDP segmentation offload");

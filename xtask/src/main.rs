@@ -297,6 +297,7 @@ const IGNORED: &[(&str, &[&str], &[Need])] = {
         ),
         ("control_e2e", &["other_users_are_refused_by_the_admin_socket"], &[Root]),
         ("e2e", &["the_dataplane_runs_unprivileged_without_access_to_the_key"], &[Root]),
+        ("qlog", &["an_unprivileged_dataplane_writes_qlog_into_controls_state_directory"], &[Root]),
         (
             "interop",
             &[

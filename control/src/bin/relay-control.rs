@@ -255,6 +255,8 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
     if let Some(f) = &fleet {
         admin_endpoint = admin_endpoint.with_fleet(f.clone());
     }
+    admin_endpoint =
+        admin_endpoint.with_qlog(relay_control::qlog::QlogSettings::new(&state_dir, &config.qlog));
     admin::spawn(admin_listener, admin_endpoint)?;
     let dataplane_owner = match &config.relay.dataplane_user {
         Some(user) => {
