@@ -154,6 +154,11 @@ fn qlog_for_one_connection_writes_only_its_file_as_json_seq_until_stopped() {
         );
     }
 
+    // The CONNECT sent after the start is in the log, its credentials not.
+    let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+    assert!(text.contains("\"proxy-authorization\",\"value\":\"<redacted>\""), "{text}");
+    assert!(!text.contains(&relay.token), "the client's token is in {}", path.display());
+
     let stopped = relayctl(&relay, &["qlog", "stop"]).unwrap();
     assert_eq!(stopped["workers_applied"], stopped["workers"], "{stopped}");
     let size = std::fs::metadata(&path).unwrap().len();

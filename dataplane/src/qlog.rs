@@ -269,8 +269,18 @@ impl QlogWriter {
         self.dir.stop_generation.load(Ordering::Acquire) != self.generation
     }
 
-    /// Writes the record collected so far, if it fits under the cap.
+    /// Writes the record collected so far, credentials redacted, if it
+    /// fits under the cap.
     fn commit(&mut self) -> io::Result<()> {
+        if self.file.is_none() {
+            return Err(closed());
+        }
+        if !redact(&mut self.record) {
+            // It names a credential header but is not JSON: not written.
+            warn!(file = self.name, "a qlog record that could not be redacted was dropped");
+            self.record.clear();
+            return Ok(());
+        }
         let len = self.record.len() as u64;
         let Some(file) = self.file.as_mut() else { return Err(closed()) };
         if self.written + len > self.cap {
@@ -290,6 +300,55 @@ impl QlogWriter {
         self.written += len;
         self.record.clear();
         Ok(())
+    }
+}
+
+/// Header fields whose values never reach a qlog file: the client's
+/// credentials (quiche logs every header field of every HEADERS frame, and
+/// a relay token is a bearer secret).
+const SECRET_HEADERS: [&str; 3] = ["proxy-authorization", "authorization", "cookie"];
+
+/// What a credential's value becomes.
+pub const REDACTED: &str = "<redacted>";
+
+/// Replaces the values of credential header fields in `record` (RS, JSON
+/// text, LF) with [`REDACTED`]; records that name none are left as they
+/// are. False when one is named but the record is not JSON (it must not
+/// be written then).
+fn redact(record: &mut Vec<u8>) -> bool {
+    let named =
+        SECRET_HEADERS.iter().any(|h| record.windows(h.len()).any(|w| w.eq_ignore_ascii_case(h.as_bytes())));
+    if !named {
+        return true;
+    }
+    let Some(json) = record.get(1..record.len().saturating_sub(1)) else { return false };
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(json) else { return false };
+    redact_value(&mut value);
+    let Ok(text) = serde_json::to_vec(&value) else { return false };
+    record.clear();
+    record.push(0x1e);
+    record.extend_from_slice(&text);
+    record.push(b'\n');
+    true
+}
+
+/// Redacts every `{"name": <credential header>, "value": ...}` in `value`.
+fn redact_value(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let secret = map
+                .get("name")
+                .and_then(Value::as_str)
+                .is_some_and(|n| SECRET_HEADERS.iter().any(|h| n.eq_ignore_ascii_case(h)));
+            if secret {
+                map.insert("value".into(), Value::String(REDACTED.into()));
+                map.remove("value_bytes");
+            }
+            map.values_mut().for_each(redact_value);
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_value),
+        _ => {}
     }
 }
 
@@ -553,6 +612,34 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(r).unwrap();
             assert_eq!(v["name"], "transport:packet_sent");
         }
+    }
+
+    #[test]
+    fn credentials_in_header_fields_are_redacted() {
+        let path = temp_dir("redact");
+        let dir = open_dir(&path, 4);
+        let mut w = dir.create("a.sqlog", 10_000).unwrap();
+        let headers = r#"{"time":2.0,"name":"http3:frame_parsed","data":{"stream_id":0,"frame":{"frame_type":"headers","headers":[{"name":":method","value":"CONNECT"},{"name":"proxy-authorization","value":"Bearer s3cret"},{"name":"Authorization","value":"Basic czNjcmV0","value_bytes":"ab"},{"name":"cookie","value":"id=s3cret"}]}}}"#;
+        record(&mut w, headers).unwrap();
+        record(&mut w, r#"{"time":3.0,"name":"transport:packet_sent"}"#).unwrap();
+        let text = std::fs::read(path.join("a.sqlog")).unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            !text.contains("s3cret") && !text.contains("czNjcmV0") && !text.contains("value_bytes"),
+            "{text}"
+        );
+        let records: Vec<serde_json::Value> =
+            text.split('\x1e').skip(1).map(|r| serde_json::from_str(r).unwrap()).collect();
+        let fields = &records[0]["data"]["frame"]["headers"];
+        assert_eq!(fields[0]["value"], "CONNECT", "other fields are kept");
+        for i in 1..=3 {
+            assert_eq!(fields[i]["value"], REDACTED, "{}", fields[i]);
+        }
+        assert_eq!(records[1]["name"], "transport:packet_sent");
+        // A record naming a credential that is not JSON is not written.
+        let before = w.written();
+        w.write_all(b"\x1e{\"name\":\"proxy-authorization\",\"value\":\"s3cret\"\n").unwrap();
+        assert_eq!(w.written(), before);
     }
 
     #[test]
