@@ -54,6 +54,9 @@ pub const SUFFIX: &str = ".sqlog";
 /// Why qlog could not be started or a file not created.
 #[derive(Debug, thiserror::Error)]
 pub enum QlogError {
+    /// This dataplane was built without qlog (the `qlog` cargo feature).
+    #[error("this dataplane was built without qlog (cargo feature `qlog` of relay-dataplane)")]
+    NotBuilt,
     /// A start came with no directory descriptor, or more than one.
     #[error("a qlog start needs exactly one directory descriptor, {0} came")]
     Descriptors(usize),
@@ -444,22 +447,55 @@ impl Window {
         conn: u64,
         client: SocketAddr,
     ) -> Result<String, QlogError> {
+        if !BUILT {
+            return Err(QlogError::NotBuilt);
+        }
         let name = file_name(worker, conn, SystemTime::now());
         let writer = self.dir.create(&name, self.cap)?;
-        let level = match self.level {
-            QlogLevel::Core => quiche::QlogLevel::Core,
-            QlogLevel::Base => quiche::QlogLevel::Base,
-            QlogLevel::Extra => quiche::QlogLevel::Extra,
-        };
-        quic.set_qlog_with_level(
-            Box::new(writer),
+        set_qlog(
+            quic,
+            writer,
             format!("masque-relay worker {worker} conn {conn}"),
             format!("client {client}"),
-            level,
+            self.level,
         );
         Ok(name)
     }
 }
+
+/// Whether this dataplane was built with qlog (the `qlog` feature).
+pub const BUILT: bool = cfg!(feature = "qlog");
+
+#[cfg(feature = "qlog")]
+fn set_qlog(
+    quic: &mut quiche::Connection,
+    writer: QlogWriter,
+    title: String,
+    description: String,
+    level: QlogLevel,
+) {
+    let level = match level {
+        QlogLevel::Core => quiche::QlogLevel::Core,
+        QlogLevel::Base => quiche::QlogLevel::Base,
+        QlogLevel::Extra => quiche::QlogLevel::Extra,
+    };
+    quic.set_qlog_with_level(Box::new(writer), title, description, level);
+}
+
+#[cfg(not(feature = "qlog"))]
+fn set_qlog(_: &mut quiche::Connection, _: QlogWriter, _: String, _: String, _: QlogLevel) {}
+
+/// Finishes `quic`'s qlog: quiche serializes nothing more for it.
+pub fn finish(quic: &mut quiche::Connection) {
+    #[cfg(feature = "qlog")]
+    if let Some(streamer) = quic.qlog_streamer() {
+        let _ = streamer.finish_log();
+    }
+    #[cfg(not(feature = "qlog"))]
+    let _ = quic;
+}
+
+impl Window {}
 
 /// `w<worker>-conn<serial>-<unix ms>.sqlog`: the worker and connection
 /// `relayctl conns` shows, and when it started (serials restart with the
@@ -514,6 +550,9 @@ impl QlogShared {
         let mut inner = self.inner();
         match command {
             QlogCommand::Start(start) => {
+                if !BUILT {
+                    return Err(QlogError::NotBuilt);
+                }
                 start.validate().map_err(|e| QlogError::Invalid(e.to_string()))?;
                 if fds.len() != 1 {
                     return Err(QlogError::Descriptors(fds.len()));
@@ -704,6 +743,18 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "qlog"))]
+    fn without_the_feature_a_start_is_refused() {
+        let path = temp_dir("not-built");
+        let shared = QlogShared::new();
+        let fd: OwnedFd = File::open(&path).unwrap().into();
+        let target = QlogTarget::Conn { worker: 0, conn_id: 1 };
+        assert!(matches!(shared.apply(start(target, 1), vec![fd], Instant::now()), Err(QlogError::NotBuilt)));
+        assert_eq!(shared.epoch(), 0);
+    }
+
+    #[test]
+    #[cfg(feature = "qlog")]
     fn windows_match_a_connection_or_a_client_for_their_time() {
         let path = temp_dir("window");
         let shared = QlogShared::new();
@@ -741,6 +792,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "qlog")]
     fn a_start_needs_one_directory_descriptor() {
         let path = temp_dir("fds");
         let shared = QlogShared::new();

@@ -687,9 +687,7 @@ impl H3 {
                 None if conn.qlog => {
                     // The writer stopped already; this spares quiche the
                     // serializing of the events the file would not get.
-                    if let Some(streamer) = conn.quic.qlog_streamer() {
-                        let _ = streamer.finish_log();
-                    }
+                    crate::qlog::finish(&mut conn.quic);
                     conn.qlog = false;
                     ctx.link.counters().sub(Counter::QlogConnections, 1);
                 }
