@@ -506,6 +506,11 @@ impl Admin {
             if s.dataplane_pid.is_none() {
                 return error("no dataplane is attached");
             }
+            if !s.dataplane_qlog {
+                return error(
+                    "the dataplane was built without qlog (relay-dataplane's cargo feature `qlog`)",
+                );
+            }
             s.dataplane_owner
         };
         // Handed over only when the dataplane runs as another user.

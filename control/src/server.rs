@@ -226,6 +226,8 @@ pub struct Shared {
     pub conn_listing: Option<ConnListing>,
     /// The attached dataplane's uid and gid (its channel socket peer's).
     pub dataplane_owner: Option<(u32, u32)>,
+    /// The attached dataplane was built with qlog.
+    pub dataplane_qlog: bool,
     /// Set by the admin socket: a qlog command to send the dataplane, with
     /// the qlog directory's descriptor for a start.
     pub qlog_command: Option<(relay_proto::channel::bootstrap::QlogCommand, Option<OwnedFd>)>,
@@ -562,6 +564,7 @@ impl Server {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             shared.dataplane_pid = Some(hello.pid);
             shared.dataplane_owner = owner;
+            shared.dataplane_qlog = hello.qlog;
             shared.region = Some(region);
             shared.flows.clear();
         }

@@ -34,6 +34,10 @@ pub struct Hello {
     pub version: u32,
     /// The dataplane's process ID (for logs and status).
     pub pid: u32,
+    /// Built with qlog (`relayctl qlog`); a dataplane that predates the
+    /// field has none.
+    #[serde(default)]
+    pub qlog: bool,
 }
 
 /// Settings control gives the dataplane.
@@ -612,8 +616,11 @@ mod tests {
 
     #[test]
     fn hello_round_trips_and_versions_are_checked() {
-        let hello = Hello { version: PROTOCOL_VERSION, pid: 7 };
+        let hello = Hello { version: PROTOCOL_VERSION, pid: 7, qlog: true };
         assert_eq!(through_a_frame(&hello).unwrap(), hello);
+        // A dataplane that predates qlog sends no `qlog`: without.
+        let old: Hello = decode_body(br#"{"version":2,"pid":3}"#).unwrap();
+        assert!(!old.qlog);
         check_version(hello.version).unwrap();
         assert!(matches!(
             check_version(9),
@@ -627,7 +634,7 @@ mod tests {
         assert!(matches!(frame_len(u32::MAX.to_le_bytes()), Err(BootstrapError::Invalid(_))));
         assert!(matches!(frame_len((MAX_FRAME as u32 + 1).to_le_bytes()), Err(BootstrapError::Invalid(_))));
         assert_eq!(frame_len((MAX_FRAME as u32).to_le_bytes()).unwrap(), MAX_FRAME);
-        let small = Hello { version: 1, pid: 1 };
+        let small = Hello { version: 1, pid: 1, qlog: false };
         assert!(encode_frame(&small).is_ok());
         let too_big = "x".repeat(MAX_FRAME);
         assert!(matches!(encode_frame(&too_big), Err(BootstrapError::Invalid(_))));
