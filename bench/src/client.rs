@@ -30,8 +30,11 @@ pub struct ClientConfig {
     /// TLS server name and `:authority` host.
     pub server_name: String,
     /// CA (or self-signed certificate) to verify the relay with; `None`
-    /// disables verification.
+    /// disables verification unless [`Self::system_roots`] is set.
     pub ca: Option<PathBuf>,
+    /// Without `ca`, verify the relay with the system's trust store rather
+    /// than not at all.
+    pub system_roots: bool,
     /// Advertise SETTINGS_H3_DATAGRAM (and QUIC DATAGRAM support). When
     /// false the relay must fall back to DATAGRAM capsules.
     pub h3_datagrams: bool,
@@ -51,6 +54,7 @@ impl ClientConfig {
             relay,
             server_name: "localhost".into(),
             ca: None,
+            system_roots: false,
             h3_datagrams: true,
             template: DEFAULT_TEMPLATE.into(),
             token: None,
@@ -68,7 +72,34 @@ pub enum Answer {
     Reset(u64),
 }
 
+/// A refusal as a person reads it: the status, its reason phrase, and
+/// the relay's Proxy-Status (RFC 9209) when it sent one, e.g. `403
+/// Forbidden (Proxy-Status: masque-relay; error=destination_ip_prohibited)`.
+pub fn describe_refusal(status: u16, proxy_status: Option<&str>) -> String {
+    let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+    let mut text = format!("{status} {reason}").trim_end().to_string();
+    if let Some(p) = proxy_status {
+        text.push_str(&format!(" (Proxy-Status: {p})"));
+    }
+    text
+}
+
 impl Answer {
+    /// Whether the relay accepted the request (a 2xx response).
+    pub fn is_success(&self) -> bool {
+        self.status().is_some_and(|s| (200..300).contains(&s))
+    }
+
+    /// What the answer says, for an error message: the status with its
+    /// Proxy-Status, or the HTTP/3 error code of a reset.
+    pub fn describe(&self) -> String {
+        match (self, self.status()) {
+            (Answer::Reset(code), _) => format!("stream reset with HTTP/3 error {code:#x}"),
+            (_, Some(status)) => describe_refusal(status, self.header("proxy-status")),
+            (_, None) => "a response without :status".into(),
+        }
+    }
+
     /// The `:status` of a response.
     pub fn status(&self) -> Option<u16> {
         self.header(":status").and_then(|s| s.parse().ok())
@@ -96,7 +127,14 @@ struct StreamState {
     other_contexts: VecDeque<(u64, Vec<u8>)>,
     /// A classic CONNECT stream: its DATA is raw bytes, kept here.
     raw: Option<Vec<u8>>,
+    /// `raw` reached [`MAX_RAW`] with body bytes left unread in quiche
+    /// (read on by [`Client::take_raw`]).
+    raw_paused: bool,
 }
+
+/// Bytes of a CONNECT stream kept until taken; beyond, they wait in quiche
+/// (and its flow control holds the relay back).
+const MAX_RAW: usize = 1 << 20;
 
 /// Datagrams with non-zero contexts kept per stream until taken.
 const MAX_OTHER_CONTEXT_DATAGRAMS: usize = 4096;
@@ -134,6 +172,25 @@ pub struct Client {
 
 const SOCKET: Token = Token(0);
 
+/// Reads body bytes of a CONNECT stream into `raw` until quiche has none
+/// or `raw` holds [`MAX_RAW`]; returns whether it stopped at the bound.
+fn read_raw(
+    h3: &mut quiche::h3::Connection,
+    quic: &mut quiche::Connection,
+    id: u64,
+    raw: &mut Vec<u8>,
+    buf: &mut [u8],
+) -> bool {
+    while raw.len() < MAX_RAW {
+        let room = (MAX_RAW - raw.len()).min(buf.len());
+        match h3.recv_body(quic, id, &mut buf[..room]) {
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 fn random_cid() -> Result<quiche::ConnectionId<'static>> {
     let mut id = vec![0u8; quiche::MAX_CONN_ID_LEN];
     let mut f = std::fs::File::open("/dev/urandom").context("opening /dev/urandom")?;
@@ -160,7 +217,7 @@ impl Client {
                     .with_context(|| format!("loading CA {}", ca.display()))?;
                 qc.verify_peer(true);
             }
-            None => qc.verify_peer(false),
+            None => qc.verify_peer(config.system_roots),
         }
         qc.set_max_idle_timeout(30_000);
         qc.set_max_recv_udp_payload_size(65_527);
@@ -378,9 +435,58 @@ impl Client {
         Ok(id)
     }
 
-    /// Takes the raw bytes a CONNECT stream received so far.
+    /// Takes the raw bytes a CONNECT stream received so far (at most
+    /// 1 MiB is kept at a time; the rest waits under flow control and is
+    /// read on here).
     pub fn take_raw(&mut self, stream_id: u64) -> Vec<u8> {
-        self.streams.get_mut(&stream_id).and_then(|s| s.raw.as_mut()).map(std::mem::take).unwrap_or_default()
+        let Some(s) = self.streams.get_mut(&stream_id) else { return Vec::new() };
+        let taken = s.raw.as_mut().map(std::mem::take).unwrap_or_default();
+        if s.raw_paused
+            && let (Some(h3), Some(raw)) = (self.h3.as_mut(), s.raw.as_mut())
+        {
+            s.raw_paused = read_raw(h3, &mut self.quic, stream_id, raw, &mut self.buf);
+        }
+        taken
+    }
+
+    /// The answer on `stream_id`, if it has arrived (without waiting).
+    pub fn answer(&self, stream_id: u64) -> Option<&Answer> {
+        self.streams.get(&stream_id).and_then(|s| s.answer.as_ref())
+    }
+
+    /// Forgets a stream this client is done with (its state, and whatever
+    /// the relay still sends on it: quiche discards it). Later events on
+    /// the stream are ignored.
+    pub fn forget(&mut self, stream_id: u64) {
+        if self.streams.remove(&stream_id).is_some() {
+            let _ = self.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, 0x100);
+        }
+    }
+
+    /// Writes what fits of `bytes` on the request stream now, without
+    /// waiting (`fin` applies only once every byte is written). Returns
+    /// how many bytes were taken, `None` when nothing could be (flow
+    /// control; an empty `bytes` with `fin` is `Some(0)` once the FIN is
+    /// queued).
+    pub fn try_send_stream_bytes(
+        &mut self,
+        stream_id: u64,
+        bytes: &[u8],
+        fin: bool,
+    ) -> Result<Option<usize>> {
+        let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
+        match h3.send_body(&mut self.quic, stream_id, bytes, fin) {
+            Ok(n) => Ok(Some(n)),
+            Err(quiche::h3::Error::Done) | Err(quiche::h3::Error::StreamBlocked) => Ok(None),
+            Err(e) => bail!("send_body: {e}"),
+        }
+    }
+
+    /// Makes the connection send something the relay acknowledges, so an
+    /// idle connection is not closed by the idle timeout.
+    pub fn keepalive(&mut self) -> Result<()> {
+        let _ = self.quic.send_ack_eliciting();
+        self.flush()
     }
 
     /// Opens a connect-udp request to `host:port` (after the relay's
@@ -416,7 +522,7 @@ impl Client {
         let id = self.request_udp(host, port)?;
         match self.wait_answer(id, timeout)? {
             a @ Answer::Response(_) if a.status().is_some_and(|s| (200..300).contains(&s)) => Ok(id),
-            other => bail!("tunnel to {host}:{port} refused: {other:?}"),
+            other => bail!("tunnel to {host}:{port} refused: {}", other.describe()),
         }
     }
 
@@ -621,17 +727,19 @@ impl Client {
                             )
                         })
                         .collect();
-                    let s = self.streams.entry(id).or_default();
+                    // A stream this client forgot (or never opened): ignored.
+                    let Some(s) = self.streams.get_mut(&id) else { continue };
                     if s.answer.is_none() {
                         s.answer = Some(Answer::Response(headers));
                     }
                 }
                 Ok((id, quiche::h3::Event::Data)) => {
-                    let s = self.streams.entry(id).or_default();
+                    let Some(s) = self.streams.get_mut(&id) else {
+                        while h3.recv_body(&mut self.quic, id, &mut self.buf).is_ok() {}
+                        continue;
+                    };
                     if let Some(raw) = s.raw.as_mut() {
-                        while let Ok(n) = h3.recv_body(&mut self.quic, id, &mut self.buf) {
-                            raw.extend_from_slice(&self.buf[..n]);
-                        }
+                        s.raw_paused = read_raw(h3, &mut self.quic, id, raw, &mut self.buf);
                         continue;
                     }
                     let decoder =
@@ -665,9 +773,13 @@ impl Client {
                         }
                     }
                 }
-                Ok((id, quiche::h3::Event::Finished)) => self.streams.entry(id).or_default().finished = true,
+                Ok((id, quiche::h3::Event::Finished)) => {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.finished = true;
+                    }
+                }
                 Ok((id, quiche::h3::Event::Reset(code))) => {
-                    let s = self.streams.entry(id).or_default();
+                    let Some(s) = self.streams.get_mut(&id) else { continue };
                     if s.answer.is_none() {
                         s.answer = Some(Answer::Reset(code));
                     }

@@ -9,6 +9,8 @@
 //! - [`h2client`], [`frontbench`]: an HTTP/2 client for the TCP front and
 //!   the HTTP/2-next-to-HTTP/3 benchmark.
 //! - [`tcp_echo`]: a TCP echo target for the TCP CONNECT tests.
+//! - [`masque`]: the `masque-client` binary's UDP forwarder, SOCKS5 server
+//!   and connect-ip tunnel.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
 //! - [`needs`]: what the tests that are ignored by default need from the
@@ -28,6 +30,7 @@ pub mod ipnet;
 pub mod iptunnel;
 pub mod load;
 pub mod loadgen;
+pub mod masque;
 pub mod needs;
 pub mod netns;
 pub mod processes;

@@ -56,6 +56,7 @@ impl RelayArgs {
             relay: self.relay,
             server_name: self.server_name.clone(),
             ca: self.ca.clone(),
+            system_roots: false,
             h3_datagrams: !self.no_h3_datagrams,
             template: self.template.clone(),
             token: self.token.clone(),
