@@ -522,3 +522,145 @@ async fn associate(
     drop(flows);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greetings_parse_whole_or_ask_for_more() {
+        assert_eq!(parse_greeting(&[]), Ok(None));
+        assert_eq!(parse_greeting(&[5]), Ok(None));
+        assert_eq!(parse_greeting(&[5, 2, 0]), Ok(None));
+        assert_eq!(parse_greeting(&[5, 2, 0, 2, 9]), Ok(Some((vec![0, 2], 4))));
+        assert_eq!(parse_greeting(&[4, 1, 0]), Err(SocksError::Version(4)));
+        assert_eq!(parse_greeting(&[5, 0]), Err(SocksError::NoMethods));
+    }
+
+    #[test]
+    fn requests_parse_every_address_type() {
+        let v4 = [5, 1, 0, 1, 127, 0, 0, 1, 0x1f, 0x90];
+        assert_eq!(
+            parse_request(&v4),
+            Ok(Some((Command::Connect, SocksAddr::Ip("127.0.0.1:8080".parse().unwrap()), 10)))
+        );
+        let mut v6 = vec![5, 3, 0, 4];
+        v6.extend_from_slice(&"::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        v6.extend_from_slice(&[0, 53]);
+        assert_eq!(
+            parse_request(&v6),
+            Ok(Some((Command::UdpAssociate, SocksAddr::Ip("[::1]:53".parse().unwrap()), 22)))
+        );
+        let mut name = vec![5, 1, 0, 3, 11];
+        name.extend_from_slice(b"example.com");
+        name.extend_from_slice(&[1, 187, 0xAA]);
+        assert_eq!(
+            parse_request(&name),
+            Ok(Some((Command::Connect, SocksAddr::Domain("example.com".into(), 443), 18))),
+            "trailing bytes are left for the caller"
+        );
+        // An IP literal sent as a name is the address.
+        let mut lit = vec![5, 1, 0, 3, 9];
+        lit.extend_from_slice(b"127.0.0.1");
+        lit.extend_from_slice(&[0, 80]);
+        assert_eq!(parse_request(&lit).unwrap().unwrap().1, SocksAddr::Ip("127.0.0.1:80".parse().unwrap()));
+        // Every proper prefix asks for more.
+        for msg in [&v4[..], &v6[..], &name[..18]] {
+            for n in 0..msg.len() {
+                assert_eq!(parse_request(&msg[..n]), Ok(None), "{msg:?}[..{n}]");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_requests_are_named_and_answered_with_the_right_code() {
+        assert_eq!(parse_request(&[4]), Err(SocksError::Version(4)));
+        assert_eq!(parse_request(&[5, 9, 0, 1]), Err(SocksError::Command(9)));
+        assert_eq!(parse_request(&[5, 1, 1, 1]), Err(SocksError::Reserved));
+        assert_eq!(parse_request(&[5, 1, 0, 7, 0]), Err(SocksError::AddressType(7)));
+        assert_eq!(parse_request(&[5, 1, 0, 3, 0, 0, 80]), Err(SocksError::Domain));
+        let mut bad = vec![5, 1, 0, 3, 5];
+        bad.extend_from_slice(b"a/b:c");
+        bad.extend_from_slice(&[0, 80]);
+        assert_eq!(parse_request(&bad), Err(SocksError::Domain));
+        let mut bad = vec![5, 1, 0, 3, 2, 0xff, 0xfe, 0, 80];
+        assert_eq!(parse_request(&bad), Err(SocksError::Domain), "not UTF-8");
+        bad[1] = 2;
+        assert_eq!(parse_request(&bad).unwrap_err().reply_code(), rep::GENERAL_FAILURE);
+        assert_eq!(SocksError::Command(9).reply_code(), rep::COMMAND_NOT_SUPPORTED);
+        assert_eq!(SocksError::AddressType(7).reply_code(), rep::ADDRESS_TYPE_NOT_SUPPORTED);
+    }
+
+    #[test]
+    fn udp_headers_round_trip_and_bad_ones_are_refused() {
+        let mut out = Vec::new();
+        for addr in [
+            SocksAddr::Ip("10.0.0.1:53".parse().unwrap()),
+            SocksAddr::Ip("[2001:db8::1]:5353".parse().unwrap()),
+            SocksAddr::Domain("dns.example".into(), 53),
+        ] {
+            encode_udp(&addr, b"payload", &mut out);
+            assert_eq!(parse_udp(&out), Ok((addr.clone(), &b"payload"[..])));
+            // Truncated anywhere inside the header.
+            let header = out.len() - b"payload".len();
+            for n in 0..header {
+                assert!(parse_udp(&out[..n]).is_err(), "{addr} cut at {n}");
+            }
+            // An empty payload is a datagram too.
+            encode_udp(&addr, b"", &mut out);
+            assert_eq!(parse_udp(&out), Ok((addr, &b""[..])));
+        }
+        assert_eq!(parse_udp(&[0, 0, 1, 1, 1, 2, 3, 4, 0, 53]), Err(SocksError::Fragment(1)));
+        assert_eq!(parse_udp(&[0, 1, 0, 1, 1, 2, 3, 4, 0, 53]), Err(SocksError::Reserved));
+        assert_eq!(parse_udp(&[0, 0, 0, 5, 1, 2, 3, 4, 0, 53]), Err(SocksError::AddressType(5)));
+        assert_eq!(parse_udp(&[0, 0]), Err(SocksError::Truncated));
+    }
+
+    #[test]
+    fn replies_carry_the_bound_address() {
+        assert_eq!(
+            reply(rep::SUCCEEDED, "127.0.0.1:1080".parse().unwrap()),
+            [5, 0, 0, 1, 127, 0, 0, 1, 4, 56]
+        );
+        let r = reply(rep::NOT_ALLOWED, "[::1]:1".parse().unwrap());
+        assert_eq!((r.len(), r[1], r[3]), (22, 2, 4));
+    }
+
+    #[test]
+    fn refusals_map_to_reply_codes() {
+        let refused = |status, text: &str| OpenError::Refused { status, text: text.into() };
+        assert_eq!(open_error_code(&refused(403, "403 Forbidden")), rep::NOT_ALLOWED);
+        assert_eq!(
+            open_error_code(&refused(502, "502 Bad Gateway (Proxy-Status: r; error=connection_refused)")),
+            rep::CONNECTION_REFUSED
+        );
+        assert_eq!(open_error_code(&refused(502, "502 Bad Gateway")), rep::HOST_UNREACHABLE);
+        assert_eq!(open_error_code(&OpenError::Other(anyhow::anyhow!("x"))), rep::GENERAL_FAILURE);
+    }
+
+    /// Arbitrary bytes never panic any parser (a small deterministic fuzz).
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let mut b: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Bias towards plausible messages so the deeper paths run.
+            if let Some(v) = b.first_mut() {
+                *v = [0, 5, 5, 5][(next() % 4) as usize];
+            }
+            if b.len() > 3 {
+                b[3] = [1, 3, 4, 0][(next() % 4) as usize];
+            }
+            let _ = parse_greeting(&b);
+            let _ = parse_request(&b);
+            let _ = parse_udp(&b);
+        }
+    }
+}

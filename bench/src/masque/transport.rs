@@ -596,8 +596,7 @@ fn service_tcp(c: &mut Client, id: u64, t: &mut H3Tunnel) -> bool {
         }
     }
     // Relay → application.
-    loop {
-        let Some(down) = &t.down else { break };
+    while let Some(down) = &t.down {
         let chunk = match t.down_pending.take() {
             Some(p) => p,
             None => {
