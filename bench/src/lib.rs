@@ -41,3 +41,26 @@ pub mod svg;
 pub mod target;
 pub mod tcp_echo;
 pub mod wait;
+
+/// Runs a command-line tool's `run` with logging to stderr (`RUST_LOG`,
+/// else `default_log`) and turns its error into a message and exit status
+/// 1: the `main` of `relay-bench` and `masque-client`.
+pub fn tool_main(
+    name: &str,
+    default_log: &str,
+    run: impl FnOnce() -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
