@@ -72,6 +72,55 @@ pub enum Answer {
     Reset(u64),
 }
 
+/// Whether a certificate (DER) lists `ip` among its subject alternative
+/// names.
+fn certificate_names_ip(der: &[u8], ip: std::net::IpAddr) -> bool {
+    let octets = match ip {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    boring::x509::X509::from_der(der)
+        .ok()
+        .and_then(|c| c.subject_alt_names())
+        .is_some_and(|names| names.iter().any(|n| n.ipaddress() == Some(octets.as_slice())))
+}
+
+/// Why a handshake ended, as a person reads it: a TLS alert (QUIC
+/// CRYPTO_ERROR, RFC 9001 section 4.8) by name, with what a certificate
+/// alert on our side usually means; else the raw errors.
+fn describe_close(
+    local: Option<&quiche::ConnectionError>,
+    peer: Option<&quiche::ConnectionError>,
+    server_name: &str,
+) -> String {
+    let alert = |e: &quiche::ConnectionError| {
+        (!e.is_app && (0x100..0x200).contains(&e.error_code)).then(|| {
+            let code = (e.error_code - 0x100) as u8;
+            let name = match code {
+                40 => "handshake_failure",
+                42 => "bad_certificate",
+                43 => "unsupported_certificate",
+                45 => "certificate_expired",
+                46 => "certificate_unknown",
+                48 => "unknown_ca",
+                51 => "decrypt_error",
+                80 => "internal_error",
+                120 => "no_application_protocol",
+                _ => "",
+            };
+            format!("TLS alert {code} {name}").trim_end().to_string()
+        })
+    };
+    match (local, peer) {
+        (Some(l), _) if alert(l).is_some() => format!(
+            "we sent {}: the relay's certificate did not verify for the name {server_name:?} (check the CA, or name the one the certificate holds with --server-name)",
+            alert(l).unwrap_or_default()
+        ),
+        (_, Some(p)) if alert(p).is_some() => format!("the relay sent {}", alert(p).unwrap_or_default()),
+        (l, p) => format!("local {l:?}, peer {p:?}"),
+    }
+}
+
 /// A refusal as a person reads it: the status, its reason phrase, and
 /// the relay's Proxy-Status (RFC 9209) when it sent one, e.g. `403
 /// Forbidden (Proxy-Status: masque-relay; error=destination_ip_prohibited)`.
@@ -251,7 +300,13 @@ impl Client {
         let poll = Poll::new()?;
         poll.registry().register(&mut socket, SOCKET, Interest::READABLE)?;
         let scid = random_cid()?;
-        let mut quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, qc)?;
+        // quiche checks a server name as a DNS name only: an IP address
+        // goes without SNI and is checked against the certificate's IP
+        // addresses once the handshake is done (the chain is verified
+        // either way).
+        let ip_name: Option<std::net::IpAddr> = config.server_name.parse().ok();
+        let sni = if ip_name.is_some() { None } else { Some(config.server_name.as_str()) };
+        let mut quic = quiche::connect(sni, &scid, local, config.relay, qc)?;
         if let Some(session) = &config.session {
             quic.set_session(session)?;
         }
@@ -282,16 +337,30 @@ impl Client {
             // complete the handshake); its reason is in peer_error.
             if client.quic.is_closed() || client.quic.is_draining() {
                 bail!(
-                    "handshake with {} failed: local {:?}, peer {:?}",
+                    "handshake with {} failed: {}",
                     client.config.relay,
-                    client.quic.local_error(),
-                    client.quic.peer_error()
+                    describe_close(
+                        client.quic.local_error(),
+                        client.quic.peer_error(),
+                        &client.config.server_name
+                    )
                 );
             }
             if Instant::now() >= deadline {
                 bail!("handshake with {} timed out (is the relay running?)", client.config.relay);
             }
             client.drive(Duration::from_millis(20))?;
+        }
+        if let Some(ip) = ip_name
+            && (client.config.ca.is_some() || client.config.system_roots)
+            && !client.peer_certificate().is_some_and(|der| certificate_names_ip(&der, ip))
+        {
+            let _ = client.quic.close(false, 0x100 + 42, b"");
+            let _ = client.flush();
+            bail!(
+                "handshake with {} failed: the relay's certificate does not name the address {ip}",
+                client.config.relay
+            );
         }
         Ok(client)
     }
@@ -826,5 +895,54 @@ impl Client {
     pub fn close(mut self) {
         let _ = self.quic.close(true, 0x100, b"done");
         let _ = self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_server_names_are_checked_against_the_certificates_addresses() {
+        let dir = std::env::temp_dir().join(format!("bench-client-san-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let names = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        let creds = relay_control::state::self_signed(&dir, &names).unwrap();
+        let pem = std::fs::read(&creds.cert).unwrap();
+        let der = boring::x509::X509::from_pem(&pem).unwrap().to_der().unwrap();
+        assert!(certificate_names_ip(&der, "127.0.0.1".parse().unwrap()));
+        assert!(certificate_names_ip(&der, "::1".parse().unwrap()));
+        assert!(!certificate_names_ip(&der, "127.0.0.2".parse().unwrap()));
+        assert!(!certificate_names_ip(b"not a certificate", "127.0.0.1".parse().unwrap()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn handshake_failures_name_the_tls_alert() {
+        let bad_cert = quiche::ConnectionError { is_app: false, error_code: 0x100 + 42, reason: Vec::new() };
+        let text = describe_close(Some(&bad_cert), None, "relay.example");
+        assert!(
+            text.contains("TLS alert 42 bad_certificate") && text.contains("\"relay.example\""),
+            "{text}"
+        );
+        let theirs = quiche::ConnectionError { is_app: false, error_code: 0x100 + 40, reason: Vec::new() };
+        assert_eq!(describe_close(None, Some(&theirs), "x"), "the relay sent TLS alert 40 handshake_failure");
+        let app = quiche::ConnectionError { is_app: true, error_code: 0x100, reason: Vec::new() };
+        assert!(describe_close(None, Some(&app), "x").starts_with("local None, peer Some"));
+    }
+
+    #[test]
+    fn refusals_read_as_status_reason_and_proxy_status() {
+        assert_eq!(describe_refusal(403, None), "403 Forbidden");
+        assert_eq!(
+            describe_refusal(502, Some("relay; error=connection_refused")),
+            "502 Bad Gateway (Proxy-Status: relay; error=connection_refused)"
+        );
+        assert_eq!(describe_refusal(599, None), "599");
+        let a = Answer::Response(vec![(":status".into(), "429".into()), ("proxy-status".into(), "r".into())]);
+        assert!(!a.is_success());
+        assert_eq!(a.describe(), "429 Too Many Requests (Proxy-Status: r)");
+        assert_eq!(Answer::Reset(0x10c).describe(), "stream reset with HTTP/3 error 0x10c");
     }
 }

@@ -201,11 +201,34 @@ fn udp_forwarder_takes_the_token_from_the_environment_and_prints_refusals() {
     let cert = relay.cert().display().to_string();
     let target = echo.addr().to_string();
     let args = ["udp", "--relay", &relay_addr, "--ca", &cert, "--listen", "127.0.0.1:0", "--target", &target];
-    // MASQUE_TOKEN works like --token-file.
-    let fwd = MasqueClient::start(&[], &args, &[("MASQUE_TOKEN", &relay.token)]);
+    // MASQUE_TOKEN works like --token-file; the relay named by its IP
+    // address is verified against the certificate's IP addresses.
+    let by_ip = relay.addr.to_string();
+    let mut ip_args = args;
+    ip_args[2] = &by_ip;
+    let fwd = MasqueClient::start(&[], &ip_args, &[("MASQUE_TOKEN", &relay.token)]);
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     assert_eq!(echo_once(&peer, fwd.local_addr(), b"from the env"), b"from the env");
     drop(fwd);
+    // A name the certificate does not hold fails the handshake, saying so.
+    let out = Command::new(env!("CARGO_BIN_EXE_masque-client"))
+        .args([
+            "udp",
+            "--relay",
+            &by_ip,
+            "--server-name",
+            "other.example",
+            "--ca",
+            &cert,
+            "--target",
+            &target,
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TLS alert 42 bad_certificate") && err.contains("other.example"), "{err}");
     // A wrong token: the relay's refusal is printed with its status and
     // Proxy-Status, and nothing is forwarded.
     let fwd = MasqueClient::start(&[], &args, &[("MASQUE_TOKEN", "not-the-token")]);
