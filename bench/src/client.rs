@@ -121,6 +121,19 @@ fn describe_close(
     }
 }
 
+/// The relay refused a request: what was asked, the status, and the
+/// refusal as [`describe_refusal`] words it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} refused: {text}")]
+pub struct Refused {
+    /// What was asked (e.g. "connect-udp over HTTP/2").
+    pub what: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// Status, reason and Proxy-Status.
+    pub text: String,
+}
+
 /// A refusal as a person reads it: the status, its reason phrase, and
 /// the relay's Proxy-Status (RFC 9209) when it sent one, e.g. `403
 /// Forbidden (Proxy-Status: masque-relay; error=destination_ip_prohibited)`.

@@ -140,7 +140,9 @@ fn check_answer<T>(resp: &http::Response<T>, what: &str) -> Result<()> {
         return Ok(());
     }
     let proxy_status = resp.headers().get("proxy-status").and_then(|v| v.to_str().ok());
-    bail!("{what} refused: {}", crate::client::describe_refusal(resp.status().as_u16(), proxy_status))
+    let status = resp.status().as_u16();
+    let text = crate::client::describe_refusal(status, proxy_status);
+    Err(crate::client::Refused { what: what.into(), status, text }.into())
 }
 
 struct FlowResult {

@@ -195,12 +195,8 @@ impl Transport {
 
 /// A refusal from an h2client error, else any error.
 fn h2_open_error(e: anyhow::Error) -> OpenError {
-    let text = format!("{e:#}");
-    match text.split_once(" refused: ") {
-        Some((_, rest)) => OpenError::Refused {
-            status: rest.split(' ').next().and_then(|s| s.parse().ok()).unwrap_or(0),
-            text: rest.to_string(),
-        },
+    match e.downcast_ref::<crate::client::Refused>() {
+        Some(r) => OpenError::Refused { status: r.status, text: r.text.clone() },
         None => OpenError::Other(e),
     }
 }
