@@ -194,6 +194,27 @@ fn udp_forwarder_echoes_every_peers_datagrams_through_the_relay_on_http3_and_htt
 }
 
 #[test]
+fn udp_forwarder_reconnects_when_the_relay_restarts_on_http3_and_http2() {
+    let (mut relay, token_file) = start_relay("restart");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    for http in ["3", "2"] {
+        let target = echo.addr().to_string();
+        let mut args = vec!["udp".to_string()];
+        args.extend(relay_args(&relay, &token_file, http));
+        args.extend(["--listen", "127.0.0.1:0", "--target", &target].map(String::from));
+        let fwd = MasqueClient::start(&[], &strings(&args), &[]);
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(echo_once(&peer, fwd.local_addr(), b"before"), b"before");
+        relay.kill_dataplane();
+        relay.start_dataplane().expect("the dataplane starts again");
+        // The connection is gone (a stateless reset, or the TCP
+        // connection's end): the tunnel ends and the next datagram opens a
+        // new one on a new connection.
+        assert_eq!(echo_once(&peer, fwd.local_addr(), b"after"), b"after", "HTTP/{http}: {}", fwd.stderr());
+    }
+}
+
+#[test]
 fn udp_forwarder_takes_the_token_from_the_environment_and_prints_refusals() {
     let (relay, _token_file) = start_relay("token");
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
