@@ -45,6 +45,12 @@ pub struct ClientConfig {
     /// A TLS session from an earlier connection ([`Client::session`]) to
     /// resume.
     pub session: Option<Vec<u8>>,
+    /// A test hook for fleets: once `relay` has answered with a Retry,
+    /// send the retried Initial and everything after it to this address
+    /// instead (another host of the fleet), and take what it sends as
+    /// coming from `relay`. The other host must accept the first host's
+    /// Retry token for the handshake to complete.
+    pub after_retry_send_to: Option<SocketAddr>,
 }
 
 impl ClientConfig {
@@ -59,6 +65,7 @@ impl ClientConfig {
             template: DEFAULT_TEMPLATE.into(),
             token: None,
             session: None,
+            after_retry_send_to: None,
         }
     }
 }
@@ -230,6 +237,11 @@ pub struct Client {
     pub recv_calls: u64,
     /// Whether the relay sent GOAWAY.
     pub goaway_received: bool,
+    /// Whether a Retry arrived (with [`ClientConfig::after_retry_send_to`]:
+    /// the connection now talks to that address).
+    pub retried: bool,
+    /// Sequence number of the destination connection ID in use.
+    dcid_seq: u64,
 }
 
 const SOCKET: Token = Token(0);
@@ -251,6 +263,12 @@ fn read_raw(
         }
     }
     true
+}
+
+/// Whether `packet` is a Retry (RFC 9000 section 17.2.5): a long header
+/// (0x80) of packet type 3 in QUIC v1.
+fn is_retry(packet: &[u8]) -> bool {
+    packet.first().is_some_and(|b| b & 0x80 != 0 && (b >> 4) & 0x03 == 3)
 }
 
 fn random_cid() -> Result<quiche::ConnectionId<'static>> {
@@ -342,6 +360,8 @@ impl Client {
             packets_in: 0,
             recv_calls: 0,
             goaway_received: false,
+            retried: false,
+            dcid_seq: 0,
         };
         let deadline = Instant::now() + timeout;
         client.flush()?;
@@ -715,11 +735,14 @@ impl Client {
             };
             got = true;
             self.recv_calls += 1;
-            let info = quiche::RecvInfo { from: r.from, to: self.local };
+            let info = quiche::RecvInfo { from: self.peer_as_known(r.from), to: self.local };
             let mut offset = 0;
             while offset < r.len {
                 let end = (offset + r.segment_size.max(1)).min(r.len);
                 self.packets_in += 1;
+                if is_retry(&self.buf[offset..end]) {
+                    self.retried = true;
+                }
                 if let Err(e) = self.quic.recv(&mut self.buf[offset..end], info)
                     && e != quiche::Error::Done
                 {
@@ -893,10 +916,59 @@ impl Client {
                 Err(quiche::Error::Done) => break,
                 Err(e) => bail!("QUIC send: {e}"),
             };
-            self.batcher.push(&self.socket, info.to, &self.out[..n])?;
+            let to = self.send_address(info.to);
+            self.batcher.push(&self.socket, to, &self.out[..n])?;
         }
         self.batcher.flush(&self.socket)?;
         Ok(())
+    }
+
+    /// Where a packet quiche addressed to `to` goes: after a Retry, to
+    /// [`ClientConfig::after_retry_send_to`] if set.
+    fn send_address(&self, to: SocketAddr) -> SocketAddr {
+        match self.config.after_retry_send_to {
+            Some(other) if self.retried && to == self.config.relay => other,
+            _ => to,
+        }
+    }
+
+    /// The address quiche is told a packet from `from` came from: the
+    /// redirect target speaks for the relay.
+    fn peer_as_known(&self, from: SocketAddr) -> SocketAddr {
+        match self.config.after_retry_send_to {
+            Some(other) if from == other => self.config.relay,
+            _ => from,
+        }
+    }
+
+    /// The destination connection ID this client sends with now (the
+    /// relay's connection ID: the handshake's, or one it issued with
+    /// NEW_CONNECTION_ID after [`Client::switch_dcid`]).
+    pub fn dcid(&self) -> Vec<u8> {
+        self.quic.destination_id().to_vec()
+    }
+
+    /// Connection IDs the relay issued (NEW_CONNECTION_ID) that this
+    /// client has not used yet.
+    pub fn spare_dcids(&self) -> usize {
+        self.quic.available_dcids()
+    }
+
+    /// Retires the destination connection ID in use (RETIRE_CONNECTION_ID)
+    /// and moves on to the next one the relay issued; returns it.
+    pub fn switch_dcid(&mut self) -> Result<Vec<u8>> {
+        if self.spare_dcids() == 0 {
+            bail!("the relay issued no spare connection ID");
+        }
+        let old = self.dcid();
+        self.quic.retire_dcid(self.dcid_seq).map_err(|e| anyhow!("retiring DCID {}: {e}", self.dcid_seq))?;
+        self.dcid_seq += 1;
+        let new = self.dcid();
+        if new == old {
+            bail!("retiring DCID {} did not change the DCID in use", self.dcid_seq - 1);
+        }
+        self.flush()?;
+        Ok(new)
     }
 
     /// (send system calls, UDP packets sent) so far.

@@ -13,6 +13,10 @@
 //!   and connect-ip tunnel.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
+//! - [`fleet_topology`], [`redis_server`]: relay hosts in network
+//!   namespaces behind an nftables load balancer, and their store, for the
+//!   fleet's multi-host test; [`fleetbench`]: what fleet mode costs
+//!   (`relay-bench fleet`).
 //! - [`needs`]: what the tests that are ignored by default need from the
 //!   machine, checked when they run.
 //! - [`wait`]: bounded waits on a condition for the tests (instead of
@@ -22,6 +26,8 @@ pub mod bindclient;
 pub mod client;
 pub mod direct;
 pub mod echo;
+pub mod fleet_topology;
+pub mod fleetbench;
 pub mod frontbench;
 pub mod h2client;
 pub mod interop;
@@ -34,6 +40,7 @@ pub mod masque;
 pub mod needs;
 pub mod netns;
 pub mod processes;
+pub mod redis_server;
 pub mod report;
 pub mod stats;
 pub mod suite;

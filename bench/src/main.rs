@@ -61,6 +61,7 @@ impl RelayArgs {
             template: self.template.clone(),
             token: self.token.clone(),
             session: None,
+            after_retry_send_to: None,
         })
     }
 }
@@ -96,6 +97,27 @@ enum Command {
         /// The relay's I/O backend for the main runs: auto, io_uring or epoll.
         #[arg(long, default_value = "auto")]
         io: String,
+    },
+    /// What fleet mode costs, in one run: CONNECT -> 200 and setups/s of a
+    /// single host against a fleet member (fleet-wide quotas on a local
+    /// redis-server), then (root) one host against three behind the
+    /// nftables balancer of the multi-host test.
+    Fleet {
+        /// Results directory.
+        #[arg(long, default_value = "results/fleet")]
+        out: PathBuf,
+        /// Directory of relay-control and relay-dataplane.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Rounds of the setup comparison.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// CONNECT -> 200 samples per relay and round.
+        #[arg(long, default_value_t = 400)]
+        connect_samples: usize,
+        /// Skip the three-host aggregate run (needs root and nftables).
+        #[arg(long)]
+        no_aggregate: bool,
     },
     /// Generate one load through a running relay to a target this command
     /// starts on loopback, and print what was delivered.
@@ -282,6 +304,16 @@ fn run(args: Args) -> Result<()> {
                 repeats,
             };
             print!("{}", relay_bench::frontbench::run(&cfg)?);
+            Ok(())
+        }
+        Command::Fleet { out, bin_dir, rounds, connect_samples, no_aggregate } => {
+            let mut cfg = relay_bench::fleetbench::FleetBenchConfig::standard(out.clone());
+            cfg.bin_dir = bin_dir;
+            cfg.rounds = rounds;
+            cfg.connect_samples = connect_samples;
+            cfg.aggregate = !no_aggregate;
+            relay_bench::fleetbench::run(&cfg)?;
+            println!("\nresults written to {}", out.display());
             Ok(())
         }
         Command::Suite { out, smoke, bin_dir, no_pin, netns, io } => {

@@ -1,6 +1,6 @@
 //! What the tests marked `#[ignore = "needs ...: run by `cargo xtask test`"]`
 //! need from the machine: root, /dev/net/tun, programs (ip, ping, python3,
-//! curl, turnserver) and the interop venv.
+//! curl, turnserver, nft, redis-server) and the interop venv.
 //!
 //! A plain `cargo test` lists those tests as ignored. `cargo xtask test`
 //! checks the machine for each need (its own copy of these checks, in
@@ -31,6 +31,10 @@ pub enum Need {
     Curl,
     /// coturn's `turnserver` (a STUN server).
     Turnserver,
+    /// `nft` (nftables): the fleet test's load balancer.
+    Nft,
+    /// `redis-server`: the fleet's store.
+    RedisServer,
     /// The interop venv with aioquic and h2 ([`interop::find_python`]).
     InteropVenv,
 }
@@ -48,6 +52,8 @@ impl Need {
             Need::Python3 => missing_program("python3", "python3"),
             Need::Curl => missing_program("curl", "curl"),
             Need::Turnserver => missing_program("turnserver", "coturn"),
+            Need::Nft => missing_program("nft", "nftables"),
+            Need::RedisServer => missing_program("redis-server", "redis-server"),
             Need::InteropVenv => interop::find_python().err().map(|e| e.to_string()),
         }
     }

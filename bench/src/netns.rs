@@ -81,6 +81,31 @@ impl TargetNetns {
     }
 }
 
+/// Makes `cmd` start in network namespace `name` (`ip netns` name): the
+/// child enters it with `setns` between fork and exec, so the parent stays
+/// where it is. Returns the namespace's handle, which must stay open until
+/// `cmd` is spawned (it is close-on-exec: the child does not keep it).
+pub fn spawn_in(cmd: &mut Command, name: &str) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let handle = std::fs::File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("network namespace {name}"))?;
+    let fd = handle.as_raw_fd();
+    // SAFETY: the hook runs in the forked child before exec and only makes
+    // the setns system call (async-signal-safe) on a descriptor the parent
+    // keeps open until the spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(handle)
+}
+
 impl Drop for TargetNetns {
     fn drop(&mut self) {
         let _ = ip(&["netns", "del", &self.name]);

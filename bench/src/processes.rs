@@ -107,6 +107,14 @@ pub struct RelayOptions {
     pub tcp_cleartext: bool,
     /// Extra TOML for the `[tcp]` section.
     pub tcp_extra: String,
+    /// Run both processes in this network namespace (`ip netns` name):
+    /// a relay host of a multi-host test topology
+    /// ([`crate::fleet_topology`]).
+    pub netns: Option<String>,
+    /// The QUIC and TLS-over-TCP port (default: one free on `listen_ip`
+    /// in the caller's namespace). Needed with `netns`, where the caller
+    /// cannot look for a free port.
+    pub port: Option<u16>,
 }
 
 impl Default for RelayOptions {
@@ -129,6 +137,8 @@ impl Default for RelayOptions {
             log_dir: None,
             tcp_cleartext: false,
             tcp_extra: String::new(),
+            netns: None,
+            port: None,
         }
     }
 }
@@ -148,6 +158,7 @@ pub struct Relay {
     bin_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
     dataplane_uid: Option<u32>,
+    netns: Option<String>,
     channel_socket: PathBuf,
     control: Option<Child>,
     dataplane: Option<Child>,
@@ -158,7 +169,10 @@ impl Relay {
     /// the dataplane answers a QUIC handshake.
     pub fn start(dir: &Path, opts: &RelayOptions) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let port = free_port_pair(opts.listen_ip)?;
+        let port = match opts.port {
+            Some(port) => port,
+            None => free_port_pair(opts.listen_ip)?,
+        };
         let cleartext_addr =
             if opts.tcp_cleartext { Some(SocketAddr::new(opts.listen_ip, free_tcp_port()?)) } else { None };
         let cleartext_line = cleartext_addr.map(|a| format!("tcp_cleartext = \"{a}\"")).unwrap_or_default();
@@ -240,6 +254,7 @@ max_pending = 64
             bin_dir: opts.bin_dir.clone(),
             log_dir: opts.log_dir.clone(),
             dataplane_uid: opts.dataplane_uid,
+            netns: opts.netns.clone(),
             channel_socket,
             control: None,
             dataplane: None,
@@ -253,6 +268,21 @@ max_pending = 64
     /// The relay's self-signed certificate (to verify it).
     pub fn cert(&self) -> PathBuf {
         self.state_dir.join("cert.pem")
+    }
+
+    /// Gives the state directory `state` of a relay not started yet this
+    /// relay's certificate and key (the hosts of a fleet serve one name
+    /// with one certificate).
+    pub fn share_certificate(&self, state: &Path) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+        std::fs::set_permissions(state, std::fs::Permissions::from_mode(0o700))?;
+        for file in ["cert.pem", "key.pem"] {
+            let to = state.join(file);
+            std::fs::copy(self.state_dir.join(file), &to).with_context(|| format!("copying {file}"))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
     }
 
     /// The admin socket.
@@ -291,7 +321,9 @@ max_pending = 64
     pub fn start_control(&mut self) -> Result<()> {
         let sock = self.channel_socket.clone();
         let _ = std::fs::remove_file(&sock);
-        let child = Command::new(binary(self.bin_dir.as_deref(), "relay-control")?)
+        let mut cmd = Command::new(binary(self.bin_dir.as_deref(), "relay-control")?);
+        let _netns = self.enter_netns_on_exec(&mut cmd)?;
+        let child = cmd
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
@@ -317,6 +349,7 @@ max_pending = 64
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(uid);
         }
+        let _netns = self.enter_netns_on_exec(&mut cmd)?;
         let child = cmd
             .arg("--control-socket")
             .arg(&self.channel_socket)
@@ -327,6 +360,12 @@ max_pending = 64
             .context("starting relay-dataplane")?;
         self.dataplane = Some(child);
         Ok(())
+    }
+
+    /// Makes `cmd` start in the relay's network namespace, if it has one;
+    /// the returned handle must live until `cmd` is spawned.
+    fn enter_netns_on_exec(&self, cmd: &mut Command) -> Result<Option<std::fs::File>> {
+        self.netns.as_deref().map(|ns| crate::netns::spawn_in(cmd, ns)).transpose()
     }
 
     fn log(&self, name: &str) -> Result<Stdio> {

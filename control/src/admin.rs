@@ -129,6 +129,14 @@ pub enum AdminRequest {
         #[serde(default)]
         keys: Vec<String>,
     },
+    /// One identity's quota usage as this host sees it: its own open flows
+    /// and, with fleet-wide identity quotas, the other hosts' usage as last
+    /// read from the store (what admission adds up).
+    QuotaUsage {
+        /// The identity: `sub:<subject>` or `tok:<fingerprint>` (as in
+        /// `flows`).
+        identity: String,
+    },
     /// Fleet mode: the fleet, this host, the hosts seen, the store.
     FleetStatus,
 }
@@ -621,6 +629,7 @@ impl Admin {
                 None => error("this relay runs alone (no [fleet] section in its config)"),
             },
             AdminRequest::PolicyShow => self.policy_show(),
+            AdminRequest::QuotaUsage { identity } => self.quota_usage(identity),
             AdminRequest::PolicySet { set } => self.commit(|p| {
                 if set.is_empty() {
                     return Err("nothing to set: give KEY=VALUE pairs".into());
@@ -692,6 +701,25 @@ impl Admin {
             "hmac_keys": keys,
             "revoked_subjects": subjects,
             "revoked_tokens": tokens,
+        })
+    }
+
+    /// `identity`'s usage here and, with fleet-wide identity quotas, on the
+    /// other hosts as last read (`null` without them).
+    fn quota_usage(&self, identity: &str) -> Value {
+        let p = self.policy();
+        let quotas = p.quotas();
+        let here = quotas.identity_usage(identity, Instant::now());
+        let others = quotas.global().map(|g| {
+            let r = g.remote(identity);
+            json!({ "flows": r.flows, "recent_new_flows": r.recent_new_flows, "bytes": r.bytes })
+        });
+        json!({
+            "identity": identity,
+            "limits": quotas.config().per_identity,
+            "here": here.map(|u| json!({ "flows": u.flows, "bytes": u.bytes })),
+            "fleet_wide": others.is_some(),
+            "other_hosts": others,
         })
     }
 
@@ -932,6 +960,10 @@ mod tests {
         assert_eq!(list["revoked_subjects"][0]["subject"], json!("bob"));
         assert_eq!(list["revoked_tokens"][0]["subject"], json!("alice"));
         assert_eq!(list["static_tokens"].as_array().unwrap().len(), 2);
+        // Without a fleet an identity's usage is this host's alone.
+        let usage = a.handle(&req(r#"{"cmd":"quota_usage","identity":"sub:alice"}"#), now);
+        assert_eq!((usage["fleet_wide"].clone(), usage["other_hosts"].clone()), (json!(false), Value::Null));
+        assert_eq!((usage["here"].clone(), usage["limits"]["max_flows"].clone()), (Value::Null, json!(2)));
         let show = a.handle(&AdminRequest::PolicyShow, now);
         assert_eq!(show["quotas"]["per_identity"]["max_flows"], json!(2));
         assert_eq!(show["quotas_config_file"]["per_identity"]["max_flows"], json!(0));

@@ -524,6 +524,15 @@ fn fleet_global_identity_quotas_count_every_hosts_usage() {
         }
     });
     println!("a's flows counted on b after {latency:?}");
+    // What b adds up, as `relayctl policy usage` shows it.
+    let usage = b.handle(r#"{"cmd":"quota_usage","identity":"sub:x"}"#);
+    assert_eq!(
+        (usage["fleet_wide"].as_bool(), usage["other_hosts"]["flows"].as_u64()),
+        (Some(true), Some(2)),
+        "{usage}"
+    );
+    assert_eq!(usage["here"]["flows"].as_u64().unwrap_or(0), 0, "{usage}");
+    assert_eq!(usage["limits"]["max_flows"], 2, "{usage}");
     // One of a's flows ends after 900 bytes: b may open one flow, with what
     // the fleet has left of the byte allowance as its budget.
     close(&a, 1, 900);

@@ -11,7 +11,7 @@
 //!   config or on FILE, then relay-dataplane — until Ctrl-C ([`run`]).
 //! - `test`: setup, formatting and lint checks, then every test. The tests
 //!   marked `#[ignore = "needs ..."]` (root, /dev/net/tun, ip, curl,
-//!   turnserver, the interop venv: `IGNORED` below) run where the machine has
+//!   turnserver, nft, redis-server, the interop venv: `IGNORED` below) run where the machine has
 //!   what they need and count as skipped elsewhere; under CI a missing need
 //!   is an error. The last line is `summary: N passed, M failed, K skipped`.
 //! - `bench`: the benchmark suite on release binaries (`--update-docs`
@@ -44,6 +44,10 @@ const PACKAGES: &[(&str, &str)] = &[
     // The interop suite's independent client (aioquic) runs in a venv.
     ("python3", "/usr/bin/python3"),
     ("python3-venv", ""),
+    // Fleet mode's store, for control's fleet tests and the multi-host test.
+    ("redis-server", "/usr/bin/redis-server"),
+    // The multi-host fleet test's load balancer (an nftables DNAT map).
+    ("nftables", "/usr/sbin/nft"),
 ];
 
 fn root() -> PathBuf {
@@ -128,9 +132,12 @@ fn setup_packages() -> Result<()> {
         bail!("still missing after apt-get: {}", still.join(", "));
     }
     // coturn is installed for the tests' own STUN server (started in a
-    // namespace); the package's system service is not wanted.
-    if missing.contains(&"coturn") && Path::new("/usr/bin/systemctl").exists() {
-        let _ = Command::new("systemctl").args(["disable", "--now", "coturn"]).output();
+    // namespace) and redis-server for the fleet tests' own stores: the
+    // packages' system services are not wanted.
+    for service in ["coturn", "redis-server"] {
+        if missing.contains(&service) && Path::new("/usr/bin/systemctl").exists() {
+            let _ = Command::new("systemctl").args(["disable", "--now", service]).output();
+        }
     }
     Ok(())
 }
@@ -214,11 +221,13 @@ enum Need {
     Python3,
     Curl,
     Turnserver,
+    Nft,
+    RedisServer,
     InteropVenv,
 }
 
 impl Need {
-    const ALL: [Need; 8] = [
+    const ALL: [Need; 10] = [
         Need::Root,
         Need::Tun,
         Need::Ip,
@@ -226,6 +235,8 @@ impl Need {
         Need::Python3,
         Need::Curl,
         Need::Turnserver,
+        Need::Nft,
+        Need::RedisServer,
         Need::InteropVenv,
     ];
 
@@ -244,6 +255,8 @@ impl Need {
             Need::Python3 => program("python3", "python3"),
             Need::Curl => program("curl", "curl"),
             Need::Turnserver => program("turnserver", "coturn"),
+            Need::Nft => program("nft", "nftables"),
+            Need::RedisServer => program("redis-server", "redis-server"),
             Need::InteropVenv => {
                 let python = interop_venv().join("bin/python3");
                 let ok = Command::new(&python)
@@ -270,45 +283,57 @@ fn on_path(name: &str) -> bool {
     })
 }
 
-/// The tests marked `#[ignore = "needs ..."]` (all in relay-bench's test
-/// binaries): binary, test names, what they need. A plain `cargo test`
+/// The tests marked `#[ignore = "needs ..."]` (in relay-bench's and
+/// relay-control's test binaries): package, test binary, test names, what
+/// they need. A plain `cargo test`
 /// lists them as ignored; `cargo xtask test` runs those whose needs the
 /// machine meets and counts the others as skipped (under CI every need must
 /// be met). Every ignored test must be listed here, and everything listed
 /// must be an ignored test: `cargo xtask test` checks both.
-const IGNORED: &[(&str, &[&str], &[Need])] = {
+const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
     use Need::*;
     &[
-        ("abuse", &["slowloris_partial_headers_are_bounded"], &[InteropVenv]),
+        (BENCH, "abuse", &["slowloris_partial_headers_are_bounded"], &[InteropVenv]),
         (
+            BENCH,
             "bind",
             &["bound_udp_learns_its_mapping_by_stun_and_reaches_filtered_peers_both_context_kinds"],
             &[Root, Ip, Turnserver],
         ),
         (
+            BENCH,
             "bind",
             &["bound_udp_over_http2_and_http1_learns_its_mapping_by_stun"],
             &[Root, Ip, Turnserver, InteropVenv],
         ),
         (
+            BENCH,
             "connect_ip",
             &["connect_ip_carries_ping_and_tcp_over_ipv4_and_ipv6_and_enforces_scope"],
             &[Root, Tun, Ip, Ping, Python3],
         ),
-        ("control_e2e", &["other_users_are_refused_by_the_admin_socket"], &[Root]),
-        ("masque_client", &["socks5_connect_carries_curl_through_the_relay_on_http3_and_http2"], &[Curl]),
+        (BENCH, "control_e2e", &["other_users_are_refused_by_the_admin_socket"], &[Root]),
         (
+            BENCH,
+            "masque_client",
+            &["socks5_connect_carries_curl_through_the_relay_on_http3_and_http2"],
+            &[Curl],
+        ),
+        (
+            BENCH,
             "masque_client",
             &["socks5_udp_associate_from_pysocks_reaches_ip_and_named_targets_on_http3_and_http2"],
             &[InteropVenv],
         ),
         (
+            BENCH,
             "masque_client",
             &["ip_mode_puts_the_tunnel_on_a_tun_device_and_pings_a_target_namespace"],
             &[Root, Tun, Ip, Ping],
         ),
-        ("e2e", &["the_dataplane_runs_unprivileged_without_access_to_the_key"], &[Root]),
+        (BENCH, "e2e", &["the_dataplane_runs_unprivileged_without_access_to_the_key"], &[Root]),
         (
+            BENCH,
             "interop",
             &[
                 "connect_udp_with_h3_datagrams_both_ways_byte_for_byte",
@@ -325,10 +350,11 @@ const IGNORED: &[(&str, &[&str], &[Need])] = {
             ],
             &[InteropVenv],
         ),
-        ("smoke", &["smoke_suite_with_targets_in_a_network_namespace"], &[Root, Ip]),
-        ("smoke", &["ip_bench_measures_every_path"], &[Root, Tun, Ip]),
-        ("tcp_front", &["curl_negotiates_every_version_and_every_response_carries_alt_svc"], &[Curl]),
+        (BENCH, "smoke", &["smoke_suite_with_targets_in_a_network_namespace"], &[Root, Ip]),
+        (BENCH, "smoke", &["ip_bench_measures_every_path"], &[Root, Tun, Ip]),
+        (BENCH, "tcp_front", &["curl_negotiates_every_version_and_every_response_carries_alt_svc"], &[Curl]),
         (
+            BENCH,
             "tcp_front",
             &[
                 "http2_extended_connect_udp_tunnels_carry_capsules_both_ways",
@@ -339,12 +365,37 @@ const IGNORED: &[(&str, &[&str], &[Need])] = {
             &[InteropVenv],
         ),
         (
+            BENCH,
             "tcp_front",
             &["connect_ip_over_http2_and_http1_pings_a_target_namespace_through_the_tun_device"],
             &[Root, Tun, Ip, InteropVenv],
         ),
+        (
+            BENCH,
+            "fleet",
+            &["three_hosts_behind_an_l4_balancer_act_as_one_relay"],
+            &[Root, Ip, Nft, RedisServer],
+        ),
+        (
+            CONTROL,
+            "fleet",
+            &[
+                "fleet_revocation_on_one_host_is_enforced_on_another_within_1s",
+                "fleet_tampered_store_values_are_rejected_and_counted",
+                "fleet_store_outage_keeps_state_and_reconverges_after_restart",
+                "fleet_ticket_keys_are_the_same_on_every_host_after_a_rotation",
+                "fleet_poll_catches_a_change_whose_announcement_was_lost",
+                "fleet_global_identity_quotas_count_every_hosts_usage",
+            ],
+            &[RedisServer],
+        ),
     ]
 };
+
+/// relay-bench: the end-to-end tests.
+const BENCH: &str = "relay-bench";
+/// relay-control: control's own integration tests (fleet mode).
+const CONTROL: &str = "relay-control";
 
 /// The relay-bench test binaries whose tests run a second time on the
 /// epoll backend (their ignored ones too, where the machine allows).
@@ -393,8 +444,8 @@ fn test(args: &[String]) -> Result<()> {
     let runnable = |needs: &[Need]| needs.iter().all(|n| !missing.iter().any(|(m, _)| m == n));
     let unrunnable: Vec<&str> = IGNORED
         .iter()
-        .filter(|(_, _, needs)| !runnable(needs))
-        .flat_map(|(_, names, _)| names.iter().copied())
+        .filter(|(_, _, _, needs)| !runnable(needs))
+        .flat_map(|(_, _, names, _)| names.iter().copied())
         .collect();
     let lacking = missing.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>().join("\n  ");
     if !missing.is_empty() {
@@ -433,7 +484,7 @@ fn test(args: &[String]) -> Result<()> {
     }
     let main = totals.run(&mut cmd)?;
     check_ignored_list(&main.ignored)?;
-    run_ignored(&mut totals, &main, |_| true, io, &runnable)?;
+    run_ignored(&mut totals, &main, |_, _| true, io, &runnable)?;
     // The end-to-end suite once more on the epoll backend.
     let mut cmd = cargo();
     cmd.args(["test", "--locked", "-p", "relay-bench"]);
@@ -442,7 +493,13 @@ fn test(args: &[String]) -> Result<()> {
     }
     cmd.env("RUST_BACKTRACE", "1").env("RELAY_TEST_IO", "epoll");
     let epoll = totals.run(&mut cmd)?;
-    run_ignored(&mut totals, &epoll, |bin| EPOLL_AGAIN.contains(&bin), Some("epoll"), &runnable)?;
+    run_ignored(
+        &mut totals,
+        &epoll,
+        |package, bin| package == BENCH && EPOLL_AGAIN.contains(&bin),
+        Some("epoll"),
+        &runnable,
+    )?;
     // The shared-memory ring's loom model (relay-channel): every
     // interleaving of producer and consumer through the ring's own push/pop
     // code. Its own target directory, so `--cfg loom` does not rebuild the
@@ -469,7 +526,7 @@ fn test(args: &[String]) -> Result<()> {
 /// Checks that the tests the main run reported as ignored are exactly the
 /// ones in [`IGNORED`], so that none is left out of `cargo xtask test`.
 fn check_ignored_list(ignored: &[String]) -> Result<()> {
-    let listed: Vec<&str> = IGNORED.iter().flat_map(|(_, names, _)| names.iter().copied()).collect();
+    let listed: Vec<&str> = IGNORED.iter().flat_map(|(_, _, names, _)| names.iter().copied()).collect();
     let unlisted: Vec<&str> = ignored.iter().map(String::as_str).filter(|n| !listed.contains(n)).collect();
     let stale: Vec<&str> = listed.iter().copied().filter(|n| !ignored.iter().any(|i| i == n)).collect();
     if !unlisted.is_empty() {
@@ -485,40 +542,51 @@ fn check_ignored_list(ignored: &[String]) -> Result<()> {
 }
 
 /// After a run that reported `regular.ignored`, runs (`--ignored`) those
-/// of [`IGNORED`] in the binaries `include` selects whose needs are met, on
-/// the `io` backend; the ignored tests left unrun count as skipped.
+/// of [`IGNORED`] in the (package, binary) pairs `include` selects whose
+/// needs are met, on the `io` backend, one `cargo test` per package; the
+/// ignored tests left unrun count as skipped.
 fn run_ignored(
     totals: &mut Totals,
     regular: &TestRun,
-    include: impl Fn(&str) -> bool,
+    include: impl Fn(&str, &str) -> bool,
     io: Option<&str>,
     runnable: &dyn Fn(&[Need]) -> bool,
 ) -> Result<()> {
     let rows: Vec<_> = IGNORED
         .iter()
-        .filter(|(bin, names, needs)| {
-            include(bin) && runnable(needs) && names.iter().all(|n| regular.ignored.iter().any(|i| i == n))
+        .filter(|(package, bin, names, needs)| {
+            include(package, bin)
+                && runnable(needs)
+                && names.iter().all(|n| regular.ignored.iter().any(|i| i == n))
         })
         .collect();
-    let names: Vec<&str> = rows.iter().flat_map(|(_, names, _)| names.iter().copied()).collect();
-    totals.skipped += regular.ignored.len() as u64 - names.len() as u64;
-    if names.is_empty() {
-        return Ok(());
-    }
-    let mut bins: Vec<&str> = rows.iter().map(|(bin, _, _)| *bin).collect();
-    bins.dedup();
-    let mut cmd = cargo();
-    cmd.args(["test", "--locked", "-p", "relay-bench"]);
-    for bin in &bins {
-        cmd.args(["--test", bin]);
-    }
-    cmd.args(["--", "--ignored", "--exact"]).args(&names).env("RUST_BACKTRACE", "1");
-    if let Some(io) = io {
-        cmd.env("RELAY_TEST_IO", io);
-    }
-    let run = totals.run(&mut cmd)?;
-    if run.passed + run.failed != names.len() as u64 {
-        bail!("{} ignored tests were to run, libtest ran {}", names.len(), run.passed + run.failed);
+    let count: usize = rows.iter().map(|(_, _, names, _)| names.len()).sum();
+    totals.skipped += regular.ignored.len() as u64 - count as u64;
+    let mut packages: Vec<&str> = rows.iter().map(|(package, _, _, _)| *package).collect();
+    packages.sort_unstable();
+    packages.dedup();
+    for package in packages {
+        let mine: Vec<_> = rows.iter().filter(|(p, _, _, _)| *p == package).collect();
+        let names: Vec<&str> = mine.iter().flat_map(|(_, _, names, _)| names.iter().copied()).collect();
+        let mut bins: Vec<&str> = mine.iter().map(|(_, bin, _, _)| *bin).collect();
+        bins.dedup();
+        let mut cmd = cargo();
+        cmd.args(["test", "--locked", "-p", package]);
+        for bin in &bins {
+            cmd.args(["--test", bin]);
+        }
+        cmd.args(["--", "--ignored", "--exact"]).args(&names).env("RUST_BACKTRACE", "1");
+        if let Some(io) = io {
+            cmd.env("RELAY_TEST_IO", io);
+        }
+        let run = totals.run(&mut cmd)?;
+        if run.passed + run.failed != names.len() as u64 {
+            bail!(
+                "{} ignored tests of {package} were to run, libtest ran {}",
+                names.len(),
+                run.passed + run.failed
+            );
+        }
     }
     Ok(())
 }

@@ -166,6 +166,13 @@ enum PolicyAction {
         /// Keys to reset (none: all).
         keys: Vec<String>,
     },
+    /// One identity's usage as this host sees it: its open flows here and,
+    /// with fleet-wide identity quotas, the other hosts' as last read.
+    Usage {
+        /// `sub:<subject>` or `tok:<fingerprint>` (as `relayctl flows`
+        /// shows).
+        identity: String,
+    },
 }
 
 /// Reads a secret given as "-" from stdin.
@@ -222,6 +229,7 @@ fn request(command: Command) -> Result<AdminRequest, String> {
                 AdminRequest::PolicySet { set }
             }
             PolicyAction::Reset { keys } => AdminRequest::PolicyReset { keys },
+            PolicyAction::Usage { identity } => AdminRequest::QuotaUsage { identity },
         },
     })
 }
@@ -409,6 +417,26 @@ fn print_quotas(v: &Value) {
         }
     }
     print!("{}", table(&["QUOTA", "VALUE", "SET BY"], &rows));
+}
+
+fn print_usage(v: &Value) {
+    let here = &v["here"];
+    let others = &v["other_hosts"];
+    let mut rows =
+        vec![vec!["this host".to_string(), show(&here["flows"]), show(&here["bytes"]), "-".into()]];
+    if v["fleet_wide"] == true {
+        rows.push(vec![
+            "other hosts (last read)".into(),
+            show(&others["flows"]),
+            show(&others["bytes"]),
+            show(&others["recent_new_flows"]),
+        ]);
+    }
+    println!("identity {}", show(&v["identity"]));
+    print!("{}", table(&["WHERE", "OPEN FLOWS", "BYTES", "NEW FLOWS (1 s)"], &rows));
+    if v["fleet_wide"] != true {
+        println!("(identity limits are per host: no fleet-wide usage)");
+    }
 }
 
 fn print_policy(v: &Value) {
@@ -839,6 +867,7 @@ fn main() -> ExitCode {
         AdminRequest::FleetStatus => print_fleet(&v),
         AdminRequest::PolicyShow => print_policy(&v),
         AdminRequest::PolicySet { .. } | AdminRequest::PolicyReset { .. } => print_quotas(&v),
+        AdminRequest::QuotaUsage { .. } => print_usage(&v),
     }
     // Fleet mode with the store down: the change holds on this host only.
     if let Some(Value::String(note)) = v.get("fleet_warning") {
