@@ -171,7 +171,7 @@ fn setup_interop_venv() -> Result<()> {
             Command::new(p).args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success())
         })
         .context("no python3 with the venv and ensurepip modules (apt-get install python3-venv)")?;
-    eprintln!("xtask: creating the interop tests' Python venv (aioquic, h2) in {}", venv.display());
+    eprintln!("xtask: creating the interop tests' Python venv (aioquic, h2, PySocks) in {}", venv.display());
     let _ = std::fs::remove_dir_all(&venv);
     run_checked(Command::new(system_python).args(["-m", "venv"]).arg(&venv))?;
     run_checked(
@@ -179,7 +179,7 @@ fn setup_interop_venv() -> Result<()> {
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "-r"])
             .arg(&requirements),
     )?;
-    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection, h2.connection"]))?;
+    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection, h2.connection, socks"]))?;
     std::fs::write(&stamp, wanted)?;
     Ok(())
 }
@@ -260,12 +260,12 @@ impl Need {
             Need::InteropVenv => {
                 let python = interop_venv().join("bin/python3");
                 let ok = Command::new(&python)
-                    .args(["-c", "import aioquic.h3.connection, h2.connection"])
+                    .args(["-c", "import aioquic.h3.connection, h2.connection, socks"])
                     .output()
                     .is_ok_and(|o| o.status.success());
                 (!ok).then(|| {
                     format!(
-                        "the interop venv ({} with aioquic and h2: `cargo xtask setup`)",
+                        "the interop venv ({} with aioquic, h2 and PySocks: `cargo xtask setup`)",
                         python.display()
                     )
                 })
@@ -313,6 +313,24 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
             &[Root, Tun, Ip, Ping, Python3],
         ),
         (BENCH, "control_e2e", &["other_users_are_refused_by_the_admin_socket"], &[Root]),
+        (
+            BENCH,
+            "masque_client",
+            &["socks5_connect_carries_curl_through_the_relay_on_http3_and_http2"],
+            &[Curl],
+        ),
+        (
+            BENCH,
+            "masque_client",
+            &["socks5_udp_associate_from_pysocks_reaches_ip_and_named_targets_on_http3_and_http2"],
+            &[InteropVenv],
+        ),
+        (
+            BENCH,
+            "masque_client",
+            &["ip_mode_puts_the_tunnel_on_a_tun_device_and_pings_a_target_namespace"],
+            &[Root, Tun, Ip, Ping],
+        ),
         (BENCH, "e2e", &["the_dataplane_runs_unprivileged_without_access_to_the_key"], &[Root]),
         (BENCH, "qlog", &["an_unprivileged_dataplane_writes_qlog_into_controls_state_directory"], &[Root]),
         (

@@ -226,6 +226,10 @@ fn print_banner(layout: &Layout) {
         println!(
             "    cargo run -q --release -p relay-bench -- tunnel-echo --ca state/cert.pem --token {token} --flows 4 --count 1000"
         );
+        println!("  use it (a SOCKS5 server for any application; README, \"The client\"):");
+        println!(
+            "    cargo run -q --release -p relay-bench --bin masque-client -- socks --relay localhost:4433 --ca state/cert.pem --token-file state/token --listen 127.0.0.1:1080"
+        );
     }
     println!("  Ctrl-C stops the relay.");
     println!();
