@@ -71,8 +71,7 @@ fn files(dir: &Path) -> Vec<String> {
 /// Reads a JSON-SEQ file (RFC 7464) as a qlog reader does: records begin
 /// with RS (0x1e) and end with LF, each one JSON text. The first is the
 /// qlog header.
-fn read_json_seq(path: &Path) -> Vec<Value> {
-    let bytes = std::fs::read(path).unwrap();
+fn read_json_seq(path: &Path, bytes: &[u8]) -> Vec<Value> {
     assert_eq!(bytes.first(), Some(&0x1e), "{}: a JSON-SEQ file begins with RS", path.display());
     bytes
         .split(|b| *b == 0x1e)
@@ -90,7 +89,9 @@ fn read_json_seq(path: &Path) -> Vec<Value> {
 /// record JSON, the first the header), and by the qlog crate's reader,
 /// which must type the header and every event.
 fn check_qlog(path: &Path) -> Vec<Value> {
-    let records = read_json_seq(path);
+    // One snapshot for both readers: the connection may still be logging.
+    let bytes = std::fs::read(path).unwrap();
+    let records = read_json_seq(path, &bytes);
     let header = &records[0];
     assert_eq!(header["serialization_format"], "JSON-SEQ", "{header}");
     assert_eq!(header["trace"]["vantage_point"]["type"], "server", "{header}");
@@ -98,12 +99,20 @@ fn check_qlog(path: &Path) -> Vec<Value> {
     for e in &events {
         assert!(e["name"].is_string() && e["time"].is_number(), "not a qlog event: {e}");
     }
-    let reader = qlog::reader::QlogSeqReader::with_file(path)
+    let reader = qlog::reader::QlogSeqReader::new(Box::new(std::io::Cursor::new(bytes)))
         .unwrap_or_else(|e| panic!("{}: the qlog reader refuses the header: {e}", path.display()));
     assert_eq!(reader.qlog.serialization_format, "JSON-SEQ");
     assert!(reader.qlog.title.as_deref().is_some_and(|t| t.starts_with("masque-relay worker")));
-    let typed = reader.filter(|e| matches!(e, qlog::reader::Event::Qlog(_))).count();
-    assert_eq!(typed, events.len(), "{}: events the qlog reader could not type", path.display());
+    let read: Vec<qlog::reader::Event> = reader.collect();
+    let untyped: Vec<String> = read
+        .iter()
+        .filter_map(|e| match e {
+            qlog::reader::Event::Qlog(_) => None,
+            qlog::reader::Event::Json(j) => Some(format!("{j:?}")),
+        })
+        .collect();
+    assert_eq!(read.len(), events.len(), "{}: records the qlog reader could not read", path.display());
+    assert!(untyped.is_empty(), "{}: events the qlog reader could not type: {untyped:?}", path.display());
     events
 }
 
@@ -259,5 +268,8 @@ fn an_unprivileged_dataplane_writes_qlog_into_controls_state_directory() {
     let name = wait_for("the qlog file", PATIENCE, || files(&dir).pop());
     let meta = std::fs::metadata(dir.join(&name)).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (NOBODY, 0o600), "written by the dataplane's user");
+    // Stopped (every worker has finished its logs when it answers), so
+    // the file is read whole.
+    relayctl(&relay, &["qlog", "stop"]).unwrap();
     assert!(check_qlog(&dir.join(&name)).len() > 1);
 }
