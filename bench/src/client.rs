@@ -30,8 +30,11 @@ pub struct ClientConfig {
     /// TLS server name and `:authority` host.
     pub server_name: String,
     /// CA (or self-signed certificate) to verify the relay with; `None`
-    /// disables verification.
+    /// disables verification unless [`Self::system_roots`] is set.
     pub ca: Option<PathBuf>,
+    /// Without `ca`, verify the relay with the system's trust store rather
+    /// than not at all.
+    pub system_roots: bool,
     /// Advertise SETTINGS_H3_DATAGRAM (and QUIC DATAGRAM support). When
     /// false the relay must fall back to DATAGRAM capsules.
     pub h3_datagrams: bool,
@@ -57,6 +60,7 @@ impl ClientConfig {
             relay,
             server_name: "localhost".into(),
             ca: None,
+            system_roots: false,
             h3_datagrams: true,
             template: DEFAULT_TEMPLATE.into(),
             token: None,
@@ -75,7 +79,96 @@ pub enum Answer {
     Reset(u64),
 }
 
+/// Whether a certificate (DER) lists `ip` among its subject alternative
+/// names.
+fn certificate_names_ip(der: &[u8], ip: std::net::IpAddr) -> bool {
+    let octets = match ip {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    boring::x509::X509::from_der(der)
+        .ok()
+        .and_then(|c| c.subject_alt_names())
+        .is_some_and(|names| names.iter().any(|n| n.ipaddress() == Some(octets.as_slice())))
+}
+
+/// Why a handshake ended, as a person reads it: a TLS alert (QUIC
+/// CRYPTO_ERROR, RFC 9001 section 4.8) by name, with what a certificate
+/// alert on our side usually means; else the raw errors.
+fn describe_close(
+    local: Option<&quiche::ConnectionError>,
+    peer: Option<&quiche::ConnectionError>,
+    server_name: &str,
+) -> String {
+    let alert = |e: &quiche::ConnectionError| {
+        (!e.is_app && (0x100..0x200).contains(&e.error_code)).then(|| {
+            let code = (e.error_code - 0x100) as u8;
+            let name = match code {
+                40 => "handshake_failure",
+                42 => "bad_certificate",
+                43 => "unsupported_certificate",
+                45 => "certificate_expired",
+                46 => "certificate_unknown",
+                48 => "unknown_ca",
+                51 => "decrypt_error",
+                80 => "internal_error",
+                120 => "no_application_protocol",
+                _ => "",
+            };
+            format!("TLS alert {code} {name}").trim_end().to_string()
+        })
+    };
+    match (local, peer) {
+        (Some(l), _) if alert(l).is_some() => format!(
+            "we sent {}: the relay's certificate did not verify for the name {server_name:?} (check the CA, or name the one the certificate holds with --server-name)",
+            alert(l).unwrap_or_default()
+        ),
+        (_, Some(p)) if alert(p).is_some() => format!("the relay sent {}", alert(p).unwrap_or_default()),
+        (l, p) => format!("local {l:?}, peer {p:?}"),
+    }
+}
+
+/// The relay refused a request: what was asked, the status, and the
+/// refusal as [`describe_refusal`] words it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{what} refused: {text}")]
+pub struct Refused {
+    /// What was asked (e.g. "connect-udp over HTTP/2").
+    pub what: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// Status, reason and Proxy-Status.
+    pub text: String,
+}
+
+/// A refusal as a person reads it: the status, its reason phrase, and
+/// the relay's Proxy-Status (RFC 9209) when it sent one, e.g. `403
+/// Forbidden (Proxy-Status: masque-relay; error=destination_ip_prohibited)`.
+pub fn describe_refusal(status: u16, proxy_status: Option<&str>) -> String {
+    let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+    let mut text = format!("{status} {reason}").trim_end().to_string();
+    if let Some(p) = proxy_status {
+        text.push_str(&format!(" (Proxy-Status: {p})"));
+    }
+    text
+}
+
 impl Answer {
+    /// Whether the relay accepted the request (a 2xx response).
+    pub fn is_success(&self) -> bool {
+        self.status().is_some_and(|s| (200..300).contains(&s))
+    }
+
+    /// What the answer says, for an error message: the status with its
+    /// Proxy-Status, or the HTTP/3 error code of a reset.
+    pub fn describe(&self) -> String {
+        match (self, self.status()) {
+            (Answer::Reset(code), _) => format!("stream reset with HTTP/3 error {code:#x}"),
+            (_, Some(status)) => describe_refusal(status, self.header("proxy-status")),
+            (_, None) => "a response without :status".into(),
+        }
+    }
+
     /// The `:status` of a response.
     pub fn status(&self) -> Option<u16> {
         self.header(":status").and_then(|s| s.parse().ok())
@@ -103,7 +196,14 @@ struct StreamState {
     other_contexts: VecDeque<(u64, Vec<u8>)>,
     /// A classic CONNECT stream: its DATA is raw bytes, kept here.
     raw: Option<Vec<u8>>,
+    /// `raw` reached [`MAX_RAW`] with body bytes left unread in quiche
+    /// (read on by [`Client::take_raw`]).
+    raw_paused: bool,
 }
+
+/// Bytes of a CONNECT stream kept until taken; beyond, they wait in quiche
+/// (and its flow control holds the relay back).
+const MAX_RAW: usize = 1 << 20;
 
 /// Datagrams with non-zero contexts kept per stream until taken.
 const MAX_OTHER_CONTEXT_DATAGRAMS: usize = 4096;
@@ -149,6 +249,25 @@ pub struct Client {
 
 const SOCKET: Token = Token(0);
 
+/// Reads body bytes of a CONNECT stream into `raw` until quiche has none
+/// or `raw` holds [`MAX_RAW`]; returns whether it stopped at the bound.
+fn read_raw(
+    h3: &mut quiche::h3::Connection,
+    quic: &mut quiche::Connection,
+    id: u64,
+    raw: &mut Vec<u8>,
+    buf: &mut [u8],
+) -> bool {
+    while raw.len() < MAX_RAW {
+        let room = (MAX_RAW - raw.len()).min(buf.len());
+        match h3.recv_body(quic, id, &mut buf[..room]) {
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Whether `packet` is a Retry (RFC 9000 section 17.2.5): a long header
 /// (0x80) of packet type 3 in QUIC v1.
 fn is_retry(packet: &[u8]) -> bool {
@@ -181,7 +300,7 @@ impl Client {
                     .with_context(|| format!("loading CA {}", ca.display()))?;
                 qc.verify_peer(true);
             }
-            None => qc.verify_peer(false),
+            None => qc.verify_peer(config.system_roots),
         }
         qc.set_max_idle_timeout(30_000);
         qc.set_max_recv_udp_payload_size(65_527);
@@ -215,7 +334,13 @@ impl Client {
         let poll = Poll::new()?;
         poll.registry().register(&mut socket, SOCKET, Interest::READABLE)?;
         let scid = random_cid()?;
-        let mut quic = quiche::connect(Some(&config.server_name), &scid, local, config.relay, qc)?;
+        // quiche checks a server name as a DNS name only: an IP address
+        // goes without SNI and is checked against the certificate's IP
+        // addresses once the handshake is done (the chain is verified
+        // either way).
+        let ip_name: Option<std::net::IpAddr> = config.server_name.parse().ok();
+        let sni = if ip_name.is_some() { None } else { Some(config.server_name.as_str()) };
+        let mut quic = quiche::connect(sni, &scid, local, config.relay, qc)?;
         if let Some(session) = &config.session {
             quic.set_session(session)?;
         }
@@ -249,16 +374,30 @@ impl Client {
             // complete the handshake); its reason is in peer_error.
             if client.quic.is_closed() || client.quic.is_draining() {
                 bail!(
-                    "handshake with {} failed: local {:?}, peer {:?}",
+                    "handshake with {} failed: {}",
                     client.config.relay,
-                    client.quic.local_error(),
-                    client.quic.peer_error()
+                    describe_close(
+                        client.quic.local_error(),
+                        client.quic.peer_error(),
+                        &client.config.server_name
+                    )
                 );
             }
             if Instant::now() >= deadline {
                 bail!("handshake with {} timed out (is the relay running?)", client.config.relay);
             }
             client.drive(Duration::from_millis(20))?;
+        }
+        if let Some(ip) = ip_name
+            && (client.config.ca.is_some() || client.config.system_roots)
+            && !client.peer_certificate().is_some_and(|der| certificate_names_ip(&der, ip))
+        {
+            let _ = client.quic.close(false, 0x100 + 42, b"");
+            let _ = client.flush();
+            bail!(
+                "handshake with {} failed: the relay's certificate does not name the address {ip}",
+                client.config.relay
+            );
         }
         Ok(client)
     }
@@ -422,9 +561,58 @@ impl Client {
         Ok(id)
     }
 
-    /// Takes the raw bytes a CONNECT stream received so far.
+    /// Takes the raw bytes a CONNECT stream received so far (at most
+    /// 1 MiB is kept at a time; the rest waits under flow control and is
+    /// read on here).
     pub fn take_raw(&mut self, stream_id: u64) -> Vec<u8> {
-        self.streams.get_mut(&stream_id).and_then(|s| s.raw.as_mut()).map(std::mem::take).unwrap_or_default()
+        let Some(s) = self.streams.get_mut(&stream_id) else { return Vec::new() };
+        let taken = s.raw.as_mut().map(std::mem::take).unwrap_or_default();
+        if s.raw_paused
+            && let (Some(h3), Some(raw)) = (self.h3.as_mut(), s.raw.as_mut())
+        {
+            s.raw_paused = read_raw(h3, &mut self.quic, stream_id, raw, &mut self.buf);
+        }
+        taken
+    }
+
+    /// The answer on `stream_id`, if it has arrived (without waiting).
+    pub fn answer(&self, stream_id: u64) -> Option<&Answer> {
+        self.streams.get(&stream_id).and_then(|s| s.answer.as_ref())
+    }
+
+    /// Forgets a stream this client is done with (its state, and whatever
+    /// the relay still sends on it: quiche discards it). Later events on
+    /// the stream are ignored.
+    pub fn forget(&mut self, stream_id: u64) {
+        if self.streams.remove(&stream_id).is_some() {
+            let _ = self.quic.stream_shutdown(stream_id, quiche::Shutdown::Read, 0x100);
+        }
+    }
+
+    /// Writes what fits of `bytes` on the request stream now, without
+    /// waiting (`fin` applies only once every byte is written). Returns
+    /// how many bytes were taken, `None` when nothing could be (flow
+    /// control; an empty `bytes` with `fin` is `Some(0)` once the FIN is
+    /// queued).
+    pub fn try_send_stream_bytes(
+        &mut self,
+        stream_id: u64,
+        bytes: &[u8],
+        fin: bool,
+    ) -> Result<Option<usize>> {
+        let h3 = self.h3.as_mut().ok_or_else(|| anyhow!("no HTTP/3 connection"))?;
+        match h3.send_body(&mut self.quic, stream_id, bytes, fin) {
+            Ok(n) => Ok(Some(n)),
+            Err(quiche::h3::Error::Done) | Err(quiche::h3::Error::StreamBlocked) => Ok(None),
+            Err(e) => bail!("send_body: {e}"),
+        }
+    }
+
+    /// Makes the connection send something the relay acknowledges, so an
+    /// idle connection is not closed by the idle timeout.
+    pub fn keepalive(&mut self) -> Result<()> {
+        let _ = self.quic.send_ack_eliciting();
+        self.flush()
     }
 
     /// Opens a connect-udp request to `host:port` (after the relay's
@@ -460,7 +648,7 @@ impl Client {
         let id = self.request_udp(host, port)?;
         match self.wait_answer(id, timeout)? {
             a @ Answer::Response(_) if a.status().is_some_and(|s| (200..300).contains(&s)) => Ok(id),
-            other => bail!("tunnel to {host}:{port} refused: {other:?}"),
+            other => bail!("tunnel to {host}:{port} refused: {}", other.describe()),
         }
     }
 
@@ -671,17 +859,19 @@ impl Client {
                             )
                         })
                         .collect();
-                    let s = self.streams.entry(id).or_default();
+                    // A stream this client forgot (or never opened): ignored.
+                    let Some(s) = self.streams.get_mut(&id) else { continue };
                     if s.answer.is_none() {
                         s.answer = Some(Answer::Response(headers));
                     }
                 }
                 Ok((id, quiche::h3::Event::Data)) => {
-                    let s = self.streams.entry(id).or_default();
+                    let Some(s) = self.streams.get_mut(&id) else {
+                        while h3.recv_body(&mut self.quic, id, &mut self.buf).is_ok() {}
+                        continue;
+                    };
                     if let Some(raw) = s.raw.as_mut() {
-                        while let Ok(n) = h3.recv_body(&mut self.quic, id, &mut self.buf) {
-                            raw.extend_from_slice(&self.buf[..n]);
-                        }
+                        s.raw_paused = read_raw(h3, &mut self.quic, id, raw, &mut self.buf);
                         continue;
                     }
                     let decoder =
@@ -715,9 +905,13 @@ impl Client {
                         }
                     }
                 }
-                Ok((id, quiche::h3::Event::Finished)) => self.streams.entry(id).or_default().finished = true,
+                Ok((id, quiche::h3::Event::Finished)) => {
+                    if let Some(s) = self.streams.get_mut(&id) {
+                        s.finished = true;
+                    }
+                }
                 Ok((id, quiche::h3::Event::Reset(code))) => {
-                    let s = self.streams.entry(id).or_default();
+                    let Some(s) = self.streams.get_mut(&id) else { continue };
                     if s.answer.is_none() {
                         s.answer = Some(Answer::Reset(code));
                     }
@@ -813,5 +1007,54 @@ impl Client {
     pub fn close(mut self) {
         let _ = self.quic.close(true, 0x100, b"done");
         let _ = self.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_server_names_are_checked_against_the_certificates_addresses() {
+        let dir = std::env::temp_dir().join(format!("bench-client-san-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let names = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        let creds = relay_control::state::self_signed(&dir, &names).unwrap();
+        let pem = std::fs::read(&creds.cert).unwrap();
+        let der = boring::x509::X509::from_pem(&pem).unwrap().to_der().unwrap();
+        assert!(certificate_names_ip(&der, "127.0.0.1".parse().unwrap()));
+        assert!(certificate_names_ip(&der, "::1".parse().unwrap()));
+        assert!(!certificate_names_ip(&der, "127.0.0.2".parse().unwrap()));
+        assert!(!certificate_names_ip(b"not a certificate", "127.0.0.1".parse().unwrap()));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn handshake_failures_name_the_tls_alert() {
+        let bad_cert = quiche::ConnectionError { is_app: false, error_code: 0x100 + 42, reason: Vec::new() };
+        let text = describe_close(Some(&bad_cert), None, "relay.example");
+        assert!(
+            text.contains("TLS alert 42 bad_certificate") && text.contains("\"relay.example\""),
+            "{text}"
+        );
+        let theirs = quiche::ConnectionError { is_app: false, error_code: 0x100 + 40, reason: Vec::new() };
+        assert_eq!(describe_close(None, Some(&theirs), "x"), "the relay sent TLS alert 40 handshake_failure");
+        let app = quiche::ConnectionError { is_app: true, error_code: 0x100, reason: Vec::new() };
+        assert!(describe_close(None, Some(&app), "x").starts_with("local None, peer Some"));
+    }
+
+    #[test]
+    fn refusals_read_as_status_reason_and_proxy_status() {
+        assert_eq!(describe_refusal(403, None), "403 Forbidden");
+        assert_eq!(
+            describe_refusal(502, Some("relay; error=connection_refused")),
+            "502 Bad Gateway (Proxy-Status: relay; error=connection_refused)"
+        );
+        assert_eq!(describe_refusal(599, None), "599");
+        let a = Answer::Response(vec![(":status".into(), "429".into()), ("proxy-status".into(), "r".into())]);
+        assert!(!a.is_success());
+        assert_eq!(a.describe(), "429 Too Many Requests (Proxy-Status: r)");
+        assert_eq!(Answer::Reset(0x10c).describe(), "stream reset with HTTP/3 error 0x10c");
     }
 }

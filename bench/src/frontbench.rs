@@ -12,7 +12,7 @@ use anyhow::{Result, bail};
 
 use crate::client::{Answer, Client, ClientConfig};
 use crate::echo::EchoServer;
-use crate::h2client::{self, H2Target};
+use crate::h2client;
 use crate::load::{EchoLoad, EchoReport, run_echo};
 use crate::processes::{Relay, RelayOptions};
 use crate::tcp_echo::TcpEcho;
@@ -106,13 +106,7 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
     let relay = Relay::start(&dir, &opts)?;
     let udp = EchoServer::start("127.0.0.1:0".parse()?)?;
     let tcp = TcpEcho::start("127.0.0.1:0".parse()?)?;
-    let h2 = H2Target {
-        relay: relay.addr,
-        server_name: "localhost".into(),
-        ca: relay.cert(),
-        token: Some(relay.token.clone()),
-        template: crate::client::DEFAULT_TEMPLATE.into(),
-    };
+    let h2 = crate::h2client::default_target(relay.addr, &relay.cert(), Some(relay.token.clone()));
     let mut rows = Vec::new();
     for size in [1200usize, 64] {
         let load = EchoLoad {

@@ -26,8 +26,10 @@ pub struct H2Target {
     pub relay: SocketAddr,
     /// TLS server name (and `:authority` host).
     pub server_name: String,
-    /// CA certificate.
-    pub ca: std::path::PathBuf,
+    /// CA certificate; `None`: the system's trust store.
+    pub ca: Option<std::path::PathBuf>,
+    /// Do not verify the relay's certificate at all.
+    pub insecure: bool,
     /// Bearer token.
     pub token: Option<String>,
     /// connect-udp URI template.
@@ -36,15 +38,34 @@ pub struct H2Target {
 
 type Tls = tokio_boring::SslStream<tokio::net::TcpStream>;
 
-async fn connect(t: &H2Target) -> Result<SendRequest<Bytes>> {
-    let tcp = tokio::net::TcpStream::connect(t.relay).await.context("TCP connect")?;
+/// TLS to the relay's TCP front with `alpn` (wire format), verified as
+/// `t` says.
+async fn tls_connect(t: &H2Target, alpn: &[u8]) -> Result<Tls> {
+    let tcp = tokio::net::TcpStream::connect(t.relay)
+        .await
+        .with_context(|| format!("TCP connect to {} (is the relay running?)", t.relay))?;
     tcp.set_nodelay(true)?;
     let mut b = SslConnector::builder(SslMethod::tls())?;
-    b.set_ca_file(&t.ca).with_context(|| format!("CA {}", t.ca.display()))?;
-    b.set_alpn_protos(b"\x02h2")?;
-    let cfg = b.build().configure()?;
-    let tls: Tls =
-        tokio_boring::connect(cfg, &t.server_name, tcp).await.map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    if let Some(ca) = &t.ca {
+        b.set_ca_file(ca).with_context(|| format!("CA {}", ca.display()))?;
+    }
+    if t.insecure {
+        b.set_verify(boring::ssl::SslVerifyMode::NONE);
+    }
+    b.set_alpn_protos(alpn)?;
+    let mut cfg = b.build().configure()?;
+    if t.insecure {
+        cfg.set_verify_hostname(false);
+    }
+    tokio_boring::connect(cfg, &t.server_name, tcp)
+        .await
+        .map_err(|e| anyhow::anyhow!("TLS with {}: {e}", t.relay))
+}
+
+/// An HTTP/2 connection to the relay (TLS, ALPN `h2`) once the relay's
+/// SETTINGS enabled extended CONNECT.
+pub async fn connect(t: &H2Target) -> Result<SendRequest<Bytes>> {
+    let tls = tls_connect(t, b"\x02h2").await?;
     if tls.ssl().selected_alpn_protocol() != Some(b"h2") {
         bail!("the relay did not pick h2");
     }
@@ -77,13 +98,17 @@ fn auth(t: &H2Target, b: http::request::Builder) -> http::request::Builder {
     }
 }
 
-async fn open_udp(
+/// Opens a connect-udp tunnel to `host:port` (its payloads travel as
+/// DATAGRAM capsules on the stream); a refusal is an error naming the
+/// status and the relay's Proxy-Status.
+pub async fn open_udp(
     client: &mut SendRequest<Bytes>,
     t: &H2Target,
-    target: SocketAddr,
+    host: &str,
+    port: u16,
 ) -> Result<(SendStream<Bytes>, RecvStream)> {
     let template = relay_proto::template::UriTemplate::parse(&t.template)?;
-    let path = template.expand(&target.ip().to_string(), target.port());
+    let path = template.expand(host, port);
     let uri = format!("https://{}:{}{path}", t.server_name, t.relay.port());
     let req = auth(t, http::Request::builder().method("CONNECT").uri(uri))
         .header("capsule-protocol", "?1")
@@ -91,10 +116,33 @@ async fn open_udp(
         .body(())?;
     let (resp, send) = client.send_request(req, false)?;
     let resp = resp.await?;
-    if resp.status() != 200 {
-        bail!("connect-udp over HTTP/2 refused: {}", resp.status());
-    }
+    check_answer(&resp, "connect-udp over HTTP/2")?;
     Ok((send, resp.into_body()))
+}
+
+/// Opens a classic CONNECT tunnel to `authority` (`host:port`): the
+/// stream's DATA is the TCP byte stream.
+pub async fn open_tcp(
+    client: &mut SendRequest<Bytes>,
+    t: &H2Target,
+    authority: &str,
+) -> Result<(SendStream<Bytes>, RecvStream)> {
+    let req = auth(t, http::Request::builder().method("CONNECT").uri(authority)).body(())?;
+    let (resp, send) = client.send_request(req, false)?;
+    let resp = resp.await?;
+    check_answer(&resp, "CONNECT over HTTP/2")?;
+    Ok((send, resp.into_body()))
+}
+
+/// Fails unless `resp` is a 2xx, naming the status and Proxy-Status.
+fn check_answer<T>(resp: &http::Response<T>, what: &str) -> Result<()> {
+    if resp.status().is_success() {
+        return Ok(());
+    }
+    let proxy_status = resp.headers().get("proxy-status").and_then(|v| v.to_str().ok());
+    let status = resp.status().as_u16();
+    let text = crate::client::describe_refusal(status, proxy_status);
+    Err(crate::client::Refused { what: what.into(), status, text }.into())
 }
 
 struct FlowResult {
@@ -177,7 +225,7 @@ pub fn udp_echo(t: &H2Target, target: SocketAddr, flows: usize, load: &EchoLoad)
         let mut client = connect(t).await?;
         let mut streams = Vec::new();
         for _ in 0..flows {
-            streams.push(open_udp(&mut client, t, target).await?);
+            streams.push(open_udp(&mut client, t, &target.ip().to_string(), target.port()).await?);
         }
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -211,13 +259,7 @@ pub fn udp_echo(t: &H2Target, target: SocketAddr, flows: usize, load: &EchoLoad)
 pub fn tcp_echo(t: &H2Target, target: SocketAddr, bytes: usize) -> Result<Duration> {
     runtime()?.block_on(async {
         let mut client = connect(t).await?;
-        let req = auth(t, http::Request::builder().method("CONNECT").uri(target.to_string())).body(())?;
-        let (resp, mut send) = client.send_request(req, false)?;
-        let resp = resp.await?;
-        if resp.status() != 200 {
-            bail!("CONNECT over HTTP/2 refused: {}", resp.status());
-        }
-        let mut recv = resp.into_body();
+        let (mut send, mut recv) = open_tcp(&mut client, t, &target.to_string()).await?;
         let data = Bytes::from(crate::tcp_echo::pattern(bytes));
         let start = Instant::now();
         let sender = tokio::spawn(async move {
@@ -253,14 +295,7 @@ pub fn tcp_echo(t: &H2Target, target: SocketAddr, bytes: usize) -> Result<Durati
 pub fn tcp_echo_h1(t: &H2Target, target: SocketAddr, bytes: usize) -> Result<Duration> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     runtime()?.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(t.relay).await?;
-        tcp.set_nodelay(true)?;
-        let mut b = SslConnector::builder(SslMethod::tls())?;
-        b.set_ca_file(&t.ca)?;
-        b.set_alpn_protos(b"\x08http/1.1")?;
-        let cfg = b.build().configure()?;
-        let tls =
-            tokio_boring::connect(cfg, &t.server_name, tcp).await.map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+        let tls = tls_connect(t, b"\x08http/1.1").await?;
         let (mut rd, mut wr) = tokio::io::split(tls);
         let token = t.token.as_deref().unwrap_or("");
         wr.write_all(
@@ -325,7 +360,8 @@ pub fn default_target(relay: SocketAddr, ca: &Path, token: Option<String>) -> H2
     H2Target {
         relay,
         server_name: "localhost".into(),
-        ca: ca.to_path_buf(),
+        ca: Some(ca.to_path_buf()),
+        insecure: false,
         token,
         template: crate::client::DEFAULT_TEMPLATE.into(),
     }

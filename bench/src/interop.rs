@@ -69,8 +69,8 @@ pub fn venv_python() -> PathBuf {
     venv.join("bin/python3")
 }
 
-/// Checks that the venv's interpreter imports aioquic and h2 (the TCP
-/// front's client).
+/// Checks that the venv's interpreter imports aioquic, h2 (the TCP
+/// front's client) and PySocks (masque-client's SOCKS5 tests).
 pub fn find_python() -> Result<PathBuf, InteropError> {
     let python = venv_python();
     let missing = |why: String| InteropError::VenvMissing { python: python.display().to_string(), why };
@@ -78,7 +78,7 @@ pub fn find_python() -> Result<PathBuf, InteropError> {
         return Err(missing("no such file".into()));
     }
     let out = Command::new(&python)
-        .args(["-c", "import aioquic, aioquic.h3.connection, h2.connection"])
+        .args(["-c", "import aioquic, aioquic.h3.connection, h2.connection, socks"])
         .output()
         .map_err(|e| missing(e.to_string()))?;
     if !out.status.success() {

@@ -3,7 +3,7 @@
 //! device, and moves packets between the device and the tunnel.
 //!
 //! Used by the end-to-end tests (in network namespaces) and by operators:
-//! `relay-bench ip-tunnel --ca state/cert.pem --token T --device mqc0`.
+//! `masque-client ip --relay localhost:4433 --ca state/cert.pem --token-file state/token --device mqc0`.
 //! Creating the device needs CAP_NET_ADMIN.
 
 use std::collections::VecDeque;
@@ -73,7 +73,7 @@ pub fn open(
     client.send_stream_bytes(stream_id, &capsule, false)?;
     match client.wait_answer(stream_id, timeout)? {
         a @ Answer::Response(_) if a.status().is_some_and(|s| (200..300).contains(&s)) => {}
-        other => bail!("connect-ip refused: {other:?}"),
+        other => bail!("connect-ip refused: {}", other.describe()),
     }
     let deadline = Instant::now() + timeout;
     let mut config = IpConfig::default();

@@ -9,6 +9,8 @@
 //! - [`h2client`], [`frontbench`]: an HTTP/2 client for the TCP front and
 //!   the HTTP/2-next-to-HTTP/3 benchmark.
 //! - [`tcp_echo`]: a TCP echo target for the TCP CONNECT tests.
+//! - [`masque`]: the `masque-client` binary's UDP forwarder, SOCKS5 server
+//!   and connect-ip tunnel.
 //! - [`processes`]: starting a real relay (control + dataplane) for tests
 //!   and benchmarks.
 //! - [`fleet_topology`], [`redis_server`]: relay hosts in network
@@ -34,6 +36,7 @@ pub mod ipnet;
 pub mod iptunnel;
 pub mod load;
 pub mod loadgen;
+pub mod masque;
 pub mod needs;
 pub mod netns;
 pub mod ppbench;
@@ -47,3 +50,26 @@ pub mod svg;
 pub mod target;
 pub mod tcp_echo;
 pub mod wait;
+
+/// Runs a command-line tool's `run` with logging to stderr (`RUST_LOG`,
+/// else `default_log`) and turns its error into a message and exit status
+/// 1: the `main` of `relay-bench` and `masque-client`.
+pub fn tool_main(
+    name: &str,
+    default_log: &str,
+    run: impl FnOnce() -> anyhow::Result<()>,
+) -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -56,6 +56,7 @@ impl RelayArgs {
             relay: self.relay,
             server_name: self.server_name.clone(),
             ca: self.ca.clone(),
+            system_roots: false,
             h3_datagrams: !self.no_h3_datagrams,
             template: self.template.clone(),
             token: self.token.clone(),
@@ -206,35 +207,6 @@ enum Command {
         #[arg(long)]
         capsules: bool,
     },
-    /// Open a connect-ip tunnel (RFC 9484), put the assigned addresses and
-    /// the advertised routes on a local TUN device, and carry packets until
-    /// interrupted (needs CAP_NET_ADMIN).
-    IpTunnel {
-        #[command(flatten)]
-        relay: RelayArgs,
-        /// The connect-ip URI template.
-        #[arg(long, default_value = relay_bench::iptunnel::DEFAULT_IP_TEMPLATE)]
-        ip_template: String,
-        /// Scope: `*`, an address, a prefix or a name.
-        #[arg(long, default_value = "*")]
-        scope_target: String,
-        /// Scope: `*` or an IP protocol number.
-        #[arg(long, default_value = "*")]
-        ipproto: String,
-        /// The local TUN device.
-        #[arg(long, default_value = "mqc0")]
-        device: String,
-        /// Its MTU.
-        #[arg(long, default_value_t = 1280)]
-        mtu: u32,
-        /// Install routes only for advertised ranges inside these prefixes
-        /// (repeatable; default: every advertised range, except the relay).
-        #[arg(long = "route")]
-        routes: Vec<String>,
-        /// Stop after this many seconds (default: until interrupted).
-        #[arg(long)]
-        seconds: Option<u64>,
-    },
     /// Open a bound connect-udp tunnel, print its Proxy-Public-Address, ask
     /// a STUN server for the mapping through it, and print what peers send
     /// for a while (they reach the client once it has sent to them, unless
@@ -296,51 +268,8 @@ fn split_target(target: &str) -> Result<(String, u16)> {
     Ok((host.to_string(), port.parse().context("bad target port")?))
 }
 
-static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_interrupt(_: libc::c_int) {
-    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
 fn run(args: Args) -> Result<()> {
     match args.command {
-        Command::IpTunnel { relay, ip_template, scope_target, ipproto, device, mtu, routes, seconds } => {
-            let cfg = relay.config()?;
-            let relay_ip = cfg.relay.ip();
-            let mut c = Client::connect(cfg, Duration::from_secs(10))?;
-            c.wait_settings(Duration::from_secs(10))?;
-            let tunnel = relay_bench::iptunnel::open(
-                &mut c,
-                &ip_template,
-                &scope_target,
-                &ipproto,
-                Duration::from_secs(10),
-            )?;
-            let only = routes
-                .iter()
-                .map(|r| r.parse().map_err(|e| anyhow::anyhow!("--route {r}: {e}")))
-                .collect::<Result<Vec<_>>>()?;
-            let tun =
-                relay_bench::iptunnel::ClientTun::create(&device, mtu, &tunnel.config, &only, relay_ip)?;
-            for a in &tunnel.config.addresses {
-                println!("assigned {a}");
-            }
-            for r in &tunnel.config.routes {
-                println!("route {}-{} protocol {}", r.start, r.end, r.ip_protocol);
-            }
-            println!("tunnel up on {device}; Ctrl-C to stop");
-            for sig in [libc::SIGINT, libc::SIGTERM] {
-                // SAFETY: installing an async-signal-safe handler that only
-                // stores to an atomic.
-                unsafe {
-                    libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
-                }
-            }
-            let stats =
-                relay_bench::iptunnel::pump(&mut c, &tunnel, &tun, &STOP, seconds.map(Duration::from_secs))?;
-            println!("packets up {}, down {}, dropped {}", stats.up, stats.down, stats.dropped);
-            Ok(())
-        }
         Command::BindStun { relay, stun, listen_seconds } => {
             use relay_bench::bindclient::{BoundTunnel, stun_binding_request, stun_mapped_address};
             let mut c = Client::connect(relay.config()?, Duration::from_secs(10))?;
@@ -527,17 +456,5 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("relay-bench: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    relay_bench::tool_main("relay-bench", "warn", || run(Args::parse()))
 }

@@ -103,8 +103,13 @@ pub struct RelayOptions {
     pub listen_ip: std::net::IpAddr,
     /// Directory of the relay binaries (default: [`bin_dir`]).
     pub bin_dir: Option<PathBuf>,
-    /// Where the relay processes' logs go (default: discarded).
+    /// Where the relay processes' logs go (`control.log`,
+    /// `dataplane.log`; default: the test's stderr).
     pub log_dir: Option<PathBuf>,
+    /// `RUST_LOG` of both processes (default: `$RELAY_LOG`, else "warn").
+    pub log_filter: Option<String>,
+    /// `--log-format` of both processes ("text" or "json"; default: theirs).
+    pub log_format: Option<String>,
     /// Also listen for cleartext HTTP/1.1 and h2c (`listen.tcp_cleartext`).
     pub tcp_cleartext: bool,
     /// Extra TOML for the `[tcp]` section.
@@ -138,10 +143,32 @@ impl Default for RelayOptions {
             listen_ip: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
             bin_dir: None,
             log_dir: None,
+            log_filter: None,
+            log_format: None,
             tcp_cleartext: false,
             tcp_extra: String::new(),
             netns: None,
             port: None,
+        }
+    }
+}
+
+/// How a relay process logs: its `RUST_LOG` and `--log-format`.
+#[derive(Debug, Clone, Default)]
+pub struct LogArgs {
+    /// `RUST_LOG` (default: `$RELAY_LOG`, else "warn").
+    pub filter: Option<String>,
+    /// `--log-format` (default: the process's own).
+    pub format: Option<String>,
+}
+
+impl LogArgs {
+    /// Sets them on the command of a relay process.
+    pub fn apply(&self, cmd: &mut Command) {
+        let filter = self.filter.clone().or_else(|| std::env::var("RELAY_LOG").ok());
+        cmd.env("RUST_LOG", filter.unwrap_or_else(|| "warn".into())).env_remove("RELAY_LOG_FORMAT");
+        if let Some(format) = &self.format {
+            cmd.arg("--log-format").arg(format);
         }
     }
 }
@@ -160,6 +187,7 @@ pub struct Relay {
     pub token: String,
     bin_dir: Option<PathBuf>,
     log_dir: Option<PathBuf>,
+    log_args: LogArgs,
     dataplane_uid: Option<u32>,
     netns: Option<String>,
     channel_socket: PathBuf,
@@ -258,6 +286,7 @@ max_pending = 64
             token: opts.token.clone(),
             bin_dir: opts.bin_dir.clone(),
             log_dir: opts.log_dir.clone(),
+            log_args: LogArgs { filter: opts.log_filter.clone(), format: opts.log_format.clone() },
             dataplane_uid: opts.dataplane_uid,
             netns: opts.netns.clone(),
             channel_socket,
@@ -332,11 +361,11 @@ max_pending = 64
         let sock = self.channel_socket.clone();
         let _ = std::fs::remove_file(&sock);
         let mut cmd = Command::new(binary(self.bin_dir.as_deref(), "relay-control")?);
+        self.log_args.apply(&mut cmd);
         let _netns = self.enter_netns_on_exec(&mut cmd)?;
         let child = cmd
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(self.log("control")?)
             .spawn()
@@ -359,11 +388,11 @@ max_pending = 64
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(uid);
         }
+        self.log_args.apply(&mut cmd);
         let _netns = self.enter_netns_on_exec(&mut cmd)?;
         let child = cmd
             .arg("--control-socket")
             .arg(&self.channel_socket)
-            .env("RUST_LOG", std::env::var("RELAY_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(self.log("dataplane")?)
             .spawn()

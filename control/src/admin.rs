@@ -5,7 +5,8 @@
 //! key from their files), `{"cmd":"tickets_rotate"}`, the token commands (`token_mint`,
 //! `token_add`, `token_remove`, `token_revoke`, `token_unrevoke`,
 //! `token_list`) and the policy commands (`policy_show`, `policy_set`,
-//! `policy_reset`); see [`AdminRequest`]. Errors come back as
+//! `policy_reset`), `qlog_start` and `qlog_stop`; see [`AdminRequest`].
+//! Errors come back as
 //! `{"error":"..."}`.
 //!
 //! The socket is created with mode 0600, and every connection's peer
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use relay_channel::region::Counter;
+use relay_proto::channel::bootstrap::{MAX_QLOG_SECONDS, QlogCommand, QlogStart, QlogTarget};
 use relay_proto::channel::record::MAX_CONNS_LISTED;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -34,6 +36,7 @@ use crate::auth::{SecretString, TokenSelector};
 use crate::credentials::Credentials;
 use crate::fleet::Fleet;
 use crate::policy::Policy;
+use crate::qlog::QlogSettings;
 use crate::quota::QuotaConfig;
 use crate::server::{ConnListing, Shared};
 use crate::store::{PolicyStore, RuntimeState};
@@ -139,6 +142,25 @@ pub enum AdminRequest {
     },
     /// Fleet mode: the fleet, this host, the hosts seen, the store.
     FleetStatus,
+    /// Write qlog of one open QUIC connection (`worker` and `conn_id`, as
+    /// `conns` lists them), or of a client's connections (`client`: an IP
+    /// address, or IP:PORT), open ones and new ones for `seconds`.
+    QlogStart {
+        /// The worker of `conn_id`.
+        #[serde(default)]
+        worker: Option<u32>,
+        /// The connection.
+        #[serde(default)]
+        conn_id: Option<u64>,
+        /// The client address.
+        #[serde(default)]
+        client: Option<String>,
+        /// The window for new connections (default `qlog.default_seconds`).
+        #[serde(default)]
+        seconds: Option<u32>,
+    },
+    /// Stop writing qlog.
+    QlogStop,
 }
 
 /// Parses a duration such as `90`, `90s`, `15m`, `12h` or `7d` into
@@ -243,6 +265,19 @@ pub struct Admin {
     /// The config file `reload` re-reads `[dataplane.connection_ids]` from,
     /// and the command line's server ID that overrides the file's.
     config_path: Option<(std::path::PathBuf, Option<String>)>,
+    /// Where and how `qlog_start` writes.
+    qlog: Option<QlogSettings>,
+}
+
+/// What the workers reported after a qlog command.
+#[derive(Debug, Default)]
+struct QlogApplied {
+    /// Workers that applied it.
+    applied: u32,
+    /// All workers.
+    workers: u32,
+    /// Connections it matched on those workers.
+    matched: u64,
 }
 
 /// How long `reload` and `tickets_rotate` wait for the dataplane to apply
@@ -252,13 +287,19 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 impl Admin {
     /// An admin endpoint over these.
     pub fn new(shared: Arc<Mutex<Shared>>, policy: Arc<Mutex<Policy>>, store: PolicyStore) -> Self {
-        Self { shared, policy, store, credentials: None, fleet: None, config_path: None }
+        Self { shared, policy, store, credentials: None, fleet: None, config_path: None, qlog: None }
     }
 
     /// `reload` also re-reads `[dataplane.connection_ids]` from `path`: a
     /// new QUIC-LB configuration rotates the dataplane's connection IDs.
     pub fn with_config_path(mut self, path: std::path::PathBuf, server_id: Option<String>) -> Self {
         self.config_path = Some((path, server_id));
+        self
+    }
+
+    /// Serves `qlog_start` and `qlog_stop` with these settings.
+    pub fn with_qlog(mut self, settings: QlogSettings) -> Self {
+        self.qlog = Some(settings);
         self
     }
 
@@ -445,6 +486,148 @@ impl Admin {
         }
     }
 
+    /// Starts qlog: the target checked, the directory made ready for the
+    /// dataplane's user and opened, the command sent (through the server
+    /// loop) and applied by every worker (bounded wait).
+    fn qlog_start(
+        &self,
+        worker: Option<u32>,
+        conn_id: Option<u64>,
+        client: Option<&str>,
+        seconds: Option<u32>,
+    ) -> Value {
+        let Some(q) = &self.qlog else { return error("qlog is not available") };
+        let target = match (worker, conn_id, client) {
+            (Some(worker), Some(conn_id), None) => QlogTarget::Conn { worker, conn_id },
+            (None, None, Some(client)) => match crate::qlog::parse_client(client) {
+                Ok(t) => t,
+                Err(e) => return error(e),
+            },
+            _ => return error("name one connection (worker and conn_id) or a client address"),
+        };
+        let seconds = seconds.unwrap_or(q.default_seconds);
+        if !(1..=MAX_QLOG_SECONDS).contains(&seconds) {
+            return error(format!("seconds must be 1..={MAX_QLOG_SECONDS}"));
+        }
+        let owner = {
+            let s = self.shared();
+            if s.dataplane_pid.is_none() {
+                return error("no dataplane is attached");
+            }
+            if !s.dataplane_qlog {
+                return error(
+                    "the dataplane was built without qlog (relay-dataplane's cargo feature `qlog`)",
+                );
+            }
+            s.dataplane_owner
+        };
+        // Handed over only when the dataplane runs as another user.
+        let owner = owner.filter(|(uid, _)| *uid != own_uid());
+        let fd = match crate::qlog::prepare_dir(&q.dir, owner) {
+            Ok(fd) => fd,
+            Err(e) => return error(e),
+        };
+        let session = self.next_qlog_session();
+        let start = QlogStart {
+            session,
+            target,
+            seconds,
+            max_file_bytes: q.max_file_bytes,
+            max_files: q.max_files,
+            level: q.level,
+        };
+        if let Err(e) = start.validate() {
+            return error(e);
+        }
+        self.send_qlog(QlogCommand::Start(start), Some(fd));
+        let applied = self.wait_qlog(session);
+        let connections = applied.matched;
+        if applied.applied < applied.workers {
+            return error(format!(
+                "{} of {} workers applied the qlog start in time; see the dataplane's log",
+                applied.applied, applied.workers
+            ));
+        }
+        if let QlogTarget::Conn { worker, conn_id } = target
+            && connections == 0
+        {
+            return error(format!(
+                "no QUIC connection {conn_id} on worker {worker} (relayctl conns lists them)"
+            ));
+        }
+        info!(session, ?target, seconds, connections, "qlog started");
+        json!({
+            "session": session,
+            "dir": q.dir.display().to_string(),
+            "target": target,
+            "seconds": matches!(target, QlogTarget::Client { .. }).then_some(seconds),
+            "connections": connections,
+            "max_file_bytes": q.max_file_bytes,
+            "max_files": q.max_files,
+            "workers_applied": applied.applied,
+            "workers": applied.workers,
+        })
+    }
+
+    /// Stops qlog on every worker (bounded wait).
+    fn qlog_stop(&self) -> Value {
+        if self.shared().dataplane_pid.is_none() {
+            return error("no dataplane is attached");
+        }
+        let session = self.next_qlog_session();
+        self.send_qlog(QlogCommand::Stop { session }, None);
+        let applied = self.wait_qlog(session);
+        info!(session, "qlog stopped");
+        json!({
+            "stopped": applied.applied == applied.workers,
+            "session": session,
+            "workers_applied": applied.applied,
+            "workers": applied.workers,
+        })
+    }
+
+    /// A number no earlier qlog command of this control had, and unlikely
+    /// one of an earlier control's (the time in milliseconds).
+    fn next_qlog_session(&self) -> u64 {
+        let mut s = self.shared();
+        let now_ms =
+            SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        s.qlog_session = now_ms.max(s.qlog_session + 1);
+        s.qlog_session
+    }
+
+    fn send_qlog(&self, command: QlogCommand, fd: Option<std::os::fd::OwnedFd>) {
+        let mut s = self.shared();
+        s.qlog_command = Some((command, fd));
+        s.wake_server();
+    }
+
+    /// Waits (bounded) until every worker reports `session` applied.
+    fn wait_qlog(&self, session: u64) -> QlogApplied {
+        let deadline = Instant::now() + APPLY_WAIT;
+        loop {
+            let done = {
+                let s = self.shared();
+                let Some(region) = &s.region else { return QlogApplied::default() };
+                let workers = region.workers();
+                let applied: Vec<u32> = (0..workers)
+                    .filter(|w| region.counters(*w).get(Counter::QlogSession) == session)
+                    .collect();
+                let sum = |c: Counter| applied.iter().map(|w| region.counters(*w).get(c)).sum::<u64>();
+                let result = QlogApplied {
+                    applied: applied.len() as u32,
+                    workers,
+                    matched: sum(Counter::QlogMatched),
+                };
+                (result.applied == workers || Instant::now() >= deadline).then_some(result)
+            };
+            if let Some(result) = done {
+                return result;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Rotates the ticket keys (in the server loop, or fleet-wide in fleet
     /// mode) and waits until the new keys have been sent.
     fn rotate_tickets(&self) -> Value {
@@ -549,6 +732,10 @@ impl Admin {
             AdminRequest::Reload => self.reload(),
             AdminRequest::Conns { limit } => self.conns(*limit),
             AdminRequest::TicketsRotate => self.rotate_tickets(),
+            AdminRequest::QlogStart { worker, conn_id, client, seconds } => {
+                self.qlog_start(*worker, *conn_id, client.as_deref(), *seconds)
+            }
+            AdminRequest::QlogStop => self.qlog_stop(),
             AdminRequest::TokenMint { subject, ttl_secs, key_id } => {
                 let p = self.policy();
                 if p.auth().state().revoked_subjects.contains_key(subject) {
@@ -778,6 +965,8 @@ pub struct PeerCred {
     pub pid: i32,
     /// Effective user ID.
     pub uid: u32,
+    /// Effective group ID.
+    pub gid: u32,
 }
 
 /// The peer credentials of a connected Unix socket (SO_PEERCRED: the
@@ -800,7 +989,7 @@ pub fn peer_cred(stream: &UnixStream) -> io::Result<PeerCred> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(PeerCred { pid: cred.pid, uid: cred.uid })
+    Ok(PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
 /// This process's effective user ID.

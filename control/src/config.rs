@@ -1,30 +1,46 @@
 //! The control process's configuration (TOML).
 //!
+//! Every key has a default, the value `default.toml` ([`DEFAULT_CONFIG`],
+//! printed by `relay-control --print-default-config`) states for it, so a
+//! config file holds only what it changes; a test parses the embedded file
+//! and compares it with an empty one, so the two cannot drift apart.
+//!
 //! Parse errors name the line, column and key (the `toml` crate reports
 //! them, and every value type here validates inside deserialization so that
 //! its errors carry positions too). Unknown keys are errors.
+//!
+//! [`Config::effective_toml`] prints the configuration in force (defaults
+//! merged) with every secret redacted, for `relay-control --check-config`.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use relay_proto::channel::bootstrap::{InboundFilter, MtuProbe, Protocol, TcpBootstrap};
+use relay_proto::channel::bootstrap::{InboundFilter, MtuProbe, Protocol, QlogLevel, TcpBootstrap};
 use relay_proto::template::UriTemplate;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::acl::{Cidr, PortRange};
 use crate::auth::{SecretString, valid_static_token};
+use crate::logging::LogFormat;
 use crate::quota::QuotaConfig;
 use crate::token::{KeyError, Secret, TokenKeys};
 
-/// The embedded default configuration (a demo relay on loopback).
+/// The embedded default configuration: every key with its default value
+/// and what it means (`relay-control --print-default-config`).
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
-/// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The demo relay's configuration (`relay-control` without `--config`):
+/// the defaults, plus loopback targets so that it can tunnel to services
+/// on this machine.
+pub const DEMO_CONFIG: &str = include_str!("demo.toml");
+
+/// The whole configuration. Every section and key is optional: what a file
+/// leaves out has its default ([`DEFAULT_CONFIG`]).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Identity and state.
     pub relay: RelaySection,
@@ -33,46 +49,42 @@ pub struct Config {
     /// Dataplane settings.
     pub dataplane: DataplaneSection,
     /// TLS credentials.
-    #[serde(default)]
     pub tls: TlsSection,
     /// Client authentication.
     pub auth: AuthSection,
     /// Target policy.
     pub targets: TargetsSection,
     /// DNS resolution.
-    #[serde(default)]
     pub resolver: ResolverSection,
     /// Quotas per identity and per client address (absent: unlimited).
-    #[serde(default)]
     pub quotas: QuotaConfig,
     /// Which extended CONNECT protocols are served.
-    #[serde(default)]
     pub protocols: ProtocolsSection,
     /// connect-ip (RFC 9484): template, address pools, TUN devices.
-    #[serde(default)]
     pub connect_ip: ConnectIpSection,
     /// Bound connect-udp: public addresses, inbound filter, limits.
-    #[serde(default)]
     pub bind: BindSection,
     /// The TCP front (HTTP/2 and HTTP/1.1 over TCP): Alt-Svc, limits,
     /// timeouts. Its listeners are `listen.tcp` and `listen.tcp_cleartext`.
-    #[serde(default)]
     pub tcp: TcpSection,
     /// Fleet mode: hosts sharing state through a Redis store (absent: this
     /// host stands alone, as without fleet mode).
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet: Option<FleetSection>,
+    /// Log format and what log lines may say about clients and targets.
+    pub log: LogSection,
+    /// qlog on demand (`relayctl qlog`): file sizes, file count, window.
+    pub qlog: QlogSection,
     /// Where the config came from (file name or "embedded default config").
     #[serde(skip)]
     pub origin: String,
 }
 
 /// `[relay]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RelaySection {
     /// Proxy name used in Proxy-Status.
-    #[serde(default = "default_name")]
     pub name: String,
     /// Directory for generated state (relative to the working directory).
     pub state_dir: PathBuf,
@@ -86,18 +98,32 @@ pub struct RelaySection {
     pub dataplane_user: Option<String>,
 }
 
+impl Default for RelaySection {
+    fn default() -> Self {
+        Self {
+            name: default_name(),
+            state_dir: PathBuf::from("state"),
+            channel_socket: None,
+            admin_socket: None,
+            dataplane_user: None,
+        }
+    }
+}
+
 fn default_name() -> String {
     "masque-relay".into()
 }
 
 /// `[listen]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ListenSection {
     /// UDP address for QUIC.
     pub quic: SocketAddr,
     /// TCP address of the Prometheus metrics endpoint (`GET /metrics`);
-    /// absent: no endpoint. Keep it on loopback or a management network.
+    /// `None` (written `""`): no endpoint. Keep it on loopback or a
+    /// management network.
+    #[serde(deserialize_with = "listen_metrics", serialize_with = "address_or_off")]
     pub metrics: Option<SocketAddr>,
     /// TLS over TCP (ALPN h2 and http/1.1), as written: absent means the
     /// address of `quic` (the QUIC port number, over TCP), `""` turns it
@@ -109,6 +135,17 @@ pub struct ListenSection {
     /// [`ListenSection::tcp_cleartext_addr`] resolves it.
     #[serde(default, deserialize_with = "listen_tcp_cleartext")]
     pub tcp_cleartext: Option<Spanned<ListenAddr>>,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        Self {
+            quic: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            metrics: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            tcp: None,
+            tcp_cleartext: None,
+        }
+    }
 }
 
 impl ListenSection {
@@ -130,6 +167,24 @@ impl ListenSection {
 /// (`None`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl Serialize for ListenAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        address_or_off(&self.0, s)
+    }
+}
+
+/// Writes an optional address as the config spells it: `""` for off.
+fn address_or_off<S: serde::Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    match addr {
+        Some(a) => s.collect_str(a),
+        None => s.serialize_str(""),
+    }
+}
+
+fn listen_metrics<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    Ok(listen_addr(d, "listen.metrics")?.and_then(|a| a.into_inner().0))
+}
 
 fn listen_addr<'de, D: serde::Deserializer<'de>>(
     d: D,
@@ -171,56 +226,67 @@ impl<'de> Deserialize<'de> for TemplateValue {
     }
 }
 
+impl Serialize for TemplateValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
+    }
+}
+
+/// The default connect-udp URI template.
+const DEFAULT_UDP_TEMPLATE: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
+
 /// `[dataplane]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataplaneSection {
     /// Worker threads: a number, or `"auto"` for one per CPU the relay may
     /// run on (its affinity mask and cgroup quota).
-    #[serde(default)]
     pub workers: Workers,
     /// I/O backend of the workers.
-    #[serde(default)]
     pub io: IoBackend,
     /// Pin worker i to the i-th CPU of the relay's affinity mask.
-    #[serde(default = "yes")]
     pub pin_workers: bool,
     /// Connection IDs (QUIC-LB layout) and their steering.
-    #[serde(default)]
     pub connection_ids: ConnectionIdSection,
     /// connect-udp URI template.
     pub uri_template: TemplateValue,
     /// A tunnel with no traffic either way for this long is closed.
-    #[serde(default = "sixty")]
     pub flow_idle_timeout_secs: u32,
     /// How long a CONNECT waits for control before 503.
-    #[serde(default = "two_thousand")]
     pub ask_timeout_ms: u32,
     /// QUIC idle timeout.
-    #[serde(default = "thirty")]
     pub quic_idle_timeout_secs: u32,
     /// Most QUIC connections per worker.
-    #[serde(default = "ten_thousand")]
     pub max_connections_per_worker: u32,
     /// Most tunnels per QUIC connection.
-    #[serde(default = "two_five_six")]
     pub max_tunnels_per_connection: u32,
     /// On SIGTERM the dataplane sends GOAWAY, stops accepting, and lets open
     /// tunnels finish for at most this long before closing and exiting 0.
-    #[serde(default = "thirty")]
     pub drain_timeout_secs: u32,
     /// Handshakes in progress per worker past which new clients must prove
     /// their address with a Retry round trip (0: always).
-    #[serde(default = "retry_threshold")]
     pub retry_threshold: u32,
 }
 
-fn retry_threshold() -> u32 {
-    1024
-}
-
-fn yes() -> bool {
-    true
+impl Default for DataplaneSection {
+    fn default() -> Self {
+        Self {
+            workers: Workers::Auto,
+            io: IoBackend::Auto,
+            pin_workers: true,
+            connection_ids: ConnectionIdSection::default(),
+            uri_template: TemplateValue(
+                UriTemplate::parse(DEFAULT_UDP_TEMPLATE).expect("the default template is valid"),
+            ),
+            flow_idle_timeout_secs: 120,
+            ask_timeout_ms: 2000,
+            quic_idle_timeout_secs: 30,
+            max_connections_per_worker: 10_000,
+            max_tunnels_per_connection: 256,
+            drain_timeout_secs: 30,
+            retry_threshold: 1024,
+        }
+    }
 }
 
 /// `dataplane.workers`: a count or `"auto"`.
@@ -241,6 +307,15 @@ impl Workers {
             Workers::Auto => std::thread::available_parallelism()
                 .map_or(1, |n| n.get() as u32)
                 .min(relay_channel::region::MAX_WORKERS),
+        }
+    }
+}
+
+impl Serialize for Workers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u32(*n),
         }
     }
 }
@@ -273,29 +348,24 @@ pub use relay_proto::channel::bootstrap::IoBackend;
 /// `[dataplane.connection_ids]`: server connection IDs in the QUIC-LB
 /// plaintext layout (draft-ietf-quic-load-balancers): config rotation bits,
 /// the server ID (this host's prefix, then the worker), a random nonce.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ConnectionIdSection {
     /// Config rotation codepoint, 0..=6 (7 means unroutable).
-    #[serde(default)]
     pub config_id: u8,
     /// This host's server ID prefix as hex (empty for a single host; a
     /// QUIC-LB balancer maps prefix + worker byte to this host).
-    #[serde(default)]
     pub server_id: String,
     /// Random nonce bytes after the server ID.
-    #[serde(default = "fourteen")]
     pub nonce_len: usize,
     /// Attach a reuseport BPF program that steers packets to the worker
     /// named in their connection ID (hand-offs between workers become rare;
     /// plaintext connection IDs only).
-    #[serde(default = "yes")]
     pub steering: bool,
     /// A file holding the QUIC-LB key (32 hex digits, the load balancers'
     /// key too): connection IDs are encrypted (draft-ietf-quic-load-
     /// balancers-21 section 5.4), so observers cannot tell which host and
     /// worker serve a connection. Needs a `server_id`.
-    #[serde(default)]
     pub key_file: Option<PathBuf>,
 }
 
@@ -337,10 +407,6 @@ impl ConnectionIdSection {
         settings.layout().map_err(|e| format!("dataplane.connection_ids: {e}"))?;
         Ok(settings)
     }
-}
-
-fn fourteen() -> usize {
-    14
 }
 
 /// `[auth] schemes` and `[auth.privacy_pass]` agree and hold usable values.
@@ -478,46 +544,27 @@ pub fn parse_hex(s: &str) -> Option<Vec<u8>> {
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
-fn sixty() -> u32 {
-    60
-}
-fn thirty() -> u32 {
-    30
-}
-fn two_thousand() -> u32 {
-    2000
-}
-fn ten_thousand() -> u32 {
-    10_000
-}
-fn two_five_six() -> u32 {
-    256
-}
 
 /// `[tls]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
     /// PEM certificate chain.
     pub cert: Option<PathBuf>,
     /// PEM private key.
     pub key: Option<PathBuf>,
     /// Names for the generated self-signed certificate.
-    #[serde(default)]
     pub self_signed_names: Vec<String>,
     /// Keyless TLS: the private key never leaves control, which signs every
     /// handshake for the dataplane. `false` hands the key to the dataplane
     /// (it then signs locally): only for hosts where both processes are
     /// equally trusted.
-    #[serde(default = "yes")]
     pub keyless: bool,
     /// Issue TLS 1.3 session tickets (resumed handshakes need no
     /// signature), sealed with keys control generates and rotates.
-    #[serde(default = "yes")]
     pub session_tickets: bool,
     /// How often the ticket keys rotate (60..=604800 s). A ticket resumes
     /// for at least one period and at most two.
-    #[serde(default = "twelve_hours")]
     pub ticket_key_rotation_secs: u32,
 }
 
@@ -530,7 +577,7 @@ impl Default for TlsSection {
         Self {
             cert: None,
             key: None,
-            self_signed_names: Vec::new(),
+            self_signed_names: ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec(),
             keyless: true,
             session_tickets: true,
             ticket_key_rotation_secs: twelve_hours(),
@@ -546,19 +593,17 @@ impl TlsSection {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     /// Realm in Proxy-Authenticate challenges.
-    #[serde(default = "default_name")]
     pub realm: String,
     /// Accepted static bearer tokens. With neither tokens nor hmac_keys, a
     /// token is generated into state_dir/token.
-    #[serde(default)]
+    #[serde(serialize_with = "redacted_list")]
     pub tokens: Vec<SecretString>,
     /// Keys for HMAC-signed expiring tokens (`[[auth.hmac_keys]]`); the
     /// first one mints unless `relayctl token mint --key-id` says otherwise.
-    #[serde(default)]
     pub hmac_keys: Vec<HmacKeyConfig>,
     /// The credential schemes accepted: `bearer` (static and HMAC tokens)
     /// and `private_token` (Privacy Pass, RFC 9577: needs
@@ -575,7 +620,7 @@ fn bearer_only() -> Vec<AuthScheme> {
 }
 
 /// A credential scheme of `Proxy-Authorization`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthScheme {
     /// `Bearer <token>`: static and HMAC-signed tokens.
@@ -585,7 +630,7 @@ pub enum AuthScheme {
 }
 
 /// `[auth.privacy_pass]`: the issuer the relay accepts tokens of, and how.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyPassSection {
     /// The issuer's name in challenges (its host name, RFC 9577 section
@@ -637,7 +682,7 @@ fn five_minutes() -> u64 {
 }
 
 /// One `[[auth.privacy_pass.keys]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyPassKeyConfig {
     /// 2 (Blind RSA, publicly verifiable) or 1 (VOPRF P-384, privately
@@ -660,10 +705,37 @@ pub struct PrivacyPassKeyConfig {
     pub not_after: Option<u64>,
 }
 
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            realm: default_name(),
+            tokens: Vec::new(),
+            hmac_keys: Vec::new(),
+            schemes: bearer_only(),
+            privacy_pass: None,
+        }
+    }
+}
+
+/// What [`Config::effective_toml`] writes in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// Secrets are never written out: each one becomes [`REDACTED`].
+fn redacted_list<S: serde::Serializer>(secrets: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(secrets.iter().map(|_| REDACTED))
+}
+
+fn redacted<S: serde::Serializer>(secret: &Option<SecretString>, s: S) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(_) => s.serialize_str(REDACTED),
+        None => s.serialize_none(),
+    }
+}
+
 /// One `[[auth.hmac_keys]]` entry: an ID and exactly one of `secret_file`
 /// (a file holding the secret as hex) or `secret_hex`. Secrets are at least
 /// 32 bytes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HmacKeyConfig {
     /// Key ID, named in tokens (`A-Z a-z 0-9 - _`, at most 32).
@@ -672,6 +744,7 @@ pub struct HmacKeyConfig {
     /// be readable by every user.
     pub secret_file: Option<PathBuf>,
     /// The secret as hex, inline.
+    #[serde(serialize_with = "redacted", skip_serializing_if = "Option::is_none")]
     pub secret_hex: Option<SecretString>,
     /// The line of `id` in the config file (filled in by [`Config::parse`]).
     #[serde(skip)]
@@ -681,7 +754,7 @@ pub struct HmacKeyConfig {
 /// `[protocols]`: which tunnel protocols the relay serves: the extended
 /// CONNECT protocols (`:protocol` values) and classic CONNECT to TCP
 /// targets. Control refuses a disabled one with 501.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default, try_from = "RawProtocols")]
 pub struct ProtocolsSection {
     /// connect-udp (RFC 9298).
@@ -801,6 +874,16 @@ fn field_value_problem(v: &str) -> Option<&'static str> {
     }
 }
 
+impl Serialize for AltSvc {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AltSvc::Auto => s.serialize_str("auto"),
+            AltSvc::Off => s.serialize_str(""),
+            AltSvc::Value(v) => s.serialize_str(v),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for AltSvc {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = String::deserialize(d)?;
@@ -819,7 +902,7 @@ impl<'de> Deserialize<'de> for AltSvc {
 
 /// `[tcp]`: the TCP front (HTTP/2 and HTTP/1.1 over TCP). Every value is
 /// range-checked as it is read, so errors carry the key and its line.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TcpSection {
     /// Alt-Svc field value sent on every response over TCP.
@@ -889,7 +972,7 @@ ranged_key! {
 }
 
 /// `[bind]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BindSection {
     /// The public IP addresses bound tunnels are reachable at (the
@@ -917,7 +1000,7 @@ impl Default for BindSection {
 }
 
 /// `[connect_ip]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectIpSection {
     /// The connect-ip URI template (variables `target` and `ipproto`).
@@ -976,7 +1059,7 @@ impl ConnectIpSection {
 /// through a Redis store ([`crate::fleet`]). Names are checked as they are
 /// read, so errors carry the key and its line; which files hold the
 /// secrets is checked when they are read ([`crate::fleet::settings`]).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetSection {
     /// The fleet's name (part of every key and of the key derivation).
@@ -1012,7 +1095,7 @@ pub struct FleetSection {
 }
 
 /// `fleet.sentinel`: the Sentinel deployment that names the primary.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SentinelSection {
     /// The monitored primary's name (`sentinel monitor <master> ...`).
@@ -1025,7 +1108,7 @@ pub struct SentinelSection {
 
 /// `fleet.on_store_failure`: how a host behaves while the store is down.
 /// Either way it keeps enforcing the last state it had.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreFailureMode {
     /// Admin changes apply on this host at once and are merged into the
@@ -1117,24 +1200,67 @@ fn fleet_sentinel_addresses<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ve
     store_urls(d, "fleet.sentinel.addresses")
 }
 
-/// `[targets]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[targets]`. By default every special-purpose range (loopback, private,
+/// link-local, ...) is denied and every port allowed.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TargetsSection {
     /// Ranges allowed even if special-purpose.
-    #[serde(default)]
     pub allow: Vec<Cidr>,
     /// Ranges always denied.
-    #[serde(default)]
     pub deny: Vec<Cidr>,
     /// Allowed target ports (empty: all).
-    #[serde(default)]
     pub ports: Vec<PortRange>,
 }
 
+/// `[log]`: how log lines look and what they may say about clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `"text"` (coloured only on a terminal without `NO_COLOR`) or
+    /// `"json"` (one object a line); `--log-format` overrides it.
+    pub format: LogFormat,
+    /// Log one line per tunnel (allowed or refused) at info level with the
+    /// client's address, the target and the identity. Off by default:
+    /// without it no line at the default level names a client or a target.
+    pub log_targets: bool,
+}
+
+/// `[qlog]`: what `relayctl qlog start` writes into `state_dir/qlog`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QlogSection {
+    /// Most bytes of one file (4096..=1073741824); a file ends at the last
+    /// whole event that fit.
+    #[serde(deserialize_with = "qlog_max_file_bytes")]
+    pub max_file_bytes: u32,
+    /// Most files kept (1..=10000); a new file removes the oldest closed
+    /// ones, and a connection gets no file while all are being written.
+    #[serde(deserialize_with = "qlog_max_files")]
+    pub max_files: u32,
+    /// How long new connections of a `--client` start are logged when it
+    /// names no `--seconds` (1..=86400).
+    #[serde(deserialize_with = "qlog_default_seconds")]
+    pub default_seconds: u32,
+    /// quiche's events: "core", "base" or "extra".
+    pub level: QlogLevel,
+}
+
+impl Default for QlogSection {
+    fn default() -> Self {
+        Self { max_file_bytes: 16 * 1024 * 1024, max_files: 32, default_seconds: 300, level: QlogLevel::Base }
+    }
+}
+
+ranged_key! {
+    qlog_max_file_bytes: "qlog.max_file_bytes", 4096..=1_073_741_824;
+    qlog_max_files: "qlog.max_files", 1..=10_000;
+    qlog_default_seconds: "qlog.default_seconds", 1..=86_400;
+}
+
 /// `[resolver]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ResolverSection {
     /// Resolver threads.
     pub threads: u32,
@@ -1411,16 +1537,25 @@ impl Config {
         Ok(Some(verifier))
     }
 
-    /// Loads a file, or the embedded default when `path` is `None`.
+    /// Loads a file, or the embedded demo config ([`DEMO_CONFIG`]) when
+    /// `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         match path {
-            None => Self::parse(DEFAULT_CONFIG, "embedded default config"),
+            None => Self::parse(DEMO_CONFIG, "embedded demo config"),
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?;
                 Self::parse(&text, &p.display().to_string())
             }
         }
+    }
+
+    /// The configuration in force as TOML: every key, defaults merged,
+    /// secrets (static tokens, inline HMAC secrets) replaced by
+    /// [`REDACTED`]; the files holding secrets are named, never read.
+    /// Parsing it again gives the same configuration, but for the secrets.
+    pub fn effective_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
     }
 
     /// What the dataplane needs for the TCP front; `None` when both of its
@@ -1459,6 +1594,124 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default config with every key written out, as the tests edit
+    /// it: `listen.tcp` set (its default follows `listen.quic`) and
+    /// loopback targets allowed, as in the demo.
+    fn full() -> String {
+        let text = DEFAULT_CONFIG
+            .replacen("# tcp = \"127.0.0.1:4433\"", "tcp = \"127.0.0.1:4433\"", 1)
+            .replacen("allow = []", "allow = [\"127.0.0.0/8\", \"::1/128\"]", 1);
+        assert_ne!(text, DEFAULT_CONFIG);
+        text
+    }
+
+    #[test]
+    fn the_embedded_default_is_what_an_empty_file_gives() {
+        let documented = Config::parse(DEFAULT_CONFIG, "t.toml").unwrap();
+        let empty = Config::parse("", "t.toml").unwrap();
+        // Debug shows every field of every section (and would show a new
+        // one), so the two cannot drift apart.
+        assert_eq!(format!("{documented:#?}"), format!("{empty:#?}"));
+        assert_eq!(documented.effective_toml(), empty.effective_toml());
+        assert!(empty.targets.allow.is_empty(), "special-purpose targets are denied by default");
+        assert_eq!(empty.log, LogSection { format: LogFormat::Text, log_targets: false });
+    }
+
+    #[test]
+    fn the_demo_is_the_defaults_with_loopback_targets() {
+        let demo = Config::load(None).unwrap();
+        assert_eq!(demo.origin, "embedded demo config");
+        let allowed: Vec<String> = demo.targets.allow.iter().map(ToString::to_string).collect();
+        assert_eq!(allowed, ["127.0.0.0/8", "::1/128"]);
+        let mut rest = demo.clone();
+        rest.targets = TargetsSection::default();
+        assert_eq!(rest.effective_toml(), Config::parse("", "t.toml").unwrap().effective_toml());
+    }
+
+    /// The lines of `text`'s effective config that differ from the
+    /// defaults'.
+    fn changed_lines(text: &str) -> Vec<String> {
+        let default = Config::parse("", "t.toml").unwrap().effective_toml();
+        let config = Config::parse(text, "t.toml").unwrap_or_else(|e| panic!("{text}: {e}"));
+        let effective = config.effective_toml();
+        let (ours, theirs): (Vec<_>, Vec<_>) = (effective.lines().collect(), default.lines().collect());
+        assert_eq!(ours.len(), theirs.len(), "{effective}");
+        ours.iter().zip(&theirs).filter(|(a, b)| a != b).map(|(a, _)| a.to_string()).collect()
+    }
+
+    #[test]
+    fn a_file_holds_only_what_it_changes() {
+        for (text, changed) in [
+            ("[dataplane]\nworkers = 2\n", "workers = 2"),
+            ("[relay]\nname = \"edge-1\"\n", "name = \"edge-1\""),
+            ("[listen]\nquic = \"0.0.0.0:443\"\n", "quic = \"0.0.0.0:443\""),
+            ("[listen]\nmetrics = \"\"\n", "metrics = \"\""),
+            ("[dataplane.connection_ids]\nserver_id = \"0a\"\n", "server_id = \"0a\""),
+            ("[tls]\nsession_tickets = false\n", "session_tickets = false"),
+            ("[auth]\nrealm = \"edge\"\n", "realm = \"edge\""),
+            ("[targets]\nports = [\"443\"]\n", "ports = [\"443\"]"),
+            ("[resolver]\nthreads = 4\n", "threads = 4"),
+            ("[quotas.per_identity]\nmax_flows = 8\n", "max_flows = 8"),
+            ("[protocols]\nconnect_tcp = false\n", "connect_tcp = false"),
+            ("[connect_ip]\nmtu = 1400\n", "mtu = 1400"),
+            ("[bind]\nmax_peers = 16\n", "max_peers = 16"),
+            ("[tcp]\nidle_timeout_secs = 60\n", "idle_timeout_secs = 60"),
+            ("[log]\nformat = \"json\"\n", "format = \"json\""),
+            ("[log]\nlog_targets = true\n", "log_targets = true"),
+        ] {
+            assert_eq!(changed_lines(text), [changed], "{text}");
+        }
+        let c = Config::parse("[dataplane]\nworkers = 2\n", "t.toml").unwrap();
+        assert_eq!(c.dataplane.workers, Workers::Count(2));
+        assert_eq!(c.listen.metrics, Some("127.0.0.1:9464".parse().unwrap()));
+        let off = Config::parse("[listen]\nmetrics = \"\"\n", "t.toml").unwrap();
+        assert_eq!(off.listen.metrics, None, "\"\" turns the metrics endpoint off");
+        let public = Config::parse("[listen]\nquic = \"0.0.0.0:443\"\n", "t.toml").unwrap();
+        assert_eq!(public.listen.tcp_tls(), Some("0.0.0.0:443".parse().unwrap()), "TCP follows QUIC");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_line_and_key() {
+        let err = |text: &str| Config::parse(text, "t.toml").unwrap_err().to_string();
+        for (text, line, key) in [
+            ("[dataplane]\nworkers = 2\nworkerz = 3\n", 3, "unknown field `workerz`"),
+            ("\n[log]\nformat = \"xml\"\n", 3, "xml"),
+            ("[log]\nlog_target = true\n", 2, "unknown field `log_target`"),
+            ("[dataplane]\n\nflow_idle_timeout_secs = \"long\"\n", 3, "flow_idle_timeout_secs"),
+            ("[listen]\nmetrics = \"9464\"\n", 2, "listen.metrics must be"),
+            ("[nonsense]\nkey = 1\n", 1, "unknown field `nonsense`"),
+            ("[quotas.per_client]\nmax_flows = 1\nmax_flowz = 2\n", 3, "max_flowz"),
+        ] {
+            let e = err(text);
+            assert!(e.contains(&format!("line {line}")) && e.contains(key), "{text}: {e}");
+            assert!(e.starts_with("t.toml: "), "the file is named: {e}");
+        }
+    }
+
+    #[test]
+    fn the_effective_config_redacts_secrets_and_parses_back() {
+        let hex64 = "ab".repeat(32);
+        let text = format!(
+            "[auth]\ntokens = [\"hunter2-token\"]\n[[auth.hmac_keys]]\nid = \"k1\"\nsecret_hex = \"{hex64}\"\n\
+             [[auth.hmac_keys]]\nid = \"k2\"\nsecret_file = \"/etc/masque-relay/hmac-k2\"\n\
+             [fleet]\nname = \"eu\"\nredis = [\"redis://10.0.0.5:6379\"]\nsecret_file = \"/etc/masque-relay/fleet-secret\"\n\
+             password_file = \"/etc/masque-relay/redis-password\"\n"
+        );
+        let effective = Config::parse(&text, "t.toml").unwrap().effective_toml();
+        assert!(!effective.contains("hunter2") && !effective.contains(&hex64), "{effective}");
+        assert_eq!(effective.matches(REDACTED).count(), 2, "{effective}");
+        for path in ["hmac-k2", "fleet-secret", "redis-password"] {
+            assert!(effective.contains(&format!("/etc/masque-relay/{path}")), "{path}: {effective}");
+        }
+        // Without secrets, printing and parsing again changes nothing.
+        let plain = "[dataplane]\nworkers = 3\n[listen]\ntcp = \"\"\n[targets]\nallow = [\"10.0.0.0/8\"]\n";
+        let once = Config::parse(plain, "t.toml").unwrap();
+        let twice = Config::parse(&once.effective_toml(), "t.toml").unwrap();
+        assert_eq!(once.dataplane.workers, twice.dataplane.workers);
+        assert_eq!(twice.listen.tcp_tls(), None);
+        assert_eq!(once.effective_toml(), twice.effective_toml());
+    }
 
     #[test]
     fn embedded_default_parses() {
@@ -1532,7 +1785,7 @@ mod tests {
         let e = err("sentinel = { master = \"m\", addresses = [] }\n");
         assert!(e.contains("fleet.sentinel.addresses must list"), "{e}");
         // The commented example in the default config is a valid section.
-        let example: String = DEFAULT_CONFIG
+        let example: String = full()
             .lines()
             .skip_while(|l| !l.starts_with("# [fleet]"))
             .filter(|l| !l.starts_with("# sentinel") && !l.starts_with("# password_file"))
@@ -1549,43 +1802,42 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_key() {
-        let text =
-            DEFAULT_CONFIG.replace("allow = [\"127.0.0.0/8\", \"::1/128\"]", "allow = [\"127.0.0.0/99\"]");
+        let text = full().replace("allow = [\"127.0.0.0/8\", \"::1/128\"]", "allow = [\"127.0.0.0/99\"]");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
-        let line = DEFAULT_CONFIG.lines().position(|l| l.starts_with("allow =")).unwrap() + 1;
+        let line = full().lines().position(|l| l.starts_with("allow =")).unwrap() + 1;
         assert!(err.contains(&format!("line {line}")), "{err}");
         assert!(err.contains("127.0.0.0/99"), "{err}");
 
-        let text = DEFAULT_CONFIG.replace("ask_timeout_ms = 2000", "ask_timeout_msec = 2000");
+        let text = full().replace("ask_timeout_ms = 2000", "ask_timeout_msec = 2000");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("ask_timeout_msec") && err.contains("line"), "{err}");
 
-        let text = DEFAULT_CONFIG.replace("{target_port}/", "");
+        let text = full().replace("{target_port}/", "");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("uri_template") || err.contains("target_port"), "{err}");
 
-        let text = DEFAULT_CONFIG.replace("workers = \"auto\"", "workers = 0");
+        let text = full().replace("workers = \"auto\"", "workers = 0");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("dataplane.workers"), "{err}");
-        let text = DEFAULT_CONFIG.replace("workers = \"auto\"", "workers = \"many\"");
+        let text = full().replace("workers = \"auto\"", "workers = \"many\"");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("dataplane.workers"), "{err}");
-        let text = DEFAULT_CONFIG.replace("workers = \"auto\"", "workers = 3");
+        let text = full().replace("workers = \"auto\"", "workers = 3");
         assert_eq!(Config::parse(&text, "t.toml").unwrap().dataplane.workers, Workers::Count(3));
 
-        let text = DEFAULT_CONFIG.replace("io = \"auto\"", "io = \"kqueue\"");
+        let text = full().replace("io = \"auto\"", "io = \"kqueue\"");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("kqueue") && err.contains("line"), "{err}");
-        let text = DEFAULT_CONFIG.replace("io = \"auto\"", "io = \"epoll\"");
+        let text = full().replace("io = \"auto\"", "io = \"epoll\"");
         assert_eq!(Config::parse(&text, "t.toml").unwrap().dataplane.io, IoBackend::Epoll);
 
-        let text = DEFAULT_CONFIG.replace("server_id = \"\"", "server_id = \"0g\"");
+        let text = full().replace("server_id = \"\"", "server_id = \"0g\"");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("server_id"), "{err}");
-        let text = DEFAULT_CONFIG.replace("config_id = 0", "config_id = 7");
+        let text = full().replace("config_id = 0", "config_id = 7");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("connection_ids"), "{err}");
-        let text = DEFAULT_CONFIG.replace("server_id = \"\"", "server_id = \"0a0b\"");
+        let text = full().replace("server_id = \"\"", "server_id = \"0a0b\"");
         assert_eq!(
             parse_hex(&Config::parse(&text, "t.toml").unwrap().dataplane.connection_ids.server_id),
             Some(vec![10, 11])
@@ -1593,7 +1845,7 @@ mod tests {
     }
 
     fn with_auth(extra: &str) -> String {
-        DEFAULT_CONFIG.replace("tokens = []\n", &format!("tokens = []\n{extra}"))
+        full().replace("tokens = []\n", &format!("tokens = []\n{extra}"))
     }
 
     /// `[auth]` with these `schemes`, and `section` (tables) at its end.
@@ -1764,12 +2016,12 @@ mod tests {
 
     #[test]
     fn static_tokens_are_checked() {
-        let text = DEFAULT_CONFIG.replace("tokens = []", "tokens = [\"ok-token\", \"v1.k1.looks.signed\"]");
+        let text = full().replace("tokens = []", "tokens = [\"ok-token\", \"v1.k1.looks.signed\"]");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("auth.tokens[1]"), "{err}");
-        let text = DEFAULT_CONFIG.replace("tokens = []", "tokens = [\"has space\"]");
+        let text = full().replace("tokens = []", "tokens = [\"has space\"]");
         assert!(Config::parse(&text, "t.toml").unwrap_err().to_string().contains("auth.tokens[0]"));
-        let text = DEFAULT_CONFIG.replace("tokens = []", "tokens = [\"hunter2-token\"]");
+        let text = full().replace("tokens = []", "tokens = [\"hunter2-token\"]");
         let c = Config::parse(&text, "t.toml").unwrap();
         assert!(!format!("{c:?}").contains("hunter2"), "Debug hides tokens");
     }
@@ -1781,24 +2033,24 @@ mod tests {
         assert_eq!(c.protocols.served(), [Protocol::ConnectUdp]);
         let line = |text: &str, key: &str| text.lines().position(|l| l.starts_with(key)).unwrap() + 1;
 
-        let text = DEFAULT_CONFIG.replacen("bytes_per_period = 0", "bytes_per_period = 1000", 1);
+        let text = full().replacen("bytes_per_period = 0", "bytes_per_period = 1000", 1);
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("quotas.per_identity.period_secs") && err.contains("line"), "{err}");
-        let text = DEFAULT_CONFIG.replacen("burst = 0", "burst = 5", 2).replacen("burst = 5", "burst = 0", 1);
+        let text = full().replacen("burst = 0", "burst = 5", 2).replacen("burst = 5", "burst = 0", 1);
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("quotas.per_client.burst"), "{err}");
-        let text = DEFAULT_CONFIG.replacen("max_flows = 0", "max_flowz = 0", 1);
+        let text = full().replacen("max_flows = 0", "max_flowz = 0", 1);
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(
             err.contains("max_flowz") && err.contains(&format!("line {}", line(&text, "max_flowz"))),
             "{err}"
         );
-        let text = DEFAULT_CONFIG.replacen("max_flows = 0", "max_flows = -1", 1);
+        let text = full().replacen("max_flows = 0", "max_flows = -1", 1);
         assert!(Config::parse(&text, "t.toml").is_err());
-        let text = DEFAULT_CONFIG.replacen("max_flows = 0", "max_flows = 4", 1);
+        let text = full().replacen("max_flows = 0", "max_flows = 4", 1);
         assert_eq!(Config::parse(&text, "t.toml").unwrap().quotas.per_identity.max_flows, 4);
 
-        let text = DEFAULT_CONFIG.replace("connect_ip = false", "connect_ip = true");
+        let text = full().replace("connect_ip = false", "connect_ip = true");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
         assert!(err.contains("protocols.connect_ip") && err.contains("ipv4_pool"), "{err}");
         let with_pool = text
@@ -1823,14 +2075,14 @@ mod tests {
         let bad = with_pool.replace("mtu_probe_timeout_ms = 5000", "mtu_probe_timeout_ms = 10");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(err.contains("connect_ip.mtu_probe_timeout_ms"), "{err}");
-        let text = DEFAULT_CONFIG.replace("bind = false", "bind = true");
+        let text = full().replace("bind = false", "bind = true");
         let c = Config::parse(&text, "t.toml").unwrap();
         assert_eq!(c.protocols.served(), [Protocol::ConnectUdp, Protocol::ConnectUdpBind]);
         assert_eq!((c.bind.inbound_filter, c.bind.max_contexts), (InboundFilter::SentTo, 64));
         let bad = text.replace("inbound_filter = \"sent_to\"", "inbound_filter = \"everyone\"");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(err.contains("everyone") && err.contains("inbound_filter") && err.contains("line"), "{err}");
-        let text = DEFAULT_CONFIG.replace("connect_udp = true", "connect_udp = false");
+        let text = full().replace("connect_udp = true", "connect_udp = false");
         assert!(Config::parse(&text, "t.toml").unwrap().protocols.served().is_empty());
         // Without the section: connect-udp only.
         let cut = DEFAULT_CONFIG.find("[protocols]").unwrap();
@@ -1851,6 +2103,28 @@ mod tests {
         assert_eq!(tcp.listen_cleartext, None);
         assert_eq!(tcp.alt_svc.as_deref(), Some("h3=\":443\"; ma=86400"));
         assert!(c.protocols.connect_tcp);
+        // It holds overrides only: every key it sets differs from the default.
+        let defaults: toml::Table =
+            toml::from_str(&Config::parse("", "t").unwrap().effective_toml()).unwrap();
+        let production: toml::Table = toml::from_str(text).unwrap();
+        let mut same = Vec::new();
+        restated_defaults(&production, &defaults, "", &mut same);
+        assert!(same.is_empty(), "deploy/relay.toml restates defaults: {same:?}");
+    }
+
+    /// The keys of `file` (tables walked, lists of tables skipped) whose
+    /// value is the one in `defaults`.
+    fn restated_defaults(file: &toml::Table, defaults: &toml::Table, at: &str, out: &mut Vec<String>) {
+        for (key, value) in file {
+            let path = format!("{at}{key}");
+            match (value, defaults.get(key)) {
+                (toml::Value::Table(t), Some(toml::Value::Table(d))) => {
+                    restated_defaults(t, d, &format!("{path}."), out)
+                }
+                (v, Some(d)) if v == d => out.push(path),
+                _ => {}
+            }
+        }
     }
 
     fn line_with(text: &str, start: &str) -> usize {
@@ -1860,8 +2134,9 @@ mod tests {
     /// The default config with `old` replaced by `new` in its `[tcp]`
     /// section only (some of its keys end like `[dataplane]` keys).
     fn tcp_edit(edits: &[(&str, &str)]) -> String {
-        let at = DEFAULT_CONFIG.find("\n[tcp]\n").unwrap();
-        let (head, mut tcp) = (&DEFAULT_CONFIG[..at], DEFAULT_CONFIG[at..].to_string());
+        let full = full();
+        let at = full.find("\n[tcp]\n").unwrap();
+        let (head, mut tcp) = (&full[..at], full[at..].to_string());
         for (old, new) in edits {
             assert!(tcp.contains(old), "{old}");
             tcp = tcp.replacen(old, new, 1);
@@ -1896,7 +2171,7 @@ mod tests {
             })
         );
         // Without `listen.tcp`: the QUIC address, over TCP.
-        let text = DEFAULT_CONFIG
+        let text = full()
             .replace("tcp = \"127.0.0.1:4433\"\n", "")
             .replace("quic = \"127.0.0.1:4433\"", "quic = \"[::1]:8443\"");
         let c = Config::parse(&text, "t.toml").unwrap();
@@ -1908,19 +2183,19 @@ mod tests {
         let cut = text.find("\n[tcp]").unwrap();
         assert_eq!(Config::parse(&text[..cut], "t.toml").unwrap().tcp, TcpSection::default());
         // "" turns TLS over TCP off; with no cleartext listener the front is off.
-        let off = DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", "tcp = \"\"");
+        let off = full().replace("tcp = \"127.0.0.1:4433\"", "tcp = \"\"");
         let c = Config::parse(&off, "t.toml").unwrap();
         assert_eq!((c.listen.tcp_tls(), c.tcp_bootstrap()), (None, None));
         // Cleartext only (a TLS-terminating balancer in front).
         let clear = off.replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"10.0.0.5:8080\"");
         let tcp = Config::parse(&clear, "t.toml").unwrap().tcp_bootstrap().unwrap();
         assert_eq!((tcp.listen_tls, tcp.listen_cleartext), (None, Some("10.0.0.5:8080".parse().unwrap())));
-        let both = DEFAULT_CONFIG
-            .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:8080\"");
+        let both =
+            full().replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:8080\"");
         let tcp = Config::parse(&both, "t.toml").unwrap().tcp_bootstrap().unwrap();
         assert_eq!(tcp.listen_tls, Some("127.0.0.1:4433".parse().unwrap()));
         assert_eq!(tcp.listen_cleartext, Some("127.0.0.1:8080".parse().unwrap()));
-        let none = DEFAULT_CONFIG.replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"\"");
+        let none = full().replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"\"");
         assert_eq!(Config::parse(&none, "t.toml").unwrap().listen.tcp_cleartext_addr(), None);
         // Every [tcp] key lands in the bootstrap.
         let tuned = tcp_edit(&[
@@ -1951,9 +2226,9 @@ mod tests {
         let quiet = tcp_edit(&[("alt_svc = \"auto\"", "alt_svc = \"\"")]);
         assert_eq!(Config::parse(&quiet, "t.toml").unwrap().tcp_bootstrap().unwrap().alt_svc, None);
         // QUIC on an ephemeral port: "auto" cannot name it, so nothing is sent.
-        let ephemeral = DEFAULT_CONFIG.replace("4433", "0");
+        let ephemeral = full().replace("4433", "0");
         assert_eq!(Config::parse(&ephemeral, "t.toml").unwrap().tcp_bootstrap().unwrap().alt_svc, None);
-        let text = DEFAULT_CONFIG.replace("connect_tcp = true", "connect_tcp = false");
+        let text = full().replace("connect_tcp = true", "connect_tcp = false");
         let c = Config::parse(&text, "t.toml").unwrap();
         assert!(!c.protocols.connect_tcp);
         assert_eq!(c.protocols.served(), [Protocol::ConnectUdp]);
@@ -1963,12 +2238,12 @@ mod tests {
     fn tcp_listeners_are_checked_with_key_and_line() {
         let err = |text: &str| Config::parse(text, "t.toml").unwrap_err().to_string();
         for bad in ["127.0.0.1", "localhost:443", "127.0.0.1:99999", "::1:443", " 127.0.0.1:443"] {
-            let text = DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", &format!("tcp = {bad:?}"));
+            let text = full().replace("tcp = \"127.0.0.1:4433\"", &format!("tcp = {bad:?}"));
             let e = err(&text);
             let line = line_with(&text, "tcp = ");
             assert!(e.contains("listen.tcp must be") && e.contains(&format!("line {line}")), "{bad}: {e}");
-            let text = DEFAULT_CONFIG
-                .replace("# tcp_cleartext = \"127.0.0.1:8080\"", &format!("tcp_cleartext = {bad:?}"));
+            let text =
+                full().replace("# tcp_cleartext = \"127.0.0.1:8080\"", &format!("tcp_cleartext = {bad:?}"));
             let e = err(&text);
             let line = line_with(&text, "tcp_cleartext = ");
             assert!(
@@ -1976,10 +2251,10 @@ mod tests {
                 "{bad}: {e}"
             );
         }
-        assert!(err(&DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", "tcp = 443")).contains("line"));
+        assert!(err(&full().replace("tcp = \"127.0.0.1:4433\"", "tcp = 443")).contains("line"));
         // The cleartext listener on the TLS listener's address.
-        let text = DEFAULT_CONFIG
-            .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:4433\"");
+        let text =
+            full().replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:4433\"");
         let e = err(&text);
         let (line, tls_line) = (line_with(&text, "tcp_cleartext = "), line_with(&text, "tcp = "));
         assert!(
@@ -1998,13 +2273,14 @@ mod tests {
         Config::parse(&text.replace("tcp = \"127.0.0.1:4433\"\n", "tcp = \"127.0.0.1:4434\"\n"), "t.toml")
             .unwrap();
         // Either on the metrics endpoint's address.
-        let e = err(&DEFAULT_CONFIG.replace("tcp = \"127.0.0.1:4433\"", "tcp = \"127.0.0.1:9464\""));
+        let e = err(&full().replace("tcp = \"127.0.0.1:4433\"", "tcp = \"127.0.0.1:9464\""));
         assert!(e.contains("listen.tcp (line") && e.contains("is also listen.metrics"), "{e}");
-        let e = err(&DEFAULT_CONFIG
-            .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:9464\""));
+        let e = err(
+            &full().replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:9464\"")
+        );
         assert!(e.contains("listen.tcp_cleartext (line") && e.contains("is also listen.metrics"), "{e}");
         // Port 0 is a fresh ephemeral port for every socket: no collision.
-        let zero = DEFAULT_CONFIG
+        let zero = full()
             .replace("9464", "0")
             .replace("4433", "0")
             .replace("# tcp_cleartext = \"127.0.0.1:8080\"", "tcp_cleartext = \"127.0.0.1:0\"");

@@ -117,7 +117,13 @@ pub struct Histograms {
 fn is_gauge(c: Counter) -> bool {
     matches!(
         c,
-        Counter::TunnelsActive | Counter::ConnectionsActive | Counter::IoBackend | Counter::TlsGeneration
+        Counter::TunnelsActive
+            | Counter::ConnectionsActive
+            | Counter::IoBackend
+            | Counter::TlsGeneration
+            | Counter::QlogSession
+            | Counter::QlogMatched
+            | Counter::QlogConnections
     )
 }
 

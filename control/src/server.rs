@@ -81,6 +81,10 @@ pub struct ServerSettings {
     pub ticket_rotation: Option<Duration>,
     /// connect-ip address pools (IPv4, IPv6); both `None` without connect-ip.
     pub ip_pools: (Option<Prefix>, Option<Prefix>),
+    /// `[log] log_targets`: one info line per tunnel decision with the
+    /// client's address, the target and the identity. Off, no line at the
+    /// default level names a client or a target.
+    pub log_targets: bool,
 }
 
 /// A live flow as control knows it.
@@ -220,6 +224,15 @@ pub struct Shared {
     pub tickets_enabled: bool,
     /// The connection listing in progress, if any.
     pub conn_listing: Option<ConnListing>,
+    /// The attached dataplane's uid and gid (its channel socket peer's).
+    pub dataplane_owner: Option<(u32, u32)>,
+    /// The attached dataplane was built with qlog.
+    pub dataplane_qlog: bool,
+    /// Set by the admin socket: a qlog command to send the dataplane, with
+    /// the qlog directory's descriptor for a start.
+    pub qlog_command: Option<(relay_proto::channel::bootstrap::QlogCommand, Option<OwnedFd>)>,
+    /// The last qlog session number given out.
+    pub qlog_session: u64,
 }
 
 impl Shared {
@@ -471,6 +484,7 @@ impl Server {
             }
             self.tls_housekeeping();
             self.push_cids();
+            self.push_qlog();
             // Always sweep: cheap, and robust against missed wake-ups.
             self.forward_drain_request();
             self.forward_conn_listing();
@@ -544,9 +558,13 @@ impl Server {
                 Interest::READABLE,
             )?;
         }
+        // Who the dataplane runs as: the qlog directory is handed to it.
+        let owner = crate::admin::peer_cred(&stream).ok().map(|c| (c.uid, c.gid));
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             shared.dataplane_pid = Some(hello.pid);
+            shared.dataplane_owner = owner;
+            shared.dataplane_qlog = hello.qlog;
             shared.region = Some(region);
             shared.flows.clear();
         }
@@ -602,6 +620,28 @@ impl Server {
             .and_then(|()| a.stream.set_nonblocking(true).map_err(HandshakeError::Io));
         if let Err(e) = sent {
             self.detach(&format!("sending the connection ID configuration: {e}"));
+        }
+    }
+
+    /// Sends a qlog command of the admin socket's to the dataplane (with
+    /// the directory's descriptor for a start). Without a dataplane it is
+    /// dropped: the admin socket then sees no worker apply it.
+    fn push_qlog(&mut self) {
+        let Some((command, fd)) = self.shared.lock().unwrap_or_else(|p| p.into_inner()).qlog_command.take()
+        else {
+            return;
+        };
+        let Some(a) = &self.attached else { return };
+        let fds: Vec<&dyn AsRawFd> = fd.iter().map(|f| f as &dyn AsRawFd).collect();
+        let sent = a
+            .stream
+            .set_nonblocking(false)
+            .and_then(|()| a.stream.set_write_timeout(Some(Duration::from_secs(2))))
+            .map_err(HandshakeError::Io)
+            .and_then(|()| handshake::send(&a.stream, &ControlUpdate::Qlog(command), &fds))
+            .and_then(|()| a.stream.set_nonblocking(true).map_err(HandshakeError::Io));
+        if let Err(e) = sent {
+            self.detach(&format!("sending a qlog command: {e}"));
         }
     }
 
@@ -702,6 +742,7 @@ impl Server {
         let released = shared.flows.len();
         shared.flows.clear();
         shared.dataplane_pid = None;
+        shared.dataplane_owner = None;
         shared.region = None;
         warn!(released_flows = released, "dataplane detached: {why}; waiting for it to return");
     }
@@ -909,7 +950,7 @@ impl Server {
                     );
                 }
                 Err(e) => {
-                    warn!(worker, "connect-ip refused: {e}");
+                    warn!(flow = *flow_id, worker, "connect-ip refused: {e}");
                     unused_allow = Some(*flow_id);
                     verdict = Verdict::Deny {
                         status: 503,
@@ -968,7 +1009,10 @@ impl Server {
             self.pools.release(flow_id);
         }
         if let Verdict::Deny { status, details, .. } = &verdict {
-            debug!(ask = ask.ask_id, status, details = details.as_str(), "ask denied");
+            debug!(worker, ask = ask.ask_id, status, details = details.as_str(), "ask denied");
+        }
+        if self.settings.log_targets {
+            log_tunnel(worker, ask, identity, &verdict);
         }
         if let Verdict::Authenticate { details, .. } = &verdict {
             debug!(ask = ask.ask_id, status = 407, details = details.as_str(), "ask denied");
@@ -1103,5 +1147,32 @@ impl Server {
         if let Some(w) = corrupt {
             self.detach(&format!("worker {w} answers ring is corrupt"));
         }
+    }
+}
+
+/// The access log line of one tunnel decision (`[log] log_targets = true`):
+/// the IDs `relayctl flows` shows (flow, worker), the client's address, the
+/// target as asked (`destination`; `target` is taken by the module's name in
+/// JSON lines) and as resolved, and the identity.
+fn log_tunnel(worker: u32, ask: &AuthAsk, identity: &Identity, verdict: &Verdict) {
+    let protocol = ask.protocol;
+    let destination = format_args!("{}:{}", ask.target_host, ask.target_port);
+    match verdict {
+        Verdict::Allow { flow_id, target: resolved, .. } => info!(
+            flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %resolved, %identity,
+            "tunnel allowed"
+        ),
+        Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => info!(
+            flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %identity,
+            "tunnel allowed"
+        ),
+        Verdict::Deny { status, details, .. } => info!(
+            worker, ?protocol, client = %ask.client, %destination, %identity, status, details = details.as_str(),
+            "tunnel refused"
+        ),
+        Verdict::Authenticate { details, .. } => info!(
+            worker, ?protocol, client = %ask.client, %destination, %identity, status = 407u16,
+            details = details.as_str(), "tunnel refused: credentials asked for"
+        ),
     }
 }

@@ -63,7 +63,11 @@ pub fn attach(path: &Path, wait: Duration) -> Result<Attachment, AttachError> {
             Err(source) => return Err(AttachError::Connect { path: path.display().to_string(), source }),
         }
     };
-    handshake::send(&stream, &Hello { version: PROTOCOL_VERSION, pid: std::process::id() }, &[])?;
+    handshake::send(
+        &stream,
+        &Hello { version: PROTOCOL_VERSION, pid: std::process::id(), qlog: crate::qlog::BUILT },
+        &[],
+    )?;
     let (boot, fds): (Bootstrap, Vec<OwnedFd>) =
         handshake::recv_before(&stream, Instant::now() + Duration::from_secs(10))?;
     bootstrap::check_version(boot.version).map_err(HandshakeError::from)?;

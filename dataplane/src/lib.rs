@@ -19,7 +19,8 @@
 //! control, [`attach`] the handshake with it, [`handoff`] moves packets
 //! between workers, [`tun`] and [`tcp_target`] are a connect-ip TUN device
 //! and a classic CONNECT's TCP connection; [`keyless`], [`tickets`] and
-//! [`tls`] are TLS with the key in control.
+//! [`tls`] are TLS with the key in control; [`qlog`] writes quiche's qlog
+//! of the connections `relayctl qlog` names.
 
 pub mod attach;
 pub mod cids;
@@ -31,6 +32,7 @@ pub mod handoff;
 pub mod io;
 pub mod keyless;
 pub mod link;
+pub mod qlog;
 pub mod quic;
 pub mod registry;
 pub mod reset;

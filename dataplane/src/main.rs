@@ -16,6 +16,7 @@ use relay_dataplane::io::BackendKind;
 use relay_dataplane::io::epoll::EpollBackend;
 use relay_dataplane::io::uring::{UringBackend, UringSettings};
 use relay_dataplane::link::ControlLink;
+use relay_dataplane::qlog::QlogShared;
 use relay_dataplane::retry::RetryTokens;
 use relay_dataplane::tls::{TlsChange, TlsShared};
 use relay_dataplane::tun::TunDevice;
@@ -25,6 +26,10 @@ use relay_proto::channel::bootstrap::{Bootstrap, ControlUpdate, IoBackend};
 use relay_proto::cid::CidConfigs;
 use relay_proto::template::UriTemplate;
 use tracing::{error, info, warn};
+
+// The log set-up relay-control uses too (this binary does not link control).
+#[path = "../../control/src/logging.rs"]
+mod logging;
 
 /// The MASQUE relay's dataplane: attaches to relay-control, then serves
 /// QUIC + HTTP/3 (and HTTP/2 and HTTP/1.1 over TCP) and forwards
@@ -38,6 +43,10 @@ struct Args {
     /// How long to wait for control's socket to appear, in seconds.
     #[arg(long, default_value_t = 30)]
     attach_timeout: u64,
+    /// Log lines as "text" (coloured only on a terminal without NO_COLOR)
+    /// or "json" (one object per line).
+    #[arg(long, value_enum, env = "RELAY_LOG_FORMAT", default_value = "text")]
+    log_format: logging::LogFormat,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -76,8 +85,9 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
-/// Watches the control socket: applies the TLS updates control sends on it
-/// (reloaded certificates, rotated ticket keys); when control goes away,
+/// Watches the control socket: applies the updates control sends on it
+/// (reloaded certificates, rotated ticket keys, connection ID
+/// configurations, qlog commands); when control goes away,
 /// fails new requests closed (503) and re-attaches as soon as a control is
 /// back, handing each worker its new channel.
 struct ControlWatch {
@@ -89,6 +99,7 @@ struct ControlWatch {
     workers: u32,
     tls: Arc<TlsShared>,
     cids: Arc<CidShared>,
+    qlog: Arc<QlogShared>,
 }
 
 impl ControlWatch {
@@ -119,6 +130,16 @@ impl ControlWatch {
                     }
                     for inbox in self.inboxes.iter() {
                         let _ = inbox.bell.ring();
+                    }
+                }
+                Ok((ControlUpdate::Qlog(command), fds)) => {
+                    match self.qlog.apply(command, fds, std::time::Instant::now()) {
+                        Ok(()) => {
+                            for inbox in self.inboxes.iter() {
+                                let _ = inbox.bell.ring();
+                            }
+                        }
+                        Err(e) => error!("qlog command refused: {e}"),
                     }
                 }
                 Err(HandshakeError::Closed) => return,
@@ -260,6 +281,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let cids = CidConfigs::new(b.cid_settings().layout()?);
     let cid_shared = Arc::new(CidShared::new(cids.clone()));
+    let qlog = Arc::new(QlogShared::new());
     let kind = choose_backend(&b)?;
     let cpus = cpu::allowed_cpus();
     info!(
@@ -317,6 +339,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             retry.clone(),
         )?;
         worker.set_cid_updates(cid_shared.clone());
+        worker.set_qlog(qlog.clone());
         let mut tun_device = None;
         if let Some(ip) = &b.connect_ip {
             let name = format!("{}{i}", ip.interface_prefix);
@@ -346,6 +369,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let auto = b.io_backend == IoBackend::Auto;
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
+            // Every line this worker logs names it, as relayctl's rows do.
+            let _span = tracing::info_span!("worker", worker = i).entered();
             if let Some(cpu) = cpu
                 && let Err(e) = cpu::pin_current_thread(cpu)
             {
@@ -380,6 +405,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         workers: b.workers,
         tls,
         cids: cid_shared,
+        qlog,
     };
     std::thread::Builder::new().name("control-watch".into()).spawn(move || watch.run())?;
     info!(gso = relay_udp::gso_enabled(), "UDP segmentation offload");
@@ -404,13 +430,8 @@ fn steer(sock: &std::net::UdpSocket, worker_offset: usize, workers: u32) {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_thread_names(true)
-        .init();
+    let args = Args::parse();
+    logging::init(args.log_format);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: installing an async-signal-safe handler that only stores
         // to an atomic.
@@ -418,7 +439,7 @@ fn main() -> ExitCode {
             libc::signal(sig, on_signal as *const () as libc::sighandler_t);
         }
     }
-    match run(Args::parse()) {
+    match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("relay-dataplane: {e}");

@@ -7,8 +7,9 @@
 //!   `bench/interop/requirements.txt`), and installs the Privacy Pass
 //!   tests' Node client (`npm ci` in `bench/privacypass`).
 //! - `build`: setup, then builds every binary.
-//! - `run`: builds (release) and runs the relay — relay-control on its
-//!   embedded default config, then relay-dataplane — until Ctrl-C.
+//! - `run [--config FILE] [--debug]`: installs the system packages, builds
+//!   (release) and runs the relay — relay-control on its embedded demo
+//!   config or on FILE, then relay-dataplane — until Ctrl-C ([`run`]).
 //! - `test`: setup, formatting and lint checks, then every test. The tests
 //!   marked `#[ignore = "needs ..."]` (root, /dev/net/tun, ip, curl,
 //!   turnserver, nft, redis-server, the interop venv, node with the Privacy
@@ -21,11 +22,11 @@
 //!   `--seconds N` each.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
+
+mod run;
 
 /// Debian packages the build needs, with a file that proves each present.
 const PACKAGES: &[(&str, &str)] = &[
@@ -150,7 +151,7 @@ fn setup_packages() -> Result<()> {
     if !is_root() {
         bail!("missing system packages: {}\nrun as root:\n  sudo sh -c '{cmd}'", missing.join(", "));
     }
-    eprintln!("xtask: installing {}", missing.join(", "));
+    eprintln!("xtask: installing system packages ({}) with apt-get", missing.join(", "));
     run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
     run_checked(
         Command::new("apt-get")
@@ -202,6 +203,7 @@ fn setup_interop_venv() -> Result<()> {
             Command::new(p).args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success())
         })
         .context("no python3 with the venv and ensurepip modules (apt-get install python3-venv)")?;
+    eprintln!("xtask: creating the interop tests' Python venv (aioquic, h2, PySocks) in {}", venv.display());
     let _ = std::fs::remove_dir_all(&venv);
     run_checked(Command::new(system_python).args(["-m", "venv"]).arg(&venv))?;
     run_checked(
@@ -209,123 +211,30 @@ fn setup_interop_venv() -> Result<()> {
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "-r"])
             .arg(&requirements),
     )?;
-    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection, h2.connection"]))?;
+    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection, h2.connection, socks"]))?;
     std::fs::write(&stamp, wanted)?;
     Ok(())
 }
 
 fn build(release: bool) -> Result<()> {
     setup()?;
+    build_bins(release)
+}
+
+/// Builds every binary (the relay's, relayctl, relay-bench), saying so
+/// first: cargo prints little while a first build compiles BoringSSL.
+fn build_bins(release: bool) -> Result<()> {
+    if release {
+        eprintln!("xtask: building the relay (release; the first build takes a few minutes)");
+    } else {
+        eprintln!("xtask: building the relay (debug)");
+    }
     let mut c = cargo();
     c.args(["build", "--workspace", "--bins"]);
     if release {
         c.arg("--release");
     }
     run_checked(&mut c)
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn terminate(child: &mut Child) {
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn run_relay(args: &[String]) -> Result<()> {
-    let debug = args.iter().any(|a| a == "--debug");
-    build(!debug)?;
-    let profile = if debug { "debug" } else { "release" };
-    let bin = root().join("target").join(profile);
-    let state = root().join("state");
-    let channel = state.join("channel.sock");
-    let _ = std::fs::remove_file(&channel);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: installing an async-signal-safe handler that only stores
-        // to an atomic.
-        unsafe {
-            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
-        }
-    }
-    let mut control = Command::new(bin.join("relay-control"))
-        .arg("--state-dir")
-        .arg(&state)
-        .current_dir(root())
-        // The token is printed below; control's stdout would repeat it.
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting relay-control")?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !channel.exists() {
-        if let Some(status) = control.try_wait()? {
-            bail!("relay-control exited: {status}");
-        }
-        if Instant::now() > deadline {
-            terminate(&mut control);
-            bail!("relay-control did not open {}", channel.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut dataplane = Command::new(bin.join("relay-dataplane"))
-        .arg("--control-socket")
-        .arg(&channel)
-        .current_dir(root())
-        .spawn()
-        .context("starting relay-dataplane")?;
-    let token = std::fs::read_to_string(state.join("token")).unwrap_or_default().trim().to_string();
-    println!();
-    println!(
-        "MASQUE relay running: QUIC on 127.0.0.1:4433 (connect-udp, template /.well-known/masque/udp/{{target_host}}/{{target_port}}/, and CONNECT)"
-    );
-    println!(
-        "  TCP:      TLS on 127.0.0.1:4433 (HTTP/2 and HTTP/1.1, ALPN), e.g. curl --cacert state/cert.pem https://127.0.0.1:4433/"
-    );
-    println!("  state:    {}", state.display());
-    println!("  token:    {token}");
-    println!("  status:   cargo run -q -p relay-control --bin relayctl -- --socket state/admin.sock status");
-    println!("  try it (in another terminal, from {}):", root().display());
-    println!(
-        "    cargo run -q --release -p relay-bench -- tunnel-echo --ca state/cert.pem --token {token} --flows 4 --count 1000"
-    );
-    println!("  Ctrl-C stops the relay.");
-    println!();
-    let result = loop {
-        if STOP.load(Ordering::Relaxed) {
-            break Ok(());
-        }
-        if let Some(status) = dataplane.try_wait()? {
-            break if status.success() {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!("relay-dataplane exited: {status}"))
-            };
-        }
-        if let Some(status) = control.try_wait()? {
-            break if status.success() {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!("relay-control exited: {status}"))
-            };
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    terminate(&mut dataplane);
-    terminate(&mut control);
-    result
 }
 
 /// Whether this run is CI's (`CI` set to anything but "", "false" or "0").
@@ -391,12 +300,12 @@ impl Need {
             Need::InteropVenv => {
                 let python = interop_venv().join("bin/python3");
                 let ok = Command::new(&python)
-                    .args(["-c", "import aioquic.h3.connection, h2.connection"])
+                    .args(["-c", "import aioquic.h3.connection, h2.connection, socks"])
                     .output()
                     .is_ok_and(|o| o.status.success());
                 (!ok).then(|| {
                     format!(
-                        "the interop venv ({} with aioquic and h2: `cargo xtask setup`)",
+                        "the interop venv ({} with aioquic, h2 and PySocks: `cargo xtask setup`)",
                         python.display()
                     )
                 })
@@ -444,7 +353,26 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
             &[Root, Tun, Ip, Ping, Python3],
         ),
         (BENCH, "control_e2e", &["other_users_are_refused_by_the_admin_socket"], &[Root]),
+        (
+            BENCH,
+            "masque_client",
+            &["socks5_connect_carries_curl_through_the_relay_on_http3_and_http2"],
+            &[Curl],
+        ),
+        (
+            BENCH,
+            "masque_client",
+            &["socks5_udp_associate_from_pysocks_reaches_ip_and_named_targets_on_http3_and_http2"],
+            &[InteropVenv],
+        ),
+        (
+            BENCH,
+            "masque_client",
+            &["ip_mode_puts_the_tunnel_on_a_tun_device_and_pings_a_target_namespace"],
+            &[Root, Tun, Ip, Ping],
+        ),
         (BENCH, "e2e", &["the_dataplane_runs_unprivileged_without_access_to_the_key"], &[Root]),
+        (BENCH, "qlog", &["an_unprivileged_dataplane_writes_qlog_into_controls_state_directory"], &[Root]),
         (
             BENCH,
             "interop",
@@ -873,7 +801,7 @@ fn fuzz(args: &[String]) -> Result<()> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup | build [--release] | run [--debug] | test [--no-lint] | bench [--smoke] [--no-pin] [--update-docs] | fuzz [--seconds N] [--target NAME]>"
+    "usage: cargo xtask <setup | build [--release] | run [--config FILE] [--debug] | test [--no-lint] | bench [--smoke] [--no-pin] [--update-docs] | fuzz [--seconds N] [--target NAME]>"
 }
 
 fn main() -> ExitCode {
@@ -882,7 +810,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("build") => build(rest.iter().any(|a| a == "--release")),
-        Some("run") => run_relay(rest),
+        Some("run") => run::run_relay(rest),
         Some("test") => test(rest),
         Some("bench") => bench(rest),
         Some("fuzz") => fuzz(rest),

@@ -15,6 +15,7 @@ use relay_control::credentials::Credentials;
 use relay_control::fleet::Fleet;
 use relay_control::fleet::settings::FleetSettings;
 use relay_control::fleet::ticket_sync::TicketSink;
+use relay_control::logging::{self, LogFormat};
 use relay_control::metrics::{self, ControlFigures, PrivacyPassFigures};
 use relay_control::policy::{Policy, Schemes};
 use relay_control::privacy_pass::KeySource;
@@ -30,8 +31,9 @@ use tracing::{error, info, warn};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// TOML configuration file; without it the embedded default (a demo
-    /// relay on 127.0.0.1:4433) is used.
+    /// TOML configuration file, holding only what differs from the
+    /// defaults (`--print-default-config`); without it the demo config
+    /// runs: the defaults (QUIC on 127.0.0.1:4433) plus loopback targets.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Overrides relay.state_dir.
@@ -45,6 +47,15 @@ struct Args {
     /// Prints the embedded default configuration and exits.
     #[arg(long)]
     print_default_config: bool,
+    /// Checks FILE without starting: prints the configuration in force
+    /// (defaults merged, secrets redacted) and exits 0, or prints the error
+    /// (line and key) and exits 1. The files it names are not read.
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Log lines as "text" (coloured only on a terminal without NO_COLOR)
+    /// or "json" (one object per line); default: `[log] format`.
+    #[arg(long, value_enum, env = "RELAY_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -69,8 +80,7 @@ fn install_signal_handlers() {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = Config::load(args.config.as_deref())?;
+fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(dir) = args.state_dir {
         config.relay.state_dir = dir;
     }
@@ -284,6 +294,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(f) = &fleet {
         admin_endpoint = admin_endpoint.with_fleet(f.clone());
     }
+    admin_endpoint =
+        admin_endpoint.with_qlog(relay_control::qlog::QlogSettings::new(&state_dir, &config.qlog));
     admin::spawn(admin_listener, admin_endpoint)?;
     let dataplane_owner = match &config.relay.dataplane_user {
         Some(user) => {
@@ -340,6 +352,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         keyless: config.tls.keyless,
         ticket_rotation: config.tls.ticket_rotation(),
         ip_pools: if config.protocols.connect_ip { ip_pools } else { (None, None) },
+        log_targets: config.log.log_targets,
     };
     let mut server = Server::new(settings, policy, credentials, shared)?;
     if let Some(rx) = fleet_tickets {
@@ -364,19 +377,42 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `--check-config FILE`: the configuration in force, or the error.
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match Config::load(Some(path)) {
+        Ok(config) => {
+            println!(
+                "# {}: valid. The configuration in force (defaults merged, secrets redacted):\n",
+                path.display()
+            );
+            print!("{}", config.effective_toml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("relay-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
     if args.print_default_config {
         print!("{}", relay_control::config::DEFAULT_CONFIG);
         return ExitCode::SUCCESS;
     }
-    match run(args) {
+    if let Some(path) = &args.check_config {
+        return check_config(path);
+    }
+    let config = match Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("relay-control: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    logging::init(args.log_format.unwrap_or(config.log.format));
+    match run(args, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

@@ -72,6 +72,38 @@ enum Command {
         #[command(subcommand)]
         action: FleetAction,
     },
+    /// qlog (quiche's QUIC event log, JSON-SEQ for qvis) of chosen
+    /// connections, into state_dir/qlog/.
+    Qlog {
+        #[command(subcommand)]
+        action: QlogAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum QlogAction {
+    /// Log one open connection (`--worker W --conn N`, as `relayctl conns`
+    /// lists it), or a client's (`--client ADDR`: its open connections,
+    /// and new ones for `--seconds`). One file per connection, bounded by
+    /// [qlog] max_file_bytes and max_files.
+    #[command(group(ArgGroup::new("which").required(true).args(["conn", "client"])))]
+    Start {
+        /// The connection's worker (WORKER in `relayctl conns`).
+        #[arg(long, requires = "conn")]
+        worker: Option<u32>,
+        /// The connection (CONN in `relayctl conns`); needs --worker.
+        #[arg(long, requires = "worker")]
+        conn: Option<u64>,
+        /// A client address: IP (any port) or IP:PORT.
+        #[arg(long, conflicts_with_all = ["worker", "conn"])]
+        client: Option<String>,
+        /// How long new connections from the client are logged (default
+        /// [qlog] default_seconds).
+        #[arg(long, requires = "client")]
+        seconds: Option<u32>,
+    },
+    /// Stop: every file ends, no new connection is logged.
+    Stop,
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,6 +231,10 @@ fn request(command: Command) -> Result<AdminRequest, String> {
         Command::Conns { limit } => AdminRequest::Conns { limit: Some(limit) },
         Command::Tickets { action: TicketsAction::Rotate } => AdminRequest::TicketsRotate,
         Command::Fleet { action: FleetAction::Status } => AdminRequest::FleetStatus,
+        Command::Qlog { action: QlogAction::Start { worker, conn, client, seconds } } => {
+            AdminRequest::QlogStart { worker, conn_id: conn, client, seconds }
+        }
+        Command::Qlog { action: QlogAction::Stop } => AdminRequest::QlogStop,
         Command::Token { action } => match action {
             TokenAction::Mint { subject, ttl, key_id } => {
                 AdminRequest::TokenMint { subject, ttl_secs: parse_duration_secs(&ttl)?, key_id }
@@ -774,6 +810,25 @@ fn main() -> ExitCode {
             }
         }
         AdminRequest::Conns { .. } => print_conns(&v),
+        AdminRequest::QlogStart { .. } => {
+            let window = match v["seconds"].as_u64() {
+                Some(s) => format!(", and new ones for {s}s"),
+                None => String::new(),
+            };
+            println!(
+                "qlog on for {} open connection(s){window}, into {} (session {})",
+                show(&v["connections"]),
+                show(&v["dir"]),
+                show(&v["session"])
+            );
+        }
+        AdminRequest::QlogStop => {
+            println!("qlog stopped on {}/{} workers", show(&v["workers_applied"]), show(&v["workers"]));
+            if v["stopped"] != Value::Bool(true) {
+                eprintln!("relayctl: not every worker applied the stop in time; see the dataplane's log");
+                return ExitCode::FAILURE;
+            }
+        }
         AdminRequest::TicketsRotate => match v.get("fleet_generation") {
             Some(g) => println!("session ticket keys rotated for the whole fleet (generation {})", show(g)),
             None => println!(

@@ -127,12 +127,12 @@ mod tests {
     #[test]
     fn hello_with_and_without_descriptors() {
         let (a, b) = UnixStream::pair().unwrap();
-        send(&a, &Hello { version: PROTOCOL_VERSION, pid: 7 }, &[]).unwrap();
+        send(&a, &Hello { version: PROTOCOL_VERSION, pid: 7, qlog: false }, &[]).unwrap();
         let (hello, fds): (Hello, _) = recv(&b).unwrap();
         assert_eq!(hello.pid, 7);
         assert!(fds.is_empty());
         let bell = Doorbell::new().unwrap();
-        send(&b, &Hello { version: 9, pid: 1 }, &[&bell]).unwrap();
+        send(&b, &Hello { version: 9, pid: 1, qlog: false }, &[&bell]).unwrap();
         let (hello, fds): (Hello, _) = recv(&a).unwrap();
         assert_eq!(fds.len(), 1);
         assert!(bootstrap::check_version(hello.version).is_err());
@@ -160,7 +160,8 @@ mod tests {
     #[test]
     fn a_trickled_frame_times_out_at_the_deadline() {
         let (a, b) = UnixStream::pair().unwrap();
-        let frame = bootstrap::encode_frame(&Hello { version: PROTOCOL_VERSION, pid: 1 }).unwrap();
+        let frame =
+            bootstrap::encode_frame(&Hello { version: PROTOCOL_VERSION, pid: 1, qlog: false }).unwrap();
         let trickle = std::thread::spawn(move || {
             for byte in frame {
                 if (&a).write_all(&[byte]).is_err() {
@@ -181,7 +182,7 @@ mod tests {
         trickle.join().unwrap();
         // In time, the same frame is read whole.
         let (a, b) = UnixStream::pair().unwrap();
-        send(&a, &Hello { version: PROTOCOL_VERSION, pid: 2 }, &[]).unwrap();
+        send(&a, &Hello { version: PROTOCOL_VERSION, pid: 2, qlog: false }, &[]).unwrap();
         let (hello, _) = recv_before::<Hello>(&b, Instant::now() + Duration::from_secs(5)).unwrap();
         assert_eq!(hello.pid, 2);
     }

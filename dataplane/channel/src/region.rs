@@ -416,6 +416,19 @@ counters! {
     /// Connection IDs issued to clients with NEW_CONNECTION_ID (spares, and
     /// replacements when the QUIC-LB configuration rotates).
     ConnectionIdsIssued = 73, "connection_ids_issued";
+    /// The last qlog command (`relayctl qlog`) this worker applied
+    /// (control's session number; gauge).
+    QlogSession = 74, "qlog_session";
+    /// Open connections that command matched here when applied, and new
+    /// ones since (gauge).
+    QlogMatched = 75, "qlog_matched";
+    /// Open connections writing qlog (gauge).
+    QlogConnections = 76, "qlog_connections";
+    /// qlog files created.
+    QlogFiles = 77, "qlog_files";
+    /// Connections that matched but got no qlog file (every file of
+    /// `qlog.max_files` still being written, or the file not created).
+    QlogRefused = 78, "qlog_refused";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

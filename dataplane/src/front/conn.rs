@@ -60,6 +60,9 @@ pub struct ConnIo {
     pub key: ConnKey,
     /// The client.
     pub peer: SocketAddr,
+    /// This worker's serial number for the connection (`relayctl conns`),
+    /// the ID its log lines carry instead of the client's address.
+    pub serial: u64,
     /// Over TLS (not the cleartext listener).
     pub secure: bool,
     /// Plaintext from the client, not yet consumed.
@@ -159,6 +162,7 @@ impl Conn {
             io: ConnIo {
                 key: 0,
                 peer,
+                serial,
                 secure: tls.is_some(),
                 plain_in: Vec::new(),
                 plain_eof: false,
@@ -283,7 +287,7 @@ impl Conn {
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
             Err(e) => {
-                debug!(peer = %self.io.peer, "TCP read: {e}");
+                debug!(conn = self.io.serial, "TCP read: {e}");
                 self.done = true;
                 false
             }
@@ -317,7 +321,7 @@ impl Conn {
                     progress = true;
                 }
                 Progress::Failed(why) => {
-                    debug!(peer = %self.io.peer, "TLS handshake failed: {why}");
+                    debug!(conn = self.io.serial, "TLS handshake failed: {why}");
                     fx.ctx.count(Counter::TcpTlsFailures, 1);
                     self.io.close.get_or_insert("TLS handshake failed");
                     progress = true;
@@ -337,7 +341,7 @@ impl Conn {
                         progress = true;
                     }
                     Err(e) => {
-                        debug!(peer = %self.io.peer, "TLS read: {e}");
+                        debug!(conn = self.io.serial, "TLS read: {e}");
                         self.io.close.get_or_insert("TLS error");
                         progress = true;
                         break;
@@ -467,7 +471,7 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    debug!(peer = %self.io.peer, "TCP write: {e}");
+                    debug!(conn = self.io.serial, "TCP write: {e}");
                     self.done = true;
                     return false;
                 }

@@ -129,7 +129,7 @@ impl Session {
             }
             Ok(Parse::Complete(head, used)) => (head, used),
             Err(e) => {
-                debug!(peer = %io.peer, "bad HTTP/1.1 request: {e}");
+                debug!(conn = io.serial, "bad HTTP/1.1 request: {e}");
                 io.plain_in.clear();
                 io.first_request_seen = true;
                 self.serial += 1;
@@ -354,7 +354,7 @@ impl Session {
             Some(t) => match fx.tunnels.end(t) {
                 End::Open => {}
                 End::Abort(a) => {
-                    debug!(peer = %io.peer, ?a, "HTTP/1.1 tunnel aborted");
+                    debug!(conn = io.serial, ?a, "HTTP/1.1 tunnel aborted");
                     io.close.get_or_insert("tunnel aborted");
                     self.end_current(io, fx);
                     return true;

@@ -218,7 +218,7 @@ impl Session {
                         Ok(()) => self.pipe.feed(&self.scratch),
                         Err(e) => {
                             // Nothing more reaches h2: the connection closes.
-                            debug!(peer = %io.peer, "h2c client frames refused: {e}");
+                            debug!(conn = io.serial, "h2c client frames refused: {e}");
                             io.close.get_or_insert("bad HTTP/2 frames after an h2c upgrade");
                         }
                     }
@@ -284,7 +284,7 @@ impl Session {
                     progress = true;
                 }
                 Poll::Ready(Err(e)) => {
-                    debug!(peer = %io.peer, "HTTP/2 handshake: {e}");
+                    debug!(conn = io.serial, "HTTP/2 handshake: {e}");
                     self.conn = Conn::Closed;
                     return true;
                 }
@@ -305,7 +305,7 @@ impl Session {
                     self.on_request(req, respond, io, fx);
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    debug!(peer = %io.peer, "HTTP/2 connection error: {e}");
+                    debug!(conn = io.serial, "HTTP/2 connection error: {e}");
                     self.conn = Conn::Closed;
                     self.close_streams(io, fx);
                     return true;

@@ -210,7 +210,8 @@ impl Front {
         let signature = match result {
             SignResult::Signature(sig) => Some(sig),
             SignResult::Failed(why) => {
-                warn!("control could not sign a TCP handshake: {why}");
+                let conn = self.conns.get(key).map(|c| c.serial);
+                warn!(conn, "control could not sign a TCP handshake: {why}");
                 ctx.count(Counter::SignsFailed, 1);
                 None
             }

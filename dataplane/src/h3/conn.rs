@@ -83,6 +83,8 @@ pub struct Conn {
     pub accepted_at: Instant,
     /// The TLS material generation it was accepted with.
     pub tls_generation: u32,
+    /// quiche writes its qlog (`relayctl qlog`).
+    pub qlog: bool,
 }
 
 /// What processing a connection's input found.
@@ -119,7 +121,14 @@ impl Conn {
             serial,
             accepted_at: now,
             tls_generation,
+            qlog: false,
         }
+    }
+
+    /// The client's address now (its active path's), as `relayctl conns`
+    /// shows it.
+    pub fn client(&self) -> SocketAddr {
+        self.quic.path_stats().find(|p| p.active).map_or(self.peer, |p| p.peer_addr)
     }
 
     /// What the client's SETTINGS say about HTTP/3 datagrams.
@@ -165,7 +174,7 @@ impl Conn {
             match quiche::h3::Connection::with_transport(&mut self.quic, h3_config) {
                 Ok(h3) => self.h3 = Some(h3),
                 Err(e) => {
-                    tracing::warn!("HTTP/3 setup failed: {e}");
+                    tracing::warn!(conn = self.serial, "HTTP/3 setup failed: {e}");
                     let _ = self.quic.close(true, code::INTERNAL_ERROR, b"h3 setup");
                     return progress;
                 }

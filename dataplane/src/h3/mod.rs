@@ -21,6 +21,7 @@ use crate::cids::CidShared;
 use crate::context::Ctx;
 use crate::handoff::{Handoff, Inbox};
 use crate::keyless;
+use crate::qlog::{QlogShared, Window};
 use crate::quic;
 use crate::reset::ResetTokens;
 use crate::retry::{RetryTokens, TokenError};
@@ -73,6 +74,12 @@ pub struct H3 {
     /// epoch adopted.
     cid_updates: Option<Arc<CidShared>>,
     cid_epoch: u64,
+    /// Where qlog commands come from, and the epoch adopted.
+    qlog: Option<Arc<QlogShared>>,
+    qlog_epoch: u64,
+    /// The qlog window new connections are checked against; None (the
+    /// default) costs a new connection one branch.
+    qlog_window: Option<Arc<Window>>,
     /// Connections accepted whose handshake has not completed.
     handshaking: usize,
     inboxes: Arc<[Inbox]>,
@@ -130,6 +137,9 @@ impl H3 {
             resets: ResetTokens::with_key(reset_key),
             cid_updates: None,
             cid_epoch: 0,
+            qlog: None,
+            qlog_epoch: 0,
+            qlog_window: None,
             handshaking: 0,
             inboxes,
             bells_due: Vec::new(),
@@ -370,7 +380,10 @@ impl H3 {
             }
         };
         let cids = vec![scid.clone(), odcid.clone()];
-        let conn = Conn::new(quic, from, cids, self.next_serial, ctx.now, self.tls_generation);
+        let mut conn = Conn::new(quic, from, cids, self.next_serial, ctx.now, self.tls_generation);
+        if self.qlog_window.is_some() {
+            self.qlog_new_conn(&mut conn, ctx);
+        }
         let key = self.conns.insert(Box::new(conn));
         self.next_serial += 1;
         self.by_cid.insert(scid, key);
@@ -454,7 +467,8 @@ impl H3 {
         let signature = match result {
             SignResult::Signature(sig) => Some(sig),
             SignResult::Failed(why) => {
-                warn!("control could not sign a handshake: {why}");
+                let conn = self.conns.get(key).map(|c| c.serial);
+                warn!(conn, "control could not sign a handshake: {why}");
                 ctx.count(Counter::SignsFailed, 1);
                 None
             }
@@ -588,6 +602,9 @@ impl H3 {
         if !conn.established {
             self.handshaking = self.handshaking.saturating_sub(1);
         }
+        if conn.qlog {
+            ctx.link.counters().sub(Counter::QlogConnections, 1);
+        }
         conn.close_tunnels(tunnels, ctx);
         ctx.count(Counter::ConnectionsClosed, 1);
         ctx.link.counters().sub(Counter::ConnectionsActive, 1);
@@ -652,6 +669,74 @@ impl H3 {
         }
     }
 
+    /// Follows the qlog commands applied to `shared` (`relayctl qlog`).
+    pub fn set_qlog(&mut self, shared: Arc<QlogShared>) {
+        self.qlog_epoch = shared.epoch();
+        self.qlog = Some(shared);
+    }
+
+    /// Adopts the last qlog command: a start logs the open connections it
+    /// matches and keeps its window for new ones; a stop finishes every
+    /// connection's log. Reports the command in the counters.
+    pub fn adopt_qlog(&mut self, ctx: &Ctx) {
+        let Some(shared) = self.qlog.as_ref() else { return };
+        let epoch = shared.epoch();
+        if epoch == self.qlog_epoch {
+            return;
+        }
+        self.qlog_epoch = epoch;
+        let (session, window) = shared.current();
+        let worker = ctx.settings.index;
+        let mut matched = 0;
+        for key in self.conns.keys() {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            match &window {
+                Some(w) if w.matches_existing(worker, conn.serial, conn.client()) => {
+                    matched += 1;
+                    if !conn.qlog {
+                        start_qlog(w, conn, ctx);
+                    }
+                }
+                Some(_) => {}
+                None if conn.qlog => {
+                    // The writer stopped already; this spares quiche the
+                    // serializing of the events the file would not get.
+                    crate::qlog::finish(&mut conn.quic);
+                    conn.qlog = false;
+                    ctx.link.counters().sub(Counter::QlogConnections, 1);
+                }
+                None => {}
+            }
+        }
+        info!(worker, session, matched, on = window.is_some(), "qlog command applied");
+        self.qlog_window = window;
+        let c = ctx.link.counters();
+        c.set(Counter::QlogMatched, matched);
+        c.set(Counter::QlogSession, session);
+    }
+
+    /// The qlog gauges, for a new region (they start at zero).
+    pub fn restore_qlog_gauges(&self, ctx: &Ctx) {
+        let logging = self.conns.iter().filter(|(_, c)| c.qlog).count() as u64;
+        let c = ctx.link.counters();
+        c.set(Counter::QlogConnections, logging);
+        c.set(Counter::QlogSession, self.qlog.as_ref().map_or(0, |q| q.current().0));
+    }
+
+    /// A connection just accepted, while a qlog window is open: logged
+    /// from its first packet if the window admits its client.
+    fn qlog_new_conn(&mut self, conn: &mut Conn, ctx: &Ctx) {
+        let Some(window) = self.qlog_window.as_ref() else { return };
+        if window.expired(ctx.now) {
+            self.qlog_window = None;
+            return;
+        }
+        if window.admits_new(conn.peer, ctx.now) {
+            ctx.count(Counter::QlogMatched, 1);
+            start_qlog(window, conn, ctx);
+        }
+    }
+
     /// Builds the QUIC configuration for new connections from the TLS
     /// material control sent (a reloaded certificate) when it changed.
     /// Open connections keep theirs.
@@ -674,6 +759,24 @@ impl H3 {
             }
             // Checked once before it was published; keep serving the old one.
             Err(e) => error!(worker = ctx.settings.index, "new TLS material refused: {e}"),
+        }
+    }
+}
+
+/// Starts connection `conn`'s qlog in `window`'s directory.
+fn start_qlog(window: &Window, conn: &mut Conn, ctx: &Ctx) {
+    let worker = ctx.settings.index;
+    let client = conn.client();
+    match window.attach(&mut conn.quic, worker, conn.serial, client) {
+        Ok(file) => {
+            info!(conn = conn.serial, file, "qlog started");
+            conn.qlog = true;
+            ctx.count(Counter::QlogFiles, 1);
+            ctx.count(Counter::QlogConnections, 1);
+        }
+        Err(e) => {
+            warn!(conn = conn.serial, "no qlog for this connection: {e}");
+            ctx.count(Counter::QlogRefused, 1);
         }
     }
 }

@@ -52,7 +52,7 @@ impl Tunnels {
         if !self.slab.get(id).is_some_and(|t| matches!(t.state, State::Udp { .. })) {
             return;
         }
-        debug!(tunnel = id, "target unreachable: closing the tunnel");
+        debug!(flow = ?self.flow_id(id), "target unreachable: closing the tunnel");
         ctx.count(Counter::TunnelsTargetUnreachable, 1);
         self.finish_from_relay(ctx, id);
     }
@@ -102,7 +102,7 @@ impl Tunnels {
             && path.room().is_some_and(|r| r < relay_proto::ip::echo::IPV6_MIN_MTU)
             && leg.ipv6_address().is_some()
         {
-            debug!(tunnel = id, room = ?path.room(), "QUIC datagrams shrank below IPv6's minimum MTU");
+            debug!(flow = ?self.flow_id(id), room = ?path.room(), "QUIC datagrams shrank below IPv6's minimum MTU");
             ctx.count(Counter::IpMtuProbeFailures, 1);
             return self.abort(ctx, id, Abort::Cancelled);
         }
@@ -142,7 +142,7 @@ impl Tunnels {
                         return;
                     }
                 }
-                debug!(tunnel = id, "tunnel idle: ending it");
+                debug!(flow = ?self.flow_id(id), "tunnel idle: ending it");
                 self.finish_from_relay(ctx, id);
             }
         }
@@ -164,7 +164,7 @@ impl Tunnels {
             .collect();
         let mut carriers = Vec::new();
         for id in hit {
-            tracing::info!(tunnel = id, "tunnel killed by the operator");
+            tracing::info!(flow = ?self.flow_id(id), "tunnel killed by the operator");
             self.abort(ctx, id, Abort::Cancelled);
             if let Some(p) = self.place(id) {
                 carriers.push(p.carrier);

@@ -388,7 +388,7 @@ impl Tunnels {
     fn abort(&mut self, ctx: &mut Ctx, id: TunnelId, why: Abort) {
         self.release(ctx, id);
         if let Some(t) = self.slab.get_mut(id) {
-            debug!(tunnel = id, ?why, "tunnel aborted");
+            debug!(flow = ?t.flow().map(|f| f.flow_id), ?why, "tunnel aborted");
             t.end = End::Abort(why);
             t.head = None;
         }
@@ -407,7 +407,7 @@ impl Tunnels {
     }
 
     fn end_over_budget(&mut self, ctx: &mut Ctx, id: TunnelId) {
-        debug!(tunnel = id, "tunnel used up its byte budget");
+        debug!(flow = ?self.flow_id(id), "tunnel used up its byte budget");
         ctx.count(Counter::TunnelsOverBudget, 1);
         self.finish_from_relay(ctx, id);
     }

@@ -70,7 +70,7 @@ impl Tunnels {
         if let Err(e) = result {
             // RFC 9297 section 3.3: a malformed capsule makes the message
             // malformed.
-            debug!(tunnel = id, "capsule error: {e}");
+            debug!(flow = ?self.flow_id(id), "capsule error: {e}");
             self.abort(ctx, id, Abort::Message);
             return bytes.len();
         }

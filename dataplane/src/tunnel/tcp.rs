@@ -93,7 +93,7 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
 /// The connect failed or timed out: 502/504 with Proxy-Status, the flow
 /// released unused.
 pub(super) fn connect_failed(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, errno: i32) {
-    debug!(tunnel = id, errno, "TCP target connect failed");
+    debug!(flow = ?ts.flow_id(id), errno, "TCP target connect failed");
     ctx.count(Counter::TcpConnectFailures, 1);
     ts.release(ctx, id);
     let (status, error, reason) = connect_failure(errno);
@@ -130,7 +130,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
     let eof = leg.target.eof();
     let over = flow.over_budget();
     if failed {
-        debug!(tunnel = id, "TCP target connection failed");
+        debug!(flow = ?ts.flow_id(id), "TCP target connection failed");
         return ts.abort(ctx, id, Abort::Connect);
     }
     if over {

@@ -126,6 +126,11 @@ impl Worker {
         self.h3.set_cid_updates(shared);
     }
 
+    /// Follows the qlog commands applied to `shared` (`relayctl qlog`).
+    pub fn set_qlog(&mut self, shared: Arc<crate::qlog::QlogShared>) {
+        self.h3.set_qlog(shared);
+    }
+
     /// Serves the TCP front too: its listeners are watched from the first
     /// turn.
     pub fn set_front(&mut self, mut front: Front) {
@@ -276,6 +281,7 @@ impl Worker {
         let c = self.ctx.link.counters();
         c.set(Counter::IoBackend, self.backend_gauge);
         c.set(Counter::TlsGeneration, u64::from(self.h3.tls_generation()));
+        self.h3.restore_qlog_gauges(&self.ctx);
     }
 }
 
@@ -322,7 +328,7 @@ impl Handler for Worker {
 
     fn on_target_unreachable(&mut self, key: TargetKey, errno: i32) {
         let Some(id) = self.ctx.endpoints.get(key) else { return };
-        debug!(tunnel = id, errno, "target unreachable");
+        debug!(flow = ?self.tunnels.flow_id(id), errno, "target unreachable");
         self.tunnels.on_target_unreachable(&mut self.ctx, id);
         self.wake_tunnel(id);
     }
@@ -364,6 +370,7 @@ impl Handler for Worker {
         }
         self.h3.adopt_tls(&self.ctx);
         self.h3.adopt_cids(&mut self.ctx);
+        self.h3.adopt_qlog(&self.ctx);
         if self.h3.handoffs_due {
             self.h3.take_handoffs(&mut self.tunnels, &mut self.ctx);
         }

@@ -34,6 +34,10 @@ pub struct Hello {
     pub version: u32,
     /// The dataplane's process ID (for logs and status).
     pub pid: u32,
+    /// Built with qlog (`relayctl qlog`); a dataplane that predates the
+    /// field has none.
+    #[serde(default)]
+    pub qlog: bool,
 }
 
 /// Settings control gives the dataplane.
@@ -375,6 +379,104 @@ pub enum ControlUpdate {
     /// section 3.1, config rotation): new connection IDs use it, those
     /// issued under the one before keep routing until it is replaced.
     Cids(CidSettings),
+    /// Start or stop writing qlog (`relayctl qlog`). A start carries the
+    /// qlog directory's descriptor (SCM_RIGHTS), nothing else does.
+    Qlog(QlogCommand),
+}
+
+/// Most bytes of one qlog file.
+pub const MAX_QLOG_FILE_BYTES: u64 = 1 << 30;
+/// Fewest bytes of one qlog file (room for the header and a few events).
+pub const MIN_QLOG_FILE_BYTES: u64 = 4096;
+/// Most qlog files kept in the directory.
+pub const MAX_QLOG_FILES: u32 = 10_000;
+/// Longest window for new connections, in seconds.
+pub const MAX_QLOG_SECONDS: u32 = 86_400;
+
+/// A qlog command of control's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum QlogCommand {
+    /// Log the connections `target` names into the directory sent along.
+    Start(QlogStart),
+    /// Stop every qlog file and close the window.
+    Stop {
+        /// Control's number for this command (the workers report the
+        /// last one they applied in their `qlog_session` counter).
+        session: u64,
+    },
+}
+
+/// What a qlog start asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QlogStart {
+    /// Control's number for this command (see [`QlogCommand::Stop`]).
+    pub session: u64,
+    /// Which connections.
+    pub target: QlogTarget,
+    /// How long new connections from a matching client are logged from
+    /// their first packet (a connection target matches only the open
+    /// connection it names).
+    pub seconds: u32,
+    /// Most bytes per file (whole records only).
+    pub max_file_bytes: u64,
+    /// Most files kept in the directory (oldest closed ones removed).
+    pub max_files: u32,
+    /// Which events quiche writes.
+    pub level: QlogLevel,
+}
+
+impl QlogStart {
+    /// Checks the values a peer could get wrong.
+    pub fn validate(&self) -> Result<(), BootstrapError> {
+        let invalid = |m: String| Err(BootstrapError::Invalid(m));
+        if !(MIN_QLOG_FILE_BYTES..=MAX_QLOG_FILE_BYTES).contains(&self.max_file_bytes) {
+            return invalid(format!("qlog max_file_bytes {}", self.max_file_bytes));
+        }
+        if !(1..=MAX_QLOG_FILES).contains(&self.max_files) {
+            return invalid(format!("qlog max_files {}", self.max_files));
+        }
+        if !(1..=MAX_QLOG_SECONDS).contains(&self.seconds) {
+            return invalid(format!("qlog seconds {}", self.seconds));
+        }
+        Ok(())
+    }
+}
+
+/// The connections a qlog start names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum QlogTarget {
+    /// One open QUIC connection, as `relayctl conns` lists it.
+    Conn {
+        /// The worker.
+        worker: u32,
+        /// The worker's serial number for it.
+        conn_id: u64,
+    },
+    /// The open connections from a client address, and new ones while
+    /// the window lasts.
+    Client {
+        /// The client's address (IPv4-mapped IPv6 matches IPv4).
+        ip: std::net::IpAddr,
+        /// Its port; None: any.
+        port: Option<u16>,
+    },
+}
+
+/// quiche's qlog levels: which events are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QlogLevel {
+    /// The core events only.
+    Core,
+    /// Core and base events (what qvis needs for its sequence and
+    /// congestion views).
+    #[default]
+    Base,
+    /// Every event quiche has.
+    Extra,
 }
 
 /// How the relay makes its connection IDs (the QUIC-LB configuration and
@@ -514,8 +616,11 @@ mod tests {
 
     #[test]
     fn hello_round_trips_and_versions_are_checked() {
-        let hello = Hello { version: PROTOCOL_VERSION, pid: 7 };
+        let hello = Hello { version: PROTOCOL_VERSION, pid: 7, qlog: true };
         assert_eq!(through_a_frame(&hello).unwrap(), hello);
+        // A dataplane that predates qlog sends no `qlog`: without.
+        let old: Hello = decode_body(br#"{"version":2,"pid":3}"#).unwrap();
+        assert!(!old.qlog);
         check_version(hello.version).unwrap();
         assert!(matches!(
             check_version(9),
@@ -529,10 +634,46 @@ mod tests {
         assert!(matches!(frame_len(u32::MAX.to_le_bytes()), Err(BootstrapError::Invalid(_))));
         assert!(matches!(frame_len((MAX_FRAME as u32 + 1).to_le_bytes()), Err(BootstrapError::Invalid(_))));
         assert_eq!(frame_len((MAX_FRAME as u32).to_le_bytes()).unwrap(), MAX_FRAME);
-        let small = Hello { version: 1, pid: 1 };
+        let small = Hello { version: 1, pid: 1, qlog: false };
         assert!(encode_frame(&small).is_ok());
         let too_big = "x".repeat(MAX_FRAME);
         assert!(matches!(encode_frame(&too_big), Err(BootstrapError::Invalid(_))));
+    }
+
+    #[test]
+    fn qlog_commands_round_trip_and_bounds_are_checked() {
+        let start = QlogStart {
+            session: 3,
+            target: QlogTarget::Client { ip: "2001:db8::1".parse().unwrap(), port: None },
+            seconds: 60,
+            max_file_bytes: 1 << 20,
+            max_files: 16,
+            level: QlogLevel::Extra,
+        };
+        for update in [
+            ControlUpdate::Qlog(QlogCommand::Start(start.clone())),
+            ControlUpdate::Qlog(QlogCommand::Start(QlogStart {
+                target: QlogTarget::Conn { worker: 1, conn_id: 9 },
+                ..start.clone()
+            })),
+            ControlUpdate::Qlog(QlogCommand::Stop { session: 4 }),
+        ] {
+            assert_eq!(through_a_frame(&update).unwrap(), update);
+        }
+        start.validate().unwrap();
+        for bad in [
+            QlogStart { max_file_bytes: MIN_QLOG_FILE_BYTES - 1, ..start.clone() },
+            QlogStart { max_file_bytes: MAX_QLOG_FILE_BYTES + 1, ..start.clone() },
+            QlogStart { max_files: 0, ..start.clone() },
+            QlogStart { max_files: MAX_QLOG_FILES + 1, ..start.clone() },
+            QlogStart { seconds: 0, ..start.clone() },
+            QlogStart { seconds: MAX_QLOG_SECONDS + 1, ..start.clone() },
+        ] {
+            assert!(matches!(bad.validate(), Err(BootstrapError::Invalid(_))), "{bad:?}");
+        }
+        // A level this build does not know is a decode error.
+        let json = br#"{"qlog":{"start":{"session":1,"target":{"conn":{"worker":0,"conn_id":1}},"seconds":1,"max_file_bytes":4096,"max_files":1,"level":"verbose"}}}"#;
+        assert!(matches!(decode_body::<ControlUpdate>(json), Err(BootstrapError::Invalid(_))));
     }
 
     fn bootstrap(tcp: Option<TcpBootstrap>) -> Bootstrap {

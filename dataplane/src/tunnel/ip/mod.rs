@@ -77,7 +77,7 @@ pub(super) fn open(
     // if the path's datagrams cannot, the request fails.
     let v6 = config.addresses.iter().any(|p| p.addr.is_ipv6());
     if v6 && path.room().is_some_and(|r| r < 1280) {
-        debug!(tunnel = id, room = ?path.room(), "QUIC path too small for IPv6's minimum MTU");
+        debug!(flow = flow.flow_id, room = ?path.room(), "QUIC path too small for IPv6's minimum MTU");
         let why = Refusal::new(
             502,
             Some(ProxyError::ProxyInternalError),
@@ -117,13 +117,14 @@ pub(super) fn open(
 /// check (a stream carries any size); one whose QUIC datagrams cannot hold
 /// 1280 bytes is aborted ("it MUST abort the IP proxying request stream").
 pub(super) fn probe_tick(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, path: &mut dyn DatagramPath) {
+    let flow = ts.flow_id(id);
     let Some(t) = ts.slab.get_mut(id) else { return };
     let stream = t.place.stream;
     let (State::Ip { leg, .. }, Some(dg)) = (&mut t.state, t.dg.as_ref()) else { return };
     let failed = match leg.probe.tick(ctx.now) {
         ProbeTick::Wait => false,
         ProbeTick::Failed => {
-            debug!(tunnel = id, "no reply to the IPv6 link MTU probes");
+            debug!(flow, "no reply to the IPv6 link MTU probes");
             true
         }
         ProbeTick::Send { identifier, sequence } => match dg.down_path(path.support()) {
@@ -136,7 +137,7 @@ pub(super) fn probe_tick(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, path: &m
                 false
             }
             DownPath::QuicDatagram if path.room().is_some_and(|r| r < IPV6_MIN_MTU) => {
-                debug!(tunnel = id, room = ?path.room(), "QUIC datagrams too small for IPv6's minimum MTU");
+                debug!(flow, room = ?path.room(), "QUIC datagrams too small for IPv6's minimum MTU");
                 true
             }
             DownPath::QuicDatagram => {
