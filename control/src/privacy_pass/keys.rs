@@ -206,7 +206,7 @@ fn verify_pss(key: &PKey<Public>, message: &[u8], signature: &[u8]) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::privacy_pass::wire::{AUTH_INPUT_LEN, TokenChallenge};
+    use crate::privacy_pass::wire::{AUTH_INPUT_LEN, ChallengeDigest, TokenChallenge};
 
     /// A type 2 key pair and a token privacypass-ts 0.8.1 made for a
     /// challenge of this relay (`bench/privacypass/pp.mjs`): an

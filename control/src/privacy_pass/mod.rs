@@ -52,7 +52,7 @@ use serde::Serialize;
 
 use self::keys::IssuerKey;
 use self::spent::{SpendError, SpentNonces};
-use self::wire::{KeyId, TokenChallenge, TokenType, WireError};
+use self::wire::{ChallengeDigest, KeyId, TokenChallenge, TokenType, WireError};
 
 /// Most issuer keys held at once (configured and from the directory).
 pub const MAX_KEYS: usize = 32;

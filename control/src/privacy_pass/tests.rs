@@ -12,7 +12,7 @@ use boring::rsa::Rsa;
 use boring::sign::Signer;
 use voprf::VoprfServer;
 
-use super::wire::{AUTH_INPUT_LEN, Token, base64url_padded};
+use super::wire::{AUTH_INPUT_LEN, ChallengeDigest, Token, base64url_padded};
 use super::*;
 
 const T0: u64 = 1_800_000_000;

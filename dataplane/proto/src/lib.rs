@@ -19,6 +19,8 @@
 //! - [`h2c`]: cleartext HTTP/2 for the TCP front: preface sniffing,
 //!   HTTP2-Settings, and the h2c Upgrade's frame shims.
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
+//! - [`privacy_pass`], [`base64url`]: Privacy Pass encodings (RFC 9577,
+//!   RFC 9578) that control parses from `Proxy-Authorization`.
 //! - [`cid`]: server connection IDs in the QUIC-LB format
 //!   (draft-ietf-quic-load-balancers-21), plaintext or encrypted, naming
 //!   the host and the owning worker; config rotation, the unroutable
@@ -28,6 +30,7 @@
 //!   memory, rings and sockets themselves are `relay-channel`'s).
 #![forbid(unsafe_code)]
 
+pub mod base64url;
 pub mod bind;
 pub mod capsule;
 pub mod channel;
@@ -36,6 +39,7 @@ pub mod datagram;
 pub mod h2c;
 pub mod http1;
 pub mod ip;
+pub mod privacy_pass;
 pub mod proxy_status;
 pub mod request;
 pub mod target;

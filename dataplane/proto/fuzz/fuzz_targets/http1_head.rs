@@ -15,7 +15,8 @@ use relay_proto::template::{IpUriTemplate, UriTemplate};
 const SMALL: Limits = Limits { max_head_bytes: 256, max_fields: 4, max_target_len: 32 };
 
 fuzz_target!(|data: &[u8]| {
-    let udp = UriTemplate::parse("/.well-known/masque/udp/{target_host}/{target_port}/").expect("udp template");
+    let udp =
+        UriTemplate::parse("/.well-known/masque/udp/{target_host}/{target_port}/").expect("udp template");
     let ip = IpUriTemplate::parse("/.well-known/masque/ip/{target}/{ipproto}/").expect("ip template");
     for limits in [Limits::default(), SMALL] {
         let (head, n) = match parse_request_head(data, &limits) {
@@ -35,7 +36,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(head.minor_version <= 1);
         assert!(head.target.len() <= limits.max_target_len);
         assert!(head.fields.len() <= limits.max_fields);
-        assert!(head.fields.iter().all(|(name, _)| !name.is_empty() && !name.bytes().any(|b| b.is_ascii_uppercase())));
+        assert!(
+            head.fields
+                .iter()
+                .all(|(name, _)| !name.is_empty() && !name.bytes().any(|b| b.is_ascii_uppercase()))
+        );
 
         let body = head.body();
         let _ = head.keep_alive();
