@@ -258,6 +258,7 @@ mod tests {
             private_key_pem: None,
             ticket_keys: Vec::new(),
             ticket_lifetime_secs: 0,
+            client_auth: Default::default(),
         }
     }
 

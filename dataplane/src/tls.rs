@@ -157,6 +157,7 @@ mod tests {
                 .map(|n| TicketKey { name: [n; 16], aes_key: [n; 32], hmac_key: [n; 32] })
                 .collect(),
             ticket_lifetime_secs: 3600,
+            client_auth: Default::default(),
         }
     }
 

@@ -315,6 +315,7 @@ mod tests {
             private_key_pem: Some(String::from_utf8(key.private_key_to_pem_pkcs8().unwrap()).unwrap()),
             ticket_keys: Vec::new(),
             ticket_lifetime_secs: 0,
+            client_auth: Default::default(),
         }
     }
 

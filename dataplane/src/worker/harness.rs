@@ -96,6 +96,7 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
             private_key_pem: Some(key),
             ticket_keys: Vec::new(),
             ticket_lifetime_secs: 0,
+            client_auth: Default::default(),
         },
         uri_template: "/.well-known/masque/udp/{target_host}/{target_port}/".into(),
         proxy_name: "relay".into(),

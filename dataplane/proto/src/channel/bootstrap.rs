@@ -331,6 +331,57 @@ pub struct TlsMaterial {
     /// Lifetime of the tickets issued, in seconds (what clients are told).
     #[serde(default)]
     pub ticket_lifetime_secs: u32,
+    /// Client certificates (mutual TLS): whether they are asked for, and
+    /// the CAs they are verified against.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// Largest CA bundle [`ClientAuth::ca_pem`] carries (it travels in the
+/// bootstrap frame beside the certificate chain).
+pub const MAX_CLIENT_CA_PEM: usize = 32 * 1024;
+
+/// Whether the dataplane asks TLS clients for a certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    /// No certificate is asked for (the default).
+    #[default]
+    Off,
+    /// A certificate is asked for; a handshake without one goes on (the
+    /// request then needs another credential), one that does not verify
+    /// fails.
+    Optional,
+    /// A handshake without a certificate that verifies fails.
+    Required,
+}
+
+/// Client certificate verification (`[auth.mtls]`): the CA certificates
+/// are public, so control sends them and the dataplane's TLS stack
+/// verifies chains and validity periods; control maps the verified
+/// certificate to an identity and checks revocation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuth {
+    /// Whether certificates are asked for.
+    pub mode: ClientAuthMode,
+    /// The trusted CA certificates, PEM (at most [`MAX_CLIENT_CA_PEM`]
+    /// bytes; not empty unless `mode` is `off`).
+    #[serde(default)]
+    pub ca_pem: String,
+}
+
+impl ClientAuth {
+    /// Checks the bounds a peer could get wrong.
+    pub fn validate(&self) -> Result<(), BootstrapError> {
+        if self.ca_pem.len() > MAX_CLIENT_CA_PEM {
+            return Err(BootstrapError::Invalid(format!("client CA bundle of {} bytes", self.ca_pem.len())));
+        }
+        if self.mode != ClientAuthMode::Off && self.ca_pem.is_empty() {
+            return Err(BootstrapError::Invalid("client certificates asked for without a CA".into()));
+        }
+        Ok(())
+    }
 }
 
 impl TlsMaterial {
@@ -351,7 +402,7 @@ impl TlsMaterial {
         if names.len() != self.ticket_keys.len() {
             return Err(BootstrapError::Invalid("two ticket keys share a name".into()));
         }
-        Ok(())
+        self.client_auth.validate()
     }
 }
 
@@ -364,6 +415,7 @@ impl std::fmt::Debug for TlsMaterial {
             .field("local_key", &self.private_key_pem.is_some())
             .field("ticket_keys", &self.ticket_keys)
             .field("ticket_lifetime_secs", &self.ticket_lifetime_secs)
+            .field("client_auth", &self.client_auth.mode)
             .finish()
     }
 }
@@ -763,7 +815,23 @@ mod tests {
                 TicketKey { name: [4; 16], aes_key: [5; 32], hmac_key: [6; 32] },
             ],
             ticket_lifetime_secs: 3600,
+            client_auth: ClientAuth {
+                mode: ClientAuthMode::Optional,
+                ca_pem: "-----BEGIN CERTIFICATE-----".into(),
+            },
         }
+    }
+
+    #[test]
+    fn client_auth_is_bounded() {
+        let mut m = material();
+        assert!(m.validate().is_ok());
+        m.client_auth.ca_pem.clear();
+        assert!(m.validate().is_err(), "a mode without a CA");
+        m.client_auth.mode = ClientAuthMode::Off;
+        assert!(m.validate().is_ok());
+        m.client_auth.ca_pem = "x".repeat(MAX_CLIENT_CA_PEM + 1);
+        assert!(m.validate().is_err());
     }
 
     #[test]

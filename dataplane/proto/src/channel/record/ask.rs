@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use super::cert::ClientCert;
 use super::wire::{Reader, Writer};
 use super::{
     IpAssignment, MAX_AUTHORITY, MAX_AUTHORIZATION, MAX_IP_ASSIGNMENTS, MAX_PATH, MAX_SIGN_INPUT,
@@ -68,6 +69,9 @@ pub struct AuthAsk {
     pub authorization: Option<String>,
     /// The kind of tunnel asked for.
     pub protocol: TunnelProtocol,
+    /// The client certificate the connection's TLS handshake verified
+    /// (mutual TLS), if any.
+    pub client_cert: Option<ClientCert>,
 }
 
 impl AuthAsk {
@@ -80,7 +84,12 @@ impl AuthAsk {
         w.str(&self.target_host, MAX_TARGET_HOST, "target_host")?;
         w.u8(u8::from(self.authorization.is_some()))?;
         w.str(self.authorization.as_deref().unwrap_or(""), MAX_AUTHORIZATION, "authorization")?;
-        w.u8(self.protocol as u8)
+        w.u8(self.protocol as u8)?;
+        w.u8(u8::from(self.client_cert.is_some()))?;
+        match &self.client_cert {
+            Some(cert) => cert.write(w),
+            None => Ok(()),
+        }
     }
 
     pub(super) fn read(r: &mut Reader<'_>) -> Result<Self, RecordError> {
@@ -98,7 +107,8 @@ impl AuthAsk {
             _ => return Err(RecordError::BadValue("authorization")),
         };
         let protocol = TunnelProtocol::from_u8(r.u8()?).ok_or(RecordError::BadValue("protocol"))?;
-        Ok(Self { ask_id, client, authority, path, target_host, target_port, authorization, protocol })
+        let client_cert = if r.bool("client_cert")? { Some(ClientCert::read(r)?) } else { None };
+        Ok(Self { ask_id, client, authority, path, target_host, target_port, authorization, protocol, client_cert })
     }
 }
 

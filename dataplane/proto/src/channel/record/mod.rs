@@ -12,6 +12,7 @@
 //!
 //! - [`ask`]: the payloads a worker sends.
 //! - [`answer`]: the payloads control sends.
+//! - [`cert`]: a verified client certificate's facts (in an ask).
 //! - `wire`: the header and field codecs.
 #![forbid(unsafe_code)]
 
@@ -21,16 +22,21 @@ use super::RECORD_SIZE;
 
 pub mod answer;
 pub mod ask;
+pub mod cert;
 mod wire;
 
 pub use answer::{AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict, valid_challenge};
+pub use cert::{
+    ClientCert, MAX_CERT_CN, MAX_CERT_NAME_LEN, MAX_CERT_NAMES, MAX_CERT_SERIAL, valid_cert_name,
+};
 pub use ask::{
     AddressAsk, AuthAsk, ConnInfo, FlowClosed, FlowOpen, IPPROTO_ANY, SignAsk, Transport, TunnelProtocol,
 };
 use wire::{HEADER_LEN, Reader, Writer};
 
-/// Record format version this build speaks.
-pub const VERSION: u8 = 2;
+/// Record format version this build speaks (3: asks carry a client
+/// certificate).
+pub const VERSION: u8 = 3;
 /// Largest payload a record can carry.
 pub const MAX_PAYLOAD: usize = RECORD_SIZE - HEADER_LEN;
 
@@ -366,6 +372,7 @@ mod tests {
                 target_port: 53,
                 authorization: Some("Bearer t".into()),
                 protocol: TunnelProtocol::ConnectUdp,
+                client_cert: None,
             }),
             AskRecord::AuthAsk(AuthAsk {
                 ask_id: u64::MAX,
@@ -376,6 +383,7 @@ mod tests {
                 target_port: 65535,
                 authorization: Some("x".repeat(MAX_AUTHORIZATION)),
                 protocol: TunnelProtocol::ConnectIp,
+                client_cert: None,
             }),
             AskRecord::AuthAsk(AuthAsk {
                 ask_id: 11,
@@ -386,6 +394,13 @@ mod tests {
                 target_port: 443,
                 authorization: None,
                 protocol: TunnelProtocol::ConnectTcp,
+                client_cert: Some(ClientCert {
+                    serial: vec![0x7f; MAX_CERT_SERIAL],
+                    issuer_digest: [9; 32],
+                    subject_cn: Some("c".repeat(MAX_CERT_CN)),
+                    dns_names: vec!["d".repeat(MAX_CERT_NAME_LEN); MAX_CERT_NAMES],
+                    uris: vec!["u".repeat(MAX_CERT_NAME_LEN); MAX_CERT_NAMES],
+                }),
             }),
             AskRecord::FlowClosed(FlowClosed {
                 flow_id: 1,
@@ -776,16 +791,19 @@ mod tests {
         for (protocol, wire) in protocols {
             let rec = AskRecord::AuthAsk(AuthAsk { protocol, ..base.clone() });
             let buf = encoded(&rec);
-            // The protocol is the ask's last byte.
-            let last = HEADER_LEN + usize::from(u16::from_le_bytes([buf[2], buf[3]])) - 1;
+            // The protocol is the byte before the (absent) certificate's flag.
+            let last = HEADER_LEN + usize::from(u16::from_le_bytes([buf[2], buf[3]])) - 2;
             assert_eq!(buf[last], wire);
             assert_eq!(TunnelProtocol::from_u8(wire), Some(protocol));
             assert_eq!(AskRecord::decode(&buf).unwrap(), rec);
         }
         let mut buf = encoded(&AskRecord::AuthAsk(base));
         let last = HEADER_LEN + usize::from(u16::from_le_bytes([buf[2], buf[3]])) - 1;
+        buf[last] = 2;
+        assert_eq!(AskRecord::decode(&buf), Err(RecordError::BadValue("client_cert")));
+        buf[last] = 0;
         for protocol in [4, u8::MAX] {
-            buf[last] = protocol;
+            buf[last - 1] = protocol;
             assert_eq!(AskRecord::decode(&buf), Err(RecordError::BadValue("protocol")));
         }
     }

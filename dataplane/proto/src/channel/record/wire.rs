@@ -176,6 +176,10 @@ impl<'a> Reader<'a> {
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
+    /// 32 raw bytes (a digest).
+    pub(super) fn array32(&mut self) -> Result<[u8; 32], RecordError> {
+        self.array()
+    }
     pub(super) fn u8(&mut self) -> Result<u8, RecordError> {
         Ok(self.take(1)?[0])
     }
