@@ -183,6 +183,9 @@ pub enum TlsContextError {
     /// BoringSSL refused the chain.
     #[error("the certificate chain from control is invalid: {0}")]
     Invalid(#[from] ErrorStack),
+    /// Client certificates are asked for, but the CA bundle holds none.
+    #[error("the client CA bundle from control holds no certificate")]
+    NoClientCa,
 }
 
 /// A TLS context for `material`: it presents the certificate chain (leaf
@@ -213,6 +216,7 @@ pub fn ssl_context(
     } else {
         tickets::install(&mut builder, tickets.clone(), material.ticket_lifetime_secs);
     }
+    crate::client_cert::install(&mut builder, &material.client_auth)?;
     Ok(builder)
 }
 

@@ -24,6 +24,7 @@
 
 pub mod attach;
 pub mod cids;
+pub mod client_cert;
 pub mod context;
 pub mod cpu;
 pub mod front;

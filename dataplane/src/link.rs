@@ -10,8 +10,8 @@ use relay_channel::ends::ChannelError;
 use relay_channel::region::{Counter, Counters, DataplaneChannel};
 use relay_channel::ring::RingError;
 use relay_proto::channel::record::{
-    AddressAnswer, AddressAsk, AnswerRecord, AskRecord, AuthAnswer, AuthAsk, ChannelRecord, ConnInfo,
-    FlowClosed, FlowOpen, RecordError, SignAnswer, SignAsk, TunnelProtocol,
+    AddressAnswer, AddressAsk, AnswerRecord, AskRecord, AuthAnswer, AuthAsk, ChannelRecord, ClientCert,
+    ConnInfo, FlowClosed, FlowOpen, RecordError, SignAnswer, SignAsk, TunnelProtocol,
 };
 use relay_proto::proxy_status::ProxyError;
 
@@ -68,6 +68,8 @@ pub struct AuthRequest {
     pub authorization: Option<String>,
     /// The kind of tunnel asked for.
     pub protocol: TunnelProtocol,
+    /// The client certificate the connection's handshake verified.
+    pub client_cert: Option<ClientCert>,
 }
 
 /// An answer from control.
@@ -148,8 +150,16 @@ impl ControlLink {
             return Err(AskError::ControlDown);
         }
         let ask_id = self.next_ask_id;
-        let AuthRequest { client, authority, path, target_host, target_port, authorization, protocol } =
-            request;
+        let AuthRequest {
+            client,
+            authority,
+            path,
+            target_host,
+            target_port,
+            authorization,
+            protocol,
+            client_cert,
+        } = request;
         let ask = AskRecord::AuthAsk(AuthAsk {
             ask_id,
             client,
@@ -159,6 +169,7 @@ impl ControlLink {
             target_port,
             authorization,
             protocol,
+            client_cert,
         });
         self.send_or_queue(ask)?;
         self.next_ask_id += 1;
@@ -397,6 +408,7 @@ mod tests {
             target_port: 53,
             authorization: Some("Bearer t".into()),
             protocol: TunnelProtocol::ConnectUdp,
+            client_cert: None,
         }
     }
 

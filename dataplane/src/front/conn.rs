@@ -76,6 +76,8 @@ pub struct ConnIo {
     /// A complete request head has been read (the handshake deadline no
     /// longer applies).
     pub first_request_seen: bool,
+    /// The client certificate the TLS handshake verified (mutual TLS).
+    pub client_cert: Option<relay_proto::channel::record::ClientCert>,
     /// Last time a request or a response completed (idle timeout).
     pub last_activity: Instant,
     /// End our writing side once the output drained (half-close).
@@ -169,6 +171,7 @@ impl Conn {
                 plain_out: Vec::new(),
                 wire_backlog: 0,
                 first_request_seen: false,
+                client_cert: None,
                 last_activity: now,
                 shutdown_write: false,
                 close: None,
@@ -305,6 +308,7 @@ impl Conn {
             let progress_before = tls.output().len();
             let p = tls.handshake();
             let alpn = tls.alpn().map(<[u8]>::to_vec);
+            let peer_cert = tls.peer_certificate();
             self.ask_signatures(fx);
             match p {
                 Progress::WantInput => {
@@ -314,6 +318,7 @@ impl Conn {
                 }
                 Progress::WantSignature => {}
                 Progress::Done => {
+                    self.io.client_cert = peer_cert.map(|c| crate::client_cert::describe(&c));
                     self.session = match alpn.as_deref() {
                         Some(b"h2") => Session::H2(Box::new(h2::Session::new(&fx.sh.settings))),
                         _ => Session::H1(Box::default()),

@@ -65,6 +65,7 @@ pub fn start(
         status_endpoint: fx.sh.settings.tcp.status_endpoint,
         at_capacity: false,
         limits: fx.sh.settings.limits,
+        client_cert: io.client_cert.as_ref(),
     };
     match fx.tunnels.start(fx.ctx, opening) {
         Start::Tunnel(id) => Exchange::Tunnel(id),

@@ -223,6 +223,15 @@ impl TlsSession {
         }
     }
 
+    /// The client certificate the handshake verified, once open (mutual
+    /// TLS; also after a resumption, which brings the session's back).
+    pub fn peer_certificate(&self) -> Option<boring::x509::X509> {
+        match &self.state {
+            State::Open(s) => s.ssl().peer_certificate(),
+            _ => None,
+        }
+    }
+
     /// Whether the session resumed from a ticket (no signature was asked).
     pub fn resumed(&self) -> bool {
         match &self.state {

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use quiche::h3::NameValue;
 use relay_channel::region::Counter;
-use relay_proto::channel::record::{ConnInfo, Transport};
+use relay_proto::channel::record::{ClientCert, ConnInfo, Transport};
 use relay_proto::datagram;
 use relay_proto::request;
 use tracing::debug;
@@ -85,6 +85,9 @@ pub struct Conn {
     pub tls_generation: u32,
     /// quiche writes its qlog (`relayctl qlog`).
     pub qlog: bool,
+    /// The client certificate the handshake verified, described once
+    /// (the outer `None`: not read yet).
+    client_cert: Option<Option<ClientCert>>,
 }
 
 /// What processing a connection's input found.
@@ -122,6 +125,7 @@ impl Conn {
             accepted_at: now,
             tls_generation,
             qlog: false,
+            client_cert: None,
         }
     }
 
@@ -261,6 +265,10 @@ impl Conn {
             }
         };
         let max = ctx.settings.bootstrap.max_tunnels_per_connection as usize;
+        let quic = &self.quic;
+        let client_cert = self
+            .client_cert
+            .get_or_insert_with(|| quic.peer_cert().and_then(crate::client_cert::describe_der));
         let opening = Opening {
             place: Place { carrier: Carrier::H3(key), stream, peer: self.peer },
             request: &req,
@@ -268,6 +276,7 @@ impl Conn {
             status_endpoint: false,
             at_capacity: self.streams.len() >= max,
             limits: limits(ctx),
+            client_cert: client_cert.as_ref(),
         };
         match tunnels.start(ctx, opening) {
             Start::Tunnel(id) => {

@@ -155,6 +155,9 @@ pub struct Opening<'a> {
     pub at_capacity: bool,
     /// The carrier's bounds for tunnels.
     pub limits: Limits,
+    /// The client certificate the connection's handshake verified (mutual
+    /// TLS), described for control.
+    pub client_cert: Option<&'a relay_proto::channel::record::ClientCert>,
 }
 
 /// What became of a request.
@@ -353,7 +356,7 @@ impl Tunnels {
             let why = "too many tunnels on this connection";
             return refuse(ctx, Refusal::new(429, Some(ProxyError::HttpRequestDenied), why));
         }
-        let ask_id = match ask(ctx, &request, o.place.peer) {
+        let ask_id = match ask(ctx, &request, o.place.peer, o.client_cert) {
             Ok(id) => id,
             Err(r) => return refuse(ctx, r),
         };
@@ -556,7 +559,12 @@ pub(crate) fn deliver(
 
 /// Sends an authorization ask for `request`; a request the channel cannot
 /// carry, or a control that is gone or overloaded, is refused now.
-fn ask(ctx: &mut Ctx, request: &TunnelRequest, client: SocketAddr) -> Result<u64, Refusal> {
+fn ask(
+    ctx: &mut Ctx,
+    request: &TunnelRequest,
+    client: SocketAddr,
+    client_cert: Option<&relay_proto::channel::record::ClientCert>,
+) -> Result<u64, Refusal> {
     let asked = ctx.link.ask(AuthRequest {
         client,
         authority: request.authority.clone(),
@@ -565,6 +573,7 @@ fn ask(ctx: &mut Ctx, request: &TunnelRequest, client: SocketAddr) -> Result<u64
         target_port: request.target_port,
         authorization: request.authorization.clone(),
         protocol: request.kind.protocol(),
+        client_cert: client_cert.cloned(),
     });
     asked.map_err(|e| {
         if e.is_control_failure() {

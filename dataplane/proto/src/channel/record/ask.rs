@@ -108,7 +108,17 @@ impl AuthAsk {
         };
         let protocol = TunnelProtocol::from_u8(r.u8()?).ok_or(RecordError::BadValue("protocol"))?;
         let client_cert = if r.bool("client_cert")? { Some(ClientCert::read(r)?) } else { None };
-        Ok(Self { ask_id, client, authority, path, target_host, target_port, authorization, protocol, client_cert })
+        Ok(Self {
+            ask_id,
+            client,
+            authority,
+            path,
+            target_host,
+            target_port,
+            authorization,
+            protocol,
+            client_cert,
+        })
     }
 }
 

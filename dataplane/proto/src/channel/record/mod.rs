@@ -26,11 +26,11 @@ pub mod cert;
 mod wire;
 
 pub use answer::{AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict, valid_challenge};
-pub use cert::{
-    ClientCert, MAX_CERT_CN, MAX_CERT_NAME_LEN, MAX_CERT_NAMES, MAX_CERT_SERIAL, valid_cert_name,
-};
 pub use ask::{
     AddressAsk, AuthAsk, ConnInfo, FlowClosed, FlowOpen, IPPROTO_ANY, SignAsk, Transport, TunnelProtocol,
+};
+pub use cert::{
+    ClientCert, MAX_CERT_CN, MAX_CERT_NAME_LEN, MAX_CERT_NAMES, MAX_CERT_SERIAL, valid_cert_name,
 };
 use wire::{HEADER_LEN, Reader, Writer};
 
