@@ -151,7 +151,7 @@ mod tests {
         let long = cert(&[0x11; MAX_CERT_SERIAL + 1], &"c".repeat(MAX_CERT_CN));
         let d = describe(&long);
         assert!(d.serial.is_empty());
-        assert_eq!(d.subject_cn.map(|c| c.len()), Some(MAX_CERT_CN));
+        assert_eq!(d.subject_cn.as_ref().map(String::len), Some(MAX_CERT_CN));
         assert_eq!(d.check(), Ok(()));
     }
 
