@@ -347,11 +347,39 @@ impl Admin {
     /// dataplane, and waits (bounded) until every worker serves them.
     fn reload(&self) -> Value {
         let cids = self.reload_connection_ids();
+        let crls = self.reload_crls();
         let mut reply = self.reload_tls();
         if let (Some(cids), Some(obj)) = (cids, reply.as_object_mut()) {
             obj.insert("connection_ids".into(), cids);
         }
+        if let (Some(crls), Some(obj)) = (crls, reply.as_object_mut()) {
+            obj.insert("crls".into(), crls);
+        }
         reply
+    }
+
+    /// Re-reads `[auth.mtls] crl_files` (None when mutual TLS is off); a
+    /// list that does not load keeps the lists in force and says why.
+    fn reload_crls(&self) -> Option<Value> {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut policy = self.policy.lock().unwrap_or_else(|p| p.into_inner());
+        let mtls = policy.mtls_mut()?;
+        Some(match mtls.reload_crls(now as i64) {
+            Ok(summary) => {
+                info!(
+                    lists = summary.lists,
+                    revoked = summary.revoked,
+                    stale = summary.stale,
+                    "revocation lists reloaded"
+                );
+                json!(summary)
+            }
+            Err(e) => {
+                warn!("admin: revocation lists not reloaded, the previous ones stay: {e}");
+                json!({ "error": e.to_string(), "in_force": mtls.summary() })
+            }
+        })
     }
 
     /// Re-reads `[dataplane.connection_ids]`: a changed configuration is

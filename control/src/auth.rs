@@ -127,6 +127,9 @@ pub enum Identity {
     /// A Privacy Pass token: unlinkable, so named by its issuer key only
     /// (`pp:<type>:<key id>`, [`crate::privacy_pass::Redeemed::quota_key`]).
     PrivacyPass(String),
+    /// A client certificate, by the name its `[[auth.mtls.identities]]`
+    /// rule gives it.
+    Certificate(String),
     /// Not known (flows a re-attached dataplane reported).
     Unknown,
 }
@@ -139,6 +142,7 @@ impl Identity {
             Identity::Subject(s) => Some(format!("sub:{s}")),
             Identity::StaticToken(fp) => Some(format!("tok:{fp}")),
             Identity::PrivacyPass(key) => Some(key.clone()),
+            Identity::Certificate(name) => Some(format!("cert:{name}")),
             Identity::Unknown => None,
         }
     }
@@ -150,6 +154,7 @@ impl fmt::Display for Identity {
             Identity::Subject(s) => write!(f, "sub:{s}"),
             Identity::StaticToken(fp) => write!(f, "tok:{fp}"),
             Identity::PrivacyPass(key) => f.write_str(key),
+            Identity::Certificate(name) => write!(f, "cert:{name}"),
             Identity::Unknown => f.write_str("-"),
         }
     }
@@ -174,6 +179,8 @@ pub enum Refusal {
     Scheme,
     /// A Privacy Pass token that was refused.
     PrivacyPass(crate::privacy_pass::Refusal),
+    /// A client certificate that was refused (mutual TLS).
+    Certificate(crate::mtls::CertRefusal),
 }
 
 impl Refusal {
@@ -188,6 +195,7 @@ impl Refusal {
             Refusal::RevokedToken => "revoked_token",
             Refusal::Scheme => "scheme_not_accepted",
             Refusal::PrivacyPass(r) => r.reason(),
+            Refusal::Certificate(r) => r.reason(),
         }
     }
 
@@ -200,6 +208,7 @@ impl Refusal {
             Refusal::Missing => "authentication required",
             Refusal::Scheme => "unsupported authentication scheme",
             Refusal::PrivacyPass(r) => r.client_details(),
+            Refusal::Certificate(r) => r.client_details(),
             _ => "invalid credentials",
         }
     }
@@ -408,6 +417,12 @@ impl Authenticator {
             return Err(Refusal::RevokedToken);
         }
         Ok(identity)
+    }
+
+    /// Whether `subject` is revoked (`relayctl token revoke --subject`):
+    /// HMAC token subjects and certificate identities alike.
+    pub fn subject_revoked(&self, subject: &str) -> bool {
+        self.state.revoked_subjects.contains_key(subject)
     }
 
     fn is_static(&self, digest: &TokenDigest) -> bool {

@@ -409,6 +409,24 @@ impl ConnectionIdSection {
     }
 }
 
+/// Most `[[auth.mtls.identities]]` rules.
+pub const MAX_CERT_RULES: usize = 1024;
+
+/// `[auth.mtls]` holds usable values (the files are read at start).
+fn check_mtls(m: &MtlsSection) -> Result<(), String> {
+    use relay_proto::channel::bootstrap::ClientAuthMode;
+    if m.mode != ClientAuthMode::Off && m.ca_files.is_empty() {
+        return Err("auth.mtls.mode asks for client certificates: list auth.mtls.ca_files".into());
+    }
+    if m.identities.len() > MAX_CERT_RULES {
+        return Err(format!("auth.mtls.identities: at most {MAX_CERT_RULES} rules"));
+    }
+    for rule in &m.identities {
+        crate::mtls::rules::check_rule(rule).map_err(|e| format!("auth.mtls.identities: {e}"))?;
+    }
+    Ok(())
+}
+
 /// `[auth] schemes` and `[auth.privacy_pass]` agree and hold usable values.
 fn check_auth_schemes(auth: &AuthSection) -> Result<(), String> {
     use crate::privacy_pass::wire::{MAX_NAMES_LEN, valid_name};
@@ -613,6 +631,59 @@ pub struct AuthSection {
     /// Privacy Pass (`[auth.privacy_pass]`).
     #[serde(default)]
     pub privacy_pass: Option<PrivacyPassSection>,
+    /// Client certificates (mutual TLS, `[auth.mtls]`).
+    pub mtls: MtlsSection,
+}
+
+/// `[auth.mtls]`: client certificates verified against CA bundles, mapped
+/// to identities by rules, checked against revocation lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MtlsSection {
+    /// `off` (no certificate asked for), `optional` (a certificate is one
+    /// more credential beside tokens) or `required` (the handshake fails
+    /// without one).
+    pub mode: relay_proto::channel::bootstrap::ClientAuthMode,
+    /// PEM files of the CA certificates client certificates must chain to
+    /// (at most 32 KiB together).
+    pub ca_files: Vec<PathBuf>,
+    /// Certificate revocation lists (DER, or PEM with one or more `X509
+    /// CRL` blocks), each signed by one of the CAs; re-read on `relayctl
+    /// reload`.
+    pub crl_files: Vec<PathBuf>,
+    /// Rules mapping a certificate to an identity (`[[auth.mtls.identities]]`),
+    /// the first that matches wins; a certificate no rule maps is refused.
+    pub identities: Vec<CertIdentityRule>,
+}
+
+/// Which name of a client certificate a rule looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertField {
+    /// The subject's common name (exact, case-sensitive).
+    SubjectCn,
+    /// A subjectAltName dNSName (ASCII case-insensitive).
+    SanDns,
+    /// A subjectAltName URI (exact, case-sensitive).
+    SanUri,
+}
+
+/// One `[[auth.mtls.identities]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertIdentityRule {
+    /// The identity a matching certificate gets (quotas: `cert:<name>`;
+    /// `relayctl token revoke --subject <name>` refuses it), as a token
+    /// subject: `[A-Za-z0-9._~-]{1,64}`.
+    pub name: String,
+    /// The certificate name looked at.
+    pub field: CertField,
+    /// The name must be exactly this.
+    #[serde(default)]
+    pub equals: Option<String>,
+    /// The name must end with this (`.example.com` matches subdomains).
+    #[serde(default)]
+    pub suffix: Option<String>,
 }
 
 fn bearer_only() -> Vec<AuthScheme> {
@@ -713,6 +784,7 @@ impl Default for AuthSection {
             hmac_keys: Vec::new(),
             schemes: bearer_only(),
             privacy_pass: None,
+            mtls: MtlsSection::default(),
         }
     }
 }
@@ -1393,6 +1465,7 @@ impl Config {
             )));
         }
         check_auth_schemes(&config.auth).map_err(invalid)?;
+        check_mtls(&config.auth.mtls).map_err(invalid)?;
         if let Some(f) = &config.fleet
             && f.redis.is_empty() == f.sentinel.is_none()
         {

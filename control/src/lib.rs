@@ -20,6 +20,7 @@ pub mod global_quota;
 pub mod ippool;
 pub mod logging;
 pub mod metrics;
+pub mod mtls;
 pub mod policy;
 pub mod privacy_pass;
 pub mod qlog;

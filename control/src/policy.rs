@@ -38,6 +38,7 @@ use tracing::debug;
 use crate::acl::{Cidr, Denial, TargetAcl};
 use crate::auth::{AuthState, Authenticator, Identity, Refusal};
 use crate::config::ProtocolsSection;
+use crate::mtls::{CertRefusal, Mtls};
 use crate::privacy_pass::PrivacyPass;
 use crate::quota::{Exceeded, QuotaConfig, QuotaError, Quotas};
 use crate::store::{self, RuntimeState};
@@ -104,6 +105,7 @@ pub struct Policy {
     refusals: RefusalCounts,
     schemes: Schemes,
     privacy_pass: Option<PrivacyPass>,
+    mtls: Option<Mtls>,
 }
 
 /// The credential schemes accepted and how a 407 challenges for bearer
@@ -181,6 +183,7 @@ impl Policy {
             refusals: RefusalCounts::default(),
             schemes: Schemes::default(),
             privacy_pass: None,
+            mtls: None,
         }
     }
 
@@ -197,6 +200,19 @@ impl Policy {
         self
     }
 
+    /// Accepts client certificates (mutual TLS) with these CAs, lists and
+    /// rules.
+    pub fn with_mtls(mut self, mtls: Mtls) -> Self {
+        self.mtls = Some(mtls);
+        self
+    }
+
+    /// The mutual TLS settings, when `[auth.mtls]` is on (to reload the
+    /// revocation lists).
+    pub fn mtls_mut(&mut self) -> Option<&mut Mtls> {
+        self.mtls.as_mut()
+    }
+
     /// The Privacy Pass verifier, if `PrivateToken` is accepted.
     pub fn privacy_pass(&self) -> Option<&PrivacyPass> {
         self.privacy_pass.as_ref()
@@ -207,9 +223,33 @@ impl Policy {
         self.privacy_pass.as_mut()
     }
 
-    /// Checks credentials by their scheme: `Bearer` (static and HMAC
-    /// tokens) and `PrivateToken` (Privacy Pass), each when enabled.
-    fn authenticate(&mut self, authorization: Option<&str>, now_unix: u64) -> Result<Identity, Refusal> {
+    /// Checks the credentials of an ask: a verified client certificate
+    /// when mutual TLS is on and the connection has one (it then decides
+    /// alone, tokens or not), else `Proxy-Authorization` by its scheme.
+    fn authenticate(&mut self, ask: &AuthAsk, now_unix: u64) -> Result<Identity, Refusal> {
+        if let Some(mtls) = &self.mtls {
+            match &ask.client_cert {
+                Some(cert) => {
+                    let name = mtls.check(cert).map_err(Refusal::Certificate)?;
+                    if self.auth.subject_revoked(&name) {
+                        return Err(Refusal::Certificate(CertRefusal::IdentityRevoked));
+                    }
+                    return Ok(Identity::Certificate(name));
+                }
+                None if mtls.required() => return Err(Refusal::Certificate(CertRefusal::Required)),
+                None => {}
+            }
+        }
+        self.authenticate_header(ask.authorization.as_deref(), now_unix)
+    }
+
+    /// Checks `Proxy-Authorization` by its scheme: `Bearer` (static and
+    /// HMAC tokens) and `PrivateToken` (Privacy Pass), each when enabled.
+    fn authenticate_header(
+        &mut self,
+        authorization: Option<&str>,
+        now_unix: u64,
+    ) -> Result<Identity, Refusal> {
         let Some(value) = authorization else {
             return Err(Refusal::Missing);
         };
@@ -353,7 +393,7 @@ impl Policy {
             let verdict = Verdict::Deny { status: 501, proxy_error: None, details, retry_after_secs: 0 };
             return (Decision::Answer(verdict), Identity::Unknown);
         }
-        let identity = match self.authenticate(ask.authorization.as_deref(), now_unix) {
+        let identity = match self.authenticate(ask, now_unix) {
             Ok(identity) => identity,
             Err(refusal) => {
                 // The reason is for the operator; a bearer client gets one
@@ -601,6 +641,7 @@ mod tests {
     use super::*;
     use crate::quota::QuotaLimits;
     use crate::token::{Secret, TokenKeys};
+    use boring::x509::X509Ref;
 
     const NOW_UNIX: u64 = 1_700_000_000;
 
@@ -614,7 +655,68 @@ mod tests {
             target_port: 53,
             authorization: auth.map(str::to_string),
             protocol: TunnelProtocol::ConnectUdp,
+            client_cert: None,
         }
+    }
+
+    #[test]
+    fn a_client_certificate_decides_alone_when_mtls_is_on() {
+        use crate::config::{CertField, CertIdentityRule, MtlsSection};
+        use crate::mtls::tests::Ca;
+        use relay_proto::channel::bootstrap::ClientAuthMode;
+        let dir = std::env::temp_dir().join(format!("mtls-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = Ca::new("Policy CA");
+        std::fs::write(dir.join("ca.pem"), ca.cert.to_pem().unwrap()).unwrap();
+        std::fs::write(dir.join("crl.der"), ca.crl(&[9])).unwrap();
+        let mut section = MtlsSection {
+            mode: ClientAuthMode::Optional,
+            ca_files: vec![dir.join("ca.pem")],
+            crl_files: vec![dir.join("crl.der")],
+            identities: vec![CertIdentityRule {
+                name: "ingress".into(),
+                field: CertField::SanDns,
+                equals: Some("ingress.example".into()),
+                suffix: None,
+            }],
+        };
+        let mtls = crate::mtls::Mtls::load(&section, 0).unwrap().unwrap();
+        let mut p = policy().with_mtls(mtls);
+        let with = |cert: &X509Ref, auth: Option<&str>| AuthAsk {
+            client_cert: Some(crate::mtls::tests::describe(cert)),
+            ..ask("127.0.0.1", auth)
+        };
+        let good = ca.issue(2, "x", "ingress.example");
+        let (d, identity) = p.decide(&with(&good, None), Instant::now(), NOW_UNIX);
+        assert!(matches!(d, Decision::Answer(Verdict::Allow { .. })), "{d:?}");
+        assert_eq!(identity.quota_key().as_deref(), Some("cert:ingress"));
+        let details = |d: Decision| match d {
+            Decision::Answer(Verdict::Authenticate { details, .. }) => details,
+            other => panic!("{other:?}"),
+        };
+        // Revoked by the list: a valid token does not help.
+        let revoked = ca.issue(9, "x", "ingress.example");
+        assert_eq!(details(decide(&mut p, &with(&revoked, Some("Bearer t")))), "client certificate revoked");
+        let stranger = ca.issue(3, "x", "other.example");
+        assert_eq!(details(decide(&mut p, &with(&stranger, None))), "client certificate not authorized");
+        // Optional: no certificate, tokens as ever.
+        assert_eq!(status(&decide(&mut p, &ask("127.0.0.1", None))), 407);
+        assert!(matches!(
+            decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))),
+            Decision::Answer(Verdict::Allow { .. })
+        ));
+        // The identity revoked like a token subject.
+        let state = p.auth().revoke_subject("ingress", NOW_UNIX).unwrap();
+        p.install_auth(state);
+        assert_eq!(details(decide(&mut p, &with(&good, None))), "client certificate revoked");
+        // Required: no certificate is refused even with a token.
+        section.mode = ClientAuthMode::Required;
+        let mut p = policy().with_mtls(crate::mtls::Mtls::load(&section, 0).unwrap().unwrap());
+        assert_eq!(
+            details(decide(&mut p, &ask("127.0.0.1", Some("Bearer t")))),
+            "client certificate required"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn policy() -> Policy {

@@ -77,6 +77,9 @@ pub struct ServerSettings {
     pub dataplane_owner: Option<(u32, u32)>,
     /// Keyless TLS (the key never leaves control); `false` sends the key.
     pub keyless: bool,
+    /// Client certificates (`[auth.mtls]`): the mode and the CAs the
+    /// dataplane verifies them against (read at start).
+    pub client_auth: relay_proto::channel::bootstrap::ClientAuth,
     /// Session ticket key rotation period; `None`: no session tickets.
     pub ticket_rotation: Option<Duration>,
     /// connect-ip address pools (IPv4, IPv6); both `None` without connect-ip.
@@ -288,8 +291,14 @@ pub struct Server {
 }
 
 /// The TLS material for `credentials`' current generation: the chain, the
-/// key only when keyless TLS is off, and the ticket keys.
-pub fn tls_material(credentials: &Credentials, keyless: bool, tickets: Option<&TicketKeys>) -> TlsMaterial {
+/// key only when keyless TLS is off, the ticket keys, and the client
+/// certificate settings.
+pub fn tls_material(
+    credentials: &Credentials,
+    keyless: bool,
+    tickets: Option<&TicketKeys>,
+    client_auth: &relay_proto::channel::bootstrap::ClientAuth,
+) -> TlsMaterial {
     let (generation, cert_chain_pem, key_pem) = credentials.current_pem();
     TlsMaterial {
         generation,
@@ -298,6 +307,7 @@ pub fn tls_material(credentials: &Credentials, keyless: bool, tickets: Option<&T
         ticket_keys: tickets.map(|t| t.keys().to_vec()).unwrap_or_default(),
         ticket_lifetime_secs: tickets
             .map_or(0, |t| t.ticket_lifetime().as_secs().min(u64::from(u32::MAX)) as u32),
+        client_auth: client_auth.clone(),
     }
 }
 
@@ -430,7 +440,12 @@ impl Server {
     /// The TLS material to serve now: the current certificate generation
     /// and the ticket keys.
     pub fn tls_material(&self) -> TlsMaterial {
-        tls_material(&self.credentials, self.settings.keyless, self.tickets.as_ref())
+        tls_material(
+            &self.credentials,
+            self.settings.keyless,
+            self.tickets.as_ref(),
+            &self.settings.client_auth,
+        )
     }
 
     /// Runs until `stop` returns true (checked at least every second).

@@ -17,6 +17,7 @@ use relay_control::fleet::settings::FleetSettings;
 use relay_control::fleet::ticket_sync::TicketSink;
 use relay_control::logging::{self, LogFormat};
 use relay_control::metrics::{self, ControlFigures, PrivacyPassFigures};
+use relay_control::mtls::Mtls;
 use relay_control::policy::{Policy, Schemes};
 use relay_control::privacy_pass::KeySource;
 use relay_control::privacy_pass::source::DirectorySource;
@@ -133,7 +134,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
         workers: d.workers.resolve(),
         listen: config.listen.quic,
         // The server sends the material in force when the dataplane attaches.
-        tls: server::tls_material(&credentials, config.tls.keyless, None),
+        tls: server::tls_material(&credentials, config.tls.keyless, None, &Default::default()),
         uri_template: d.uri_template.0.as_str().to_string(),
         proxy_name: config.relay.name.clone(),
         auth_realm: config.auth.realm.clone(),
@@ -241,6 +242,26 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
             "Privacy Pass tokens accepted (PrivateToken)"
         );
         policy = policy.with_privacy_pass(pp);
+    }
+    // Mutual TLS: the CAs go to the dataplane, the revocation lists and the
+    // identity rules stay here.
+    let now_unix =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let mut client_auth = relay_proto::channel::bootstrap::ClientAuth::default();
+    if let Some(mtls) = Mtls::load(&config.auth.mtls, now_unix).map_err(|e| format!("auth.mtls: {e}"))? {
+        let crls = mtls.summary();
+        info!(
+            mode = ?config.auth.mtls.mode,
+            identities = config.auth.mtls.identities.len(),
+            crls = crls.lists,
+            revoked = crls.revoked,
+            "client certificates accepted (mutual TLS)"
+        );
+        if crls.stale > 0 {
+            warn!(stale = crls.stale, "auth.mtls: revocation lists past their nextUpdate");
+        }
+        client_auth = mtls.client_auth();
+        policy = policy.with_mtls(mtls);
     }
     if !runtime.quota_overrides.is_empty() {
         info!(overrides = ?runtime.quota_overrides, "quota values set with relayctl override the config file");
@@ -350,6 +371,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
         resolver_max_pending: config.resolver.max_pending,
         resolver_timeout: Duration::from_millis(u64::from(config.resolver.timeout_ms)),
         keyless: config.tls.keyless,
+        client_auth,
         ticket_rotation: config.tls.ticket_rotation(),
         ip_pools: if config.protocols.connect_ip { ip_pools } else { (None, None) },
         log_targets: config.log.log_targets,

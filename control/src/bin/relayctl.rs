@@ -783,9 +783,11 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    // A reload is done when every worker serves the new certificate.
+    // A reload is done when every worker serves the new certificate (and
+    // the revocation lists, with mutual TLS, loaded).
     let reload_incomplete = req == AdminRequest::Reload
-        && v["workers_serving"].as_u64().unwrap_or(0) < v["workers"].as_u64().unwrap_or(0);
+        && (v["workers_serving"].as_u64().unwrap_or(0) < v["workers"].as_u64().unwrap_or(0)
+            || !v["crls"]["error"].is_null());
     if args.json {
         println!("{v}");
         return if reload_incomplete { ExitCode::FAILURE } else { ExitCode::SUCCESS };
@@ -802,6 +804,21 @@ fn main() -> ExitCode {
                 show(&v["workers_serving"]),
                 show(&v["workers"])
             );
+            let crls = &v["crls"];
+            if !crls["error"].is_null() {
+                eprintln!(
+                    "relayctl: revocation lists not reloaded (the previous ones stay): {}",
+                    show(&crls["error"])
+                );
+                return ExitCode::FAILURE;
+            } else if !crls.is_null() {
+                println!(
+                    "revocation lists: {} in force, {} revoked certificates, {} past nextUpdate",
+                    show(&crls["lists"]),
+                    show(&crls["revoked"]),
+                    show(&crls["stale"])
+                );
+            }
             if reload_incomplete {
                 eprintln!(
                     "relayctl: not every worker took the new certificate in time; see the dataplane's log"
