@@ -437,6 +437,24 @@ impl Server {
         true
     }
 
+    /// SIGHUP: re-reads `[auth.mtls] crl_files` (the lists in force stay
+    /// when one does not load).
+    fn reload_crls(&mut self) {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut policy = self.policy.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mtls) = policy.mtls_mut() else { return };
+        match mtls.reload_crls(now as i64) {
+            Ok(s) => info!(
+                lists = s.lists,
+                revoked = s.revoked,
+                stale = s.stale,
+                "SIGHUP: revocation lists reloaded"
+            ),
+            Err(e) => error!("SIGHUP: revocation lists not reloaded, the previous ones stay: {e}"),
+        }
+    }
+
     /// The TLS material to serve now: the current certificate generation
     /// and the ticket keys.
     pub fn tls_material(&self) -> TlsMaterial {
@@ -487,6 +505,7 @@ impl Server {
                 }
             }
             if take_reload() {
+                self.reload_crls();
                 match self.credentials.reload() {
                     Ok(info) => {
                         info!(generation = info.generation, subject = %info.subject, not_after = %info.not_after, "SIGHUP: certificate reloaded");
