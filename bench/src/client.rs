@@ -51,6 +51,9 @@ pub struct ClientConfig {
     /// coming from `relay`. The other host must accept the first host's
     /// Retry token for the handshake to complete.
     pub after_retry_send_to: Option<SocketAddr>,
+    /// A client certificate chain and its key (PEM files) to present when
+    /// the relay asks for one (mutual TLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClientConfig {
@@ -66,6 +69,7 @@ impl ClientConfig {
             token: None,
             session: None,
             after_retry_send_to: None,
+            client_cert: None,
         }
     }
 }
@@ -110,6 +114,7 @@ fn describe_close(
                 45 => "certificate_expired",
                 46 => "certificate_unknown",
                 48 => "unknown_ca",
+                116 => "certificate_required",
                 51 => "decrypt_error",
                 80 => "internal_error",
                 120 => "no_application_protocol",
@@ -301,6 +306,12 @@ impl Client {
                 qc.verify_peer(true);
             }
             None => qc.verify_peer(config.system_roots),
+        }
+        if let Some((chain, key)) = &config.client_cert {
+            qc.load_cert_chain_from_pem_file(&chain.display().to_string())
+                .with_context(|| format!("loading client certificate {}", chain.display()))?;
+            qc.load_priv_key_from_pem_file(&key.display().to_string())
+                .with_context(|| format!("loading client key {}", key.display()))?;
         }
         qc.set_max_idle_timeout(30_000);
         qc.set_max_recv_udp_payload_size(65_527);

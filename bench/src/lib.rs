@@ -39,6 +39,7 @@ pub mod loadgen;
 pub mod masque;
 pub mod needs;
 pub mod netns;
+pub mod pki;
 pub mod ppbench;
 pub mod privacypass;
 pub mod processes;

@@ -62,6 +62,7 @@ impl RelayArgs {
             token: self.token.clone(),
             session: None,
             after_retry_send_to: None,
+            client_cert: None,
         })
     }
 }
