@@ -193,7 +193,7 @@ fn curl_connect(relay: &Relay, cert: &ClientFiles, target: std::net::SocketAddr)
         .arg(&cert.cert)
         .arg("--proxy-key")
         .arg(&cert.key)
-        .args(["--proxytunnel", "--proxy-http2"])
+        .arg("--proxytunnel")
         .arg(format!("http://{target}/"))
         .output()
         .expect("curl runs");

@@ -391,6 +391,12 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
             ],
             &[InteropVenv],
         ),
+        (
+            BENCH,
+            "mtls",
+            &["client_certificates_over_the_tcp_front_get_in_or_the_documented_refusal"],
+            &[Curl],
+        ),
         (BENCH, "smoke", &["smoke_suite_with_targets_in_a_network_namespace"], &[Root, Ip]),
         (BENCH, "smoke", &["ip_bench_measures_every_path"], &[Root, Tun, Ip]),
         (BENCH, "tcp_front", &["curl_negotiates_every_version_and_every_response_carries_alt_svc"], &[Curl]),
