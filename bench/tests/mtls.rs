@@ -12,7 +12,8 @@
 //!   up): 407, `Proxy-Status: ...; error=http_request_denied;
 //!   details="client certificate revoked"`;
 //! * from the right CA but no rule maps it: 407, `details="client
-//!   certificate not authorized"`.
+//!   certificate not authorized"`;
+//! * none, with `mode = "required"`: TLS alert 116 `certificate_required`.
 //!
 //! The curl test is ignored by a plain `cargo test` and run by `cargo
 //! xtask test` where curl is present.
@@ -48,6 +49,10 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
+    setup_with(name, "optional")
+}
+
+fn setup_with(name: &str, mode: &str) -> Setup {
     let dir = std::env::temp_dir().join(format!("relay-mtls-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let pki = dir.join("pki");
@@ -62,7 +67,7 @@ fn setup(name: &str) -> Setup {
     let other = TestCa::new("Stranger CA").unwrap();
     let stranger = other.issue_valid(&pki, "stranger", GOOD, "ingress.example").unwrap();
     let extra_config = format!(
-        "[auth.mtls]\nmode = \"optional\"\nca_files = [\"{ca}\"]\ncrl_files = [\"{crl}\"]\n\
+        "[auth.mtls]\nmode = \"{mode}\"\nca_files = [\"{ca}\"]\ncrl_files = [\"{crl}\"]\n\
          [[auth.mtls.identities]]\nname = \"ingress\"\nfield = \"san_dns\"\nequals = \"ingress.example\"\n",
         ca = pki.join("ca.pem").display(),
         crl = pki.join("crl.der").display(),
@@ -178,6 +183,18 @@ fn client_certificates_over_http3_get_in_or_the_documented_refusal() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("revocation lists not reloaded"));
     assert_refused(&ask(config(relay, Some(&s.good)), &echo), "client certificate revoked");
+}
+
+#[test]
+fn required_mode_refuses_handshakes_without_a_certificate() {
+    let s = setup_with("required", "required");
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let relay = &s.relay;
+    assert_eq!(ask(config(relay, Some(&s.good)), &echo).status(), Some(200));
+    let mut token_only = config(relay, None);
+    token_only.token = Some(relay.token.clone());
+    let refused = alert(token_only);
+    assert!(refused.contains("TLS alert 116"), "no certificate: {refused}");
 }
 
 /// curl through the TCP front (HTTP/1.1 CONNECT over TLS): returns the
