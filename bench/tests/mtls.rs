@@ -172,6 +172,16 @@ fn client_certificates_over_http3_get_in_or_the_documented_refusal() {
     let out = relayctl_reload(relay);
     assert!(out.contains("revocation lists: 1 in force, 2 revoked"), "{out}");
     assert_refused(&ask(config(relay, Some(&s.good)), &echo), "client certificate revoked");
+    let show = Command::new(bin_dir().unwrap().join("relayctl"))
+        .arg("--socket")
+        .arg(relay.admin_socket())
+        .args(["--json", "policy", "show"])
+        .output()
+        .unwrap();
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).expect("policy show JSON");
+    assert_eq!(show["mtls"]["identities"], serde_json::json!(["ingress"]));
+    assert_eq!(show["mtls"]["crls"]["revoked"], 2);
+    assert!(show["refusals"]["auth"]["cert_revoked"].as_u64().unwrap_or(0) >= 2, "{show}");
     // A list that does not load keeps the one in force, and reload says so.
     std::fs::write(s.dir.join("crl.der"), b"not a CRL").unwrap();
     let out = Command::new(bin_dir().unwrap().join("relayctl"))

@@ -970,6 +970,14 @@ impl Admin {
                 "revoked_tokens": p.auth().state().revoked_tokens.len(),
             },
             "refusals": p.refusals(),
+            "mtls": p.mtls().map(|m| {
+                json!({
+                    "mode": m.mode(),
+                    "cas": m.ca_subjects(),
+                    "identities": m.identities(),
+                    "crls": m.summary(),
+                })
+            }),
             "privacy_pass": p.privacy_pass().map(|pp| {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

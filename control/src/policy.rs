@@ -207,6 +207,11 @@ impl Policy {
         self
     }
 
+    /// The mutual TLS settings, when `[auth.mtls]` is on.
+    pub fn mtls(&self) -> Option<&Mtls> {
+        self.mtls.as_ref()
+    }
+
     /// The mutual TLS settings, when `[auth.mtls]` is on (to reload the
     /// revocation lists).
     pub fn mtls_mut(&mut self) -> Option<&mut Mtls> {

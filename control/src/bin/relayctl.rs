@@ -523,6 +523,26 @@ fn print_policy(v: &Value) {
         ],
     ];
     print!("{}", table(&["AUTH", "VALUE"], &rows));
+    let m = &v["mtls"];
+    if !m.is_null() {
+        let c = &m["crls"];
+        let rows: Vec<Vec<String>> = vec![
+            vec!["mode".into(), show(&m["mode"])],
+            vec!["CAs".into(), list(&m["cas"])],
+            vec!["identities".into(), list(&m["identities"])],
+            vec![
+                "revocation lists".into(),
+                format!(
+                    "{} ({} revoked, {} past nextUpdate)",
+                    show(&c["lists"]),
+                    show(&c["revoked"]),
+                    show(&c["stale"])
+                ),
+            ],
+        ];
+        println!();
+        print!("{}", table(&["MTLS", "VALUE"], &rows));
+    }
     let mut refusals: Vec<Vec<String>> = Vec::new();
     for kind in ["auth", "quota"] {
         if let Some(m) = v["refusals"][kind].as_object() {

@@ -151,7 +151,7 @@ fn der_blocks(bytes: &[u8]) -> Result<Vec<Vec<u8>>, CrlError> {
 }
 
 /// The one-line form of a name, for messages.
-fn one_line(name: &X509NameRef) -> String {
+pub fn one_line(name: &X509NameRef) -> String {
     let parts: Vec<String> = name
         .entries()
         .map(|e| {

@@ -195,6 +195,21 @@ impl Mtls {
         ClientAuth { mode: self.mode, ca_pem: self.ca_pem.clone() }
     }
 
+    /// The mode in force (`optional` or `required`).
+    pub fn mode(&self) -> ClientAuthMode {
+        self.mode
+    }
+
+    /// The CAs' subjects, one line each (`relayctl policy show`).
+    pub fn ca_subjects(&self) -> Vec<String> {
+        self.cas.iter().map(|c| crl::one_line(c.subject_name())).collect()
+    }
+
+    /// The identity names the rules give, in rule order.
+    pub fn identities(&self) -> Vec<&str> {
+        self.rules.iter().map(|r| r.name.as_str()).collect()
+    }
+
     /// Whether a connection without a certificate is refused.
     pub fn required(&self) -> bool {
         self.mode == ClientAuthMode::Required
