@@ -63,9 +63,10 @@ pub enum CertRefusal {
     /// Its serial is longer than RFC 5280 allows: it cannot be checked
     /// against a revocation list.
     SerialTooLong,
-    /// `mode = "required"` and the connection has none (the handshake
-    /// refuses those already; this catches a connection from before a
-    /// reload).
+    /// `mode = "required"` and the request came without one: over the
+    /// cleartext listener (no TLS at all), or on a connection from before
+    /// a control restart changed the mode (TLS handshakes without one
+    /// fail already).
     Required,
 }
 
