@@ -16,17 +16,18 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::client::{Client, ClientConfig};
+use crate::client::ClientConfig;
 use crate::fleet_topology::FleetTopology;
 use crate::loadgen::{self, Direction, LoadSpec};
 use crate::processes::{Relay, RelayOptions, free_tcp_port};
 use crate::redis_server::RedisServer;
-use crate::stats::{self, Percentiles};
+use crate::setup_cost::{self, Samples, SetupFigures, ratio, round_order};
+use crate::stats;
 use crate::target::{Target, TargetMode};
 
 /// The fleet secret of the benchmark's fleets (32 bytes, hex).
@@ -36,8 +37,6 @@ const FLEET_SECRET_HEX: &str = "be7c00000000000000000000000000000000000000000000
 const MAX_FLOWS: u64 = 1_000_000;
 /// The relay port on every host of the aggregate run.
 const PORT: u16 = 4433;
-/// Bound for one handshake or answer.
-const T: Duration = Duration::from_secs(10);
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -86,19 +85,6 @@ impl FleetBenchConfig {
             duration: Duration::from_secs(3),
         }
     }
-}
-
-/// One relay's setup figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct SetupFigures {
-    /// "single host" or "fleet".
-    pub relay: String,
-    /// CONNECT -> 200, every round's samples.
-    pub connect_latency: Percentiles,
-    /// Pipelined setups per second, one per round.
-    pub setups_per_sec: Vec<f64>,
-    /// Their median.
-    pub setups_per_sec_median: f64,
 }
 
 /// One aggregate configuration's figures.
@@ -160,41 +146,6 @@ fn client_config(relay: &Relay, to: SocketAddr) -> ClientConfig {
     cfg
 }
 
-/// CONNECT -> 200 for `samples` tunnels opened one at a time, into `hist`.
-fn connect_latency(
-    cfg: &ClientConfig,
-    target: &Target,
-    samples: usize,
-    hist: &mut hdrhistogram::Histogram<u64>,
-) -> Result<()> {
-    let t = target.addr();
-    let mut c = Client::connect(cfg.clone(), T)?;
-    c.wait_settings(T)?;
-    for _ in 0..samples {
-        let t0 = Instant::now();
-        let id = c.open_udp(&t.ip().to_string(), t.port(), T)?;
-        hist.record(t0.elapsed().as_micros().max(1) as u64)?;
-        c.finish_stream(id)?;
-    }
-    c.close();
-    Ok(())
-}
-
-/// Opens `n` tunnels pipelined (256 outstanding); returns setups/s.
-fn setup_rate(cfg: &ClientConfig, target: &Target, n: usize) -> Result<f64> {
-    let t = (target.addr().ip().to_string(), target.addr().port());
-    let mut c = Client::connect(cfg.clone(), T)?;
-    c.wait_settings(T)?;
-    let start = Instant::now();
-    let opened = c.open_many(&vec![t; n], 256, Duration::from_secs(60))?.len();
-    let secs = start.elapsed().as_secs_f64();
-    c.close();
-    if opened != n {
-        bail!("only {opened} of {n} tunnels opened");
-    }
-    Ok(n as f64 / secs)
-}
-
 /// Part 1: single host against fleet member, alternating.
 fn setup_comparison(cfg: &FleetBenchConfig) -> Result<Vec<SetupFigures>> {
     let dir = cfg.out_dir.join("setup");
@@ -229,17 +180,14 @@ fn setup_comparison(cfg: &FleetBenchConfig) -> Result<Vec<SetupFigures>> {
     )
     .context("starting the fleet relay")?;
     let target = Target::start("127.0.0.1:0".parse()?, TargetMode::Sink)?;
-    let relays = [("single host", &single), ("fleet (global quotas, redis)", &fleet)];
-    let mut hists = [stats::latency_histogram(), stats::latency_histogram()];
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let relays = [&single, &fleet];
+    let mut samples = [Samples::new("single host"), Samples::new("fleet (global quotas, redis)")];
     for round in 0..cfg.rounds {
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let (name, relay) = relays[i];
-            let ccfg = client_config(relay, relay.addr);
-            eprintln!("bench fleet: round {}/{}: {name}", round + 1, cfg.rounds);
-            connect_latency(&ccfg, &target, cfg.connect_samples, &mut hists[i])?;
-            rates[i].push(setup_rate(&ccfg, &target, cfg.setup_flows)?);
+        for i in round_order(round) {
+            let ccfg = client_config(relays[i], relays[i].addr);
+            eprintln!("bench fleet: round {}/{}: {}", round + 1, cfg.rounds, samples[i].name());
+            samples[i].connect_latency(&ccfg, &target, cfg.connect_samples, Vec::new())?;
+            samples[i].setup_rate(&ccfg, &target, cfg.setup_flows, Vec::new())?;
         }
     }
     // The figures are a fleet member's only if it was one the whole time.
@@ -249,16 +197,7 @@ fn setup_comparison(cfg: &FleetBenchConfig) -> Result<Vec<SetupFigures>> {
     {
         bail!("the fleet relay was not in its fleet with global quotas: {}", status["fleet"]);
     }
-    Ok(relays
-        .iter()
-        .zip(hists.iter().zip(rates))
-        .map(|((name, _), (hist, mut r))| SetupFigures {
-            relay: (*name).to_string(),
-            connect_latency: stats::percentiles(hist),
-            setups_per_sec_median: stats::median(&mut r.clone()).unwrap_or(0.0),
-            setups_per_sec: std::mem::take(&mut r),
-        })
-        .collect())
+    Ok(samples.iter().map(Samples::figures).collect())
 }
 
 /// Connections accepted per host so far.
@@ -315,8 +254,7 @@ fn aggregate_comparison(cfg: &FleetBenchConfig) -> Result<Vec<AggregateFigures>>
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut spread = [vec![0u64; hosts.len()], vec![0u64; hosts.len()]];
     for round in 0..cfg.aggregate_rounds {
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+        for i in round_order(round) {
             let (name, to) = paths[i];
             eprintln!("bench fleet: aggregate round {}/{}: {name}", round + 1, cfg.aggregate_rounds);
             let before = accepted(&hosts)?;
@@ -344,10 +282,6 @@ fn aggregate_comparison(cfg: &FleetBenchConfig) -> Result<Vec<AggregateFigures>>
         .collect())
 }
 
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 { a / b } else { 0.0 }
-}
-
 /// Runs the comparison and writes `fleet-report.json` and
 /// `fleet-report.md` into `cfg.out_dir`.
 pub fn run(cfg: &FleetBenchConfig) -> Result<FleetReport> {
@@ -372,19 +306,7 @@ pub fn run(cfg: &FleetBenchConfig) -> Result<FleetReport> {
 
 /// The report as Markdown tables.
 pub fn markdown(r: &FleetReport) -> String {
-    let mut s = String::from(
-        "| relay | CONNECT->200 p50 (us) | p99 (us) | samples | setups/s (median) |\n|---|---|---|---|---|\n",
-    );
-    for f in &r.setup {
-        s += &format!(
-            "| {} | {} | {} | {} | {:.0} |\n",
-            f.relay,
-            f.connect_latency.p50_us,
-            f.connect_latency.p99_us,
-            f.connect_latency.count,
-            f.setups_per_sec_median
-        );
-    }
+    let mut s = setup_cost::markdown("relay", &r.setup);
     s += &format!(
         "\nfleet / single host: p50 {:.2}x, p99 {:.2}x, setups/s {:.2}x\n",
         r.connect_p50_ratio, r.connect_p99_ratio, r.setups_ratio
@@ -410,6 +332,7 @@ pub fn markdown(r: &FleetReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Percentiles;
 
     fn p(p50: u64, p99: u64) -> Percentiles {
         Percentiles { count: 10, p50_us: p50, p90_us: p99, p99_us: p99, p999_us: p99, max_us: p99 }
@@ -420,13 +343,13 @@ mod tests {
         let r = FleetReport {
             setup: vec![
                 SetupFigures {
-                    relay: "single host".into(),
+                    name: "single host".into(),
                     connect_latency: p(100, 200),
                     setups_per_sec: vec![1000.0],
                     setups_per_sec_median: 1000.0,
                 },
                 SetupFigures {
-                    relay: "fleet".into(),
+                    name: "fleet".into(),
                     connect_latency: p(110, 260),
                     setups_per_sec: vec![900.0],
                     setups_per_sec_median: 900.0,
@@ -442,11 +365,5 @@ mod tests {
         assert!(md.contains("| single host | 100 | 200 | 10 | 1000 |"), "{md}");
         assert!(md.contains("p50 1.10x, p99 1.30x, setups/s 0.90x"), "{md}");
         assert!(!md.contains("datagrams/s"), "{md}");
-    }
-
-    #[test]
-    fn a_ratio_over_zero_is_zero_not_infinite() {
-        assert_eq!(ratio(5.0, 0.0), 0.0);
-        assert_eq!(ratio(5.0, 2.0), 2.5);
     }
 }

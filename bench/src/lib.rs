@@ -45,6 +45,7 @@ pub mod privacypass;
 pub mod processes;
 pub mod redis_server;
 pub mod report;
+pub mod setup_cost;
 pub mod stats;
 pub mod suite;
 pub mod svg;

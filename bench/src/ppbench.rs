@@ -19,7 +19,7 @@
 //! it.)
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use boring::hash::MessageDigest;
@@ -30,8 +30,10 @@ use serde::Serialize;
 
 use crate::client::{Answer, Client, ClientConfig};
 use crate::processes::{Relay, RelayOptions};
-use crate::stats::{self, Percentiles};
+use crate::setup_cost::{self, Samples, SetupFigures, ratio, round_order};
 use crate::target::{Target, TargetMode};
+use relay_proto::base64url::base64url_encode;
+use relay_proto::privacy_pass::base64url_lenient;
 
 /// Bound for one handshake or answer.
 const T: Duration = Duration::from_secs(10);
@@ -58,24 +60,11 @@ impl PpBenchConfig {
     }
 }
 
-/// One scheme's figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct SchemeFigures {
-    /// `bearer` or `privacy pass type 2`.
-    pub scheme: String,
-    /// CONNECT -> 200, every round pooled.
-    pub connect_latency: Percentiles,
-    /// Pipelined setups per second, per round.
-    pub setups_per_sec: Vec<f64>,
-    /// Their median.
-    pub setups_per_sec_median: f64,
-}
-
 /// The report.
 #[derive(Debug, Clone, Serialize)]
 pub struct PpReport {
     /// Bearer first, then Privacy Pass.
-    pub schemes: Vec<SchemeFigures>,
+    pub schemes: Vec<SetupFigures>,
     /// Privacy Pass p50 minus bearer p50, microseconds.
     pub p50_added_us: i64,
     /// Privacy Pass p99 minus bearer p99, microseconds.
@@ -92,38 +81,6 @@ pub struct PpReport {
 pub struct Issuer {
     key: PKey<Private>,
     spki: Vec<u8>,
-}
-
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// Base64url without padding.
-pub fn b64url(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(char::from(B64URL[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
-}
-
-/// Decodes base64url, padded or not (no validation beyond the alphabet:
-/// the input is the relay's own challenge).
-pub fn b64url_decode(s: &str) -> Option<Vec<u8>> {
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in s.trim_end_matches('=').bytes() {
-        bits = (bits << 6) | B64URL.iter().position(|&a| a == c)? as u32;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-        }
-    }
-    Some(out)
 }
 
 impl Issuer {
@@ -172,7 +129,7 @@ impl Issuer {
                 s.set_rsa_mgf1_md(MessageDigest::sha384())?;
                 s.update(&input)?;
                 input.extend(s.sign_to_vec()?);
-                Ok(format!("PrivateToken token={}", b64url(&input)))
+                Ok(format!("PrivateToken token={}", base64url_encode(&input)))
             })
             .collect()
     }
@@ -193,7 +150,7 @@ pub fn relay_challenge(cfg: &ClientConfig, target: &Target) -> Result<Vec<u8>> {
     for (_, v) in headers.iter().filter(|(n, _)| n == "proxy-authenticate") {
         let Some(rest) = v.strip_prefix("PrivateToken challenge=\"") else { continue };
         let b64 = rest.split('"').next().unwrap_or("");
-        let bytes = b64url_decode(b64).context("challenge is not base64url")?;
+        let bytes = base64url_lenient(b64).context("challenge is not base64url")?;
         if bytes.starts_with(&[0x00, 0x02]) {
             return Ok(bytes);
         }
@@ -206,45 +163,6 @@ fn client_config(relay: &Relay, bearer: bool) -> ClientConfig {
     cfg.ca = Some(relay.cert());
     cfg.token = bearer.then(|| relay.token.clone());
     cfg
-}
-
-/// CONNECT -> 200 for tunnels opened one at a time (one per credential in
-/// `tokens`, or `samples` with the bearer token), into `hist`.
-fn connect_latency(
-    cfg: &ClientConfig,
-    target: &Target,
-    samples: usize,
-    tokens: Vec<String>,
-    hist: &mut hdrhistogram::Histogram<u64>,
-) -> Result<()> {
-    let t = target.addr();
-    let mut c = Client::connect(cfg.clone(), T)?;
-    c.wait_settings(T)?;
-    c.queue_authorizations(tokens);
-    for _ in 0..samples {
-        let t0 = Instant::now();
-        let id = c.open_udp(&t.ip().to_string(), t.port(), T)?;
-        hist.record(t0.elapsed().as_micros().max(1) as u64)?;
-        c.finish_stream(id)?;
-    }
-    c.close();
-    Ok(())
-}
-
-/// Opens `n` tunnels pipelined (256 outstanding); returns setups/s.
-fn setup_rate(cfg: &ClientConfig, target: &Target, n: usize, tokens: Vec<String>) -> Result<f64> {
-    let t = (target.addr().ip().to_string(), target.addr().port());
-    let mut c = Client::connect(cfg.clone(), T)?;
-    c.wait_settings(T)?;
-    c.queue_authorizations(tokens);
-    let start = Instant::now();
-    let opened = c.open_many(&vec![t; n], 256, Duration::from_secs(60))?.len();
-    let secs = start.elapsed().as_secs_f64();
-    c.close();
-    if opened != n {
-        bail!("only {opened} of {n} tunnels opened");
-    }
-    Ok(n as f64 / secs)
 }
 
 fn start_relay(cfg: &PpBenchConfig, dir: &Path, issuer: &Issuer) -> Result<Relay> {
@@ -276,25 +194,16 @@ pub fn run(cfg: &PpBenchConfig) -> Result<PpReport> {
     let relay = start_relay(cfg, &cfg.out_dir, &issuer)?;
     let target = Target::start("127.0.0.1:0".parse()?, TargetMode::Sink)?;
     let challenge = relay_challenge(&client_config(&relay, false), &target)?;
-    let mut hists = [stats::latency_histogram(), stats::latency_histogram()];
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    let names = ["bearer", "privacy pass type 2"];
+    let mut samples = [Samples::new("bearer"), Samples::new("privacy pass type 2")];
     for round in 0..cfg.rounds {
-        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
+        for i in round_order(round) {
             let pp = i == 1;
-            eprintln!("bench privacy-pass: round {}/{}: {}", round + 1, cfg.rounds, names[i]);
+            eprintln!("bench privacy-pass: round {}/{}: {}", round + 1, cfg.rounds, samples[i].name());
             let ccfg = client_config(&relay, !pp);
             // Minted outside the measurement: the client's cost, not the relay's.
             let tokens = |n| if pp { issuer.mint(&challenge, n) } else { Ok(Vec::new()) };
-            connect_latency(
-                &ccfg,
-                &target,
-                cfg.connect_samples,
-                tokens(cfg.connect_samples)?,
-                &mut hists[i],
-            )?;
-            rates[i].push(setup_rate(&ccfg, &target, cfg.setup_flows, tokens(cfg.setup_flows)?)?);
+            samples[i].connect_latency(&ccfg, &target, cfg.connect_samples, tokens(cfg.connect_samples)?)?;
+            samples[i].setup_rate(&ccfg, &target, cfg.setup_flows, tokens(cfg.setup_flows)?)?;
         }
     }
     let status = relay.admin(r#"{"cmd":"policy_show"}"#).unwrap_or_default();
@@ -303,25 +212,12 @@ pub fn run(cfg: &PpBenchConfig) -> Result<PpReport> {
     if redeemed != want {
         bail!("the relay redeemed {redeemed} tokens, not {want}: {status}");
     }
-    let schemes: Vec<SchemeFigures> = names
-        .iter()
-        .zip(hists.iter().zip(rates))
-        .map(|(name, (hist, mut r))| SchemeFigures {
-            scheme: (*name).to_string(),
-            connect_latency: stats::percentiles(hist),
-            setups_per_sec_median: stats::median(&mut r.clone()).unwrap_or(0.0),
-            setups_per_sec: std::mem::take(&mut r),
-        })
-        .collect();
+    let schemes: Vec<SetupFigures> = samples.iter().map(Samples::figures).collect();
     let (b, p) = (&schemes[0], &schemes[1]);
     let report = PpReport {
         p50_added_us: p.connect_latency.p50_us as i64 - b.connect_latency.p50_us as i64,
         p99_added_us: p.connect_latency.p99_us as i64 - b.connect_latency.p99_us as i64,
-        setups_ratio: if b.setups_per_sec_median > 0.0 {
-            p.setups_per_sec_median / b.setups_per_sec_median
-        } else {
-            0.0
-        },
+        setups_ratio: ratio(p.setups_per_sec_median, b.setups_per_sec_median),
         tokens_redeemed: redeemed,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         schemes,
@@ -335,19 +231,7 @@ pub fn run(cfg: &PpBenchConfig) -> Result<PpReport> {
 
 /// The report as a Markdown table.
 pub fn markdown(r: &PpReport) -> String {
-    let mut s = String::from(
-        "| credential | CONNECT->200 p50 (us) | p99 (us) | samples | setups/s (median) |\n|---|---|---|---|---|\n",
-    );
-    for f in &r.schemes {
-        s += &format!(
-            "| {} | {} | {} | {} | {:.0} |\n",
-            f.scheme,
-            f.connect_latency.p50_us,
-            f.connect_latency.p99_us,
-            f.connect_latency.count,
-            f.setups_per_sec_median
-        );
-    }
+    let mut s = setup_cost::markdown("credential", &r.schemes);
     s += &format!(
         "\nprivacy pass - bearer: p50 {:+} us, p99 {:+} us; setups/s {:.2}x; {} tokens redeemed, each once\n",
         r.p50_added_us, r.p99_added_us, r.setups_ratio, r.tokens_redeemed
@@ -360,26 +244,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64url_round_trips_padded_or_not() {
-        for len in 0..40 {
-            let data: Vec<u8> = (0..len).map(|i| (i * 37 + 5) as u8).collect();
-            let enc = b64url(&data);
-            assert!(!enc.contains('='));
-            assert_eq!(b64url_decode(&enc).unwrap(), data);
-            let padded = format!("{enc}{}", "=".repeat((4 - enc.len() % 4) % 4));
-            assert_eq!(b64url_decode(&padded).unwrap(), data);
-        }
-        assert_eq!(b64url_decode("a!b"), None);
-    }
-
-    #[test]
     fn minted_tokens_are_rfc_9578_type_2_tokens_for_the_challenge() {
         let issuer = Issuer::new().unwrap();
         let spki = issuer.spki();
         assert_eq!(spki.len(), 342);
         let tokens = issuer.mint(b"challenge", 2).unwrap();
         assert_ne!(tokens[0], tokens[1], "fresh nonces");
-        let bytes = b64url_decode(tokens[0].strip_prefix("PrivateToken token=").unwrap()).unwrap();
+        let bytes = base64url_lenient(tokens[0].strip_prefix("PrivateToken token=").unwrap()).unwrap();
         assert_eq!(bytes.len(), 2 + 32 + 32 + 32 + 256);
         assert_eq!(&bytes[..2], &[0, 2]);
         assert_eq!(&bytes[34..66], &boring::sha::sha256(b"challenge"));

@@ -324,6 +324,32 @@ max_pending = 64
         self.state_dir.join("admin.sock")
     }
 
+    /// Runs `relayctl ARGS` against this relay's admin socket.
+    pub fn relayctl(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new(binary(self.bin_dir.as_deref(), "relayctl")?)
+            .arg("--socket")
+            .arg(self.admin_socket())
+            .args(args)
+            .output()
+            .context("running relayctl")
+    }
+
+    /// Runs `relayctl --json ARGS`, which must succeed, and parses what it
+    /// prints.
+    pub fn relayctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.relayctl(&all)?;
+        if !out.status.success() {
+            bail!(
+                "relayctl {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("relayctl --json prints JSON")
+    }
+
     /// The admin socket's `status` answer.
     pub fn status(&self) -> Result<serde_json::Value> {
         self.admin(r#"{"cmd":"status"}"#)

@@ -59,16 +59,7 @@ fn relayctl(relay: &Relay, args: &[&str]) -> Output {
 
 /// Runs `relayctl --json ARGS`, requires success, parses the output.
 fn relayctl_json(relay: &Relay, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = relayctl(relay, &all);
-    assert!(
-        out.status.success(),
-        "relayctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("relayctl --json prints JSON")
+    relay.relayctl_json(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn mint(relay: &Relay, subject: &str, ttl: &str) -> (String, u64) {

@@ -16,14 +16,13 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use relay_bench::client::{Answer, Client, ClientConfig};
 use relay_bench::echo::EchoServer;
 use relay_bench::fleet_topology::FleetTopology;
 use relay_bench::needs::{Need, require};
-use relay_bench::processes::{Relay, RelayOptions, bin_dir};
+use relay_bench::processes::{Relay, RelayOptions};
 use relay_bench::redis_server::RedisServer;
 use relay_bench::wait::{PATIENCE, wait_for, wait_until};
 use relay_proto::channel::bootstrap::CidSettings;
@@ -282,27 +281,9 @@ fn host_options(topo: &FleetTopology, dir: &Path, redis: &RedisServer, i: usize)
     }
 }
 
-fn relayctl(relay: &Relay, args: &[&str]) -> Output {
-    Command::new(bin_dir().unwrap().join("relayctl"))
-        .arg("--socket")
-        .arg(relay.admin_socket())
-        .args(args)
-        .output()
-        .expect("relayctl runs")
-}
-
 /// `relayctl --json ARGS`, which must succeed.
 fn relayctl_json(relay: &Relay, args: &[&str]) -> Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    let out = relayctl(relay, &all);
-    assert!(
-        out.status.success(),
-        "relayctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("relayctl --json prints JSON")
+    relay.relayctl_json(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Sends one datagram through tunnel `stream` and waits for the echo (sent
