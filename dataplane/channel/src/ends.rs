@@ -14,7 +14,7 @@
 use std::marker::PhantomData;
 
 use relay_proto::channel::RECORD_SIZE;
-use relay_proto::channel::record::{ChannelRecord, RecordError, VERSION};
+use relay_proto::channel::record::{ChannelRecord, RecordError};
 
 use crate::ring::{Consumer, Producer, RingError};
 
@@ -150,8 +150,9 @@ mod tests {
         worker.tx.push(&closed(3)).unwrap();
         // Slot 0: a kind of the other direction. Slot 1: a payload length
         // past the slot.
-        peer.write_all_at(&[VERSION, 5, 0, 0], slot_offset(0, 0)).unwrap();
-        peer.write_all_at(&[VERSION, 3, 0xff, 0xff], slot_offset(0, 1)).unwrap();
+        peer.write_all_at(&[relay_proto::channel::record::VERSION, 5, 0, 0], slot_offset(0, 0)).unwrap();
+        peer.write_all_at(&[relay_proto::channel::record::VERSION, 3, 0xff, 0xff], slot_offset(0, 1))
+            .unwrap();
         assert_eq!(control.rx.pop(), Err(ChannelError::Record(RecordError::WrongDirection(5))));
         assert_eq!(control.rx.pop(), Err(ChannelError::Record(RecordError::PayloadLength(0xffff))));
         assert_eq!(control.rx.pop().unwrap(), Some(closed(3)));
