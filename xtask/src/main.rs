@@ -799,7 +799,11 @@ fn fuzz(args: &[String]) -> Result<()> {
             cargo()
                 .current_dir(dir)
                 .args(["fuzz", "run", t, "--sanitizer", "none", "--"])
-                .arg(format!("-max_total_time={seconds}")),
+                .arg(format!("-max_total_time={seconds}"))
+                // libFuzzer would otherwise replace committed seeds by
+                // smaller inputs with the same features, deleting them from
+                // the working tree.
+                .arg("-reduce_inputs=0"),
         )?;
     }
     println!("fuzz: {} targets ran {seconds} s each without a crash", targets.len());

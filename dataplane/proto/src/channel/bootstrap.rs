@@ -21,8 +21,11 @@ use std::net::SocketAddr;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Protocol version of the attach handshake.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Protocol version of the attach handshake and of everything after it
+/// (bootstrap frames and channel records): 3 since AuthAsk carries client
+/// certificates (record format [`super::record::VERSION`] 3), so processes
+/// of different builds refuse the attach instead of each other's records.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
