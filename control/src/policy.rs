@@ -392,6 +392,8 @@ impl Policy {
             TunnelProtocol::ConnectIp => (self.protocols.connect_ip, "connect-ip"),
             TunnelProtocol::ConnectUdpBind => (self.protocols.bind, "bound connect-udp"),
             TunnelProtocol::ConnectTcp => (self.protocols.connect_tcp, "TCP CONNECT"),
+            // Not decided here yet: no route serves it.
+            TunnelProtocol::WebSocket => (false, "websocket"),
         };
         if !enabled {
             let details = format!("{name} is disabled");

@@ -998,7 +998,9 @@ impl Server {
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             let allowed = match &verdict {
-                Verdict::Allow { flow_id, target, .. } => Some((*flow_id, *target)),
+                Verdict::Allow { flow_id, target, .. } | Verdict::AllowUpstream { flow_id, target, .. } => {
+                    Some((*flow_id, *target))
+                }
                 // An IP or bound flow has no single target: shown as the
                 // unspecified address.
                 Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => {
@@ -1054,7 +1056,8 @@ impl Server {
         let allowed = match &verdict {
             Verdict::Allow { flow_id, .. }
             | Verdict::AllowIp { flow_id, .. }
-            | Verdict::AllowBind { flow_id, .. } => Some(*flow_id),
+            | Verdict::AllowBind { flow_id, .. }
+            | Verdict::AllowUpstream { flow_id, .. } => Some(*flow_id),
             Verdict::Deny { .. } | Verdict::Authenticate { .. } => None,
         };
         let sent =
@@ -1192,7 +1195,8 @@ fn log_tunnel(worker: u32, ask: &AuthAsk, identity: &Identity, verdict: &Verdict
     let protocol = ask.protocol;
     let destination = format_args!("{}:{}", ask.target_host, ask.target_port);
     match verdict {
-        Verdict::Allow { flow_id, target: resolved, .. } => info!(
+        Verdict::Allow { flow_id, target: resolved, .. }
+        | Verdict::AllowUpstream { flow_id, target: resolved, .. } => info!(
             flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %resolved, %identity,
             "tunnel allowed"
         ),

@@ -18,7 +18,8 @@ pub fn allowed_flow(v: &Verdict) -> Option<u64> {
     match v {
         Verdict::Allow { flow_id, .. }
         | Verdict::AllowIp { flow_id, .. }
-        | Verdict::AllowBind { flow_id, .. } => Some(*flow_id),
+        | Verdict::AllowBind { flow_id, .. }
+        | Verdict::AllowUpstream { flow_id, .. } => Some(*flow_id),
         Verdict::Deny { .. } | Verdict::Authenticate { .. } => None,
     }
 }

@@ -22,10 +22,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version of the attach handshake and of everything after it
-/// (bootstrap frames and channel records): 3 since AuthAsk carries client
-/// certificates (record format [`super::record::VERSION`] 3), so processes
-/// of different builds refuse the attach instead of each other's records.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// (bootstrap frames and channel records): 4 since asks may be for
+/// WebSocket routes and answers name upstreams (record format
+/// [`super::record::VERSION`] 4), so processes of different builds refuse
+/// the attach instead of each other's records.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -160,6 +161,9 @@ pub enum Protocol {
     ConnectIp,
     /// `connect-udp-bind`: bound connect-udp (draft-ietf-masque-connect-udp-listen).
     ConnectUdpBind,
+    /// `websocket` (RFC 8441, RFC 9220; HTTP/1.1 `Upgrade: websocket`),
+    /// relayed to `[[upstreams]]` origins.
+    Websocket,
 }
 
 /// Which I/O backend the dataplane's workers run.
@@ -894,6 +898,7 @@ mod tests {
             (Protocol::ConnectUdp, "connect-udp"),
             (Protocol::ConnectIp, "connect-ip"),
             (Protocol::ConnectUdpBind, "connect-udp-bind"),
+            (Protocol::Websocket, "websocket"),
         ] {
             assert_eq!(serde_json::to_value(protocol).unwrap(), name);
         }

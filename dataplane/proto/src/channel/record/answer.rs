@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::wire::{Reader, Writer};
 use super::{
-    IpAssignment, IpRoute, MAX_CHALLENGE_LEN, MAX_CHALLENGES, MAX_DETAILS, MAX_IP_ASSIGNMENTS, MAX_IP_ROUTES,
-    MAX_SIGNATURE, RecordError,
+    IpAssignment, IpRoute, MAX_AUTHORITY, MAX_CHALLENGE_LEN, MAX_CHALLENGES, MAX_DETAILS, MAX_IP_ASSIGNMENTS,
+    MAX_IP_ROUTES, MAX_PATH, MAX_ROUTE_NAME, MAX_SIGNATURE, RecordError,
 };
 use crate::proxy_status::ProxyError;
 
@@ -62,6 +62,29 @@ pub enum Verdict {
         /// policy denies); the dataplane checks each datagram's peer.
         peers: Vec<IpRoute>,
     },
+    /// Relay to an upstream origin (a `[[upstreams]]` route): connect to
+    /// `target` and open the upstream side with `host` and `path`.
+    AllowUpstream {
+        /// Control's ID for the flow.
+        flow_id: u64,
+        /// The resolved, policy-checked address of the upstream origin.
+        target: SocketAddr,
+        /// Idle timeout for the flow, in milliseconds.
+        idle_timeout_ms: u32,
+        /// Bytes the flow may carry (0: no limit).
+        byte_budget: u64,
+        /// Who opened it (quota key; empty when not known).
+        identity: String,
+        /// The route's name (at most [`MAX_ROUTE_NAME`] bytes of
+        /// `[a-z0-9_-]`), shown with the flow.
+        route: String,
+        /// The `Host` (HTTP/1.1) or `:authority` to send upstream (at most
+        /// [`MAX_AUTHORITY`] bytes).
+        host: String,
+        /// The path (and query) to request upstream, starting with `/` (at
+        /// most [`MAX_PATH`] bytes).
+        path: String,
+    },
     /// Refuse with an HTTP status and a Proxy-Status error.
     Deny {
         /// HTTP status code (400..=599).
@@ -100,6 +123,29 @@ pub fn valid_challenge(v: &str) -> bool {
         && v.bytes().all(|b| b == b' ' || b.is_ascii_graphic())
         && !v.starts_with(' ')
         && !v.ends_with(' ')
+}
+
+/// Whether `v` is a route name: 1 to [`MAX_ROUTE_NAME`] bytes of
+/// lowercase ASCII letters, digits, `-` and `_`.
+pub fn valid_route_name(v: &str) -> bool {
+    (1..=MAX_ROUTE_NAME).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// Whether `v` may be sent upstream as `Host`/`:authority`: 1 to
+/// [`MAX_AUTHORITY`] bytes of visible ASCII other than `@`, `/`, `?`, `#`
+/// (a `uri-host [":" port]`, RFC 9110 section 7.2; the dataplane writes it
+/// into a request head unchanged, so control's word is checked here).
+pub fn valid_upstream_host(v: &str) -> bool {
+    (1..=MAX_AUTHORITY).contains(&v.len())
+        && v.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'@' | b'/' | b'?' | b'#' | b'\\'))
+}
+
+/// Whether `v` may be sent upstream as a request path: `/` then at most
+/// [`MAX_PATH`] bytes of visible ASCII without `#` (origin-form, RFC 9112
+/// section 3.2.1).
+pub fn valid_upstream_path(v: &str) -> bool {
+    v.starts_with('/') && v.len() <= MAX_PATH && v.bytes().all(|b| b.is_ascii_graphic() && b != b'#')
 }
 
 /// Control answers an ask.
@@ -148,6 +194,20 @@ impl AuthAnswer {
                 w.identity(identity)?;
                 w.u8(peers.len() as u8)?;
                 peers.iter().try_for_each(|r| w.route(r))
+            }
+            Verdict::AllowUpstream { flow_id, target, idle_timeout_ms, byte_budget, identity, route, host, path } => {
+                if !valid_route_name(route) || !valid_upstream_host(host) || !valid_upstream_path(path) {
+                    return Err(RecordError::BadValue("upstream"));
+                }
+                w.u8(6)?;
+                w.u64(*flow_id)?;
+                w.addr(*target)?;
+                w.u32(*idle_timeout_ms)?;
+                w.u64(*byte_budget)?;
+                w.identity(identity)?;
+                w.str(route, MAX_ROUTE_NAME, "route")?;
+                w.str(host, MAX_AUTHORITY, "host")?;
+                w.str(path, MAX_PATH, "path")
             }
             Verdict::Deny { status, proxy_error, details, retry_after_secs } => {
                 if !(400..=599).contains(status) {
@@ -238,6 +298,20 @@ impl AuthAnswer {
                     return Err(RecordError::BadValue("challenge"));
                 }
                 Verdict::Authenticate { details, challenges }
+            }
+            6 => {
+                let flow_id = r.u64()?;
+                let target = r.addr("target")?;
+                let idle_timeout_ms = r.u32()?;
+                let byte_budget = r.u64()?;
+                let identity = r.identity()?;
+                let route = r.str(MAX_ROUTE_NAME, "route")?;
+                let host = r.str(MAX_AUTHORITY, "host")?;
+                let path = r.str(MAX_PATH, "path")?;
+                if !valid_route_name(&route) || !valid_upstream_host(&host) || !valid_upstream_path(&path) {
+                    return Err(RecordError::BadValue("upstream"));
+                }
+                Verdict::AllowUpstream { flow_id, target, idle_timeout_ms, byte_budget, identity, route, host, path }
             }
             _ => return Err(RecordError::BadValue("verdict")),
         };

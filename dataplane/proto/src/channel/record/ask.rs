@@ -30,6 +30,12 @@ pub enum TunnelProtocol {
     /// connect-udp, and the answer is [`Verdict::Allow`](super::Verdict::Allow)
     /// with the resolved, policy-checked address.
     ConnectTcp = 3,
+    /// WebSocket relayed to an upstream origin (RFC 6455 over HTTP/1.1
+    /// Upgrade, RFC 8441, RFC 9220). `authority`/`path` are the request's;
+    /// `target_host` is empty and `target_port` 0: control picks the
+    /// upstream by its `[[upstreams]]` routes and answers
+    /// [`Verdict::AllowUpstream`](super::Verdict::AllowUpstream).
+    WebSocket = 4,
 }
 
 impl TunnelProtocol {
@@ -40,6 +46,7 @@ impl TunnelProtocol {
             1 => Some(Self::ConnectIp),
             2 => Some(Self::ConnectUdpBind),
             3 => Some(Self::ConnectTcp),
+            4 => Some(Self::WebSocket),
             _ => None,
         }
     }

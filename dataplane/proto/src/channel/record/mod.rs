@@ -25,7 +25,10 @@ pub mod ask;
 pub mod cert;
 mod wire;
 
-pub use answer::{AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict, valid_challenge};
+pub use answer::{
+    AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict, valid_challenge, valid_route_name, valid_upstream_host,
+    valid_upstream_path,
+};
 pub use ask::{
     AddressAsk, AuthAsk, ConnInfo, FlowClosed, FlowOpen, IPPROTO_ANY, SignAsk, Transport, TunnelProtocol,
 };
@@ -35,8 +38,8 @@ pub use cert::{
 use wire::{HEADER_LEN, Reader, Writer};
 
 /// Record format version this build speaks (3: asks carry a client
-/// certificate).
-pub const VERSION: u8 = 3;
+/// certificate; 4: WebSocket asks and `AllowUpstream` answers).
+pub const VERSION: u8 = 4;
 /// Largest payload a record can carry.
 pub const MAX_PAYLOAD: usize = RECORD_SIZE - HEADER_LEN;
 
@@ -46,6 +49,9 @@ pub const MAX_AUTHORITY: usize = 255;
 pub const MAX_TARGET_HOST: usize = 255;
 /// Longest `:path` carried in an ask (longer requests get 414).
 pub const MAX_PATH: usize = 1536;
+/// Longest `[[upstreams]]` route name in an
+/// [`AllowUpstream`](Verdict::AllowUpstream) verdict.
+pub const MAX_ROUTE_NAME: usize = 32;
 /// Longest credentials carried in an ask (longer requests get 431).
 pub const MAX_AUTHORIZATION: usize = 1920;
 /// Longest deny details carried in an answer.
@@ -542,6 +548,19 @@ mod tests {
                 ask_id: 15,
                 verdict: Verdict::Authenticate { details: String::new(), challenges: Vec::new() },
             }),
+            AnswerRecord::AuthAnswer(AuthAnswer {
+                ask_id: 16,
+                verdict: Verdict::AllowUpstream {
+                    flow_id: 9,
+                    target: "[2001:db8::1]:8080".parse().unwrap(),
+                    idle_timeout_ms: 300_000,
+                    byte_budget: 0,
+                    identity: "i".repeat(MAX_IDENTITY),
+                    route: "r".repeat(MAX_ROUTE_NAME),
+                    host: "h".repeat(MAX_AUTHORITY),
+                    path: format!("/{}", "p".repeat(MAX_PATH - 1)),
+                },
+            }),
             AnswerRecord::Drain,
             AnswerRecord::KillFlow { flow_id: 42 },
             AnswerRecord::SignAnswer(SignAnswer {
@@ -587,7 +606,7 @@ mod tests {
         let ask_kinds: Vec<u8> = ask_samples().iter().map(|r| kind(encoded(r))).collect();
         assert_eq!(ask_kinds, [1, 1, 1, 3, 4, 4, 7, 7, 10, 11, 12]);
         let answer_kinds: Vec<u8> = answer_samples().iter().map(|r| kind(encoded(r))).collect();
-        assert_eq!(answer_kinds, [2, 2, 2, 2, 2, 2, 2, 5, 6, 8, 8, 9, 13]);
+        assert_eq!(answer_kinds, [2, 2, 2, 2, 2, 2, 2, 2, 5, 6, 8, 8, 9, 13]);
         let closed = encoded(&AskRecord::FlowClosed(FlowClosed {
             flow_id: 1,
             packets_up: 2,
@@ -780,6 +799,50 @@ mod tests {
     }
 
     #[test]
+    fn upstream_verdicts_are_checked_both_ways() {
+        let ok = Verdict::AllowUpstream {
+            flow_id: 1,
+            target: "127.0.0.1:80".parse().unwrap(),
+            idle_timeout_ms: 1,
+            byte_budget: 0,
+            identity: String::new(),
+            route: "chat-1".into(),
+            host: "chat.example:8080".into(),
+            path: "/ws?room=1".into(),
+        };
+        let rec = AnswerRecord::AuthAnswer(AuthAnswer { ask_id: 1, verdict: ok.clone() });
+        assert_eq!(AnswerRecord::decode(&encoded(&rec)).unwrap(), rec);
+        let bad = |f: &dyn Fn(&mut Verdict)| {
+            let mut v = ok.clone();
+            f(&mut v);
+            let rec = AnswerRecord::AuthAnswer(AuthAnswer { ask_id: 1, verdict: v });
+            let mut buf = [0u8; RECORD_SIZE];
+            assert_eq!(rec.encode(&mut buf), Err(RecordError::BadValue("upstream")));
+        };
+        let set = |route: &str, host: &str, path: &str| {
+            let (route, host, path) = (route.to_string(), host.to_string(), path.to_string());
+            move |v: &mut Verdict| {
+                if let Verdict::AllowUpstream { route: r, host: h, path: p, .. } = v {
+                    (*r, *h, *p) = (route.clone(), host.clone(), path.clone());
+                }
+            }
+        };
+        bad(&set("Chat", "h", "/"));
+        bad(&set("", "h", "/"));
+        bad(&set("c", "h\r\nx: y", "/"));
+        bad(&set("c", "user@h", "/"));
+        bad(&set("c", "", "/"));
+        bad(&set("c", "h", "x"));
+        bad(&set("c", "h", "/a b"));
+        bad(&set("c", "h", "/a#f"));
+        // A peer writing a bad value is refused on decode too.
+        let mut buf = encoded(&rec);
+        let end = HEADER_LEN + usize::from(u16::from_le_bytes([buf[2], buf[3]]));
+        buf[end - 1] = b' ';
+        assert_eq!(AnswerRecord::decode(&buf), Err(RecordError::BadValue("upstream")));
+    }
+
+    #[test]
     fn ask_protocols_have_their_wire_values_and_others_are_refused() {
         let AskRecord::AuthAsk(base) = ask_samples()[0].clone() else { unreachable!() };
         let protocols = [
@@ -787,6 +850,7 @@ mod tests {
             (TunnelProtocol::ConnectIp, 1),
             (TunnelProtocol::ConnectUdpBind, 2),
             (TunnelProtocol::ConnectTcp, 3),
+            (TunnelProtocol::WebSocket, 4),
         ];
         for (protocol, wire) in protocols {
             let rec = AskRecord::AuthAsk(AuthAsk { protocol, ..base.clone() });
@@ -802,7 +866,7 @@ mod tests {
         buf[last] = 2;
         assert_eq!(AskRecord::decode(&buf), Err(RecordError::BadValue("client_cert")));
         buf[last] = 0;
-        for protocol in [4, u8::MAX] {
+        for protocol in [5, u8::MAX] {
             buf[last - 1] = protocol;
             assert_eq!(AskRecord::decode(&buf), Err(RecordError::BadValue("protocol")));
         }
