@@ -1,8 +1,8 @@
 //! HTTP/1.1 request heads for the TCP front: parsing (RFC 9112), message
 //! framing (RFC 9112 section 6), classification into the requests the relay
 //! serves (CONNECT, the connect-udp / connect-ip Upgrade of RFC 9298 section
-//! 3.2 and RFC 9484 section 4.2, the h2c Upgrade of RFC 7540 section 3.2)
-//! and response heads.
+//! 3.2 and RFC 9484 section 4.2, WebSocket's of RFC 6455 section 4.2.1, the
+//! h2c Upgrade of RFC 7540 section 3.2) and response heads.
 //!
 //! Sans-IO: the caller accumulates bytes and calls [`parse_request_head`]
 //! again until it answers [`Parse::Complete`]; every function here is pure.
@@ -20,7 +20,7 @@
 //! - the request-target must be visible ASCII without a fragment; other URI
 //!   characters are not policed here (the URI template matcher decides);
 //! - absolute-form targets must use the http or https scheme;
-//! - upgrade tokens (`connect-udp`, `connect-ip`, `h2c`) are matched ASCII
+//! - upgrade tokens (`connect-udp`, `connect-ip`, `websocket`, `h2c`) are matched ASCII
 //!   case-insensitively, like the Connection options that name them (RFC 9110
 //!   section 7.6.1); a token with a version (`connect-udp/1`) is another
 //!   protocol.
@@ -29,7 +29,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::request::{Request, capsule_protocol_is_true};
+use crate::request::{Request, WebSocketFields, capsule_protocol_is_true};
 use crate::target::{self, TargetError, TargetHost};
 
 /// Bounds on what a request head may hold.
@@ -242,13 +242,16 @@ pub enum Body {
     Chunked,
 }
 
-/// The capsule-protocol upgrade tokens this relay serves.
+/// The upgrade tokens this relay serves: the capsule-protocol tunnels and
+/// WebSocket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UpgradeProtocol {
     /// `connect-udp` (RFC 9298).
     ConnectUdp,
     /// `connect-ip` (RFC 9484).
     ConnectIp,
+    /// `websocket` (RFC 6455 section 4.2.1), relayed to an upstream origin.
+    WebSocket,
 }
 
 impl UpgradeProtocol {
@@ -257,11 +260,12 @@ impl UpgradeProtocol {
         match self {
             UpgradeProtocol::ConnectUdp => "connect-udp",
             UpgradeProtocol::ConnectIp => "connect-ip",
+            UpgradeProtocol::WebSocket => "websocket",
         }
     }
 
     fn from_token(token: &str) -> Option<Self> {
-        [UpgradeProtocol::ConnectUdp, UpgradeProtocol::ConnectIp]
+        [UpgradeProtocol::ConnectUdp, UpgradeProtocol::ConnectIp, UpgradeProtocol::WebSocket]
             .into_iter()
             .find(|p| token.eq_ignore_ascii_case(p.token()))
     }
@@ -796,10 +800,11 @@ fn is_base64url(v: &str) -> bool {
 ///    Transfer-Encoding) is 400.
 /// 2. On HTTP/1.1 only (RFC 9110 section 7.8: "A server MUST ignore an
 ///    Upgrade header field that is received in an HTTP/1.0 request"), the
-///    first of `connect-udp` / `connect-ip` listed in Upgrade, whatever else
-///    is listed beside it (section 7.8 lets the server pick; a client listing
-///    both gets the one it listed first), makes a [`RequestKind::Tunnel`],
-///    which RFC 9298 section 3.2 and RFC 9484 section 4.2 require to be a GET
+///    first of `connect-udp` / `connect-ip` / `websocket` listed in Upgrade,
+///    whatever else is listed beside it (section 7.8 lets the server pick; a
+///    client listing several gets the one it listed first), makes a
+///    [`RequestKind::Tunnel`], which RFC 9298 section 3.2, RFC 9484 section
+///    4.2 and RFC 6455 section 4.1 require to be a GET
 ///    with `Connection: upgrade`, a path target, no Content-Length,
 ///    Content-Type or Transfer-Encoding (RFC 9297 section 3.2), and a
 ///    Capsule-Protocol, if present, that is `?1` (parameters ignored);
@@ -926,6 +931,13 @@ pub fn to_extended_connect(
         authorization: head.authorization().map(str::to_string),
         capsule_protocol: head.combined("capsule-protocol"),
         connect_udp_bind: head.combined("connect-udp-bind"),
+        websocket: WebSocketFields {
+            version: head.combined("sec-websocket-version"),
+            key: head.combined("sec-websocket-key"),
+            protocol: head.combined("sec-websocket-protocol"),
+            extensions: head.combined("sec-websocket-extensions"),
+            origin: head.combined("origin"),
+        },
     }
 }
 
@@ -1419,10 +1431,13 @@ mod tests {
             Err(HeadError::BadCapsuleProtocol(ConnectUdp))
         );
         // Tokens are case-insensitive; the one we serve is picked from a list.
-        let f = ["Host: r", "Connection: keep-alive, UPGRADE", "Upgrade: websocket, Connect-UDP"];
+        let f = ["Host: r", "Connection: keep-alive, UPGRADE", "Upgrade: foo, Connect-UDP"];
         assert_eq!(kind(UDP_LINE, &f), tunnel(ConnectUdp, UDP_PATH, "r"));
-        let f = ["Host: r", "Connection: upgrade", "Upgrade: websocket", "Upgrade: connect-udp"];
+        let f = ["Host: r", "Connection: upgrade", "Upgrade: foo", "Upgrade: connect-udp"];
         assert_eq!(kind(UDP_LINE, &f), tunnel(ConnectUdp, UDP_PATH, "r"));
+        // WebSocket listed first is the one picked.
+        let f = ["Host: r", "Connection: upgrade", "Upgrade: WebSocket, connect-udp"];
+        assert_eq!(kind(UDP_LINE, &f), tunnel(WebSocket, UDP_PATH, "r"));
         // Both capsule protocols: the first listed.
         let f = ["Host: r", "Connection: upgrade", "Upgrade: connect-ip, connect-udp"];
         assert_eq!(kind(UDP_LINE, &f), tunnel(ConnectIp, UDP_PATH, "r"));
@@ -1552,9 +1567,37 @@ mod tests {
         let plain = |path: &str| Ok(RequestKind::Plain { path: path.into(), authority: "a".into() });
         assert_eq!(kind("GET / HTTP/1.1", &["Host: a"]), plain("/"));
         assert_eq!(
-            kind("GET /ws HTTP/1.1", &["Host: a", "Connection: upgrade", "Upgrade: websocket"]),
+            kind("GET /ws HTTP/1.1", &["Host: a", "Connection: upgrade", "Upgrade: websocket2"]),
             plain("/ws")
         );
+        // WebSocket is an upgrade the relay serves (to its upstreams); its
+        // fields are carried into the extended-CONNECT form.
+        let ws = [
+            "Host: a",
+            "Connection: upgrade",
+            "Upgrade: websocket",
+            "Sec-WebSocket-Version: 13",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Protocol: a",
+            "Sec-WebSocket-Protocol: b",
+            "Origin: https://o.example",
+        ];
+        assert_eq!(
+            kind("GET /ws HTTP/1.1", &ws),
+            Ok(RequestKind::Tunnel {
+                protocol: UpgradeProtocol::WebSocket,
+                path: "/ws".into(),
+                authority: "a".into()
+            })
+        );
+        let r =
+            to_extended_connect(&head(&req("GET /ws HTTP/1.1", &ws)), UpgradeProtocol::WebSocket, "/ws", "a");
+        assert_eq!(r.protocol.as_deref(), Some("websocket"));
+        assert_eq!(r.websocket.version.as_deref(), Some("13"));
+        assert_eq!(r.websocket.key.as_deref(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert_eq!(r.websocket.protocol.as_deref(), Some("a, b"));
+        assert_eq!(r.websocket.origin.as_deref(), Some("https://o.example"));
+        assert_eq!(kind("POST /ws HTTP/1.1", &ws), Err(HeadError::TunnelNotGet(UpgradeProtocol::WebSocket)));
         assert_eq!(kind("POST /x HTTP/1.1", &["Host: a", "Transfer-Encoding: chunked"]), plain("/x"));
         assert_eq!(
             kind("POST /x HTTP/1.1", &["Host: a", "Transfer-Encoding: x, chunked"]),

@@ -15,7 +15,11 @@
 //!   table; its request classification sits in [`request`].
 //! - [`http1`]: HTTP/1.1 request heads for the TCP front (RFC 9112): parsing,
 //!   body framing, and classification into CONNECT, the connect-udp /
-//!   connect-ip Upgrade (RFC 9298, RFC 9484) and the h2c Upgrade (RFC 7540).
+//!   connect-ip / WebSocket Upgrade (RFC 9298, RFC 9484, RFC 6455) and the
+//!   h2c Upgrade (RFC 7540).
+//! - [`websocket`]: WebSocket's opening handshake on both sides of the
+//!   relay (RFC 6455 section 4, RFC 8441, RFC 9220); frames are relayed
+//!   unparsed.
 //! - [`h2c`]: cleartext HTTP/2 for the TCP front: preface sniffing,
 //!   HTTP2-Settings, and the h2c Upgrade's frame shims.
 //! - [`proxy_status`]: Proxy-Status (RFC 9209).
@@ -45,3 +49,4 @@ pub mod request;
 pub mod target;
 pub mod template;
 pub mod varint;
+pub mod websocket;

@@ -27,6 +27,16 @@ pub enum ProxyError {
     HttpRequestDenied = 11,
     /// Section 2.3.12: the request was invalid.
     HttpRequestError = 12,
+    /// Section 2.3.18: the next hop's response ended before it was
+    /// complete.
+    HttpResponseIncomplete = 18,
+    /// Section 2.3.26: the next hop did not answer in time.
+    HttpResponseTimeout = 26,
+    /// Section 2.3.27: the HTTP Upgrade (or its equivalent) between the
+    /// relay and the next hop failed.
+    HttpUpgradeFailed = 27,
+    /// Section 2.3.28: the next hop's response violated HTTP.
+    HttpProtocolError = 28,
     /// Section 2.3.23: the proxy's configuration prevents the request.
     ProxyConfigurationError = 23,
     /// Section 2.3.24: the proxy hit an internal error (e.g. control plane
@@ -48,6 +58,10 @@ impl ProxyError {
             ProxyError::ConnectionTimeout => "connection_timeout",
             ProxyError::HttpRequestDenied => "http_request_denied",
             ProxyError::HttpRequestError => "http_request_error",
+            ProxyError::HttpResponseIncomplete => "http_response_incomplete",
+            ProxyError::HttpResponseTimeout => "http_response_timeout",
+            ProxyError::HttpUpgradeFailed => "http_upgrade_failed",
+            ProxyError::HttpProtocolError => "http_protocol_error",
             ProxyError::ProxyConfigurationError => "proxy_configuration_error",
             ProxyError::ProxyInternalError => "proxy_internal_error",
         }
@@ -66,6 +80,10 @@ impl ProxyError {
             9 => ProxyError::ConnectionTimeout,
             11 => ProxyError::HttpRequestDenied,
             12 => ProxyError::HttpRequestError,
+            18 => ProxyError::HttpResponseIncomplete,
+            26 => ProxyError::HttpResponseTimeout,
+            27 => ProxyError::HttpUpgradeFailed,
+            28 => ProxyError::HttpProtocolError,
             23 => ProxyError::ProxyConfigurationError,
             24 => ProxyError::ProxyInternalError,
             _ => return None,
@@ -78,7 +96,22 @@ impl ProxyError {
 /// `details` is made a valid sf-string: only printable ASCII survives,
 /// quotes and backslashes are escaped (RFC 8941 section 3.3.3).
 pub fn format(proxy_name: &str, error: ProxyError, details: Option<&str>) -> String {
+    format_received(proxy_name, error, None, details)
+}
+
+/// Like [`format`], with the `received-status` parameter (section 2.1.2):
+/// the status the next hop answered, e.g. the 403 of an upstream that
+/// refused a WebSocket upgrade.
+pub fn format_received(
+    proxy_name: &str,
+    error: ProxyError,
+    received_status: Option<u16>,
+    details: Option<&str>,
+) -> String {
     let mut out = format!("{proxy_name}; error={}", error.as_str());
+    if let Some(status) = received_status {
+        out.push_str(&std::format!("; received-status={status}"));
+    }
     if let Some(details) = details {
         out.push_str("; details=\"");
         for c in details.chars().filter(|c| (' '..='~').contains(c)) {
@@ -105,6 +138,14 @@ mod tests {
         assert_eq!(
             format("relay", ProxyError::DnsError, Some("no \"such\" host\\\n")),
             "relay; error=dns_error; details=\"no \\\"such\\\" host\\\\\""
+        );
+    }
+
+    #[test]
+    fn received_status_is_a_parameter() {
+        assert_eq!(
+            format_received("relay", ProxyError::HttpUpgradeFailed, Some(403), Some("upstream refused")),
+            "relay; error=http_upgrade_failed; received-status=403; details=\"upstream refused\""
         );
     }
 

@@ -98,6 +98,41 @@ pub struct Request {
     /// Value of `connect-udp-bind`, if present; repeated fields are joined
     /// with ", " (an sf-list, which [`request_wants_bind`] reads as absent).
     pub connect_udp_bind: Option<String>,
+    /// WebSocket's handshake fields (RFC 6455 section 11.3), when present.
+    pub websocket: WebSocketFields,
+}
+
+/// WebSocket's request fields (RFC 6455 section 11.3, RFC 8441 section 5),
+/// as the request carried them; [`crate::websocket`] checks them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WebSocketFields {
+    /// `sec-websocket-version`; repeated lines joined with ", ".
+    pub version: Option<String>,
+    /// `sec-websocket-key` (HTTP/1.1 only: RFC 8441 section 5 leaves it out
+    /// of extended CONNECT, so HTTP/2 and HTTP/3 requests never fill it);
+    /// repeated lines joined with ", " (then invalid).
+    pub key: Option<String>,
+    /// `sec-websocket-protocol`; repeated lines joined with ", ".
+    pub protocol: Option<String>,
+    /// `sec-websocket-extensions`; repeated lines joined with ", ".
+    pub extensions: Option<String>,
+    /// `origin` (RFC 6454), passed to the upstream origin.
+    pub origin: Option<String>,
+}
+
+/// Appends a field line's value to `slot` as RFC 9110 section 5.3 combines
+/// repeated lines (", "), bounded by [`MAX_FIELD_VALUE_LEN`]: a value past
+/// the bound makes the request malformed.
+pub fn combine_field(slot: &mut Option<String>, value: String) -> Result<(), Malformed> {
+    match slot {
+        None => *slot = Some(value),
+        Some(prev) if prev.len() + 2 + value.len() <= MAX_FIELD_VALUE_LEN => {
+            prev.push_str(", ");
+            prev.push_str(&value);
+        }
+        Some(_) => return Err(Malformed::InvalidFieldValue),
+    }
+    Ok(())
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -183,6 +218,10 @@ pub fn parse_request<'a>(
                     }
                 }
             }
+            b"sec-websocket-version" => combine_field(&mut req.websocket.version, to_string(value)?)?,
+            b"sec-websocket-protocol" => combine_field(&mut req.websocket.protocol, to_string(value)?)?,
+            b"sec-websocket-extensions" => combine_field(&mut req.websocket.extensions, to_string(value)?)?,
+            b"origin" => combine_field(&mut req.websocket.origin, to_string(value)?)?,
             b"content-length" | b"content-type" => has_content_fields = true,
             _ => {}
         }
@@ -599,6 +638,34 @@ mod tests {
             assert_eq!(parse_owned(&with(name, None)), Err(Malformed::MissingPseudoHeader), "{name}");
             assert!(parse_owned(&with(name, Some(""))).is_err(), "empty {name}");
         }
+    }
+
+    #[test]
+    fn websocket_fields_are_kept_and_a_key_ignored() {
+        let mut f = with("x", None);
+        for (n, v) in [
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-protocol", "chat"),
+            ("sec-websocket-protocol", "superchat"),
+            ("sec-websocket-extensions", "permessage-deflate"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("origin", "https://app.example"),
+        ] {
+            f.push((n, v.into()));
+        }
+        let r = parse_owned(&f).unwrap();
+        assert_eq!(r.websocket.version.as_deref(), Some("13"));
+        assert_eq!(r.websocket.protocol.as_deref(), Some("chat, superchat"));
+        assert_eq!(r.websocket.extensions.as_deref(), Some("permessage-deflate"));
+        assert_eq!(r.websocket.origin.as_deref(), Some("https://app.example"));
+        // RFC 8441 section 5: extended CONNECT does not use the key.
+        assert_eq!(r.websocket.key, None);
+        // Repeated lines stay bounded.
+        let mut f = with("x", None);
+        let long = "p".repeat(MAX_FIELD_VALUE_LEN);
+        f.push(("sec-websocket-protocol", long.clone()));
+        f.push(("sec-websocket-protocol", long));
+        assert_eq!(parse_owned(&f), Err(Malformed::InvalidFieldValue));
     }
 
     #[test]

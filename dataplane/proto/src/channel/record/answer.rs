@@ -195,7 +195,16 @@ impl AuthAnswer {
                 w.u8(peers.len() as u8)?;
                 peers.iter().try_for_each(|r| w.route(r))
             }
-            Verdict::AllowUpstream { flow_id, target, idle_timeout_ms, byte_budget, identity, route, host, path } => {
+            Verdict::AllowUpstream {
+                flow_id,
+                target,
+                idle_timeout_ms,
+                byte_budget,
+                identity,
+                route,
+                host,
+                path,
+            } => {
                 if !valid_route_name(route) || !valid_upstream_host(host) || !valid_upstream_path(path) {
                     return Err(RecordError::BadValue("upstream"));
                 }
@@ -311,7 +320,16 @@ impl AuthAnswer {
                 if !valid_route_name(&route) || !valid_upstream_host(&host) || !valid_upstream_path(&path) {
                     return Err(RecordError::BadValue("upstream"));
                 }
-                Verdict::AllowUpstream { flow_id, target, idle_timeout_ms, byte_budget, identity, route, host, path }
+                Verdict::AllowUpstream {
+                    flow_id,
+                    target,
+                    idle_timeout_ms,
+                    byte_budget,
+                    identity,
+                    route,
+                    host,
+                    path,
+                }
             }
             _ => return Err(RecordError::BadValue("verdict")),
         };

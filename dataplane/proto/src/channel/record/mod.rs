@@ -26,8 +26,8 @@ pub mod cert;
 mod wire;
 
 pub use answer::{
-    AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict, valid_challenge, valid_route_name, valid_upstream_host,
-    valid_upstream_path,
+    AddressAnswer, AuthAnswer, SignAnswer, SignResult, Verdict, valid_challenge, valid_route_name,
+    valid_upstream_host, valid_upstream_path,
 };
 pub use ask::{
     AddressAsk, AuthAsk, ConnInfo, FlowClosed, FlowOpen, IPPROTO_ANY, SignAsk, Transport, TunnelProtocol,
