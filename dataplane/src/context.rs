@@ -43,6 +43,9 @@ pub struct Served {
     pub connect_udp: bool,
     /// Bound connect-udp is served.
     pub bind: bool,
+    /// WebSocket (`:protocol websocket`, HTTP/1.1 `Upgrade: websocket`) is
+    /// relayed to upstream origins (control has `[[upstreams]]` routes).
+    pub websocket: bool,
 }
 
 /// A worker's fixed settings.
@@ -78,6 +81,7 @@ impl Settings {
             ip_template,
             connect_udp: bootstrap.protocols.contains(&Protocol::ConnectUdp),
             bind: bootstrap.bind.is_some(),
+            websocket: bootstrap.protocols.contains(&Protocol::Websocket),
         };
         let ask_timeout = Duration::from_millis(u64::from(bootstrap.ask_timeout_ms));
         Self { index, bootstrap, names, served, ask_timeout, cids }

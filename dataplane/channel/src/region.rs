@@ -429,6 +429,12 @@ counters! {
     /// Connections that matched but got no qlog file (every file of
     /// `qlog.max_files` still being written, or the file not created).
     QlogRefused = 78, "qlog_refused";
+    /// WebSocket sessions relayed to an upstream origin (both handshakes
+    /// done).
+    WebsocketsOpened = 79, "websockets_opened";
+    /// WebSocket requests whose upstream handshake failed (the origin
+    /// refused, answered badly, closed, or did not answer in time).
+    WebsocketUpstreamFailures = 80, "websocket_upstream_failures";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

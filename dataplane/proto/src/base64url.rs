@@ -82,7 +82,7 @@ pub fn base64_encode(data: &[u8]) -> String {
 /// Strict standard base64 with padding (RFC 4648 section 4): the length a
 /// multiple of 4, padding only at the end, unused bits zero.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let body = s.trim_end_matches('=');

@@ -938,6 +938,7 @@ pub fn to_extended_connect(
             extensions: head.combined("sec-websocket-extensions"),
             origin: head.combined("origin"),
         },
+        http1_upgrade: true,
     }
 }
 

@@ -100,6 +100,9 @@ pub struct Request {
     pub connect_udp_bind: Option<String>,
     /// WebSocket's handshake fields (RFC 6455 section 11.3), when present.
     pub websocket: WebSocketFields,
+    /// The request came as an HTTP/1.1 Upgrade ([`crate::http1::to_extended_connect`]),
+    /// not as an extended CONNECT.
+    pub http1_upgrade: bool,
 }
 
 /// WebSocket's request fields (RFC 6455 section 11.3, RFC 8441 section 5),

@@ -438,7 +438,9 @@ impl Conn {
             }
             // A classic CONNECT's request bytes wait in quiche until its
             // target has room.
-            if tunnels.up_room(id) > 0 && tunnels.kind(id) == Some(crate::tunnel::route::Kind::Tcp) {
+            if tunnels.up_room(id) > 0
+                && tunnels.kind(id).is_some_and(crate::tunnel::route::Kind::byte_stream)
+            {
                 self.read_body(stream, id, scratch, tunnels, ctx);
             }
             match tunnels.end(id) {

@@ -12,7 +12,9 @@ use tracing::debug;
 
 use super::datagrams::DownPath;
 use super::head::Refusal;
-use super::{Abort, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict};
+use super::{
+    Abort, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict, websocket,
+};
 use crate::context::Ctx;
 use crate::io::Ready;
 use crate::timers::TimerTarget;
@@ -57,7 +59,7 @@ impl Tunnels {
         self.finish_from_relay(ctx, id);
     }
 
-    /// A classic CONNECT's TCP target is ready.
+    /// A classic CONNECT's TCP target (or a WebSocket origin) is ready.
     pub fn on_ready(&mut self, ctx: &mut Ctx, id: TunnelId, ready: Ready) {
         let Some(t) = self.slab.get_mut(id) else { return };
         match &mut t.state {
@@ -70,6 +72,10 @@ impl Tunnels {
                         tcp::connect_failed(self, ctx, id, errno)
                     }
                 }
+            }
+            State::Upgrading { leg, .. } => {
+                leg.target.on_ready(ready);
+                websocket::pump(self, ctx, id);
             }
             State::Tcp { leg, .. } => {
                 leg.target.on_ready(ready);
@@ -131,6 +137,7 @@ impl Tunnels {
                 self.refuse(ctx, id, &Refusal::new(503, Some(ProxyError::ProxyInternalError), why));
             }
             State::Connecting { .. } => tcp::connect_failed(self, ctx, id, libc::ETIMEDOUT),
+            State::Upgrading { .. } => websocket::timed_out(self, ctx, id),
             State::Done => {}
             _ => {
                 if let State::Ip { leg, .. } = &t.state

@@ -42,12 +42,26 @@ pub struct Refusal {
     /// by the record decoder: visible ASCII and spaces); empty: the
     /// relay's `Bearer realm` challenge.
     pub challenges: Vec<String>,
+    /// The status the next hop answered (Proxy-Status `received-status`,
+    /// RFC 9209 section 2.1.2), e.g. an upstream origin's refusal.
+    pub received_status: Option<u16>,
+    /// More fields of the answer (e.g. `Sec-WebSocket-Version` on a
+    /// WebSocket version mismatch, RFC 6455 section 4.4).
+    pub fields: Vec<(&'static str, String)>,
 }
 
 impl Refusal {
     /// A refusal without `Retry-After`.
     pub fn new(status: u16, proxy_error: Option<ProxyError>, details: impl Into<String>) -> Self {
-        Self { status, proxy_error, details: details.into(), retry_after: None, challenges: Vec::new() }
+        Self {
+            status,
+            proxy_error,
+            details: details.into(),
+            retry_after: None,
+            challenges: Vec::new(),
+            received_status: None,
+            fields: Vec::new(),
+        }
     }
 }
 
@@ -67,13 +81,38 @@ impl Head {
         Self { status: 200, fields, tunnel: true, head_only_len: None }
     }
 
+    /// The 2xx (HTTP/2, HTTP/3; the HTTP/1.1 carrier renders it as 101)
+    /// that opens a WebSocket relayed to an origin: the subprotocol and
+    /// extensions the origin chose (RFC 6455 section 4.2.2, RFC 8441
+    /// section 5), and on HTTP/1.1 the client's `Sec-WebSocket-Accept`.
+    pub fn websocket_open(
+        accept: Option<String>,
+        protocol: Option<String>,
+        extensions: Option<String>,
+    ) -> Self {
+        let mut fields = Vec::new();
+        if let Some(a) = accept {
+            fields.push(("sec-websocket-accept", a));
+        }
+        if let Some(p) = protocol {
+            fields.push(("sec-websocket-protocol", p));
+        }
+        if let Some(e) = extensions {
+            fields.push(("sec-websocket-extensions", e));
+        }
+        Self { status: 200, fields, tunnel: true, head_only_len: None }
+    }
+
     /// The answer to a refused request. `allow` is the `Allow` value of a
     /// 405: the methods the carrier serves.
     pub fn refusal(r: &Refusal, names: &Names, allow: &'static str) -> Self {
         let mut fields = Vec::new();
         if let Some(e) = r.proxy_error {
             let details = (!r.details.is_empty()).then_some(r.details.as_str());
-            fields.push(("proxy-status", proxy_status::format(&names.proxy, e, details)));
+            fields.push((
+                "proxy-status",
+                proxy_status::format_received(&names.proxy, e, r.received_status, details),
+            ));
         }
         if r.status == 407 && r.challenges.is_empty() {
             let realm: String =
@@ -91,6 +130,7 @@ impl Head {
         if let Some(secs) = r.retry_after {
             fields.push(("retry-after", secs.to_string()));
         }
+        fields.extend(r.fields.iter().cloned());
         Self { status: r.status, fields, tunnel: false, head_only_len: None }
     }
 
@@ -144,6 +184,27 @@ mod tests {
             h.field("proxy-status"),
             Some("relay; error=http_request_denied; details=\"token replayed\"")
         );
+    }
+
+    #[test]
+    fn upstream_refusals_name_the_received_status() {
+        let mut r =
+            Refusal::new(502, Some(ProxyError::HttpUpgradeFailed), "the origin answered 403 instead of 101");
+        r.received_status = Some(403);
+        r.fields.push(("sec-websocket-version", "13".into()));
+        let h = Head::refusal(&r, &names(), "CONNECT");
+        assert_eq!(
+            h.field("proxy-status"),
+            Some(
+                "relay; error=http_upgrade_failed; received-status=403; details=\"the origin answered 403 instead of 101\""
+            )
+        );
+        assert_eq!(h.field("sec-websocket-version"), Some("13"));
+        let open = Head::websocket_open(Some("acc".into()), Some("chat".into()), None);
+        assert_eq!((open.status, open.tunnel), (200, true));
+        assert_eq!(open.field("sec-websocket-accept"), Some("acc"));
+        assert_eq!(open.field("sec-websocket-protocol"), Some("chat"));
+        assert_eq!(open.field("sec-websocket-extensions"), None);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! connection of the TCP front in [`crate::front`]) hands over each request
 //! it parsed ([`Tunnels::start`]); from then on the tunnel layer owns
 //! routing ([`route`]), the ask/verdict exchange with control, the per-kind
-//! state ([`State`]: connect-udp, connect-ip, bound UDP, classic CONNECT),
+//! state ([`State`]: connect-udp, connect-ip, bound UDP, classic CONNECT,
+//! WebSocket relayed to an origin),
 //! forwarding both ways, ending and accounting. The carrier only moves its
 //! framing: stream bytes in ([`Tunnels::on_stream_bytes`]), HTTP/3
 //! datagrams in ([`Tunnels::on_datagram`]), and out: the response head
@@ -19,7 +20,9 @@
 //! (context IDs, sizes, capsule parsing, RFC 9297/9298 section 5) in
 //! [`datagrams`]; UDP forwarding in [`udp`]; connect-ip's packet checks,
 //! ICMP and address capsules in [`ip`]; bound UDP's context table use in
-//! [`bind`]; classic CONNECT's half-close in [`tcp`]; the lifecycle (ask,
+//! [`bind`]; classic CONNECT's half-close in [`tcp`]; WebSocket's upstream
+//! handshake in [`websocket`] (its request checks in [`route`] and
+//! `relay_proto::websocket`); the lifecycle (ask,
 //! verdict, deadlines, ending, reporting flows) here.
 
 pub mod bind;
@@ -30,6 +33,7 @@ pub mod ip;
 pub mod route;
 pub mod tcp;
 pub mod udp;
+pub mod websocket;
 
 mod events;
 mod stream;
@@ -179,15 +183,19 @@ pub enum Start {
 enum State {
     /// Waiting for control's answer to `ask_id` until `deadline`.
     Asking { ask_id: u64, deadline: Instant },
-    /// Connecting to a TCP target (classic CONNECT) until `deadline`.
+    /// Connecting to a TCP target (classic CONNECT, a WebSocket origin)
+    /// until `deadline`.
     Connecting { leg: Box<tcp::TcpLeg>, flow: Flow, deadline: Instant },
+    /// A WebSocket origin is connected: its Upgrade handshake runs until
+    /// `deadline`.
+    Upgrading { leg: Box<tcp::TcpLeg>, flow: Flow, deadline: Instant },
     /// A connect-udp tunnel.
     Udp { leg: udp::UdpLeg, flow: Flow },
     /// A connect-ip tunnel.
     Ip { leg: ip::IpTunnel, flow: Flow },
     /// A bound UDP tunnel.
     Bound { leg: Box<bind::BoundLeg>, flow: Flow },
-    /// A classic CONNECT tunnel.
+    /// A classic CONNECT tunnel, or an open WebSocket relay.
     Tcp { leg: Box<tcp::TcpLeg>, flow: Flow },
     /// Over: nothing is held but what the carrier still has to send.
     Done,
@@ -212,6 +220,8 @@ pub struct Tunnel {
     client_ended: bool,
     /// A bound request's fallback target.
     fallback: Option<SocketAddr>,
+    /// A WebSocket tunnel's handshake, until it is done.
+    ws: Option<Box<websocket::WsHandshake>>,
     /// It counts as an open tunnel (opened, not yet closed).
     counted_open: bool,
 }
@@ -220,6 +230,7 @@ impl Tunnel {
     fn flow(&self) -> Option<&Flow> {
         match &self.state {
             State::Connecting { flow, .. }
+            | State::Upgrading { flow, .. }
             | State::Udp { flow, .. }
             | State::Ip { flow, .. }
             | State::Bound { flow, .. }
@@ -231,7 +242,9 @@ impl Tunnel {
     /// When the tunnel next needs its timer.
     fn deadline(&self) -> Option<Instant> {
         match &self.state {
-            State::Asking { deadline, .. } | State::Connecting { deadline, .. } => Some(*deadline),
+            State::Asking { deadline, .. }
+            | State::Connecting { deadline, .. }
+            | State::Upgrading { deadline, .. } => Some(*deadline),
             State::Done => None,
             State::Ip { leg, flow } => {
                 let idle = flow.idle_deadline();
@@ -365,8 +378,9 @@ impl Tunnels {
             Kind::Udp => Some(Datagrams::new(Payloads::Udp, o.limits)),
             Kind::Ip => Some(Datagrams::new(Payloads::Ip, o.limits)),
             Kind::Bound => Some(Datagrams::new(Payloads::Bound, o.limits)),
-            Kind::Tcp => None,
+            Kind::Tcp | Kind::WebSocket => None,
         };
+        let ws = request.websocket.map(|h| Box::new(websocket::WsHandshake::new(*h)));
         let id = self.slab.insert(Tunnel {
             place: o.place,
             kind: request.kind,
@@ -380,6 +394,7 @@ impl Tunnels {
             fin_sent: false,
             client_ended: false,
             fallback: request.fallback,
+            ws,
             counted_open: false,
         });
         ctx.asks.insert(ask_id, id);
@@ -455,7 +470,7 @@ impl Tunnels {
                 return;
             }
             State::Done => return,
-            State::Connecting { leg, flow, .. } => {
+            State::Connecting { leg, flow, .. } | State::Upgrading { leg, flow, .. } => {
                 leg.release(true, ctx);
                 self.held -= 1;
                 ctx.link.flow_closed(FlowClosed::unused(flow.flow_id));
@@ -502,6 +517,7 @@ impl Tunnels {
 fn flow_mut(state: &mut State) -> Option<&mut Flow> {
     match state {
         State::Connecting { flow, .. }
+        | State::Upgrading { flow, .. }
         | State::Udp { flow, .. }
         | State::Ip { flow, .. }
         | State::Bound { flow, .. }

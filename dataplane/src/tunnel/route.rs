@@ -1,7 +1,8 @@
 //! What a request asks for, whatever HTTP version carried it (sans-IO):
 //! one classification for HTTP/3, HTTP/2 and HTTP/1.1, so every request
 //! gets the same answer on every version (RFC 9298, RFC 9484,
-//! draft-ietf-masque-connect-udp-listen, RFC 9110 section 9.3.6).
+//! draft-ietf-masque-connect-udp-listen, RFC 9110 section 9.3.6, and
+//! WebSocket: RFC 6455 section 4.2.1, RFC 8441, RFC 9220).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -9,6 +10,7 @@ use std::net::SocketAddr;
 use relay_proto::channel::record::TunnelProtocol;
 use relay_proto::request::{self, Request};
 use relay_proto::target::TargetHost;
+use relay_proto::websocket::{self, ClientHandshake};
 
 use super::head::Refusal;
 pub use crate::context::Served;
@@ -24,6 +26,10 @@ pub enum Kind {
     Bound,
     /// Classic CONNECT to a TCP target (RFC 9110 section 9.3.6).
     Tcp,
+    /// WebSocket relayed to an upstream origin (RFC 6455, RFC 8441, RFC
+    /// 9220): a TCP connection to the origin, an Upgrade handshake on it,
+    /// then the bytes both ways as for [`Kind::Tcp`].
+    WebSocket,
 }
 
 impl Kind {
@@ -34,13 +40,31 @@ impl Kind {
             Kind::Ip => TunnelProtocol::ConnectIp,
             Kind::Bound => TunnelProtocol::ConnectUdpBind,
             Kind::Tcp => TunnelProtocol::ConnectTcp,
+            Kind::WebSocket => TunnelProtocol::WebSocket,
         }
     }
 
     /// Whether the tunnel runs on the Capsule Protocol (every kind but
-    /// classic CONNECT, whose stream carries the TCP bytes).
+    /// those whose stream carries a TCP connection's bytes).
     pub fn capsules(self) -> bool {
-        self != Kind::Tcp
+        !self.byte_stream()
+    }
+
+    /// Whether the stream carries a TCP connection's bytes unchanged
+    /// (classic CONNECT, WebSocket).
+    pub fn byte_stream(self) -> bool {
+        matches!(self, Kind::Tcp | Kind::WebSocket)
+    }
+
+    /// The kind's name in logs and listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Udp => "connect-udp",
+            Kind::Ip => "connect-ip",
+            Kind::Bound => "connect-udp-bind",
+            Kind::Tcp => "connect-tcp",
+            Kind::WebSocket => "websocket",
+        }
     }
 }
 
@@ -63,6 +87,8 @@ pub struct TunnelRequest {
     pub authorization: Option<String>,
     /// A bound request's fallback target (draft section 2), if it named one.
     pub fallback: Option<SocketAddr>,
+    /// A WebSocket request's handshake.
+    pub websocket: Option<Box<ClientHandshake>>,
 }
 
 /// What a request is.
@@ -103,6 +129,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                 target_port: c.target_port,
                 authorization: c.authorization,
                 fallback: None,
+                websocket: None,
             }),
             Err(r) => refuse(r),
         },
@@ -120,6 +147,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                     path: c.path,
                     authorization: c.authorization,
                     fallback: None,
+                    websocket: None,
                 }),
                 Err(r) => refuse(r),
             }
@@ -153,8 +181,10 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                 target_port,
                 authorization: c.authorization,
                 fallback,
+                websocket: None,
             })
         }
+        ("CONNECT", Some("websocket")) => websocket_request(req, served),
         ("CONNECT", Some("connect-udp")) if !served.connect_udp => {
             Route::Refuse(Refusal::new(501, None, "connect-udp is not enabled on this relay"))
         }
@@ -167,6 +197,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                 path: c.path,
                 authorization: c.authorization,
                 fallback: None,
+                websocket: None,
             }),
             Err(r) => refuse(r),
         },
@@ -181,6 +212,55 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
         }
         _ => Route::Refuse(Refusal::new(405, None, "method not allowed")),
     }
+}
+
+/// A WebSocket request (RFC 6455 section 4.2.1 on HTTP/1.1, RFC 8441
+/// section 5 / RFC 9220 section 3 on extended CONNECT): control picks the
+/// upstream by authority and path.
+fn websocket_request(req: &Request, served: &Served) -> Route {
+    if !served.websocket {
+        // RFC 8441 section 4: an unsupported :protocol SHOULD get 501.
+        return Route::Refuse(Refusal::new(501, None, "websocket is not served by this relay"));
+    }
+    let carrier =
+        if req.http1_upgrade { websocket::Carrier::Http1 } else { websocket::Carrier::ExtendedConnect };
+    if !matches!(req.scheme.as_deref(), Some("https" | "http")) {
+        let why = ":scheme must be https or http";
+        return Route::Refuse(Refusal::new(
+            400,
+            Some(relay_proto::proxy_status::ProxyError::HttpRequestError),
+            why,
+        ));
+    }
+    let handshake = match websocket::check_client(&req.websocket, carrier) {
+        Ok(h) => h,
+        Err(e) => {
+            let mut r = Refusal::new(
+                e.status(carrier),
+                Some(relay_proto::proxy_status::ProxyError::HttpRequestError),
+                e.to_string(),
+            );
+            if e.names_version() {
+                // RFC 6455 section 4.4: the versions the server speaks.
+                r.fields.push(("sec-websocket-version", websocket::VERSION.to_string()));
+                if carrier == websocket::Carrier::Http1 {
+                    // RFC 9110 section 15.5.22: a 426 names the protocol.
+                    r.fields.push(("upgrade", "websocket".to_string()));
+                }
+            }
+            return Route::Refuse(r);
+        }
+    };
+    Route::Tunnel(TunnelRequest {
+        kind: Kind::WebSocket,
+        authority: req.authority.clone().unwrap_or_default(),
+        path: req.path.clone().unwrap_or_default(),
+        target_host: String::new(),
+        target_port: 0,
+        authorization: req.authorization.clone(),
+        fallback: None,
+        websocket: Some(Box::new(handshake)),
+    })
 }
 
 #[cfg(test)]
@@ -206,6 +286,7 @@ mod tests {
             ip_template: None,
             connect_udp: true,
             bind: true,
+            websocket: false,
         }
     }
 
@@ -258,6 +339,44 @@ mod tests {
         assert_eq!(status(route(&req("CONNECT", None, "example.com", None), &s, true)), 400);
         assert_eq!(status(route(&req("POST", None, "relay", Some("/")), &s, true)), 405);
         assert_eq!(status(route(&req("GET", None, "relay", Some("/")), &s, false)), 405);
+    }
+
+    #[test]
+    fn websocket_requests() {
+        let mut ws = req("CONNECT", Some("websocket"), "chat.example", Some("/chat?x=1"));
+        ws.websocket.version = Some("13".into());
+        ws.websocket.protocol = Some("chat".into());
+        // Not served: 501 like any unknown :protocol.
+        assert_eq!(status(route(&ws, &served(), false)), 501);
+        let on = Served { websocket: true, ..served() };
+        let Route::Tunnel(t) = route(&ws, &on, false) else { panic!() };
+        assert_eq!(
+            (t.kind, t.authority.as_str(), t.path.as_str()),
+            (Kind::WebSocket, "chat.example", "/chat?x=1")
+        );
+        assert_eq!((t.target_host.as_str(), t.target_port), ("", 0));
+        let h = t.websocket.unwrap();
+        assert_eq!((h.protocols.as_deref(), h.key.as_deref()), (Some("chat"), None));
+        // A missing version: 400 with the version field on extended CONNECT.
+        let mut old = ws.clone();
+        old.websocket.version = Some("8".into());
+        let Route::Refuse(r) = route(&old, &on, false) else { panic!() };
+        assert_eq!(r.status, 400);
+        assert!(r.fields.contains(&("sec-websocket-version", "13".to_string())));
+        // HTTP/1.1: 426 with Upgrade, and the key is required.
+        old.http1_upgrade = true;
+        let Route::Refuse(r) = route(&old, &on, false) else { panic!() };
+        assert_eq!(r.status, 426);
+        assert!(r.fields.contains(&("upgrade", "websocket".to_string())));
+        let mut h1 = ws.clone();
+        h1.http1_upgrade = true;
+        assert_eq!(status(route(&h1, &on, false)), 400);
+        h1.websocket.key = Some("dGhlIHNhbXBsZSBub25jZQ==".into());
+        let Route::Tunnel(t) = route(&h1, &on, false) else { panic!() };
+        assert_eq!(t.websocket.unwrap().key.as_deref(), Some("dGhlIHNhbXBsZSBub25jZQ=="));
+        let mut scheme = ws.clone();
+        scheme.scheme = Some("ftp".into());
+        assert_eq!(status(route(&scheme, &on, false)), 400);
     }
 
     #[test]

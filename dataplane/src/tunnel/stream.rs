@@ -19,7 +19,9 @@ impl Tunnels {
     pub fn up_room(&self, id: TunnelId) -> usize {
         let Some(t) = self.slab.get(id) else { return usize::MAX };
         match &t.state {
-            State::Asking { .. } | State::Connecting { .. } if t.kind == Kind::Tcp => {
+            State::Asking { .. } | State::Connecting { .. } | State::Upgrading { .. }
+                if t.kind.byte_stream() =>
+            {
                 t.limits.stream_out_limit.saturating_sub(t.early.len())
             }
             State::Tcp { leg, .. } => leg.target.room(),
@@ -46,7 +48,7 @@ impl Tunnels {
         if !reading {
             return bytes.len(); // discarded: the tunnel is over
         }
-        if t.kind == Kind::Tcp {
+        if t.kind.byte_stream() {
             let n = bytes.len().min(self.up_room(id));
             let Some(t) = self.slab.get_mut(id) else { return n };
             match &mut t.state {
@@ -54,7 +56,9 @@ impl Tunnels {
                     leg.target.push(&bytes[..n]);
                     self.pump_tcp(ctx, id);
                 }
-                State::Asking { .. } | State::Connecting { .. } => t.early.extend_from_slice(&bytes[..n]),
+                State::Asking { .. } | State::Connecting { .. } | State::Upgrading { .. } => {
+                    t.early.extend_from_slice(&bytes[..n])
+                }
                 _ => return bytes.len(),
             }
             return n;
@@ -192,7 +196,7 @@ impl Tunnels {
             return;
         }
         t.client_ended = true;
-        if t.kind == Kind::Tcp {
+        if t.kind.byte_stream() {
             // A half-close: FIN to the target after the buffered bytes
             // (RFC 9114 section 4.4, RFC 9113 section 8.5); before the
             // target is up, it follows the early bytes.
@@ -241,7 +245,7 @@ impl Tunnels {
         self.slab.get(id).is_none_or(|t| {
             t.head.is_some()
                 || !matches!(t.end, End::Open)
-                || t.kind == Kind::Tcp
+                || t.kind.byte_stream()
                 || t.dg.as_ref().is_some_and(|dg| !dg.stream_out().is_empty())
         })
     }

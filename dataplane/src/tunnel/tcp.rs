@@ -1,7 +1,8 @@
 //! Classic CONNECT (RFC 9110 section 9.3.6, RFC 9114 section 4.4, RFC 9113
 //! section 8.5): once control allows it and the TCP connection to the
 //! target is up, the 2xx goes out and the stream carries the TCP bytes
-//! both ways.
+//! both ways. A WebSocket tunnel ([`super::websocket`]) connects here too,
+//! does its upstream handshake, then relays with [`pump`] the same way.
 //!
 //! * Backpressure both ways: client bytes are taken only while the
 //!   target's buffer has room ([`super::Tunnels::up_room`]: the carrier's
@@ -19,6 +20,7 @@ use tracing::debug;
 
 use super::flow::Flow;
 use super::head::{Head, Refusal};
+use super::route::Kind;
 use super::verdict::{hold, refuse_allowed};
 use super::{Abort, CONNECT_TIMEOUT, End, State, TunnelId, Tunnels};
 use crate::context::{Closing, Ctx, WatchOwner};
@@ -40,6 +42,14 @@ pub struct TcpLeg {
 }
 
 impl TcpLeg {
+    /// Starts the flow's accounting now: what crossed the connection so
+    /// far (a WebSocket handshake) is not payload, except the last
+    /// `pending_down` bytes read, which are.
+    pub fn count_from_here(&mut self, pending_down: usize) {
+        let (up, down) = self.target.totals();
+        self.counted = (up, down.saturating_sub(pending_down as u64));
+    }
+
     /// Closes the connection once the backend forgot its watch; with
     /// `reset`, RST instead of FIN.
     pub fn release(mut self, reset: bool, ctx: &mut Ctx) {
@@ -77,6 +87,11 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
     let State::Connecting { mut leg, mut flow, .. } = std::mem::replace(&mut t.state, State::Done) else {
         return;
     };
+    if t.kind == Kind::WebSocket {
+        // The origin's handshake comes first; the early bytes wait for it.
+        flow.stream_bytes(0, 0, ctx.now);
+        return super::websocket::connected(ts, ctx, id, leg, flow);
+    }
     leg.target.push(&std::mem::take(&mut t.early));
     if t.client_ended {
         leg.target.finish();

@@ -64,6 +64,26 @@ pub(super) fn apply(
             let flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
             tcp::open(ts, ctx, id, flow);
         }
+        (
+            Verdict::AllowUpstream {
+                flow_id,
+                target,
+                idle_timeout_ms,
+                byte_budget,
+                identity,
+                route,
+                host,
+                path,
+            },
+            Kind::WebSocket,
+        ) => {
+            tracing::debug!(flow = flow_id, route = route.as_str(), "WebSocket allowed to its upstream");
+            if let Some(ws) = ts.slab.get_mut(id).and_then(|t| t.ws.as_mut()) {
+                ws.set_upstream(host, path);
+            }
+            let flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
+            tcp::open(ts, ctx, id, flow);
+        }
         (Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity }, Kind::Udp) => {
             let flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
             udp::open(ts, ctx, id, flow, path);

@@ -1,0 +1,160 @@
+//! WebSocket relayed to an upstream origin (RFC 6455, RFC 8441, RFC 9220):
+//! the upstream half of the tunnel's life between the TCP connect and the
+//! byte relay.
+//!
+//! Control picked the origin (a `[[upstreams]]` route) and answered
+//! `AllowUpstream` with its address, the `Host` and the path to ask for.
+//! Once the TCP connection is up ([`super::tcp`]), the relay is an RFC 6455
+//! client: it sends an Upgrade request with its own fresh
+//! `Sec-WebSocket-Key` and the client's subprotocols, extensions and
+//! Origin, and checks the origin's `101` (section 4.1). Only then does the
+//! client get its answer: `200` on HTTP/2 and HTTP/3, `101` with its own
+//! `Sec-WebSocket-Accept` on HTTP/1.1, carrying the subprotocol and
+//! extensions the origin chose. From there the stream and the connection
+//! carry WebSocket frames unchanged, exactly as a classic CONNECT carries
+//! its bytes ([`super::tcp::pump`]): backpressure, half-close and resets
+//! are the same (RFC 8441 section 5: END_STREAM is the TCP FIN, a stream
+//! reset the TCP RST).
+//!
+//! Bytes the client sends before its answer (RFC 6455 forbids it on
+//! HTTP/1.1; extended CONNECT clients may) wait in the tunnel's bounded
+//! early buffer and follow the handshake.
+
+use std::time::Duration;
+
+use relay_channel::region::Counter;
+use relay_proto::websocket::{self, ClientHandshake, Upgraded, UpstreamError};
+use tracing::debug;
+
+use super::flow::Flow;
+use super::head::{Head, Refusal};
+use super::tcp::{self, TcpLeg};
+use super::{State, TunnelId, Tunnels};
+use crate::context::Ctx;
+use crate::tcp_target::{TargetRead, TargetState};
+use crate::timers::TimerTarget;
+
+/// How long the origin may take to answer the Upgrade request (504
+/// `http_response_timeout` after).
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A WebSocket tunnel's handshake state.
+#[derive(Debug)]
+pub struct WsHandshake {
+    /// What the client asked for.
+    client: ClientHandshake,
+    /// The upstream request's `Host` and path, once control allowed it.
+    upstream: Option<(String, String)>,
+    /// The `Sec-WebSocket-Accept` the origin must answer.
+    expected_accept: String,
+    /// The origin's response so far.
+    response: Vec<u8>,
+}
+
+impl WsHandshake {
+    /// The handshake of a request the route classified.
+    pub fn new(client: ClientHandshake) -> Self {
+        Self { client, upstream: None, expected_accept: String::new(), response: Vec::new() }
+    }
+
+    /// Control's choice of `Host` and path for the origin.
+    pub fn set_upstream(&mut self, host: String, path: String) {
+        self.upstream = Some((host, path));
+    }
+}
+
+/// `Sec-WebSocket-Accept` for `key` (RFC 6455 section 4.2.2), SHA-1 by
+/// BoringSSL.
+fn accept_for(key: &str) -> String {
+    websocket::accept_value(&boring::sha::sha1(&websocket::accept_input(key)))
+}
+
+/// The TCP connection to the origin is up: send the Upgrade request and
+/// wait for the answer.
+pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, mut leg: Box<TcpLeg>, flow: Flow) {
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    let Some(ws) = t.ws.as_mut() else { return };
+    let Some((host, path)) = ws.upstream.clone() else { return };
+    let mut nonce = [0u8; 16];
+    if boring::rand::rand_bytes(&mut nonce).is_err() {
+        t.state = State::Upgrading { leg, flow, deadline: ctx.now };
+        return fail(ts, ctx, id, UpstreamError::Malformed, "no randomness for the WebSocket key");
+    }
+    let key = websocket::key_from_nonce(&nonce);
+    ws.expected_accept = accept_for(&key);
+    let mut request = Vec::with_capacity(512);
+    websocket::write_upgrade_request(&mut request, &host, &path, &key, &ws.client);
+    leg.target.push(&request);
+    let deadline = ctx.now + UPGRADE_TIMEOUT;
+    t.state = State::Upgrading { leg, flow, deadline };
+    ctx.timers.push(deadline, TimerTarget::Tunnel(id));
+    pump(ts, ctx, id);
+}
+
+/// Moves the handshake on: writes what is left of the request, reads the
+/// origin's answer, and opens or refuses the tunnel once it is complete.
+pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    let (State::Upgrading { leg, .. }, Some(ws)) = (&mut t.state, t.ws.as_mut()) else { return };
+    leg.target.flush();
+    let mut eof = false;
+    while leg.target.may_read() {
+        let room = (websocket::MAX_RESPONSE_HEAD + 1).saturating_sub(ws.response.len());
+        if room == 0 {
+            break;
+        }
+        match leg.target.read_into(&mut ws.response, room) {
+            TargetRead::Data(_) => {}
+            TargetRead::Blocked => break,
+            TargetRead::Eof => {
+                eof = true;
+                break;
+            }
+        }
+    }
+    let broken = matches!(leg.target.state(), TargetState::Failed(_));
+    match websocket::parse_upgrade_response(&ws.response, &ws.expected_accept, &ws.client) {
+        Ok(Some(upgraded)) => open(ts, ctx, id, upgraded),
+        Ok(None) if eof || broken => fail(ts, ctx, id, UpstreamError::Incomplete, ""),
+        Ok(None) => {}
+        Err(e) => fail(ts, ctx, id, e, ""),
+    }
+}
+
+/// The origin did not answer in time.
+pub(super) fn timed_out(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
+    fail(ts, ctx, id, UpstreamError::Timeout, "");
+}
+
+/// Both handshakes are done: the client's answer, then the byte relay.
+fn open(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, up: Upgraded) {
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    let State::Upgrading { mut leg, flow, .. } = std::mem::replace(&mut t.state, State::Done) else { return };
+    let Some(ws) = t.ws.take() else { return };
+    // What followed the origin's head is already WebSocket data.
+    t.bytes_out.extend_from_slice(&ws.response[up.head_len..]);
+    leg.count_from_here(ws.response.len() - up.head_len);
+    leg.target.push(&std::mem::take(&mut t.early));
+    if t.client_ended {
+        leg.target.finish();
+    }
+    let accept = ws.client.key.as_deref().map(accept_for);
+    t.head = Some(Head::websocket_open(accept, up.protocol, up.extensions));
+    t.state = State::Tcp { leg, flow };
+    ctx.count(Counter::WebsocketsOpened, 1);
+    ts.opened(ctx, id);
+    tcp::pump(ts, ctx, id);
+}
+
+/// The upstream handshake failed: the flow goes back unused and the
+/// client gets 502/504 with Proxy-Status naming why (RFC 9209).
+fn fail(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, e: UpstreamError, details: &str) {
+    debug!(flow = ?ts.flow_id(id), "WebSocket upstream handshake failed: {e}");
+    ctx.count(Counter::WebsocketUpstreamFailures, 1);
+    ts.release(ctx, id);
+    let (status, error, received) = e.answer();
+    let details = if details.is_empty() { e.to_string() } else { details.to_string() };
+    let mut refusal = Refusal::new(status, Some(error), details);
+    refusal.received_status = received;
+    ts.refuse(ctx, id, &refusal);
+}
