@@ -152,7 +152,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
         cid_nonce_len: cid_settings.random_len,
         cid_steering: d.connection_ids.steering,
         cid_key: cid_settings.key,
-        protocols: config.protocols.served(),
+        protocols: config.served_protocols(),
         retry_threshold: d.retry_threshold,
         connect_ip: None,
         bind: config.protocols.bind.then(|| relay_proto::channel::bootstrap::BindBootstrap {
