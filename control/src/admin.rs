@@ -950,6 +950,7 @@ impl Admin {
                 "connect_ip": p.protocols().connect_ip,
                 "bind": p.protocols().bind,
                 "connect_tcp": p.protocols().connect_tcp,
+                "websocket": p.upstreams().serves(crate::config::UpstreamProtocol::Websocket),
             },
             "acl": {
                 "allow": strings(acl.allow()),
@@ -1132,6 +1133,29 @@ mod tests {
         assert_eq!(v["flows"], json!(0));
         let add = req(r#"{"cmd":"token_add","token":"hunter2hunter2"}"#);
         assert!(!format!("{add:?}").contains("hunter2"), "Debug hides tokens");
+    }
+
+    #[test]
+    fn flows_name_their_protocol_and_route() {
+        let mut shared = Shared::default();
+        let flow = |flow_id, protocol, route: Option<&str>| crate::server::FlowInfo {
+            flow_id,
+            worker: 0,
+            protocol,
+            route: route.map(str::to_string),
+            client: "192.0.2.1:5000".parse().unwrap(),
+            target: "127.0.0.1:9001".parse().unwrap(),
+            started_unix: 1,
+            identity: "public".into(),
+        };
+        shared.flows.insert(2, flow(2, "websocket", Some("chat")));
+        shared.flows.insert(1, flow(1, "connect-udp", None));
+        let v = respond(&AdminRequest::Flows, &mut shared).unwrap();
+        assert_eq!(v["flows"][0]["protocol"], json!("connect-udp"));
+        assert_eq!(v["flows"][0]["route"], Value::Null);
+        assert_eq!(v["flows"][1]["protocol"], json!("websocket"));
+        assert_eq!(v["flows"][1]["route"], json!("chat"));
+        assert_eq!(v["flows"][1]["identity"], json!("public"));
     }
 
     #[test]

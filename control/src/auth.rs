@@ -130,20 +130,24 @@ pub enum Identity {
     /// A client certificate, by the name its `[[auth.mtls.identities]]`
     /// rule gives it.
     Certificate(String),
+    /// No credentials asked for: an `auth = "public"` upstream route.
+    /// Quotas count per client address only.
+    Public,
     /// Not known (flows a re-attached dataplane reported).
     Unknown,
 }
 
 impl Identity {
     /// The key quotas track this identity under (`sub:alice`,
-    /// `tok:0123456789abcdef`); `None` for [`Identity::Unknown`].
+    /// `tok:0123456789abcdef`); `None` for [`Identity::Public`] and
+    /// [`Identity::Unknown`].
     pub fn quota_key(&self) -> Option<String> {
         match self {
             Identity::Subject(s) => Some(format!("sub:{s}")),
             Identity::StaticToken(fp) => Some(format!("tok:{fp}")),
             Identity::PrivacyPass(key) => Some(key.clone()),
             Identity::Certificate(name) => Some(format!("cert:{name}")),
-            Identity::Unknown => None,
+            Identity::Public | Identity::Unknown => None,
         }
     }
 }
@@ -155,6 +159,7 @@ impl fmt::Display for Identity {
             Identity::StaticToken(fp) => write!(f, "tok:{fp}"),
             Identity::PrivacyPass(key) => f.write_str(key),
             Identity::Certificate(name) => write!(f, "cert:{name}"),
+            Identity::Public => f.write_str("public"),
             Identity::Unknown => f.write_str("-"),
         }
     }
@@ -618,6 +623,8 @@ mod tests {
         assert_eq!(Authenticator::default().check(Some("Bearer x"), NOW), Err(Refusal::UnknownToken));
         assert_eq!(fp.len(), 16);
         assert_eq!(Identity::StaticToken(fp.clone()).to_string(), format!("tok:{fp}"));
+        // A public route's clients: shown as such, counted per address only.
+        assert_eq!((Identity::Public.to_string(), Identity::Public.quota_key()), ("public".into(), None));
         assert!(!format!("{:?}", SecretString::new("s3cret")).contains("s3cret"));
     }
 

@@ -18,6 +18,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use relay_proto::channel::bootstrap::{InboundFilter, MtuProbe, Protocol, QlogLevel, TcpBootstrap};
+use relay_proto::target::TargetHost;
 use relay_proto::template::UriTemplate;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
@@ -67,6 +68,10 @@ pub struct Config {
     /// The TCP front (HTTP/2 and HTTP/1.1 over TCP): Alt-Svc, limits,
     /// timeouts. Its listeners are `listen.tcp` and `listen.tcp_cleartext`.
     pub tcp: TcpSection,
+    /// Routes to upstream origins (`[[upstreams]]`, WebSocket), tried in
+    /// file order (absent: none, and WebSocket is not served).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<UpstreamRoute>,
     /// Fleet mode: hosts sharing state through a Redis store (absent: this
     /// host stands alone, as without fleet mode).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -900,6 +905,278 @@ impl ProtocolsSection {
     }
 }
 
+/// Most `[[upstreams]]` routes (an ask tries them in order).
+pub const MAX_UPSTREAMS: usize = 256;
+
+/// Longest `upstreams.idle_timeout_secs` (a day).
+pub const MAX_UPSTREAM_IDLE_SECS: u32 = 86_400;
+
+/// The protocol a `[[upstreams]]` route serves: the `:protocol` (RFC 8441,
+/// RFC 9220) or `Upgrade` (RFC 6455) token of the requests it takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// `websocket`: relayed to the origin as an HTTP/1.1 Upgrade.
+    #[default]
+    Websocket,
+}
+
+impl UpstreamProtocol {
+    /// The token as the config and the requests write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Websocket => "websocket",
+        }
+    }
+}
+
+/// Who may use a `[[upstreams]]` route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuth {
+    /// `relay`: the relay's credentials, as for tunnels (bearer tokens,
+    /// Privacy Pass, client certificates; 407 with challenges).
+    #[default]
+    Relay,
+    /// `public`: no credentials asked for; quotas count per client address.
+    Public,
+}
+
+/// A route's `origin`: `ws://host[:port]` (port 80 when not written), no
+/// path, query, fragment or userinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamOrigin {
+    /// An IP literal or a DNS name (lowercased; resolved by control's
+    /// resolver for every ask).
+    pub host: TargetHost,
+    /// The TCP port.
+    pub port: u16,
+    /// `host[:port]` as written: the `Host` sent upstream unless the route
+    /// sets `host_header`.
+    pub authority: String,
+}
+
+impl UpstreamOrigin {
+    /// Parses `ws://host[:port]`; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let Some(authority) = text.strip_prefix("ws://") else {
+            if text.starts_with("wss://") {
+                return Err(format!(
+                    "{text:?}: TLS to origins is not supported; give ws://host[:port] (an origin on this host or a private network)"
+                ));
+            }
+            return Err(format!("{text:?} is not ws://host[:port]"));
+        };
+        if authority.contains(['/', '?', '#']) {
+            return Err(format!("{text:?} must be ws://host[:port] without a path, query or fragment"));
+        }
+        if authority.contains('@') {
+            return Err(format!("{text:?} must be ws://host[:port] without userinfo"));
+        }
+        let (host, port) = if authority.starts_with('[') {
+            let end = authority.find(']').ok_or_else(|| format!("{text:?}: unclosed '['"))?;
+            let (host, after) = authority.split_at(end + 1);
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return Err(format!("{text:?} is not ws://host[:port]")),
+                },
+            }
+        } else {
+            match authority.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        let port = match port {
+            None => 80,
+            Some(p) => relay_proto::target::parse_port(p)
+                .map_err(|_| format!("{text:?}: the port must be 1..=65535"))?,
+        };
+        let host = TargetHost::parse(host)
+            .map_err(|_| format!("{text:?}: the host must be an IP literal or a DNS name"))?;
+        Ok(Self { host, port, authority: authority.to_string() })
+    }
+}
+
+impl std::fmt::Display for UpstreamOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ws://{}", self.authority)
+    }
+}
+
+impl Serialize for UpstreamOrigin {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// An entry of a route's `hosts`: a lowercase DNS name or an IP literal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamHost(pub TargetHost);
+
+impl UpstreamHost {
+    /// Parses an entry: an IP literal (IPv6 bare or in brackets) or a DNS
+    /// name written in lowercase without a trailing dot.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match TargetHost::parse(text) {
+            Ok(TargetHost::Name(name)) if name != text => {
+                Err(format!("{text:?} must be written in lowercase, without a trailing dot"))
+            }
+            Ok(host) => Ok(Self(host)),
+            Err(_) => Err(format!("{text:?} is neither a DNS name nor an IP literal")),
+        }
+    }
+}
+
+impl Serialize for UpstreamHost {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// One `[[upstreams]]` route: requests for `protocol` whose host is one of
+/// `hosts` (any when empty) and whose path starts with `path_prefix` are
+/// relayed to `origin`. Every value is checked as it is read; errors name
+/// the route and the key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "RawUpstreamRoute")]
+pub struct UpstreamRoute {
+    /// 1..=32 bytes of `a-z 0-9 _ -`, unique among routes (shown with the
+    /// route's flows).
+    pub name: String,
+    /// The protocol served.
+    pub protocol: UpstreamProtocol,
+    /// The request's host (`:authority`/`Host`, port ignored, ASCII
+    /// case-insensitive) must be one of these; empty: any.
+    pub hosts: Vec<UpstreamHost>,
+    /// The request path (before `?`) must start with this; starts with `/`.
+    pub path_prefix: String,
+    /// Where the requests go.
+    pub origin: UpstreamOrigin,
+    /// The upstream path is this plus the request path less `path_prefix`
+    /// (query kept); `None`: the request path unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_rewrite: Option<String>,
+    /// The `Host` sent upstream; `None`: the origin's authority as written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_header: Option<String>,
+    /// Which credentials the route asks for.
+    pub auth: UpstreamAuth,
+    /// The origin's addresses skip the `[targets]` policy (an application
+    /// the operator runs on loopback or a private network); quotas apply.
+    pub trusted_origin: bool,
+    /// A flow idle this long is closed (0..=86400 s; 0: the relay's
+    /// `dataplane.flow_idle_timeout_secs`).
+    pub idle_timeout_secs: u32,
+    /// Byte offset of `name` in the config text (to name lines in errors).
+    #[serde(skip)]
+    pub name_offset: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamRoute {
+    name: Spanned<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    path_prefix: String,
+    origin: String,
+    #[serde(default)]
+    prefix_rewrite: Option<String>,
+    #[serde(default)]
+    host_header: Option<String>,
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    trusted_origin: bool,
+    #[serde(default)]
+    idle_timeout_secs: i64,
+}
+
+/// Why `path` cannot be a `path_prefix` or `prefix_rewrite`: it must start
+/// with `/` and hold visible ASCII other than `?` and `#`.
+fn route_path_problem(path: &str) -> Option<&'static str> {
+    if !path.starts_with('/') {
+        Some("must start with '/'")
+    } else if !relay_proto::channel::record::valid_upstream_path(path) || path.contains('?') {
+        Some("must be visible ASCII without '?' or '#', at most 1536 bytes")
+    } else {
+        None
+    }
+}
+
+impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
+    type Error = String;
+
+    fn try_from(r: RawUpstreamRoute) -> Result<Self, String> {
+        use relay_proto::channel::record::{valid_route_name, valid_upstream_host};
+        let name_offset = r.name.span().start;
+        let name = r.name.into_inner();
+        if !valid_route_name(&name) {
+            return Err(format!("upstreams: name must be 1..=32 bytes of a-z 0-9 _ -, not {name:?}"));
+        }
+        let at = format!("upstreams route {name:?}");
+        let protocol = match r.protocol.as_deref() {
+            None | Some("websocket") => UpstreamProtocol::Websocket,
+            Some(other) => return Err(format!("{at}: protocol must be \"websocket\", not {other:?}")),
+        };
+        let auth = match r.auth.as_deref() {
+            None | Some("relay") => UpstreamAuth::Relay,
+            Some("public") => UpstreamAuth::Public,
+            Some(other) => return Err(format!("{at}: auth must be \"relay\" or \"public\", not {other:?}")),
+        };
+        let hosts = r
+            .hosts
+            .iter()
+            .map(|h| UpstreamHost::parse(h).map_err(|e| format!("{at}: hosts entry {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(why) = route_path_problem(&r.path_prefix) {
+            return Err(format!("{at}: path_prefix {why}, not {:?}", r.path_prefix));
+        }
+        if let Some(rewrite) = &r.prefix_rewrite
+            && let Some(why) = route_path_problem(rewrite)
+        {
+            return Err(format!("{at}: prefix_rewrite {why}, not {rewrite:?}"));
+        }
+        let origin = UpstreamOrigin::parse(&r.origin).map_err(|e| format!("{at}: origin {e}"))?;
+        match &r.host_header {
+            Some(h) if !valid_upstream_host(h) => {
+                return Err(format!(
+                    "{at}: host_header must be 1..=255 bytes of visible ASCII without '@', '/', '?', '#' or '\\\\', not {h:?}"
+                ));
+            }
+            None if !valid_upstream_host(&origin.authority) => {
+                return Err(format!(
+                    "{at}: origin's authority {:?} cannot be sent as Host (longer than 255 bytes): set host_header",
+                    origin.authority
+                ));
+            }
+            _ => {}
+        }
+        let idle_timeout_secs =
+            u32::try_from(r.idle_timeout_secs).ok().filter(|s| *s <= MAX_UPSTREAM_IDLE_SECS).ok_or_else(
+                || format!("{at}: idle_timeout_secs must be 0..=86400, not {}", r.idle_timeout_secs),
+            )?;
+        Ok(Self {
+            name,
+            protocol,
+            hosts,
+            path_prefix: r.path_prefix,
+            origin,
+            prefix_rewrite: r.prefix_rewrite,
+            host_header: r.host_header,
+            auth,
+            trusted_origin: r.trusted_origin,
+            idle_timeout_secs,
+            name_offset,
+        })
+    }
+}
+
 /// `tcp.alt_svc`: the Alt-Svc field value (RFC 7838) of responses over TCP.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum AltSvc {
@@ -1473,6 +1750,19 @@ impl Config {
                 "fleet: give exactly one of fleet.redis (URLs tried in order) or fleet.sentinel".into(),
             ));
         }
+        if config.upstreams.len() > MAX_UPSTREAMS {
+            return Err(invalid(format!("upstreams: at most {MAX_UPSTREAMS} routes")));
+        }
+        let mut names = std::collections::HashMap::new();
+        for (i, route) in config.upstreams.iter().enumerate() {
+            let line = line_of(text, route.name_offset);
+            if let Some((first, first_line)) = names.insert(route.name.as_str(), (i, line)) {
+                return Err(invalid(format!(
+                    "upstreams[{i}] (name {:?}, line {line}): the name is already used by upstreams[{first}] (line {first_line})",
+                    route.name
+                )));
+            }
+        }
         let mut config = config;
         config.origin = origin.to_string();
         let mut seen = std::collections::HashMap::new();
@@ -1651,6 +1941,17 @@ impl Config {
             tunnel_buffer_bytes: t.tunnel_buffer_bytes,
             status_endpoint: t.status_endpoint,
         })
+    }
+
+    /// The protocols the dataplane's Bootstrap lists: the extended CONNECT
+    /// protocols of `[protocols]` ([`ProtocolsSection::served`]), and
+    /// `websocket` when a `[[upstreams]]` route serves it.
+    pub fn served_protocols(&self) -> Vec<Protocol> {
+        let mut out = self.protocols.served();
+        if self.upstreams.iter().any(|r| r.protocol == UpstreamProtocol::Websocket) {
+            out.push(Protocol::Websocket);
+        }
+        out
     }
 
     /// The channel socket path.
@@ -2221,6 +2522,194 @@ mod tests {
     fn tcp_line(text: &str, key: &str) -> usize {
         let from = line_with(text, "[tcp]");
         from + text.lines().skip(from).position(|l| l.starts_with(key)).unwrap() + 1
+    }
+
+    const ROUTES: &str = "[[upstreams]]\nname = \"chat\"\nprotocol = \"websocket\"\n\
+        hosts = [\"chat.example\", \"192.0.2.1\", \"::1\"]\npath_prefix = \"/chat/\"\n\
+        origin = \"ws://127.0.0.1:9001\"\nprefix_rewrite = \"/\"\nhost_header = \"chat.internal\"\n\
+        auth = \"public\"\ntrusted_origin = true\nidle_timeout_secs = 600\n\n\
+        [[upstreams]]\nname = \"api_2\"\npath_prefix = \"/api/\"\norigin = \"ws://API.internal\"\n";
+
+    #[test]
+    fn upstream_routes_parse_with_defaults_and_serve_websocket() {
+        let c = Config::parse(ROUTES, "t.toml").unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        let chat = &c.upstreams[0];
+        assert_eq!(
+            (chat.name.as_str(), chat.protocol, chat.auth),
+            ("chat", UpstreamProtocol::Websocket, UpstreamAuth::Public)
+        );
+        let hosts: Vec<String> = chat.hosts.iter().map(|h| h.0.to_string()).collect();
+        assert_eq!(hosts, ["chat.example", "192.0.2.1", "[::1]"]);
+        assert_eq!(chat.origin.host, TargetHost::Ip("127.0.0.1".parse().unwrap()));
+        assert_eq!((chat.origin.port, chat.origin.authority.as_str()), (9001, "127.0.0.1:9001"));
+        assert_eq!(
+            (chat.prefix_rewrite.as_deref(), chat.host_header.as_deref()),
+            (Some("/"), Some("chat.internal"))
+        );
+        assert_eq!((chat.trusted_origin, chat.idle_timeout_secs), (true, 600));
+        // Every other key defaults.
+        let api = &c.upstreams[1];
+        assert_eq!(
+            (api.protocol, api.auth, api.trusted_origin, api.idle_timeout_secs),
+            (UpstreamProtocol::Websocket, UpstreamAuth::Relay, false, 0)
+        );
+        assert!(api.hosts.is_empty() && api.prefix_rewrite.is_none() && api.host_header.is_none());
+        assert_eq!(api.origin.host, TargetHost::Name("api.internal".into()), "names are lowercased");
+        assert_eq!(
+            (api.origin.port, api.origin.authority.as_str()),
+            (80, "API.internal"),
+            "the authority as written"
+        );
+        // Bootstrap: websocket joins the extended CONNECT protocols.
+        assert_eq!(c.served_protocols(), [Protocol::ConnectUdp, Protocol::Websocket]);
+        assert_eq!(Config::parse("", "t.toml").unwrap().served_protocols(), [Protocol::ConnectUdp]);
+        // The effective config prints the routes, and reads back the same.
+        let printed = c.effective_toml();
+        assert!(
+            printed.contains("[[upstreams]]") && printed.contains("origin = \"ws://API.internal\""),
+            "{printed}"
+        );
+        let again = Config::parse(&printed, "t.toml").unwrap();
+        let strip = |c: &Config| {
+            c.upstreams.iter().map(|r| UpstreamRoute { name_offset: 0, ..r.clone() }).collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&again), strip(&c));
+        // Without routes nothing is printed for them.
+        assert!(!Config::parse("", "t.toml").unwrap().effective_toml().contains("upstreams"));
+    }
+
+    #[test]
+    fn origins_parse() {
+        let ok = |s: &str| {
+            let o = UpstreamOrigin::parse(s).unwrap();
+            (o.host.to_string(), o.port, o.authority)
+        };
+        assert_eq!(ok("ws://127.0.0.1"), ("127.0.0.1".into(), 80, "127.0.0.1".into()));
+        assert_eq!(ok("ws://[::1]:9001"), ("[::1]".into(), 9001, "[::1]:9001".into()));
+        assert_eq!(ok("ws://[2001:db8::1]"), ("[2001:db8::1]".into(), 80, "[2001:db8::1]".into()));
+        assert_eq!(
+            ok("ws://echo.internal:65535"),
+            ("echo.internal".into(), 65535, "echo.internal:65535".into())
+        );
+        for (bad, why) in [
+            ("http://x", "is not ws://host[:port]"),
+            ("WS://x", "is not ws://host[:port]"),
+            ("wss://x", "TLS to origins is not supported"),
+            ("ws://x/", "without a path"),
+            ("ws://x:80/chat", "without a path"),
+            ("ws://x?q", "without a path, query"),
+            ("ws://x#f", "fragment"),
+            ("ws://u@x", "without userinfo"),
+            ("ws://", "the host must be"),
+            ("ws://:80", "the host must be"),
+            ("ws://x:", "the port must be 1..=65535"),
+            ("ws://x:0", "the port must be 1..=65535"),
+            ("ws://x:65536", "the port must be 1..=65535"),
+            ("ws://x:8a", "the port must be"),
+            ("ws://::1", "the port must be"),
+            ("ws://[::1", "unclosed '['"),
+            ("ws://[::1]x", "is not ws://host[:port]"),
+            ("ws://[1.2.3.4]", "the host must be"),
+            ("ws://[fe80::1%eth0]", "the host must be"),
+            ("ws://bad_host!", "the host must be"),
+            ("ws://a..b", "the host must be"),
+        ] {
+            let e = UpstreamOrigin::parse(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn upstream_route_errors_name_the_route_key_and_line() {
+        let err = |text: &str| Config::parse(text, "t.toml").unwrap_err().to_string();
+        let base = "[log]\nlog_targets = false\n\n[[upstreams]]\nname = \"r1\"\npath_prefix = \"/x/\"\norigin = \"ws://127.0.0.1:9\"\n";
+        for (edit, message) in [
+            ("protocol = \"http\"", "upstreams route \"r1\": protocol must be \"websocket\", not \"http\""),
+            ("protocol = \"WebSocket\"", "protocol must be \"websocket\""),
+            ("auth = \"none\"", "upstreams route \"r1\": auth must be \"relay\" or \"public\", not \"none\""),
+            (
+                "hosts = [\"Chat.example\"]",
+                "upstreams route \"r1\": hosts entry \"Chat.example\" must be written in lowercase",
+            ),
+            (
+                "hosts = [\"chat.example.\"]",
+                "hosts entry \"chat.example.\" must be written in lowercase, without a trailing dot",
+            ),
+            ("hosts = [\"*.example\"]", "hosts entry \"*.example\" is neither a DNS name nor an IP literal"),
+            ("hosts = [\"a.example:443\"]", "hosts entry"),
+            (
+                "prefix_rewrite = \"v2/\"",
+                "upstreams route \"r1\": prefix_rewrite must start with '/', not \"v2/\"",
+            ),
+            ("prefix_rewrite = \"/a?b\"", "prefix_rewrite must be visible ASCII without '?' or '#'"),
+            ("prefix_rewrite = \"/a b\"", "prefix_rewrite must be visible ASCII"),
+            ("host_header = \"a/b\"", "upstreams route \"r1\": host_header must be"),
+            ("host_header = \"\"", "host_header must be"),
+            ("host_header = \"a b\"", "host_header must be"),
+            ("idle_timeout_secs = -1", "upstreams route \"r1\": idle_timeout_secs must be 0..=86400, not -1"),
+            ("idle_timeout_secs = 86401", "idle_timeout_secs must be 0..=86400, not 86401"),
+        ] {
+            let text = format!("{base}{edit}\n");
+            let e = err(&text);
+            assert!(e.contains(message) && e.contains("line 4"), "{edit}: {e}");
+        }
+        // Type errors and unknown keys: the line of the key itself.
+        for (edit, message) in [
+            ("trusted_origin = \"yes\"", "expected a boolean"),
+            ("idle_timeout_secs = \"1\"", "idle_timeout_secs"),
+            ("hosts = \"a.example\"", "expected a sequence"),
+            ("colour = \"red\"", "unknown field `colour`"),
+        ] {
+            let e = err(&format!("{base}{edit}\n"));
+            assert!(e.contains(message) && e.contains("line 8"), "{edit}: {e}");
+        }
+        for (from, to, message) in [
+            (
+                "name = \"r1\"",
+                "name = \"R1\"",
+                "upstreams: name must be 1..=32 bytes of a-z 0-9 _ -, not \"R1\"",
+            ),
+            ("name = \"r1\"", "name = \"\"", "upstreams: name must be"),
+            ("name = \"r1\"", "name = \"abcdefghijklmnopqrstuvwxyz0123456\"", "upstreams: name must be"),
+            (
+                "path_prefix = \"/x/\"",
+                "path_prefix = \"x/\"",
+                "upstreams route \"r1\": path_prefix must start with '/', not \"x/\"",
+            ),
+            ("path_prefix = \"/x/\"", "path_prefix = \"\"", "path_prefix must start with '/'"),
+            ("path_prefix = \"/x/\"", "path_prefix = \"/x#\"", "path_prefix must be visible ASCII"),
+            (
+                "origin = \"ws://127.0.0.1:9\"",
+                "origin = \"wss://h\"",
+                "upstreams route \"r1\": origin \"wss://h\": TLS",
+            ),
+            ("path_prefix = \"/x/\"\n", "", "missing field `path_prefix`"),
+            ("origin = \"ws://127.0.0.1:9\"\n", "", "missing field `origin`"),
+        ] {
+            let text = base.replace(from, to);
+            let e = err(&text);
+            assert!(e.contains(message) && e.contains("line 4"), "{to}: {e}");
+        }
+        let e = err(&format!("{base}host_header = \"{}\"\n", "h".repeat(256)));
+        assert!(e.contains("host_header must be"), "{e}");
+        // Duplicate names, with both lines.
+        let dup =
+            format!("{base}\n[[upstreams]]\nname = \"r1\"\npath_prefix = \"/\"\norigin = \"ws://[::1]\"\n");
+        let e = err(&dup);
+        assert!(
+            e.contains(
+                "upstreams[1] (name \"r1\", line 10): the name is already used by upstreams[0] (line 5)"
+            ),
+            "{e}"
+        );
+        // A bound on the number of routes.
+        let many: String = (0..=MAX_UPSTREAMS)
+            .map(|i| format!("[[upstreams]]\nname = \"r{i}\"\npath_prefix = \"/\"\norigin = \"ws://h\"\n"))
+            .collect();
+        assert!(err(&many).contains("upstreams: at most 256 routes"));
+        // The defaults parse.
+        Config::parse(base, "t.toml").unwrap();
     }
 
     #[test]

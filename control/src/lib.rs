@@ -32,3 +32,4 @@ pub mod state;
 pub mod store;
 pub mod tickets;
 pub mod token;
+pub mod upstreams;

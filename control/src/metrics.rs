@@ -21,6 +21,7 @@ use std::time::Duration;
 use relay_channel::region::{Counter, Region};
 
 use crate::fleet::status::FleetFigures;
+use crate::server::{TUNNEL_PROTOCOLS, protocol_name};
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 pub const BUCKETS: [f64; 14] = [
@@ -79,6 +80,8 @@ pub struct ControlFigures {
     pub asks_allowed: u64,
     /// Asks denied.
     pub asks_denied: u64,
+    /// Flows allowed, by protocol (in [`TUNNEL_PROTOCOLS`] order).
+    pub tunnels_allowed: [u64; TUNNEL_PROTOCOLS.len()],
     /// Invalid records from the dataplane.
     pub channel_errors: u64,
     /// Handshake signatures made.
@@ -145,6 +148,13 @@ pub fn render(region: Option<&Region>, control: &ControlFigures, histograms: &Hi
     gauge(&mut out, "relay_flows", "Live flows (tunnels) control knows.", control.flows);
     counter(&mut out, "relay_auth_allowed_total", "Authorization asks allowed.", control.asks_allowed);
     counter(&mut out, "relay_auth_denied_total", "Authorization asks denied.", control.asks_denied);
+    let _ = writeln!(
+        out,
+        "# HELP relay_tunnels_allowed_total Flows allowed, by protocol.\n# TYPE relay_tunnels_allowed_total counter"
+    );
+    for (protocol, n) in TUNNEL_PROTOCOLS.iter().zip(control.tunnels_allowed) {
+        let _ = writeln!(out, "relay_tunnels_allowed_total{{protocol=\"{}\"}} {n}", protocol_name(*protocol));
+    }
     counter(
         &mut out,
         "relay_channel_errors_total",
@@ -340,9 +350,19 @@ mod tests {
         let c = region.counters(1);
         c.add(Counter::DatagramsUp, 42);
         c.add(Counter::TunnelsActive, 3);
-        let figures =
-            ControlFigures { dataplane_attached: true, flows: 3, asks_allowed: 5, ..Default::default() };
+        let figures = ControlFigures {
+            dataplane_attached: true,
+            flows: 3,
+            asks_allowed: 5,
+            tunnels_allowed: [2, 0, 0, 1, 2],
+            ..Default::default()
+        };
         let text = render(Some(&region), &figures, &Histograms::default());
+        assert!(text.contains(
+            "# TYPE relay_tunnels_allowed_total counter\nrelay_tunnels_allowed_total{protocol=\"connect-udp\"} 2\n\
+             relay_tunnels_allowed_total{protocol=\"connect-ip\"} 0\nrelay_tunnels_allowed_total{protocol=\"bind\"} 0\n\
+             relay_tunnels_allowed_total{protocol=\"connect-tcp\"} 1\nrelay_tunnels_allowed_total{protocol=\"websocket\"} 2\n"
+        ));
         assert!(text.contains("relay_dataplane_datagrams_up_total{worker=\"1\"} 42"));
         assert!(text.contains("relay_dataplane_datagrams_up_total{worker=\"0\"} 0"));
         assert!(text.contains("# TYPE relay_dataplane_tunnels_active gauge"));

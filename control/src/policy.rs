@@ -1,8 +1,18 @@
 //! Authorization decisions for tunnel asks: connect-udp, connect-ip, bound
-//! connect-udp and classic CONNECT to TCP targets (sans-IO: the caller
-//! passes the time). A TCP CONNECT is decided exactly like connect-udp
-//! (credentials, quotas, name resolution, target address and port policy);
-//! only its enablement flag is its own.
+//! connect-udp and classic CONNECT to TCP targets, and WebSocket asks for
+//! `[[upstreams]]` routes (sans-IO: the caller passes the time). A TCP
+//! CONNECT is decided exactly like connect-udp (credentials, quotas, name
+//! resolution, target address and port policy); only its enablement flag is
+//! its own.
+//!
+//! A WebSocket ask is served when some route serves `websocket`. Its route
+//! is the first matching the request's host and path ([`crate::upstreams`]);
+//! the route's `auth` says whether the relay's credentials are asked for
+//! (`relay`, as for tunnels) or not (`public`: [`Identity::Public`], quotas
+//! per client address); the route's origin is then admitted like a tunnel
+//! target (the `[targets]` policy unless the route has `trusted_origin`,
+//! the quotas, a DNS name resolved first), and the allow is
+//! [`Verdict::AllowUpstream`] with the upstream `Host` and path.
 //!
 //! [`Policy::decide`] answers immediately when it can (bad credentials,
 //! quota, IP literal targets) and otherwise asks the caller to resolve a
@@ -16,6 +26,9 @@
 //! |---|---|---|
 //! | connect-udp disabled (`protocols.connect_udp = false`) | 501 | - |
 //! | TCP CONNECT disabled (`protocols.connect_tcp = false`) | 501 | -, details `TCP CONNECT is disabled` |
+//! | WebSocket with no route serving it | 501 | -, details `websocket is disabled` |
+//! | WebSocket: no route matches the host and path | 404 | -, details `no upstream route` |
+//! | WebSocket: a path with `.`/`..` segments, or an upstream path that is no valid target | 400 | http_request_error |
 //! | no credentials / refused credentials (bearer or Privacy Pass) | 407 + one `Proxy-Authenticate` per accepted scheme and token type | http_request_denied |
 //! | Privacy Pass spent-token store full | 503 | proxy_internal_error |
 //! | a quota is exhausted | 429 | http_request_denied, details `quota exceeded: <key>` |
@@ -37,18 +50,20 @@ use tracing::debug;
 
 use crate::acl::{Cidr, Denial, TargetAcl};
 use crate::auth::{AuthState, Authenticator, Identity, Refusal};
-use crate::config::ProtocolsSection;
+use crate::config::{ProtocolsSection, UpstreamAuth, UpstreamProtocol};
 use crate::mtls::{CertRefusal, Mtls};
 use crate::privacy_pass::PrivacyPass;
 use crate::quota::{Exceeded, QuotaConfig, QuotaError, Quotas};
 use crate::store::{self, RuntimeState};
+use crate::upstreams::{RouteError, Upstreams};
 
 /// What to do with an ask.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// Answer now.
     Answer(Verdict),
-    /// Resolve this name, then call [`Policy::after_resolution`].
+    /// Resolve this name, then call [`Policy::after_resolution`] (or, with
+    /// an `upstream`, [`Policy::after_upstream_resolution`]).
     Resolve {
         /// DNS name.
         name: String,
@@ -56,7 +71,27 @@ pub enum Decision {
         port: u16,
         /// Who asked (for the quota admission after resolution).
         requester: Requester,
+        /// A WebSocket ask: the route's origin is the name, and this is
+        /// what the allow carries.
+        upstream: Option<UpstreamTarget>,
     },
+}
+
+/// What an allow for an upstream route carries beside the origin's
+/// address: [`Verdict::AllowUpstream`]'s route, `Host` and path, and how
+/// the origin is admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    /// The route's name.
+    pub route: String,
+    /// The `Host` to send upstream.
+    pub host: String,
+    /// The path (and query) to request upstream.
+    pub path: String,
+    /// The origin's addresses skip the target policy (`trusted_origin`).
+    pub trusted_origin: bool,
+    /// The flow's idle timeout (the route's, else the relay's).
+    pub idle_timeout_ms: u32,
 }
 
 /// An authenticated requester.
@@ -100,6 +135,7 @@ pub struct Policy {
     base_quotas: QuotaConfig,
     quota_overrides: BTreeMap<String, u64>,
     protocols: ProtocolsSection,
+    upstreams: Upstreams,
     idle_timeout_ms: u32,
     next_flow_id: u64,
     refusals: RefusalCounts,
@@ -178,6 +214,7 @@ impl Policy {
             base_quotas: QuotaConfig::default(),
             quota_overrides: BTreeMap::new(),
             protocols: ProtocolsSection::default(),
+            upstreams: Upstreams::default(),
             idle_timeout_ms,
             next_flow_id: (epoch << 40) | 1,
             refusals: RefusalCounts::default(),
@@ -309,6 +346,18 @@ impl Policy {
         self
     }
 
+    /// Sets the `[[upstreams]]` routes (WebSocket is served when one
+    /// serves it).
+    pub fn with_upstreams(mut self, upstreams: Upstreams) -> Self {
+        self.upstreams = upstreams;
+        self
+    }
+
+    /// The `[[upstreams]]` routes.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.upstreams
+    }
+
     /// The authenticator (keys, tokens, revocations).
     pub fn auth(&self) -> &Authenticator {
         &self.auth
@@ -392,32 +441,23 @@ impl Policy {
             TunnelProtocol::ConnectIp => (self.protocols.connect_ip, "connect-ip"),
             TunnelProtocol::ConnectUdpBind => (self.protocols.bind, "bound connect-udp"),
             TunnelProtocol::ConnectTcp => (self.protocols.connect_tcp, "TCP CONNECT"),
-            // Not decided here yet: no route serves it.
-            TunnelProtocol::WebSocket => (false, "websocket"),
+            TunnelProtocol::WebSocket => (self.upstreams.serves(UpstreamProtocol::Websocket), "websocket"),
         };
         if !enabled {
             let details = format!("{name} is disabled");
             let verdict = Verdict::Deny { status: 501, proxy_error: None, details, retry_after_secs: 0 };
             return (Decision::Answer(verdict), Identity::Unknown);
         }
+        if ask.protocol == TunnelProtocol::WebSocket {
+            return self.decide_upstream(ask, UpstreamProtocol::Websocket, now, now_unix);
+        }
         let identity = match self.authenticate(ask, now_unix) {
             Ok(identity) => identity,
             Err(refusal) => {
-                // The reason is for the operator; a bearer client gets one
-                // answer for every bad token.
-                debug!(ask = ask.ask_id, client = %ask.client, reason = refusal.reason(), "credentials refused");
-                *self.refusals.auth.entry(refusal.reason()).or_default() += 1;
-                let verdict = if refusal == Refusal::PrivacyPass(crate::privacy_pass::Refusal::StoreFull) {
-                    // Not the client's doing: no token can be checked for
-                    // double spending now.
-                    deny(503, ProxyError::ProxyInternalError, refusal.client_details())
-                } else {
-                    Verdict::Authenticate {
-                        details: refusal.client_details().to_string(),
-                        challenges: self.challenges(now_unix),
-                    }
-                };
-                return (Decision::Answer(verdict), Identity::Unknown);
+                return (
+                    Decision::Answer(self.credentials_refused(ask, &refusal, now_unix)),
+                    Identity::Unknown,
+                );
             }
         };
         let ip_protocol = connect_ip.then_some(ask.target_port);
@@ -432,19 +472,108 @@ impl Policy {
         // already; re-validate anyway, as nothing read from the channel is
         // trusted.
         let decision = match TargetHost::parse(&ask.target_host) {
-            Ok(TargetHost::Ip(ip)) => {
-                Decision::Answer(self.check_addresses(&requester, &[ip], ask.target_port, now))
-            }
-            Ok(TargetHost::Name(name)) => {
-                // Refuse before spending a resolution on an exhausted quota.
-                match self.quotas.check(identity.quota_key().as_deref(), requester.client, now) {
-                    Ok(()) => Decision::Resolve { name, port: ask.target_port, requester },
-                    Err(which) => Decision::Answer(self.quota_refused(&requester, which, now)),
-                }
-            }
+            Ok(host) => self.admit_host(requester, host, ask.target_port, None, now),
             Err(_) => Decision::Answer(deny(400, ProxyError::HttpRequestError, "invalid target")),
         };
         (decision, identity)
+    }
+
+    /// The answer to refused credentials: 407 with the challenges, or 503
+    /// when the refusal is not the client's doing.
+    fn credentials_refused(&mut self, ask: &AuthAsk, refusal: &Refusal, now_unix: u64) -> Verdict {
+        // The reason is for the operator; a bearer client gets one answer
+        // for every bad token.
+        debug!(ask = ask.ask_id, client = %ask.client, reason = refusal.reason(), "credentials refused");
+        *self.refusals.auth.entry(refusal.reason()).or_default() += 1;
+        if *refusal == Refusal::PrivacyPass(crate::privacy_pass::Refusal::StoreFull) {
+            // Not the client's doing: no token can be checked for double
+            // spending now.
+            deny(503, ProxyError::ProxyInternalError, refusal.client_details())
+        } else {
+            Verdict::Authenticate {
+                details: refusal.client_details().to_string(),
+                challenges: self.challenges(now_unix),
+            }
+        }
+    }
+
+    /// Admits a flow to `host`:`port`: an IP literal now, a name after
+    /// resolution (refused first when a quota is exhausted, so that no
+    /// resolution is spent on it).
+    fn admit_host(
+        &mut self,
+        requester: Requester,
+        host: TargetHost,
+        port: u16,
+        upstream: Option<UpstreamTarget>,
+        now: Instant,
+    ) -> Decision {
+        match host {
+            TargetHost::Ip(ip) => {
+                Decision::Answer(self.check_addresses(&requester, &[ip], port, upstream.as_ref(), now))
+            }
+            TargetHost::Name(name) => {
+                match self.quotas.check(requester.identity.quota_key().as_deref(), requester.client, now) {
+                    Ok(()) => Decision::Resolve { name, port, requester, upstream },
+                    Err(which) => Decision::Answer(self.quota_refused(&requester, which, now)),
+                }
+            }
+        }
+    }
+
+    /// An ask for an upstream route (WebSocket): the first route matching
+    /// the request's host and path, the credentials it asks for, then its
+    /// origin admitted like a tunnel target.
+    fn decide_upstream(
+        &mut self,
+        ask: &AuthAsk,
+        protocol: UpstreamProtocol,
+        now: Instant,
+        now_unix: u64,
+    ) -> (Decision, Identity) {
+        let (upstream, auth, origin, port) = match self.upstreams.select(protocol, &ask.authority, &ask.path)
+        {
+            Ok(selected) => {
+                let route = selected.route;
+                let idle_timeout_ms = match route.idle_timeout_secs {
+                    0 => self.idle_timeout_ms,
+                    secs => secs.saturating_mul(1000),
+                };
+                let upstream = UpstreamTarget {
+                    route: route.name.clone(),
+                    host: selected.host,
+                    path: selected.path,
+                    trusted_origin: route.trusted_origin,
+                    idle_timeout_ms,
+                };
+                (upstream, route.auth, route.origin.host.clone(), route.origin.port)
+            }
+            Err(RouteError::NoRoute) => {
+                let verdict = Verdict::Deny {
+                    status: 404,
+                    proxy_error: None,
+                    details: RouteError::NoRoute.to_string(),
+                    retry_after_secs: 0,
+                };
+                return (Decision::Answer(verdict), Identity::Unknown);
+            }
+            Err(e @ (RouteError::DotSegments | RouteError::InvalidPath)) => {
+                let verdict = deny(400, ProxyError::HttpRequestError, &e.to_string());
+                return (Decision::Answer(verdict), Identity::Unknown);
+            }
+        };
+        let identity = match auth {
+            UpstreamAuth::Public => Identity::Public,
+            UpstreamAuth::Relay => match self.authenticate(ask, now_unix) {
+                Ok(identity) => identity,
+                Err(refusal) => {
+                    let verdict = self.credentials_refused(ask, &refusal, now_unix);
+                    return (Decision::Answer(verdict), Identity::Unknown);
+                }
+            },
+        };
+        let requester = Requester { identity: identity.clone(), client: ask.client.ip(), ip_protocol: None };
+        (self.admit_host(requester, origin, port, Some(upstream), now), identity)
     }
 
     /// Finishes a decision after resolution.
@@ -455,6 +584,31 @@ impl Policy {
         result: Result<Vec<IpAddr>, ResolveFailure>,
         now: Instant,
     ) -> Verdict {
+        self.resolved(requester, port, None, result, now)
+    }
+
+    /// Finishes the decision of an upstream ask (the `upstream` of its
+    /// [`Decision::Resolve`]) after resolution: the first admitted address
+    /// of the origin gets a [`Verdict::AllowUpstream`].
+    pub fn after_upstream_resolution(
+        &mut self,
+        requester: &Requester,
+        port: u16,
+        upstream: &UpstreamTarget,
+        result: Result<Vec<IpAddr>, ResolveFailure>,
+        now: Instant,
+    ) -> Verdict {
+        self.resolved(requester, port, Some(upstream), result, now)
+    }
+
+    fn resolved(
+        &mut self,
+        requester: &Requester,
+        port: u16,
+        upstream: Option<&UpstreamTarget>,
+        result: Result<Vec<IpAddr>, ResolveFailure>,
+        now: Instant,
+    ) -> Verdict {
         match result {
             Ok(addrs) if !addrs.is_empty() && requester.ip_protocol.is_some() => {
                 // connect-ip to a name: the scope is its addresses.
@@ -462,7 +616,7 @@ impl Policy {
                     addrs.iter().filter_map(|a| Cidr::new(*a, if a.is_ipv4() { 32 } else { 128 })).collect();
                 self.admit_ip_scope(requester, &hosts, now)
             }
-            Ok(addrs) if !addrs.is_empty() => self.check_addresses(requester, &addrs, port, now),
+            Ok(addrs) if !addrs.is_empty() => self.check_addresses(requester, &addrs, port, upstream, now),
             Ok(_) => deny(502, ProxyError::DnsError, "no addresses"),
             Err(ResolveFailure::NotFound(why)) => deny(502, ProxyError::DnsError, &why),
             Err(ResolveFailure::Timeout) => deny(504, ProxyError::DnsTimeout, "resolution timed out"),
@@ -498,7 +652,9 @@ impl Policy {
                 Ok(TargetHost::Name(name)) => {
                     match self.quotas.check(requester.identity.quota_key().as_deref(), requester.client, now)
                     {
-                        Ok(()) => Decision::Resolve { name, port: ask.target_port, requester },
+                        Ok(()) => {
+                            Decision::Resolve { name, port: ask.target_port, requester, upstream: None }
+                        }
                         Err(which) => Decision::Answer(self.quota_refused(&requester, which, now)),
                     }
                 }
@@ -584,30 +740,51 @@ impl Policy {
         quota_denial(which, retry_after)
     }
 
-    /// Picks the first allowed address and admits the flow.
+    /// Picks the first allowed address and admits the flow: a tunnel
+    /// ([`Verdict::Allow`]), or with `upstream` an upstream route's flow
+    /// ([`Verdict::AllowUpstream`]; a `trusted_origin` skips the target
+    /// policy, not the quotas).
     fn check_addresses(
         &mut self,
         requester: &Requester,
         addrs: &[IpAddr],
         port: u16,
+        upstream: Option<&UpstreamTarget>,
         now: Instant,
     ) -> Verdict {
+        let trusted = upstream.is_some_and(|u| u.trusted_origin);
         let mut port_denied = false;
         for ip in addrs {
-            match self.acl.check(*ip, port) {
+            let checked = if trusted { Ok(()) } else { self.acl.check(*ip, port) };
+            match checked {
                 Ok(()) => {
                     let flow_id = self.next_flow_id;
                     self.next_flow_id += 1;
                     let key = requester.identity.quota_key();
-                    return match self.quotas.admit(flow_id, key.as_deref(), requester.client, now) {
-                        Ok(byte_budget) => Verdict::Allow {
-                            identity: key.unwrap_or_default(),
+                    let byte_budget = match self.quotas.admit(flow_id, key.as_deref(), requester.client, now)
+                    {
+                        Ok(budget) => budget,
+                        Err(which) => return self.quota_refused(requester, which, now),
+                    };
+                    let (identity, target) = (key.unwrap_or_default(), SocketAddr::new(*ip, port));
+                    return match upstream {
+                        None => Verdict::Allow {
+                            identity,
                             flow_id,
-                            target: SocketAddr::new(*ip, port),
+                            target,
                             idle_timeout_ms: self.idle_timeout_ms,
                             byte_budget,
                         },
-                        Err(which) => self.quota_refused(requester, which, now),
+                        Some(u) => Verdict::AllowUpstream {
+                            flow_id,
+                            target,
+                            idle_timeout_ms: u.idle_timeout_ms,
+                            byte_budget,
+                            identity,
+                            route: u.route.clone(),
+                            host: u.host.clone(),
+                            path: u.path.clone(),
+                        },
                     };
                 }
                 Err(Denial::Port) => port_denied = true,
@@ -847,7 +1024,8 @@ mod tests {
                     identity: Identity::StaticToken(fp),
                     client: "127.0.0.1".parse().unwrap(),
                     ip_protocol: None,
-                }
+                },
+                upstream: None,
             }
         );
         assert_eq!(status(&decide(&mut p, &ask("bad host", Some("Bearer t")))), 400);
@@ -1078,7 +1256,7 @@ mod tests {
     fn tcp_connect_to_a_name_resolves_then_checks_the_addresses() {
         let mut p = policy();
         let d = decide(&mut p, &tcp_ask("example.com", 443, Some("Bearer t")));
-        let Decision::Resolve { name, port, requester } = d else { panic!("{d:?}") };
+        let Decision::Resolve { name, port, requester, upstream: None } = d else { panic!("{d:?}") };
         assert_eq!((name.as_str(), port), ("example.com", 443));
         assert_eq!(requester.ip_protocol, None, "resolved like connect-udp, not connect-ip");
         let now = Instant::now();
@@ -1157,6 +1335,237 @@ mod tests {
             p.after_resolution(&requester, port, Ok(vec!["93.184.216.34".parse().unwrap()]), Instant::now());
         assert!(
             matches!(v, Verdict::Deny { status: 403, ref details, .. } if details == "target port not allowed")
+        );
+    }
+
+    fn ws_ask(authority: &str, path: &str, auth: Option<&str>) -> AuthAsk {
+        AuthAsk {
+            authority: authority.into(),
+            path: path.into(),
+            target_host: String::new(),
+            target_port: 0,
+            protocol: TunnelProtocol::WebSocket,
+            ..ask("", auth)
+        }
+    }
+
+    /// A policy with these `[[upstreams]]` routes (each its TOML keys).
+    fn with_routes(p: Policy, routes: &[&str]) -> Policy {
+        let routes = routes.iter().map(|r| crate::upstreams::tests::route(r)).collect();
+        p.with_upstreams(Upstreams::new(routes))
+    }
+
+    const CHAT: &str = "name = \"chat\"\nhosts = [\"chat.example\"]\npath_prefix = \"/chat/\"\n\
+                        origin = \"ws://127.0.0.1:9001\"\nprefix_rewrite = \"/\"\n";
+    const PUBLIC: &str = "name = \"pub\"\npath_prefix = \"/public/\"\norigin = \"ws://127.0.0.2:9002\"\n\
+                          auth = \"public\"\nhost_header = \"pub.internal\"\nidle_timeout_secs = 30\n";
+
+    fn upstream_allow(d: &Decision) -> (SocketAddr, u32, &str, &str, &str, &str) {
+        match d {
+            Decision::Answer(Verdict::AllowUpstream {
+                target,
+                idle_timeout_ms,
+                identity,
+                route,
+                host,
+                path,
+                ..
+            }) => (*target, *idle_timeout_ms, identity, route, host, path),
+            other => panic!("not an upstream allow: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn websocket_is_refused_with_501_without_a_route() {
+        let mut p = policy();
+        for auth in [Some("Bearer t"), None] {
+            let d = decide(&mut p, &ws_ask("chat.example", "/chat/", auth));
+            assert_eq!(denial(&d), (501, None, "websocket is disabled"));
+        }
+    }
+
+    #[test]
+    fn websocket_asks_take_the_first_matching_route_or_get_404() {
+        let mut p = with_routes(policy(), &[CHAT, PUBLIC]);
+        let d = decide(&mut p, &ws_ask("Chat.Example:443", "/chat/room?x=1", Some("Bearer t")));
+        let fp = crate::auth::TokenDigest::of("t").fingerprint();
+        let tok = format!("tok:{fp}");
+        assert_eq!(
+            upstream_allow(&d),
+            ("127.0.0.1:9001".parse().unwrap(), 5000, tok.as_str(), "chat", "127.0.0.1:9001", "/room?x=1")
+        );
+        // Not one of the route's hosts, or not under its prefix: 404.
+        for (authority, path) in
+            [("other.example", "/chat/room"), ("chat.example", "/chat"), ("chat.example", "/")]
+        {
+            let d = decide(&mut p, &ws_ask(authority, path, Some("Bearer t")));
+            assert_eq!(denial(&d), (404, None, "no upstream route"), "{authority} {path}");
+        }
+        // Even without credentials: the route decides whether any are asked.
+        assert_eq!(denial(&decide(&mut p, &ws_ask("chat.example", "/x/", None))).0, 404);
+        // Paths that would leave the prefix, or make no request target: 400.
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/../admin", Some("Bearer t")));
+        assert_eq!(denial(&d), (400, Some(ProxyError::HttpRequestError), "the path has dot segments"));
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/a b", Some("Bearer t")));
+        assert_eq!(denial(&d), (400, Some(ProxyError::HttpRequestError), "invalid upstream path"));
+        // Other protocols are untouched by the routes.
+        allowed_target(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))));
+    }
+
+    #[test]
+    fn relay_routes_ask_for_credentials_and_public_routes_do_not() {
+        let mut p = with_routes(policy(), &[CHAT, PUBLIC]);
+        assert_eq!(status(&decide(&mut p, &ws_ask("chat.example", "/chat/", None))), 407);
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/", Some("Bearer wrong")));
+        let Decision::Answer(Verdict::Authenticate { details, challenges }) = d else { panic!("{d:?}") };
+        assert_eq!(
+            (details.as_str(), challenges),
+            ("invalid credentials", vec!["Bearer realm=\"masque\"".to_string()])
+        );
+        // Public: no credentials needed (and any sent are not looked at).
+        for auth in [None, Some("Bearer wrong")] {
+            let (d, identity) =
+                p.decide(&ws_ask("anything.example", "/public/x?y", auth), Instant::now(), NOW_UNIX);
+            assert_eq!(identity, Identity::Public);
+            assert_eq!(
+                upstream_allow(&d),
+                ("127.0.0.2:9002".parse().unwrap(), 30_000, "", "pub", "pub.internal", "/public/x?y")
+            );
+        }
+        assert_eq!(p.refusals().auth.get("missing"), Some(&1));
+    }
+
+    #[test]
+    fn public_routes_count_quotas_per_client_address() {
+        let one = QuotaLimits { max_flows: 1, ..Default::default() };
+        let mut p = with_routes(policy(), &[PUBLIC])
+            .with_quotas(QuotaConfig { per_identity: one, ..Default::default() });
+        // No identity: the per-identity limit does not bind them.
+        for _ in 0..3 {
+            upstream_allow(&decide(&mut p, &ws_ask("x", "/public/", None)));
+        }
+        let mut p = with_routes(policy(), &[PUBLIC])
+            .with_quotas(QuotaConfig { per_client: one, ..Default::default() });
+        let d = decide(&mut p, &ws_ask("x", "/public/", None));
+        let Decision::Answer(Verdict::AllowUpstream { flow_id, .. }) = d else { panic!("{d:?}") };
+        let d = decide(&mut p, &ws_ask("x", "/public/", None));
+        assert_eq!(
+            denial(&d),
+            (429, Some(ProxyError::HttpRequestDenied), "quota exceeded: per_client.max_flows")
+        );
+        // Tunnels from that address count against the same limit.
+        assert_eq!(status(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t")))), 429);
+        p.flow_closed(flow_id, 0, Instant::now());
+        upstream_allow(&decide(&mut p, &ws_ask("x", "/public/", None)));
+    }
+
+    #[test]
+    fn origins_are_checked_by_the_target_policy_unless_trusted() {
+        let mut keys = TokenKeys::default();
+        keys.add("k1", Secret::new(vec![3; 32])).unwrap();
+        // Loopback is denied, as by default.
+        let strict = || {
+            Policy::new(
+                Authenticator::new(["t"], keys.clone(), AuthState::default()),
+                TargetAcl::new(vec![], vec![], vec![]),
+                5000,
+            )
+        };
+        let mut p = with_routes(strict(), &[CHAT]);
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/", Some("Bearer t")));
+        assert_eq!(
+            denial(&d),
+            (403, Some(ProxyError::DestinationIpProhibited), "target address not allowed")
+        );
+        let trusted = format!("{CHAT}trusted_origin = true\n");
+        let mut p = with_routes(strict(), &[&trusted]);
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/", Some("Bearer t")));
+        assert_eq!(upstream_allow(&d).0, "127.0.0.1:9001".parse().unwrap());
+        // Credentials are still asked for on a trusted origin.
+        assert_eq!(status(&decide(&mut p, &ws_ask("chat.example", "/chat/", None))), 407);
+        // Port restrictions are part of the target policy.
+        let ports = Policy::new(
+            Authenticator::new(["t"], keys.clone(), AuthState::default()),
+            TargetAcl::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec!["443".parse().unwrap()]),
+            5000,
+        );
+        let mut p = with_routes(ports, &[CHAT]);
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/", Some("Bearer t")));
+        assert_eq!(denial(&d), (403, Some(ProxyError::DestinationIpProhibited), "target port not allowed"));
+    }
+
+    #[test]
+    fn named_origins_are_resolved_then_answered_with_an_upstream_allow() {
+        let echo = "name = \"echo\"\npath_prefix = \"/\"\norigin = \"ws://Echo.Internal:9001\"\n";
+        let mut p = with_routes(policy(), &[echo]);
+        let d = decide(&mut p, &ws_ask("relay.example", "/socket?room=1", Some("Bearer t")));
+        let Decision::Resolve { name, port, requester, upstream: Some(upstream) } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((name.as_str(), port, requester.ip_protocol), ("echo.internal", 9001, None));
+        assert_eq!(
+            upstream,
+            UpstreamTarget {
+                route: "echo".into(),
+                host: "Echo.Internal:9001".into(),
+                path: "/socket?room=1".into(),
+                trusted_origin: false,
+                idle_timeout_ms: 5000,
+            }
+        );
+        let now = Instant::now();
+        // The first allowed address wins; private ones are skipped.
+        let addrs = || Ok(vec!["10.0.0.1".parse().unwrap(), "93.184.216.34".parse().unwrap()]);
+        let v = p.after_upstream_resolution(&requester, port, &upstream, addrs(), now);
+        let Verdict::AllowUpstream { target, route, host, path, .. } = &v else { panic!("{v:?}") };
+        assert_eq!(*target, "93.184.216.34:9001".parse().unwrap());
+        assert_eq!(
+            (route.as_str(), host.as_str(), path.as_str()),
+            ("echo", "Echo.Internal:9001", "/socket?room=1")
+        );
+        let v = p.after_upstream_resolution(
+            &requester,
+            port,
+            &upstream,
+            Ok(vec!["10.0.0.1".parse().unwrap()]),
+            now,
+        );
+        assert!(matches!(
+            v,
+            Verdict::Deny { status: 403, proxy_error: Some(ProxyError::DestinationIpProhibited), .. }
+        ));
+        // A trusted origin resolving to a private address.
+        let trusted = UpstreamTarget { trusted_origin: true, ..upstream.clone() };
+        let v = p.after_upstream_resolution(
+            &requester,
+            port,
+            &trusted,
+            Ok(vec!["10.0.0.1".parse().unwrap()]),
+            now,
+        );
+        assert!(
+            matches!(v, Verdict::AllowUpstream { target, .. } if target == "10.0.0.1:9001".parse().unwrap())
+        );
+        // DNS failures as for tunnels.
+        let v = p.after_upstream_resolution(
+            &requester,
+            port,
+            &upstream,
+            Err(ResolveFailure::NotFound("NXDOMAIN".into())),
+            now,
+        );
+        assert!(matches!(v, Verdict::Deny { status: 502, proxy_error: Some(ProxyError::DnsError), .. }));
+        let v = p.after_upstream_resolution(&requester, port, &upstream, Err(ResolveFailure::Timeout), now);
+        assert!(matches!(v, Verdict::Deny { status: 504, proxy_error: Some(ProxyError::DnsTimeout), .. }));
+        // An exhausted quota refuses before resolution.
+        let one = QuotaLimits { max_flows: 1, ..Default::default() };
+        let mut p = with_routes(policy(), &[echo])
+            .with_quotas(QuotaConfig { per_identity: one, ..Default::default() });
+        allowed_target(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))));
+        let d = decide(&mut p, &ws_ask("relay.example", "/", Some("Bearer t")));
+        assert_eq!(
+            denial(&d),
+            (429, Some(ProxyError::HttpRequestDenied), "quota exceeded: per_identity.max_flows")
         );
     }
 

@@ -31,7 +31,8 @@ use relay_channel::ring::RingError;
 use relay_proto::channel::bootstrap::{self, Bootstrap, ControlUpdate, Hello, TlsMaterial};
 use relay_proto::channel::record::{
     AddressAnswer, AddressAsk, AnswerRecord, AskRecord, AuthAnswer, AuthAsk, ChannelRecord, IpAssignment,
-    MAX_ADDRESSES_PER_FAMILY, MAX_DETAILS, SignAnswer, SignAsk, SignResult, Transport, Verdict,
+    MAX_ADDRESSES_PER_FAMILY, MAX_DETAILS, SignAnswer, SignAsk, SignResult, Transport, TunnelProtocol,
+    Verdict,
 };
 use relay_proto::proxy_status::ProxyError;
 use tracing::{debug, error, info, warn};
@@ -41,7 +42,7 @@ use crate::credentials::Credentials;
 use crate::fleet::codec::TicketKeySet;
 use crate::ippool::{AddressPools, Prefix};
 use crate::metrics::Histograms;
-use crate::policy::{Decision, Policy, Requester, ResolveFailure};
+use crate::policy::{Decision, Policy, Requester, ResolveFailure, UpstreamTarget};
 use crate::resolver::{Resolved, Resolver};
 use crate::tickets::TicketKeys;
 
@@ -90,6 +91,26 @@ pub struct ServerSettings {
     pub log_targets: bool,
 }
 
+/// Every tunnel protocol, in the order of [`Shared::tunnels_allowed`].
+pub const TUNNEL_PROTOCOLS: [TunnelProtocol; 5] = [
+    TunnelProtocol::ConnectUdp,
+    TunnelProtocol::ConnectIp,
+    TunnelProtocol::ConnectUdpBind,
+    TunnelProtocol::ConnectTcp,
+    TunnelProtocol::WebSocket,
+];
+
+/// How `relayctl flows`, the metrics and the logs name a tunnel protocol.
+pub fn protocol_name(protocol: TunnelProtocol) -> &'static str {
+    match protocol {
+        TunnelProtocol::ConnectUdp => "connect-udp",
+        TunnelProtocol::ConnectIp => "connect-ip",
+        TunnelProtocol::ConnectUdpBind => "bind",
+        TunnelProtocol::ConnectTcp => "connect-tcp",
+        TunnelProtocol::WebSocket => "websocket",
+    }
+}
+
 /// A live flow as control knows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FlowInfo {
@@ -97,9 +118,16 @@ pub struct FlowInfo {
     pub flow_id: u64,
     /// Worker serving it.
     pub worker: u32,
+    /// What kind of flow: `connect-udp`, `connect-ip`, `bind`,
+    /// `connect-tcp` or `websocket` ([`protocol_name`]); `-` when not
+    /// known (flows a re-attached dataplane reported).
+    pub protocol: &'static str,
+    /// The `[[upstreams]]` route of an upstream flow (WebSocket); `None`
+    /// for tunnels, and for flows a re-attached dataplane reported.
+    pub route: Option<String>,
     /// Client address.
     pub client: SocketAddr,
-    /// Target address.
+    /// Target address (an upstream flow's: its origin's).
     pub target: SocketAddr,
     /// Seconds since the Unix epoch when it was allowed.
     pub started_unix: u64,
@@ -191,6 +219,8 @@ pub struct Shared {
     pub asks_allowed: u64,
     /// Asks denied.
     pub asks_denied: u64,
+    /// Flows allowed, by protocol (in [`TUNNEL_PROTOCOLS`] order).
+    pub tunnels_allowed: [u64; TUNNEL_PROTOCOLS.len()],
     /// Invalid records received.
     pub channel_errors: u64,
     /// Set by the admin socket: tell every worker to drain.
@@ -264,6 +294,11 @@ struct PendingResolution {
     worker: u32,
     ask: AuthAsk,
     requester: Requester,
+    /// The port to admit the resolved addresses with (a WebSocket ask's:
+    /// its route's origin's).
+    port: u16,
+    /// A WebSocket ask: what its allow carries.
+    upstream: Option<UpstreamTarget>,
     deadline: Instant,
     received: Instant,
 }
@@ -850,6 +885,9 @@ impl Server {
                         shared.flows.entry(open.flow_id).or_insert(FlowInfo {
                             flow_id: open.flow_id,
                             worker,
+                            // The report does not say.
+                            protocol: "-",
+                            route: None,
                             client: open.client,
                             target: open.target,
                             started_unix,
@@ -908,19 +946,22 @@ impl Server {
                 self.answer(worker, &ask, &identity, verdict);
                 self.observe_decision(received);
             }
-            Decision::Resolve { name, requester, .. } => {
+            Decision::Resolve { name, port, requester, upstream } => {
                 let id = self.next_job;
                 self.next_job += 1;
                 match self.resolver.submit(id, name) {
                     Ok(()) => {
                         let deadline = Instant::now() + self.settings.resolver_timeout;
-                        self.pending
-                            .insert(id, PendingResolution { worker, ask, requester, deadline, received });
+                        self.pending.insert(
+                            id,
+                            PendingResolution { worker, ask, requester, port, upstream, deadline, received },
+                        );
                     }
                     Err(failure) => {
-                        let verdict = self.policy().after_resolution(
+                        let verdict = self.after_resolution(
                             &requester,
-                            ask.target_port,
+                            port,
+                            upstream.as_ref(),
                             Err(failure),
                             Instant::now(),
                         );
@@ -929,6 +970,23 @@ impl Server {
                     }
                 }
             }
+        }
+    }
+
+    /// The policy's verdict once a name resolved (or failed to): a
+    /// tunnel's, or with `upstream` an upstream route's.
+    fn after_resolution(
+        &self,
+        requester: &Requester,
+        port: u16,
+        upstream: Option<&UpstreamTarget>,
+        result: Result<Vec<std::net::IpAddr>, ResolveFailure>,
+        now: Instant,
+    ) -> Verdict {
+        let mut policy = self.policy();
+        match upstream {
+            Some(u) => policy.after_upstream_resolution(requester, port, u, result, now),
+            None => policy.after_resolution(requester, port, result, now),
         }
     }
 
@@ -941,9 +999,10 @@ impl Server {
         while let Ok(done) = self.resolved.try_recv() {
             // A missing entry timed out already and was answered.
             if let Some(p) = self.pending.remove(&done.id) {
-                let verdict = self.policy().after_resolution(
+                let verdict = self.after_resolution(
                     &p.requester,
-                    p.ask.target_port,
+                    p.port,
+                    p.upstream.as_ref(),
                     done.result,
                     Instant::now(),
                 );
@@ -959,9 +1018,10 @@ impl Server {
             self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
-                let verdict = self.policy().after_resolution(
+                let verdict = self.after_resolution(
                     &p.requester,
-                    p.ask.target_port,
+                    p.port,
+                    p.upstream.as_ref(),
                     Err(ResolveFailure::Timeout),
                     now,
                 );
@@ -998,17 +1058,18 @@ impl Server {
         {
             let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
             let allowed = match &verdict {
-                Verdict::Allow { flow_id, target, .. } | Verdict::AllowUpstream { flow_id, target, .. } => {
-                    Some((*flow_id, *target))
+                Verdict::Allow { flow_id, target, .. } => Some((*flow_id, *target, None)),
+                Verdict::AllowUpstream { flow_id, target, route, .. } => {
+                    Some((*flow_id, *target, Some(route.clone())))
                 }
                 // An IP or bound flow has no single target: shown as the
                 // unspecified address.
                 Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => {
-                    Some((*flow_id, SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0)))
+                    Some((*flow_id, SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 0), None))
                 }
                 Verdict::Deny { .. } | Verdict::Authenticate { .. } => None,
             };
-            if let Some((flow_id, target)) = allowed {
+            if let Some((flow_id, target, route)) = allowed {
                 let (flow_id, target) = (&flow_id, &target);
                 if shared.flows.len() >= MAX_FLOWS {
                     unused_allow = Some(*flow_id);
@@ -1027,6 +1088,8 @@ impl Server {
                         FlowInfo {
                             flow_id: *flow_id,
                             worker,
+                            protocol: protocol_name(ask.protocol),
+                            route,
                             client: ask.client,
                             target: *target,
                             started_unix,
@@ -1034,6 +1097,9 @@ impl Server {
                         },
                     );
                     shared.asks_allowed += 1;
+                    if let Some(i) = TUNNEL_PROTOCOLS.iter().position(|p| *p == ask.protocol) {
+                        shared.tunnels_allowed[i] += 1;
+                    }
                 }
             } else {
                 shared.asks_denied += 1;
@@ -1188,17 +1254,26 @@ impl Server {
 }
 
 /// The access log line of one tunnel decision (`[log] log_targets = true`):
-/// the IDs `relayctl flows` shows (flow, worker), the client's address, the
-/// target as asked (`destination`; `target` is taken by the module's name in
-/// JSON lines) and as resolved, and the identity.
+/// the IDs `relayctl flows` shows (flow, worker), the protocol, the client's
+/// address, the target as asked (`destination`; `target` is taken by the
+/// module's name in JSON lines; a WebSocket ask's is the request's
+/// authority) and as resolved, the route of an upstream flow, and the
+/// identity. A WebSocket request's path is not logged (queries may hold
+/// secrets).
 fn log_tunnel(worker: u32, ask: &AuthAsk, identity: &Identity, verdict: &Verdict) {
     let protocol = ask.protocol;
-    let destination = format_args!("{}:{}", ask.target_host, ask.target_port);
+    let destination = match ask.protocol {
+        TunnelProtocol::WebSocket => format!("{:?}", ask.authority),
+        _ => format!("{}:{}", ask.target_host, ask.target_port),
+    };
     match verdict {
-        Verdict::Allow { flow_id, target: resolved, .. }
-        | Verdict::AllowUpstream { flow_id, target: resolved, .. } => info!(
+        Verdict::Allow { flow_id, target: resolved, .. } => info!(
             flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %resolved, %identity,
             "tunnel allowed"
+        ),
+        Verdict::AllowUpstream { flow_id, target: resolved, route, .. } => info!(
+            flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %resolved,
+            route = route.as_str(), %identity, "tunnel allowed"
         ),
         Verdict::AllowIp { flow_id, .. } | Verdict::AllowBind { flow_id, .. } => info!(
             flow = flow_id, worker, ?protocol, client = %ask.client, %destination, %identity,

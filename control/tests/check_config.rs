@@ -40,6 +40,12 @@ fn an_invalid_file_prints_the_error_with_line_and_key_and_exits_1() {
         ("unknown.toml", "[dataplane]\nworkers = 2\nworkerz = 3\n", 3, "workerz"),
         ("value.toml", "[tcp]\n\nidle_timeout_secs = 0\n", 3, "tcp.idle_timeout_secs must be 1..=86400"),
         ("type.toml", "[log]\nformat = \"xml\"\n", 2, "xml"),
+        (
+            "route.toml",
+            "[log]\nformat = \"text\"\n\n[[upstreams]]\nname = \"chat\"\npath_prefix = \"chat/\"\norigin = \"ws://h\"\n",
+            4,
+            "upstreams route \"chat\": path_prefix must start with '/'",
+        ),
     ] {
         let out = check(name, text);
         assert_eq!(out.status.code(), Some(1), "{name}");

@@ -152,7 +152,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
         cid_nonce_len: cid_settings.random_len,
         cid_steering: d.connection_ids.steering,
         cid_key: cid_settings.key,
-        protocols: config.protocols.served(),
+        protocols: config.served_protocols(),
         retry_threshold: d.retry_threshold,
         connect_ip: None,
         bind: config.protocols.bind.then(|| relay_proto::channel::bootstrap::BindBootstrap {
@@ -211,6 +211,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
     let mut policy = Policy::new(auth, acl, d.flow_idle_timeout_secs.saturating_mul(1000))
         .with_quotas(config.quotas)
         .with_protocols(config.protocols)
+        .with_upstreams(relay_control::upstreams::Upstreams::new(config.upstreams.clone()))
         .with_schemes(Schemes { bearer, realm: config.auth.realm.clone() });
     // Privacy Pass: the configured keys, then the issuer directory's (read
     // now: a directory that cannot be read stops the start).
@@ -351,6 +352,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
                 flows: s.flows.len() as u64,
                 asks_allowed: s.asks_allowed,
                 asks_denied: s.asks_denied,
+                tunnels_allowed: s.tunnels_allowed,
                 channel_errors: s.channel_errors,
                 signatures: s.signatures,
                 signatures_failed: s.signatures_failed,

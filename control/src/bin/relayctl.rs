@@ -477,7 +477,7 @@ fn print_usage(v: &Value) {
 
 fn print_policy(v: &Value) {
     let p = &v["protocols"];
-    let rows: Vec<Vec<String>> = ["connect_udp", "connect_ip", "bind", "connect_tcp"]
+    let rows: Vec<Vec<String>> = ["connect_udp", "connect_ip", "bind", "connect_tcp", "websocket"]
         .iter()
         .map(|k| vec![k.to_string(), show(&p[*k])])
         .collect();
@@ -924,15 +924,30 @@ fn main() -> ExitCode {
                 .map(|a| {
                     a.iter()
                         .map(|f| {
-                            ["flow_id", "worker", "client", "target", "identity", "started_unix"]
-                                .iter()
-                                .map(|k| show(&f[*k]))
-                                .collect()
+                            [
+                                "flow_id",
+                                "worker",
+                                "protocol",
+                                "route",
+                                "client",
+                                "target",
+                                "identity",
+                                "started_unix",
+                            ]
+                            .iter()
+                            .map(|k| show(&f[*k]))
+                            .collect()
                         })
                         .collect()
                 })
                 .unwrap_or_default();
-            print!("{}", table(&["FLOW", "WORKER", "CLIENT", "TARGET", "IDENTITY", "STARTED"], &rows));
+            print!(
+                "{}",
+                table(
+                    &["FLOW", "WORKER", "PROTOCOL", "ROUTE", "CLIENT", "TARGET", "IDENTITY", "STARTED"],
+                    &rows
+                )
+            );
         }
         AdminRequest::TokenMint { .. } => {
             // The token alone on stdout (scripts: `T=$(relayctl token mint ...)`);
