@@ -885,9 +885,8 @@ impl Server {
                         shared.flows.entry(open.flow_id).or_insert(FlowInfo {
                             flow_id: open.flow_id,
                             worker,
-                            // The report does not say.
-                            protocol: "-",
-                            route: None,
+                            protocol: protocol_name(open.protocol),
+                            route: (!open.route.is_empty()).then(|| open.route.clone()),
                             client: open.client,
                             target: open.target,
                             started_unix,

@@ -248,6 +248,8 @@ impl Tunnels {
                     target: flow.target,
                     identity: flow.identity.clone(),
                     addresses,
+                    protocol: t.kind.protocol(),
+                    route: flow.route.clone(),
                 })
             })
             .collect()

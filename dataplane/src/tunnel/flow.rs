@@ -36,6 +36,9 @@ pub struct Flow {
     last_activity: Instant,
     /// What it carried.
     pub totals: Totals,
+    /// An upstream flow's route name (empty for tunnels), reported to a
+    /// restarted control.
+    pub route: String,
 }
 
 impl Flow {
@@ -56,6 +59,7 @@ impl Flow {
             idle_timeout,
             last_activity: now,
             totals: Totals::default(),
+            route: String::new(),
         }
     }
 

@@ -81,7 +81,8 @@ pub(super) fn apply(
             if let Some(ws) = ts.slab.get_mut(id).and_then(|t| t.ws.as_mut()) {
                 ws.set_upstream(host, path);
             }
-            let flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
+            let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
+            flow.route = route;
             tcp::open(ts, ctx, id, flow);
         }
         (Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity }, Kind::Udp) => {

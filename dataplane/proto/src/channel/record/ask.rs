@@ -184,6 +184,11 @@ pub struct FlowOpen {
     /// A connect-ip flow's assigned addresses (a restarted control leases
     /// them again); empty for connect-udp.
     pub addresses: Vec<IpAssignment>,
+    /// The kind of tunnel.
+    pub protocol: TunnelProtocol,
+    /// An upstream flow's route name (empty for tunnels; else checked
+    /// like [`AllowUpstream`](super::Verdict::AllowUpstream)'s).
+    pub route: String,
 }
 
 impl FlowOpen {
@@ -196,7 +201,12 @@ impl FlowOpen {
             return Err(RecordError::BadValue("addresses"));
         }
         w.u8(self.addresses.len() as u8)?;
-        self.addresses.iter().try_for_each(|a| w.prefix(a))
+        self.addresses.iter().try_for_each(|a| w.prefix(a))?;
+        w.u8(self.protocol as u8)?;
+        if !self.route.is_empty() && !super::valid_route_name(&self.route) {
+            return Err(RecordError::BadValue("route"));
+        }
+        w.str(&self.route, super::MAX_ROUTE_NAME, "route")
     }
 
     pub(super) fn read(r: &mut Reader<'_>) -> Result<Self, RecordError> {
@@ -209,7 +219,12 @@ impl FlowOpen {
             return Err(RecordError::BadValue("addresses"));
         }
         let addresses = (0..n).map(|_| r.prefix()).collect::<Result<_, _>>()?;
-        Ok(Self { flow_id, client, target, identity, addresses })
+        let protocol = TunnelProtocol::from_u8(r.u8()?).ok_or(RecordError::BadValue("protocol"))?;
+        let route = r.str(super::MAX_ROUTE_NAME, "route")?;
+        if !route.is_empty() && !super::valid_route_name(&route) {
+            return Err(RecordError::BadValue("route"));
+        }
+        Ok(Self { flow_id, client, target, identity, addresses, protocol, route })
     }
 }
 

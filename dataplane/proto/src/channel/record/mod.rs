@@ -421,6 +421,8 @@ mod tests {
                 target: "[2001:db8::2]:53".parse().unwrap(),
                 identity: "tok:0123456789abcdef".into(),
                 addresses: vec![IpAssignment { addr: "10.89.0.9".parse().unwrap(), len: 32 }],
+                protocol: TunnelProtocol::ConnectIp,
+                route: String::new(),
             }),
             AskRecord::FlowOpen(FlowOpen {
                 flow_id: 2,
@@ -428,6 +430,8 @@ mod tests {
                 target: "192.0.2.9:53".parse().unwrap(),
                 identity: String::new(),
                 addresses: Vec::new(),
+                protocol: TunnelProtocol::WebSocket,
+                route: "r".repeat(MAX_ROUTE_NAME),
             }),
             AskRecord::SignAsk(SignAsk {
                 sign_id: 3,
