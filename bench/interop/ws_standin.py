@@ -2,8 +2,8 @@
 """A stand-in for the relay's WebSocket relaying, to check ws_client.py's
 HTTP/2 and HTTP/3 code without the relay (it is not used by the tests).
 
-It serves RFC 8441 on cleartext HTTP/2 (prior knowledge, the ``h2``
-package) and RFC 9220 on HTTP/3 (aioquic, a self-signed certificate for
+It serves RFC 8441 on HTTP/2 (the ``h2`` package; cleartext with prior
+knowledge, and TLS with ALPN h2) and RFC 9220 on HTTP/3 (aioquic, a self-signed certificate for
 "localhost" it writes to --state), and turns each extended CONNECT with
 ``:protocol websocket`` into an HTTP/1.1 Upgrade to --origin, the way the
 relay's design says: Sec-WebSocket-Protocol / -Extensions / Origin passed
@@ -13,7 +13,8 @@ on, 200 with the origin's choices for its 101, 502 with Proxy-Status
 ``:protocol``; then bytes both ways. A request path starting with /down/
 goes to --down (a port where nothing listens) instead.
 
-Prints ``{"h2": PORT, "h3": PORT, "ca": PATH}`` on stdout once it listens.
+Prints ``{"h2": PORT, "h2_tls": PORT, "h3": PORT, "ca": PATH}`` on stdout
+once it listens.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import base64
 import datetime
 import json
 import os
+import ssl
 import sys
 
 import h2.config
@@ -230,12 +232,17 @@ async def main_async(args) -> int:
     cert, key = self_signed(args.state)
     server = await asyncio.start_server(lambda r, w: h2_connection(args, r, w), "127.0.0.1", 0)
     h2_port = server.sockets[0].getsockname()[1]
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    tls.set_alpn_protocols(["h2"])
+    tls_server = await asyncio.start_server(lambda r, w: h2_connection(args, r, w), "127.0.0.1", 0, ssl=tls)
+    h2_tls_port = tls_server.sockets[0].getsockname()[1]
     config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN, max_datagram_frame_size=65536)
     config.load_cert_chain(cert, key)
     H3Standin.args = args
     quic = await serve("127.0.0.1", 0, configuration=config, create_protocol=H3Standin)
     h3_port = quic._transport.get_extra_info("sockname")[1]
-    print(json.dumps({"h2": h2_port, "h3": h3_port, "ca": cert}), flush=True)
+    print(json.dumps({"h2": h2_port, "h2_tls": h2_tls_port, "h3": h3_port, "ca": cert}), flush=True)
     await asyncio.get_running_loop().create_future()
     return 0
 
