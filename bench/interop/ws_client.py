@@ -152,7 +152,8 @@ class EofSSLSocket(ssl.SSLSocket):
     def recv(self, *a, **kw):  # type: ignore[override]
         try:
             data = super().recv(*a, **kw)
-        except ssl.SSLZeroReturnError:
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            # close_notify, or the TCP connection ended without one.
             self.peer_eof = True
             raise
         if not data:
@@ -160,18 +161,28 @@ class EofSSLSocket(ssl.SSLSocket):
         return data
 
 
-def tcp_socket(args: argparse.Namespace) -> socket.socket:
+def tcp_socket(args: argparse.Namespace) -> EofSocket:
     host, port = args.relay.rsplit(":", 1)
     info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
     s = EofSocket(info[0], socket.SOCK_STREAM)
     s.settimeout(args.timeout)
     s.connect(info[4])
-    if not args.tls:
-        return s
+    return s
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=args.ca)
     ctx.set_alpn_protocols(["http/1.1"])
     ctx.sslsocket_class = EofSSLSocket
-    t = ctx.wrap_socket(s, server_hostname=args.server_name)
+    return ctx
+
+
+def h1_socket(args: argparse.Namespace) -> socket.socket:
+    """A connection to the relay's TCP front, over TLS with --tls."""
+    s = tcp_socket(args)
+    if not args.tls:
+        return s
+    t = tls_context(args).wrap_socket(s, server_hostname=args.server_name)
     if t.selected_alpn_protocol() not in (None, "http/1.1"):
         raise ClientError(f"ALPN picked {t.selected_alpn_protocol()!r}")
     return t
@@ -199,6 +210,7 @@ class H1Session:
     def __init__(self, args: argparse.Namespace, path: str, subprotocols: list[str] | None,
                  origin: str | None, deflate: bool) -> None:
         self.args = args
+        # TLS (--tls) is the websockets client's, on this socket.
         self.sock = tcp_socket(args)
         scheme = "wss" if args.tls else "ws"
         self.status = 0
@@ -208,6 +220,8 @@ class H1Session:
             self.conn = ws_connect(
                 f"{scheme}://{authority(args)}{path}",
                 sock=self.sock,
+                ssl=tls_context(args) if args.tls else None,
+                server_hostname=args.server_name if args.tls else None,
                 additional_headers=auth_headers(args),
                 subprotocols=subprotocols,
                 origin=origin,
@@ -230,6 +244,10 @@ class H1Session:
             raise ClientError(f"handshake: {type(e).__name__}: {e}") from e
         self.status = self.conn.response.status_code
         self.headers = lower(self.conn.response.headers.raw_items())
+        # The TLS socket when --tls: it is the one that sees the peer's end.
+        self.sock = self.conn.socket
+        if args.tls and self.sock.selected_alpn_protocol() not in (None, "http/1.1"):
+            raise ClientError(f"ALPN picked {self.sock.selected_alpn_protocol()!r}")
 
     @property
     def opened(self) -> bool:
@@ -272,7 +290,7 @@ class H1Session:
 def h1_raw(args: argparse.Namespace, path: str, upgrade: str, version: str) -> dict:
     """A hand-written HTTP/1.1 Upgrade request (for what the websockets
     client will not send); returns the answer's status and headers."""
-    s = tcp_socket(args)
+    s = h1_socket(args)
     key = "dGhlIHNhbXBsZSBub25jZQ=="
     lines = [f"GET {path} HTTP/1.1", f"Host: {authority(args)}", "Connection: Upgrade", f"Upgrade: {upgrade}",
              f"Sec-WebSocket-Key: {key}", f"Sec-WebSocket-Version: {version}"]

@@ -36,6 +36,7 @@ Usage::
 
     ws_origin.py [--host 127.0.0.1] [--port 0] [--subprotocol chat.v1]
                  [--refuse 403] [--close 4000 --close-reason bye]
+                 [--tls-cert cert.pem --tls-key key.pem]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import sys
 import urllib.parse
 
@@ -96,11 +98,17 @@ def main() -> int:
     p.add_argument("--close", type=int, help="close right after the handshake with this code")
     p.add_argument("--close-reason", default="")
     p.add_argument("--max-size", type=int, default=64 << 20, help="largest message accepted")
+    p.add_argument("--tls-cert", help="serve wss:// with this certificate (PEM; checking clients without the relay)")
+    p.add_argument("--tls-key", help="its private key (PEM)")
     args = p.parse_args()
     return asyncio.run(serve_forever(args))
 
 
 async def serve_forever(args: argparse.Namespace) -> int:
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     def process_request(connection: ServerConnection, request: Request):
         connection.ws_origin_record = new_record(request)
         if args.refuse is not None:
@@ -159,6 +167,7 @@ async def serve_forever(args: argparse.Namespace) -> int:
         # which is the backpressure the tests look for.
         max_queue=4,
         server_header="ws_origin.py",
+        ssl=tls,
     ) as server:
         port = next(iter(server.sockets)).getsockname()[1]
         print(json.dumps({"port": port}), flush=True)
