@@ -157,7 +157,7 @@ pub fn run(cfg: &WsBench) -> Result<String> {
         match Relay::start(&dir, &opts) {
             Ok(relay) => Some(relay),
             Err(e) => {
-                failures.push(("relay", 0, format!("did not start: {e:#}")));
+                failures.push(("relay", None, format!("did not start: {e:#}")));
                 None
             }
         }
@@ -177,7 +177,7 @@ pub fn run(cfg: &WsBench) -> Result<String> {
             for (name, open) in [(H1_TLS, h1), (H2_TLS, h2)] {
                 match measure(name, cfg, size, open) {
                     Ok(row) => rows.push(row),
-                    Err(e) => failures.push((name, size, format!("{e:#}"))),
+                    Err(e) => failures.push((name, Some(size), format!("{e:#}"))),
                 }
             }
         }
@@ -211,7 +211,8 @@ pub fn run(cfg: &WsBench) -> Result<String> {
         ));
     }
     for (name, size, e) in &failures {
-        out.push_str(&format!("| {name} | {size} B | failed: {} | | | |\n", e.replace('|', "/")));
+        let size = size.map(|s| format!("{s} B")).unwrap_or_else(|| "-".into());
+        out.push_str(&format!("| {name} | {size} | failed: {} | | | |\n", e.replace('|', "/")));
     }
     if !failures.is_empty() {
         print!("{out}");
