@@ -17,6 +17,10 @@
 //!   namespaces behind an nftables load balancer, and their store, for the
 //!   fleet's multi-host test; [`fleetbench`]: what fleet mode costs
 //!   (`relay-bench fleet`).
+//! - [`wsecho`], [`wsbench`], [`wsinterop`]: a WebSocket echo origin and
+//!   clients in Rust (tungstenite), the WebSocket benchmark
+//!   (`relay-bench websocket`), and the driver of the WebSocket tests'
+//!   Python peers (`bench/interop/ws_origin.py`, `ws_client.py`).
 //! - [`needs`]: what the tests that are ignored by default need from the
 //!   machine, checked when they run.
 //! - [`wait`]: bounded waits on a condition for the tests (instead of
@@ -52,6 +56,9 @@ pub mod svg;
 pub mod target;
 pub mod tcp_echo;
 pub mod wait;
+pub mod wsbench;
+pub mod wsecho;
+pub mod wsinterop;
 
 /// Runs a command-line tool's `run` with logging to stderr (`RUST_LOG`,
 /// else `default_log`) and turns its error into a message and exit status

@@ -235,6 +235,65 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// WebSocket echo messages/s and round-trip p50/p99 through the relay
+    /// (HTTP/1.1 Upgrade and HTTP/2 extended CONNECT over TLS on the TCP
+    /// front, to a `[[upstreams]]` route) next to the direct path to the
+    /// same Rust origin, in one run; prints a markdown table.
+    Websocket {
+        /// Directory of relay-control and relay-dataplane.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Relay workers.
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// WebSocket connections per path (one thread each).
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Timed messages per connection.
+        #[arg(long, default_value_t = 10_000)]
+        messages: usize,
+        /// Untimed messages per connection first.
+        #[arg(long, default_value_t = 200)]
+        warmup: usize,
+        /// Message sizes in bytes (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "64,16384")]
+        sizes: Vec<usize>,
+        /// Measure only the direct path (no relay).
+        #[arg(long)]
+        direct_only: bool,
+    },
+    /// One WebSocket client (tungstenite): opens a WebSocket to PATH
+    /// through the relay's TCP front (or straight to an origin) and echoes
+    /// COUNT binary messages, checking each.
+    WebsocketEcho {
+        /// TCP address: the relay's TLS or cleartext listener, or an origin.
+        #[arg(long)]
+        to: SocketAddr,
+        /// 1: HTTP/1.1 Upgrade; 2: HTTP/2 extended CONNECT (needs --ca).
+        #[arg(long, default_value_t = 1)]
+        http: u8,
+        /// Certificate to verify TLS with; cleartext without it.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// TLS server name.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Host / :authority (default: SERVER_NAME:PORT).
+        #[arg(long)]
+        authority: Option<String>,
+        /// Bearer token (Proxy-Authorization).
+        #[arg(long, env = "RELAY_TOKEN")]
+        token: Option<String>,
+        /// Request path.
+        #[arg(long, default_value = "/echo/")]
+        path: String,
+        /// Messages to echo.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+    },
     /// connect-udp over HTTP/2 (the TCP front) next to HTTP/3, and TCP
     /// CONNECT over HTTP/3, HTTP/2 and HTTP/1.1 next to the direct path, on
     /// a freshly started relay; prints a markdown report.
@@ -325,6 +384,59 @@ fn run(args: Args) -> Result<()> {
                 repeats,
             };
             print!("{}", relay_bench::frontbench::run(&cfg)?);
+            Ok(())
+        }
+        Command::Websocket { bin_dir, workers, connections, messages, warmup, sizes, direct_only } => {
+            let cfg = relay_bench::wsbench::WsBench {
+                bin_dir,
+                workers,
+                connections,
+                messages,
+                warmup,
+                sizes,
+                direct_only,
+            };
+            print!("{}", relay_bench::wsbench::run(&cfg)?);
+            Ok(())
+        }
+        Command::WebsocketEcho { to, http, ca, server_name, authority, token, path, count, size } => {
+            use relay_bench::wsecho::{self, Opened, Through, Tls};
+            let through = Through {
+                addr: to,
+                authority: authority.unwrap_or_else(|| format!("{server_name}:{}", to.port())),
+                tls: ca.map(|ca| Tls { ca, server_name }),
+                token,
+            };
+            let timeout = Duration::from_secs(10);
+            let opened = match http {
+                1 => wsecho::connect_h1(&through, &path, timeout)?,
+                2 => wsecho::connect_h2(&through, &path, timeout)?,
+                other => bail!("--http {other}: 1 or 2"),
+            };
+            let (mut ws, answer) = match opened {
+                Opened::Open(ws, answer) => (*ws, answer),
+                Opened::Refused(answer) => bail!("refused: {} {:?}", answer.status, answer.headers),
+            };
+            println!("opened: {} {:?}", answer.status, answer.headers);
+            let payload = bytes::Bytes::from(relay_bench::tcp_echo::pattern(size));
+            let start = Instant::now();
+            for i in 0..count {
+                match wsecho::round_trip(&mut ws, tungstenite::Message::Binary(payload.clone()))? {
+                    tungstenite::Message::Binary(b) if b == payload => {}
+                    other => bail!("message {i} came back changed ({} bytes)", other.len()),
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "{count} messages of {size} B echoed in {secs:.3} s ({:.0}/s)",
+                count as f64 / secs.max(1e-9)
+            );
+            ws.close(None)?;
+            for _ in 0..16 {
+                if ws.read().is_err() {
+                    break;
+                }
+            }
             Ok(())
         }
         Command::Fleet { out, bin_dir, rounds, connect_samples, no_aggregate } => {

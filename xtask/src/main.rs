@@ -203,7 +203,10 @@ fn setup_interop_venv() -> Result<()> {
             Command::new(p).args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success())
         })
         .context("no python3 with the venv and ensurepip modules (apt-get install python3-venv)")?;
-    eprintln!("xtask: creating the interop tests' Python venv (aioquic, h2, PySocks) in {}", venv.display());
+    eprintln!(
+        "xtask: creating the interop tests' Python venv (aioquic, h2, PySocks, websockets) in {}",
+        venv.display()
+    );
     let _ = std::fs::remove_dir_all(&venv);
     run_checked(Command::new(system_python).args(["-m", "venv"]).arg(&venv))?;
     run_checked(
@@ -211,7 +214,10 @@ fn setup_interop_venv() -> Result<()> {
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input", "-r"])
             .arg(&requirements),
     )?;
-    run_checked(Command::new(&python).args(["-c", "import aioquic.h3.connection, h2.connection, socks"]))?;
+    run_checked(
+        Command::new(&python)
+            .args(["-c", "import aioquic.h3.connection, h2.connection, socks, websockets.sync.client"]),
+    )?;
     std::fs::write(&stamp, wanted)?;
     Ok(())
 }
@@ -300,12 +306,15 @@ impl Need {
             Need::InteropVenv => {
                 let python = interop_venv().join("bin/python3");
                 let ok = Command::new(&python)
-                    .args(["-c", "import aioquic.h3.connection, h2.connection, socks"])
+                    .args([
+                        "-c",
+                        "import aioquic.h3.connection, h2.connection, socks, websockets.sync.client",
+                    ])
                     .output()
                     .is_ok_and(|o| o.status.success());
                 (!ok).then(|| {
                     format!(
-                        "the interop venv ({} with aioquic, h2 and PySocks: `cargo xtask setup`)",
+                        "the interop venv ({} with aioquic, h2, PySocks and websockets: `cargo xtask setup`)",
                         python.display()
                     )
                 })
@@ -388,6 +397,20 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
                 "oversize_capsules_abort_the_tunnel",
                 "oversize_header_section_closes_the_connection_with_h3_excessive_load",
                 "requests_after_goaway_are_rejected_while_open_tunnels_keep_forwarding",
+            ],
+            &[InteropVenv],
+        ),
+        (
+            BENCH,
+            "websocket",
+            &[
+                "websocket_echoes_text_binary_and_a_megabyte_on_every_http_version",
+                "subprotocol_extensions_and_request_fields_reach_the_origin_and_its_answer_comes_back",
+                "routes_match_the_host_then_the_path_prefix_in_file_order",
+                "refusals_carry_exact_statuses_and_proxy_status",
+                "a_client_reset_mid_message_closes_the_origin_side_and_the_relay_keeps_serving",
+                "the_origins_close_code_and_reason_reach_the_client_then_the_stream_ends",
+                "relay_routes_ask_for_credentials_and_public_routes_do_not",
             ],
             &[InteropVenv],
         ),
