@@ -492,6 +492,9 @@ fn relayctl_flows_lists_an_open_websocket_session_with_its_route() {
             break;
         }
     }
+    // RFC 6455 section 7.1.1: after the closing handshake the client
+    // closes its TCP connection too; the relay then has both ends.
+    drop(ws);
     wait_until("the WebSocket flow to end", PATIENCE, || {
         relay.relayctl_json(&["flows"]).unwrap()["flows"]
             .as_array()
