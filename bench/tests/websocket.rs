@@ -501,3 +501,75 @@ fn relayctl_flows_lists_an_open_websocket_session_with_its_route() {
             .is_some_and(|l| l.iter().all(|f| f["protocol"] != "websocket"))
     });
 }
+
+/// A raw TCP origin that reads the Upgrade request, then behaves as
+/// `answer` says: hang up mid-head, send a head that is not HTTP, or keep
+/// silent. Bounded: it serves `conns` connections, each held at most 15 s.
+fn bad_origin(answer: &'static [u8], hang_up: bool, conns: usize) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..conns {
+            let Ok((mut s, _)) = listener.accept() else { return };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer);
+                if !hang_up {
+                    // Silent (or done talking): wait for the relay to go.
+                    let _ = s.read(&mut buf);
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn origins_that_hang_up_answer_garbage_or_stay_silent_get_502_or_504_with_proxy_status() {
+    let cut = bad_origin(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n", true, 1);
+    let garbage = bad_origin(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", false, 1);
+    let silent = bad_origin(b"", false, 1);
+    let route = |name: &str, addr: std::net::SocketAddr| {
+        format!(
+            "[[upstreams]]\nname = \"{name}\"\npath_prefix = \"/{name}/\"\norigin = \"ws://{addr}\"\nauth = \"public\"\n"
+        )
+    };
+    let opts = RelayOptions {
+        tcp_cleartext: true,
+        extra_config: [route("cut", cut), route("garbage", garbage), route("silent", silent)].concat(),
+        ..RelayOptions::default()
+    };
+    let relay = Relay::start(&test_dir("bad-origins"), &opts).expect("relay starts");
+    let clear = Through {
+        addr: relay.cleartext_addr.unwrap(),
+        tls: None,
+        authority: format!("localhost:{}", relay.addr.port()),
+        token: None,
+    };
+    // The relay's own answer deadline is 10 s: wait longer for the silent one.
+    for (path, status, error) in [
+        ("/cut/x", 502, "error=http_response_incomplete"),
+        ("/garbage/x", 502, "error=http_protocol_error"),
+        ("/silent/x", 504, "error=http_response_timeout"),
+    ] {
+        match wsecho::connect_h1(&clear, path, Duration::from_secs(30)).unwrap() {
+            Opened::Refused(a) => {
+                assert_eq!(a.status, status, "{path}: {a:?}");
+                let ps = a.header("proxy-status").unwrap_or_default();
+                assert!(ps.contains(error), "{path}: {a:?}");
+            }
+            Opened::Open(..) => panic!("{path}: opened"),
+        }
+    }
+    assert_eq!(relay.counter("websocket_upstream_failures").unwrap(), 3);
+    assert_eq!(relay.counter("websockets_opened").unwrap(), 0);
+}
