@@ -69,6 +69,15 @@ fuzz_target!(|data: &[u8]| {
                     UpgradeProtocol::ConnectIp => {
                         let _ = classify_connect_ip(&req, &ip);
                     }
+                    UpgradeProtocol::WebSocket => {
+                        assert!(req.http1_upgrade);
+                        if let Ok(h) = relay_proto::websocket::check_client(
+                            &req.websocket,
+                            relay_proto::websocket::Carrier::Http1,
+                        ) {
+                            assert!(h.key.is_some(), "an HTTP/1.1 handshake has its key");
+                        }
+                    }
                 }
             }
             Ok(RequestKind::H2cUpgrade { settings, path, .. }) => {
