@@ -572,6 +572,18 @@ impl Client {
         Ok(id)
     }
 
+    /// Sends a request whose stream then carries a byte stream both ways,
+    /// like [`Self::request_tcp`]'s: an extended CONNECT such as
+    /// `:protocol websocket` (RFC 9220). The DATA it receives is read with
+    /// [`Self::take_raw`].
+    pub fn request_stream(&mut self, headers: &[(String, String)]) -> Result<u64> {
+        let id = self.send_raw_request(headers, false)?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.raw = Some(Vec::new());
+        }
+        Ok(id)
+    }
+
     /// Takes the raw bytes a CONNECT stream received so far (at most
     /// 1 MiB is kept at a time; the rest waits under flow control and is
     /// read on here).

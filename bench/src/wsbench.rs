@@ -43,6 +43,7 @@ pub struct WsBench {
 /// Path names in the report.
 const H1_TLS: &str = "relay, HTTP/1.1 Upgrade over TLS";
 const H2_TLS: &str = "relay, HTTP/2 extended CONNECT over TLS";
+const H3: &str = "relay, HTTP/3 extended CONNECT";
 
 /// The route the benchmark's relay serves.
 pub const ROUTE_PREFIX: &str = "/bench/";
@@ -173,8 +174,9 @@ pub fn run(cfg: &WsBench) -> Result<String> {
         type Open<'a> = &'a (dyn Fn() -> Result<Ws> + Sync);
         let h1: Open = &|| Ok(wsecho::connect_h1(&through, &path, timeout)?.open()?.0);
         let h2: Open = &|| Ok(wsecho::connect_h2(&through, &path, timeout)?.open()?.0);
+        let h3: Open = &|| Ok(wsecho::connect_h3(&through, &path, timeout)?.open()?.0);
         for &size in &cfg.sizes {
-            for (name, open) in [(H1_TLS, h1), (H2_TLS, h2)] {
+            for (name, open) in [(H1_TLS, h1), (H2_TLS, h2), (H3, h3)] {
                 match measure(name, cfg, size, open) {
                     Ok(row) => rows.push(row),
                     Err(e) => failures.push((name, Some(size), format!("{e:#}"))),

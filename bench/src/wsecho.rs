@@ -10,6 +10,9 @@
 //! - [`connect_h2`]: a client through the relay over HTTP/2 extended
 //!   CONNECT (RFC 8441; the `h2` crate on a current-thread tokio runtime
 //!   behind a blocking `Read + Write`, the stream tungstenite frames on).
+//! - [`connect_h3`]: a client through the relay over HTTP/3 extended
+//!   CONNECT (RFC 9220; the bench's quiche client, [`crate::client`],
+//!   behind a blocking `Read + Write`).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -348,6 +351,100 @@ pub fn connect_h2(through: &Through, path: &str, timeout: Duration) -> Result<Op
     }
     let io =
         H2Io { rt, _client: client, send, recv: resp.into_body(), buf: Bytes::new(), eof: false, timeout };
+    let ws = WebSocket::from_raw_socket(Box::new(io) as Box<dyn Io>, Role::Client, None);
+    Ok(Opened::Open(Box::new(ws), answer))
+}
+
+/// One HTTP/3 request stream as a blocking byte stream: reads drive the
+/// quiche client until DATA (or the end) arrives, writes until flow
+/// control takes the bytes.
+struct H3Io {
+    client: crate::client::Client,
+    stream: u64,
+    buf: Vec<u8>,
+    pos: usize,
+    timeout: Duration,
+}
+
+impl Read for H3Io {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        while self.pos == self.buf.len() {
+            let raw = self.client.take_raw(self.stream);
+            if !raw.is_empty() {
+                (self.buf, self.pos) = (raw, 0);
+                break;
+            }
+            if self.client.stream_finished(self.stream) {
+                return Ok(0);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no DATA in time"));
+            }
+            self.client.drive(Duration::from_millis(5)).map_err(io::Error::other)?;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for H3Io {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.client.send_stream_bytes(self.stream, data, false).map_err(io::Error::other)?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Opens a WebSocket to `path` through the relay over HTTP/3: extended
+/// CONNECT with `:protocol websocket` (RFC 9220 section 3), frames in
+/// DATA. `through.addr` is the relay's QUIC address.
+pub fn connect_h3(through: &Through, path: &str, timeout: Duration) -> Result<Opened> {
+    let tls = through.tls.as_ref().context("HTTP/3 needs the relay's certificate")?;
+    let mut cfg = crate::client::ClientConfig::new(through.addr);
+    cfg.server_name = tls.server_name.clone();
+    cfg.ca = Some(tls.ca.clone());
+    cfg.token = through.token.clone();
+    let mut client = crate::client::Client::connect(cfg, timeout)?;
+    client.wait_settings(timeout)?;
+    if !client.extended_connect_enabled() {
+        bail!("the relay did not send SETTINGS_ENABLE_CONNECT_PROTOCOL");
+    }
+    let mut headers: Vec<(String, String)> = [
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "https"),
+        (":authority", through.authority.as_str()),
+        (":path", path),
+        ("sec-websocket-version", "13"),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .collect();
+    if let Some(token) = &through.token {
+        headers.push(("proxy-authorization".into(), format!("Bearer {token}")));
+    }
+    let stream = client.request_stream(&headers)?;
+    let answer = match client.wait_answer(stream, timeout)? {
+        crate::client::Answer::Response(fields) => {
+            let status = fields
+                .iter()
+                .find(|(n, _)| n == ":status")
+                .and_then(|(_, v)| v.parse().ok())
+                .context("no :status")?;
+            Answer { status, headers: fields.into_iter().filter(|(n, _)| !n.starts_with(':')).collect() }
+        }
+        crate::client::Answer::Reset(code) => bail!("the relay reset the stream with {code:#x}"),
+    };
+    if answer.status != 200 {
+        return Ok(Opened::Refused(answer));
+    }
+    let io = H3Io { client, stream, buf: Vec::new(), pos: 0, timeout };
     let ws = WebSocket::from_raw_socket(Box::new(io) as Box<dyn Io>, Role::Client, None);
     Ok(Opened::Open(Box::new(ws), answer))
 }

@@ -419,14 +419,15 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 type Connect = fn(&Through, &str, Duration) -> anyhow::Result<Opened>;
 
 #[test]
-fn rust_clients_echo_through_the_relay_over_http1_and_http2() {
+fn rust_clients_echo_through_the_relay_over_http1_http2_and_http3() {
     let (relay, origin) = rust_setup("rust-echo");
     let tls = tls_through(&relay);
     let clear = Through { addr: relay.cleartext_addr.unwrap(), tls: None, ..tls.clone() };
-    let ways: [(&str, &Through, Connect); 3] = [
+    let ways: [(&str, &Through, Connect); 4] = [
         ("HTTP/1.1 cleartext", &clear, wsecho::connect_h1),
         ("HTTP/1.1 over TLS", &tls, wsecho::connect_h1),
         ("HTTP/2 over TLS", &tls, wsecho::connect_h2),
+        ("HTTP/3", &tls, wsecho::connect_h3),
     ];
     for (name, through, connect) in ways {
         let (mut ws, answer) = connect(through, "/echo/rust", TIMEOUT).unwrap().open().unwrap();
@@ -449,8 +450,8 @@ fn rust_clients_echo_through_the_relay_over_http1_and_http2() {
         }
         assert!(ended, "{name}: the stream ended after the closing handshake");
     }
-    assert_eq!(origin.accepted(), 3);
-    assert_eq!(origin.echoed(), 3 * 8);
+    assert_eq!(origin.accepted(), 4);
+    assert_eq!(origin.echoed(), 4 * 8);
     // Without credentials the route (auth "relay" by default) asks for them.
     let anonymous = Through { token: None, ..clear };
     match wsecho::connect_h1(&anonymous, "/echo/rust", TIMEOUT).unwrap() {
