@@ -942,10 +942,17 @@ pub enum UpstreamAuth {
     Public,
 }
 
-/// A route's `origin`: `ws://host[:port]` (port 80 when not written), no
+/// Where a `wss://` origin's certificate is checked by default: Debian's
+/// system bundle.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A route's `origin`: `ws://host[:port]` (port 80 when not written) or
+/// `wss://host[:port]` (TLS to the origin, port 443 when not written), no
 /// path, query, fragment or userinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamOrigin {
+    /// `wss://`: TLS to the origin, its certificate verified.
+    pub tls: bool,
     /// An IP literal or a DNS name (lowercased; resolved by control's
     /// resolver for every ask).
     pub host: TargetHost,
@@ -957,21 +964,20 @@ pub struct UpstreamOrigin {
 }
 
 impl UpstreamOrigin {
-    /// Parses `ws://host[:port]`; the error says what is wrong.
+    /// Parses `ws://host[:port]` or `wss://host[:port]`; the error says
+    /// what is wrong.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let Some(authority) = text.strip_prefix("ws://") else {
-            if text.starts_with("wss://") {
-                return Err(format!(
-                    "{text:?}: TLS to origins is not supported; give ws://host[:port] (an origin on this host or a private network)"
-                ));
-            }
-            return Err(format!("{text:?} is not ws://host[:port]"));
+        let (tls, authority) = match (text.strip_prefix("ws://"), text.strip_prefix("wss://")) {
+            (Some(a), _) => (false, a),
+            (None, Some(a)) => (true, a),
+            (None, None) => return Err(format!("{text:?} is not ws://host[:port] or wss://host[:port]")),
         };
+        let form = if tls { "wss://host[:port]" } else { "ws://host[:port]" };
         if authority.contains(['/', '?', '#']) {
-            return Err(format!("{text:?} must be ws://host[:port] without a path, query or fragment"));
+            return Err(format!("{text:?} must be {form} without a path, query or fragment"));
         }
         if authority.contains('@') {
-            return Err(format!("{text:?} must be ws://host[:port] without userinfo"));
+            return Err(format!("{text:?} must be {form} without userinfo"));
         }
         let (host, port) = if authority.starts_with('[') {
             let end = authority.find(']').ok_or_else(|| format!("{text:?}: unclosed '['"))?;
@@ -980,7 +986,7 @@ impl UpstreamOrigin {
                 "" => (host, None),
                 _ => match after.strip_prefix(':') {
                     Some(port) => (host, Some(port)),
-                    None => return Err(format!("{text:?} is not ws://host[:port]")),
+                    None => return Err(format!("{text:?} is not {form}")),
                 },
             }
         } else {
@@ -990,19 +996,30 @@ impl UpstreamOrigin {
             }
         };
         let port = match port {
+            None if tls => 443,
             None => 80,
             Some(p) => relay_proto::target::parse_port(p)
                 .map_err(|_| format!("{text:?}: the port must be 1..=65535"))?,
         };
         let host = TargetHost::parse(host)
             .map_err(|_| format!("{text:?}: the host must be an IP literal or a DNS name"))?;
-        Ok(Self { host, port, authority: authority.to_string() })
+        Ok(Self { tls, host, port, authority: authority.to_string() })
+    }
+
+    /// The name a `wss://` origin's certificate is checked against by
+    /// default: its host (an IP literal without brackets).
+    pub fn default_server_name(&self) -> String {
+        match &self.host {
+            TargetHost::Ip(ip) => ip.to_string(),
+            TargetHost::Name(name) => name.clone(),
+        }
     }
 }
 
 impl std::fmt::Display for UpstreamOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ws://{}", self.authority)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        write!(f, "{scheme}://{}", self.authority)
     }
 }
 
@@ -1010,6 +1027,32 @@ impl Serialize for UpstreamOrigin {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }
+}
+
+/// Parses a route's `origin_server_name`: a DNS name (lowercased, no
+/// trailing dot) or an IP literal (IPv6 with or without brackets); the
+/// result is what SNI and the certificate check use (IPv6 unbracketed).
+pub fn parse_server_name(text: &str) -> Result<String, String> {
+    match TargetHost::parse(text) {
+        Ok(TargetHost::Ip(ip)) => Ok(ip.to_string()),
+        Ok(TargetHost::Name(name)) if name == text => Ok(name),
+        Ok(TargetHost::Name(_)) => {
+            Err(format!("{text:?} must be written in lowercase, without a trailing dot"))
+        }
+        Err(_) => Err(format!("{text:?} is neither a DNS name nor an IP literal")),
+    }
+}
+
+/// Reads a PEM file of CA certificates: at least one certificate, all of
+/// them parsing; the error names the file.
+pub fn read_ca_file(path: &Path) -> Result<Vec<boring::x509::X509>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let certs = boring::x509::X509::stack_from_pem(&pem)
+        .map_err(|e| format!("{}: not PEM certificates ({e})", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
 }
 
 /// An entry of a route's `hosts`: a lowercase DNS name or an IP literal.
@@ -1070,6 +1113,16 @@ pub struct UpstreamRoute {
     /// A flow idle this long is closed (0..=86400 s; 0: the relay's
     /// `dataplane.flow_idle_timeout_secs`).
     pub idle_timeout_secs: u32,
+    /// `wss://` only: the PEM file of the CAs the origin's certificate
+    /// must chain to ([`SYSTEM_CA_FILE`] when not written); `None` for
+    /// `ws://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin_ca_file: Option<PathBuf>,
+    /// `wss://` only: the name sent as SNI and verified in the origin's
+    /// certificate (the origin's host when not written); `None` for
+    /// `ws://`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin_server_name: Option<String>,
     /// Byte offset of `name` in the config text (to name lines in errors).
     #[serde(skip)]
     pub name_offset: usize,
@@ -1095,6 +1148,10 @@ struct RawUpstreamRoute {
     trusted_origin: bool,
     #[serde(default)]
     idle_timeout_secs: i64,
+    #[serde(default)]
+    origin_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    origin_server_name: Option<String>,
 }
 
 /// Why `path` cannot be a `path_prefix` or `prefix_rewrite`: it must start
@@ -1161,6 +1218,31 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             u32::try_from(r.idle_timeout_secs).ok().filter(|s| *s <= MAX_UPSTREAM_IDLE_SECS).ok_or_else(
                 || format!("{at}: idle_timeout_secs must be 0..=86400, not {}", r.idle_timeout_secs),
             )?;
+        let (origin_ca_file, origin_server_name) = if origin.tls {
+            let ca = r.origin_ca_file.unwrap_or_else(|| PathBuf::from(SYSTEM_CA_FILE));
+            if ca.as_os_str().is_empty()
+                || ca.as_os_str().len() > relay_proto::channel::bootstrap::MAX_CA_FILE_PATH
+            {
+                return Err(format!("{at}: origin_ca_file must be a path of 1..=1024 bytes"));
+            }
+            let name = match r.origin_server_name {
+                Some(n) => parse_server_name(&n).map_err(|e| format!("{at}: origin_server_name {e}"))?,
+                None => origin.default_server_name(),
+            };
+            (Some(ca), Some(name))
+        } else {
+            for (key, set) in [
+                ("origin_ca_file", r.origin_ca_file.is_some()),
+                ("origin_server_name", r.origin_server_name.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{at}: {key} applies to wss:// origins only (the origin is {origin})"
+                    ));
+                }
+            }
+            (None, None)
+        };
         Ok(Self {
             name,
             protocol,
@@ -1172,6 +1254,8 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             auth,
             trusted_origin: r.trusted_origin,
             idle_timeout_secs,
+            origin_ca_file,
+            origin_server_name,
             name_offset,
         })
     }
@@ -1963,6 +2047,45 @@ impl Config {
     pub fn admin_socket(&self) -> PathBuf {
         self.relay.admin_socket.clone().unwrap_or_else(|| self.relay.state_dir.join("admin.sock"))
     }
+
+    /// Checks, at start, that every `wss://` route's `origin_ca_file`
+    /// exists and holds PEM certificates; the error names the route and
+    /// the file.
+    pub fn check_upstream_ca_files(&self) -> Result<(), String> {
+        for route in &self.upstreams {
+            if let Some(path) = &route.origin_ca_file {
+                read_ca_file(path)
+                    .map_err(|e| format!("upstreams route {:?}: origin_ca_file {e}", route.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The upstream routes as the dataplane's bootstrap lists them, CA
+    /// file paths made absolute (the dataplane may run elsewhere in the
+    /// file system tree).
+    pub fn upstream_bootstrap(
+        &self,
+    ) -> Result<Vec<relay_proto::channel::bootstrap::UpstreamBootstrap>, String> {
+        use relay_proto::channel::bootstrap::{UpstreamBootstrap, UpstreamTls};
+        self.upstreams
+            .iter()
+            .map(|route| {
+                let tls = match (&route.origin_ca_file, &route.origin_server_name) {
+                    (Some(ca), Some(server_name)) => {
+                        let ca = std::path::absolute(ca)
+                            .map_err(|e| format!("upstreams route {:?}: origin_ca_file: {e}", route.name))?;
+                        let ca_file = ca.to_str().map(str::to_string).ok_or_else(|| {
+                            format!("upstreams route {:?}: origin_ca_file must be UTF-8", route.name)
+                        })?;
+                        Some(UpstreamTls { server_name: server_name.clone(), ca_file })
+                    }
+                    _ => None,
+                };
+                Ok(UpstreamBootstrap { route: route.name.clone(), tls })
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -2593,9 +2716,12 @@ mod tests {
             ("echo.internal".into(), 65535, "echo.internal:65535".into())
         );
         for (bad, why) in [
-            ("http://x", "is not ws://host[:port]"),
+            ("http://x", "is not ws://host[:port] or wss://host[:port]"),
             ("WS://x", "is not ws://host[:port]"),
-            ("wss://x", "TLS to origins is not supported"),
+            ("https://x", "is not ws://host[:port]"),
+            ("wss://x/", "must be wss://host[:port] without a path"),
+            ("wss://u@x:1", "must be wss://host[:port] without userinfo"),
+            ("wss://x:0", "the port must be 1..=65535"),
             ("ws://x/", "without a path"),
             ("ws://x:80/chat", "without a path"),
             ("ws://x?q", "without a path, query"),
@@ -2618,6 +2744,141 @@ mod tests {
             let e = UpstreamOrigin::parse(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn wss_origins_parse_with_port_443_and_their_tls_defaults() {
+        let ok = |s: &str| {
+            let o = UpstreamOrigin::parse(s).unwrap();
+            (o.tls, o.host.to_string(), o.port, o.to_string())
+        };
+        assert_eq!(ok("wss://chat.example"), (true, "chat.example".into(), 443, "wss://chat.example".into()));
+        assert_eq!(ok("wss://[::1]:9443"), (true, "[::1]".into(), 9443, "wss://[::1]:9443".into()));
+        assert_eq!(ok("ws://chat.example"), (false, "chat.example".into(), 80, "ws://chat.example".into()));
+        let text = "[[upstreams]]\nname = \"a\"\npath_prefix = \"/a/\"\norigin = \"wss://Chat.Example\"\n\n\
+            [[upstreams]]\nname = \"b\"\npath_prefix = \"/b/\"\norigin = \"wss://[::1]:8443\"\n\
+            origin_ca_file = \"ca.pem\"\norigin_server_name = \"echo.internal\"\n\n\
+            [[upstreams]]\nname = \"c\"\npath_prefix = \"/c/\"\norigin = \"wss://[::1]\"\n\n\
+            [[upstreams]]\nname = \"d\"\npath_prefix = \"/d/\"\norigin = \"wss://x.example\"\n\
+            origin_server_name = \"[2001:db8::1]\"\n\n\
+            [[upstreams]]\nname = \"e\"\npath_prefix = \"/e/\"\norigin = \"ws://x.example\"\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        let tls = |i: usize| {
+            let r = &c.upstreams[i];
+            (r.origin.port, r.origin_ca_file.clone(), r.origin_server_name.clone())
+        };
+        // Defaults: the system bundle, the origin's host (lowercased; an
+        // IPv6 literal without brackets).
+        assert_eq!(tls(0), (443, Some(PathBuf::from(SYSTEM_CA_FILE)), Some("chat.example".into())));
+        assert_eq!(tls(1), (8443, Some(PathBuf::from("ca.pem")), Some("echo.internal".into())));
+        assert_eq!(tls(2), (443, Some(PathBuf::from(SYSTEM_CA_FILE)), Some("::1".into())));
+        assert_eq!(tls(3).2.as_deref(), Some("2001:db8::1"));
+        assert_eq!(tls(4), (80, None, None), "ws:// routes have no TLS settings");
+        // The bootstrap lists every route, TLS settings for wss:// only,
+        // CA files absolute.
+        let boot = c.upstream_bootstrap().unwrap();
+        let names: Vec<&str> = boot.iter().map(|b| b.route.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+        let b = boot[1].tls.as_ref().unwrap();
+        assert_eq!(b.server_name, "echo.internal");
+        assert!(b.ca_file.starts_with('/') && b.ca_file.ends_with("/ca.pem"), "{}", b.ca_file);
+        assert_eq!(boot[0].tls.as_ref().unwrap().ca_file, SYSTEM_CA_FILE);
+        assert!(boot[4].tls.is_none());
+        relay_proto::channel::bootstrap::validate_upstreams(&boot).unwrap();
+        // The effective config prints the resolved keys and reads back.
+        let printed = c.effective_toml();
+        assert!(printed.contains("origin = \"wss://Chat.Example\""), "{printed}");
+        let again = Config::parse(&printed, "t.toml").unwrap();
+        let strip = |c: &Config| {
+            c.upstreams.iter().map(|r| UpstreamRoute { name_offset: 0, ..r.clone() }).collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&again), strip(&c));
+    }
+
+    #[test]
+    fn wss_keys_are_refused_on_ws_routes_and_checked_on_wss_routes() {
+        let err = |route: &str| {
+            let text = format!("[[upstreams]]\nname = \"r1\"\npath_prefix = \"/x/\"\n{route}\n");
+            Config::parse(&text, "t.toml").unwrap_err().to_string()
+        };
+        for (route, message) in [
+            (
+                "origin = \"ws://127.0.0.1:9\"\norigin_ca_file = \"/ca.pem\"",
+                "upstreams route \"r1\": origin_ca_file applies to wss:// origins only (the origin is ws://127.0.0.1:9)",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"\norigin_server_name = \"x.example\"",
+                "upstreams route \"r1\": origin_server_name applies to wss:// origins only",
+            ),
+            (
+                "origin = \"wss://127.0.0.1\"\norigin_server_name = \"X.example\"",
+                "upstreams route \"r1\": origin_server_name \"X.example\" must be written in lowercase",
+            ),
+            (
+                "origin = \"wss://127.0.0.1\"\norigin_server_name = \"*.example\"",
+                "origin_server_name \"*.example\" is neither a DNS name nor an IP literal",
+            ),
+            (
+                "origin = \"wss://127.0.0.1\"\norigin_ca_file = \"\"",
+                "upstreams route \"r1\": origin_ca_file must be",
+            ),
+        ] {
+            let e = err(route);
+            assert!(e.contains(message), "{route}: {e}");
+        }
+    }
+
+    #[test]
+    fn ca_files_are_checked_at_start_and_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("relay-config-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.pem");
+        let ca = {
+            use boring::ec::{EcGroup, EcKey};
+            use boring::nid::Nid;
+            use boring::pkey::PKey;
+            let key = PKey::from_ec_key(
+                EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
+            )
+            .unwrap();
+            let mut name = boring::x509::X509NameBuilder::new().unwrap();
+            name.append_entry_by_text("CN", "test CA").unwrap();
+            let name = name.build();
+            let mut b = boring::x509::X509::builder().unwrap();
+            b.set_version(2).unwrap();
+            b.set_subject_name(&name).unwrap();
+            b.set_issuer_name(&name).unwrap();
+            b.set_pubkey(&key).unwrap();
+            b.set_not_before(&boring::asn1::Asn1Time::days_from_now(0).unwrap()).unwrap();
+            b.set_not_after(&boring::asn1::Asn1Time::days_from_now(1).unwrap()).unwrap();
+            b.sign(&key, boring::hash::MessageDigest::sha256()).unwrap();
+            b.build().to_pem().unwrap()
+        };
+        std::fs::write(&good, &ca).unwrap();
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(&garbage, b"not a certificate\n").unwrap();
+        let missing = dir.join("missing.pem");
+        let config = |ca: &Path| {
+            let text = format!(
+                "[[upstreams]]\nname = \"r1\"\npath_prefix = \"/x/\"\norigin = \"wss://127.0.0.1\"\n\
+                 origin_ca_file = {:?}\n",
+                ca.display().to_string()
+            );
+            Config::parse(&text, "t.toml").unwrap()
+        };
+        assert_eq!(config(&good).check_upstream_ca_files(), Ok(()));
+        assert_eq!(read_ca_file(&good).unwrap().len(), 1);
+        for bad in [&garbage, &missing] {
+            let e = config(bad).check_upstream_ca_files().unwrap_err();
+            assert!(
+                e.contains("upstreams route \"r1\": origin_ca_file")
+                    && e.contains(&bad.display().to_string()),
+                "{e}"
+            );
+        }
+        // ws:// routes have no CA file to check.
+        assert_eq!(Config::parse(ROUTES, "t.toml").unwrap().check_upstream_ca_files(), Ok(()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -2681,8 +2942,8 @@ mod tests {
             ("path_prefix = \"/x/\"", "path_prefix = \"/x#\"", "path_prefix must be visible ASCII"),
             (
                 "origin = \"ws://127.0.0.1:9\"",
-                "origin = \"wss://h\"",
-                "upstreams route \"r1\": origin \"wss://h\": TLS",
+                "origin = \"https://h\"",
+                "upstreams route \"r1\": origin \"https://h\" is not ws://host[:port] or wss://host[:port]",
             ),
             ("path_prefix = \"/x/\"\n", "", "missing field `path_prefix`"),
             ("origin = \"ws://127.0.0.1:9\"\n", "", "missing field `origin`"),

@@ -97,6 +97,9 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
             (creds.cert, creds.key)
         }
     };
+    // The dataplane reads these at attach; a missing or broken one is the
+    // operator's to fix before anything starts.
+    config.check_upstream_ca_files()?;
     let hmac_keys = config.hmac_keys()?;
     let bearer = config.auth.schemes.contains(&AuthScheme::Bearer);
     // The demo token only when bearer tokens are accepted and none at all
@@ -166,6 +169,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
         // re-attaches keeps validating its Retry tokens and resetting its
         // old connections.
         quic_keys: Some(random_quic_keys()?),
+        upstreams: config.upstream_bootstrap()?,
     };
     let ip_pools = config.connect_ip.pools()?;
     let mut bootstrap = bootstrap;

@@ -23,6 +23,14 @@ pub enum ProxyError {
     ConnectionRefused = 7,
     /// Section 2.3.9: connecting to the target timed out.
     ConnectionTimeout = 9,
+    /// Section 2.3.13: the TLS handshake with the next hop failed (not a
+    /// certificate problem, no alert from it).
+    TlsProtocolError = 13,
+    /// Section 2.3.14: the next hop's certificate did not verify (chain,
+    /// validity, name).
+    TlsCertificateError = 14,
+    /// Section 2.3.15: the next hop sent a TLS alert.
+    TlsAlertReceived = 15,
     /// Section 2.3.11: the request was denied by the proxy (auth, quota).
     HttpRequestDenied = 11,
     /// Section 2.3.12: the request was invalid.
@@ -56,6 +64,9 @@ impl ProxyError {
             ProxyError::DestinationIpUnroutable => "destination_ip_unroutable",
             ProxyError::ConnectionRefused => "connection_refused",
             ProxyError::ConnectionTimeout => "connection_timeout",
+            ProxyError::TlsProtocolError => "tls_protocol_error",
+            ProxyError::TlsCertificateError => "tls_certificate_error",
+            ProxyError::TlsAlertReceived => "tls_alert_received",
             ProxyError::HttpRequestDenied => "http_request_denied",
             ProxyError::HttpRequestError => "http_request_error",
             ProxyError::HttpResponseIncomplete => "http_response_incomplete",
@@ -78,6 +89,9 @@ impl ProxyError {
             6 => ProxyError::DestinationIpUnroutable,
             7 => ProxyError::ConnectionRefused,
             9 => ProxyError::ConnectionTimeout,
+            13 => ProxyError::TlsProtocolError,
+            14 => ProxyError::TlsCertificateError,
+            15 => ProxyError::TlsAlertReceived,
             11 => ProxyError::HttpRequestDenied,
             12 => ProxyError::HttpRequestError,
             18 => ProxyError::HttpResponseIncomplete,
@@ -158,5 +172,11 @@ mod tests {
         }
         assert_eq!(ProxyError::from_u8(24), Some(ProxyError::ProxyInternalError));
         assert_eq!(ProxyError::from_u8(0), None);
+        // The TLS errors towards origins (wss://).
+        for (v, token) in
+            [(13, "tls_protocol_error"), (14, "tls_certificate_error"), (15, "tls_alert_received")]
+        {
+            assert_eq!(ProxyError::from_u8(v).map(ProxyError::as_str), Some(token));
+        }
     }
 }

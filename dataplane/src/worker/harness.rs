@@ -121,6 +121,7 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
         bind: None,
         tcp: None,
         quic_keys: None,
+        upstreams: Vec::new(),
     }
 }
 

@@ -22,11 +22,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version of the attach handshake and of everything after it
-/// (bootstrap frames and channel records): 4 since asks may be for
-/// WebSocket routes and answers name upstreams (record format
-/// [`super::record::VERSION`] 4), so processes of different builds refuse
-/// the attach instead of each other's records.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// (bootstrap frames and channel records): 5 since the [`Bootstrap`]
+/// lists the upstream routes with their TLS settings (`wss://` origins);
+/// 4 brought asks for WebSocket routes and answers naming upstreams
+/// (record format [`super::record::VERSION`] 4). Processes of different
+/// builds refuse the attach instead of each other's frames and records.
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -126,6 +127,87 @@ pub struct Bootstrap {
     /// start.
     #[serde(default)]
     pub quic_keys: Option<QuicKeys>,
+    /// Every `[[upstreams]]` route by name, with its TLS settings when its
+    /// origin is `wss://` (at most [`MAX_UPSTREAM_ROUTES`]; checked by
+    /// [`validate_upstreams`]). An `AllowUpstream` naming a route not
+    /// listed is refused (502).
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamBootstrap>,
+}
+
+/// Most upstream routes in a [`Bootstrap`] (control's own bound on
+/// `[[upstreams]]`).
+pub const MAX_UPSTREAM_ROUTES: usize = 256;
+/// Most distinct CA files among the upstream routes (one TLS client
+/// context each).
+pub const MAX_UPSTREAM_CA_FILES: usize = 32;
+/// Longest CA file path.
+pub const MAX_CA_FILE_PATH: usize = 1024;
+
+/// One upstream route as the dataplane needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamBootstrap {
+    /// The route's name (as `AllowUpstream` names it).
+    pub route: String,
+    /// TLS to the origin (`wss://`); None: cleartext (`ws://`).
+    pub tls: Option<UpstreamTls>,
+}
+
+/// How the relay connects to a `wss://` origin. The CA bundle travels as a
+/// path, not as PEM (a system bundle is larger than a bootstrap frame):
+/// the dataplane reads it at attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and verified in the origin's certificate: a
+    /// DNS name or an IP literal (no brackets; no SNI is sent for those).
+    pub server_name: String,
+    /// Absolute path of the PEM file of the CAs the origin's certificate
+    /// must chain to.
+    pub ca_file: String,
+}
+
+/// Checks the upstream routes a peer could get wrong: the count, names
+/// (valid and unique), server names (a DNS name or an IP literal) and CA
+/// file paths (absolute, bounded, at most [`MAX_UPSTREAM_CA_FILES`]
+/// distinct).
+pub fn validate_upstreams(routes: &[UpstreamBootstrap]) -> Result<(), BootstrapError> {
+    use super::record::valid_route_name;
+    if routes.len() > MAX_UPSTREAM_ROUTES {
+        return Err(BootstrapError::Invalid(format!("{} upstream routes", routes.len())));
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut ca_files = std::collections::HashSet::new();
+    for r in routes {
+        if !valid_route_name(&r.route) {
+            return Err(BootstrapError::Invalid(format!("upstream route name {:?}", r.route)));
+        }
+        if !names.insert(r.route.as_str()) {
+            return Err(BootstrapError::Invalid(format!("upstream route {:?} listed twice", r.route)));
+        }
+        let Some(tls) = &r.tls else { continue };
+        let name_ok = match crate::target::TargetHost::parse(&tls.server_name) {
+            Ok(crate::target::TargetHost::Name(n)) => n == tls.server_name,
+            Ok(crate::target::TargetHost::Ip(_)) => tls.server_name.parse::<std::net::IpAddr>().is_ok(),
+            Err(_) => false,
+        };
+        if !name_ok {
+            return Err(BootstrapError::Invalid(format!(
+                "upstream route {:?}: server name {:?}",
+                r.route, tls.server_name
+            )));
+        }
+        if !tls.ca_file.starts_with('/') || tls.ca_file.len() > MAX_CA_FILE_PATH || tls.ca_file.contains('\0')
+        {
+            return Err(BootstrapError::Invalid(format!("upstream route {:?}: CA file path", r.route)));
+        }
+        ca_files.insert(tls.ca_file.as_str());
+    }
+    if ca_files.len() > MAX_UPSTREAM_CA_FILES {
+        return Err(BootstrapError::Invalid(format!("{} distinct upstream CA files", ca_files.len())));
+    }
+    Ok(())
 }
 
 /// Keys for QUIC's stateless functions: a Retry token minted by one worker
@@ -764,6 +846,51 @@ mod tests {
             bind: None,
             tcp,
             quic_keys: Some(QuicKeys { retry_token_key: [1; 32], stateless_reset_key: [2; 32] }),
+            upstreams: vec![
+                UpstreamBootstrap { route: "plain".into(), tls: None },
+                UpstreamBootstrap {
+                    route: "secure".into(),
+                    tls: Some(UpstreamTls {
+                        server_name: "chat.example".into(),
+                        ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
+                    }),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn upstream_routes_are_checked() {
+        let good = bootstrap(None).upstreams;
+        assert!(validate_upstreams(&good).is_ok());
+        assert_eq!(through_a_frame(&bootstrap(None)).unwrap().upstreams, good);
+        let tls = |server_name: &str, ca_file: &str| UpstreamBootstrap {
+            route: "r".into(),
+            tls: Some(UpstreamTls { server_name: server_name.into(), ca_file: ca_file.into() }),
+        };
+        assert!(validate_upstreams(&[tls("::1", "/ca.pem")]).is_ok());
+        assert!(validate_upstreams(&[tls("192.0.2.1", "/ca.pem")]).is_ok());
+        for bad in [
+            vec![UpstreamBootstrap { route: "Bad".into(), tls: None }],
+            vec![good[0].clone(), good[0].clone()],
+            vec![tls("Chat.example", "/ca.pem")],
+            vec![tls("[::1]", "/ca.pem")],
+            vec![tls("a b", "/ca.pem")],
+            vec![tls("", "/ca.pem")],
+            vec![tls("x.example", "relative.pem")],
+            vec![tls("x.example", &format!("/{}", "a".repeat(MAX_CA_FILE_PATH)))],
+            vec![tls("x.example", "/a\0b")],
+            (0..=MAX_UPSTREAM_ROUTES)
+                .map(|i| UpstreamBootstrap { route: format!("r{i}"), tls: None })
+                .collect(),
+            (0..=MAX_UPSTREAM_CA_FILES)
+                .map(|i| UpstreamBootstrap {
+                    route: format!("r{i}"),
+                    tls: Some(UpstreamTls { server_name: "x".into(), ca_file: format!("/ca{i}.pem") }),
+                })
+                .collect(),
+        ] {
+            assert!(matches!(validate_upstreams(&bad), Err(BootstrapError::Invalid(_))), "{bad:?}");
         }
     }
 
