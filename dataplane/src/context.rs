@@ -63,6 +63,9 @@ pub struct Settings {
     pub ask_timeout: Duration,
     /// The connection ID layout (QUIC-LB) shared by every worker.
     pub cids: CidConfigs,
+    /// The upstream routes and their TLS settings (`wss://` origins),
+    /// built once at attach ([`crate::origin_tls::OriginTls::from_bootstrap`]).
+    pub origin_tls: std::sync::Arc<crate::origin_tls::OriginTls>,
 }
 
 impl Settings {
@@ -84,7 +87,7 @@ impl Settings {
             websocket: bootstrap.protocols.contains(&Protocol::Websocket),
         };
         let ask_timeout = Duration::from_millis(u64::from(bootstrap.ask_timeout_ms));
-        Self { index, bootstrap, names, served, ask_timeout, cids }
+        Self { index, bootstrap, names, served, ask_timeout, cids, origin_tls: Default::default() }
     }
 }
 

@@ -97,6 +97,8 @@ struct ControlWatch {
     inboxes: Arc<[Inbox]>,
     relinks: Vec<mpsc::Sender<ControlLink>>,
     workers: u32,
+    /// The upstream routes the workers were started with.
+    upstreams: Vec<relay_proto::channel::bootstrap::UpstreamBootstrap>,
     tls: Arc<TlsShared>,
     cids: Arc<CidShared>,
     qlog: Arc<QlogShared>,
@@ -183,6 +185,11 @@ impl ControlWatch {
     }
 
     fn adopt(&mut self, att: relay_dataplane::attach::Attachment) -> std::io::Result<()> {
+        if att.bootstrap.upstreams != self.upstreams {
+            warn!(
+                "the new control has other upstream routes or origin TLS settings; restart the dataplane to apply them (requests for routes it does not know get 502)"
+            );
+        }
         // A new control starts its certificate generations over.
         if let Err(e) = self.tls.replace(att.bootstrap.tls.clone()) {
             error!("the new control's TLS material is unusable ({e}); keeping the previous one");
@@ -299,6 +306,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => RetryTokens::new()?,
     });
     let tls = Arc::new(TlsShared::new(b.tls.clone())?);
+    // One client context per CA file of the wss:// routes, read now: a
+    // file the dataplane cannot read fails the attach.
+    let origin_tls = Arc::new(relay_dataplane::origin_tls::OriginTls::from_bootstrap(&b.upstreams)?);
     let inboxes: Arc<[Inbox]> =
         (0..b.workers).map(|_| Inbox::new()).collect::<std::io::Result<Vec<_>>>()?.into();
     let mut handles = Vec::new();
@@ -307,7 +317,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let i = i as u32;
         let link =
             ControlLink::new(att.region.dataplane_side(i), ask_bell, answer_bell, control_alive.clone());
-        let settings = Settings::new(i, b.clone(), template.clone(), ip_template.clone(), cids.clone());
+        let mut settings = Settings::new(i, b.clone(), template.clone(), ip_template.clone(), cids.clone());
+        settings.origin_tls = origin_tls.clone();
         let (relink_tx, relink_rx) = mpsc::channel();
         relinks.push(relink_tx);
         // Bind in this thread, in worker order, so a bad address fails
@@ -403,6 +414,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         inboxes,
         relinks,
         workers: b.workers,
+        upstreams: b.upstreams.clone(),
         tls,
         cids: cid_shared,
         qlog,

@@ -8,6 +8,15 @@
 //! to do once there is room". It never reads unless its owner has room for
 //! the bytes: backpressure towards the target is the kernel's receive
 //! window, never an unbounded buffer here.
+//!
+//! A `wss://` origin's connection runs TLS ([`TcpTarget::start_tls`]): the
+//! buffers, reads and totals stay plaintext, and a [`ClientSession`] sits
+//! between them and the socket. Its ciphertext towards the origin is
+//! bounded ([`CIPHERTEXT_LIMIT`]: plaintext is encrypted only while less
+//! waits), and the socket is read only when the session needs more bytes
+//! for plaintext its owner has room for. The client's end becomes
+//! close_notify, then FIN; the origin's close_notify (or its FIN) is the
+//! end of its bytes.
 #![forbid(unsafe_code)]
 
 use std::io::{self, Read, Write};
@@ -16,7 +25,31 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::front::tls::Plain;
 use crate::io::Ready;
+use crate::origin_tls::{ClientSession, Progress, TlsFailure};
+
+/// Ciphertext waiting for the socket past which no more plaintext is
+/// encrypted.
+pub const CIPHERTEXT_LIMIT: usize = 64 * 1024;
+
+/// Plaintext encrypted per TLS write (one record's worth).
+const TLS_WRITE_CHUNK: usize = 16 * 1024;
+
+/// Ciphertext read from the socket per read (a record and its header).
+const TLS_READ_CHUNK: usize = 16 * 1024 + 512;
+
+/// TLS on a target's connection.
+#[derive(Debug)]
+struct TlsLayer {
+    session: ClientSession,
+    /// close_notify was written into the output.
+    close_sent: bool,
+    /// The socket gave end of file.
+    sock_eof: bool,
+    /// Why the session failed.
+    failure: Option<TlsFailure>,
+}
 
 /// Where the connection to the target is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +96,8 @@ pub struct TcpTarget {
     write_closed: bool,
     bytes_up: u64,
     bytes_down: u64,
+    /// TLS to the target (a `wss://` origin).
+    tls: Option<Box<TlsLayer>>,
 }
 
 impl TcpTarget {
@@ -92,7 +127,177 @@ impl TcpTarget {
             write_closed: false,
             bytes_up: 0,
             bytes_down: 0,
+            tls: None,
         })
+    }
+
+    /// Runs TLS over the connection from now on (before any byte was
+    /// pushed): the handshake starts with the next [`Self::flush`], pushed
+    /// bytes are encrypted once it is done, reads decrypt.
+    pub fn start_tls(&mut self, session: ClientSession) {
+        self.tls = Some(Box::new(TlsLayer { session, close_sent: false, sock_eof: false, failure: None }));
+    }
+
+    /// Why TLS to the target failed, once it has.
+    pub fn tls_failure(&self) -> Option<&TlsFailure> {
+        self.tls.as_ref().and_then(|t| t.failure.as_ref())
+    }
+
+    /// Whether TLS to the target has completed its handshake (always
+    /// false without TLS).
+    pub fn tls_open(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.session.is_open())
+    }
+
+    /// The session failed: the connection is broken (its alert, if any,
+    /// is still written).
+    fn tls_failed(&mut self, failure: TlsFailure) {
+        if let Some(t) = self.tls.as_mut() {
+            t.failure = Some(failure);
+        }
+        self.write_ciphertext();
+        self.state = TargetState::Failed(libc::EPROTO);
+    }
+
+    /// Writes the session's ciphertext while the socket takes it; false
+    /// when the connection broke.
+    fn write_ciphertext(&mut self) -> bool {
+        let Some(t) = self.tls.as_mut() else { return true };
+        let out = t.session.output();
+        while !out.is_empty() {
+            match self.sock.write(out) {
+                Ok(0) => break,
+                Ok(n) => {
+                    out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.writable = false;
+                    return true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if !matches!(self.state, TargetState::Failed(_)) {
+                        self.state = TargetState::Failed(e.raw_os_error().unwrap_or(libc::EIO));
+                    }
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// [`Self::flush`] with TLS: drives the handshake, encrypts pending
+    /// plaintext while the ciphertext stays under its bound, writes, and
+    /// ends with close_notify then FIN once the client finished.
+    fn flush_tls(&mut self) {
+        loop {
+            let Some(t) = self.tls.as_mut() else { return };
+            if !t.session.is_open() {
+                match t.session.handshake() {
+                    Progress::Done | Progress::WantInput => {}
+                    Progress::Failed(f) => return self.tls_failed(f),
+                }
+            }
+            let mut encrypted = false;
+            if t.session.is_open() {
+                while self.sent < self.pending.len() && t.session.output().len() < CIPHERTEXT_LIMIT {
+                    let end = self.pending.len().min(self.sent + TLS_WRITE_CHUNK);
+                    if let Err(f) = t.session.write(&self.pending[self.sent..end]) {
+                        return self.tls_failed(f);
+                    }
+                    self.bytes_up += (end - self.sent) as u64;
+                    self.sent = end;
+                    encrypted = true;
+                }
+                if self.sent == self.pending.len() {
+                    self.pending.clear();
+                    self.sent = 0;
+                    if self.finish_requested && !t.close_sent {
+                        t.session.close();
+                        t.close_sent = true;
+                    }
+                }
+            }
+            let before = t.session.output().len();
+            if !self.write_ciphertext() {
+                return;
+            }
+            let Some(t) = self.tls.as_mut() else { return };
+            let written = t.session.output().len() < before;
+            if t.close_sent && t.session.output().is_empty() && !self.write_closed {
+                self.write_closed = true;
+                let _ = self.sock.shutdown(Shutdown::Write);
+            }
+            // Go round again only while the socket takes bytes and there
+            // is plaintext left to encrypt.
+            if !(encrypted && written && self.sent < self.pending.len()) {
+                return;
+            }
+        }
+    }
+
+    /// [`Self::read_into`] with TLS: decrypts what the session holds, and
+    /// reads the socket only when it needs more.
+    fn read_tls(&mut self, out: &mut Vec<u8>, max: usize) -> TargetRead {
+        let mut chunk = [0u8; TLS_READ_CHUNK];
+        loop {
+            let Some(t) = self.tls.as_mut() else { return TargetRead::Blocked };
+            if t.session.is_open() {
+                match t.session.read(out, max) {
+                    Ok(Plain::Data(n)) => {
+                        self.bytes_down += n as u64;
+                        // Reading may have answered something (a key update).
+                        self.write_ciphertext();
+                        return TargetRead::Data(n);
+                    }
+                    Ok(Plain::Closed) => {
+                        self.eof = true;
+                        return TargetRead::Eof;
+                    }
+                    Ok(Plain::Blocked) => {}
+                    Err(f) => {
+                        self.tls_failed(f);
+                        return TargetRead::Blocked;
+                    }
+                }
+            }
+            if t.sock_eof {
+                // The session has all there will be and still wants more.
+                if t.session.is_open() {
+                    self.eof = true;
+                    return TargetRead::Eof;
+                }
+                self.tls_failed(TlsFailure {
+                    error: relay_proto::proxy_status::ProxyError::TlsProtocolError,
+                    details: "the origin closed the connection during the TLS handshake".into(),
+                });
+                return TargetRead::Blocked;
+            }
+            match self.sock.read(&mut chunk) {
+                Ok(0) => {
+                    t.sock_eof = true;
+                    t.session.feed_eof();
+                }
+                Ok(n) => t.session.feed(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return TargetRead::Blocked;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.state = TargetState::Failed(e.raw_os_error().unwrap_or(libc::EIO));
+                    return TargetRead::Blocked;
+                }
+            }
+            if !self.tls_open() {
+                // Handshake bytes: drive it (and send what it answers, then
+                // the plaintext waiting for it).
+                self.flush_tls();
+                if self.state != TargetState::Connected {
+                    return TargetRead::Blocked;
+                }
+            }
+        }
     }
 
     /// The socket, for the backend's watch list (read and write interest).
@@ -173,6 +378,9 @@ impl TcpTarget {
         if self.state != TargetState::Connected {
             return;
         }
+        if self.tls.is_some() {
+            return self.flush_tls();
+        }
         while self.sent < self.pending.len() {
             match self.sock.write(&self.pending[self.sent..]) {
                 Ok(0) => break,
@@ -209,6 +417,9 @@ impl TcpTarget {
         if max == 0 {
             return TargetRead::Blocked;
         }
+        if self.tls.is_some() {
+            return self.read_tls(out, max);
+        }
         let start = out.len();
         out.resize(start + max, 0);
         loop {
@@ -241,12 +452,14 @@ impl TcpTarget {
     /// Whether a read might give bytes now (no EAGAIN since the last
     /// readiness event).
     pub fn may_read(&self) -> bool {
-        self.state == TargetState::Connected && self.readable && !self.eof
+        let buffered = self.tls.as_ref().is_some_and(|t| t.session.has_buffered() || t.sock_eof);
+        self.state == TargetState::Connected && (self.readable || buffered) && !self.eof
     }
 
     /// Whether buffered bytes wait for the socket to become writable.
     pub fn write_blocked(&self) -> bool {
-        self.backlog() > 0 && !self.writable
+        let ciphertext = self.tls.as_ref().is_some_and(|t| !t.session.output_is_empty());
+        (self.backlog() > 0 || ciphertext) && !self.writable
     }
 
     /// Bytes written to the target and read from it so far.

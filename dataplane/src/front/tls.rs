@@ -47,13 +47,58 @@ pub fn context(material: &TlsMaterial, tickets: &Arc<TicketKeyring>) -> Result<S
     Ok(builder.build())
 }
 
-/// Ciphertext in both directions.
+/// Ciphertext in both directions: the in-memory transport a BoringSSL
+/// session runs on (server side here, client side in
+/// [`crate::origin_tls`]).
 #[derive(Debug, Default)]
-struct Wire {
-    input: Vec<u8>,
-    read: usize,
-    eof: bool,
-    output: Vec<u8>,
+pub(crate) struct Wire {
+    /// Ciphertext handed in, read from `read`.
+    pub(crate) input: Vec<u8>,
+    pub(crate) read: usize,
+    /// The TCP stream ended: reads past `input` give end of file.
+    pub(crate) eof: bool,
+    /// Ciphertext BoringSSL wrote, for the socket.
+    pub(crate) output: Vec<u8>,
+}
+
+impl Wire {
+    /// Ciphertext handed in and not yet read by BoringSSL.
+    pub(crate) fn input_backlog(&self) -> usize {
+        self.input.len() - self.read
+    }
+}
+
+/// Decrypts into `out`, at most `max` more bytes (`max` > 0): what an
+/// open session's `ssl_read` gave, for either side.
+pub(crate) fn read_plain(
+    s: &mut SslStream<Wire>,
+    out: &mut Vec<u8>,
+    max: usize,
+) -> Result<Plain, boring::ssl::Error> {
+    let start = out.len();
+    out.resize(start + max, 0);
+    let r = s.ssl_read(&mut out[start..]);
+    match r {
+        Ok(0) => {
+            out.truncate(start);
+            Ok(Plain::Closed)
+        }
+        Ok(n) => {
+            out.truncate(start + n);
+            Ok(Plain::Data(n))
+        }
+        Err(e) => {
+            out.truncate(start);
+            match e.code() {
+                ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => Ok(Plain::Blocked),
+                ErrorCode::ZERO_RETURN => Ok(Plain::Closed),
+                // A TCP FIN without close_notify: treated as a close
+                // (the tunnelled protocols frame their own ends).
+                ErrorCode::SYSCALL if s.get_ref().eof => Ok(Plain::Closed),
+                _ => Err(e),
+            }
+        }
+    }
 }
 
 impl Read for Wire {
@@ -166,8 +211,8 @@ impl TlsSession {
     /// Ciphertext received and not yet processed.
     pub fn input_backlog(&self) -> usize {
         match &self.state {
-            State::Handshaking(m) => m.get_ref().input.len() - m.get_ref().read,
-            State::Open(s) => s.get_ref().input.len() - s.get_ref().read,
+            State::Handshaking(m) => m.get_ref().input_backlog(),
+            State::Open(s) => s.get_ref().input_backlog(),
             State::Dead(_) => 0,
         }
     }
@@ -246,30 +291,7 @@ impl TlsSession {
         if max == 0 {
             return Ok(Plain::Blocked);
         }
-        let start = out.len();
-        out.resize(start + max, 0);
-        let r = s.ssl_read(&mut out[start..]);
-        match r {
-            Ok(0) => {
-                out.truncate(start);
-                Ok(Plain::Closed)
-            }
-            Ok(n) => {
-                out.truncate(start + n);
-                Ok(Plain::Data(n))
-            }
-            Err(e) => {
-                out.truncate(start);
-                match e.code() {
-                    ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => Ok(Plain::Blocked),
-                    ErrorCode::ZERO_RETURN => Ok(Plain::Closed),
-                    // A TCP FIN without close_notify: treated as a close
-                    // (the tunnelled protocols frame their own ends).
-                    ErrorCode::SYSCALL if s.get_ref().eof => Ok(Plain::Closed),
-                    _ => Err(e.to_string()),
-                }
-            }
-        }
+        read_plain(s, out, max).map_err(|e| e.to_string())
     }
 
     /// Encrypts all of `data` into the output.

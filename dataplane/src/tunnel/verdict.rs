@@ -78,8 +78,19 @@ pub(super) fn apply(
             Kind::WebSocket,
         ) => {
             tracing::debug!(flow = flow_id, route = route.as_str(), "WebSocket allowed to its upstream");
+            // The route's TLS settings came with the bootstrap; a route
+            // this dataplane was not told about (a control restarted with
+            // other routes) cannot be served safely.
+            let Some(tls) = ctx.settings.origin_tls.route(&route).map(|t| t.cloned()) else {
+                let why = Refusal::new(
+                    502,
+                    Some(ProxyError::ProxyInternalError),
+                    "the upstream route is unknown to the dataplane",
+                );
+                return refuse_allowed(ts, ctx, id, flow_id, why);
+            };
             if let Some(ws) = ts.slab.get_mut(id).and_then(|t| t.ws.as_mut()) {
-                ws.set_upstream(host, path);
+                ws.set_upstream(host, path, tls);
             }
             let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
             flow.route = route;

@@ -16,6 +16,15 @@
 //! are the same (RFC 8441 section 5: END_STREAM is the TCP FIN, a stream
 //! reset the TCP RST).
 //!
+//! A `wss://` origin's connection runs TLS first
+//! ([`crate::origin_tls`]): the handshake starts as soon as the TCP
+//! connection is up, and the Upgrade request, the origin's answer and the
+//! relayed frames all go through it. The handshake and the Upgrade share
+//! [`UPGRADE_TIMEOUT`]. A certificate that does not verify answers 502
+//! `tls_certificate_error`, an alert from the origin 502
+//! `tls_alert_received`, any other TLS failure 502 `tls_protocol_error`
+//! (RFC 9209 sections 2.3.13 to 2.3.15).
+//!
 //! Bytes the client sends before its answer (RFC 6455 forbids it on
 //! HTTP/1.1; extended CONNECT clients may) wait in the tunnel's bounded
 //! early buffer and follow the handshake.
@@ -31,6 +40,7 @@ use super::head::{Head, Refusal};
 use super::tcp::{self, TcpLeg};
 use super::{State, TunnelId, Tunnels};
 use crate::context::Ctx;
+use crate::origin_tls::{ClientSession, RouteTls, TlsFailure};
 use crate::tcp_target::{TargetRead, TargetState};
 use crate::timers::TimerTarget;
 
@@ -49,17 +59,21 @@ pub struct WsHandshake {
     expected_accept: String,
     /// The origin's response so far.
     response: Vec<u8>,
+    /// TLS to the origin (`wss://`).
+    tls: Option<RouteTls>,
 }
 
 impl WsHandshake {
     /// The handshake of a request the route classified.
     pub fn new(client: ClientHandshake) -> Self {
-        Self { client, upstream: None, expected_accept: String::new(), response: Vec::new() }
+        Self { client, upstream: None, expected_accept: String::new(), response: Vec::new(), tls: None }
     }
 
-    /// Control's choice of `Host` and path for the origin.
-    pub fn set_upstream(&mut self, host: String, path: String) {
+    /// Control's choice of `Host` and path for the origin, and the route's
+    /// TLS settings when its origin is `wss://`.
+    pub fn set_upstream(&mut self, host: String, path: String, tls: Option<RouteTls>) {
         self.upstream = Some((host, path));
+        self.tls = tls;
     }
 }
 
@@ -79,6 +93,23 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, mut leg: 
     if boring::rand::rand_bytes(&mut nonce).is_err() {
         t.state = State::Upgrading { leg, flow, deadline: ctx.now };
         return fail(ts, ctx, id, UpstreamError::Malformed, "no randomness for the WebSocket key");
+    }
+    if let Some(route) = &ws.tls {
+        match ClientSession::new(route) {
+            Ok(session) => leg.target.start_tls(session),
+            Err(e) => {
+                t.state = State::Upgrading { leg, flow, deadline: ctx.now };
+                return fail_tls(
+                    ts,
+                    ctx,
+                    id,
+                    TlsFailure {
+                        error: relay_proto::proxy_status::ProxyError::TlsProtocolError,
+                        details: format!("cannot start TLS to the origin: {e}"),
+                    },
+                );
+            }
+        }
     }
     let key = websocket::key_from_nonce(&nonce);
     ws.expected_accept = accept_for(&key);
@@ -113,6 +144,10 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
         }
     }
     let broken = matches!(leg.target.state(), TargetState::Failed(_));
+    if let Some(failure) = leg.target.tls_failure() {
+        let failure = failure.clone();
+        return fail_tls(ts, ctx, id, failure);
+    }
     match websocket::parse_upgrade_response(&ws.response, &ws.expected_accept, &ws.client) {
         Ok(Some(upgraded)) => open(ts, ctx, id, upgraded),
         Ok(None) if eof || broken => fail(ts, ctx, id, UpstreamError::Incomplete, ""),
@@ -121,9 +156,17 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
     }
 }
 
-/// The origin did not answer in time.
+/// The origin did not answer in time (504 `http_response_timeout`; the
+/// TLS handshake counts against the same deadline).
 pub(super) fn timed_out(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
-    fail(ts, ctx, id, UpstreamError::Timeout, "");
+    let in_tls_handshake = ts.slab.get(id).is_some_and(|t| match &t.state {
+        State::Upgrading { leg, .. } => {
+            t.ws.as_ref().is_some_and(|w| w.tls.is_some()) && !leg.target.tls_open()
+        }
+        _ => false,
+    });
+    let details = if in_tls_handshake { "the origin did not complete the TLS handshake in time" } else { "" };
+    fail(ts, ctx, id, UpstreamError::Timeout, details);
 }
 
 /// Both handshakes are done: the client's answer, then the byte relay.
@@ -157,4 +200,13 @@ fn fail(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, e: UpstreamError, details
     let mut refusal = Refusal::new(status, Some(error), details);
     refusal.received_status = received;
     ts.refuse(ctx, id, &refusal);
+}
+
+/// TLS to the origin failed: 502 with the TLS error type (RFC 9209
+/// sections 2.3.13 to 2.3.15) and what went wrong.
+fn fail_tls(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, failure: TlsFailure) {
+    debug!(flow = ?ts.flow_id(id), "WebSocket upstream TLS failed: {}", failure.details);
+    ctx.count(Counter::WebsocketUpstreamFailures, 1);
+    ts.release(ctx, id);
+    ts.refuse(ctx, id, &Refusal::new(502, Some(failure.error), failure.details));
 }

@@ -498,7 +498,9 @@ impl Harness {
             .as_ref()
             .map(|ip| relay_proto::template::IpUriTemplate::parse(&ip.uri_template).expect("ip template"));
         let serves_ip = bootstrap.connect_ip.is_some();
-        let settings = Settings::new(index, bootstrap, template, ip_template, cids);
+        let origin_tls = relay_dataplane_origin_tls(&bootstrap);
+        let mut settings = Settings::new(index, bootstrap, template, ip_template, cids);
+        settings.origin_tls = origin_tls;
         let (relink_tx, relink_rx) = mpsc::channel();
         let (flags, _stop, drain) = flags();
         let retry = Arc::new(RetryTokens::new().expect("retry keys"));
@@ -640,4 +642,12 @@ impl Harness {
         assert_eq!(self.endpoints.opened.len(), 1, "{:?}", self.endpoints.opened);
         self.endpoints.opened.iter().map(|(k, a)| (*k, *a)).next().expect("one")
     }
+}
+
+/// The upstream routes' TLS settings of `bootstrap`, as the dataplane
+/// builds them at attach.
+fn relay_dataplane_origin_tls(bootstrap: &Bootstrap) -> std::sync::Arc<crate::origin_tls::OriginTls> {
+    std::sync::Arc::new(
+        crate::origin_tls::OriginTls::from_bootstrap(&bootstrap.upstreams).expect("origin TLS settings"),
+    )
 }
