@@ -85,6 +85,36 @@ impl TestCa {
         dns: &str,
         validity: (i64, i64),
     ) -> Result<ClientFiles> {
+        self.issue_for(dir, stem, serial, dns, None, validity)
+    }
+
+    /// Issues a server certificate (extended key usage serverAuth) for the
+    /// DNS name `dns` and the address `ip`, valid from yesterday for a
+    /// week, written like [`Self::issue`]'s: an origin's certificate for
+    /// `wss://` tests.
+    pub fn issue_server(
+        &self,
+        dir: &Path,
+        stem: &str,
+        serial: u32,
+        dns: &str,
+        ip: std::net::IpAddr,
+    ) -> Result<ClientFiles> {
+        let now = now_unix();
+        self.issue_for(dir, stem, serial, dns, Some(ip), (now - 86_400, now + 7 * 86_400))
+    }
+
+    /// A client certificate, or with `server_ip` a server certificate
+    /// naming that address too.
+    fn issue_for(
+        &self,
+        dir: &Path,
+        stem: &str,
+        serial: u32,
+        dns: &str,
+        server_ip: Option<std::net::IpAddr>,
+        validity: (i64, i64),
+    ) -> Result<ClientFiles> {
         let key = new_key()?;
         let mut b = X509::builder()?;
         b.set_version(2)?;
@@ -97,9 +127,20 @@ impl TestCa {
         let (from, to) = (Asn1Time::from_unix(validity.0)?, Asn1Time::from_unix(validity.1)?);
         b.set_not_before(&from)?;
         b.set_not_after(&to)?;
-        let san = SubjectAlternativeName::new().dns(dns).build(&b.x509v3_context(Some(&self.cert), None))?;
+        let mut san = SubjectAlternativeName::new();
+        san.dns(dns);
+        if let Some(ip) = server_ip {
+            san.ip(&ip.to_string());
+        }
+        let san = san.build(&b.x509v3_context(Some(&self.cert), None))?;
         b.append_extension(&san)?;
-        let eku = boring::x509::extension::ExtendedKeyUsage::new().client_auth().build()?;
+        let mut eku = boring::x509::extension::ExtendedKeyUsage::new();
+        if server_ip.is_some() {
+            eku.server_auth();
+        } else {
+            eku.client_auth();
+        }
+        let eku = eku.build()?;
         b.append_extension(&eku)?;
         b.sign(&self.key, MessageDigest::sha256())?;
         let files =

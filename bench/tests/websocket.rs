@@ -278,6 +278,120 @@ fn routes_match_the_host_then_the_path_prefix_in_file_order() {
     }
 }
 
+/// A `wss://` origin (`ws_origin.py` with a certificate for `echo.test`
+/// and 127.0.0.1 from a test CA) and a relay whose routes reach it: by
+/// name with that CA (`/echo/`), by address with the default name
+/// (`/byip/`), with another CA (`/otherca/`) and with a name the
+/// certificate does not hold (`/wrongname/`).
+struct WssSetup {
+    relay: Relay,
+    python: PathBuf,
+    _origin: PyOrigin,
+    _pki: PathBuf,
+}
+
+impl WssSetup {
+    #[track_caller]
+    fn start(name: &str) -> Self {
+        use relay_bench::pki::TestCa;
+        let pki = test_dir(&format!("{name}-pki"));
+        std::fs::create_dir_all(&pki).unwrap();
+        let ca = TestCa::new("wss origin CA").unwrap();
+        ca.write_pem(&pki.join("ca.pem")).unwrap();
+        TestCa::new("another CA").unwrap().write_pem(&pki.join("other.pem")).unwrap();
+        let files = ca.issue_server(&pki, "origin", 2, "echo.test", "127.0.0.1".parse().unwrap()).unwrap();
+        let python = wsinterop::python();
+        let (cert, key) = (files.cert.display().to_string(), files.key.display().to_string());
+        let origin = PyOrigin::start(&python, &["--subprotocol", "chat.v1", "--tls-cert", &cert, "--tls-key", &key])
+            .expect("wss origin");
+        let port = origin.port();
+        let (ca, other) = (pki.join("ca.pem").display().to_string(), pki.join("other.pem").display().to_string());
+        let routes = format!(
+            r#"
+[[upstreams]]
+name = "echo"
+path_prefix = "/echo/"
+origin = "wss://127.0.0.1:{port}"
+origin_ca_file = "{ca}"
+origin_server_name = "echo.test"
+
+[[upstreams]]
+name = "byip"
+path_prefix = "/byip/"
+origin = "wss://127.0.0.1:{port}"
+origin_ca_file = "{ca}"
+
+[[upstreams]]
+name = "otherca"
+path_prefix = "/otherca/"
+origin = "wss://127.0.0.1:{port}"
+origin_ca_file = "{other}"
+origin_server_name = "echo.test"
+
+[[upstreams]]
+name = "wrongname"
+path_prefix = "/wrongname/"
+origin = "wss://127.0.0.1:{port}"
+origin_ca_file = "{ca}"
+origin_server_name = "wrong.test"
+"#
+        );
+        let opts = RelayOptions { tcp_cleartext: true, extra_config: routes, ..RelayOptions::default() };
+        let relay = Relay::start(&test_dir(name), &opts).expect("relay starts");
+        Self { relay, python, _origin: origin, _pki: pki }
+    }
+}
+
+impl Drop for WssSetup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self._pki);
+    }
+}
+
+#[test]
+#[ignore = "needs the interop venv (Python websockets, h2, aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
+fn wss_origins_are_verified_and_echo_on_every_http_version() {
+    let s = WssSetup::start("wss");
+    for http in Http::ALL {
+        let client = WsClient::new(&s.python, &s.relay, http);
+        let cases = [
+            "echo_text@/echo/x",
+            "echo_binary@/byip/x",
+            "large@/echo/big",
+            "handshake@/otherca/x",
+            "handshake@/wrongname/x",
+        ];
+        let r = run(&client, http, &cases);
+        // Through TLS to the origin: frames, a megabyte with backpressure,
+        // and the closing handshake (close_notify and FIN) come through.
+        for case in ["echo_text@/echo/x", "echo_binary@/byip/x"] {
+            assert_echoed(http, case, &r[case]);
+            assert_closed_cleanly(http, case, &r[case]);
+        }
+        let l = &r["large@/echo/big"];
+        assert_opened(http, "large", l);
+        assert_eq!(l["received"], 1 << 20, "{http:?}: {l}");
+        assert_eq!(l["identical"], true, "{http:?}: {l}");
+        assert_closed_cleanly(http, "large", l);
+        // A certificate from a CA the route does not trust, and one that
+        // does not name the route's server name: refused before any byte
+        // of the Upgrade went out (RFC 9209 section 2.3.14).
+        for (case, why) in [
+            ("handshake@/otherca/x", "unable to get local issuer certificate"),
+            ("handshake@/wrongname/x", "Hostname mismatch"),
+        ] {
+            let x = &r[case];
+            assert_eq!(x["status"], 502, "{http:?} {case}: {x}");
+            let ps = x["headers"]["proxy-status"].as_str().unwrap_or_default();
+            assert!(ps.contains("error=tls_certificate_error"), "{http:?} {case}: {x}");
+            assert!(ps.contains(why), "{http:?} {case}: {x}");
+        }
+    }
+    wait_until("the relay's wss flows to end", PATIENCE, || {
+        s.relay.relayctl_json(&["status"]).is_ok_and(|v| v["flows"].as_u64() == Some(0))
+    });
+}
+
 #[test]
 #[ignore = "needs the interop venv (Python websockets, h2, aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
 fn refusals_carry_exact_statuses_and_proxy_status() {

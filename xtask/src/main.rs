@@ -411,6 +411,7 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
                 "a_client_reset_mid_message_closes_the_origin_side_and_the_relay_keeps_serving",
                 "the_origins_close_code_and_reason_reach_the_client_then_the_stream_ends",
                 "relay_routes_ask_for_credentials_and_public_routes_do_not",
+                "wss_origins_are_verified_and_echo_on_every_http_version",
             ],
             &[InteropVenv],
         ),
