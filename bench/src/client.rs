@@ -1014,6 +1014,12 @@ impl Client {
         (self.batcher.syscalls, self.batcher.datagrams)
     }
 
+    /// quiche's statistics (packets, bytes, losses) and its active path's
+    /// (RTT, congestion window), for reports.
+    pub fn quic_stats(&self) -> (quiche::Stats, Option<quiche::PathStats>) {
+        (self.quic.stats(), self.quic.path_stats().find(|p| p.active))
+    }
+
     /// Closes the connection gracefully.
     pub fn close(mut self) {
         let _ = self.quic.close(true, 0x100, b"done");

@@ -34,6 +34,22 @@ pub struct FrontBench {
     pub tcp_bytes: usize,
     /// Transfers per path (the median is reported).
     pub repeats: usize,
+    /// Which parts to run.
+    pub only: Only,
+}
+
+/// The parts of the front bench to run (`--only`), to iterate on one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Only {
+    /// The connect-udp echo loads and the TCP CONNECT transfers.
+    #[default]
+    All,
+    /// The connect-udp echo loads.
+    Udp,
+    /// The TCP CONNECT transfers (every path, for the ratios).
+    Connect,
+    /// The direct path and the HTTP/3 CONNECT transfer (for profiling).
+    H3Connect,
 }
 
 fn h3_client(relay: &Relay) -> Result<Client> {
@@ -83,6 +99,9 @@ fn h3_tcp_echo(relay: &Relay, target: SocketAddr, bytes: usize) -> Result<Durati
     if got != data {
         bail!("CONNECT over HTTP/3: bytes came back changed");
     }
+    if std::env::var_os("FRONT_BENCH_STATS").is_some() {
+        eprintln!("{:?}", c.quic_stats());
+    }
     c.close();
     Ok(elapsed)
 }
@@ -108,7 +127,8 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
     let tcp = TcpEcho::start("127.0.0.1:0".parse()?)?;
     let h2 = crate::h2client::default_target(relay.addr, &relay.cert(), Some(relay.token.clone()));
     let mut rows = Vec::new();
-    for size in [1200usize, 64] {
+    let sizes: &[usize] = if matches!(cfg.only, Only::All | Only::Udp) { &[1200, 64] } else { &[] };
+    for &size in sizes {
         let load = EchoLoad {
             count: cfg.count,
             size,
@@ -137,17 +157,23 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
     };
     let target = tcp.addr();
     let b = cfg.tcp_bytes;
-    tcp_rows.push(("direct (no relay)", times(&|| h2client::tcp_echo_direct(target, b))?));
-    tcp_rows.push(("HTTP/3 CONNECT", times(&|| h3_tcp_echo(&relay, target, b))?));
-    tcp_rows.push(("HTTP/2 CONNECT over TLS", times(&|| h2client::tcp_echo(&h2, target, b))?));
-    tcp_rows.push(("HTTP/1.1 CONNECT over TLS", times(&|| h2client::tcp_echo_h1(&h2, target, b))?));
+    if cfg.only != Only::Udp {
+        tcp_rows.push(("direct (no relay)", times(&|| h2client::tcp_echo_direct(target, b))?));
+        tcp_rows.push(("HTTP/3 CONNECT", times(&|| h3_tcp_echo(&relay, target, b))?));
+    }
+    if cfg.only == Only::All || cfg.only == Only::Connect {
+        tcp_rows.push(("HTTP/2 CONNECT over TLS", times(&|| h2client::tcp_echo(&h2, target, b))?));
+        tcp_rows.push(("HTTP/1.1 CONNECT over TLS", times(&|| h2client::tcp_echo_h1(&h2, target, b))?));
+    }
 
     let mut out = String::new();
-    out.push_str(&format!(
-        "connect-udp echo: {} tunnels on one connection, {} datagrams each, window {} per tunnel, loopback UDP echo target, relay with {} workers.\n\n",
-        cfg.flows, cfg.count, cfg.window, cfg.workers
-    ));
-    out.push_str("| path | payload | echoes/s | MB/s each way | RTT p50 | RTT p99 | lost |\n|---|---|---|---|---|---|---|\n");
+    if !rows.is_empty() {
+        out.push_str(&format!(
+            "connect-udp echo: {} tunnels on one connection, {} datagrams each, window {} per tunnel, loopback UDP echo target, relay with {} workers.\n\n",
+            cfg.flows, cfg.count, cfg.window, cfg.workers
+        ));
+        out.push_str("| path | payload | echoes/s | MB/s each way | RTT p50 | RTT p99 | lost |\n|---|---|---|---|---|---|---|\n");
+    }
     for r in &rows {
         let secs = r.report.elapsed.as_secs_f64().max(1e-9);
         let rate = r.report.received as f64 / secs;
@@ -161,6 +187,11 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
             r.report.rtt_us.value_at_quantile(0.99),
             r.report.lost
         ));
+    }
+    if tcp_rows.is_empty() {
+        drop(relay);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(out);
     }
     out.push_str(&format!(
         "\nTCP CONNECT: {} MiB echoed through one tunnel (sent and received concurrently), median of {} runs.\n\n",
