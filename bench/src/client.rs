@@ -586,6 +586,64 @@ impl Client {
         taken
     }
 
+    /// Moves the raw bytes a CONNECT stream received so far to the end of
+    /// `out`, like [`Self::take_raw`] but keeping this client's buffer (no
+    /// allocation and no fresh pages per call: the bulk transfers use it).
+    pub fn append_raw(&mut self, stream_id: u64, out: &mut Vec<u8>) {
+        let Some(s) = self.streams.get_mut(&stream_id) else { return };
+        let Some(raw) = s.raw.as_mut() else { return };
+        out.extend_from_slice(raw);
+        raw.clear();
+        if s.raw_paused
+            && let Some(h3) = self.h3.as_mut()
+        {
+            s.raw_paused = read_raw(h3, &mut self.quic, stream_id, raw, &mut self.buf);
+        }
+    }
+
+    /// Sends `data` and then the FIN on a CONNECT stream while reading what
+    /// comes back, until the relay ends the stream (FIN or reset); returns
+    /// the bytes received. Sending and reading interleave: a client that
+    /// only sent while blocked would stop reading once [`MAX_RAW`] bytes
+    /// waited, and with an echoing target the relay's backpressure (bounded
+    /// both ways) would then stop its sending for good. Fails after
+    /// `timeout`.
+    pub fn exchange_raw(&mut self, stream_id: u64, data: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::with_capacity(data.len());
+        let mut off = 0;
+        let mut fin_sent = false;
+        loop {
+            while !fin_sent {
+                // quiche sets the FIN only with the last byte.
+                match self.try_send_stream_bytes(stream_id, &data[off..], true)? {
+                    Some(n) => {
+                        off += n;
+                        fin_sent = off == data.len();
+                        if n == 0 && !fin_sent {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            self.flush()?;
+            let finished = self.stream_finished(stream_id);
+            self.append_raw(stream_id, &mut got);
+            if fin_sent && finished {
+                return Ok(got);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "CONNECT stream {stream_id}: {off} of {} bytes sent, {} received within {timeout:?}",
+                    data.len(),
+                    got.len()
+                );
+            }
+            self.drive(Duration::from_millis(1))?;
+        }
+    }
+
     /// The answer on `stream_id`, if it has arrived (without waiting).
     pub fn answer(&self, stream_id: u64) -> Option<&Answer> {
         self.streams.get(&stream_id).and_then(|s| s.answer.as_ref())

@@ -81,20 +81,7 @@ fn h3_tcp_echo(relay: &Relay, target: SocketAddr, bytes: usize) -> Result<Durati
     }
     let data = crate::tcp_echo::pattern(bytes);
     let start = Instant::now();
-    let mut got = Vec::with_capacity(bytes);
-    for (i, piece) in data.chunks(64 * 1024).enumerate() {
-        let last = (i + 1) * 64 * 1024 >= data.len();
-        c.send_stream_bytes(sid, piece, last)?;
-        got.extend(c.take_raw(sid));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while got.len() < bytes || !c.stream_finished(sid) {
-        if Instant::now() > deadline {
-            bail!("CONNECT over HTTP/3: {} of {bytes} bytes back", got.len());
-        }
-        c.drive(Duration::from_millis(5))?;
-        got.extend(c.take_raw(sid));
-    }
+    let got = c.exchange_raw(sid, &data, Duration::from_secs(30))?;
     let elapsed = start.elapsed();
     if got != data {
         bail!("CONNECT over HTTP/3: bytes came back changed");
