@@ -586,14 +586,16 @@ impl Client {
         taken
     }
 
-    /// Moves the raw bytes a CONNECT stream received so far to the end of
-    /// `out`, like [`Self::take_raw`] but keeping this client's buffer (no
-    /// allocation and no fresh pages per call: the bulk transfers use it).
-    pub fn append_raw(&mut self, stream_id: u64, out: &mut Vec<u8>) {
+    /// Hands the raw bytes a CONNECT stream received so far to `f`, like
+    /// [`Self::take_raw`] but keeping this client's buffer (no allocation
+    /// and no fresh pages per call: the bulk transfers use it).
+    pub fn drain_raw(&mut self, stream_id: u64, mut f: impl FnMut(&[u8])) {
         let Some(s) = self.streams.get_mut(&stream_id) else { return };
         let Some(raw) = s.raw.as_mut() else { return };
-        out.extend_from_slice(raw);
-        raw.clear();
+        if !raw.is_empty() {
+            f(raw);
+            raw.clear();
+        }
         if s.raw_paused
             && let Some(h3) = self.h3.as_mut()
         {
@@ -602,15 +604,21 @@ impl Client {
     }
 
     /// Sends `data` and then the FIN on a CONNECT stream while reading what
-    /// comes back, until the relay ends the stream (FIN or reset); returns
-    /// the bytes received. Sending and reading interleave: a client that
+    /// comes back (handed to `on_bytes` in order), until the relay ends the
+    /// stream (FIN or reset). Sending and reading interleave: a client that
     /// only sent while blocked would stop reading once [`MAX_RAW`] bytes
     /// waited, and with an echoing target the relay's backpressure (bounded
     /// both ways) would then stop its sending for good. Fails after
     /// `timeout`.
-    pub fn exchange_raw(&mut self, stream_id: u64, data: &[u8], timeout: Duration) -> Result<Vec<u8>> {
+    pub fn exchange_raw(
+        &mut self,
+        stream_id: u64,
+        data: &[u8],
+        timeout: Duration,
+        mut on_bytes: impl FnMut(&[u8]),
+    ) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut got = Vec::with_capacity(data.len());
+        let mut received = 0;
         let mut off = 0;
         let mut fin_sent = false;
         loop {
@@ -629,15 +637,17 @@ impl Client {
             }
             self.flush()?;
             let finished = self.stream_finished(stream_id);
-            self.append_raw(stream_id, &mut got);
+            self.drain_raw(stream_id, |b| {
+                received += b.len();
+                on_bytes(b);
+            });
             if fin_sent && finished {
-                return Ok(got);
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!(
-                    "CONNECT stream {stream_id}: {off} of {} bytes sent, {} received within {timeout:?}",
-                    data.len(),
-                    got.len()
+                    "CONNECT stream {stream_id}: {off} of {} bytes sent, {received} received within {timeout:?}",
+                    data.len()
                 );
             }
             self.drive(Duration::from_millis(1))?;

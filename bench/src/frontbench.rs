@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 use crate::client::{Answer, Client, ClientConfig};
 use crate::echo::EchoServer;
 use crate::h2client;
 use crate::load::{EchoLoad, EchoReport, run_echo};
 use crate::processes::{Relay, RelayOptions};
+use crate::stats::{clock_ticks_per_sec, sample_process};
 use crate::tcp_echo::TcpEcho;
 
 /// What to run.
@@ -81,10 +82,15 @@ fn h3_tcp_echo(relay: &Relay, target: SocketAddr, bytes: usize) -> Result<Durati
     }
     let data = crate::tcp_echo::pattern(bytes);
     let start = Instant::now();
-    let got = c.exchange_raw(sid, &data, Duration::from_secs(30))?;
+    // Checked as it comes, as the HTTP/2 transfer does.
+    let (mut got, mut intact) = (0, true);
+    c.exchange_raw(sid, &data, Duration::from_secs(30), |b| {
+        intact &= data.get(got..got + b.len()) == Some(b);
+        got += b.len();
+    })?;
     let elapsed = start.elapsed();
-    if got != data {
-        bail!("CONNECT over HTTP/3: bytes came back changed");
+    if got != bytes || !intact {
+        bail!("CONNECT over HTTP/3: {got} of {bytes} bytes back, intact: {intact}");
     }
     if std::env::var_os("FRONT_BENCH_STATS").is_some() {
         eprintln!("{:?}", c.quic_stats());
@@ -93,9 +99,14 @@ fn h3_tcp_echo(relay: &Relay, target: SocketAddr, bytes: usize) -> Result<Durati
     Ok(elapsed)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// One TCP CONNECT transfer: its time, and the CPU (clock ticks) the
+/// relay's dataplane and this process (the client and the echo target)
+/// spent during it.
+#[derive(Debug, Clone, Copy)]
+struct Transfer {
+    elapsed: Duration,
+    relay_ticks: u64,
+    bench_ticks: u64,
 }
 
 struct UdpRow {
@@ -134,13 +145,22 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
             report: h2client::udp_echo(&h2, udp.addr(), cfg.flows, &load)?,
         });
     }
-    let mut tcp_rows: Vec<(&str, Duration)> = Vec::new();
-    let times = |f: &dyn Fn() -> Result<Duration>| -> Result<Duration> {
+    let mut tcp_rows: Vec<(&str, Transfer)> = Vec::new();
+    let dataplane = relay.dataplane_pid().context("the relay's dataplane is not running")?;
+    let times = |f: &dyn Fn() -> Result<Duration>| -> Result<Transfer> {
         let mut v = Vec::new();
         for _ in 0..cfg.repeats.max(1) {
-            v.push(f()?);
+            let (relay0, bench0) = (sample_process(dataplane)?, sample_process(std::process::id())?);
+            let elapsed = f()?;
+            let (relay1, bench1) = (sample_process(dataplane)?, sample_process(std::process::id())?);
+            v.push(Transfer {
+                elapsed,
+                relay_ticks: relay1.cpu_ticks - relay0.cpu_ticks,
+                bench_ticks: bench1.cpu_ticks - bench0.cpu_ticks,
+            });
         }
-        Ok(median(v))
+        v.sort_by_key(|t| t.elapsed);
+        Ok(v[v.len() / 2])
     };
     let target = tcp.addr();
     let b = cfg.tcp_bytes;
@@ -149,8 +169,14 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
         tcp_rows.push(("HTTP/3 CONNECT", times(&|| h3_tcp_echo(&relay, target, b))?));
     }
     if cfg.only == Only::All || cfg.only == Only::Connect {
-        tcp_rows.push(("HTTP/2 CONNECT over TLS", times(&|| h2client::tcp_echo(&h2, target, b))?));
-        tcp_rows.push(("HTTP/1.1 CONNECT over TLS", times(&|| h2client::tcp_echo_h1(&h2, target, b))?));
+        tcp_rows.push((
+            "HTTP/2 CONNECT over TLS",
+            times(&|| h2client::tcp_echo(&h2, target, b).context("HTTP/2 CONNECT"))?,
+        ));
+        tcp_rows.push((
+            "HTTP/1.1 CONNECT over TLS",
+            times(&|| h2client::tcp_echo_h1(&h2, target, b).context("HTTP/1.1 CONNECT"))?,
+        ));
     }
 
     let mut out = String::new();
@@ -185,11 +211,25 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
         b >> 20,
         cfg.repeats.max(1)
     ));
-    out.push_str("| path | seconds | Mbit/s each way | vs direct |\n|---|---|---|---|\n");
-    let direct = tcp_rows[0].1.as_secs_f64();
-    for (path, d) in &tcp_rows {
-        let s = d.as_secs_f64().max(1e-9);
-        out.push_str(&format!("| {path} | {s:.3} | {:.0} | {:.2} |\n", b as f64 * 8.0 / s / 1e6, direct / s));
+    out.push_str(
+        "| path | seconds | Mbit/s each way | vs direct | relay CPU ms/MiB | client+target CPU ms/MiB |\n|---|---|---|---|---|---|\n",
+    );
+    let direct = tcp_rows[0].1.elapsed.as_secs_f64();
+    let ms_per_mib =
+        |ticks: u64| ticks as f64 * 1000.0 / clock_ticks_per_sec() as f64 / (b as f64 / (1 << 20) as f64);
+    for (path, t) in &tcp_rows {
+        let s = t.elapsed.as_secs_f64().max(1e-9);
+        let relay_cpu = if path.starts_with("direct") {
+            "-".to_string()
+        } else {
+            format!("{:.1}", ms_per_mib(t.relay_ticks))
+        };
+        out.push_str(&format!(
+            "| {path} | {s:.3} | {:.0} | {:.2} | {relay_cpu} | {:.1} |\n",
+            b as f64 * 8.0 / s / 1e6,
+            direct / s,
+            ms_per_mib(t.bench_ticks)
+        ));
     }
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
