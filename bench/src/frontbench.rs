@@ -51,6 +51,8 @@ pub enum Only {
     Connect,
     /// The direct path and the HTTP/3 CONNECT transfer (for profiling).
     H3Connect,
+    /// The connect-udp echo loads over HTTP/2 only (for profiling).
+    H2Udp,
 }
 
 fn h3_client(relay: &Relay) -> Result<Client> {
@@ -121,7 +123,8 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
     let tcp = TcpEcho::start("127.0.0.1:0".parse()?)?;
     let h2 = crate::h2client::default_target(relay.addr, &relay.cert(), Some(relay.token.clone()));
     let mut rows = Vec::new();
-    let sizes: &[usize] = if matches!(cfg.only, Only::All | Only::Udp) { &[1200, 64] } else { &[] };
+    let sizes: &[usize] =
+        if matches!(cfg.only, Only::All | Only::Udp | Only::H2Udp) { &[1200, 64] } else { &[] };
     for &size in sizes {
         let load = EchoLoad {
             count: cfg.count,
@@ -130,11 +133,13 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
             capsules: false,
             stall_timeout: Duration::from_secs(2),
         };
-        rows.push(UdpRow {
-            path: "HTTP/3 (QUIC DATAGRAM frames)",
-            size,
-            report: h3_udp_echo(&relay, udp.addr(), cfg.flows, &load)?,
-        });
+        if cfg.only != Only::H2Udp {
+            rows.push(UdpRow {
+                path: "HTTP/3 (QUIC DATAGRAM frames)",
+                size,
+                report: h3_udp_echo(&relay, udp.addr(), cfg.flows, &load)?,
+            });
+        }
         rows.push(UdpRow {
             path: "HTTP/2 over TLS (DATAGRAM capsules)",
             size,
@@ -160,7 +165,7 @@ pub fn run(cfg: &FrontBench) -> Result<String> {
     };
     let target = tcp.addr();
     let b = cfg.tcp_bytes;
-    if cfg.only != Only::Udp {
+    if !matches!(cfg.only, Only::Udp | Only::H2Udp) {
         tcp_rows.push(("direct (no relay)", times(&|| h2client::tcp_echo_direct(target, b))?));
         tcp_rows.push(("HTTP/3 CONNECT", times(&|| h3_tcp_echo(&relay, target, b))?));
     }

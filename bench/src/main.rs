@@ -80,6 +80,7 @@ enum OnlyArg {
     Udp,
     Connect,
     H3Connect,
+    H2Udp,
 }
 
 #[derive(Subcommand, Debug)]
@@ -329,7 +330,8 @@ enum Command {
         repeats: usize,
         /// Run only one part: `udp` (the connect-udp echo loads), `connect`
         /// (the TCP CONNECT transfers), `h3-connect` (the direct path and
-        /// HTTP/3 CONNECT, for profiling).
+        /// HTTP/3 CONNECT, for profiling), `h2-udp` (the connect-udp echo
+        /// loads over HTTP/2 only, for profiling).
         #[arg(long, value_enum, default_value_t = OnlyArg::All)]
         only: OnlyArg,
     },
@@ -401,6 +403,7 @@ fn run(args: Args) -> Result<()> {
                     OnlyArg::Udp => Only::Udp,
                     OnlyArg::Connect => Only::Connect,
                     OnlyArg::H3Connect => Only::H3Connect,
+                    OnlyArg::H2Udp => Only::H2Udp,
                 },
             };
             print!("{}", relay_bench::frontbench::run(&cfg)?);

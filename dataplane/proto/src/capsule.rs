@@ -115,10 +115,24 @@ impl CapsuleDecoder {
     /// Feeds `input` and calls `on_capsule` for every complete known
     /// capsule. Bytes are consumed entirely unless an error is returned,
     /// after which the decoder must not be used again.
-    pub fn feed(
+    pub fn feed(&mut self, input: &[u8], mut on_capsule: impl FnMut(Capsule)) -> Result<(), CapsuleError> {
+        self.feed_ref(input, |capsule_type, value| {
+            on_capsule(if capsule_type == DATAGRAM {
+                Capsule::Datagram(value.to_vec())
+            } else {
+                Capsule::Other { capsule_type, value: value.to_vec() }
+            })
+        })
+    }
+
+    /// Like [`Self::feed`], but hands each complete known capsule's type and
+    /// value as a borrowed slice: straight from `input` when the whole value
+    /// is in it (no copy, no allocation), otherwise from the decoder's
+    /// buffer, where a capsule split across calls was collected.
+    pub fn feed_ref(
         &mut self,
         mut input: &[u8],
-        mut on_capsule: impl FnMut(Capsule),
+        mut on_capsule: impl FnMut(u64, &[u8]),
     ) -> Result<(), CapsuleError> {
         while !input.is_empty() {
             match &mut self.state {
@@ -147,22 +161,32 @@ impl CapsuleDecoder {
                                         limit: self.max_capsule_len,
                                     });
                                 }
-                                self.value.clear();
-                                self.state = State::Value { capsule_type, remaining: len as usize };
+                                let len = len as usize;
+                                if len <= input.len() {
+                                    // The whole value is here: no copy.
+                                    on_capsule(capsule_type, &input[..len]);
+                                    input = &input[len..];
+                                } else {
+                                    self.value.clear();
+                                    self.state = State::Value { capsule_type, remaining: len };
+                                }
                             } else {
                                 self.skipped_capsules += 1;
                                 self.state = State::Skip { remaining: len };
                             }
-                            self.emit_if_complete(&mut on_capsule);
                         }
                     }
                 }
-                State::Value { remaining, .. } => {
+                State::Value { capsule_type, remaining } => {
                     let take = (*remaining).min(input.len());
                     self.value.extend_from_slice(&input[..take]);
                     *remaining -= take;
                     input = &input[take..];
-                    self.emit_if_complete(&mut on_capsule);
+                    if *remaining == 0 {
+                        let capsule_type = *capsule_type;
+                        self.state = State::Header;
+                        on_capsule(capsule_type, &self.value);
+                    }
                 }
                 State::Skip { remaining } => {
                     let take = (*remaining).min(input.len() as u64);
@@ -178,22 +202,6 @@ impl CapsuleDecoder {
             self.state = State::Header;
         }
         Ok(())
-    }
-
-    fn emit_if_complete(&mut self, on_capsule: &mut impl FnMut(Capsule)) {
-        match self.state {
-            State::Value { capsule_type, remaining: 0 } => {
-                let value = std::mem::take(&mut self.value);
-                self.state = State::Header;
-                on_capsule(if capsule_type == DATAGRAM {
-                    Capsule::Datagram(value)
-                } else {
-                    Capsule::Other { capsule_type, value }
-                });
-            }
-            State::Skip { remaining: 0 } => self.state = State::Header,
-            _ => {}
-        }
     }
 }
 
@@ -212,6 +220,23 @@ pub fn encode_datagram(context_id: u64, payload: &[u8], out: &mut Vec<u8>) {
     varint::push(len as u64, out);
     varint::push(context_id, out);
     out.extend_from_slice(payload);
+}
+
+/// Longest DATAGRAM capsule header [`datagram_header`] writes: type,
+/// length and context ID, each a varint of at most 8 bytes.
+pub const MAX_DATAGRAM_HEADER: usize = 3 * varint::MAX_LEN;
+
+/// Writes the header of a DATAGRAM capsule carrying `payload_len` bytes on
+/// `context_id` (what [`encode_datagram`] puts before the payload) into
+/// `out`; returns its length. For buffers that are not a `Vec`.
+pub fn datagram_header(context_id: u64, payload_len: usize, out: &mut [u8; MAX_DATAGRAM_HEADER]) -> usize {
+    let len = varint::encoded_len(context_id) + payload_len;
+    let mut n = 0;
+    for v in [DATAGRAM, len as u64, context_id] {
+        // 24 bytes hold three varints of at most 8 bytes each.
+        n += varint::encode(v, &mut out[n..]).unwrap_or(0);
+    }
+    n
 }
 
 #[cfg(test)]
@@ -290,6 +315,36 @@ mod tests {
         encode_datagram(0, &[0; 100], &mut bytes);
         let mut d = CapsuleDecoder::new(50);
         assert!(matches!(d.feed(&bytes, |_| {}), Err(CapsuleError::TooLarge { len: 101, .. })));
+    }
+
+    #[test]
+    fn borrowed_values_match_and_headers_match_the_encoder() {
+        let mut bytes = Vec::new();
+        encode_datagram(0, &[5; 1200], &mut bytes);
+        encode(0x02, &[1, 2, 3], &mut bytes);
+        encode_datagram(2, b"", &mut bytes);
+        for chunk in [1, 5, 1000, 10_000] {
+            let mut d = CapsuleDecoder::new(2048).keep(&[0x02]);
+            let mut got = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                d.feed_ref(piece, |t, v| got.push((t, v.to_vec()))).unwrap();
+            }
+            assert!(d.at_boundary());
+            let want = vec![
+                (DATAGRAM, [&[0u8][..], &[5; 1200]].concat()),
+                (0x02, vec![1, 2, 3]),
+                (DATAGRAM, vec![2]),
+            ];
+            assert_eq!(got, want, "chunk {chunk}");
+        }
+        for (ctx, len) in [(0u64, 0usize), (0, 1200), (2, 70_000), (1 << 40, 5)] {
+            let mut h = [0; MAX_DATAGRAM_HEADER];
+            let n = datagram_header(ctx, len, &mut h);
+            let mut full = Vec::new();
+            encode_datagram(ctx, &vec![0; len], &mut full);
+            assert_eq!(&h[..n], &full[..n]);
+            assert_eq!(full.len(), n + len);
+        }
     }
 
     #[test]

@@ -223,9 +223,13 @@ impl Session {
                         }
                     }
                 }
+                None if take == io.plain_in.len() => {
+                    // All of it: the buffer itself goes into the pipe.
+                    self.pipe.feed_vec(&mut io.plain_in);
+                }
                 None => self.pipe.feed(&io.plain_in[..take]),
             }
-            io.plain_in.drain(..take);
+            io.plain_in.drain(..take.min(io.plain_in.len()));
             progress = true;
         }
         if io.plain_eof && io.plain_in.is_empty() {
@@ -244,6 +248,12 @@ impl Session {
             // blocked h2 would stop reading, and the client's
             // WINDOW_UPDATE, which releases the gate, would never be read).
             return false;
+        }
+        if self.gate.is_none() && self.splice.is_none() {
+            // No h2c shim: h2's output goes on as it is (the buffer itself
+            // when nothing waits before it).
+            self.pipe.take_output(&mut io.plain_out);
+            return true;
         }
         self.scratch.clear();
         self.pipe.take_output(&mut self.scratch);
@@ -547,13 +557,8 @@ fn send_down(st: &mut Stream, id: u32, cx: &mut Context<'_>, fx: &mut Fx<'_>) ->
                         let k = n.min(body.len());
                         Bytes::from(body.drain(..k).collect::<Vec<u8>>())
                     }
-                    Exchange::Tunnel(t) => {
-                        let out = fx.tunnels.out(*t);
-                        let k = n.min(out.len());
-                        let chunk = Bytes::copy_from_slice(&out[..k]);
-                        fx.tunnels.consume(fx.ctx, *t, k);
-                        chunk
-                    }
+                    // Capsules leave as one buffer per send, not copied.
+                    Exchange::Tunnel(t) => fx.tunnels.take_out(fx.ctx, *t, n),
                 };
                 if let Err(e) = send.send_data(chunk, false) {
                     debug!(stream = id, "HTTP/2 send: {e}");

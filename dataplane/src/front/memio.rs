@@ -55,6 +55,21 @@ impl MemIo {
         p.input.extend_from_slice(data);
     }
 
+    /// Hands in plaintext from the client by taking `data`'s buffer when
+    /// h2 has read everything before (no copy; `data` is left empty with
+    /// the pipe's old buffer), by appending it otherwise.
+    pub fn feed_vec(&self, data: &mut Vec<u8>) {
+        let mut p = self.lock();
+        if p.read == p.input.len() {
+            p.input.clear();
+            p.read = 0;
+            std::mem::swap(&mut p.input, data);
+        } else {
+            p.input.extend_from_slice(data);
+            data.clear();
+        }
+    }
+
     /// The client's stream ended.
     pub fn feed_eof(&self) {
         self.lock().eof = true;

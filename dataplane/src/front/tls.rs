@@ -75,29 +75,28 @@ pub(crate) fn read_plain(
     out: &mut Vec<u8>,
     max: usize,
 ) -> Result<Plain, boring::ssl::Error> {
+    // Decrypt straight into the vector's spare capacity: no zeroing of
+    // `max` bytes per call (a call that finds no record used to clear
+    // 64 KiB for nothing).
+    out.reserve(max);
     let start = out.len();
-    out.resize(start + max, 0);
-    let r = s.ssl_read(&mut out[start..]);
+    let r = s.ssl_read_uninit(&mut out.spare_capacity_mut()[..max]);
     match r {
-        Ok(0) => {
-            out.truncate(start);
-            Ok(Plain::Closed)
-        }
+        Ok(0) => Ok(Plain::Closed),
         Ok(n) => {
-            out.truncate(start + n);
+            // SAFETY: BoringSSL wrote (initialised) the first `n` bytes of
+            // the spare capacity, `n <= max <= capacity - start`.
+            unsafe { out.set_len(start + n) };
             Ok(Plain::Data(n))
         }
-        Err(e) => {
-            out.truncate(start);
-            match e.code() {
-                ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => Ok(Plain::Blocked),
-                ErrorCode::ZERO_RETURN => Ok(Plain::Closed),
-                // A TCP FIN without close_notify: treated as a close
-                // (the tunnelled protocols frame their own ends).
-                ErrorCode::SYSCALL if s.get_ref().eof => Ok(Plain::Closed),
-                _ => Err(e),
-            }
-        }
+        Err(e) => match e.code() {
+            ErrorCode::WANT_READ | ErrorCode::WANT_WRITE => Ok(Plain::Blocked),
+            ErrorCode::ZERO_RETURN => Ok(Plain::Closed),
+            // A TCP FIN without close_notify: treated as a close
+            // (the tunnelled protocols frame their own ends).
+            ErrorCode::SYSCALL if s.get_ref().eof => Ok(Plain::Closed),
+            _ => Err(e),
+        },
     }
 }
 

@@ -12,7 +12,8 @@
 
 use std::collections::VecDeque;
 
-use relay_proto::capsule::{self, Capsule, CapsuleDecoder, CapsuleError};
+use bytes::{Buf, Bytes, BytesMut};
+use relay_proto::capsule::{self, CapsuleDecoder, CapsuleError};
 use relay_proto::datagram::UDP_PAYLOAD_CONTEXT;
 use relay_proto::varint;
 
@@ -109,7 +110,9 @@ pub struct Datagrams {
     early_up: VecDeque<Vec<u8>>,
     waiting_down: VecDeque<Vec<u8>>,
     max_queued: usize,
-    stream_out: Vec<u8>,
+    /// Capsules for the request stream; the carrier takes them as one
+    /// `Bytes` per send ([`Self::take_stream_out`]), without a copy.
+    stream_out: BytesMut,
     stream_out_limit: usize,
     /// Bytes appended to, and taken from, the stream output so far.
     pushed: u64,
@@ -142,7 +145,7 @@ impl Datagrams {
             early_up: VecDeque::new(),
             waiting_down: VecDeque::new(),
             max_queued: limits.max_queued_datagrams,
-            stream_out: Vec::new(),
+            stream_out: BytesMut::new(),
             stream_out_limit: limits.stream_out_limit,
             pushed: 0,
             written: 0,
@@ -215,32 +218,32 @@ impl Datagrams {
         bytes: &[u8],
         mut on_payload: impl FnMut(UpOutcome, &[u8]),
     ) -> Result<(), CapsuleError> {
-        let mut capsules = Vec::new();
-        self.decoder.feed(bytes, |c| capsules.push(c))?;
+        // Values are borrowed from `bytes` (or the decoder's buffer for a
+        // capsule split across calls): no copy or allocation per capsule.
+        // The decoder is moved out for the call so the callback may use the
+        // rest of `self`; an empty one costs no allocation.
+        let mut decoder = std::mem::replace(&mut self.decoder, CapsuleDecoder::new(0));
         let mut overflow = false;
-        for c in capsules {
-            match c {
-                Capsule::Datagram(value) => {
-                    self.client_used_capsules = true;
-                    // RFC 9298 section 5: a datagram whose context ID cannot
-                    // be parsed is dropped.
-                    let Ok((context_id, used)) = varint::decode(&value) else {
-                        on_payload(UpOutcome::DroppedUnknownContext, &[]);
-                        continue;
-                    };
-                    let payload = &value[used..];
-                    let outcome = self.on_payload(context_id, payload);
-                    on_payload(outcome, payload);
-                }
-                Capsule::Other { capsule_type, value } => {
-                    if self.control_in.len() < MAX_CONTROL_IN {
-                        self.control_in.push_back((capsule_type, value));
-                    } else {
-                        overflow = true;
-                    }
-                }
+        let result = decoder.feed_ref(bytes, |capsule_type, value| {
+            if capsule_type == capsule::DATAGRAM {
+                self.client_used_capsules = true;
+                // RFC 9298 section 5: a datagram whose context ID cannot be
+                // parsed is dropped.
+                let Ok((context_id, used)) = varint::decode(value) else {
+                    on_payload(UpOutcome::DroppedUnknownContext, &[]);
+                    return;
+                };
+                let payload = &value[used..];
+                let outcome = self.on_payload(context_id, payload);
+                on_payload(outcome, payload);
+            } else if self.control_in.len() < MAX_CONTROL_IN {
+                self.control_in.push_back((capsule_type, value.to_vec()));
+            } else {
+                overflow = true;
             }
-        }
+        });
+        self.decoder = decoder;
+        result?;
         if overflow {
             return Err(CapsuleError::TooMany { limit: MAX_CONTROL_IN });
         }
@@ -300,9 +303,12 @@ impl Datagrams {
         if self.stream_out.len() + needed > self.stream_out_limit - reserve {
             return false;
         }
-        let before = self.stream_out.len();
-        capsule::encode_datagram(context_id, payload, &mut self.stream_out);
-        self.pushed += (self.stream_out.len() - before) as u64;
+        let mut header = [0; capsule::MAX_DATAGRAM_HEADER];
+        let n = capsule::datagram_header(context_id, payload.len(), &mut header);
+        self.stream_out.reserve(n + payload.len());
+        self.stream_out.extend_from_slice(&header[..n]);
+        self.stream_out.extend_from_slice(payload);
+        self.pushed += (n + payload.len()) as u64;
         true
     }
 
@@ -337,7 +343,20 @@ impl Datagrams {
     /// Marks `n` bytes of [`Self::stream_out`] as written.
     pub fn consume_stream_out(&mut self, n: usize) {
         let n = n.min(self.stream_out.len());
-        self.stream_out.drain(..n);
+        self.stream_out.advance(n);
+        self.written_up_to(n);
+    }
+
+    /// Takes the first `n` bytes of [`Self::stream_out`] (written by the
+    /// carrier) as one buffer, without copying them.
+    pub fn take_stream_out(&mut self, n: usize) -> Bytes {
+        let n = n.min(self.stream_out.len());
+        let taken = self.stream_out.split_to(n).freeze();
+        self.written_up_to(n);
+        taken
+    }
+
+    fn written_up_to(&mut self, n: usize) {
         self.written += n as u64;
         while self.control_ends.front().is_some_and(|end| *end <= self.written) {
             self.control_ends.pop_front();
@@ -459,8 +478,13 @@ mod tests {
         assert!(!t.push_capsule(0, &[3; 2000]), "half of a small buffer is kept for control capsules");
         assert!(t.push_control(&[9; 1000]));
         let len = t.stream_out().len();
-        t.consume_stream_out(len - 10);
+        let first = t.take_stream_out(5);
+        assert_eq!(&first[..3], &[0x00, 0x43, 0xe9][..], "a DATAGRAM capsule of 1001 bytes leads");
+        t.consume_stream_out(len - 15);
         assert_eq!(t.stream_out().len(), 10);
+        assert_eq!(&t.take_stream_out(100)[..], &[9; 10][..]);
+        assert!(t.stream_out().is_empty());
+        assert_eq!(t.pending_control(), 0);
         assert!(t.queue_down(b"1") && t.queue_down(b"2") && !t.queue_down(b"3"));
         assert_eq!(t.take_waiting_down().len(), 2);
     }

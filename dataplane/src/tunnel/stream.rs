@@ -63,12 +63,45 @@ impl Tunnels {
             }
             return n;
         }
-        let mut payloads: Vec<(UpOutcome, Vec<u8>)> = Vec::new();
-        let result = match t.dg.as_mut() {
-            Some(dg) => dg.on_stream_bytes(bytes, |o, p| payloads.push((o, p.to_vec()))),
-            None => Ok(()),
+        let Some(dg) = t.dg.as_mut() else {
+            self.after_capsules(ctx, id, path);
+            return bytes.len();
         };
-        for (outcome, payload) in payloads {
+        // connect-udp's payloads go straight from the capsule decoder into
+        // the target's batch (no copy in between). Anything that needs the
+        // whole tunnel (an abort, the end of the byte budget, connect-ip,
+        // bound UDP, a tunnel not open yet) takes the general path below,
+        // and every payload after it too, so the order is kept.
+        let mut udp = match &mut t.state {
+            State::Udp { leg, flow } => Some((leg, flow)),
+            _ => None,
+        };
+        let mut later: Vec<(UpOutcome, Vec<u8>)> = Vec::new();
+        let mut batched = false;
+        let mut over_budget = false;
+        let now = ctx.now;
+        let result = dg.on_stream_bytes(bytes, |outcome, payload| match (&mut udp, outcome) {
+            (Some((leg, flow)), UpOutcome::Forward) if later.is_empty() && !over_budget => {
+                flow.up(payload.len(), now);
+                batched |= leg.push(payload, ctx);
+                over_budget = flow.over_budget();
+            }
+            (Some(_), UpOutcome::Buffered) if later.is_empty() && !over_budget => {}
+            (Some(_), UpOutcome::DroppedQueueFull) if later.is_empty() && !over_budget => {
+                ctx.count(Counter::DropQueueFull, 1)
+            }
+            (Some(_), UpOutcome::DroppedUnknownContext) if later.is_empty() && !over_budget => {
+                ctx.count(Counter::DropUnknownContext, 1)
+            }
+            _ => later.push((outcome, payload.to_vec())),
+        });
+        if batched {
+            self.dirty_up.push(id);
+        }
+        if over_budget {
+            self.end_over_budget(ctx, id);
+        }
+        for (outcome, payload) in later {
             self.on_payload(ctx, id, outcome, &payload, path);
         }
         if let Err(e) = result {
@@ -279,6 +312,23 @@ impl Tunnels {
                 }
             }
         }
+    }
+
+    /// Takes up to `n` bytes of [`Self::out`] as one buffer (the carrier
+    /// sends them): capsules without a copy, a classic CONNECT's bytes
+    /// copied out of its buffer (which then reads its target again).
+    pub fn take_out(&mut self, ctx: &mut Ctx, id: TunnelId, n: usize) -> bytes::Bytes {
+        let Some(t) = self.slab.get_mut(id) else { return bytes::Bytes::new() };
+        if t.head.is_some() {
+            return bytes::Bytes::new();
+        }
+        if let Some(dg) = t.dg.as_mut() {
+            return dg.take_stream_out(n);
+        }
+        let k = n.min(t.bytes_out.len());
+        let chunk = bytes::Bytes::copy_from_slice(&t.bytes_out[..k]);
+        self.consume(ctx, id, k);
+        chunk
     }
 
     /// How the stream ends.
