@@ -598,6 +598,74 @@ impl Client {
         taken
     }
 
+    /// Hands the raw bytes a CONNECT stream received so far to `f`, like
+    /// [`Self::take_raw`] but keeping this client's buffer (no allocation
+    /// and no fresh pages per call: the bulk transfers use it).
+    pub fn drain_raw(&mut self, stream_id: u64, mut f: impl FnMut(&[u8])) {
+        let Some(s) = self.streams.get_mut(&stream_id) else { return };
+        let Some(raw) = s.raw.as_mut() else { return };
+        if !raw.is_empty() {
+            f(raw);
+            raw.clear();
+        }
+        if s.raw_paused
+            && let Some(h3) = self.h3.as_mut()
+        {
+            s.raw_paused = read_raw(h3, &mut self.quic, stream_id, raw, &mut self.buf);
+        }
+    }
+
+    /// Sends `data` and then the FIN on a CONNECT stream while reading what
+    /// comes back (handed to `on_bytes` in order), until the relay ends the
+    /// stream (FIN or reset). Sending and reading interleave: a client that
+    /// only sent while blocked would stop reading once [`MAX_RAW`] bytes
+    /// waited, and with an echoing target the relay's backpressure (bounded
+    /// both ways) would then stop its sending for good. Fails after
+    /// `timeout`.
+    pub fn exchange_raw(
+        &mut self,
+        stream_id: u64,
+        data: &[u8],
+        timeout: Duration,
+        mut on_bytes: impl FnMut(&[u8]),
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut received = 0;
+        let mut off = 0;
+        let mut fin_sent = false;
+        loop {
+            while !fin_sent {
+                // quiche sets the FIN only with the last byte.
+                match self.try_send_stream_bytes(stream_id, &data[off..], true)? {
+                    Some(n) => {
+                        off += n;
+                        fin_sent = off == data.len();
+                        if n == 0 && !fin_sent {
+                            break;
+                        }
+                    }
+                    None => break,
+                }
+            }
+            self.flush()?;
+            let finished = self.stream_finished(stream_id);
+            self.drain_raw(stream_id, |b| {
+                received += b.len();
+                on_bytes(b);
+            });
+            if fin_sent && finished {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "CONNECT stream {stream_id}: {off} of {} bytes sent, {received} received within {timeout:?}",
+                    data.len()
+                );
+            }
+            self.drive(Duration::from_millis(1))?;
+        }
+    }
+
     /// The answer on `stream_id`, if it has arrived (without waiting).
     pub fn answer(&self, stream_id: u64) -> Option<&Answer> {
         self.streams.get(&stream_id).and_then(|s| s.answer.as_ref())
@@ -1024,6 +1092,12 @@ impl Client {
     /// (send system calls, UDP packets sent) so far.
     pub fn send_stats(&self) -> (u64, u64) {
         (self.batcher.syscalls, self.batcher.datagrams)
+    }
+
+    /// quiche's statistics (packets, bytes, losses) and its active path's
+    /// (RTT, congestion window), for reports.
+    pub fn quic_stats(&self) -> (quiche::Stats, Option<quiche::PathStats>) {
+        (self.quic.stats(), self.quic.path_stats().find(|p| p.active))
     }
 
     /// Closes the connection gracefully.

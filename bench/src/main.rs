@@ -74,6 +74,14 @@ enum DirectionArg {
     Echo,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OnlyArg {
+    All,
+    Udp,
+    Connect,
+    H3Connect,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the standard benchmark suite against freshly started relay
@@ -319,6 +327,11 @@ enum Command {
         /// Transfers per TCP path (median reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Run only one part: `udp` (the connect-udp echo loads), `connect`
+        /// (the TCP CONNECT transfers), `h3-connect` (the direct path and
+        /// HTTP/3 CONNECT, for profiling).
+        #[arg(long, value_enum, default_value_t = OnlyArg::All)]
+        only: OnlyArg,
     },
 }
 
@@ -373,7 +386,8 @@ fn run(args: Args) -> Result<()> {
             }
             Ok(())
         }
-        Command::FrontBench { bin_dir, workers, flows, count, window, tcp_mib, repeats } => {
+        Command::FrontBench { bin_dir, workers, flows, count, window, tcp_mib, repeats, only } => {
+            use relay_bench::frontbench::Only;
             let cfg = relay_bench::frontbench::FrontBench {
                 bin_dir,
                 workers,
@@ -382,6 +396,12 @@ fn run(args: Args) -> Result<()> {
                 window,
                 tcp_bytes: tcp_mib << 20,
                 repeats,
+                only: match only {
+                    OnlyArg::All => Only::All,
+                    OnlyArg::Udp => Only::Udp,
+                    OnlyArg::Connect => Only::Connect,
+                    OnlyArg::H3Connect => Only::H3Connect,
+                },
             };
             print!("{}", relay_bench::frontbench::run(&cfg)?);
             Ok(())

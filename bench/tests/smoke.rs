@@ -101,6 +101,7 @@ fn front_bench_measures_every_path() {
         window: 16,
         tcp_bytes: 1 << 20,
         repeats: 1,
+        only: relay_bench::frontbench::Only::All,
     };
     // Every transfer is checked byte for byte inside the run (an error
     // otherwise); the report names every path.

@@ -260,10 +260,13 @@ impl TcpTarget {
     }
 
     /// Resets the connection (RST instead of FIN): the tunnel was aborted.
+    /// The RST goes out when the socket is closed (SO_LINGER 0), once the
+    /// backend has forgotten its watch; no shutdown before it, which would
+    /// send a FIN first and let the target take a cut-off stream for a
+    /// complete one.
     pub fn abort(&mut self) {
         let s = socket2::SockRef::from(&self.sock);
         let _ = s.set_linger(Some(std::time::Duration::ZERO));
-        let _ = self.sock.shutdown(Shutdown::Both);
     }
 }
 

@@ -305,10 +305,13 @@ impl Conn {
         let _ = self.quic.stream_shutdown(stream, quiche::Shutdown::Write, code);
     }
 
-    /// Request stream DATA: what the tunnel takes now (a classic CONNECT
-    /// takes only what its target has room for; the rest stays in quiche,
-    /// whose flow control holds the client). A refused request's body is
-    /// discarded.
+    /// Request stream DATA: what the tunnel takes now. A byte stream
+    /// (classic CONNECT, WebSocket) is read later, when the connection is
+    /// flushed at the end of the turn ([`Self::service_streams`]): then the
+    /// bytes of every packet of the turn go to the target in one write,
+    /// not one write per packet, and only as far as the target has room
+    /// (the rest stays in quiche, whose flow control holds the client). A
+    /// refused request's body is discarded.
     fn on_data(&mut self, stream: u64, scratch: &mut Scratch, tunnels: &mut Tunnels, ctx: &mut Ctx) {
         let Some(&id) = self.streams.get(&stream) else {
             while let Some(h3) = self.h3.as_mut() {
@@ -319,6 +322,9 @@ impl Conn {
             }
             return;
         };
+        if tunnels.kind(id).is_some_and(crate::tunnel::route::Kind::byte_stream) {
+            return;
+        }
         self.read_body(stream, id, scratch, tunnels, ctx);
     }
 
@@ -436,12 +442,19 @@ impl Conn {
                     moved = true;
                 }
             }
-            // A classic CONNECT's request bytes wait in quiche until its
-            // target has room.
+            // A byte stream's request bytes wait in quiche until the
+            // flush, and then until its target has room. Reading the last
+            // of them consumes the client's FIN, which quiche's HTTP/3
+            // layer reports only at its next poll (the next packet): the
+            // end is taken here. (A reset leaves the stream readable until
+            // that poll reports it: no FIN for it.)
             if tunnels.up_room(id) > 0
                 && tunnels.kind(id).is_some_and(crate::tunnel::route::Kind::byte_stream)
             {
                 self.read_body(stream, id, scratch, tunnels, ctx);
+                if self.quic.stream_finished(stream) && !self.quic.stream_readable(stream) {
+                    tunnels.on_client_end(ctx, id);
+                }
             }
             match tunnels.end(id) {
                 End::Open => {}

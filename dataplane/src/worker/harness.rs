@@ -461,6 +461,9 @@ pub struct Harness {
     pub stopped: bool,
     /// Packets the worker wrote to its TUN device (connect-ip), in order.
     pub tun_written: Vec<Vec<u8>>,
+    /// Descriptors the worker watches (TCP targets), by key; the test
+    /// reports their readiness with [`Harness::ready`].
+    pub watches: HashMap<crate::io::WatchKey, std::os::fd::RawFd>,
     /// Packets for the client are held back (not delivered) while set.
     pub hold: bool,
     held: Vec<(Vec<u8>, SocketAddr)>,
@@ -529,6 +532,7 @@ impl Harness {
             drain,
             stopped: false,
             tun_written: Vec::new(),
+            watches: HashMap::new(),
             hold: false,
             held: Vec::new(),
             _region: region,
@@ -596,8 +600,12 @@ impl Harness {
                 moved = true;
             }
         }
-        out.watches.clear();
-        out.unwatches.clear();
+        for w in out.watches.drain(..) {
+            self.watches.insert(w.key, w.fd);
+        }
+        for (key, _) in out.unwatches.drain(..) {
+            self.watches.remove(&key);
+        }
         for packet in out.tun.packets() {
             self.tun_written.push(packet.to_vec());
             moved = true;
@@ -628,6 +636,20 @@ impl Harness {
     pub fn from_target(&mut self, key: u64, payload: &[u8]) {
         self.worker.begin_turn(self.now);
         self.worker.on_target(key, None, payload, payload.len().max(1));
+        let _ = self.worker.end_turn();
+        self.take_output();
+        self.client.process();
+        self.run();
+    }
+
+    /// Reports every watched descriptor readable and writable in one turn
+    /// (as an edge-triggered backend would after a change), then runs.
+    pub fn ready(&mut self) {
+        self.worker.begin_turn(self.now);
+        let keys: Vec<_> = self.watches.keys().copied().collect();
+        for key in keys {
+            self.worker.on_ready(key, crate::io::Ready { readable: true, writable: true });
+        }
         let _ = self.worker.end_turn();
         self.take_output();
         self.client.process();

@@ -330,3 +330,74 @@ fn a_host_that_does_not_know_a_connection_resets_it_with_the_token_its_issuer_ga
     assert!(counter(&stranger, Counter::StatelessResetsSent) >= 1);
     assert!(!stranger.client.quic.is_closed());
 }
+
+/// A classic CONNECT (RFC 9114 section 4.4) to a loopback listener, allowed
+/// as flow 9: returns the stream and the target's end of the connection.
+fn open_tcp(h: &mut Harness) -> (u64, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    h.connect();
+    let authority = addr.to_string();
+    let stream = h.client.request(
+        &[(":method", "CONNECT"), (":authority", &authority), ("proxy-authorization", "Bearer test")],
+        false,
+    );
+    h.run();
+    let ask = h.control.take_asks().remove(0);
+    assert_eq!(ask.protocol, TunnelProtocol::ConnectTcp);
+    h.control.allow(&ask, 9, addr);
+    h.run();
+    // A loopback connect completes inside connect(2): the connection waits
+    // in the backlog, and the worker learns it from the socket's readiness.
+    let (target, _) = listener.accept().unwrap();
+    target.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    h.ready();
+    assert_eq!(h.client.status(stream), Some(200));
+    (stream, target)
+}
+
+#[test]
+fn classic_connect_half_closes_each_way_after_the_bytes() {
+    use std::io::{Read, Write};
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, mut target) = open_tcp(&mut h);
+    // The client's bytes and its FIN arrive in one turn, with no packet
+    // after them: the FIN reaches the target after the bytes all the same.
+    h.client.send_body(stream, b"hello");
+    h.client.finish(stream);
+    h.turn();
+    let mut got = Vec::new();
+    target.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hello");
+    h.run();
+    assert!(!h.client.finished.contains(&stream), "the target's side is still open");
+    assert!(h.control.closed_flows().is_empty());
+    // The target answers and ends its side: the stream's FIN follows.
+    target.write_all(b"world").unwrap();
+    target.shutdown(std::net::Shutdown::Write).unwrap();
+    h.ready();
+    assert_eq!(h.client.bodies[&stream], b"world");
+    assert!(h.client.finished.contains(&stream), "the target's FIN became the stream's");
+    let closed = h.control.closed_flows();
+    assert_eq!(closed.len(), 1);
+    assert_eq!((closed[0].flow_id, closed[0].bytes_up, closed[0].bytes_down), (9, 5, 5));
+}
+
+#[test]
+fn a_client_reset_closes_the_target_connection_with_rst() {
+    use std::io::Read;
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, mut target) = open_tcp(&mut h);
+    h.client.send_body(stream, b"before");
+    h.run();
+    let mut got = [0u8; 6];
+    target.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"before");
+    // H3_REQUEST_CANCELLED.
+    h.client.quic.stream_shutdown(stream, quiche::Shutdown::Write, 0x10c).unwrap();
+    h.run();
+    let mut rest = Vec::new();
+    let err = target.read_to_end(&mut rest).expect_err("RST, not FIN");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(h.control.closed_flows().len(), 1);
+}
