@@ -302,10 +302,12 @@ impl WssSetup {
         let files = ca.issue_server(&pki, "origin", 2, "echo.test", "127.0.0.1".parse().unwrap()).unwrap();
         let python = wsinterop::python();
         let (cert, key) = (files.cert.display().to_string(), files.key.display().to_string());
-        let origin = PyOrigin::start(&python, &["--subprotocol", "chat.v1", "--tls-cert", &cert, "--tls-key", &key])
-            .expect("wss origin");
+        let origin =
+            PyOrigin::start(&python, &["--subprotocol", "chat.v1", "--tls-cert", &cert, "--tls-key", &key])
+                .expect("wss origin");
         let port = origin.port();
-        let (ca, other) = (pki.join("ca.pem").display().to_string(), pki.join("other.pem").display().to_string());
+        let (ca, other) =
+            (pki.join("ca.pem").display().to_string(), pki.join("other.pem").display().to_string());
         let routes = format!(
             r#"
 [[upstreams]]
