@@ -485,12 +485,16 @@ impl Session {
 fn recv_up(st: &mut Stream, id: u32, cx: &mut Context<'_>, fx: &mut Fx<'_>) -> bool {
     let mut progress = false;
     loop {
-        let data = match st.held.take() {
-            Some(d) => d,
+        // Bytes already held count as progress only once the tunnel takes
+        // some: a stream waiting for its target's room must not keep the
+        // connection busy (it would be serviced again every turn for
+        // nothing).
+        let (data, fresh) = match st.held.take() {
+            Some(d) => (d, false),
             None => {
                 let Some(recv) = st.recv.as_mut() else { return progress };
                 match recv.poll_data(cx) {
-                    Poll::Ready(Some(Ok(d))) => d,
+                    Poll::Ready(Some(Ok(d))) => (d, true),
                     Poll::Ready(Some(Err(e))) => {
                         debug!(stream = id, "HTTP/2 receive: {e}");
                         st.recv = None;
@@ -512,7 +516,7 @@ fn recv_up(st: &mut Stream, id: u32, cx: &mut Context<'_>, fx: &mut Fx<'_>) -> b
                 }
             }
         };
-        progress = true;
+        progress |= fresh;
         let len = data.len();
         let taken = match st.ex.tunnel() {
             None => len,
@@ -521,6 +525,7 @@ fn recv_up(st: &mut Stream, id: u32, cx: &mut Context<'_>, fx: &mut Fx<'_>) -> b
                 if n > 0 { fx.tunnels.on_stream_bytes(fx.ctx, t, &data[..n], &mut NoDatagrams) } else { 0 }
             }
         };
+        progress |= taken > 0;
         if let Some(recv) = st.recv.as_mut()
             && taken > 0
         {

@@ -70,6 +70,10 @@ fn user_data(kind: u64, value: u64) -> u64 {
     (kind << KIND_SHIFT) | (value & VALUE_MASK)
 }
 
+/// `io_uring_enter` flag: collect completions, running the ring's deferred
+/// task work first (include/uapi/linux/io_uring.h).
+const IORING_ENTER_GETEVENTS: u32 = 1 << 0;
+
 /// Completions handled per turn at most (the rest wait for the next turn).
 const CQE_BUDGET: usize = 4 * 1024;
 
@@ -293,7 +297,23 @@ impl UringBackend {
     fn enter(&mut self, now: Instant, deadline: Instant) -> io::Result<()> {
         self.stats.syscalls += 1;
         if deadline <= now {
-            return match self.ring.submit() {
+            // A turn that does not wait must still collect. On a
+            // DEFER_TASKRUN ring the completions of readiness and receives
+            // (multishot polls, multishot recvmsg) are posted by deferred
+            // task work, which the kernel runs only in an enter carrying
+            // GETEVENTS; a plain submit (`submit_and_wait(0)`) carries none.
+            // A worker whose turns stayed busy (a TCP front connection with
+            // work left every turn) then never saw another socket event: not
+            // its target becoming readable or writable, not a QUIC datagram,
+            // and waited for them for ever. GETEVENTS with no minimum runs
+            // that work and returns at once.
+            let to_submit = self.ring.submission().len() as u32;
+            // SAFETY: no argument is passed; the queued entries point at
+            // memory that outlives their requests (see `push`).
+            let entered = unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
+            };
+            return match entered {
                 Ok(_) => Ok(()),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
                 Err(e) => Err(e),
@@ -763,4 +783,101 @@ fn ready_from_revents(revents: i32) -> Ready {
     let has = |bits: i16| revents & i32::from(bits) != 0;
     let failed = has(libc::POLLERR | libc::POLLHUP);
     Ready { readable: failed || has(libc::POLLIN | libc::POLLRDHUP), writable: failed || has(libc::POLLOUT) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+    use crate::io::Watch;
+
+    /// A core whose every turn asks for another one at once (a connection
+    /// with work left), watching one end of a socket pair; the other end is
+    /// written once the watch is armed.
+    struct BusyCore {
+        out: Output,
+        watched: UnixStream,
+        peer: UnixStream,
+        bells: (UnixStream, UnixStream),
+        now: Instant,
+        turns: u32,
+        written_at: Option<u32>,
+        readied_at: Option<u32>,
+    }
+
+    const KEY: WatchKey = 7;
+
+    impl Handler for BusyCore {
+        fn begin_turn(&mut self, now: Instant) {
+            self.now = now;
+            self.turns += 1;
+        }
+        fn on_quic(&mut self, _: &mut [u8], _: usize, _: SocketAddr) {}
+        fn on_target(&mut self, _: TargetKey, _: Option<SocketAddr>, _: &[u8], _: usize) {}
+        fn on_ready(&mut self, key: WatchKey, ready: Ready) {
+            if key == KEY && ready.readable && self.written_at.is_some() {
+                self.readied_at.get_or_insert(self.turns);
+            }
+        }
+        fn on_wake(&mut self, _: Wake) {}
+        fn end_turn(&mut self) -> Turn {
+            match self.turns {
+                1 => self.out.watches.push(Watch { key: KEY, fd: self.watched.as_raw_fd(), writable: false }),
+                // The poll went in with turn 2's enter: the byte arrives
+                // while it waits, so its completion is task work.
+                3 => {
+                    self.peer.write_all(b"x").expect("write to the watched socket");
+                    self.written_at = Some(self.turns);
+                }
+                _ => {}
+            }
+            if self.readied_at.is_some() || self.turns >= 100 {
+                return Turn::Stop;
+            }
+            Turn::Continue { deadline: self.now }
+        }
+        fn output(&mut self) -> &mut Output {
+            &mut self.out
+        }
+        fn answer_bell(&self) -> (RawFd, u64) {
+            (self.bells.0.as_raw_fd(), 1)
+        }
+        fn worker_bell(&self) -> RawFd {
+            self.bells.1.as_raw_fd()
+        }
+    }
+
+    #[test]
+    fn busy_turns_still_deliver_readiness() {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let mut backend = match UringBackend::new(sock, UringSettings::default()) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("io_uring not available here ({e}): skipped");
+                return;
+            }
+        };
+        let (watched, peer) = UnixStream::pair().expect("socket pair");
+        let (bell_a, _keep_a) = UnixStream::pair().expect("socket pair");
+        let (bell_b, _keep_b) = UnixStream::pair().expect("socket pair");
+        let mut core = BusyCore {
+            out: Output::new(),
+            watched,
+            peer,
+            bells: (bell_a, bell_b),
+            now: Instant::now(),
+            turns: 0,
+            written_at: None,
+            readied_at: None,
+        };
+        backend.run(&mut core).expect("loop");
+        assert_eq!(core.written_at, Some(3));
+        // Written at the end of turn 3: the next turn's enter runs the
+        // poll's task work, so the turn after sees it at the latest.
+        let readied =
+            core.readied_at.expect("the watched socket's readiness never came while turns were busy");
+        assert!(readied <= 5, "readiness came only in turn {readied}");
+    }
 }
