@@ -22,15 +22,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use boring::ssl::{
-    ErrorCode, HandshakeError, MidHandshakeSslStream, SslConnector, SslMethod, SslStream, SslVersion,
-};
+use boring::ssl::{ErrorCode, HandshakeError, SslConnector, SslMethod, SslVersion};
 use boring::x509::X509;
 use boring::x509::store::X509StoreBuilder;
 use relay_proto::channel::bootstrap::{UpstreamBootstrap, validate_upstreams};
 use relay_proto::proxy_status::ProxyError;
 
-use crate::front::tls::{Plain, Wire, read_plain};
+use crate::front::tls::{Plain, State, Wire, read_plain};
 
 /// ALPN offered to origins: the Upgrade is HTTP/1.1 (RFC 7301 wire form).
 const ALPN: &[u8] = b"\x08http/1.1";
@@ -211,13 +209,6 @@ fn classify(ssl: &boring::ssl::SslRef, error: &boring::ssl::Error) -> TlsFailure
     TlsFailure::protocol(format!("TLS with the origin failed: {error}"))
 }
 
-enum State {
-    Handshaking(MidHandshakeSslStream<Wire>),
-    Open(SslStream<Wire>),
-    /// Failed: only the alert BoringSSL wrote (if any) is left to send.
-    Dead(Vec<u8>),
-}
-
 /// How a client handshake stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
@@ -255,35 +246,19 @@ impl ClientSession {
         Ok(Self { state: State::Handshaking(mid) })
     }
 
-    fn wire(&mut self) -> Option<&mut Wire> {
-        match &mut self.state {
-            State::Handshaking(m) => Some(m.get_mut()),
-            State::Open(s) => Some(s.get_mut()),
-            State::Dead(_) => None,
-        }
-    }
-
     /// Hands in ciphertext read from the socket.
     pub fn feed(&mut self, ciphertext: &[u8]) {
-        if let Some(w) = self.wire() {
-            w.input.extend_from_slice(ciphertext);
-        }
+        self.state.feed(ciphertext);
     }
 
     /// The TCP stream ended (no more ciphertext will come).
     pub fn feed_eof(&mut self) {
-        if let Some(w) = self.wire() {
-            w.eof = true;
-        }
+        self.state.feed_eof();
     }
 
     /// Ciphertext waiting to be written: the caller drains it.
     pub fn output(&mut self) -> &mut Vec<u8> {
-        match &mut self.state {
-            State::Handshaking(m) => &mut m.get_mut().output,
-            State::Open(s) => &mut s.get_mut().output,
-            State::Dead(alert) => alert,
-        }
+        self.state.output()
     }
 
     /// Whether no ciphertext waits to be written.
@@ -404,7 +379,7 @@ mod tests {
     use boring::hash::MessageDigest;
     use boring::nid::Nid;
     use boring::pkey::{PKey, Private};
-    use boring::ssl::{AlpnError, Ssl, SslContextBuilder};
+    use boring::ssl::{AlpnError, MidHandshakeSslStream, Ssl, SslContextBuilder, SslStream};
     use boring::x509::extension::{BasicConstraints, ExtendedKeyUsage, SubjectAlternativeName};
     use boring::x509::{X509NameBuilder, X509Ref};
 

@@ -131,11 +131,57 @@ impl Write for Wire {
     }
 }
 
-enum State {
+/// Where a TLS session on in-memory buffers is, server side or client
+/// side ([`crate::origin_tls`]), with the ciphertext accessors both share.
+pub(crate) enum State {
+    /// The handshake runs.
     Handshaking(MidHandshakeSslStream<Wire>),
+    /// Application data flows.
     Open(SslStream<Wire>),
     /// Failed: only the alert BoringSSL wrote (if any) is left to send.
     Dead(Vec<u8>),
+}
+
+impl State {
+    fn wire(&mut self) -> Option<&mut Wire> {
+        match self {
+            State::Handshaking(m) => Some(m.get_mut()),
+            State::Open(s) => Some(s.get_mut()),
+            State::Dead(_) => None,
+        }
+    }
+
+    /// Hands in ciphertext read from the socket.
+    pub(crate) fn feed(&mut self, ciphertext: &[u8]) {
+        if let Some(w) = self.wire() {
+            w.input.extend_from_slice(ciphertext);
+        }
+    }
+
+    /// The TCP stream ended (no more ciphertext will come).
+    pub(crate) fn feed_eof(&mut self) {
+        if let Some(w) = self.wire() {
+            w.eof = true;
+        }
+    }
+
+    /// Ciphertext waiting to be written: the caller drains it.
+    pub(crate) fn output(&mut self) -> &mut Vec<u8> {
+        match self {
+            State::Handshaking(m) => &mut m.get_mut().output,
+            State::Open(s) => &mut s.get_mut().output,
+            State::Dead(alert) => alert,
+        }
+    }
+
+    /// Ciphertext received and not yet processed.
+    pub(crate) fn input_backlog(&self) -> usize {
+        match self {
+            State::Handshaking(m) => m.get_ref().input_backlog(),
+            State::Open(s) => s.get_ref().input_backlog(),
+            State::Dead(_) => 0,
+        }
+    }
 }
 
 /// How the handshake stands.
@@ -176,44 +222,24 @@ impl TlsSession {
         Ok(Self { state: State::Handshaking(builder.setup_accept()) })
     }
 
-    fn wire(&mut self) -> Option<&mut Wire> {
-        match &mut self.state {
-            State::Handshaking(m) => Some(m.get_mut()),
-            State::Open(s) => Some(s.get_mut()),
-            State::Dead(_) => None,
-        }
-    }
-
     /// Hands in ciphertext read from the socket.
     pub fn feed(&mut self, ciphertext: &[u8]) {
-        if let Some(w) = self.wire() {
-            w.input.extend_from_slice(ciphertext);
-        }
+        self.state.feed(ciphertext);
     }
 
     /// The TCP stream ended (no more ciphertext will come).
     pub fn feed_eof(&mut self) {
-        if let Some(w) = self.wire() {
-            w.eof = true;
-        }
+        self.state.feed_eof();
     }
 
     /// Ciphertext that is waiting to be written: the caller drains it.
     pub fn output(&mut self) -> &mut Vec<u8> {
-        match &mut self.state {
-            State::Handshaking(m) => &mut m.get_mut().output,
-            State::Open(s) => &mut s.get_mut().output,
-            State::Dead(alert) => alert,
-        }
+        self.state.output()
     }
 
     /// Ciphertext received and not yet processed.
     pub fn input_backlog(&self) -> usize {
-        match &self.state {
-            State::Handshaking(m) => m.get_ref().input_backlog(),
-            State::Open(s) => s.get_ref().input_backlog(),
-            State::Dead(_) => 0,
-        }
+        self.state.input_backlog()
     }
 
     /// Whether the handshake has completed.
