@@ -15,11 +15,10 @@
 //!   behind a blocking `Read + Write`).
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -29,8 +28,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::Role;
 use tungstenite::{HandshakeError, Message, WebSocket};
 
-/// Connections an origin serves at once at most (each has a thread).
-const MAX_CONNECTIONS: u64 = 256;
+use crate::tcp_echo::Acceptor;
 
 /// A byte stream a WebSocket runs on.
 pub trait Io: Read + Write + Send {}
@@ -41,11 +39,8 @@ pub type Ws = WebSocket<Box<dyn Io>>;
 
 /// A running WebSocket echo origin; stops when dropped.
 pub struct WsEcho {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
+    acceptor: Acceptor,
     messages: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -81,62 +76,30 @@ fn serve(s: TcpStream, messages: &AtomicU64, stop: &AtomicBool) {
 impl WsEcho {
     /// Binds `addr` (port 0 for any) and echoes.
     pub fn start(addr: SocketAddr) -> io::Result<Self> {
-        let listener = TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicU64::new(0));
         let messages = Arc::new(AtomicU64::new(0));
-        let (st, acc, msgs) = (stop.clone(), accepted.clone(), messages.clone());
-        let thread = std::thread::spawn(move || {
-            let live = Arc::new(AtomicU64::new(0));
-            while !st.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) if live.load(Ordering::Relaxed) < MAX_CONNECTIONS => {
-                        let _ = s.set_nonblocking(false);
-                        acc.fetch_add(1, Ordering::Relaxed);
-                        live.fetch_add(1, Ordering::Relaxed);
-                        let (m, l, st2) = (msgs.clone(), live.clone(), st.clone());
-                        std::thread::spawn(move || {
-                            serve(s, &m, &st2);
-                            l.fetch_sub(1, Ordering::Relaxed);
-                        });
-                    }
-                    Ok(_) => {} // over the bound: dropped
-                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
-                }
-            }
-        });
-        Ok(Self { addr, stop, accepted, messages, thread: Some(thread) })
+        let counter = messages.clone();
+        let acceptor = Acceptor::start(addr, move |s, stop| serve(s, &counter, stop))?;
+        Ok(Self { acceptor, messages })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.acceptor.addr()
     }
 
     /// `ws://` URL of the origin (for a `[[upstreams]]` route).
     pub fn origin(&self) -> String {
-        format!("ws://{}", self.addr)
+        format!("ws://{}", self.acceptor.addr())
     }
 
     /// WebSocket handshakes begun so far (TCP connections accepted).
     pub fn accepted(&self) -> u64 {
-        self.accepted.load(Ordering::Relaxed)
+        self.acceptor.accepted()
     }
 
     /// Messages echoed so far.
     pub fn echoed(&self) -> u64 {
         self.messages.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for WsEcho {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
