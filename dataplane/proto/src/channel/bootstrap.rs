@@ -22,12 +22,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version of the attach handshake and of everything after it
-/// (bootstrap frames and channel records): 5 since the [`Bootstrap`]
-/// lists the upstream routes with their TLS settings (`wss://` origins);
+/// (bootstrap frames and channel records): 6 since asks and flows can be
+/// WebTransport sessions (record format [`super::record::VERSION`] 5); 5
+/// listed the upstream routes with their TLS settings (`wss://` origins);
 /// 4 brought asks for WebSocket routes and answers naming upstreams
 /// (record format [`super::record::VERSION`] 4). Processes of different
 /// builds refuse the attach instead of each other's frames and records.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -246,6 +247,9 @@ pub enum Protocol {
     /// `websocket` (RFC 8441, RFC 9220; HTTP/1.1 `Upgrade: websocket`),
     /// relayed to `[[upstreams]]` origins.
     Websocket,
+    /// `webtransport` (draft-ietf-webtrans-http3; HTTP/3 only), relayed to
+    /// `[[upstreams]]` origins over HTTP/3.
+    Webtransport,
 }
 
 /// Which I/O backend the dataplane's workers run.
@@ -1026,6 +1030,7 @@ mod tests {
             (Protocol::ConnectIp, "connect-ip"),
             (Protocol::ConnectUdpBind, "connect-udp-bind"),
             (Protocol::Websocket, "websocket"),
+            (Protocol::Webtransport, "webtransport"),
         ] {
             assert_eq!(serde_json::to_value(protocol).unwrap(), name);
         }

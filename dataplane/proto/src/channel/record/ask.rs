@@ -36,6 +36,12 @@ pub enum TunnelProtocol {
     /// upstream by its `[[upstreams]]` routes and answers
     /// [`Verdict::AllowUpstream`](super::Verdict::AllowUpstream).
     WebSocket = 4,
+    /// WebTransport over HTTP/3 (draft-ietf-webtrans-http3) relayed to an
+    /// upstream origin over HTTP/3. Asked like [`Self::WebSocket`]:
+    /// `authority`/`path` are the request's, control picks the
+    /// `[[upstreams]]` route of protocol `webtransport` and answers
+    /// [`Verdict::AllowUpstream`](super::Verdict::AllowUpstream).
+    WebTransport = 5,
 }
 
 impl TunnelProtocol {
@@ -47,6 +53,7 @@ impl TunnelProtocol {
             2 => Some(Self::ConnectUdpBind),
             3 => Some(Self::ConnectTcp),
             4 => Some(Self::WebSocket),
+            5 => Some(Self::WebTransport),
             _ => None,
         }
     }

@@ -38,8 +38,9 @@ pub use cert::{
 use wire::{HEADER_LEN, Reader, Writer};
 
 /// Record format version this build speaks (3: asks carry a client
-/// certificate; 4: WebSocket asks and `AllowUpstream` answers).
-pub const VERSION: u8 = 4;
+/// certificate; 4: WebSocket asks and `AllowUpstream` answers; 5:
+/// WebTransport asks).
+pub const VERSION: u8 = 5;
 /// Largest payload a record can carry.
 pub const MAX_PAYLOAD: usize = RECORD_SIZE - HEADER_LEN;
 
@@ -855,6 +856,7 @@ mod tests {
             (TunnelProtocol::ConnectUdpBind, 2),
             (TunnelProtocol::ConnectTcp, 3),
             (TunnelProtocol::WebSocket, 4),
+            (TunnelProtocol::WebTransport, 5),
         ];
         for (protocol, wire) in protocols {
             let rec = AskRecord::AuthAsk(AuthAsk { protocol, ..base.clone() });
