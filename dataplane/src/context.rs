@@ -46,6 +46,9 @@ pub struct Served {
     /// WebSocket (`:protocol websocket`, HTTP/1.1 `Upgrade: websocket`) is
     /// relayed to upstream origins (control has `[[upstreams]]` routes).
     pub websocket: bool,
+    /// WebTransport over HTTP/3 (`:protocol webtransport`) is relayed to
+    /// upstream origins over HTTP/3.
+    pub webtransport: bool,
 }
 
 /// A worker's fixed settings.
@@ -85,6 +88,7 @@ impl Settings {
             connect_udp: bootstrap.protocols.contains(&Protocol::ConnectUdp),
             bind: bootstrap.bind.is_some(),
             websocket: bootstrap.protocols.contains(&Protocol::Websocket),
+            webtransport: bootstrap.protocols.contains(&Protocol::Webtransport),
         };
         let ask_timeout = Duration::from_millis(u64::from(bootstrap.ask_timeout_ms));
         Self { index, bootstrap, names, served, ask_timeout, cids, origin_tls: Default::default() }

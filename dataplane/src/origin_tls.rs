@@ -70,6 +70,9 @@ pub struct RouteTls {
     /// SNI (for DNS names) and the name the certificate must hold.
     pub server_name: String,
     connector: SslConnector,
+    /// The route's CA certificates (read at attach), for the QUIC client
+    /// of `https://` origins (WebTransport).
+    pub cas: std::sync::Arc<Vec<X509>>,
 }
 
 impl std::fmt::Debug for RouteTls {
@@ -90,21 +93,22 @@ impl OriginTls {
     /// distinct CA file (read now: an unreadable file fails the attach).
     pub fn from_bootstrap(routes: &[UpstreamBootstrap]) -> Result<Self, OriginTlsError> {
         validate_upstreams(routes)?;
-        let mut contexts: HashMap<&str, SslConnector> = HashMap::new();
+        let mut contexts: HashMap<&str, (SslConnector, std::sync::Arc<Vec<X509>>)> = HashMap::new();
         let mut out = HashMap::new();
         for r in routes {
             let tls = match &r.tls {
                 None => None,
                 Some(t) => {
-                    let connector = match contexts.get(t.ca_file.as_str()) {
+                    let (connector, cas) = match contexts.get(t.ca_file.as_str()) {
                         Some(c) => c.clone(),
                         None => {
-                            let c = connector(&read_ca_file(&t.ca_file)?)?;
+                            let cas = read_ca_file(&t.ca_file)?;
+                            let c = (connector(&cas)?, std::sync::Arc::new(cas));
                             contexts.insert(t.ca_file.as_str(), c.clone());
                             c
                         }
                     };
-                    Some(RouteTls { server_name: t.server_name.clone(), connector })
+                    Some(RouteTls { server_name: t.server_name.clone(), connector, cas })
                 }
             };
             out.insert(r.route.clone(), tls);
@@ -458,7 +462,11 @@ mod tests {
     }
 
     fn route(ca: &X509, server_name: &str) -> RouteTls {
-        RouteTls { server_name: server_name.into(), connector: connector(std::slice::from_ref(ca)).unwrap() }
+        RouteTls {
+            server_name: server_name.into(),
+            connector: connector(std::slice::from_ref(ca)).unwrap(),
+            cas: std::sync::Arc::new(vec![ca.clone()]),
+        }
     }
 
     enum Server {

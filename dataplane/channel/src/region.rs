@@ -435,6 +435,16 @@ counters! {
     /// WebSocket requests whose upstream handshake failed (the origin
     /// refused, answered badly, closed, or did not answer in time).
     WebsocketUpstreamFailures = 80, "websocket_upstream_failures";
+    /// WebTransport sessions relayed to an upstream origin (the origin
+    /// accepted the session).
+    WebtransportSessionsOpened = 81, "webtransport_sessions_opened";
+    /// WebTransport requests whose upstream session failed (QUIC or TLS to
+    /// the origin failed, the origin refused or did not answer in time).
+    WebtransportUpstreamFailures = 82, "webtransport_upstream_failures";
+    /// WebTransport streams relayed (either side opened them).
+    WebtransportStreams = 83, "webtransport_streams";
+    /// WebTransport datagrams relayed (both ways).
+    WebtransportDatagrams = 84, "webtransport_datagrams";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

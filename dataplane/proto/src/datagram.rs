@@ -56,15 +56,28 @@ impl DatagramError {
     }
 }
 
-/// Parses a QUIC DATAGRAM frame payload as an HTTP/3 datagram.
-pub fn decode(frame: &[u8]) -> Result<H3Datagram<'_>, DatagramError> {
+/// Splits a QUIC DATAGRAM frame payload into the request stream it belongs
+/// to and its HTTP Datagram Payload (RFC 9297 section 2.1), whatever the
+/// payload's format (connect-udp's context ID, or a WebTransport
+/// session's bare payload).
+pub fn split(frame: &[u8]) -> Result<(u64, &[u8]), DatagramError> {
     let (quarter, qlen) = varint::decode(frame).map_err(|_| DatagramError::TruncatedQuarterStreamId)?;
     if quarter > MAX_QUARTER_STREAM_ID {
         return Err(DatagramError::QuarterStreamIdOutOfRange(quarter));
     }
-    let rest = &frame[qlen..];
+    Ok((quarter * 4, &frame[qlen..]))
+}
+
+/// Parses an HTTP Datagram Payload of connect-udp (after [`split`]).
+pub fn decode_payload(stream_id: u64, rest: &[u8]) -> Result<H3Datagram<'_>, DatagramError> {
     let (context_id, clen) = varint::decode(rest).map_err(|_| DatagramError::TruncatedContextId)?;
-    Ok(H3Datagram { stream_id: quarter * 4, context_id, payload: &rest[clen..] })
+    Ok(H3Datagram { stream_id, context_id, payload: &rest[clen..] })
+}
+
+/// Parses a QUIC DATAGRAM frame payload as an HTTP/3 datagram.
+pub fn decode(frame: &[u8]) -> Result<H3Datagram<'_>, DatagramError> {
+    let (stream_id, rest) = split(frame)?;
+    decode_payload(stream_id, rest)
 }
 
 /// Writes the datagram header for `stream_id` and context 0 into `out` and

@@ -100,6 +100,10 @@ pub struct Request {
     pub connect_udp_bind: Option<String>,
     /// WebSocket's handshake fields (RFC 6455 section 11.3), when present.
     pub websocket: WebSocketFields,
+    /// `wt-available-protocols` (draft-ietf-webtrans-http3 section 3.3: the
+    /// application protocols a WebTransport client offers), passed to the
+    /// upstream origin; repeated lines joined with ", ".
+    pub wt_available_protocols: Option<String>,
     /// The request came as an HTTP/1.1 Upgrade ([`crate::http1::to_extended_connect`]),
     /// not as an extended CONNECT.
     pub http1_upgrade: bool,
@@ -225,6 +229,7 @@ pub fn parse_request<'a>(
             b"sec-websocket-protocol" => combine_field(&mut req.websocket.protocol, to_string(value)?)?,
             b"sec-websocket-extensions" => combine_field(&mut req.websocket.extensions, to_string(value)?)?,
             b"origin" => combine_field(&mut req.websocket.origin, to_string(value)?)?,
+            b"wt-available-protocols" => combine_field(&mut req.wt_available_protocols, to_string(value)?)?,
             b"content-length" | b"content-type" => has_content_fields = true,
             _ => {}
         }

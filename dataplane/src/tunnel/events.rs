@@ -14,6 +14,7 @@ use super::datagrams::DownPath;
 use super::head::Refusal;
 use super::{
     Abort, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict, websocket,
+    webtransport,
 };
 use crate::context::Ctx;
 use crate::io::Ready;
@@ -38,6 +39,9 @@ impl Tunnels {
     ) {
         let Some(t) = self.slab.get_mut(id) else { return };
         let stream = t.place.stream;
+        if let State::Session { .. } = &t.state {
+            return webtransport::on_packets(self, id, from, payloads, segment_size);
+        }
         if let (State::Bound { .. }, Some(from)) = (&t.state, from) {
             return bind::from_peer(self, ctx, id, from, payloads, segment_size, path);
         }
@@ -51,6 +55,9 @@ impl Tunnels {
     /// The OS says a tunnel's UDP target is unreachable (an ICMP
     /// Destination Unreachable): RFC 9298 section 3.1 closes the tunnel.
     pub fn on_target_unreachable(&mut self, ctx: &mut Ctx, id: TunnelId) {
+        if self.slab.get(id).is_some_and(|t| matches!(t.state, State::Session { .. })) {
+            return webtransport::unreachable(self, ctx, id);
+        }
         if !self.slab.get(id).is_some_and(|t| matches!(t.state, State::Udp { .. })) {
             return;
         }
@@ -139,6 +146,16 @@ impl Tunnels {
             State::Connecting { .. } => tcp::connect_failed(self, ctx, id, libc::ETIMEDOUT),
             State::Upgrading { .. } => websocket::timed_out(self, ctx, id),
             State::Done => {}
+            State::Session { ref leg, ref flow } => {
+                let idle = flow.idle_deadline();
+                if leg.due().is_some_and(|d| d <= ctx.now) {
+                    webtransport::on_timer(self, ctx, id);
+                }
+                if idle <= ctx.now && self.slab.get(id).is_some_and(|t| matches!(t.state, State::Session { .. })) {
+                    debug!(flow = ?self.flow_id(id), "WebTransport session idle: ending it");
+                    self.finish_from_relay(ctx, id);
+                }
+            }
             _ => {
                 if let State::Ip { leg, .. } = &t.state
                     && leg.probe.due().is_some_and(|d| d <= ctx.now)

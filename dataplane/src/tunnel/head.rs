@@ -103,6 +103,14 @@ impl Head {
         Self { status: 200, fields, tunnel: true, head_only_len: None }
     }
 
+    /// The 200 that opens a WebTransport session relayed to an origin,
+    /// with the application protocol the origin chose (`wt-protocol`,
+    /// draft-ietf-webtrans-http3 section 3.3).
+    pub fn webtransport_open(protocol: Option<String>) -> Self {
+        let fields = protocol.map(|p| vec![("wt-protocol", p)]).unwrap_or_default();
+        Self { status: 200, fields, tunnel: true, head_only_len: None }
+    }
+
     /// The answer to a refused request. `allow` is the `Allow` value of a
     /// 405: the methods the carrier serves.
     pub fn refusal(r: &Refusal, names: &Names, allow: &'static str) -> Self {

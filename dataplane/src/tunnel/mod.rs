@@ -33,6 +33,7 @@ pub mod ip;
 pub mod route;
 pub mod tcp;
 pub mod udp;
+pub mod webtransport;
 pub mod websocket;
 
 mod events;
@@ -197,6 +198,8 @@ enum State {
     Bound { leg: Box<bind::BoundLeg>, flow: Flow },
     /// A classic CONNECT tunnel, or an open WebSocket relay.
     Tcp { leg: Box<tcp::TcpLeg>, flow: Flow },
+    /// A WebTransport session relayed to its origin (opening or open).
+    Session { leg: Box<webtransport::SessionLeg>, flow: Flow },
     /// Over: nothing is held but what the carrier still has to send.
     Done,
 }
@@ -222,6 +225,12 @@ pub struct Tunnel {
     fallback: Option<SocketAddr>,
     /// A WebSocket tunnel's handshake, until it is done.
     ws: Option<Box<websocket::WsHandshake>>,
+    /// A WebTransport request's fields for the origin, until its session
+    /// is requested.
+    wt: Option<Box<route::SessionFields>>,
+    /// Streams a WebTransport client opened before control answered
+    /// (bounded by [`webtransport::MAX_EARLY_STREAMS`]).
+    early_streams: Vec<u64>,
     /// It counts as an open tunnel (opened, not yet closed).
     counted_open: bool,
 }
@@ -234,7 +243,8 @@ impl Tunnel {
             | State::Udp { flow, .. }
             | State::Ip { flow, .. }
             | State::Bound { flow, .. }
-            | State::Tcp { flow, .. } => Some(flow),
+            | State::Tcp { flow, .. }
+            | State::Session { flow, .. } => Some(flow),
             State::Asking { .. } | State::Done => None,
         }
     }
@@ -249,6 +259,10 @@ impl Tunnel {
             State::Ip { leg, flow } => {
                 let idle = flow.idle_deadline();
                 Some(leg.probe.due().map_or(idle, |d| d.min(idle)))
+            }
+            State::Session { leg, flow } => {
+                let idle = flow.idle_deadline();
+                Some(leg.due().map_or(idle, |d| d.min(idle)))
             }
             _ => self.flow().map(Flow::idle_deadline),
         }
@@ -378,9 +392,16 @@ impl Tunnels {
             Kind::Udp => Some(Datagrams::new(Payloads::Udp, o.limits)),
             Kind::Ip => Some(Datagrams::new(Payloads::Ip, o.limits)),
             Kind::Bound => Some(Datagrams::new(Payloads::Bound, o.limits)),
-            Kind::Tcp | Kind::WebSocket => None,
+            Kind::Tcp | Kind::WebSocket | Kind::WebTransport => None,
         };
+        if request.kind == Kind::WebTransport && !matches!(o.place.carrier, Carrier::H3(_)) {
+            // draft-ietf-webtrans-http3 is HTTP/3 only (WebTransport over
+            // HTTP/2 is another draft, not served).
+            let why = "webtransport is served over HTTP/3 only";
+            return refuse(ctx, Refusal::new(501, None, why));
+        }
         let ws = request.websocket.map(|h| Box::new(websocket::WsHandshake::new(*h)));
+        let wt = request.webtransport;
         let id = self.slab.insert(Tunnel {
             place: o.place,
             kind: request.kind,
@@ -395,6 +416,8 @@ impl Tunnels {
             client_ended: false,
             fallback: request.fallback,
             ws,
+            wt,
+            early_streams: Vec::new(),
             counted_open: false,
         });
         ctx.asks.insert(ask_id, id);
@@ -496,6 +519,10 @@ impl Tunnels {
                 leg.release(!finished_both_ways, ctx);
                 flow
             }
+            State::Session { leg, flow } => {
+                webtransport::release(leg, ctx);
+                flow
+            }
         };
         self.held -= 1;
         ctx.link.flow_closed(closed.closed());
@@ -521,7 +548,8 @@ fn flow_mut(state: &mut State) -> Option<&mut Flow> {
         | State::Udp { flow, .. }
         | State::Ip { flow, .. }
         | State::Bound { flow, .. }
-        | State::Tcp { flow, .. } => Some(flow),
+        | State::Tcp { flow, .. }
+        | State::Session { flow, .. } => Some(flow),
         State::Asking { .. } | State::Done => None,
     }
 }

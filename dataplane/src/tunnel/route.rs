@@ -30,6 +30,11 @@ pub enum Kind {
     /// 9220): a TCP connection to the origin, an Upgrade handshake on it,
     /// then the bytes both ways as for [`Kind::Tcp`].
     WebSocket,
+    /// WebTransport over HTTP/3 relayed to an upstream origin over HTTP/3
+    /// (draft-ietf-webtrans-http3): a QUIC connection to the origin, a
+    /// session on it, and the session's streams and datagrams mapped one to
+    /// one; the session's own stream carries its capsules as bytes.
+    WebTransport,
 }
 
 impl Kind {
@@ -41,6 +46,7 @@ impl Kind {
             Kind::Bound => TunnelProtocol::ConnectUdpBind,
             Kind::Tcp => TunnelProtocol::ConnectTcp,
             Kind::WebSocket => TunnelProtocol::WebSocket,
+            Kind::WebTransport => TunnelProtocol::WebTransport,
         }
     }
 
@@ -50,10 +56,11 @@ impl Kind {
         !self.byte_stream()
     }
 
-    /// Whether the stream carries a TCP connection's bytes unchanged
-    /// (classic CONNECT, WebSocket).
+    /// Whether the stream's body is relayed as bytes, unchanged: a TCP
+    /// connection's (classic CONNECT, WebSocket), or a WebTransport
+    /// session's capsules (to the origin's session stream).
     pub fn byte_stream(self) -> bool {
-        matches!(self, Kind::Tcp | Kind::WebSocket)
+        matches!(self, Kind::Tcp | Kind::WebSocket | Kind::WebTransport)
     }
 
     /// The kind's name in logs and listings.
@@ -64,6 +71,7 @@ impl Kind {
             Kind::Bound => "connect-udp-bind",
             Kind::Tcp => "connect-tcp",
             Kind::WebSocket => "websocket",
+            Kind::WebTransport => "webtransport",
         }
     }
 }
@@ -89,6 +97,17 @@ pub struct TunnelRequest {
     pub fallback: Option<SocketAddr>,
     /// A WebSocket request's handshake.
     pub websocket: Option<Box<ClientHandshake>>,
+    /// A WebTransport request's fields for the origin.
+    pub webtransport: Option<Box<SessionFields>>,
+}
+
+/// What a WebTransport request passes to the origin's session request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionFields {
+    /// `origin` (the draft's section 3.2: the origin checks it).
+    pub origin: Option<String>,
+    /// `wt-available-protocols` (section 3.3).
+    pub protocols: Option<String>,
 }
 
 /// What a request is.
@@ -130,6 +149,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                 authorization: c.authorization,
                 fallback: None,
                 websocket: None,
+                webtransport: None,
             }),
             Err(r) => refuse(r),
         },
@@ -148,6 +168,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                     authorization: c.authorization,
                     fallback: None,
                     websocket: None,
+                webtransport: None,
                 }),
                 Err(r) => refuse(r),
             }
@@ -182,9 +203,11 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                 authorization: c.authorization,
                 fallback,
                 websocket: None,
+                webtransport: None,
             })
         }
         ("CONNECT", Some("websocket")) => websocket_request(req, served),
+        ("CONNECT", Some("webtransport")) => webtransport_request(req, served),
         ("CONNECT", Some("connect-udp")) if !served.connect_udp => {
             Route::Refuse(Refusal::new(501, None, "connect-udp is not enabled on this relay"))
         }
@@ -198,6 +221,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                 authorization: c.authorization,
                 fallback: None,
                 websocket: None,
+                webtransport: None,
             }),
             Err(r) => refuse(r),
         },
@@ -260,6 +284,41 @@ fn websocket_request(req: &Request, served: &Served) -> Route {
         authorization: req.authorization.clone(),
         fallback: None,
         websocket: Some(Box::new(handshake)),
+        webtransport: None,
+    })
+}
+
+/// A WebTransport request (draft-ietf-webtrans-http3 section 3.2: an
+/// extended CONNECT with `:protocol webtransport` and `:scheme https`):
+/// control picks the upstream by authority and path. Only HTTP/3 carries
+/// it (the tunnel layer refuses it on the TCP front).
+fn webtransport_request(req: &Request, served: &Served) -> Route {
+    if !served.webtransport {
+        // RFC 9220 section 3 / RFC 8441 section 4: an unsupported
+        // :protocol SHOULD get 501.
+        return Route::Refuse(Refusal::new(501, None, "webtransport is not served by this relay"));
+    }
+    if req.scheme.as_deref() != Some("https") {
+        let why = ":scheme must be https";
+        return Route::Refuse(Refusal::new(
+            400,
+            Some(relay_proto::proxy_status::ProxyError::HttpRequestError),
+            why,
+        ));
+    }
+    Route::Tunnel(TunnelRequest {
+        kind: Kind::WebTransport,
+        authority: req.authority.clone().unwrap_or_default(),
+        path: req.path.clone().unwrap_or_default(),
+        target_host: String::new(),
+        target_port: 0,
+        authorization: req.authorization.clone(),
+        fallback: None,
+        websocket: None,
+        webtransport: Some(Box::new(SessionFields {
+            origin: req.websocket.origin.clone(),
+            protocols: req.wt_available_protocols.clone(),
+        })),
     })
 }
 
@@ -287,6 +346,7 @@ mod tests {
             connect_udp: true,
             bind: true,
             websocket: false,
+            webtransport: false,
         }
     }
 

@@ -8,7 +8,7 @@ use tracing::debug;
 use super::datagrams::UpOutcome;
 use super::head::Head;
 use super::route::Kind;
-use super::{Abort, DatagramPath, End, State, TunnelId, Tunnels, bind, deliver, flow_mut, ip};
+use super::{Abort, DatagramPath, End, State, TunnelId, Tunnels, bind, deliver, flow_mut, ip, webtransport};
 use crate::context::Ctx;
 
 impl Tunnels {
@@ -25,6 +25,7 @@ impl Tunnels {
                 t.limits.stream_out_limit.saturating_sub(t.early.len())
             }
             State::Tcp { leg, .. } => leg.target.room(),
+            State::Session { leg, .. } => webtransport::up_room(leg, t.limits.stream_out_limit),
             _ => usize::MAX,
         }
     }
@@ -56,6 +57,7 @@ impl Tunnels {
                     leg.target.push(&bytes[..n]);
                     self.pump_tcp(ctx, id);
                 }
+                State::Session { leg, .. } => webtransport::push_up(leg, &bytes[..n]),
                 State::Asking { .. } | State::Connecting { .. } | State::Upgrading { .. } => {
                     t.early.extend_from_slice(&bytes[..n])
                 }
@@ -233,9 +235,13 @@ impl Tunnels {
             // A half-close: FIN to the target after the buffered bytes
             // (RFC 9114 section 4.4, RFC 9113 section 8.5); before the
             // target is up, it follows the early bytes.
-            if let State::Tcp { leg, .. } = &mut t.state {
-                leg.target.finish();
-                self.pump_tcp(ctx, id);
+            match &mut t.state {
+                State::Tcp { leg, .. } => {
+                    leg.target.finish();
+                    self.pump_tcp(ctx, id);
+                }
+                State::Session { leg, .. } => webtransport::on_client_end(leg),
+                _ => {}
             }
             return;
         }
@@ -361,6 +367,7 @@ impl Tunnels {
             End::Finish { stop_reading } => {
                 let target_done = match &t.state {
                     State::Tcp { leg, .. } => leg.target.write_closed(),
+                    State::Session { leg, .. } => webtransport::up_done(leg),
                     _ => true,
                 };
                 t.fin_sent && (stop_reading || (t.client_ended && target_done))
@@ -390,5 +397,24 @@ impl Tunnels {
             ip::probe_tick(self, ctx, id, path);
         }
         self.check_budget(ctx, id);
+    }
+
+    /// A WebTransport session's turn on its client's connection: see
+    /// [`webtransport::pump`].
+    pub fn pump_session(&mut self, ctx: &mut Ctx, id: TunnelId, client: &mut webtransport::ClientSide<'_>) {
+        webtransport::pump(self, ctx, id, client);
+    }
+
+    /// A stream the client opened in WebTransport session tunnel `id`;
+    /// false: the tunnel is not a session or takes no more streams (the
+    /// carrier rejects it with WT_BUFFERED_STREAM_REJECTED).
+    pub fn on_session_stream(&mut self, id: TunnelId, stream: u64) -> bool {
+        self.kind(id) == Some(Kind::WebTransport) && webtransport::on_client_stream(self, id, stream)
+    }
+
+    /// A client datagram of WebTransport session tunnel `id` (its HTTP
+    /// Datagram Payload).
+    pub fn on_session_datagram(&mut self, ctx: &mut Ctx, id: TunnelId, payload: &[u8]) {
+        webtransport::on_datagram(self, ctx, id, payload);
     }
 }

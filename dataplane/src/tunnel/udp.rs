@@ -25,6 +25,12 @@ pub struct UdpLeg {
 }
 
 impl UdpLeg {
+    /// A leg sending through `endpoint` (a WebTransport session's origin
+    /// socket uses it for its QUIC packets).
+    pub fn new(endpoint: TargetKey) -> Self {
+        Self { endpoint, batch: None }
+    }
+
     /// Adds a payload to this turn's batch; returns whether the batch is
     /// new (the caller lists the tunnel for the end of the turn).
     pub fn push(&mut self, payload: &[u8], ctx: &mut Ctx) -> bool {

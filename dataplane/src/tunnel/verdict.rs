@@ -10,7 +10,7 @@ use relay_proto::proxy_status::ProxyError;
 use super::flow::Flow;
 use super::head::Refusal;
 use super::route::Kind;
-use super::{DatagramPath, State, TunnelId, Tunnels, bind, ip, tcp, udp};
+use super::{DatagramPath, State, TunnelId, Tunnels, bind, ip, tcp, udp, webtransport};
 use crate::context::Ctx;
 
 /// The flow ID of an allowing verdict.
@@ -95,6 +95,32 @@ pub(super) fn apply(
             let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
             flow.route = route;
             tcp::open(ts, ctx, id, flow);
+        }
+        (
+            Verdict::AllowUpstream {
+                flow_id,
+                target,
+                idle_timeout_ms,
+                byte_budget,
+                identity,
+                route,
+                host,
+                path,
+            },
+            Kind::WebTransport,
+        ) => {
+            tracing::debug!(flow = flow_id, route = route.as_str(), "WebTransport allowed to its upstream");
+            let Some(tls) = ctx.settings.origin_tls.route(&route).map(|t| t.cloned()) else {
+                let why = Refusal::new(
+                    502,
+                    Some(ProxyError::ProxyInternalError),
+                    "the upstream route is unknown to the dataplane",
+                );
+                return refuse_allowed(ts, ctx, id, flow_id, why);
+            };
+            let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
+            flow.route = route;
+            webtransport::open(ts, ctx, id, flow, host, path, tls);
         }
         (Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity }, Kind::Udp) => {
             let flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
