@@ -157,6 +157,9 @@ pub extern "C" fn quiche_h3_event_type(ev: &h3::Event) -> u32 {
         h3::Event::Reset { .. } => 4,
 
         h3::Event::PriorityUpdate => 5,
+
+        // WebTransport (relay patch)
+        h3::Event::WebTransportStream { .. } => 6,
     }
 }
 

@@ -584,6 +584,9 @@ pub struct Config {
     additional_settings: Option<Vec<(u64, u64)>>,
 
     max_priority_update_size: u64,
+
+    // WebTransport (relay patch): claim WebTransport streams.
+    webtransport: bool,
 }
 
 impl Config {
@@ -597,6 +600,7 @@ impl Config {
             additional_settings: None,
             max_priority_update_size:
                 PRIORITY_UPDATE_FRAME_PAYLOAD_MAX_SIZE_DEFAULT,
+            webtransport: false,
         })
     }
 
@@ -701,6 +705,44 @@ impl Config {
     /// [`Error::ExcessiveLoad`]: enum.Error.html#variant.ExcessiveLoad
     pub fn set_max_priority_update_size(&mut self, v: u64) {
         self.max_priority_update_size = v;
+    }
+
+    // WebTransport (relay patch)
+    /// Claims WebTransport streams (draft-ietf-webtrans-http3-14, sections
+    /// "Unidirectional Streams" and "Bidirectional Streams").
+    ///
+    /// When enabled, a peer-initiated unidirectional stream of type 0x54, and
+    /// a peer-initiated bidirectional stream whose very first varint is the
+    /// signal value 0x41, are not HTTP/3 streams: the HTTP/3 layer reads the
+    /// session ID that follows, then reports
+    /// [`Event::WebTransportStream`] once and never reads or writes the
+    /// stream again. The application reads every byte after the session ID
+    /// (and the FIN or RESET_STREAM) with [`stream_recv()`] and writes with
+    /// [`stream_send()`]. Locally, [`Connection::open_webtransport_stream()`]
+    /// opens such streams.
+    ///
+    /// The signal value 0x41 anywhere else (a later frame type of a request
+    /// stream, a frame type on the control stream, the first frame of a
+    /// locally initiated stream's response) is a connection error of type
+    /// H3_FRAME_ERROR, and a session ID that is not a client-initiated
+    /// bidirectional stream ID a connection error of type H3_ID_ERROR.
+    ///
+    /// This does not send any setting: the WebTransport settings
+    /// (SETTINGS_WT_MAX_SESSIONS, ...) go through
+    /// [`set_additional_settings()`], SETTINGS_ENABLE_CONNECT_PROTOCOL through
+    /// [`enable_extended_connect()`] and SETTINGS_H3_DATAGRAM through the
+    /// QUIC configuration's DATAGRAM support.
+    ///
+    /// The default value is `false`, which keeps quiche's behaviour: 0x54
+    /// streams are ignored like any unknown stream type, and 0x41 is parsed
+    /// as an unknown frame type.
+    ///
+    /// [`stream_recv()`]: ../struct.Connection.html#method.stream_recv
+    /// [`stream_send()`]: ../struct.Connection.html#method.stream_send
+    /// [`set_additional_settings()`]: struct.Config.html#method.set_additional_settings
+    /// [`enable_extended_connect()`]: struct.Config.html#method.enable_extended_connect
+    pub fn enable_webtransport(&mut self, v: bool) {
+        self.webtransport = v;
     }
 }
 
@@ -839,6 +881,28 @@ pub enum Event {
 
     /// GOAWAY was received.
     GoAway,
+
+    // WebTransport (relay patch)
+    /// The peer opened a WebTransport stream (see
+    /// [`Config::enable_webtransport()`]) for the session `session_id` (the
+    /// stream ID of the session's extended CONNECT request).
+    ///
+    /// Reported once per stream. From then on the HTTP/3 layer never reads
+    /// or writes the stream and reports no other event for it: the
+    /// application reads the stream's data, FIN and RESET_STREAM with
+    /// [`stream_recv()`], writes with [`stream_send()`] and ends it with
+    /// [`stream_send()`]'s `fin` or [`stream_shutdown()`]. The stream stays
+    /// in [`readable()`] while it holds unread data; [`poll()`] skips it.
+    ///
+    /// [`stream_recv()`]: ../struct.Connection.html#method.stream_recv
+    /// [`stream_send()`]: ../struct.Connection.html#method.stream_send
+    /// [`stream_shutdown()`]: ../struct.Connection.html#method.stream_shutdown
+    /// [`readable()`]: ../struct.Connection.html#method.readable
+    /// [`poll()`]: struct.Connection.html#method.poll
+    WebTransportStream {
+        /// The session ID read from the stream's header.
+        session_id: u64,
+    },
 }
 
 /// Extensible Priorities parameters.
@@ -1028,7 +1092,22 @@ pub struct Connection {
     peer_goaway_id: Option<u64>,
 
     max_priority_update_size: u64,
+
+    // WebTransport (relay patch): whether WebTransport streams are claimed,
+    // the next server-initiated bidirectional stream ID (server only: a
+    // client's bidirectional streams share `next_request_stream_id`), the
+    // number of claimed streams held in `streams`, and the count at which
+    // the next sweep of collected claimed streams runs.
+    webtransport: bool,
+    next_server_bidi_stream_id: u64,
+    webtransport_streams: usize,
+    webtransport_sweep_at: usize,
 }
+
+// WebTransport (relay patch): claimed streams are swept (their state removed
+// once quiche has collected the QUIC stream) when their count reaches twice
+// the count left by the previous sweep, and at least this many.
+const WEBTRANSPORT_SWEEP_MIN: usize = 16;
 
 impl Connection {
     fn new(
@@ -1085,6 +1164,11 @@ impl Connection {
             peer_goaway_id: None,
 
             max_priority_update_size: config.max_priority_update_size,
+
+            webtransport: config.webtransport,
+            next_server_bidi_stream_id: 1,
+            webtransport_streams: 0,
+            webtransport_sweep_at: WEBTRANSPORT_SWEEP_MIN,
         })
     }
 
@@ -1318,6 +1402,12 @@ impl Connection {
             Some(s) => {
                 // Only one initial HEADERS allowed.
                 if s.local_initialized() {
+                    return Err(Error::FrameUnexpected);
+                }
+
+                // WebTransport (relay patch): no HEADERS on a WebTransport
+                // stream.
+                if s.is_webtransport() {
                     return Err(Error::FrameUnexpected);
                 }
 
@@ -2620,7 +2710,17 @@ impl Connection {
                         Err(_) => continue,
                     };
 
-                    let ty = stream::Type::deserialize(varint)?;
+                    // WebTransport (relay patch): a unidirectional stream of
+                    // type 0x54 is a WebTransport stream; its session ID
+                    // follows (draft-ietf-webtrans-http3-14, "Unidirectional
+                    // Streams").
+                    let ty = if self.webtransport &&
+                        varint == stream::WEBTRANSPORT_UNI_STREAM_TYPE_ID
+                    {
+                        stream::Type::WebTransport
+                    } else {
+                        stream::Type::deserialize(varint)?
+                    };
 
                     if let Err(e) = stream.set_ty(ty) {
                         conn.close(true, e.to_wire(), b"")?;
@@ -2628,7 +2728,10 @@ impl Connection {
                     }
 
                     qlog_with_type!(QLOG_STREAM_TYPE_SET, conn.qlog, q, {
-                        let ty_val = if matches!(ty, stream::Type::Unknown) {
+                        let ty_val = if matches!(
+                            ty,
+                            stream::Type::Unknown | stream::Type::WebTransport
+                        ) {
                             Some(varint)
                         } else {
                             None
@@ -2732,6 +2835,10 @@ impl Connection {
                             // TODO: we MAY send STOP_SENDING
                         },
 
+                        // WebTransport (relay patch): the session ID is read
+                        // in the next state.
+                        stream::Type::WebTransport => (),
+
                         stream::Type::Request => unreachable!(),
                     }
                 },
@@ -2759,6 +2866,33 @@ impl Connection {
 
                         Err(_) => continue,
                     };
+
+                    // WebTransport (relay patch): the signal value 0x41 as
+                    // the very first varint of a peer-initiated
+                    // bidirectional stream opens a WebTransport stream; its
+                    // session ID follows. Anywhere else it is a connection
+                    // error of type H3_FRAME_ERROR (draft-ietf-webtrans-
+                    // http3-14, "Bidirectional Streams").
+                    if self.webtransport &&
+                        varint == stream::WEBTRANSPORT_BIDI_SIGNAL_VALUE
+                    {
+                        if !stream.may_start_webtransport_bidi() {
+                            conn.close(
+                                true,
+                                Error::FrameError.to_wire(),
+                                b"WebTransport signal value not at the start of a bidirectional stream",
+                            )?;
+
+                            return Err(Error::FrameError);
+                        }
+
+                        if let Err(e) = stream.start_webtransport_bidi() {
+                            conn.close(true, e.to_wire(), b"")?;
+                            return Err(e);
+                        }
+
+                        continue;
+                    }
 
                     match stream.set_frame_type(varint) {
                         Err(Error::FrameUnexpected) => {
@@ -2927,10 +3061,231 @@ impl Connection {
                 },
 
                 stream::State::Finished => break,
+
+                // WebTransport (relay patch): read the session ID, exactly
+                // its bytes (the state buffer asks for one byte, then for
+                // the rest of the varint), so that every byte after it is
+                // left to the application.
+                stream::State::WebTransportSessionId => {
+                    match stream.try_fill_buffer(conn) {
+                        Ok(()) => (),
+
+                        // Reset before its header was complete: never
+                        // claimed, so nothing to report.
+                        Err(Error::TransportError(
+                            crate::Error::StreamReset(_),
+                        )) => {
+                            self.streams.remove(&stream_id);
+
+                            return Err(Error::Done);
+                        },
+
+                        Err(e) => return Err(e),
+                    }
+
+                    let session_id = match stream.try_consume_varint() {
+                        Ok(v) => v,
+
+                        Err(_) => continue,
+                    };
+
+                    // A session ID is the stream ID of the session's
+                    // extended CONNECT request: a client-initiated
+                    // bidirectional stream (draft-ietf-webtrans-http3-14,
+                    // "Unidirectional Streams" and "Bidirectional Streams":
+                    // anything else is a connection error of type
+                    // H3_ID_ERROR).
+                    if !session_id.is_multiple_of(4) {
+                        conn.close(
+                            true,
+                            Error::IdError.to_wire(),
+                            b"WebTransport session ID is not a client-initiated bidirectional stream",
+                        )?;
+
+                        return Err(Error::IdError);
+                    }
+
+                    stream.claim_webtransport();
+
+                    self.webtransport_stream_claimed(conn);
+
+                    return Ok((stream_id, Event::WebTransportStream {
+                        session_id,
+                    }));
+                },
+
+                // WebTransport (relay patch): a claimed stream is the
+                // application's; its data stays in the QUIC stream.
+                stream::State::WebTransport => break,
             }
         }
 
         Err(Error::Done)
+    }
+
+    // WebTransport (relay patch)
+    /// Counts a newly claimed WebTransport stream, and sweeps the state of
+    /// the claimed streams whose QUIC stream quiche has collected (complete
+    /// in both directions, so that it can never become readable again) when
+    /// their count reached the threshold. The threshold doubles with the
+    /// streams that stay, so the sweep costs O(1) amortized per stream and
+    /// at most about twice the live claimed streams (at least
+    /// `WEBTRANSPORT_SWEEP_MIN`) are held.
+    fn webtransport_stream_claimed<F: BufFactory>(
+        &mut self, conn: &super::Connection<F>,
+    ) {
+        self.webtransport_streams += 1;
+
+        if self.webtransport_streams < self.webtransport_sweep_at {
+            return;
+        }
+
+        self.streams.retain(|id, s| {
+            !(s.state() == stream::State::WebTransport &&
+                conn.streams.is_collected(*id))
+        });
+
+        self.webtransport_streams = self
+            .streams
+            .values()
+            .filter(|s| s.state() == stream::State::WebTransport)
+            .count();
+
+        self.webtransport_sweep_at = std::cmp::max(
+            self.webtransport_streams.saturating_mul(2),
+            WEBTRANSPORT_SWEEP_MIN,
+        );
+    }
+
+    // WebTransport (relay patch)
+    /// Opens a WebTransport stream for the session `session_id` (see
+    /// [`Config::enable_webtransport()`]).
+    ///
+    /// Allocates the next local stream ID of the direction (`bidi`: a
+    /// bidirectional stream, sharing the counter of [`send_request()`] on a
+    /// client, server-initiated IDs 1, 5, 9, ... on a server; otherwise a
+    /// unidirectional stream, sharing the counter of the HTTP/3 layer's own
+    /// unidirectional streams) and writes the stream's header, the signal
+    /// value 0x41 or the stream type 0x54 followed by the session ID
+    /// (draft-ietf-webtrans-http3-14, "Unidirectional Streams" and
+    /// "Bidirectional Streams"), whole or not at all. The stream is then
+    /// claimed: the application writes with [`stream_send()`] and ends it
+    /// with its `fin` or [`stream_shutdown()`], and on a bidirectional
+    /// stream reads the peer's data with [`stream_recv()`]; the HTTP/3 layer
+    /// reports no event for it.
+    ///
+    /// On success the new stream ID is returned. On error no stream ID is
+    /// consumed (the next call allocates the same one):
+    ///
+    /// * [`FrameUnexpected`] when WebTransport is not enabled in the
+    ///   configuration.
+    /// * [`IdError`] when `session_id` is not a client-initiated
+    ///   bidirectional stream ID, or the stream IDs are exhausted.
+    /// * [`TransportError`]`(`[`StreamLimit`]`)` when the peer's stream count
+    ///   limit is reached.
+    /// * [`StreamBlocked`] when the stream cannot take the whole header now
+    ///   (flow or congestion control); retry when the connection can send
+    ///   again.
+    ///
+    /// [`send_request()`]: struct.Connection.html#method.send_request
+    /// [`stream_send()`]: ../struct.Connection.html#method.stream_send
+    /// [`stream_recv()`]: ../struct.Connection.html#method.stream_recv
+    /// [`stream_shutdown()`]: ../struct.Connection.html#method.stream_shutdown
+    /// [`FrameUnexpected`]: enum.Error.html#variant.FrameUnexpected
+    /// [`IdError`]: enum.Error.html#variant.IdError
+    /// [`TransportError`]: enum.Error.html#variant.TransportError
+    /// [`StreamLimit`]: ../enum.Error.html#variant.StreamLimit
+    /// [`StreamBlocked`]: enum.Error.html#variant.StreamBlocked
+    pub fn open_webtransport_stream<F: BufFactory>(
+        &mut self, conn: &mut super::Connection<F>, session_id: u64, bidi: bool,
+    ) -> Result<u64> {
+        if !self.webtransport {
+            return Err(Error::FrameUnexpected);
+        }
+
+        // A varint holds at most 2^62 - 1.
+        if !session_id.is_multiple_of(4) || session_id >= 1 << 62 {
+            return Err(Error::IdError);
+        }
+
+        let (stream_id, signal) = match (bidi, self.is_server) {
+            (true, false) => (
+                self.next_request_stream_id,
+                stream::WEBTRANSPORT_BIDI_SIGNAL_VALUE,
+            ),
+
+            (true, true) => (
+                self.next_server_bidi_stream_id,
+                stream::WEBTRANSPORT_BIDI_SIGNAL_VALUE,
+            ),
+
+            (false, _) => (
+                self.next_uni_stream_id,
+                stream::WEBTRANSPORT_UNI_STREAM_TYPE_ID,
+            ),
+        };
+
+        let next = stream_id.checked_add(4).ok_or(Error::IdError)?;
+
+        let mut d = [0; 16];
+        let mut b = octets::OctetsMut::with_slice(&mut d);
+        b.put_varint(signal)?;
+        b.put_varint(session_id)?;
+        let len = b.off();
+
+        // Create the QUIC stream without writing anything (StreamLimit when
+        // the peer's limit is reached), then write the header only if the
+        // stream can take all of it.
+        if let Err(e) = conn.stream_send(stream_id, b"", false) {
+            if e == super::Error::Done {
+                return Err(Error::StreamBlocked);
+            }
+
+            return Err(e.into());
+        }
+
+        if conn.stream_capacity(stream_id)? < len {
+            return Err(Error::StreamBlocked);
+        }
+
+        let written = conn.stream_send(stream_id, &d[..len], false)?;
+
+        if written != len {
+            // Cannot happen: the capacity was checked just above.
+            return Err(Error::InternalError);
+        }
+
+        let mut stream = <stream::Stream>::new(
+            stream_id,
+            true,
+            self.local_settings
+                .max_field_section_size
+                .unwrap_or(SETTINGS_MAX_FIELD_SECTION_SIZE_DEFAULT),
+            self.max_priority_update_size,
+        );
+        stream.claim_webtransport();
+        self.streams.insert(stream_id, stream);
+
+        match (bidi, self.is_server) {
+            (true, false) => self.next_request_stream_id = next,
+            (true, true) => self.next_server_bidi_stream_id = next,
+            (false, _) => self.next_uni_stream_id = next,
+        }
+
+        self.webtransport_stream_claimed(conn);
+
+        Ok(stream_id)
+    }
+
+    // WebTransport (relay patch)
+    /// Returns how many claimed WebTransport streams the HTTP/3 layer holds
+    /// state for: the live ones, and the ones whose QUIC stream quiche has
+    /// collected but that the next sweep has yet to remove (the state of a
+    /// claimed stream is removed once its QUIC stream is collected, in
+    /// sweeps whose cost is amortized over the claims; see
+    /// [`Config::enable_webtransport()`]). For metrics and tests.
+    pub fn webtransport_streams_held(&self) -> usize {
+        self.webtransport_streams
     }
 
     fn process_finished_stream(&mut self, stream_id: u64) {
@@ -2952,6 +3307,15 @@ impl Connection {
             },
             Some(stream::Type::Unknown) | None => {
                 self.streams.remove(&stream_id);
+            },
+            // WebTransport (relay patch): a claimed stream's state stays
+            // until quiche collects the QUIC stream (see
+            // `webtransport_stream_claimed()`); one that ended before its
+            // session ID was complete was never claimed and is forgotten.
+            Some(stream::Type::WebTransport) => {
+                if stream.state() != stream::State::WebTransport {
+                    self.streams.remove(&stream_id);
+                }
             },
             // Closing any of the critical streams leads to connection close,
             // so there is no need for any cleanup actions here.

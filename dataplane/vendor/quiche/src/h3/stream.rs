@@ -38,6 +38,17 @@ pub const HTTP3_PUSH_STREAM_TYPE_ID: u64 = 0x1;
 pub const QPACK_ENCODER_STREAM_TYPE_ID: u64 = 0x2;
 pub const QPACK_DECODER_STREAM_TYPE_ID: u64 = 0x3;
 
+// WebTransport (relay patch): the unidirectional stream type of a
+// WebTransport stream (draft-ietf-webtrans-http3-14, "Unidirectional
+// Streams"): `Stream Type (i) = 0x54, Session ID (i)`, then application data.
+pub const WEBTRANSPORT_UNI_STREAM_TYPE_ID: u64 = 0x54;
+
+// WebTransport (relay patch): the signal value that opens a bidirectional
+// WebTransport stream (draft-ietf-webtrans-http3-14, "Bidirectional
+// Streams"): `Signal Value (i) = 0x41, Session ID (i)` as the very first
+// bytes of the stream, where the first frame type would be.
+pub const WEBTRANSPORT_BIDI_SIGNAL_VALUE: u64 = 0x41;
+
 const MAX_STATE_BUF_SIZE: usize = (1 << 24) - 1;
 const MAX_STATE_BUF_ALLOC_SIZE: usize = 4096;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +59,10 @@ pub enum Type {
     QpackEncoder,
     QpackDecoder,
     Unknown,
+    // WebTransport (relay patch): a stream that starts with the WebTransport
+    // signal (0x41) or stream type (0x54). The HTTP/3 layer reads its session
+    // ID and then never reads or writes it again (it is "claimed").
+    WebTransport,
 }
 
 impl Type {
@@ -60,6 +75,8 @@ impl Type {
             Type::QpackEncoder => qlog::events::http3::StreamType::QpackEncode,
             Type::QpackDecoder => qlog::events::http3::StreamType::QpackDecode,
             Type::Unknown => qlog::events::http3::StreamType::Unknown,
+            // WebTransport (relay patch): qlog has no WebTransport type.
+            Type::WebTransport => qlog::events::http3::StreamType::Unknown,
         }
     }
 }
@@ -95,6 +112,15 @@ pub enum State {
 
     /// All data has been read.
     Finished,
+
+    // WebTransport (relay patch): the two WebTransport states.
+    /// Reading the session ID of a WebTransport stream (after its 0x54 stream
+    /// type or its 0x41 signal value).
+    WebTransportSessionId,
+
+    /// A claimed WebTransport stream: the HTTP/3 layer never reads it again,
+    /// the application reads and writes it with the QUIC stream API.
+    WebTransport,
 }
 
 impl Type {
@@ -267,7 +293,7 @@ impl Stream {
         self.ty = Some(ty);
 
         let state = match ty {
-            Type::Control | Type::Request => State::FrameType,
+            Type::Control => State::FrameType,
 
             Type::Push => State::PushId,
 
@@ -278,11 +304,61 @@ impl Stream {
             },
 
             Type::Unknown => State::Drain,
+
+            // WebTransport (relay patch): the session ID follows the type.
+            Type::WebTransport => State::WebTransportSessionId,
+
+            Type::Request => State::FrameType,
         };
 
         self.state_transition(state, 1, true)?;
 
         Ok(())
+    }
+
+    // WebTransport (relay patch)
+    /// Turns a peer-initiated bidirectional stream whose first varint was the
+    /// WebTransport signal value (0x41) into a WebTransport stream, and starts
+    /// reading its session ID.
+    pub fn start_webtransport_bidi(&mut self) -> Result<()> {
+        assert_eq!(self.state, State::FrameType);
+        debug_assert!(self.may_start_webtransport_bidi());
+
+        self.ty = Some(Type::WebTransport);
+
+        self.state_transition(State::WebTransportSessionId, 1, true)
+    }
+
+    // WebTransport (relay patch)
+    /// Whether the varint being read is the very first one of a
+    /// peer-initiated bidirectional stream, the only place where the
+    /// WebTransport signal value may appear.
+    pub fn may_start_webtransport_bidi(&self) -> bool {
+        self.state == State::FrameType &&
+            self.ty == Some(Type::Request) &&
+            crate::stream::is_bidi(self.id) &&
+            !self.is_local &&
+            self.frame_type.is_none()
+    }
+
+    // WebTransport (relay patch)
+    /// Marks the stream as claimed once its session ID has been read: the
+    /// HTTP/3 layer reads no further byte of it. Also used for the streams
+    /// the local endpoint opens with `open_webtransport_stream()`.
+    pub fn claim_webtransport(&mut self) {
+        self.ty = Some(Type::WebTransport);
+        self.state = State::WebTransport;
+        self.state_off = 0;
+        self.state_len = 0;
+        // Nothing is buffered for a claimed stream: free the state buffer.
+        self.state_buf = Vec::new();
+    }
+
+    // WebTransport (relay patch)
+    /// Whether the stream is a WebTransport stream (claimed, or whose session
+    /// ID is still being read).
+    pub fn is_webtransport(&self) -> bool {
+        self.ty == Some(Type::WebTransport)
     }
 
     /// Sets the push ID and transitions to the next state.
