@@ -220,6 +220,9 @@ impl Conn {
                     }
                 }
                 (_, quiche::h3::Event::PriorityUpdate) | (_, quiche::h3::Event::GoAway) => {}
+                // Only with `enable_webtransport`, which the relay does not
+                // turn on yet (dataplane/vendor/README.md).
+                (_, quiche::h3::Event::WebTransportStream { .. }) => {}
             }
         }
         if !self.settings_known && self.h3.as_ref().is_some_and(|h| h.peer_settings_raw().is_some()) {
