@@ -50,8 +50,12 @@ pub fn transport_config(
     c.set_initial_max_stream_data_uni(1 << 20);
     // Tunnels plus headroom for refused requests the client has not yet
     // seen closed; quiche credits streams back as they complete.
-    c.set_initial_max_streams_bidi(u64::from(b.max_tunnels_per_connection) + 16);
-    c.set_initial_max_streams_uni(16);
+    // WebTransport sessions carry the streams their applications open
+    // (bidirectional ones count against the same limit).
+    let webtransport = b.protocols.contains(&relay_proto::channel::bootstrap::Protocol::Webtransport);
+    let session_streams = if webtransport { WEBTRANSPORT_STREAMS } else { 0 };
+    c.set_initial_max_streams_bidi(u64::from(b.max_tunnels_per_connection) + 16 + session_streams);
+    c.set_initial_max_streams_uni(16 + session_streams);
     c.set_disable_active_migration(true);
     // quiche keeps at most this many paths per connection and never frees
     // a validated one it has left (the old path keeps the reused DCID), so
@@ -61,14 +65,26 @@ pub fn transport_config(
     Ok(c)
 }
 
+/// Streams of WebTransport sessions a client may have open at once per
+/// connection, each way (on top of the tunnels' own).
+pub const WEBTRANSPORT_STREAMS: u64 = 256;
+
 /// Builds the HTTP/3 configuration: SETTINGS_ENABLE_CONNECT_PROTOCOL=1
 /// (RFC 9220) and a bounded field section size. quiche adds
-/// SETTINGS_H3_DATAGRAM=1 itself because DATAGRAM is enabled.
-pub fn h3_config() -> Result<quiche::h3::Config, quiche::h3::Error> {
+/// SETTINGS_H3_DATAGRAM=1 itself because DATAGRAM is enabled. With
+/// `webtransport` (WebTransport is served), the WebTransport SETTINGS
+/// (draft-ietf-webtrans-http3 section 3.1, and the older drafts' that
+/// deployed clients look for) and quiche's claiming of WebTransport
+/// streams.
+pub fn h3_config(webtransport: bool) -> Result<quiche::h3::Config, quiche::h3::Error> {
     let mut c = quiche::h3::Config::new()?;
     c.enable_extended_connect(true);
     c.set_max_field_section_size(16 * 1024);
     c.set_qpack_max_table_capacity(0);
     c.set_qpack_blocked_streams(0);
+    if webtransport {
+        c.enable_webtransport(true);
+        c.set_additional_settings(crate::tunnel::webtransport::settings())?;
+    }
     Ok(c)
 }

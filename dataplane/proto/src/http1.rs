@@ -938,6 +938,8 @@ pub fn to_extended_connect(
             extensions: head.combined("sec-websocket-extensions"),
             origin: head.combined("origin"),
         },
+        // WebTransport is not an HTTP/1.1 upgrade token.
+        wt_available_protocols: None,
         http1_upgrade: true,
     }
 }

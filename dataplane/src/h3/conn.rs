@@ -19,6 +19,8 @@ use super::path::{self, H3Path, code};
 use crate::context::Ctx;
 use crate::slab::Key as ConnKey;
 use crate::tunnel::datagrams::{DatagramSupport, Limits};
+use crate::tunnel::route::Kind;
+use crate::tunnel::webtransport::ClientSide;
 use crate::tunnel::{Carrier, End, Opening, Place, Start, TunnelId, Tunnels};
 
 /// Bytes of capsules (or TCP bytes) buffered per tunnel towards the client.
@@ -220,9 +222,22 @@ impl Conn {
                     }
                 }
                 (_, quiche::h3::Event::PriorityUpdate) | (_, quiche::h3::Event::GoAway) => {}
-                // Only with `enable_webtransport`, which the relay does not
-                // turn on yet (dataplane/vendor/README.md).
-                (_, quiche::h3::Event::WebTransportStream { .. }) => {}
+                // A stream of a WebTransport session (claimed by quiche's
+                // HTTP/3 layer, draft-ietf-webtrans-http3 sections 4.2,
+                // 4.3): the session's tunnel relays it; a stream for no
+                // session, or past what the session buffers, is rejected
+                // (section 4.6).
+                (stream, quiche::h3::Event::WebTransportStream { session_id }) => {
+                    let taken = self.streams.get(&session_id).is_some_and(|&id| tunnels.on_session_stream(id, stream));
+                    if !taken {
+                        ctx.count(Counter::DropNoTunnel, 1);
+                        let code = crate::tunnel::webtransport::WT_BUFFERED_STREAM_REJECTED;
+                        let _ = self.quic.stream_shutdown(stream, quiche::Shutdown::Read, code);
+                        if stream & 0x2 == 0 {
+                            let _ = self.quic.stream_shutdown(stream, quiche::Shutdown::Write, code);
+                        }
+                    }
+                }
             }
         }
         if !self.settings_known && self.h3.as_ref().is_some_and(|h| h.peer_settings_raw().is_some()) {
@@ -361,24 +376,34 @@ impl Conn {
         let support = self.support();
         let Scratch { dgram_in, dgram_out, .. } = scratch;
         while let Ok(len) = self.quic.dgram_recv(dgram_in) {
-            let d = match datagram::decode(&dgram_in[..len]) {
+            let (stream_id, rest) = match datagram::split(&dgram_in[..len]) {
                 Ok(d) => d,
-                Err(e) if e.is_connection_error() => {
+                Err(_) => {
                     // RFC 9297 section 2.1: H3_DATAGRAM_ERROR.
                     ctx.count(Counter::DropMalformed, 1);
                     let _ = self.quic.close(true, code::DATAGRAM_ERROR, b"malformed HTTP datagram");
                     break;
                 }
-                Err(_) => {
-                    ctx.count(Counter::DropMalformed, 1);
-                    continue;
-                }
             };
-            let Some(&id) = self.streams.get(&d.stream_id) else {
+            let Some(&id) = self.streams.get(&stream_id) else {
                 // RFC 9297 section 2.1: datagrams for streams that are not
                 // (or no longer) tunnels are dropped.
                 ctx.count(Counter::DropNoTunnel, 1);
                 continue;
+            };
+            if tunnels.kind(id) == Some(Kind::WebTransport) {
+                // A WebTransport datagram's payload has no context ID
+                // (draft-ietf-webtrans-http3 section 4.5).
+                tunnels.on_session_datagram(ctx, id, rest);
+                continue;
+            }
+            let d = match datagram::decode_payload(stream_id, rest) {
+                Ok(d) => d,
+                Err(_) => {
+                    // RFC 9298 section 5: dropped.
+                    ctx.count(Counter::DropMalformed, 1);
+                    continue;
+                }
             };
             let mut path = H3Path { quic: &mut self.quic, support, scratch: dgram_out };
             tunnels.on_datagram(ctx, id, d.context_id, d.payload, &mut path);
@@ -407,6 +432,36 @@ impl Conn {
 
     /// Moves one tunnel stream; returns whether the tunnel is complete.
     fn service(
+        &mut self,
+        stream: u64,
+        id: TunnelId,
+        scratch: &mut Scratch,
+        tunnels: &mut Tunnels,
+        ctx: &mut Ctx,
+    ) -> bool {
+        let session = tunnels.kind(id) == Some(Kind::WebTransport);
+        if session {
+            self.pump_session(id, tunnels, ctx);
+        }
+        let complete = self.service_rounds(stream, id, scratch, tunnels, ctx);
+        if session && !complete {
+            // What the rounds read from the client's session stream goes
+            // to the origin now, not at the next event.
+            self.pump_session(id, tunnels, ctx);
+        }
+        complete
+    }
+
+    /// A WebTransport session's turn with this connection.
+    fn pump_session(&mut self, id: TunnelId, tunnels: &mut Tunnels, ctx: &mut Ctx) {
+        let datagrams = self.support() == DatagramSupport::Enabled;
+        let Some(h3) = self.h3.as_mut() else { return };
+        let mut client = ClientSide { quic: &mut self.quic, h3, datagrams };
+        tunnels.pump_session(ctx, id, &mut client);
+    }
+
+    /// The service rounds of one tunnel stream.
+    fn service_rounds(
         &mut self,
         stream: u64,
         id: TunnelId,

@@ -127,7 +127,7 @@ impl H3 {
         Ok(Self {
             local,
             quic_config,
-            h3_config: quic::h3_config()?,
+            h3_config: quic::h3_config(ctx.settings.served.webtransport)?,
             tls_epoch,
             tls_generation: material.generation,
             tls,

@@ -90,11 +90,21 @@ pub const MAX_SESSION_STREAMS: usize = 1024;
 const COPY_CHUNK: usize = 64 * 1024;
 
 /// The SETTINGS both sides of the relay send for WebTransport: the current
-/// draft's, and the older drafts' that deployed stacks still look for.
-pub fn settings(max_sessions: u64) -> Vec<(u64, u64)> {
+/// draft's, and the older drafts' that deployed stacks still look for
+/// (aioquic only knows SETTINGS_ENABLE_WEBTRANSPORT and accepts 0 or 1).
+///
+/// WT_MAX_SESSIONS is 1 and no WT_INITIAL_* setting is sent, so
+/// WebTransport's own flow control stays off (section 5.1: it is on only
+/// when both sides declare it): the relay maps streams one to one and
+/// QUIC's per-stream and per-connection flow control carries the
+/// backpressure on each hop; the session-level limits and their capsules
+/// (section 5.6.1 makes an intermediary consume and re-issue them) are
+/// not implemented. A current-draft client then opens one session per
+/// connection.
+pub fn settings() -> Vec<(u64, u64)> {
     vec![
-        (SETTINGS_WT_MAX_SESSIONS, max_sessions),
-        (SETTINGS_WT_MAX_SESSIONS_DRAFT07, max_sessions),
+        (SETTINGS_WT_MAX_SESSIONS, 1),
+        (SETTINGS_WT_MAX_SESSIONS_DRAFT07, 1),
         (SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 1),
     ]
 }
@@ -487,7 +497,7 @@ fn h3_config(ctx: &Ctx) -> Result<quiche::h3::Config, quiche::h3::Error> {
     c.set_qpack_max_table_capacity(0);
     c.set_qpack_blocked_streams(0);
     let _ = ctx;
-    c.set_additional_settings(settings(1))?;
+    c.set_additional_settings(settings())?;
     Ok(c)
 }
 
@@ -499,7 +509,7 @@ fn h3_config(ctx: &Ctx) -> Result<quiche::h3::Config, quiche::h3::Error> {
 pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut ClientSide<'_>) {
     let Some(t) = ts.slab.get_mut(id) else { return };
     let client_session = t.place.stream;
-    let State::Session { leg, flow } = &mut t.state else { return };
+    let State::Session { leg, .. } = &mut t.state else { return };
     // The HTTP/3 layer starts once the handshake is done.
     if leg.h3.is_none() && leg.quic.is_established() {
         match quiche::h3::Connection::with_transport(&mut leg.quic, &leg.h3_config) {
@@ -1011,8 +1021,8 @@ mod tests {
 
     #[test]
     fn settings_announce_every_draft_and_are_recognised() {
-        let s = settings(4);
-        assert!(s.contains(&(SETTINGS_WT_MAX_SESSIONS, 4)));
+        let s = settings();
+        assert!(s.contains(&(SETTINGS_WT_MAX_SESSIONS, 1)));
         assert!(peer_supports(&s));
         assert!(peer_supports(&[(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 1)]));
         assert!(!peer_supports(&[(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 0)]));
