@@ -468,7 +468,7 @@ async def run(args, result: dict) -> None:
     config = QuicConfiguration(
         is_client=True,
         alpn_protocols=H3_ALPN,
-        server_name=args.server_name or args.connect[0],
+        server_name=args.server_name,
         max_datagram_frame_size=65536,
         idle_timeout=max(30.0, args.timeout * 3),
     )
@@ -570,7 +570,7 @@ def main() -> int:
     p.add_argument("--connect", type=parse_hostport, required=True, help="HOST:PORT of the relay (or origin)")
     p.add_argument("--authority", help=":authority (default: the --connect value)")
     p.add_argument("--path", default="/echo", help=":path (default /echo)")
-    p.add_argument("--server-name", help="TLS server name (default: the --connect host)")
+    p.add_argument("--server-name", default="localhost", help="TLS server name (default localhost)")
     tls = p.add_mutually_exclusive_group(required=True)
     tls.add_argument("--ca", help="verify the server against this CA (PEM)")
     tls.add_argument("--insecure", action="store_true", help="do not verify the server certificate")

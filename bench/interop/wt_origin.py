@@ -46,7 +46,9 @@ SETTINGS (``--wt-settings``): ``both`` (default) sends aioquic's own
 (SETTINGS_ENABLE_CONNECT_PROTOCOL=1, SETTINGS_H3_DATAGRAM=1,
 SETTINGS_ENABLE_WEBTRANSPORT(0x2b603742)=1) plus draft-14's
 SETTINGS_WT_MAX_SESSIONS (0x14e9cd29) = ``--wt-max-sessions``; ``aioquic``
-only aioquic's; ``draft14`` only WT_MAX_SESSIONS (no 0x2b603742).
+only aioquic's; ``draft14`` only WT_MAX_SESSIONS (no 0x2b603742); ``none`` neither (an
+HTTP/3 server that does not announce WebTransport; it still answers CONNECT
+as above).
 
 Usage::
 
@@ -140,7 +142,7 @@ class WtH3(H3Connection):
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()
-        if self._wt_profile == "draft14":
+        if self._wt_profile in ("draft14", "none"):
             settings.pop(Setting.ENABLE_WEBTRANSPORT, None)
         if self._wt_profile in ("draft14", "both"):
             settings[SETTINGS_WT_MAX_SESSIONS] = self._wt_max_sessions
@@ -253,6 +255,11 @@ class OriginProtocol(QuicConnectionProtocol):
             session = self.sessions.get(event.session_id)
             if session is None:
                 # Buffered until the session exists (section 4.6), bounded.
+                if event.session_id not in self.orphans and len(self.orphans) >= 16:
+                    self._quic.stop_stream(event.stream_id, WT_BUFFERED_STREAM_REJECTED)
+                    if not event.stream_id & 2:
+                        self._quic.reset_stream(event.stream_id, WT_BUFFERED_STREAM_REJECTED)
+                    return
                 queue = self.orphans.setdefault(event.session_id, [])
                 if len(queue) < 1000:
                     queue.append(event)
@@ -538,7 +545,7 @@ def main() -> int:
     p.add_argument("--listen", type=parse_hostport, default=("127.0.0.1", 0), help="HOST:PORT (port 0: any)")
     p.add_argument("--cert", required=True, help="certificate chain (PEM)")
     p.add_argument("--key", required=True, help="private key (PEM)")
-    p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14"], default="both",
+    p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14", "none"], default="both",
                    help="which WebTransport SETTINGS to send (see above)")
     p.add_argument("--wt-max-sessions", type=int, default=1,
                    help="SETTINGS_WT_MAX_SESSIONS value (>1 also declares flow control, which this origin does not do)")
