@@ -59,6 +59,7 @@ pub mod wait;
 pub mod wsbench;
 pub mod wsecho;
 pub mod wsinterop;
+pub mod wtinterop;
 
 /// Runs a command-line tool's `run` with logging to stderr (`RUST_LOG`,
 /// else `default_log`) and turns its error into a message and exit status

@@ -64,8 +64,14 @@ impl PyOrigin {
     /// `--refuse 403`, `--close 4000 --close-reason bye`) and waits for the
     /// port it prints.
     pub fn start(python: &Path, args: &[&str]) -> Result<Self, InteropError> {
+        Self::start_script(python, &origin_script(), args)
+    }
+
+    /// Starts another origin `script` that prints `{"port": N}` first
+    /// (`wt_origin.py`), with `args`.
+    pub fn start_script(python: &Path, script: &Path, args: &[&str]) -> Result<Self, InteropError> {
         let mut child = Command::new(python)
-            .arg(origin_script())
+            .arg(script)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
