@@ -68,8 +68,9 @@ pub struct Config {
     /// The TCP front (HTTP/2 and HTTP/1.1 over TCP): Alt-Svc, limits,
     /// timeouts. Its listeners are `listen.tcp` and `listen.tcp_cleartext`.
     pub tcp: TcpSection,
-    /// Routes to upstream origins (`[[upstreams]]`, WebSocket), tried in
-    /// file order (absent: none, and WebSocket is not served).
+    /// Routes to upstream origins (`[[upstreams]]`, WebSocket and
+    /// WebTransport), tried in file order (absent: none, and neither is
+    /// served).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<UpstreamRoute>,
     /// Fleet mode: hosts sharing state through a Redis store (absent: this
@@ -912,13 +913,18 @@ pub const MAX_UPSTREAMS: usize = 256;
 pub const MAX_UPSTREAM_IDLE_SECS: u32 = 86_400;
 
 /// The protocol a `[[upstreams]]` route serves: the `:protocol` (RFC 8441,
-/// RFC 9220) or `Upgrade` (RFC 6455) token of the requests it takes.
+/// RFC 9220, draft-ietf-webtrans-http3) or `Upgrade` (RFC 6455) token of
+/// the requests it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
-    /// `websocket`: relayed to the origin as an HTTP/1.1 Upgrade.
+    /// `websocket`: relayed to a `ws://` or `wss://` origin as an HTTP/1.1
+    /// Upgrade.
     #[default]
     Websocket,
+    /// `webtransport` (HTTP/3 only): relayed to an `https://` origin as a
+    /// WebTransport session over HTTP/3 (QUIC, so always TLS).
+    Webtransport,
 }
 
 impl UpstreamProtocol {
@@ -926,6 +932,15 @@ impl UpstreamProtocol {
     pub fn as_str(self) -> &'static str {
         match self {
             UpstreamProtocol::Websocket => "websocket",
+            UpstreamProtocol::Webtransport => "webtransport",
+        }
+    }
+
+    /// The origin forms a route of this protocol takes (for errors).
+    fn origin_forms(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Websocket => "ws://host[:port] or wss://host[:port]",
+            UpstreamProtocol::Webtransport => "https://host[:port]",
         }
     }
 }
@@ -942,21 +957,56 @@ pub enum UpstreamAuth {
     Public,
 }
 
-/// Where a `wss://` origin's certificate is checked by default: Debian's
-/// system bundle.
+/// Where a `wss://` or `https://` origin's certificate is checked by
+/// default: Debian's system bundle.
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// A route's `origin`: `ws://host[:port]` (port 80 when not written) or
-/// `wss://host[:port]` (TLS to the origin, port 443 when not written), no
-/// path, query, fragment or userinfo.
+/// The scheme of a route's `origin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OriginScheme {
+    /// `ws://`: WebSocket over cleartext TCP (port 80 by default).
+    Ws,
+    /// `wss://`: WebSocket over TLS (port 443 by default).
+    Wss,
+    /// `https://`: WebTransport over HTTP/3, QUIC on UDP (port 443 by
+    /// default).
+    Https,
+}
+
+impl OriginScheme {
+    /// The scheme as written, without `://`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginScheme::Ws => "ws",
+            OriginScheme::Wss => "wss",
+            OriginScheme::Https => "https",
+        }
+    }
+
+    /// The protocol whose routes take origins of this scheme.
+    pub fn protocol(self) -> UpstreamProtocol {
+        match self {
+            OriginScheme::Ws | OriginScheme::Wss => UpstreamProtocol::Websocket,
+            OriginScheme::Https => UpstreamProtocol::Webtransport,
+        }
+    }
+}
+
+/// A route's `origin`: `ws://host[:port]` (port 80 when not written),
+/// `wss://host[:port]` (TLS to the origin, port 443 when not written) or
+/// `https://host[:port]` (HTTP/3 to the origin, UDP port 443 when not
+/// written), no path, query, fragment or userinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamOrigin {
-    /// `wss://`: TLS to the origin, its certificate verified.
+    /// `ws://`, `wss://` or `https://`.
+    pub scheme: OriginScheme,
+    /// TLS to the origin, its certificate verified: `wss://` (over TCP)
+    /// and `https://` (QUIC, always TLS).
     pub tls: bool,
     /// An IP literal or a DNS name (lowercased; resolved by control's
     /// resolver for every ask).
     pub host: TargetHost,
-    /// The TCP port.
+    /// The port: TCP for `ws://` and `wss://`, UDP for `https://`.
     pub port: u16,
     /// `host[:port]` as written: the `Host` sent upstream unless the route
     /// sets `host_header`.
@@ -964,15 +1014,22 @@ pub struct UpstreamOrigin {
 }
 
 impl UpstreamOrigin {
-    /// Parses `ws://host[:port]` or `wss://host[:port]`; the error says
-    /// what is wrong.
+    /// Parses `ws://host[:port]`, `wss://host[:port]` or
+    /// `https://host[:port]`; the error says what is wrong. Which scheme
+    /// a route takes is its protocol's ([`OriginScheme::protocol`]).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (tls, authority) = match (text.strip_prefix("ws://"), text.strip_prefix("wss://")) {
-            (Some(a), _) => (false, a),
-            (None, Some(a)) => (true, a),
-            (None, None) => return Err(format!("{text:?} is not ws://host[:port] or wss://host[:port]")),
+        let (scheme, authority) = [OriginScheme::Ws, OriginScheme::Wss, OriginScheme::Https]
+            .into_iter()
+            .find_map(|s| Some((s, text.strip_prefix(s.as_str())?.strip_prefix("://")?)))
+            .ok_or_else(|| {
+                format!("{text:?} is not ws://host[:port], wss://host[:port] or https://host[:port]")
+            })?;
+        let tls = scheme != OriginScheme::Ws;
+        let form = match scheme {
+            OriginScheme::Ws => "ws://host[:port]",
+            OriginScheme::Wss => "wss://host[:port]",
+            OriginScheme::Https => "https://host[:port]",
         };
-        let form = if tls { "wss://host[:port]" } else { "ws://host[:port]" };
         if authority.contains(['/', '?', '#']) {
             return Err(format!("{text:?} must be {form} without a path, query or fragment"));
         }
@@ -1003,10 +1060,10 @@ impl UpstreamOrigin {
         };
         let host = TargetHost::parse(host)
             .map_err(|_| format!("{text:?}: the host must be an IP literal or a DNS name"))?;
-        Ok(Self { tls, host, port, authority: authority.to_string() })
+        Ok(Self { scheme, tls, host, port, authority: authority.to_string() })
     }
 
-    /// The name a `wss://` origin's certificate is checked against by
+    /// The name a `wss://` or `https://` origin's certificate is checked against by
     /// default: its host (an IP literal without brackets).
     pub fn default_server_name(&self) -> String {
         match &self.host {
@@ -1018,8 +1075,7 @@ impl UpstreamOrigin {
 
 impl std::fmt::Display for UpstreamOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "wss" } else { "ws" };
-        write!(f, "{scheme}://{}", self.authority)
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority)
     }
 }
 
@@ -1113,14 +1169,14 @@ pub struct UpstreamRoute {
     /// A flow idle this long is closed (0..=86400 s; 0: the relay's
     /// `dataplane.flow_idle_timeout_secs`).
     pub idle_timeout_secs: u32,
-    /// `wss://` only: the PEM file of the CAs the origin's certificate
-    /// must chain to ([`SYSTEM_CA_FILE`] when not written); `None` for
-    /// `ws://`.
+    /// `wss://` and `https://` only: the PEM file of the CAs the origin's
+    /// certificate must chain to ([`SYSTEM_CA_FILE`] when not written);
+    /// `None` for `ws://`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_ca_file: Option<PathBuf>,
-    /// `wss://` only: the name sent as SNI and verified in the origin's
-    /// certificate (the origin's host when not written); `None` for
-    /// `ws://`.
+    /// `wss://` and `https://` only: the name sent as SNI and verified in
+    /// the origin's certificate (the origin's host when not written);
+    /// `None` for `ws://`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_server_name: Option<String>,
     /// Byte offset of `name` in the config text (to name lines in errors).
@@ -1179,7 +1235,12 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
         let at = format!("upstreams route {name:?}");
         let protocol = match r.protocol.as_deref() {
             None | Some("websocket") => UpstreamProtocol::Websocket,
-            Some(other) => return Err(format!("{at}: protocol must be \"websocket\", not {other:?}")),
+            Some("webtransport") => UpstreamProtocol::Webtransport,
+            Some(other) => {
+                return Err(format!(
+                    "{at}: protocol must be \"websocket\" or \"webtransport\", not {other:?}"
+                ));
+            }
         };
         let auth = match r.auth.as_deref() {
             None | Some("relay") => UpstreamAuth::Relay,
@@ -1200,6 +1261,19 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             return Err(format!("{at}: prefix_rewrite {why}, not {rewrite:?}"));
         }
         let origin = UpstreamOrigin::parse(&r.origin).map_err(|e| format!("{at}: origin {e}"))?;
+        if origin.scheme.protocol() != protocol {
+            let hint = match (protocol, r.protocol.is_none()) {
+                (UpstreamProtocol::Websocket, true) => " (protocol is \"websocket\" when not written; set protocol = \"webtransport\" for an https:// origin)",
+                (UpstreamProtocol::Webtransport, _) => " (WebTransport reaches its origins over HTTP/3)",
+                _ => "",
+            };
+            return Err(format!(
+                "{at}: origin {:?}: a {} route's origin must be {}{hint}",
+                r.origin,
+                protocol.as_str(),
+                protocol.origin_forms()
+            ));
+        }
         match &r.host_header {
             Some(h) if !valid_upstream_host(h) => {
                 return Err(format!(
@@ -1237,7 +1311,7 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             ] {
                 if set {
                     return Err(format!(
-                        "{at}: {key} applies to wss:// origins only (the origin is {origin})"
+                        "{at}: {key} applies to wss:// and https:// origins only (the origin is {origin})"
                     ));
                 }
             }
@@ -2028,12 +2102,18 @@ impl Config {
     }
 
     /// The protocols the dataplane's Bootstrap lists: the extended CONNECT
-    /// protocols of `[protocols]` ([`ProtocolsSection::served`]), and
-    /// `websocket` when a `[[upstreams]]` route serves it.
+    /// protocols of `[protocols]` ([`ProtocolsSection::served`]), then
+    /// `websocket` and `webtransport` when a `[[upstreams]]` route serves
+    /// them.
     pub fn served_protocols(&self) -> Vec<Protocol> {
         let mut out = self.protocols.served();
-        if self.upstreams.iter().any(|r| r.protocol == UpstreamProtocol::Websocket) {
-            out.push(Protocol::Websocket);
+        for (upstream, served) in [
+            (UpstreamProtocol::Websocket, Protocol::Websocket),
+            (UpstreamProtocol::Webtransport, Protocol::Webtransport),
+        ] {
+            if self.upstreams.iter().any(|r| r.protocol == upstream) {
+                out.push(served);
+            }
         }
         out
     }
@@ -2048,7 +2128,7 @@ impl Config {
         self.relay.admin_socket.clone().unwrap_or_else(|| self.relay.state_dir.join("admin.sock"))
     }
 
-    /// Checks, at start, that every `wss://` route's `origin_ca_file`
+    /// Checks, at start, that every `wss://` and `https://` route's `origin_ca_file`
     /// exists and holds PEM certificates; the error names the route and
     /// the file.
     pub fn check_upstream_ca_files(&self) -> Result<(), String> {

@@ -1,18 +1,23 @@
 //! Authorization decisions for tunnel asks: connect-udp, connect-ip, bound
-//! connect-udp and classic CONNECT to TCP targets, and WebSocket asks for
-//! `[[upstreams]]` routes (sans-IO: the caller passes the time). A TCP
+//! connect-udp and classic CONNECT to TCP targets, and WebSocket and
+//! WebTransport asks for `[[upstreams]]` routes (sans-IO: the caller passes the time). A TCP
 //! CONNECT is decided exactly like connect-udp (credentials, quotas, name
 //! resolution, target address and port policy); only its enablement flag is
 //! its own.
 //!
-//! A WebSocket ask is served when some route serves `websocket`. Its route
-//! is the first matching the request's host and path ([`crate::upstreams`]);
+//! A WebSocket ask is served when some route serves `websocket`, a
+//! WebTransport ask when some route serves `webtransport` (the two are
+//! decided alike; a route serves the asks of its own protocol only). Its
+//! route is the first of its protocol matching the request's host and path
+//! ([`crate::upstreams`]);
 //! the route's `auth` says whether the relay's credentials are asked for
 //! (`relay`, as for tunnels) or not (`public`: [`Identity::Public`], quotas
 //! per client address); the route's origin is then admitted like a tunnel
 //! target (the `[targets]` policy unless the route has `trusted_origin`,
 //! the quotas, a DNS name resolved first), and the allow is
-//! [`Verdict::AllowUpstream`] with the upstream `Host` and path.
+//! [`Verdict::AllowUpstream`] with the upstream `Host` (WebTransport: the
+//! `:authority`) and path, its target the origin's address (TCP for
+//! WebSocket, UDP for WebTransport).
 //!
 //! [`Policy::decide`] answers immediately when it can (bad credentials,
 //! quota, IP literal targets) and otherwise asks the caller to resolve a
@@ -27,8 +32,9 @@
 //! | connect-udp disabled (`protocols.connect_udp = false`) | 501 | - |
 //! | TCP CONNECT disabled (`protocols.connect_tcp = false`) | 501 | -, details `TCP CONNECT is disabled` |
 //! | WebSocket with no route serving it | 501 | -, details `websocket is disabled` |
-//! | WebSocket: no route matches the host and path | 404 | -, details `no upstream route` |
-//! | WebSocket: a path with `.`/`..` segments, or an upstream path that is no valid target | 400 | http_request_error |
+//! | WebTransport with no route serving it | 501 | -, details `webtransport is disabled` |
+//! | WebSocket, WebTransport: no route of its protocol matches the host and path | 404 | -, details `no upstream route` |
+//! | WebSocket, WebTransport: a path with `.`/`..` segments, or an upstream path that is no valid target | 400 | http_request_error |
 //! | no credentials / refused credentials (bearer or Privacy Pass) | 407 + one `Proxy-Authenticate` per accepted scheme and token type | http_request_denied |
 //! | Privacy Pass spent-token store full | 503 | proxy_internal_error |
 //! | a quota is exhausted | 429 | http_request_denied, details `quota exceeded: <key>` |
@@ -71,7 +77,8 @@ pub enum Decision {
         port: u16,
         /// Who asked (for the quota admission after resolution).
         requester: Requester,
-        /// A WebSocket ask: the route's origin is the name, and this is
+        /// An upstream ask (WebSocket, WebTransport): the route's origin
+        /// is the name, and this is
         /// what the allow carries.
         upstream: Option<UpstreamTarget>,
     },
@@ -84,7 +91,7 @@ pub enum Decision {
 pub struct UpstreamTarget {
     /// The route's name.
     pub route: String,
-    /// The `Host` to send upstream.
+    /// The `Host` to send upstream (WebTransport: the `:authority`).
     pub host: String,
     /// The path (and query) to request upstream.
     pub path: String,
@@ -442,14 +449,23 @@ impl Policy {
             TunnelProtocol::ConnectUdpBind => (self.protocols.bind, "bound connect-udp"),
             TunnelProtocol::ConnectTcp => (self.protocols.connect_tcp, "TCP CONNECT"),
             TunnelProtocol::WebSocket => (self.upstreams.serves(UpstreamProtocol::Websocket), "websocket"),
+            TunnelProtocol::WebTransport => {
+                (self.upstreams.serves(UpstreamProtocol::Webtransport), "webtransport")
+            }
         };
         if !enabled {
             let details = format!("{name} is disabled");
             let verdict = Verdict::Deny { status: 501, proxy_error: None, details, retry_after_secs: 0 };
             return (Decision::Answer(verdict), Identity::Unknown);
         }
-        if ask.protocol == TunnelProtocol::WebSocket {
-            return self.decide_upstream(ask, UpstreamProtocol::Websocket, now, now_unix);
+        match ask.protocol {
+            TunnelProtocol::WebSocket => {
+                return self.decide_upstream(ask, UpstreamProtocol::Websocket, now, now_unix);
+            }
+            TunnelProtocol::WebTransport => {
+                return self.decide_upstream(ask, UpstreamProtocol::Webtransport, now, now_unix);
+            }
+            _ => {}
         }
         let identity = match self.authenticate(ask, now_unix) {
             Ok(identity) => identity,
@@ -521,9 +537,10 @@ impl Policy {
         }
     }
 
-    /// An ask for an upstream route (WebSocket): the first route matching
-    /// the request's host and path, the credentials it asks for, then its
-    /// origin admitted like a tunnel target.
+    /// An ask for an upstream route (WebSocket, WebTransport): the first
+    /// route of `protocol` matching the request's host and path, the
+    /// credentials it asks for, then its origin admitted like a tunnel
+    /// target.
     fn decide_upstream(
         &mut self,
         ask: &AuthAsk,
