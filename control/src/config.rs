@@ -1263,7 +1263,9 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
         let origin = UpstreamOrigin::parse(&r.origin).map_err(|e| format!("{at}: origin {e}"))?;
         if origin.scheme.protocol() != protocol {
             let hint = match (protocol, r.protocol.is_none()) {
-                (UpstreamProtocol::Websocket, true) => " (protocol is \"websocket\" when not written; set protocol = \"webtransport\" for an https:// origin)",
+                (UpstreamProtocol::Websocket, true) => {
+                    " (protocol is \"websocket\" when not written; set protocol = \"webtransport\" for an https:// origin)"
+                }
                 (UpstreamProtocol::Webtransport, _) => " (WebTransport reaches its origins over HTTP/3)",
                 _ => "",
             };
@@ -2796,9 +2798,19 @@ mod tests {
             ("echo.internal".into(), 65535, "echo.internal:65535".into())
         );
         for (bad, why) in [
-            ("http://x", "is not ws://host[:port] or wss://host[:port]"),
+            ("http://x", "\"http://x\" is not ws://host[:port], wss://host[:port] or https://host[:port]"),
             ("WS://x", "is not ws://host[:port]"),
-            ("https://x", "is not ws://host[:port]"),
+            ("HTTPS://x", "is not ws://host[:port]"),
+            ("https:/x", "is not ws://host[:port]"),
+            ("wt://x", "is not ws://host[:port]"),
+            ("https://x/", "must be https://host[:port] without a path, query or fragment"),
+            ("https://x:443/wt", "must be https://host[:port] without a path"),
+            ("https://x?q", "must be https://host[:port] without a path"),
+            ("https://u:p@x", "must be https://host[:port] without userinfo"),
+            ("https://x:0", "the port must be 1..=65535"),
+            ("https://x:65536", "the port must be 1..=65535"),
+            ("https://", "the host must be"),
+            ("https://[::1", "unclosed '['"),
             ("wss://x/", "must be wss://host[:port] without a path"),
             ("wss://u@x:1", "must be wss://host[:port] without userinfo"),
             ("wss://x:0", "the port must be 1..=65535"),
@@ -2884,11 +2896,11 @@ mod tests {
         for (route, message) in [
             (
                 "origin = \"ws://127.0.0.1:9\"\norigin_ca_file = \"/ca.pem\"",
-                "upstreams route \"r1\": origin_ca_file applies to wss:// origins only (the origin is ws://127.0.0.1:9)",
+                "upstreams route \"r1\": origin_ca_file applies to wss:// and https:// origins only (the origin is ws://127.0.0.1:9)",
             ),
             (
                 "origin = \"ws://127.0.0.1:9\"\norigin_server_name = \"x.example\"",
-                "upstreams route \"r1\": origin_server_name applies to wss:// origins only",
+                "upstreams route \"r1\": origin_server_name applies to wss:// and https:// origins only",
             ),
             (
                 "origin = \"wss://127.0.0.1\"\norigin_server_name = \"X.example\"",
@@ -2906,6 +2918,88 @@ mod tests {
             let e = err(route);
             assert!(e.contains(message), "{route}: {e}");
         }
+    }
+
+    #[test]
+    fn webtransport_routes_take_https_origins_with_tls_settings() {
+        let text = "[[upstreams]]\nname = \"chat\"\npath_prefix = \"/chat/\"\norigin = \"ws://127.0.0.1:9001\"\n\n\
+            [[upstreams]]\nname = \"wt\"\nprotocol = \"webtransport\"\nhosts = [\"wt.example\"]\n\
+            path_prefix = \"/wt/\"\norigin = \"https://WT.Internal\"\nprefix_rewrite = \"/\"\n\
+            host_header = \"wt.example\"\nauth = \"public\"\ntrusted_origin = true\nidle_timeout_secs = 60\n\n\
+            [[upstreams]]\nname = \"wt2\"\nprotocol = \"webtransport\"\npath_prefix = \"/\"\n\
+            origin = \"https://[::1]:4433\"\norigin_ca_file = \"ca.pem\"\norigin_server_name = \"echo.internal\"\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        let wt = &c.upstreams[1];
+        assert_eq!((wt.protocol, wt.protocol.as_str()), (UpstreamProtocol::Webtransport, "webtransport"));
+        assert_eq!((wt.origin.scheme, wt.origin.tls), (OriginScheme::Https, true));
+        assert_eq!(wt.origin.host, TargetHost::Name("wt.internal".into()));
+        assert_eq!(
+            (wt.origin.port, wt.origin.authority.as_str()),
+            (443, "WT.Internal"),
+            "UDP 443 by default"
+        );
+        assert_eq!(wt.origin.to_string(), "https://WT.Internal");
+        // Every other key as for websocket routes.
+        assert_eq!(
+            (wt.prefix_rewrite.as_deref(), wt.host_header.as_deref(), wt.auth),
+            (Some("/"), Some("wt.example"), UpstreamAuth::Public)
+        );
+        assert_eq!((wt.trusted_origin, wt.idle_timeout_secs), (true, 60));
+        // TLS always: the system bundle and the origin's host by default.
+        assert_eq!(
+            (wt.origin_ca_file.clone(), wt.origin_server_name.as_deref()),
+            (Some(PathBuf::from(SYSTEM_CA_FILE)), Some("wt.internal"))
+        );
+        let wt2 = &c.upstreams[2];
+        assert_eq!((wt2.origin.port, wt2.origin.authority.as_str()), (4433, "[::1]:4433"));
+        assert_eq!(
+            (wt2.origin_ca_file.clone(), wt2.origin_server_name.as_deref()),
+            (Some(PathBuf::from("ca.pem")), Some("echo.internal"))
+        );
+        // Served: websocket, then webtransport; each alone too.
+        assert_eq!(c.served_protocols(), [Protocol::ConnectUdp, Protocol::Websocket, Protocol::Webtransport]);
+        let only_wt =
+            Config::parse(&text[text.find("[[upstreams]]\nname = \"wt\"").unwrap()..], "t.toml").unwrap();
+        assert_eq!(only_wt.served_protocols(), [Protocol::ConnectUdp, Protocol::Webtransport]);
+        // The bootstrap: TLS settings for the https:// routes, CA files
+        // absolute; the dataplane's check accepts them.
+        let boot = c.upstream_bootstrap().unwrap();
+        assert!(boot[0].tls.is_none());
+        let tls = boot[1].tls.as_ref().unwrap();
+        assert_eq!((tls.server_name.as_str(), tls.ca_file.as_str()), ("wt.internal", SYSTEM_CA_FILE));
+        let tls = boot[2].tls.as_ref().unwrap();
+        assert_eq!(tls.server_name, "echo.internal");
+        assert!(tls.ca_file.starts_with('/') && tls.ca_file.ends_with("/ca.pem"), "{}", tls.ca_file);
+        relay_proto::channel::bootstrap::validate_upstreams(&boot).unwrap();
+        // --check-config prints the protocol and origin, and reads back.
+        let printed = c.effective_toml();
+        assert!(
+            printed.contains("protocol = \"webtransport\"")
+                && printed.contains("origin = \"https://WT.Internal\""),
+            "{printed}"
+        );
+        let again = Config::parse(&printed, "t.toml").unwrap();
+        let strip = |c: &Config| {
+            c.upstreams.iter().map(|r| UpstreamRoute { name_offset: 0, ..r.clone() }).collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&again), strip(&c));
+        // The TLS keys are checked on https:// origins as on wss:// ones.
+        let err = |keys: &str| {
+            let text = format!(
+                "[[upstreams]]\nname = \"r1\"\nprotocol = \"webtransport\"\npath_prefix = \"/x/\"\n\
+                 origin = \"https://127.0.0.1\"\n{keys}\n"
+            );
+            Config::parse(&text, "t.toml").unwrap_err().to_string()
+        };
+        let e = err("origin_server_name = \"X.example\"");
+        assert!(
+            e.contains(
+                "upstreams route \"r1\": origin_server_name \"X.example\" must be written in lowercase"
+            ),
+            "{e}"
+        );
+        let e = err("origin_ca_file = \"\"");
+        assert!(e.contains("upstreams route \"r1\": origin_ca_file must be a path of 1..=1024 bytes"), "{e}");
     }
 
     #[test]
@@ -2966,8 +3060,16 @@ mod tests {
         let err = |text: &str| Config::parse(text, "t.toml").unwrap_err().to_string();
         let base = "[log]\nlog_targets = false\n\n[[upstreams]]\nname = \"r1\"\npath_prefix = \"/x/\"\norigin = \"ws://127.0.0.1:9\"\n";
         for (edit, message) in [
-            ("protocol = \"http\"", "upstreams route \"r1\": protocol must be \"websocket\", not \"http\""),
+            (
+                "protocol = \"http\"",
+                "upstreams route \"r1\": protocol must be \"websocket\" or \"webtransport\", not \"http\"",
+            ),
             ("protocol = \"WebSocket\"", "protocol must be \"websocket\""),
+            ("protocol = \"WebTransport\"", "protocol must be \"websocket\" or \"webtransport\""),
+            (
+                "protocol = \"webtransport\"",
+                "upstreams route \"r1\": origin \"ws://127.0.0.1:9\": a webtransport route's origin must be https://host[:port] (WebTransport reaches its origins over HTTP/3)",
+            ),
             ("auth = \"none\"", "upstreams route \"r1\": auth must be \"relay\" or \"public\", not \"none\""),
             (
                 "hosts = [\"Chat.example\"]",
@@ -3022,8 +3124,23 @@ mod tests {
             ("path_prefix = \"/x/\"", "path_prefix = \"/x#\"", "path_prefix must be visible ASCII"),
             (
                 "origin = \"ws://127.0.0.1:9\"",
+                "origin = \"http://h\"",
+                "upstreams route \"r1\": origin \"http://h\" is not ws://host[:port], wss://host[:port] or https://host[:port]",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"",
                 "origin = \"https://h\"",
-                "upstreams route \"r1\": origin \"https://h\" is not ws://host[:port] or wss://host[:port]",
+                "upstreams route \"r1\": origin \"https://h\": a websocket route's origin must be ws://host[:port] or wss://host[:port] (protocol is \"websocket\" when not written; set protocol = \"webtransport\" for an https:// origin)",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"",
+                "protocol = \"websocket\"\norigin = \"https://h\"",
+                "upstreams route \"r1\": origin \"https://h\": a websocket route's origin must be ws://host[:port] or wss://host[:port]",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"",
+                "protocol = \"webtransport\"\norigin = \"wss://h\"",
+                "upstreams route \"r1\": origin \"wss://h\": a webtransport route's origin must be https://host[:port]",
             ),
             ("path_prefix = \"/x/\"\n", "", "missing field `path_prefix`"),
             ("origin = \"ws://127.0.0.1:9\"\n", "", "missing field `origin`"),
