@@ -951,6 +951,7 @@ impl Admin {
                 "bind": p.protocols().bind,
                 "connect_tcp": p.protocols().connect_tcp,
                 "websocket": p.upstreams().serves(crate::config::UpstreamProtocol::Websocket),
+                "webtransport": p.upstreams().serves(crate::config::UpstreamProtocol::Webtransport),
             },
             "acl": {
                 "allow": strings(acl.allow()),

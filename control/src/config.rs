@@ -68,8 +68,9 @@ pub struct Config {
     /// The TCP front (HTTP/2 and HTTP/1.1 over TCP): Alt-Svc, limits,
     /// timeouts. Its listeners are `listen.tcp` and `listen.tcp_cleartext`.
     pub tcp: TcpSection,
-    /// Routes to upstream origins (`[[upstreams]]`, WebSocket), tried in
-    /// file order (absent: none, and WebSocket is not served).
+    /// Routes to upstream origins (`[[upstreams]]`, WebSocket and
+    /// WebTransport), tried in file order (absent: none, and neither is
+    /// served).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstreams: Vec<UpstreamRoute>,
     /// Fleet mode: hosts sharing state through a Redis store (absent: this
@@ -912,13 +913,18 @@ pub const MAX_UPSTREAMS: usize = 256;
 pub const MAX_UPSTREAM_IDLE_SECS: u32 = 86_400;
 
 /// The protocol a `[[upstreams]]` route serves: the `:protocol` (RFC 8441,
-/// RFC 9220) or `Upgrade` (RFC 6455) token of the requests it takes.
+/// RFC 9220, draft-ietf-webtrans-http3) or `Upgrade` (RFC 6455) token of
+/// the requests it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
-    /// `websocket`: relayed to the origin as an HTTP/1.1 Upgrade.
+    /// `websocket`: relayed to a `ws://` or `wss://` origin as an HTTP/1.1
+    /// Upgrade.
     #[default]
     Websocket,
+    /// `webtransport` (HTTP/3 only): relayed to an `https://` origin as a
+    /// WebTransport session over HTTP/3 (QUIC, so always TLS).
+    Webtransport,
 }
 
 impl UpstreamProtocol {
@@ -926,6 +932,15 @@ impl UpstreamProtocol {
     pub fn as_str(self) -> &'static str {
         match self {
             UpstreamProtocol::Websocket => "websocket",
+            UpstreamProtocol::Webtransport => "webtransport",
+        }
+    }
+
+    /// The origin forms a route of this protocol takes (for errors).
+    fn origin_forms(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Websocket => "ws://host[:port] or wss://host[:port]",
+            UpstreamProtocol::Webtransport => "https://host[:port]",
         }
     }
 }
@@ -942,21 +957,56 @@ pub enum UpstreamAuth {
     Public,
 }
 
-/// Where a `wss://` origin's certificate is checked by default: Debian's
-/// system bundle.
+/// Where a `wss://` or `https://` origin's certificate is checked by
+/// default: Debian's system bundle.
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// A route's `origin`: `ws://host[:port]` (port 80 when not written) or
-/// `wss://host[:port]` (TLS to the origin, port 443 when not written), no
-/// path, query, fragment or userinfo.
+/// The scheme of a route's `origin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OriginScheme {
+    /// `ws://`: WebSocket over cleartext TCP (port 80 by default).
+    Ws,
+    /// `wss://`: WebSocket over TLS (port 443 by default).
+    Wss,
+    /// `https://`: WebTransport over HTTP/3, QUIC on UDP (port 443 by
+    /// default).
+    Https,
+}
+
+impl OriginScheme {
+    /// The scheme as written, without `://`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginScheme::Ws => "ws",
+            OriginScheme::Wss => "wss",
+            OriginScheme::Https => "https",
+        }
+    }
+
+    /// The protocol whose routes take origins of this scheme.
+    pub fn protocol(self) -> UpstreamProtocol {
+        match self {
+            OriginScheme::Ws | OriginScheme::Wss => UpstreamProtocol::Websocket,
+            OriginScheme::Https => UpstreamProtocol::Webtransport,
+        }
+    }
+}
+
+/// A route's `origin`: `ws://host[:port]` (port 80 when not written),
+/// `wss://host[:port]` (TLS to the origin, port 443 when not written) or
+/// `https://host[:port]` (HTTP/3 to the origin, UDP port 443 when not
+/// written), no path, query, fragment or userinfo.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamOrigin {
-    /// `wss://`: TLS to the origin, its certificate verified.
+    /// `ws://`, `wss://` or `https://`.
+    pub scheme: OriginScheme,
+    /// TLS to the origin, its certificate verified: `wss://` (over TCP)
+    /// and `https://` (QUIC, always TLS).
     pub tls: bool,
     /// An IP literal or a DNS name (lowercased; resolved by control's
     /// resolver for every ask).
     pub host: TargetHost,
-    /// The TCP port.
+    /// The port: TCP for `ws://` and `wss://`, UDP for `https://`.
     pub port: u16,
     /// `host[:port]` as written: the `Host` sent upstream unless the route
     /// sets `host_header`.
@@ -964,15 +1014,22 @@ pub struct UpstreamOrigin {
 }
 
 impl UpstreamOrigin {
-    /// Parses `ws://host[:port]` or `wss://host[:port]`; the error says
-    /// what is wrong.
+    /// Parses `ws://host[:port]`, `wss://host[:port]` or
+    /// `https://host[:port]`; the error says what is wrong. Which scheme
+    /// a route takes is its protocol's ([`OriginScheme::protocol`]).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let (tls, authority) = match (text.strip_prefix("ws://"), text.strip_prefix("wss://")) {
-            (Some(a), _) => (false, a),
-            (None, Some(a)) => (true, a),
-            (None, None) => return Err(format!("{text:?} is not ws://host[:port] or wss://host[:port]")),
+        let (scheme, authority) = [OriginScheme::Ws, OriginScheme::Wss, OriginScheme::Https]
+            .into_iter()
+            .find_map(|s| Some((s, text.strip_prefix(s.as_str())?.strip_prefix("://")?)))
+            .ok_or_else(|| {
+                format!("{text:?} is not ws://host[:port], wss://host[:port] or https://host[:port]")
+            })?;
+        let tls = scheme != OriginScheme::Ws;
+        let form = match scheme {
+            OriginScheme::Ws => "ws://host[:port]",
+            OriginScheme::Wss => "wss://host[:port]",
+            OriginScheme::Https => "https://host[:port]",
         };
-        let form = if tls { "wss://host[:port]" } else { "ws://host[:port]" };
         if authority.contains(['/', '?', '#']) {
             return Err(format!("{text:?} must be {form} without a path, query or fragment"));
         }
@@ -1003,10 +1060,10 @@ impl UpstreamOrigin {
         };
         let host = TargetHost::parse(host)
             .map_err(|_| format!("{text:?}: the host must be an IP literal or a DNS name"))?;
-        Ok(Self { tls, host, port, authority: authority.to_string() })
+        Ok(Self { scheme, tls, host, port, authority: authority.to_string() })
     }
 
-    /// The name a `wss://` origin's certificate is checked against by
+    /// The name a `wss://` or `https://` origin's certificate is checked against by
     /// default: its host (an IP literal without brackets).
     pub fn default_server_name(&self) -> String {
         match &self.host {
@@ -1018,8 +1075,7 @@ impl UpstreamOrigin {
 
 impl std::fmt::Display for UpstreamOrigin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "wss" } else { "ws" };
-        write!(f, "{scheme}://{}", self.authority)
+        write!(f, "{}://{}", self.scheme.as_str(), self.authority)
     }
 }
 
@@ -1113,14 +1169,14 @@ pub struct UpstreamRoute {
     /// A flow idle this long is closed (0..=86400 s; 0: the relay's
     /// `dataplane.flow_idle_timeout_secs`).
     pub idle_timeout_secs: u32,
-    /// `wss://` only: the PEM file of the CAs the origin's certificate
-    /// must chain to ([`SYSTEM_CA_FILE`] when not written); `None` for
-    /// `ws://`.
+    /// `wss://` and `https://` only: the PEM file of the CAs the origin's
+    /// certificate must chain to ([`SYSTEM_CA_FILE`] when not written);
+    /// `None` for `ws://`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_ca_file: Option<PathBuf>,
-    /// `wss://` only: the name sent as SNI and verified in the origin's
-    /// certificate (the origin's host when not written); `None` for
-    /// `ws://`.
+    /// `wss://` and `https://` only: the name sent as SNI and verified in
+    /// the origin's certificate (the origin's host when not written);
+    /// `None` for `ws://`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_server_name: Option<String>,
     /// Byte offset of `name` in the config text (to name lines in errors).
@@ -1179,7 +1235,12 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
         let at = format!("upstreams route {name:?}");
         let protocol = match r.protocol.as_deref() {
             None | Some("websocket") => UpstreamProtocol::Websocket,
-            Some(other) => return Err(format!("{at}: protocol must be \"websocket\", not {other:?}")),
+            Some("webtransport") => UpstreamProtocol::Webtransport,
+            Some(other) => {
+                return Err(format!(
+                    "{at}: protocol must be \"websocket\" or \"webtransport\", not {other:?}"
+                ));
+            }
         };
         let auth = match r.auth.as_deref() {
             None | Some("relay") => UpstreamAuth::Relay,
@@ -1200,6 +1261,21 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             return Err(format!("{at}: prefix_rewrite {why}, not {rewrite:?}"));
         }
         let origin = UpstreamOrigin::parse(&r.origin).map_err(|e| format!("{at}: origin {e}"))?;
+        if origin.scheme.protocol() != protocol {
+            let hint = match (protocol, r.protocol.is_none()) {
+                (UpstreamProtocol::Websocket, true) => {
+                    " (protocol is \"websocket\" when not written; set protocol = \"webtransport\" for an https:// origin)"
+                }
+                (UpstreamProtocol::Webtransport, _) => " (WebTransport reaches its origins over HTTP/3)",
+                _ => "",
+            };
+            return Err(format!(
+                "{at}: origin {:?}: a {} route's origin must be {}{hint}",
+                r.origin,
+                protocol.as_str(),
+                protocol.origin_forms()
+            ));
+        }
         match &r.host_header {
             Some(h) if !valid_upstream_host(h) => {
                 return Err(format!(
@@ -1237,7 +1313,7 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             ] {
                 if set {
                     return Err(format!(
-                        "{at}: {key} applies to wss:// origins only (the origin is {origin})"
+                        "{at}: {key} applies to wss:// and https:// origins only (the origin is {origin})"
                     ));
                 }
             }
@@ -2028,12 +2104,18 @@ impl Config {
     }
 
     /// The protocols the dataplane's Bootstrap lists: the extended CONNECT
-    /// protocols of `[protocols]` ([`ProtocolsSection::served`]), and
-    /// `websocket` when a `[[upstreams]]` route serves it.
+    /// protocols of `[protocols]` ([`ProtocolsSection::served`]), then
+    /// `websocket` and `webtransport` when a `[[upstreams]]` route serves
+    /// them.
     pub fn served_protocols(&self) -> Vec<Protocol> {
         let mut out = self.protocols.served();
-        if self.upstreams.iter().any(|r| r.protocol == UpstreamProtocol::Websocket) {
-            out.push(Protocol::Websocket);
+        for (upstream, served) in [
+            (UpstreamProtocol::Websocket, Protocol::Websocket),
+            (UpstreamProtocol::Webtransport, Protocol::Webtransport),
+        ] {
+            if self.upstreams.iter().any(|r| r.protocol == upstream) {
+                out.push(served);
+            }
         }
         out
     }
@@ -2048,7 +2130,7 @@ impl Config {
         self.relay.admin_socket.clone().unwrap_or_else(|| self.relay.state_dir.join("admin.sock"))
     }
 
-    /// Checks, at start, that every `wss://` route's `origin_ca_file`
+    /// Checks, at start, that every `wss://` and `https://` route's `origin_ca_file`
     /// exists and holds PEM certificates; the error names the route and
     /// the file.
     pub fn check_upstream_ca_files(&self) -> Result<(), String> {
@@ -2716,9 +2798,19 @@ mod tests {
             ("echo.internal".into(), 65535, "echo.internal:65535".into())
         );
         for (bad, why) in [
-            ("http://x", "is not ws://host[:port] or wss://host[:port]"),
+            ("http://x", "\"http://x\" is not ws://host[:port], wss://host[:port] or https://host[:port]"),
             ("WS://x", "is not ws://host[:port]"),
-            ("https://x", "is not ws://host[:port]"),
+            ("HTTPS://x", "is not ws://host[:port]"),
+            ("https:/x", "is not ws://host[:port]"),
+            ("wt://x", "is not ws://host[:port]"),
+            ("https://x/", "must be https://host[:port] without a path, query or fragment"),
+            ("https://x:443/wt", "must be https://host[:port] without a path"),
+            ("https://x?q", "must be https://host[:port] without a path"),
+            ("https://u:p@x", "must be https://host[:port] without userinfo"),
+            ("https://x:0", "the port must be 1..=65535"),
+            ("https://x:65536", "the port must be 1..=65535"),
+            ("https://", "the host must be"),
+            ("https://[::1", "unclosed '['"),
             ("wss://x/", "must be wss://host[:port] without a path"),
             ("wss://u@x:1", "must be wss://host[:port] without userinfo"),
             ("wss://x:0", "the port must be 1..=65535"),
@@ -2804,11 +2896,11 @@ mod tests {
         for (route, message) in [
             (
                 "origin = \"ws://127.0.0.1:9\"\norigin_ca_file = \"/ca.pem\"",
-                "upstreams route \"r1\": origin_ca_file applies to wss:// origins only (the origin is ws://127.0.0.1:9)",
+                "upstreams route \"r1\": origin_ca_file applies to wss:// and https:// origins only (the origin is ws://127.0.0.1:9)",
             ),
             (
                 "origin = \"ws://127.0.0.1:9\"\norigin_server_name = \"x.example\"",
-                "upstreams route \"r1\": origin_server_name applies to wss:// origins only",
+                "upstreams route \"r1\": origin_server_name applies to wss:// and https:// origins only",
             ),
             (
                 "origin = \"wss://127.0.0.1\"\norigin_server_name = \"X.example\"",
@@ -2826,6 +2918,88 @@ mod tests {
             let e = err(route);
             assert!(e.contains(message), "{route}: {e}");
         }
+    }
+
+    #[test]
+    fn webtransport_routes_take_https_origins_with_tls_settings() {
+        let text = "[[upstreams]]\nname = \"chat\"\npath_prefix = \"/chat/\"\norigin = \"ws://127.0.0.1:9001\"\n\n\
+            [[upstreams]]\nname = \"wt\"\nprotocol = \"webtransport\"\nhosts = [\"wt.example\"]\n\
+            path_prefix = \"/wt/\"\norigin = \"https://WT.Internal\"\nprefix_rewrite = \"/\"\n\
+            host_header = \"wt.example\"\nauth = \"public\"\ntrusted_origin = true\nidle_timeout_secs = 60\n\n\
+            [[upstreams]]\nname = \"wt2\"\nprotocol = \"webtransport\"\npath_prefix = \"/\"\n\
+            origin = \"https://[::1]:4433\"\norigin_ca_file = \"ca.pem\"\norigin_server_name = \"echo.internal\"\n";
+        let c = Config::parse(text, "t.toml").unwrap();
+        let wt = &c.upstreams[1];
+        assert_eq!((wt.protocol, wt.protocol.as_str()), (UpstreamProtocol::Webtransport, "webtransport"));
+        assert_eq!((wt.origin.scheme, wt.origin.tls), (OriginScheme::Https, true));
+        assert_eq!(wt.origin.host, TargetHost::Name("wt.internal".into()));
+        assert_eq!(
+            (wt.origin.port, wt.origin.authority.as_str()),
+            (443, "WT.Internal"),
+            "UDP 443 by default"
+        );
+        assert_eq!(wt.origin.to_string(), "https://WT.Internal");
+        // Every other key as for websocket routes.
+        assert_eq!(
+            (wt.prefix_rewrite.as_deref(), wt.host_header.as_deref(), wt.auth),
+            (Some("/"), Some("wt.example"), UpstreamAuth::Public)
+        );
+        assert_eq!((wt.trusted_origin, wt.idle_timeout_secs), (true, 60));
+        // TLS always: the system bundle and the origin's host by default.
+        assert_eq!(
+            (wt.origin_ca_file.clone(), wt.origin_server_name.as_deref()),
+            (Some(PathBuf::from(SYSTEM_CA_FILE)), Some("wt.internal"))
+        );
+        let wt2 = &c.upstreams[2];
+        assert_eq!((wt2.origin.port, wt2.origin.authority.as_str()), (4433, "[::1]:4433"));
+        assert_eq!(
+            (wt2.origin_ca_file.clone(), wt2.origin_server_name.as_deref()),
+            (Some(PathBuf::from("ca.pem")), Some("echo.internal"))
+        );
+        // Served: websocket, then webtransport; each alone too.
+        assert_eq!(c.served_protocols(), [Protocol::ConnectUdp, Protocol::Websocket, Protocol::Webtransport]);
+        let only_wt =
+            Config::parse(&text[text.find("[[upstreams]]\nname = \"wt\"").unwrap()..], "t.toml").unwrap();
+        assert_eq!(only_wt.served_protocols(), [Protocol::ConnectUdp, Protocol::Webtransport]);
+        // The bootstrap: TLS settings for the https:// routes, CA files
+        // absolute; the dataplane's check accepts them.
+        let boot = c.upstream_bootstrap().unwrap();
+        assert!(boot[0].tls.is_none());
+        let tls = boot[1].tls.as_ref().unwrap();
+        assert_eq!((tls.server_name.as_str(), tls.ca_file.as_str()), ("wt.internal", SYSTEM_CA_FILE));
+        let tls = boot[2].tls.as_ref().unwrap();
+        assert_eq!(tls.server_name, "echo.internal");
+        assert!(tls.ca_file.starts_with('/') && tls.ca_file.ends_with("/ca.pem"), "{}", tls.ca_file);
+        relay_proto::channel::bootstrap::validate_upstreams(&boot).unwrap();
+        // --check-config prints the protocol and origin, and reads back.
+        let printed = c.effective_toml();
+        assert!(
+            printed.contains("protocol = \"webtransport\"")
+                && printed.contains("origin = \"https://WT.Internal\""),
+            "{printed}"
+        );
+        let again = Config::parse(&printed, "t.toml").unwrap();
+        let strip = |c: &Config| {
+            c.upstreams.iter().map(|r| UpstreamRoute { name_offset: 0, ..r.clone() }).collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&again), strip(&c));
+        // The TLS keys are checked on https:// origins as on wss:// ones.
+        let err = |keys: &str| {
+            let text = format!(
+                "[[upstreams]]\nname = \"r1\"\nprotocol = \"webtransport\"\npath_prefix = \"/x/\"\n\
+                 origin = \"https://127.0.0.1\"\n{keys}\n"
+            );
+            Config::parse(&text, "t.toml").unwrap_err().to_string()
+        };
+        let e = err("origin_server_name = \"X.example\"");
+        assert!(
+            e.contains(
+                "upstreams route \"r1\": origin_server_name \"X.example\" must be written in lowercase"
+            ),
+            "{e}"
+        );
+        let e = err("origin_ca_file = \"\"");
+        assert!(e.contains("upstreams route \"r1\": origin_ca_file must be a path of 1..=1024 bytes"), "{e}");
     }
 
     #[test]
@@ -2886,8 +3060,16 @@ mod tests {
         let err = |text: &str| Config::parse(text, "t.toml").unwrap_err().to_string();
         let base = "[log]\nlog_targets = false\n\n[[upstreams]]\nname = \"r1\"\npath_prefix = \"/x/\"\norigin = \"ws://127.0.0.1:9\"\n";
         for (edit, message) in [
-            ("protocol = \"http\"", "upstreams route \"r1\": protocol must be \"websocket\", not \"http\""),
+            (
+                "protocol = \"http\"",
+                "upstreams route \"r1\": protocol must be \"websocket\" or \"webtransport\", not \"http\"",
+            ),
             ("protocol = \"WebSocket\"", "protocol must be \"websocket\""),
+            ("protocol = \"WebTransport\"", "protocol must be \"websocket\" or \"webtransport\""),
+            (
+                "protocol = \"webtransport\"",
+                "upstreams route \"r1\": origin \"ws://127.0.0.1:9\": a webtransport route's origin must be https://host[:port] (WebTransport reaches its origins over HTTP/3)",
+            ),
             ("auth = \"none\"", "upstreams route \"r1\": auth must be \"relay\" or \"public\", not \"none\""),
             (
                 "hosts = [\"Chat.example\"]",
@@ -2942,8 +3124,23 @@ mod tests {
             ("path_prefix = \"/x/\"", "path_prefix = \"/x#\"", "path_prefix must be visible ASCII"),
             (
                 "origin = \"ws://127.0.0.1:9\"",
+                "origin = \"http://h\"",
+                "upstreams route \"r1\": origin \"http://h\" is not ws://host[:port], wss://host[:port] or https://host[:port]",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"",
                 "origin = \"https://h\"",
-                "upstreams route \"r1\": origin \"https://h\" is not ws://host[:port] or wss://host[:port]",
+                "upstreams route \"r1\": origin \"https://h\": a websocket route's origin must be ws://host[:port] or wss://host[:port] (protocol is \"websocket\" when not written; set protocol = \"webtransport\" for an https:// origin)",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"",
+                "protocol = \"websocket\"\norigin = \"https://h\"",
+                "upstreams route \"r1\": origin \"https://h\": a websocket route's origin must be ws://host[:port] or wss://host[:port]",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"",
+                "protocol = \"webtransport\"\norigin = \"wss://h\"",
+                "upstreams route \"r1\": origin \"wss://h\": a webtransport route's origin must be https://host[:port]",
             ),
             ("path_prefix = \"/x/\"\n", "", "missing field `path_prefix`"),
             ("origin = \"ws://127.0.0.1:9\"\n", "", "missing field `origin`"),

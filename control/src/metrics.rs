@@ -354,14 +354,15 @@ mod tests {
             dataplane_attached: true,
             flows: 3,
             asks_allowed: 5,
-            tunnels_allowed: [2, 0, 0, 1, 2],
+            tunnels_allowed: [2, 0, 0, 1, 2, 3],
             ..Default::default()
         };
         let text = render(Some(&region), &figures, &Histograms::default());
         assert!(text.contains(
             "# TYPE relay_tunnels_allowed_total counter\nrelay_tunnels_allowed_total{protocol=\"connect-udp\"} 2\n\
              relay_tunnels_allowed_total{protocol=\"connect-ip\"} 0\nrelay_tunnels_allowed_total{protocol=\"bind\"} 0\n\
-             relay_tunnels_allowed_total{protocol=\"connect-tcp\"} 1\nrelay_tunnels_allowed_total{protocol=\"websocket\"} 2\n"
+             relay_tunnels_allowed_total{protocol=\"connect-tcp\"} 1\nrelay_tunnels_allowed_total{protocol=\"websocket\"} 2\n\
+             relay_tunnels_allowed_total{protocol=\"webtransport\"} 3\n"
         ));
         assert!(text.contains("relay_dataplane_datagrams_up_total{worker=\"1\"} 42"));
         assert!(text.contains("relay_dataplane_datagrams_up_total{worker=\"0\"} 0"));

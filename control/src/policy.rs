@@ -1,18 +1,23 @@
 //! Authorization decisions for tunnel asks: connect-udp, connect-ip, bound
-//! connect-udp and classic CONNECT to TCP targets, and WebSocket asks for
-//! `[[upstreams]]` routes (sans-IO: the caller passes the time). A TCP
+//! connect-udp and classic CONNECT to TCP targets, and WebSocket and
+//! WebTransport asks for `[[upstreams]]` routes (sans-IO: the caller passes the time). A TCP
 //! CONNECT is decided exactly like connect-udp (credentials, quotas, name
 //! resolution, target address and port policy); only its enablement flag is
 //! its own.
 //!
-//! A WebSocket ask is served when some route serves `websocket`. Its route
-//! is the first matching the request's host and path ([`crate::upstreams`]);
+//! A WebSocket ask is served when some route serves `websocket`, a
+//! WebTransport ask when some route serves `webtransport` (the two are
+//! decided alike; a route serves the asks of its own protocol only). Its
+//! route is the first of its protocol matching the request's host and path
+//! ([`crate::upstreams`]);
 //! the route's `auth` says whether the relay's credentials are asked for
 //! (`relay`, as for tunnels) or not (`public`: [`Identity::Public`], quotas
 //! per client address); the route's origin is then admitted like a tunnel
 //! target (the `[targets]` policy unless the route has `trusted_origin`,
 //! the quotas, a DNS name resolved first), and the allow is
-//! [`Verdict::AllowUpstream`] with the upstream `Host` and path.
+//! [`Verdict::AllowUpstream`] with the upstream `Host` (WebTransport: the
+//! `:authority`) and path, its target the origin's address (TCP for
+//! WebSocket, UDP for WebTransport).
 //!
 //! [`Policy::decide`] answers immediately when it can (bad credentials,
 //! quota, IP literal targets) and otherwise asks the caller to resolve a
@@ -27,8 +32,9 @@
 //! | connect-udp disabled (`protocols.connect_udp = false`) | 501 | - |
 //! | TCP CONNECT disabled (`protocols.connect_tcp = false`) | 501 | -, details `TCP CONNECT is disabled` |
 //! | WebSocket with no route serving it | 501 | -, details `websocket is disabled` |
-//! | WebSocket: no route matches the host and path | 404 | -, details `no upstream route` |
-//! | WebSocket: a path with `.`/`..` segments, or an upstream path that is no valid target | 400 | http_request_error |
+//! | WebTransport with no route serving it | 501 | -, details `webtransport is disabled` |
+//! | WebSocket, WebTransport: no route of its protocol matches the host and path | 404 | -, details `no upstream route` |
+//! | WebSocket, WebTransport: a path with `.`/`..` segments, or an upstream path that is no valid target | 400 | http_request_error |
 //! | no credentials / refused credentials (bearer or Privacy Pass) | 407 + one `Proxy-Authenticate` per accepted scheme and token type | http_request_denied |
 //! | Privacy Pass spent-token store full | 503 | proxy_internal_error |
 //! | a quota is exhausted | 429 | http_request_denied, details `quota exceeded: <key>` |
@@ -71,7 +77,8 @@ pub enum Decision {
         port: u16,
         /// Who asked (for the quota admission after resolution).
         requester: Requester,
-        /// A WebSocket ask: the route's origin is the name, and this is
+        /// An upstream ask (WebSocket, WebTransport): the route's origin
+        /// is the name, and this is
         /// what the allow carries.
         upstream: Option<UpstreamTarget>,
     },
@@ -84,7 +91,7 @@ pub enum Decision {
 pub struct UpstreamTarget {
     /// The route's name.
     pub route: String,
-    /// The `Host` to send upstream.
+    /// The `Host` to send upstream (WebTransport: the `:authority`).
     pub host: String,
     /// The path (and query) to request upstream.
     pub path: String,
@@ -442,14 +449,23 @@ impl Policy {
             TunnelProtocol::ConnectUdpBind => (self.protocols.bind, "bound connect-udp"),
             TunnelProtocol::ConnectTcp => (self.protocols.connect_tcp, "TCP CONNECT"),
             TunnelProtocol::WebSocket => (self.upstreams.serves(UpstreamProtocol::Websocket), "websocket"),
+            TunnelProtocol::WebTransport => {
+                (self.upstreams.serves(UpstreamProtocol::Webtransport), "webtransport")
+            }
         };
         if !enabled {
             let details = format!("{name} is disabled");
             let verdict = Verdict::Deny { status: 501, proxy_error: None, details, retry_after_secs: 0 };
             return (Decision::Answer(verdict), Identity::Unknown);
         }
-        if ask.protocol == TunnelProtocol::WebSocket {
-            return self.decide_upstream(ask, UpstreamProtocol::Websocket, now, now_unix);
+        match ask.protocol {
+            TunnelProtocol::WebSocket => {
+                return self.decide_upstream(ask, UpstreamProtocol::Websocket, now, now_unix);
+            }
+            TunnelProtocol::WebTransport => {
+                return self.decide_upstream(ask, UpstreamProtocol::Webtransport, now, now_unix);
+            }
+            _ => {}
         }
         let identity = match self.authenticate(ask, now_unix) {
             Ok(identity) => identity,
@@ -521,9 +537,10 @@ impl Policy {
         }
     }
 
-    /// An ask for an upstream route (WebSocket): the first route matching
-    /// the request's host and path, the credentials it asks for, then its
-    /// origin admitted like a tunnel target.
+    /// An ask for an upstream route (WebSocket, WebTransport): the first
+    /// route of `protocol` matching the request's host and path, the
+    /// credentials it asks for, then its origin admitted like a tunnel
+    /// target.
     fn decide_upstream(
         &mut self,
         ask: &AuthAsk,
@@ -1563,6 +1580,130 @@ mod tests {
             .with_quotas(QuotaConfig { per_identity: one, ..Default::default() });
         allowed_target(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))));
         let d = decide(&mut p, &ws_ask("relay.example", "/", Some("Bearer t")));
+        assert_eq!(
+            denial(&d),
+            (429, Some(ProxyError::HttpRequestDenied), "quota exceeded: per_identity.max_flows")
+        );
+    }
+
+    fn wt_ask(authority: &str, path: &str, auth: Option<&str>) -> AuthAsk {
+        AuthAsk { protocol: TunnelProtocol::WebTransport, ..ws_ask(authority, path, auth) }
+    }
+
+    const WT: &str = "name = \"wt\"\nprotocol = \"webtransport\"\nhosts = [\"chat.example\"]\n\
+                      path_prefix = \"/chat/\"\norigin = \"https://127.0.0.3:4443\"\nprefix_rewrite = \"/wt/\"\n";
+
+    #[test]
+    fn webtransport_is_refused_with_501_without_a_webtransport_route() {
+        // No route at all, or only websocket routes.
+        for mut p in [policy(), with_routes(policy(), &[CHAT, PUBLIC])] {
+            for auth in [Some("Bearer t"), None] {
+                let d = decide(&mut p, &wt_ask("chat.example", "/chat/", auth));
+                assert_eq!(denial(&d), (501, None, "webtransport is disabled"));
+            }
+        }
+        // Only a webtransport route: WebSocket is the one disabled.
+        let mut p = with_routes(policy(), &[WT]);
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/", Some("Bearer t")));
+        assert_eq!(denial(&d), (501, None, "websocket is disabled"));
+    }
+
+    #[test]
+    fn webtransport_asks_take_webtransport_routes_only() {
+        // The websocket route CHAT comes first and matches the same host
+        // and path: a WebTransport ask skips it, and a WebSocket ask
+        // never takes WT.
+        let mut p = with_routes(policy(), &[CHAT, WT]);
+        let fp = crate::auth::TokenDigest::of("t").fingerprint();
+        let tok = format!("tok:{fp}");
+        let (d, identity) = p.decide(
+            &wt_ask("Chat.Example:443", "/chat/room?x=1", Some("Bearer t")),
+            Instant::now(),
+            NOW_UNIX,
+        );
+        assert_eq!(identity.to_string(), tok);
+        assert_eq!(
+            upstream_allow(&d),
+            ("127.0.0.3:4443".parse().unwrap(), 5000, tok.as_str(), "wt", "127.0.0.3:4443", "/wt/room?x=1")
+        );
+        let d = decide(&mut p, &ws_ask("chat.example", "/chat/room", Some("Bearer t")));
+        assert_eq!(upstream_allow(&d).3, "chat");
+        // PUBLIC serves websocket only: 404 for WebTransport under its
+        // prefix.
+        let mut p = with_routes(policy(), &[PUBLIC, WT]);
+        let d = decide(&mut p, &wt_ask("x", "/public/", None));
+        assert_eq!(denial(&d), (404, None, "no upstream route"));
+        upstream_allow(&decide(&mut p, &ws_ask("x", "/public/", None)));
+        // Not one of the route's hosts, or not under its prefix: 404; bad
+        // paths 400; credentials asked for (auth relay by default).
+        for (authority, path) in [("other.example", "/chat/room"), ("chat.example", "/chat")] {
+            let d = decide(&mut p, &wt_ask(authority, path, Some("Bearer t")));
+            assert_eq!(denial(&d), (404, None, "no upstream route"), "{authority} {path}");
+        }
+        let d = decide(&mut p, &wt_ask("chat.example", "/chat/%2e%2e/admin", Some("Bearer t")));
+        assert_eq!(denial(&d), (400, Some(ProxyError::HttpRequestError), "the path has dot segments"));
+        assert_eq!(status(&decide(&mut p, &wt_ask("chat.example", "/chat/", None))), 407);
+        // Public webtransport routes, host_header, idle timeout.
+        let public = "name = \"wtpub\"\nprotocol = \"webtransport\"\npath_prefix = \"/\"\n\
+                      origin = \"https://127.0.0.4\"\nauth = \"public\"\nhost_header = \"wt.internal\"\n\
+                      idle_timeout_secs = 7\n";
+        let mut p = with_routes(policy(), &[public]);
+        let (d, identity) = p.decide(&wt_ask("relay.example", "/echo", None), Instant::now(), NOW_UNIX);
+        assert_eq!(identity, Identity::Public);
+        assert_eq!(
+            upstream_allow(&d),
+            ("127.0.0.4:443".parse().unwrap(), 7000, "", "wtpub", "wt.internal", "/echo")
+        );
+    }
+
+    #[test]
+    fn webtransport_origins_are_checked_resolved_and_counted_like_websocket_ones() {
+        let mut keys = TokenKeys::default();
+        keys.add("k1", Secret::new(vec![3; 32])).unwrap();
+        let strict = || {
+            Policy::new(
+                Authenticator::new(["t"], keys.clone(), AuthState::default()),
+                TargetAcl::new(vec![], vec![], vec![]),
+                5000,
+            )
+        };
+        // Loopback denied by the target policy unless trusted.
+        let mut p = with_routes(strict(), &[WT]);
+        let d = decide(&mut p, &wt_ask("chat.example", "/chat/", Some("Bearer t")));
+        assert_eq!(
+            denial(&d),
+            (403, Some(ProxyError::DestinationIpProhibited), "target address not allowed")
+        );
+        let trusted = format!("{WT}trusted_origin = true\n");
+        let mut p = with_routes(strict(), &[&trusted]);
+        let d = decide(&mut p, &wt_ask("chat.example", "/chat/", Some("Bearer t")));
+        assert_eq!(upstream_allow(&d).0, "127.0.0.3:4443".parse().unwrap());
+        // A named origin: resolved, then the first allowed address (the
+        // UDP port of the origin; 443 when not written).
+        let named = "name = \"wtn\"\nprotocol = \"webtransport\"\npath_prefix = \"/\"\n\
+                     origin = \"https://WT.Example\"\n";
+        let mut p = with_routes(policy(), &[named]);
+        let d = decide(&mut p, &wt_ask("relay.example", "/s?k=v", Some("Bearer t")));
+        let Decision::Resolve { name, port, requester, upstream: Some(upstream) } = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!((name.as_str(), port), ("wt.example", 443));
+        let v = p.after_upstream_resolution(
+            &requester,
+            port,
+            &upstream,
+            Ok(vec!["10.0.0.1".parse().unwrap(), "93.184.216.34".parse().unwrap()]),
+            Instant::now(),
+        );
+        let Verdict::AllowUpstream { target, route, host, path, .. } = &v else { panic!("{v:?}") };
+        assert_eq!(*target, "93.184.216.34:443".parse().unwrap());
+        assert_eq!((route.as_str(), host.as_str(), path.as_str()), ("wtn", "WT.Example", "/s?k=v"));
+        // Quotas: WebTransport flows count with the others.
+        let one = QuotaLimits { max_flows: 1, ..Default::default() };
+        let mut p =
+            with_routes(policy(), &[WT]).with_quotas(QuotaConfig { per_identity: one, ..Default::default() });
+        allowed_target(&decide(&mut p, &ask("127.0.0.1", Some("Bearer t"))));
+        let d = decide(&mut p, &wt_ask("chat.example", "/chat/", Some("Bearer t")));
         assert_eq!(
             denial(&d),
             (429, Some(ProxyError::HttpRequestDenied), "quota exceeded: per_identity.max_flows")

@@ -92,12 +92,13 @@ pub struct ServerSettings {
 }
 
 /// Every tunnel protocol, in the order of [`Shared::tunnels_allowed`].
-pub const TUNNEL_PROTOCOLS: [TunnelProtocol; 5] = [
+pub const TUNNEL_PROTOCOLS: [TunnelProtocol; 6] = [
     TunnelProtocol::ConnectUdp,
     TunnelProtocol::ConnectIp,
     TunnelProtocol::ConnectUdpBind,
     TunnelProtocol::ConnectTcp,
     TunnelProtocol::WebSocket,
+    TunnelProtocol::WebTransport,
 ];
 
 /// How `relayctl flows`, the metrics and the logs name a tunnel protocol.
@@ -108,6 +109,7 @@ pub fn protocol_name(protocol: TunnelProtocol) -> &'static str {
         TunnelProtocol::ConnectUdpBind => "bind",
         TunnelProtocol::ConnectTcp => "connect-tcp",
         TunnelProtocol::WebSocket => "websocket",
+        TunnelProtocol::WebTransport => "webtransport",
     }
 }
 
@@ -119,10 +121,11 @@ pub struct FlowInfo {
     /// Worker serving it.
     pub worker: u32,
     /// What kind of flow: `connect-udp`, `connect-ip`, `bind`,
-    /// `connect-tcp` or `websocket` ([`protocol_name`]); `-` when not
+    /// `connect-tcp`, `websocket` or `webtransport` ([`protocol_name`]); `-` when not
     /// known (flows a re-attached dataplane reported).
     pub protocol: &'static str,
-    /// The `[[upstreams]]` route of an upstream flow (WebSocket); `None`
+    /// The `[[upstreams]]` route of an upstream flow (WebSocket,
+    /// WebTransport); `None`
     /// for tunnels, and for flows a re-attached dataplane reported.
     pub route: Option<String>,
     /// Client address.
@@ -294,10 +297,10 @@ struct PendingResolution {
     worker: u32,
     ask: AuthAsk,
     requester: Requester,
-    /// The port to admit the resolved addresses with (a WebSocket ask's:
+    /// The port to admit the resolved addresses with (an upstream ask's:
     /// its route's origin's).
     port: u16,
-    /// A WebSocket ask: what its allow carries.
+    /// An upstream ask (WebSocket, WebTransport): what its allow carries.
     upstream: Option<UpstreamTarget>,
     deadline: Instant,
     received: Instant,
@@ -1255,14 +1258,14 @@ impl Server {
 /// The access log line of one tunnel decision (`[log] log_targets = true`):
 /// the IDs `relayctl flows` shows (flow, worker), the protocol, the client's
 /// address, the target as asked (`destination`; `target` is taken by the
-/// module's name in JSON lines; a WebSocket ask's is the request's
-/// authority) and as resolved, the route of an upstream flow, and the
-/// identity. A WebSocket request's path is not logged (queries may hold
-/// secrets).
+/// module's name in JSON lines; a WebSocket or WebTransport ask's is the
+/// request's authority) and as resolved, the route of an upstream flow,
+/// and the identity. A WebSocket or WebTransport request's path is not
+/// logged (queries may hold secrets).
 fn log_tunnel(worker: u32, ask: &AuthAsk, identity: &Identity, verdict: &Verdict) {
     let protocol = ask.protocol;
     let destination = match ask.protocol {
-        TunnelProtocol::WebSocket => format!("{:?}", ask.authority),
+        TunnelProtocol::WebSocket | TunnelProtocol::WebTransport => format!("{:?}", ask.authority),
         _ => format!("{}:{}", ask.target_host, ask.target_port),
     };
     match verdict {

@@ -1,16 +1,18 @@
-//! `[[upstreams]]` routes: which route an upstream ask (WebSocket) takes,
-//! and the `Host` and path it is sent upstream with. Sans-IO: the policy
-//! calls [`Upstreams::select`] with the ask's authority and path, which
-//! come from the Internet-facing dataplane and are trusted for nothing but
-//! their record validation (UTF-8, bounded length).
+//! `[[upstreams]]` routes: which route an upstream ask (WebSocket,
+//! WebTransport) takes, and the `Host` (WebTransport: `:authority`) and
+//! path it is sent upstream with. Sans-IO: the policy calls
+//! [`Upstreams::select`] with the ask's protocol, authority and path,
+//! which come from the Internet-facing dataplane and are trusted for
+//! nothing but their record validation (UTF-8, bounded length).
 //!
-//! A route matches when the request's host (the authority less its port,
-//! IPv6 brackets removed, ASCII lowercased) is one of its `hosts` (any when
-//! empty) and the request path before `?` starts with its `path_prefix`;
-//! routes are tried in file order and the first match wins. The upstream
-//! path is `prefix_rewrite` plus the request path less `path_prefix`, the
-//! query kept (without `prefix_rewrite`: the request path unchanged), and
-//! must be a valid origin-form target
+//! A route serves the asks of its own protocol only. It matches when the
+//! request's host (the authority less its port, IPv6 brackets removed,
+//! ASCII lowercased) is one of its `hosts` (any when empty) and the
+//! request path before `?` starts with its `path_prefix`; routes are tried
+//! in file order and the first match wins. The upstream path is
+//! `prefix_rewrite` plus the request path less `path_prefix`, the query
+//! kept (without `prefix_rewrite`: the request path unchanged), and must be
+//! a valid origin-form target
 //! ([`valid_upstream_path`](relay_proto::channel::record::valid_upstream_path)).
 //! A path with `.` or `..` segments (also percent-encoded) is refused
 //! before any route is tried: the origin would resolve it past the prefix
@@ -288,6 +290,47 @@ pub(crate) mod tests {
         for path in ["/chat/...", "/chat/.x", "/chat/a..b", "/chat/x?p=../y", "/chat/%2e%2e%2e"] {
             assert!(u.select(ws, "chat.example", path).is_ok(), "{path}");
         }
+    }
+
+    #[test]
+    fn routes_serve_the_asks_of_their_own_protocol_only() {
+        let u = Upstreams::new(vec![
+            route(
+                "name = \"ws\"\nhosts = [\"a.example\"]\npath_prefix = \"/x/\"\norigin = \"wss://ws.internal\"\n",
+            ),
+            route(
+                "name = \"wt\"\nprotocol = \"webtransport\"\nhosts = [\"a.example\"]\npath_prefix = \"/x/\"\n\
+                 origin = \"https://wt.internal:4433\"\nprefix_rewrite = \"/\"\n",
+            ),
+            route(
+                "name = \"wt-any\"\nprotocol = \"webtransport\"\npath_prefix = \"/\"\n\
+                 origin = \"https://[::1]\"\nhost_header = \"wt.example\"\n",
+            ),
+        ]);
+        let (ws, wt) = (UpstreamProtocol::Websocket, UpstreamProtocol::Webtransport);
+        assert!(u.serves(ws) && u.serves(wt));
+        // The same host and path: each protocol its own route, the first
+        // of that protocol in file order.
+        let s = u.select(wt, "a.example:443", "/x/session?k=v").unwrap();
+        assert_eq!(
+            (s.route.name.as_str(), s.host.as_str(), s.path.as_str()),
+            ("wt", "wt.internal:4433", "/session?k=v")
+        );
+        assert_eq!(u.select(ws, "a.example", "/x/session").unwrap().route.name, "ws");
+        // A webtransport route never serves a WebSocket ask: outside the
+        // websocket route's scope there is no route, even though wt-any
+        // takes every path.
+        assert_eq!(u.select(ws, "b.example", "/x/"), Err(RouteError::NoRoute));
+        assert_eq!(u.select(ws, "a.example", "/y"), Err(RouteError::NoRoute));
+        let s = u.select(wt, "b.example", "/y").unwrap();
+        assert_eq!((s.route.name.as_str(), s.host.as_str(), s.path.as_str()), ("wt-any", "wt.example", "/y"));
+        // Dot segments are refused for WebTransport too.
+        assert_eq!(u.select(wt, "a.example", "/x/../y"), Err(RouteError::DotSegments));
+        // Only websocket routes: no webtransport is served, and no
+        // WebTransport ask matches.
+        let only_ws = upstreams();
+        assert!(!only_ws.serves(wt));
+        assert_eq!(only_ws.select(wt, "chat.example", "/chat/"), Err(RouteError::NoRoute));
     }
 
     #[test]

@@ -35,6 +35,25 @@ fn a_valid_file_prints_the_configuration_in_force_with_secrets_redacted() {
 }
 
 #[test]
+fn webtransport_routes_are_printed_with_their_tls_settings() {
+    let out = check(
+        "wt-valid.toml",
+        "[[upstreams]]\nname = \"wt\"\nprotocol = \"webtransport\"\npath_prefix = \"/wt/\"\n\
+         origin = \"https://wt.example:4433\"\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    for line in [
+        "protocol = \"webtransport\"",
+        "origin = \"https://wt.example:4433\"",
+        "origin_ca_file = \"/etc/ssl/certs/ca-certificates.crt\"",
+        "origin_server_name = \"wt.example\"",
+    ] {
+        assert!(text.contains(line), "{line}: {text}");
+    }
+}
+
+#[test]
 fn an_invalid_file_prints_the_error_with_line_and_key_and_exits_1() {
     for (name, text, line, key) in [
         ("unknown.toml", "[dataplane]\nworkers = 2\nworkerz = 3\n", 3, "workerz"),
@@ -45,6 +64,13 @@ fn an_invalid_file_prints_the_error_with_line_and_key_and_exits_1() {
             "[log]\nformat = \"text\"\n\n[[upstreams]]\nname = \"chat\"\npath_prefix = \"chat/\"\norigin = \"ws://h\"\n",
             4,
             "upstreams route \"chat\": path_prefix must start with '/'",
+        ),
+        (
+            "wt.toml",
+            "[log]\nformat = \"text\"\n\n[[upstreams]]\nname = \"wt\"\nprotocol = \"webtransport\"\npath_prefix = \"/\"\n\
+             origin = \"wss://h\"\n",
+            4,
+            "upstreams route \"wt\": origin \"wss://h\": a webtransport route's origin must be https://host[:port]",
         ),
     ] {
         let out = check(name, text);

@@ -477,10 +477,11 @@ fn print_usage(v: &Value) {
 
 fn print_policy(v: &Value) {
     let p = &v["protocols"];
-    let rows: Vec<Vec<String>> = ["connect_udp", "connect_ip", "bind", "connect_tcp", "websocket"]
-        .iter()
-        .map(|k| vec![k.to_string(), show(&p[*k])])
-        .collect();
+    let rows: Vec<Vec<String>> =
+        ["connect_udp", "connect_ip", "bind", "connect_tcp", "websocket", "webtransport"]
+            .iter()
+            .map(|k| vec![k.to_string(), show(&p[*k])])
+            .collect();
     print!("{}", table(&["PROTOCOL", "ENABLED"], &rows));
     println!();
     let list = |x: &Value| {

@@ -151,11 +151,12 @@ pub const MAX_CA_FILE_PATH: usize = 1024;
 pub struct UpstreamBootstrap {
     /// The route's name (as `AllowUpstream` names it).
     pub route: String,
-    /// TLS to the origin (`wss://`); None: cleartext (`ws://`).
+    /// TLS to the origin (`wss://`, and `https://`: WebTransport over
+    /// HTTP/3, where QUIC always runs TLS); None: cleartext (`ws://`).
     pub tls: Option<UpstreamTls>,
 }
 
-/// How the relay connects to a `wss://` origin. The CA bundle travels as a
+/// How the relay connects to a `wss://` or `https://` origin. The CA bundle travels as a
 /// path, not as PEM (a system bundle is larger than a bootstrap frame):
 /// the dataplane reads it at attach.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

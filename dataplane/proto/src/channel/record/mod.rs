@@ -872,7 +872,7 @@ mod tests {
         buf[last] = 2;
         assert_eq!(AskRecord::decode(&buf), Err(RecordError::BadValue("client_cert")));
         buf[last] = 0;
-        for protocol in [5, u8::MAX] {
+        for protocol in [6, u8::MAX] {
             buf[last - 1] = protocol;
             assert_eq!(AskRecord::decode(&buf), Err(RecordError::BadValue("protocol")));
         }
