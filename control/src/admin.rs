@@ -1151,12 +1151,16 @@ mod tests {
         };
         shared.flows.insert(2, flow(2, "websocket", Some("chat")));
         shared.flows.insert(1, flow(1, "connect-udp", None));
+        let wt = crate::server::protocol_name(relay_proto::channel::record::TunnelProtocol::WebTransport);
+        shared.flows.insert(3, flow(3, wt, Some("game")));
         let v = respond(&AdminRequest::Flows, &mut shared).unwrap();
         assert_eq!(v["flows"][0]["protocol"], json!("connect-udp"));
         assert_eq!(v["flows"][0]["route"], Value::Null);
         assert_eq!(v["flows"][1]["protocol"], json!("websocket"));
         assert_eq!(v["flows"][1]["route"], json!("chat"));
         assert_eq!(v["flows"][1]["identity"], json!("public"));
+        assert_eq!(v["flows"][2]["protocol"], json!("webtransport"));
+        assert_eq!(v["flows"][2]["route"], json!("game"));
     }
 
     #[test]
@@ -1232,6 +1236,9 @@ mod tests {
         assert_eq!(show["tokens"]["revoked_subjects"], json!(1));
         assert_eq!(show["protocols"]["connect_udp"], json!(true));
         assert_eq!(show["protocols"]["connect_tcp"], json!(true));
+        // No [[upstreams]] route: neither upstream protocol is served.
+        assert_eq!(show["protocols"]["websocket"], json!(false));
+        assert_eq!(show["protocols"]["webtransport"], json!(false));
         assert!(!show.to_string().contains("config-token"));
 
         // All of it is on disk, and a fresh control gets it back.

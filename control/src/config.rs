@@ -3050,6 +3050,18 @@ mod tests {
                 "{e}"
             );
         }
+        // https:// (webtransport) routes are checked the same way.
+        let wt = |ca: &Path| {
+            let text = format!(
+                "[[upstreams]]\nname = \"wt\"\nprotocol = \"webtransport\"\npath_prefix = \"/x/\"\n\
+                 origin = \"https://127.0.0.1\"\norigin_ca_file = {:?}\n",
+                ca.display().to_string()
+            );
+            Config::parse(&text, "t.toml").unwrap()
+        };
+        assert_eq!(wt(&good).check_upstream_ca_files(), Ok(()));
+        let e = wt(&missing).check_upstream_ca_files().unwrap_err();
+        assert!(e.contains("upstreams route \"wt\": origin_ca_file") && e.contains("missing.pem"), "{e}");
         // ws:// routes have no CA file to check.
         assert_eq!(Config::parse(ROUTES, "t.toml").unwrap().check_upstream_ca_files(), Ok(()));
         let _ = std::fs::remove_dir_all(&dir);
