@@ -537,7 +537,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
                 Ok((stream, quiche::h3::Event::Finished)) => {
                     if matches!(leg.phase, Phase::Open(s) if s == stream) {
                         leg.origin_fin = true;
-                    } else if leg.phase == Phase::Requested(stream) {
+                    } else if leg.phase == Phase::Requested(stream) && answer.is_none() {
                         answer = Some(Err(Refusal::new(
                             502,
                             Some(ProxyError::HttpResponseIncomplete),
@@ -549,7 +549,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
                     if matches!(leg.phase, Phase::Open(s) if s == stream) {
                         debug!(code, "the origin reset the session stream");
                         session_reset = true;
-                    } else if leg.phase == Phase::Requested(stream) {
+                    } else if leg.phase == Phase::Requested(stream) && answer.is_none() {
                         answer = Some(Err(Refusal::new(
                             502,
                             Some(ProxyError::HttpProtocolError),
