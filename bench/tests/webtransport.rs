@@ -79,7 +79,14 @@ impl Setup {
                 "echo.test",
                 "hosts = [\"app.example\"]\nprefix_rewrite = \"/echo\"\nhost_header = \"backend.internal\"\n",
             ),
-            route("public", "/public", port, &ca, "echo.test", "prefix_rewrite = \"/echo\"\nauth = \"public\"\n"),
+            route(
+                "public",
+                "/public",
+                port,
+                &ca,
+                "echo.test",
+                "prefix_rewrite = \"/echo\"\nauth = \"public\"\n",
+            ),
             route("refuse", "/refuse", port, &ca, "echo.test", ""),
             route("plain", "/plain", plain_port, &ca, "echo.test", "prefix_rewrite = \"/echo\"\n"),
             route("otherca", "/otherca", port, &other, "echo.test", "prefix_rewrite = \"/echo\"\n"),
@@ -139,7 +146,12 @@ fn sessions_relay_streams_datagrams_and_their_ends() {
     ok("large", &v);
     // The session's end with its code and reason, either way
     // (WT_CLOSE_SESSION on the CONNECT stream, then FIN).
-    let v = client.clone().arg("--close-code", 42).arg("--close-reason", "bye").run("close-from-origin", "/echo").unwrap();
+    let v = client
+        .clone()
+        .arg("--close-code", 42)
+        .arg("--close-reason", "bye")
+        .run("close-from-origin", "/echo")
+        .unwrap();
     ok("close-from-origin", &v);
     let v = client
         .clone()
@@ -152,7 +164,12 @@ fn sessions_relay_streams_datagrams_and_their_ends() {
     // Stream resets keep their code across the relay both ways.
     let v = client.clone().arg("--reset-code", 7).run("reset", "/echo").unwrap();
     ok("reset", &v);
-    let v = client.clone().arg("--reset-code", 9).arg("--tag", "resets").run("client-reset", "/echo?tag=resets").unwrap();
+    let v = client
+        .clone()
+        .arg("--reset-code", 9)
+        .arg("--tag", "resets")
+        .run("client-reset", "/echo?tag=resets")
+        .unwrap();
     ok("client-reset", &v);
     // What the origin received: the rewritten path, the route's
     // :authority, and no credentials of the client.
@@ -205,12 +222,36 @@ fn refusals_carry_exact_statuses_and_proxy_status() {
     // Nothing listens at the origin's address.
     let v = status(s.client(), "/down");
     assert!(
-        v["status"] == 502 && v["proxy_status"].as_str().unwrap_or_default().contains("error=connection_refused")
+        v["status"] == 502
+            && v["proxy_status"].as_str().unwrap_or_default().contains("error=connection_refused")
             || v["status"] == 504,
         "{v}"
     );
+    // WebTransport over HTTP/2 is another draft: the TCP front answers 501
+    // (RFC 8441 section 4, an unsupported :protocol).
+    assert_eq!(h2_webtransport_status(&s.relay), 501);
     assert!(s.relay.counter("webtransport_upstream_failures").unwrap() >= 5);
     wait_until("the refused flows to end", PATIENCE, || s.flows() == 0);
+}
+
+/// The status of an extended CONNECT with `:protocol webtransport` sent
+/// over HTTP/2 (TLS) to the relay.
+fn h2_webtransport_status(relay: &Relay) -> u16 {
+    use relay_bench::h2client;
+    let t = h2client::default_target(relay.addr, &relay.cert(), Some(relay.token.clone()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut client = h2client::connect(&t).await.unwrap();
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri(format!("https://localhost:{}/echo", t.relay.port()))
+            .header("proxy-authorization", format!("Bearer {}", relay.token))
+            .extension(h2::ext::Protocol::from_static("webtransport"))
+            .body(())
+            .unwrap();
+        let (resp, _send) = client.send_request(req, false).unwrap();
+        resp.await.unwrap().status().as_u16()
+    })
 }
 
 #[test]
@@ -223,7 +264,8 @@ fn sessions_show_in_relayctl_flows_with_their_kind() {
     let mut seen = Value::Null;
     wait_until("the session in relayctl flows", PATIENCE, || {
         let flows = s.relay.relayctl_json(&["flows"]).unwrap();
-        let found = flows["flows"].as_array().and_then(|l| l.iter().find(|f| f["protocol"] == "webtransport"));
+        let found =
+            flows["flows"].as_array().and_then(|l| l.iter().find(|f| f["protocol"] == "webtransport"));
         if let Some(f) = found {
             seen = f.clone();
         }

@@ -417,6 +417,16 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
         ),
         (
             BENCH,
+            "webtransport",
+            &[
+                "sessions_relay_streams_datagrams_and_their_ends",
+                "refusals_carry_exact_statuses_and_proxy_status",
+                "sessions_show_in_relayctl_flows_with_their_kind",
+            ],
+            &[InteropVenv],
+        ),
+        (
+            BENCH,
             "mtls",
             &["client_certificates_over_the_tcp_front_get_in_or_the_documented_refusal"],
             &[Curl],

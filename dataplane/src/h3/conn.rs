@@ -228,7 +228,10 @@ impl Conn {
                 // session, or past what the session buffers, is rejected
                 // (section 4.6).
                 (stream, quiche::h3::Event::WebTransportStream { session_id }) => {
-                    let taken = self.streams.get(&session_id).is_some_and(|&id| tunnels.on_session_stream(id, stream));
+                    let taken = self
+                        .streams
+                        .get(&session_id)
+                        .is_some_and(|&id| tunnels.on_session_stream(id, stream));
                     if !taken {
                         ctx.count(Counter::DropNoTunnel, 1);
                         let code = crate::tunnel::webtransport::WT_BUFFERED_STREAM_REJECTED;

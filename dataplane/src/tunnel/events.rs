@@ -151,7 +151,9 @@ impl Tunnels {
                 if leg.due().is_some_and(|d| d <= ctx.now) {
                     webtransport::on_timer(self, ctx, id);
                 }
-                if idle <= ctx.now && self.slab.get(id).is_some_and(|t| matches!(t.state, State::Session { .. })) {
+                if idle <= ctx.now
+                    && self.slab.get(id).is_some_and(|t| matches!(t.state, State::Session { .. }))
+                {
                     debug!(flow = ?self.flow_id(id), "WebTransport session idle: ending it");
                     self.finish_from_relay(ctx, id);
                 }

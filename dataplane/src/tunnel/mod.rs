@@ -33,8 +33,8 @@ pub mod ip;
 pub mod route;
 pub mod tcp;
 pub mod udp;
-pub mod webtransport;
 pub mod websocket;
+pub mod webtransport;
 
 mod events;
 mod stream;

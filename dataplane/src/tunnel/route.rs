@@ -168,7 +168,7 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
                     authorization: c.authorization,
                     fallback: None,
                     websocket: None,
-                webtransport: None,
+                    webtransport: None,
                 }),
                 Err(r) => refuse(r),
             }
@@ -399,6 +399,30 @@ mod tests {
         assert_eq!(status(route(&req("CONNECT", None, "example.com", None), &s, true)), 400);
         assert_eq!(status(route(&req("POST", None, "relay", Some("/")), &s, true)), 405);
         assert_eq!(status(route(&req("GET", None, "relay", Some("/")), &s, false)), 405);
+    }
+
+    #[test]
+    fn webtransport_requests() {
+        let mut wt = req("CONNECT", Some("webtransport"), "app.example", Some("/game?room=1"));
+        wt.websocket.origin = Some("https://app.example".into());
+        wt.wt_available_protocols = Some("\"v2\", \"v1\"".into());
+        // Not served (no webtransport route): 501 like any unknown
+        // :protocol.
+        assert_eq!(status(route(&wt, &served(), false)), 501);
+        let on = Served { webtransport: true, ..served() };
+        let Route::Tunnel(t) = route(&wt, &on, false) else { panic!() };
+        assert_eq!(
+            (t.kind, t.authority.as_str(), t.path.as_str(), t.target_port),
+            (Kind::WebTransport, "app.example", "/game?room=1", 0)
+        );
+        assert_eq!(t.kind.protocol(), TunnelProtocol::WebTransport);
+        assert!(t.kind.byte_stream() && !t.kind.capsules());
+        let f = t.webtransport.unwrap();
+        assert_eq!(f.origin.as_deref(), Some("https://app.example"));
+        assert_eq!(f.protocols.as_deref(), Some("\"v2\", \"v1\""));
+        // Section 3.2: the scheme is https.
+        wt.scheme = Some("http".into());
+        assert_eq!(status(route(&wt, &on, false)), 400);
     }
 
     #[test]

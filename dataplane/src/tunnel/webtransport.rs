@@ -116,7 +116,9 @@ pub fn peer_supports(raw: &[(u64, u64)]) -> bool {
         v > 0
             && matches!(
                 id,
-                SETTINGS_WT_MAX_SESSIONS | SETTINGS_WT_MAX_SESSIONS_DRAFT07 | SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02
+                SETTINGS_WT_MAX_SESSIONS
+                    | SETTINGS_WT_MAX_SESSIONS_DRAFT07
+                    | SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02
             )
     })
 }
@@ -287,7 +289,9 @@ impl SessionLeg {
         let Some(raw) = h3.peer_settings_raw() else { return Ok(()) };
         let refuse = |why: &str| Refusal::new(502, Some(ProxyError::HttpProtocolError), why);
         if !h3.extended_connect_enabled_by_peer() {
-            return Err(refuse("the origin does not accept extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)"));
+            return Err(refuse(
+                "the origin does not accept extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)",
+            ));
         }
         if !peer_supports(raw) {
             return Err(refuse("the origin does not announce WebTransport in its SETTINGS"));
@@ -411,7 +415,8 @@ pub(super) fn open(
     };
     let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
     if boring::rand::rand_bytes(&mut scid).is_err() {
-        let why = Refusal::new(502, Some(ProxyError::ProxyInternalError), "no randomness for a connection ID");
+        let why =
+            Refusal::new(502, Some(ProxyError::ProxyInternalError), "no randomness for a connection ID");
         return fail(ts, ctx, why);
     }
     let scid = quiche::ConnectionId::from_ref(&scid);
@@ -509,6 +514,13 @@ fn h3_config(ctx: &Ctx) -> Result<quiche::h3::Config, quiche::h3::Error> {
 pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut ClientSide<'_>) {
     let Some(t) = ts.slab.get_mut(id) else { return };
     let client_session = t.place.stream;
+    if matches!(t.state, State::Done) {
+        // The session was refused or is over: streams the client opened in
+        // it while it was being set up are rejected (section 6).
+        for stream in t.early_streams.drain(..) {
+            reject(client.quic, stream, WT_SESSION_GONE);
+        }
+    }
     let State::Session { leg, .. } = &mut t.state else { return };
     // The HTTP/3 layer starts once the handshake is done.
     if leg.h3.is_none() && leg.quic.is_established() {
@@ -719,7 +731,11 @@ fn session_answer(list: &[quiche::h3::Header]) -> Result<Head, Refusal> {
         .and_then(|h| std::str::from_utf8(h.value()).ok())
         .and_then(|s| s.parse::<u16>().ok());
     let Some(status) = status else {
-        return Err(Refusal::new(502, Some(ProxyError::HttpProtocolError), "the origin's answer has no :status"));
+        return Err(Refusal::new(
+            502,
+            Some(ProxyError::HttpProtocolError),
+            "the origin's answer has no :status",
+        ));
     };
     if !(200..300).contains(&status) {
         let mut r = Refusal::new(
@@ -748,7 +764,12 @@ fn reject(quic: &mut quiche::Connection, stream: u64, code: u64) {
 
 /// Opens, on the other side, the streams waiting for a peer. Returns how
 /// many pairs were made.
-fn open_streams(leg: &mut SessionLeg, client: &mut ClientSide<'_>, client_session: u64, origin_session: u64) -> u64 {
+fn open_streams(
+    leg: &mut SessionLeg,
+    client: &mut ClientSide<'_>,
+    client_session: u64,
+    origin_session: u64,
+) -> u64 {
     let mut opened = 0;
     let Some(h3) = leg.h3.as_mut() else { return 0 };
     while let Some(&stream) = leg.from_client.front() {
@@ -893,6 +914,9 @@ fn fail(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, why: Refusal) {
     {
         let _ = leg.quic.close(true, 0x10c, b"");
         leg.send(ctx);
+        // The client's streams waiting for the session are rejected at its
+        // next service ([`pump`]).
+        t.early_streams.extend(leg.from_client.drain(..));
     }
     ts.release(ctx, id);
     ts.refuse(ctx, id, &why);
@@ -909,7 +933,11 @@ pub(super) fn on_timer(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
     }
     if !matches!(leg.phase, Phase::Open(_)) && leg.deadline <= ctx.now {
         let why = if leg.quic.is_established() {
-            Refusal::new(504, Some(ProxyError::HttpResponseTimeout), "the origin did not answer the session in time")
+            Refusal::new(
+                504,
+                Some(ProxyError::HttpResponseTimeout),
+                "the origin did not answer the session in time",
+            )
         } else {
             Refusal::new(
                 504,
@@ -928,10 +956,9 @@ pub(super) fn on_timer(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
 /// rather than at its deadline; an open one is left to QUIC (a path can
 /// recover).
 pub(super) fn unreachable(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
-    let opening = ts
-        .slab
-        .get(id)
-        .is_some_and(|t| matches!(&t.state, State::Session { leg, .. } if !matches!(leg.phase, Phase::Open(_))));
+    let opening = ts.slab.get(id).is_some_and(
+        |t| matches!(&t.state, State::Session { leg, .. } if !matches!(leg.phase, Phase::Open(_))),
+    );
     if opening {
         let why = Refusal::new(502, Some(ProxyError::ConnectionRefused), "the origin is unreachable");
         fail(ts, ctx, id, why);
@@ -939,7 +966,13 @@ pub(super) fn unreachable(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
 }
 
 /// Packets from the origin's socket.
-pub(super) fn on_packets(ts: &mut Tunnels, id: TunnelId, from: Option<SocketAddr>, payloads: &[u8], segment_size: usize) {
+pub(super) fn on_packets(
+    ts: &mut Tunnels,
+    id: TunnelId,
+    from: Option<SocketAddr>,
+    payloads: &[u8],
+    segment_size: usize,
+) {
     let Some(t) = ts.slab.get_mut(id) else { return };
     let State::Session { leg, flow } = &mut t.state else { return };
     let local = leg.local;
@@ -974,6 +1007,11 @@ pub(super) fn on_client_stream(ts: &mut Tunnels, id: TunnelId, stream: u64) -> b
             true
         }
         State::Asking { .. } if t.early_streams.len() < MAX_EARLY_STREAMS => {
+            t.early_streams.push(stream);
+            true
+        }
+        // Refused or over: rejected at the next service with the others.
+        State::Done if t.early_streams.len() < MAX_EARLY_STREAMS => {
             t.early_streams.push(stream);
             true
         }
