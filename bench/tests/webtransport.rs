@@ -92,6 +92,9 @@ impl Setup {
             route("otherca", "/otherca", port, &other, "echo.test", "prefix_rewrite = \"/echo\"\n"),
             route("wrongname", "/wrongname", port, &ca, "wrong.test", "prefix_rewrite = \"/echo\"\n"),
             route("down", "/down", down, &ca, "echo.test", "prefix_rewrite = \"/echo\"\n"),
+            // The origin's address as the name (an IP-ID, no SNI).
+            route("byip", "/byip", port, &ca, "127.0.0.1", "prefix_rewrite = \"/echo\"\n"),
+            route("wrongip", "/wrongip", port, &ca, "127.0.0.2", "prefix_rewrite = \"/echo\"\n"),
         ]
         .concat();
         let opts = RelayOptions { tcp_cleartext: true, extra_config: routes, ..RelayOptions::default() };
@@ -140,6 +143,8 @@ fn sessions_relay_streams_datagrams_and_their_ends() {
         let v = client.run(case, "/echo").unwrap();
         ok(case, &v);
     }
+    // An origin named by its address: its certificate's IP-ID is checked.
+    ok("byip", &client.run("echo-bidi", "/byip").unwrap());
     // Several MiB on one stream: flow control holds each hop and nothing
     // is lost or reordered.
     let v = client.clone().arg("--size", 4 << 20).run("large", "/echo?big").unwrap();
@@ -216,7 +221,7 @@ fn refusals_carry_exact_statuses_and_proxy_status() {
     let ps = refused("plain", &v, 502, "http_protocol_error");
     assert!(ps.contains("WebTransport"), "{v}");
     // The origin's certificate does not verify.
-    for path in ["/otherca", "/wrongname"] {
+    for path in ["/otherca", "/wrongname", "/wrongip"] {
         refused(path, &status(s.client(), path), 502, "tls_certificate_error");
     }
     // Nothing listens at the origin's address.

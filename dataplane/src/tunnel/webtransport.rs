@@ -420,7 +420,8 @@ pub(super) fn open(
         return fail(ts, ctx, why);
     }
     let scid = quiche::ConnectionId::from_ref(&scid);
-    let quic = match quiche::connect(Some(&tls.server_name), &scid, local, flow.target, &mut config) {
+    let server_name = tls.server_name.parse::<std::net::IpAddr>().is_err().then_some(tls.server_name.as_str());
+    let quic = match quiche::connect(server_name, &scid, local, flow.target, &mut config) {
         Ok(c) => c,
         Err(e) => return fail(ts, ctx, internal("QUIC connect", &e)),
     };
@@ -457,11 +458,16 @@ pub(super) fn open(
 /// the route's CA file, ALPN h3, datagrams on.
 fn client_config(tls: &RouteTls) -> Result<quiche::Config, ConfigError> {
     // The route's CAs only (read at attach: the dataplane opens no files
-    // later); quiche checks the name given to `connect` (SNI and
-    // X509_VERIFY_PARAM_set1_host).
+    // later). A DNS name is checked by quiche (the name given to `connect`:
+    // SNI and X509_VERIFY_PARAM_set1_host); an IP literal gets no SNI (RFC
+    // 6066 section 3) and is checked as an IP-ID (RFC 9110 section 4.3.5)
+    // by the store's verify parameters.
     let mut store = boring::x509::store::X509StoreBuilder::new()?;
     for ca in tls.cas.iter() {
         store.add_cert(ca.clone())?;
+    }
+    if let Ok(ip) = tls.server_name.parse::<std::net::IpAddr>() {
+        store.verify_param_mut().set_ip(ip)?;
     }
     let mut builder = boring::ssl::SslContextBuilder::new(boring::ssl::SslMethod::tls())?;
     builder.set_cert_store(store.build());
