@@ -21,6 +21,8 @@
 //!   clients in Rust (tungstenite), the WebSocket benchmark
 //!   (`relay-bench websocket`), and the driver of the WebSocket tests'
 //!   Python peers (`bench/interop/ws_origin.py`, `ws_client.py`).
+//! - [`wtinterop`]: the driver of the WebTransport tests' aioquic peers
+//!   (`bench/interop/wt_origin.py`, `wt_client.py`).
 //! - [`needs`]: what the tests that are ignored by default need from the
 //!   machine, checked when they run.
 //! - [`wait`]: bounded waits on a condition for the tests (instead of
