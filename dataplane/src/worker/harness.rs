@@ -274,6 +274,8 @@ impl Client {
         .expect("client connection");
         let mut h3_config = quiche::h3::Config::new().expect("h3 config");
         h3_config.enable_extended_connect(true);
+        // Claims only 0x41/0x54 streams, which only WebTransport tests open.
+        h3_config.enable_webtransport(true);
         Self {
             quic,
             h3: None,
@@ -394,6 +396,50 @@ impl Client {
             ],
             false,
         )
+    }
+
+    /// A WebTransport session request (`:protocol webtransport`) for
+    /// `path` with the harness's token.
+    pub fn webtransport(&mut self, path: &str) -> u64 {
+        self.request(
+            &[
+                (":method", "CONNECT"),
+                (":protocol", "webtransport"),
+                (":scheme", "https"),
+                (":authority", "localhost"),
+                (":path", path),
+                ("proxy-authorization", "Bearer test"),
+            ],
+            false,
+        )
+    }
+
+    /// Opens a WebTransport stream in `session` and writes `bytes` on it.
+    pub fn open_wt_stream(&mut self, session: u64, bidi: bool, bytes: &[u8]) -> u64 {
+        let h3 = self.h3.as_mut().expect("HTTP/3 is up");
+        let stream = h3.open_webtransport_stream(&mut self.quic, session, bidi).expect("stream opened");
+        self.quic.stream_send(stream, bytes, false).expect("bytes sent");
+        stream
+    }
+
+    /// How the relay ended the client's WebTransport `stream`: the code of
+    /// its RESET_STREAM (a bidirectional stream) or STOP_SENDING (a
+    /// unidirectional one), if it sent one.
+    pub fn wt_stream_ended(&mut self, stream: u64) -> Option<u64> {
+        if stream & 0x2 == 0 {
+            let mut buf = [0u8; 4096];
+            loop {
+                match self.quic.stream_recv(stream, &mut buf) {
+                    Ok((n, _)) if n > 0 => continue,
+                    Err(quiche::Error::StreamReset(code)) => return Some(code),
+                    _ => return None,
+                }
+            }
+        }
+        match self.quic.stream_send(stream, b"x", false) {
+            Err(quiche::Error::StreamStopped(code)) => Some(code),
+            _ => None,
+        }
     }
 
     /// Sends an HTTP/3 datagram with context 0 on `stream`.

@@ -442,3 +442,5 @@ pub mod harness;
 mod ip_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wt_tests;
