@@ -107,9 +107,14 @@ impl Pair {
             &mut cc,
         )
         .expect("client");
-        let server =
-            quiche::accept(&quiche::ConnectionId::from_ref(&[2; 16]), None, server_addr, client_addr, &mut sc)
-                .expect("server");
+        let server = quiche::accept(
+            &quiche::ConnectionId::from_ref(&[2; 16]),
+            None,
+            server_addr,
+            client_addr,
+            &mut sc,
+        )
+        .expect("server");
         let mut h3c = h3::Config::new().expect("h3 config");
         h3c.enable_extended_connect(true);
         h3c.enable_webtransport(webtransport);
@@ -408,9 +413,7 @@ fn requests_still_work_alongside_webtransport_streams() {
     assert!(ev.iter().any(|(s, e)| *s == req && matches!(e, Event::Headers { more_frames: false, .. })));
     assert!(ev.contains(&(req, Event::Finished)), "{ev:?}");
     assert_eq!(ev.len(), 3, "{ev:?}");
-    p.sh3
-        .send_response(&mut p.server, req, &[Header::new(b":status", b"200")], false)
-        .expect("response");
+    p.sh3.send_response(&mut p.server, req, &[Header::new(b":status", b"200")], false).expect("response");
     p.sh3.send_body(&mut p.server, req, b"body", true).expect("body");
     // No HEADERS on a WebTransport stream.
     assert_eq!(
@@ -436,7 +439,10 @@ fn disabled_keeps_quiches_behaviour() {
     let mut p = Pair::new(false);
     let session = p.session();
     assert_eq!(p.ch3.open_webtransport_stream(&mut p.client, session, true), Err(h3::Error::FrameUnexpected));
-    assert_eq!(p.sh3.open_webtransport_stream(&mut p.server, session, false), Err(h3::Error::FrameUnexpected));
+    assert_eq!(
+        p.sh3.open_webtransport_stream(&mut p.server, session, false),
+        Err(h3::Error::FrameUnexpected)
+    );
     // A 0x54 stream is an unknown stream type: ignored and drained.
     let stream = 2 + 4 * 50;
     let mut bytes = header(UNI_TYPE, session);
