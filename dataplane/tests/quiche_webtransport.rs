@@ -451,7 +451,7 @@ fn disabled_keeps_quiches_behaviour() {
     p.exchange();
     assert_eq!(p.server_events(), vec![]);
     assert!(!p.server.readable().any(|s| s == stream), "drained by the HTTP/3 layer");
-    assert!(matches!(p.server.stream_recv(stream, &mut [0; 10]), Err(_)));
+    assert!(p.server.stream_recv(stream, &mut [0; 10]).is_err());
 }
 
 #[test]
@@ -573,4 +573,21 @@ fn session_id_of_a_wrong_stream_kind_is_an_id_error() {
     assert_eq!(poll_error(&mut p.sh3, &mut p.server), h3::Error::IdError);
     p.exchange();
     assert!(matches!(p.client.peer_error(), Some(e) if e.error_code == 0x108), "{:?}", p.client.peer_error());
+}
+
+#[test]
+fn fin_right_after_the_header_shows_as_stream_finished() {
+    let mut p = Pair::new(true);
+    let session = p.session();
+    for stream in [session + 4, 2 + 4 * 50] {
+        let signal = if stream % 4 == 0 { SIGNAL } else { UNI_TYPE };
+        p.client.stream_send(stream, &header(signal, session), true).expect("send");
+        p.exchange();
+        assert_eq!(p.server_events(), vec![(stream, Event::WebTransportStream { session_id: session })]);
+        // The FIN went with the header: nothing to read, the stream is
+        // finished, and poll says nothing more.
+        assert!(p.server.stream_finished(stream));
+        assert!(p.server.stream_recv(stream, &mut [0; 10]).is_err());
+        assert_eq!(p.server_events(), vec![]);
+    }
 }
