@@ -894,6 +894,11 @@ pub enum Event {
     /// [`stream_send()`]'s `fin` or [`stream_shutdown()`]. The stream stays
     /// in [`readable()`] while it holds unread data; [`poll()`] skips it.
     ///
+    /// When the peer's FIN came right after the session ID, the HTTP/3 layer
+    /// took the FIN with the header: [`stream_finished()`] is then already
+    /// true, and [`stream_recv()`] has nothing more to return.
+    ///
+    /// [`stream_finished()`]: ../struct.Connection.html#method.stream_finished
     /// [`stream_recv()`]: ../struct.Connection.html#method.stream_recv
     /// [`stream_send()`]: ../struct.Connection.html#method.stream_send
     /// [`stream_shutdown()`]: ../struct.Connection.html#method.stream_shutdown
