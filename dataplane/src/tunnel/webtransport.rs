@@ -34,7 +34,7 @@
 //!
 //! quiche's HTTP/3 layer claims the 0x41/0x54 streams for us with the
 //! patch kept in `dataplane/vendor/quiche` (see docs/ARCHITECTURE.md,
-//! "WebTransport over HTTP/3: the decision"): it reports each as
+//! "WebTransport over HTTP/3 relayed to upstream origins"): it reports each as
 //! [`quiche::h3::Event::WebTransportStream`] and never reads it again.
 //!
 //! When the session ends (both CONNECT stream halves closed, a reset, or
@@ -420,7 +420,8 @@ pub(super) fn open(
         return fail(ts, ctx, why);
     }
     let scid = quiche::ConnectionId::from_ref(&scid);
-    let server_name = tls.server_name.parse::<std::net::IpAddr>().is_err().then_some(tls.server_name.as_str());
+    let server_name =
+        tls.server_name.parse::<std::net::IpAddr>().is_err().then_some(tls.server_name.as_str());
     let quic = match quiche::connect(server_name, &scid, local, flow.target, &mut config) {
         Ok(c) => c,
         Err(e) => return fail(ts, ctx, internal("QUIC connect", &e)),
