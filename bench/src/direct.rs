@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use relay_udp::{MAX_GRO_BUFFER, SegmentBatcher};
 
-use crate::loadgen::{Direction, LoadResult, LoadSpec, RunCounts};
+use crate::loadgen::{self, CpuMark, Direction, LoadResult, LoadSpec, RunCounts};
 use crate::stats;
 use crate::target::Target;
 
@@ -47,6 +47,7 @@ pub fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
     let window_start = start + spec.warmup;
     let window_end = window_start + spec.duration;
     let mut received = 0u64;
+    let mut cpu_start: Option<CpuMark> = None;
     let mut snap: Option<(u64, u64, u64, Instant)> = None;
     if spec.direction == Direction::Download {
         for f in &flows {
@@ -100,8 +101,10 @@ pub fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         if snap.is_none() && Instant::now() >= window_start {
             let sent = flows.iter().map(|f| f.sent).sum();
             snap = Some((sent, delivered_now(received, target), target.stats().snapshot().2, Instant::now()));
+            cpu_start = Some(CpuMark::now(&[]));
         }
     }
+    let cpu = cpu_start.map(|s| s.shares(&CpuMark::now(&[]), loadgen::bench_cores())).unwrap_or_default();
     let end = (
         flows.iter().map(|f| f.sent).sum::<u64>(),
         delivered_now(received, target),
@@ -139,6 +142,7 @@ pub fn run(target: &Target, spec: &LoadSpec) -> Result<LoadResult> {
         packets_per_send: stats::ratio(batch.datagrams, batch.syscalls),
         // The direct path's receive batching is not measured.
         packets_per_recv: 0.0,
+        cpu,
     };
     LoadResult::from_counts(spec, counts, hist)
 }

@@ -73,9 +73,116 @@ pub struct LoadResult {
     pub client_packets_per_send: f64,
     /// Load generator I/O: UDP packets per receive system call (GRO).
     pub client_packets_per_recv: f64,
+    /// Who used the CPU in the measurement window, and which side that
+    /// says limited the run.
+    pub cpu: CpuShares,
     #[serde(skip)]
     /// Raw RTT histogram (echo).
     pub rtt_histogram: Option<Histogram<u64>>,
+}
+
+/// CPU used in a run's measurement window, in cores (1.0: one core busy
+/// for the whole window; user and system time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct CpuShares {
+    /// The load generator's thread (the QUIC or UDP clients).
+    pub load_generator: f64,
+    /// The bench's other threads: the targets (sink, source, echo).
+    pub targets: f64,
+    /// Both relay processes; `None` on the direct path.
+    pub relay: Option<f64>,
+    /// The side whose CPU limited the run.
+    pub limit: Limit,
+}
+
+/// Which side limited a run, read from [`CpuShares`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    /// The relay used a whole core (its one worker is the bottleneck).
+    Relay,
+    /// The bench's side used a whole core: the load generator and the
+    /// targets, which share one core when the suite pins.
+    LoadGenerator,
+    /// Both sides used a whole core.
+    Both,
+    /// Neither side is CPU-bound: the path (congestion control, loss,
+    /// pacing) set the rate.
+    #[default]
+    Neither,
+}
+
+/// A side counts as CPU-bound from this share of a core.
+pub const SATURATED: f64 = 0.9;
+
+impl Limit {
+    /// The limit the shares say (`bench_cores`: the cores the bench's
+    /// threads share, 1 when pinned).
+    pub fn from_shares(load_generator: f64, targets: f64, relay: Option<f64>, bench_cores: f64) -> Self {
+        let bench =
+            (load_generator + targets) / bench_cores.max(1.0) >= SATURATED || load_generator >= SATURATED;
+        let relay = relay.is_some_and(|r| r >= SATURATED);
+        match (relay, bench) {
+            (true, true) => Limit::Both,
+            (true, false) => Limit::Relay,
+            (false, true) => Limit::LoadGenerator,
+            (false, false) => Limit::Neither,
+        }
+    }
+
+    /// How the report names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::Relay => "relay",
+            Limit::LoadGenerator => "load generator",
+            Limit::Both => "both",
+            Limit::Neither => "neither (path)",
+        }
+    }
+}
+
+/// A reading of the CPU clocks a [`CpuShares`] is computed from.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    at: Instant,
+    thread: Duration,
+    process: Duration,
+    relay_ticks: Option<u64>,
+}
+
+impl CpuMark {
+    /// Reads the clocks now: this thread's, this process's and (when
+    /// `relay_pids` is not empty) the relay processes'.
+    pub fn now(relay_pids: &[u32]) -> Self {
+        let relay_ticks = (!relay_pids.is_empty()).then(|| {
+            relay_pids.iter().filter_map(|&p| stats::sample_process(p).ok()).map(|s| s.cpu_ticks).sum()
+        });
+        Self { at: Instant::now(), thread: stats::thread_cpu(), process: stats::process_cpu(), relay_ticks }
+    }
+
+    /// The shares from `self` to `end`; `bench_cores`: the cores the
+    /// bench's threads may use.
+    pub fn shares(&self, end: &CpuMark, bench_cores: f64) -> CpuShares {
+        let wall = end.at.saturating_duration_since(self.at).as_secs_f64();
+        if wall <= 0.0 {
+            return CpuShares::default();
+        }
+        let load_generator = end.thread.saturating_sub(self.thread).as_secs_f64() / wall;
+        let all = end.process.saturating_sub(self.process).as_secs_f64() / wall;
+        let targets = (all - load_generator).max(0.0);
+        let relay = match (self.relay_ticks, end.relay_ticks) {
+            (Some(a), Some(b)) => {
+                Some(b.saturating_sub(a) as f64 / stats::clock_ticks_per_sec() as f64 / wall)
+            }
+            _ => None,
+        };
+        CpuShares {
+            load_generator,
+            targets,
+            relay,
+            limit: Limit::from_shares(load_generator, targets, relay, bench_cores),
+        }
+    }
 }
 
 /// The raw counts of a run, from which [`LoadResult::from_counts`] derives
@@ -96,6 +203,8 @@ pub struct RunCounts {
     pub packets_per_send: f64,
     /// Receiver's UDP packets per receive system call.
     pub packets_per_recv: f64,
+    /// CPU in the measurement window.
+    pub cpu: CpuShares,
 }
 
 impl LoadResult {
@@ -119,6 +228,7 @@ impl LoadResult {
             window_secs: c.window.as_secs_f64(),
             client_packets_per_send: c.packets_per_send,
             client_packets_per_recv: c.packets_per_recv,
+            cpu: c.cpu,
             rtt_histogram: rtt.map(|_| hist),
         })
     }
@@ -181,6 +291,35 @@ pub fn run(
     target: &Target,
     spec: &LoadSpec,
 ) -> Result<LoadResult> {
+    run_observed(clients, tunnels, target, spec, &[], bench_cores())
+}
+
+/// The cores the bench's threads may run on (1 when the suite pinned the
+/// process).
+pub fn bench_cores() -> f64 {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set, and
+    // sched_getaffinity writes at most its size into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the size is the set's.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return 1.0;
+    }
+    // SAFETY: CPU_COUNT reads the set sched_getaffinity filled.
+    (unsafe { libc::CPU_COUNT(&set) }).max(1) as f64
+}
+
+/// [`run`], also reading the CPU of the relay processes `relay_pids`
+/// over the measurement window, so the result says which side was
+/// CPU-bound ([`CpuShares`]).
+pub fn run_observed(
+    clients: &mut [Client],
+    tunnels: &[(usize, u64)],
+    target: &Target,
+    spec: &LoadSpec,
+    relay_pids: &[u32],
+    bench_cores: f64,
+) -> Result<LoadResult> {
     if spec.size < HEADER {
         bail!("payload size must be at least {HEADER} bytes");
     }
@@ -199,6 +338,7 @@ pub fn run(
     let (t_recv0, _, t_sent0, _) = target.stats().snapshot();
     let mut received_client = 0u64;
     let mut window_snap: Option<(u64, u64, u64, Instant)> = None; // (sent, delivered, target sent, at)
+    let mut cpu_start: Option<CpuMark> = None;
     let mut window_result: Option<(u64, u64, Duration)> = None; // (sent, delivered) deltas
     let sending = spec.direction != Direction::Download;
     if spec.direction == Direction::Download {
@@ -258,6 +398,7 @@ pub fn run(
                 Direction::Download | Direction::Echo => received_client,
             };
             window_snap = Some((sent, delivered, t_sent - t_sent0, Instant::now()));
+            cpu_start = Some(CpuMark::now(relay_pids));
         }
         for (i, client) in clients.iter().enumerate() {
             if let Some(err) = client.closed() {
@@ -266,6 +407,7 @@ pub fn run(
         }
     }
     // Close the window.
+    let cpu = cpu_start.map(|s| s.shares(&CpuMark::now(relay_pids), bench_cores)).unwrap_or_default();
     let snap_end = {
         let sent: u64 = flows.iter().map(|f| f.sent).sum();
         let (t_recv, _, t_sent, _) = target.stats().snapshot();
@@ -318,6 +460,7 @@ pub fn run(
         window: w_elapsed,
         packets_per_send: stats::ratio(io1.1 - io0.1, io1.0 - io0.0),
         packets_per_recv: stats::ratio(io1.3 - io0.3, io1.2 - io0.2),
+        cpu,
     };
     LoadResult::from_counts(spec, counts, hist)
 }
@@ -341,5 +484,41 @@ mod tests {
         write_header(&mut b, 3, 99, 123_456);
         assert_eq!(read_header(&b), Some((3, 99, 123_456)));
         assert_eq!(read_header(&b[..10]), None);
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn the_saturated_side_is_named() {
+        // Pinned: the load generator and the targets share one core.
+        assert_eq!(Limit::from_shares(0.95, 0.02, Some(0.40), 1.0), Limit::LoadGenerator);
+        assert_eq!(Limit::from_shares(0.60, 0.35, Some(0.40), 1.0), Limit::LoadGenerator);
+        assert_eq!(Limit::from_shares(0.30, 0.10, Some(0.97), 1.0), Limit::Relay);
+        assert_eq!(Limit::from_shares(0.92, 0.05, Some(0.93), 1.0), Limit::Both);
+        assert_eq!(Limit::from_shares(0.30, 0.10, Some(0.40), 1.0), Limit::Neither);
+        // Unpinned on two cores: the client's thread alone saturating
+        // still counts; the two together below two cores do not.
+        assert_eq!(Limit::from_shares(0.60, 0.35, None, 2.0), Limit::Neither);
+        assert_eq!(Limit::from_shares(0.99, 0.35, None, 2.0), Limit::LoadGenerator);
+    }
+
+    #[test]
+    fn a_busy_thread_shows_in_its_share() {
+        let start = CpuMark::now(&[]);
+        let spin_until = Instant::now() + Duration::from_millis(200);
+        let mut x = 0u64;
+        while Instant::now() < spin_until {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let shares = start.shares(&CpuMark::now(&[]), 1.0);
+        // A spinning thread's CPU time shows (how much of the wall time
+        // depends on how busy the machine is), never more than its wall
+        // time; no relay was observed.
+        assert!(shares.load_generator > 0.0, "{shares:?}");
+        assert!(shares.load_generator <= 1.05, "{shares:?}");
+        assert_eq!(shares.relay, None);
     }
 }

@@ -65,6 +65,25 @@ pub fn markdown(r: &Report) -> String {
     throughput_rows(&mut out, "upload", &r.upload);
     throughput_rows(&mut out, "download", &r.download);
     throughput_rows(&mut out, "echo", &r.echo);
+    out += "\nWhich side limited each run: CPU in the measurement window, in cores (1.00: one core busy \
+            the whole window), and the side at 90% of a core or more (the load generator and the targets \
+            share one core when pinned):\n\n";
+    out += "| scenario | payload B | path | load generator | targets | relay | limited by |\n|---|---:|---|---:|---:|---:|---|\n";
+    for (name, list) in [("upload", &r.upload), ("download", &r.download), ("echo", &r.echo)] {
+        for t in list {
+            let c = &t.result.cpu;
+            let _ = writeln!(
+                out,
+                "| {name} | {} | {} | {:.2} | {:.2} | {} | {} |",
+                t.result.spec.size,
+                t.path,
+                c.load_generator,
+                c.targets,
+                c.relay.map_or("-".to_string(), |r| format!("{r:.2}")),
+                c.limit.name()
+            );
+        }
+    }
     out += "\nLoad generator I/O on the relay path (UDP packets per system call):\n\n";
     out += "| scenario | payload B | packets per send (GSO) | packets per receive (GRO) |\n|---|---:|---:|---:|\n";
     for (name, list) in [("upload", &r.upload), ("download", &r.download), ("echo", &r.echo)] {

@@ -477,7 +477,14 @@ impl Bench<'_> {
     fn through_relay(&self, mode: TargetMode, spec: &LoadSpec) -> Result<LoadResult> {
         let target = self.target(mode)?;
         let (mut clients, tunnels) = loadgen::connect(&self.client_cfg, spec, &target)?;
-        let r = loadgen::run(&mut clients, &tunnels, &target, spec);
+        let r = loadgen::run_observed(
+            &mut clients,
+            &tunnels,
+            &target,
+            spec,
+            &self.relay_pids(),
+            loadgen::bench_cores(),
+        );
         for c in clients {
             c.close();
         }
