@@ -21,8 +21,45 @@ use crate::processes::Relay;
 /// Longest one client run may take.
 pub const CLIENT_LIMIT: Duration = Duration::from_secs(120);
 
-fn interop_dir() -> PathBuf {
+/// Where the Python peers live (bench/interop).
+pub fn interop_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop")
+}
+
+/// The venv's interpreter for a test that needs it, checked to run
+/// `imports` (a Python import statement); a missing or broken venv fails
+/// the test with the command that creates it.
+#[track_caller]
+pub fn checked_python(imports: &str, packages: &str) -> PathBuf {
+    let python = crate::interop::python();
+    let ok = Command::new(&python).args(["-c", imports]).output().is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "this test needs the interop venv with {packages} ({}): run `cargo xtask setup` (bench/interop/requirements.txt)",
+        python.display()
+    );
+    python
+}
+
+/// Runs a client command to its end, killing it past [`CLIENT_LIMIT`].
+pub fn output_within_limit(cmd: &mut Command) -> Result<std::process::Output, InteropError> {
+    let child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(CLIENT_LIMIT) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            // SAFETY: signalling our own child, which has not been reaped
+            // (its waiter has not returned).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            Err(InteropError::Timeout(CLIENT_LIMIT, Vec::new()))
+        }
+    }
 }
 
 /// The origin script.
@@ -40,17 +77,7 @@ pub fn client_script() -> PathBuf {
 /// the command that creates it.
 #[track_caller]
 pub fn python() -> PathBuf {
-    let python = crate::interop::python();
-    let ok = Command::new(&python)
-        .args(["-c", "import websockets.sync.client, websockets.asyncio.server"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "this test needs the interop venv with the websockets package ({}): run `cargo xtask setup` (bench/interop/requirements.txt)",
-        python.display()
-    );
-    python
+    checked_python("import websockets.sync.client, websockets.asyncio.server", "the websockets package")
 }
 
 /// A running `ws_origin.py`; killed on drop.
@@ -216,24 +243,7 @@ impl WsClient {
         if let Some(token) = &self.token {
             cmd.args(["--token", token]);
         }
-        let child =
-            cmd.args(cases).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        let out = match rx.recv_timeout(CLIENT_LIMIT) {
-            Ok(out) => out?,
-            Err(_) => {
-                // SAFETY: signalling our own child, which has not been
-                // reaped (its waiter has not returned).
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGKILL);
-                }
-                return Err(InteropError::Timeout(CLIENT_LIMIT, Vec::new()));
-            }
-        };
+        let out = output_within_limit(cmd.args(cases))?;
         if !out.status.success() {
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             return Err(InteropError::Failed { status: out.status, stderr });

@@ -5,22 +5,13 @@
 //! every client run has a deadline after which it is killed.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::Value;
 
 use crate::interop::InteropError;
 use crate::processes::Relay;
-use crate::wsinterop::PyOrigin;
-
-/// Longest one client run may take.
-pub const CLIENT_LIMIT: Duration = Duration::from_secs(120);
-
-fn interop_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop")
-}
+use crate::wsinterop::{PyOrigin, checked_python, interop_dir, output_within_limit};
 
 /// The origin script.
 pub fn origin_script() -> PathBuf {
@@ -33,21 +24,10 @@ pub fn client_script() -> PathBuf {
 }
 
 /// The venv's interpreter for a test that needs it, checked to import
-/// aioquic's HTTP/3 layer; a missing or broken venv fails the test with
-/// the command that creates it.
+/// aioquic's HTTP/3 layer.
 #[track_caller]
 pub fn python() -> PathBuf {
-    let python = crate::interop::python();
-    let ok = Command::new(&python)
-        .args(["-c", "import aioquic.h3.connection, aioquic.asyncio"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "this test needs the interop venv with aioquic ({}): run `cargo xtask setup` (bench/interop/requirements.txt)",
-        python.display()
-    );
-    python
+    checked_python("import aioquic.h3.connection, aioquic.asyncio", "aioquic")
 }
 
 /// Starts `wt_origin.py` on 127.0.0.1 with its certificate and key and
@@ -101,32 +81,11 @@ impl WtClient {
 
     /// Runs `case` on `path` and returns its result line, whether the case
     /// passed or not (`ok`, `error`); a client that could not run or
-    /// outlives [`CLIENT_LIMIT`] is an error.
+    /// outlives [`crate::wsinterop::CLIENT_LIMIT`] is an error.
     pub fn run(&self, case: &str, path: &str) -> Result<Value, InteropError> {
-        let child = Command::new(&self.python)
-            .arg(client_script())
-            .args(&self.args)
-            .args(["--case", case, "--path", path])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        let out = match rx.recv_timeout(CLIENT_LIMIT) {
-            Ok(out) => out?,
-            Err(_) => {
-                // SAFETY: signalling our own child, which has not been
-                // reaped (its waiter has not returned).
-                unsafe {
-                    libc::kill(pid as i32, libc::SIGKILL);
-                }
-                return Err(InteropError::Timeout(CLIENT_LIMIT, Vec::new()));
-            }
-        };
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(client_script()).args(&self.args).args(["--case", case, "--path", path]);
+        let out = output_within_limit(&mut cmd)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         let Some(line) = stdout.lines().rev().find(|l| l.trim_start().starts_with('{')) else {
             let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -75,9 +75,14 @@ pub(super) fn apply(
                 host,
                 path,
             },
-            Kind::WebSocket,
+            upstream @ (Kind::WebSocket | Kind::WebTransport),
         ) => {
-            tracing::debug!(flow = flow_id, route = route.as_str(), "WebSocket allowed to its upstream");
+            tracing::debug!(
+                flow = flow_id,
+                route = route.as_str(),
+                kind = upstream.name(),
+                "allowed to its upstream"
+            );
             // The route's TLS settings came with the bootstrap; a route
             // this dataplane was not told about (a control restarted with
             // other routes) cannot be served safely.
@@ -89,38 +94,15 @@ pub(super) fn apply(
                 );
                 return refuse_allowed(ts, ctx, id, flow_id, why);
             };
+            let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
+            flow.route = route;
+            if upstream == Kind::WebTransport {
+                return webtransport::open(ts, ctx, id, flow, host, path, tls);
+            }
             if let Some(ws) = ts.slab.get_mut(id).and_then(|t| t.ws.as_mut()) {
                 ws.set_upstream(host, path, tls);
             }
-            let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
-            flow.route = route;
             tcp::open(ts, ctx, id, flow);
-        }
-        (
-            Verdict::AllowUpstream {
-                flow_id,
-                target,
-                idle_timeout_ms,
-                byte_budget,
-                identity,
-                route,
-                host,
-                path,
-            },
-            Kind::WebTransport,
-        ) => {
-            tracing::debug!(flow = flow_id, route = route.as_str(), "WebTransport allowed to its upstream");
-            let Some(tls) = ctx.settings.origin_tls.route(&route).map(|t| t.cloned()) else {
-                let why = Refusal::new(
-                    502,
-                    Some(ProxyError::ProxyInternalError),
-                    "the upstream route is unknown to the dataplane",
-                );
-                return refuse_allowed(ts, ctx, id, flow_id, why);
-            };
-            let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
-            flow.route = route;
-            webtransport::open(ts, ctx, id, flow, host, path, tls);
         }
         (Verdict::Allow { flow_id, target, idle_timeout_ms, byte_budget, identity }, Kind::Udp) => {
             let flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
