@@ -202,6 +202,31 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
     Some(if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 })
 }
 
+/// CPU time (user + system) used so far by `who` (`RUSAGE_THREAD`: the
+/// calling thread; `RUSAGE_SELF`: the whole process).
+fn rusage_cpu(who: libc::c_int) -> Duration {
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes only into the struct we own; `who` is one of
+    // the two values the callers pass.
+    let rc = unsafe { libc::getrusage(who, &mut ru) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU time used so far by the calling thread.
+pub fn thread_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_THREAD)
+}
+
+/// CPU time used so far by this process (every thread).
+pub fn process_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,29 +293,4 @@ mod tests {
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(&mut []), None);
     }
-}
-
-/// CPU time (user + system) used so far by `who` (`RUSAGE_THREAD`: the
-/// calling thread; `RUSAGE_SELF`: the whole process).
-fn rusage_cpu(who: libc::c_int) -> Duration {
-    // SAFETY: an all-zero rusage is a valid value of the plain C struct.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage writes only into the struct we own; `who` is one of
-    // the two values the callers pass.
-    let rc = unsafe { libc::getrusage(who, &mut ru) };
-    if rc != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec.max(0) as u64, (t.tv_usec.max(0) as u32) * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
-
-/// CPU time used so far by the calling thread.
-pub fn thread_cpu() -> Duration {
-    rusage_cpu(libc::RUSAGE_THREAD)
-}
-
-/// CPU time used so far by this process (every thread).
-pub fn process_cpu() -> Duration {
-    rusage_cpu(libc::RUSAGE_SELF)
 }
