@@ -49,6 +49,7 @@ pub mod pki;
 pub mod ppbench;
 pub mod privacypass;
 pub mod processes;
+pub mod profile;
 pub mod redis_server;
 pub mod report;
 pub mod setup_cost;

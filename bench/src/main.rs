@@ -107,6 +107,11 @@ enum Command {
         /// The relay's I/O backend for the main runs: auto, io_uring or epoll.
         #[arg(long, default_value = "auto")]
         io: String,
+        /// Record a perf profile of the dataplane during every cost run into
+        /// this directory (perf.data, the hottest symbols, and a flame graph
+        /// when inferno-flamegraph is installed: `cargo install inferno`).
+        #[arg(long)]
+        perf: Option<PathBuf>,
     },
     /// What fleet mode costs, in one run: CONNECT -> 200 and setups/s of a
     /// single host against a fleet member (fleet-wide quotas on a local
@@ -482,13 +487,14 @@ fn run(args: Args) -> Result<()> {
             println!("\nresults written to {}", out.display());
             Ok(())
         }
-        Command::Suite { out, smoke, bin_dir, no_pin, netns, io } => {
+        Command::Suite { out, smoke, bin_dir, no_pin, netns, io, perf } => {
             let mut cfg =
                 if smoke { SuiteConfig::smoke(out.clone()) } else { SuiteConfig::standard(out.clone()) };
             cfg.bin_dir = bin_dir;
             cfg.pin &= !no_pin;
             cfg.netns = netns;
             cfg.io = io;
+            cfg.perf_dir = perf;
             let report = suite::run(&cfg)?;
             print!("{}", relay_bench::report::markdown(&report));
             println!("\nresults written to {}", out.display());

@@ -127,9 +127,24 @@ pub fn markdown(r: &Report) -> String {
         "\nRelay CPU cost (dataplane + control, from /proc) at {:.0}% of the relay's max upload rate:\n",
         r.config.cost_fraction * 100.0
     );
-    out += COST_HEADER;
+    let with_direction = || {
+        COST_HEADER.replacen("| payload B |", "| direction | payload B |", 1).replacen(
+            "|---:|",
+            "|---|---:|",
+            1,
+        )
+    };
+    out += &with_direction();
     for c in &r.cost {
-        cost_row(&mut out, "", c);
+        cost_row(&mut out, &format!("{} | ", c.direction), c);
+    }
+    if !r.paced.is_empty() {
+        out += "\nRelay CPU cost at fixed paced loads (each tunnel's datagrams evenly spaced, so most loop turns \
+                carry one or two packets: the cost of a wake-up at the loads a relay host sees per core):\n\n";
+        out += &with_direction();
+        for c in &r.paced {
+            cost_row(&mut out, &format!("{} | ", c.direction), c);
+        }
     }
     if !r.backends.is_empty() {
         out += "\nI/O backends, each on its own one-worker relay in this run: upload as fast as QUIC allows, then relay CPU and \

@@ -82,6 +82,14 @@ pub struct SuiteConfig {
     /// an error. The standard suite does; the smoke suite only reports it:
     /// how fast a shared machine runs is not what a pipeline check checks.
     pub fail_on_shortfall: bool,
+    /// Fixed offered loads (datagrams/s, largest payload, both directions)
+    /// for the paced cost rows: the per-wake-up cost of a relay host at
+    /// realistic loads, where every loop turn carries a packet or two.
+    pub paced_rates: Vec<f64>,
+    /// Record a `perf` profile of the dataplane during each cost run into
+    /// this directory, with a flame graph when inferno is installed.
+    #[serde(skip)]
+    pub perf_dir: Option<PathBuf>,
 }
 
 impl SuiteConfig {
@@ -109,6 +117,8 @@ impl SuiteConfig {
             compare_backends: true,
             backend_cost_fraction: 0.35,
             fail_on_shortfall: true,
+            paced_rates: vec![20_000.0, 40_000.0],
+            perf_dir: None,
         }
     }
 
@@ -123,6 +133,7 @@ impl SuiteConfig {
             latency_loads: vec![0.1, 0.3],
             cost_fraction: 0.2,
             backend_cost_fraction: 0.15,
+            paced_rates: vec![2_000.0],
             setup_flows: 200,
             handshakes: 20,
             connect_samples: 20,
@@ -314,8 +325,12 @@ pub struct Report {
     pub sustainable_echo_rate: f64,
     /// Latency at several loads.
     pub latency: Vec<LatencyPoint>,
-    /// CPU cost at fixed loads.
+    /// CPU cost at fixed loads: upload at each size's fraction of its max,
+    /// download at the largest size's.
     pub cost: Vec<CostPoint>,
+    /// CPU cost at the fixed paced loads of [`SuiteConfig::paced_rates`],
+    /// both directions.
+    pub paced: Vec<CostPoint>,
     /// Setup and handshake rates.
     pub rates: Rates,
     /// Idle memory.
@@ -391,6 +406,8 @@ struct Bench<'a> {
     relay: Relay,
     client_cfg: ClientConfig,
     netns: Option<&'a TargetNetns>,
+    /// The relay's name in the results (`relay`, `relay-io_uring`, ...).
+    name: String,
 }
 
 /// Starts a relay with one worker on backend `io` and, when pinning, puts
@@ -433,7 +450,7 @@ fn start_bench<'a>(
     let mut client_cfg = ClientConfig::new(relay.addr);
     client_cfg.ca = Some(relay.cert());
     client_cfg.token = Some(relay.token.clone());
-    Ok(Bench { cfg, relay, client_cfg, netns })
+    Ok(Bench { cfg, relay, client_cfg, netns, name: name.to_string() })
 }
 
 /// Most tunnels per connection the suite opens (setup and idle runs).
@@ -536,11 +553,27 @@ impl Bench<'_> {
             _ => TargetMode::Sink,
         };
         let admin = self.relay.admin_socket();
+        let name = match direction {
+            Direction::Upload => "upload",
+            Direction::Download => "download",
+            Direction::Echo => "echo",
+        };
+        let profile = match (&self.cfg.perf_dir, self.relay.dataplane_pid()) {
+            (Some(dir), Some(pid)) => {
+                let run = format!("{}-{name}-{size}B-{offered:.0}", self.name);
+                Some(crate::profile::Recording::start(dir, &run, pid)?)
+            }
+            _ => None,
+        };
         let before = self.relay_sample()?;
         let c0 = relay_counters(&admin)?;
-        let r = self.through_relay(mode, &spec)?;
+        let r = self.through_relay(mode, &spec);
         let after = self.relay_sample()?;
         let c1 = relay_counters(&admin)?;
+        if let Some(p) = profile {
+            p.finish()?;
+        }
+        let r = r?;
         let delta = |name: &str| {
             c1.get(name).copied().unwrap_or(0).saturating_sub(c0.get(name).copied().unwrap_or(0))
         };
@@ -556,11 +589,6 @@ impl Bench<'_> {
         let user_us_per_datagram = (after.user_ticks - before.user_ticks) as f64 * 1e6
             / stats::clock_ticks_per_sec() as f64
             / r.delivered as f64;
-        let name = match direction {
-            Direction::Upload => "upload",
-            Direction::Download => "download",
-            Direction::Echo => "echo",
-        };
         Ok(CostPoint {
             direction: name.into(),
             size,
@@ -712,6 +740,23 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         let offered = (max_upload(size) * cfg.cost_fraction).max(100.0);
         eprintln!("bench: cost at {offered:.0}/s, {size} B");
         cost.push(bench.cost_run(size, Direction::Upload, offered)?);
+    }
+    // The download direction's own cost at the same fraction of its own
+    // max (paced sources, one per tunnel).
+    let max_download = download
+        .iter()
+        .find(|t| t.path == "relay")
+        .map_or(1000.0, |t| t.result.delivered_rate.datagrams_per_sec);
+    let offered = (max_download * cfg.cost_fraction).max(100.0);
+    eprintln!("bench: download cost at {offered:.0}/s, {largest} B");
+    cost.push(bench.cost_run(largest, Direction::Download, offered)?);
+    // Paced loads a relay host sees per core: what each wake-up costs.
+    let mut paced = Vec::new();
+    for &offered in &cfg.paced_rates {
+        for direction in [Direction::Upload, Direction::Download] {
+            eprintln!("bench: paced {direction:?} at {offered:.0}/s, {largest} B");
+            paced.push(bench.cost_run(largest, direction, offered)?);
+        }
     }
 
     // Setup rate: tunnels opened back to back (pipelined), including the
@@ -868,6 +913,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         sustainable_echo_rate: max_echo,
         latency,
         cost,
+        paced,
         rates,
         idle,
         backends,
