@@ -203,6 +203,9 @@ pub struct SessionLeg {
     up_fin_sent: bool,
     /// The origin ended its side of the session stream.
     origin_fin: bool,
+    /// Both halves of the session stream closed: the session is over and
+    /// the relay closed the origin connection itself.
+    over: bool,
     /// Streams the client opened, waiting for their origin stream.
     from_client: VecDeque<u64>,
     /// Streams the origin opened, waiting for their client stream.
@@ -443,6 +446,7 @@ pub(super) fn open(
         up_fin: t.client_ended,
         up_fin_sent: false,
         origin_fin: false,
+        over: false,
         from_client: t.early_streams.drain(..).collect(),
         from_origin: VecDeque::new(),
         pairs: Vec::new(),
@@ -612,7 +616,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
     }
     let Some(t) = ts.slab.get_mut(id) else { return };
     let State::Session { leg, flow } = &mut t.state else { return };
-    if leg.quic.is_closed() {
+    if leg.quic.is_closed() && !leg.over {
         if !matches!(leg.phase, Phase::Open(_)) {
             let why = leg.closed_refusal();
             return fail(ts, ctx, id, why);
@@ -715,7 +719,10 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
     // Both halves of the session stream are closed: the session is over
     // (section 6), its remaining streams go with it.
     let over = leg.up_fin_sent && leg.origin_fin && t.bytes_out.is_empty();
-    if over {
+    if over && !leg.over {
+        // The origin connection closing after this is the session's end
+        // going as planned, not a failure to report.
+        leg.over = true;
         end_streams(leg, client);
         let _ = leg.quic.close(true, 0x100, b"session over");
     }
