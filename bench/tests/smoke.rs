@@ -39,8 +39,20 @@ fn smoke_suite_produces_every_output() {
         assert!(l.relay.count > 0 && l.direct.count > 0);
         assert!(l.relay.p50_us <= l.relay.p99_us);
     }
-    assert_eq!(report.cost.len(), 2);
+    // Upload at the smallest and the largest size, and the download
+    // direction at the largest.
+    let directions: Vec<&str> = report.cost.iter().map(|c| c.direction.as_str()).collect();
+    assert_eq!(directions, vec!["upload", "upload", "download"]);
     assert!(report.cost.iter().all(|c| c.cost.us_per_datagram > 0.0));
+    // The paced rows: every rate both ways.
+    assert_eq!(report.paced.len(), 2 * report.config.paced_rates.len());
+    assert!(report.paced.iter().all(|c| c.delivered > 0 && c.cost.us_per_datagram > 0.0));
+    // Every run says who used the CPU: the relay's processes only on the
+    // relay path.
+    for t in report.upload.iter().chain(&report.download).chain(&report.echo) {
+        assert_eq!(t.result.cpu.relay.is_some(), t.path == "relay", "{t:?}");
+        assert!(t.result.cpu.load_generator > 0.0, "{t:?}");
+    }
     assert!(report.cost.iter().all(|c| c.relay_syscalls_per_datagram > 0.0), "I/O system calls are counted");
     // Both backends measured, each with its upload and download cost runs.
     let backends: Vec<&str> = report.backends.iter().map(|b| b.backend.as_str()).collect();
