@@ -285,6 +285,20 @@ impl Conn {
                 return self.reset(stream, code::MESSAGE_ERROR);
             }
         };
+        if ctx.settings.served.webtransport
+            && req.method == "CONNECT"
+            && req.protocol.as_deref() == Some("webtransport")
+            && self.streams.values().any(|&id| tunnels.kind(id) == Some(Kind::WebTransport))
+        {
+            // The relay announces SETTINGS_WT_MAX_SESSIONS = 1 and no
+            // WebTransport flow control (draft-ietf-webtrans-http3 section
+            // 5.1): a second session while one is open or being set up is
+            // rejected with H3_REQUEST_REJECTED, which lets the client
+            // retry it on another connection.
+            debug!(stream, "a second WebTransport session on the connection");
+            ctx.count(Counter::TunnelsRefused, 1);
+            return self.reset(stream, code::REQUEST_REJECTED);
+        }
         let max = ctx.settings.bootstrap.max_tunnels_per_connection as usize;
         let quic = &self.quic;
         let client_cert = self

@@ -99,8 +99,8 @@ const COPY_CHUNK: usize = 64 * 1024;
 /// QUIC's per-stream and per-connection flow control carries the
 /// backpressure on each hop; the session-level limits and their capsules
 /// (section 5.6.1 makes an intermediary consume and re-issue them) are
-/// not implemented. A current-draft client then opens one session per
-/// connection.
+/// not implemented. A connection then carries one session at a time: the
+/// HTTP/3 carrier resets a second one with H3_REQUEST_REJECTED.
 pub fn settings() -> Vec<(u64, u64)> {
     vec![
         (SETTINGS_WT_MAX_SESSIONS, 1),

@@ -83,3 +83,37 @@ fn webtransport_is_not_served_without_a_route() {
     assert_eq!(h.client.status(session), Some(501));
     assert!(h.control.take_asks().is_empty());
 }
+
+#[test]
+fn a_second_session_on_a_connection_is_rejected_while_one_is_open() {
+    let mut h = serving_webtransport();
+    let first = h.client.webtransport("/game");
+    h.run();
+    let asks = h.control.take_asks();
+    assert_eq!(asks.len(), 1);
+    // Section 5.1: without flow control, one session per connection; the
+    // relay announced WT_MAX_SESSIONS = 1.
+    let second = h.client.webtransport("/chat");
+    h.run();
+    assert_eq!(h.client.reset_codes.get(&second), Some(&crate::h3::path::code::REQUEST_REJECTED));
+    assert!(h.control.take_asks().is_empty(), "the second session is not asked about");
+    // Other tunnels on the connection are not affected.
+    let udp = h.client.connect_udp("127.0.0.1", 9);
+    h.run();
+    assert_eq!(h.control.take_asks().len(), 1);
+    // Once the first session is over, a new one is served.
+    let verdict = Verdict::Deny {
+        status: 403,
+        proxy_error: Some(ProxyError::HttpRequestDenied),
+        details: "not for you".into(),
+        retry_after_secs: 0,
+    };
+    h.control.answer(&asks[0], verdict);
+    h.run();
+    assert_eq!(h.client.status(first), Some(403));
+    let third = h.client.webtransport("/game");
+    h.run();
+    assert!(!h.client.reset_codes.contains_key(&third), "{:?}", h.client.reset_codes);
+    assert_eq!(h.control.take_asks().len(), 1);
+    let _ = udp;
+}
