@@ -84,12 +84,13 @@ SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02 = 0x2B603742
 SETTINGS_ENABLE_CONNECT_PROTOCOL = 0x8
 SETTINGS_H3_DATAGRAM = 0x33
 CAPSULE_WT_CLOSE_SESSION = 0x2843
+CAPSULE_WT_DRAIN_SESSION = 0x78AE
 WT_SESSION_GONE = 0x170D7B68
 WT_APP_ERROR_FIRST = 0x52E4A40FA8DB
 WT_APP_ERROR_LAST = 0x52E5AC983162
 
 CASES = ["echo-bidi", "echo-uni", "datagram", "large", "server-bidi", "close-from-client",
-         "close-from-origin", "reset", "client-reset", "record", "status"]
+         "close-from-origin", "reset", "client-reset", "record", "status", "drain"]
 
 
 class CaseFailed(Exception):
@@ -457,10 +458,35 @@ async def case_record(c: ClientProtocol, args) -> dict:
         raise CaseFailed(f"record is not JSON: {st.data()[:200]!r}")
 
 
+async def case_drain(c: ClientProtocol, args) -> dict:
+    """Waits for WT_DRAIN_SESSION on the CONNECT stream (a draining relay, or
+    one whose origin sent GOAWAY, section 4.7), checks that the session still
+    carries a stream after it, then ends the session with WT_CLOSE_SESSION and
+    FIN."""
+    await c.wait("WT_DRAIN_SESSION on the CONNECT stream",
+                 lambda: any(t == CAPSULE_WT_DRAIN_SESSION for t, _ in c.capsules)
+                 or c.session_fin or c.session_reset is not None, args.timeout)
+    out = {"capsules": [hex(t) for t, _ in c.capsules], "peer_fin": c.session_fin, "peer_reset": c.session_reset}
+    drains = [v for t, v in c.capsules if t == CAPSULE_WT_DRAIN_SESSION]
+    if not drains:
+        raise CaseFailed("the CONNECT stream ended without WT_DRAIN_SESSION", out)
+    if drains[0]:
+        raise CaseFailed(f"WT_DRAIN_SESSION with a value ({len(drains[0])} bytes)", out)
+    out["echo_after_drain"] = await echo_on_bidi(c, b"after the drain notice", args.timeout)
+    c.h3.send_data(c.session_id, encode_capsule(CAPSULE_WT_CLOSE_SESSION, (0).to_bytes(4, "big") + b"drained"),
+                   end_stream=True)
+    c.transmit()
+    await c.wait("the peer to end the CONNECT stream",
+                 lambda: c.session_fin or c.session_reset is not None, args.timeout)
+    out.update(peer_fin=c.session_fin, peer_reset=c.session_reset)
+    return out
+
+
 CASE_FUNCS = {
     "echo-bidi": case_echo_bidi, "echo-uni": case_echo_uni, "datagram": case_datagram, "large": case_large,
     "server-bidi": case_server_bidi, "close-from-client": case_close_from_client,
     "close-from-origin": case_close_from_origin, "reset": case_reset, "client-reset": case_client_reset, "record": case_record,
+    "drain": case_drain,
 }
 
 

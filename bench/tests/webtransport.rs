@@ -48,6 +48,13 @@ struct Setup {
 impl Setup {
     #[track_caller]
     fn start(name: &str) -> Self {
+        Self::start_with(name, "")
+    }
+
+    /// [`Setup::start`] with `dataplane_extra` in the relay's `[dataplane]`
+    /// section.
+    #[track_caller]
+    fn start_with(name: &str, dataplane_extra: &str) -> Self {
         let pki = test_dir(&format!("{name}-pki"));
         std::fs::create_dir_all(&pki).unwrap();
         let ca = TestCa::new("wt origin CA").unwrap();
@@ -97,7 +104,12 @@ impl Setup {
             route("wrongip", "/wrongip", port, &ca, "127.0.0.2", "prefix_rewrite = \"/echo\"\n"),
         ]
         .concat();
-        let opts = RelayOptions { tcp_cleartext: true, extra_config: routes, ..RelayOptions::default() };
+        let opts = RelayOptions {
+            tcp_cleartext: true,
+            extra_config: routes,
+            dataplane_extra: dataplane_extra.into(),
+            ..RelayOptions::default()
+        };
         let relay = Relay::start(&test_dir(name), &opts).expect("relay starts");
         Self { relay, python, _echo: echo, _plain: plain, pki }
     }
@@ -281,4 +293,24 @@ fn sessions_show_in_relayctl_flows_with_their_kind() {
     let v = transfer.join().unwrap().unwrap();
     ok("large", &v);
     wait_until("the flow to end", PATIENCE, || s.flows() == 0);
+}
+
+#[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
+fn a_draining_relay_sends_wt_drain_session_and_keeps_serving_the_session() {
+    let s = Setup::start_with("drain", "drain_timeout_secs = 30");
+    let client = s.client().arg("--timeout", 30);
+    let session = std::thread::spawn(move || client.run("drain", "/echo"));
+    wait_until("the session in relayctl flows", PATIENCE, || {
+        s.relay.relayctl_json(&["flows"]).is_ok_and(|f| {
+            f["flows"].as_array().is_some_and(|l| l.iter().any(|f| f["protocol"] == "webtransport"))
+        })
+    });
+    // Drain (SIGTERM): GOAWAY on the connection, and section 4.7's
+    // WT_DRAIN_SESSION on the session, which keeps working until the client
+    // ends it.
+    s.relay.signal_dataplane(libc::SIGTERM);
+    let v = session.join().unwrap().unwrap();
+    ok("drain", &v);
+    assert_eq!(v["peer_fin"], true, "the relay ended the session with FIN after the client's close: {v}");
 }

@@ -239,6 +239,54 @@ pub fn datagram_header(context_id: u64, payload_len: usize, out: &mut [u8; MAX_D
     n
 }
 
+/// Follows a capsule stream relayed as bytes (it is never buffered or
+/// re-framed) and says where one capsule ends and the next begins, so an
+/// intermediary can put a capsule of its own between two of them (a
+/// WebTransport relay's WT_DRAIN_SESSION). Bounded state: at most one
+/// partial header (two varints, 16 bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Boundaries {
+    /// The partial header of the capsule being read (type, length).
+    header: Vec<u8>,
+    /// Value bytes of the current capsule still to come.
+    value_left: u64,
+}
+
+impl Boundaries {
+    /// A stream at its start (a boundary).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Follows `bytes`, the next bytes of the stream.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.value_left > 0 {
+                let k = (self.value_left.min(bytes.len() as u64)) as usize;
+                self.value_left -= k as u64;
+                bytes = &bytes[k..];
+                continue;
+            }
+            self.header.push(bytes[0]);
+            bytes = &bytes[1..];
+            let Ok((_, tlen)) = varint::decode(&self.header) else { continue };
+            let Ok((len, llen)) = varint::decode(&self.header[tlen..]) else { continue };
+            debug_assert_eq!(tlen + llen, self.header.len());
+            self.header.clear();
+            self.value_left = len;
+        }
+    }
+
+    /// Whether the bytes so far end exactly after a whole capsule.
+    pub fn at_boundary(&self) -> bool {
+        self.header.is_empty() && self.value_left == 0
+    }
+}
+
+/// WT_DRAIN_SESSION (draft-ietf-webtrans-http3 section 4.7): type 0x78ae,
+/// no value.
+pub const WT_DRAIN_SESSION: u64 = 0x78ae;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,5 +403,39 @@ mod tests {
             assert_eq!(decode_all(&bytes[..cut], 1), Err(CapsuleError::Truncated), "cut {cut}");
         }
         assert!(decode_all(&[], 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn boundaries_follow_capsules_split_anywhere() {
+        let mut stream = Vec::new();
+        encode(0x2843, b"\0\0\0\x2abye", &mut stream);
+        encode(WT_DRAIN_SESSION, b"", &mut stream);
+        encode(0x190b4d3d, &[7; 300], &mut stream);
+        let ends = {
+            let mut ends = Vec::new();
+            let mut at = 0;
+            for (t, v) in [(0x2843u64, 7usize), (WT_DRAIN_SESSION, 0), (0x190b4d3d, 300)] {
+                at += varint::encoded_len(t) + varint::encoded_len(v as u64) + v;
+                ends.push(at);
+            }
+            ends
+        };
+        // Byte by byte: a boundary exactly at 0 and after each capsule.
+        let mut b = Boundaries::new();
+        assert!(b.at_boundary());
+        for (i, byte) in stream.iter().enumerate() {
+            b.feed(std::slice::from_ref(byte));
+            assert_eq!(b.at_boundary(), ends.contains(&(i + 1)), "after byte {i}");
+        }
+        // In chunks of every size, the same answer at the end of each chunk.
+        for chunk in 1..stream.len() {
+            let mut b = Boundaries::new();
+            let mut fed = 0;
+            for part in stream.chunks(chunk) {
+                b.feed(part);
+                fed += part.len();
+                assert_eq!(b.at_boundary(), ends.contains(&fed), "chunk {chunk}, {fed} bytes");
+            }
+        }
     }
 }

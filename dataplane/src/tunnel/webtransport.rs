@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use quiche::h3::NameValue;
 use relay_channel::region::Counter;
+use relay_proto::capsule::{self, Boundaries, WT_DRAIN_SESSION};
 use relay_proto::proxy_status::ProxyError;
 use relay_proto::varint;
 use tracing::debug;
@@ -206,6 +207,13 @@ pub struct SessionLeg {
     /// Both halves of the session stream closed: the session is over and
     /// the relay closed the origin connection itself.
     over: bool,
+    /// Where the origin's capsules on the session stream end (the relay's
+    /// own capsule goes between two of them).
+    down_capsules: Boundaries,
+    /// The origin sent GOAWAY: it takes no new sessions.
+    origin_goaway: bool,
+    /// WT_DRAIN_SESSION went to the client.
+    drain_sent: bool,
     /// Streams the client opened, waiting for their origin stream.
     from_client: VecDeque<u64>,
     /// Streams the origin opened, waiting for their client stream.
@@ -447,6 +455,9 @@ pub(super) fn open(
         up_fin_sent: false,
         origin_fin: false,
         over: false,
+        down_capsules: Boundaries::new(),
+        origin_goaway: false,
+        drain_sent: false,
         from_client: t.early_streams.drain(..).collect(),
         from_origin: VecDeque::new(),
         pairs: Vec::new(),
@@ -589,7 +600,8 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
                     }
                 }
                 Ok((_, quiche::h3::Event::Data)) => {}
-                Ok((_, quiche::h3::Event::PriorityUpdate | quiche::h3::Event::GoAway)) => {}
+                Ok((_, quiche::h3::Event::GoAway)) => leg.origin_goaway = true,
+                Ok((_, quiche::h3::Event::PriorityUpdate)) => {}
                 Err(quiche::h3::Error::Done) => break,
                 Err(e) => {
                     debug!("origin HTTP/3: {e}");
@@ -664,6 +676,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
             match h3.recv_body(&mut leg.quic, origin_session, &mut leg.buf[..room]) {
                 Ok(n) if n > 0 => {
                     t.bytes_out.extend_from_slice(&leg.buf[..n]);
+                    leg.down_capsules.feed(&leg.buf[..n]);
                     down_bytes += n as u64;
                 }
                 _ => break,
@@ -671,6 +684,17 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
         }
         if leg.quic.stream_finished(origin_session) && !leg.quic.stream_readable(origin_session) {
             leg.origin_fin = true;
+        }
+        // Section 4.7: the relay draining (its GOAWAY to the client) or the
+        // origin's GOAWAY becomes WT_DRAIN_SESSION on the session, between
+        // two of the origin's capsules.
+        if (ctx.draining || leg.origin_goaway)
+            && !leg.drain_sent
+            && !leg.origin_fin
+            && leg.down_capsules.at_boundary()
+        {
+            capsule::encode(WT_DRAIN_SESSION, &[], &mut t.bytes_out);
+            leg.drain_sent = true;
         }
     }
     // Streams opened on one side, opened on the other.

@@ -1,9 +1,12 @@
 //! The capsule decoder must never panic, and splitting the same bytes at
-//! any points must not change what it decodes.
+//! any points must not change what it decodes. The same holds for the
+//! boundary tracker a WebTransport relay follows the origin's capsules
+//! with (`Boundaries`): never a panic, the same answer however the bytes
+//! are split.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_proto::capsule::{Capsule, CapsuleDecoder};
+use relay_proto::capsule::{Boundaries, Capsule, CapsuleDecoder};
 
 fn decode(chunks: &[&[u8]]) -> (Vec<Capsule>, Result<(), relay_proto::capsule::CapsuleError>) {
     let mut d = CapsuleDecoder::new(1024);
@@ -24,4 +27,11 @@ fuzz_target!(|data: &[u8]| {
     let pieces: Vec<&[u8]> = bytes.chunks(step).collect();
     let chunked = decode(&pieces);
     assert_eq!(whole, chunked, "chunking changed the decoding");
+    let mut one = Boundaries::new();
+    one.feed(bytes);
+    let mut split_up = Boundaries::new();
+    for p in &pieces {
+        split_up.feed(p);
+    }
+    assert_eq!(one, split_up, "chunking changed the boundaries");
 });
