@@ -223,8 +223,10 @@ pub struct SessionLeg {
     deadline: Instant,
     /// The QUIC timer armed in the worker's heap.
     timer: Option<Instant>,
-    /// Scratch for stream copies and datagrams.
+    /// Scratch for received packets, stream copies and datagrams.
     buf: Vec<u8>,
+    /// A datagram being re-addressed to the other hop (reused).
+    frame: Vec<u8>,
 }
 
 impl std::fmt::Debug for SessionLeg {
@@ -256,8 +258,12 @@ impl SessionLeg {
     pub fn recv(&mut self, payloads: &[u8], segment_size: usize, from: SocketAddr, local: SocketAddr) {
         let info = quiche::RecvInfo { from, to: local };
         for pkt in payloads.chunks(segment_size.max(1)) {
-            let mut copy = pkt.to_vec();
-            if let Err(e) = self.quic.recv(&mut copy, info) {
+            // quiche decrypts in place: the packet goes through the leg's
+            // scratch (a segment is at most a UDP payload, the scratch 64
+            // KiB), no allocation per packet.
+            let copy = &mut self.buf[..pkt.len()];
+            copy.copy_from_slice(pkt);
+            if let Err(e) = self.quic.recv(copy, info) {
                 debug!("origin QUIC recv: {e}");
             }
         }
@@ -464,6 +470,7 @@ pub(super) fn open(
         deadline: ctx.now + SESSION_TIMEOUT,
         timer: None,
         buf: vec![0; COPY_CHUNK],
+        frame: Vec::with_capacity(1500),
     });
     leg.send(ctx);
     leg.arm(ctx, id);
@@ -708,7 +715,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
     down_bytes += moved.1.bytes as u64;
     // Datagrams from the origin.
     let mut datagrams = 0;
-    let mut frame = Vec::with_capacity(1500);
+    let frame = &mut leg.frame;
     while let Ok(n) = leg.quic.dgram_recv(&mut leg.buf) {
         let Ok((stream, payload)) = relay_proto::datagram::split(&leg.buf[..n]) else {
             ctx.count(Counter::DropMalformed, 1);
@@ -719,9 +726,9 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
             continue;
         }
         frame.clear();
-        varint::push(client_session / 4, &mut frame);
+        varint::push(client_session / 4, frame);
         frame.extend_from_slice(payload);
-        match client.quic.dgram_send(&frame) {
+        match client.quic.dgram_send(frame) {
             Ok(()) => {
                 datagrams += 1;
                 down_bytes += payload.len() as u64;
@@ -1023,10 +1030,10 @@ pub(super) fn on_datagram(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, payload
     let Some(t) = ts.slab.get_mut(id) else { return };
     let State::Session { leg, flow } = &mut t.state else { return ctx.count(Counter::DropNoTunnel, 1) };
     let Phase::Open(origin_session) = leg.phase else { return ctx.count(Counter::DropNoTunnel, 1) };
-    let mut frame = Vec::with_capacity(payload.len() + 8);
-    varint::push(origin_session / 4, &mut frame);
-    frame.extend_from_slice(payload);
-    match leg.quic.dgram_send(&frame) {
+    leg.frame.clear();
+    varint::push(origin_session / 4, &mut leg.frame);
+    leg.frame.extend_from_slice(payload);
+    match leg.quic.dgram_send(&leg.frame) {
         Ok(()) => {
             flow.stream_bytes(payload.len() as u64, 0, ctx.now);
             ctx.count(Counter::WebtransportDatagrams, 1);

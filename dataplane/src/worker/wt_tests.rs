@@ -11,6 +11,16 @@ use relay_proto::proxy_status::ProxyError;
 use super::harness::{Harness, bootstrap};
 use crate::tunnel::webtransport::{MAX_EARLY_STREAMS, WT_BUFFERED_STREAM_REJECTED, WT_SESSION_GONE};
 
+/// Control's 403 for a session.
+fn forbidden() -> Verdict {
+    Verdict::Deny {
+        status: 403,
+        proxy_error: Some(ProxyError::HttpRequestDenied),
+        details: "not for you".into(),
+        retry_after_secs: 0,
+    }
+}
+
 fn serving_webtransport() -> Harness {
     let mut b = bootstrap(1);
     b.protocols.push(Protocol::Webtransport);
@@ -44,12 +54,7 @@ fn streams_opened_before_a_refusal_end_with_the_session() {
     let uni = h.client.open_wt_stream(session, false, b"early");
     h.run();
     assert_eq!(h.client.wt_stream_ended(bidi), None, "held while control decides");
-    let verdict = Verdict::Deny {
-        status: 403,
-        proxy_error: Some(ProxyError::HttpRequestDenied),
-        details: "not for you".into(),
-        retry_after_secs: 0,
-    };
+    let verdict = forbidden();
     h.control.answer(&asks[0], verdict);
     h.run();
     assert_eq!(h.client.status(session), Some(403));
@@ -102,12 +107,7 @@ fn a_second_session_on_a_connection_is_rejected_while_one_is_open() {
     h.run();
     assert_eq!(h.control.take_asks().len(), 1);
     // Once the first session is over, a new one is served.
-    let verdict = Verdict::Deny {
-        status: 403,
-        proxy_error: Some(ProxyError::HttpRequestDenied),
-        details: "not for you".into(),
-        retry_after_secs: 0,
-    };
+    let verdict = forbidden();
     h.control.answer(&asks[0], verdict);
     h.run();
     assert_eq!(h.client.status(first), Some(403));
