@@ -1179,6 +1179,10 @@ pub struct UpstreamRoute {
     /// `None` for `ws://`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub origin_server_name: Option<String>,
+    /// WebSocket routes: HTTP/1.1 Upgrade (default), HTTP/2 extended
+    /// CONNECT (RFC 8441), or `auto` by ALPN (`wss://` only).
+    #[serde(skip_serializing_if = "is_http1")]
+    pub origin_http: relay_proto::channel::bootstrap::OriginHttp,
     /// Byte offset of `name` in the config text (to name lines in errors).
     #[serde(skip)]
     pub name_offset: usize,
@@ -1208,6 +1212,40 @@ struct RawUpstreamRoute {
     origin_ca_file: Option<PathBuf>,
     #[serde(default)]
     origin_server_name: Option<String>,
+    #[serde(default)]
+    origin_http: Option<String>,
+}
+
+/// Whether a route's `origin_http` is the default (left out of the
+/// effective config, which webtransport routes must not carry).
+fn is_http1(h: &relay_proto::channel::bootstrap::OriginHttp) -> bool {
+    *h == relay_proto::channel::bootstrap::OriginHttp::Http1
+}
+
+/// A route's `origin_http`: `http/1.1` (the default), `h2`, or `auto` on
+/// `wss://`; WebSocket routes only (WebTransport's origins speak HTTP/3).
+fn parse_origin_http(
+    text: Option<&str>,
+    protocol: UpstreamProtocol,
+    origin: &UpstreamOrigin,
+) -> Result<relay_proto::channel::bootstrap::OriginHttp, String> {
+    use relay_proto::channel::bootstrap::OriginHttp;
+    let Some(text) = text else { return Ok(OriginHttp::Http1) };
+    if protocol != UpstreamProtocol::Websocket {
+        return Err(format!(
+            "origin_http applies to websocket routes only (the route's protocol is {})",
+            protocol.as_str()
+        ));
+    }
+    match text {
+        "http/1.1" => Ok(OriginHttp::Http1),
+        "h2" => Ok(OriginHttp::H2),
+        "auto" if origin.tls => Ok(OriginHttp::Auto),
+        "auto" => Err(format!(
+            "origin_http \"auto\" chooses by ALPN and needs a wss:// origin (the origin is {origin}); use \"h2\" for HTTP/2 with prior knowledge"
+        )),
+        other => Err(format!("origin_http must be \"http/1.1\", \"h2\" or \"auto\", not {other:?}")),
+    }
 }
 
 /// Why `path` cannot be a `path_prefix` or `prefix_rewrite`: it must start
@@ -1319,6 +1357,8 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             }
             (None, None)
         };
+        let origin_http = parse_origin_http(r.origin_http.as_deref(), protocol, &origin)
+            .map_err(|e| format!("{at}: {e}"))?;
         Ok(Self {
             name,
             protocol,
@@ -1332,6 +1372,7 @@ impl TryFrom<RawUpstreamRoute> for UpstreamRoute {
             idle_timeout_secs,
             origin_ca_file,
             origin_server_name,
+            origin_http,
             name_offset,
         })
     }
@@ -2164,7 +2205,7 @@ impl Config {
                     }
                     _ => None,
                 };
-                Ok(UpstreamBootstrap { route: route.name.clone(), tls })
+                Ok(UpstreamBootstrap { route: route.name.clone(), tls, origin_http: route.origin_http })
             })
             .collect()
     }
@@ -2732,7 +2773,7 @@ mod tests {
     const ROUTES: &str = "[[upstreams]]\nname = \"chat\"\nprotocol = \"websocket\"\n\
         hosts = [\"chat.example\", \"192.0.2.1\", \"::1\"]\npath_prefix = \"/chat/\"\n\
         origin = \"ws://127.0.0.1:9001\"\nprefix_rewrite = \"/\"\nhost_header = \"chat.internal\"\n\
-        auth = \"public\"\ntrusted_origin = true\nidle_timeout_secs = 600\n\n\
+        auth = \"public\"\ntrusted_origin = true\nidle_timeout_secs = 600\norigin_http = \"h2\"\n\n\
         [[upstreams]]\nname = \"api_2\"\npath_prefix = \"/api/\"\norigin = \"ws://API.internal\"\n";
 
     #[test]
@@ -2753,6 +2794,8 @@ mod tests {
             (Some("/"), Some("chat.internal"))
         );
         assert_eq!((chat.trusted_origin, chat.idle_timeout_secs), (true, 600));
+        assert_eq!(chat.origin_http, relay_proto::channel::bootstrap::OriginHttp::H2);
+        assert_eq!(c.upstream_bootstrap().unwrap()[0].origin_http, chat.origin_http);
         // Every other key defaults.
         let api = &c.upstreams[1];
         assert_eq!(
@@ -2760,6 +2803,7 @@ mod tests {
             (UpstreamProtocol::Websocket, UpstreamAuth::Relay, false, 0)
         );
         assert!(api.hosts.is_empty() && api.prefix_rewrite.is_none() && api.host_header.is_none());
+        assert_eq!(api.origin_http, relay_proto::channel::bootstrap::OriginHttp::Http1);
         assert_eq!(api.origin.host, TargetHost::Name("api.internal".into()), "names are lowercased");
         assert_eq!(
             (api.origin.port, api.origin.authority.as_str()),
@@ -2913,6 +2957,18 @@ mod tests {
             (
                 "origin = \"wss://127.0.0.1\"\norigin_ca_file = \"\"",
                 "upstreams route \"r1\": origin_ca_file must be",
+            ),
+            (
+                "origin = \"ws://127.0.0.1:9\"\norigin_http = \"auto\"",
+                "upstreams route \"r1\": origin_http \"auto\" chooses by ALPN and needs a wss:// origin",
+            ),
+            (
+                "origin = \"wss://127.0.0.1\"\norigin_http = \"h3\"",
+                "upstreams route \"r1\": origin_http must be \"http/1.1\", \"h2\" or \"auto\", not \"h3\"",
+            ),
+            (
+                "protocol = \"webtransport\"\norigin = \"https://127.0.0.1\"\norigin_http = \"h2\"",
+                "upstreams route \"r1\": origin_http applies to websocket routes only",
             ),
         ] {
             let e = err(route);

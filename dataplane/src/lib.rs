@@ -33,6 +33,7 @@ pub mod handoff;
 pub mod io;
 pub mod keyless;
 pub mod link;
+pub mod origin_h2;
 pub mod origin_tls;
 pub mod qlog;
 pub mod quic;

@@ -25,13 +25,40 @@ use std::sync::Arc;
 use boring::ssl::{ErrorCode, HandshakeError, SslConnector, SslMethod, SslVersion};
 use boring::x509::X509;
 use boring::x509::store::X509StoreBuilder;
-use relay_proto::channel::bootstrap::{UpstreamBootstrap, validate_upstreams};
+use relay_proto::channel::bootstrap::{OriginHttp, UpstreamBootstrap, validate_upstreams};
 use relay_proto::proxy_status::ProxyError;
 
 use crate::front::tls::{Plain, State, Wire, read_plain};
 
-/// ALPN offered to origins: the Upgrade is HTTP/1.1 (RFC 7301 wire form).
-const ALPN: &[u8] = b"\x08http/1.1";
+/// ALPN offered to an origin (RFC 7301 wire forms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Alpn {
+    /// `http/1.1`: the Upgrade.
+    Http1,
+    /// `h2`: extended CONNECT (RFC 8441).
+    H2,
+    /// `h2`, then `http/1.1`: the origin picks.
+    H2OrHttp1,
+}
+
+impl Alpn {
+    fn wire(self) -> &'static [u8] {
+        match self {
+            Alpn::Http1 => b"\x08http/1.1",
+            Alpn::H2 => b"\x02h2",
+            Alpn::H2OrHttp1 => b"\x02h2\x08http/1.1",
+        }
+    }
+
+    /// What a route's first connection offers.
+    pub fn for_route(http: OriginHttp) -> Self {
+        match http {
+            OriginHttp::Http1 => Alpn::Http1,
+            OriginHttp::H2 => Alpn::H2,
+            OriginHttp::Auto => Alpn::H2OrHttp1,
+        }
+    }
+}
 
 /// Largest CA file read (a system bundle is about 200 KiB).
 pub const MAX_CA_FILE_BYTES: u64 = 16 << 20;
@@ -69,7 +96,12 @@ pub enum OriginTlsError {
 pub struct RouteTls {
     /// SNI (for DNS names) and the name the certificate must hold.
     pub server_name: String,
+    /// The context of the route's first connection (its ALPN offer).
     connector: SslConnector,
+    /// `origin_http = "auto"`: the context offering only `http/1.1`, for
+    /// the second connection to an origin that selected h2 without
+    /// enabling extended CONNECT.
+    fallback: Option<SslConnector>,
     /// The route's CA certificates (read at attach), for the QUIC client
     /// of `https://` origins (WebTransport).
     pub cas: std::sync::Arc<Vec<X509>>,
@@ -85,7 +117,7 @@ impl std::fmt::Debug for RouteTls {
 /// its origin is `wss://`.
 #[derive(Debug, Clone, Default)]
 pub struct OriginTls {
-    routes: HashMap<String, Option<RouteTls>>,
+    routes: HashMap<String, (Option<RouteTls>, OriginHttp)>,
 }
 
 impl OriginTls {
@@ -93,25 +125,36 @@ impl OriginTls {
     /// distinct CA file (read now: an unreadable file fails the attach).
     pub fn from_bootstrap(routes: &[UpstreamBootstrap]) -> Result<Self, OriginTlsError> {
         validate_upstreams(routes)?;
-        let mut contexts: HashMap<&str, (SslConnector, std::sync::Arc<Vec<X509>>)> = HashMap::new();
+        let mut cas_by_file: HashMap<&str, std::sync::Arc<Vec<X509>>> = HashMap::new();
+        let mut contexts: HashMap<(&str, Alpn), SslConnector> = HashMap::new();
         let mut out = HashMap::new();
         for r in routes {
             let tls = match &r.tls {
                 None => None,
                 Some(t) => {
-                    let (connector, cas) = match contexts.get(t.ca_file.as_str()) {
+                    let cas = match cas_by_file.get(t.ca_file.as_str()) {
                         Some(c) => c.clone(),
                         None => {
-                            let cas = read_ca_file(&t.ca_file)?;
-                            let c = (connector(&cas)?, std::sync::Arc::new(cas));
-                            contexts.insert(t.ca_file.as_str(), c.clone());
-                            c
+                            let cas = std::sync::Arc::new(read_ca_file(&t.ca_file)?);
+                            cas_by_file.insert(t.ca_file.as_str(), cas.clone());
+                            cas
                         }
                     };
-                    Some(RouteTls { server_name: t.server_name.clone(), connector, cas })
+                    let mut context = |alpn: Alpn| -> Result<SslConnector, OriginTlsError> {
+                        if let Some(c) = contexts.get(&(t.ca_file.as_str(), alpn)) {
+                            return Ok(c.clone());
+                        }
+                        let c = connector(&cas, alpn)?;
+                        contexts.insert((t.ca_file.as_str(), alpn), c.clone());
+                        Ok(c)
+                    };
+                    let connector = context(Alpn::for_route(r.origin_http))?;
+                    let fallback =
+                        if r.origin_http == OriginHttp::Auto { Some(context(Alpn::Http1)?) } else { None };
+                    Some(RouteTls { server_name: t.server_name.clone(), connector, fallback, cas })
                 }
             };
-            out.insert(r.route.clone(), tls);
+            out.insert(r.route.clone(), (tls, r.origin_http));
         }
         Ok(Self { routes: out })
     }
@@ -119,7 +162,13 @@ impl OriginTls {
     /// A route's TLS settings: `None` when the route is unknown,
     /// `Some(None)` for a `ws://` route.
     pub fn route(&self, name: &str) -> Option<Option<&RouteTls>> {
-        self.routes.get(name).map(Option::as_ref)
+        self.routes.get(name).map(|(tls, _)| tls.as_ref())
+    }
+
+    /// Which HTTP a route's origin is spoken (HTTP/1.1 for unknown routes,
+    /// which are refused anyway).
+    pub fn http(&self, name: &str) -> OriginHttp {
+        self.routes.get(name).map_or(OriginHttp::Http1, |(_, http)| *http)
     }
 }
 
@@ -145,8 +194,8 @@ pub fn read_ca_file(path: &str) -> Result<Vec<X509>, OriginTlsError> {
 }
 
 /// A client context trusting `cas` only: peer verification, TLS 1.2+,
-/// ALPN `http/1.1`.
-pub fn connector(cas: &[X509]) -> Result<SslConnector, boring::error::ErrorStack> {
+/// offering `alpn`.
+pub fn connector(cas: &[X509], alpn: Alpn) -> Result<SslConnector, boring::error::ErrorStack> {
     let mut store = X509StoreBuilder::new()?;
     for ca in cas {
         store.add_cert(ca.clone())?;
@@ -156,7 +205,7 @@ pub fn connector(cas: &[X509]) -> Result<SslConnector, boring::error::ErrorStack
     let mut builder = SslConnector::builder(SslMethod::tls())?;
     builder.set_cert_store(store.build());
     builder.set_min_proto_version(Some(SslVersion::TLS1_2))?;
-    builder.set_alpn_protos(ALPN)?;
+    builder.set_alpn_protos(alpn.wire())?;
     Ok(builder.build())
 }
 
@@ -245,7 +294,18 @@ impl ClientSession {
     /// are its `server_name`. The ClientHello is written by the first
     /// [`Self::handshake`].
     pub fn new(route: &RouteTls) -> Result<Self, boring::error::ErrorStack> {
-        let config = route.connector.configure()?.use_server_name_indication(true).verify_hostname(true);
+        Self::with(route, &route.connector)
+    }
+
+    /// A session for a route's second connection, offering only
+    /// `http/1.1` (`origin_http = "auto"`, after the origin selected h2
+    /// without enabling extended CONNECT).
+    pub fn http1_fallback(route: &RouteTls) -> Result<Self, boring::error::ErrorStack> {
+        Self::with(route, route.fallback.as_ref().unwrap_or(&route.connector))
+    }
+
+    fn with(route: &RouteTls, connector: &SslConnector) -> Result<Self, boring::error::ErrorStack> {
+        let config = connector.configure()?.use_server_name_indication(true).verify_hostname(true);
         let mid = config.setup_connect(&route.server_name, Wire::default())?;
         Ok(Self { state: State::Handshaking(mid) })
     }
@@ -290,8 +350,8 @@ impl ClientSession {
         matches!(self.state, State::Open(_))
     }
 
-    /// The protocol ALPN picked, once open (`http/1.1`, or none when the
-    /// origin does not do ALPN).
+    /// The protocol ALPN picked, once open (`http/1.1` or `h2`, or none
+    /// when the origin does not do ALPN).
     pub fn alpn(&self) -> Option<&[u8]> {
         match &self.state {
             State::Open(s) => s.ssl().selected_alpn_protocol(),
@@ -315,7 +375,7 @@ impl ClientSession {
         };
         match mid.handshake() {
             Ok(stream) => {
-                if stream.ssl().selected_alpn_protocol().is_some_and(|p| p != b"http/1.1") {
+                if stream.ssl().selected_alpn_protocol().is_some_and(|p| p != b"http/1.1" && p != b"h2") {
                     // RFC 7301 section 3.2: only a protocol offered may be
                     // picked; BoringSSL already refuses others, this keeps
                     // the promise visible.
@@ -464,7 +524,8 @@ mod tests {
     fn route(ca: &X509, server_name: &str) -> RouteTls {
         RouteTls {
             server_name: server_name.into(),
-            connector: connector(std::slice::from_ref(ca)).unwrap(),
+            connector: connector(std::slice::from_ref(ca), Alpn::Http1).unwrap(),
+            fallback: None,
             cas: std::sync::Arc::new(vec![ca.clone()]),
         }
     }
@@ -609,13 +670,29 @@ mod tests {
         let ca = ca_file.to_str().unwrap().to_string();
         let tls = |name: &str, ca: &str| Some(UpstreamTls { server_name: name.into(), ca_file: ca.into() });
         let routes = vec![
-            UpstreamBootstrap { route: "plain".into(), tls: None },
-            UpstreamBootstrap { route: "a".into(), tls: tls("echo.test", &ca) },
-            UpstreamBootstrap { route: "b".into(), tls: tls("127.0.0.1", &ca) },
+            UpstreamBootstrap { route: "plain".into(), tls: None, origin_http: OriginHttp::H2 },
+            UpstreamBootstrap {
+                route: "a".into(),
+                tls: tls("echo.test", &ca),
+                origin_http: OriginHttp::Http1,
+            },
+            UpstreamBootstrap {
+                route: "b".into(),
+                tls: tls("127.0.0.1", &ca),
+                origin_http: OriginHttp::Auto,
+            },
         ];
         let o = OriginTls::from_bootstrap(&routes).unwrap();
         assert!(o.route("nope").is_none(), "unknown route");
         assert!(matches!(o.route("plain"), Some(None)));
+        assert_eq!(
+            (o.http("plain"), o.http("b"), o.http("nope")),
+            (OriginHttp::H2, OriginHttp::Auto, OriginHttp::Http1)
+        );
+        assert!(
+            o.route("b").unwrap().unwrap().fallback.is_some()
+                && o.route("a").unwrap().unwrap().fallback.is_none()
+        );
         let a = o.route("a").unwrap().unwrap();
         assert_eq!(a.server_name, "echo.test");
         let mut client = ClientSession::new(a).unwrap();
@@ -625,12 +702,20 @@ mod tests {
         std::fs::write(&garbage, b"nothing here").unwrap();
         for bad in [dir.join("missing.pem"), garbage] {
             let bad = bad.to_str().unwrap().to_string();
-            let routes = vec![UpstreamBootstrap { route: "a".into(), tls: tls("echo.test", &bad) }];
+            let routes = vec![UpstreamBootstrap {
+                route: "a".into(),
+                tls: tls("echo.test", &bad),
+                origin_http: OriginHttp::Http1,
+            }];
             let e = OriginTls::from_bootstrap(&routes).unwrap_err().to_string();
             assert!(e.contains(&bad), "{e}");
         }
         // The bootstrap's bounds are checked.
-        let routes = vec![UpstreamBootstrap { route: "a".into(), tls: tls("echo.test", "relative.pem") }];
+        let routes = vec![UpstreamBootstrap {
+            route: "a".into(),
+            tls: tls("echo.test", "relative.pem"),
+            origin_http: OriginHttp::Http1,
+        }];
         assert!(matches!(OriginTls::from_bootstrap(&routes), Err(OriginTlsError::Invalid(_))));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -300,6 +300,12 @@ impl TcpTarget {
         }
     }
 
+    /// The protocol the TLS handshake selected by ALPN (none without TLS,
+    /// before the handshake completed, or when the origin selected none).
+    pub fn alpn(&self) -> Option<&[u8]> {
+        self.tls.as_ref().and_then(|t| t.session.alpn())
+    }
+
     /// The socket, for the backend's watch list (read and write interest).
     pub fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()

@@ -205,7 +205,14 @@ pub fn decode_http2_settings(value: &str) -> Result<PeerSettings, SettingsError>
         return Err(SettingsError::TooLong);
     }
     let payload = decode_base64url(value.as_bytes())?;
-    if payload.len() % 6 != 0 {
+    decode_settings_payload(&payload)
+}
+
+/// Decodes a SETTINGS frame's payload (RFC 9113 section 6.5): whole
+/// 6-octet settings, each value in its range, unknown identifiers ignored,
+/// a repeated one taking its last value.
+pub fn decode_settings_payload(payload: &[u8]) -> Result<PeerSettings, SettingsError> {
+    if !payload.len().is_multiple_of(6) {
         return Err(SettingsError::PayloadLength(payload.len()));
     }
     let mut s = PeerSettings::default();
@@ -240,6 +247,40 @@ pub fn decode_http2_settings(value: &str) -> Result<PeerSettings, SettingsError>
         }
     }
     Ok(s)
+}
+
+/// Why an HTTP/2 server's first frame is not its connection preface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum PrefaceError {
+    /// The first frame is not a SETTINGS frame (RFC 9113 section 3.4: the
+    /// server's preface is one, and it comes first).
+    #[error("the server's first frame is of type {0:#x}, not SETTINGS")]
+    NotSettings(u8),
+    /// A SETTINGS frame with the ACK flag, on a stream, or longer than
+    /// the client's maximum frame size (section 6.5).
+    #[error("the server's first SETTINGS frame is malformed")]
+    Malformed,
+    /// Its values are out of range.
+    #[error("the server's SETTINGS: {0}")]
+    Settings(#[from] SettingsError),
+}
+
+/// Reads an HTTP/2 server's connection preface from the first bytes it
+/// sent (RFC 9113 section 3.4): `Ok(None)` while the first frame is
+/// incomplete, else its settings and the frame's length. The client's own
+/// maximum frame size is the default, 16384 octets.
+pub fn server_preface(bytes: &[u8]) -> Result<Option<(PeerSettings, usize)>, PrefaceError> {
+    let Some(header) = bytes.get(..9) else { return Ok(None) };
+    let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+    if header[3] != 0x4 {
+        return Err(PrefaceError::NotSettings(header[3]));
+    }
+    let stream = u32::from_be_bytes([header[5], header[6], header[7], header[8]]) & 0x7fff_ffff;
+    if header[4] & 0x1 != 0 || stream != 0 || len > MIN_MAX_FRAME_SIZE as usize {
+        return Err(PrefaceError::Malformed);
+    }
+    let Some(payload) = bytes.get(9..9 + len) else { return Ok(None) };
+    Ok(Some((decode_settings_payload(payload)?, 9 + len)))
 }
 
 /// base64url without padding. Leftover bits of a partial last group are
@@ -1596,5 +1637,43 @@ mod tests {
         s.push(&server_settings(), &mut out);
         assert!(s.done());
         assert_eq!(out, server_settings());
+    }
+
+    #[test]
+    fn a_servers_preface_is_its_first_settings_frame() {
+        let frame = |ty: u8, flags: u8, stream: u32, payload: &[u8]| {
+            let mut f = vec![0, (payload.len() >> 8) as u8, payload.len() as u8, ty, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        };
+        let enable = [0, 8, 0, 0, 0, 1, 0, 4, 0, 1, 0, 0];
+        let f = frame(0x4, 0, 0, &enable);
+        for n in 0..f.len() {
+            assert_eq!(server_preface(&f[..n]), Ok(None), "{n} bytes");
+        }
+        let mut more = f.clone();
+        more.extend_from_slice(&frame(0x8, 0, 0, &[0, 0, 0, 1]));
+        let (s, len) = server_preface(&more).unwrap().unwrap();
+        assert_eq!(len, f.len());
+        assert!(s.enable_connect_protocol);
+        assert_eq!(s.initial_window_size, 65_536);
+        let (s, len) = server_preface(&frame(0x4, 0, 0, &[])).unwrap().unwrap();
+        assert_eq!((s, len), (PeerSettings::default(), 9));
+        assert!(!s.enable_connect_protocol, "off unless announced (RFC 8441 section 3)");
+        assert_eq!(server_preface(&frame(0x0, 0, 1, b"x")), Err(PrefaceError::NotSettings(0)));
+        assert_eq!(server_preface(&frame(0x4, 1, 0, &[])), Err(PrefaceError::Malformed), "ACK");
+        assert_eq!(server_preface(&frame(0x4, 0, 3, &[])), Err(PrefaceError::Malformed), "on a stream");
+        assert_eq!(
+            server_preface(&frame(0x4, 0, 0, &[0, 8, 0, 0, 0, 2])),
+            Err(PrefaceError::Settings(SettingsError::EnableConnectProtocol(2)))
+        );
+        assert_eq!(
+            server_preface(&frame(0x4, 0, 0, &[0, 8, 0])),
+            Err(PrefaceError::Settings(SettingsError::PayloadLength(3)))
+        );
+        let mut long = frame(0x4, 0, 0, &[]);
+        long[0] = 1;
+        assert_eq!(server_preface(&long), Err(PrefaceError::Malformed), "longer than 16384 octets");
     }
 }

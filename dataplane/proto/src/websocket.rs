@@ -219,6 +219,22 @@ pub enum UpstreamError {
     /// A subprotocol the client did not offer (item 6).
     #[error("the origin chose a subprotocol that was not offered")]
     UnofferedProtocol,
+    /// An HTTP/2 origin answered the extended CONNECT with a status other
+    /// than 2xx (RFC 8441 section 5).
+    #[error("the origin answered {0} to the extended CONNECT")]
+    RefusedConnect(u16),
+    /// An HTTP/2 origin whose SETTINGS do not enable extended CONNECT: the
+    /// relay must not send one (RFC 8441 section 3).
+    #[error("the origin's HTTP/2 SETTINGS do not enable extended CONNECT (RFC 8441 section 3)")]
+    NoExtendedConnect,
+    /// The route asks for HTTP/2 and the origin's TLS handshake selected
+    /// another protocol (ALPN).
+    #[error("the origin did not select h2 by ALPN")]
+    NotHttp2,
+    /// The HTTP/2 connection or stream to the origin failed before the
+    /// answer (a protocol error, a reset, GOAWAY).
+    #[error("the origin's HTTP/2 connection failed before the answer")]
+    Http2Failed,
     /// The connection ended before the response head did.
     #[error("the origin closed before its response was complete")]
     Incomplete,
@@ -232,7 +248,13 @@ impl UpstreamError {
     /// `received-status` (RFC 9209 section 2.1.2) when the origin sent one.
     pub fn answer(self) -> (u16, ProxyError, Option<u16>) {
         match self {
-            UpstreamError::Refused(status) => (502, ProxyError::HttpUpgradeFailed, Some(status)),
+            UpstreamError::Refused(status) | UpstreamError::RefusedConnect(status) => {
+                (502, ProxyError::HttpUpgradeFailed, Some(status))
+            }
+            UpstreamError::NoExtendedConnect | UpstreamError::NotHttp2 => {
+                (502, ProxyError::HttpUpgradeFailed, None)
+            }
+            UpstreamError::Http2Failed => (502, ProxyError::HttpProtocolError, None),
             UpstreamError::Malformed => (502, ProxyError::HttpProtocolError, None),
             UpstreamError::NotWebSocket
             | UpstreamError::BadAccept
@@ -294,7 +316,21 @@ pub fn parse_upgrade_response(
         Some(a) if a.trim_matches([' ', '\t']) == accept => {}
         _ => return Err(UpstreamError::BadAccept),
     }
-    let extensions = values("sec-websocket-extensions")?;
+    let (protocol, extensions) =
+        check_choice(values("sec-websocket-protocol")?, values("sec-websocket-extensions")?, offered)?;
+    Ok(Some(Upgraded { head_len, protocol, extensions }))
+}
+
+/// Checks what the origin chose against what the client offered (RFC 6455
+/// section 4.1, items 5 and 6; the same rules hold over extended CONNECT,
+/// RFC 8441 section 5): every accepted extension was offered, the
+/// subprotocol is one of those offered. Gives the subprotocol trimmed and
+/// the extensions as written.
+fn check_choice(
+    protocol: Option<String>,
+    extensions: Option<String>,
+    offered: &ClientHandshake,
+) -> Result<(Option<String>, Option<String>), UpstreamError> {
     if let Some(accepted) = &extensions {
         let offered_names: Vec<&str> =
             offered.extensions.as_deref().map(|o| list(o).map(extension_name).collect()).unwrap_or_default();
@@ -302,14 +338,67 @@ pub fn parse_upgrade_response(
             return Err(UpstreamError::UnofferedExtension);
         }
     }
-    let protocol = values("sec-websocket-protocol")?.map(|p| p.trim_matches([' ', '\t']).to_string());
+    let protocol = protocol.map(|p| p.trim_matches([' ', '\t']).to_string());
     if let Some(chosen) = &protocol {
         let offered_one = offered.protocols.as_deref().is_some_and(|o| list(o).any(|p| p == chosen));
         if !offered_one {
             return Err(UpstreamError::UnofferedProtocol);
         }
     }
-    Ok(Some(Upgraded { head_len, protocol, extensions }))
+    Ok((protocol, extensions))
+}
+
+/// The fields of the extended CONNECT the relay sends an HTTP/2 origin
+/// (RFC 8441 section 5), besides the pseudo-header fields: version 13 and
+/// the client's protocols, extensions and Origin. No `Sec-WebSocket-Key`:
+/// extended CONNECT does not use it. Values passed the carrier's field
+/// validation (no CR, LF or NUL).
+pub fn connect_request_fields(client: &ClientHandshake) -> Vec<(&'static str, &str)> {
+    let mut out = vec![("sec-websocket-version", VERSION)];
+    if let Some(p) = &client.protocols {
+        out.push(("sec-websocket-protocol", p));
+    }
+    if let Some(e) = &client.extensions {
+        out.push(("sec-websocket-extensions", e));
+    }
+    if let Some(o) = &client.origin {
+        out.push(("origin", o));
+    }
+    out
+}
+
+/// Checks an HTTP/2 origin's answer to the extended CONNECT (RFC 8441
+/// section 5; RFC 9110 section 9.3.6: any 2xx opens the tunnel). `fields`
+/// are the response's (name lower-case, value); repeated ones are joined.
+pub fn check_connect_response<'a>(
+    status: u16,
+    fields: impl Iterator<Item = (&'a str, &'a [u8])>,
+    offered: &ClientHandshake,
+) -> Result<Upgraded, UpstreamError> {
+    if !(200..300).contains(&status) {
+        return Err(UpstreamError::RefusedConnect(status));
+    }
+    let (mut protocol, mut extensions): (Option<String>, Option<String>) = (None, None);
+    for (name, value) in fields {
+        let slot = match name {
+            "sec-websocket-protocol" => &mut protocol,
+            "sec-websocket-extensions" => &mut extensions,
+            _ => continue,
+        };
+        let v = std::str::from_utf8(value).map_err(|_| UpstreamError::Malformed)?;
+        if v.bytes().any(|b| b == 0 || b == b'\r' || b == b'\n') {
+            return Err(UpstreamError::Malformed);
+        }
+        match slot {
+            None => *slot = Some(v.to_string()),
+            Some(prev) => {
+                prev.push_str(", ");
+                prev.push_str(v);
+            }
+        }
+    }
+    let (protocol, extensions) = check_choice(protocol, extensions, offered)?;
+    Ok(Upgraded { head_len: 0, protocol, extensions })
 }
 
 /// An extension's name: what precedes its parameters.
@@ -487,5 +576,56 @@ mod tests {
         let mut long = b"HTTP/1.1 101 OK\r\nX: ".to_vec();
         long.extend_from_slice(&huge);
         assert_eq!(parse_upgrade_response(&long, ACCEPT, &c), Err(UpstreamError::Malformed));
+    }
+
+    #[test]
+    fn extended_connect_requests_carry_the_clients_choices_and_no_key() {
+        let mut c = offered(Some("chat, superchat"), Some("permessage-deflate"));
+        c.origin = Some("https://app.example".into());
+        c.key = Some(KEY.into());
+        let fields = connect_request_fields(&c);
+        assert_eq!(
+            fields,
+            vec![
+                ("sec-websocket-version", "13"),
+                ("sec-websocket-protocol", "chat, superchat"),
+                ("sec-websocket-extensions", "permessage-deflate"),
+                ("origin", "https://app.example"),
+            ]
+        );
+        assert!(connect_request_fields(&offered(None, None)) == vec![("sec-websocket-version", "13")]);
+    }
+
+    #[test]
+    fn extended_connect_answers_are_checked_like_upgrades() {
+        let c = offered(Some("chat, superchat"), Some("permessage-deflate; client_max_window_bits"));
+        let check = |status: u16, fields: &[(&'static str, &'static str)]| {
+            check_connect_response(status, fields.iter().map(|(n, v)| (*n, v.as_bytes())), &c)
+        };
+        let up = check(200, &[("sec-websocket-protocol", " superchat "), ("server", "x")]).unwrap();
+        assert_eq!((up.head_len, up.protocol.as_deref(), up.extensions), (0, Some("superchat"), None));
+        let up = check(204, &[("sec-websocket-extensions", "permessage-deflate")]).unwrap();
+        assert_eq!(up.extensions.as_deref(), Some("permessage-deflate"));
+        assert_eq!(check(403, &[]), Err(UpstreamError::RefusedConnect(403)));
+        assert_eq!(check(101, &[]), Err(UpstreamError::RefusedConnect(101)));
+        assert_eq!(check(200, &[("sec-websocket-protocol", "other")]), Err(UpstreamError::UnofferedProtocol));
+        assert_eq!(
+            check(200, &[("sec-websocket-extensions", "x-zip")]),
+            Err(UpstreamError::UnofferedExtension)
+        );
+        let bad = check_connect_response(200, [("sec-websocket-protocol", &b"\xff"[..])].into_iter(), &c);
+        assert_eq!(bad, Err(UpstreamError::Malformed));
+        // Repeated fields are one list: each value is checked.
+        let two = check(
+            200,
+            &[("sec-websocket-extensions", "permessage-deflate"), ("sec-websocket-extensions", "x")],
+        );
+        assert_eq!(two, Err(UpstreamError::UnofferedExtension));
+        assert_eq!(
+            UpstreamError::RefusedConnect(403).answer(),
+            (502, ProxyError::HttpUpgradeFailed, Some(403))
+        );
+        assert_eq!(UpstreamError::NoExtendedConnect.answer(), (502, ProxyError::HttpUpgradeFailed, None));
+        assert_eq!(UpstreamError::Http2Failed.answer(), (502, ProxyError::HttpProtocolError, None));
     }
 }

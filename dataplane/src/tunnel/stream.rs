@@ -24,7 +24,7 @@ impl Tunnels {
             {
                 t.limits.stream_out_limit.saturating_sub(t.early.len())
             }
-            State::Tcp { leg, .. } => leg.target.room(),
+            State::Tcp { leg, .. } => leg.room(),
             State::Session { leg, .. } => webtransport::up_room(leg, t.limits.stream_out_limit),
             _ => usize::MAX,
         }
@@ -54,7 +54,7 @@ impl Tunnels {
             let Some(t) = self.slab.get_mut(id) else { return n };
             match &mut t.state {
                 State::Tcp { leg, .. } => {
-                    leg.target.push(&bytes[..n]);
+                    leg.push(&bytes[..n]);
                     self.pump_tcp(ctx, id);
                 }
                 State::Session { leg, .. } => webtransport::push_up(leg, &bytes[..n]),
@@ -237,7 +237,7 @@ impl Tunnels {
             // target is up, it follows the early bytes.
             match &mut t.state {
                 State::Tcp { leg, .. } => {
-                    leg.target.finish();
+                    leg.finish();
                     self.pump_tcp(ctx, id);
                 }
                 State::Session { leg, .. } => webtransport::on_client_end(leg),
@@ -366,7 +366,7 @@ impl Tunnels {
             End::Abort(_) => true,
             End::Finish { stop_reading } => {
                 let target_done = match &t.state {
-                    State::Tcp { leg, .. } => leg.target.write_closed(),
+                    State::Tcp { leg, .. } => leg.write_closed(),
                     State::Session { leg, .. } => webtransport::up_done(leg),
                     _ => true,
                 };

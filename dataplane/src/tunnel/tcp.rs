@@ -25,13 +25,16 @@ use super::verdict::{hold, refuse_allowed};
 use super::{Abort, CONNECT_TIMEOUT, End, State, TunnelId, Tunnels};
 use crate::context::{Closing, Ctx, WatchOwner};
 use crate::io::WatchKey;
+use crate::origin_h2::OriginH2;
 use crate::tcp_target::{TargetRead, TargetState, TcpTarget, connect_failure};
 use crate::timers::TimerTarget;
 
 /// Bytes read from the target per read.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// A classic CONNECT's TCP connection and its watch.
+/// A classic CONNECT's TCP connection and its watch; for a WebSocket
+/// origin spoken HTTP/2, the connection's one extended CONNECT stream
+/// ([`OriginH2`]) is the byte stream instead of the connection itself.
 #[derive(Debug)]
 pub struct TcpLeg {
     /// The connection.
@@ -39,6 +42,10 @@ pub struct TcpLeg {
     watch: WatchKey,
     /// Target totals already accounted.
     counted: (u64, u64),
+    /// HTTP/2 to the origin (RFC 8441), once chosen.
+    pub h2: Option<Box<OriginH2>>,
+    /// Bytes crossing between the connection and HTTP/2.
+    scratch: Vec<u8>,
 }
 
 impl TcpLeg {
@@ -46,15 +53,121 @@ impl TcpLeg {
     /// far (a WebSocket handshake) is not payload, except the last
     /// `pending_down` bytes read, which are.
     pub fn count_from_here(&mut self, pending_down: usize) {
-        let (up, down) = self.target.totals();
+        let (up, down) = self.totals();
         self.counted = (up, down.saturating_sub(pending_down as u64));
     }
 
+    /// Payload bytes written towards the target and read from it.
+    fn totals(&self) -> (u64, u64) {
+        match &self.h2 {
+            Some(h2) => h2.totals(),
+            None => self.target.totals(),
+        }
+    }
+
+    /// Room for client bytes.
+    pub fn room(&self) -> usize {
+        match &self.h2 {
+            Some(h2) => h2.room(),
+            None => self.target.room(),
+        }
+    }
+
+    /// Queues client bytes (within [`Self::room`]).
+    pub fn push(&mut self, data: &[u8]) {
+        match &mut self.h2 {
+            Some(h2) => h2.push(data),
+            None => self.target.push(data),
+        }
+    }
+
+    /// The client ended its side: FIN (END_STREAM) after its bytes.
+    pub fn finish(&mut self) {
+        match &mut self.h2 {
+            Some(h2) => h2.finish(),
+            None => self.target.finish(),
+        }
+    }
+
+    /// Whether the client's end reached the target.
+    pub fn write_closed(&self) -> bool {
+        match &self.h2 {
+            Some(h2) => h2.write_closed(),
+            None => self.target.write_closed(),
+        }
+    }
+
+    /// Whether the target ended its side.
+    fn eof(&self) -> bool {
+        match &self.h2 {
+            Some(h2) => h2.eof(),
+            None => self.target.eof(),
+        }
+    }
+
+    /// Why the connection (or the HTTP/2 stream) broke, if it did.
+    fn broken(&self) -> Option<String> {
+        if let TargetState::Failed(errno) = self.target.state() {
+            return Some(format!("TCP connection to the target failed (errno {errno})"));
+        }
+        self.h2.as_ref().and_then(|h| h.broken().map(str::to_string))
+    }
+
+    /// Moves bytes between the connection and HTTP/2 as far as both allow
+    /// (without HTTP/2: writes what is buffered).
+    pub fn shuttle(&mut self) {
+        let Some(h2) = self.h2.as_mut() else { return self.target.flush() };
+        for _ in 0..8 {
+            let mut moved = h2.drive();
+            if h2.has_output() && self.target.room() > 0 {
+                self.scratch.clear();
+                h2.take_output(&mut self.scratch);
+                self.target.push(&self.scratch);
+                moved = true;
+            }
+            self.target.flush();
+            while h2.wants_input() && self.target.may_read() {
+                self.scratch.clear();
+                match self.target.read_into(&mut self.scratch, READ_CHUNK) {
+                    TargetRead::Data(_) => {
+                        h2.feed(&self.scratch);
+                        moved = true;
+                    }
+                    TargetRead::Eof => {
+                        h2.feed_eof();
+                        moved = true;
+                        break;
+                    }
+                    TargetRead::Blocked => break,
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    /// Reads the target's bytes into `out`, at most `max`.
+    fn read_into(&mut self, out: &mut Vec<u8>, max: usize) -> TargetRead {
+        match &mut self.h2 {
+            Some(h2) => h2.read_into(out, max),
+            None if self.target.may_read() => self.target.read_into(out, max),
+            None => TargetRead::Blocked,
+        }
+    }
+
     /// Closes the connection once the backend forgot its watch; with
-    /// `reset`, RST instead of FIN.
+    /// `reset`, RST instead of FIN. An HTTP/2 connection first gets what
+    /// h2 says on the way out (its stream's end, GOAWAY), best effort.
     pub fn release(mut self, reset: bool, ctx: &mut Ctx) {
         if reset {
             self.target.abort();
+        } else if let Some(h2) = self.h2.as_mut() {
+            h2.close();
+            self.scratch.clear();
+            h2.take_output(&mut self.scratch);
+            self.target.push(&self.scratch);
+            self.target.flush();
         }
         ctx.unwatch(self.watch, Closing::Tcp(self.target.into_stream()));
     }
@@ -75,7 +188,7 @@ pub(super) fn open(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, flow: Flow) {
     };
     let watch = ctx.watch(target.fd(), WatchOwner::Tunnel(id), true);
     let deadline = ctx.now + CONNECT_TIMEOUT;
-    let leg = Box::new(TcpLeg { target, watch, counted: (0, 0) });
+    let leg = Box::new(TcpLeg { target, watch, counted: (0, 0), h2: None, scratch: Vec::new() });
     hold(ts, id, State::Connecting { leg, flow, deadline });
     ctx.timers.push(deadline, TimerTarget::Tunnel(id));
 }
@@ -122,18 +235,23 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
     let Some(t) = ts.slab.get_mut(id) else { return };
     let limit = t.limits.stream_out_limit;
     let State::Tcp { leg, flow } = &mut t.state else { return };
-    leg.target.flush();
-    while leg.target.may_read() {
+    leg.shuttle();
+    let mut read = false;
+    loop {
         let room = limit.saturating_sub(t.bytes_out.len());
         if room == 0 {
             break;
         }
-        match leg.target.read_into(&mut t.bytes_out, room.min(READ_CHUNK)) {
-            TargetRead::Data(_) => {}
+        match leg.read_into(&mut t.bytes_out, room.min(READ_CHUNK)) {
+            TargetRead::Data(_) => read = true,
             TargetRead::Blocked | TargetRead::Eof => break,
         }
     }
-    let (up, down) = leg.target.totals();
+    if read && leg.h2.is_some() {
+        // The window given back goes out now.
+        leg.shuttle();
+    }
+    let (up, down) = leg.totals();
     let (du, dd) = (up - leg.counted.0, down - leg.counted.1);
     if du + dd > 0 {
         leg.counted = (up, down);
@@ -141,11 +259,11 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
         ctx.count(Counter::TcpBytesUp, du);
         ctx.count(Counter::TcpBytesDown, dd);
     }
-    let failed = matches!(leg.target.state(), TargetState::Failed(_));
-    let eof = leg.target.eof();
+    let broken = leg.broken();
+    let eof = leg.eof();
     let over = flow.over_budget();
-    if failed {
-        debug!(flow = ?ts.flow_id(id), "TCP target connection failed");
+    if let Some(why) = broken {
+        debug!(flow = ?ts.flow_id(id), "{why}");
         return ts.abort(ctx, id, Abort::Connect);
     }
     if over {

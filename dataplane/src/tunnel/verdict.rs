@@ -94,13 +94,14 @@ pub(super) fn apply(
                 );
                 return refuse_allowed(ts, ctx, id, flow_id, why);
             };
+            let route_name = route.clone();
             let mut flow = Flow::new(flow_id, identity, target, idle(idle_timeout_ms), byte_budget, now);
             flow.route = route;
             if upstream == Kind::WebTransport {
                 return webtransport::open(ts, ctx, id, flow, host, path, tls);
             }
             if let Some(ws) = ts.slab.get_mut(id).and_then(|t| t.ws.as_mut()) {
-                ws.set_upstream(host, path, tls);
+                ws.set_upstream(host, path, tls, ctx.settings.origin_tls.http(&route_name));
             }
             tcp::open(ts, ctx, id, flow);
         }

@@ -25,6 +25,16 @@
 //! `tls_alert_received`, any other TLS failure 502 `tls_protocol_error`
 //! (RFC 9209 sections 2.3.13 to 2.3.15).
 //!
+//! A route with `origin_http = "h2"` or `"auto"` may reach its origin
+//! over HTTP/2 instead (RFC 8441; [`crate::origin_h2`]): `ws://` with
+//! prior knowledge (RFC 9113 section 3.3), `wss://` when ALPN selects
+//! `h2`. The relay sends its extended CONNECT only once the origin's
+//! SETTINGS enabled it (RFC 8441 section 3); under `auto` an origin that
+//! selected h2 without enabling it is reached again on a second connection
+//! offering only `http/1.1`, and under `h2` it gets 502. The origin's 2xx
+//! (its subprotocol and extensions checked as for a 101) opens the tunnel,
+//! whose bytes are then the stream's DATA.
+//!
 //! Bytes the client sends before its answer (RFC 6455 forbids it on
 //! HTTP/1.1; extended CONNECT clients may) wait in the tunnel's bounded
 //! early buffer and follow the handshake.
@@ -32,6 +42,7 @@
 use std::time::Duration;
 
 use relay_channel::region::Counter;
+use relay_proto::channel::bootstrap::OriginHttp;
 use relay_proto::websocket::{self, ClientHandshake, Upgraded, UpstreamError};
 use tracing::debug;
 
@@ -40,6 +51,7 @@ use super::head::{Head, Refusal};
 use super::tcp::{self, TcpLeg};
 use super::{State, TunnelId, Tunnels};
 use crate::context::Ctx;
+use crate::origin_h2::{Answer, OriginH2};
 use crate::origin_tls::{ClientSession, RouteTls, TlsFailure};
 use crate::tcp_target::{TargetRead, TargetState};
 use crate::timers::TimerTarget;
@@ -61,19 +73,40 @@ pub struct WsHandshake {
     response: Vec<u8>,
     /// TLS to the origin (`wss://`).
     tls: Option<RouteTls>,
+    /// Which HTTP the route speaks to its origin.
+    http: OriginHttp,
+    /// This is the second connection of an `auto` route: HTTP/1.1 only.
+    fallback: bool,
+    /// TLS is running and its ALPN result chooses the HTTP (`h2`, `auto`).
+    awaiting_alpn: bool,
 }
 
 impl WsHandshake {
     /// The handshake of a request the route classified.
     pub fn new(client: ClientHandshake) -> Self {
-        Self { client, upstream: None, expected_accept: String::new(), response: Vec::new(), tls: None }
+        Self {
+            client,
+            upstream: None,
+            expected_accept: String::new(),
+            response: Vec::new(),
+            tls: None,
+            http: OriginHttp::Http1,
+            fallback: false,
+            awaiting_alpn: false,
+        }
     }
 
-    /// Control's choice of `Host` and path for the origin, and the route's
-    /// TLS settings when its origin is `wss://`.
-    pub fn set_upstream(&mut self, host: String, path: String, tls: Option<RouteTls>) {
+    /// Control's choice of `Host` and path for the origin, the route's TLS
+    /// settings when its origin is `wss://`, and its HTTP.
+    pub fn set_upstream(&mut self, host: String, path: String, tls: Option<RouteTls>, http: OriginHttp) {
         self.upstream = Some((host, path));
         self.tls = tls;
+        self.http = http;
+    }
+
+    /// The HTTP of this connection to the origin.
+    fn http_now(&self) -> OriginHttp {
+        if self.fallback { OriginHttp::Http1 } else { self.http }
     }
 }
 
@@ -95,7 +128,9 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, mut leg: 
         return fail(ts, ctx, id, UpstreamError::Malformed, "no randomness for the WebSocket key");
     }
     if let Some(route) = &ws.tls {
-        match ClientSession::new(route) {
+        let session =
+            if ws.fallback { ClientSession::http1_fallback(route) } else { ClientSession::new(route) };
+        match session {
             Ok(session) => leg.target.start_tls(session),
             Err(e) => {
                 t.state = State::Upgrading { leg, flow, deadline: ctx.now };
@@ -111,11 +146,26 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, mut leg: 
             }
         }
     }
-    let key = websocket::key_from_nonce(&nonce);
-    ws.expected_accept = accept_for(&key);
-    let mut request = Vec::with_capacity(512);
-    websocket::write_upgrade_request(&mut request, &host, &path, &key, &ws.client);
-    leg.target.push(&request);
+    let limit = t.limits.stream_out_limit;
+    match (ws.http_now(), ws.tls.is_some()) {
+        (OriginHttp::Http1, _) => {
+            let key = websocket::key_from_nonce(&nonce);
+            ws.expected_accept = accept_for(&key);
+            let mut request = Vec::with_capacity(512);
+            websocket::write_upgrade_request(&mut request, &host, &path, &key, &ws.client);
+            leg.target.push(&request);
+        }
+        // ALPN decides once the TLS handshake is done.
+        (_, true) => ws.awaiting_alpn = true,
+        // h2 with prior knowledge (`auto` needs TLS: control refuses it).
+        (_, false) => match OriginH2::new("http", &host, &path, &ws.client, limit) {
+            Ok(h2) => leg.h2 = Some(Box::new(h2)),
+            Err(e) => {
+                t.state = State::Upgrading { leg, flow, deadline: ctx.now };
+                return fail(ts, ctx, id, UpstreamError::Malformed, &e);
+            }
+        },
+    }
     let deadline = ctx.now + UPGRADE_TIMEOUT;
     t.state = State::Upgrading { leg, flow, deadline };
     ctx.timers.push(deadline, TimerTarget::Tunnel(id));
@@ -126,7 +176,11 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, mut leg: 
 /// origin's answer, and opens or refuses the tunnel once it is complete.
 pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
     let Some(t) = ts.slab.get_mut(id) else { return };
+    let limit = t.limits.stream_out_limit;
     let (State::Upgrading { leg, .. }, Some(ws)) = (&mut t.state, t.ws.as_mut()) else { return };
+    if leg.h2.is_some() {
+        return pump_h2(ts, ctx, id);
+    }
     leg.target.flush();
     let mut eof = false;
     while leg.target.may_read() {
@@ -148,12 +202,104 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
         let failure = failure.clone();
         return fail_tls(ts, ctx, id, failure);
     }
+    if ws.awaiting_alpn {
+        if !leg.target.tls_open() {
+            if eof || broken {
+                return fail(
+                    ts,
+                    ctx,
+                    id,
+                    UpstreamError::Incomplete,
+                    "the origin closed during the TLS handshake",
+                );
+            }
+            return;
+        }
+        ws.awaiting_alpn = false;
+        let (host, path) = ws.upstream.clone().unwrap_or_default();
+        if leg.target.alpn() == Some(b"h2") {
+            let mut h2 = match OriginH2::new("https", &host, &path, &ws.client, limit) {
+                Ok(h2) => h2,
+                Err(e) => return fail(ts, ctx, id, UpstreamError::Malformed, &e),
+            };
+            // The origin's SETTINGS may already be here.
+            h2.feed(&std::mem::take(&mut ws.response));
+            if eof {
+                h2.feed_eof();
+            }
+            leg.h2 = Some(Box::new(h2));
+            return pump_h2(ts, ctx, id);
+        }
+        if ws.http == OriginHttp::H2 {
+            return fail(ts, ctx, id, UpstreamError::NotHttp2, "");
+        }
+        // `auto`, and the origin selected http/1.1 (or nothing).
+        let mut nonce = [0u8; 16];
+        if boring::rand::rand_bytes(&mut nonce).is_err() {
+            return fail(ts, ctx, id, UpstreamError::Malformed, "no randomness for the WebSocket key");
+        }
+        let key = websocket::key_from_nonce(&nonce);
+        ws.expected_accept = accept_for(&key);
+        let mut request = Vec::with_capacity(512);
+        websocket::write_upgrade_request(&mut request, &host, &path, &key, &ws.client);
+        leg.target.push(&request);
+        leg.target.flush();
+        if !ws.response.is_empty() {
+            // An HTTP/1.1 origin says nothing before the request.
+            return fail(ts, ctx, id, UpstreamError::Malformed, "the origin sent bytes before the request");
+        }
+        return;
+    }
     match websocket::parse_upgrade_response(&ws.response, &ws.expected_accept, &ws.client) {
         Ok(Some(upgraded)) => open(ts, ctx, id, upgraded),
         Ok(None) if eof || broken => fail(ts, ctx, id, UpstreamError::Incomplete, ""),
         Ok(None) => {}
         Err(e) => fail(ts, ctx, id, e, ""),
     }
+}
+
+/// The HTTP/2 handshake with the origin: both prefaces, the extended
+/// CONNECT once the origin's SETTINGS allow it, its answer.
+fn pump_h2(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    let (State::Upgrading { leg, .. }, Some(ws)) = (&mut t.state, t.ws.as_mut()) else { return };
+    leg.shuttle();
+    if let Some(failure) = leg.target.tls_failure() {
+        let failure = failure.clone();
+        return fail_tls(ts, ctx, id, failure);
+    }
+    let broken = matches!(leg.target.state(), TargetState::Failed(_));
+    let Some(h2) = leg.h2.as_mut() else { return };
+    match h2.take_answer() {
+        Some(Answer::Response { status, fields }) => {
+            let fields = fields.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+            match websocket::check_connect_response(status, fields, &ws.client) {
+                Ok(upgraded) => open(ts, ctx, id, upgraded),
+                Err(e) => fail(ts, ctx, id, e, ""),
+            }
+        }
+        Some(Answer::NoExtendedConnect) if ws.http == OriginHttp::Auto && !ws.fallback => {
+            debug!(flow = ?ts.flow_id(id), "the origin's HTTP/2 lacks extended CONNECT: HTTP/1.1 on a new connection");
+            fall_back_to_http1(ts, ctx, id);
+        }
+        Some(Answer::NoExtendedConnect) => fail(ts, ctx, id, UpstreamError::NoExtendedConnect, ""),
+        Some(Answer::Failed(why)) => fail(ts, ctx, id, UpstreamError::Http2Failed, &why),
+        None if broken => fail(ts, ctx, id, UpstreamError::Incomplete, ""),
+        None => {}
+    }
+}
+
+/// An `auto` route's origin selected h2 without enabling extended
+/// CONNECT: this connection closes and a second one offers only
+/// `http/1.1` (within the same deadline the first one had).
+fn fall_back_to_http1(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
+    let Some(t) = ts.slab.get_mut(id) else { return };
+    let State::Upgrading { leg, flow, .. } = std::mem::replace(&mut t.state, State::Done) else { return };
+    let Some(ws) = t.ws.as_mut() else { return };
+    ws.fallback = true;
+    ws.response.clear();
+    leg.release(false, ctx);
+    tcp::open(ts, ctx, id, flow);
 }
 
 /// The origin did not answer in time (504 `http_response_timeout`; the
@@ -177,9 +323,9 @@ fn open(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, up: Upgraded) {
     // What followed the origin's head is already WebSocket data.
     t.bytes_out.extend_from_slice(&ws.response[up.head_len..]);
     leg.count_from_here(ws.response.len() - up.head_len);
-    leg.target.push(&std::mem::take(&mut t.early));
+    leg.push(&std::mem::take(&mut t.early));
     if t.client_ended {
-        leg.target.finish();
+        leg.finish();
     }
     let accept = ws.client.key.as_deref().map(accept_for);
     t.head = Some(Head::websocket_open(accept, up.protocol, up.extensions));

@@ -2,13 +2,18 @@
 //! accepts is within the ranges of RFC 9113 section 6.5.2 and is unpadded
 //! base64url of whole 6-octet settings; a response encoded for those
 //! settings respects them (frame sizes, the window for its body) and never
-//! panics.
+//! panics. The same bytes as a server's first frame (RFC 9113 section
+//! 3.4): reading it never panics, and what it accepts is a whole SETTINGS
+//! frame within the input.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_proto::h2c::{EncodeError, decode_http2_settings, encode_response};
+use relay_proto::h2c::{EncodeError, decode_http2_settings, encode_response, server_preface};
 
 fuzz_target!(|data: &[u8]| {
+    if let Ok(Some((_, len))) = server_preface(data) {
+        assert!(len >= 9 && len <= data.len() && data[3] == 0x4);
+    }
     let Ok(text) = std::str::from_utf8(data) else { return };
     let Ok(s) = decode_http2_settings(text) else { return };
     assert!(s.max_frame_size >= 16_384 && s.max_frame_size <= 16_777_215);

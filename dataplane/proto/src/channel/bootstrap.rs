@@ -22,13 +22,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Protocol version of the attach handshake and of everything after it
-/// (bootstrap frames and channel records): 6 since asks and flows can be
+/// (bootstrap frames and channel records): 7 since upstream routes say
+/// which HTTP their origin is spoken ([`OriginHttp`]); 6 since asks and flows can be
 /// WebTransport sessions (record format [`super::record::VERSION`] 5); 5
 /// listed the upstream routes with their TLS settings (`wss://` origins);
 /// 4 brought asks for WebSocket routes and answers naming upstreams
 /// (record format [`super::record::VERSION`] 4). Processes of different
 /// builds refuse the attach instead of each other's frames and records.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -154,6 +155,40 @@ pub struct UpstreamBootstrap {
     /// TLS to the origin (`wss://`, and `https://`: WebTransport over
     /// HTTP/3, where QUIC always runs TLS); None: cleartext (`ws://`).
     pub tls: Option<UpstreamTls>,
+    /// How a WebSocket route's origin is spoken to.
+    #[serde(default)]
+    pub origin_http: OriginHttp,
+}
+
+/// Which HTTP a WebSocket route's origin is reached with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub enum OriginHttp {
+    /// HTTP/1.1 Upgrade (RFC 6455 section 4.1); ALPN offers `http/1.1`.
+    #[default]
+    #[serde(rename = "http/1.1")]
+    Http1,
+    /// HTTP/2 extended CONNECT (RFC 8441): a `wss://` origin is offered
+    /// only `h2` by ALPN, a `ws://` one is spoken h2 with prior knowledge
+    /// (RFC 9113 section 3.3). The origin must enable extended CONNECT.
+    #[serde(rename = "h2")]
+    H2,
+    /// `wss://` only: ALPN offers `h2` and `http/1.1`; HTTP/2 extended
+    /// CONNECT when the origin selects h2 and its SETTINGS enable it, HTTP/1.1
+    /// Upgrade otherwise (on a second connection offering only
+    /// `http/1.1` when the origin selected h2 without it).
+    #[serde(rename = "auto")]
+    Auto,
+}
+
+impl OriginHttp {
+    /// The name in config files and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginHttp::Http1 => "http/1.1",
+            OriginHttp::H2 => "h2",
+            OriginHttp::Auto => "auto",
+        }
+    }
 }
 
 /// How the relay connects to a `wss://` or `https://` origin. The CA bundle travels as a
@@ -188,7 +223,15 @@ pub fn validate_upstreams(routes: &[UpstreamBootstrap]) -> Result<(), BootstrapE
         if !names.insert(r.route.as_str()) {
             return Err(BootstrapError::Invalid(format!("upstream route {:?} listed twice", r.route)));
         }
-        let Some(tls) = &r.tls else { continue };
+        let Some(tls) = &r.tls else {
+            if r.origin_http == OriginHttp::Auto {
+                return Err(BootstrapError::Invalid(format!(
+                    "upstream route {:?}: origin_http auto needs TLS (ALPN)",
+                    r.route
+                )));
+            }
+            continue;
+        };
         let name_ok = match crate::target::TargetHost::parse(&tls.server_name) {
             Ok(crate::target::TargetHost::Name(n)) => n == tls.server_name,
             Ok(crate::target::TargetHost::Ip(_)) => tls.server_name.parse::<std::net::IpAddr>().is_ok(),
@@ -852,13 +895,14 @@ mod tests {
             tcp,
             quic_keys: Some(QuicKeys { retry_token_key: [1; 32], stateless_reset_key: [2; 32] }),
             upstreams: vec![
-                UpstreamBootstrap { route: "plain".into(), tls: None },
+                UpstreamBootstrap { route: "plain".into(), tls: None, origin_http: OriginHttp::H2 },
                 UpstreamBootstrap {
                     route: "secure".into(),
                     tls: Some(UpstreamTls {
                         server_name: "chat.example".into(),
                         ca_file: "/etc/ssl/certs/ca-certificates.crt".into(),
                     }),
+                    origin_http: OriginHttp::Auto,
                 },
             ],
         }
@@ -872,11 +916,14 @@ mod tests {
         let tls = |server_name: &str, ca_file: &str| UpstreamBootstrap {
             route: "r".into(),
             tls: Some(UpstreamTls { server_name: server_name.into(), ca_file: ca_file.into() }),
+            origin_http: OriginHttp::Http1,
         };
         assert!(validate_upstreams(&[tls("::1", "/ca.pem")]).is_ok());
         assert!(validate_upstreams(&[tls("192.0.2.1", "/ca.pem")]).is_ok());
         for bad in [
-            vec![UpstreamBootstrap { route: "Bad".into(), tls: None }],
+            vec![UpstreamBootstrap { route: "Bad".into(), tls: None, origin_http: OriginHttp::Http1 }],
+            // auto picks by ALPN: cleartext has none.
+            vec![UpstreamBootstrap { route: "r".into(), tls: None, origin_http: OriginHttp::Auto }],
             vec![good[0].clone(), good[0].clone()],
             vec![tls("Chat.example", "/ca.pem")],
             vec![tls("[::1]", "/ca.pem")],
@@ -886,12 +933,17 @@ mod tests {
             vec![tls("x.example", &format!("/{}", "a".repeat(MAX_CA_FILE_PATH)))],
             vec![tls("x.example", "/a\0b")],
             (0..=MAX_UPSTREAM_ROUTES)
-                .map(|i| UpstreamBootstrap { route: format!("r{i}"), tls: None })
+                .map(|i| UpstreamBootstrap {
+                    route: format!("r{i}"),
+                    tls: None,
+                    origin_http: OriginHttp::Http1,
+                })
                 .collect(),
             (0..=MAX_UPSTREAM_CA_FILES)
                 .map(|i| UpstreamBootstrap {
                     route: format!("r{i}"),
                     tls: Some(UpstreamTls { server_name: "x".into(), ca_file: format!("/ca{i}.pem") }),
+                    origin_http: OriginHttp::Http1,
                 })
                 .collect(),
         ] {
