@@ -58,6 +58,9 @@ Cases:
   and reason and whether the stream then ended.
 - ``close_request``: asks the origin to close (``close?4000 bye``) and
   reports the same.
+- ``origin_reset``: asks an HTTP/2 origin (``ws_h2_origin.py``) to reset
+  its stream (``reset?``) and reports how the client's side ended: its
+  stream's reset code (HTTP/2, HTTP/3) or a close without a Close frame.
 """
 
 from __future__ import annotations
@@ -791,8 +794,35 @@ def close_case(ask: bool):
     return run
 
 
+def case_origin_reset(r: Runner, path: str) -> dict:
+    """Asks an HTTP/2 origin (ws_h2_origin.py) to reset its stream
+    (``reset?``): the client should see its own stream reset (HTTP/2,
+    HTTP/3) or its connection end without a Close frame (HTTP/1.1)."""
+    s = r.open(path)
+    out = answer_of(s)
+    if not s.opened:
+        return out
+    out.update(echo(s, ["before the reset"], r.args.timeout))
+    s.send("reset?")
+    try:
+        got = s.recv(r.args.timeout)
+        out["unexpected_message"] = got if isinstance(got, str) else digest(got)
+    except Closed as c:
+        out.update({"close_code": c.code, "close_reason": c.reason})
+    except TimeoutError:
+        out["timed_out"] = True
+    except (OSError, ClientError) as e:
+        out["transport_error"] = type(e).__name__
+    if r.conn is not None:
+        out["reset"] = r.conn.reset_code(s.sid)
+        out["conn_error"] = r.conn.conn_error()
+    s.shutdown()
+    return out
+
+
 CASES = {
     "handshake": case_handshake,
+    "origin_reset": case_origin_reset,
     "echo_text": echo_case("text"),
     "echo_binary": echo_case("binary"),
     "large": case_large,

@@ -24,7 +24,9 @@ section 3) unless ``--no-connect-protocol`` (then a request with
 A request with ``:method CONNECT`` and ``:protocol websocket`` opens a
 WebSocket session on its stream: ``:status 200`` (no END_STREAM), then the
 stream's DATA carries WebSocket frames both ways. Any other request gets
-400 (501 for CONNECT without ``:protocol websocket``) and END_STREAM.
+400 (501 for a CONNECT with ``:path`` but without ``:protocol websocket``)
+and END_STREAM; a plain CONNECT (no ``:scheme``/``:path``) is a connection
+error for ``h2`` (GOAWAY PROTOCOL_ERROR).
 Flow control both ways: received DATA is acknowledged (WINDOW_UPDATE) only
 once handled, and not while more than ``ACK_HIGH_WATER`` bytes of this
 stream's output wait for the peer's window, so a slow reader of the echo
@@ -102,6 +104,7 @@ import sys
 import urllib.parse
 
 import h2.config
+import h2.errors
 import h2.connection
 import h2.events
 import h2.exceptions
@@ -473,7 +476,11 @@ class H2Conn:
                 if not data:
                     break
         except (ConnectionError, ssl.SSLError, OSError) as exc:
-            log(f"HTTP/2 connection lost: {exc!r}")
+            # A peer that closes after the sessions ended may reset a
+            # connection with bytes in flight: only a loss that cut a
+            # session short is worth a line.
+            if any(not x.record["closed"] for x in self.sessions.values()):
+                log(f"HTTP/2 connection lost: {exc!r}")
         finally:
             for session in list(self.sessions.values()):
                 session.connection_lost()
@@ -501,7 +508,8 @@ class H2Conn:
             if session is not None:
                 session.peer_reset()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            log(f"GOAWAY from the client: {event.error_code!r}")
+            if event.error_code != h2.errors.ErrorCodes.NO_ERROR:
+                log(f"GOAWAY from the client: {event.error_code!r}")
         # WindowUpdated, RemoteSettingsChanged: flush() runs after every batch.
 
     def respond(self, stream_id: int, status: int, text: str) -> None:

@@ -13,6 +13,10 @@
 //! last two tests use the Rust origin and clients of `relay_bench::wsecho`
 //! (tungstenite) and need nothing from the machine.
 //!
+//! The HTTP/2 origin tests (`origin_http`) use `bench/interop/ws_h2_origin.py`
+//! (the Python `h2` package with the `websockets` sans-I/O framing) as the
+//! RFC 8441 origin.
+//!
 //! Every test asserts behaviour (statuses, Proxy-Status fields, payloads,
 //! close codes, what the origin received), never rates or times.
 
@@ -502,6 +506,233 @@ fn relay_routes_ask_for_credentials_and_public_routes_do_not() {
         let r = run(&s.client(http), http, &["handshake@/echo/x"]);
         assert_opened(http, "with the token", &r["handshake@/echo/x"]);
     }
+}
+
+// -- Origins over HTTP/2 extended CONNECT (RFC 8441) -------------------------
+
+/// HTTP/2 origins (`ws_h2_origin.py`: the Python `h2` package with the
+/// `websockets` sans-I/O framing; it also answers HTTP/1.1 Upgrades when
+/// ALPN or the first bytes say so) and a relay whose routes reach them:
+///
+/// * `/h2c/`: `ws://`, `origin_http = "h2"`: prior knowledge.
+/// * `/h2tls/`: `wss://`, `"h2"`: ALPN offers only h2.
+/// * `/auto/`: `wss://`, `"auto"` to an origin that selects h2 and enables
+///   extended CONNECT.
+/// * `/fallback/`: `"auto"` to an origin that selects h2 without enabling
+///   it: the relay comes back with HTTP/1.1.
+/// * `/strict/`: `"h2"` to that same origin: 502.
+/// * `/h1only/`: `"h2"` to an origin whose ALPN is http/1.1 only: 502.
+/// * `/refused/`: `"h2"` to an origin answering 403; `/closer/`: to one
+///   closing with 4000 "bye" right after the handshake.
+struct H2Setup {
+    relay: Relay,
+    python: PathBuf,
+    _origins: Vec<PyOrigin>,
+    _pki: PathBuf,
+}
+
+impl H2Setup {
+    #[track_caller]
+    fn start(name: &str) -> Self {
+        use relay_bench::pki::TestCa;
+        let pki = test_dir(&format!("{name}-pki"));
+        std::fs::create_dir_all(&pki).unwrap();
+        let ca = TestCa::new("h2 origin CA").unwrap();
+        ca.write_pem(&pki.join("ca.pem")).unwrap();
+        let files = ca.issue_server(&pki, "origin", 2, "echo.test", "127.0.0.1".parse().unwrap()).unwrap();
+        let (cert, key) = (files.cert.display().to_string(), files.key.display().to_string());
+        let python = wsinterop::python();
+        let script = wsinterop::interop_dir().join("ws_h2_origin.py");
+        let start = |args: &[&str]| PyOrigin::start_script(&python, &script, args).expect("HTTP/2 origin");
+        let tls = |alpn: &'static str, more: &[&'static str]| {
+            let mut a =
+                vec!["--subprotocol", "chat.v1", "--tls-cert", &cert, "--tls-key", &key, "--alpn", alpn];
+            a.extend_from_slice(more);
+            start(&a)
+        };
+        let h2c = start(&["--subprotocol", "chat.v1"]);
+        let both = tls("h2,http/1.1", &[]);
+        let no_connect = tls("h2,http/1.1", &["--no-connect-protocol"]);
+        let h1only = tls("http/1.1", &[]);
+        let refuser = start(&["--refuse", "403"]);
+        let closer = start(&["--close", "4000", "--close-reason", "bye"]);
+        let ca = pki.join("ca.pem").display().to_string();
+        let route = |name: &str, origin: String, http: &str| {
+            let tls = if origin.starts_with("wss") {
+                format!("origin_ca_file = \"{ca}\"\norigin_server_name = \"echo.test\"\n")
+            } else {
+                String::new()
+            };
+            format!(
+                "[[upstreams]]\nname = \"{name}\"\npath_prefix = \"/{name}/\"\norigin = \"{origin}\"\norigin_http = \"{http}\"\n{tls}\n"
+            )
+        };
+        let wss = |o: &PyOrigin| format!("wss://127.0.0.1:{}", o.port());
+        let routes = [
+            route("h2c", h2c.origin(), "h2"),
+            route("h2tls", wss(&both), "h2"),
+            route("auto", wss(&both), "auto"),
+            route("fallback", wss(&no_connect), "auto"),
+            route("strict", wss(&no_connect), "h2"),
+            route("h1only", wss(&h1only), "h2"),
+            route("refused", refuser.origin(), "h2"),
+            route("closer", closer.origin(), "h2"),
+        ]
+        .concat();
+        let opts = RelayOptions { tcp_cleartext: true, extra_config: routes, ..RelayOptions::default() };
+        let relay = Relay::start(&test_dir(name), &opts).expect("relay starts");
+        Self { relay, python, _origins: vec![h2c, both, no_connect, h1only, refuser, closer], _pki: pki }
+    }
+
+    fn client(&self, http: Http) -> WsClient {
+        WsClient::new(&self.python, &self.relay, http)
+    }
+}
+
+impl Drop for H2Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self._pki);
+    }
+}
+
+#[test]
+#[ignore = "needs the interop venv (Python websockets, h2, aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
+fn http2_origins_get_extended_connect_and_echo_on_every_http_version() {
+    let s = H2Setup::start("h2origins");
+    for http in Http::ALL {
+        let cases = [
+            "echo_text@/h2c/x",
+            "echo_binary@/h2tls/x",
+            "large@/h2c/big",
+            "large@/h2tls/big",
+            "subprotocol@/h2c/x",
+            "headers@/h2c/room?x=1",
+            "headers@/h2tls/y",
+            "headers@/auto/z",
+            "headers@/fallback/w",
+        ];
+        let r = run(&s.client(http).arg("--origin-header", "https://app.example"), http, &cases);
+        for case in ["echo_text@/h2c/x", "echo_binary@/h2tls/x"] {
+            assert_echoed(http, case, &r[case]);
+            assert_closed_cleanly(http, case, &r[case]);
+        }
+        // A megabyte with HTTP/2 flow control on the origin's side too.
+        for case in ["large@/h2c/big", "large@/h2tls/big"] {
+            let l = &r[case];
+            assert_opened(http, case, l);
+            assert_eq!(l["received"], 1 << 20, "{http:?} {case}: {l}");
+            assert_eq!(l["identical"], true, "{http:?} {case}: {l}");
+            assert_eq!(l["after"], true, "{http:?} {case}: {l}");
+            assert_closed_cleanly(http, case, l);
+        }
+        let p = &r["subprotocol@/h2c/x"];
+        assert_echoed(http, "subprotocol", p);
+        assert_eq!(p["chosen"], "chat.v1", "{http:?}: the origin's choice in its 200 came back: {p}");
+        // The extended CONNECT the origin received (RFC 8441 sections 4
+        // and 5): pseudo-header fields, version 13, the client's Origin,
+        // no key; the relay's credentials stay at the relay.
+        for (case, scheme) in [("headers@/h2c/room?x=1", "http"), ("headers@/h2tls/y", "https")] {
+            let h = &r[case];
+            assert_opened(http, case, h);
+            let seen = &h["origin"];
+            assert_eq!(seen["http"], "h2", "{http:?} {case}: {seen}");
+            let f = &seen["headers"];
+            assert_eq!(f[":method"], "CONNECT", "{http:?} {case}: {seen}");
+            assert_eq!(f[":protocol"], "websocket", "{http:?} {case}: {seen}");
+            assert_eq!(f[":scheme"], scheme, "{http:?} {case}: {seen}");
+            assert_eq!(f["sec-websocket-version"], "13", "{http:?} {case}: {seen}");
+            assert_eq!(f["origin"], "https://app.example", "{http:?} {case}: {seen}");
+            assert!(f.get("sec-websocket-key").is_none(), "{http:?} {case}: {seen}");
+            assert!(f.get("proxy-authorization").is_none(), "{http:?} {case}: {seen}");
+        }
+        let h = &r["headers@/h2c/room?x=1"]["origin"]["headers"];
+        assert_eq!(h[":path"], "/h2c/room?x=1", "{http:?}: {h}");
+        assert_eq!(h[":authority"], format!("127.0.0.1:{}", s._origins[0].port()), "{http:?}: {h}");
+        // auto: h2 where the origin enables extended CONNECT, HTTP/1.1 (a
+        // second connection, with a key of the relay's own) where not.
+        assert_eq!(r["headers@/auto/z"]["origin"]["http"], "h2", "{http:?}: {r:?}");
+        let f = &r["headers@/fallback/w"];
+        assert_opened(http, "fallback", f);
+        assert_eq!(f["origin"]["http"], "http/1.1", "{http:?}: {f}");
+        assert!(f["origin"]["headers"]["sec-websocket-key"].is_string(), "{http:?}: {f}");
+    }
+    wait_until("the relay's flows to end", PATIENCE, || {
+        s.relay.relayctl_json(&["status"]).is_ok_and(|v| v["flows"].as_u64() == Some(0))
+    });
+}
+
+#[test]
+#[ignore = "needs the interop venv (Python websockets, h2, aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
+fn http2_origins_refusals_closes_and_resets_map_end_to_end() {
+    let s = H2Setup::start("h2refusals");
+    for http in Http::ALL {
+        let cases = [
+            "handshake@/strict/x",
+            "handshake@/h1only/x",
+            "handshake@/refused/x",
+            "upstream_close@/closer/x",
+            "close_request@/h2c/x",
+            "origin_reset@/h2c/x",
+            "reset@/h2c/x",
+        ];
+        let r = run(&s.client(http), http, &cases);
+        // RFC 8441 section 3: no extended CONNECT to an origin whose
+        // SETTINGS do not enable it.
+        for (case, details) in [
+            ("handshake@/strict/x", "do not enable extended CONNECT"),
+            ("handshake@/h1only/x", "did not select h2"),
+        ] {
+            let x = &r[case];
+            assert_eq!(x["status"], 502, "{http:?} {case}: {x}");
+            let ps = x["headers"]["proxy-status"].as_str().unwrap_or_default();
+            assert!(ps.contains("error=http_upgrade_failed"), "{http:?} {case}: {x}");
+            assert!(ps.contains(details), "{http:?} {case}: {x}");
+        }
+        let x = &r["handshake@/refused/x"];
+        assert_eq!(x["status"], 502, "{http:?}: {x}");
+        let ps = x["headers"]["proxy-status"].as_str().unwrap_or_default();
+        assert!(
+            ps.contains("error=http_upgrade_failed") && ps.contains("received-status=403"),
+            "{http:?}: {x}"
+        );
+        for case in ["upstream_close@/closer/x", "close_request@/h2c/x"] {
+            let c = &r[case];
+            assert_opened(http, case, c);
+            assert_eq!(
+                (c["close_code"].as_u64(), c["close_reason"].as_str()),
+                (Some(4000), Some("bye")),
+                "{http:?} {case}: {c}"
+            );
+            assert_eq!(c["ended"], true, "{http:?} {case}: END_STREAM became the client's end: {c}");
+            if !http.is_h1() {
+                assert_eq!(c["reset"], Value::Null, "{http:?} {case}: ended, not reset: {c}");
+            }
+        }
+        // The origin's RST_STREAM resets the client's stream (RFC 8441
+        // section 5): CONNECT_ERROR, H3_CONNECT_ERROR; a TCP RST on HTTP/1.1.
+        let o = &r["origin_reset@/h2c/x"];
+        assert_echoed(http, "origin_reset", o);
+        assert!(
+            o["close_reason"].is_null() && o["unexpected_message"].is_null(),
+            "{http:?}: no Close frame: {o}"
+        );
+        match http.is_h1() {
+            true => assert!(o["timed_out"].is_null(), "{http:?}: the connection ended: {o}"),
+            false => {
+                let want = if matches!(http, Http::H3) { 0x10f } else { 0xa };
+                assert_eq!(o["reset"], want, "{http:?}: {o}");
+                assert_eq!(o["conn_error"], Value::Null, "{http:?}: {o}");
+            }
+        }
+        // The client's reset mid-message ends the origin's side.
+        let x = &r["reset@/h2c/x"];
+        assert_echoed(http, "reset", x);
+        assert_eq!(x["origin_record"]["closed"], true, "{http:?}: {x}");
+        assert_eq!(x["next_matched"], 1, "{http:?}: {x}");
+    }
+    wait_until("the relay's flows to end", PATIENCE, || {
+        s.relay.relayctl_json(&["status"]).is_ok_and(|v| v["flows"].as_u64() == Some(0))
+    });
 }
 
 // -- Rust peers (tungstenite): no venv needed ------------------------------

@@ -2796,6 +2796,11 @@ mod tests {
         assert_eq!((chat.trusted_origin, chat.idle_timeout_secs), (true, 600));
         assert_eq!(chat.origin_http, relay_proto::channel::bootstrap::OriginHttp::H2);
         assert_eq!(c.upstream_bootstrap().unwrap()[0].origin_http, chat.origin_http);
+        let printed = c.effective_toml();
+        assert!(printed.contains("origin_http = \"h2\""), "{printed}");
+        let again = Config::parse(&printed, "t.toml").unwrap();
+        assert_eq!(again.upstreams[0].origin_http, chat.origin_http);
+        assert_eq!(again.upstreams[1].origin_http, relay_proto::channel::bootstrap::OriginHttp::Http1);
         // Every other key defaults.
         let api = &c.upstreams[1];
         assert_eq!(

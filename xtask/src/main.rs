@@ -412,6 +412,8 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
                 "the_origins_close_code_and_reason_reach_the_client_then_the_stream_ends",
                 "relay_routes_ask_for_credentials_and_public_routes_do_not",
                 "wss_origins_are_verified_and_echo_on_every_http_version",
+                "http2_origins_get_extended_connect_and_echo_on_every_http_version",
+                "http2_origins_refusals_closes_and_resets_map_end_to_end",
             ],
             &[InteropVenv],
         ),
