@@ -43,10 +43,13 @@ run by ``--deadline``.
 SETTINGS: before sending CONNECT it waits for the peer's SETTINGS (draft-14
 section 3.1) and, unless ``--no-settings-check``, requires
 ENABLE_CONNECT_PROTOCOL=1, H3_DATAGRAM=1 and a WebTransport setting
-(SETTINGS_WT_MAX_SESSIONS 0x14e9cd29 > 0 or the draft-02
-SETTINGS_ENABLE_WEBTRANSPORT 0x2b603742 = 1). ``--wt-settings`` picks what it
-sends itself: ``both`` (default), ``aioquic`` (aioquic's own: 0x2b603742 only),
-``draft14`` (0x14e9cd29 only).
+(draft-16's SETTINGS_WT_ENABLED 0x2c7cf000 = 1, SETTINGS_WT_MAX_SESSIONS
+0x14e9cd29 > 0 or the draft-02 SETTINGS_ENABLE_WEBTRANSPORT 0x2b603742 = 1;
+WT_ENABLED above 1 fails, draft-16 section 3.1). ``--wt-settings`` picks what
+it sends itself: ``both`` (default: all three), ``aioquic`` (aioquic's own:
+0x2b603742 only), ``draft14`` (0x14e9cd29 only), ``draft16`` (0x2c7cf000
+only). ``--protocol`` is the CONNECT's ``:protocol``: ``webtransport``
+(default, what deployed browsers send) or draft-16's ``webtransport-h3``.
 
 Usage::
 
@@ -81,6 +84,7 @@ from aioquic.quic.events import ConnectionTerminated, QuicEvent, StopSendingRece
 
 SETTINGS_WT_MAX_SESSIONS = 0x14E9CD29
 SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02 = 0x2B603742
+SETTINGS_WT_ENABLED = 0x2C7CF000
 SETTINGS_ENABLE_CONNECT_PROTOCOL = 0x8
 SETTINGS_H3_DATAGRAM = 0x33
 CAPSULE_WT_CLOSE_SESSION = 0x2843
@@ -119,10 +123,12 @@ class WtH3(H3Connection):
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()
-        if self._wt_profile == "draft14":
+        if self._wt_profile in ("draft14", "draft16"):
             settings.pop(Setting.ENABLE_WEBTRANSPORT, None)
         if self._wt_profile in ("draft14", "both"):
             settings[SETTINGS_WT_MAX_SESSIONS] = 1
+        if self._wt_profile in ("draft16", "both"):
+            settings[SETTINGS_WT_ENABLED] = 1
         return settings
 
     def mark_webtransport_bidi(self, stream_id: int, session_id: int) -> None:
@@ -264,8 +270,13 @@ def check_settings(settings: dict[int, int]) -> str | None:
         return "peer SETTINGS lack ENABLE_CONNECT_PROTOCOL=1"
     if settings.get(SETTINGS_H3_DATAGRAM) != 1:
         return "peer SETTINGS lack H3_DATAGRAM=1"
-    if not (settings.get(SETTINGS_WT_MAX_SESSIONS, 0) > 0 or settings.get(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02) == 1):
-        return "peer SETTINGS lack WT_MAX_SESSIONS>0 and ENABLE_WEBTRANSPORT=1"
+    if settings.get(SETTINGS_WT_ENABLED, 0) > 1:
+        # draft-16 section 3.1: H3_SETTINGS_ERROR for a client.
+        return f"peer SETTINGS_WT_ENABLED is {settings[SETTINGS_WT_ENABLED]}, above 1"
+    if not (settings.get(SETTINGS_WT_ENABLED) == 1
+            or settings.get(SETTINGS_WT_MAX_SESSIONS, 0) > 0
+            or settings.get(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02) == 1):
+        return "peer SETTINGS lack WT_ENABLED=1, WT_MAX_SESSIONS>0 and ENABLE_WEBTRANSPORT=1"
     return None
 
 
@@ -533,7 +544,7 @@ async def run(args, result: dict) -> None:
         c.session_id = c._quic.get_next_available_stream_id()
         headers = [
             (b":method", b"CONNECT"),
-            (b":protocol", b"webtransport"),
+            (b":protocol", args.protocol.encode()),
             (b":scheme", b"https"),
             (b":authority", args.authority.encode()),
             (b":path", args.path.encode()),
@@ -614,8 +625,11 @@ def main() -> int:
     p.add_argument("--reset-code", type=int, default=7, help="reset case: WebTransport error code (default 7)")
     p.add_argument("--tag", help="record case: the tag to look up")
     p.add_argument("--expect-status", type=int, help="status case: fail unless this status")
-    p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14"], default="both",
+    p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14", "draft16"], default="both",
                    help="WebTransport SETTINGS to send (default both)")
+    p.add_argument("--protocol", default="webtransport",
+                   help=":protocol of the CONNECT: webtransport (default, what browsers send) or "
+                        "webtransport-h3 (draft-16 section 3.2)")
     p.add_argument("--no-settings-check", action="store_true", help="do not require WebTransport SETTINGS from the peer")
     args = p.parse_args()
     if args.authority is None:

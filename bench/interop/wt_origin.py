@@ -46,14 +46,18 @@ SETTINGS (``--wt-settings``): ``both`` (default) sends aioquic's own
 (SETTINGS_ENABLE_CONNECT_PROTOCOL=1, SETTINGS_H3_DATAGRAM=1,
 SETTINGS_ENABLE_WEBTRANSPORT(0x2b603742)=1) plus draft-14's
 SETTINGS_WT_MAX_SESSIONS (0x14e9cd29) = ``--wt-max-sessions``; ``aioquic``
-only aioquic's; ``draft14`` only WT_MAX_SESSIONS (no 0x2b603742); ``none`` neither (an
-HTTP/3 server that does not announce WebTransport; it still answers CONNECT
-as above).
+only aioquic's; ``draft14`` only WT_MAX_SESSIONS (no 0x2b603742); ``draft16``
+only draft-16's SETTINGS_WT_ENABLED (0x2c7cf000) = ``--wt-enabled`` (1), and
+then it takes only draft-16's ``:protocol webtransport-h3`` (400 for
+``webtransport``; the other profiles take only ``webtransport``); ``none``
+neither (an HTTP/3 server that does not announce WebTransport; it still
+answers CONNECT as above).
 
 Usage::
 
     wt_origin.py --listen 127.0.0.1:0 --cert cert.pem --key key.pem
-                 [--wt-settings both|aioquic|draft14] [--wt-max-sessions 1]
+                 [--wt-settings both|aioquic|draft14|draft16] [--wt-max-sessions 1]
+                 [--wt-enabled 1]
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ from aioquic.quic.events import (
 # draft-ietf-webtrans-http3-14 codepoints.
 SETTINGS_WT_MAX_SESSIONS = 0x14E9CD29
 SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02 = 0x2B603742
+SETTINGS_WT_ENABLED = 0x2C7CF000
 CAPSULE_WT_CLOSE_SESSION = 0x2843
 CAPSULE_WT_DRAIN_SESSION = 0x78AE
 WT_SESSION_GONE = 0x170D7B68
@@ -135,17 +140,20 @@ def settings_json(settings: dict[int, int] | None) -> dict[str, int] | None:
 class WtH3(H3Connection):
     """aioquic's H3Connection with the chosen WebTransport SETTINGS."""
 
-    def __init__(self, quic, profile: str, max_sessions: int) -> None:
+    def __init__(self, quic, profile: str, max_sessions: int, wt_enabled: int = 1) -> None:
         self._wt_profile = profile
         self._wt_max_sessions = max_sessions
+        self._wt_enabled = wt_enabled
         super().__init__(quic, enable_webtransport=True)
 
     def _get_local_settings(self) -> dict[int, int]:
         settings = super()._get_local_settings()
-        if self._wt_profile in ("draft14", "none"):
+        if self._wt_profile in ("draft14", "draft16", "none"):
             settings.pop(Setting.ENABLE_WEBTRANSPORT, None)
         if self._wt_profile in ("draft14", "both"):
             settings[SETTINGS_WT_MAX_SESSIONS] = self._wt_max_sessions
+        if self._wt_profile == "draft16":
+            settings[SETTINGS_WT_ENABLED] = self._wt_enabled
         return settings
 
     def mark_webtransport_bidi(self, stream_id: int, session_id: int) -> None:
@@ -185,7 +193,8 @@ class OriginProtocol(QuicConnectionProtocol):
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, ProtocolNegotiated):
             if event.alpn_protocol in H3_ALPN:
-                self.h3 = WtH3(self._quic, self.args.wt_settings, self.args.wt_max_sessions)
+                self.h3 = WtH3(self._quic, self.args.wt_settings, self.args.wt_max_sessions,
+                               self.args.wt_enabled)
         elif isinstance(event, StreamReset):
             self.on_reset(event.stream_id, event.error_code, "stream_reset")
         elif isinstance(event, StopSendingReceived):
@@ -277,7 +286,9 @@ class OriginProtocol(QuicConnectionProtocol):
         route = urllib.parse.urlsplit(path).path
         if pseudo.get(":method") != "CONNECT":
             status = 405
-        elif pseudo.get(":protocol") != "webtransport":
+        elif pseudo.get(":protocol") != ("webtransport-h3" if self.args.wt_settings == "draft16" else "webtransport"):
+            # A draft-16 origin takes its own token only; older drafts'
+            # origins know only theirs.
             status = 400
         elif route == "/echo":
             status = 200
@@ -545,8 +556,10 @@ def main() -> int:
     p.add_argument("--listen", type=parse_hostport, default=("127.0.0.1", 0), help="HOST:PORT (port 0: any)")
     p.add_argument("--cert", required=True, help="certificate chain (PEM)")
     p.add_argument("--key", required=True, help="private key (PEM)")
-    p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14", "none"], default="both",
+    p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14", "draft16", "none"], default="both",
                    help="which WebTransport SETTINGS to send (see above)")
+    p.add_argument("--wt-enabled", type=int, default=1,
+                   help="draft16: the SETTINGS_WT_ENABLED value (1; above 1 is the client's H3_SETTINGS_ERROR)")
     p.add_argument("--wt-max-sessions", type=int, default=1,
                    help="SETTINGS_WT_MAX_SESSIONS value (>1 also declares flow control, which this origin does not do)")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout (seconds)")

@@ -113,6 +113,29 @@ enum Command {
         #[arg(long)]
         perf: Option<PathBuf>,
     },
+    /// Relay CPU per datagram of two builds at the same paced loads, in one
+    /// run, alternating (`before` then `after` each round): the A/B rows of
+    /// a fast-path change (docs/BENCHMARKS.md).
+    PacedAb {
+        /// Results directory.
+        #[arg(long, default_value = "results/paced-ab")]
+        out: PathBuf,
+        /// Directory of the old relay-control and relay-dataplane.
+        #[arg(long)]
+        before: PathBuf,
+        /// Directory of the new ones.
+        #[arg(long)]
+        after: PathBuf,
+        /// Offered datagrams/s, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "20000,40000")]
+        rates: Vec<f64>,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 1200)]
+        size: usize,
+        /// Rounds (the table shows medians).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// What fleet mode costs, in one run: CONNECT -> 200 and setups/s of a
     /// single host against a fleet member (fleet-wide quotas on a local
     /// redis-server), then (root) one host against three behind the
@@ -484,6 +507,31 @@ fn run(args: Args) -> Result<()> {
             cfg.connect_samples = connect_samples;
             cfg.setup_flows = setup_flows;
             relay_bench::ppbench::run(&cfg)?;
+            println!("\nresults written to {}", out.display());
+            Ok(())
+        }
+        Command::PacedAb { out, before, after, rates, size, rounds } => {
+            let cfg = SuiteConfig::standard(out.clone());
+            let rows = suite::paced_ab(&cfg, before, after, &rates, size, rounds)?;
+            let median = |v: &[f64]| relay_bench::stats::median(&mut v.to_vec()).unwrap_or(f64::NAN);
+            println!(
+                "| binaries | direction | offered dgram/s | relay CPU us/dgram (median) | user us | QUIC packets in / dgram | QUIC packets out / dgram | rounds (us/dgram) |"
+            );
+            println!("|---|---|---:|---:|---:|---:|---:|---|");
+            for r in &rows {
+                let each: Vec<String> = r.us_per_datagram.iter().map(|v| format!("{v:.2}")).collect();
+                println!(
+                    "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                    r.binaries,
+                    r.direction,
+                    r.offered,
+                    median(&r.us_per_datagram),
+                    median(&r.user_us_per_datagram),
+                    median(&r.quic_packets_per_datagram),
+                    median(&r.quic_packets_out_per_datagram),
+                    each.join(" ")
+                );
+            }
             println!("\nresults written to {}", out.display());
             Ok(())
         }

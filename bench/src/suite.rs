@@ -208,6 +208,10 @@ pub struct CostPoint {
     /// QUIC packets received by the relay per forwarded datagram (either
     /// direction: for downloads these are the client's acknowledgements).
     pub quic_packets_per_datagram: f64,
+    /// QUIC packets the relay sent per forwarded datagram (for uploads
+    /// these are its acknowledgements).
+    #[serde(default)]
+    pub quic_packets_out_per_datagram: f64,
     /// QUIC packets per receive system call on the relay (GRO).
     pub relay_packets_per_receive: f64,
     /// QUIC packets per send system call on the relay (GSO).
@@ -600,6 +604,10 @@ impl Bench<'_> {
                 delta("quic_packets_in"),
                 delta("datagrams_up") + delta("datagrams_down"),
             ),
+            quic_packets_out_per_datagram: stats::ratio(
+                delta("quic_packets_out"),
+                delta("datagrams_up") + delta("datagrams_down"),
+            ),
             relay_packets_per_receive: io.quic_packets_per_receive,
             relay_packets_per_send: io.quic_packets_per_send,
             relay_target_datagrams_per_send: io.target_datagrams_per_send,
@@ -607,6 +615,86 @@ impl Bench<'_> {
             relay_syscalls_per_datagram: io.syscalls_per_datagram,
         })
     }
+}
+
+/// One cost row of an A/B comparison: which binaries, the load, and the
+/// relay's CPU per datagram of each round.
+#[derive(Debug, Clone, Serialize)]
+pub struct AbRow {
+    /// `before` or `after`.
+    pub binaries: String,
+    /// `upload` or `download`.
+    pub direction: String,
+    /// Offered datagrams/s.
+    pub offered: f64,
+    /// Relay CPU microseconds per datagram, one per round.
+    pub us_per_datagram: Vec<f64>,
+    /// Of which user time, one per round.
+    pub user_us_per_datagram: Vec<f64>,
+    /// QUIC packets the relay received per datagram, one per round.
+    pub quic_packets_per_datagram: Vec<f64>,
+    /// QUIC packets the relay sent per datagram, one per round.
+    pub quic_packets_out_per_datagram: Vec<f64>,
+}
+
+/// Relay CPU per datagram of two builds at the same paced loads, in one
+/// run: for each round, the `before` binaries then the `after` ones (a
+/// fresh relay each, pinned as in the suite), every rate in `rates` both
+/// ways with `size`-byte payloads. Rounds alternate so drift on the
+/// machine falls on both.
+pub fn paced_ab(
+    cfg: &SuiteConfig,
+    before: PathBuf,
+    after: PathBuf,
+    rates: &[f64],
+    size: usize,
+    rounds: usize,
+) -> Result<Vec<AbRow>> {
+    std::fs::create_dir_all(&cfg.out_dir)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pinned = cfg.pin && cores >= 2;
+    if pinned {
+        pin_process(std::process::id(), 1)?;
+    }
+    let mut rows: Vec<AbRow> = Vec::new();
+    for round in 0..rounds {
+        for (label, dir) in [("before", &before), ("after", &after)] {
+            let mut c = cfg.clone();
+            c.bin_dir = Some(dir.clone());
+            let name = format!("{label}-{round}");
+            let bench = start_bench(&c, &c.io, &name, None, pinned, "")?;
+            for &offered in rates {
+                for direction in [Direction::Upload, Direction::Download] {
+                    eprintln!("bench: round {round} {label}: {direction:?} at {offered:.0}/s, {size} B");
+                    let p = bench.cost_run(size, direction, offered)?;
+                    let row = match rows
+                        .iter_mut()
+                        .find(|r| r.binaries == label && r.direction == p.direction && r.offered == offered)
+                    {
+                        Some(r) => r,
+                        None => {
+                            rows.push(AbRow {
+                                binaries: label.into(),
+                                direction: p.direction.clone(),
+                                offered,
+                                us_per_datagram: Vec::new(),
+                                user_us_per_datagram: Vec::new(),
+                                quic_packets_per_datagram: Vec::new(),
+                                quic_packets_out_per_datagram: Vec::new(),
+                            });
+                            rows.last_mut().context("row")?
+                        }
+                    };
+                    row.us_per_datagram.push(p.cost.us_per_datagram);
+                    row.user_us_per_datagram.push(p.user_us_per_datagram);
+                    row.quic_packets_per_datagram.push(p.quic_packets_per_datagram);
+                    row.quic_packets_out_per_datagram.push(p.quic_packets_out_per_datagram);
+                }
+            }
+        }
+    }
+    std::fs::write(cfg.out_dir.join("paced-ab.json"), serde_json::to_vec_pretty(&rows)?)?;
+    Ok(rows)
 }
 
 /// A paced run fell short: an error if `cfg.fail_on_shortfall`, else

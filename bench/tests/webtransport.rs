@@ -42,6 +42,8 @@ struct Setup {
     python: PathBuf,
     _echo: PyOrigin,
     _plain: PyOrigin,
+    _draft16: PyOrigin,
+    _bad16: PyOrigin,
     pki: PathBuf,
 }
 
@@ -65,6 +67,18 @@ impl Setup {
         let echo = wtinterop::start_origin(&python, &files.cert, &files.key, &[]).expect("origin");
         let plain = wtinterop::start_origin(&python, &files.cert, &files.key, &["--wt-settings", "none"])
             .expect("origin without WebTransport settings");
+        // Draft-16 origins: SETTINGS_WT_ENABLED only, and `webtransport-h3`
+        // only; one announcing the invalid value 2.
+        let draft16 =
+            wtinterop::start_origin(&python, &files.cert, &files.key, &["--wt-settings", "draft16"])
+                .expect("draft-16 origin");
+        let bad16 = wtinterop::start_origin(
+            &python,
+            &files.cert,
+            &files.key,
+            &["--wt-settings", "draft16", "--wt-enabled", "2"],
+        )
+        .expect("origin with SETTINGS_WT_ENABLED = 2");
         let (port, plain_port) = (echo.port(), plain.port());
         let down = free_udp_port().unwrap();
         let (ca, other) =
@@ -102,6 +116,8 @@ impl Setup {
             // The origin's address as the name (an IP-ID, no SNI).
             route("byip", "/byip", port, &ca, "127.0.0.1", "prefix_rewrite = \"/echo\"\n"),
             route("wrongip", "/wrongip", port, &ca, "127.0.0.2", "prefix_rewrite = \"/echo\"\n"),
+            route("d16", "/d16", draft16.port(), &ca, "echo.test", "prefix_rewrite = \"/echo\"\n"),
+            route("bad16", "/bad16", bad16.port(), &ca, "echo.test", "prefix_rewrite = \"/echo\"\n"),
         ]
         .concat();
         let opts = RelayOptions {
@@ -111,7 +127,7 @@ impl Setup {
             ..RelayOptions::default()
         };
         let relay = Relay::start(&test_dir(name), &opts).expect("relay starts");
-        Self { relay, python, _echo: echo, _plain: plain, pki }
+        Self { relay, python, _echo: echo, _plain: plain, _draft16: draft16, _bad16: bad16, pki }
     }
 
     fn client(&self) -> WtClient {
@@ -209,6 +225,43 @@ fn sessions_relay_streams_datagrams_and_their_ends() {
     assert!(s.relay.counter("webtransport_sessions_opened").unwrap() >= 10);
     assert!(s.relay.counter("webtransport_streams").unwrap() > 0);
     assert!(s.relay.counter("webtransport_datagrams").unwrap() > 0);
+    wait_until("the sessions' flows to end", PATIENCE, || s.flows() == 0);
+}
+
+#[test]
+#[ignore = "needs the interop venv (aioquic; `cargo xtask setup`): run by `cargo xtask test`"]
+fn draft16_settings_and_token_on_both_hops() {
+    let s = Setup::start("draft16");
+    // A draft-16 client: it sends only SETTINGS_WT_ENABLED, requires it
+    // (or an older draft's setting) from the relay, and asks with
+    // `webtransport-h3` (draft-16 sections 3.1 and 3.2).
+    let client = s.client().arg("--wt-settings", "draft16").arg("--protocol", "webtransport-h3");
+    for case in ["echo-bidi", "datagram"] {
+        let v = client.run(case, "/echo").unwrap();
+        ok(case, &v);
+        assert_eq!(v["peer_settings"]["0x2c7cf000"], 1, "the relay announces SETTINGS_WT_ENABLED = 1: {v}");
+    }
+    // Towards a draft-16 origin (WT_ENABLED only, `webtransport-h3` only)
+    // the relay asks with draft-16's token whatever the client used; an
+    // older origin gets `webtransport` (the `record` case of
+    // sessions_relay_streams_datagrams_and_their_ends).
+    for protocol in ["webtransport", "webtransport-h3"] {
+        let tag = format!("d16-{protocol}");
+        let v = s
+            .client()
+            .arg("--protocol", protocol)
+            .arg("--tag", &tag)
+            .run("record", &format!("/d16?tag={tag}"))
+            .unwrap();
+        ok("record", &v);
+        assert_eq!(v["record"]["protocol"], "webtransport-h3", "{v}");
+        ok("echo-bidi", &s.client().arg("--protocol", protocol).run("echo-bidi", "/d16").unwrap());
+    }
+    // An origin announcing SETTINGS_WT_ENABLED = 2: the relay's client
+    // side treats it as H3_SETTINGS_ERROR and the client gets 502.
+    let v = s.client().run("status", "/bad16").unwrap();
+    let ps = refused("bad16", &v, 502, "http_protocol_error");
+    assert!(ps.contains("SETTINGS_WT_ENABLED is 2"), "{v}");
     wait_until("the sessions' flows to end", PATIENCE, || s.flows() == 0);
 }
 

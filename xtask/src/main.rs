@@ -422,6 +422,7 @@ const IGNORED: &[(&str, &str, &[&str], &[Need])] = {
             "webtransport",
             &[
                 "sessions_relay_streams_datagrams_and_their_ends",
+                "draft16_settings_and_token_on_both_hops",
                 "refusals_carry_exact_statuses_and_proxy_status",
                 "sessions_show_in_relayctl_flows_with_their_kind",
                 "a_draining_relay_sends_wt_drain_session_and_keeps_serving_the_session",

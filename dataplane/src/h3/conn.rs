@@ -287,7 +287,7 @@ impl Conn {
         };
         if ctx.settings.served.webtransport
             && req.method == "CONNECT"
-            && req.protocol.as_deref() == Some("webtransport")
+            && req.protocol.as_deref().is_some_and(crate::tunnel::webtransport::is_session_token)
             && self.streams.values().any(|&id| tunnels.kind(id) == Some(Kind::WebTransport))
         {
             // The relay announces SETTINGS_WT_MAX_SESSIONS = 1 and no

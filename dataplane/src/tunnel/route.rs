@@ -207,7 +207,9 @@ pub fn route(req: &Request, served: &Served, status_endpoint: bool) -> Route {
             })
         }
         ("CONNECT", Some("websocket")) => websocket_request(req, served),
-        ("CONNECT", Some("webtransport")) => webtransport_request(req, served),
+        // Draft-16 section 3.2's `webtransport-h3`, and the older drafts'
+        // `webtransport` that deployed browsers still send.
+        ("CONNECT", Some(p)) if super::webtransport::is_session_token(p) => webtransport_request(req, served),
         ("CONNECT", Some("connect-udp")) if !served.connect_udp => {
             Route::Refuse(Refusal::new(501, None, "connect-udp is not enabled on this relay"))
         }
@@ -403,6 +405,11 @@ mod tests {
 
     #[test]
     fn webtransport_requests() {
+        let h3 = req("CONNECT", Some("webtransport-h3"), "app.example", Some("/game"));
+        let on = Served { webtransport: true, ..served() };
+        let Route::Tunnel(t) = route(&h3, &on, false) else { panic!("webtransport-h3 is a session") };
+        assert_eq!(t.kind, Kind::WebTransport);
+        assert_eq!(status(route(&h3, &served(), false)), 501, "not served: 501 whatever the token");
         let mut wt = req("CONNECT", Some("webtransport"), "app.example", Some("/game?room=1"));
         wt.websocket.origin = Some("https://app.example".into());
         wt.wt_available_protocols = Some("\"v2\", \"v1\"".into());

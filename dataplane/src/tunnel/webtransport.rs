@@ -67,6 +67,11 @@ use crate::timers::TimerTarget;
 /// SETTINGS and answer the session request (504 after).
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// SETTINGS_WT_ENABLED (draft-ietf-webtrans-http3-16 sections 3.1 and
+/// 9.2, since -15): 1 announces WebTransport over HTTP/3 and its upgrade
+/// token `webtransport-h3`; a client MUST treat a value above 1 as a
+/// connection error of type H3_SETTINGS_ERROR.
+pub const SETTINGS_WT_ENABLED: u64 = 0x2c7cf000;
 /// SETTINGS_WT_MAX_SESSIONS (draft-ietf-webtrans-http3-14 section 9.2).
 pub const SETTINGS_WT_MAX_SESSIONS: u64 = 0x14e9cd29;
 /// SETTINGS_WEBTRANSPORT_MAX_SESSIONS of drafts -07 to -12, still sent by
@@ -74,6 +79,20 @@ pub const SETTINGS_WT_MAX_SESSIONS: u64 = 0x14e9cd29;
 pub const SETTINGS_WT_MAX_SESSIONS_DRAFT07: u64 = 0xc671706a;
 /// SETTINGS_ENABLE_WEBTRANSPORT of drafts -02 to -06 (aioquic speaks it).
 pub const SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02: u64 = 0x2b603742;
+
+/// The upgrade token of WebTransport over HTTP/3 since draft -15 (draft-16
+/// section 3.2); `webtransport`, the older drafts' token (and -16's name
+/// for the capsule-based variant), is what deployed browsers still send.
+pub const TOKEN_H3: &str = "webtransport-h3";
+/// The older drafts' upgrade token.
+pub const TOKEN_LEGACY: &str = "webtransport";
+/// H3_SETTINGS_ERROR (RFC 9114 section 8.1).
+const H3_SETTINGS_ERROR: u64 = 0x109;
+
+/// Whether `:protocol` names a WebTransport session (either token).
+pub fn is_session_token(protocol: &str) -> bool {
+    protocol == TOKEN_H3 || protocol == TOKEN_LEGACY
+}
 
 /// WT_SESSION_GONE (section 9.5): a stream of a session that is over.
 pub const WT_SESSION_GONE: u64 = 0x170d7b68;
@@ -104,6 +123,7 @@ const COPY_CHUNK: usize = 64 * 1024;
 /// HTTP/3 carrier resets a second one with H3_REQUEST_REJECTED.
 pub fn settings() -> Vec<(u64, u64)> {
     vec![
+        (SETTINGS_WT_ENABLED, 1),
         (SETTINGS_WT_MAX_SESSIONS, 1),
         (SETTINGS_WT_MAX_SESSIONS_DRAFT07, 1),
         (SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 1),
@@ -117,11 +137,27 @@ pub fn peer_supports(raw: &[(u64, u64)]) -> bool {
         v > 0
             && matches!(
                 id,
-                SETTINGS_WT_MAX_SESSIONS
+                SETTINGS_WT_ENABLED
+                    | SETTINGS_WT_MAX_SESSIONS
                     | SETTINGS_WT_MAX_SESSIONS_DRAFT07
                     | SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02
             )
     })
+}
+
+/// The upgrade token to ask a peer with these SETTINGS for a session:
+/// `webtransport-h3` when it announced SETTINGS_WT_ENABLED = 1 (draft -15
+/// and later), else the older drafts' `webtransport`. `Err(value)`: its
+/// SETTINGS_WT_ENABLED is above 1, a connection error of type
+/// H3_SETTINGS_ERROR for a client (draft-16 section 3.1).
+pub fn token_for(raw: &[(u64, u64)]) -> Result<&'static str, u64> {
+    // The last value of a setting counts (RFC 9114 section 7.2.4 forbids
+    // repeats; quiche refuses them).
+    match raw.iter().rev().find(|&&(id, _)| id == SETTINGS_WT_ENABLED).map(|&(_, v)| v) {
+        Some(1) => Ok(TOKEN_H3),
+        Some(v) if v > 1 => Err(v),
+        _ => Ok(TOKEN_LEGACY),
+    }
 }
 
 /// The client's HTTP/3 connection, as the relay of one of its sessions
@@ -313,12 +349,22 @@ impl SessionLeg {
         if !peer_supports(raw) {
             return Err(refuse("the origin does not announce WebTransport in its SETTINGS"));
         }
+        let token = match token_for(raw) {
+            Ok(token) => token,
+            Err(value) => {
+                // Draft-16 section 3.1: a connection error for a client.
+                let _ = self.quic.close(true, H3_SETTINGS_ERROR, b"SETTINGS_WT_ENABLED above 1");
+                return Err(refuse(&format!(
+                    "the origin's SETTINGS_WT_ENABLED is {value}, not 1 (H3_SETTINGS_ERROR, draft-ietf-webtrans-http3-16 section 3.1)"
+                )));
+            }
+        };
         if !h3.dgram_enabled_by_peer(&self.quic) {
             return Err(refuse("the origin does not accept HTTP/3 datagrams (SETTINGS_H3_DATAGRAM)"));
         }
         let mut headers = vec![
             quiche::h3::Header::new(b":method", b"CONNECT"),
-            quiche::h3::Header::new(b":protocol", b"webtransport"),
+            quiche::h3::Header::new(b":protocol", token.as_bytes()),
             quiche::h3::Header::new(b":scheme", b"https"),
             quiche::h3::Header::new(b":authority", self.host.as_bytes()),
             quiche::h3::Header::new(b":path", self.path.as_bytes()),
@@ -1106,10 +1152,28 @@ mod tests {
     fn settings_announce_every_draft_and_are_recognised() {
         let s = settings();
         assert!(s.contains(&(SETTINGS_WT_MAX_SESSIONS, 1)));
+        assert!(s.contains(&(SETTINGS_WT_ENABLED, 1)), "draft -15 and later look for it");
         assert!(peer_supports(&s));
+        assert!(peer_supports(&[(SETTINGS_WT_ENABLED, 1)]));
+        assert!(!peer_supports(&[(SETTINGS_WT_ENABLED, 0)]));
         assert!(peer_supports(&[(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 1)]));
         assert!(!peer_supports(&[(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 0)]));
         assert!(!peer_supports(&[(0x33, 1), (0x8, 1)]));
+    }
+
+    #[test]
+    fn the_token_follows_the_origins_draft() {
+        // Draft -15 and later: SETTINGS_WT_ENABLED = 1 and `webtransport-h3`.
+        assert_eq!(token_for(&[(SETTINGS_WT_ENABLED, 1)]), Ok(TOKEN_H3));
+        assert_eq!(token_for(&settings()), Ok(TOKEN_H3));
+        // Older drafts only: `webtransport`.
+        assert_eq!(token_for(&[(SETTINGS_WT_MAX_SESSIONS, 4)]), Ok(TOKEN_LEGACY));
+        assert_eq!(token_for(&[(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 1)]), Ok(TOKEN_LEGACY));
+        assert_eq!(token_for(&[(SETTINGS_WT_ENABLED, 0), (SETTINGS_WT_MAX_SESSIONS, 1)]), Ok(TOKEN_LEGACY));
+        // Above 1: H3_SETTINGS_ERROR (draft-16 section 3.1).
+        assert_eq!(token_for(&[(SETTINGS_WT_ENABLED, 2)]), Err(2));
+        assert!(is_session_token("webtransport") && is_session_token("webtransport-h3"));
+        assert!(!is_session_token("webtransport-h2") && !is_session_token("WebTransport"));
     }
 
     #[test]
