@@ -21,6 +21,10 @@ Cases (``--case``), all against wt_origin.py's ``/echo`` behaviour:
 - ``close-from-client``: sends WT_CLOSE_SESSION (``--close-code``,
   ``--close-reason``) then FIN; expects the peer to end (FIN or reset) the
   CONNECT stream.
+- ``session-gone``: leaves a bidirectional stream open (its first bytes
+  echoed), then the session ends (``--close-side origin``: the origin's
+  ``close`` command; ``client``: its own WT_CLOSE_SESSION and FIN); expects
+  that stream reset with WT_SESSION_GONE (section 6).
 - ``close-from-origin``: sends ``close:CODE:REASON``; expects a
   WT_CLOSE_SESSION capsule with that code and reason, then FIN.
 - ``reset``: sends ``reset:CODE`` (``--reset-code``); expects that stream
@@ -94,7 +98,7 @@ WT_APP_ERROR_FIRST = 0x52E4A40FA8DB
 WT_APP_ERROR_LAST = 0x52E5AC983162
 
 CASES = ["echo-bidi", "echo-uni", "datagram", "large", "server-bidi", "close-from-client",
-         "close-from-origin", "reset", "client-reset", "record", "status", "drain"]
+         "close-from-origin", "reset", "client-reset", "record", "status", "drain", "session-gone"]
 
 
 class CaseFailed(Exception):
@@ -413,6 +417,30 @@ async def case_close_from_origin(c: ClientProtocol, args) -> dict:
     return out
 
 
+async def case_session_gone(c: ClientProtocol, args) -> dict:
+    """A stream left open when the session ends is reset with WT_SESSION_GONE
+    (section 6): against an origin that leaves its streams alone
+    (``wt_origin.py --keep-streams-on-close``), that reset is the relay's."""
+    sid = c.open_bidi()
+    first = b"g" * 100
+    c.send(sid, first, fin=False)
+    st = c.streams[sid]
+    await c.wait(f"the echo on stream {sid}", lambda: st.size >= len(first), args.timeout)
+    if args.close_side == "client":
+        c.h3.send_data(c.session_id, encode_capsule(CAPSULE_WT_CLOSE_SESSION, (0).to_bytes(4, "big") + b"gone"),
+                       end_stream=True)
+        c.transmit()
+    else:
+        cmd = c.open_bidi()
+        c.send(cmd, b"close:0:gone", fin=True)
+    await c.wait(f"stream {sid} to end", lambda: st.reset_code is not None or st.fin, args.timeout)
+    out = {"stream_id": sid, "h3_code": st.reset_code, "fin": st.fin, "close_side": args.close_side}
+    if st.reset_code != WT_SESSION_GONE:
+        got = "FIN" if st.reset_code is None else hex(st.reset_code)
+        raise CaseFailed(f"stream {sid} ended with {got}, not WT_SESSION_GONE", out)
+    return out
+
+
 async def case_reset(c: ClientProtocol, args) -> dict:
     sid = c.open_bidi()
     c.send(sid, f"reset:{args.reset_code}".encode(), fin=True)
@@ -496,7 +524,7 @@ async def case_drain(c: ClientProtocol, args) -> dict:
 CASE_FUNCS = {
     "echo-bidi": case_echo_bidi, "echo-uni": case_echo_uni, "datagram": case_datagram, "large": case_large,
     "server-bidi": case_server_bidi, "close-from-client": case_close_from_client,
-    "close-from-origin": case_close_from_origin, "reset": case_reset, "client-reset": case_client_reset, "record": case_record,
+    "close-from-origin": case_close_from_origin, "session-gone": case_session_gone, "reset": case_reset, "client-reset": case_client_reset, "record": case_record,
     "drain": case_drain,
 }
 
@@ -581,7 +609,7 @@ async def run(args, result: dict) -> None:
                 result.update(exc.args[1])
             raise
         # End the session cleanly when the case left it open.
-        if not c.session_fin and c.session_reset is None and args.case not in ("close-from-client", "close-from-origin"):
+        if not c.session_fin and c.session_reset is None and args.case not in ("close-from-client", "close-from-origin", "session-gone"):
             try:
                 c.h3.send_data(c.session_id, b"", end_stream=True)
                 c.transmit()
@@ -623,6 +651,8 @@ def main() -> int:
     p.add_argument("--close-code", type=int, default=42, help="close cases: WebTransport error code (default 42)")
     p.add_argument("--close-reason", default="bye", help="close cases: reason (default 'bye')")
     p.add_argument("--reset-code", type=int, default=7, help="reset case: WebTransport error code (default 7)")
+    p.add_argument("--close-side", choices=["origin", "client"], default="origin",
+                   help="session-gone case: who ends the session (default origin)")
     p.add_argument("--tag", help="record case: the tag to look up")
     p.add_argument("--expect-status", type=int, help="status case: fail unless this status")
     p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14", "draft16"], default="both",

@@ -393,9 +393,10 @@ class OriginProtocol(QuicConnectionProtocol):
             "uni_streams": rec["uni_streams"],
             "bytes_received": rec["bytes_received"],
         })
-        # Section 6: reset the session's streams with WT_SESSION_GONE.
+        # Section 6: reset the session's streams with WT_SESSION_GONE
+        # (unless --keep-streams-on-close: then the relay in front must).
         for stream_id, st in list(session.streams.items()):
-            if how == "connection_closed":
+            if how == "connection_closed" or self.args.keep_streams_on_close:
                 break
             if not st.get("send_done"):
                 try:
@@ -558,6 +559,9 @@ def main() -> int:
     p.add_argument("--key", required=True, help="private key (PEM)")
     p.add_argument("--wt-settings", choices=["both", "aioquic", "draft14", "draft16", "none"], default="both",
                    help="which WebTransport SETTINGS to send (see above)")
+    p.add_argument("--keep-streams-on-close", action="store_true",
+                   help="leave the session's streams alone when it ends (a peer that relies on the relay's "
+                        "WT_SESSION_GONE resets)")
     p.add_argument("--wt-enabled", type=int, default=1,
                    help="draft16: the SETTINGS_WT_ENABLED value (1; above 1 is the client's H3_SETTINGS_ERROR)")
     p.add_argument("--wt-max-sessions", type=int, default=1,

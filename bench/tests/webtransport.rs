@@ -44,6 +44,7 @@ struct Setup {
     _plain: PyOrigin,
     _draft16: PyOrigin,
     _bad16: PyOrigin,
+    _keeper: PyOrigin,
     pki: PathBuf,
 }
 
@@ -79,6 +80,9 @@ impl Setup {
             &["--wt-settings", "draft16", "--wt-enabled", "2"],
         )
         .expect("origin with SETTINGS_WT_ENABLED = 2");
+        // An origin that leaves its streams to the relay when a session ends.
+        let keeper = wtinterop::start_origin(&python, &files.cert, &files.key, &["--keep-streams-on-close"])
+            .expect("origin");
         let (port, plain_port) = (echo.port(), plain.port());
         let down = free_udp_port().unwrap();
         let (ca, other) =
@@ -118,6 +122,7 @@ impl Setup {
             route("wrongip", "/wrongip", port, &ca, "127.0.0.2", "prefix_rewrite = \"/echo\"\n"),
             route("d16", "/d16", draft16.port(), &ca, "echo.test", "prefix_rewrite = \"/echo\"\n"),
             route("bad16", "/bad16", bad16.port(), &ca, "echo.test", "prefix_rewrite = \"/echo\"\n"),
+            route("keep", "/keep", keeper.port(), &ca, "echo.test", "prefix_rewrite = \"/echo\"\n"),
         ]
         .concat();
         let opts = RelayOptions {
@@ -127,7 +132,16 @@ impl Setup {
             ..RelayOptions::default()
         };
         let relay = Relay::start(&test_dir(name), &opts).expect("relay starts");
-        Self { relay, python, _echo: echo, _plain: plain, _draft16: draft16, _bad16: bad16, pki }
+        Self {
+            relay,
+            python,
+            _echo: echo,
+            _plain: plain,
+            _draft16: draft16,
+            _bad16: bad16,
+            _keeper: keeper,
+            pki,
+        }
     }
 
     fn client(&self) -> WtClient {
@@ -194,6 +208,14 @@ fn sessions_relay_streams_datagrams_and_their_ends() {
         .run("close-from-client", "/echo?tag=closing")
         .unwrap();
     ok("close-from-client", &v);
+    // A stream still open when the session ends is reset with
+    // WT_SESSION_GONE (section 6): by the relay, since this origin leaves
+    // its streams alone; whichever side ends the session.
+    for side in ["origin", "client"] {
+        let v = client.clone().arg("--close-side", side).run("session-gone", "/keep").unwrap();
+        ok("session-gone", &v);
+        assert_eq!(v["h3_code"], 0x170d7b68, "{side}: {v}");
+    }
     // Stream resets keep their code across the relay both ways.
     let v = client.clone().arg("--reset-code", 7).run("reset", "/echo").unwrap();
     ok("reset", &v);
@@ -222,7 +244,7 @@ fn sessions_relay_streams_datagrams_and_their_ends() {
     assert!(record["headers"].get("proxy-authorization").is_none(), "{v}");
     assert!(record["headers"].get("authorization").is_none(), "{v}");
     // The relay's counters saw the sessions; every flow ends.
-    assert!(s.relay.counter("webtransport_sessions_opened").unwrap() >= 10);
+    assert!(s.relay.counter("webtransport_sessions_opened").unwrap() >= 12);
     assert!(s.relay.counter("webtransport_streams").unwrap() > 0);
     assert!(s.relay.counter("webtransport_datagrams").unwrap() > 0);
     wait_until("the sessions' flows to end", PATIENCE, || s.flows() == 0);

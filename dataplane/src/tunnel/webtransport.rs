@@ -240,6 +240,10 @@ pub struct SessionLeg {
     up_fin_sent: bool,
     /// The origin ended its side of the session stream.
     origin_fin: bool,
+    /// Either side closed its half of the session stream (its FIN
+    /// relayed): the session is terminated (section 6), its streams are
+    /// reset and no new one is mapped.
+    terminated: bool,
     /// Both halves of the session stream closed: the session is over and
     /// the relay closed the origin connection itself.
     over: bool,
@@ -506,6 +510,7 @@ pub(super) fn open(
         up_fin: t.client_ended,
         up_fin_sent: false,
         origin_fin: false,
+        terminated: false,
         over: false,
         down_capsules: Boundaries::new(),
         origin_goaway: false,
@@ -750,8 +755,13 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
             leg.drain_sent = true;
         }
     }
-    // Streams opened on one side, opened on the other.
-    let opened = open_streams(leg, client, client_session, origin_session);
+    // Section 6: the session is terminated as soon as either side closes
+    // the CONNECT stream (a FIN, which follows any WT_CLOSE_SESSION); the
+    // session stream's own bytes and FIN still go through.
+    leg.terminated |= leg.up_fin_sent || leg.origin_fin;
+    // Streams opened on one side, opened on the other (not once the
+    // session is terminated: they are reset below).
+    let opened = if leg.terminated { 0 } else { open_streams(leg, client, client_session, origin_session) };
     if opened > 0 {
         ctx.count(Counter::WebtransportStreams, opened);
     }
@@ -787,6 +797,13 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
     }
     if up_bytes + down_bytes > 0 {
         flow.stream_bytes(up_bytes, down_bytes, now);
+    }
+    // Upon learning that the session is terminated an endpoint resets
+    // every stream of it both ways with WT_SESSION_GONE (section 6); the
+    // relay does so on both hops, whichever side ended it and whatever the
+    // other side then does, and refuses later streams the same way.
+    if leg.terminated && !(leg.pairs.is_empty() && leg.from_client.is_empty() && leg.from_origin.is_empty()) {
+        end_streams(leg, client);
     }
     // The origin ended the session stream: FIN to the client after the
     // bytes before it.
