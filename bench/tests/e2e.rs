@@ -356,21 +356,22 @@ fn control_down_or_stalled_gives_503_while_open_tunnels_keep_forwarding() {
     relay.resume_control();
     assert_eq!(a.status(), Some(503));
     assert!(a.header("proxy-status").unwrap().contains("error=proxy_internal_error"));
-    assert!(
-        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(5),
-        "bounded wait: {waited:?}"
-    );
+    // It waited for control's answer as configured before giving up (the
+    // lower bound is the configured timeout; no upper bound but the
+    // client's own: a busy machine may answer late).
+    assert!(waited >= Duration::from_millis(1900), "waited for the ask timeout: {waited:?}");
 
     // Dead control (SIGKILL): once the dataplane has noticed, new CONNECTs
     // get 503 at once; the open tunnel keeps forwarding.
     relay.kill_control();
     wait_control_down_noticed(&mut c, echo.addr().port());
-    let started = Instant::now();
     let id = c.request_udp("127.0.0.1", echo.addr().port()).unwrap();
     let a = c.wait_answer(id, T).unwrap();
     assert_eq!(a.status(), Some(503));
+    // Refused at once, not after the ask timeout: those details come only
+    // from the dataplane's knowing control is gone (an ask that timed out
+    // says "control plane did not answer in time").
     assert!(a.header("proxy-status").unwrap().contains("control plane unavailable"));
-    assert!(started.elapsed() < Duration::from_millis(1000), "fails fast when control is gone");
     let load = EchoLoad {
         count: 300,
         size: 200,
@@ -565,7 +566,9 @@ fn restarted_control_is_reattached_and_learns_the_live_flows() {
 fn sigterm_drains_gracefully_and_exits_zero() {
     let mut relay = start(
         "drain",
-        RelayOptions { dataplane_extra: "drain_timeout_secs = 20".into(), ..Default::default() },
+        // A deadline far beyond the wait below: an exit within that wait is
+        // the last tunnel's end, not the deadline.
+        RelayOptions { dataplane_extra: "drain_timeout_secs = 300".into(), ..Default::default() },
     );
     let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut c = client(&relay);
@@ -600,7 +603,10 @@ fn sigterm_drains_gracefully_and_exits_zero() {
         if let Some(st) = relay.wait_dataplane(Duration::from_millis(10)).unwrap() {
             break st;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "the dataplane did not finish draining");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the dataplane did not exit when its last tunnel ended (its drain deadline is 300 s)"
+        );
     };
     assert!(status.success(), "drain exit status {status:?}");
 }
@@ -753,15 +759,15 @@ fn handshakes_fail_cleanly_without_control_while_tunnels_keep_forwarding() {
     relay.resume_control();
     let err = stalled.err().expect("no handshake without a signature").to_string();
     assert!(err.contains("failed"), "the relay ended the handshake: {err}");
-    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "bounded: {waited:?}");
+    assert!(waited >= Duration::from_millis(1400), "waited for the ask timeout: {waited:?}");
 
     relay.kill_control();
     wait_control_down_noticed(&mut c, echo.addr().port());
-    let started = Instant::now();
     let err =
         Client::connect(client_config(&relay), Duration::from_secs(8)).err().expect("no key, no handshake");
     assert!(err.to_string().contains("failed"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(1), "fails fast when control is gone");
+    // Failed at once, not after an ask timeout: the dataplane knew control
+    // was gone and asked nothing.
     assert!(counter_from_dataplane_is_unavailable(&relay));
     let load = EchoLoad {
         count: 200,
