@@ -357,21 +357,13 @@ impl H3 {
         // RFC 9000 section 18.2: the token of the connection ID chosen in
         // the handshake travels in the transport parameters.
         self.quic_config.set_stateless_reset_token(Some(self.resets.token(&scid)));
-        let mut accepted =
-            quiche::accept(&scid, retried_odcid.as_ref(), self.local, from, &mut self.quic_config);
-        if retried_odcid.is_some() && matches!(accepted, Err(quiche::Error::BufferTooShort)) {
-            // quiche encodes the transport parameters into a fixed 128-byte
-            // buffer. After a Retry they carry three connection IDs (the
-            // client's original one, up to 20 bytes, and ours twice, as
-            // retry and initial source), which with our other parameters
-            // and the reset token overflow it: a 20-byte original ID
-            // already does with a 16-byte ID of ours. The token is optional
-            // (RFC 9000 section 18.2), so it is left out: the client cannot
-            // recognise a stateless reset for the handshake's ID, and can
-            // for the spare IDs it gets next (NEW_CONNECTION_ID).
-            self.quic_config.set_stateless_reset_token(None);
-            accepted = quiche::accept(&scid, retried_odcid.as_ref(), self.local, from, &mut self.quic_config);
-        }
+        // After a Retry the transport parameters carry three connection IDs
+        // (the client's original one, up to 20 bytes, and ours twice, as
+        // retry and initial source) beside the reset token: the vendored
+        // quiche encodes them into 256 bytes (its own 128 overflowed;
+        // dataplane/vendor/README.md), so the handshake's ID has its token
+        // whatever the ID lengths.
+        let accepted = quiche::accept(&scid, retried_odcid.as_ref(), self.local, from, &mut self.quic_config);
         let quic = match accepted {
             Ok(c) => c,
             Err(e) => {

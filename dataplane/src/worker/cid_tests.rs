@@ -114,9 +114,10 @@ fn retrying_harness(s: &CidSettings) -> Harness {
 #[test]
 fn a_retried_handshake_completes_whatever_the_connection_id_lengths() {
     // After a Retry the transport parameters carry the client's original
-    // ID and ours twice; quiche encodes them into 128 bytes, which the
-    // stateless reset token would overflow (the harness client's original
-    // ID is 16 bytes, quiche's default; clients may use 20).
+    // ID and ours twice beside the stateless reset token (the harness
+    // client's original ID is 16 bytes, quiche's default; clients may use
+    // 20): all of it fits (the vendored quiche's 256-byte encoding buffer;
+    // its own 128 bytes left the token out).
     let layouts = [
         CidSettings { config_id: 0, host_id: vec![], random_len: 14, key: None },
         settings(2, 0x61),
@@ -134,5 +135,9 @@ fn a_retried_handshake_completes_whatever_the_connection_id_lengths() {
             "{len}-byte IDs: the retried handshake completes"
         );
         assert_eq!(h.client.quic.destination_id().len(), len);
+        // RFC 9000 section 18.2: the handshake's connection ID has its
+        // stateless reset token, the one derived for it (section 10.3.2).
+        let token = h.client.quic.peer_transport_params().and_then(|p| p.stateless_reset_token);
+        assert!(token.is_some(), "{len}-byte IDs: the retried handshake's ID has its reset token");
     }
 }

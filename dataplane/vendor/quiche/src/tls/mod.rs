@@ -474,7 +474,11 @@ impl Handshake {
     pub fn set_quic_transport_params(
         &mut self, params: &crate::TransportParams, is_server: bool,
     ) -> Result<()> {
-        let mut raw_params = [0; 128];
+        // Transport parameters (relay patch): 128 bytes overflowed after a
+        // Retry, whose parameters carry three connection IDs (up to 66
+        // bytes) beside the stateless reset token; every parameter quiche
+        // encodes fits in 256.
+        let mut raw_params = [0; 256];
 
         let raw_params =
             crate::TransportParams::encode(params, is_server, &mut raw_params)?;
