@@ -62,6 +62,11 @@ pub fn transport_config(
     // this bounds how many NAT rebindings a connection survives: 15.
     c.set_active_connection_id_limit(MAX_PATHS);
     c.enable_dgram(true, DGRAM_QUEUE, DGRAM_QUEUE);
+    // RESET_STREAM_AT accepted (the vendored quiche's patch): a client's
+    // reset keeps the bytes before its reliable size, such as a
+    // WebTransport stream's header (draft-ietf-webtrans-http3-16 sections
+    // 3.1 and 4.4).
+    c.enable_reset_stream_at(true);
     Ok(c)
 }
 

@@ -559,6 +559,9 @@ fn client_config(tls: &RouteTls) -> Result<quiche::Config, ConfigError> {
     c.set_initial_max_streams_uni(256);
     c.set_disable_active_migration(true);
     c.enable_dgram(true, 1024, 1024);
+    // The origin may reset its streams with RESET_STREAM_AT (their header
+    // then reaches the relay; draft-ietf-webtrans-http3-16 section 4.4).
+    c.enable_reset_stream_at(true);
     Ok(c)
 }
 

@@ -54,6 +54,10 @@ pub struct EcnCounts {
     ecn_ce_count: u64,
 }
 
+/// Reliable stream resets (relay patch): the RESET_STREAM_AT frame type
+/// (draft-ietf-quic-reliable-stream-reset).
+pub const RESET_STREAM_AT_TYPE: u64 = 0x24;
+
 #[derive(Clone, PartialEq, Eq)]
 pub enum Frame {
     Padding {
@@ -79,6 +83,15 @@ pub enum Frame {
         stream_id: u64,
         error_code: u64,
         final_size: u64,
+    },
+
+    // Reliable stream resets (relay patch): RESET_STREAM_AT
+    // (draft-ietf-quic-reliable-stream-reset).
+    ResetStreamAt {
+        stream_id: u64,
+        error_code: u64,
+        final_size: u64,
+        reliable_size: u64,
     },
 
     StopSending {
@@ -213,6 +226,14 @@ impl Frame {
                 stream_id: b.get_varint()?,
                 error_code: b.get_varint()?,
                 final_size: b.get_varint()?,
+            },
+
+            // Reliable stream resets (relay patch).
+            RESET_STREAM_AT_TYPE => Frame::ResetStreamAt {
+                stream_id: b.get_varint()?,
+                error_code: b.get_varint()?,
+                final_size: b.get_varint()?,
+                reliable_size: b.get_varint()?,
             },
 
             0x05 => Frame::StopSending {
@@ -439,6 +460,20 @@ impl Frame {
                 b.put_varint(*final_size)?;
             },
 
+            Frame::ResetStreamAt {
+                stream_id,
+                error_code,
+                final_size,
+                reliable_size,
+            } => {
+                b.put_varint(RESET_STREAM_AT_TYPE)?;
+
+                b.put_varint(*stream_id)?;
+                b.put_varint(*error_code)?;
+                b.put_varint(*final_size)?;
+                b.put_varint(*reliable_size)?;
+            },
+
             Frame::StopSending {
                 stream_id,
                 error_code,
@@ -650,6 +685,19 @@ impl Frame {
                 octets::varint_len(*stream_id) + // stream_id
                 octets::varint_len(*error_code) + // error_code
                 octets::varint_len(*final_size) // final_size
+            },
+
+            Frame::ResetStreamAt {
+                stream_id,
+                error_code,
+                final_size,
+                reliable_size,
+            } => {
+                octets::varint_len(RESET_STREAM_AT_TYPE) +
+                    octets::varint_len(*stream_id) +
+                    octets::varint_len(*error_code) +
+                    octets::varint_len(*final_size) +
+                    octets::varint_len(*reliable_size)
             },
 
             Frame::StopSending {
@@ -890,6 +938,20 @@ impl Frame {
                 raw: None,
             },
 
+            // qlog has no RESET_STREAM_AT: logged as a RESET_STREAM.
+            Frame::ResetStreamAt {
+                stream_id,
+                error_code,
+                final_size,
+                ..
+            } => QuicFrame::ResetStream {
+                stream_id: *stream_id,
+                error: qlog::events::ApplicationError::Unknown,
+                error_code: Some(*error_code),
+                final_size: *final_size,
+                raw: None,
+            },
+
             Frame::StopSending {
                 stream_id,
                 error_code,
@@ -1117,6 +1179,18 @@ impl std::fmt::Debug for Frame {
                 write!(
                     f,
                     "RESET_STREAM stream={stream_id} err={error_code:x} size={final_size}"
+                )?;
+            },
+
+            Frame::ResetStreamAt {
+                stream_id,
+                error_code,
+                final_size,
+                reliable_size,
+            } => {
+                write!(
+                    f,
+                    "RESET_STREAM_AT stream={stream_id} err={error_code:x} size={final_size} reliable={reliable_size}"
                 )?;
             },
 

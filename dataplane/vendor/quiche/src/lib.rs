@@ -1071,6 +1071,17 @@ impl Config {
             cmp::min(v, octets::MAX_VAR_INT);
     }
 
+    /// Reliable stream resets (relay patch): announces the empty
+    /// `reset_stream_at` transport parameter and accepts RESET_STREAM_AT
+    /// frames (draft-ietf-quic-reliable-stream-reset): the peer's data up
+    /// to a reset's reliable size is delivered before the reset. quiche
+    /// itself still resets with RESET_STREAM.
+    ///
+    /// The default value is `false`.
+    pub fn enable_reset_stream_at(&mut self, v: bool) {
+        self.local_transport_params.reset_stream_at = v;
+    }
+
     /// Sets the `active_connection_id_limit` transport parameter.
     ///
     /// The default value is `2`. Lower values will be ignored.
@@ -4249,6 +4260,10 @@ impl<F: BufFactory> Connection<F> {
                         self.streams
                             .insert_reset(stream_id, error_code, final_size);
                     },
+
+                    // Reliable stream resets (relay patch): quiche never
+                    // sends RESET_STREAM_AT, so none is lost.
+                    frame::Frame::ResetStreamAt { .. } => (),
 
                     frame::Frame::StopSending {
                         stream_id,
@@ -8477,6 +8492,65 @@ impl<F: BufFactory> Connection<F> {
                 self.rx_data += max_data_delta;
                 // We dropped the receive buffer, return connection level
                 // flow-control
+                self.flow_control.add_consumed(consumed_flowcontrol);
+
+                self.reset_stream_remote_count =
+                    self.reset_stream_remote_count.saturating_add(1);
+            },
+
+            // Reliable stream resets (relay patch): RESET_STREAM_AT, only
+            // when we announced reset_stream_at; the data below the reliable
+            // size is still delivered, then the reset.
+            frame::Frame::ResetStreamAt {
+                stream_id,
+                error_code,
+                final_size,
+                reliable_size,
+            } => {
+                if !self.local_transport_params.reset_stream_at {
+                    return Err(Error::InvalidFrame);
+                }
+
+                // draft-ietf-quic-reliable-stream-reset: a reliable size
+                // above the final size is a FRAME_ENCODING_ERROR.
+                if reliable_size > final_size {
+                    return Err(Error::InvalidFrame);
+                }
+
+                // Peer can't send on our unidirectional streams.
+                if !stream::is_bidi(stream_id) &&
+                    stream::is_local(stream_id, self.is_server)
+                {
+                    return Err(Error::InvalidStreamState(stream_id));
+                }
+
+                let max_rx_data_left = self.max_rx_data() - self.rx_data;
+
+                let stream = match self.get_or_create_stream(stream_id, false) {
+                    Ok(v) => v,
+
+                    Err(Error::Done) => return Ok(()),
+
+                    Err(e) => return Err(e),
+                };
+
+                let was_readable = stream.is_readable();
+                let priority_key = Arc::clone(&stream.priority_key);
+
+                let stream::RecvBufResetReturn {
+                    max_data_delta,
+                    consumed_flowcontrol,
+                } = stream.recv.reset_at(error_code, final_size, reliable_size)?;
+
+                if max_data_delta > max_rx_data_left {
+                    return Err(Error::FlowControl);
+                }
+
+                if !was_readable && stream.is_readable() {
+                    self.streams.insert_readable(&priority_key);
+                }
+
+                self.rx_data += max_data_delta;
                 self.flow_control.add_consumed(consumed_flowcontrol);
 
                 self.reset_stream_remote_count =

@@ -393,6 +393,22 @@ impl<F: BufFactory> Pipe<F> {
         recv_send(&mut self.server, buf, written)
     }
 
+    /// Reliable stream resets (relay patch): sends the server a 1-RTT
+    /// packet carrying one RESET_STREAM_AT frame (quiche itself never
+    /// sends the frame; this drives the receive side in tests).
+    pub fn send_reset_stream_at_to_server(
+        &mut self, stream_id: u64, error_code: u64, final_size: u64,
+        reliable_size: u64, buf: &mut [u8],
+    ) -> Result<usize> {
+        let frames = [frame::Frame::ResetStreamAt {
+            stream_id,
+            error_code,
+            final_size,
+            reliable_size,
+        }];
+        self.send_pkt_to_server(Type::Short, &frames, buf)
+    }
+
     pub fn client_update_key(&mut self) -> Result<()> {
         let crypto_ctx = &mut self.client.crypto_ctx[packet::Epoch::Application];
 

@@ -76,6 +76,7 @@ fn transport_params() {
         initial_source_connection_id: Some(b"woot woot".to_vec().into()),
         retry_source_connection_id: Some(b"retry".to_vec().into()),
         max_datagram_frame_size: Some(32),
+        reset_stream_at: false,
         unknown_params: Default::default(),
     };
 
@@ -106,6 +107,7 @@ fn transport_params() {
         initial_source_connection_id: Some(b"woot woot".to_vec().into()),
         retry_source_connection_id: None,
         max_datagram_frame_size: Some(32),
+        reset_stream_at: false,
         unknown_params: Default::default(),
     };
 

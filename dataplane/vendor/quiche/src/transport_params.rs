@@ -189,10 +189,18 @@ pub struct TransportParams {
     pub retry_source_connection_id: Option<ConnectionId<'static>>,
     /// DATAGRAM frame extension parameter, if any.
     pub max_datagram_frame_size: Option<u64>,
+    /// Reliable stream resets (relay patch): the empty `reset_stream_at`
+    /// parameter, RESET_STREAM_AT frames accepted
+    /// (draft-ietf-quic-reliable-stream-reset).
+    pub reset_stream_at: bool,
     /// Unknown peer transport parameters and values, if any.
     pub unknown_params: Option<UnknownTransportParameters>,
     // pub preferred_address: ...,
 }
+
+/// Reliable stream resets (relay patch): the `reset_stream_at` transport
+/// parameter's ID (draft-ietf-quic-reliable-stream-reset).
+pub const RESET_STREAM_AT_PARAM: u64 = 0x17f7586d2cb571;
 
 impl Default for TransportParams {
     fn default() -> TransportParams {
@@ -214,6 +222,7 @@ impl Default for TransportParams {
             initial_source_connection_id: None,
             retry_source_connection_id: None,
             max_datagram_frame_size: None,
+            reset_stream_at: false,
             unknown_params: Default::default(),
         }
     }
@@ -372,6 +381,15 @@ impl TransportParams {
 
                 0x0020 => {
                     tp.max_datagram_frame_size = Some(val.get_varint()?);
+                },
+
+                // Reliable stream resets (relay patch): an empty value.
+                RESET_STREAM_AT_PARAM => {
+                    if val.cap() != 0 {
+                        return Err(Error::InvalidTransportParam);
+                    }
+
+                    tp.reset_stream_at = true;
                 },
 
                 // Track unknown transport parameters specially.
@@ -556,6 +574,10 @@ impl TransportParams {
                 octets::varint_len(max_datagram_frame_size),
             )?;
             b.put_varint(max_datagram_frame_size)?;
+        }
+
+        if tp.reset_stream_at {
+            TransportParams::encode_param(&mut b, RESET_STREAM_AT_PARAM, 0)?;
         }
 
         let out_len = b.off();

@@ -69,6 +69,15 @@ pub struct RecvBuf {
 
     /// Whether incoming data is validated but not buffered.
     drain: bool,
+
+    /// Reliable stream resets (relay patch): a RESET_STREAM_AT received
+    /// and not in effect yet: its error code and the reliable size, up to
+    /// which data is still delivered.
+    reset_at: Option<(u64, u64)>,
+
+    /// Reliable stream resets (relay patch): the reset took effect after
+    /// the reliable data and the application has not seen its error yet.
+    reset_unreported: bool,
 }
 
 impl RecvBuf {
@@ -119,6 +128,19 @@ impl RecvBuf {
 
         if buf.fin() {
             self.fin_off = Some(buf.max_off());
+        }
+
+        // Reliable stream resets (relay patch): nothing past the reliable
+        // size is kept.
+        let mut buf = buf;
+        if let Some((_, reliable)) = self.reset_at {
+            if buf.off() >= reliable {
+                return Ok(());
+            }
+
+            if buf.max_off() > reliable {
+                let _ = buf.split_off((reliable - buf.off()) as usize);
+            }
         }
 
         // No need to store empty buffer that doesn't carry the fin flag, but
@@ -253,6 +275,12 @@ impl RecvBuf {
         // instead.
         if let Some(e) = self.error {
             self.data.clear();
+            // Reliable stream resets (relay patch): reported now; the stream
+            // ends at its final size.
+            if self.reset_unreported {
+                self.reset_unreported = false;
+                self.off = self.fin_off.unwrap_or(self.off);
+            }
             return Err(Error::StreamReset(e));
         }
 
@@ -297,7 +325,92 @@ impl RecvBuf {
         // Update consumed bytes for flow control.
         self.flow_control.add_consumed(len as u64);
 
+        // Reliable stream resets (relay patch): the reliable data is read,
+        // the reset takes effect (reported by the next read).
+        self.finish_reset_at();
+
         Ok((len, self.is_fin()))
+    }
+
+    /// Reliable stream resets (relay patch): handles a RESET_STREAM_AT
+    /// (draft-ietf-quic-reliable-stream-reset): data up to `reliable_size`
+    /// is still delivered, then the application gets the reset's error.
+    /// A later frame may only lower the reliable size; a reliable size at
+    /// or below what was read already is a plain reset.
+    pub fn reset_at(
+        &mut self, error_code: u64, final_size: u64, reliable_size: u64,
+    ) -> Result<RecvBufResetReturn> {
+        if let Some(fin_off) = self.fin_off {
+            if fin_off != final_size {
+                return Err(Error::FinalSize);
+            }
+        }
+
+        if final_size < self.len {
+            return Err(Error::FinalSize);
+        }
+
+        if self.error.is_some() {
+            return Ok(RecvBufResetReturn::zero());
+        }
+
+        let previous = self.reset_at.map(|(_, r)| r);
+        let reliable = previous.map_or(reliable_size, |r| r.min(reliable_size));
+
+        // Connection flow control: what was never received counts once;
+        // what will never be read (above the reliable size, or above what
+        // was read) is returned, each byte once.
+        let max_data_delta = final_size - self.len;
+        let consumed_flowcontrol = previous
+            .unwrap_or(final_size)
+            .saturating_sub(cmp::max(reliable, self.off));
+
+        self.fin_off = Some(final_size);
+        self.len = final_size;
+        self.reset_at = Some((error_code, reliable));
+
+        // Data past the reliable size is dropped.
+        let past: Vec<u64> = self
+            .data
+            .range(reliable + 1..)
+            .map(|(max_off, _)| *max_off)
+            .collect();
+        for max_off in past {
+            if let Some(mut b) = self.data.remove(&max_off) {
+                if b.off() < reliable {
+                    let _ = b.split_off((reliable - b.off()) as usize);
+                    self.data.insert(b.max_off(), b);
+                }
+            }
+        }
+
+        self.finish_reset_at();
+
+        Ok(RecvBufResetReturn {
+            max_data_delta,
+            consumed_flowcontrol,
+        })
+    }
+
+    /// Reliable stream resets (relay patch): once the reliable data is
+    /// read, the reset takes effect: the stream reads as reset.
+    fn finish_reset_at(&mut self) {
+        let Some((error_code, reliable)) = self.reset_at else {
+            return;
+        };
+
+        if self.off < reliable {
+            return;
+        }
+
+        self.reset_at = None;
+        self.error = Some(error_code);
+        self.reset_unreported = true;
+        self.data.clear();
+        // An empty buffer at the read offset makes the stream readable, so
+        // the application gets the error.
+        let marker = RangeBuf::from(b"", self.off, false);
+        self.data.insert(self.off, marker);
     }
 
     /// Resets the stream at the given offset.
@@ -323,9 +436,12 @@ impl RecvBuf {
 
         // Calculate how many bytes need to be removed from the connection flow
         // control.
+        // Reliable stream resets (relay patch): a RESET_STREAM_AT before
+        // this returned what lies above its reliable size already.
+        let credited_from = self.reset_at.take().map_or(final_size, |(_, r)| r);
         let result = RecvBufResetReturn {
             max_data_delta: final_size - self.len,
-            consumed_flowcontrol: final_size - self.off,
+            consumed_flowcontrol: credited_from.saturating_sub(self.off),
         };
 
         self.error = Some(error_code);
@@ -406,6 +522,12 @@ impl RecvBuf {
     /// This happens when the stream's receive final size is known, and the
     /// application has read all data from the stream.
     pub fn is_fin(&self) -> bool {
+        // Reliable stream resets (relay patch): not over before the
+        // application saw the reset.
+        if self.reset_unreported {
+            return false;
+        }
+
         if self.fin_off == Some(self.off) {
             return true;
         }

@@ -1,0 +1,139 @@
+//! The relay's reliable-stream-reset patch on quiche
+//! (dataplane/vendor/README.md): with `Config::enable_reset_stream_at`
+//! quiche announces the empty `reset_stream_at` transport parameter and
+//! accepts RESET_STREAM_AT frames (draft-ietf-quic-reliable-stream-reset):
+//! the stream's data up to the reliable size is delivered, then the reset.
+//! WebTransport over HTTP/3 needs it (draft-ietf-webtrans-http3-16 sections
+//! 3.1 and 4.4: a reset must not lose a stream's header).
+//!
+//! quiche's test pipe (its `internal` feature) connects a client and a
+//! server in memory and sends the frames quiche does not send itself.
+
+use boring::asn1::Asn1Time;
+use boring::bn::BigNum;
+use boring::ec::{EcGroup, EcKey};
+use boring::hash::MessageDigest;
+use boring::nid::Nid;
+use boring::pkey::PKey;
+use boring::ssl::{SslContextBuilder, SslMethod};
+use boring::x509::{X509, X509NameBuilder};
+use quiche::test_utils::Pipe;
+
+/// A self-signed ECDSA P-256 certificate in a TLS context (both ends of
+/// the pipe share the configuration).
+fn tls() -> SslContextBuilder {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("P-256");
+    let key = PKey::from_ec_key(EcKey::generate(&group).expect("key")).expect("pkey");
+    let mut name = X509NameBuilder::new().expect("name");
+    name.append_entry_by_text("CN", "quic.tech").expect("CN");
+    let name = name.build();
+    let mut b = X509::builder().expect("builder");
+    b.set_version(2).expect("version");
+    b.set_serial_number(&BigNum::from_u32(1).expect("bn").to_asn1_integer().expect("serial"))
+        .expect("serial");
+    b.set_subject_name(&name).expect("subject");
+    b.set_issuer_name(&name).expect("issuer");
+    b.set_pubkey(&key).expect("pubkey");
+    b.set_not_before(&Asn1Time::days_from_now(0).expect("time")).expect("not before");
+    b.set_not_after(&Asn1Time::days_from_now(1).expect("time")).expect("not after");
+    b.sign(&key, MessageDigest::sha256()).expect("sign");
+    let mut ctx = SslContextBuilder::new(SslMethod::tls()).expect("ssl context");
+    ctx.set_certificate(&b.build()).expect("certificate");
+    ctx.set_private_key(&key).expect("private key");
+    ctx
+}
+
+/// An established pipe; both ends announce reset_stream_at when `on`.
+fn pipe(on: bool) -> Pipe {
+    let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, tls()).expect("config");
+    c.set_application_protos(&[b"test"]).expect("alpn");
+    c.verify_peer(false);
+    c.set_initial_max_data(1 << 20);
+    c.set_initial_max_stream_data_bidi_local(1 << 16);
+    c.set_initial_max_stream_data_bidi_remote(1 << 16);
+    c.set_initial_max_streams_bidi(10);
+    c.enable_reset_stream_at(on);
+    let mut p = Pipe::with_config(&mut c).expect("pipe");
+    p.handshake().expect("handshake");
+    p
+}
+
+const BODY: &[u8] = &[7; 100];
+
+#[test]
+fn the_transport_parameter_is_announced_only_when_enabled() {
+    let p = pipe(true);
+    assert!(p.client.peer_transport_params().expect("server's parameters").reset_stream_at);
+    assert!(p.server.peer_transport_params().expect("client's parameters").reset_stream_at);
+    let p = pipe(false);
+    assert!(!p.client.peer_transport_params().expect("server's parameters").reset_stream_at);
+}
+
+#[test]
+fn the_reliable_prefix_is_delivered_then_the_reset() {
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.advance().unwrap();
+    let mut buf = [0u8; 1000];
+    p.send_reset_stream_at_to_server(0, 7, 100, 10, &mut buf).unwrap();
+    let mut out = [0u8; 1000];
+    // The 90 bytes past the reliable size are gone; the 10 before it come.
+    assert_eq!(p.server.stream_recv(0, &mut out), Ok((10, false)));
+    assert_eq!(&out[..10], &BODY[..10]);
+    assert!(p.server.stream_readable(0), "the reset is still to be read");
+    assert_eq!(p.server.stream_recv(0, &mut out), Err(quiche::Error::StreamReset(7)));
+}
+
+#[test]
+fn reliable_data_arriving_after_the_frame_is_still_delivered() {
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    // The client's packet with the data is held back...
+    let mut held = [0u8; 1500];
+    let (len, _) = p.client.send(&mut held).unwrap();
+    // ...and the reset overtakes it.
+    let mut buf = [0u8; 1000];
+    p.send_reset_stream_at_to_server(0, 9, 100, 40, &mut buf).unwrap();
+    let mut out = [0u8; 1000];
+    assert_eq!(p.server.stream_recv(0, &mut out), Err(quiche::Error::Done), "nothing to read yet");
+    let info = quiche::RecvInfo { from: Pipe::client_addr(), to: Pipe::server_addr() };
+    p.server.recv(&mut held[..len], info).unwrap();
+    assert_eq!(p.server.stream_recv(0, &mut out), Ok((40, false)));
+    assert_eq!(&out[..40], &BODY[..40]);
+    assert_eq!(p.server.stream_recv(0, &mut out), Err(quiche::Error::StreamReset(9)));
+}
+
+#[test]
+fn a_reliable_size_already_read_is_a_plain_reset_and_a_later_frame_only_lowers_it() {
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.advance().unwrap();
+    let mut out = [0u8; 30];
+    assert_eq!(p.server.stream_recv(0, &mut out), Ok((30, false)));
+    let mut buf = [0u8; 1000];
+    // Reliable 50, then 20 (below what was read): the reset is at once.
+    p.send_reset_stream_at_to_server(0, 3, 100, 50, &mut buf).unwrap();
+    p.send_reset_stream_at_to_server(0, 3, 100, 20, &mut buf).unwrap();
+    let mut out = [0u8; 1000];
+    assert_eq!(p.server.stream_recv(0, &mut out), Err(quiche::Error::StreamReset(3)));
+}
+
+#[test]
+fn frames_the_peer_may_not_send_are_connection_errors() {
+    // Not announced: RESET_STREAM_AT is not a frame of this connection.
+    let mut p = pipe(false);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.advance().unwrap();
+    let mut buf = [0u8; 1000];
+    assert_eq!(p.send_reset_stream_at_to_server(0, 1, 100, 10, &mut buf), Err(quiche::Error::InvalidFrame));
+    // A reliable size above the final size (FRAME_ENCODING_ERROR).
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.advance().unwrap();
+    assert_eq!(p.send_reset_stream_at_to_server(0, 1, 100, 101, &mut buf), Err(quiche::Error::InvalidFrame));
+    // A final size below the data received.
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.advance().unwrap();
+    assert_eq!(p.send_reset_stream_at_to_server(0, 1, 50, 10, &mut buf), Err(quiche::Error::FinalSize));
+}
