@@ -137,3 +137,71 @@ fn frames_the_peer_may_not_send_are_connection_errors() {
     p.advance().unwrap();
     assert_eq!(p.send_reset_stream_at_to_server(0, 1, 50, 10, &mut buf), Err(quiche::Error::FinalSize));
 }
+
+#[test]
+fn a_reset_at_sent_delivers_the_reliable_bytes_then_the_reset() {
+    // Nothing sent yet: the first 10 bytes still go, the rest never does.
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.client.stream_reset_at(0, 5, 10).unwrap();
+    p.advance().unwrap();
+    let mut out = [0u8; 1000];
+    assert_eq!(p.server.stream_recv(0, &mut out), Ok((10, false)));
+    assert_eq!(&out[..10], &BODY[..10]);
+    assert_eq!(p.server.stream_recv(0, &mut out), Err(quiche::Error::StreamReset(5)));
+    // Everything already sent: the final size is what was sent, the
+    // reliable part is read before the reset.
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.advance().unwrap();
+    p.client.stream_reset_at(0, 6, 40).unwrap();
+    p.advance().unwrap();
+    assert_eq!(p.server.stream_recv(0, &mut out), Ok((40, false)));
+    assert_eq!(p.server.stream_recv(0, &mut out), Err(quiche::Error::StreamReset(6)));
+    // No more writes after it.
+    assert!(p.client.stream_send(0, b"more", false).is_err());
+}
+
+#[test]
+fn lost_reliable_bytes_are_sent_again_after_the_reset() {
+    let mut p = pipe(true);
+    p.client.stream_send(0, BODY, false).unwrap();
+    // The packet with the data is lost.
+    let mut lost = [0u8; 1500];
+    p.client.send(&mut lost).unwrap();
+    p.client.stream_reset_at(0, 8, 30).unwrap();
+    p.advance().unwrap();
+    let mut out = [0u8; 1000];
+    // Bounded: the client's loss detection (a few probe timeouts on a pipe)
+    // sends the 30 reliable bytes again.
+    let mut read = Vec::new();
+    for _ in 0..200 {
+        match p.server.stream_recv(0, &mut out) {
+            Ok((n, _)) => read.extend_from_slice(&out[..n]),
+            Err(quiche::Error::StreamReset(code)) => {
+                assert_eq!(code, 8);
+                break;
+            }
+            Err(_) => {
+                if let Some(t) = p.client.timeout() {
+                    std::thread::sleep(t.min(std::time::Duration::from_millis(50)));
+                }
+                p.client.on_timeout();
+                p.advance().unwrap();
+            }
+        }
+    }
+    assert_eq!(read, &BODY[..30], "the reliable bytes, then the reset");
+}
+
+#[test]
+fn without_the_peers_parameter_a_reset_at_is_a_plain_reset() {
+    let mut p = pipe(false);
+    p.client.stream_send(0, BODY, false).unwrap();
+    p.advance().unwrap();
+    p.client.stream_reset_at(0, 4, 10).unwrap();
+    p.advance().unwrap();
+    let mut out = [0u8; 1000];
+    // RESET_STREAM: the buffered data is gone with it.
+    assert_eq!(p.server.stream_recv(0, &mut out), Err(quiche::Error::StreamReset(4)));
+}

@@ -195,6 +195,11 @@ struct Pair {
     client: u64,
     /// Its ID on the origin's connection.
     origin: u64,
+    /// The WebTransport header the relay wrote on the side it opened (the
+    /// reliable size of its resets there, draft-16 section 4.4), 0 on the
+    /// side the peer opened.
+    client_header: u64,
+    origin_header: u64,
     /// Client to origin.
     up: Dir,
     /// Origin to client.
@@ -281,6 +286,26 @@ impl std::fmt::Debug for SessionLeg {
 
 fn is_bidi(stream: u64) -> bool {
     stream & 0x2 == 0
+}
+
+/// The WebTransport stream header the relay writes on a stream it opens in
+/// `session`: the signal value 0x41 or the stream type 0x54 (two-byte
+/// varints both) and the session ID.
+fn header_len(session: u64) -> u64 {
+    2 + varint::encoded_len(session) as u64
+}
+
+/// Whether `stream` was opened by this side of `quic`.
+fn is_local(quic: &quiche::Connection, stream: u64) -> bool {
+    (stream & 0x1 == 1) == quic.is_server()
+}
+
+/// Resets the sending side of `stream` with `code`: with RESET_STREAM_AT
+/// keeping the first `header` bytes (the WebTransport header the relay
+/// wrote, so the peer still learns the stream's session; draft-16 section
+/// 4.4) when the peer announced reset_stream_at, else RESET_STREAM.
+fn reset_send(quic: &mut quiche::Connection, stream: u64, code: u64, header: u64) {
+    let _ = quic.stream_reset_at(stream, code, header);
 }
 
 impl SessionLeg {
@@ -601,7 +626,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
         // The session was refused or is over: streams the client opened in
         // it while it was being set up are rejected (section 6).
         for stream in t.early_streams.drain(..) {
-            reject(client.quic, stream, WT_SESSION_GONE);
+            reject(client.quic, stream, WT_SESSION_GONE, 0);
         }
     }
     let State::Session { leg, .. } = &mut t.state else { return };
@@ -657,7 +682,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, client: &mut C
                     if ours && leg.from_origin.len() + leg.pairs.len() < MAX_SESSION_STREAMS {
                         leg.from_origin.push_back(stream);
                     } else {
-                        reject(&mut leg.quic, stream, WT_BUFFERED_STREAM_REJECTED);
+                        reject(&mut leg.quic, stream, WT_BUFFERED_STREAM_REJECTED, 0);
                     }
                 }
                 Ok((_, quiche::h3::Event::Data)) => {}
@@ -865,11 +890,17 @@ fn session_answer(list: &[quiche::h3::Header]) -> Result<Head, Refusal> {
     Ok(Head::webtransport_open(protocol))
 }
 
-/// Resets `stream` (both ways if bidirectional) with `code`.
-fn reject(quic: &mut quiche::Connection, stream: u64, code: u64) {
-    let _ = quic.stream_shutdown(stream, quiche::Shutdown::Read, code);
-    if is_bidi(stream) {
-        let _ = quic.stream_shutdown(stream, quiche::Shutdown::Write, code);
+/// Resets `stream` with `code`, each way it has: reading stopped
+/// (STOP_SENDING) unless the relay opened it unidirectionally, sending
+/// reset unless the peer did (keeping the relay's `header`, see
+/// [`reset_send`]).
+fn reject(quic: &mut quiche::Connection, stream: u64, code: u64, header: u64) {
+    let local = is_local(quic, stream);
+    if is_bidi(stream) || !local {
+        let _ = quic.stream_shutdown(stream, quiche::Shutdown::Read, code);
+    }
+    if is_bidi(stream) || local {
+        reset_send(quic, stream, code, header);
     }
 }
 
@@ -889,7 +920,14 @@ fn open_streams(
             Ok(origin) => {
                 leg.from_client.pop_front();
                 let down = if bidi { Dir::default() } else { Dir::closed() };
-                leg.pairs.push(Pair { client: stream, origin, up: Dir::default(), down });
+                leg.pairs.push(Pair {
+                    client: stream,
+                    origin,
+                    client_header: 0,
+                    origin_header: header_len(origin_session),
+                    up: Dir::default(),
+                    down,
+                });
                 opened += 1;
             }
             // The origin's stream limit (or its flow control): the
@@ -903,7 +941,14 @@ fn open_streams(
             Ok(client_stream) => {
                 leg.from_origin.pop_front();
                 let up = if bidi { Dir::default() } else { Dir::closed() };
-                leg.pairs.push(Pair { client: client_stream, origin: stream, up, down: Dir::default() });
+                leg.pairs.push(Pair {
+                    client: client_stream,
+                    origin: stream,
+                    client_header: header_len(client_session),
+                    origin_header: 0,
+                    up,
+                    down: Dir::default(),
+                });
                 opened += 1;
             }
             Err(_) => break,
@@ -919,8 +964,8 @@ fn copy_streams(leg: &mut SessionLeg, client: &mut ClientSide<'_>) -> (Moved, Mo
     let mut down = Moved::default();
     let SessionLeg { quic, pairs, buf, .. } = leg;
     pairs.retain_mut(|p| {
-        up.bytes += copy(client.quic, p.client, quic, p.origin, &mut p.up, buf).bytes;
-        down.bytes += copy(quic, p.origin, client.quic, p.client, &mut p.down, buf).bytes;
+        up.bytes += copy(client.quic, p.client, quic, p.origin, p.origin_header, &mut p.up, buf).bytes;
+        down.bytes += copy(quic, p.origin, client.quic, p.client, p.client_header, &mut p.down, buf).bytes;
         !(p.up.done && p.down.done)
     });
     (up, down)
@@ -935,6 +980,7 @@ fn copy(
     s: u64,
     dst: &mut quiche::Connection,
     d: u64,
+    d_header: u64,
     dir: &mut Dir,
     buf: &mut [u8],
 ) -> Moved {
@@ -988,11 +1034,11 @@ fn copy(
             }
             Err(quiche::Error::Done) => break,
             Err(quiche::Error::StreamReset(code)) => {
-                let _ = dst.stream_shutdown(d, quiche::Shutdown::Write, code);
+                reset_send(dst, d, code, d_header);
                 dir.done = true;
             }
             Err(_) => {
-                let _ = dst.stream_shutdown(d, quiche::Shutdown::Write, WT_SESSION_GONE);
+                reset_send(dst, d, WT_SESSION_GONE, d_header);
                 dir.done = true;
             }
         }
@@ -1004,14 +1050,14 @@ fn copy(
 /// both sides with WT_SESSION_GONE (section 6).
 fn end_streams(leg: &mut SessionLeg, client: &mut ClientSide<'_>) {
     for p in leg.pairs.drain(..) {
-        reject(client.quic, p.client, WT_SESSION_GONE);
-        reject(&mut leg.quic, p.origin, WT_SESSION_GONE);
+        reject(client.quic, p.client, WT_SESSION_GONE, p.client_header);
+        reject(&mut leg.quic, p.origin, WT_SESSION_GONE, p.origin_header);
     }
     for s in leg.from_client.drain(..) {
-        reject(client.quic, s, WT_SESSION_GONE);
+        reject(client.quic, s, WT_SESSION_GONE, 0);
     }
     for s in leg.from_origin.drain(..) {
-        reject(&mut leg.quic, s, WT_SESSION_GONE);
+        reject(&mut leg.quic, s, WT_SESSION_GONE, 0);
     }
 }
 
@@ -1179,6 +1225,15 @@ mod tests {
         assert!(peer_supports(&[(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 1)]));
         assert!(!peer_supports(&[(SETTINGS_ENABLE_WEBTRANSPORT_DRAFT02, 0)]));
         assert!(!peer_supports(&[(0x33, 1), (0x8, 1)]));
+    }
+
+    #[test]
+    fn the_relays_stream_header_is_what_its_resets_keep() {
+        // 0x41 or 0x54 (two bytes each) and the session ID.
+        assert_eq!(header_len(0), 3);
+        assert_eq!(header_len(60), 3);
+        assert_eq!(header_len(64), 4);
+        assert_eq!(header_len(1 << 20), 6);
     }
 
     #[test]

@@ -4261,9 +4261,20 @@ impl<F: BufFactory> Connection<F> {
                             .insert_reset(stream_id, error_code, final_size);
                     },
 
-                    // Reliable stream resets (relay patch): quiche never
-                    // sends RESET_STREAM_AT, so none is lost.
-                    frame::Frame::ResetStreamAt { .. } => (),
+                    // Reliable stream resets (relay patch): sent again.
+                    frame::Frame::ResetStreamAt {
+                        stream_id,
+                        error_code,
+                        final_size,
+                        reliable_size,
+                    } => {
+                        self.streams.insert_reset_at(
+                            stream_id,
+                            error_code,
+                            final_size,
+                            reliable_size,
+                        );
+                    },
 
                     frame::Frame::StopSending {
                         stream_id,
@@ -4957,10 +4968,21 @@ impl<F: BufFactory> Connection<F> {
                 .map(|(&k, &v)| (k, v))
                 .collect::<Vec<(u64, (u64, u64))>>()
             {
-                let frame = frame::Frame::ResetStream {
-                    stream_id,
-                    error_code,
-                    final_size,
+                // Reliable stream resets (relay patch): RESET_STREAM_AT
+                // when the stream was reset with a reliable size.
+                let frame = match self.streams.reset_reliable(stream_id) {
+                    Some(reliable_size) => frame::Frame::ResetStreamAt {
+                        stream_id,
+                        error_code,
+                        final_size,
+                        reliable_size,
+                    },
+
+                    None => frame::Frame::ResetStream {
+                        stream_id,
+                        error_code,
+                        final_size,
+                    },
                 };
 
                 if push_frame_to_pkt!(b, frames, frame, left) {
@@ -6372,6 +6394,66 @@ impl<F: BufFactory> Connection<F> {
                     self.reset_stream_local_count.saturating_add(1);
             },
         }
+
+        Ok(())
+    }
+
+    /// Reliable stream resets (relay patch): resets the sending side of a
+    /// stream like [`stream_shutdown()`] with [`Shutdown::Write`], but with
+    /// a RESET_STREAM_AT frame (draft-ietf-quic-reliable-stream-reset): the
+    /// first `reliable_size` bytes written (a WebTransport stream's header,
+    /// say) are still delivered, retransmitted if lost; what lies past them
+    /// is dropped. Falls back to a plain reset when the peer did not
+    /// announce `reset_stream_at` or `reliable_size` is 0.
+    ///
+    /// [`stream_shutdown()`]: struct.Connection.html#method.stream_shutdown
+    pub fn stream_reset_at(
+        &mut self, stream_id: u64, err: u64, reliable_size: u64,
+    ) -> Result<()> {
+        if reliable_size == 0 || !self.peer_transport_params.reset_stream_at {
+            return self.stream_shutdown(stream_id, Shutdown::Write, err);
+        }
+
+        // Don't try to reset a remote unidirectional stream.
+        if !stream::is_local(stream_id, self.is_server) &&
+            !stream::is_bidi(stream_id)
+        {
+            return Err(Error::InvalidStreamState(stream_id));
+        }
+
+        let stream = self.streams.get_mut(stream_id).ok_or(Error::Done)?;
+
+        let priority_key = Arc::clone(&stream.priority_key);
+
+        let buffered_before = stream.send.buffered_bytes();
+
+        let (final_size, unsent, reliable) = stream.send.reset_at(reliable_size)?;
+
+        let buffered_after = stream.send.buffered_bytes();
+
+        let flushable = stream.is_flushable();
+
+        // Claw back the flow control allowance of the data dropped before it
+        // was sent; only the dropped part leaves the buffered count.
+        self.tx_data = self.tx_data.saturating_sub(unsent);
+
+        self.streams
+            .sub_tx_buffered((buffered_before - buffered_after) as usize);
+
+        self.update_tx_cap();
+
+        self.streams
+            .insert_reset_at(stream_id, err, final_size, reliable);
+
+        // No more writes; the reliable data still goes out.
+        self.streams.remove_writable(&priority_key);
+
+        if flushable {
+            self.streams.insert_flushable(&priority_key);
+        }
+
+        self.reset_stream_local_count =
+            self.reset_stream_local_count.saturating_add(1);
 
         Ok(())
     }

@@ -215,6 +215,10 @@ pub struct StreamMap<F: BufFactory = DefaultBufFactory> {
     /// to include in the RESET_STREAM frame.
     reset: StreamIdHashMap<(u64, u64)>,
 
+    /// Reliable stream resets (relay patch): the reliable size of the
+    /// streams in `reset` that go as RESET_STREAM_AT.
+    reset_at: StreamIdHashMap<u64>,
+
     /// Set of stream IDs corresponding to streams that are shutdown on the
     /// receive side, and need to send a STOP_SENDING frame. The value of the
     /// map elements is the error code to include in the STOP_SENDING frame.
@@ -528,6 +532,23 @@ impl<F: BufFactory> StreamMap<F> {
     /// Removes the stream ID from the reset streams set.
     pub fn remove_reset(&mut self, stream_id: u64) {
         self.reset.remove(&stream_id);
+        self.reset_at.remove(&stream_id);
+    }
+
+    /// Reliable stream resets (relay patch): adds the stream to the reset
+    /// set, to go as RESET_STREAM_AT with `reliable_size`.
+    pub fn insert_reset_at(
+        &mut self, stream_id: u64, error_code: u64, final_size: u64,
+        reliable_size: u64,
+    ) {
+        self.reset.insert(stream_id, (error_code, final_size));
+        self.reset_at.insert(stream_id, reliable_size);
+    }
+
+    /// Reliable stream resets (relay patch): the reliable size of a reset
+    /// stream going as RESET_STREAM_AT.
+    pub fn reset_reliable(&self, stream_id: u64) -> Option<u64> {
+        self.reset_at.get(&stream_id).copied()
     }
 
     /// Adds the stream ID to the stopped streams set with the

@@ -130,6 +130,11 @@ where
 
     /// The error code received via STOP_SENDING.
     error: Option<u64>,
+
+    /// Reliable stream resets (relay patch): the final size of a
+    /// RESET_STREAM_AT sent; the data below its reliable size is still
+    /// sent and retransmitted.
+    reset_final: Option<u64>,
 }
 
 impl<F: BufFactory> SendBuf<F> {
@@ -146,6 +151,12 @@ impl<F: BufFactory> SendBuf<F> {
         &mut self, mut len: usize, mut fin: bool,
     ) -> Result<SendReserve<'_, F>> {
         let max_off = self.off + len as u64;
+
+        // Reliable stream resets (relay patch): nothing is written after a
+        // RESET_STREAM_AT (its final size is set).
+        if self.reset_final.is_some() {
+            return Err(Error::FinalSize);
+        }
 
         // Get the stream send capacity. This will return an error if the stream
         // was stopped.
@@ -469,6 +480,51 @@ impl<F: BufFactory> SendBuf<F> {
         Ok((max_off, unsent))
     }
 
+    /// Reliable stream resets (relay patch): shuts down sending like
+    /// [`Self::shutdown`] but keeps delivering the data below
+    /// `reliable_size` (at most what was written): what lies past it is
+    /// dropped and never retransmitted. Returns the final size, the bytes
+    /// dropped that were never sent, and the reliable size in effect.
+    pub fn reset_at(&mut self, reliable_size: u64) -> Result<(u64, u64, u64)> {
+        if self.shutdown {
+            return Err(Error::Done);
+        }
+
+        self.shutdown = true;
+
+        let reliable = cmp::min(reliable_size, self.off);
+        let final_size = cmp::max(self.emit_off, reliable);
+        let unsent_off = cmp::max(self.off_front(), self.emit_off);
+        let dropped_unsent =
+            self.off.saturating_sub(cmp::max(unsent_off, reliable));
+
+        // Drop what lies at or past the reliable size.
+        while let Some(b) = self.data.back_mut() {
+            if b.off >= reliable {
+                self.data.pop_back();
+                continue;
+            }
+
+            if b.max_off() > reliable {
+                let _ = b.split_off((reliable - b.off) as usize);
+            }
+
+            break;
+        }
+
+        self.pos = cmp::min(self.pos, self.data.len());
+        self.buffered_bytes = self.data.iter().map(|b| b.len() as u64).sum();
+        self.off = final_size;
+        self.reset_final = Some(final_size);
+
+        // Nothing past the reliable size needs acknowledging.
+        if final_size > reliable {
+            self.ack(reliable, (final_size - reliable) as usize);
+        }
+
+        Ok((final_size, dropped_unsent, reliable))
+    }
+
     /// Shuts down sending data.
     pub fn shutdown(&mut self) -> Result<(u64, u64)> {
         if self.shutdown {
@@ -531,7 +587,9 @@ impl<F: BufFactory> SendBuf<F> {
     /// This happens when the stream's send final size is known, and the peer
     /// has already acked all stream data up to that point.
     pub fn is_complete(&self) -> bool {
-        if let Some(fin_off) = self.fin_off {
+        // Reliable stream resets (relay patch): complete once the reliable
+        // data is acknowledged.
+        if let Some(fin_off) = self.fin_off.or(self.reset_final) {
             if self.acked == (0..fin_off) {
                 return true;
             }
