@@ -493,7 +493,15 @@ impl<F: BufFactory> SendBuf<F> {
         self.shutdown = true;
 
         let reliable = cmp::min(reliable_size, self.off);
-        let final_size = cmp::max(self.emit_off, reliable);
+        // A FIN already sent fixes the final size; one not sent yet is
+        // withdrawn (the stream ends with the reset, not cleanly).
+        let final_size = match self.fin_off {
+            Some(fin_off) if self.emit_off >= fin_off => fin_off,
+            _ => {
+                self.fin_off = None;
+                cmp::max(self.emit_off, reliable)
+            },
+        };
         let unsent_off = cmp::max(self.off_front(), self.emit_off);
         let dropped_unsent =
             self.off.saturating_sub(cmp::max(unsent_off, reliable));
