@@ -9,38 +9,14 @@
 //! quiche's test pipe (its `internal` feature) connects a client and a
 //! server in memory and sends the frames quiche does not send itself.
 
-use boring::asn1::Asn1Time;
-use boring::bn::BigNum;
-use boring::ec::{EcGroup, EcKey};
-use boring::hash::MessageDigest;
-use boring::nid::Nid;
-use boring::pkey::PKey;
-use boring::ssl::{SslContextBuilder, SslMethod};
-use boring::x509::{X509, X509NameBuilder};
+mod common;
+
 use quiche::test_utils::Pipe;
 
-/// A self-signed ECDSA P-256 certificate in a TLS context (both ends of
-/// the pipe share the configuration).
-fn tls() -> SslContextBuilder {
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("P-256");
-    let key = PKey::from_ec_key(EcKey::generate(&group).expect("key")).expect("pkey");
-    let mut name = X509NameBuilder::new().expect("name");
-    name.append_entry_by_text("CN", "quic.tech").expect("CN");
-    let name = name.build();
-    let mut b = X509::builder().expect("builder");
-    b.set_version(2).expect("version");
-    b.set_serial_number(&BigNum::from_u32(1).expect("bn").to_asn1_integer().expect("serial"))
-        .expect("serial");
-    b.set_subject_name(&name).expect("subject");
-    b.set_issuer_name(&name).expect("issuer");
-    b.set_pubkey(&key).expect("pubkey");
-    b.set_not_before(&Asn1Time::days_from_now(0).expect("time")).expect("not before");
-    b.set_not_after(&Asn1Time::days_from_now(1).expect("time")).expect("not after");
-    b.sign(&key, MessageDigest::sha256()).expect("sign");
-    let mut ctx = SslContextBuilder::new(SslMethod::tls()).expect("ssl context");
-    ctx.set_certificate(&b.build()).expect("certificate");
-    ctx.set_private_key(&key).expect("private key");
-    ctx
+/// A self-signed certificate (both ends of the pipe share the
+/// configuration).
+fn tls() -> boring::ssl::SslContextBuilder {
+    common::self_signed_tls("quic.tech")
 }
 
 /// An established pipe; both ends announce reset_stream_at when `on`.

@@ -8,17 +8,10 @@
 //!
 //! A quiche client and server connection pair exchange packets in memory.
 
+mod common;
+
 use std::net::SocketAddr;
 
-use boring::asn1::Asn1Time;
-use boring::bn::BigNum;
-use boring::ec::{EcGroup, EcKey};
-use boring::hash::MessageDigest;
-use boring::nid::Nid;
-use boring::pkey::PKey;
-use boring::ssl::{SslContextBuilder, SslMethod};
-use boring::x509::extension::SubjectAlternativeName;
-use boring::x509::{X509, X509NameBuilder};
 use quiche::h3::{self, Event, Header};
 
 const CLIENT: &str = "127.0.0.1:50000";
@@ -29,32 +22,9 @@ const SIGNAL: [u8; 2] = [0x40, 0x41];
 /// The varint encoding of the 0x54 stream type.
 const UNI_TYPE: [u8; 2] = [0x40, 0x54];
 
-/// A self-signed ECDSA P-256 certificate for `localhost`, in a server TLS
-/// context.
-fn server_tls() -> SslContextBuilder {
-    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("P-256");
-    let key = PKey::from_ec_key(EcKey::generate(&group).expect("key")).expect("pkey");
-    let mut name = X509NameBuilder::new().expect("name");
-    name.append_entry_by_text("CN", "localhost").expect("CN");
-    let name = name.build();
-    let mut b = X509::builder().expect("builder");
-    b.set_version(2).expect("version");
-    b.set_serial_number(&BigNum::from_u32(1).expect("bn").to_asn1_integer().expect("serial"))
-        .expect("serial");
-    b.set_subject_name(&name).expect("subject");
-    b.set_issuer_name(&name).expect("issuer");
-    b.set_pubkey(&key).expect("pubkey");
-    b.set_not_before(&Asn1Time::days_from_now(0).expect("time")).expect("not before");
-    b.set_not_after(&Asn1Time::days_from_now(1).expect("time")).expect("not after");
-    let san =
-        SubjectAlternativeName::new().dns("localhost").build(&b.x509v3_context(None, None)).expect("san");
-    b.append_extension(&san).expect("extension");
-    b.sign(&key, MessageDigest::sha256()).expect("sign");
-    let cert = b.build();
-    let mut ctx = SslContextBuilder::new(SslMethod::tls()).expect("ssl context");
-    ctx.set_certificate(&cert).expect("certificate");
-    ctx.set_private_key(&key).expect("private key");
-    ctx
+/// A self-signed certificate for `localhost`, in a server TLS context.
+fn server_tls() -> boring::ssl::SslContextBuilder {
+    common::self_signed_tls("localhost")
 }
 
 /// The QUIC configuration both sides share; `server_bidi` is how many
