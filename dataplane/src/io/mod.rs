@@ -8,6 +8,8 @@
 //! the loop: [`uring`] (io_uring, the default) and [`epoll`] (mio, for hosts
 //! where io_uring is not allowed).
 
+#[cfg(test)]
+mod busy_core;
 pub mod epoll;
 pub mod output;
 pub mod tun;

@@ -787,67 +787,8 @@ fn ready_from_revents(revents: i32) -> Ready {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::os::unix::net::UnixStream;
-
     use super::*;
-    use crate::io::Watch;
-
-    /// A core whose every turn asks for another one at once (a connection
-    /// with work left), watching one end of a socket pair; the other end is
-    /// written once the watch is armed.
-    struct BusyCore {
-        out: Output,
-        watched: UnixStream,
-        peer: UnixStream,
-        bells: (UnixStream, UnixStream),
-        now: Instant,
-        turns: u32,
-        written_at: Option<u32>,
-        readied_at: Option<u32>,
-    }
-
-    const KEY: WatchKey = 7;
-
-    impl Handler for BusyCore {
-        fn begin_turn(&mut self, now: Instant) {
-            self.now = now;
-            self.turns += 1;
-        }
-        fn on_quic(&mut self, _: &mut [u8], _: usize, _: SocketAddr) {}
-        fn on_target(&mut self, _: TargetKey, _: Option<SocketAddr>, _: &[u8], _: usize) {}
-        fn on_ready(&mut self, key: WatchKey, ready: Ready) {
-            if key == KEY && ready.readable && self.written_at.is_some() {
-                self.readied_at.get_or_insert(self.turns);
-            }
-        }
-        fn on_wake(&mut self, _: Wake) {}
-        fn end_turn(&mut self) -> Turn {
-            match self.turns {
-                1 => self.out.watches.push(Watch { key: KEY, fd: self.watched.as_raw_fd(), writable: false }),
-                // The poll went in with turn 2's enter: the byte arrives
-                // while it waits, so its completion is task work.
-                3 => {
-                    self.peer.write_all(b"x").expect("write to the watched socket");
-                    self.written_at = Some(self.turns);
-                }
-                _ => {}
-            }
-            if self.readied_at.is_some() || self.turns >= 100 {
-                return Turn::Stop;
-            }
-            Turn::Continue { deadline: self.now }
-        }
-        fn output(&mut self) -> &mut Output {
-            &mut self.out
-        }
-        fn answer_bell(&self) -> (RawFd, u64) {
-            (self.bells.0.as_raw_fd(), 1)
-        }
-        fn worker_bell(&self) -> RawFd {
-            self.bells.1.as_raw_fd()
-        }
-    }
+    use crate::io::busy_core::BusyCore;
 
     #[test]
     fn busy_turns_still_deliver_readiness() {
@@ -859,25 +800,10 @@ mod tests {
                 return;
             }
         };
-        let (watched, peer) = UnixStream::pair().expect("socket pair");
-        let (bell_a, _keep_a) = UnixStream::pair().expect("socket pair");
-        let (bell_b, _keep_b) = UnixStream::pair().expect("socket pair");
-        let mut core = BusyCore {
-            out: Output::new(),
-            watched,
-            peer,
-            bells: (bell_a, bell_b),
-            now: Instant::now(),
-            turns: 0,
-            written_at: None,
-            readied_at: None,
-        };
+        let mut core = BusyCore::new();
         backend.run(&mut core).expect("loop");
-        assert_eq!(core.written_at, Some(3));
         // Written at the end of turn 3: the next turn's enter runs the
         // poll's task work, so the turn after sees it at the latest.
-        let readied =
-            core.readied_at.expect("the watched socket's readiness never came while turns were busy");
-        assert!(readied <= 5, "readiness came only in turn {readied}");
+        core.assert_readied_within(5);
     }
 }
