@@ -29,7 +29,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::client::{Connection, ResponseFuture, SendRequest};
 use h2::{RecvStream, SendStream};
 use relay_proto::websocket::ClientHandshake;
@@ -95,7 +95,7 @@ pub struct OriginH2 {
     /// Received from the origin, not yet taken by the tunnel.
     held: Bytes,
     /// Client bytes for the origin not yet given to h2.
-    up: Vec<u8>,
+    up: BytesMut,
     up_limit: usize,
     finish_requested: bool,
     end_sent: bool,
@@ -164,7 +164,7 @@ impl OriginH2 {
             send: None,
             recv: None,
             held: Bytes::new(),
-            up: Vec::new(),
+            up: BytesMut::new(),
             up_limit,
             finish_requested: false,
             end_sent: false,
@@ -177,8 +177,10 @@ impl OriginH2 {
         Ok(me)
     }
 
-    /// Hands in the origin's plaintext.
-    pub fn feed(&mut self, data: &[u8]) {
+    /// Hands in the origin's plaintext, taking it (`data` is left empty;
+    /// its buffer goes into the pipe when h2 has read everything before,
+    /// without a copy).
+    pub fn feed(&mut self, data: &mut Vec<u8>) {
         if self.preface_read.is_none() {
             self.preface.extend_from_slice(data);
             match relay_proto::h2c::server_preface(&self.preface) {
@@ -195,7 +197,7 @@ impl OriginH2 {
                 }
             }
         }
-        self.pipe.feed(data);
+        self.pipe.feed_vec(data);
     }
 
     /// The origin's side of the connection ended.
@@ -469,8 +471,8 @@ impl OriginH2 {
             match send.poll_capacity(cx) {
                 Poll::Ready(Some(Ok(n))) if n > 0 => {
                     let n = n.min(self.up.len());
-                    let chunk = Bytes::copy_from_slice(&self.up[..n]);
-                    self.up.drain(..n);
+                    // The chunk leaves the buffer without a copy.
+                    let chunk = self.up.split_to(n).freeze();
                     if let Err(e) = send.send_data(chunk, false) {
                         let why = origin_error(&e);
                         self.fail(why);
@@ -583,7 +585,7 @@ mod tests {
                 continue;
             }
             origin.pipe.feed(&a);
-            client.feed(&b);
+            client.feed(&mut b);
         }
     }
 
@@ -681,7 +683,7 @@ mod tests {
         assert_eq!(client.room(), 0);
 
         let mut client = OriginH2::new("https", "o", "/", &offered(), 1024).unwrap();
-        client.feed(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        client.feed(&mut b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec());
         client.drive();
         match client.take_answer() {
             Some(Answer::Failed(why)) => assert!(why.contains("preface"), "{why}"),

@@ -130,7 +130,7 @@ impl TcpLeg {
                 self.scratch.clear();
                 match self.target.read_into(&mut self.scratch, READ_CHUNK) {
                     TargetRead::Data(_) => {
-                        h2.feed(&self.scratch);
+                        h2.feed(&mut self.scratch);
                         moved = true;
                     }
                     TargetRead::Eof => {

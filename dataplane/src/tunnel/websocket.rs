@@ -60,6 +60,9 @@ use crate::timers::TimerTarget;
 /// `http_response_timeout` after).
 pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why an Upgrade request could not be made.
+const NO_RANDOMNESS: &str = "no randomness for the WebSocket key";
+
 /// A WebSocket tunnel's handshake state.
 #[derive(Debug)]
 pub struct WsHandshake {
@@ -104,6 +107,19 @@ impl WsHandshake {
         self.http = http;
     }
 
+    /// The HTTP/1.1 Upgrade request for `host` and `path`, with a fresh
+    /// `Sec-WebSocket-Key` whose accept value the answer must carry. `None`
+    /// without randomness for the key.
+    fn upgrade_request(&mut self, host: &str, path: &str) -> Option<Vec<u8>> {
+        let mut nonce = [0u8; 16];
+        boring::rand::rand_bytes(&mut nonce).ok()?;
+        let key = websocket::key_from_nonce(&nonce);
+        self.expected_accept = accept_for(&key);
+        let mut request = Vec::with_capacity(512);
+        websocket::write_upgrade_request(&mut request, host, path, &key, &self.client);
+        Some(request)
+    }
+
     /// The HTTP of this connection to the origin.
     fn http_now(&self) -> OriginHttp {
         if self.fallback { OriginHttp::Http1 } else { self.http }
@@ -122,11 +138,6 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, mut leg: 
     let Some(t) = ts.slab.get_mut(id) else { return };
     let Some(ws) = t.ws.as_mut() else { return };
     let Some((host, path)) = ws.upstream.clone() else { return };
-    let mut nonce = [0u8; 16];
-    if boring::rand::rand_bytes(&mut nonce).is_err() {
-        t.state = State::Upgrading { leg, flow, deadline: ctx.now };
-        return fail(ts, ctx, id, UpstreamError::Malformed, "no randomness for the WebSocket key");
-    }
     if let Some(route) = &ws.tls {
         let session =
             if ws.fallback { ClientSession::http1_fallback(route) } else { ClientSession::new(route) };
@@ -148,13 +159,13 @@ pub(super) fn connected(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, mut leg: 
     }
     let limit = t.limits.stream_out_limit;
     match (ws.http_now(), ws.tls.is_some()) {
-        (OriginHttp::Http1, _) => {
-            let key = websocket::key_from_nonce(&nonce);
-            ws.expected_accept = accept_for(&key);
-            let mut request = Vec::with_capacity(512);
-            websocket::write_upgrade_request(&mut request, &host, &path, &key, &ws.client);
-            leg.target.push(&request);
-        }
+        (OriginHttp::Http1, _) => match ws.upgrade_request(&host, &path) {
+            Some(request) => leg.target.push(&request),
+            None => {
+                t.state = State::Upgrading { leg, flow, deadline: ctx.now };
+                return fail(ts, ctx, id, UpstreamError::Malformed, NO_RANDOMNESS);
+            }
+        },
         // ALPN decides once the TLS handshake is done.
         (_, true) => ws.awaiting_alpn = true,
         // h2 with prior knowledge (`auto` needs TLS: control refuses it).
@@ -223,7 +234,7 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
                 Err(e) => return fail(ts, ctx, id, UpstreamError::Malformed, &e),
             };
             // The origin's SETTINGS may already be here.
-            h2.feed(&std::mem::take(&mut ws.response));
+            h2.feed(&mut ws.response);
             if eof {
                 h2.feed_eof();
             }
@@ -234,14 +245,9 @@ pub(super) fn pump(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId) {
             return fail(ts, ctx, id, UpstreamError::NotHttp2, "");
         }
         // `auto`, and the origin selected http/1.1 (or nothing).
-        let mut nonce = [0u8; 16];
-        if boring::rand::rand_bytes(&mut nonce).is_err() {
-            return fail(ts, ctx, id, UpstreamError::Malformed, "no randomness for the WebSocket key");
-        }
-        let key = websocket::key_from_nonce(&nonce);
-        ws.expected_accept = accept_for(&key);
-        let mut request = Vec::with_capacity(512);
-        websocket::write_upgrade_request(&mut request, &host, &path, &key, &ws.client);
+        let Some(request) = ws.upgrade_request(&host, &path) else {
+            return fail(ts, ctx, id, UpstreamError::Malformed, NO_RANDOMNESS);
+        };
         leg.target.push(&request);
         leg.target.flush();
         if !ws.response.is_empty() {
