@@ -112,6 +112,10 @@ enum Command {
         /// when inferno-flamegraph is installed: `cargo install inferno`).
         #[arg(long)]
         perf: Option<PathBuf>,
+        /// Extra `[dataplane]` config lines for every relay of the run
+        /// (e.g. `wait_batch_us = 500`).
+        #[arg(long, default_value = "")]
+        dataplane: String,
     },
     /// Relay CPU per datagram of two builds at the same paced loads, in one
     /// run, alternating (`before` then `after` each round): the A/B rows of
@@ -126,6 +130,13 @@ enum Command {
         /// Directory of the new ones.
         #[arg(long)]
         after: PathBuf,
+        /// Extra `[dataplane]` config lines for the `before` relays.
+        #[arg(long, default_value = "")]
+        before_dataplane: String,
+        /// Extra `[dataplane]` config lines for the `after` relays (e.g.
+        /// `wait_batch_us = 500`, with `--before` and `--after` the same).
+        #[arg(long, default_value = "")]
+        after_dataplane: String,
         /// Offered datagrams/s, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "20000,40000")]
         rates: Vec<f64>,
@@ -510,32 +521,46 @@ fn run(args: Args) -> Result<()> {
             println!("\nresults written to {}", out.display());
             Ok(())
         }
-        Command::PacedAb { out, before, after, rates, size, rounds } => {
+        Command::PacedAb { out, before, after, before_dataplane, after_dataplane, rates, size, rounds } => {
             let cfg = SuiteConfig::standard(out.clone());
-            let rows = suite::paced_ab(&cfg, before, after, &rates, size, rounds)?;
+            let rows = suite::paced_ab(
+                &cfg,
+                (before, before_dataplane),
+                (after, after_dataplane),
+                &rates,
+                size,
+                rounds,
+            )?;
             let median = |v: &[f64]| relay_bench::stats::median(&mut v.to_vec()).unwrap_or(f64::NAN);
+            let median_u = |v: &[u64]| {
+                relay_bench::stats::median(&mut v.iter().map(|&x| x as f64).collect::<Vec<_>>())
+                    .map_or("-".to_string(), |m| format!("{m:.0}"))
+            };
             println!(
-                "| binaries | direction | offered dgram/s | relay CPU us/dgram (median) | user us | QUIC packets in / dgram | QUIC packets out / dgram | rounds (us/dgram) |"
+                "| binaries | direction | offered dgram/s | relay CPU us/dgram (median) | user us | CPU clock us/dgram | QUIC packets in / dgram | QUIC packets out / dgram | RTT p50 / p99 us | rounds (us/dgram) |"
             );
-            println!("|---|---|---:|---:|---:|---:|---:|---|");
+            println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---|");
             for r in &rows {
                 let each: Vec<String> = r.us_per_datagram.iter().map(|v| format!("{v:.2}")).collect();
                 println!(
-                    "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                    "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} / {} | {} |",
                     r.binaries,
                     r.direction,
                     r.offered,
                     median(&r.us_per_datagram),
                     median(&r.user_us_per_datagram),
+                    median(&r.exact_us_per_datagram),
                     median(&r.quic_packets_per_datagram),
                     median(&r.quic_packets_out_per_datagram),
+                    median_u(&r.rtt_p50_us),
+                    median_u(&r.rtt_p99_us),
                     each.join(" ")
                 );
             }
             println!("\nresults written to {}", out.display());
             Ok(())
         }
-        Command::Suite { out, smoke, bin_dir, no_pin, netns, io, perf } => {
+        Command::Suite { out, smoke, bin_dir, no_pin, netns, io, perf, dataplane } => {
             let mut cfg =
                 if smoke { SuiteConfig::smoke(out.clone()) } else { SuiteConfig::standard(out.clone()) };
             cfg.bin_dir = bin_dir;
@@ -543,6 +568,7 @@ fn run(args: Args) -> Result<()> {
             cfg.netns = netns;
             cfg.io = io;
             cfg.perf_dir = perf;
+            cfg.dataplane_extra = dataplane;
             let report = suite::run(&cfg)?;
             print!("{}", relay_bench::report::markdown(&report));
             println!("\nresults written to {}", out.display());

@@ -65,6 +65,39 @@ pub fn markdown(r: &Report) -> String {
     throughput_rows(&mut out, "upload", &r.upload);
     throughput_rows(&mut out, "download", &r.download);
     throughput_rows(&mut out, "echo", &r.echo);
+    let upload_max = r
+        .upload
+        .iter()
+        .filter(|t| t.path == "relay")
+        .max_by_key(|t| t.result.spec.size)
+        .map(|t| t.result.delivered_rate.datagrams_per_sec);
+    match (&r.sustainable_download, upload_max) {
+        (Some(d), Some(up)) => {
+            let c = &d.cpu;
+            let _ = writeln!(
+                out,
+                "\nDownload, highest paced rate losing at most {:.0}% (probed down from the upload max in 10% \
+                 steps; the as-fast-as-possible row above overloads the path): {:.0} datagrams/s of {} B, \
+                 {:.2}x the upload max ({up:.0}/s); load generator {:.2}, targets {:.2}, relay {} cores: \
+                 limited by {}.",
+                r.config.max_paced_loss * 100.0,
+                d.delivered_rate.datagrams_per_sec,
+                d.spec.size,
+                d.delivered_rate.datagrams_per_sec / up.max(1.0),
+                c.load_generator,
+                c.targets,
+                c.relay.map_or("-".to_string(), |v| format!("{v:.2}")),
+                c.limit.name()
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "\nDownload: no paced rate from the upload max down lost at most {:.0}%.",
+                r.config.max_paced_loss * 100.0
+            );
+        }
+    }
     out += "\nWhich side limited each run: CPU in the measurement window, in cores (1.00: one core busy \
             the whole window), and the side at 90% of a core or more (the load generator and the targets \
             share one core when pinned):\n\n";

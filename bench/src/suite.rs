@@ -90,6 +90,10 @@ pub struct SuiteConfig {
     /// this directory, with a flame graph when inferno is installed.
     #[serde(skip)]
     pub perf_dir: Option<PathBuf>,
+    /// Extra `[dataplane]` lines for every relay the suite starts (e.g.
+    /// `wait_batch_us = 500`).
+    #[serde(default)]
+    pub dataplane_extra: String,
 }
 
 impl SuiteConfig {
@@ -119,6 +123,7 @@ impl SuiteConfig {
             fail_on_shortfall: true,
             paced_rates: vec![20_000.0, 40_000.0],
             perf_dir: None,
+            dataplane_extra: String::new(),
         }
     }
 
@@ -205,6 +210,11 @@ pub struct CostPoint {
     pub cost: Cost,
     /// Of which user CPU (the relay's own code), microseconds per datagram.
     pub user_us_per_datagram: f64,
+    /// Relay CPU microseconds per datagram from the processes' CPU clocks
+    /// (nanosecond run time; `cost` is from the 4 ms tick samples of
+    /// /proc, the figure of the history tables).
+    #[serde(default)]
+    pub exact_us_per_datagram: f64,
     /// QUIC packets received by the relay per forwarded datagram (either
     /// direction: for downloads these are the client's acknowledgements).
     pub quic_packets_per_datagram: f64,
@@ -222,6 +232,9 @@ pub struct CostPoint {
     pub relay_target_datagrams_per_receive: f64,
     /// System calls of the relay's I/O loops per forwarded datagram.
     pub relay_syscalls_per_datagram: f64,
+    /// Round trips through the relay (echo runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt: Option<stats::Percentiles>,
 }
 
 /// The relay's I/O ratios over a run, from its counters.
@@ -327,6 +340,10 @@ pub struct Report {
     /// Highest paced echo rate through the relay with loss within
     /// `max_paced_loss` (the base of the latency loads).
     pub sustainable_echo_rate: f64,
+    /// The highest paced download rate (largest size) with loss within
+    /// `max_paced_loss`, with its CPU split, probed down from the upload
+    /// max; `None` when no probe qualified.
+    pub sustainable_download: Option<LoadResult>,
     /// Latency at several loads.
     pub latency: Vec<LatencyPoint>,
     /// CPU cost at fixed loads: upload at each size's fraction of its max,
@@ -438,7 +455,8 @@ fn start_bench<'a>(
         flow_idle_timeout_secs: 600,
         ask_timeout_ms: 5000,
         dataplane_extra: format!(
-            "max_tunnels_per_connection = {PER_CONNECTION}\nmax_connections_per_worker = 100000"
+            "max_tunnels_per_connection = {PER_CONNECTION}\nmax_connections_per_worker = 100000\n{}",
+            cfg.dataplane_extra
         ),
         bin_dir: cfg.bin_dir.clone(),
         log_dir: Some(cfg.out_dir.join(format!("logs-{name}"))),
@@ -472,6 +490,7 @@ impl Bench<'_> {
             total.cpu_ticks += s.cpu_ticks;
             total.user_ticks += s.user_ticks;
             total.rss_kib += s.rss_kib;
+            total.cpu_ns += s.cpu_ns;
         }
         Ok(total)
     }
@@ -554,7 +573,8 @@ impl Bench<'_> {
                 let tunnels = (spec.connections * spec.flows_per_connection).max(1) as f64;
                 TargetMode::Source { size, rate_per_peer: Some(offered / tunnels) }
             }
-            _ => TargetMode::Sink,
+            Direction::Echo => TargetMode::Echo,
+            Direction::Upload => TargetMode::Sink,
         };
         let admin = self.relay.admin_socket();
         let name = match direction {
@@ -600,6 +620,7 @@ impl Bench<'_> {
             delivered: r.delivered,
             cost: c,
             user_us_per_datagram,
+            exact_us_per_datagram: (after.cpu_ns - before.cpu_ns) as f64 / 1e3 / r.delivered as f64,
             quic_packets_per_datagram: stats::ratio(
                 delta("quic_packets_in"),
                 delta("datagrams_up") + delta("datagrams_down"),
@@ -613,6 +634,7 @@ impl Bench<'_> {
             relay_target_datagrams_per_send: io.target_datagrams_per_send,
             relay_target_datagrams_per_receive: io.target_datagrams_per_receive,
             relay_syscalls_per_datagram: io.syscalls_per_datagram,
+            rtt: r.rtt,
         })
     }
 }
@@ -631,10 +653,20 @@ pub struct AbRow {
     pub us_per_datagram: Vec<f64>,
     /// Of which user time, one per round.
     pub user_us_per_datagram: Vec<f64>,
+    /// From the processes' CPU clocks (nanoseconds), one per round.
+    #[serde(default)]
+    pub exact_us_per_datagram: Vec<f64>,
     /// QUIC packets the relay received per datagram, one per round.
     pub quic_packets_per_datagram: Vec<f64>,
     /// QUIC packets the relay sent per datagram, one per round.
     pub quic_packets_out_per_datagram: Vec<f64>,
+    /// Echo rows: round-trip median and 99th percentile (microseconds),
+    /// one per round.
+    #[serde(default)]
+    pub rtt_p50_us: Vec<u64>,
+    /// See `rtt_p50_us`.
+    #[serde(default)]
+    pub rtt_p99_us: Vec<u64>,
 }
 
 /// Relay CPU per datagram of two builds at the same paced loads, in one
@@ -644,8 +676,8 @@ pub struct AbRow {
 /// machine falls on both.
 pub fn paced_ab(
     cfg: &SuiteConfig,
-    before: PathBuf,
-    after: PathBuf,
+    before: (PathBuf, String),
+    after: (PathBuf, String),
     rates: &[f64],
     size: usize,
     rounds: usize,
@@ -658,13 +690,14 @@ pub fn paced_ab(
     }
     let mut rows: Vec<AbRow> = Vec::new();
     for round in 0..rounds {
-        for (label, dir) in [("before", &before), ("after", &after)] {
+        for (label, (dir, dataplane_extra)) in [("before", &before), ("after", &after)] {
             let mut c = cfg.clone();
             c.bin_dir = Some(dir.clone());
+            c.dataplane_extra = dataplane_extra.clone();
             let name = format!("{label}-{round}");
             let bench = start_bench(&c, &c.io, &name, None, pinned, "")?;
             for &offered in rates {
-                for direction in [Direction::Upload, Direction::Download] {
+                for direction in [Direction::Upload, Direction::Download, Direction::Echo] {
                     eprintln!("bench: round {round} {label}: {direction:?} at {offered:.0}/s, {size} B");
                     let p = bench.cost_run(size, direction, offered)?;
                     let row = match rows
@@ -679,22 +712,69 @@ pub fn paced_ab(
                                 offered,
                                 us_per_datagram: Vec::new(),
                                 user_us_per_datagram: Vec::new(),
+                                exact_us_per_datagram: Vec::new(),
                                 quic_packets_per_datagram: Vec::new(),
                                 quic_packets_out_per_datagram: Vec::new(),
+                                rtt_p50_us: Vec::new(),
+                                rtt_p99_us: Vec::new(),
                             });
                             rows.last_mut().context("row")?
                         }
                     };
                     row.us_per_datagram.push(p.cost.us_per_datagram);
                     row.user_us_per_datagram.push(p.user_us_per_datagram);
+                    row.exact_us_per_datagram.push(p.exact_us_per_datagram);
                     row.quic_packets_per_datagram.push(p.quic_packets_per_datagram);
                     row.quic_packets_out_per_datagram.push(p.quic_packets_out_per_datagram);
+                    if let Some(rtt) = &p.rtt {
+                        row.rtt_p50_us.push(rtt.p50_us);
+                        row.rtt_p99_us.push(rtt.p99_us);
+                    }
                 }
             }
         }
     }
     std::fs::write(cfg.out_dir.join("paced-ab.json"), serde_json::to_vec_pretty(&rows)?)?;
     Ok(rows)
+}
+
+/// The highest paced download rate that loses at most `max_paced_loss`:
+/// probes from the relay's upload max (the figure download is compared
+/// with) down in steps of 10%. The as-fast-as-possible download run is not
+/// that figure: its source sends without feedback, overloads the path and
+/// loses most of what it sends, and the CPU that costs on the bench's core
+/// (which the source shares with the QUIC client) is taken from the client.
+fn sustainable_download(bench: &Bench<'_>, upload: &[Throughput], size: usize) -> Result<Option<LoadResult>> {
+    let cfg = bench.cfg;
+    let upload_max = upload
+        .iter()
+        .find(|t| t.path == "relay" && t.result.spec.size == size)
+        .map_or(0.0, |t| t.result.delivered_rate.datagrams_per_sec);
+    let mut rate = upload_max;
+    for _ in 0..12 {
+        if rate < 1000.0 {
+            break;
+        }
+        let spec = LoadSpec {
+            warmup: cfg.warmup.min(Duration::from_millis(300)),
+            duration: cfg.duration.min(Duration::from_secs(1)),
+            ..bench.spec(size, Direction::Download, Some(rate))
+        };
+        let tunnels = (spec.connections * spec.flows_per_connection).max(1) as f64;
+        let r =
+            bench.through_relay(TargetMode::Source { size, rate_per_peer: Some(rate / tunnels) }, &spec)?;
+        eprintln!(
+            "bench: sustainable download probe at {rate:.0}/s: {:.2}% loss, limited by {}",
+            r.loss * 100.0,
+            r.cpu.limit.name()
+        );
+        if r.loss <= cfg.max_paced_loss && stats::reached(rate, r.send_rate.datagrams_per_sec, 0.05) {
+            return Ok(Some(r));
+        }
+        rate *= 0.9;
+    }
+    eprintln!("bench: no paced download rate lost at most {:.0}%", cfg.max_paced_loss * 100.0);
+    Ok(None)
 }
 
 /// A paced run fell short: an error if `cfg.fail_on_shortfall`, else
@@ -756,6 +836,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         Throughput { path: "relay".into(), result: bench.through_relay(source, &spec)? },
         Throughput { path: "direct".into(), result: bench.direct(source, &spec)? },
     ];
+    let sustainable_download = sustainable_download(&bench, &upload, largest)?;
     eprintln!("bench: echo {largest} B");
     let spec = bench.spec(largest, Direction::Echo, None);
     let echo = vec![
@@ -999,6 +1080,7 @@ pub fn run(cfg: &SuiteConfig) -> Result<Report> {
         download,
         echo,
         sustainable_echo_rate: max_echo,
+        sustainable_download,
         latency,
         cost,
         paced,

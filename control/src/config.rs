@@ -238,6 +238,11 @@ impl Serialize for TemplateValue {
     }
 }
 
+/// Longest batched wait (`dataplane.wait_batch_us`): 10 ms. Past that the
+/// added latency is no longer small next to an Internet path's, and a busy
+/// worker's socket buffers would have to hold that much traffic.
+pub const MAX_WAIT_BATCH_US: u32 = 10_000;
+
 /// The default connect-udp URI template.
 const DEFAULT_UDP_TEMPLATE: &str = "/.well-known/masque/udp/{target_host}/{target_port}/";
 
@@ -252,6 +257,11 @@ pub struct DataplaneSection {
     pub io: IoBackend,
     /// Pin worker i to the i-th CPU of the relay's affinity mask.
     pub pin_workers: bool,
+    /// io_uring workers: how long (microseconds) a worker that has just
+    /// finished a turn may collect completions before it runs the next one
+    /// (fewer wake-ups and fuller batches at paced loads, for at most this
+    /// much added latency per hop); 0 turns it off.
+    pub wait_batch_us: u32,
     /// Connection IDs (QUIC-LB layout) and their steering.
     pub connection_ids: ConnectionIdSection,
     /// connect-udp URI template.
@@ -280,6 +290,7 @@ impl Default for DataplaneSection {
             workers: Workers::Auto,
             io: IoBackend::Auto,
             pin_workers: true,
+            wait_batch_us: 0,
             connection_ids: ConnectionIdSection::default(),
             uri_template: TemplateValue(
                 UriTemplate::parse(DEFAULT_UDP_TEMPLATE).expect("the default template is valid"),
@@ -1876,6 +1887,12 @@ impl Config {
         if d.workers.resolve() > 256 {
             return Err(invalid("dataplane.workers must be at most 256".into()));
         }
+        if d.wait_batch_us > MAX_WAIT_BATCH_US {
+            return Err(invalid(format!(
+                "dataplane.wait_batch_us must be at most {MAX_WAIT_BATCH_US} (10 ms), not {}",
+                d.wait_batch_us
+            )));
+        }
         if d.ask_timeout_ms == 0 || d.flow_idle_timeout_secs == 0 || d.quic_idle_timeout_secs == 0 {
             return Err(invalid("dataplane timeouts must be positive".into()));
         }
@@ -2450,6 +2467,16 @@ mod tests {
         assert!(err.contains("kqueue") && err.contains("line"), "{err}");
         let text = full().replace("io = \"auto\"", "io = \"epoll\"");
         assert_eq!(Config::parse(&text, "t.toml").unwrap().dataplane.io, IoBackend::Epoll);
+
+        assert_eq!(Config::parse(&full(), "t.toml").unwrap().dataplane.wait_batch_us, 0, "off by default");
+        let text = full().replace("wait_batch_us = 0", "wait_batch_us = 500");
+        assert_eq!(Config::parse(&text, "t.toml").unwrap().dataplane.wait_batch_us, 500);
+        let text = full().replace("wait_batch_us = 0", "wait_batch_us = 10001");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("dataplane.wait_batch_us") && err.contains("10001"), "{err}");
+        let text = full().replace("wait_batch_us = 0", "wait_batch_us = -1");
+        let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("wait_batch_us") && err.contains("line"), "{err}");
 
         let text = full().replace("server_id = \"\"", "server_id = \"0g\"");
         let err = Config::parse(&text, "t.toml").unwrap_err().to_string();

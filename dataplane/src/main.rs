@@ -14,7 +14,7 @@ use relay_dataplane::context::Settings;
 use relay_dataplane::handoff::Inbox;
 use relay_dataplane::io::BackendKind;
 use relay_dataplane::io::epoll::EpollBackend;
-use relay_dataplane::io::uring::{UringBackend, UringSettings};
+use relay_dataplane::io::uring::{UringBackend, UringSettings, WaitBatching};
 use relay_dataplane::link::ControlLink;
 use relay_dataplane::qlog::QlogShared;
 use relay_dataplane::retry::RetryTokens;
@@ -234,6 +234,16 @@ fn choose_backend(b: &Bootstrap) -> Result<BackendKind, String> {
     }
 }
 
+/// The io_uring workers' batched waits (`dataplane.wait_batch_us`).
+fn wait_batching(b: &Bootstrap) -> Option<WaitBatching> {
+    (b.wait_batch_us > 0).then(|| WaitBatching {
+        // Enough that under a paced load the window, not the count, ends a
+        // wait; a worker with this much work runs at once.
+        completions: 32,
+        window: Duration::from_micros(u64::from(b.wait_batch_us)),
+    })
+}
+
 /// One worker thread's I/O loop.
 enum Backend {
     Uring(Box<UringBackend>),
@@ -247,6 +257,7 @@ impl Backend {
     fn build(
         kind: BackendKind,
         auto: bool,
+        settings: UringSettings,
         sock: std::net::UdpSocket,
         tun: Option<TunDevice>,
     ) -> std::io::Result<(Self, BackendKind)> {
@@ -256,7 +267,7 @@ impl Backend {
             }
             BackendKind::Uring => {
                 let fallback = sock.try_clone()?;
-                match UringBackend::new(sock, UringSettings::default()) {
+                match UringBackend::new(sock, settings) {
                     Ok(b) => Ok((Backend::Uring(Box::new(b.with_tun(tun))), kind)),
                     Err(e) if auto => {
                         warn!("io_uring setup failed ({e}); using epoll");
@@ -290,6 +301,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cid_shared = Arc::new(CidShared::new(cids.clone()));
     let qlog = Arc::new(QlogShared::new());
     let kind = choose_backend(&b)?;
+    if b.wait_batch_us > 0 && kind == BackendKind::Epoll {
+        warn!(
+            wait_batch_us = b.wait_batch_us,
+            "batched waits are an io_uring feature: the epoll workers wake for each event"
+        );
+    }
     let cpus = cpu::allowed_cpus();
     info!(
         workers = b.workers,
@@ -378,6 +395,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         let cpu = (b.pin_workers && !cpus.is_empty()).then(|| cpus[i as usize % cpus.len()]);
         let auto = b.io_backend == IoBackend::Auto;
+        let uring_settings = UringSettings { wait_batching: wait_batching(&b), ..UringSettings::default() };
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         handles.push(std::thread::Builder::new().name(format!("worker-{i}")).spawn(move || {
             // Every line this worker logs names it, as relayctl's rows do.
@@ -387,7 +405,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             {
                 warn!(worker = i, cpu, "pinning failed: {e}");
             }
-            let (mut backend, kind) = match Backend::build(kind, auto, sock, tun_device) {
+            let (mut backend, kind) = match Backend::build(kind, auto, uring_settings, sock, tun_device) {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("worker {i}: {} backend: {e}", kind.name())));

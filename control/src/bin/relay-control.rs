@@ -150,6 +150,7 @@ fn run(args: Args, mut config: Config) -> Result<(), Box<dyn std::error::Error>>
         drain_timeout_ms: u64::from(d.drain_timeout_secs) * 1000,
         io_backend: d.io,
         pin_workers: d.pin_workers,
+        wait_batch_us: d.wait_batch_us,
         cid_config_id: cid_settings.config_id,
         cid_server_id: cid_settings.host_id.clone(),
         cid_nonce_len: cid_settings.random_len,

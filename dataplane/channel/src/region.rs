@@ -445,6 +445,8 @@ counters! {
     WebtransportStreams = 83, "webtransport_streams";
     /// WebTransport datagrams relayed (both ways).
     WebtransportDatagrams = 84, "webtransport_datagrams";
+    /// Waits of the worker's loop that were batched (`dataplane.wait_batch_us`).
+    WaitsBatched = 85, "waits_batched";
 }
 
 /// A worker's counters. Each counter has a single writer (its worker), so

@@ -129,6 +129,8 @@ pub struct IoStats {
     pub recv_truncated: u64,
     /// Loop turns.
     pub turns: u64,
+    /// Waits that were batched (io_uring `min_wait_usec`).
+    pub waits_batched: u64,
     /// IP packets written to the TUN device.
     pub tun_packets_out: u64,
     /// TUN writes that carried a coalesced GSO packet.
@@ -158,6 +160,7 @@ impl std::ops::AddAssign for IoStats {
         self.recv_no_buffers += s.recv_no_buffers;
         self.recv_truncated += s.recv_truncated;
         self.turns += s.turns;
+        self.waits_batched += s.waits_batched;
         self.tun_packets_out += s.tun_packets_out;
         self.tun_gso_writes += s.tun_gso_writes;
         self.tun_coalesced_packets += s.tun_coalesced_packets;
@@ -185,6 +188,7 @@ impl IoStats {
             (Counter::RecvNoBuffers, self.recv_no_buffers),
             (Counter::RecvTruncated, self.recv_truncated),
             (Counter::LoopTurns, self.turns),
+            (Counter::WaitsBatched, self.waits_batched),
             (Counter::TunPacketsOut, self.tun_packets_out),
             (Counter::TunGsoWrites, self.tun_gso_writes),
             (Counter::TunCoalescedPackets, self.tun_coalesced_packets),

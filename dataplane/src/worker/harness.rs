@@ -110,6 +110,7 @@ pub fn bootstrap(workers: u32) -> Bootstrap {
         drain_timeout_ms: 5000,
         io_backend: IoBackend::Auto,
         pin_workers: false,
+        wait_batch_us: 0,
         cid_config_id: 0,
         cid_server_id: Vec::new(),
         cid_nonce_len: 14,

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 /// 4 brought asks for WebSocket routes and answers naming upstreams
 /// (record format [`super::record::VERSION`] 4). Processes of different
 /// builds refuse the attach instead of each other's frames and records.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: usize = 64 * 1024;
 
@@ -86,6 +86,11 @@ pub struct Bootstrap {
     /// Pin worker i to the i-th CPU of the process's affinity mask.
     #[serde(default)]
     pub pin_workers: bool,
+    /// Batched waits of io_uring workers: how long (microseconds) a worker
+    /// that has just finished a turn may collect completions before the
+    /// next one; 0: off (every completion wakes it).
+    #[serde(default)]
+    pub wait_batch_us: u32,
     /// QUIC-LB config rotation codepoint of server connection IDs.
     #[serde(default)]
     pub cid_config_id: u8,
@@ -883,6 +888,7 @@ mod tests {
             drain_timeout_ms: 5000,
             io_backend: IoBackend::Auto,
             pin_workers: false,
+            wait_batch_us: 0,
             cid_config_id: 0,
             cid_server_id: Vec::new(),
             cid_nonce_len: 14,
