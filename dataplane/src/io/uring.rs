@@ -72,12 +72,16 @@ pub struct WaitBatching {
 /// windows (a batched wait then gathers more than one arrival; on sparser
 /// loads it gathers nothing, and cost more CPU per datagram than it saved:
 /// measured 1.7 times at 2,000 datagrams/s with 500 us), and while the
-/// worker's thread is at most half busy. A busier worker's turns fill by
-/// themselves, and every window it sleeps stretches its cycle to
-/// window / (1 - load): batching at any load put the echo p99 at 62 ms at
-/// 90% of the sustainable rate (docs/BENCHMARKS.md). The load is the
-/// thread's CPU time over wall time, so the kernel's work inside
-/// `io_uring_enter` (the sends, their loopback delivery) counts as busy.
+/// worker's thread is at most half busy with batching on. A busier
+/// worker's turns fill by themselves, and every window it sleeps stretches
+/// its cycle to window / (1 - load): batching at any load put the echo p99
+/// at 62 ms at 90% of the sustainable rate (docs/BENCHMARKS.md). Batching
+/// roughly halves the load it is turned on at, so it is turned on below
+/// three quarters busy (unbatched) and kept below one half (batched): with
+/// one limit for both, a worker 56% busy at 40k datagrams/s never tried it,
+/// though batched it ran 23% busy. The load is the thread's CPU time over
+/// wall time, so the kernel's work inside `io_uring_enter` (the sends,
+/// their loopback delivery) counts as busy.
 #[derive(Debug, Clone, Copy)]
 struct WaitBatcher {
     settings: WaitBatching,
@@ -93,8 +97,10 @@ struct WaitBatcher {
 impl WaitBatcher {
     /// A moving average over about this many cycles.
     const SMOOTHING: f64 = 8.0;
-    /// Batching stops above this load.
-    const MAX_LOAD: f64 = 0.5;
+    /// Batching stops above this load (measured with batching on).
+    const STAY_BELOW: f64 = 0.5;
+    /// Batching starts below this load (measured with batching off).
+    const START_BELOW: f64 = 0.75;
 
     fn new(settings: WaitBatching) -> Self {
         Self { settings, load: 0.0, next: true, last: None }
@@ -115,7 +121,8 @@ impl WaitBatcher {
     fn after_cycle(&mut self, cpu: Duration, wall: Duration, waited: Duration) {
         let share = if wall.is_zero() { 1.0 } else { (cpu.as_secs_f64() / wall.as_secs_f64()).min(1.0) };
         self.load += (share - self.load) / Self::SMOOTHING;
-        self.next = waited < self.settings.window * 2 && self.load <= Self::MAX_LOAD;
+        let limit = if self.next { Self::STAY_BELOW } else { Self::START_BELOW };
+        self.next = waited < self.settings.window * 2 && self.load <= limit;
     }
 }
 
@@ -1035,6 +1042,24 @@ mod tests {
         assert!(!b.next);
         // ...and on again when work comes soon after a turn.
         b.after_cycle(us(60), us(360), us(300));
+        assert!(b.next);
+        // Between the limits: kept on (batched, 40% busy)...
+        for _ in 0..50 {
+            b.after_cycle(us(400), us(1000), us(600));
+            assert!(b.next);
+        }
+        // ...turned on from unbatched at 60% busy (sparse until now, then
+        // a short wait)...
+        for _ in 0..50 {
+            b.after_cycle(us(1320), us(2200), us(1000));
+            assert!(!b.next);
+        }
+        b.after_cycle(us(60), us(100), us(40));
+        assert!(b.next, "load {}", b.load);
+        // ...and off again if batched it stays above one half.
+        b.after_cycle(us(600), us(1000), us(500));
+        assert!(!b.next, "load {}", b.load);
+        b.after_cycle(us(60), us(100), us(40));
         assert!(b.next);
         // A worker busy most of the time (here its CPU time is mostly in the
         // kernel during the enter, so its waits look long) stops batching
