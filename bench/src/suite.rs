@@ -198,7 +198,7 @@ pub struct LatencyPoint {
 /// CPU cost at a fixed offered load.
 #[derive(Debug, Clone, Serialize)]
 pub struct CostPoint {
-    /// "upload" or "download".
+    /// "upload", "download" or "echo".
     pub direction: String,
     /// Payload size.
     pub size: usize,
@@ -620,7 +620,9 @@ impl Bench<'_> {
             delivered: r.delivered,
             cost: c,
             user_us_per_datagram,
-            exact_us_per_datagram: (after.cpu_ns - before.cpu_ns) as f64 / 1e3 / r.delivered as f64,
+            exact_us_per_datagram: after.cpu_ns.saturating_sub(before.cpu_ns) as f64
+                / 1e3
+                / r.delivered as f64,
             quic_packets_per_datagram: stats::ratio(
                 delta("quic_packets_in"),
                 delta("datagrams_up") + delta("datagrams_down"),
@@ -645,7 +647,7 @@ impl Bench<'_> {
 pub struct AbRow {
     /// `before` or `after`.
     pub binaries: String,
-    /// `upload` or `download`.
+    /// `upload`, `download` or `echo`.
     pub direction: String,
     /// Offered datagrams/s.
     pub offered: f64,

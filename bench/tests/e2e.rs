@@ -939,6 +939,47 @@ fn a_killed_dataplane_is_released_by_control_and_may_return() {
     assert_eq!(admin(&relay.admin_socket(), "status")["flows"], 1);
 }
 
+/// Whether this kernel has batched io_uring waits (`min_wait_usec`, 6.12).
+fn kernel_has_min_wait() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    matches!((parts.next(), parts.next()), (Some(major), Some(minor)) if (major, minor) >= (6, 12))
+}
+
+#[test]
+fn batched_waits_forward_every_datagram_and_are_counted() {
+    // A long window: the worker gathers work for up to 2 ms after a busy
+    // turn. Every echoed datagram still comes back, byte for byte, and the
+    // io_uring worker reports its batched waits (epoll has none).
+    let relay = start(
+        "batched-waits",
+        RelayOptions { workers: 1, dataplane_extra: "wait_batch_us = 2000".into(), ..Default::default() },
+    );
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut c = client(&relay);
+    let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
+    echo_round(&mut c, s, 500, "with batched waits");
+    let relayctl = relay_bench::processes::bin_dir().unwrap().join("relayctl");
+    let out = std::process::Command::new(&relayctl)
+        .arg("--socket")
+        .arg(relay.admin_socket())
+        .args(["--json", "workers"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "relayctl workers: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &rows.as_array().unwrap()[0];
+    let share = row["batched_wait_share"].as_f64().unwrap();
+    let status = admin(&relay.admin_socket(), "status");
+    let batched = status["workers"][0]["waits_batched"].as_u64().unwrap();
+    match row["backend"].as_str() {
+        Some("io_uring") if kernel_has_min_wait() => {
+            assert!(batched > 0 && share > 0.0 && share <= 1.0, "batched waits {batched}, share {share}")
+        }
+        backend => assert_eq!((batched, share), (0, 0.0), "{backend:?} has no batched waits"),
+    }
+}
+
 #[test]
 fn relayctl_workers_summarises_each_worker() {
     let relay = start("relayctl-workers", RelayOptions { workers: 2, ..Default::default() });
@@ -966,12 +1007,16 @@ fn relayctl_workers_summarises_each_worker() {
     for r in rows {
         assert!(matches!(r["backend"].as_str(), Some("io_uring") | Some("epoll")));
         assert!(r["syscalls_per_datagram"].as_f64().is_some());
+        assert_eq!(r["batched_wait_share"].as_f64(), Some(0.0), "off unless configured");
     }
     let busy = rows.iter().find(|r| r["tunnels"] == 1).unwrap();
     assert!(busy["quic_packets_per_receive"].as_f64().unwrap() >= 1.0);
     let table = run(false);
     assert!(
-        table.starts_with("WORKER") && table.contains("SYSCALLS/DGRAM") && table.lines().count() == 3,
+        table.starts_with("WORKER")
+            && table.contains("SYSCALLS/DGRAM")
+            && table.contains("BATCHED WAITS")
+            && table.lines().count() == 3,
         "{table}"
     );
 }

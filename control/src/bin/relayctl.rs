@@ -585,6 +585,7 @@ fn worker_rows(status: &Value) -> Vec<Value> {
                 "target_datagrams_per_send": ratio(n("datagrams_up"), n("target_sends")),
                 "target_datagrams_per_receive": ratio(n("target_packets_in"), n("target_receives")),
                 "syscalls_per_datagram": ratio(n("io_syscalls"), forwarded),
+                "batched_wait_share": ratio(n("waits_batched"), n("loop_turns")),
                 "handoffs_in": n("handoffs_in"),
                 "handoffs_out": n("handoffs_out"),
                 "drops": n("drop_queue_full") + n("drop_target_send") + n("drop_too_large") + n("quic_send_drops")
@@ -744,6 +745,7 @@ fn workers_table(rows: &[Value]) -> String {
         "TGT DGRAM/SEND",
         "TGT DGRAM/RECV",
         "SYSCALLS/DGRAM",
+        "BATCHED WAITS",
         "HANDOFFS IN",
         "HANDOFFS OUT",
         "DROPS",
@@ -760,6 +762,7 @@ fn workers_table(rows: &[Value]) -> String {
         "target_datagrams_per_send",
         "target_datagrams_per_receive",
         "syscalls_per_datagram",
+        "batched_wait_share",
         "handoffs_in",
         "handoffs_out",
         "drops",
