@@ -939,6 +939,19 @@ fn a_killed_dataplane_is_released_by_control_and_may_return() {
     assert_eq!(admin(&relay.admin_socket(), "status")["flows"], 1);
 }
 
+/// `relayctl workers` (with `--json` when asked) against the relay.
+fn relayctl_workers(relay: &Relay, json: bool) -> String {
+    let relayctl = relay_bench::processes::bin_dir().unwrap().join("relayctl");
+    let mut cmd = std::process::Command::new(&relayctl);
+    cmd.arg("--socket").arg(relay.admin_socket());
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.arg("workers").output().unwrap();
+    assert!(out.status.success(), "relayctl workers: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// Whether this kernel has batched io_uring waits (`min_wait_usec`, 6.12).
 fn kernel_has_min_wait() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -959,15 +972,7 @@ fn batched_waits_forward_every_datagram_and_are_counted() {
     let mut c = client(&relay);
     let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
     echo_round(&mut c, s, 500, "with batched waits");
-    let relayctl = relay_bench::processes::bin_dir().unwrap().join("relayctl");
-    let out = std::process::Command::new(&relayctl)
-        .arg("--socket")
-        .arg(relay.admin_socket())
-        .args(["--json", "workers"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "relayctl workers: {}", String::from_utf8_lossy(&out.stderr));
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Value = serde_json::from_str(&relayctl_workers(&relay, true)).unwrap();
     let row = &rows.as_array().unwrap()[0];
     let share = row["batched_wait_share"].as_f64().unwrap();
     let status = admin(&relay.admin_socket(), "status");
@@ -987,17 +992,7 @@ fn relayctl_workers_summarises_each_worker() {
     let mut c = client(&relay);
     let s = c.open_udp("127.0.0.1", echo.addr().port(), T).unwrap();
     echo_round(&mut c, s, 100, "before relayctl workers");
-    let relayctl = relay_bench::processes::bin_dir().unwrap().join("relayctl");
-    let run = |json: bool| {
-        let mut cmd = std::process::Command::new(&relayctl);
-        cmd.arg("--socket").arg(relay.admin_socket());
-        if json {
-            cmd.arg("--json");
-        }
-        let out = cmd.arg("workers").output().unwrap();
-        assert!(out.status.success(), "relayctl workers: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |json: bool| relayctl_workers(&relay, json);
     let rows: Value = serde_json::from_str(&run(true)).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2, "one row per worker");

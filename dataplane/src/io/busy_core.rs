@@ -20,9 +20,7 @@ pub(crate) struct BusyCore {
     out: Output,
     watched: UnixStream,
     peer: UnixStream,
-    bells: (UnixStream, UnixStream),
-    /// The bells' other ends, kept open (a closed peer would ring them).
-    _bell_peers: (UnixStream, UnixStream),
+    bells: TestBells,
     now: Instant,
     turns: u32,
     written_at: Option<u32>,
@@ -64,10 +62,10 @@ impl Handler for BusyCore {
         &mut self.out
     }
     fn answer_bell(&self) -> (RawFd, u64) {
-        (self.bells.0.as_raw_fd(), 1)
+        self.bells.answer()
     }
     fn worker_bell(&self) -> RawFd {
-        self.bells.1.as_raw_fd()
+        self.bells.worker()
     }
 }
 
@@ -75,14 +73,11 @@ impl BusyCore {
     /// A core with its socket pairs.
     pub(crate) fn new() -> Self {
         let (watched, peer) = UnixStream::pair().expect("socket pair");
-        let (bell_a, peer_a) = UnixStream::pair().expect("socket pair");
-        let (bell_b, peer_b) = UnixStream::pair().expect("socket pair");
         Self {
             out: Output::new(),
             watched,
             peer,
-            bells: (bell_a, bell_b),
-            _bell_peers: (peer_a, peer_b),
+            bells: TestBells::new(),
             now: Instant::now(),
             turns: 0,
             written_at: None,
@@ -97,5 +92,33 @@ impl BusyCore {
         let readied =
             self.readied_at.expect("the watched socket's readiness never came while turns were busy");
         assert!(readied <= by, "readiness came only in turn {readied}");
+    }
+}
+
+/// The two doorbells a test core hands its backend (control's answers,
+/// the worker's own), with their other ends kept open: a closed peer
+/// would ring them.
+pub(crate) struct TestBells {
+    answer: (UnixStream, UnixStream),
+    worker: (UnixStream, UnixStream),
+}
+
+impl TestBells {
+    /// Two fresh socket pairs.
+    pub(crate) fn new() -> Self {
+        Self {
+            answer: UnixStream::pair().expect("socket pair"),
+            worker: UnixStream::pair().expect("socket pair"),
+        }
+    }
+
+    /// The answer doorbell and its link epoch.
+    pub(crate) fn answer(&self) -> (RawFd, u64) {
+        (self.answer.0.as_raw_fd(), 1)
+    }
+
+    /// The worker's doorbell.
+    pub(crate) fn worker(&self) -> RawFd {
+        self.worker.0.as_raw_fd()
     }
 }

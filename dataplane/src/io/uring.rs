@@ -106,10 +106,11 @@ impl WaitBatcher {
         Self { settings, load: 0.0, next: true, last: None }
     }
 
-    /// A wait (of `waited`; zero when the turn did not wait) has ended:
-    /// reads the clocks and decides about the next one.
-    fn after_wait(&mut self, waited: Duration) {
+    /// A wait that began at `started` (`None`: the turn did not wait) has
+    /// ended: reads the clocks and decides about the next one.
+    fn after_wait(&mut self, started: Option<Instant>) {
         let (cpu, wall) = (thread_cpu_time(), Instant::now());
+        let waited = started.map_or(Duration::ZERO, |s| wall.saturating_duration_since(s));
         if let Some((last_cpu, last_wall)) = self.last {
             self.after_cycle(cpu.saturating_sub(last_cpu), wall.saturating_duration_since(last_wall), waited);
         }
@@ -124,6 +125,11 @@ impl WaitBatcher {
         let limit = if self.next { Self::STAY_BELOW } else { Self::START_BELOW };
         self.next = waited < self.settings.window * 2 && self.load <= limit;
     }
+}
+
+/// A relative timeout for the kernel.
+fn timespec(d: Duration) -> Timespec {
+    Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
 }
 
 /// The calling thread's CPU time.
@@ -419,7 +425,7 @@ impl UringBackend {
             // and waited for them for ever. GETEVENTS with no minimum runs
             // that work and returns at once.
             if let Some(b) = self.batcher.as_mut() {
-                b.after_wait(Duration::ZERO);
+                b.after_wait(None);
             }
             let to_submit = self.ring.submission().len() as u32;
             // SAFETY: no argument is passed; the queued entries point at
@@ -446,8 +452,7 @@ impl UringBackend {
                 self.push(remove);
             }
             self.timer_generation += 1;
-            let wait = deadline - now;
-            *self.timer_ts = Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
+            *self.timer_ts = timespec(deadline - now);
             let timeout = opcode::Timeout::new(&*self.timer_ts)
                 .build()
                 .user_data(user_data(KIND_TIMER, self.timer_generation));
@@ -455,22 +460,21 @@ impl UringBackend {
             self.timer = Some((self.timer_generation, deadline));
         }
         let batching = self.batcher.filter(|b| b.next).map(|b| b.settings);
-        let started = self.batcher.map(|_| Instant::now());
+        let started = self.batcher.is_some().then(Instant::now);
         let waited = match batching {
             Some(b) => {
                 self.stats.waits_batched += 1;
                 // The timeout request above stays armed: it ends the wait at
                 // the deadline whatever happens to this one.
-                let wait = deadline - now;
-                self.wait_ts = Timespec::new().sec(wait.as_secs()).nsec(wait.subsec_nanos());
+                self.wait_ts = timespec(deadline - now);
                 let usec = u32::try_from(b.window.as_micros()).unwrap_or(u32::MAX).max(1);
                 let args = types::SubmitArgs::new().min_wait_usec(usec).timespec(&self.wait_ts);
                 self.ring.submitter().submit_with_args(b.completions.max(1) as usize, &args)
             }
             None => self.ring.submit_and_wait(1),
         };
-        if let (Some(b), Some(started)) = (self.batcher.as_mut(), started) {
-            b.after_wait(started.elapsed());
+        if let Some(b) = self.batcher.as_mut() {
+            b.after_wait(started);
         }
         match waited {
             Ok(_) => Ok(()),
@@ -920,8 +924,7 @@ fn ready_from_revents(revents: i32) -> Ready {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::busy_core::BusyCore;
-    use std::os::unix::net::UnixStream;
+    use crate::io::busy_core::{BusyCore, TestBells};
 
     fn under_ci() -> bool {
         std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -953,8 +956,7 @@ mod tests {
     /// once it has seen `expect` of them; its turns wait up to a minute.
     struct CountingCore {
         out: Output,
-        bells: (UnixStream, UnixStream),
-        _bell_peers: (UnixStream, UnixStream),
+        bells: TestBells,
         now: Instant,
         expect: usize,
         /// Datagrams received in each turn so far.
@@ -963,12 +965,9 @@ mod tests {
 
     impl CountingCore {
         fn new(expect: usize) -> Self {
-            let (bell_a, peer_a) = UnixStream::pair().expect("socket pair");
-            let (bell_b, peer_b) = UnixStream::pair().expect("socket pair");
             Self {
                 out: Output::new(),
-                bells: (bell_a, bell_b),
-                _bell_peers: (peer_a, peer_b),
+                bells: TestBells::new(),
                 now: Instant::now(),
                 expect,
                 per_turn: Vec::new(),
@@ -1001,10 +1000,10 @@ mod tests {
             &mut self.out
         }
         fn answer_bell(&self) -> (RawFd, u64) {
-            (self.bells.0.as_raw_fd(), 1)
+            self.bells.answer()
         }
         fn worker_bell(&self) -> RawFd {
-            self.bells.1.as_raw_fd()
+            self.bells.worker()
         }
     }
 
@@ -1086,12 +1085,14 @@ mod tests {
 
     #[test]
     fn the_thread_cpu_clock_advances_with_work() {
-        let before = thread_cpu_time();
+        // Spin (bounded by the wall clock, so a broken clock fails rather
+        // than hangs); the thread's CPU clock must have moved.
+        let (before, start) = (thread_cpu_time(), Instant::now());
         let mut x = 0u64;
-        while thread_cpu_time() == before {
+        while thread_cpu_time() == before && start.elapsed() < Duration::from_secs(5) {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         }
-        assert!(thread_cpu_time() > before, "{x}");
+        assert!(thread_cpu_time() > before, "the thread CPU clock did not move ({x})");
     }
 
     #[test]
