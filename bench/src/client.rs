@@ -824,6 +824,18 @@ impl Client {
         }
     }
 
+    /// The UDP socket's descriptor, for a caller waiting on several
+    /// clients at once (see [`crate::loadgen`]).
+    pub fn socket_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.socket.as_raw_fd()
+    }
+
+    /// Time until quiche's next timer (loss detection, ACK delay, idle).
+    pub fn quic_timeout(&self) -> Option<Duration> {
+        self.quic.timeout()
+    }
+
     /// One turn: wait up to `timeout` for packets, process them, send.
     pub fn drive(&mut self, timeout: Duration) -> Result<()> {
         let mut events = Events::with_capacity(8);

@@ -582,7 +582,12 @@ fn run(args: Args) -> Result<()> {
             };
             let mode = match direction {
                 Direction::Upload => TargetMode::Sink,
-                Direction::Download => TargetMode::Source { size, rate_per_peer: None },
+                // The source paces each tunnel at its share of `--rate`
+                // (the client sends nothing to pace in this direction).
+                Direction::Download => TargetMode::Source {
+                    size,
+                    rate_per_peer: rate.map(|r| r / (connections * flows).max(1) as f64),
+                },
                 Direction::Echo => TargetMode::Echo,
             };
             let spec = LoadSpec {
