@@ -564,6 +564,13 @@ impl Handshake {
         self.map_result_ssl(rc)
     }
 
+    /// Whether CRYPTO data provided since the last
+    /// `process_post_handshake()` waits to be processed (per-send
+    /// handshake check, relay patch).
+    pub fn post_handshake_data_waiting(&self) -> bool {
+        self.provided_data_outstanding
+    }
+
     pub fn process_post_handshake(&mut self, ex_data: &mut ExData) -> Result<()> {
         // If SSL_provide_quic_data hasn't been called since we last called
         // SSL_process_quic_post_handshake, then there's nothing to do.
