@@ -171,7 +171,6 @@ async fn flow_echo(
         // frame, or as many as the relay's frame size needs), as a client
         // writes what it has in hand: one TLS record and TCP send for the
         // burst instead of one per capsule.
-        capsules.clear();
         while next < load.count && in_flight < load.window {
             payload(flow, next, load.size, &mut buf);
             capsule::encode_datagram(0, &buf, &mut capsules);
@@ -181,7 +180,11 @@ async fn flow_echo(
             r.sent += 1;
         }
         if !capsules.is_empty() {
-            send.send_data(Bytes::copy_from_slice(&capsules), false)?;
+            // Handed over, not copied; the next burst gets a buffer of the
+            // same size.
+            let capacity = capsules.capacity();
+            let burst = std::mem::replace(&mut capsules, Vec::with_capacity(capacity));
+            send.send_data(Bytes::from(burst), false)?;
         }
         if in_flight == 0 {
             break;

@@ -53,9 +53,9 @@ pub fn payload(flow: u32, seq: u64, size: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&(size as u32).to_be_bytes());
     let header = out.len();
     out.resize(size.max(header), 0);
-    // A word of xorshift per 8 bytes: a byte per step cost the bench's
-    // HTTP/2 client a quarter of its CPU at 1200 B (it is generated twice
-    // per echo: to send, and to check the echo).
+    // A word of xorshift per 8 bytes: a byte per step was ~12% of the echo
+    // clients' CPU at 1200 B (a payload is generated twice per echo: to
+    // send, and to check the echo).
     let mut x = (u64::from(flow) << 40) ^ seq ^ 0x9e37_79b9_7f4a_7c15;
     for chunk in out[header..].chunks_mut(8) {
         x ^= x << 13;

@@ -7,7 +7,6 @@
 //! client received (download); round trips (echo). Loss is computed from
 //! run totals after a drain period, rates over the measurement window.
 
-use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -342,6 +341,11 @@ pub fn run_observed(
     let mut cpu_start: Option<CpuMark> = None;
     let mut window_result: Option<(u64, u64, Duration)> = None; // (sent, delivered) deltas
     let sending = spec.direction != Direction::Download;
+    // The clients' sockets, polled when a download loop turn got nothing.
+    let mut idle_poll: Vec<libc::pollfd> = clients
+        .iter()
+        .map(|c| libc::pollfd { fd: c.socket_fd(), events: libc::POLLIN, revents: 0 })
+        .collect();
     if spec.direction == Direction::Download {
         // Say hello on every tunnel so the source registers the relay's
         // socket for it, then let it send.
@@ -414,7 +418,8 @@ pub fn run_observed(
         // send keep spinning, so paced datagrams leave on time and echo
         // round trips carry no wake-up of the generator.
         if !sending && !got {
-            wait_readable(clients, MAX_IDLE_WAIT)?;
+            let wait = clients.iter().filter_map(Client::quic_timeout).fold(MAX_IDLE_WAIT, Duration::min);
+            poll_readable(&mut idle_poll, wait)?;
         }
     }
     // Close the window.
@@ -480,30 +485,20 @@ pub fn run_observed(
 /// measurement window's edges are noticed.
 const MAX_IDLE_WAIT: Duration = Duration::from_millis(1);
 
-/// Waits up to `wait` (shortened to the earliest QUIC timer) for a packet
-/// on any client's socket.
-fn wait_readable(clients: &[Client], wait: Duration) -> Result<()> {
-    let wait = clients.iter().filter_map(Client::quic_timeout).fold(wait, Duration::min);
-    let fds: Vec<RawFd> = clients.iter().map(Client::socket_fd).collect();
-    poll_readable(&fds, wait)?;
-    Ok(())
-}
-
-/// Waits up to `wait` for any of `fds` to be readable; returns whether
-/// one is (`false` after the timeout or a signal).
-fn poll_readable(fds: &[RawFd], wait: Duration) -> std::io::Result<bool> {
-    if wait.is_zero() || fds.is_empty() {
+/// Waits up to `wait` for any of `polled`'s descriptors to be readable
+/// (`POLLIN` asked for each); returns whether one is (`false` after the
+/// timeout or a signal).
+fn poll_readable(polled: &mut [libc::pollfd], wait: Duration) -> std::io::Result<bool> {
+    if wait.is_zero() || polled.is_empty() {
         return Ok(false);
     }
-    let mut polled: Vec<libc::pollfd> =
-        fds.iter().map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
     let ts = libc::timespec {
         tv_sec: wait.as_secs() as libc::time_t,
         tv_nsec: wait.subsec_nanos() as libc::c_long,
     };
-    // SAFETY: `polled` is a live, initialised array of `polled.len()`
-    // pollfd structs for the call's duration; `ts` outlives it; a null
-    // signal mask keeps the thread's own.
+    // SAFETY: `polled` is a live, initialised, exclusively borrowed array
+    // of `polled.len()` pollfd structs for the call's duration; `ts`
+    // outlives it; a null signal mask keeps the thread's own.
     let rc = unsafe { libc::ppoll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, &ts, std::ptr::null()) };
     if rc < 0 {
         let e = std::io::Error::last_os_error();
@@ -538,16 +533,17 @@ mod tests {
         use std::os::fd::AsRawFd;
         let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let fds = [a.as_raw_fd(), b.as_raw_fd()];
+        let mut fds =
+            [a.as_raw_fd(), b.as_raw_fd()].map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
         // Nothing queued: the wait times out and says so.
-        assert!(!poll_readable(&fds, Duration::from_millis(1)).unwrap());
-        assert!(!poll_readable(&fds, Duration::ZERO).unwrap());
-        assert!(!poll_readable(&[], Duration::from_millis(1)).unwrap());
+        assert!(!poll_readable(&mut fds, Duration::from_millis(1)).unwrap());
+        assert!(!poll_readable(&mut fds, Duration::ZERO).unwrap());
+        assert!(!poll_readable(&mut [], Duration::from_millis(1)).unwrap());
         // A datagram on the second socket ends the wait (the timeout is
         // far beyond any test's patience, so a missed wake-up hangs
         // visibly instead of passing).
         a.send_to(b"x", b.local_addr().unwrap()).unwrap();
-        assert!(poll_readable(&fds, Duration::from_secs(60)).unwrap());
+        assert!(poll_readable(&mut fds, Duration::from_secs(60)).unwrap());
     }
 }
 

@@ -584,9 +584,9 @@ fn run(args: Args) -> Result<()> {
                 Direction::Upload => TargetMode::Sink,
                 // The source paces each tunnel at its share of `--rate`
                 // (the client sends nothing to pace in this direction).
-                Direction::Download => TargetMode::Source {
-                    size,
-                    rate_per_peer: rate.map(|r| r / (connections * flows).max(1) as f64),
+                Direction::Download => match rate {
+                    Some(r) => TargetMode::paced_source(size, r, connections * flows),
+                    None => TargetMode::Source { size, rate_per_peer: None },
                 },
                 Direction::Echo => TargetMode::Echo,
             };

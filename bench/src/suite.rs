@@ -570,8 +570,7 @@ impl Bench<'_> {
         let spec = self.spec(size, direction, Some(offered));
         let mode = match direction {
             Direction::Download => {
-                let tunnels = (spec.connections * spec.flows_per_connection).max(1) as f64;
-                TargetMode::Source { size, rate_per_peer: Some(offered / tunnels) }
+                TargetMode::paced_source(size, offered, spec.connections * spec.flows_per_connection)
             }
             Direction::Echo => TargetMode::Echo,
             Direction::Upload => TargetMode::Sink,
@@ -762,9 +761,8 @@ fn sustainable_download(bench: &Bench<'_>, upload: &[Throughput], size: usize) -
             duration: cfg.duration.min(Duration::from_secs(1)),
             ..bench.spec(size, Direction::Download, Some(rate))
         };
-        let tunnels = (spec.connections * spec.flows_per_connection).max(1) as f64;
-        let r =
-            bench.through_relay(TargetMode::Source { size, rate_per_peer: Some(rate / tunnels) }, &spec)?;
+        let tunnels = spec.connections * spec.flows_per_connection;
+        let r = bench.through_relay(TargetMode::paced_source(size, rate, tunnels), &spec)?;
         eprintln!(
             "bench: sustainable download probe at {rate:.0}/s: {:.2}% loss, limited by {}",
             r.loss * 100.0,

@@ -37,6 +37,15 @@ pub enum TargetMode {
     },
 }
 
+impl TargetMode {
+    /// A source sending `size`-byte datagrams at `rate` datagrams/s in
+    /// total, shared evenly by `tunnels` tunnels (each says hello from its
+    /// own relay socket, so each is a peer).
+    pub fn paced_source(size: usize, rate: f64, tunnels: usize) -> Self {
+        TargetMode::Source { size, rate_per_peer: Some(rate / tunnels.max(1) as f64) }
+    }
+}
+
 /// Live counters of a target.
 #[derive(Debug, Default)]
 pub struct TargetStats {
