@@ -1003,6 +1003,7 @@ fn relayctl_workers_summarises_each_worker() {
         assert!(matches!(r["backend"].as_str(), Some("io_uring") | Some("epoll")));
         assert!(r["syscalls_per_datagram"].as_f64().is_some());
         assert_eq!(r["batched_wait_share"].as_f64(), Some(0.0), "off unless configured");
+        assert_eq!(r["target_pauses"].as_u64(), Some(0), "an echo the client keeps up with never pauses");
     }
     let busy = rows.iter().find(|r| r["tunnels"] == 1).unwrap();
     assert!(busy["quic_packets_per_receive"].as_f64().unwrap() >= 1.0);
@@ -1011,6 +1012,7 @@ fn relayctl_workers_summarises_each_worker() {
         table.starts_with("WORKER")
             && table.contains("SYSCALLS/DGRAM")
             && table.contains("BATCHED WAITS")
+            && table.contains("TARGET PAUSES")
             && table.lines().count() == 3,
         "{table}"
     );

@@ -202,6 +202,17 @@ impl Ctx {
         key
     }
 
+    /// Stops reading from an endpoint until [`Ctx::resume_endpoint`].
+    pub fn pause_endpoint(&mut self, key: TargetKey) {
+        self.count(Counter::TargetReadsPaused, 1);
+        self.out.pauses.push(key);
+    }
+
+    /// Reads from a paused endpoint again.
+    pub fn resume_endpoint(&mut self, key: TargetKey) {
+        self.out.resumes.push(key);
+    }
+
     /// Closes an endpoint after its queued sends.
     pub fn close_endpoint(&mut self, key: TargetKey) {
         self.endpoints.remove(key);

@@ -588,6 +588,7 @@ fn worker_rows(status: &Value) -> Vec<Value> {
                 "batched_wait_share": ratio(n("waits_batched"), n("loop_turns")),
                 "handoffs_in": n("handoffs_in"),
                 "handoffs_out": n("handoffs_out"),
+                "target_pauses": n("target_reads_paused"),
                 "drops": n("drop_queue_full") + n("drop_target_send") + n("drop_too_large") + n("quic_send_drops")
                     + n("drop_handoff_full") + n("recv_no_buffers") + n("recv_truncated"),
             })
@@ -748,6 +749,7 @@ fn workers_table(rows: &[Value]) -> String {
         "BATCHED WAITS",
         "HANDOFFS IN",
         "HANDOFFS OUT",
+        "TARGET PAUSES",
         "DROPS",
     ];
     let keys = [
@@ -765,6 +767,7 @@ fn workers_table(rows: &[Value]) -> String {
         "batched_wait_share",
         "handoffs_in",
         "handoffs_out",
+        "target_pauses",
         "drops",
     ];
     let body: Vec<Vec<String>> = rows

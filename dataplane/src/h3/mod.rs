@@ -28,7 +28,7 @@ use crate::retry::{RetryTokens, TokenError};
 use crate::slab::{Key as ConnKey, Slab};
 use crate::timers::TimerTarget;
 use crate::tls::TlsShared;
-use crate::tunnel::{Carrier, Tunnels};
+use crate::tunnel::{Backlog, Carrier, Tunnels};
 use conn::{Conn, Scratch};
 use path::{H3Path, code};
 
@@ -187,6 +187,12 @@ impl H3 {
         let r = f(&mut conn.path(&mut self.scratch.dgram_out));
         self.put(key, conn);
         Some(r)
+    }
+
+    /// How full connection `key`'s DATAGRAM queue is (`None`: no such
+    /// connection). The connection is not marked for a flush.
+    pub fn backlog(&self, key: ConnKey) -> Option<Backlog> {
+        self.conns.get(key).map(|conn| path::backlog_of(conn.quic.dgram_send_queue_len()))
     }
 
     /// Marks connection `key` for this turn's flush.

@@ -7,7 +7,8 @@ use relay_proto::datagram;
 
 use crate::tunnel::datagrams::DatagramSupport;
 use crate::tunnel::head::Head;
-use crate::tunnel::{Abort, DatagramDrop, DatagramPath};
+use crate::quic::DGRAM_QUEUE;
+use crate::tunnel::{Abort, Backlog, DatagramDrop, DatagramPath};
 
 /// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).
 pub mod code {
@@ -80,6 +81,30 @@ impl DatagramPath for H3Path<'_> {
         }
         self.quic.dgram_send(self.scratch).map_err(|_| DatagramDrop::QueueFull)
     }
+
+    fn backlog(&self) -> Backlog {
+        backlog_of(self.quic.dgram_send_queue_len())
+    }
+}
+
+/// DATAGRAM frames queued on a connection at which its connect-udp
+/// tunnels stop reading their targets: half of quiche's queue, so what
+/// the backend already received still fits.
+pub const PAUSE_AT: usize = DGRAM_QUEUE / 2;
+/// Queued frames at or below which paused tunnels read again.
+pub const RESUME_AT: usize = DGRAM_QUEUE / 4;
+// Hysteresis between the marks, and room above the pause mark.
+const _: () = assert!(RESUME_AT < PAUSE_AT && PAUSE_AT < DGRAM_QUEUE);
+
+/// The backlog of a connection with `queued` DATAGRAM frames waiting.
+pub fn backlog_of(queued: usize) -> Backlog {
+    if queued >= PAUSE_AT {
+        Backlog::High
+    } else if queued <= RESUME_AT {
+        Backlog::Low
+    } else {
+        Backlog::Middle
+    }
 }
 
 #[cfg(test)]
@@ -94,5 +119,15 @@ mod tests {
         assert_eq!(h[0].value(), b"200");
         assert_eq!(h[1].name(), b"capsule-protocol");
         assert_eq!(abort_code(Abort::Datagram), 0x33);
+    }
+
+    #[test]
+    fn the_backlog_has_a_pause_mark_and_a_lower_resume_mark() {
+        assert_eq!(backlog_of(0), Backlog::Low);
+        assert_eq!(backlog_of(RESUME_AT), Backlog::Low);
+        assert_eq!(backlog_of(RESUME_AT + 1), Backlog::Middle);
+        assert_eq!(backlog_of(PAUSE_AT - 1), Backlog::Middle);
+        assert_eq!(backlog_of(PAUSE_AT), Backlog::High);
+        assert_eq!(backlog_of(DGRAM_QUEUE), Backlog::High);
     }
 }

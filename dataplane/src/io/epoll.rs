@@ -6,7 +6,7 @@
 //! datagrams each); QUIC batches leave in GSO `sendmmsg` calls, target
 //! batches in one GSO `sendmsg` per target and turn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
@@ -47,6 +47,9 @@ pub struct EpollBackend {
     answer_bell: Option<(RawFd, u64)>,
     quic_backlog: bool,
     target_backlog: Vec<TargetKey>,
+    /// Targets the core paused: not read until resumed (readiness is
+    /// edge-triggered, so a resumed target is read once unasked).
+    paused: HashSet<TargetKey>,
     /// Target sends the OS refused as unreachable, for the core.
     unreachable: Vec<(TargetKey, i32)>,
     /// The worker's TUN device (connect-ip) and its read buffer.
@@ -71,6 +74,7 @@ impl EpollBackend {
             answer_bell: None,
             quic_backlog: false,
             target_backlog: Vec::new(),
+            paused: HashSet::new(),
             unreachable: Vec::new(),
             tun: None,
             tun_backlog: false,
@@ -132,6 +136,9 @@ impl EpollBackend {
                 self.quic_backlog = self.read_quic(h, &mut stats);
             }
             for key in ready {
+                if self.paused.contains(&key) {
+                    continue;
+                }
                 if self.read_target(h, key, &mut stats) {
                     self.target_backlog.push(key);
                 }
@@ -309,10 +316,21 @@ impl EpollBackend {
                 out.recycle(q.buf);
             }
         }
+        for key in out.pauses.drain(..) {
+            if self.targets.contains_key(&key) {
+                self.paused.insert(key);
+            }
+        }
+        for key in out.resumes.drain(..) {
+            if self.paused.remove(&key) && !self.target_backlog.contains(&key) {
+                self.target_backlog.push(key);
+            }
+        }
         for key in out.closes.drain(..) {
             if let Some((mut sock, _)) = self.targets.remove(&key) {
                 let _ = self.poll.registry().deregister(&mut sock);
             }
+            self.paused.remove(&key);
             self.target_backlog.retain(|k| *k != key);
         }
     }
@@ -338,5 +356,14 @@ mod tests {
         let mut core = BusyCore::new();
         backend.run(&mut core).expect("loop");
         core.assert_readied_within(5);
+    }
+
+    #[test]
+    fn a_paused_target_is_not_read_until_resumed() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let mut backend = EpollBackend::new(sock).expect("epoll backend");
+        let mut core = crate::io::pause_core::PauseCore::new();
+        backend.run(&mut core).expect("loop");
+        core.assert_paused_then_resumed();
     }
 }

@@ -10,6 +10,8 @@
 
 #[cfg(test)]
 mod busy_core;
+#[cfg(test)]
+mod pause_core;
 pub mod epoll;
 pub mod output;
 pub mod tun;

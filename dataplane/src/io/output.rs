@@ -216,6 +216,12 @@ pub struct Output {
     pub opens: Vec<Endpoint>,
     /// Datagram endpoints to close (after their pending sends).
     pub closes: Vec<TargetKey>,
+    /// Datagram endpoints to stop reading from until resumed (their
+    /// tunnel's path to the client is backlogged). Receives the backend
+    /// already holds are still delivered.
+    pub pauses: Vec<TargetKey>,
+    /// Paused endpoints to read from again.
+    pub resumes: Vec<TargetKey>,
     /// Descriptors the core reads and writes itself, to watch for
     /// readiness (edge-triggered: [`super::Handler::on_ready`]).
     pub watches: Vec<Watch>,
@@ -243,6 +249,8 @@ impl Output {
             up: Vec::new(),
             opens: Vec::new(),
             closes: Vec::new(),
+            pauses: Vec::new(),
+            resumes: Vec::new(),
             watches: Vec::new(),
             unwatches: Vec::new(),
             tun: TunOut::default(),

@@ -207,6 +207,9 @@ struct Target {
     connected: bool,
     /// Its multishot receive is armed.
     armed: bool,
+    /// The core paused its reads: its receive is cancelled and not
+    /// re-armed until the core resumes it.
+    paused: bool,
 }
 
 /// A worker's io_uring loop.
@@ -514,7 +517,7 @@ impl UringBackend {
         }
         let mut rearm = std::mem::take(&mut self.rearm);
         for key in rearm.drain(..) {
-            let Some(t) = self.targets.get_mut(&key).filter(|t| !t.armed) else { continue };
+            let Some(t) = self.targets.get_mut(&key).filter(|t| !t.armed && !t.paused) else { continue };
             t.armed = true;
             let template = if t.connected { &self.target_recv } else { &self.bound_recv };
             let e = template.entry(t.sock.as_raw_fd(), TARGET_BGID, user_data(KIND_TARGET_RECV, key));
@@ -662,7 +665,9 @@ impl UringBackend {
             && let Some(t) = self.targets.get_mut(&key)
         {
             t.armed = false;
-            self.rearm.push(key);
+            if !t.paused {
+                self.rearm.push(key);
+            }
         }
         let Some(bid) = self.target_bufs.take(c.flags) else {
             if c.result == -libc::ENOBUFS {
@@ -832,7 +837,7 @@ impl UringBackend {
             if let Err(err) = e.sock.set_nonblocking(true) {
                 warn!("target socket: {err}");
             }
-            self.targets.insert(e.key, Target { sock: e.sock, connected: e.connected, armed: false });
+            self.targets.insert(e.key, Target { sock: e.sock, connected: e.connected, armed: false, paused: false });
             self.rearm.push(e.key);
         }
         // Watches first: a descriptor watched and forgotten in one turn is
@@ -880,6 +885,25 @@ impl UringBackend {
             };
             if !self.queue_send(out, send) {
                 self.stats.quic_send_drops += segments as u64;
+            }
+        }
+        // A receive cancelled here still delivers what it had posted; the
+        // final completion then leaves it unarmed until resumed.
+        for key in out.pauses.drain(..) {
+            let Some(t) = self.targets.get_mut(&key).filter(|t| !t.paused) else { continue };
+            t.paused = true;
+            if t.armed {
+                let cancel = opcode::AsyncCancel::new(user_data(KIND_TARGET_RECV, key))
+                    .build()
+                    .user_data(user_data(KIND_CANCEL, 0));
+                self.push(cancel);
+            }
+        }
+        for key in out.resumes.drain(..) {
+            let Some(t) = self.targets.get_mut(&key).filter(|t| t.paused) else { continue };
+            t.paused = false;
+            if !t.armed {
+                self.rearm.push(key);
             }
         }
         for key in out.closes.drain(..) {
@@ -1149,5 +1173,15 @@ mod tests {
         // Written at the end of turn 3: the next turn's enter runs the
         // poll's task work, so the turn after sees it at the latest.
         core.assert_readied_within(5);
+    }
+
+    #[test]
+    fn a_paused_target_is_not_read_until_resumed() {
+        let Some(mut backend) = backend(UringSettings::default()) else {
+            return;
+        };
+        let mut core = crate::io::pause_core::PauseCore::new();
+        backend.run(&mut core).expect("loop");
+        core.assert_paused_then_resumed();
     }
 }

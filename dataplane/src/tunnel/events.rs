@@ -13,7 +13,7 @@ use tracing::debug;
 use super::datagrams::DownPath;
 use super::head::Refusal;
 use super::{
-    Abort, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict, websocket,
+    Abort, Backlog, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict, websocket,
     webtransport,
 };
 use crate::context::Ctx;
@@ -45,9 +45,16 @@ impl Tunnels {
         if let (State::Bound { .. }, Some(from)) = (&t.state, from) {
             return bind::from_peer(self, ctx, id, from, payloads, segment_size, path);
         }
-        let (Some(dg), State::Udp { flow, .. }) = (t.dg.as_mut(), &mut t.state) else { return };
+        let (Some(dg), State::Udp { flow, leg }) = (t.dg.as_mut(), &mut t.state) else { return };
         for payload in payloads.chunks(segment_size.max(1)) {
             deliver(dg, flow, stream, 0, payload, path, ctx);
+        }
+        // Backpressure: while the client's connection does not take
+        // datagrams as fast as the target sends them, leave them in the
+        // target socket (the kernel drops the excess) rather than read,
+        // encode and drop them here.
+        if leg.pause_if_backlogged(path.backlog(), ctx) {
+            self.paused.push(id);
         }
         self.check_budget(ctx, id);
     }
@@ -272,6 +279,26 @@ impl Tunnels {
                 })
             })
             .collect()
+    }
+
+    /// Whether some connect-udp tunnel's target reads are paused.
+    pub fn has_paused(&self) -> bool {
+        !self.paused.is_empty()
+    }
+
+    /// The paused tunnels, for [`Tunnels::resume_if_drained`] after the
+    /// turn's flush (each one that stays paused is listed again).
+    pub fn take_paused(&mut self) -> Vec<TunnelId> {
+        std::mem::take(&mut self.paused)
+    }
+
+    /// Reads a paused tunnel's target again once its path's backlog is
+    /// low; lists it again while it is not.
+    pub fn resume_if_drained(&mut self, ctx: &mut Ctx, id: TunnelId, backlog: Backlog) {
+        let Some(State::Udp { leg, .. }) = self.slab.get_mut(id).map(|t| &mut t.state) else { return };
+        if leg.paused() && leg.resume_if_drained(backlog, ctx) {
+            self.paused.push(id);
+        }
     }
 
     /// Queues this turn's batches for the UDP targets (end of the turn:

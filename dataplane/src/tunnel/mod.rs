@@ -89,6 +89,25 @@ pub trait DatagramPath {
     fn room(&self) -> Option<usize>;
     /// Sends one HTTP datagram.
     fn send(&mut self, stream: u64, context_id: u64, payload: &[u8]) -> Result<(), DatagramDrop>;
+    /// How full the path's queue towards the client is: a connect-udp
+    /// tunnel stops reading its target while it is [`Backlog::High`] and
+    /// starts again once it is [`Backlog::Low`]. Paths without a queue of
+    /// their own are always low.
+    fn backlog(&self) -> Backlog {
+        Backlog::Low
+    }
+}
+
+/// How full a datagram path's queue towards the client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backlog {
+    /// Room enough: paused targets are read again.
+    Low,
+    /// Between the marks: nothing changes.
+    Middle,
+    /// The client's connection is not taking datagrams as fast as they
+    /// arrive: targets delivering into it are paused.
+    High,
 }
 
 /// The path of carriers without datagrams (HTTP/2, HTTP/1.1): every
@@ -293,6 +312,9 @@ pub struct Tunnels {
     dirty_up: Vec<TunnelId>,
     /// Where bound datagrams are encoded for the client.
     scratch: Vec<u8>,
+    /// connect-udp tunnels whose target reads are paused (their path's
+    /// backlog was high); each is listed once.
+    paused: Vec<TunnelId>,
     /// connect-ip's side of the worker (its TUN device), when served.
     ip: Option<ip::IpSide>,
 }
@@ -500,6 +522,9 @@ impl Tunnels {
                 return;
             }
             State::Udp { leg, flow } => {
+                if leg.paused() {
+                    self.paused.retain(|p| *p != id);
+                }
                 leg.release(ctx);
                 flow
             }

@@ -10,7 +10,7 @@ use tracing::debug;
 use super::flow::Flow;
 use super::head::{Head, Refusal};
 use super::verdict::{hold, refuse_allowed};
-use super::{DatagramPath, State, TunnelId, Tunnels};
+use super::{Backlog, DatagramPath, State, TunnelId, Tunnels};
 use crate::context::Ctx;
 use crate::io::{TargetKey, UpSend};
 use crate::upbatch::UpBatch;
@@ -22,13 +22,41 @@ pub struct UdpLeg {
     endpoint: TargetKey,
     /// Payloads for the target collected this turn.
     batch: Option<UpBatch>,
+    /// Its target reads are paused (the path to the client is backlogged).
+    paused: bool,
 }
 
 impl UdpLeg {
     /// A leg sending through `endpoint` (a WebTransport session's origin
     /// socket uses it for its QUIC packets).
     pub fn new(endpoint: TargetKey) -> Self {
-        Self { endpoint, batch: None }
+        Self { endpoint, batch: None, paused: false }
+    }
+
+    /// Whether its target reads are paused.
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops reading the target while `backlog` is high; returns whether
+    /// this paused it (it was reading).
+    pub fn pause_if_backlogged(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
+        if self.paused || backlog != Backlog::High {
+            return false;
+        }
+        self.paused = true;
+        ctx.pause_endpoint(self.endpoint);
+        true
+    }
+
+    /// Reads the target again once `backlog` is low; returns whether it
+    /// is still paused.
+    pub fn resume_if_drained(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
+        if self.paused && backlog == Backlog::Low {
+            self.paused = false;
+            ctx.resume_endpoint(self.endpoint);
+        }
+        self.paused
     }
 
     /// Adds a payload to this turn's batch; returns whether the batch is
@@ -88,7 +116,7 @@ pub(super) fn open(ts: &mut Tunnels, ctx: &mut Ctx, id: TunnelId, flow: Flow, pa
     let Some(t) = ts.slab.get_mut(id) else { return };
     let early = t.dg.as_mut().map(|dg| dg.open()).unwrap_or_default();
     t.head = Some(Head::tunnel_open(true));
-    hold(ts, id, State::Udp { leg: UdpLeg { endpoint, batch: None }, flow });
+    hold(ts, id, State::Udp { leg: UdpLeg::new(endpoint), flow });
     ts.opened(ctx, id);
     for payload in early {
         ts.forward_up(ctx, id, &payload, path);

@@ -215,6 +215,10 @@ pub struct Endpoints {
     pub sent: HashMap<u64, Vec<Vec<u8>>>,
     /// Closed keys, in order.
     pub closed: Vec<u64>,
+    /// Keys whose reads the worker paused and has not resumed.
+    pub paused: std::collections::HashSet<u64>,
+    /// Pauses and resumes asked for, in order (`true`: paused).
+    pub pause_log: Vec<(u64, bool)>,
 }
 
 /// The client: a quiche connection and its HTTP/3 session.
@@ -635,6 +639,14 @@ impl Harness {
             list.extend(send.buf.chunks(seg).map(<[u8]>::to_vec));
             moved = true;
         }
+        for key in out.pauses.drain(..) {
+            assert!(self.endpoints.paused.insert(key), "endpoint {key} paused twice");
+            self.endpoints.pause_log.push((key, true));
+        }
+        for key in out.resumes.drain(..) {
+            assert!(self.endpoints.paused.remove(&key), "endpoint {key} resumed while reading");
+            self.endpoints.pause_log.push((key, false));
+        }
         self.endpoints.closed.append(&mut out.closes);
         out.finish_quic();
         let server: SocketAddr = SERVER.parse().expect("addr");
@@ -686,6 +698,17 @@ impl Harness {
     pub fn from_target(&mut self, key: u64, payload: &[u8]) {
         self.worker.begin_turn(self.now);
         self.worker.on_target(key, None, payload, payload.len().max(1));
+        let _ = self.worker.end_turn();
+        self.take_output();
+        self.client.process();
+        self.run();
+    }
+
+    /// Delivers `payloads` from endpoint `key` as one receive of
+    /// `segment_size`-byte datagrams (a GRO batch), then runs.
+    pub fn from_target_batch(&mut self, key: u64, payloads: &[u8], segment_size: usize) {
+        self.worker.begin_turn(self.now);
+        self.worker.on_target(key, None, payloads, segment_size);
         let _ = self.worker.end_turn();
         self.take_output();
         self.client.process();

@@ -38,7 +38,7 @@ use crate::timers::TimerTarget;
 use crate::tls::TlsShared;
 use crate::tun::{self, TunInfo, TunRead};
 use crate::tunnel::ip::IpSide;
-use crate::tunnel::{Carrier, DatagramPath, NoDatagrams, TunnelId, Tunnels};
+use crate::tunnel::{Backlog, Carrier, DatagramPath, NoDatagrams, TunnelId, Tunnels};
 
 /// The longest a backend waits without a turn, so stop requests (signals)
 /// are seen promptly even when idle.
@@ -172,6 +172,20 @@ impl Worker {
                 r
             }
             None => f(tunnels, ctx, &mut NoDatagrams),
+        }
+    }
+
+    /// Reads again from the targets of paused tunnels whose connections
+    /// sent enough of their backlog (after the turn's flush).
+    fn resume_drained(&mut self) {
+        for id in self.tunnels.take_paused() {
+            // Looked at, not touched: a connection marked for a flush here
+            // would keep the loop from waiting while its tunnel is paused.
+            let backlog = match self.tunnels.place(id).map(|p| p.carrier) {
+                Some(Carrier::H3(conn)) => self.h3.backlog(conn).unwrap_or(Backlog::Low),
+                _ => Backlog::Low,
+            };
+            self.tunnels.resume_if_drained(&mut self.ctx, id, backlog);
         }
     }
 
@@ -399,6 +413,9 @@ impl Handler for Worker {
         }
         self.tunnels.flush_up(&mut self.ctx);
         self.h3.flush(&mut self.tunnels, &mut self.ctx);
+        if self.tunnels.has_paused() {
+            self.resume_drained();
+        }
         self.tunnels.flush_up(&mut self.ctx);
         self.h3.ring_bells();
         if stop || drained {

@@ -62,6 +62,34 @@ fn a_tunnel_opens_forwards_both_ways_and_reports_its_flow_on_close() {
 }
 
 #[test]
+fn a_backlogged_connection_pauses_its_tunnels_targets_until_the_client_catches_up() {
+    use crate::h3::path::PAUSE_AT;
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, key) = open_tunnel(&mut h);
+    // The client stops acknowledging: the relay's congestion window fills
+    // and the target's datagrams wait in the connection's DATAGRAM queue.
+    h.hold = true;
+    let size = 1000;
+    let burst = PAUSE_AT + 64;
+    h.from_target_batch(key, &vec![0x5a; burst * size], size);
+    assert!(h.endpoints.paused.contains(&key), "a backlogged connection pauses its tunnel's target");
+    assert_eq!(counter(&h, Counter::TargetReadsPaused), 1);
+    // What the backend had already received still goes into the queue
+    // (it has room), and the tunnel is not paused twice.
+    h.from_target_batch(key, &vec![0xa5; 10 * size], size);
+    assert_eq!(counter(&h, Counter::TargetReadsPaused), 1);
+    assert_eq!(counter(&h, Counter::DropQueueFull), 0);
+    // The client reads and acknowledges again: the queue drains and the
+    // target is read again.
+    h.hold = false;
+    h.run();
+    assert!(h.endpoints.paused.is_empty(), "resumed once the backlog is low");
+    assert_eq!(h.endpoints.pause_log, vec![(key, true), (key, false)]);
+    let got = h.client.datagrams.iter().filter(|(s, c, p)| *s == stream && *c == 0 && p.len() == size).count();
+    assert_eq!(got, burst + 10, "every queued datagram reached the client");
+}
+
+#[test]
 fn early_datagrams_wait_for_the_verdict_and_go_first() {
     let mut h = Harness::new(bootstrap(1));
     h.connect();
