@@ -5,9 +5,9 @@
 
 use relay_proto::datagram;
 
+use crate::quic::DGRAM_QUEUE;
 use crate::tunnel::datagrams::DatagramSupport;
 use crate::tunnel::head::Head;
-use crate::quic::DGRAM_QUEUE;
 use crate::tunnel::{Abort, Backlog, DatagramDrop, DatagramPath};
 
 /// HTTP/3 error codes (RFC 9114 section 8.1, RFC 9297 section 5.2).

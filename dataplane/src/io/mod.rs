@@ -10,10 +10,10 @@
 
 #[cfg(test)]
 mod busy_core;
-#[cfg(test)]
-mod pause_core;
 pub mod epoll;
 pub mod output;
+#[cfg(test)]
+mod pause_core;
 pub mod tun;
 pub mod uring;
 

@@ -837,7 +837,8 @@ impl UringBackend {
             if let Err(err) = e.sock.set_nonblocking(true) {
                 warn!("target socket: {err}");
             }
-            self.targets.insert(e.key, Target { sock: e.sock, connected: e.connected, armed: false, paused: false });
+            self.targets
+                .insert(e.key, Target { sock: e.sock, connected: e.connected, armed: false, paused: false });
             self.rearm.push(e.key);
         }
         // Watches first: a descriptor watched and forgotten in one turn is

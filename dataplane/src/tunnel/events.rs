@@ -13,8 +13,8 @@ use tracing::debug;
 use super::datagrams::DownPath;
 use super::head::Refusal;
 use super::{
-    Abort, Backlog, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict, websocket,
-    webtransport,
+    Abort, Backlog, Carrier, DatagramPath, State, TunnelId, Tunnels, bind, deliver, ip, tcp, verdict,
+    websocket, webtransport,
 };
 use crate::context::Ctx;
 use crate::io::Ready;

@@ -85,7 +85,8 @@ fn a_backlogged_connection_pauses_its_tunnels_targets_until_the_client_catches_u
     h.run();
     assert!(h.endpoints.paused.is_empty(), "resumed once the backlog is low");
     assert_eq!(h.endpoints.pause_log, vec![(key, true), (key, false)]);
-    let got = h.client.datagrams.iter().filter(|(s, c, p)| *s == stream && *c == 0 && p.len() == size).count();
+    let got =
+        h.client.datagrams.iter().filter(|(s, c, p)| *s == stream && *c == 0 && p.len() == size).count();
     assert_eq!(got, burst + 10, "every queued datagram reached the client");
 }
 
