@@ -204,7 +204,6 @@ impl Ctx {
 
     /// Stops reading from an endpoint until [`Ctx::resume_endpoint`].
     pub fn pause_endpoint(&mut self, key: TargetKey) {
-        self.count(Counter::TargetReadsPaused, 1);
         self.out.pauses.push(key);
     }
 

@@ -447,9 +447,10 @@ counters! {
     WebtransportDatagrams = 84, "webtransport_datagrams";
     /// Waits of the worker's loop that were batched (`dataplane.wait_batch_us`).
     WaitsBatched = 85, "waits_batched";
-    /// Times a connect-udp tunnel's target reads were paused because its
-    /// connection's DATAGRAM queue towards the client filled (the kernel
-    /// drops what the target sends meanwhile, at no cost to the worker).
+    /// Times a connect-udp or bound tunnel stopped reading its sockets
+    /// because its connection's DATAGRAM queue towards the client filled
+    /// (the kernel drops what the targets send meanwhile, at no cost to
+    /// the worker).
     TargetReadsPaused = 86, "target_reads_paused";
 }
 

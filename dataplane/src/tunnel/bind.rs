@@ -28,11 +28,12 @@ use relay_proto::channel::record::IpRoute;
 use relay_proto::proxy_status::ProxyError;
 use tracing::debug;
 
+use super::backpressure::ReadPause;
 use super::datagrams::Datagrams;
 use super::flow::Flow;
 use super::head::{Head, Refusal};
 use super::verdict::{hold, refuse_allowed};
-use super::{Abort, DatagramPath, State, TunnelId, Tunnels, deliver};
+use super::{Abort, Backlog, DatagramPath, State, TunnelId, Tunnels, deliver};
 use crate::context::Ctx;
 use crate::io::{TargetKey, UpSend};
 use crate::upbatch::UpBatch;
@@ -47,6 +48,8 @@ pub struct BoundLeg {
     peers: Vec<IpRoute>,
     /// Datagrams for one peer collected this turn.
     batch: Option<(SocketAddr, UpBatch)>,
+    /// Whether its sockets are being read.
+    reads: ReadPause,
 }
 
 impl BoundLeg {
@@ -57,6 +60,29 @@ impl BoundLeg {
     /// The socket of `peer`'s family.
     fn endpoint_for(&self, peer: SocketAddr) -> Option<TargetKey> {
         self.endpoints.iter().find(|(v4, _)| *v4 == peer.is_ipv4()).map(|(_, k)| *k)
+    }
+
+    fn keys(&self) -> Vec<TargetKey> {
+        self.endpoints.iter().map(|(_, key)| *key).collect()
+    }
+
+    /// Whether its sockets' reads are paused.
+    pub fn paused(&self) -> bool {
+        self.reads.is_paused()
+    }
+
+    /// Stops reading its sockets while `backlog` is high (every peer's
+    /// datagrams go to the one client); returns whether this paused them.
+    pub fn pause_if_backlogged(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
+        let keys = self.keys();
+        self.reads.pause_if_backlogged(backlog, &keys, ctx)
+    }
+
+    /// Reads its sockets again once `backlog` is low; returns whether they
+    /// are still paused.
+    pub fn resume_if_drained(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
+        let keys = self.keys();
+        self.reads.resume_if_drained(backlog, &keys, ctx)
     }
 
     /// Queues this turn's batch.
@@ -241,7 +267,7 @@ pub(super) fn open(
     head.fields.push(("connect-udp-bind", "?1".into()));
     head.fields.push(("proxy-public-address", bind::proxy_public_address(&public)));
     t.head = Some(head);
-    let leg = Box::new(BoundLeg { endpoints, table, peers, batch: None });
+    let leg = Box::new(BoundLeg { endpoints, table, peers, batch: None, reads: ReadPause::default() });
     hold(ts, id, State::Bound { leg, flow });
     ts.opened(ctx, id);
     ts.after_capsules(ctx, id, path);
@@ -356,6 +382,10 @@ pub(super) fn from_peer(
         }
     }
     ts.scratch = encoded;
+    // Backpressure, as for connect-udp (`Tunnels::on_target`).
+    if leg.pause_if_backlogged(path.backlog(), ctx) {
+        ts.paused.push(id);
+    }
     ts.check_budget(ctx, id);
 }
 

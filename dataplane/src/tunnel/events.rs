@@ -281,7 +281,7 @@ impl Tunnels {
             .collect()
     }
 
-    /// Whether some connect-udp tunnel's target reads are paused.
+    /// Whether some connect-udp or bound tunnel's socket reads are paused.
     pub fn has_paused(&self) -> bool {
         !self.paused.is_empty()
     }
@@ -295,8 +295,12 @@ impl Tunnels {
     /// Reads a paused tunnel's target again once its path's backlog is
     /// low; lists it again while it is not.
     pub fn resume_if_drained(&mut self, ctx: &mut Ctx, id: TunnelId, backlog: Backlog) {
-        let Some(State::Udp { leg, .. }) = self.slab.get_mut(id).map(|t| &mut t.state) else { return };
-        if leg.paused() && leg.resume_if_drained(backlog, ctx) {
+        let still_paused = match self.slab.get_mut(id).map(|t| &mut t.state) {
+            Some(State::Udp { leg, .. }) => leg.paused() && leg.resume_if_drained(backlog, ctx),
+            Some(State::Bound { leg, .. }) => leg.paused() && leg.resume_if_drained(backlog, ctx),
+            _ => false,
+        };
+        if still_paused {
             self.paused.push(id);
         }
     }

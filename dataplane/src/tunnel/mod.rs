@@ -25,6 +25,7 @@
 //! `relay_proto::websocket`); the lifecycle (ask,
 //! verdict, deadlines, ending, reporting flows) here.
 
+pub mod backpressure;
 pub mod bind;
 pub mod datagrams;
 pub mod flow;
@@ -312,8 +313,8 @@ pub struct Tunnels {
     dirty_up: Vec<TunnelId>,
     /// Where bound datagrams are encoded for the client.
     scratch: Vec<u8>,
-    /// connect-udp tunnels whose target reads are paused (their path's
-    /// backlog was high); each is listed once.
+    /// connect-udp and bound tunnels whose socket reads are paused (their
+    /// path's backlog was high); each is listed once.
     paused: Vec<TunnelId>,
     /// connect-ip's side of the worker (its TUN device), when served.
     ip: Option<ip::IpSide>,
@@ -535,6 +536,9 @@ impl Tunnels {
                 flow
             }
             State::Bound { leg, flow } => {
+                if leg.paused() {
+                    self.paused.retain(|p| *p != id);
+                }
                 leg.release(ctx);
                 flow
             }

@@ -7,6 +7,7 @@
 use relay_proto::proxy_status::ProxyError;
 use tracing::debug;
 
+use super::backpressure::ReadPause;
 use super::flow::Flow;
 use super::head::{Head, Refusal};
 use super::verdict::{hold, refuse_allowed};
@@ -22,41 +23,32 @@ pub struct UdpLeg {
     endpoint: TargetKey,
     /// Payloads for the target collected this turn.
     batch: Option<UpBatch>,
-    /// Its target reads are paused (the path to the client is backlogged).
-    paused: bool,
+    /// Whether its target is being read.
+    reads: ReadPause,
 }
 
 impl UdpLeg {
     /// A leg sending through `endpoint` (a WebTransport session's origin
     /// socket uses it for its QUIC packets).
     pub fn new(endpoint: TargetKey) -> Self {
-        Self { endpoint, batch: None, paused: false }
+        Self { endpoint, batch: None, reads: ReadPause::default() }
     }
 
     /// Whether its target reads are paused.
     pub fn paused(&self) -> bool {
-        self.paused
+        self.reads.is_paused()
     }
 
     /// Stops reading the target while `backlog` is high; returns whether
     /// this paused it (it was reading).
     pub fn pause_if_backlogged(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
-        if self.paused || backlog != Backlog::High {
-            return false;
-        }
-        self.paused = true;
-        ctx.pause_endpoint(self.endpoint);
-        true
+        self.reads.pause_if_backlogged(backlog, &[self.endpoint], ctx)
     }
 
     /// Reads the target again once `backlog` is low; returns whether it
     /// is still paused.
     pub fn resume_if_drained(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
-        if self.paused && backlog == Backlog::Low {
-            self.paused = false;
-            ctx.resume_endpoint(self.endpoint);
-        }
-        self.paused
+        self.reads.resume_if_drained(backlog, &[self.endpoint], ctx)
     }
 
     /// Adds a payload to this turn's batch; returns whether the batch is

@@ -707,8 +707,21 @@ impl Harness {
     /// Delivers `payloads` from endpoint `key` as one receive of
     /// `segment_size`-byte datagrams (a GRO batch), then runs.
     pub fn from_target_batch(&mut self, key: u64, payloads: &[u8], segment_size: usize) {
+        self.from_peer_batch(key, None, payloads, segment_size);
+    }
+
+    /// Delivers `payloads` from `from` (a bound tunnel's peer; `None` on a
+    /// connected endpoint) as one receive of `segment_size`-byte
+    /// datagrams, then runs.
+    pub fn from_peer_batch(
+        &mut self,
+        key: u64,
+        from: Option<SocketAddr>,
+        payloads: &[u8],
+        segment_size: usize,
+    ) {
         self.worker.begin_turn(self.now);
-        self.worker.on_target(key, None, payloads, segment_size);
+        self.worker.on_target(key, from, payloads, segment_size);
         let _ = self.worker.end_turn();
         self.take_output();
         self.client.process();

@@ -332,6 +332,62 @@ fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
 }
 
 #[test]
+fn a_backlogged_connection_pauses_its_bound_tunnels_sockets_too() {
+    use crate::h3::path::PAUSE_AT;
+    let mut b = bootstrap(1);
+    b.bind = Some(relay_proto::channel::bootstrap::BindBootstrap {
+        public_addresses: vec!["127.0.0.1".parse().unwrap()],
+        inbound_filter: relay_proto::channel::bootstrap::InboundFilter::Any,
+        max_contexts: 1000,
+        max_peers: 100,
+    });
+    let mut h = Harness::new(b);
+    h.connect();
+    let stream = h.client.connect_udp_bind();
+    h.run();
+    let ask = h.control.take_asks().remove(0);
+    let peers = vec![relay_proto::channel::record::IpRoute {
+        start: "127.0.0.0".parse().unwrap(),
+        end: "127.255.255.255".parse().unwrap(),
+        protocol: 0,
+    }];
+    let verdict = Verdict::AllowBind {
+        flow_id: 12,
+        idle_timeout_ms: 30_000,
+        byte_budget: 0,
+        identity: "sub:t".into(),
+        peers,
+    };
+    h.control.answer(&ask, verdict);
+    h.run();
+    assert_eq!(h.client.status(stream), Some(200));
+    let (key, _) = h.only_endpoint();
+    // The client opens the uncompressed context, which peers' datagrams
+    // need (draft-ietf-masque-connect-udp-listen section 4).
+    let mut capsule = Vec::new();
+    relay_proto::bind::encode_capsule(
+        &relay_proto::bind::BindCapsule::Assign { context_id: 2, target: None },
+        &mut capsule,
+    );
+    h.client.send_body(stream, &capsule);
+    h.run();
+    // The client stops acknowledging while a peer floods the bound socket.
+    h.hold = true;
+    let size = 1000;
+    let burst = PAUSE_AT + 64;
+    let peer = Some("127.0.0.1:7000".parse().unwrap());
+    h.from_peer_batch(key, peer, &vec![0x5a; burst * size], size);
+    assert!(h.endpoints.paused.contains(&key), "every peer's datagrams go to the one backlogged client");
+    assert_eq!(counter(&h, Counter::TargetReadsPaused), 1);
+    h.hold = false;
+    h.run();
+    assert!(h.endpoints.paused.is_empty(), "resumed once the backlog is low");
+    assert_eq!(h.endpoints.pause_log, vec![(key, true), (key, false)]);
+    let got = h.client.datagrams.iter().filter(|(s, _, p)| *s == stream && p.ends_with(&[0x5a; 16])).count();
+    assert_eq!(got, burst, "every queued datagram reached the client");
+}
+
+#[test]
 fn a_host_that_does_not_know_a_connection_resets_it_with_the_token_its_issuer_gave() {
     let keys =
         relay_proto::channel::bootstrap::QuicKeys { retry_token_key: [5; 32], stateless_reset_key: [6; 32] };
