@@ -25,25 +25,35 @@ impl ReadPause {
 
     /// Pauses `endpoints` while `backlog` is high; returns whether this
     /// paused them (they were being read). Counted once per pause.
-    pub fn pause_if_backlogged(&mut self, backlog: Backlog, endpoints: &[TargetKey], ctx: &mut Ctx) -> bool {
+    pub fn pause_if_backlogged(
+        &mut self,
+        backlog: Backlog,
+        endpoints: impl IntoIterator<Item = TargetKey>,
+        ctx: &mut Ctx,
+    ) -> bool {
         if self.paused || backlog != Backlog::High {
             return false;
         }
         self.paused = true;
         ctx.count(Counter::TargetReadsPaused, 1);
         for key in endpoints {
-            ctx.pause_endpoint(*key);
+            ctx.pause_endpoint(key);
         }
         true
     }
 
     /// Reads `endpoints` again once `backlog` is low; returns whether they
     /// are still paused.
-    pub fn resume_if_drained(&mut self, backlog: Backlog, endpoints: &[TargetKey], ctx: &mut Ctx) -> bool {
+    pub fn resume_if_drained(
+        &mut self,
+        backlog: Backlog,
+        endpoints: impl IntoIterator<Item = TargetKey>,
+        ctx: &mut Ctx,
+    ) -> bool {
         if self.paused && backlog == Backlog::Low {
             self.paused = false;
             for key in endpoints {
-                ctx.resume_endpoint(*key);
+                ctx.resume_endpoint(key);
             }
         }
         self.paused

@@ -62,10 +62,6 @@ impl BoundLeg {
         self.endpoints.iter().find(|(v4, _)| *v4 == peer.is_ipv4()).map(|(_, k)| *k)
     }
 
-    fn keys(&self) -> Vec<TargetKey> {
-        self.endpoints.iter().map(|(_, key)| *key).collect()
-    }
-
     /// Whether its sockets' reads are paused.
     pub fn paused(&self) -> bool {
         self.reads.is_paused()
@@ -74,15 +70,13 @@ impl BoundLeg {
     /// Stops reading its sockets while `backlog` is high (every peer's
     /// datagrams go to the one client); returns whether this paused them.
     pub fn pause_if_backlogged(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
-        let keys = self.keys();
-        self.reads.pause_if_backlogged(backlog, &keys, ctx)
+        self.reads.pause_if_backlogged(backlog, self.endpoints.iter().map(|(_, key)| *key), ctx)
     }
 
     /// Reads its sockets again once `backlog` is low; returns whether they
     /// are still paused.
     pub fn resume_if_drained(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
-        let keys = self.keys();
-        self.reads.resume_if_drained(backlog, &keys, ctx)
+        self.reads.resume_if_drained(backlog, self.endpoints.iter().map(|(_, key)| *key), ctx)
     }
 
     /// Queues this turn's batch.

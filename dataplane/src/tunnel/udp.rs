@@ -42,13 +42,13 @@ impl UdpLeg {
     /// Stops reading the target while `backlog` is high; returns whether
     /// this paused it (it was reading).
     pub fn pause_if_backlogged(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
-        self.reads.pause_if_backlogged(backlog, &[self.endpoint], ctx)
+        self.reads.pause_if_backlogged(backlog, [self.endpoint], ctx)
     }
 
     /// Reads the target again once `backlog` is low; returns whether it
     /// is still paused.
     pub fn resume_if_drained(&mut self, backlog: Backlog, ctx: &mut Ctx) -> bool {
-        self.reads.resume_if_drained(backlog, &[self.endpoint], ctx)
+        self.reads.resume_if_drained(backlog, [self.endpoint], ctx)
     }
 
     /// Adds a payload to this turn's batch; returns whether the batch is
