@@ -277,8 +277,8 @@ fn packets_for_another_worker_are_handed_off() {
     assert!(h.inboxes[0].pop().is_none());
 }
 
-#[test]
-fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
+/// A one-worker bootstrap serving bound UDP on 127.0.0.1, any peer.
+fn bind_bootstrap() -> relay_proto::channel::bootstrap::Bootstrap {
     let mut b = bootstrap(1);
     b.bind = Some(relay_proto::channel::bootstrap::BindBootstrap {
         public_addresses: vec!["127.0.0.1".parse().unwrap()],
@@ -286,10 +286,12 @@ fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
         max_contexts: 1000,
         max_peers: 100,
     });
-    let mut h = Harness::new(b);
-    // The relay may send 160 bytes on the stream until the client reads.
-    h.client = super::harness::Client::with_stream_window(160);
-    h.connect();
+    b
+}
+
+/// Asks for a bound tunnel on a connected harness and has control allow it
+/// (peers in 127.0.0.0/8) as flow `flow_id`: returns the stream.
+fn open_bound_tunnel(h: &mut Harness, flow_id: u64) -> u64 {
     let stream = h.client.connect_udp_bind();
     h.run();
     let ask = h.control.take_asks().remove(0);
@@ -300,7 +302,7 @@ fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
         protocol: 0,
     }];
     let verdict = Verdict::AllowBind {
-        flow_id: 11,
+        flow_id,
         idle_timeout_ms: 30_000,
         byte_budget: 0,
         identity: "sub:t".into(),
@@ -309,6 +311,16 @@ fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
     h.control.answer(&ask, verdict);
     h.run();
     assert_eq!(h.client.status(stream), Some(200));
+    stream
+}
+
+#[test]
+fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
+    let mut h = Harness::new(bind_bootstrap());
+    // The relay may send 160 bytes on the stream until the client reads.
+    h.client = super::harness::Client::with_stream_window(160);
+    h.connect();
+    let stream = open_bound_tunnel(&mut h, 11);
     assert_eq!(h.client.field(stream, "connect-udp-bind"), Some("?1"));
     let public = h.client.field(stream, "proxy-public-address").unwrap().to_string();
     assert!(public.starts_with("\"127.0.0.1:"), "{public}");
@@ -334,33 +346,9 @@ fn a_bound_client_that_leaves_too_many_compression_answers_unread_is_aborted() {
 #[test]
 fn a_backlogged_connection_pauses_its_bound_tunnels_sockets_too() {
     use crate::h3::path::PAUSE_AT;
-    let mut b = bootstrap(1);
-    b.bind = Some(relay_proto::channel::bootstrap::BindBootstrap {
-        public_addresses: vec!["127.0.0.1".parse().unwrap()],
-        inbound_filter: relay_proto::channel::bootstrap::InboundFilter::Any,
-        max_contexts: 1000,
-        max_peers: 100,
-    });
-    let mut h = Harness::new(b);
+    let mut h = Harness::new(bind_bootstrap());
     h.connect();
-    let stream = h.client.connect_udp_bind();
-    h.run();
-    let ask = h.control.take_asks().remove(0);
-    let peers = vec![relay_proto::channel::record::IpRoute {
-        start: "127.0.0.0".parse().unwrap(),
-        end: "127.255.255.255".parse().unwrap(),
-        protocol: 0,
-    }];
-    let verdict = Verdict::AllowBind {
-        flow_id: 12,
-        idle_timeout_ms: 30_000,
-        byte_budget: 0,
-        identity: "sub:t".into(),
-        peers,
-    };
-    h.control.answer(&ask, verdict);
-    h.run();
-    assert_eq!(h.client.status(stream), Some(200));
+    let stream = open_bound_tunnel(&mut h, 12);
     let (key, _) = h.only_endpoint();
     // The client opens the uncompressed context, which peers' datagrams
     // need (draft-ietf-masque-connect-udp-listen section 4).
