@@ -333,12 +333,15 @@ fn datagram_flood_towards_a_slow_target_keeps_memory_bounded() {
     let source =
         Target::start("127.0.0.1:0".parse().unwrap(), TargetMode::Source { size: 1200, rate_per_peer: None })
             .unwrap();
+    // Counted from before the tunnel opens: the source floods from the
+    // first datagram it hears, and the pause may come while the client is
+    // still reading its first replies.
+    let drops_before = relay.counter("drop_queue_full").unwrap() + relay.counter("quic_send_drops").unwrap();
+    let pauses_before = relay.counter("target_reads_paused").unwrap();
     let mut down = Client::connect(client_config(&relay), T).unwrap();
     let d = down.open_udp("127.0.0.1", source.addr().port(), T).unwrap();
     assert!(down.send_datagram(d, b"hello").unwrap());
     down.drive(Duration::from_millis(50)).unwrap();
-    let drops_before = relay.counter("drop_queue_full").unwrap() + relay.counter("quic_send_drops").unwrap();
-    let pauses_before = relay.counter("target_reads_paused").unwrap();
     // Part of the scenario, not a wait for a result: the client does not
     // read for 3 s while the source floods it.
     std::thread::sleep(Duration::from_secs(3));
