@@ -220,7 +220,13 @@ fn refusals_carry_exact_statuses_and_proxy_status() {
     // Plain CONNECT is a TCP tunnel (RFC 9114 section 4.4): to a port
     // where nothing listens it is refused as the connect was
     // (RFC 9209 section 2.3.7); bench/tests/tcp_front.rs moves bytes.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // The port stays bound, never listening, until the answer is in: no
+    // other test can listen on it, and the relay's connect cannot pick it
+    // as its own source port and connect to itself (a TCP simultaneous
+    // open, which once made this CONNECT succeed in CI).
+    let holder = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    holder.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let closed = holder.local_addr().unwrap().as_socket().unwrap();
     let a = ask(&mut c, &|h| {
         h.retain(|(n, _)| n != ":protocol");
         h.retain(|(n, _)| n != ":path" && n != ":scheme");
@@ -235,6 +241,7 @@ fn refusals_carry_exact_statuses_and_proxy_status() {
         (502, Some("connection_refused".into())),
         "plain CONNECT to a closed port"
     );
+    drop(holder);
     let a = ask(&mut c, &|h| {
         h.retain(|(n, _)| n != ":protocol");
         for (n, v) in h.iter_mut() {
