@@ -286,23 +286,21 @@ impl Tunnels {
         !self.paused.is_empty()
     }
 
-    /// The paused tunnels, for [`Tunnels::resume_if_drained`] after the
-    /// turn's flush (each one that stays paused is listed again).
-    pub fn take_paused(&mut self) -> Vec<TunnelId> {
-        std::mem::take(&mut self.paused)
-    }
-
-    /// Reads a paused tunnel's target again once its path's backlog is
-    /// low; lists it again while it is not.
-    pub fn resume_if_drained(&mut self, ctx: &mut Ctx, id: TunnelId, backlog: Backlog) {
-        let still_paused = match self.slab.get_mut(id).map(|t| &mut t.state) {
-            Some(State::Udp { leg, .. }) => leg.paused() && leg.resume_if_drained(backlog, ctx),
-            Some(State::Bound { leg, .. }) => leg.paused() && leg.resume_if_drained(backlog, ctx),
-            _ => false,
-        };
-        if still_paused {
-            self.paused.push(id);
-        }
+    /// After the turn's flush: reads again the sockets of every paused
+    /// tunnel whose carrier's backlog (`backlog_of`) is low, and keeps the
+    /// others listed (in the same allocation).
+    pub fn resume_drained(&mut self, ctx: &mut Ctx, backlog_of: impl Fn(Carrier) -> Backlog) {
+        let mut listed = std::mem::take(&mut self.paused);
+        listed.retain(|&id| {
+            let Some(t) = self.slab.get_mut(id) else { return false };
+            let backlog = backlog_of(t.place.carrier);
+            match &mut t.state {
+                State::Udp { leg, .. } => leg.resume_if_drained(backlog, ctx),
+                State::Bound { leg, .. } => leg.resume_if_drained(backlog, ctx),
+                _ => false,
+            }
+        });
+        self.paused = listed;
     }
 
     /// Queues this turn's batches for the UDP targets (end of the turn:

@@ -178,15 +178,13 @@ impl Worker {
     /// Reads again from the targets of paused tunnels whose connections
     /// sent enough of their backlog (after the turn's flush).
     fn resume_drained(&mut self) {
-        for id in self.tunnels.take_paused() {
-            // Looked at, not touched: a connection marked for a flush here
-            // would keep the loop from waiting while its tunnel is paused.
-            let backlog = match self.tunnels.place(id).map(|p| p.carrier) {
-                Some(Carrier::H3(conn)) => self.h3.backlog(conn).unwrap_or(Backlog::Low),
-                _ => Backlog::Low,
-            };
-            self.tunnels.resume_if_drained(&mut self.ctx, id, backlog);
-        }
+        // Looked at, not touched: a connection marked for a flush here
+        // would keep the loop from waiting while its tunnel is paused.
+        let h3 = &self.h3;
+        self.tunnels.resume_drained(&mut self.ctx, |carrier| match carrier {
+            Carrier::H3(conn) => h3.backlog(conn).unwrap_or(Backlog::Low),
+            Carrier::Front(_) => Backlog::Low,
+        });
     }
 
     /// Lets a carrier move what its tunnels have for the client.
