@@ -46,6 +46,29 @@ pub struct IpBenchResult {
     pub direct: PathResult,
 }
 
+/// What the relay's dataplane spent on one tunnel path: its CPU time (all
+/// threads, the process CPU clock) and its workers' I/O system calls,
+/// between the path's start and end.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct RelayCost {
+    /// Dataplane CPU time, nanoseconds.
+    pub cpu_ns: u64,
+    /// The workers' I/O system calls (`io_syscalls`).
+    pub syscalls: u64,
+}
+
+impl RelayCost {
+    /// Milliseconds of relay CPU per MB (10^6 bytes) the path moved.
+    pub fn cpu_ms_per_mb(&self, p: &PathResult) -> f64 {
+        if p.bytes == 0 { 0.0 } else { self.cpu_ns as f64 / 1e6 / (p.bytes as f64 / 1e6) }
+    }
+
+    /// Relay system calls per MB the path moved.
+    pub fn syscalls_per_mb(&self, p: &PathResult) -> f64 {
+        if p.bytes == 0 { 0.0 } else { self.syscalls as f64 / (p.bytes as f64 / 1e6) }
+    }
+}
+
 /// The tunnel paths measured against one relay.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelResult {
@@ -53,6 +76,10 @@ pub struct TunnelResult {
     pub v4: PathResult,
     /// TCP over IPv6.
     pub v6: PathResult,
+    /// The relay's cost of the IPv4 path.
+    pub v4_cost: RelayCost,
+    /// The relay's cost of the IPv6 path.
+    pub v6_cost: RelayCost,
     /// Packets the client moved.
     pub pump: PumpStats,
     /// The relay's coalesced TUN writes (GSO packets) and the packets they
@@ -174,14 +201,17 @@ fn through_tunnel(
     ready_rx
         .recv_timeout(Duration::from_secs(20))
         .map_err(|_| anyhow!("the connect-ip client did not come up"))?;
-    let v4 = measure(topo, topo.target.target_addr, 5301, duration)?;
-    let v6 = measure(topo, topo.target_v6, 5302, duration)?;
+    let (v4, v4_cost) =
+        measured_with_cost(&relay, || measure(topo, topo.target.target_addr, 5301, duration))?;
+    let (v6, v6_cost) = measured_with_cost(&relay, || measure(topo, topo.target_v6, 5302, duration))?;
     stop.store(true, Ordering::Relaxed);
     let pump = pump.join().map_err(|_| anyhow!("pump panicked"))??;
     let counter = |name: &str| relay.counter(name).unwrap_or(0);
     let result = TunnelResult {
         v4,
         v6,
+        v4_cost,
+        v6_cost,
         pump,
         gso_writes: counter("tun_gso_writes"),
         tun_packets_out: counter("tun_packets_out"),
@@ -192,22 +222,42 @@ fn through_tunnel(
     Ok(result)
 }
 
+/// Runs `path` and reads what the relay spent meanwhile.
+fn measured_with_cost(
+    relay: &Relay,
+    path: impl FnOnce() -> Result<PathResult>,
+) -> Result<(PathResult, RelayCost)> {
+    let pid = relay.dataplane_pid().context("no dataplane")?;
+    let sample =
+        || -> Result<(u64, u64)> { Ok((crate::stats::process_cpu_ns(pid)?, relay.counter("io_syscalls")?)) };
+    let (cpu0, sys0) = sample()?;
+    let result = path()?;
+    let (cpu1, sys1) = sample()?;
+    Ok((result, RelayCost { cpu_ns: cpu1.saturating_sub(cpu0), syscalls: sys1.saturating_sub(sys0) }))
+}
+
 /// The results as a markdown table.
 pub fn table(r: &IpBenchResult) -> String {
-    let row = |name: &str, p: &PathResult| {
+    let row = |name: &str, p: &PathResult, cost: Option<&RelayCost>| {
+        let (cpu, syscalls) = match cost {
+            Some(c) => (format!("{:.2}", c.cpu_ms_per_mb(p)), format!("{:.0}", c.syscalls_per_mb(p))),
+            None => ("-".into(), "-".into()),
+        };
         format!(
-            "| {name} | {:.0} | {:.1} | {:.2} |\n",
+            "| {name} | {:.0} | {:.1} | {:.2} | {cpu} | {syscalls} |\n",
             p.mbps(),
             p.bytes as f64 / 1e6,
             p.mbps() / r.direct.mbps()
         )
     };
-    let mut out = String::from("| path | Mbit/s | MB moved | vs direct |\n|---|---|---|---|\n");
-    out.push_str(&row("direct (kernel routing, no tunnel)", &r.direct));
-    out.push_str(&row("connect-ip, TCP over IPv4, TUN offloads", &r.offload.v4));
-    out.push_str(&row("connect-ip, TCP over IPv6, TUN offloads", &r.offload.v6));
-    out.push_str(&row("connect-ip, TCP over IPv4, no offloads", &r.plain.v4));
-    out.push_str(&row("connect-ip, TCP over IPv6, no offloads", &r.plain.v6));
+    let mut out = String::from(
+        "| path | Mbit/s | MB moved | vs direct | relay CPU ms/MB | relay syscalls/MB |\n|---|---|---|---|---|---|\n",
+    );
+    out.push_str(&row("direct (kernel routing, no tunnel)", &r.direct, None));
+    out.push_str(&row("connect-ip, TCP over IPv4, TUN offloads", &r.offload.v4, Some(&r.offload.v4_cost)));
+    out.push_str(&row("connect-ip, TCP over IPv6, TUN offloads", &r.offload.v6, Some(&r.offload.v6_cost)));
+    out.push_str(&row("connect-ip, TCP over IPv4, no offloads", &r.plain.v4, Some(&r.plain.v4_cost)));
+    out.push_str(&row("connect-ip, TCP over IPv6, no offloads", &r.plain.v6, Some(&r.plain.v6_cost)));
     let share = |t: &TunnelResult| {
         let per_write =
             if t.gso_writes == 0 { 0.0 } else { t.coalesced_packets as f64 / t.gso_writes as f64 };
@@ -222,4 +272,19 @@ pub fn table(r: &IpBenchResult) -> String {
         share(&r.plain)
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_cost_is_per_megabyte_moved() {
+        let p = PathResult { bytes: 2_000_000, seconds: 1.0 };
+        let c = RelayCost { cpu_ns: 30_000_000, syscalls: 500 };
+        assert_eq!(c.cpu_ms_per_mb(&p), 15.0);
+        assert_eq!(c.syscalls_per_mb(&p), 250.0);
+        let nothing = PathResult { bytes: 0, seconds: 1.0 };
+        assert_eq!((c.cpu_ms_per_mb(&nothing), c.syscalls_per_mb(&nothing)), (0.0, 0.0));
+    }
 }

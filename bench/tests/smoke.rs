@@ -154,6 +154,12 @@ fn ip_bench_measures_every_path() {
         r.offload
     );
     assert_eq!((r.plain.gso_writes, r.plain.coalesced_packets), (0, 0), "{:?}", r.plain);
+    // The relay's cost is read around every tunnel path: it forwarded the
+    // bytes, so it ran and made system calls.
+    for cost in [r.offload.v4_cost, r.offload.v6_cost, r.plain.v4_cost, r.plain.v6_cost] {
+        assert!(cost.cpu_ns > 0 && cost.syscalls > 0, "{cost:?}");
+    }
     let table = relay_bench::ipbench::table(&r);
     assert!(table.contains("TUN offloads") && table.contains("no offloads"), "{table}");
+    assert!(table.contains("relay CPU ms/MB"), "{table}");
 }

@@ -110,17 +110,35 @@ fn v6_at(b: &[u8], at: usize) -> Ipv6Addr {
 
 /// One's-complement sum of `data` as big-endian 16-bit words (an odd last
 /// byte is padded with zero), added to `acc` (RFC 1071).
-pub(crate) fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut words = data.chunks_exact(2);
-    for w in &mut words {
-        acc = acc.wrapping_add(u32::from(u16::from_be_bytes([w[0], w[1]])));
-        acc = (acc & 0xffff) + (acc >> 16);
+///
+/// Eight bytes at a time: the sum is taken over native-endian 32-bit words
+/// in a 64-bit accumulator (no carry to wrap until 2^31 words, far beyond
+/// a 64 KiB packet), folded to 16 bits, and byte-swapped on little-endian
+/// hosts, since a one's-complement sum of byte-swapped words is the
+/// byte-swapped sum (RFC 1071 section 2 (B)). The straightforward loop
+/// over 16-bit words, with a fold per word, was 14% of a worker's CPU when
+/// it checked every TCP segment before coalescing TUN writes.
+pub(crate) fn sum16(data: &[u8], acc: u32) -> u32 {
+    let mut wide: u64 = 0;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        wide += (v & 0xffff_ffff) + (v >> 32);
     }
-    if let [last] = words.remainder() {
-        acc = acc.wrapping_add(u32::from(*last) << 8);
-        acc = (acc & 0xffff) + (acc >> 16);
+    // The tail (under 8 bytes, starting at an even offset) padded with
+    // zeros: an odd last byte becomes its word's high byte, as RFC 1071
+    // pads it.
+    let rest = chunks.remainder();
+    let mut tail = [0u8; 8];
+    tail[..rest.len()].copy_from_slice(rest);
+    let v = u64::from_ne_bytes(tail);
+    wide += (v & 0xffff_ffff) + (v >> 32);
+    while wide > 0xffff {
+        wide = (wide & 0xffff) + (wide >> 16);
     }
-    acc
+    let native = wide as u16;
+    let big_endian = if cfg!(target_endian = "little") { native.swap_bytes() } else { native };
+    acc.wrapping_add(u32::from(big_endian))
 }
 
 /// Folds a sum to 16 bits and complements it: the Internet checksum.
@@ -470,6 +488,61 @@ fn build_v6(original: &[u8], from: Ipv6Addr, to: Ipv6Addr, kind: IcmpError) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pseudo-random bytes (xorshift), so the test needs no dependency.
+    fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sum16_matches_the_word_by_word_checksum_at_every_length_and_alignment() {
+        let data = noise(4096 + 16, 0x9e37_79b9_7f4a_7c15);
+        for offset in 0..8 {
+            for len in (0..=300).chain([1279, 1280, 1500, 4095, 4096]) {
+                let slice = &data[offset..offset + len];
+                assert_eq!(
+                    finish(sum16(slice, 0)),
+                    reference_checksum(&[slice]),
+                    "offset {offset}, len {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sum16_chains_like_one_sum_over_the_concatenation() {
+        // A pseudo-header then a segment, as the transport checksums chain
+        // it: even-length pieces, the last one of any length.
+        let data = noise(2000, 7);
+        for split in [0, 2, 12, 40, 1000] {
+            for end in [split, split + 1, split + 7, 1999, 2000] {
+                let (a, b) = (&data[..split], &data[split..end]);
+                assert_eq!(
+                    finish(sum16(b, sum16(a, 0))),
+                    reference_checksum(&[a, b]),
+                    "split {split}, end {end}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sum16_carries_at_the_extremes() {
+        // All ones: every addition carries; 64 KiB, the largest packet.
+        for len in [1, 2, 3, 8, 9, 65_535, 65_536] {
+            let ones = vec![0xffu8; len];
+            assert_eq!(finish(sum16(&ones, 0)), reference_checksum(&[&ones]), "len {len}");
+        }
+        let zeros = vec![0u8; 1500];
+        assert_eq!(finish(sum16(&zeros, 0)), 0xffff);
+    }
 
     /// A straightforward Internet checksum, written independently of the
     /// module's: sum every 16-bit word in a u64, fold at the end.
