@@ -1,8 +1,10 @@
-//! connect-ip throughput: TCP bulk transfers from a client namespace to a
-//! target namespace, through a connect-ip tunnel (client TUN → QUIC →
-//! relay → relay TUN → kernel routing), once with the relay's TUN offloads
-//! on (its default) and once with them off, and on the direct path (kernel
-//! routing through the same host and links), in one run.
+//! connect-ip throughput: TCP bulk transfers between a client namespace and
+//! a target namespace, through a connect-ip tunnel (client TUN → QUIC →
+//! relay → relay TUN → kernel routing), both ways (upload: the client
+//! sends; download: a target sends to the client's tunnel address), once
+//! with the relay's TUN offloads on (its default) and once with them off,
+//! and on the direct path (kernel routing through the same host and links),
+//! in one run.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -69,17 +71,26 @@ impl RelayCost {
     }
 }
 
+/// One tunnel path: what it moved and what the relay spent on it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TunnelPath {
+    /// What the receiver got.
+    pub result: PathResult,
+    /// The relay's cost meanwhile.
+    pub cost: RelayCost,
+}
+
 /// The tunnel paths measured against one relay.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelResult {
-    /// TCP over IPv4.
-    pub v4: PathResult,
-    /// TCP over IPv6.
-    pub v6: PathResult,
-    /// The relay's cost of the IPv4 path.
-    pub v4_cost: RelayCost,
-    /// The relay's cost of the IPv6 path.
-    pub v6_cost: RelayCost,
+    /// TCP over IPv4, client to target.
+    pub v4: TunnelPath,
+    /// TCP over IPv6, client to target.
+    pub v6: TunnelPath,
+    /// TCP over IPv4, target to client.
+    pub v4_down: TunnelPath,
+    /// TCP over IPv6, target to client.
+    pub v6_down: TunnelPath,
     /// Packets the client moved.
     pub pump: PumpStats,
     /// The relay's coalesced TUN writes (GSO packets) and the packets they
@@ -89,15 +100,32 @@ pub struct TunnelResult {
     pub tun_packets_out: u64,
     /// Of which inside coalesced writes.
     pub coalesced_packets: u64,
+    /// Reads from the relay's TUN devices that carried a GSO packet.
+    pub gso_reads: u64,
+    /// Packets the relay read from its TUN devices (GSO packets counted
+    /// by the packets they stand for).
+    pub tun_packets_in: u64,
 }
 
-/// A sink in the target namespace: accepts one connection, reads to the
-/// end, reports what it got and how long it took.
+impl TunnelResult {
+    /// Every path with its name.
+    pub fn paths(&self) -> [(&'static str, &TunnelPath); 4] {
+        [
+            ("TCP over IPv4, client to target", &self.v4),
+            ("TCP over IPv6, client to target", &self.v6),
+            ("TCP over IPv4, target to client", &self.v4_down),
+            ("TCP over IPv6, target to client", &self.v6_down),
+        ]
+    }
+}
+
+/// A sink in namespace `ns`: accepts one connection, reads to the end,
+/// reports what it got and how long it took.
 fn sink(ns: &str, addr: SocketAddr) -> Result<std::thread::JoinHandle<Result<PathResult>>> {
     let ns = ns.to_string();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || -> Result<PathResult> {
-        TargetNetns::enter(&ns).context("entering the target namespace")?;
+        TargetNetns::enter(&ns).with_context(|| format!("entering namespace {ns}"))?;
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         let _ = ready_tx.send(());
         let (mut s, _) = listener.accept()?;
@@ -117,7 +145,7 @@ fn sink(ns: &str, addr: SocketAddr) -> Result<std::thread::JoinHandle<Result<Pat
     Ok(handle)
 }
 
-/// Sends for `duration` from the client namespace to `addr`.
+/// Sends for `duration` from namespace `ns` to `addr`.
 fn send(ns: &str, addr: SocketAddr, duration: Duration) -> Result<()> {
     let ns = ns.to_string();
     std::thread::spawn(move || -> Result<()> {
@@ -136,10 +164,11 @@ fn send(ns: &str, addr: SocketAddr, duration: Duration) -> Result<()> {
     .map_err(|_| anyhow!("sender panicked"))?
 }
 
-fn measure(topo: &IpTopology, target: IpAddr, port: u16, duration: Duration) -> Result<PathResult> {
-    let addr = SocketAddr::new(target, port);
-    let receiver = sink(&topo.target.name, addr)?;
-    send(&topo.client.name, addr, duration)?;
+/// Sends for `duration` from namespace `from` to a sink on `addr` in
+/// namespace `to`.
+fn measure(from: &str, to: &str, addr: SocketAddr, duration: Duration) -> Result<PathResult> {
+    let receiver = sink(to, addr)?;
+    send(from, addr, duration)?;
     receiver.join().map_err(|_| anyhow!("sink panicked"))?
 }
 
@@ -149,7 +178,8 @@ pub fn run(bin_dir: &Path, workers: u32, duration: Duration) -> Result<IpBenchRe
     let topo = IpTopology::create(std::process::id() % 40)?;
     let offload = through_tunnel(&topo, bin_dir, workers, duration, true)?;
     let plain = through_tunnel(&topo, bin_dir, workers, duration, false)?;
-    let direct = measure(&topo, topo.direct_target, 5303, duration)?;
+    let direct =
+        measure(&topo.client.name, &topo.target.name, SocketAddr::new(topo.direct_target, 5303), duration)?;
     Ok(IpBenchResult { offload, plain, direct })
 }
 
@@ -194,28 +224,37 @@ fn through_tunnel(
             c.wait_settings(Duration::from_secs(10))?;
             let tunnel = iptunnel::open(&mut c, DEFAULT_IP_TEMPLATE, "*", "*", Duration::from_secs(10))?;
             let tun = ClientTun::create("mqcb0", 1280, &tunnel.config, &only, relay_addr.ip())?;
-            let _ = ready_tx.send(());
+            let _ = ready_tx.send(tunnel.config.addresses.iter().map(|p| p.addr).collect::<Vec<IpAddr>>());
             iptunnel::pump(&mut c, &tunnel, &tun, &stop, None)
         })
     };
-    ready_rx
+    let assigned = ready_rx
         .recv_timeout(Duration::from_secs(20))
         .map_err(|_| anyhow!("the connect-ip client did not come up"))?;
-    let (v4, v4_cost) =
-        measured_with_cost(&relay, || measure(topo, topo.target.target_addr, 5301, duration))?;
-    let (v6, v6_cost) = measured_with_cost(&relay, || measure(topo, topo.target_v6, 5302, duration))?;
+    let client_v4 = assigned.iter().copied().find(IpAddr::is_ipv4).context("no IPv4 address assigned")?;
+    let client_v6 = assigned.iter().copied().find(IpAddr::is_ipv6).context("no IPv6 address assigned")?;
+    let (client_ns, target_ns) = (topo.client.name.as_str(), topo.target.name.as_str());
+    let path = |from: &str, to: &str, addr: IpAddr, port: u16| {
+        measured_with_cost(&relay, || measure(from, to, SocketAddr::new(addr, port), duration))
+    };
+    let v4 = path(client_ns, target_ns, topo.target.target_addr, 5301)?;
+    let v6 = path(client_ns, target_ns, topo.target_v6, 5302)?;
+    let v4_down = path(target_ns, client_ns, client_v4, 5304)?;
+    let v6_down = path(target_ns, client_ns, client_v6, 5305)?;
     stop.store(true, Ordering::Relaxed);
     let pump = pump.join().map_err(|_| anyhow!("pump panicked"))??;
     let counter = |name: &str| relay.counter(name).unwrap_or(0);
     let result = TunnelResult {
         v4,
         v6,
-        v4_cost,
-        v6_cost,
+        v4_down,
+        v6_down,
         pump,
         gso_writes: counter("tun_gso_writes"),
         tun_packets_out: counter("tun_packets_out"),
         coalesced_packets: counter("tun_coalesced_packets"),
+        gso_reads: counter("tun_gso_reads"),
+        tun_packets_in: counter("tun_packets_in"),
     };
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
@@ -223,17 +262,17 @@ fn through_tunnel(
 }
 
 /// Runs `path` and reads what the relay spent meanwhile.
-fn measured_with_cost(
-    relay: &Relay,
-    path: impl FnOnce() -> Result<PathResult>,
-) -> Result<(PathResult, RelayCost)> {
+fn measured_with_cost(relay: &Relay, path: impl FnOnce() -> Result<PathResult>) -> Result<TunnelPath> {
     let pid = relay.dataplane_pid().context("no dataplane")?;
     let sample =
         || -> Result<(u64, u64)> { Ok((crate::stats::process_cpu_ns(pid)?, relay.counter("io_syscalls")?)) };
     let (cpu0, sys0) = sample()?;
     let result = path()?;
     let (cpu1, sys1) = sample()?;
-    Ok((result, RelayCost { cpu_ns: cpu1.saturating_sub(cpu0), syscalls: sys1.saturating_sub(sys0) }))
+    Ok(TunnelPath {
+        result,
+        cost: RelayCost { cpu_ns: cpu1.saturating_sub(cpu0), syscalls: sys1.saturating_sub(sys0) },
+    })
 }
 
 /// The results as a markdown table.
@@ -254,10 +293,11 @@ pub fn table(r: &IpBenchResult) -> String {
         "| path | Mbit/s | MB moved | vs direct | relay CPU ms/MB | relay syscalls/MB |\n|---|---|---|---|---|---|\n",
     );
     out.push_str(&row("direct (kernel routing, no tunnel)", &r.direct, None));
-    out.push_str(&row("connect-ip, TCP over IPv4, TUN offloads", &r.offload.v4, Some(&r.offload.v4_cost)));
-    out.push_str(&row("connect-ip, TCP over IPv6, TUN offloads", &r.offload.v6, Some(&r.offload.v6_cost)));
-    out.push_str(&row("connect-ip, TCP over IPv4, no offloads", &r.plain.v4, Some(&r.plain.v4_cost)));
-    out.push_str(&row("connect-ip, TCP over IPv6, no offloads", &r.plain.v6, Some(&r.plain.v6_cost)));
+    for (tunnel, offloads) in [(&r.offload, "TUN offloads"), (&r.plain, "no offloads")] {
+        for (name, p) in tunnel.paths() {
+            out.push_str(&row(&format!("connect-ip, {name}, {offloads}"), &p.result, Some(&p.cost)));
+        }
+    }
     let share = |t: &TunnelResult| {
         let per_write =
             if t.gso_writes == 0 { 0.0 } else { t.coalesced_packets as f64 / t.gso_writes as f64 };
@@ -270,6 +310,12 @@ pub fn table(r: &IpBenchResult) -> String {
         "\nRelay TUN writes with offloads: {}; without: {}.\n",
         share(&r.offload),
         share(&r.plain)
+    ));
+    let reads = |t: &TunnelResult| format!("{} packets in {} GSO reads", t.tun_packets_in, t.gso_reads);
+    out.push_str(&format!(
+        "Relay TUN reads with offloads: {}; without: {}.\n",
+        reads(&r.offload),
+        reads(&r.plain)
     ));
     out
 }
