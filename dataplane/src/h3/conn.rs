@@ -36,20 +36,13 @@ pub struct Scratch {
     pub body: Vec<u8>,
     /// A received datagram (64 KiB).
     pub dgram_in: Vec<u8>,
-    /// A datagram being encoded.
-    pub dgram_out: Vec<u8>,
     /// The streams of the connection being serviced.
     streams: Vec<(u64, TunnelId)>,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
-        Self {
-            body: vec![0; 65_536],
-            dgram_in: vec![0; 65_536],
-            dgram_out: Vec::with_capacity(2048),
-            streams: Vec::new(),
-        }
+        Self { body: vec![0; 65_536], dgram_in: vec![0; 65_536], streams: Vec::new() }
     }
 }
 
@@ -146,10 +139,10 @@ impl Conn {
         }
     }
 
-    /// The connection's datagram path, encoding into `scratch`.
-    pub fn path<'a>(&'a mut self, scratch: &'a mut Vec<u8>) -> H3Path<'a> {
+    /// The connection's datagram path.
+    pub fn path(&mut self) -> H3Path<'_> {
         let support = self.support();
-        H3Path { quic: &mut self.quic, support, scratch }
+        H3Path { quic: &mut self.quic, support }
     }
 
     /// Tunnels carried.
@@ -247,7 +240,7 @@ impl Conn {
             self.settings_known = true;
             let ids: Vec<TunnelId> = self.streams.values().copied().collect();
             for id in ids {
-                let mut path = self.path(&mut scratch.dgram_out);
+                let mut path = self.path();
                 tunnels.on_datagrams_known(ctx, id, &mut path);
             }
         }
@@ -372,7 +365,7 @@ impl Conn {
         tunnels: &mut Tunnels,
         ctx: &mut Ctx,
     ) {
-        let Scratch { body, dgram_out, .. } = scratch;
+        let Scratch { body, .. } = scratch;
         loop {
             let room = tunnels.up_room(id).min(body.len());
             if room == 0 || !matches!(tunnels.end(id), End::Open | End::Finish { stop_reading: false }) {
@@ -384,14 +377,14 @@ impl Conn {
                 _ => return,
             };
             let support = self.support();
-            let mut path = H3Path { quic: &mut self.quic, support, scratch: dgram_out };
+            let mut path = H3Path { quic: &mut self.quic, support };
             tunnels.on_stream_bytes(ctx, id, &body[..n], &mut path);
         }
     }
 
     fn read_datagrams(&mut self, scratch: &mut Scratch, tunnels: &mut Tunnels, ctx: &mut Ctx) {
         let support = self.support();
-        let Scratch { dgram_in, dgram_out, .. } = scratch;
+        let Scratch { dgram_in, .. } = scratch;
         while let Ok(len) = self.quic.dgram_recv(dgram_in) {
             let (stream_id, rest) = match datagram::split(&dgram_in[..len]) {
                 Ok(d) => d,
@@ -422,7 +415,7 @@ impl Conn {
                     continue;
                 }
             };
-            let mut path = H3Path { quic: &mut self.quic, support, scratch: dgram_out };
+            let mut path = H3Path { quic: &mut self.quic, support };
             tunnels.on_datagram(ctx, id, d.context_id, d.payload, &mut path);
         }
     }

@@ -184,9 +184,16 @@ impl H3 {
     /// connection is served by the worker); the connection then sends.
     pub fn with_path<R>(&mut self, key: ConnKey, f: impl FnOnce(&mut H3Path<'_>) -> R) -> Option<R> {
         let mut conn = self.conns.take(key)?;
-        let r = f(&mut conn.path(&mut self.scratch.dgram_out));
+        let r = f(&mut conn.path());
         self.put(key, conn);
         Some(r)
+    }
+
+    /// The largest DATAGRAM frame payload the first connection may send
+    /// (tests).
+    #[cfg(test)]
+    pub fn first_datagram_room(&self) -> Option<usize> {
+        self.conns.iter().next().and_then(|(_, conn)| conn.quic.dgram_max_writable_len())
     }
 
     /// How full connection `key`'s DATAGRAM queue is (`None`: no such

@@ -61,8 +61,6 @@ pub struct H3Path<'a> {
     pub quic: &'a mut quiche::Connection,
     /// What the client's SETTINGS said.
     pub support: DatagramSupport,
-    /// Where a datagram is encoded.
-    pub scratch: &'a mut Vec<u8>,
 }
 
 impl DatagramPath for H3Path<'_> {
@@ -74,12 +72,17 @@ impl DatagramPath for H3Path<'_> {
         self.quic.dgram_max_writable_len().map(|m| m.saturating_sub(DATAGRAM_HEADER_MAX))
     }
 
+    /// Encodes the frame straight into the buffer quiche queues (one copy
+    /// of the payload; encoding into a scratch buffer and handing quiche
+    /// the slice copied it twice).
     fn send(&mut self, stream: u64, context_id: u64, payload: &[u8]) -> Result<(), DatagramDrop> {
-        datagram::encode_into(stream, context_id, payload, self.scratch);
-        if self.quic.dgram_max_writable_len().is_none_or(|max| self.scratch.len() > max) {
+        let len = datagram::header_len(stream, context_id) + payload.len();
+        if self.quic.dgram_max_writable_len().is_none_or(|max| len > max) {
             return Err(DatagramDrop::TooLarge);
         }
-        self.quic.dgram_send(self.scratch).map_err(|_| DatagramDrop::QueueFull)
+        let mut frame = Vec::with_capacity(len);
+        datagram::encode_into(stream, context_id, payload, &mut frame);
+        self.quic.dgram_send_buf(frame).map_err(|_| DatagramDrop::QueueFull)
     }
 
     fn backlog(&self) -> Backlog {

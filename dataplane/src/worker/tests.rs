@@ -62,6 +62,21 @@ fn a_tunnel_opens_forwards_both_ways_and_reports_its_flow_on_close() {
 }
 
 #[test]
+fn a_target_datagram_too_large_for_the_client_is_dropped_and_counted_and_the_next_one_goes() {
+    let mut h = Harness::new(bootstrap(1));
+    let (stream, key) = open_tunnel(&mut h);
+    // What fits in one QUIC DATAGRAM frame after the HTTP Datagram header
+    // (quarter stream ID and context ID, one byte each here).
+    let room = h.worker.h3.first_datagram_room().expect("datagrams negotiated") - 2;
+    h.from_target(key, &vec![0xab; room + 1]);
+    assert_eq!(counter(&h, Counter::DropTooLarge), 1);
+    assert!(h.client.datagrams.is_empty(), "nothing of it reached the client");
+    h.from_target(key, &vec![0xcd; room]);
+    assert_eq!(h.client.datagrams, vec![(stream, 0, vec![0xcd; room])], "a payload that just fits goes");
+    assert_eq!(counter(&h, Counter::DropTooLarge), 1);
+}
+
+#[test]
 fn a_backlogged_connection_pauses_its_tunnels_targets_until_the_client_catches_up() {
     use crate::h3::path::PAUSE_AT;
     let mut h = Harness::new(bootstrap(1));
