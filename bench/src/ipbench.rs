@@ -84,9 +84,9 @@ pub struct TunnelPath {
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelResult {
     /// TCP over IPv4, client to target.
-    pub v4: TunnelPath,
+    pub v4_up: TunnelPath,
     /// TCP over IPv6, client to target.
-    pub v6: TunnelPath,
+    pub v6_up: TunnelPath,
     /// TCP over IPv4, target to client.
     pub v4_down: TunnelPath,
     /// TCP over IPv6, target to client.
@@ -111,8 +111,8 @@ impl TunnelResult {
     /// Every path with its name.
     pub fn paths(&self) -> [(&'static str, &TunnelPath); 4] {
         [
-            ("TCP over IPv4, client to target", &self.v4),
-            ("TCP over IPv6, client to target", &self.v6),
+            ("TCP over IPv4, client to target", &self.v4_up),
+            ("TCP over IPv6, client to target", &self.v6_up),
             ("TCP over IPv4, target to client", &self.v4_down),
             ("TCP over IPv6, target to client", &self.v6_down),
         ]
@@ -237,16 +237,16 @@ fn through_tunnel(
     let path = |from: &str, to: &str, addr: IpAddr, port: u16| {
         measured_with_cost(&relay, || measure(from, to, SocketAddr::new(addr, port), duration))
     };
-    let v4 = path(client_ns, target_ns, topo.target.target_addr, 5301)?;
-    let v6 = path(client_ns, target_ns, topo.target_v6, 5302)?;
+    let v4_up = path(client_ns, target_ns, topo.target.target_addr, 5301)?;
+    let v6_up = path(client_ns, target_ns, topo.target_v6, 5302)?;
     let v4_down = path(target_ns, client_ns, client_v4, 5304)?;
     let v6_down = path(target_ns, client_ns, client_v6, 5305)?;
     stop.store(true, Ordering::Relaxed);
     let pump = pump.join().map_err(|_| anyhow!("pump panicked"))??;
     let counter = |name: &str| relay.counter(name).unwrap_or(0);
     let result = TunnelResult {
-        v4,
-        v6,
+        v4_up,
+        v6_up,
         v4_down,
         v6_down,
         pump,

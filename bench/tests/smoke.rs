@@ -155,6 +155,11 @@ fn ip_bench_measures_every_path() {
         r.offload
     );
     assert_eq!((r.plain.gso_writes, r.plain.coalesced_packets), (0, 0), "{:?}", r.plain);
+    // Downloads reach the offloaded relay's TUN device as GSO packets (the
+    // target's TCP segments stay whole through the forwarding); the other
+    // reads one packet at a time.
+    assert!(r.offload.gso_reads > 0 && r.offload.tun_packets_in > r.offload.gso_reads, "{:?}", r.offload);
+    assert_eq!(r.plain.gso_reads, 0, "{:?}", r.plain);
     let table = relay_bench::ipbench::table(&r);
     assert!(table.contains("TUN offloads") && table.contains("no offloads"), "{table}");
     assert!(table.contains("relay CPU ms/MB") && table.contains("target to client"), "{table}");
