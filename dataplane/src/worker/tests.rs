@@ -71,6 +71,8 @@ fn a_target_datagram_too_large_for_the_client_is_dropped_and_counted_and_the_nex
     h.from_target(key, &vec![0xab; room + 1]);
     assert_eq!(counter(&h, Counter::DropTooLarge), 1);
     assert!(h.client.datagrams.is_empty(), "nothing of it reached the client");
+    // RFC 9298 section 5: not moved to a DATAGRAM capsule either.
+    assert!(h.client.bodies.get(&stream).is_none_or(Vec::is_empty), "no capsule on the stream");
     h.from_target(key, &vec![0xcd; room]);
     assert_eq!(h.client.datagrams, vec![(stream, 0, vec![0xcd; room])], "a payload that just fits goes");
     assert_eq!(counter(&h, Counter::DropTooLarge), 1);
