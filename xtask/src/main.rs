@@ -20,12 +20,15 @@
 //!   writes the results into docs/BENCHMARKS.md).
 //! - `fuzz`: every cargo-fuzz target (relay-proto's and relay-channel's) for
 //!   `--seconds N` each.
+//! - `instr`: instructions the worker spends per datagram, counted with
+//!   callgrind on the dataplane's steady-load tests ([`instr`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context, Result, bail};
 
+mod instr;
 mod run;
 
 /// Debian packages the build needs, with a file that proves each present.
@@ -849,7 +852,7 @@ fn fuzz(args: &[String]) -> Result<()> {
 }
 
 fn usage() -> &'static str {
-    "usage: cargo xtask <setup | build [--release] | run [--config FILE] [--debug] | test [--no-lint] | bench [--smoke] [--no-pin] [--update-docs] | fuzz [--seconds N] [--target NAME]>"
+    "usage: cargo xtask <setup | build [--release] | run [--config FILE] [--debug] | test [--no-lint] | bench [--smoke] [--no-pin] [--update-docs] | fuzz [--seconds N] [--target NAME] | instr [--rounds A,B] [--top N] [--only WORD]>"
 }
 
 fn main() -> ExitCode {
@@ -862,6 +865,7 @@ fn main() -> ExitCode {
         Some("test") => test(rest),
         Some("bench") => bench(rest),
         Some("fuzz") => fuzz(rest),
+        Some("instr") => instr::instr(rest),
         _ => {
             eprintln!("{}", usage());
             return ExitCode::from(2);

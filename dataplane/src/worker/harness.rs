@@ -603,20 +603,22 @@ impl Harness {
     /// output taken apart. Returns whether anything moved.
     pub fn turn(&mut self) -> bool {
         let mut moved = false;
-        self.worker.begin_turn(self.now);
+        let now = self.now;
+        worker_call(|| self.worker.begin_turn(now));
         let mut buf = vec![0u8; 65_536];
+        let client: SocketAddr = CLIENT.parse().expect("addr");
         loop {
             match self.client.quic.send(&mut buf) {
                 Ok((n, _)) => {
                     moved = true;
-                    self.worker.on_quic(&mut buf[..n], n, CLIENT.parse().expect("addr"));
+                    worker_call(|| self.worker.on_quic(&mut buf[..n], n, client));
                 }
                 Err(quiche::Error::Done) => break,
                 Err(e) => panic!("client send: {e}"),
             }
         }
         self.worker.on_wake(crate::io::Wake::Answers);
-        match self.worker.end_turn() {
+        match worker_call(|| self.worker.end_turn()) {
             Turn::Stop => self.stopped = true,
             Turn::Continue { .. } => {}
         }
@@ -720,9 +722,12 @@ impl Harness {
         payloads: &[u8],
         segment_size: usize,
     ) {
-        self.worker.begin_turn(self.now);
-        self.worker.on_target(key, from, payloads, segment_size);
-        let _ = self.worker.end_turn();
+        let now = self.now;
+        worker_call(|| {
+            self.worker.begin_turn(now);
+            self.worker.on_target(key, from, payloads, segment_size);
+            let _ = self.worker.end_turn();
+        });
         self.take_output();
         self.client.process();
         self.run();
@@ -747,6 +752,15 @@ impl Harness {
         assert_eq!(self.endpoints.opened.len(), 1, "{:?}", self.endpoints.opened);
         self.endpoints.opened.iter().map(|(k, a)| (*k, *a)).next().expect("one")
     }
+}
+
+/// Runs one call into the worker. Never inlined, so that an instruction
+/// profiler can count the worker's side of a harness run apart from the
+/// client's and the harness's (`cargo xtask instr` collects only inside
+/// this function).
+#[inline(never)]
+pub fn worker_call<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 /// The upstream routes' TLS settings of `bootstrap`, as the dataplane

@@ -456,6 +456,8 @@ pub mod harness;
 #[cfg(test)]
 mod ip_tests;
 #[cfg(test)]
+mod load_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod wt_tests;
