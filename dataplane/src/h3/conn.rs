@@ -61,8 +61,11 @@ pub struct Conn {
     pub cids: Vec<quiche::ConnectionId<'static>>,
     /// Moving off the IDs of an older connection ID configuration.
     pub rotating: bool,
-    /// Request streams carrying tunnels.
-    streams: HashMap<u64, TunnelId>,
+    /// Request streams carrying tunnels, looked up for every HTTP
+    /// datagram. Keyed by client-chosen stream IDs, but at most
+    /// `max_tunnels_per_connection` of them, and the hasher is seeded per
+    /// map: a crafted collision costs a scan of that many entries at worst.
+    streams: HashMap<u64, TunnelId, foldhash::fast::RandomState>,
     settings_known: bool,
     /// The handshake completed (and was counted).
     pub established: bool,
@@ -110,7 +113,7 @@ impl Conn {
             h3: None,
             cids,
             rotating: false,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
             settings_known: false,
             established: false,
             dirty: false,

@@ -66,7 +66,10 @@ pub struct H3 {
     /// Its generation (reported in the counters).
     tls_generation: u32,
     conns: Slab<Box<Conn>>,
-    by_cid: HashMap<quiche::ConnectionId<'static>, ConnKey>,
+    /// Connections by our connection IDs, looked up for every QUIC packet.
+    /// The keys are IDs this worker issued (random or QUIC-LB encrypted),
+    /// so a client cannot choose colliding ones; hence a fast hasher.
+    by_cid: HashMap<quiche::ConnectionId<'static>, ConnKey, foldhash::fast::RandomState>,
     retry: Arc<RetryTokens>,
     /// Stateless reset tokens of our connection IDs, and the resets sent.
     resets: ResetTokens,
@@ -132,7 +135,7 @@ impl H3 {
             tls_generation: material.generation,
             tls,
             conns: Slab::new(),
-            by_cid: HashMap::new(),
+            by_cid: HashMap::default(),
             retry,
             resets: ResetTokens::with_key(reset_key),
             cid_updates: None,
