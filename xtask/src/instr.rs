@@ -3,8 +3,9 @@
 //! Time per datagram on a shared 2-vCPU machine moves by 5-30% between
 //! runs of the same code, which hides changes of a few percent. Counted
 //! instructions do not move: this runs the dataplane's steady-load tests
-//! (`worker::load_tests`: four connect-udp tunnels on one connection, the
-//! sans-IO worker core driven by the test harness, no sockets) under
+//! (`worker::load_tests`: four connect-udp tunnels on one connection, or a
+//! connect-ip tunnel; the sans-IO worker core driven by the test harness,
+//! no sockets, no TUN device) under
 //! callgrind, collecting only inside `worker::harness::worker_call` (the
 //! worker's side; the quiche client and the harness are not counted), at
 //! two round counts. The difference, divided by the datagrams of the extra
@@ -47,9 +48,18 @@ const CASES: &[Case] = &[
         name: "download 64 B",
         test: "worker::load_tests::load_download_64_every_datagram_reaches_the_client_in_order",
     },
+    Case {
+        name: "connect-ip upload 1280 B",
+        test: "worker::load_tests::load_ip_upload_1280_every_packet_reaches_the_tun_device_in_order",
+    },
+    Case {
+        name: "connect-ip download 1280 B",
+        test: "worker::load_tests::load_ip_download_1280_every_packet_reaches_the_client_in_order",
+    },
 ];
 
-/// Datagrams per round of the load tests (4 tunnels x 10).
+/// Datagrams (or IP packets) per round of every load test: 4 tunnels x
+/// 10 datagrams, or 40 packets of the connect-ip tunnel.
 const DATAGRAMS_PER_ROUND: u64 = 40;
 
 /// The component a function's instructions count towards, from its

@@ -733,6 +733,23 @@ impl Harness {
         self.run();
     }
 
+    /// Delivers `packets` as reads from the TUN device (one packet per
+    /// read, no offload header), all in one turn, then runs.
+    pub fn from_tun(&mut self, packets: &[Vec<u8>]) {
+        let mut reads = packets.to_vec();
+        let now = self.now;
+        worker_call(|| {
+            self.worker.begin_turn(now);
+            for read in &mut reads {
+                self.worker.on_tun(read);
+            }
+            let _ = self.worker.end_turn();
+        });
+        self.take_output();
+        self.client.process();
+        self.run();
+    }
+
     /// Reports every watched descriptor readable and writable in one turn
     /// (as an edge-triggered backend would after a change), then runs.
     pub fn ready(&mut self) {

@@ -1,6 +1,8 @@
-//! Steady connect-udp loads through the worker core: four tunnels on one
-//! connection, datagrams up (client -> targets) and down (targets ->
-//! client) in rounds, every one checked at the other end.
+//! Steady loads through the worker core, in rounds, every datagram or
+//! packet checked at the other end: connect-udp (four tunnels on one
+//! connection, datagrams up to the targets and down to the client) and
+//! connect-ip (one IPv4 tunnel, 1280-byte packets up to the TUN device and
+//! down from it).
 //!
 //! As tests they check that a long run loses, reorders and corrupts
 //! nothing (20 rounds by default). `cargo xtask instr` runs them for more
@@ -11,9 +13,10 @@
 
 use std::collections::HashMap;
 
-use relay_proto::channel::record::TunnelProtocol;
+use relay_proto::channel::bootstrap::MtuProbe;
+use relay_proto::channel::record::{IpAssignment, IpRoute, TunnelProtocol, Verdict};
 
-use super::harness::{Harness, bootstrap};
+use super::harness::{Harness, bootstrap, ip_bootstrap};
 
 /// Tunnels on the one connection.
 const TUNNELS: u16 = 4;
@@ -119,4 +122,144 @@ fn load_download_1200_every_datagram_reaches_the_client_in_order() {
 #[test]
 fn load_download_64_every_datagram_reaches_the_client_in_order() {
     assert_eq!(download(64), rounds() * PER_TUNNEL * usize::from(TUNNELS));
+}
+
+/// The connect-ip client's address.
+const IP_CLIENT: [u8; 4] = [10, 89, 0, 2];
+/// A host on the Internet side of the TUN device.
+const IP_REMOTE: [u8; 4] = [93, 184, 216, 34];
+/// Packets per round in the connect-ip loads.
+const IP_PER_ROUND: usize = 40;
+/// The TUN MTU of the harness.
+const IP_PACKET: usize = 1280;
+
+/// An IPv4 UDP packet of `IP_PACKET` bytes from `src` to `dst` whose
+/// payload names its round and index; the header checksum is valid.
+fn ipv4_udp(src: [u8; 4], dst: [u8; 4], round: usize, i: usize) -> Vec<u8> {
+    let mut p = vec![0u8; IP_PACKET];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(IP_PACKET as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    let sum = p[..20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    // UDP: ports, length, no checksum (zero is allowed over IPv4).
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&443u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((IP_PACKET - 20) as u16).to_be_bytes());
+    p[28..32].copy_from_slice(&((round * IP_PER_ROUND + i) as u32).to_be_bytes());
+    p
+}
+
+/// What must reach the client of a packet read from the TUN device: the
+/// same packet with its TTL one lower and a header checksum that matches
+/// (RFC 9484 section 7.2: the hop is counted right before encapsulation;
+/// packets from the client go to the TUN device as they came, the kernel
+/// counts that hop).
+fn forwarded(sent: &[u8]) -> Vec<u8> {
+    let mut p = sent.to_vec();
+    p[8] -= 1;
+    p[10..12].copy_from_slice(&[0, 0]);
+    let sum = p[..20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// (length, TTL, sequence) of each packet: what a failed comparison
+/// prints.
+fn summary(packets: &[Vec<u8>]) -> Vec<(usize, u8, u32)> {
+    packets
+        .iter()
+        .map(|p| {
+            (
+                p.len(),
+                p.get(8).copied().unwrap_or(0),
+                p.get(28..32).map_or(0, |s| u32::from_be_bytes(s.try_into().unwrap())),
+            )
+        })
+        .collect()
+}
+
+/// Opens a connect-ip tunnel whose client holds `IP_CLIENT`, routed
+/// everywhere; returns its stream.
+fn open_ip_tunnel(h: &mut Harness) -> u64 {
+    h.connect();
+    let stream = h.client.connect_ip("*", "*");
+    h.run();
+    let ask = h.control.take_asks().remove(0);
+    assert_eq!(ask.protocol, TunnelProtocol::ConnectIp);
+    let verdict = Verdict::AllowIp {
+        flow_id: 21,
+        idle_timeout_ms: 600_000,
+        byte_budget: 0,
+        identity: "sub:load".into(),
+        addresses: vec![IpAssignment { addr: IP_CLIENT.into(), len: 32 }],
+        routes: vec![IpRoute {
+            start: "0.0.0.0".parse().unwrap(),
+            end: "255.255.255.255".parse().unwrap(),
+            protocol: 0,
+        }],
+    };
+    h.control.answer(&ask, verdict);
+    h.run();
+    assert_eq!(h.client.status(stream), Some(200));
+    stream
+}
+
+/// `rounds()` rounds of `IP_PER_ROUND` packets from the client to the
+/// TUN device; returns how many went through.
+fn ip_upload() -> usize {
+    let mut h = Harness::new(ip_bootstrap(MtuProbe::Off));
+    let stream = open_ip_tunnel(&mut h);
+    let rounds = rounds();
+    for round in 0..rounds {
+        let sent: Vec<_> = (0..IP_PER_ROUND).map(|i| ipv4_udp(IP_CLIENT, IP_REMOTE, round, i)).collect();
+        for p in &sent {
+            h.client.send_datagram(stream, p);
+        }
+        h.run();
+        let written = std::mem::take(&mut h.tun_written);
+        assert_eq!(summary(&written), summary(&sent), "round {round}: what the TUN device got");
+        assert!(written == sent, "round {round}: the packets' bytes");
+    }
+    rounds * IP_PER_ROUND
+}
+
+/// `rounds()` rounds of `IP_PER_ROUND` packets read from the TUN device
+/// for the client; returns how many went through.
+fn ip_download() -> usize {
+    let mut h = Harness::new(ip_bootstrap(MtuProbe::Off));
+    let stream = open_ip_tunnel(&mut h);
+    let rounds = rounds();
+    for round in 0..rounds {
+        let read: Vec<_> = (0..IP_PER_ROUND).map(|i| ipv4_udp(IP_REMOTE, IP_CLIENT, round, i)).collect();
+        h.from_tun(&read);
+        let got: Vec<_> = std::mem::take(&mut h.client.datagrams)
+            .into_iter()
+            .map(|(s, c, p)| {
+                assert_eq!((s, c), (stream, 0), "round {round}: on the tunnel's stream, context 0");
+                p
+            })
+            .collect();
+        let want: Vec<_> = read.iter().map(|p| forwarded(p)).collect();
+        assert_eq!(summary(&got), summary(&want), "round {round}: what the client got");
+        assert!(got == want, "round {round}: the packets' bytes");
+    }
+    rounds * IP_PER_ROUND
+}
+
+#[test]
+fn load_ip_upload_1280_every_packet_reaches_the_tun_device_in_order() {
+    assert_eq!(ip_upload(), rounds() * IP_PER_ROUND);
+}
+
+#[test]
+fn load_ip_download_1280_every_packet_reaches_the_client_in_order() {
+    assert_eq!(ip_download(), rounds() * IP_PER_ROUND);
 }
