@@ -118,16 +118,19 @@ impl Tunnels {
         // frames to convey IPv6 packets and it detects that the QUIC MTU is
         // too low to allow sending 1280 bytes, it MUST abort the IP
         // proxying request stream."
+        // The path's room, measured once per packet (quiche works it out
+        // from the path MTU and the connection IDs each time).
+        let room = path.room();
         if dg.down_path(path.support()) == DownPath::QuicDatagram
-            && path.room().is_some_and(|r| r < relay_proto::ip::echo::IPV6_MIN_MTU)
+            && room.is_some_and(|r| r < relay_proto::ip::echo::IPV6_MIN_MTU)
             && leg.ipv6_address().is_some()
         {
-            debug!(flow = ?self.flow_id(id), room = ?path.room(), "QUIC datagrams shrank below IPv6's minimum MTU");
+            debug!(flow = ?self.flow_id(id), ?room, "QUIC datagrams shrank below IPv6's minimum MTU");
             ctx.count(Counter::IpMtuProbeFailures, 1);
             return self.abort(ctx, id, Abort::Cancelled);
         }
         let Some(side) = self.ip.as_mut() else { return };
-        if ip::prepare_down(packet, path.room(), side, ctx) {
+        if ip::prepare_down(packet, room, side, ctx) {
             deliver(dg, flow, stream, 0, packet, path, ctx);
         }
         self.check_budget(ctx, id);

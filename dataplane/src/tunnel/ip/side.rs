@@ -49,8 +49,10 @@ impl IcmpLimiter {
 #[derive(Debug)]
 pub struct IpSide {
     tun: TunInfo,
-    /// Assigned address -> tunnel.
-    by_addr: HashMap<IpAddr, TunnelId>,
+    /// Assigned address -> tunnel, looked up for every packet read from
+    /// the device. The addresses are control's assignments (a client
+    /// cannot choose colliding ones): a fast hasher.
+    by_addr: HashMap<IpAddr, TunnelId, foldhash::fast::RandomState>,
     icmp_limit: IcmpLimiter,
     /// Where GSO packets read from the device are cut into packets.
     segment: Vec<u8>,
@@ -59,7 +61,7 @@ pub struct IpSide {
 impl IpSide {
     /// The side of a worker serving connect-ip through the device `tun`.
     pub fn new(tun: TunInfo) -> Self {
-        Self { tun, by_addr: HashMap::new(), icmp_limit: IcmpLimiter::new(), segment: vec![0; 65_536] }
+        Self { tun, by_addr: HashMap::default(), icmp_limit: IcmpLimiter::new(), segment: vec![0; 65_536] }
     }
 
     /// The device.
