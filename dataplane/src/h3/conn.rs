@@ -61,6 +61,12 @@ pub struct Conn {
     /// a `Finished` that `recv_body` queued when it read a stream's last
     /// bytes outside the poll loop (see [`Self::may_have_h3_events`]).
     h3_event_queued: bool,
+    /// HTTP datagrams were found enabled: the client's SETTINGS said so
+    /// (they come once) and quiche has room for DATAGRAM frames (the
+    /// client's transport parameter and the 1-RTT keys, both fixed once
+    /// there). Asking quiche measures the room (path MTU, connection IDs)
+    /// on every packet and datagram; once enabled it stays enabled.
+    datagrams_enabled: std::cell::Cell<bool>,
     /// Its connection IDs (ours and the client's original).
     pub cids: Vec<quiche::ConnectionId<'static>>,
     /// Moving off the IDs of an older connection ID configuration.
@@ -116,6 +122,7 @@ impl Conn {
             goaway_sent: false,
             h3: None,
             h3_event_queued: false,
+            datagrams_enabled: std::cell::Cell::new(false),
             cids,
             rotating: false,
             streams: HashMap::default(),
@@ -140,8 +147,14 @@ impl Conn {
 
     /// What the client's SETTINGS say about HTTP/3 datagrams.
     pub fn support(&self) -> DatagramSupport {
+        if self.datagrams_enabled.get() {
+            return DatagramSupport::Enabled;
+        }
         match (&self.h3, self.settings_known) {
-            (Some(h3), true) if h3.dgram_enabled_by_peer(&self.quic) => DatagramSupport::Enabled,
+            (Some(h3), true) if h3.dgram_enabled_by_peer(&self.quic) => {
+                self.datagrams_enabled.set(true);
+                DatagramSupport::Enabled
+            }
             (Some(_), true) => DatagramSupport::Disabled,
             _ => DatagramSupport::Unknown,
         }
