@@ -66,10 +66,15 @@ pub struct H3 {
     /// Its generation (reported in the counters).
     tls_generation: u32,
     conns: Slab<Box<Conn>>,
-    /// Connections by our connection IDs, looked up for every QUIC packet.
-    /// The keys are IDs this worker issued (random or QUIC-LB encrypted),
-    /// so a client cannot choose colliding ones; hence a fast hasher.
+    /// Connections by the connection IDs this worker issued (random or
+    /// QUIC-LB encrypted), looked up for every QUIC packet. A client cannot
+    /// choose colliding keys, hence a fast hasher.
     by_cid: HashMap<quiche::ConnectionId<'static>, ConnKey, foldhash::fast::RandomState>,
+    /// Connections by the original destination connection ID their client
+    /// chose, used until the client switches to ours (Initial and 0-RTT
+    /// packets). Client-chosen keys, up to one per connection: SipHash,
+    /// so that no one can line up colliding IDs.
+    by_odcid: HashMap<quiche::ConnectionId<'static>, ConnKey>,
     retry: Arc<RetryTokens>,
     /// Stateless reset tokens of our connection IDs, and the resets sent.
     resets: ResetTokens,
@@ -136,6 +141,7 @@ impl H3 {
             tls,
             conns: Slab::new(),
             by_cid: HashMap::default(),
+            by_odcid: HashMap::new(),
             retry,
             resets: ResetTokens::with_key(reset_key),
             cid_updates: None,
@@ -221,7 +227,7 @@ impl H3 {
             Ok(h) => h,
             Err(_) => return ctx.count(Counter::DropNoConnection, 1),
         };
-        let key = match self.by_cid.get(&hdr.dcid) {
+        let key = match self.by_cid.get(&hdr.dcid).or_else(|| self.by_odcid.get(&hdr.dcid)) {
             Some(k) => *k,
             None => {
                 if hdr.ty != quiche::Type::Initial {
@@ -280,6 +286,7 @@ impl H3 {
         let mut retired_now = false;
         while let Some(retired) = conn.quic.retired_scid_next() {
             self.by_cid.remove(&retired);
+            self.by_odcid.remove(&retired);
             conn.cids.retain(|c| *c != retired);
             retired_now = true;
         }
@@ -312,7 +319,7 @@ impl H3 {
         }
         let cid = ctx.settings.cids.generate_with(ctx.settings.index as u8, fill_random);
         let cid = quiche::ConnectionId::from_vec(cid.as_bytes().to_vec());
-        if self.by_cid.contains_key(&cid) {
+        if self.by_cid.contains_key(&cid) || self.by_odcid.contains_key(&cid) {
             return false;
         }
         match conn.quic.new_scid(&cid, self.resets.token(&cid), retire_oldest) {
@@ -395,7 +402,7 @@ impl H3 {
         let key = self.conns.insert(Box::new(conn));
         self.next_serial += 1;
         self.by_cid.insert(scid, key);
-        self.by_cid.insert(odcid, key);
+        self.by_odcid.insert(odcid, key);
         self.handshaking += 1;
         ctx.count(Counter::ConnectionsAccepted, 1);
         ctx.count(Counter::ConnectionsActive, 1);
@@ -602,6 +609,7 @@ impl H3 {
     fn drop_conn(&mut self, mut conn: Box<Conn>, tunnels: &mut Tunnels, ctx: &mut Ctx) {
         for cid in &conn.cids {
             self.by_cid.remove(cid);
+            self.by_odcid.remove(cid);
         }
         if let Some(sign_id) = conn.signing.take() {
             ctx.signs.remove(sign_id);
