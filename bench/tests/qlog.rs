@@ -162,6 +162,15 @@ fn qlog_for_one_connection_writes_only_its_file_as_json_seq_until_stopped() {
             path.display()
         );
     }
+    // Sent packets list their frames (the vendored quiche builds that list
+    // only while a writer is attached: dataplane/vendor/README.md, "qlog
+    // off").
+    assert!(
+        events.iter().any(|e| e["name"].as_str().is_some_and(|n| n.ends_with("packet_sent"))
+            && e["data"]["frames"].as_array().is_some_and(|f| !f.is_empty())),
+        "no packet_sent event lists its frames in {}",
+        path.display()
+    );
 
     // The CONNECT sent after the start is in the log, its credentials not.
     let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();

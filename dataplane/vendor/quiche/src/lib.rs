@@ -1929,8 +1929,11 @@ macro_rules! qlog_with_type {
     ($ty:expr, $qlog:expr, $qlog_streamer_ref:ident, $body:block) => {{
         #[cfg(feature = "qlog")]
         {
-            if EventImportance::from($ty).is_contained_in(&$qlog.level) {
-                if let Some($qlog_streamer_ref) = &mut $qlog.streamer {
+            // qlog off (relay patch): the writer is tested before the
+            // event's importance, which costs a conversion and a match at
+            // every call site of every packet when there is no writer.
+            if let Some($qlog_streamer_ref) = &mut $qlog.streamer {
+                if EventImportance::from($ty).is_contained_in(&$qlog.level) {
                     $body
                 }
             }
@@ -5468,9 +5471,16 @@ impl<F: BufFactory> Connection<F> {
             AddrTupleFmt(path.local_addr(), path.peer_addr())
         );
 
+        // qlog off (relay patch): the list of the packet's frames is
+        // allocated only when a writer will take it (an empty `Vec` does
+        // not allocate); it was allocated and freed for every packet sent.
         #[cfg(feature = "qlog")]
         let mut qlog_frames: Vec<qlog::events::quic::QuicFrame> =
-            Vec::with_capacity(frames.len());
+            if self.qlog.streamer.is_some() {
+                Vec::with_capacity(frames.len())
+            } else {
+                Vec::new()
+            };
 
         for frame in &mut frames {
             trace!("{} tx frm {:?}", self.trace_id, frame);
