@@ -27,6 +27,7 @@ pub mod cids;
 pub mod client_cert;
 pub mod context;
 pub mod cpu;
+pub mod dgram_buf;
 pub mod front;
 pub mod h3;
 pub mod handoff;

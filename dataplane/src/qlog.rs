@@ -442,7 +442,7 @@ impl Window {
     /// Starts connection `conn`'s qlog into a new file named after it.
     pub fn attach(
         &self,
-        quic: &mut quiche::Connection,
+        quic: &mut crate::quic::Connection,
         worker: u32,
         conn: u64,
         client: SocketAddr,
@@ -468,7 +468,7 @@ pub const BUILT: bool = cfg!(feature = "qlog");
 
 #[cfg(feature = "qlog")]
 fn set_qlog(
-    quic: &mut quiche::Connection,
+    quic: &mut crate::quic::Connection,
     writer: QlogWriter,
     title: String,
     description: String,
@@ -483,10 +483,10 @@ fn set_qlog(
 }
 
 #[cfg(not(feature = "qlog"))]
-fn set_qlog(_: &mut quiche::Connection, _: QlogWriter, _: String, _: String, _: QlogLevel) {}
+fn set_qlog(_: &mut crate::quic::Connection, _: QlogWriter, _: String, _: String, _: QlogLevel) {}
 
 /// Finishes `quic`'s qlog: quiche serializes nothing more for it.
-pub fn finish(quic: &mut quiche::Connection) {
+pub fn finish(quic: &mut crate::quic::Connection) {
     #[cfg(feature = "qlog")]
     if let Some(streamer) = quic.qlog_streamer() {
         let _ = streamer.finish_log();

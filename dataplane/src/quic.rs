@@ -6,6 +6,10 @@ use relay_proto::channel::bootstrap::{Bootstrap, TlsMaterial};
 
 use crate::tickets::TicketKeyring;
 
+/// The relay's QUIC connections: quiche with the relay's buffers
+/// (DATAGRAM frames recycled per thread, [`crate::dgram_buf`]).
+pub type Connection = quiche::Connection<crate::dgram_buf::RelayBufs>;
+
 /// Largest UDP payload the relay sends (fits a 1500-byte MTU path).
 pub const MAX_SEND_UDP_PAYLOAD: usize = 1350;
 /// Largest UDP payload the relay receives.

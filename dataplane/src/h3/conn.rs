@@ -49,7 +49,7 @@ impl Default for Scratch {
 /// An HTTP/3 connection.
 pub struct Conn {
     /// The QUIC connection.
-    pub quic: quiche::Connection,
+    pub quic: crate::quic::Connection,
     /// The client's address when the connection was accepted.
     pub peer: SocketAddr,
     /// Lowest request stream ID not seen yet (for GOAWAY).
@@ -108,7 +108,7 @@ pub struct Progress {
 impl Conn {
     /// A connection just accepted.
     pub fn new(
-        quic: quiche::Connection,
+        quic: crate::quic::Connection,
         peer: SocketAddr,
         cids: Vec<quiche::ConnectionId<'static>>,
         serial: u64,

@@ -386,7 +386,13 @@ impl H3 {
         // quiche encodes them into 256 bytes (its own 128 overflowed;
         // dataplane/vendor/README.md), so the handshake's ID has its token
         // whatever the ID lengths.
-        let accepted = quiche::accept(&scid, retried_odcid.as_ref(), self.local, from, &mut self.quic_config);
+        let accepted = quiche::accept_with_buf_factory(
+            &scid,
+            retried_odcid.as_ref(),
+            self.local,
+            from,
+            &mut self.quic_config,
+        );
         let quic = match accepted {
             Ok(c) => c,
             Err(e) => {

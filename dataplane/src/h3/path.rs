@@ -58,7 +58,7 @@ pub fn headers(head: &Head) -> Vec<quiche::h3::Header> {
 /// One connection's datagram path.
 pub struct H3Path<'a> {
     /// The connection.
-    pub quic: &'a mut quiche::Connection,
+    pub quic: &'a mut crate::quic::Connection,
     /// What the client's SETTINGS said.
     pub support: DatagramSupport,
 }
@@ -81,9 +81,9 @@ impl DatagramPath for H3Path<'_> {
     /// per datagram to save an allocation in that rare case.
     fn send(&mut self, stream: u64, context_id: u64, payload: &[u8]) -> Result<(), DatagramDrop> {
         let len = datagram::header_len(stream, context_id) + payload.len();
-        let mut frame = Vec::with_capacity(len);
+        let mut frame = crate::dgram_buf::take(len);
         datagram::encode_into(stream, context_id, payload, &mut frame);
-        match self.quic.dgram_send_buf(frame) {
+        match self.quic.dgram_send_buf(frame.into()) {
             Ok(()) => Ok(()),
             Err(quiche::Error::Done) => Err(DatagramDrop::QueueFull),
             Err(_) => Err(DatagramDrop::TooLarge),

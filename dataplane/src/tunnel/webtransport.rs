@@ -164,7 +164,7 @@ pub fn token_for(raw: &[(u64, u64)]) -> Result<&'static str, u64> {
 /// uses it.
 pub struct ClientSide<'a> {
     /// Its QUIC connection.
-    pub quic: &'a mut quiche::Connection,
+    pub quic: &'a mut crate::quic::Connection,
     /// Its HTTP/3 layer (with WebTransport streams claimed).
     pub h3: &'a mut quiche::h3::Connection,
     /// Whether the client takes HTTP/3 datagrams.
@@ -230,7 +230,7 @@ pub struct SessionLeg {
     socket: UdpLeg,
     /// The socket's local address (quiche's path is this and the origin's).
     local: SocketAddr,
-    quic: quiche::Connection,
+    quic: crate::quic::Connection,
     h3: Option<quiche::h3::Connection>,
     h3_config: quiche::h3::Config,
     phase: Phase,
@@ -296,7 +296,7 @@ fn header_len(session: u64) -> u64 {
 }
 
 /// Whether `stream` was opened by this side of `quic`.
-fn is_local(quic: &quiche::Connection, stream: u64) -> bool {
+fn is_local(quic: &crate::quic::Connection, stream: u64) -> bool {
     (stream & 0x1 == 1) == quic.is_server()
 }
 
@@ -304,7 +304,7 @@ fn is_local(quic: &quiche::Connection, stream: u64) -> bool {
 /// keeping the first `header` bytes (the WebTransport header the relay
 /// wrote, so the peer still learns the stream's session; draft-16 section
 /// 4.4) when the peer announced reset_stream_at, else RESET_STREAM.
-fn reset_send(quic: &mut quiche::Connection, stream: u64, code: u64, header: u64) {
+fn reset_send(quic: &mut crate::quic::Connection, stream: u64, code: u64, header: u64) {
     let _ = quic.stream_reset_at(stream, code, header);
 }
 
@@ -514,7 +514,8 @@ pub(super) fn open(
     let scid = quiche::ConnectionId::from_ref(&scid);
     let server_name =
         tls.server_name.parse::<std::net::IpAddr>().is_err().then_some(tls.server_name.as_str());
-    let quic = match quiche::connect(server_name, &scid, local, flow.target, &mut config) {
+    let quic = match quiche::connect_with_buffer_factory(server_name, &scid, local, flow.target, &mut config)
+    {
         Ok(c) => c,
         Err(e) => return fail(ts, ctx, internal("QUIC connect", &e)),
     };
@@ -894,7 +895,7 @@ fn session_answer(list: &[quiche::h3::Header]) -> Result<Head, Refusal> {
 /// (STOP_SENDING) unless the relay opened it unidirectionally, sending
 /// reset unless the peer did (keeping the relay's `header`, see
 /// [`reset_send`]).
-fn reject(quic: &mut quiche::Connection, stream: u64, code: u64, header: u64) {
+fn reject(quic: &mut crate::quic::Connection, stream: u64, code: u64, header: u64) {
     let local = is_local(quic, stream);
     if is_bidi(stream) || !local {
         let _ = quic.stream_shutdown(stream, quiche::Shutdown::Read, code);
@@ -976,9 +977,9 @@ fn copy_streams(leg: &mut SessionLeg, client: &mut ClientSide<'_>) -> (Moved, Mo
 /// resets `d` with the same code; a STOP_SENDING on `d` stops `s` with
 /// the same code.
 fn copy(
-    src: &mut quiche::Connection,
+    src: &mut crate::quic::Connection,
     s: u64,
-    dst: &mut quiche::Connection,
+    dst: &mut crate::quic::Connection,
     d: u64,
     d_header: u64,
     dir: &mut Dir,
