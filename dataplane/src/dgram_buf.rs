@@ -34,15 +34,20 @@ pub fn take(len: usize) -> Vec<u8> {
     if len > CAPACITY {
         return Vec::with_capacity(len);
     }
-    FREE.with(|free| free.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(CAPACITY))
+    FREE.try_with(|free| free.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Vec::with_capacity(CAPACITY))
 }
 
-/// Keeps `buf` for [`take`] if it is one of ours and the list has room.
+/// Keeps `buf` for [`take`] if it is one of ours and the list has room
+/// (and still exists: a buffer dropped while the thread tears down its
+/// locals is simply freed).
 fn recycle(mut buf: Vec<u8>) {
     if buf.capacity() != CAPACITY {
         return;
     }
-    FREE.with(|free| {
+    let _ = FREE.try_with(|free| {
         let mut free = free.borrow_mut();
         if free.len() < FREE_LIMIT {
             buf.clear();
@@ -53,7 +58,7 @@ fn recycle(mut buf: Vec<u8>) {
 
 /// Buffers on this thread's free list (tests, metrics).
 pub fn free_buffers() -> usize {
-    FREE.with(|free| free.borrow().len())
+    FREE.try_with(|free| free.borrow().len()).unwrap_or(0)
 }
 
 /// A DATAGRAM frame's bytes as quiche holds them; recycled when dropped.
