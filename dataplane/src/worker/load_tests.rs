@@ -143,16 +143,21 @@ fn ipv4_udp(src: [u8; 4], dst: [u8; 4], round: usize, i: usize) -> Vec<u8> {
     p[9] = 17;
     p[12..16].copy_from_slice(&src);
     p[16..20].copy_from_slice(&dst);
-    let sum = p[..20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
-    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    set_header_checksum(&mut p);
     // UDP: ports, length, no checksum (zero is allowed over IPv4).
     p[20..22].copy_from_slice(&40000u16.to_be_bytes());
     p[22..24].copy_from_slice(&443u16.to_be_bytes());
     p[24..26].copy_from_slice(&((IP_PACKET - 20) as u16).to_be_bytes());
     p[28..32].copy_from_slice(&((round * IP_PER_ROUND + i) as u32).to_be_bytes());
     p
+}
+
+/// Writes the IPv4 header checksum of `p` (its field zero before).
+fn set_header_checksum(p: &mut [u8]) {
+    let sum = p[..20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
+    let sum = (sum & 0xffff) + (sum >> 16);
+    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// What must reach the client of a packet read from the TUN device: the
@@ -164,10 +169,7 @@ fn forwarded(sent: &[u8]) -> Vec<u8> {
     let mut p = sent.to_vec();
     p[8] -= 1;
     p[10..12].copy_from_slice(&[0, 0]);
-    let sum = p[..20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let sum = !(((sum & 0xffff) + (sum >> 16)) as u16);
-    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    set_header_checksum(&mut p);
     p
 }
 
