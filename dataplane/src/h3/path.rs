@@ -74,11 +74,12 @@ impl DatagramPath for H3Path<'_> {
 
     /// Encodes the frame straight into the buffer quiche queues (one copy
     /// of the payload; encoding into a scratch buffer and handing quiche
-    /// the slice copied it twice). quiche measures the room itself (from
-    /// the path MTU and the connection IDs, each time): a frame over it,
-    /// or a connection without datagrams, is refused there and dropped as
-    /// too large; measuring it here first too cost a second measurement
-    /// per datagram to save an allocation in that rare case.
+    /// the slice copied it twice), taken from the thread's recycled frame
+    /// buffers ([`crate::dgram_buf`]). quiche measures the room itself
+    /// (from the path MTU and the connection IDs, each time): a frame over
+    /// it, or a connection without datagrams, is refused there and dropped
+    /// as too large, its buffer going back to the list; measuring it here
+    /// first too cost a second measurement per datagram.
     fn send(&mut self, stream: u64, context_id: u64, payload: &[u8]) -> Result<(), DatagramDrop> {
         let len = datagram::header_len(stream, context_id) + payload.len();
         let mut frame = crate::dgram_buf::take(len);
